@@ -1,0 +1,17 @@
+//! amazing-proxy: a small, fast sidecar proxy for Kubernetes.
+//!
+//! One binary, four jobs, one module each:
+//! - [`proxy`]: the data plane (`run`): inbound and outbound listeners, HTTP and opaque TCP forwarding,
+//!   drain; configured by [`config`], observed through [`telemetry`] and served on [`admin`];
+//! - [`netfilter`]: the pod's traffic redirection (`init`): iptables or nftables rules;
+//! - [`inject`]: adds the sidecar to Kubernetes manifests (`inject`);
+//! - [`webhook`]: the same injection as an admission webhook (`webhook`).
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod config;
+pub mod inject;
+pub mod netfilter;
+pub mod proxy;
+pub mod telemetry;
+pub mod webhook;

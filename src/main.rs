@@ -1,0 +1,44 @@
+//! The command line: parse, then hand over to the module that owns the job.
+#![forbid(unsafe_code)]
+
+use std::process::ExitCode;
+
+use amazing_proxy::{config, inject, netfilter, proxy, webhook};
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "amazing-proxy", version, about = "A small, fast sidecar proxy for Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the sidecar proxy (the data plane).
+    Run(config::RunArgs),
+    /// Install the pod's traffic redirection rules (run once, in an init container).
+    Init(netfilter::InitArgs),
+    /// Add the sidecar to Kubernetes manifests (YAML or JSON, stdin or -f).
+    Inject(inject::InjectArgs),
+    /// Serve the sidecar injection as a Kubernetes mutating admission webhook.
+    Webhook(webhook::WebhookArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    amazing_proxy::telemetry::init_diagnostics();
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Run(args) => proxy::main(args).map_err(Into::into),
+        Command::Init(args) => netfilter::main(args).map_err(Into::into),
+        Command::Inject(args) => inject::main(args).map_err(Into::into),
+        Command::Webhook(args) => webhook::main(args).map_err(Into::into),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("amazing-proxy: error: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,12 @@
+//! Diagnostics, access log and metrics.
+
+/// Diagnostics (not the access log) go to stderr, filtered by `AMAZING_PROXY_LOG` (default `info`).
+pub fn init_diagnostics() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("AMAZING_PROXY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+}
