@@ -1,1 +1,162 @@
-//! Admin listener. (Being written.)
+//! The admin listener: `/live`, `/ready`, `/metrics` and `POST /shutdown`.
+//!
+//! It runs on a thread and runtime of its own: a slow or huge metrics scrape, or an app readiness
+//! check waiting on a hung app, never takes CPU time from the data plane's worker.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+
+use crate::proxy::Proxy;
+use crate::proxy::drain::{Drain, Phase};
+
+const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub struct AdminState {
+    pub proxy: &'static Proxy,
+    pub drain: Drain,
+    pub app: SocketAddr,
+    pub app_ready_path: Option<String>,
+}
+
+pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+    listener.set_nonblocking(true)?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    std::thread::Builder::new()
+        .name("admin".into())
+        .spawn(move || {
+            runtime.block_on(serve(listener, state));
+        })?;
+    Ok(())
+}
+
+async fn serve(listener: std::net::TcpListener, state: AdminState) {
+    let listener = match tokio::net::TcpListener::from_std(listener) {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("admin listener unusable: {e}");
+            return;
+        }
+    };
+    let state: &'static AdminState = Box::leak(Box::new(state));
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            continue;
+        };
+        tokio::spawn(async move {
+            let service = service_fn(move |req| route(state, req));
+            let conn = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service);
+            if let Err(e) = conn.await {
+                tracing::debug!("admin connection ended: {e}");
+            }
+        });
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+async fn route(
+    state: &'static AdminState,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    let response = match (req.method(), req.uri().path()) {
+        (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
+        (&Method::GET, "/ready") => ready(state).await,
+        (&Method::GET, "/metrics") => {
+            let mut r = text(StatusCode::OK, state.proxy.metrics.encode());
+            r.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static(
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                ),
+            );
+            r
+        }
+        (&Method::POST, "/shutdown") => {
+            state.drain.advance(Phase::Draining);
+            text(StatusCode::ACCEPTED, "draining\n")
+        }
+        (_, "/live" | "/ready" | "/metrics" | "/shutdown") => text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: /shutdown takes POST, the others GET\n",
+        ),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "not found: try /live, /ready, /metrics or POST /shutdown\n",
+        ),
+    };
+    Ok(response)
+}
+
+async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
+    match state.drain.phase() {
+        Phase::Starting => {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready: listeners not bound yet\n",
+            );
+        }
+        Phase::Draining | Phase::Closing => {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "not ready: draining\n");
+        }
+        Phase::Serving => {}
+    }
+    if let Some(path) = &state.app_ready_path {
+        if let Err(why) = check_app(state.app, path).await {
+            return text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!("not ready: app at {}{path}: {why}\n", state.app),
+            );
+        }
+    }
+    text(StatusCode::OK, "ready\n")
+}
+
+/// GET the app's readiness path; ready means a 2xx within a second.
+async fn check_app(app: SocketAddr, path: &str) -> Result<(), String> {
+    let attempt = async {
+        let stream = tokio::net::TcpStream::connect(app)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header(header::HOST, app.to_string())
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let status = sender
+            .send_request(req)
+            .await
+            .map_err(|e| e.to_string())?
+            .status();
+        if status.is_success() {
+            Ok(())
+        } else {
+            Err(format!("answered {status}"))
+        }
+    };
+    tokio::time::timeout(APP_CHECK_TIMEOUT, attempt)
+        .await
+        .unwrap_or_else(|_| Err("no answer within 1s".into()))
+}

@@ -18,9 +18,9 @@ impl FromStr for Listen {
         if s.eq_ignore_ascii_case("off") {
             return Ok(Listen(None));
         }
-        s.parse()
-            .map(|addr| Listen(Some(addr)))
-            .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:15001) or `off`, got `{s}`"))
+        s.parse().map(|addr| Listen(Some(addr))).map_err(|_| {
+            format!("expected IP:PORT (for example 127.0.0.1:15001) or `off`, got `{s}`")
+        })
     }
 }
 
@@ -74,7 +74,11 @@ impl FromStr for PortList {
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
             match part.parse::<u16>() {
                 Ok(p) if p != 0 => ports.push(p),
-                _ => return Err(format!("expected a comma-separated list of ports 1-65535, got `{part}`")),
+                _ => {
+                    return Err(format!(
+                        "expected a comma-separated list of ports 1-65535, got `{part}`"
+                    ));
+                }
             }
         }
         Ok(PortList(ports))
@@ -88,7 +92,11 @@ pub struct RunArgs {
     pub inbound: SocketAddr,
 
     /// Outbound listener: the app's own connections, redirected here by `init`; `off` disables it.
-    #[arg(long, env = "AMAZING_PROXY_OUTBOUND", default_value = "127.0.0.1:15001")]
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_OUTBOUND",
+        default_value = "127.0.0.1:15001"
+    )]
     pub outbound: Listen,
 
     /// The app, used when an inbound connection has no original destination (not redirected).
@@ -100,7 +108,12 @@ pub struct RunArgs {
     pub admin: SocketAddr,
 
     /// Access log format, written to stdout.
-    #[arg(long, env = "AMAZING_PROXY_ACCESS_LOG", value_enum, default_value = "json")]
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_ACCESS_LOG",
+        value_enum,
+        default_value = "json"
+    )]
     pub access_log: AccessLogFormat,
 
     /// Worker threads for the data plane (a sidecar shares its pod's CPU budget).
@@ -117,7 +130,12 @@ pub struct RunArgs {
     pub rewrite_host: bool,
 
     /// HTTP version spoken to the app.
-    #[arg(long, env = "AMAZING_PROXY_APP_PROTOCOL", value_enum, default_value = "http1")]
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_APP_PROTOCOL",
+        value_enum,
+        default_value = "http1"
+    )]
     pub app_protocol: AppProtocol,
 
     /// Inbound ports whose app speaks HTTP/2 (h2c), whatever --app-protocol says.
@@ -192,7 +210,9 @@ impl RunArgs {
         }
         if let Some(path) = &self.app_ready_path {
             if !path.starts_with('/') {
-                return Err(format!("--app-ready-path must start with `/`, got `{path}`"));
+                return Err(format!(
+                    "--app-ready-path must start with `/`, got `{path}`"
+                ));
             }
         }
         Ok(())
@@ -207,7 +227,9 @@ mod tests {
     fn listen_accepts_off_and_addresses() {
         assert_eq!("off".parse::<Listen>(), Ok(Listen(None)));
         assert_eq!(
-            "127.0.0.1:15001".parse::<Listen>().map(|l| l.0.map(|a| a.port())),
+            "127.0.0.1:15001"
+                .parse::<Listen>()
+                .map(|l| l.0.map(|a| a.port())),
             Ok(Some(15001))
         );
         assert!("15001".parse::<Listen>().is_err());
@@ -224,7 +246,10 @@ mod tests {
 
     #[test]
     fn port_lists() {
-        assert_eq!("3306, 5432".parse::<PortList>(), Ok(PortList(vec![3306, 5432])));
+        assert_eq!(
+            "3306, 5432".parse::<PortList>(),
+            Ok(PortList(vec![3306, 5432]))
+        );
         assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
         assert!("0".parse::<PortList>().is_err());
         assert!("http".parse::<PortList>().is_err());

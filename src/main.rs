@@ -7,7 +7,11 @@ use amazing_proxy::{config, inject, netfilter, proxy, webhook};
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "amazing-proxy", version, about = "A small, fast sidecar proxy for Kubernetes")]
+#[command(
+    name = "amazing-proxy",
+    version,
+    about = "A small, fast sidecar proxy for Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -1,4 +1,7 @@
-//! Diagnostics, access log and metrics.
+//! What the proxy tells operators: diagnostics (stderr), the access log (stdout) and metrics.
+
+pub mod access_log;
+pub mod metrics;
 
 /// Diagnostics (not the access log) go to stderr, filtered by `AMAZING_PROXY_LOG` (default `info`).
 pub fn init_diagnostics() {
@@ -8,5 +11,6 @@ pub fn init_diagnostics() {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
 }

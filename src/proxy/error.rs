@@ -1,0 +1,218 @@
+//! One error type for everything that can go wrong with a proxied request or connection.
+//!
+//! Each kind knows whose fault it was (the client, the app or the proxy itself), which status the
+//! client gets and what one-line body explains it. The access log and the metrics read the kind;
+//! nothing downstream matches on strings.
+
+use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
+
+/// Who caused a failure: lets operators tell "my app is broken" from "my clients are broken" from
+/// "the mesh is broken" without reading logs.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Fault {
+    Client,
+    App,
+    Proxy,
+}
+
+impl Fault {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Fault::Client => "client",
+            Fault::App => "app",
+            Fault::Proxy => "proxy",
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The app refused the connection (nothing listens on the port).
+    ConnectRefused,
+    /// Connecting to the app took longer than --connect-timeout.
+    ConnectTimeout,
+    /// Any other failure to connect (unreachable, no route).
+    ConnectFailed,
+    /// The app closed or reset the connection before a complete response head.
+    UpstreamReset,
+    /// The app answered something that is not valid HTTP.
+    UpstreamProtocol,
+    /// The app did not start its response within --response-timeout.
+    ResponseTimeout,
+    /// The app's response body broke off midway (the client got a truncated body).
+    UpstreamBody,
+    /// The client's request body broke off midway.
+    ClientBody,
+    /// The client went away before the response was complete.
+    ClientDisconnected,
+    /// The request cannot be forwarded as written (for example an invalid target).
+    BadRequest,
+    /// --max-in-flight reached.
+    Overloaded,
+    /// --max-connections reached.
+    TooManyConnections,
+    /// Opaque TCP forwarding failed after connecting.
+    TcpIo,
+}
+
+impl ErrorKind {
+    pub fn fault(self) -> Fault {
+        use ErrorKind::*;
+        match self {
+            ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
+            | ResponseTimeout | UpstreamBody | TcpIo => Fault::App,
+            ClientBody | ClientDisconnected | BadRequest => Fault::Client,
+            Overloaded | TooManyConnections => Fault::Proxy,
+        }
+    }
+
+    /// The status the client receives when the error happens before a response started.
+    pub fn status(self) -> http::StatusCode {
+        use ErrorKind::*;
+        use http::StatusCode as S;
+        match self {
+            ConnectRefused | ConnectFailed | UpstreamReset | UpstreamProtocol | UpstreamBody
+            | TcpIo => S::BAD_GATEWAY,
+            ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
+            ClientBody | BadRequest => S::BAD_REQUEST,
+            // Never sent (nobody is listening); 499 is what nginx logs for it.
+            ClientDisconnected => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
+            Overloaded | TooManyConnections => S::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        use ErrorKind::*;
+        match self {
+            ConnectRefused => "connect_refused",
+            ConnectTimeout => "connect_timeout",
+            ConnectFailed => "connect_failed",
+            UpstreamReset => "upstream_reset",
+            UpstreamProtocol => "upstream_protocol",
+            ResponseTimeout => "response_timeout",
+            UpstreamBody => "upstream_body",
+            ClientBody => "client_body",
+            ClientDisconnected => "client_disconnected",
+            BadRequest => "bad_request",
+            Overloaded => "overloaded",
+            TooManyConnections => "too_many_connections",
+            TcpIo => "tcp_io",
+        }
+    }
+
+    /// One line for the response body: what happened and what to look at.
+    pub fn message(self) -> &'static str {
+        use ErrorKind::*;
+        match self {
+            ConnectRefused => {
+                "amazing-proxy: the app refused the connection (is it listening on its port?)\n"
+            }
+            ConnectTimeout => {
+                "amazing-proxy: connecting to the app timed out (--connect-timeout)\n"
+            }
+            ConnectFailed => "amazing-proxy: could not connect to the app\n",
+            UpstreamReset => "amazing-proxy: the app closed the connection before answering\n",
+            UpstreamProtocol => "amazing-proxy: the app sent an invalid HTTP response\n",
+            ResponseTimeout => {
+                "amazing-proxy: the app did not answer in time (--response-timeout)\n"
+            }
+            UpstreamBody => "amazing-proxy: the app's response body broke off\n",
+            ClientBody => "amazing-proxy: the request body broke off\n",
+            ClientDisconnected => "amazing-proxy: the client went away\n",
+            BadRequest => {
+                "amazing-proxy: the request cannot be forwarded (invalid target or headers)\n"
+            }
+            Overloaded => {
+                "amazing-proxy: too many requests in flight (--max-in-flight); retry later\n"
+            }
+            TooManyConnections => {
+                "amazing-proxy: too many connections (--max-connections); retry later\n"
+            }
+            TcpIo => "amazing-proxy: the TCP stream broke off\n",
+        }
+    }
+}
+
+impl EncodeLabelValue for Fault {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl EncodeLabelValue for ErrorKind {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl std::fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.message().trim_end())
+    }
+}
+
+impl std::error::Error for ErrorKind {}
+
+/// Classifies a failure of the pooled client. Connect errors carry the connector's `io::Error`.
+pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKind {
+    use std::error::Error as _;
+    let mut source = err.source();
+    while let Some(cause) = source {
+        if let Some(io) = cause.downcast_ref::<std::io::Error>() {
+            return classify_io(io, err.is_connect());
+        }
+        if let Some(h) = cause.downcast_ref::<hyper::Error>() {
+            return classify_hyper(h);
+        }
+        source = cause.source();
+    }
+    if err.is_connect() {
+        ErrorKind::ConnectFailed
+    } else {
+        ErrorKind::UpstreamReset
+    }
+}
+
+fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
+    use std::io::ErrorKind as Io;
+    match io.kind() {
+        Io::TimedOut if connecting => ErrorKind::ConnectTimeout,
+        Io::ConnectionRefused => ErrorKind::ConnectRefused,
+        _ if connecting => ErrorKind::ConnectFailed,
+        _ => ErrorKind::UpstreamReset,
+    }
+}
+
+pub fn classify_hyper(err: &hyper::Error) -> ErrorKind {
+    if err.is_parse() || err.is_parse_status() {
+        ErrorKind::UpstreamProtocol
+    } else {
+        ErrorKind::UpstreamReset
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_follow_fault() {
+        assert_eq!(ErrorKind::ConnectRefused.status(), 502);
+        assert_eq!(ErrorKind::ResponseTimeout.status(), 504);
+        assert_eq!(ErrorKind::ConnectTimeout.status(), 504);
+        assert_eq!(ErrorKind::Overloaded.status(), 503);
+        assert_eq!(ErrorKind::ClientBody.fault(), Fault::Client);
+        assert_eq!(ErrorKind::UpstreamReset.fault(), Fault::App);
+        assert_eq!(ErrorKind::TooManyConnections.fault(), Fault::Proxy);
+    }
+
+    #[test]
+    fn io_errors_while_connecting() {
+        let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
+        assert_eq!(classify_io(&refused, true), ErrorKind::ConnectRefused);
+        let timeout = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert_eq!(classify_io(&timeout, true), ErrorKind::ConnectTimeout);
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert_eq!(classify_io(&reset, false), ErrorKind::UpstreamReset);
+    }
+}

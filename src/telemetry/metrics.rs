@@ -1,0 +1,302 @@
+//! Prometheus metrics, through `prometheus-client` (what linkerd2-proxy uses).
+//!
+//! Label sets are small enums so that cardinality is bounded whatever clients send: an unknown
+//! method is counted as `OTHER`. Handles that do not depend on the request (per-direction
+//! histograms, byte counters, gauges) are resolved once at startup so that the request path only
+//! touches atomics, plus one map lookup for the (method, status) counter.
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+use crate::proxy::error::{ErrorKind, Fault};
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Direction {
+    Inbound,
+    Outbound,
+}
+
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::Inbound => "inbound",
+            Direction::Outbound => "outbound",
+        }
+    }
+    fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// HTTP methods as a closed set, so a client cannot grow the label space.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(clippy::upper_case_acronyms)]
+pub enum MethodLabel {
+    GET,
+    HEAD,
+    POST,
+    PUT,
+    DELETE,
+    CONNECT,
+    OPTIONS,
+    TRACE,
+    PATCH,
+    OTHER,
+}
+
+impl From<&http::Method> for MethodLabel {
+    fn from(m: &http::Method) -> Self {
+        match *m {
+            http::Method::GET => MethodLabel::GET,
+            http::Method::HEAD => MethodLabel::HEAD,
+            http::Method::POST => MethodLabel::POST,
+            http::Method::PUT => MethodLabel::PUT,
+            http::Method::DELETE => MethodLabel::DELETE,
+            http::Method::CONNECT => MethodLabel::CONNECT,
+            http::Method::OPTIONS => MethodLabel::OPTIONS,
+            http::Method::TRACE => MethodLabel::TRACE,
+            http::Method::PATCH => MethodLabel::PATCH,
+            _ => MethodLabel::OTHER,
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub direction: Direction,
+    pub method: MethodLabel,
+    pub status: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub direction: Direction,
+    pub kind: ErrorKind,
+    pub fault: Fault,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DirectionLabel {
+    pub direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct GrpcLabels {
+    pub direction: Direction,
+    pub grpc_status: u16,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum Protocol {
+    Http,
+    Opaque,
+}
+
+impl EncodeLabelValue for Protocol {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        let name = match self {
+            Protocol::Http => "http",
+            Protocol::Opaque => "opaque",
+        };
+        std::fmt::Write::write_str(encoder, name)
+    }
+}
+
+impl EncodeLabelValue for Direction {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectLabels {
+    pub direction: Direction,
+    pub protocol: Protocol,
+    pub reason: &'static str,
+}
+
+/// Handles resolved once per direction.
+#[derive(Clone)]
+pub struct DirectionMetrics {
+    pub duration: Histogram,
+    pub request_bytes: Counter,
+    pub response_bytes: Counter,
+    pub open_connections: Gauge,
+    pub tcp_bytes_in: Counter,
+    pub tcp_bytes_out: Counter,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    errors: Family<ErrorLabels, Counter>,
+    grpc: Family<GrpcLabels, Counter>,
+    detect: Family<DetectLabels, Counter>,
+    per_direction: [DirectionMetrics; 2],
+    pub access_log_dropped: Counter,
+    pub rejected_connections: Counter,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("amazing_proxy");
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "requests",
+            "HTTP requests by direction, method and status",
+            requests.clone(),
+        );
+        let errors = Family::<ErrorLabels, Counter>::default();
+        registry.register(
+            "errors",
+            "Requests and connections that failed, by kind and by whose fault it was",
+            errors.clone(),
+        );
+        let grpc = Family::<GrpcLabels, Counter>::default();
+        registry.register("grpc_responses", "gRPC calls by grpc-status", grpc.clone());
+        let detect = Family::<DetectLabels, Counter>::default();
+        registry.register(
+            "protocol_detections",
+            "Connections by detected protocol",
+            detect.clone(),
+        );
+
+        let duration = Family::<DirectionLabel, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                10.0,
+            ])
+        });
+        registry.register(
+            "request_duration_seconds",
+            "Time from receiving a request to the end of its response body",
+            duration.clone(),
+        );
+        let request_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "request_body_bytes",
+            "HTTP request body bytes forwarded",
+            request_bytes.clone(),
+        );
+        let response_bytes = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "response_body_bytes",
+            "HTTP response body bytes returned",
+            response_bytes.clone(),
+        );
+        let open = Family::<DirectionLabel, Gauge>::default();
+        registry.register(
+            "open_connections",
+            "Client connections currently open",
+            open.clone(),
+        );
+        let tcp_in = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "tcp_read_bytes",
+            "Opaque TCP bytes read from clients",
+            tcp_in.clone(),
+        );
+        let tcp_out = Family::<DirectionLabel, Counter>::default();
+        registry.register(
+            "tcp_write_bytes",
+            "Opaque TCP bytes written to clients",
+            tcp_out.clone(),
+        );
+        let access_log_dropped = Counter::default();
+        registry.register(
+            "access_log_dropped_records",
+            "Access log records dropped because the writer could not keep up",
+            access_log_dropped.clone(),
+        );
+        let rejected_connections = Counter::default();
+        registry.register(
+            "rejected_connections",
+            "Connections refused because --max-connections was reached",
+            rejected_connections.clone(),
+        );
+
+        let resolve = |direction| {
+            let label = DirectionLabel { direction };
+            DirectionMetrics {
+                duration: duration.get_or_create(&label).clone(),
+                request_bytes: request_bytes.get_or_create(&label).clone(),
+                response_bytes: response_bytes.get_or_create(&label).clone(),
+                open_connections: open.get_or_create(&label).clone(),
+                tcp_bytes_in: tcp_in.get_or_create(&label).clone(),
+                tcp_bytes_out: tcp_out.get_or_create(&label).clone(),
+            }
+        };
+        let per_direction = [resolve(Direction::Inbound), resolve(Direction::Outbound)];
+        Metrics {
+            registry,
+            requests,
+            errors,
+            grpc,
+            detect,
+            per_direction,
+            access_log_dropped,
+            rejected_connections,
+        }
+    }
+
+    pub fn direction(&self, direction: Direction) -> &DirectionMetrics {
+        &self.per_direction[direction.index()]
+    }
+
+    pub fn count_request(&self, direction: Direction, method: MethodLabel, status: u16) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                direction,
+                method,
+                status,
+            })
+            .inc();
+    }
+
+    pub fn count_error(&self, direction: Direction, kind: ErrorKind) {
+        self.errors
+            .get_or_create(&ErrorLabels {
+                direction,
+                kind,
+                fault: kind.fault(),
+            })
+            .inc();
+    }
+
+    pub fn count_grpc(&self, direction: Direction, grpc_status: u16) {
+        self.grpc
+            .get_or_create(&GrpcLabels {
+                direction,
+                grpc_status,
+            })
+            .inc();
+    }
+
+    pub fn count_detection(&self, direction: Direction, protocol: Protocol, reason: &'static str) {
+        self.detect
+            .get_or_create(&DetectLabels {
+                direction,
+                protocol,
+                reason,
+            })
+            .inc();
+    }
+
+    /// Prometheus text exposition.
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
