@@ -120,13 +120,13 @@ async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         }
         Phase::Serving => {}
     }
-    if let Some(path) = &state.app_ready_path {
-        if let Err(why) = check_app(state.app, path).await {
-            return text(
-                StatusCode::SERVICE_UNAVAILABLE,
-                format!("not ready: app at {}{path}: {why}\n", state.app),
-            );
-        }
+    if let Some(path) = &state.app_ready_path
+        && let Err(why) = check_app(state.app, path).await
+    {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: app at {}{path}: {why}\n", state.app),
+        );
     }
     text(StatusCode::OK, "ready\n")
 }

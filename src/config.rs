@@ -201,19 +201,19 @@ impl RunArgs {
                 self.admin
             ));
         }
-        if let Listen(Some(out)) = self.outbound {
-            if out == self.inbound || out == self.admin {
-                return Err(format!(
-                    "--outbound {out} collides with --inbound or --admin: give each listener its own port"
-                ));
-            }
+        if let Listen(Some(out)) = self.outbound
+            && (out == self.inbound || out == self.admin)
+        {
+            return Err(format!(
+                "--outbound {out} collides with --inbound or --admin: give each listener its own port"
+            ));
         }
-        if let Some(path) = &self.app_ready_path {
-            if !path.starts_with('/') {
-                return Err(format!(
-                    "--app-ready-path must start with `/`, got `{path}`"
-                ));
-            }
+        if let Some(path) = &self.app_ready_path
+            && !path.starts_with('/')
+        {
+            return Err(format!(
+                "--app-ready-path must start with `/`, got `{path}`"
+            ));
         }
         Ok(())
     }

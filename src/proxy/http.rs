@@ -41,7 +41,7 @@ pub struct ConnContext {
 pub struct InFlight(&'static AtomicUsize);
 
 impl InFlight {
-    fn acquire(counter: &'static AtomicUsize, max: usize) -> Option<InFlight> {
+    pub fn acquire(counter: &'static AtomicUsize, max: usize) -> Option<InFlight> {
         if counter.fetch_add(1, Ordering::Relaxed) >= max {
             counter.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -56,6 +56,21 @@ impl Drop for InFlight {
     }
 }
 
+/// The request target as the log shows it: parsed by hyper, or raw from the fast path.
+pub enum PathText {
+    Uri(PathAndQuery),
+    Raw(String),
+}
+
+impl PathText {
+    fn as_str(&self) -> &str {
+        match self {
+            PathText::Uri(p) => p.as_str(),
+            PathText::Raw(s) => s,
+        }
+    }
+}
+
 /// One request and its response, from arrival to the last byte: the logging phase's input.
 pub struct Exchange {
     proxy: &'static Proxy,
@@ -63,18 +78,60 @@ pub struct Exchange {
     start: Instant,
     method: Method,
     version: Version,
-    path: PathAndQuery,
+    path: PathText,
     request_id: HeaderValue,
-    status: u16,
+    pub status: u16,
+    /// Request body bytes, when counted by the proxy's own copy loop.
+    pub request_bytes: u64,
+    /// Request body bytes, when counted by a body wrapper on another task.
     request: Option<Arc<RequestProgress>>,
     pub response_bytes: u64,
-    grpc_status: Option<u16>,
+    pub grpc_status: Option<u16>,
     /// Set when the proxy answered with an error of its own.
     error: Option<ErrorKind>,
-    _in_flight: Option<InFlight>,
+    in_flight_slot: Option<InFlight>,
 }
 
 impl Exchange {
+    pub fn new(
+        proxy: &'static Proxy,
+        conn: Arc<ConnContext>,
+        start: Instant,
+        method: Method,
+        version: Version,
+        path: PathText,
+        request_id: HeaderValue,
+    ) -> Exchange {
+        Exchange {
+            proxy,
+            conn,
+            start,
+            method,
+            version,
+            path,
+            request_id,
+            status: 0,
+            request_bytes: 0,
+            request: None,
+            response_bytes: 0,
+            grpc_status: None,
+            error: None,
+            in_flight_slot: None,
+        }
+    }
+
+    /// Keeps the request counted in flight until the exchange ends.
+    pub fn hold(&mut self, in_flight: InFlight) {
+        self.in_flight_slot = Some(in_flight);
+    }
+
+    /// Ends an exchange the proxy answered itself.
+    pub fn finish_with_error(mut self, kind: ErrorKind) {
+        self.status = kind.status().as_u16();
+        self.error = Some(kind);
+        self.finish(None);
+    }
+
     pub fn read_grpc_status(&mut self, headers: &HeaderMap) {
         if let Some(status) = headers.get("grpc-status") {
             self.grpc_status = status.to_str().ok().and_then(|s| s.parse().ok());
@@ -178,25 +235,20 @@ pub async fn handle(
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let progress = (!body.is_end_stream()).then(Arc::<RequestProgress>::default);
 
-    let mut exchange = Exchange {
+    let mut exchange = Exchange::new(
         proxy,
-        conn: conn.clone(),
+        conn.clone(),
         start,
-        method: parts.method.clone(),
-        version: parts.version,
-        path: path.clone(),
+        parts.method.clone(),
+        parts.version,
+        PathText::Uri(path.clone()),
         request_id,
-        status: 0,
-        request: progress.clone(),
-        response_bytes: 0,
-        grpc_status: None,
-        error: None,
-        _in_flight: None,
-    };
+    );
+    exchange.request = progress.clone();
     let Some(in_flight) = in_flight else {
         return Ok(error_response(ErrorKind::Overloaded, exchange));
     };
-    exchange._in_flight = Some(in_flight);
+    exchange.hold(in_flight);
 
     // Choose the upstream.
     let use_http2 = conn.upstream_http2

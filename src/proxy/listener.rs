@@ -18,6 +18,7 @@ use tokio::sync::watch;
 use super::Proxy;
 use super::drain::{Phase, wait_for_closing};
 use super::error::ErrorKind;
+use super::h1::{self, Outcome};
 use super::http::{ConnContext, handle, refusal};
 use super::tcp;
 use crate::telemetry::metrics::{Direction, Protocol};
@@ -242,15 +243,23 @@ async fn serve_connection(
         upstream_http2: proxy.http2_ports.contains(&upstream.port())
             || proxy.app_protocol == crate::config::AppProtocol::Http2,
     });
+    let mut phase = phase;
+    let io = if detected == Detected::Http1 && !ctx.upstream_http2 {
+        match h1::serve(proxy, stream, &ctx, &mut phase).await {
+            Outcome::Done => return,
+            Outcome::Fallback(io) => io,
+        }
+    } else {
+        h1::Rewind::new(bytes::Bytes::new(), stream)
+    };
     let service = service_fn(move |req| handle(proxy, ctx.clone(), req));
     let builder = if detected == Detected::Http2 {
         &proxy.http2_server
     } else {
         &proxy.http1_server
     };
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    let mut phase = phase;
     tokio::select! {
         result = conn.as_mut() => log_connection_end(result),
         _ = wait_for_closing(&mut phase) => {

@@ -11,8 +11,10 @@
 //! the access log has a writer thread so that stdout never blocks a request.
 
 pub mod body;
+pub mod chunked;
 pub mod drain;
 pub mod error;
+pub mod h1;
 pub mod headers;
 pub mod http;
 pub mod listener;
@@ -42,6 +44,8 @@ pub struct Proxy {
     pub http2_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
     pub rewrite_host: bool,
+    pub preserve_header_case: bool,
+    pub max_header_bytes: usize,
     pub response_timeout: Duration,
     pub detect_timeout: Duration,
     pub connect_options: ConnectOptions,
@@ -50,6 +54,7 @@ pub struct Proxy {
     pub in_flight: AtomicUsize,
     pub connections: Connections,
     pub upstream: Upstream,
+    pub h1_pool: h1::Pool,
     pub metrics: Metrics,
     pub access_log: Arc<AccessLog>,
     pub http1_server: auto::Builder<TokioExecutor>,
@@ -147,6 +152,8 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         http2_ports: args.http2_ports.0.clone(),
         opaque_ports: args.opaque_ports.0.clone(),
         rewrite_host: args.rewrite_host,
+        preserve_header_case: args.preserve_header_case,
+        max_header_bytes: args.max_header_bytes as usize,
         response_timeout: args.response_timeout,
         detect_timeout: args.detect_timeout,
         connect_options,
@@ -155,6 +162,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         in_flight: AtomicUsize::new(0),
         connections: Connections::default(),
         upstream: Upstream::new(connect_options, args.preserve_header_case),
+        h1_pool: h1::Pool::default(),
         metrics,
         access_log,
         http1_server,
@@ -189,7 +197,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     }
     drain.advance(Phase::Serving);
 
-    let fast = wait_for_shutdown(&drain).await;
+    let fast = wait_for_shutdown(&drain, proxy).await;
     let delay = if fast {
         Duration::ZERO
     } else {
@@ -219,7 +227,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
 
 /// Waits for SIGTERM (full drain), SIGINT (drain without the delay) or `POST /shutdown`.
 /// Returns whether to skip the drain delay.
-async fn wait_for_shutdown(drain: &Drain) -> bool {
+async fn wait_for_shutdown(drain: &Drain, proxy: &'static Proxy) -> bool {
     use tokio::signal::unix::{SignalKind, signal};
     let mut phase = drain.subscribe();
     let (mut term, mut int) = match (
@@ -245,6 +253,7 @@ async fn wait_for_shutdown(drain: &Drain) -> bool {
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::warn!("second signal: exiting without finishing the drain");
+        proxy.access_log.finish();
         std::process::exit(1);
     });
     fast
