@@ -20,7 +20,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the sidecar proxy (the data plane).
-    Run(config::RunArgs),
+    Run(Box<config::RunArgs>),
     /// Install the pod's traffic redirection rules (run once, in an init container).
     Init(netfilter::InitArgs),
     /// Add the sidecar to Kubernetes manifests (YAML or JSON, stdin or -f).
@@ -33,7 +33,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     amazing_proxy::telemetry::init_diagnostics();
     let result: anyhow::Result<()> = match cli.command {
-        Command::Run(args) => proxy::main(args).map_err(Into::into),
+        Command::Run(args) => proxy::main(*args).map_err(Into::into),
         Command::Init(args) => netfilter::main(args).map_err(Into::into),
         Command::Inject(args) => inject::main(args).map_err(Into::into),
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
