@@ -29,6 +29,8 @@ use crate::telemetry::metrics::{Direction, MethodLabel};
 pub struct ConnContext {
     pub direction: Direction,
     pub client: SocketAddr,
+    /// `client` as text, formatted once for the access log.
+    pub client_text: String,
     /// The address the client dialled (the pod's, before redirection).
     pub original: Authority,
     /// Where requests go: the app on loopback (inbound) or the original destination (outbound).
@@ -176,7 +178,7 @@ impl Exchange {
                 original_authority: self.conn.original.as_str(),
                 upstream_authority: self.conn.upstream.as_str(),
                 path_and_query: self.path.as_str(),
-                client: self.conn.client,
+                client: &self.conn.client_text,
                 request_id: self.request_id.to_str().unwrap_or("-"),
                 status,
                 request_bytes,

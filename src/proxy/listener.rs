@@ -238,6 +238,7 @@ async fn serve_connection(
     let ctx = Arc::new(ConnContext {
         direction,
         client,
+        client_text: client.to_string(),
         original: authority(dialled),
         upstream: authority(upstream),
         upstream_http2: proxy.http2_ports.contains(&upstream.port())

@@ -68,7 +68,7 @@ pub async fn forward(
             original_authority: &original,
             upstream_authority: &upstream,
             path_and_query: "",
-            client: client_addr,
+            client: &client_addr.to_string(),
             request_id: "-",
             status: 0,
             request_bytes: sent,
