@@ -18,8 +18,8 @@ use crate::config::AccessLogFormat;
 use crate::proxy::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 
-const BATCH_BYTES: usize = 16 * 1024;
-const MAX_QUEUED_BATCHES: usize = 16;
+const BATCH_BYTES: usize = 64 * 1024;
+const MAX_QUEUED_BATCHES: usize = 8;
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
 
 /// What happened to one request, as the proxy saw it.
