@@ -45,8 +45,10 @@ pub enum ErrorKind {
     ClientBody,
     /// The client went away before the response was complete.
     ClientDisconnected,
-    /// The request cannot be forwarded as written (for example an invalid target).
+    /// The request cannot be forwarded as written (malformed, or an invalid target).
     BadRequest,
+    /// The request head is larger than --max-header-bytes.
+    HeadersTooLarge,
     /// --max-in-flight reached.
     Overloaded,
     /// --max-connections reached.
@@ -61,7 +63,7 @@ impl ErrorKind {
         match self {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
             | ResponseTimeout | UpstreamBody | TcpIo => Fault::App,
-            ClientBody | ClientDisconnected | BadRequest => Fault::Client,
+            ClientBody | ClientDisconnected | BadRequest | HeadersTooLarge => Fault::Client,
             Overloaded | TooManyConnections => Fault::Proxy,
         }
     }
@@ -75,6 +77,7 @@ impl ErrorKind {
             | TcpIo => S::BAD_GATEWAY,
             ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
             ClientBody | BadRequest => S::BAD_REQUEST,
+            HeadersTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
             // Never sent (nobody is listening); 499 is what nginx logs for it.
             ClientDisconnected => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
             Overloaded | TooManyConnections => S::SERVICE_UNAVAILABLE,
@@ -94,6 +97,7 @@ impl ErrorKind {
             ClientBody => "client_body",
             ClientDisconnected => "client_disconnected",
             BadRequest => "bad_request",
+            HeadersTooLarge => "headers_too_large",
             Overloaded => "overloaded",
             TooManyConnections => "too_many_connections",
             TcpIo => "tcp_io",
@@ -119,9 +123,8 @@ impl ErrorKind {
             UpstreamBody => "amazing-proxy: the app's response body broke off\n",
             ClientBody => "amazing-proxy: the request body broke off\n",
             ClientDisconnected => "amazing-proxy: the client went away\n",
-            BadRequest => {
-                "amazing-proxy: the request cannot be forwarded (invalid target or headers)\n"
-            }
+            BadRequest => "amazing-proxy: malformed request (request line, headers or framing)\n",
+            HeadersTooLarge => "amazing-proxy: request headers too large (--max-header-bytes)\n",
             Overloaded => {
                 "amazing-proxy: too many requests in flight (--max-in-flight); retry later\n"
             }

@@ -717,17 +717,17 @@ pub async fn serve(
                     Ok(plan) => break plan,
                     Err(RequestVerdict::Partial) if buf.len() < proxy.max_header_bytes => {}
                     Err(RequestVerdict::Partial) => {
-                        send_error_status(
-                            &mut client,
-                            431,
-                            "Request Header Fields Too Large",
-                            &mut out,
-                        )
-                        .await;
+                        proxy
+                            .metrics
+                            .count_error(ctx.direction, ErrorKind::HeadersTooLarge);
+                        send_error(&mut client, ErrorKind::HeadersTooLarge, false, &mut out).await;
                         break 'connection Outcome::Done;
                     }
                     Err(RequestVerdict::Invalid) => {
-                        send_error_status(&mut client, 400, "Bad Request", &mut out).await;
+                        proxy
+                            .metrics
+                            .count_error(ctx.direction, ErrorKind::BadRequest);
+                        send_error(&mut client, ErrorKind::BadRequest, false, &mut out).await;
                         break 'connection Outcome::Done;
                     }
                     Err(RequestVerdict::Fallback) => {
@@ -927,18 +927,6 @@ pub async fn serve(
         proxy.h1_pool.checkin(upstream_addr, up);
     }
     outcome
-}
-
-async fn send_error_status(client: &mut TcpStream, status: u16, reason: &str, out: &mut Vec<u8>) {
-    use std::io::Write;
-    out.clear();
-    let body = format!("amazing-proxy: {reason}\n");
-    let _ = write!(
-        out,
-        "HTTP/1.1 {status} {reason}\r\nserver: amazing-proxy\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    let _ = client.write_all(out).await;
 }
 
 #[cfg(test)]
