@@ -77,7 +77,8 @@ pub struct Rewrite<'a> {
     pub preserve_case: bool,
     /// `Some(app address)` with --rewrite-host.
     pub host: Option<&'a str>,
-    pub client_ip: std::net::IpAddr,
+    /// The client's IP as text, for x-forwarded-for.
+    pub client_ip: &'a str,
 }
 
 fn is_hop_by_hop(name: &str) -> bool {
@@ -219,10 +220,8 @@ pub fn plan_request(
         out.extend_from_slice(prev);
         out.extend_from_slice(b", ");
     }
-    {
-        use std::io::Write;
-        let _ = write!(out, "{}\r\n", rw.client_ip);
-    }
+    out.extend_from_slice(rw.client_ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
     if !forwarded_proto {
         out.extend_from_slice(b"x-forwarded-proto: http\r\n");
     }
@@ -350,10 +349,8 @@ pub fn plan_response(
 
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
-    {
-        use std::io::Write;
-        let _ = write!(out, "{status} ");
-    }
+    out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
+    out.push(b' ');
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in res.headers.iter() {
@@ -703,7 +700,7 @@ pub async fn serve(
     let rewrite = Rewrite {
         preserve_case: proxy.preserve_header_case,
         host: proxy.rewrite_host.then(|| ctx.upstream.as_str()),
-        client_ip: ctx.client.ip(),
+        client_ip: &ctx.client_ip_text,
     };
     let mut buf = BytesMut::with_capacity(4096);
     let mut head_buf: Vec<u8> = Vec::with_capacity(1024);
@@ -937,7 +934,7 @@ mod tests {
         Rewrite {
             preserve_case: false,
             host: None,
-            client_ip: "198.18.0.1".parse().expect("ip"),
+            client_ip: "198.18.0.1",
         }
     }
 

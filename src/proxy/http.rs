@@ -31,6 +31,8 @@ pub struct ConnContext {
     pub client: SocketAddr,
     /// `client` as text, formatted once for the access log.
     pub client_text: String,
+    /// The client's IP alone, for x-forwarded-for.
+    pub client_ip_text: String,
     /// The address the client dialled (the pod's, before redirection).
     pub original: Authority,
     /// Where requests go: the app on loopback (inbound) or the original destination (outbound).

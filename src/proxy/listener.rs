@@ -239,6 +239,7 @@ async fn serve_connection(
         direction,
         client,
         client_text: client.to_string(),
+        client_ip_text: client.ip().to_string(),
         original: authority(dialled),
         upstream: authority(upstream),
         upstream_http2: proxy.http2_ports.contains(&upstream.port())
