@@ -183,12 +183,10 @@ impl Policy {
         }
         // Our own ports are never redirected inbound: the admin port must not become reachable
         // through the proxy (it would forward to 127.0.0.1:15000), nor the outbound listener
-        // (an open relay), and the inbound port itself is already the proxy.
+        // (an open relay; it may run even with --no-outbound), and the inbound port itself is
+        // already the proxy.
         let mut inbound_exclude = o.exclude_inbound_ports.0.clone();
-        inbound_exclude.extend([o.inbound_port, o.admin_port]);
-        if !o.no_outbound {
-            inbound_exclude.push(o.outbound_port);
-        }
+        inbound_exclude.extend([o.inbound_port, o.admin_port, o.outbound_port]);
         inbound_exclude.sort_unstable();
         inbound_exclude.dedup();
         let inbound_only: Vec<u16> = o
@@ -290,7 +288,7 @@ mod tests {
         o.no_outbound = true;
         o.inbound_ports = "80,15000".parse().unwrap();
         let p = Policy::new(&o, false).unwrap();
-        assert_eq!(p.inbound_exclude, vec![8000, 15000]);
+        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001]);
         assert_eq!(p.inbound_only, vec![80]);
         assert!(p.outbound.is_none());
     }
