@@ -116,7 +116,10 @@ fn check(name: &str, actual: &str) {
 /// The main configurations, each pinned for both backends.
 const CASES: &[(&str, &[&str])] = &[
     ("default", &[]),
-    ("tutorial_port_80", &["--inbound-ports", "80", "--no-outbound"]),
+    (
+        "tutorial_port_80",
+        &["--inbound-ports", "80", "--no-outbound"],
+    ),
     (
         "inbound_ports_and_exclusions",
         &[
@@ -126,7 +129,10 @@ const CASES: &[(&str, &[&str])] = &[
             "9090",
         ],
     ),
-    ("inbound_exclusions", &["--exclude-inbound-ports", "22,9100"]),
+    (
+        "inbound_exclusions",
+        &["--exclude-inbound-ports", "22,9100"],
+    ),
     (
         "outbound_exclusions",
         &[
@@ -158,7 +164,10 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("no_outbound", &["--no-outbound"]),
     ("ipv6_on", &["--ipv6", "on"]),
-    ("ipv6_outbound_redirect", &["--ipv6", "on", "--ipv6-outbound-redirect"]),
+    (
+        "ipv6_outbound_redirect",
+        &["--ipv6", "on", "--ipv6-outbound-redirect"],
+    ),
 ];
 
 #[test]

@@ -149,7 +149,10 @@ pub fn choose(choice: BackendChoice, obs: &Observation) -> Result<Backend, InitE
 fn is_compat_table(family: &str, name: &str) -> bool {
     matches!(family, "ip" | "ip6")
         && matches!(name, "filter" | "nat" | "mangle" | "raw" | "security")
-        || matches!((family, name), ("arp", "filter") | ("bridge", "filter" | "nat" | "broute"))
+        || matches!(
+            (family, name),
+            ("arp", "filter") | ("bridge", "filter" | "nat" | "broute")
+        )
 }
 
 /// Reads `nft list tables` output.
@@ -157,7 +160,8 @@ pub fn parse_nft_tables(list: &str) -> NativeSeen {
     let mut seen = NativeSeen::default();
     for line in list.lines() {
         let mut words = line.split_whitespace();
-        if let (Some("table"), Some(family), Some(name)) = (words.next(), words.next(), words.next())
+        if let (Some("table"), Some(family), Some(name)) =
+            (words.next(), words.next(), words.next())
         {
             if format!("{family} {name}") == nft::TABLE {
                 seen.ours = true;
@@ -236,8 +240,10 @@ fn find_variant(nft_variant: bool) -> Option<IptTools> {
 }
 
 fn tool_name(path: &Path) -> String {
-    path.file_name()
-        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    )
 }
 
 fn run(tool: &Path, args: &[&str], stdin: Option<&str>) -> Result<Output, InitError> {
@@ -276,9 +282,13 @@ fn stderr_of(out: &Output) -> String {
 }
 
 fn is_permission_error(detail: &str) -> bool {
-    ["Permission denied", "Operation not permitted", "you must be root"]
-        .iter()
-        .any(|m| detail.contains(m))
+    [
+        "Permission denied",
+        "Operation not permitted",
+        "you must be root",
+    ]
+    .iter()
+    .any(|m| detail.contains(m))
 }
 
 /// Runs a tool that reads the current rules.
@@ -380,17 +390,17 @@ fn observe(env: &Env, choice: BackendChoice) -> Result<Observation, InitError> {
             obs.nft_compat = Some(see_variant(t)?);
         }
     }
-    if choice != BackendChoice::Iptables {
-        if let Some(nft) = &env.nft {
-            obs.native = Some(match read(nft, &["list", "tables"]) {
-                Ok(text) => parse_nft_tables(&text),
-                Err(e @ InitError::PermissionDenied { .. }) => return Err(e),
-                Err(e) => {
-                    tracing::debug!("ignoring: {e}");
-                    NativeSeen::default()
-                }
-            });
-        }
+    if choice != BackendChoice::Iptables
+        && let Some(nft) = &env.nft
+    {
+        obs.native = Some(match read(nft, &["list", "tables"]) {
+            Ok(text) => parse_nft_tables(&text),
+            Err(e @ InitError::PermissionDenied { .. }) => return Err(e),
+            Err(e) => {
+                tracing::debug!("ignoring: {e}");
+                NativeSeen::default()
+            }
+        });
     }
     if obs.legacy.is_none() {
         // Without legacy tools we cannot count legacy rules, but the kernel lists the legacy
@@ -470,8 +480,9 @@ fn resolve_ipv6_iptables(mode: Ipv6Mode, tools: &IptTools) -> Result<bool, InitE
         Ipv6Mode::On if tools.save6.is_none() || tools.restore6.is_none() => {
             Err(InitError::ToolMissing {
                 tool: "ip6tables-restore/ip6tables-save".into(),
-                hint: "install ip6tables in the init image (it ships with iptables) or use --ipv6 off"
-                    .into(),
+                hint:
+                    "install ip6tables in the init image (it ships with iptables) or use --ipv6 off"
+                        .into(),
             })
         }
         Ipv6Mode::On => Ok(true),
@@ -562,9 +573,7 @@ fn rollback(tools: &IptTools, applied: &[(Family, &NatState)], err: InitError) -
     for (family, before) in applied {
         let undo = current(tools, *family).and_then(|now| {
             match (iptables::transition(&now, before), tools.restore(*family)) {
-                (Some(script), Some(restore)) => {
-                    write(restore, &RESTORE_ARGS, &script, "rollback")
-                }
+                (Some(script), Some(restore)) => write(restore, &RESTORE_ARGS, &script, "rollback"),
                 _ => Ok(()),
             }
         });
@@ -666,6 +675,7 @@ fn clean(s: &Settings, env: &Env, obs: &Observation) -> Result<(), InitError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
 
@@ -747,7 +757,9 @@ mod tests {
 
     #[test]
     fn native_tables_exclude_iptables_nft_ones() {
-        let s = parse_nft_tables("table ip nat\ntable ip6 filter\ntable inet amazing_proxy\ntable inet cilium\n");
+        let s = parse_nft_tables(
+            "table ip nat\ntable ip6 filter\ntable inet amazing_proxy\ntable inet cilium\n",
+        );
         assert!(s.ours);
         assert_eq!(s.foreign_tables, ["inet cilium"]);
     }

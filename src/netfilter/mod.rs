@@ -85,7 +85,12 @@ fn parse_port(s: &str) -> Result<u16, String> {
 #[derive(Args, Clone, Debug)]
 pub struct InitArgs {
     /// Where the rules go: detected from the rules present in the namespace, or forced.
-    #[arg(long, env = "AMAZING_PROXY_BACKEND", value_enum, default_value = "auto")]
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_BACKEND",
+        value_enum,
+        default_value = "auto"
+    )]
     pub backend: BackendChoice,
 
     /// Port inbound traffic is redirected to (the proxy's `run --inbound` port).

@@ -64,7 +64,7 @@ pub fn render(policy: &Policy) -> String {
         "\t\tmeta l4proto tcp redirect to :{}",
         policy.inbound_port
     );
-    let _ = write!(s, "\t}}\n");
+    let _ = writeln!(s, "\t}}");
 
     if let Some(out) = &policy.outbound {
         let out_family = if policy.ipv6 && out.ipv6_redirect {
@@ -86,11 +86,7 @@ pub fn render(policy: &Policy) -> String {
             let _ = writeln!(s, "\t\tmeta mark {mark:#x} return");
         }
         if !out.exclude_ports.is_empty() {
-            let _ = writeln!(
-                s,
-                "\t\ttcp dport {} return",
-                port_set(&out.exclude_ports)
-            );
+            let _ = writeln!(s, "\t\ttcp dport {} return", port_set(&out.exclude_ports));
         }
         // One rule per CIDR rather than a set: an anonymous set refuses overlapping intervals.
         for c in &out.exclude_v4 {
@@ -143,7 +139,10 @@ mod tests {
         assert!(s.contains("\t\tmeta l4proto tcp jump inbound\n"));
         assert!(s.contains("meta nfproto ipv4 meta l4proto tcp jump outbound"));
         assert!(s.contains("ip daddr 10.0.0.0/8 return"));
-        assert!(!s.contains("fd00::/8"), "no IPv6 outbound rules unless asked");
+        assert!(
+            !s.contains("fd00::/8"),
+            "no IPv6 outbound rules unless asked"
+        );
     }
 
     #[test]

@@ -58,7 +58,11 @@ impl FromStr for Cidr {
             None => max,
             Some(p) => match p.parse::<u8>() {
                 Ok(p) if p <= max => p,
-                _ => return Err(format!("`{s}` is not a CIDR: the prefix length must be 0-{max}")),
+                _ => {
+                    return Err(format!(
+                        "`{s}` is not a CIDR: the prefix length must be 0-{max}"
+                    ));
+                }
             },
         };
         // Host bits set usually means a typo (10.1.2.3/8): iptables would silently mask them and
@@ -258,7 +262,10 @@ mod tests {
 
     #[test]
     fn port_lists_are_sorted_deduplicated_and_validated() {
-        assert_eq!("443, 80,80,".parse::<PortList>(), Ok(PortList(vec![80, 443])));
+        assert_eq!(
+            "443, 80,80,".parse::<PortList>(),
+            Ok(PortList(vec![80, 443]))
+        );
         assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
         assert!("0".parse::<PortList>().is_err());
         assert!("80,http".parse::<PortList>().is_err());
@@ -267,7 +274,9 @@ mod tests {
 
     #[test]
     fn cidrs_accept_both_families_and_refuse_host_bits() {
-        let l: CidrList = "10.0.0.0/8, fd00::/8,1.2.3.4,::1,10.0.0.0/8".parse().unwrap();
+        let l: CidrList = "10.0.0.0/8, fd00::/8,1.2.3.4,::1,10.0.0.0/8"
+            .parse()
+            .unwrap();
         let shown: Vec<String> = l.0.iter().map(ToString::to_string).collect();
         assert_eq!(shown, ["10.0.0.0/8", "fd00::/8", "1.2.3.4/32", "::1/128"]);
         let err = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
