@@ -206,7 +206,9 @@ pub enum InitError {
         source: std::io::Error,
     },
 
-    #[error("{first}; the IPv4 rules applied just before were rolled back, nothing changed")]
+    #[error(
+        "{first}; the IPv4 rules applied just before were rolled back, nothing changed (if this kernel has no IPv6 NAT, use --ipv6 off)"
+    )]
     RolledBack { first: Box<InitError> },
 
     #[error(
