@@ -1,0 +1,330 @@
+//! The redirection policy as plain data: what to redirect and what to let through, decided once
+//! from the options and shared by both renderers, so that iptables and nftables cannot drift.
+
+use std::fmt;
+use std::net::IpAddr;
+use std::str::FromStr;
+
+/// A comma-separated list of TCP ports (`80,443`); empty means none. Kept sorted and deduplicated
+/// so that the rendered script does not depend on how the user wrote the list.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PortList(pub Vec<u16>);
+
+impl FromStr for PortList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut ports = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            match part.parse::<u16>() {
+                Ok(p) if p != 0 => ports.push(p),
+                _ => {
+                    return Err(format!(
+                        "expected a comma-separated list of TCP ports 1-65535, got `{part}`"
+                    ));
+                }
+            }
+        }
+        ports.sort_unstable();
+        ports.dedup();
+        Ok(PortList(ports))
+    }
+}
+
+/// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`; a bare address is a single host).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub prefix: u8,
+}
+
+impl Cidr {
+    pub fn is_ipv4(&self) -> bool {
+        self.addr.is_ipv4()
+    }
+}
+
+impl FromStr for Cidr {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let (addr, prefix) = match s.split_once('/') {
+            Some((a, p)) => (a, Some(p)),
+            None => (s, None),
+        };
+        let addr: IpAddr = addr
+            .parse()
+            .map_err(|_| format!("`{s}` is not a CIDR: `{addr}` is not an IPv4 or IPv6 address"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => match p.parse::<u8>() {
+                Ok(p) if p <= max => p,
+                _ => {
+                    return Err(format!(
+                        "`{s}` is not a CIDR: the prefix length must be 0-{max}"
+                    ));
+                }
+            },
+        };
+        // Host bits set usually means a typo (10.1.2.3/8): iptables would silently mask them and
+        // nft would refuse them, so refuse early with the network the user probably meant.
+        let network = mask(addr, prefix);
+        if network != addr {
+            return Err(format!(
+                "`{s}` has host bits set: did you mean `{network}/{prefix}`?"
+            ));
+        }
+        Ok(Cidr { addr, prefix })
+    }
+}
+
+fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
+    match addr {
+        IpAddr::V4(a) => {
+            let bits = u32::from(a);
+            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V4((bits & m).into())
+        }
+        IpAddr::V6(a) => {
+            let bits = u128::from(a);
+            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            IpAddr::V6((bits & m).into())
+        }
+    }
+}
+
+impl fmt::Display for Cidr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.prefix)
+    }
+}
+
+/// A comma-separated list of CIDRs, IPv4 and IPv6 mixed; duplicates dropped, order kept.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct CidrList(pub Vec<Cidr>);
+
+impl FromStr for CidrList {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let mut out: Vec<Cidr> = Vec::new();
+        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let c: Cidr = part.parse()?;
+            if !out.contains(&c) {
+                out.push(c);
+            }
+        }
+        Ok(CidrList(out))
+    }
+}
+
+/// The inputs of the policy, already parsed; everything that is not I/O.
+#[derive(Clone, Debug)]
+pub struct PolicyOptions {
+    pub inbound_port: u16,
+    pub outbound_port: u16,
+    pub admin_port: u16,
+    pub inbound_ports: PortList,
+    pub exclude_inbound_ports: PortList,
+    pub exclude_outbound_ports: PortList,
+    pub exclude_outbound_cidrs: CidrList,
+    pub proxy_uid: u32,
+    pub proxy_gid: u32,
+    /// 0 disables the mark exception (as `run --proxy-mark 0` disables setting it).
+    pub proxy_mark: u32,
+    pub no_outbound: bool,
+    pub ipv6_outbound_redirect: bool,
+}
+
+/// What the rules do, for both families.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Policy {
+    /// Where inbound TCP is redirected (the proxy's `run --inbound` port).
+    pub inbound_port: u16,
+    /// Inbound destination ports left alone: the user's exclusions plus our own listeners.
+    pub inbound_exclude: Vec<u16>,
+    /// Inbound destination ports redirected; empty means every TCP port not excluded.
+    pub inbound_only: Vec<u16>,
+    /// `None` with `--no-outbound`.
+    pub outbound: Option<Outbound>,
+    /// Whether IPv6 rules are installed at all (`--ipv6`, resolved).
+    pub ipv6: bool,
+}
+
+/// The app's own connections: redirected to the outbound listener except for these.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Outbound {
+    pub port: u16,
+    pub exclude_ports: Vec<u16>,
+    pub exclude_v4: Vec<Cidr>,
+    pub exclude_v6: Vec<Cidr>,
+    pub uid: u32,
+    pub gid: u32,
+    pub mark: Option<u32>,
+    /// IPv6 connections are redirected to `[::1]:port` only when asked: the proxy's outbound
+    /// listener defaults to 127.0.0.1, and an IPv6 REDIRECT there would refuse every connection.
+    pub ipv6_redirect: bool,
+}
+
+impl Policy {
+    /// Builds the policy; `ipv6` is the resolved `--ipv6` (I/O decides `auto`).
+    pub fn new(o: &PolicyOptions, ipv6: bool) -> Result<Policy, String> {
+        for (name, port) in [
+            ("--inbound-port", o.inbound_port),
+            ("--outbound-port", o.outbound_port),
+            ("--admin-port", o.admin_port),
+        ] {
+            if port == 0 {
+                return Err(format!("{name} must be 1-65535, got 0"));
+            }
+        }
+        if o.inbound_port == o.admin_port
+            || (!o.no_outbound
+                && (o.outbound_port == o.inbound_port || o.outbound_port == o.admin_port))
+        {
+            return Err(format!(
+                "--inbound-port {}, --outbound-port {} and --admin-port {} must be three different ports",
+                o.inbound_port, o.outbound_port, o.admin_port
+            ));
+        }
+        // Our own ports are never redirected inbound: the admin port must not become reachable
+        // through the proxy (it would forward to 127.0.0.1:15000), nor the outbound listener
+        // (an open relay; it may run even with --no-outbound), and the inbound port itself is
+        // already the proxy.
+        let mut inbound_exclude = o.exclude_inbound_ports.0.clone();
+        inbound_exclude.extend([o.inbound_port, o.admin_port, o.outbound_port]);
+        inbound_exclude.sort_unstable();
+        inbound_exclude.dedup();
+        let inbound_only: Vec<u16> = o
+            .inbound_ports
+            .0
+            .iter()
+            .copied()
+            .filter(|p| !inbound_exclude.contains(p))
+            .collect();
+        if !o.inbound_ports.0.is_empty() && inbound_only.is_empty() {
+            return Err(format!(
+                "every port of --inbound-ports {:?} is excluded (--exclude-inbound-ports or the proxy's own ports {:?}): nothing would be redirected",
+                o.inbound_ports.0, inbound_exclude
+            ));
+        }
+        let outbound = (!o.no_outbound).then(|| Outbound {
+            port: o.outbound_port,
+            exclude_ports: o.exclude_outbound_ports.0.clone(),
+            exclude_v4: o
+                .exclude_outbound_cidrs
+                .0
+                .iter()
+                .copied()
+                .filter(Cidr::is_ipv4)
+                .collect(),
+            exclude_v6: o
+                .exclude_outbound_cidrs
+                .0
+                .iter()
+                .copied()
+                .filter(|c| !c.is_ipv4())
+                .collect(),
+            uid: o.proxy_uid,
+            gid: o.proxy_gid,
+            mark: (o.proxy_mark != 0).then_some(o.proxy_mark),
+            ipv6_redirect: ipv6 && o.ipv6_outbound_redirect,
+        });
+        Ok(Policy {
+            inbound_port: o.inbound_port,
+            inbound_exclude,
+            inbound_only,
+            outbound,
+            ipv6,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    fn defaults() -> PolicyOptions {
+        PolicyOptions {
+            inbound_port: 8000,
+            outbound_port: 15001,
+            admin_port: 15000,
+            inbound_ports: PortList::default(),
+            exclude_inbound_ports: PortList::default(),
+            exclude_outbound_ports: PortList::default(),
+            exclude_outbound_cidrs: CidrList::default(),
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            proxy_mark: 1337,
+            no_outbound: false,
+            ipv6_outbound_redirect: false,
+        }
+    }
+
+    #[test]
+    fn port_lists_are_sorted_deduplicated_and_validated() {
+        assert_eq!(
+            "443, 80,80,".parse::<PortList>(),
+            Ok(PortList(vec![80, 443]))
+        );
+        assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
+        assert!("0".parse::<PortList>().is_err());
+        assert!("80,http".parse::<PortList>().is_err());
+        assert!("65536".parse::<PortList>().is_err());
+    }
+
+    #[test]
+    fn cidrs_accept_both_families_and_refuse_host_bits() {
+        let l: CidrList = "10.0.0.0/8, fd00::/8,1.2.3.4,::1,10.0.0.0/8"
+            .parse()
+            .unwrap();
+        let shown: Vec<String> = l.0.iter().map(ToString::to_string).collect();
+        assert_eq!(shown, ["10.0.0.0/8", "fd00::/8", "1.2.3.4/32", "::1/128"]);
+        let err = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
+        assert!(err.contains("10.0.0.0/8"), "{err}");
+        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
+        assert!("fd00::/129".parse::<Cidr>().is_err());
+        assert!("banana/8".parse::<Cidr>().is_err());
+        assert!("0.0.0.0/0".parse::<Cidr>().is_ok());
+        assert!("::/0".parse::<Cidr>().is_ok());
+    }
+
+    #[test]
+    fn own_ports_are_always_excluded_inbound() {
+        let p = Policy::new(&defaults(), false).unwrap();
+        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001]);
+        assert!(p.inbound_only.is_empty());
+        let mut o = defaults();
+        o.no_outbound = true;
+        o.inbound_ports = "80,15000".parse().unwrap();
+        let p = Policy::new(&o, false).unwrap();
+        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001]);
+        assert_eq!(p.inbound_only, vec![80]);
+        assert!(p.outbound.is_none());
+    }
+
+    #[test]
+    fn cidrs_go_to_their_family_and_mark_zero_disables() {
+        let mut o = defaults();
+        o.exclude_outbound_cidrs = "10.0.0.0/8,fd00::/8".parse().unwrap();
+        o.proxy_mark = 0;
+        o.ipv6_outbound_redirect = true;
+        let out = Policy::new(&o, false).unwrap().outbound.unwrap();
+        assert_eq!(out.exclude_v4.len(), 1);
+        assert_eq!(out.exclude_v6.len(), 1);
+        assert_eq!(out.mark, None);
+        assert!(!out.ipv6_redirect, "no IPv6 redirect when IPv6 is off");
+    }
+
+    #[test]
+    fn inconsistent_ports_are_refused() {
+        let mut o = defaults();
+        o.outbound_port = 8000;
+        assert!(Policy::new(&o, false).is_err());
+        let mut o = defaults();
+        o.inbound_ports = "8000,15001".parse().unwrap();
+        assert!(Policy::new(&o, false).is_err());
+        let mut o = defaults();
+        o.admin_port = 0;
+        assert!(Policy::new(&o, false).is_err());
+    }
+}
