@@ -188,7 +188,7 @@ pub struct RunArgs {
 
     /// Socket mark (SO_MARK) set on the proxy's upstream sockets so that `init`'s rules let them
     /// pass; 0 disables it. Must match `init --proxy-mark`.
-    #[arg(long, env = "AMAZING_PROXY_MARK", default_value = "1337")]
+    #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value = "1337")]
     pub proxy_mark: u32,
 }
 
