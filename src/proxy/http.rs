@@ -152,7 +152,7 @@ impl Exchange {
         let request_bytes = self
             .request
             .as_ref()
-            .map_or(0, |p| p.bytes.load(Ordering::Relaxed));
+            .map_or(self.request_bytes, |p| p.bytes.load(Ordering::Relaxed));
         // A client that left never saw the status: log what nginx logs for it.
         let status = match error {
             Some(ErrorKind::ClientDisconnected) => ErrorKind::ClientDisconnected.status().as_u16(),
