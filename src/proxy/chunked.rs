@@ -34,6 +34,7 @@ pub struct ChunkedTracker {
     state: State,
     size: u64,
     remaining: u64,
+    payload: u64,
 }
 
 impl Default for ChunkedTracker {
@@ -47,6 +48,11 @@ impl Default for ChunkedTracker {
 }
 
 impl ChunkedTracker {
+    /// The body's size without the chunk framing, so far.
+    pub fn payload(&self) -> u64 {
+        self.payload
+    }
+
     pub fn is_done(&self) -> bool {
         self.state == State::Done
     }
@@ -62,6 +68,7 @@ impl ChunkedTracker {
                     let take =
                         (data.len() - i).min(usize::try_from(self.remaining).unwrap_or(usize::MAX));
                     self.remaining -= take as u64;
+                    self.payload += take as u64;
                     i += take;
                     if self.remaining == 0 {
                         self.state = State::DataCr;
@@ -150,7 +157,9 @@ mod tests {
         let body = b"4\r\nWiki\r\n5;ext=1\r\npedia\r\n0\r\n\r\n";
         let mut input = body.to_vec();
         input.extend_from_slice(b"GET / HTTP/1.1\r\n");
-        assert_eq!(end_of(&input), Ok(Some(body.len())));
+        let mut tracker = ChunkedTracker::default();
+        assert_eq!(tracker.advance(&input), Ok(Some(body.len())));
+        assert_eq!(tracker.payload(), 9);
     }
 
     #[test]

@@ -513,7 +513,7 @@ impl From<InvalidChunk> for CopyError {
 
 /// Copies one body from `src` to `dst`. `out` holds a head not yet written: the body's first bytes
 /// already in `src_buf` join it so that a small message leaves in one write. Bytes after the body
-/// stay in `src_buf` (a pipelined request). Returns the body bytes copied.
+/// stay in `src_buf` (a pipelined request). Returns the body's size (without chunk framing).
 async fn copy_body(
     src: &mut TcpStream,
     src_buf: &mut BytesMut,
@@ -562,7 +562,7 @@ async fn copy_body(
             Framing::UntilClose => false,
         };
         if done {
-            return Ok(copied);
+            return Ok(if framing == Framing::Chunked { tracker.payload() } else { copied });
         }
         src_buf.reserve(READ_CHUNK);
         match src.read_buf(src_buf).await {
