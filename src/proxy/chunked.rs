@@ -43,6 +43,7 @@ impl Default for ChunkedTracker {
             state: State::Size { digits: 0 },
             size: 0,
             remaining: 0,
+            payload: 0,
         }
     }
 }

@@ -562,7 +562,11 @@ async fn copy_body(
             Framing::UntilClose => false,
         };
         if done {
-            return Ok(if framing == Framing::Chunked { tracker.payload() } else { copied });
+            return Ok(if framing == Framing::Chunked {
+                tracker.payload()
+            } else {
+                copied
+            });
         }
         src_buf.reserve(READ_CHUNK);
         match src.read_buf(src_buf).await {
