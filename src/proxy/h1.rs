@@ -710,6 +710,10 @@ pub async fn serve(
     let mut head_buf: Vec<u8> = Vec::with_capacity(1024);
     let mut out: Vec<u8> = Vec::with_capacity(1024);
     let mut sticky: Option<UpstreamConn> = None;
+    // One waiter for the whole connection: registering a new one per request costs a lock.
+    let mut closing_watch = phase.clone();
+    let closing_signal = wait_for_closing(&mut closing_watch);
+    let mut closing_signal = std::pin::pin!(closing_signal);
     let outcome = 'connection: loop {
         // Read one request head; an idle connection closes when the drain does.
         let plan = loop {
@@ -743,7 +747,7 @@ pub async fn serve(
             let read = if buf.is_empty() {
                 tokio::select! {
                     biased;
-                    _ = wait_for_closing(phase) => break 'connection Outcome::Done,
+                    _ = &mut closing_signal => break 'connection Outcome::Done,
                     read = client.read_buf(&mut buf) => read,
                 }
             } else {
