@@ -1,0 +1,213 @@
+//! End to end: a pod on this machine (network namespaces, veth pairs, httpbin under gunicorn,
+//! `amazing-proxy run` and `amazing-proxy init` inside it), driven from outside with the
+//! tutorial's requests, and calling a peer through the proxy. See `e2e_common` for the layout.
+//!
+//! Needs root (to create namespaces): otherwise each test prints why and passes as skipped.
+//! Needs gunicorn and httpbin in `$AMAZING_PROXY_TEST_VENV` or `target/venv` (scripts/test.sh).
+
+mod e2e_common;
+
+use e2e_common::{PEER_CONTENT, PEER_FILE, PEER_PORT, Pod, PodOptions, json_records, seed_records};
+
+fn start(access_log: &str, run_args: &[&str], proxy_user: Option<u32>) -> Option<Pod> {
+    Pod::start(&PodOptions {
+        access_log,
+        run_args,
+        proxy_user,
+    })
+}
+
+#[test]
+fn tutorial_requests_reach_httpbin_through_the_proxy() {
+    let Some(pod) = start("seed", &[], None) else {
+        return;
+    };
+    // Someone else's rule in the pod's nat table: it must survive init and --clean.
+    pod.ns_pod().ok(&[
+        "iptables", "-t", "nat", "-A", "OUTPUT", "-p", "udp", "--dport", "53", "-j", "RETURN",
+    ]);
+    let before = pod.nat_state();
+    pod.init(&["--exclude-inbound-ports", "81"]);
+    let ip = pod.pod_ip;
+
+    let get = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
+    assert_eq!(get.status, 200, "{get:?}");
+    assert_eq!(get.header("server"), Some("amazing-proxy"), "{get:?}");
+    assert_eq!(get.json()["args"], serde_json::json!({"query": "param"}));
+
+    let post = pod.curl_from_outside(&[
+        "-X",
+        "POST",
+        "-d",
+        "body=parameters",
+        &format!("http://{ip}/post"),
+    ]);
+    assert_eq!(post.status, 200, "{post:?}");
+    assert_eq!(post.header("server"), Some("amazing-proxy"), "{post:?}");
+    assert_eq!(
+        post.json()["form"],
+        serde_json::json!({"body": "parameters"})
+    );
+
+    let status = pod.curl_from_outside(&[&format!("http://{ip}/status/429")]);
+    assert_eq!(status.status, 429, "{status:?}");
+    assert_eq!(status.header("server"), Some("amazing-proxy"), "{status:?}");
+
+    let log = pod.access_log_when("three records", |l| seed_records(l).len() >= 3);
+    let records = seed_records(&log);
+    assert_eq!(records.len(), 3, "{log}");
+    for (record, (path, status)) in records.iter().zip([
+        ("/get?query=param", 200),
+        ("/post", 200),
+        ("/status/429", 429),
+    ]) {
+        let urls =
+            format!("Original URL: http://{ip}:80{path}\nProxy URL: http://127.0.0.1:80{path}\n");
+        assert!(record.starts_with(&urls), "want {urls:?} in:\n{log}");
+        assert!(
+            record.ends_with(&format!("Response Status: {status}")),
+            "{log}"
+        );
+    }
+    assert!(
+        records[1].contains("\nRequest Size: 15\n"),
+        "the form's 15 bytes: {log}"
+    );
+
+    // An excluded port reaches the app itself: gunicorn answers, and the proxy logs nothing.
+    let direct = pod.curl_from_outside(&[&format!("http://{ip}:81/get?via=excluded")]);
+    assert_eq!(direct.status, 200, "{direct:?}");
+    let server = direct.header("server").unwrap_or_default();
+    assert!(server.starts_with("gunicorn"), "{direct:?}");
+    assert_eq!(
+        direct.json()["args"],
+        serde_json::json!({"via": "excluded"})
+    );
+    // A request through the proxy after it: once it is logged, a record for :81 would be too.
+    let marker = pod.curl_from_outside(&[&format!("http://{ip}/get?marker=after")]);
+    assert_eq!(marker.status, 200, "{marker:?}");
+    let log = pod.access_log_when("the marker's record", |l| l.contains("marker=after"));
+    assert_eq!(seed_records(&log).len(), 4, "{log}");
+    assert!(!log.contains("excluded"), "{log}");
+
+    // --clean puts the nat table back as it was, and traffic reaches the app directly again.
+    pod.init(&["--clean"]);
+    assert_eq!(pod.nat_state(), before);
+    let after = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
+    assert_eq!(after.status, 200, "{after:?}");
+    assert!(
+        after
+            .header("server")
+            .unwrap_or_default()
+            .starts_with("gunicorn"),
+        "{after:?}"
+    );
+}
+
+/// The app's call to the peer, made as the app's user, as `curl -i` shows it.
+fn call_peer(pod: &Pod, query: &str) -> e2e_common::Response {
+    let url = format!("http://{}:{PEER_PORT}/{PEER_FILE}?{query}", pod.peer_ip);
+    pod.curl_as_app(&[&url])
+}
+
+/// With `init INIT_ARGS`, the app's calls to the peer go through the proxy exactly once each and
+/// get the answer the peer gives without the proxy; `--clean` then restores the nat table.
+fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
+    let ip = pod.pod_ip;
+    let peer = format!("{}:{PEER_PORT}", pod.peer_ip);
+    // Without rules, what the peer answers.
+    let direct = call_peer(pod, "call=direct");
+    assert_eq!(direct.status, 200, "{direct:?}");
+    assert_eq!(direct.body, PEER_CONTENT);
+    let before = pod.nat_state();
+    // With native nft, --clean deletes our table and nothing is left behind at all.
+    let native = init_args.contains(&"nft");
+    let before_nft = native.then(|| pod.nft_ruleset());
+
+    let calls = ["call=1", "call=2"];
+    pod.init(init_args);
+    for query in calls {
+        let got = call_peer(pod, query);
+        assert_eq!(got.status, direct.status, "{got:?}");
+        assert_eq!(got.body, direct.body, "{got:?}");
+        assert_eq!(
+            got.header("content-type"),
+            direct.header("content-type"),
+            "{got:?}"
+        );
+        // It did go through the proxy.
+        assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
+    }
+    let inbound = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
+    assert_eq!(inbound.status, 200, "{inbound:?}");
+
+    // The inbound request comes after the calls: once it is logged, they all are.
+    let log = pod.access_log_when("the inbound record", |l| l.contains("query=param"));
+    let records = json_records(&log);
+    for query in calls {
+        let url = format!("http://{peer}/{PEER_FILE}?{query}");
+        let found: Vec<_> = records
+            .iter()
+            .filter(|r| r["original_url"] == url.as_str())
+            .collect();
+        assert_eq!(found.len(), 1, "one record for {url}: {log}");
+        let r = found[0];
+        assert_eq!(r["direction"], "outbound", "{log}");
+        assert_eq!(r["upstream"], peer.as_str(), "{log}");
+        assert_eq!(r["proxy_url"], url.as_str(), "{log}");
+        assert_eq!(r["status"], 200, "{log}");
+        // The peer saw it once: the proxy's own connection was not redirected to itself.
+        let line = format!("\"GET /{PEER_FILE}?{query} HTTP/1.1\" 200");
+        let peer_log = pod.read("peer.log");
+        assert_eq!(peer_log.matches(&line).count(), 1, "{peer_log}");
+    }
+    let outbound = records
+        .iter()
+        .filter(|r| r["direction"] == "outbound")
+        .count();
+    assert_eq!(outbound, calls.len(), "{log}");
+    let inbound: Vec<_> = records
+        .iter()
+        .filter(|r| r["direction"] == "inbound")
+        .collect();
+    assert_eq!(inbound.len(), 1, "{log}");
+    assert_eq!(
+        inbound[0]["original_url"],
+        format!("http://{ip}:80/get?query=param").as_str(),
+        "{log}"
+    );
+    assert_eq!(
+        inbound[0]["proxy_url"], "http://127.0.0.1:80/get?query=param",
+        "{log}"
+    );
+
+    pod.init(&["--clean"]);
+    assert_eq!(pod.nat_state(), before);
+    if let Some(before_nft) = before_nft {
+        assert_eq!(pod.nft_ruleset(), before_nft);
+    }
+    let again = call_peer(pod, "call=after-clean");
+    assert_ne!(again.header("server"), Some("amazing-proxy"), "{again:?}");
+}
+
+#[test]
+fn app_calls_go_through_the_proxy_once_iptables_proxy_as_root() {
+    // The proxy runs as root: only its mark (SO_MARK 1337) keeps it out of the rules.
+    let Some(pod) = start("json", &[], None) else {
+        return;
+    };
+    outbound_goes_through_the_proxy_once(&pod, &["--backend", "iptables"]);
+}
+
+#[test]
+fn app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user() {
+    // The proxy runs as uid/gid 1337 without the privilege to mark: its uid keeps it out.
+    if !e2e_common::have("nft") {
+        eprintln!("SKIP: nft not installed");
+        return;
+    }
+    let Some(pod) = start("json", &[], Some(1337)) else {
+        return;
+    };
+    outbound_goes_through_the_proxy_once(&pod, &["--backend", "nft"]);
+}
