@@ -7,7 +7,9 @@
 
 mod e2e_common;
 
-use e2e_common::{PEER_CONTENT, PEER_FILE, PEER_PORT, Pod, PodOptions, json_records, seed_records};
+use e2e_common::{
+    PEER_CONTENT, PEER_FILE, PEER_PORT, PEER_TCP_PORT, Pod, PodOptions, json_records, seed_records,
+};
 
 fn start(access_log: &str, run_args: &[&str], proxy_user: Option<u32>) -> Option<Pod> {
     Pod::start(&PodOptions {
@@ -138,6 +140,13 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
         // It did go through the proxy.
         assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
     }
+    // Not HTTP: forwarded as opaque TCP, to the original destination too.
+    let opaque = pod.line_as_app("ping-1");
+    if let Some(answer) = &opaque {
+        assert_eq!(answer, "PING-1\n");
+    } else {
+        eprintln!("SKIP (part): no /usr/bin/python3, opaque TCP not exercised");
+    }
     let inbound = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
     assert_eq!(inbound.status, 200, "{inbound:?}");
 
@@ -161,11 +170,23 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
         let peer_log = pod.read("peer.log");
         assert_eq!(peer_log.matches(&line).count(), 1, "{peer_log}");
     }
+    let tcp_peer = format!("{}:{PEER_TCP_PORT}", pod.peer_ip);
+    let tcp: Vec<_> = records.iter().filter(|r| r["protocol"] == "TCP").collect();
+    if opaque.is_some() {
+        assert_eq!(tcp.len(), 1, "{log}");
+        assert_eq!(tcp[0]["direction"], "outbound", "{log}");
+        assert_eq!(tcp[0]["original_url"], format!("tcp://{tcp_peer}").as_str());
+        assert_eq!(tcp[0]["upstream"], tcp_peer.as_str(), "{log}");
+        assert_eq!(tcp[0]["request_bytes"], 7, "{log}");
+        assert_eq!(tcp[0]["response_bytes"], 7, "{log}");
+        let peer_log = pod.read("peer-tcp.log");
+        assert_eq!(peer_log.matches("got ping-1\n").count(), 1, "{peer_log}");
+    }
     let outbound = records
         .iter()
         .filter(|r| r["direction"] == "outbound")
         .count();
-    assert_eq!(outbound, calls.len(), "{log}");
+    assert_eq!(outbound, calls.len() + tcp.len(), "{log}");
     let inbound: Vec<_> = records
         .iter()
         .filter(|r| r["direction"] == "inbound")

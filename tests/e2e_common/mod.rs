@@ -268,8 +268,19 @@ pub struct PodOptions<'a> {
     pub proxy_user: Option<u32>,
 }
 
-/// The port the peer's server listens on.
+/// The port the peer's HTTP server listens on.
 pub const PEER_PORT: u16 = 8080;
+/// The port of the peer's line server (not HTTP): it answers each line upper-cased.
+pub const PEER_TCP_PORT: u16 = 9000;
+const LINE_SERVER: &str = "import socketserver, sys
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        print('got', line.decode().strip(), flush=True)
+        self.wfile.write(line.upper())
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+";
 /// The file the peer serves, and its content.
 pub const PEER_FILE: &str = "hello.txt";
 pub const PEER_CONTENT: &str = "hello from the peer namespace\n";
@@ -375,6 +386,14 @@ impl Pod {
             root.to_str().expect("a UTF-8 temp dir"),
         ]);
         pod.spawn(peer, "peer.log");
+        let line_server = pod.ns_peer().cmd(&[
+            python.to_str().expect("a UTF-8 venv path"),
+            "-c",
+            LINE_SERVER,
+            &peer_ip.to_string(),
+            &PEER_TCP_PORT.to_string(),
+        ]);
+        pod.spawn(line_server, "peer-tcp.log");
 
         // The sidecar.
         let mut args: Vec<String> = Vec::new();
@@ -410,6 +429,15 @@ impl Pod {
         );
         let peer_url = format!("http://{peer_ip}:{PEER_PORT}/{PEER_FILE}");
         pod.wait_ready("the peer", "peer", &peer_url, "peer.log");
+        eventually("the peer's line server listens", || {
+            let out = pod
+                .ns_peer()
+                .exec(&["ss", "-Htln", &format!("sport = {PEER_TCP_PORT}")]);
+            let listening = text(&out.stdout);
+            (!listening.trim().is_empty())
+                .then_some(())
+                .ok_or_else(|| pod.read("peer-tcp.log"))
+        });
         Some(pod)
     }
 
@@ -496,6 +524,39 @@ impl Pod {
             "--clear-groups",
         ];
         curl(self.ns_pod(), &user, args)
+    }
+
+    /// Sends `line` to the peer's line server as the app's user and returns the answer, or `None`
+    /// when there is no system python3 for the app's user to run.
+    pub fn line_as_app(&self, line: &str) -> Option<String> {
+        // The app's user cannot reach a python under /root (pyenv): only the system one will do.
+        let python = "/usr/bin/python3";
+        if !Path::new(python).is_file() {
+            return None;
+        }
+        let client = "import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(sys.argv[3].encode() + b'\\n')
+s.shutdown(socket.SHUT_WR)
+print(s.makefile().read(), end='')
+";
+        let (ip, port) = (self.peer_ip.to_string(), PEER_TCP_PORT.to_string());
+        let out = self.ns_pod().exec(&[
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            python,
+            "-c",
+            client,
+            &ip,
+            &port,
+            line,
+        ]);
+        assert!(out.status.success(), "{line}: {}", text(&out.stderr));
+        Some(text(&out.stdout))
     }
 
     /// The access log once `ready` accepts it (the proxy flushes it every 100 ms).
