@@ -232,3 +232,44 @@ fn app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user() {
     };
     outbound_goes_through_the_proxy_once(&pod, &["--backend", "nft"]);
 }
+
+/// Inbound to any app port reaches the same port of the app, and the log shows the pod's
+/// address and port as dialled, with the proxy listening on IPv4 or dual-stack (`[::]:8000`,
+/// which IPv6 pods need: init redirects IPv6 inbound too).
+fn inbound_keeps_the_original_port(inbound: &str) {
+    let Some(pod) = start("json", &["--inbound", inbound], None) else {
+        return;
+    };
+    pod.init(&[]);
+    let ip = pod.pod_ip;
+    for port in [80, 81] {
+        let got = pod.curl_from_outside(&[&format!("http://{ip}:{port}/get?port={port}")]);
+        assert_eq!(got.status, 200, "{got:?}");
+        assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
+    }
+    let log = pod.access_log_when("two records", |l| json_records(l).len() >= 2);
+    let records = json_records(&log);
+    assert_eq!(records.len(), 2, "{log}");
+    for (r, port) in records.iter().zip([80, 81]) {
+        assert_eq!(r["direction"], "inbound", "{log}");
+        assert_eq!(
+            r["original_url"],
+            format!("http://{ip}:{port}/get?port={port}").as_str(),
+            "{log}"
+        );
+        assert_eq!(r["upstream"], format!("127.0.0.1:{port}").as_str(), "{log}");
+        let client = r["client"].as_str().unwrap_or_default();
+        let outside = format!("{}:", pod.outside_ip);
+        assert!(client.starts_with(&outside), "an IPv4 client: {log}");
+    }
+}
+
+#[test]
+fn inbound_keeps_the_original_port_ipv4_listener() {
+    inbound_keeps_the_original_port("0.0.0.0:8000");
+}
+
+#[test]
+fn inbound_keeps_the_original_port_dual_stack_listener() {
+    inbound_keeps_the_original_port("[::]:8000");
+}
