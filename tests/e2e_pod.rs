@@ -273,3 +273,52 @@ fn inbound_keeps_the_original_port_ipv4_listener() {
 fn inbound_keeps_the_original_port_dual_stack_listener() {
     inbound_keeps_the_original_port("[::]:8000");
 }
+
+#[test]
+fn large_and_chunked_bodies_arrive_intact_both_ways() {
+    let Some(pod) = start("json", &[], None) else {
+        return;
+    };
+    pod.init(&[]);
+    let ip = pod.pod_ip;
+
+    // A large fixed-length response.
+    let big = pod.curl_from_outside(&[&format!("http://{ip}/range/100000")]);
+    assert_eq!(big.status, 200, "{:?}", big.headers);
+    assert_eq!(big.body.len(), 100_000);
+    assert!(big.body.starts_with("abcdefghijklmnopqrstuvwxyz"));
+
+    // A chunked response: httpbin streams one JSON object per line.
+    let stream = pod.curl_from_outside(&[&format!("http://{ip}/stream/5")]);
+    assert_eq!(stream.status, 200, "{stream:?}");
+    let lines: Vec<&str> = stream.body.lines().collect();
+    assert_eq!(lines.len(), 5, "{stream:?}");
+    for line in lines {
+        serde_json::from_str::<serde_json::Value>(line)
+            .unwrap_or_else(|e| panic!("a line of /stream/5 is not JSON ({e}): {line}"));
+    }
+
+    // A large chunked request body, echoed back by httpbin.
+    let payload: String = (0..200_000u32)
+        .map(|i| char::from(b'a' + (i % 26) as u8))
+        .collect();
+    let file = pod.path("payload.txt");
+    std::fs::write(&file, &payload).expect("writing the payload");
+    let upload = pod.curl_from_outside(&[
+        "-H",
+        "Transfer-Encoding: chunked",
+        "-H",
+        "Content-Type: text/plain",
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("http://{ip}/anything"),
+    ]);
+    assert_eq!(upload.status, 200, "{:?}", upload.headers);
+    assert_eq!(upload.json()["data"], payload.as_str());
+
+    let log = pod.access_log_when("three records", |l| json_records(l).len() >= 3);
+    let records = json_records(&log);
+    assert_eq!(records.len(), 3, "{log}");
+    assert_eq!(records[0]["response_bytes"], 100_000, "{log}");
+    assert_eq!(records[2]["request_bytes"], 200_000, "{log}");
+}
