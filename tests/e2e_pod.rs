@@ -35,7 +35,15 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
     let get = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
     assert_eq!(get.status, 200, "{get:?}");
     assert_eq!(get.header("server"), Some("amazing-proxy"), "{get:?}");
-    assert_eq!(get.json()["args"], serde_json::json!({"query": "param"}));
+    let echo = get.json();
+    assert_eq!(echo["args"], serde_json::json!({"query": "param"}));
+    // The app sees the client's Host, and its address in X-Forwarded-For (httpbin's "origin").
+    assert_eq!(echo["headers"]["Host"], ip.to_string().as_str(), "{echo}");
+    assert_eq!(
+        echo["origin"],
+        pod.outside_ip.to_string().as_str(),
+        "{echo}"
+    );
 
     let post = pod.curl_from_outside(&[
         "-X",
@@ -246,6 +254,8 @@ fn inbound_keeps_the_original_port(inbound: &str) {
         let got = pod.curl_from_outside(&[&format!("http://{ip}:{port}/get?port={port}")]);
         assert_eq!(got.status, 200, "{got:?}");
         assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
+        let origin = pod.outside_ip.to_string();
+        assert_eq!(got.json()["origin"], origin.as_str(), "{got:?}");
     }
     let log = pod.access_log_when("two records", |l| json_records(l).len() >= 2);
     let records = json_records(&log);
