@@ -109,9 +109,16 @@ pub async fn accept_loop(
     }
 }
 
+/// IPv4 peers of a dual-stack listener (`[::]:8000`) appear as `::ffff:a.b.c.d`: they are IPv4.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    SocketAddr::new(addr.ip().to_canonical(), addr.port())
+}
+
 /// Where a redirected connection was going, when it was redirected.
 fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
-    let local = stream.local_addr().ok()?;
+    // An IPv4 connection on a dual-stack socket was NAT-ed by IPv4 conntrack, which answers
+    // SO_ORIGINAL_DST (SOL_IP) on that socket; asking IPv6 conntrack finds nothing.
+    let local = canonical(stream.local_addr().ok()?);
     let sock = socket2::SockRef::from(stream);
     let original = if local.is_ipv4() {
         sock.original_dst_v4()
@@ -202,9 +209,10 @@ async fn serve_connection(
         refuse(stream).await;
         return;
     }
-    let Ok(local) = stream.local_addr() else {
+    let Ok(local) = stream.local_addr().map(canonical) else {
         return;
     };
+    let client = canonical(client);
     let original = original_destination(&stream);
     let upstream = match (direction, original) {
         (Direction::Inbound, Some(original)) => SocketAddr::new(proxy.app.ip(), original.port()),

@@ -1,0 +1,703 @@
+//! A Kubernetes pod reproduced on this machine, for the end-to-end tests.
+//!
+//! Three network namespaces, all created here and named `ap-e2e-<pid>-<n>-{out,pod,peer}`:
+//! `out` plays the rest of the cluster sending requests to the pod, `pod` holds the app (httpbin
+//! under gunicorn on :80 and :81) and the proxy, `peer` holds a server the app calls. Two veth
+//! pairs join them, `out` to the pod's `eth0` and the pod's `eth1` to `peer`, on two /30s of
+//! 198.18.0.0/15 derived from the pid and a counter. No address or interface is added to the
+//! host's own namespace. Every process is started in its own process group and killed (group and
+//! all) before its namespace is deleted, by guards that also run when a test panics.
+#![allow(dead_code)]
+
+use std::fs::File;
+use std::net::Ipv4Addr;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_amazing-proxy");
+/// Longest any single command may take.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
+/// Longest any condition is polled for (gunicorn's start is the slow one).
+pub const WAIT: Duration = Duration::from_secs(20);
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// Our own settings must not leak into the commands under test.
+fn scrub(cmd: &mut Command) {
+    for (k, _) in std::env::vars() {
+        if k.starts_with("AMAZING_PROXY_") {
+            cmd.env_remove(k);
+        }
+    }
+}
+
+/// Runs a command to completion, killing it after `COMMAND_TIMEOUT`.
+pub fn run(cmd: &mut Command) -> Output {
+    scrub(cmd);
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+    let pid = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(COMMAND_TIMEOUT) {
+        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}")),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
+            panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+        }
+    }
+}
+
+fn must(cmd: &mut Command) -> String {
+    let out = run(cmd);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
+/// Polls `f` until it returns `Some`, for at most `WAIT`; the last failure explains a timeout.
+pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match f() {
+            Ok(v) => return v,
+            Err(why) if Instant::now() > deadline => {
+                panic!("{what}: still not the case after {WAIT:?}: {why}")
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(50)),
+        }
+    }
+}
+
+/// Why the tests cannot run here (they then print it and pass), or `None`.
+fn cannot_run() -> Option<String> {
+    let uid = Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| text(&o.stdout));
+    if !uid.is_ok_and(|u| u.trim() == "0") {
+        return Some("the end-to-end pod tests need root to create network namespaces".into());
+    }
+    None
+}
+
+/// The venv holding gunicorn and httpbin (scripts/deps.sh makes it).
+pub fn venv() -> PathBuf {
+    let candidates = [
+        std::env::var_os("AMAZING_PROXY_TEST_VENV").map(PathBuf::from),
+        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv")),
+    ];
+    candidates
+        .into_iter()
+        .flatten()
+        .find(|v| v.join("bin/gunicorn").is_file())
+        .unwrap_or_else(|| panic!("gunicorn+httpbin not found: run scripts/test.sh"))
+}
+
+/// A network namespace; anything still running in it is killed, then it is deleted.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    /// `Err` with the reason when namespaces cannot be created here (permission).
+    fn new(name: String) -> Result<Netns, String> {
+        let out = run(Command::new("ip").args(["netns", "add", &name]));
+        if !out.status.success() {
+            let err = text(&out.stderr);
+            if err.contains("ermission") || err.contains("not permitted") {
+                return Err(format!("cannot create network namespace {name}: {err}"));
+            }
+            panic!("ip netns add {name} failed: {err}");
+        }
+        let ns = Netns { name };
+        ns.ok(&["ip", "link", "set", "lo", "up"]);
+        Ok(ns)
+    }
+
+    pub fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name]).args(args);
+        c
+    }
+
+    pub fn exec(&self, args: &[&str]) -> Output {
+        run(&mut self.cmd(args))
+    }
+
+    /// Runs and requires success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        must(&mut self.cmd(args))
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        // Only processes in our own namespace: left over children of the processes we started.
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in text(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+/// A background process, killed with its whole process group on drop.
+pub struct Bg {
+    child: Child,
+}
+
+impl Bg {
+    fn spawn(mut cmd: Command, log: &Path) -> Bg {
+        scrub(&mut cmd);
+        let out = File::create(log).expect("creating a log file in the test's temp dir");
+        let err = out.try_clone().expect("duplicating a log file descriptor");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        Bg { child }
+    }
+
+    /// Same, with stdout and stderr in separate files.
+    fn spawn_split(mut cmd: Command, stdout: &Path, stderr: &Path) -> Bg {
+        scrub(&mut cmd);
+        let out = File::create(stdout).expect("creating a log file in the test's temp dir");
+        let err = File::create(stderr).expect("creating a log file in the test's temp dir");
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .process_group(0)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
+        Bg { child }
+    }
+
+    fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Bg {
+    fn drop(&mut self) {
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// An HTTP response as curl printed it with `-i`.
+#[derive(Debug)]
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
+    }
+
+    fn parse(raw: &str) -> Result<Response, String> {
+        let (head, body) = raw
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("no complete response head in {raw:?}"))?;
+        let mut lines = head.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let status = status_line
+            .split_whitespace()
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
+            .collect();
+        Ok(Response {
+            status,
+            headers,
+            body: body.to_string(),
+        })
+    }
+}
+
+/// How to start the pod.
+pub struct PodOptions<'a> {
+    /// `--access-log` of the proxy: `seed` or `json`.
+    pub access_log: &'a str,
+    /// More `amazing-proxy run` arguments.
+    pub run_args: &'a [&'a str],
+    /// Run the proxy under this uid/gid (with `setpriv`) instead of root.
+    pub proxy_user: Option<u32>,
+}
+
+/// The port the peer's HTTP server listens on.
+pub const PEER_PORT: u16 = 8080;
+/// The port of the peer's line server (not HTTP): it answers each line upper-cased.
+pub const PEER_TCP_PORT: u16 = 9000;
+const LINE_SERVER: &str = "import socketserver, sys
+class Handler(socketserver.StreamRequestHandler):
+    def handle(self):
+        line = self.rfile.readline()
+        print('got', line.decode().strip(), flush=True)
+        self.wfile.write(line.upper())
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer((sys.argv[1], int(sys.argv[2])), Handler).serve_forever()
+";
+/// The file the peer serves, and its content.
+pub const PEER_FILE: &str = "hello.txt";
+pub const PEER_CONTENT: &str = "hello from the peer namespace\n";
+
+/// A pod with its app and proxy running (no redirect rules yet: call `init`), a client
+/// namespace outside it and a peer namespace it can call.
+pub struct Pod {
+    // Fields drop in order: processes first, then the namespaces they ran in.
+    procs: Vec<Bg>,
+    namespaces: Vec<Netns>,
+    pub dir: tempfile::TempDir,
+    pub pod_ip: Ipv4Addr,
+    pub outside_ip: Ipv4Addr,
+    pub pod_peer_side_ip: Ipv4Addr,
+    pub peer_ip: Ipv4Addr,
+}
+
+/// Two /30s of 198.18.0.0/15 (2^17 addresses: 16384 blocks of 8), from the pid and a counter.
+fn addresses(n: u32) -> [Ipv4Addr; 4] {
+    let slot = (std::process::id() % 2048) * 8 + n % 8;
+    let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + slot * 8;
+    [base + 1, base + 2, base + 5, base + 6].map(Ipv4Addr::from)
+}
+
+impl Pod {
+    /// `None` (after printing why) when this machine cannot create network namespaces.
+    pub fn start(opts: &PodOptions<'_>) -> Option<Pod> {
+        if let Some(why) = cannot_run() {
+            eprintln!("SKIP: {why}");
+            return None;
+        }
+        let venv = venv();
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("ap-e2e-{}-{n}", std::process::id());
+        let [outside_ip, pod_ip, pod_peer_side_ip, peer_ip] = addresses(n);
+        let mut pod = Pod {
+            procs: Vec::new(),
+            namespaces: Vec::new(),
+            dir: tempfile::tempdir().expect("creating a temp dir"),
+            pod_ip,
+            outside_ip,
+            pod_peer_side_ip,
+            peer_ip,
+        };
+        for role in ["out", "pod", "peer"] {
+            match Netns::new(format!("{prefix}-{role}")) {
+                Ok(ns) => pod.namespaces.push(ns),
+                Err(why) => {
+                    eprintln!("SKIP: {why}");
+                    return None;
+                }
+            }
+        }
+        // Interfaces are created inside our namespaces only, so their names cannot clash.
+        let link = |from: &Netns, from_if: &str, to: &Netns, to_if: &str| {
+            must(Command::new("ip").args([
+                "-n", &from.name, "link", "add", from_if, "type", "veth", "peer", "name", to_if,
+                "netns", &to.name,
+            ]));
+        };
+        let addr = |ns: &Netns, ifname: &str, ip: Ipv4Addr| {
+            ns.ok(&["ip", "addr", "add", &format!("{ip}/30"), "dev", ifname]);
+            ns.ok(&["ip", "link", "set", ifname, "up"]);
+        };
+        {
+            let [out, p, peer] = &pod.namespaces[..] else {
+                unreachable!("three namespaces were just created")
+            };
+            link(out, "to-pod", p, "eth0");
+            link(p, "eth1", peer, "to-pod");
+            addr(out, "to-pod", outside_ip);
+            addr(p, "eth0", pod_ip);
+            addr(p, "eth1", pod_peer_side_ip);
+            addr(peer, "to-pod", peer_ip);
+        }
+
+        // The app: httpbin on :80, and on :81 for the excluded-port checks.
+        let gunicorn = venv.join("bin/gunicorn");
+        let gunicorn = gunicorn.to_str().expect("a UTF-8 venv path");
+        let app = pod.ns_pod().cmd(&[
+            gunicorn,
+            "-b",
+            "0.0.0.0:80",
+            "-b",
+            "0.0.0.0:81",
+            "httpbin:app",
+        ]);
+        pod.spawn(app, "app.log");
+
+        // The peer: a plain HTTP server the app calls, logging each request it gets.
+        let root = pod.dir.path().join("peer-root");
+        std::fs::create_dir(&root).expect("creating the peer's directory");
+        std::fs::write(root.join(PEER_FILE), PEER_CONTENT).expect("writing the peer's file");
+        let python = venv.join("bin/python3");
+        let peer = pod.ns_peer().cmd(&[
+            python.to_str().expect("a UTF-8 venv path"),
+            "-m",
+            "http.server",
+            &PEER_PORT.to_string(),
+            "--bind",
+            &peer_ip.to_string(),
+            "--directory",
+            root.to_str().expect("a UTF-8 temp dir"),
+        ]);
+        pod.spawn(peer, "peer.log");
+        let line_server = pod.ns_peer().cmd(&[
+            python.to_str().expect("a UTF-8 venv path"),
+            "-c",
+            LINE_SERVER,
+            &peer_ip.to_string(),
+            &PEER_TCP_PORT.to_string(),
+        ]);
+        pod.spawn(line_server, "peer-tcp.log");
+
+        // The sidecar.
+        let mut args: Vec<String> = Vec::new();
+        if let Some(uid) = opts.proxy_user {
+            let id = uid.to_string();
+            args.extend(
+                ["setpriv", "--reuid", &id, "--regid", &id, "--clear-groups"].map(String::from),
+            );
+        }
+        args.extend(
+            [
+                BIN,
+                "run",
+                "--access-log",
+                opts.access_log,
+                "--drain-delay",
+                "0s",
+            ]
+            .map(String::from),
+        );
+        args.extend(opts.run_args.iter().map(|a| a.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let proxy = pod.ns_pod().cmd(&args);
+        let (stdout, stderr) = (pod.path("access.log"), pod.path("proxy.log"));
+        pod.procs.push(Bg::spawn_split(proxy, &stdout, &stderr));
+
+        pod.wait_ready("the app", "pod", "http://127.0.0.1:80/get", "app.log");
+        pod.wait_ready(
+            "the proxy",
+            "pod",
+            "http://127.0.0.1:15000/ready",
+            "proxy.log",
+        );
+        let peer_url = format!("http://{peer_ip}:{PEER_PORT}/{PEER_FILE}");
+        pod.wait_ready("the peer", "peer", &peer_url, "peer.log");
+        eventually("the peer's line server listens", || {
+            let out = pod
+                .ns_peer()
+                .exec(&["ss", "-Htln", &format!("sport = {PEER_TCP_PORT}")]);
+            let listening = text(&out.stdout);
+            (!listening.trim().is_empty())
+                .then_some(())
+                .ok_or_else(|| pod.read("peer-tcp.log"))
+        });
+        Some(pod)
+    }
+
+    fn spawn(&mut self, cmd: Command, log: &str) {
+        let path = self.path(log);
+        self.procs.push(Bg::spawn(cmd, &path));
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    pub fn ns_outside(&self) -> &Netns {
+        &self.namespaces[0]
+    }
+
+    pub fn ns_pod(&self) -> &Netns {
+        &self.namespaces[1]
+    }
+
+    pub fn ns_peer(&self) -> &Netns {
+        &self.namespaces[2]
+    }
+
+    fn ns(&self, role: &str) -> &Netns {
+        match role {
+            "out" => self.ns_outside(),
+            "pod" => self.ns_pod(),
+            _ => self.ns_peer(),
+        }
+    }
+
+    fn wait_ready(&mut self, what: &str, role: &str, url: &str, log: &str) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let out = self
+                .ns(role)
+                .exec(&["curl", "-fsS", "-o", "/dev/null", "-m", "1", url]);
+            if out.status.success() {
+                return;
+            }
+            let exited = self.procs.iter_mut().any(|p| !p.is_running());
+            if exited || Instant::now() > deadline {
+                panic!(
+                    "{what} never answered {url} (a process exited: {exited}): {}\n--- {log}:\n{}",
+                    text(&out.stderr),
+                    self.read(log)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// `amazing-proxy init ARGS` in the pod, required to succeed; returns its stderr.
+    pub fn init(&self, args: &[&str]) -> String {
+        let mut all = vec![BIN, "init"];
+        all.extend_from_slice(args);
+        let out = self.ns_pod().exec(&all);
+        assert!(
+            out.status.success(),
+            "init {args:?} failed: {}",
+            text(&out.stderr)
+        );
+        text(&out.stderr)
+    }
+
+    /// curl in the `out` namespace (the rest of the cluster), `-i` added.
+    pub fn curl_from_outside(&self, args: &[&str]) -> Response {
+        curl(self.ns_outside(), &[], args)
+    }
+
+    /// curl in the pod as the app's user (uid/gid 1000).
+    pub fn curl_as_app(&self, args: &[&str]) -> Response {
+        let user = [
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+        ];
+        curl(self.ns_pod(), &user, args)
+    }
+
+    /// Sends `line` to the peer's line server as the app's user and returns the answer, or `None`
+    /// when there is no system python3 for the app's user to run.
+    pub fn line_as_app(&self, line: &str) -> Option<String> {
+        // The app's user cannot reach a python under /root (pyenv): only the system one will do.
+        let python = "/usr/bin/python3";
+        if !Path::new(python).is_file() {
+            return None;
+        }
+        let client = "import socket, sys
+s = socket.create_connection((sys.argv[1], int(sys.argv[2])), timeout=5)
+s.sendall(sys.argv[3].encode() + b'\\n')
+s.shutdown(socket.SHUT_WR)
+print(s.makefile().read(), end='')
+";
+        let (ip, port) = (self.peer_ip.to_string(), PEER_TCP_PORT.to_string());
+        let out = self.ns_pod().exec(&[
+            "setpriv",
+            "--reuid",
+            "1000",
+            "--regid",
+            "1000",
+            "--clear-groups",
+            python,
+            "-c",
+            client,
+            &ip,
+            &port,
+            line,
+        ]);
+        assert!(out.status.success(), "{line}: {}", text(&out.stderr));
+        Some(text(&out.stdout))
+    }
+
+    /// The access log once `ready` accepts it (the proxy flushes it every 100 ms).
+    pub fn access_log_when(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
+        eventually(what, || {
+            let log = self.read("access.log");
+            if ready(&log) {
+                Ok(log)
+            } else {
+                Err(format!(
+                    "access log:\n{log}\n--- proxy's stderr:\n{}",
+                    self.read("proxy.log")
+                ))
+            }
+        })
+    }
+
+    /// The pod's nat table as `iptables-save` and `nft` show it, without comments and counters,
+    /// and without the inert base chains iptables-nft leaves behind (see [`without_inert_chains`]).
+    pub fn nat_state(&self) -> String {
+        let mut all = normalise(&self.ns_pod().ok(&["iptables-save", "-t", "nat"]));
+        if have("nft") {
+            all.push_str("== nft\n");
+            all.push_str(&without_inert_chains(&self.nft_ruleset()));
+        }
+        all
+    }
+
+    /// The pod's whole nftables ruleset, without counters.
+    pub fn nft_ruleset(&self) -> String {
+        normalise(&self.ns_pod().ok(&["nft", "list", "ruleset"]))
+    }
+}
+
+fn curl(ns: &Netns, prefix: &[&str], args: &[&str]) -> Response {
+    let mut all: Vec<&str> = prefix.to_vec();
+    all.extend(["curl", "-sS", "-i", "--connect-timeout", "3", "-m", "10"]);
+    all.extend_from_slice(args);
+    let out = ns.exec(&all);
+    let stdout = text(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{all:?} in {} failed: {}{stdout}",
+        ns.name,
+        text(&out.stderr)
+    );
+    Response::parse(&stdout).unwrap_or_else(|e| panic!("{all:?}: {e}"))
+}
+
+pub fn have(tool: &str) -> bool {
+    Command::new("sh")
+        .args(["-c", &format!("command -v {tool}")])
+        .stdout(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// Rules without comments, chain counters or rule counters, to compare states.
+pub fn normalise(listing: &str) -> String {
+    listing
+        .lines()
+        .filter(|l| !l.trim_start().starts_with('#'))
+        .map(|l| {
+            let l = match (l.starts_with(':'), l.rfind(" [")) {
+                (true, Some(i)) => format!("{} [0:0]", &l[..i]),
+                _ => l.to_string(),
+            };
+            format!("{}\n", strip_nft_counters(&l))
+        })
+        .collect()
+}
+
+/// `nft list ruleset` without base chains that hold no rule and accept everything, without tables
+/// left empty by that, and without blank lines.
+///
+/// iptables-nft creates a built-in chain (PREROUTING, OUTPUT) in nf_tables the first time a rule
+/// goes into it, and deleting the rule leaves the chain: to iptables the built-in chains always
+/// exist (`iptables-save` shows the same before and after), and an empty accepting chain changes
+/// no packet's fate. So after `init --clean` such chains are all that can differ, and only for the
+/// iptables-nft backend; they are not ours to delete (nothing tells who created them).
+pub fn without_inert_chains(listing: &str) -> String {
+    let mut out = String::new();
+    let mut table: Option<(String, Vec<String>)> = None;
+    let mut chain: Option<Vec<String>> = None;
+    for line in listing.lines().filter(|l| !l.trim().is_empty()) {
+        if let Some(c) = chain.as_mut() {
+            if line == "\t}" {
+                let inert = c.len() == 2 && c[1].contains("policy accept;");
+                if let (false, Some((_, body))) = (inert, table.as_mut()) {
+                    body.append(c);
+                    body.push(line.to_string());
+                }
+                chain = None;
+            } else {
+                c.push(line.to_string());
+            }
+        } else if line.starts_with("\tchain ") {
+            chain = Some(vec![line.to_string()]);
+        } else if line.starts_with("table ") {
+            table = Some((line.to_string(), Vec::new()));
+        } else if line == "}" {
+            if let Some((head, body)) = table.take().filter(|(_, b)| !b.is_empty()) {
+                out.push_str(&format!("{head}\n{}\n}}\n", body.join("\n")));
+            }
+        } else if let Some((_, body)) = table.as_mut() {
+            body.push(line.to_string());
+        } else {
+            out.push_str(&format!("{line}\n"));
+        }
+    }
+    out
+}
+
+/// `counter packets 3 bytes 180` becomes `counter`.
+fn strip_nft_counters(line: &str) -> String {
+    let words: Vec<&str> = line.split(' ').collect();
+    let mut out = Vec::with_capacity(words.len());
+    let mut i = 0;
+    while i < words.len() {
+        out.push(words[i]);
+        if words[i] == "counter" && words.get(i + 1) == Some(&"packets") && words.len() > i + 4 {
+            i += 5;
+        } else {
+            i += 1;
+        }
+    }
+    out.join(" ")
+}
+
+/// The seed access log's records (blocks separated by a blank line).
+pub fn seed_records(log: &str) -> Vec<&str> {
+    log.split("\n\n")
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .collect()
+}
+
+/// The JSON access log's records.
+pub fn json_records(log: &str) -> Vec<serde_json::Value> {
+    log.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record ({e}): {l}")))
+        .collect()
+}
