@@ -225,8 +225,11 @@ fn take_containers(spec: &Map<String, Value>, key: &str, prefix: &str, ours: boo
     Ok(kept)
 }
 
-/// The ports of one container, with their field paths; malformed ports are errors.
-fn container_ports<'a>(container: &'a Value, field: &str) -> Result<Vec<(String, i64, &'a Map<String, Value>)>, PatchError> {
+/// A container port: its field path, its number and the whole port entry.
+type PortEntry<'a> = (String, i64, &'a Map<String, Value>);
+
+/// The ports of one container; malformed ports are errors.
+fn container_ports<'a>(container: &'a Value, field: &str) -> Result<Vec<PortEntry<'a>>, PatchError> {
     let mut out = Vec::new();
     match container.get("ports") {
         None | Some(Value::Null) => {}
