@@ -71,7 +71,11 @@ pub struct WebhookArgs {
     #[arg(long, value_enum, default_value = "allow")]
     pub on_error: OnError,
     /// Namespaces whose pods are never injected (comma-separated).
-    #[arg(long, value_delimiter = ',', default_value = "kube-system,kube-public,kube-node-lease")]
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
     pub skip_namespaces: Vec<String>,
     #[command(flatten)]
     pub defaults: InjectDefaults,
@@ -79,10 +83,19 @@ pub struct WebhookArgs {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WebhookError {
-    #[error("cannot load the TLS certificate {cert} and key {key}: {message}; check --tls-cert and --tls-key")]
-    Tls { cert: String, key: String, message: String },
+    #[error(
+        "cannot load the TLS certificate {cert} and key {key}: {message}; check --tls-cert and --tls-key"
+    )]
+    Tls {
+        cert: String,
+        key: String,
+        message: String,
+    },
     #[error("cannot listen on {addr}: {source}; check --listen")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("cannot start the async runtime: {0}")]
     Runtime(std::io::Error),
 }
@@ -109,7 +122,11 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
     let resolver = ReloadingCert::new(&args.tls_cert, &args.tls_key, provider.clone())?;
     let mut tls = rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
-        .map_err(|e| WebhookError::Tls { cert: String::new(), key: String::new(), message: e.to_string() })?
+        .map_err(|e| WebhookError::Tls {
+            cert: String::new(),
+            key: String::new(),
+            message: e.to_string(),
+        })?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -117,8 +134,14 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .map_err(|source| WebhookError::Bind { addr: args.listen, source })?;
-    let local = listener.local_addr().map_err(|source| WebhookError::Bind { addr: args.listen, source })?;
+        .map_err(|source| WebhookError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| WebhookError::Bind {
+        addr: args.listen,
+        source,
+    })?;
     // On stdout so that scripts and tests that asked for port 0 can find the port.
     println!("amazing-proxy webhook: listening on https://{local}/mutate");
     tracing::info!(%local, "webhook listening");
@@ -147,11 +170,12 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
         let config = config.clone();
         let watcher = graceful.watcher();
         tokio::spawn(async move {
-            let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-            };
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
             let service = hyper::service::service_fn(move |req| handle(req, config.clone()));
             let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             let conn = builder.serve_connection(TokioIo::new(tls), service);
@@ -161,7 +185,10 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
         });
     }
     tracing::info!("shutting down: finishing in-flight reviews");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight reviews still running after 10s; closing them");
     }
     Ok(())
@@ -185,34 +212,56 @@ async fn shutdown_signal() {
 fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
     *resp.status_mut() = status;
-    resp.headers_mut()
-        .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("text/plain; charset=utf-8"));
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
     resp
 }
 
-async fn handle(req: Request<Incoming>, config: Arc<Config>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    req: Request<Incoming>,
+    config: Arc<Config>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() != "/mutate" {
-        return Ok(text(StatusCode::NOT_FOUND, "not found: this server answers POST /mutate only"));
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "not found: this server answers POST /mutate only",
+        ));
     }
     if req.method() != Method::POST {
-        let mut resp = text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed: /mutate takes POST");
-        resp.headers_mut().insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: /mutate takes POST",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
         return Ok(resp);
     }
     let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(body) => body.to_bytes(),
         Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() {
-                return Ok(text(StatusCode::PAYLOAD_TOO_LARGE, "request body larger than 4 MiB"));
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Ok(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body larger than 4 MiB",
+                ));
             }
-            return Ok(text(StatusCode::BAD_REQUEST, &format!("cannot read the request body: {e}")));
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            ));
         }
     };
     Ok(match review(&body, &config) {
         Ok(answer) => {
             let mut resp = Response::new(Full::new(Bytes::from(answer.to_string())));
-            resp.headers_mut()
-                .insert(header::CONTENT_TYPE, header::HeaderValue::from_static("application/json"));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
             resp
         }
         Err(message) => {
@@ -225,8 +274,8 @@ async fn handle(req: Request<Incoming>, config: Arc<Config>) -> Result<Response<
 /// Answers one AdmissionReview (the request body) with another; `Err` is a malformed request
 /// (HTTP 400 with this message).
 pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
-    let review: Value =
-        serde_json::from_slice(body).map_err(|e| format!("the request body is not JSON: {e}; expected an AdmissionReview"))?;
+    let review: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not JSON: {e}; expected an AdmissionReview"))?;
     let api_version = review.get("apiVersion").and_then(Value::as_str);
     let kind = review.get("kind").and_then(Value::as_str);
     if api_version != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
@@ -236,13 +285,20 @@ pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
             kind.unwrap_or("(none)")
         ));
     }
-    let request = review.get("request").filter(|r| r.is_object()).ok_or("the AdmissionReview has no `request` object")?;
-    let uid = request.get("uid").and_then(Value::as_str).ok_or("request.uid is missing: it must be echoed in the response")?;
+    let request = review
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or("the AdmissionReview has no `request` object")?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .ok_or("request.uid is missing: it must be echoed in the response")?;
     let mut response = json!({"uid": uid, "allowed": true});
     match decide(request, config) {
         Decision::Allow => {}
         Decision::Patch(patch) => {
-            let patch = serde_json::to_vec(&patch).map_err(|e| format!("cannot encode the patch: {e}"))?;
+            let patch =
+                serde_json::to_vec(&patch).map_err(|e| format!("cannot encode the patch: {e}"))?;
             response["patchType"] = json!("JSONPatch");
             response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
         }
@@ -250,7 +306,9 @@ pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
             tracing::error!(pod = %what, error = %error, on_error = ?config.on_error, "cannot inject pod");
             match config.on_error {
                 OnError::Allow => {
-                    response["warnings"] = json!([format!("amazing-proxy: {what} admitted without the sidecar: {error}")]);
+                    response["warnings"] = json!([format!(
+                        "amazing-proxy: {what} admitted without the sidecar: {error}"
+                    )]);
                 }
                 OnError::Deny => {
                     response["allowed"] = json!(false);
@@ -263,7 +321,9 @@ pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
             }
         }
     }
-    Ok(json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}))
+    Ok(
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
+    )
 }
 
 enum Decision {
@@ -273,7 +333,11 @@ enum Decision {
 }
 
 fn decide(request: &Value, config: &Config) -> Decision {
-    let field = |path: &[&str]| path.iter().try_fold(request, |v, k| v.get(*k)).and_then(Value::as_str);
+    let field = |path: &[&str]| {
+        path.iter()
+            .try_fold(request, |v, k| v.get(*k))
+            .and_then(Value::as_str)
+    };
     let is_pod = field(&["kind", "group"]) == Some("")
         && field(&["kind", "version"]) == Some("v1")
         && field(&["kind", "kind"]) == Some("Pod")
@@ -283,25 +347,40 @@ fn decide(request: &Value, config: &Config) -> Decision {
     if !is_pod || field(&["operation"]) != Some("CREATE") {
         return Decision::Allow;
     }
-    let Some(pod) = request.get("object").filter(|o| o.is_object()) else { return Decision::Allow };
+    let Some(pod) = request.get("object").filter(|o| o.is_object()) else {
+        return Decision::Allow;
+    };
     let namespace = field(&["namespace"])
-        .or_else(|| pod.get("metadata").and_then(|m| m.get("namespace")).and_then(Value::as_str))
+        .or_else(|| {
+            pod.get("metadata")
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+        })
         .unwrap_or("default");
     if config.skip_namespaces.iter().any(|n| n == namespace) {
         return Decision::Allow;
     }
     let name = pod.get("metadata").and_then(|m| {
-        m.get("name").and_then(Value::as_str).map(String::from).or_else(|| {
-            // Pods of a Deployment have only generateName at admission time.
-            m.get("generateName").and_then(Value::as_str).map(|g| format!("{g}*"))
-        })
+        m.get("name")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .or_else(|| {
+                // Pods of a Deployment have only generateName at admission time.
+                m.get("generateName")
+                    .and_then(Value::as_str)
+                    .map(|g| format!("{g}*"))
+            })
     });
     let what = format!("pod {namespace}/{}", name.as_deref().unwrap_or("(unnamed)"));
     let mut patched = pod.clone();
     match inject_template(&mut patched, "", &config.options) {
         Ok(Outcome::Injected) => {
             let patch = json_patch::diff(pod, &patched);
-            if patch.0.is_empty() { Decision::Allow } else { Decision::Patch(patch) }
+            if patch.0.is_empty() {
+                Decision::Allow
+            } else {
+                Decision::Patch(patch)
+            }
         }
         Ok(outcome) => {
             tracing::debug!(pod = %what, ?outcome, "not injected");
@@ -321,7 +400,10 @@ struct ReloadingCert {
 
 impl std::fmt::Debug for ReloadingCert {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReloadingCert").field("cert", &self.cert).field("key", &self.key).finish()
+        f.debug_struct("ReloadingCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
     }
 }
 
@@ -331,18 +413,31 @@ type Stamp = [Option<(SystemTime, u64, u64)>; 2];
 
 fn stamp(cert: &Path, key: &Path) -> Stamp {
     use std::os::unix::fs::MetadataExt;
-    [cert, key].map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.modified().ok()?, m.len(), m.ino()))))
+    [cert, key].map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+    })
 }
 
-fn load(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<Arc<CertifiedKey>, WebhookError> {
-    let err = |message: String| WebhookError::Tls { cert: cert.display().to_string(), key: key.display().to_string(), message };
+fn load(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, WebhookError> {
+    let err = |message: String| WebhookError::Tls {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        message,
+    };
     let chain = CertificateDer::pem_file_iter(cert)
         .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
         .map_err(|e| err(format!("certificate: {e}")))?;
     if chain.is_empty() {
         return Err(err("no CERTIFICATE block in the certificate file".into()));
     }
-    let private = PrivateKeyDer::from_pem_file(key).map_err(|e| err(format!("private key: {e}")))?;
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| err(format!("private key: {e}")))?;
     CertifiedKey::from_der(chain, private, provider)
         .map(Arc::new)
         .map_err(|e| err(format!("{e} (does the key belong to the certificate?)")))
@@ -363,7 +458,10 @@ impl ReloadingCert {
 
 impl ResolvesServerCert for ReloadingCert {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let mut current = self.current.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let now = stamp(&self.cert, &self.key);
         if now != current.0 {
             // Remember the stamp even on failure: one log line per change, not one per handshake.
@@ -373,7 +471,9 @@ impl ResolvesServerCert for ReloadingCert {
                     current.1 = key;
                     tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
                 }
-                Err(e) => tracing::error!(error = %e, "TLS certificate changed but does not load; serving the previous one"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate changed but does not load; serving the previous one")
+                }
             }
         }
         Some(current.1.clone())
@@ -423,7 +523,8 @@ mod tests {
     #[test]
     fn patches_pods_and_skips_namespaces() {
         let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
-        let answer = review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
+        let answer =
+            review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
         assert_eq!(answer["response"]["uid"], "u1");
         assert_eq!(answer["response"]["patchType"], "JSONPatch");
         let answer = review(&request("kube-system", pod), &config(OnError::Allow)).expect("valid");
@@ -432,10 +533,16 @@ mod tests {
 
     #[test]
     fn errors_follow_on_error() {
-        let pod = json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "amazing-proxy"}]}});
-        let allowed = review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
+        let pod =
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "amazing-proxy"}]}});
+        let allowed =
+            review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
         assert_eq!(allowed["response"]["allowed"], true);
-        assert!(allowed["response"]["warnings"][0].as_str().is_some_and(|w| w.contains("spec.containers[0].name")));
+        assert!(
+            allowed["response"]["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("spec.containers[0].name"))
+        );
         let denied = review(&request("default", pod), &config(OnError::Deny)).expect("valid");
         assert_eq!(denied["response"]["allowed"], false);
         assert_eq!(denied["response"]["status"]["code"], 400);
@@ -444,7 +551,13 @@ mod tests {
     #[test]
     fn malformed_requests_are_rejected() {
         assert!(review(b"{", &config(OnError::Allow)).is_err());
-        assert!(review(br#"{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}"#, &config(OnError::Allow)).is_err());
+        assert!(
+            review(
+                br#"{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}"#,
+                &config(OnError::Allow)
+            )
+            .is_err()
+        );
         assert!(review(br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}"#, &config(OnError::Allow)).is_err());
     }
 }

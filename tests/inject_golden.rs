@@ -28,19 +28,71 @@ struct Case {
 }
 
 const CASES: &[Case] = &[
-    Case { fixture: "pod.yaml", args: &[], strict: true },
-    Case { fixture: "deployment.yaml", args: &[], strict: true },
-    Case { fixture: "statefulset.yaml", args: &[], strict: true },
-    Case { fixture: "daemonset.yaml", args: &[], strict: true },
-    Case { fixture: "replicaset.yaml", args: &[], strict: true },
-    Case { fixture: "job.yaml", args: &[], strict: true },
-    Case { fixture: "cronjob.yaml", args: &[], strict: true },
-    Case { fixture: "multi-doc.yaml", args: &[], strict: true },
-    Case { fixture: "list.yaml", args: &[], strict: true },
-    Case { fixture: "deployment.json", args: &[], strict: true },
-    Case { fixture: "annotations-all.yaml", args: &[], strict: true },
-    Case { fixture: "disable-outbound.yaml", args: &[], strict: true },
-    Case { fixture: "legacy-sidecar.yaml", args: &["--legacy-sidecar"], strict: true },
+    Case {
+        fixture: "pod.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "deployment.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "statefulset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "daemonset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "replicaset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "job.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "cronjob.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "multi-doc.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "list.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "deployment.json",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "annotations-all.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "disable-outbound.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "legacy-sidecar.yaml",
+        args: &["--legacy-sidecar"],
+        strict: true,
+    },
     Case {
         fixture: "flags.yaml",
         args: &[
@@ -59,10 +111,26 @@ const CASES: &[Case] = &[
         ],
         strict: true,
     },
-    Case { fixture: "opted-out.yaml", args: &[], strict: true },
-    Case { fixture: "passthrough.yaml", args: &[], strict: true },
-    Case { fixture: "unknown-fields.yaml", args: &[], strict: false },
-    Case { fixture: "reinject.yaml", args: &[], strict: true },
+    Case {
+        fixture: "opted-out.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "passthrough.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "unknown-fields.yaml",
+        args: &[],
+        strict: false,
+    },
+    Case {
+        fixture: "reinject.yaml",
+        args: &[],
+        strict: true,
+    },
 ];
 
 const ERROR_CASES: &[&str] = &[
@@ -118,8 +186,12 @@ fn check_golden(name: &str, actual: &str) {
         std::fs::write(&path, actual).expect("write golden");
         return;
     }
-    let expected = std::fs::read_to_string(&path)
-        .unwrap_or_else(|e| panic!("cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test` to create it", path.display()));
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test` to create it",
+            path.display()
+        )
+    });
     assert!(
         expected == actual,
         "{} differs from the output; if the change is intended, run `UPDATE_GOLDENS=1 cargo test`\n--- expected\n{expected}\n--- actual\n{actual}",
@@ -146,18 +218,37 @@ fn goldens_idempotent_and_valid() {
         let path = format!("{FIXTURES}/{}", case.fixture);
         let out = inject(&path, case.args);
         let stdout = utf8(&out.stdout);
-        assert!(out.status.success(), "inject {} failed: {}", case.fixture, utf8(&out.stderr));
+        assert!(
+            out.status.success(),
+            "inject {} failed: {}",
+            case.fixture,
+            utf8(&out.stderr)
+        );
         check_golden(&golden_name(case.fixture), &stdout);
 
         // inject(inject(x)) == inject(x), through stdin this time.
         let mut args = vec!["inject"];
         args.extend_from_slice(case.args);
         let again = run(&args, stdout.as_bytes());
-        assert!(again.status.success(), "re-injecting {} failed: {}", case.fixture, utf8(&again.stderr));
-        assert!(utf8(&again.stdout) == stdout, "re-injecting {} changed it:\n{}", case.fixture, utf8(&again.stdout));
+        assert!(
+            again.status.success(),
+            "re-injecting {} failed: {}",
+            case.fixture,
+            utf8(&again.stderr)
+        );
+        assert!(
+            utf8(&again.stdout) == stdout,
+            "re-injecting {} changed it:\n{}",
+            case.fixture,
+            utf8(&again.stdout)
+        );
 
         let files = split_for_validation(&stdout, case.fixture, validate_dir.path());
-        if case.strict { strict.extend(files) } else { lenient.extend(files) }
+        if case.strict {
+            strict.extend(files)
+        } else {
+            lenient.extend(files)
+        }
     }
     validate(&strict, true);
     validate(&lenient, false);
@@ -168,10 +259,20 @@ fn errors_name_the_document_and_field_and_write_nothing() {
     for fixture in ERROR_CASES {
         let out = inject(&format!("{FIXTURES}/{fixture}"), &[]);
         assert!(!out.status.success(), "{fixture} was accepted");
-        assert!(out.stdout.is_empty(), "{fixture} wrote to stdout: {}", utf8(&out.stdout));
+        assert!(
+            out.stdout.is_empty(),
+            "{fixture} wrote to stdout: {}",
+            utf8(&out.stdout)
+        );
         let stderr = utf8(&out.stderr);
-        assert!(stderr.contains(fixture), "{fixture}: the error does not name the file: {stderr}");
-        check_golden(&format!("{}.err.txt", fixture.trim_end_matches(".yaml")), &stderr);
+        assert!(
+            stderr.contains(fixture),
+            "{fixture}: the error does not name the file: {stderr}"
+        );
+        check_golden(
+            &format!("{}.err.txt", fixture.trim_end_matches(".yaml")),
+            &stderr,
+        );
     }
 }
 
@@ -194,7 +295,11 @@ fn skipped_pods_are_reported_on_stderr() {
     let out = inject(&format!("{FIXTURES}/opted-out.yaml"), &[]);
     assert!(out.status.success());
     let stderr = utf8(&out.stderr);
-    for doc in ["document 1 (Pod \"by-annotation\")", "document 2 (Deployment \"by-label\")", "document 3 (DaemonSet \"host-network\")"] {
+    for doc in [
+        "document 1 (Pod \"by-annotation\")",
+        "document 2 (Deployment \"by-label\")",
+        "document 3 (DaemonSet \"host-network\")",
+    ] {
         assert!(stderr.contains(doc), "{doc} not reported: {stderr}");
     }
     let input = std::fs::read_to_string(format!("{FIXTURES}/opted-out.yaml")).expect("fixture");
@@ -204,14 +309,21 @@ fn skipped_pods_are_reported_on_stderr() {
             .filter(|v| !v.is_null())
             .collect()
     };
-    assert_eq!(parse(&input), parse(&utf8(&out.stdout)), "opted-out documents changed");
+    assert_eq!(
+        parse(&input),
+        parse(&utf8(&out.stdout)),
+        "opted-out documents changed"
+    );
 }
 
 #[test]
 fn deploy_manifests_are_valid() {
     let mut files = Vec::new();
     collect_yaml(Path::new("deploy"), &mut files);
-    assert!(files.iter().any(|f| f.ends_with("pod.yaml")), "deploy/pod.yaml missing");
+    assert!(
+        files.iter().any(|f| f.ends_with("pod.yaml")),
+        "deploy/pod.yaml missing"
+    );
     validate(&files, true);
 }
 
@@ -220,8 +332,13 @@ fn deploy_manifests_are_valid() {
 fn deploy_pod_is_the_injected_tutorial_pod() {
     let injected = inject(&format!("{FIXTURES}/pod.yaml"), &[]);
     let deploy = std::fs::read_to_string("deploy/pod.yaml").expect("deploy/pod.yaml");
-    let parse = |text: &str| Value::deserialize(serde_yaml::Deserializer::from_str(text)).expect("YAML");
-    assert_eq!(parse(&deploy), parse(&utf8(&injected.stdout)), "deploy/pod.yaml is not inject(tests/fixtures/inject/pod.yaml)");
+    let parse =
+        |text: &str| Value::deserialize(serde_yaml::Deserializer::from_str(text)).expect("YAML");
+    assert_eq!(
+        parse(&deploy),
+        parse(&utf8(&injected.stdout)),
+        "deploy/pod.yaml is not inject(tests/fixtures/inject/pod.yaml)"
+    );
 }
 
 fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -244,13 +361,22 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
 fn split_for_validation(text: &str, fixture: &str, dir: &Path) -> Vec<PathBuf> {
     let mut objects = Vec::new();
     let docs: Vec<Value> = if text.trim_start().starts_with('{') {
-        serde_json::Deserializer::from_str(text).into_iter().map(|d| d.expect("JSON")).collect()
+        serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .map(|d| d.expect("JSON"))
+            .collect()
     } else {
-        serde_yaml::Deserializer::from_str(text).map(|d| Value::deserialize(d).expect("YAML")).collect()
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).expect("YAML"))
+            .collect()
     };
     for doc in docs {
         match doc.get("items") {
-            Some(Value::Array(items)) if doc["kind"].as_str().is_some_and(|k| k.ends_with("List")) => objects.extend(items.clone()),
+            Some(Value::Array(items))
+                if doc["kind"].as_str().is_some_and(|k| k.ends_with("List")) =>
+            {
+                objects.extend(items.clone())
+            }
             _ if doc.is_null() => {}
             _ => objects.push(doc),
         }
@@ -296,7 +422,10 @@ fn validate(files: &[PathBuf], strict: bool) {
         if strict {
             cmd.arg("--strict");
         }
-        let out = cmd.args(files).output().unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
+        let out = cmd
+            .args(files)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
         let report = format!("{}{}", utf8(&out.stdout), utf8(&out.stderr));
         assert!(
             out.status.success() && !report.contains("ERROR"),

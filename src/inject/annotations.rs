@@ -95,30 +95,51 @@ pub struct SettingError {
 impl Settings {
     /// Overrides the defaults with the `amazing-proxy.io/*` annotations; `field` is the path of the
     /// annotations map, for error messages.
-    pub fn with_annotations(&self, annotations: Option<&Map<String, Value>>, field: &str) -> Result<Settings, SettingError> {
+    pub fn with_annotations(
+        &self,
+        annotations: Option<&Map<String, Value>>,
+        field: &str,
+    ) -> Result<Settings, SettingError> {
         let mut s = self.clone();
-        let Some(annotations) = annotations else { return Ok(s) };
+        let Some(annotations) = annotations else {
+            return Ok(s);
+        };
         for (key, value) in annotations {
-            let Some(name) = key.strip_prefix(PREFIX) else { continue };
+            let Some(name) = key.strip_prefix(PREFIX) else {
+                continue;
+            };
             let path = format!("{field}[\"{key}\"]");
-            let err = |problem: String| SettingError { field: path.clone(), problem };
+            let err = |problem: String| SettingError {
+                field: path.clone(),
+                problem,
+            };
             let Some(text) = value.as_str() else {
-                return Err(err("annotation values must be strings; quote the value".into()));
+                return Err(err(
+                    "annotation values must be strings; quote the value".into()
+                ));
             };
             match name {
                 "inject" | "injected" => {}
                 "image" => s.image = parse_image(text).map_err(err)?,
                 "inbound-ports" => s.inbound_ports = parse_ports(text).map_err(err)?,
-                "exclude-inbound-ports" => s.exclude_inbound_ports = parse_ports(text).map_err(err)?,
-                "exclude-outbound-ports" => s.exclude_outbound_ports = parse_ports(text).map_err(err)?,
-                "exclude-outbound-cidrs" => s.exclude_outbound_cidrs = parse_cidrs(text).map_err(err)?,
+                "exclude-inbound-ports" => {
+                    s.exclude_inbound_ports = parse_ports(text).map_err(err)?
+                }
+                "exclude-outbound-ports" => {
+                    s.exclude_outbound_ports = parse_ports(text).map_err(err)?
+                }
+                "exclude-outbound-cidrs" => {
+                    s.exclude_outbound_cidrs = parse_cidrs(text).map_err(err)?
+                }
                 "disable-outbound" => s.disable_outbound = parse_bool(text).map_err(err)?,
                 "opaque-ports" => s.opaque_ports = parse_ports(text).map_err(err)?,
                 "app-port" => s.app_port = Some(parse_port(text).map_err(err)?),
                 "access-log" => s.access_log = parse_access_log(text).map_err(err)?,
                 "drain-delay" => s.drain_delay = parse_duration(text).map_err(err)?,
                 "proxy-cpu-request" => s.cpu_request = Some(parse_quantity(text).map_err(err)?),
-                "proxy-memory-request" => s.memory_request = Some(parse_quantity(text).map_err(err)?),
+                "proxy-memory-request" => {
+                    s.memory_request = Some(parse_quantity(text).map_err(err)?)
+                }
                 "proxy-cpu-limit" => s.cpu_limit = Some(parse_quantity(text).map_err(err)?),
                 "proxy-memory-limit" => s.memory_limit = Some(parse_quantity(text).map_err(err)?),
                 other => {
@@ -138,7 +159,12 @@ impl Settings {
 pub fn opted_out(metadata: Option<&Map<String, Value>>, field: &str) -> Result<bool, SettingError> {
     let mut out = false;
     for map_name in ["annotations", "labels"] {
-        let Some(value) = metadata.and_then(|m| m.get(map_name)).and_then(|m| m.get(INJECT)) else { continue };
+        let Some(value) = metadata
+            .and_then(|m| m.get(map_name))
+            .and_then(|m| m.get(INJECT))
+        else {
+            continue;
+        };
         let field = format!("{field}.{map_name}[\"{INJECT}\"]");
         match value.as_str() {
             Some("false" | "disabled") => out = true,
@@ -146,7 +172,9 @@ pub fn opted_out(metadata: Option<&Map<String, Value>>, field: &str) -> Result<b
             _ => {
                 return Err(SettingError {
                     field,
-                    problem: format!("expected \"true\", \"enabled\", \"false\" or \"disabled\", got {value}"),
+                    problem: format!(
+                        "expected \"true\", \"enabled\", \"false\" or \"disabled\", got {value}"
+                    ),
                 });
             }
         }
@@ -156,7 +184,9 @@ pub fn opted_out(metadata: Option<&Map<String, Value>>, field: &str) -> Result<b
 
 pub fn parse_image(s: &str) -> Result<String, String> {
     if s.is_empty() || s.chars().any(char::is_whitespace) {
-        return Err(format!("expected a container image reference without spaces, got `{s}`"));
+        return Err(format!(
+            "expected a container image reference without spaces, got `{s}`"
+        ));
     }
     Ok(s.to_string())
 }
@@ -172,7 +202,9 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
     let mut ports = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let p = parse_port(part).map_err(|_| format!("expected a comma-separated list of ports 1-65535, got `{part}` in `{s}`"))?;
+        let p = parse_port(part).map_err(|_| {
+            format!("expected a comma-separated list of ports 1-65535, got `{part}` in `{s}`")
+        })?;
         if !ports.contains(&p) {
             ports.push(p);
         }
@@ -184,7 +216,11 @@ pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
 pub fn parse_cidrs(s: &str) -> Result<Vec<String>, String> {
     let mut cidrs = Vec::new();
     for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || format!("expected a comma-separated list of CIDRs such as 10.0.0.0/8 or fd00::/8, got `{part}`");
+        let bad = || {
+            format!(
+                "expected a comma-separated list of CIDRs such as 10.0.0.0/8 or fd00::/8, got `{part}`"
+            )
+        };
         let (addr, len) = match part.split_once('/') {
             Some((a, l)) => (a, Some(l)),
             None => (part, None),
@@ -232,13 +268,17 @@ pub fn parse_duration(s: &str) -> Result<String, String> {
 /// server would reject the whole object with a message that does not name the annotation.
 pub fn parse_quantity(s: &str) -> Result<String, String> {
     let bad = || format!("expected a Kubernetes quantity such as 10m, 0.5, 16Mi or 1G, got `{s}`");
-    let digits_end = s.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(s.len());
+    let digits_end = s
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(s.len());
     let (number, suffix) = s.split_at(digits_end);
     let dots = number.matches('.').count();
     if number.is_empty() || number == "." || dots > 1 {
         return Err(bad());
     }
-    const SUFFIXES: &[&str] = &["", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei"];
+    const SUFFIXES: &[&str] = &[
+        "", "n", "u", "m", "k", "M", "G", "T", "P", "E", "Ki", "Mi", "Gi", "Ti", "Pi", "Ei",
+    ];
     let exponent_ok = suffix
         .strip_prefix(['e', 'E'])
         .map(|e| e.strip_prefix(['+', '-']).unwrap_or(e))
@@ -284,10 +324,15 @@ mod tests {
             "amazing-proxy.io/proxy-memory-limit": "64Mi",
             "other.io/x": "kept",
         });
-        let s = defaults().with_annotations(ann.as_object(), "metadata.annotations").expect("valid");
+        let s = defaults()
+            .with_annotations(ann.as_object(), "metadata.annotations")
+            .expect("valid");
         assert_eq!(s.app_port, Some(8080));
         assert_eq!(s.opaque_ports, vec![3306, 5432]);
-        assert_eq!(s.exclude_outbound_cidrs, vec!["10.0.0.0/8", "fd00::/8", "1.2.3.4"]);
+        assert_eq!(
+            s.exclude_outbound_cidrs,
+            vec!["10.0.0.0/8", "fd00::/8", "1.2.3.4"]
+        );
         assert_eq!(s.access_log, AccessLog::Off);
         assert_eq!(s.memory_limit.as_deref(), Some("64Mi"));
         assert_eq!(s.cpu_request.as_deref(), Some("10m"));
@@ -308,7 +353,9 @@ mod tests {
         ] {
             let key = format!("{PREFIX}{key}");
             let ann = json!({ key.clone(): value });
-            let err = defaults().with_annotations(ann.as_object(), "metadata.annotations").expect_err(&key);
+            let err = defaults()
+                .with_annotations(ann.as_object(), "metadata.annotations")
+                .expect_err(&key);
             assert_eq!(err.field, format!("metadata.annotations[\"{key}\"]"));
         }
     }

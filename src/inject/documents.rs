@@ -28,7 +28,10 @@ pub fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectEr
     let trimmed = input.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let mut docs = Vec::new();
-        for (i, doc) in serde_json::Deserializer::from_str(input).into_iter::<Value>().enumerate() {
+        for (i, doc) in serde_json::Deserializer::from_str(input)
+            .into_iter::<Value>()
+            .enumerate()
+        {
             let doc = doc.map_err(|e| InjectError::Parse {
                 source_name: source.into(),
                 document: i + 1,
@@ -59,7 +62,10 @@ pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
     for (i, doc) in docs.iter().enumerate() {
         match format {
             Format::Json => {
-                let text = serde_json::to_string_pretty(doc).map_err(|e| InjectError::Render { document: i + 1, message: e.to_string() })?;
+                let text = serde_json::to_string_pretty(doc).map_err(|e| InjectError::Render {
+                    document: i + 1,
+                    message: e.to_string(),
+                })?;
                 out.push_str(&text);
                 out.push('\n');
             }
@@ -82,7 +88,11 @@ pub struct Note {
 }
 
 /// Injects every document; a `List` (any kind ending in `List` with `items`) has each item injected.
-pub fn inject_all(docs: &[Value], options: &Options, source: &str) -> Result<(Vec<Value>, Vec<Note>), InjectError> {
+pub fn inject_all(
+    docs: &[Value],
+    options: &Options,
+    source: &str,
+) -> Result<(Vec<Value>, Vec<Note>), InjectError> {
     let mut out = Vec::with_capacity(docs.len());
     let mut notes = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
@@ -92,8 +102,18 @@ pub fn inject_all(docs: &[Value], options: &Options, source: &str) -> Result<(Ve
     Ok((out, notes))
 }
 
-fn inject_one(doc: &Value, options: &Options, source: &str, label: &str, notes: &mut Vec<Note>) -> Result<Value, InjectError> {
-    let fail = |error: PatchError| InjectError::Document { source_name: source.into(), document: label.into(), error };
+fn inject_one(
+    doc: &Value,
+    options: &Options,
+    source: &str,
+    label: &str,
+    notes: &mut Vec<Note>,
+) -> Result<Value, InjectError> {
+    let fail = |error: PatchError| InjectError::Document {
+        source_name: source.into(),
+        document: label.into(),
+        error,
+    };
     let (_, kind) = type_meta(doc).map_err(fail)?;
     if kind.ends_with("List")
         && let Some(Value::Array(items)) = doc.get("items")
@@ -109,7 +129,10 @@ fn inject_one(doc: &Value, options: &Options, source: &str, label: &str, notes: 
     }
     let (patched, outcome) = inject_object(doc, options).map_err(fail)?;
     if let Outcome::Skipped(reason) = outcome {
-        notes.push(Note { document: label.into(), reason });
+        notes.push(Note {
+            document: label.into(),
+            reason,
+        });
     }
     Ok(patched)
 }
@@ -122,7 +145,12 @@ fn describe(doc: &Value) -> String {
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .map(|n| format!(" \"{n}\""))
-        .or_else(|| metadata.and_then(|m| m.get("generateName")).and_then(Value::as_str).map(|n| format!(" \"{n}*\"")))
+        .or_else(|| {
+            metadata
+                .and_then(|m| m.get("generateName"))
+                .and_then(Value::as_str)
+                .map(|n| format!(" \"{n}*\""))
+        })
         .unwrap_or_default();
     match kind {
         Some(kind) => format!("({kind}{name})"),
@@ -155,6 +183,9 @@ mod tests {
         assert_eq!(format, Format::Json);
         assert_eq!(docs.len(), 2);
         let err = parse("{\"a\": ", "f.json").expect_err("truncated");
-        assert!(err.to_string().contains("f.json, document 1: invalid JSON"), "{err}");
+        assert!(
+            err.to_string().contains("f.json, document 1: invalid JSON"),
+            "{err}"
+        );
     }
 }

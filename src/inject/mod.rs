@@ -78,7 +78,11 @@ pub type Cidrs = Vec<String>;
 pub type Quantity = Option<String>;
 
 fn optional_quantity(s: &str) -> Result<Quantity, String> {
-    if s.is_empty() { Ok(None) } else { annotations::parse_quantity(s).map(Some) }
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        annotations::parse_quantity(s).map(Some)
+    }
 }
 
 impl InjectDefaults {
@@ -117,11 +121,22 @@ pub struct InjectArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum InjectError {
     #[error("cannot read {path}: {source}")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("{source_name}, document {document}: {message}; fix the syntax (nothing was written)")]
-    Parse { source_name: String, document: usize, message: String },
+    Parse {
+        source_name: String,
+        document: usize,
+        message: String,
+    },
     #[error("{source_name}, {document}: {error} (nothing was written)")]
-    Document { source_name: String, document: String, error: PatchError },
+    Document {
+        source_name: String,
+        document: String,
+        error: PatchError,
+    },
     #[error("document {document}: cannot write it back: {message}")]
     Render { document: usize, message: String },
     #[error("cannot write the result to stdout: {0}")]
@@ -129,7 +144,11 @@ pub enum InjectError {
 }
 
 /// Injects a whole input text; returns the output text and the notes about skipped pods.
-pub fn inject_text(input: &str, source: &str, options: &Options) -> Result<(String, Vec<documents::Note>), InjectError> {
+pub fn inject_text(
+    input: &str,
+    source: &str,
+    options: &Options,
+) -> Result<(String, Vec<documents::Note>), InjectError> {
     let (format, docs) = documents::parse(input, source)?;
     let (docs, notes) = documents::inject_all(&docs, options, source)?;
     Ok((documents::render(format, &docs)?, notes))
@@ -141,22 +160,34 @@ pub fn main(args: InjectArgs) -> Result<(), InjectError> {
         Some(p) if p.as_os_str() == "-" => ("stdin".to_string(), read_stdin()?),
         Some(p) => {
             let name = p.display().to_string();
-            let text = std::fs::read_to_string(p).map_err(|source| InjectError::Read { path: name.clone(), source })?;
+            let text = std::fs::read_to_string(p).map_err(|source| InjectError::Read {
+                path: name.clone(),
+                source,
+            })?;
             (name, text)
         }
     };
     let (output, notes) = inject_text(&input, &source, &args.defaults.options())?;
     for note in notes {
-        eprintln!("amazing-proxy inject: {source}, {}: not injected: {}", note.document, note.reason);
+        eprintln!(
+            "amazing-proxy inject: {source}, {}: not injected: {}",
+            note.document, note.reason
+        );
     }
     let mut stdout = std::io::stdout().lock();
-    stdout.write_all(output.as_bytes()).and_then(|()| stdout.flush()).map_err(InjectError::Write)
+    stdout
+        .write_all(output.as_bytes())
+        .and_then(|()| stdout.flush())
+        .map_err(InjectError::Write)
 }
 
 fn read_stdin() -> Result<String, InjectError> {
     let mut text = String::new();
     std::io::stdin()
         .read_to_string(&mut text)
-        .map_err(|source| InjectError::Read { path: "stdin".into(), source })?;
+        .map_err(|source| InjectError::Read {
+            path: "stdin".into(),
+            source,
+        })?;
     Ok(text)
 }

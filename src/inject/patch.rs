@@ -15,7 +15,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements, SecurityContext,
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
+    SecurityContext,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -36,7 +37,11 @@ pub const SIDECAR_NAME: &str = "amazing-proxy";
 /// The injector's version, written in the `amazing-proxy.io/injected` annotation.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
-const RESERVED_PORTS: [(u16, &str); 3] = [(INBOUND_PORT, "inbound"), (OUTBOUND_PORT, "outbound"), (ADMIN_PORT, "admin")];
+const RESERVED_PORTS: [(u16, &str); 3] = [
+    (INBOUND_PORT, "inbound"),
+    (OUTBOUND_PORT, "outbound"),
+    (ADMIN_PORT, "admin"),
+];
 
 /// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
 #[derive(Clone, Debug)]
@@ -64,7 +69,11 @@ pub enum PatchError {
         "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT} and \
          {ADMIN_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
     )]
-    PortConflict { field: String, port: u16, role: &'static str },
+    PortConflict {
+        field: String,
+        port: u16,
+        role: &'static str,
+    },
     #[error(
         "{field}: the container name `{name}` is reserved for the injected proxy; rename this container (a template \
          injected by amazing-proxy carries the amazing-proxy.io/injected annotation and is re-injected instead)"
@@ -74,13 +83,18 @@ pub enum PatchError {
     Setting(#[from] SettingError),
     #[error("{field}: expected {expected}")]
     Malformed { field: String, expected: String },
-    #[error("not a Kubernetes object: {problem}; only Kubernetes manifests (with apiVersion and kind) can be injected")]
+    #[error(
+        "not a Kubernetes object: {problem}; only Kubernetes manifests (with apiVersion and kind) can be injected"
+    )]
     NotKubernetes { problem: String },
 }
 
 impl PatchError {
     fn malformed(field: impl Into<String>, expected: impl Into<String>) -> Self {
-        PatchError::Malformed { field: field.into(), expected: expected.into() }
+        PatchError::Malformed {
+            field: field.into(),
+            expected: expected.into(),
+        }
     }
 }
 
@@ -89,7 +103,9 @@ fn template_path(api_version: &str, kind: &str) -> Option<&'static [&'static str
     let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
     match (group, kind) {
         ("", "Pod") => Some(&[]),
-        ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch", "Job") => Some(&["spec", "template"]),
+        ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch", "Job") => {
+            Some(&["spec", "template"])
+        }
         ("batch", "CronJob") => Some(&["spec", "jobTemplate", "spec", "template"]),
         _ => None,
     }
@@ -103,8 +119,12 @@ pub fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
     };
     let field = |name: &str| match map.get(name) {
         Some(Value::String(s)) if !s.is_empty() => Ok(s.as_str()),
-        Some(other) => Err(PatchError::NotKubernetes { problem: format!("`{name}` must be a string, got {}", kind_of(other)) }),
-        None => Err(PatchError::NotKubernetes { problem: format!("`{name}` is missing") }),
+        Some(other) => Err(PatchError::NotKubernetes {
+            problem: format!("`{name}` must be a string, got {}", kind_of(other)),
+        }),
+        None => Err(PatchError::NotKubernetes {
+            problem: format!("`{name}` is missing"),
+        }),
     };
     Ok((field("apiVersion")?, field("kind")?))
 }
@@ -124,7 +144,12 @@ pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcom
         field.push('.');
         node = match node.get_mut(*step) {
             Some(next @ Value::Object(_)) => next,
-            _ => return Err(PatchError::malformed(field.trim_end_matches('.'), format!("a mapping (the {kind}'s pod template)"))),
+            _ => {
+                return Err(PatchError::malformed(
+                    field.trim_end_matches('.'),
+                    format!("a mapping (the {kind}'s pod template)"),
+                ));
+            }
         };
     }
     let outcome = inject_template(node, &field, options)?;
@@ -133,35 +158,68 @@ pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcom
 
 /// Injects a pod template (or a Pod: both have `metadata` and `spec`) in place. `prefix` is the
 /// template's field path with a trailing dot (empty for a Pod), for error messages.
-pub fn inject_template(template: &mut Value, prefix: &str, options: &Options) -> Result<Outcome, PatchError> {
+pub fn inject_template(
+    template: &mut Value,
+    prefix: &str,
+    options: &Options,
+) -> Result<Outcome, PatchError> {
     let Some(template) = template.as_object_mut() else {
-        return Err(PatchError::malformed(prefix.trim_end_matches('.'), "a mapping (a pod template)"));
+        return Err(PatchError::malformed(
+            prefix.trim_end_matches('.'),
+            "a mapping (a pod template)",
+        ));
     };
     let metadata = match template.get("metadata") {
         None => None,
         Some(Value::Object(m)) => Some(m),
-        Some(_) => return Err(PatchError::malformed(format!("{prefix}metadata"), "a mapping")),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}metadata"),
+                "a mapping",
+            ));
+        }
     };
     let annotations = match metadata.and_then(|m| m.get("annotations")) {
         None | Some(Value::Null) => None,
         Some(Value::Object(a)) => Some(a),
-        Some(_) => return Err(PatchError::malformed(format!("{prefix}metadata.annotations"), "a mapping of strings")),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}metadata.annotations"),
+                "a mapping of strings",
+            ));
+        }
     };
     if opted_out(metadata, &format!("{prefix}metadata"))? {
-        return Ok(Outcome::Skipped("opted out with amazing-proxy.io/inject".into()));
+        return Ok(Outcome::Skipped(
+            "opted out with amazing-proxy.io/inject".into(),
+        ));
     }
-    let settings = options.defaults.with_annotations(annotations, &format!("{prefix}metadata.annotations"))?;
+    let settings = options
+        .defaults
+        .with_annotations(annotations, &format!("{prefix}metadata.annotations"))?;
     let ours = annotations.is_some_and(|a| a.contains_key(INJECTED));
 
     let Some(Value::Object(spec)) = template.get_mut("spec") else {
-        return Err(PatchError::malformed(format!("{prefix}spec"), "a mapping (the pod spec)"));
+        return Err(PatchError::malformed(
+            format!("{prefix}spec"),
+            "a mapping (the pod spec)",
+        ));
     };
     if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
         // Redirection rules in a host-network pod would apply to the whole node.
-        return Ok(Outcome::Skipped("hostNetwork pods share the node's network and are never injected".into()));
+        return Ok(Outcome::Skipped(
+            "hostNetwork pods share the node's network and are never injected".into(),
+        ));
     }
-    if spec.get("os").and_then(|os| os.get("name")).and_then(Value::as_str) == Some("windows") {
-        return Ok(Outcome::Skipped("Windows pods have no iptables and are never injected".into()));
+    if spec
+        .get("os")
+        .and_then(|os| os.get("name"))
+        .and_then(Value::as_str)
+        == Some("windows")
+    {
+        return Ok(Outcome::Skipped(
+            "Windows pods have no iptables and are never injected".into(),
+        ));
     }
 
     let mut init_containers = take_containers(spec, "initContainers", prefix, ours)?;
@@ -171,7 +229,9 @@ pub fn inject_template(template: &mut Value, prefix: &str, options: &Options) ->
     check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
     let app_port = match settings.app_port {
         Some(port) => port,
-        None => first_container_port(&containers, &format!("{prefix}spec.containers"))?.unwrap_or(80),
+        None => {
+            first_container_port(&containers, &format!("{prefix}spec.containers"))?.unwrap_or(80)
+        }
     };
 
     let init = to_value(init_container(&settings, options));
@@ -187,11 +247,18 @@ pub fn inject_template(template: &mut Value, prefix: &str, options: &Options) ->
     spec.insert("initContainers".into(), Value::Array(init_containers));
     spec.insert("containers".into(), Value::Array(containers));
 
-    let metadata = template.entry("metadata").or_insert_with(|| Value::Object(Map::new()));
+    let metadata = template
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
     let Value::Object(metadata) = metadata else {
-        return Err(PatchError::malformed(format!("{prefix}metadata"), "a mapping"));
+        return Err(PatchError::malformed(
+            format!("{prefix}metadata"),
+            "a mapping",
+        ));
     };
-    let annotations = metadata.entry("annotations").or_insert_with(|| Value::Object(Map::new()));
+    let annotations = metadata
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()));
     if annotations.is_null() {
         *annotations = Value::Object(Map::new());
     }
@@ -202,11 +269,21 @@ pub fn inject_template(template: &mut Value, prefix: &str, options: &Options) ->
 }
 
 /// The containers of `spec[key]` without ours (if this template is ours to re-inject).
-fn take_containers(spec: &Map<String, Value>, key: &str, prefix: &str, ours: bool) -> Result<Vec<Value>, PatchError> {
+fn take_containers(
+    spec: &Map<String, Value>,
+    key: &str,
+    prefix: &str,
+    ours: bool,
+) -> Result<Vec<Value>, PatchError> {
     let list = match spec.get(key) {
         None | Some(Value::Null) => return Ok(Vec::new()),
         Some(Value::Array(list)) => list,
-        Some(_) => return Err(PatchError::malformed(format!("{prefix}spec.{key}"), "a list of containers")),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}spec.{key}"),
+                "a list of containers",
+            ));
+        }
     };
     let mut kept = Vec::with_capacity(list.len());
     for (i, container) in list.iter().enumerate() {
@@ -216,7 +293,10 @@ fn take_containers(spec: &Map<String, Value>, key: &str, prefix: &str, ours: boo
         };
         match c.get("name").and_then(Value::as_str) {
             Some(name @ (INIT_NAME | SIDECAR_NAME)) if !ours => {
-                return Err(PatchError::NameTaken { field: format!("{field}.name"), name: name.into() });
+                return Err(PatchError::NameTaken {
+                    field: format!("{field}.name"),
+                    name: name.into(),
+                });
             }
             Some(INIT_NAME | SIDECAR_NAME) => {}
             _ => kept.push(container.clone()),
@@ -229,14 +309,19 @@ fn take_containers(spec: &Map<String, Value>, key: &str, prefix: &str, ours: boo
 type PortEntry<'a> = (String, i64, &'a Map<String, Value>);
 
 /// The ports of one container; malformed ports are errors.
-fn container_ports<'a>(container: &'a Value, field: &str) -> Result<Vec<PortEntry<'a>>, PatchError> {
+fn container_ports<'a>(
+    container: &'a Value,
+    field: &str,
+) -> Result<Vec<PortEntry<'a>>, PatchError> {
     let mut out = Vec::new();
     match container.get("ports") {
         None | Some(Value::Null) => {}
         Some(Value::Array(ports)) => {
             for (j, port) in ports.iter().enumerate() {
                 let pfield = format!("{field}.ports[{j}]");
-                let Some(p) = port.as_object() else { return Err(PatchError::malformed(pfield, "a mapping (a port)")) };
+                let Some(p) = port.as_object() else {
+                    return Err(PatchError::malformed(pfield, "a mapping (a port)"));
+                };
                 let cfield = format!("{pfield}.containerPort");
                 match p.get("containerPort").and_then(Value::as_i64) {
                     Some(n) if (1..=65535).contains(&n) => out.push((cfield, n, p)),
@@ -244,7 +329,12 @@ fn container_ports<'a>(container: &'a Value, field: &str) -> Result<Vec<PortEntr
                 }
             }
         }
-        Some(_) => return Err(PatchError::malformed(format!("{field}.ports"), "a list of ports")),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{field}.ports"),
+                "a list of ports",
+            ));
+        }
     }
     Ok(out)
 }
@@ -255,7 +345,11 @@ fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
         // (ours come first), so they are the user's indexes.
         for (pfield, port, _) in container_ports(container, &format!("{field}[{i}]"))? {
             if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| i64::from(*p) == port) {
-                return Err(PatchError::PortConflict { field: pfield, port: *port, role });
+                return Err(PatchError::PortConflict {
+                    field: pfield,
+                    port: *port,
+                    role,
+                });
             }
         }
     }
@@ -268,11 +362,19 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
     if let Some(port) = s.app_port
         && let Some((port, role)) = reserved(port)
     {
-        return Err(PatchError::PortConflict { field: at("app-port"), port: *port, role });
+        return Err(PatchError::PortConflict {
+            field: at("app-port"),
+            port: *port,
+            role,
+        });
     }
     for port in &s.inbound_ports {
         if let Some((port, role)) = reserved(*port) {
-            return Err(PatchError::PortConflict { field: at("inbound-ports"), port: *port, role });
+            return Err(PatchError::PortConflict {
+                field: at("inbound-ports"),
+                port: *port,
+                role,
+            });
         }
         if s.exclude_inbound_ports.contains(port) {
             return Err(SettingError {
@@ -287,9 +389,14 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
 
 /// The first TCP containerPort of the first app container.
 fn first_container_port(containers: &[Value], field: &str) -> Result<Option<u16>, PatchError> {
-    let Some(first) = containers.first() else { return Ok(None) };
+    let Some(first) = containers.first() else {
+        return Ok(None);
+    };
     for (_, port, p) in container_ports(first, &format!("{field}[0]"))? {
-        if p.get("protocol").and_then(Value::as_str).is_none_or(|proto| proto == "TCP") {
+        if p.get("protocol")
+            .and_then(Value::as_str)
+            .is_none_or(|proto| proto == "TCP")
+        {
             return Ok(u16::try_from(port).ok());
         }
     }
@@ -297,11 +404,19 @@ fn first_container_port(containers: &[Value], field: &str) -> Result<Option<u16>
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
-    EnvVar { name: name.into(), value: Some(value.into()), ..Default::default() }
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
 }
 
 fn join<T: ToString>(items: &[T]) -> String {
-    items.iter().map(ToString::to_string).collect::<Vec<_>>().join(",")
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 fn resources(s: &Settings) -> Option<ResourceRequirements> {
@@ -314,7 +429,11 @@ fn resources(s: &Settings) -> Option<ResourceRequirements> {
     };
     let requests = map(&s.cpu_request, &s.memory_request);
     let limits = map(&s.cpu_limit, &s.memory_limit);
-    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements { requests, limits, ..Default::default() })
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+        requests,
+        limits,
+        ..Default::default()
+    })
 }
 
 fn init_container(s: &Settings, _options: &Options) -> Container {
@@ -328,9 +447,18 @@ fn init_container(s: &Settings, _options: &Options) -> Container {
     // Empty lists are left out: absent and empty mean the same to `init`, and short specs read better.
     for (name, value) in [
         ("AMAZING_PROXY_INBOUND_PORTS", join(&s.inbound_ports)),
-        ("AMAZING_PROXY_EXCLUDE_INBOUND_PORTS", join(&s.exclude_inbound_ports)),
-        ("AMAZING_PROXY_EXCLUDE_OUTBOUND_PORTS", join(&s.exclude_outbound_ports)),
-        ("AMAZING_PROXY_EXCLUDE_OUTBOUND_CIDRS", s.exclude_outbound_cidrs.join(",")),
+        (
+            "AMAZING_PROXY_EXCLUDE_INBOUND_PORTS",
+            join(&s.exclude_inbound_ports),
+        ),
+        (
+            "AMAZING_PROXY_EXCLUDE_OUTBOUND_PORTS",
+            join(&s.exclude_outbound_ports),
+        ),
+        (
+            "AMAZING_PROXY_EXCLUDE_OUTBOUND_CIDRS",
+            s.exclude_outbound_cidrs.join(","),
+        ),
     ] {
         if !value.is_empty() {
             vars.push(env(name, value));
@@ -386,7 +514,11 @@ fn port(name: &str, number: u16) -> ContainerPort {
 }
 
 fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Container {
-    let outbound = if s.disable_outbound { "off".to_string() } else { format!("127.0.0.1:{OUTBOUND_PORT}") };
+    let outbound = if s.disable_outbound {
+        "off".to_string()
+    } else {
+        format!("127.0.0.1:{OUTBOUND_PORT}")
+    };
     let mut vars = vec![
         env("AMAZING_PROXY_INBOUND", format!("0.0.0.0:{INBOUND_PORT}")),
         env("AMAZING_PROXY_OUTBOUND", outbound),
@@ -404,7 +536,10 @@ fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Containe
         image: Some(s.image.clone()),
         args: Some(vec!["run".into()]),
         env: Some(vars),
-        ports: Some(vec![port("proxy-inbound", INBOUND_PORT), port("proxy-admin", ADMIN_PORT)]),
+        ports: Some(vec![
+            port("proxy-inbound", INBOUND_PORT),
+            port("proxy-admin", ADMIN_PORT),
+        ]),
         // A native sidecar: an init container that keeps running; the next init container (and the
         // app) starts only once its startup probe passes.
         restart_policy: (!options.legacy_sidecar).then(|| "Always".to_string()),
@@ -419,7 +554,10 @@ fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Containe
             run_as_non_root: Some(true),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
-            capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), ..Default::default() }),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
             ..Default::default()
         }),
         ..Default::default()
@@ -487,7 +625,11 @@ mod tests {
     fn names(v: &Value, key: &str) -> Vec<String> {
         v["spec"][key]
             .as_array()
-            .map(|l| l.iter().filter_map(|c| c["name"].as_str().map(String::from)).collect())
+            .map(|l| {
+                l.iter()
+                    .filter_map(|c| c["name"].as_str().map(String::from))
+                    .collect()
+            })
             .unwrap_or_default()
     }
 
@@ -497,7 +639,9 @@ mod tests {
 
     #[test]
     fn native_sidecar_and_app_port() {
-        let input = pod(json!([{"name": "app", "image": "a", "ports": [{"containerPort": 9090, "protocol": "UDP"}, {"containerPort": 8080}]}]));
+        let input = pod(
+            json!([{"name": "app", "image": "a", "ports": [{"containerPort": 9090, "protocol": "UDP"}, {"containerPort": 8080}]}]),
+        );
         let (out, outcome) = inject_object(&input, &options(false)).expect("injects");
         assert_eq!(outcome, Outcome::Injected);
         assert_eq!(names(&out, "initContainers"), [INIT_NAME, SIDECAR_NAME]);
@@ -514,9 +658,15 @@ mod tests {
         let (legacy, _) = inject_object(&input, &options(true)).expect("injects");
         assert_eq!(names(&legacy, "initContainers"), [INIT_NAME]);
         assert_eq!(names(&legacy, "containers"), ["app", SIDECAR_NAME]);
-        assert_eq!(env_of(&legacy["spec"]["containers"][1], "AMAZING_PROXY_APP"), Some("127.0.0.1:80"));
+        assert_eq!(
+            env_of(&legacy["spec"]["containers"][1], "AMAZING_PROXY_APP"),
+            Some("127.0.0.1:80")
+        );
         let (native, _) = inject_object(&legacy, &options(false)).expect("re-injects");
-        assert_eq!(native, inject_object(&input, &options(false)).expect("injects").0);
+        assert_eq!(
+            native,
+            inject_object(&input, &options(false)).expect("injects").0
+        );
     }
 
     #[test]
@@ -525,37 +675,70 @@ mod tests {
         let (once, _) = inject_object(&input, &options(false)).expect("injects");
         let (twice, _) = inject_object(&once, &options(false)).expect("re-injects");
         assert_eq!(once, twice);
-        assert_eq!(once["spec"]["containers"][0]["unknownField"], json!({"x": 1}));
+        assert_eq!(
+            once["spec"]["containers"][0]["unknownField"],
+            json!({"x": 1})
+        );
     }
 
     #[test]
     fn conflicts_name_the_field() {
         let err = inject_object(&pod(json!([{"name": "app", "ports": [{"containerPort": 80}, {"containerPort": 15001}]}])), &options(false))
             .expect_err("conflict");
-        assert!(matches!(&err, PatchError::PortConflict { field, port: 15001, .. } if field == "spec.containers[0].ports[1].containerPort"));
-        let err = inject_object(&pod(json!([{"name": "app"}, {"name": "amazing-proxy"}])), &options(false)).expect_err("taken");
-        assert!(matches!(&err, PatchError::NameTaken { field, .. } if field == "spec.containers[1].name"));
+        assert!(
+            matches!(&err, PatchError::PortConflict { field, port: 15001, .. } if field == "spec.containers[0].ports[1].containerPort")
+        );
+        let err = inject_object(
+            &pod(json!([{"name": "app"}, {"name": "amazing-proxy"}])),
+            &options(false),
+        )
+        .expect_err("taken");
+        assert!(
+            matches!(&err, PatchError::NameTaken { field, .. } if field == "spec.containers[1].name")
+        );
         let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {
             "metadata": {"annotations": {"amazing-proxy.io/app-port": "8000"}}, "spec": {"containers": []}}}});
         let err = inject_object(&deploy, &options(false)).expect_err("app port");
-        assert!(err.to_string().starts_with("spec.template.metadata.annotations[\"amazing-proxy.io/app-port\"]: port 8000"), "{err}");
+        assert!(
+            err.to_string().starts_with(
+                "spec.template.metadata.annotations[\"amazing-proxy.io/app-port\"]: port 8000"
+            ),
+            "{err}"
+        );
     }
 
     #[test]
     fn skips_and_passes_through() {
         let mut p = pod(json!([{"name": "app"}]));
         p["metadata"]["labels"] = json!({"amazing-proxy.io/inject": "disabled"});
-        assert!(matches!(inject_object(&p, &options(false)), Ok((ref v, Outcome::Skipped(_))) if *v == p));
+        assert!(
+            matches!(inject_object(&p, &options(false)), Ok((ref v, Outcome::Skipped(_))) if *v == p)
+        );
         let mut p = pod(json!([{"name": "app"}]));
         p["spec"]["hostNetwork"] = json!(true);
-        assert!(matches!(inject_object(&p, &options(false)), Ok((_, Outcome::Skipped(_)))));
+        assert!(matches!(
+            inject_object(&p, &options(false)),
+            Ok((_, Outcome::Skipped(_)))
+        ));
         let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"a": "b"}});
-        assert_eq!(inject_object(&cm, &options(false)), Ok((cm.clone(), Outcome::NotAPod)));
+        assert_eq!(
+            inject_object(&cm, &options(false)),
+            Ok((cm.clone(), Outcome::NotAPod))
+        );
         // A kind named like ours in another group is someone else's.
         let crd = json!({"apiVersion": "example.com/v1", "kind": "Deployment", "spec": {}});
-        assert_eq!(inject_object(&crd, &options(false)), Ok((crd.clone(), Outcome::NotAPod)));
-        assert!(matches!(inject_object(&json!({"kind": "Pod"}), &options(false)), Err(PatchError::NotKubernetes { .. })));
-        assert!(matches!(inject_object(&json!("text"), &options(false)), Err(PatchError::NotKubernetes { .. })));
+        assert_eq!(
+            inject_object(&crd, &options(false)),
+            Ok((crd.clone(), Outcome::NotAPod))
+        );
+        assert!(matches!(
+            inject_object(&json!({"kind": "Pod"}), &options(false)),
+            Err(PatchError::NotKubernetes { .. })
+        ));
+        assert!(matches!(
+            inject_object(&json!("text"), &options(false)),
+            Err(PatchError::NotKubernetes { .. })
+        ));
     }
 
     #[test]
@@ -564,9 +747,16 @@ mod tests {
             "jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "c"}], "restartPolicy": "OnFailure"}}}}}});
         let (out, outcome) = inject_object(&cj, &options(false)).expect("injects");
         assert_eq!(outcome, Outcome::Injected);
-        assert_eq!(out["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][1]["name"], SIDECAR_NAME);
+        assert_eq!(
+            out["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][1]["name"],
+            SIDECAR_NAME
+        );
         let bad = json!({"apiVersion": "batch/v1", "kind": "CronJob", "spec": {}});
         let err = inject_object(&bad, &options(false)).expect_err("no template");
-        assert!(err.to_string().starts_with("spec.jobTemplate: expected a mapping"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("spec.jobTemplate: expected a mapping"),
+            "{err}"
+        );
     }
 }

@@ -100,22 +100,36 @@ fn quoted(out: &mut String, s: &str) {
 
 /// Whether `s` can be written unquoted and be read back as the same string by YAML 1.1 and 1.2.
 fn plain_ok(s: &str) -> bool {
-    let Some(first) = s.chars().next() else { return false };
-    let first_ok = first.is_ascii_alphanumeric() || "/_.".contains(first) || (first == '-' && s.len() > 1 && !s.starts_with("- "));
+    let Some(first) = s.chars().next() else {
+        return false;
+    };
+    let first_ok = first.is_ascii_alphanumeric()
+        || "/_.".contains(first)
+        || (first == '-' && s.len() > 1 && !s.starts_with("- "));
     if !first_ok || s.ends_with([' ', ':']) || s.starts_with("---") || s.starts_with("...") {
         return false;
     }
-    if !s.chars().all(|c| c.is_ascii_alphanumeric() || "_./-: =@+,()".contains(c)) || s.contains(": ") {
+    if !s
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_./-: =@+,()".contains(c))
+        || s.contains(": ")
+    {
         return false;
     }
-    const SPECIAL: &[&str] = &["y", "n", "yes", "no", "true", "false", "on", "off", "null", ".inf", "-.inf", "+.inf", ".nan"];
+    const SPECIAL: &[&str] = &[
+        "y", "n", "yes", "no", "true", "false", "on", "off", "null", ".inf", "-.inf", "+.inf",
+        ".nan",
+    ];
     if SPECIAL.contains(&s.to_ascii_lowercase().as_str()) {
         return false;
     }
     // Numbers, hex, octal, sexagesimal (`1:20`), dates: anything made of these that starts with a digit
     // (after a sign or a dot).
-    let numeric_like = s.trim_start_matches(['-', '+', '.']).starts_with(|c: char| c.is_ascii_digit())
-        && s.chars().all(|c| c.is_ascii_hexdigit() || "xXoO._:+-".contains(c));
+    let numeric_like = s
+        .trim_start_matches(['-', '+', '.'])
+        .starts_with(|c: char| c.is_ascii_digit())
+        && s.chars()
+            .all(|c| c.is_ascii_hexdigit() || "xXoO._:+-".contains(c));
     !numeric_like
 }
 
@@ -160,7 +174,8 @@ mod tests {
 
     fn round_trip(v: &Value) -> String {
         let text = to_string(v);
-        let back = Value::deserialize(serde_yaml::Deserializer::from_str(&text)).expect("reads back");
+        let back =
+            Value::deserialize(serde_yaml::Deserializer::from_str(&text)).expect("reads back");
         assert_eq!(&back, v, "{text}");
         text
     }
@@ -171,7 +186,10 @@ mod tests {
             "#c", "-", "~", "*x", "&x", "!x", "%x", "@x", "`x", "a #b", ".inf", "=", "<<", "x:", "-1", ".5", "---", "- x", ".dockerconfigjson", "-x"]});
         let text = round_trip(&v);
         for plain in ["off", "yes", "80", "0.1.0", "1e3", "1:20"] {
-            assert!(!text.contains(&format!("- {plain}\n")), "{plain} unquoted:\n{text}");
+            assert!(
+                !text.contains(&format!("- {plain}\n")),
+                "{plain} unquoted:\n{text}"
+            );
         }
     }
 
