@@ -1,13 +1,563 @@
-//! `amazing-proxy webhook`: sidecar injection as a mutating admission webhook. (Being written.)
+//! `amazing-proxy webhook`: sidecar injection as a mutating admission webhook.
+//!
+//! An HTTPS server (hyper 1 over tokio-rustls) with one route, `POST /mutate`, answering
+//! `AdmissionReview` v1 requests for pods. The patch is computed by running the very same pure
+//! injection as `amazing-proxy inject` ([`crate::inject::patch::inject_template`]) on the pod and
+//! diffing the result against the original (`json_patch::diff`), so the webhook and `inject` agree
+//! by construction; the cost is a patch that may replace whole list elements rather than the
+//! smallest possible one, which the API server does not mind.
+//!
+//! Opt-outs: the namespace's (label `amazing-proxy.io/inject: disabled`) is enforced by the
+//! MutatingWebhookConfiguration's namespaceSelector, since an AdmissionReview carries no namespace
+//! labels; `--skip-namespaces` is a second fence for the system namespaces and the webhook's own. The
+//! pod's (label or annotation `amazing-proxy.io/inject: "false"`) is honoured here, and the label
+//! also by the objectSelector.
+//!
+//! Failures never pass silently: a pod we cannot inject is, by `--on-error`, either admitted
+//! unchanged with a warning (shown by kubectl) and an error log line, or denied with the reason.
+//!
+//! Certificates: a rustls `ResolvesServerCert` checks the certificate and key files' modification
+//! time, size and inode at each TLS handshake and re-reads them when they changed, so a rotated
+//! Secret (kubelet swaps the mounted files atomically) is served from the next connection on, with
+//! no restart and no timer. A pair that does not load (half-written, key not matching) is logged
+//! and the previous one kept.
 
-use clap::Args;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use bytes::Bytes;
+use clap::{Args, ValueEnum};
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde_json::{Value, json};
+
+use crate::inject::patch::{Options, Outcome, inject_template};
+use crate::inject::{InjectDefaults, PatchError};
+
+/// The largest AdmissionReview accepted; the API server's own limit on objects is 3 MiB.
+const MAX_BODY: usize = 4 * 1024 * 1024;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OnError {
+    /// Admit the pod unchanged, with a warning in the response and an error in the log.
+    Allow,
+    /// Refuse the pod, with the reason in the response.
+    Deny,
+}
 
 #[derive(Args, Clone, Debug)]
-pub struct WebhookArgs {}
+pub struct WebhookArgs {
+    /// Address to serve HTTPS on; port 0 picks one (the bound address is printed on stdout).
+    #[arg(long, default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+    /// PEM certificate chain, leaf first; re-read when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read when the file changes.
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: PathBuf,
+    /// What to do with a pod that cannot be injected (conflicting ports, bad annotation).
+    #[arg(long, value_enum, default_value = "allow")]
+    pub on_error: OnError,
+    /// Namespaces whose pods are never injected (comma-separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "kube-system,kube-public,kube-node-lease"
+    )]
+    pub skip_namespaces: Vec<String>,
+    #[command(flatten)]
+    pub defaults: InjectDefaults,
+}
 
 #[derive(Debug, thiserror::Error)]
-pub enum WebhookError {}
+pub enum WebhookError {
+    #[error(
+        "cannot load the TLS certificate {cert} and key {key}: {message}; check --tls-cert and --tls-key"
+    )]
+    Tls {
+        cert: String,
+        key: String,
+        message: String,
+    },
+    #[error("cannot listen on {addr}: {source}; check --listen")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the async runtime: {0}")]
+    Runtime(std::io::Error),
+}
 
-pub fn main(_args: WebhookArgs) -> Result<(), WebhookError> {
+/// What the request handler needs.
+#[derive(Debug)]
+pub struct Config {
+    pub options: Options,
+    pub on_error: OnError,
+    pub skip_namespaces: Vec<String>,
+}
+
+pub fn main(args: WebhookArgs) -> Result<(), WebhookError> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(WebhookError::Runtime)?;
+    runtime.block_on(serve(args))
+}
+
+async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let resolver = ReloadingCert::new(&args.tls_cert, &args.tls_key, provider.clone())?;
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| WebhookError::Tls {
+            cert: String::new(),
+            key: String::new(),
+            message: e.to_string(),
+        })?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|source| WebhookError::Bind {
+            addr: args.listen,
+            source,
+        })?;
+    let local = listener.local_addr().map_err(|source| WebhookError::Bind {
+        addr: args.listen,
+        source,
+    })?;
+    // On stdout so that scripts and tests that asked for port 0 can find the port.
+    println!("amazing-proxy webhook: listening on https://{local}/mutate");
+    tracing::info!(%local, "webhook listening");
+
+    let config = Arc::new(Config {
+        options: args.defaults.options(),
+        on_error: args.on_error,
+        skip_namespaces: args.skip_namespaces,
+    });
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown_signal());
+    loop {
+        let (tcp, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(conn) => conn,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off rather than spin.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let acceptor = acceptor.clone();
+        let config = config.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let tls =
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+                };
+            let service = hyper::service::service_fn(move |req| handle(req, config.clone()));
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            let conn = builder.serve_connection(TokioIo::new(tls), service);
+            if let Err(e) = watcher.watch(conn.into_owned()).await {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+    tracing::info!("shutting down: finishing in-flight reviews");
+    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("in-flight reviews still running after 10s; closing them");
+    }
     Ok(())
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+async fn handle(
+    req: Request<Incoming>,
+    config: Arc<Config>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() != "/mutate" {
+        return Ok(text(
+            StatusCode::NOT_FOUND,
+            "not found: this server answers POST /mutate only",
+        ));
+    }
+    if req.method() != Method::POST {
+        let mut resp = text(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: /mutate takes POST",
+        );
+        resp.headers_mut()
+            .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
+        return Ok(resp);
+    }
+    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                return Ok(text(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body larger than 4 MiB",
+                ));
+            }
+            return Ok(text(
+                StatusCode::BAD_REQUEST,
+                &format!("cannot read the request body: {e}"),
+            ));
+        }
+    };
+    Ok(match review(&body, &config) {
+        Ok(answer) => {
+            let mut resp = Response::new(Full::new(Bytes::from(answer.to_string())));
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                header::HeaderValue::from_static("application/json"),
+            );
+            resp
+        }
+        Err(message) => {
+            tracing::warn!(%message, "bad admission request");
+            text(StatusCode::BAD_REQUEST, &message)
+        }
+    })
+}
+
+/// Answers one AdmissionReview (the request body) with another; `Err` is a malformed request
+/// (HTTP 400 with this message).
+pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
+    let review: Value = serde_json::from_slice(body)
+        .map_err(|e| format!("the request body is not JSON: {e}; expected an AdmissionReview"))?;
+    let api_version = review.get("apiVersion").and_then(Value::as_str);
+    let kind = review.get("kind").and_then(Value::as_str);
+    if api_version != Some("admission.k8s.io/v1") || kind != Some("AdmissionReview") {
+        return Err(format!(
+            "expected apiVersion admission.k8s.io/v1 and kind AdmissionReview, got {} {}; configure admissionReviewVersions: [v1]",
+            api_version.unwrap_or("(none)"),
+            kind.unwrap_or("(none)")
+        ));
+    }
+    let request = review
+        .get("request")
+        .filter(|r| r.is_object())
+        .ok_or("the AdmissionReview has no `request` object")?;
+    let uid = request
+        .get("uid")
+        .and_then(Value::as_str)
+        .ok_or("request.uid is missing: it must be echoed in the response")?;
+    let mut response = json!({"uid": uid, "allowed": true});
+    match decide(request, config) {
+        Decision::Allow => {}
+        Decision::Patch(patch) => {
+            let patch =
+                serde_json::to_vec(&patch).map_err(|e| format!("cannot encode the patch: {e}"))?;
+            response["patchType"] = json!("JSONPatch");
+            response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
+        }
+        Decision::Failed(what, error) => {
+            tracing::error!(pod = %what, error = %error, on_error = ?config.on_error, "cannot inject pod");
+            match config.on_error {
+                OnError::Allow => {
+                    response["warnings"] = json!([format!(
+                        "amazing-proxy: {what} admitted without the sidecar: {error}"
+                    )]);
+                }
+                OnError::Deny => {
+                    response["allowed"] = json!(false);
+                    response["status"] = json!({
+                        "code": 400,
+                        "reason": "BadRequest",
+                        "message": format!("amazing-proxy: cannot inject {what}: {error}"),
+                    });
+                }
+            }
+        }
+    }
+    Ok(
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
+    )
+}
+
+enum Decision {
+    Allow,
+    Patch(json_patch::Patch),
+    Failed(String, PatchError),
+}
+
+fn decide(request: &Value, config: &Config) -> Decision {
+    let field = |path: &[&str]| {
+        path.iter()
+            .try_fold(request, |v, k| v.get(*k))
+            .and_then(Value::as_str)
+    };
+    let is_pod = field(&["kind", "group"]) == Some("")
+        && field(&["kind", "version"]) == Some("v1")
+        && field(&["kind", "kind"]) == Some("Pod")
+        && field(&["resource", "resource"]) == Some("pods")
+        && field(&["subResource"]).is_none_or(str::is_empty);
+    // Only new pods: an UPDATE cannot add containers, and a CONNECT or DELETE carries no pod to change.
+    if !is_pod || field(&["operation"]) != Some("CREATE") {
+        return Decision::Allow;
+    }
+    let Some(pod) = request.get("object").filter(|o| o.is_object()) else {
+        return Decision::Allow;
+    };
+    let namespace = field(&["namespace"])
+        .or_else(|| {
+            pod.get("metadata")
+                .and_then(|m| m.get("namespace"))
+                .and_then(Value::as_str)
+        })
+        .unwrap_or("default");
+    if config.skip_namespaces.iter().any(|n| n == namespace) {
+        return Decision::Allow;
+    }
+    let name = pod.get("metadata").and_then(|m| {
+        m.get("name")
+            .and_then(Value::as_str)
+            .map(String::from)
+            .or_else(|| {
+                // Pods of a Deployment have only generateName at admission time.
+                m.get("generateName")
+                    .and_then(Value::as_str)
+                    .map(|g| format!("{g}*"))
+            })
+    });
+    let what = format!("pod {namespace}/{}", name.as_deref().unwrap_or("(unnamed)"));
+    let mut patched = pod.clone();
+    match inject_template(&mut patched, "", &config.options) {
+        Ok(Outcome::Injected) => {
+            let patch = json_patch::diff(pod, &patched);
+            if patch.0.is_empty() {
+                Decision::Allow
+            } else {
+                Decision::Patch(patch)
+            }
+        }
+        Ok(outcome) => {
+            tracing::debug!(pod = %what, ?outcome, "not injected");
+            Decision::Allow
+        }
+        Err(error) => Decision::Failed(what, error),
+    }
+}
+
+/// The certificate, re-read at a handshake when its files changed.
+struct ReloadingCert {
+    cert: PathBuf,
+    key: PathBuf,
+    provider: Arc<CryptoProvider>,
+    current: Mutex<(Stamp, Arc<CertifiedKey>)>,
+}
+
+impl std::fmt::Debug for ReloadingCert {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReloadingCert")
+            .field("cert", &self.cert)
+            .field("key", &self.key)
+            .finish()
+    }
+}
+
+/// What tells that a file changed: modification time, size and inode (an atomic rename may keep
+/// the mtime of a copied file, but not the inode).
+type Stamp = [Option<(SystemTime, u64, u64)>; 2];
+
+fn stamp(cert: &Path, key: &Path) -> Stamp {
+    use std::os::unix::fs::MetadataExt;
+    [cert, key].map(|p| {
+        std::fs::metadata(p)
+            .ok()
+            .and_then(|m| Some((m.modified().ok()?, m.len(), m.ino())))
+    })
+}
+
+fn load(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, WebhookError> {
+    let err = |message: String| WebhookError::Tls {
+        cert: cert.display().to_string(),
+        key: key.display().to_string(),
+        message,
+    };
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+        .map_err(|e| err(format!("certificate: {e}")))?;
+    if chain.is_empty() {
+        return Err(err("no CERTIFICATE block in the certificate file".into()));
+    }
+    let private =
+        PrivateKeyDer::from_pem_file(key).map_err(|e| err(format!("private key: {e}")))?;
+    CertifiedKey::from_der(chain, private, provider)
+        .map(Arc::new)
+        .map_err(|e| err(format!("{e} (does the key belong to the certificate?)")))
+}
+
+impl ReloadingCert {
+    fn new(cert: &Path, key: &Path, provider: Arc<CryptoProvider>) -> Result<Self, WebhookError> {
+        let before = stamp(cert, key);
+        let loaded = load(cert, key, &provider)?;
+        Ok(ReloadingCert {
+            cert: cert.into(),
+            key: key.into(),
+            provider,
+            current: Mutex::new((before, loaded)),
+        })
+    }
+}
+
+impl ResolvesServerCert for ReloadingCert {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let mut current = self
+            .current
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = stamp(&self.cert, &self.key);
+        if now != current.0 {
+            // Remember the stamp even on failure: one log line per change, not one per handshake.
+            current.0 = now;
+            match load(&self.cert, &self.key, &self.provider) {
+                Ok(key) => {
+                    current.1 = key;
+                    tracing::info!(cert = %self.cert.display(), "TLS certificate reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS certificate changed but does not load; serving the previous one")
+                }
+            }
+        }
+        Some(current.1.clone())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inject::annotations::{AccessLog, Settings};
+
+    fn config(on_error: OnError) -> Config {
+        Config {
+            options: Options {
+                defaults: Settings {
+                    image: "img".into(),
+                    inbound_ports: vec![],
+                    exclude_inbound_ports: vec![],
+                    exclude_outbound_ports: vec![],
+                    exclude_outbound_cidrs: vec![],
+                    disable_outbound: false,
+                    opaque_ports: vec![],
+                    app_port: None,
+                    access_log: AccessLog::Json,
+                    drain_delay: "5s".into(),
+                    cpu_request: None,
+                    memory_request: None,
+                    cpu_limit: None,
+                    memory_limit: None,
+                },
+                legacy_sidecar: false,
+            },
+            on_error,
+            skip_namespaces: vec!["kube-system".into()],
+        }
+    }
+
+    fn request(namespace: &str, pod: Value) -> Vec<u8> {
+        json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {
+            "uid": "u1", "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace, "operation": "CREATE", "object": pod}})
+        .to_string()
+        .into_bytes()
+    }
+
+    #[test]
+    fn patches_pods_and_skips_namespaces() {
+        let pod = json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": [{"name": "c"}]}});
+        let answer =
+            review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
+        assert_eq!(answer["response"]["uid"], "u1");
+        assert_eq!(answer["response"]["patchType"], "JSONPatch");
+        let answer = review(&request("kube-system", pod), &config(OnError::Allow)).expect("valid");
+        assert_eq!(answer["response"], json!({"uid": "u1", "allowed": true}));
+    }
+
+    #[test]
+    fn errors_follow_on_error() {
+        let pod =
+            json!({"metadata": {"name": "p"}, "spec": {"containers": [{"name": "amazing-proxy"}]}});
+        let allowed =
+            review(&request("default", pod.clone()), &config(OnError::Allow)).expect("valid");
+        assert_eq!(allowed["response"]["allowed"], true);
+        assert!(
+            allowed["response"]["warnings"][0]
+                .as_str()
+                .is_some_and(|w| w.contains("spec.containers[0].name"))
+        );
+        let denied = review(&request("default", pod), &config(OnError::Deny)).expect("valid");
+        assert_eq!(denied["response"]["allowed"], false);
+        assert_eq!(denied["response"]["status"]["code"], 400);
+    }
+
+    #[test]
+    fn malformed_requests_are_rejected() {
+        assert!(review(b"{", &config(OnError::Allow)).is_err());
+        assert!(
+            review(
+                br#"{"apiVersion": "admission.k8s.io/v1beta1", "kind": "AdmissionReview"}"#,
+                &config(OnError::Allow)
+            )
+            .is_err()
+        );
+        assert!(review(br#"{"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "request": {}}"#, &config(OnError::Allow)).is_err());
+    }
 }

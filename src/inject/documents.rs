@@ -1,0 +1,191 @@
+//! Manifests in and out: a stream of YAML documents or JSON values, `List` objects included.
+//!
+//! The format is detected from the first non-blank character (`{` or `[` means JSON) and the output
+//! uses the same one. Documents keep their order and, because `serde_json` is built with
+//! `preserve_order`, their keys keep theirs. What does not survive the trip through a JSON tree:
+//! YAML comments, anchors (they are expanded), quoting style and empty documents. Reading uses
+//! serde_yaml 0.9 (deprecated, but maintained enough and already in the tree); writing uses our own
+//! [`super::yaml`] writer, because serde_yaml writes `off` and `yes` unquoted and kubectl, a YAML 1.1
+//! reader, would take them for booleans. One consequence of reading YAML 1.2: an unquoted `yes`, `no`,
+//! `on` or `off` in the input is a string to us (kubectl would read a boolean), and is written back
+//! quoted.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::InjectError;
+use super::patch::{Options, Outcome, PatchError, inject_object, type_meta};
+
+/// The format of the input, and so of the output.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Yaml,
+    Json,
+}
+
+/// Parses a stream of documents; `source` names the input in errors.
+pub fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectError> {
+    let trimmed = input.trim_start();
+    if trimmed.starts_with('{') || trimmed.starts_with('[') {
+        let mut docs = Vec::new();
+        for (i, doc) in serde_json::Deserializer::from_str(input)
+            .into_iter::<Value>()
+            .enumerate()
+        {
+            let doc = doc.map_err(|e| InjectError::Parse {
+                source_name: source.into(),
+                document: i + 1,
+                message: format!("invalid JSON: {e}"),
+            })?;
+            docs.push(doc);
+        }
+        return Ok((Format::Json, docs));
+    }
+    let mut docs = Vec::new();
+    for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
+        let doc = Value::deserialize(doc).map_err(|e| InjectError::Parse {
+            source_name: source.into(),
+            document: i + 1,
+            message: format!("invalid YAML: {e}"),
+        })?;
+        // `---` with nothing after it: an empty document, which kubectl skips too.
+        if !doc.is_null() {
+            docs.push(doc);
+        }
+    }
+    Ok((Format::Yaml, docs))
+}
+
+/// Writes documents back in `format`.
+pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
+    let mut out = String::new();
+    for (i, doc) in docs.iter().enumerate() {
+        match format {
+            Format::Json => {
+                let text = serde_json::to_string_pretty(doc).map_err(|e| InjectError::Render {
+                    document: i + 1,
+                    message: e.to_string(),
+                })?;
+                out.push_str(&text);
+                out.push('\n');
+            }
+            Format::Yaml => {
+                if i > 0 {
+                    out.push_str("---\n");
+                }
+                out.push_str(&super::yaml::to_string(doc));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// One line about a pod template that was left alone, for the user to see on stderr.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Note {
+    pub document: String,
+    pub reason: String,
+}
+
+/// Injects every document; a `List` (any kind ending in `List` with `items`) has each item injected.
+pub fn inject_all(
+    docs: &[Value],
+    options: &Options,
+    source: &str,
+) -> Result<(Vec<Value>, Vec<Note>), InjectError> {
+    let mut out = Vec::with_capacity(docs.len());
+    let mut notes = Vec::new();
+    for (i, doc) in docs.iter().enumerate() {
+        let label = format!("document {} {}", i + 1, describe(doc));
+        out.push(inject_one(doc, options, source, &label, &mut notes)?);
+    }
+    Ok((out, notes))
+}
+
+fn inject_one(
+    doc: &Value,
+    options: &Options,
+    source: &str,
+    label: &str,
+    notes: &mut Vec<Note>,
+) -> Result<Value, InjectError> {
+    let fail = |error: PatchError| InjectError::Document {
+        source_name: source.into(),
+        document: label.into(),
+        error,
+    };
+    let (_, kind) = type_meta(doc).map_err(fail)?;
+    if kind.ends_with("List")
+        && let Some(Value::Array(items)) = doc.get("items")
+    {
+        let mut injected = Vec::with_capacity(items.len());
+        for (j, item) in items.iter().enumerate() {
+            let item_label = format!("{label}, items[{j}] {}", describe(item));
+            injected.push(inject_one(item, options, source, &item_label, notes)?);
+        }
+        let mut list = doc.clone();
+        list["items"] = Value::Array(injected);
+        return Ok(list);
+    }
+    let (patched, outcome) = inject_object(doc, options).map_err(fail)?;
+    if let Outcome::Skipped(reason) = outcome {
+        notes.push(Note {
+            document: label.into(),
+            reason,
+        });
+    }
+    Ok(patched)
+}
+
+/// `(Deployment "web")`, or as much of it as the document has.
+fn describe(doc: &Value) -> String {
+    let kind = doc.get("kind").and_then(Value::as_str);
+    let metadata = doc.get("metadata");
+    let name = metadata
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .map(|n| format!(" \"{n}\""))
+        .or_else(|| {
+            metadata
+                .and_then(|m| m.get("generateName"))
+                .and_then(Value::as_str)
+                .map(|n| format!(" \"{n}*\""))
+        })
+        .unwrap_or_default();
+    match kind {
+        Some(kind) => format!("({kind}{name})"),
+        None => "(no kind)".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn yaml_round_trip_keeps_order_and_quotes_ambiguous_strings() {
+        let input = "b: 1\na:\n  z: 'off'\n  y: 'yes'\n  x: '80'\n  w: 'true'\n  v: '0.1.0'\n---\n---\nc: [1, 2]\n";
+        let (format, docs) = parse(input, "stdin").expect("parses");
+        assert_eq!(format, Format::Yaml);
+        assert_eq!(docs.len(), 2);
+        let out = render(format, &docs).expect("renders");
+        let (_, again) = parse(&out, "stdin").expect("parses again");
+        assert_eq!(docs, again);
+        assert!(out.starts_with("b: 1\na:\n"), "{out}");
+        for word in ["\"off\"", "\"yes\"", "\"80\"", "\"true\""] {
+            assert!(out.contains(word), "{word} unquoted in {out}");
+        }
+    }
+
+    #[test]
+    fn json_stream() {
+        let (format, docs) = parse(" {\"a\": 1}\n{\"b\": 2}", "f.json").expect("parses");
+        assert_eq!(format, Format::Json);
+        assert_eq!(docs.len(), 2);
+        let err = parse("{\"a\": ", "f.json").expect_err("truncated");
+        assert!(
+            err.to_string().contains("f.json, document 1: invalid JSON"),
+            "{err}"
+        );
+    }
+}

@@ -1,0 +1,762 @@
+//! The injection itself, as a pure function on a generic JSON tree.
+//!
+//! The input is patched as a `serde_json::Value`, not deserialised into `k8s-openapi` structs: a typed
+//! round trip would drop the fields this version of the structs does not know (newer Kubernetes
+//! fields, fields of alpha features, typos the API server would report) and reorder everything.
+//! Typed structs are used only to build the two containers we add, so that their shape is checked
+//! by the compiler. The cost is that the checks on the input (is `containers` a list, is a port a
+//! number) are written by hand here, each naming the field it looked at.
+//!
+//! Idempotency: a template we injected carries the `amazing-proxy.io/injected` annotation; on such a
+//! template our two containers (recognised by name) are removed and freshly computed ones are put in
+//! their place, so `inject(inject(x)) == inject(x)` and re-injecting with new settings updates them.
+//! Without the annotation, a container with one of our names belongs to someone else: an error.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EnvVar, HTTPGetAction, Probe, ResourceRequirements,
+    SecurityContext,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::{Map, Value};
+
+use super::annotations::{INJECTED, SettingError, Settings, opted_out};
+
+/// The proxy's inbound listener (the redirect target of inbound traffic).
+pub const INBOUND_PORT: u16 = 8000;
+/// The proxy's outbound listener (the redirect target of outbound traffic).
+pub const OUTBOUND_PORT: u16 = 15001;
+/// The proxy's admin server: `/ready`, `/live`, metrics; reached by kubelet probes.
+pub const ADMIN_PORT: u16 = 15000;
+/// The uid and gid the proxy runs as; the init rules let this uid's traffic through unredirected.
+pub const PROXY_UID: i64 = 1337;
+pub const INIT_NAME: &str = "amazing-proxy-init";
+pub const SIDECAR_NAME: &str = "amazing-proxy";
+/// The injector's version, written in the `amazing-proxy.io/injected` annotation.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+const RESERVED_PORTS: [(u16, &str); 3] = [
+    (INBOUND_PORT, "inbound"),
+    (OUTBOUND_PORT, "outbound"),
+    (ADMIN_PORT, "admin"),
+];
+
+/// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub defaults: Settings,
+    /// Write the proxy as a regular container (clusters older than 1.29, no native sidecars).
+    pub legacy_sidecar: bool,
+}
+
+/// What happened to one object.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    /// The pod template now has the sidecar.
+    Injected,
+    /// A pod template left as it was, and why.
+    Skipped(String),
+    /// Not a kind with a pod template: passed through.
+    NotAPod,
+}
+
+/// Why an object cannot be injected. Every variant names the field, as a path from the object's root.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PatchError {
+    #[error(
+        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT} and \
+         {ADMIN_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
+    )]
+    PortConflict {
+        field: String,
+        port: u16,
+        role: &'static str,
+    },
+    #[error(
+        "{field}: the container name `{name}` is reserved for the injected proxy; rename this container (a template \
+         injected by amazing-proxy carries the amazing-proxy.io/injected annotation and is re-injected instead)"
+    )]
+    NameTaken { field: String, name: String },
+    #[error("{0}")]
+    Setting(#[from] SettingError),
+    #[error("{field}: expected {expected}")]
+    Malformed { field: String, expected: String },
+    #[error(
+        "not a Kubernetes object: {problem}; only Kubernetes manifests (with apiVersion and kind) can be injected"
+    )]
+    NotKubernetes { problem: String },
+}
+
+impl PatchError {
+    fn malformed(field: impl Into<String>, expected: impl Into<String>) -> Self {
+        PatchError::Malformed {
+            field: field.into(),
+            expected: expected.into(),
+        }
+    }
+}
+
+/// Where the pod template is in an object of this apiVersion and kind, if it has one.
+fn template_path(api_version: &str, kind: &str) -> Option<&'static [&'static str]> {
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    match (group, kind) {
+        ("", "Pod") => Some(&[]),
+        ("apps", "Deployment" | "StatefulSet" | "DaemonSet" | "ReplicaSet") | ("batch", "Job") => {
+            Some(&["spec", "template"])
+        }
+        ("batch", "CronJob") => Some(&["spec", "jobTemplate", "spec", "template"]),
+        _ => None,
+    }
+}
+
+/// `apiVersion` and `kind` of a Kubernetes object, or why it is not one.
+pub fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
+    let Some(map) = object.as_object() else {
+        let problem = format!("expected a mapping, got {}", kind_of(object));
+        return Err(PatchError::NotKubernetes { problem });
+    };
+    let field = |name: &str| match map.get(name) {
+        Some(Value::String(s)) if !s.is_empty() => Ok(s.as_str()),
+        Some(other) => Err(PatchError::NotKubernetes {
+            problem: format!("`{name}` must be a string, got {}", kind_of(other)),
+        }),
+        None => Err(PatchError::NotKubernetes {
+            problem: format!("`{name}` is missing"),
+        }),
+    };
+    Ok((field("apiVersion")?, field("kind")?))
+}
+
+/// Injects one Kubernetes object (not a `List`: see `documents`). Kinds without a pod template come
+/// back unchanged with [`Outcome::NotAPod`].
+pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcome), PatchError> {
+    let (api_version, kind) = type_meta(object)?;
+    let Some(path) = template_path(api_version, kind) else {
+        return Ok((object.clone(), Outcome::NotAPod));
+    };
+    let mut patched = object.clone();
+    let mut node = &mut patched;
+    let mut field = String::new();
+    for step in path {
+        field.push_str(step);
+        field.push('.');
+        node = match node.get_mut(*step) {
+            Some(next @ Value::Object(_)) => next,
+            _ => {
+                return Err(PatchError::malformed(
+                    field.trim_end_matches('.'),
+                    format!("a mapping (the {kind}'s pod template)"),
+                ));
+            }
+        };
+    }
+    let outcome = inject_template(node, &field, options)?;
+    Ok((patched, outcome))
+}
+
+/// Injects a pod template (or a Pod: both have `metadata` and `spec`) in place. `prefix` is the
+/// template's field path with a trailing dot (empty for a Pod), for error messages.
+pub fn inject_template(
+    template: &mut Value,
+    prefix: &str,
+    options: &Options,
+) -> Result<Outcome, PatchError> {
+    let Some(template) = template.as_object_mut() else {
+        return Err(PatchError::malformed(
+            prefix.trim_end_matches('.'),
+            "a mapping (a pod template)",
+        ));
+    };
+    let metadata = match template.get("metadata") {
+        None => None,
+        Some(Value::Object(m)) => Some(m),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}metadata"),
+                "a mapping",
+            ));
+        }
+    };
+    let annotations = match metadata.and_then(|m| m.get("annotations")) {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(a)) => Some(a),
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}metadata.annotations"),
+                "a mapping of strings",
+            ));
+        }
+    };
+    if opted_out(metadata, &format!("{prefix}metadata"))? {
+        return Ok(Outcome::Skipped(
+            "opted out with amazing-proxy.io/inject".into(),
+        ));
+    }
+    let settings = options
+        .defaults
+        .with_annotations(annotations, &format!("{prefix}metadata.annotations"))?;
+    let ours = annotations.is_some_and(|a| a.contains_key(INJECTED));
+
+    let Some(Value::Object(spec)) = template.get_mut("spec") else {
+        return Err(PatchError::malformed(
+            format!("{prefix}spec"),
+            "a mapping (the pod spec)",
+        ));
+    };
+    if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
+        // Redirection rules in a host-network pod would apply to the whole node.
+        return Ok(Outcome::Skipped(
+            "hostNetwork pods share the node's network and are never injected".into(),
+        ));
+    }
+    if spec
+        .get("os")
+        .and_then(|os| os.get("name"))
+        .and_then(Value::as_str)
+        == Some("windows")
+    {
+        return Ok(Outcome::Skipped(
+            "Windows pods have no iptables and are never injected".into(),
+        ));
+    }
+
+    let mut init_containers = take_containers(spec, "initContainers", prefix, ours)?;
+    let mut containers = take_containers(spec, "containers", prefix, ours)?;
+    check_ports(&init_containers, &format!("{prefix}spec.initContainers"))?;
+    check_ports(&containers, &format!("{prefix}spec.containers"))?;
+    check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
+    let app_port = match settings.app_port {
+        Some(port) => port,
+        None => {
+            first_container_port(&containers, &format!("{prefix}spec.containers"))?.unwrap_or(80)
+        }
+    };
+
+    let init = to_value(init_container(&settings, options));
+    let sidecar = to_value(sidecar_container(&settings, app_port, options));
+    init_containers.insert(0, init);
+    if options.legacy_sidecar {
+        containers.push(sidecar);
+    } else {
+        // Right after the rules: the app's own init containers already have their traffic
+        // redirected, so the proxy must be up before them.
+        init_containers.insert(1, sidecar);
+    }
+    spec.insert("initContainers".into(), Value::Array(init_containers));
+    spec.insert("containers".into(), Value::Array(containers));
+
+    let metadata = template
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let Value::Object(metadata) = metadata else {
+        return Err(PatchError::malformed(
+            format!("{prefix}metadata"),
+            "a mapping",
+        ));
+    };
+    let annotations = metadata
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if annotations.is_null() {
+        *annotations = Value::Object(Map::new());
+    }
+    if let Value::Object(annotations) = annotations {
+        annotations.insert(INJECTED.into(), Value::String(VERSION.into()));
+    }
+    Ok(Outcome::Injected)
+}
+
+/// The containers of `spec[key]` without ours (if this template is ours to re-inject).
+fn take_containers(
+    spec: &Map<String, Value>,
+    key: &str,
+    prefix: &str,
+    ours: bool,
+) -> Result<Vec<Value>, PatchError> {
+    let list = match spec.get(key) {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(list)) => list,
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{prefix}spec.{key}"),
+                "a list of containers",
+            ));
+        }
+    };
+    let mut kept = Vec::with_capacity(list.len());
+    for (i, container) in list.iter().enumerate() {
+        let field = format!("{prefix}spec.{key}[{i}]");
+        let Some(c) = container.as_object() else {
+            return Err(PatchError::malformed(field, "a mapping (a container)"));
+        };
+        match c.get("name").and_then(Value::as_str) {
+            Some(name @ (INIT_NAME | SIDECAR_NAME)) if !ours => {
+                return Err(PatchError::NameTaken {
+                    field: format!("{field}.name"),
+                    name: name.into(),
+                });
+            }
+            Some(INIT_NAME | SIDECAR_NAME) => {}
+            _ => kept.push(container.clone()),
+        }
+    }
+    Ok(kept)
+}
+
+/// A container port: its field path, its number and the whole port entry.
+type PortEntry<'a> = (String, i64, &'a Map<String, Value>);
+
+/// The ports of one container; malformed ports are errors.
+fn container_ports<'a>(
+    container: &'a Value,
+    field: &str,
+) -> Result<Vec<PortEntry<'a>>, PatchError> {
+    let mut out = Vec::new();
+    match container.get("ports") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(ports)) => {
+            for (j, port) in ports.iter().enumerate() {
+                let pfield = format!("{field}.ports[{j}]");
+                let Some(p) = port.as_object() else {
+                    return Err(PatchError::malformed(pfield, "a mapping (a port)"));
+                };
+                let cfield = format!("{pfield}.containerPort");
+                match p.get("containerPort").and_then(Value::as_i64) {
+                    Some(n) if (1..=65535).contains(&n) => out.push((cfield, n, p)),
+                    _ => return Err(PatchError::malformed(cfield, "a port number 1-65535")),
+                }
+            }
+        }
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{field}.ports"),
+                "a list of ports",
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
+    for (i, container) in containers.iter().enumerate() {
+        // Indexes are those of the list without our containers, which only differ when re-injecting
+        // (ours come first), so they are the user's indexes.
+        for (pfield, port, _) in container_ports(container, &format!("{field}[{i}]"))? {
+            if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| i64::from(*p) == port) {
+                return Err(PatchError::PortConflict {
+                    field: pfield,
+                    port: *port,
+                    role,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
+    let at = |name: &str| format!("{field}[\"amazing-proxy.io/{name}\"]");
+    let reserved = |port: u16| RESERVED_PORTS.iter().find(|(p, _)| *p == port);
+    if let Some(port) = s.app_port
+        && let Some((port, role)) = reserved(port)
+    {
+        return Err(PatchError::PortConflict {
+            field: at("app-port"),
+            port: *port,
+            role,
+        });
+    }
+    for port in &s.inbound_ports {
+        if let Some((port, role)) = reserved(*port) {
+            return Err(PatchError::PortConflict {
+                field: at("inbound-ports"),
+                port: *port,
+                role,
+            });
+        }
+        if s.exclude_inbound_ports.contains(port) {
+            return Err(SettingError {
+                field: at("exclude-inbound-ports"),
+                problem: format!("port {port} is also in amazing-proxy.io/inbound-ports; list it in one of the two"),
+            }
+            .into());
+        }
+    }
+    Ok(())
+}
+
+/// The first TCP containerPort of the first app container.
+fn first_container_port(containers: &[Value], field: &str) -> Result<Option<u16>, PatchError> {
+    let Some(first) = containers.first() else {
+        return Ok(None);
+    };
+    for (_, port, p) in container_ports(first, &format!("{field}[0]"))? {
+        if p.get("protocol")
+            .and_then(Value::as_str)
+            .is_none_or(|proto| proto == "TCP")
+        {
+            return Ok(u16::try_from(port).ok());
+        }
+    }
+    Ok(None)
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..Default::default()
+    }
+}
+
+fn join<T: ToString>(items: &[T]) -> String {
+    items
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn resources(s: &Settings) -> Option<ResourceRequirements> {
+    let map = |cpu: &Option<String>, memory: &Option<String>| {
+        let m: BTreeMap<String, Quantity> = [("cpu", cpu), ("memory", memory)]
+            .into_iter()
+            .filter_map(|(k, v)| v.as_ref().map(|v| (k.to_string(), Quantity(v.clone()))))
+            .collect();
+        (!m.is_empty()).then_some(m)
+    };
+    let requests = map(&s.cpu_request, &s.memory_request);
+    let limits = map(&s.cpu_limit, &s.memory_limit);
+    (requests.is_some() || limits.is_some()).then(|| ResourceRequirements {
+        requests,
+        limits,
+        ..Default::default()
+    })
+}
+
+fn init_container(s: &Settings, _options: &Options) -> Container {
+    let mut vars = vec![
+        env("AMAZING_PROXY_INBOUND_PORT", INBOUND_PORT.to_string()),
+        env("AMAZING_PROXY_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
+        env("AMAZING_PROXY_ADMIN_PORT", ADMIN_PORT.to_string()),
+        env("AMAZING_PROXY_PROXY_UID", PROXY_UID.to_string()),
+        env("AMAZING_PROXY_PROXY_GID", PROXY_UID.to_string()),
+    ];
+    // Empty lists are left out: absent and empty mean the same to `init`, and short specs read better.
+    for (name, value) in [
+        ("AMAZING_PROXY_INBOUND_PORTS", join(&s.inbound_ports)),
+        (
+            "AMAZING_PROXY_EXCLUDE_INBOUND_PORTS",
+            join(&s.exclude_inbound_ports),
+        ),
+        (
+            "AMAZING_PROXY_EXCLUDE_OUTBOUND_PORTS",
+            join(&s.exclude_outbound_ports),
+        ),
+        (
+            "AMAZING_PROXY_EXCLUDE_OUTBOUND_CIDRS",
+            s.exclude_outbound_cidrs.join(","),
+        ),
+    ] {
+        if !value.is_empty() {
+            vars.push(env(name, value));
+        }
+    }
+    if s.disable_outbound {
+        vars.push(env("AMAZING_PROXY_NO_OUTBOUND", "true"));
+    }
+    Container {
+        name: INIT_NAME.into(),
+        image: Some(s.image.clone()),
+        args: Some(vec!["init".into()]),
+        env: Some(vars),
+        resources: resources(s),
+        // Root with exactly the two capabilities netfilter needs; the root filesystem stays
+        // writable because iptables takes its lock under /run.
+        security_context: Some(SecurityContext {
+            run_as_user: Some(0),
+            run_as_group: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            privileged: Some(false),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..Default::default()
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure_threshold),
+        ..Default::default()
+    }
+}
+
+fn port(name: &str, number: u16) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(number),
+        protocol: Some("TCP".into()),
+        ..Default::default()
+    }
+}
+
+fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Container {
+    let outbound = if s.disable_outbound {
+        "off".to_string()
+    } else {
+        format!("127.0.0.1:{OUTBOUND_PORT}")
+    };
+    let mut vars = vec![
+        env("AMAZING_PROXY_INBOUND", format!("0.0.0.0:{INBOUND_PORT}")),
+        env("AMAZING_PROXY_OUTBOUND", outbound),
+        // Not loopback: kubelet probes come from the node.
+        env("AMAZING_PROXY_ADMIN", format!("0.0.0.0:{ADMIN_PORT}")),
+        env("AMAZING_PROXY_APP", format!("127.0.0.1:{app_port}")),
+        env("AMAZING_PROXY_ACCESS_LOG", s.access_log.as_str()),
+        env("AMAZING_PROXY_DRAIN_DELAY", s.drain_delay.clone()),
+    ];
+    if !s.opaque_ports.is_empty() {
+        vars.push(env("AMAZING_PROXY_OPAQUE_PORTS", join(&s.opaque_ports)));
+    }
+    Container {
+        name: SIDECAR_NAME.into(),
+        image: Some(s.image.clone()),
+        args: Some(vec!["run".into()]),
+        env: Some(vars),
+        ports: Some(vec![
+            port("proxy-inbound", INBOUND_PORT),
+            port("proxy-admin", ADMIN_PORT),
+        ]),
+        // A native sidecar: an init container that keeps running; the next init container (and the
+        // app) starts only once its startup probe passes.
+        restart_policy: (!options.legacy_sidecar).then(|| "Always".to_string()),
+        // Up to two minutes to start, checked every second so that the app is not held back long.
+        startup_probe: Some(probe("/ready", 1, 120)),
+        readiness_probe: Some(probe("/ready", 2, 1)),
+        liveness_probe: Some(probe("/live", 10, 3)),
+        resources: resources(s),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(PROXY_UID),
+            run_as_group: Some(PROXY_UID),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A built container as JSON, with `name` first so that the output reads like a hand-written spec.
+fn to_value(container: Container) -> Value {
+    let mut out = Map::new();
+    out.insert("name".into(), Value::String(container.name.clone()));
+    // Serialising our own struct cannot fail (no maps with non-string keys, no floats).
+    if let Ok(Value::Object(fields)) = serde_json::to_value(&container) {
+        for (k, v) in fields {
+            if k != "name" {
+                out.insert(k, v);
+            }
+        }
+    }
+    Value::Object(out)
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a list",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::inject::annotations::AccessLog;
+    use serde_json::json;
+
+    fn options(legacy: bool) -> Options {
+        Options {
+            defaults: Settings {
+                image: "img:1".into(),
+                inbound_ports: vec![],
+                exclude_inbound_ports: vec![],
+                exclude_outbound_ports: vec![],
+                exclude_outbound_cidrs: vec![],
+                disable_outbound: false,
+                opaque_ports: vec![],
+                app_port: None,
+                access_log: AccessLog::Json,
+                drain_delay: "5s".into(),
+                cpu_request: Some("10m".into()),
+                memory_request: Some("16Mi".into()),
+                cpu_limit: None,
+                memory_limit: None,
+            },
+            legacy_sidecar: legacy,
+        }
+    }
+
+    fn pod(containers: Value) -> Value {
+        json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "p"}, "spec": {"containers": containers}})
+    }
+
+    fn names(v: &Value, key: &str) -> Vec<String> {
+        v["spec"][key]
+            .as_array()
+            .map(|l| {
+                l.iter()
+                    .filter_map(|c| c["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn env_of<'a>(c: &'a Value, name: &str) -> Option<&'a str> {
+        c["env"].as_array()?.iter().find(|e| e["name"] == name)?["value"].as_str()
+    }
+
+    #[test]
+    fn native_sidecar_and_app_port() {
+        let input = pod(
+            json!([{"name": "app", "image": "a", "ports": [{"containerPort": 9090, "protocol": "UDP"}, {"containerPort": 8080}]}]),
+        );
+        let (out, outcome) = inject_object(&input, &options(false)).expect("injects");
+        assert_eq!(outcome, Outcome::Injected);
+        assert_eq!(names(&out, "initContainers"), [INIT_NAME, SIDECAR_NAME]);
+        assert_eq!(names(&out, "containers"), ["app"]);
+        let sidecar = &out["spec"]["initContainers"][1];
+        assert_eq!(sidecar["restartPolicy"], "Always");
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_APP"), Some("127.0.0.1:8080"));
+        assert_eq!(out["metadata"]["annotations"][INJECTED], VERSION);
+    }
+
+    #[test]
+    fn legacy_sidecar_is_a_container_and_reinjection_switches() {
+        let input = pod(json!([{"name": "app", "image": "a"}]));
+        let (legacy, _) = inject_object(&input, &options(true)).expect("injects");
+        assert_eq!(names(&legacy, "initContainers"), [INIT_NAME]);
+        assert_eq!(names(&legacy, "containers"), ["app", SIDECAR_NAME]);
+        assert_eq!(
+            env_of(&legacy["spec"]["containers"][1], "AMAZING_PROXY_APP"),
+            Some("127.0.0.1:80")
+        );
+        let (native, _) = inject_object(&legacy, &options(false)).expect("re-injects");
+        assert_eq!(
+            native,
+            inject_object(&input, &options(false)).expect("injects").0
+        );
+    }
+
+    #[test]
+    fn idempotent() {
+        let input = pod(json!([{"name": "app", "image": "a", "unknownField": {"x": 1}}]));
+        let (once, _) = inject_object(&input, &options(false)).expect("injects");
+        let (twice, _) = inject_object(&once, &options(false)).expect("re-injects");
+        assert_eq!(once, twice);
+        assert_eq!(
+            once["spec"]["containers"][0]["unknownField"],
+            json!({"x": 1})
+        );
+    }
+
+    #[test]
+    fn conflicts_name_the_field() {
+        let err = inject_object(&pod(json!([{"name": "app", "ports": [{"containerPort": 80}, {"containerPort": 15001}]}])), &options(false))
+            .expect_err("conflict");
+        assert!(
+            matches!(&err, PatchError::PortConflict { field, port: 15001, .. } if field == "spec.containers[0].ports[1].containerPort")
+        );
+        let err = inject_object(
+            &pod(json!([{"name": "app"}, {"name": "amazing-proxy"}])),
+            &options(false),
+        )
+        .expect_err("taken");
+        assert!(
+            matches!(&err, PatchError::NameTaken { field, .. } if field == "spec.containers[1].name")
+        );
+        let deploy = json!({"apiVersion": "apps/v1", "kind": "Deployment", "spec": {"template": {
+            "metadata": {"annotations": {"amazing-proxy.io/app-port": "8000"}}, "spec": {"containers": []}}}});
+        let err = inject_object(&deploy, &options(false)).expect_err("app port");
+        assert!(
+            err.to_string().starts_with(
+                "spec.template.metadata.annotations[\"amazing-proxy.io/app-port\"]: port 8000"
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn skips_and_passes_through() {
+        let mut p = pod(json!([{"name": "app"}]));
+        p["metadata"]["labels"] = json!({"amazing-proxy.io/inject": "disabled"});
+        assert!(
+            matches!(inject_object(&p, &options(false)), Ok((ref v, Outcome::Skipped(_))) if *v == p)
+        );
+        let mut p = pod(json!([{"name": "app"}]));
+        p["spec"]["hostNetwork"] = json!(true);
+        assert!(matches!(
+            inject_object(&p, &options(false)),
+            Ok((_, Outcome::Skipped(_)))
+        ));
+        let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "data": {"a": "b"}});
+        assert_eq!(
+            inject_object(&cm, &options(false)),
+            Ok((cm.clone(), Outcome::NotAPod))
+        );
+        // A kind named like ours in another group is someone else's.
+        let crd = json!({"apiVersion": "example.com/v1", "kind": "Deployment", "spec": {}});
+        assert_eq!(
+            inject_object(&crd, &options(false)),
+            Ok((crd.clone(), Outcome::NotAPod))
+        );
+        assert!(matches!(
+            inject_object(&json!({"kind": "Pod"}), &options(false)),
+            Err(PatchError::NotKubernetes { .. })
+        ));
+        assert!(matches!(
+            inject_object(&json!("text"), &options(false)),
+            Err(PatchError::NotKubernetes { .. })
+        ));
+    }
+
+    #[test]
+    fn cronjob_template_is_found() {
+        let cj = json!({"apiVersion": "batch/v1", "kind": "CronJob", "spec": {"schedule": "* * * * *",
+            "jobTemplate": {"spec": {"template": {"spec": {"containers": [{"name": "c"}], "restartPolicy": "OnFailure"}}}}}});
+        let (out, outcome) = inject_object(&cj, &options(false)).expect("injects");
+        assert_eq!(outcome, Outcome::Injected);
+        assert_eq!(
+            out["spec"]["jobTemplate"]["spec"]["template"]["spec"]["initContainers"][1]["name"],
+            SIDECAR_NAME
+        );
+        let bad = json!({"apiVersion": "batch/v1", "kind": "CronJob", "spec": {}});
+        let err = inject_object(&bad, &options(false)).expect_err("no template");
+        assert!(
+            err.to_string()
+                .starts_with("spec.jobTemplate: expected a mapping"),
+            "{err}"
+        );
+    }
+}

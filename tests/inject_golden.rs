@@ -1,0 +1,435 @@
+//! `amazing-proxy inject` end to end: the real binary on every fixture in tests/fixtures/inject/,
+//! compared with tests/golden/inject/, re-injected to check idempotency, and validated against the
+//! Kubernetes schema with `kubernetes-validate` (as is everything in deploy/).
+//!
+//! `UPDATE_GOLDENS=1 cargo test` rewrites the goldens from the current output.
+//! kubernetes-validate is found through `AMAZING_PROXY_KUBERNETES_VALIDATE`, then
+//! `$AMAZING_PROXY_TEST_VENV/bin`, then `PATH`; the tests fail if it is nowhere.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde::Deserialize;
+use serde_json::Value;
+
+const FIXTURES: &str = "tests/fixtures/inject";
+const GOLDENS: &str = "tests/golden/inject";
+/// The oldest and newest Kubernetes schemas kubernetes-validate ships that have native sidecars GA.
+const KUBERNETES_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
+
+struct Case {
+    fixture: &'static str,
+    args: &'static [&'static str],
+    /// Strict validation rejects unknown fields, which one fixture keeps on purpose.
+    strict: bool,
+}
+
+const CASES: &[Case] = &[
+    Case {
+        fixture: "pod.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "deployment.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "statefulset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "daemonset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "replicaset.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "job.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "cronjob.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "multi-doc.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "list.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "deployment.json",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "annotations-all.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "disable-outbound.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "legacy-sidecar.yaml",
+        args: &["--legacy-sidecar"],
+        strict: true,
+    },
+    Case {
+        fixture: "flags.yaml",
+        args: &[
+            "--image=registry.example.com/amazing-proxy:dev",
+            "--inbound-ports=80",
+            "--exclude-inbound-ports=9100",
+            "--exclude-outbound-ports=3306",
+            "--exclude-outbound-cidrs=169.254.169.254/32",
+            "--opaque-ports=3306",
+            "--access-log=off",
+            "--drain-delay=2s",
+            "--proxy-cpu-request=5m",
+            "--proxy-memory-request=",
+            "--proxy-cpu-limit=200m",
+            "--proxy-memory-limit=64Mi",
+        ],
+        strict: true,
+    },
+    Case {
+        fixture: "opted-out.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "passthrough.yaml",
+        args: &[],
+        strict: true,
+    },
+    Case {
+        fixture: "unknown-fields.yaml",
+        args: &[],
+        strict: false,
+    },
+    Case {
+        fixture: "reinject.yaml",
+        args: &[],
+        strict: true,
+    },
+];
+
+const ERROR_CASES: &[&str] = &[
+    "err-not-kubernetes.yaml",
+    "err-port-conflict.yaml",
+    "err-name-taken.yaml",
+    "err-bad-annotation.yaml",
+    "err-inbound-excluded.yaml",
+    "err-yaml-syntax.yaml",
+];
+
+/// Runs the binary with a time bound; `stdin` is fed if given (else stdin is empty).
+fn run(args: &[&str], stdin: &[u8]) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_amazing-proxy"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start amazing-proxy");
+    let mut input = child.stdin.take().expect("stdin piped");
+    input.write_all(stdin).expect("write stdin");
+    drop(input);
+    let id = child.id();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(Duration::from_secs(30)) {
+        Ok(output) => output.expect("wait for amazing-proxy"),
+        Err(_) => {
+            let _ = Command::new("kill").arg("-9").arg(id.to_string()).status();
+            panic!("amazing-proxy {args:?} did not finish within 30s");
+        }
+    }
+}
+
+fn inject(fixture_path: &str, args: &[&str]) -> Output {
+    let mut all = vec!["inject", "-f", fixture_path];
+    all.extend_from_slice(args);
+    run(&all, b"")
+}
+
+fn updating() -> bool {
+    std::env::var_os("UPDATE_GOLDENS").is_some_and(|v| v == "1")
+}
+
+/// Compares with the golden file, or rewrites it under `UPDATE_GOLDENS=1`.
+fn check_golden(name: &str, actual: &str) {
+    let path = Path::new(GOLDENS).join(name);
+    if updating() {
+        std::fs::create_dir_all(GOLDENS).expect("create golden dir");
+        std::fs::write(&path, actual).expect("write golden");
+        return;
+    }
+    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test` to create it",
+            path.display()
+        )
+    });
+    assert!(
+        expected == actual,
+        "{} differs from the output; if the change is intended, run `UPDATE_GOLDENS=1 cargo test`\n--- expected\n{expected}\n--- actual\n{actual}",
+        path.display()
+    );
+}
+
+fn golden_name(fixture: &str) -> String {
+    match fixture.rsplit_once('.') {
+        Some((stem, ext)) => format!("{stem}.out.{ext}"),
+        None => format!("{fixture}.out"),
+    }
+}
+
+fn utf8(bytes: &[u8]) -> String {
+    String::from_utf8(bytes.to_vec()).expect("UTF-8 output")
+}
+
+#[test]
+fn goldens_idempotent_and_valid() {
+    let validate_dir = tempfile::tempdir().expect("temp dir");
+    let (mut strict, mut lenient) = (Vec::new(), Vec::new());
+    for case in CASES {
+        let path = format!("{FIXTURES}/{}", case.fixture);
+        let out = inject(&path, case.args);
+        let stdout = utf8(&out.stdout);
+        assert!(
+            out.status.success(),
+            "inject {} failed: {}",
+            case.fixture,
+            utf8(&out.stderr)
+        );
+        check_golden(&golden_name(case.fixture), &stdout);
+
+        // inject(inject(x)) == inject(x), through stdin this time.
+        let mut args = vec!["inject"];
+        args.extend_from_slice(case.args);
+        let again = run(&args, stdout.as_bytes());
+        assert!(
+            again.status.success(),
+            "re-injecting {} failed: {}",
+            case.fixture,
+            utf8(&again.stderr)
+        );
+        assert!(
+            utf8(&again.stdout) == stdout,
+            "re-injecting {} changed it:\n{}",
+            case.fixture,
+            utf8(&again.stdout)
+        );
+
+        let files = split_for_validation(&stdout, case.fixture, validate_dir.path());
+        if case.strict {
+            strict.extend(files)
+        } else {
+            lenient.extend(files)
+        }
+    }
+    validate(&strict, true);
+    validate(&lenient, false);
+}
+
+#[test]
+fn errors_name_the_document_and_field_and_write_nothing() {
+    for fixture in ERROR_CASES {
+        let out = inject(&format!("{FIXTURES}/{fixture}"), &[]);
+        assert!(!out.status.success(), "{fixture} was accepted");
+        assert!(
+            out.stdout.is_empty(),
+            "{fixture} wrote to stdout: {}",
+            utf8(&out.stdout)
+        );
+        let stderr = utf8(&out.stderr);
+        assert!(
+            stderr.contains(fixture),
+            "{fixture}: the error does not name the file: {stderr}"
+        );
+        check_golden(
+            &format!("{}.err.txt", fixture.trim_end_matches(".yaml")),
+            &stderr,
+        );
+    }
+}
+
+#[test]
+fn stdin_with_and_without_dash() {
+    let input = std::fs::read(format!("{FIXTURES}/pod.yaml")).expect("fixture");
+    let from_file = inject(&format!("{FIXTURES}/pod.yaml"), &[]);
+    for args in [&["inject"][..], &["inject", "-f", "-"][..]] {
+        let out = run(args, &input);
+        assert!(out.status.success(), "{args:?}: {}", utf8(&out.stderr));
+        assert_eq!(out.stdout, from_file.stdout, "{args:?}");
+    }
+    let missing = inject("tests/fixtures/inject/no-such-file.yaml", &[]);
+    assert!(!missing.status.success());
+    assert!(utf8(&missing.stderr).contains("cannot read tests/fixtures/inject/no-such-file.yaml"));
+}
+
+#[test]
+fn skipped_pods_are_reported_on_stderr() {
+    let out = inject(&format!("{FIXTURES}/opted-out.yaml"), &[]);
+    assert!(out.status.success());
+    let stderr = utf8(&out.stderr);
+    for doc in [
+        "document 1 (Pod \"by-annotation\")",
+        "document 2 (Deployment \"by-label\")",
+        "document 3 (DaemonSet \"host-network\")",
+    ] {
+        assert!(stderr.contains(doc), "{doc} not reported: {stderr}");
+    }
+    let input = std::fs::read_to_string(format!("{FIXTURES}/opted-out.yaml")).expect("fixture");
+    let parse = |text: &str| -> Vec<Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).expect("YAML"))
+            .filter(|v| !v.is_null())
+            .collect()
+    };
+    assert_eq!(
+        parse(&input),
+        parse(&utf8(&out.stdout)),
+        "opted-out documents changed"
+    );
+}
+
+#[test]
+fn deploy_manifests_are_valid() {
+    let mut files = Vec::new();
+    collect_yaml(Path::new("deploy"), &mut files);
+    assert!(
+        files.iter().any(|f| f.ends_with("pod.yaml")),
+        "deploy/pod.yaml missing"
+    );
+    validate(&files, true);
+}
+
+/// deploy/pod.yaml is what the injector writes for the tutorial's pod.
+#[test]
+fn deploy_pod_is_the_injected_tutorial_pod() {
+    let injected = inject(&format!("{FIXTURES}/pod.yaml"), &[]);
+    let deploy = std::fs::read_to_string("deploy/pod.yaml").expect("deploy/pod.yaml");
+    let parse =
+        |text: &str| Value::deserialize(serde_yaml::Deserializer::from_str(text)).expect("YAML");
+    assert_eq!(
+        parse(&deploy),
+        parse(&utf8(&injected.stdout)),
+        "deploy/pod.yaml is not inject(tests/fixtures/inject/pod.yaml)"
+    );
+}
+
+fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", dir.display()))
+        .map(|e| e.expect("dir entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.is_dir() {
+            collect_yaml(&path, out);
+        } else if path.extension().is_some_and(|e| e == "yaml" || e == "yml") {
+            out.push(path);
+        }
+    }
+}
+
+/// One file per object, `List`s expanded: kubernetes-validate has no schema for `List` and would
+/// only warn, leaving the items unchecked.
+fn split_for_validation(text: &str, fixture: &str, dir: &Path) -> Vec<PathBuf> {
+    let mut objects = Vec::new();
+    let docs: Vec<Value> = if text.trim_start().starts_with('{') {
+        serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .map(|d| d.expect("JSON"))
+            .collect()
+    } else {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| Value::deserialize(d).expect("YAML"))
+            .collect()
+    };
+    for doc in docs {
+        match doc.get("items") {
+            Some(Value::Array(items))
+                if doc["kind"].as_str().is_some_and(|k| k.ends_with("List")) =>
+            {
+                objects.extend(items.clone())
+            }
+            _ if doc.is_null() => {}
+            _ => objects.push(doc),
+        }
+    }
+    objects
+        .iter()
+        .enumerate()
+        .map(|(i, object)| {
+            let path = dir.join(format!("{}-{i}.json", fixture.replace('.', "-")));
+            std::fs::write(&path, serde_json::to_vec_pretty(object).expect("JSON")).expect("write");
+            path
+        })
+        .collect()
+}
+
+fn kubernetes_validate() -> PathBuf {
+    if let Some(path) = std::env::var_os("AMAZING_PROXY_KUBERNETES_VALIDATE") {
+        return PathBuf::from(path);
+    }
+    let mut dirs: Vec<PathBuf> = Vec::new();
+    if let Some(venv) = std::env::var_os("AMAZING_PROXY_TEST_VENV") {
+        dirs.push(Path::new(&venv).join("bin"));
+    }
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    dirs.into_iter().map(|d| d.join("kubernetes-validate")).find(|p| p.is_file()).unwrap_or_else(|| {
+        panic!(
+            "kubernetes-validate not found: install it (pip install kubernetes-validate==1.37.0, as scripts/deps.sh does) \
+             and put it on PATH or set AMAZING_PROXY_KUBERNETES_VALIDATE to its path"
+        )
+    })
+}
+
+fn validate(files: &[PathBuf], strict: bool) {
+    if files.is_empty() {
+        return;
+    }
+    let tool = kubernetes_validate();
+    for version in KUBERNETES_VERSIONS {
+        let mut cmd = Command::new(&tool);
+        cmd.arg("--quiet").arg("--kubernetes-version").arg(version);
+        if strict {
+            cmd.arg("--strict");
+        }
+        let out = cmd
+            .args(files)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", tool.display()));
+        let report = format!("{}{}", utf8(&out.stdout), utf8(&out.stderr));
+        assert!(
+            out.status.success() && !report.contains("ERROR"),
+            "kubernetes-validate (Kubernetes {version}, strict: {strict}) rejected:\n{report}"
+        );
+    }
+}
