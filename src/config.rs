@@ -195,14 +195,16 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks what clap cannot: relations between options.
     pub fn validate(&self) -> Result<(), String> {
-        if self.admin == self.inbound {
+        // Port 0 asks the kernel for a free port: two listeners on port 0 never collide.
+        let collide = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        if collide(self.admin, self.inbound) {
             return Err(format!(
                 "--admin and --inbound are both {}: the admin listener must not share the data port",
                 self.admin
             ));
         }
         if let Listen(Some(out)) = self.outbound {
-            if out == self.inbound || out == self.admin {
+            if collide(out, self.inbound) || collide(out, self.admin) {
                 return Err(format!(
                     "--outbound {out} collides with --inbound or --admin: give each listener its own port"
                 ));
@@ -242,6 +244,23 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn listeners_on_port_zero_do_not_collide() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parse").run.validate();
+        let zero = ["x", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        assert_eq!(
+            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            Ok(())
+        );
+        assert!(parse(&["x", "--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
     }
 
     #[test]
