@@ -373,7 +373,12 @@ pub fn get_request(addr: SocketAddr, path: &str) -> Request<Empty<Bytes>> {
         .expect("GET request")
 }
 
-pub fn full_request(method: &str, addr: SocketAddr, path: &str, body: &str) -> Request<Full<Bytes>> {
+pub fn full_request(
+    method: &str,
+    addr: SocketAddr,
+    path: &str,
+    body: &str,
+) -> Request<Full<Bytes>> {
     Request::builder()
         .method(method)
         .uri(path)
@@ -597,7 +602,9 @@ pub fn pattern() -> Bytes {
 }
 
 /// A body of `total` bytes of [`pattern`], generated chunk by chunk.
-pub fn pattern_body(total: u64) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
+pub fn pattern_body(
+    total: u64,
+) -> StreamBody<impl futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>>> {
     let chunks = futures_util::stream::unfold(total, |left| async move {
         if left == 0 {
             return None;
@@ -860,7 +867,9 @@ impl ReservedPort {
 
     /// Starts listening: the reserved port becomes a [`TestApp`].
     pub fn listen(self) -> TestApp {
-        self.socket.listen(128).expect("listen on the reserved port");
+        self.socket
+            .listen(128)
+            .expect("listen on the reserved port");
         self.socket
             .set_nonblocking(true)
             .expect("non-blocking listener");
