@@ -18,7 +18,7 @@ use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -409,17 +409,16 @@ where
         H1Conn { sender }
     }
 
-    /// Sends a request; returns the response with its body unread.
+    /// Sends a request; returns the response with its body unread. Not bounded: the caller
+    /// bounds it (an upload's response head comes after the whole body).
     pub async fn request(&mut self, req: Request<B>) -> Response<Incoming> {
-        bounded("response head", WAIT, async {
-            self.sender.ready().await.expect("connection ready");
-            self.sender.send_request(req).await.expect("send request")
-        })
-        .await
+        self.sender.ready().await.expect("connection ready");
+        self.sender.send_request(req).await.expect("send request")
     }
 
+    /// Sends a request and reads the whole response, within [`WAIT`].
     pub async fn send(&mut self, req: Request<B>) -> Reply {
-        let response = self.request(req).await;
+        let response = bounded("response head", WAIT, self.request(req)).await;
         read_reply(response).await
     }
 }
