@@ -71,7 +71,19 @@ pub struct Exchange {
     grpc_status: Option<u16>,
     /// Set when the proxy answered with an error of its own.
     error: Option<ErrorKind>,
+    /// Set once logged, so that dropping the exchange does not log it again.
+    logged: bool,
     _in_flight: Option<InFlight>,
+}
+
+impl Drop for Exchange {
+    /// An exchange dropped before it was logged had its request future dropped: the client left
+    /// while the app was still working on the response head. Log it as nginx does (499).
+    fn drop(&mut self) {
+        if !self.logged {
+            self.log(Some(ErrorKind::ClientDisconnected));
+        }
+    }
 }
 
 impl Exchange {
@@ -82,7 +94,12 @@ impl Exchange {
     }
 
     /// The logging phase: metrics and one access-log record.
-    pub fn finish(self, error: Option<ErrorKind>) {
+    pub fn finish(mut self, error: Option<ErrorKind>) {
+        self.log(error);
+    }
+
+    fn log(&mut self, error: Option<ErrorKind>) {
+        self.logged = true;
         let error = self.error.or(error);
         let duration = self.start.elapsed();
         let direction = self.conn.direction;
@@ -191,6 +208,7 @@ pub async fn handle(
         response_bytes: 0,
         grpc_status: None,
         error: None,
+        logged: false,
         _in_flight: None,
     };
     let Some(in_flight) = in_flight else {
