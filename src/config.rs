@@ -45,6 +45,12 @@ pub enum AppProtocol {
     Auto,
 }
 
+/// Parses `IP:PORT`, with a message that says so (the standard one only says "invalid syntax").
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
+}
+
 /// Parses `500ms`, `2s`, `1m` (humantime syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -88,7 +94,7 @@ impl FromStr for PortList {
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Inbound listener: traffic to the pod, redirected here by `amazing-proxy init`.
-    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value = "0.0.0.0:8000")]
+    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value = "0.0.0.0:8000", value_parser = parse_socket_addr)]
     pub inbound: SocketAddr,
 
     /// Outbound listener: the app's own connections, redirected here by `init`; `off` disables it.
@@ -100,11 +106,11 @@ pub struct RunArgs {
     pub outbound: Listen,
 
     /// The app, used when an inbound connection has no original destination (not redirected).
-    #[arg(long, env = "AMAZING_PROXY_APP", default_value = "127.0.0.1:80")]
+    #[arg(long, env = "AMAZING_PROXY_APP", default_value = "127.0.0.1:80", value_parser = parse_socket_addr)]
     pub app: SocketAddr,
 
     /// Admin listener (/live, /ready, /metrics, POST /shutdown); never the data port.
-    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value = "127.0.0.1:15000")]
+    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value = "127.0.0.1:15000", value_parser = parse_socket_addr)]
     pub admin: SocketAddr,
 
     /// Access log format, written to stdout.
