@@ -94,6 +94,29 @@ async fn app_closing_pooled_connections_never_reaches_the_client() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_closing_a_pooled_connection_as_a_request_arrives_is_retried() {
+    bounded("test", TEST_TIMEOUT, async {
+        // The race made deterministic: the app answers a connection's first request, then closes
+        // the connection when the next request arrives on it, without answering.
+        let app = RawApp::start(|mut stream, _| async move {
+            if read_head(&mut stream).await.is_some() {
+                let _ = stream
+                    .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+                let _ = read_head(&mut stream).await;
+            }
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &[]).await;
+        for i in 0..5 {
+            let reply = proxy.get("/").await;
+            assert_eq!(reply.status, StatusCode::OK, "request {i}: {}", reply.text());
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_app_gives_504_after_the_response_timeout() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;
