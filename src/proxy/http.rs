@@ -237,14 +237,33 @@ pub async fn handle(
     } else {
         &proxy.upstream.http1
     };
+    // The keep-alive race: the app may close a pooled connection just as a request is written on
+    // it, and hyper only retries requests it had not written yet. A bodyless idempotent request
+    // can safely be sent once more, on a new connection.
+    let mut replay = (progress.is_none() && parts.method.is_idempotent()).then(|| {
+        let mut again = Request::new(RequestBody::empty());
+        *again.method_mut() = parts.method.clone();
+        *again.uri_mut() = parts.uri.clone();
+        *again.version_mut() = parts.version;
+        *again.headers_mut() = parts.headers.clone();
+        *again.extensions_mut() = parts.extensions.clone();
+        again
+    });
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, progress.clone()));
+    let exchange_with_app = async {
+        match client.request(upstream_req).await {
+            Err(err) if replay.is_some() && is_closed_before_answering(&err) => {
+                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again");
+                match replay.take() {
+                    Some(again) => client.request(again).await,
+                    None => Err(err),
+                }
+            }
+            other => other,
+        }
+    };
 
-    let mut response = match tokio::time::timeout(
-        proxy.response_timeout,
-        client.request(upstream_req),
-    )
-    .await
-    {
+    let mut response = match tokio::time::timeout(proxy.response_timeout, exchange_with_app).await {
         Err(_) => return Ok(error_response(ErrorKind::ResponseTimeout, exchange)),
         Ok(Err(err)) => {
             let client_body_failed = progress.is_some_and(|p| p.failed.load(Ordering::Relaxed));
@@ -269,6 +288,11 @@ pub async fn handle(
     exchange.status = response.status().as_u16();
     exchange.read_grpc_status(response.headers());
     Ok(response.map(|body| ResponseBody::upstream(body, exchange)))
+}
+
+/// Whether the app closed or reset the connection before any response (not a connect failure).
+fn is_closed_before_answering(err: &hyper_util::client::legacy::Error) -> bool {
+    !err.is_connect() && classify_client_error(err) == ErrorKind::UpstreamReset
 }
 
 /// After a 101: bytes flow both ways until either side closes; no timeout, since an idle WebSocket
