@@ -110,7 +110,12 @@ async fn app_closing_a_pooled_connection_as_a_request_arrives_is_retried() {
         let proxy = Proxy::start(app.addr, &[]).await;
         for i in 0..5 {
             let reply = proxy.get("/").await;
-            assert_eq!(reply.status, StatusCode::OK, "request {i}: {}", reply.text());
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "request {i}: {}",
+                reply.text()
+            );
         }
     })
     .await;
