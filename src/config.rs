@@ -45,6 +45,12 @@ pub enum AppProtocol {
     Auto,
 }
 
+/// Parses `IP:PORT`, with a message that says so (the standard one only says "invalid syntax").
+pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
+}
+
 /// Parses `500ms`, `2s`, `1m` (humantime syntax).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s)
@@ -88,7 +94,7 @@ impl FromStr for PortList {
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Inbound listener: traffic to the pod, redirected here by `amazing-proxy init`.
-    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value = "0.0.0.0:8000")]
+    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value = "0.0.0.0:8000", value_parser = parse_socket_addr)]
     pub inbound: SocketAddr,
 
     /// Outbound listener: the app's own connections, redirected here by `init`; `off` disables it.
@@ -100,11 +106,11 @@ pub struct RunArgs {
     pub outbound: Listen,
 
     /// The app, used when an inbound connection has no original destination (not redirected).
-    #[arg(long, env = "AMAZING_PROXY_APP", default_value = "127.0.0.1:80")]
+    #[arg(long, env = "AMAZING_PROXY_APP", default_value = "127.0.0.1:80", value_parser = parse_socket_addr)]
     pub app: SocketAddr,
 
     /// Admin listener (/live, /ready, /metrics, POST /shutdown); never the data port.
-    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value = "127.0.0.1:15000")]
+    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value = "127.0.0.1:15000", value_parser = parse_socket_addr)]
     pub admin: SocketAddr,
 
     /// Access log format, written to stdout.
@@ -195,14 +201,16 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks what clap cannot: relations between options.
     pub fn validate(&self) -> Result<(), String> {
-        if self.admin == self.inbound {
+        // Port 0 asks the kernel for a free port: two listeners on port 0 never collide.
+        let collide = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        if collide(self.admin, self.inbound) {
             return Err(format!(
                 "--admin and --inbound are both {}: the admin listener must not share the data port",
                 self.admin
             ));
         }
         if let Listen(Some(out)) = self.outbound
-            && (out == self.inbound || out == self.admin)
+            && (collide(out, self.inbound) || collide(out, self.admin))
         {
             return Err(format!(
                 "--outbound {out} collides with --inbound or --admin: give each listener its own port"
@@ -242,6 +250,23 @@ mod tests {
         assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
         assert!(parse_duration("soon").is_err());
         assert!(parse_positive_duration("0s").is_err());
+    }
+
+    #[test]
+    fn listeners_on_port_zero_do_not_collide() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parse").run.validate();
+        let zero = ["x", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        assert_eq!(
+            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            Ok(())
+        );
+        assert!(parse(&["x", "--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
     }
 
     #[test]

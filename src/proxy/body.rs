@@ -25,13 +25,24 @@ pub struct RequestProgress {
 }
 
 pub struct RequestBody {
-    inner: Incoming,
+    /// `None`: no body (a request sent again after the keep-alive race).
+    inner: Option<Incoming>,
     progress: Option<Arc<RequestProgress>>,
 }
 
 impl RequestBody {
     pub fn new(inner: Incoming, progress: Option<Arc<RequestProgress>>) -> Self {
-        RequestBody { inner, progress }
+        RequestBody {
+            inner: Some(inner),
+            progress,
+        }
+    }
+
+    pub fn empty() -> Self {
+        RequestBody {
+            inner: None,
+            progress: None,
+        }
     }
 }
 
@@ -44,7 +55,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let frame = ready!(Pin::new(inner).poll_frame(cx));
         if let Some(progress) = &this.progress {
             match &frame {
                 Some(Ok(f)) => {
@@ -62,11 +76,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), Incoming::size_hint)
     }
 }
 

@@ -608,7 +608,31 @@ async fn send_error(
     out: &mut Vec<u8>,
 ) -> bool {
     error_head(kind, keep_alive, out);
-    client.write_all(out).await.is_ok() && keep_alive
+    let written = client.write_all(out).await.is_ok();
+    if written && !keep_alive {
+        linger_close(client).await;
+    }
+    written && keep_alive
+}
+
+/// Closing a socket with unread input makes the kernel send a reset, which can destroy the
+/// response before the client reads it. So: send FIN, then read and discard what the client is
+/// still sending, for a bounded time and amount (nginx's lingering close).
+async fn linger_close(client: &mut TcpStream) {
+    const LINGER_TIME: Duration = Duration::from_secs(1);
+    const LINGER_BYTES: usize = 1024 * 1024;
+    let _ = client.shutdown().await;
+    let drain = async {
+        let mut sink = [0u8; 8192];
+        let mut drained = 0;
+        while drained < LINGER_BYTES {
+            match client.read(&mut sink).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => drained += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 enum HeadError {

@@ -93,7 +93,19 @@ pub struct Exchange {
     pub grpc_status: Option<u16>,
     /// Set when the proxy answered with an error of its own.
     error: Option<ErrorKind>,
+    /// Set once logged, so that dropping the exchange does not log it again.
+    logged: bool,
     in_flight_slot: Option<InFlight>,
+}
+
+impl Drop for Exchange {
+    /// An exchange dropped before it was logged had its request future dropped: the client left
+    /// while the app was still working on the response head. Log it as nginx does (499).
+    fn drop(&mut self) {
+        if !self.logged {
+            self.log(Some(ErrorKind::ClientDisconnected));
+        }
+    }
 }
 
 impl Exchange {
@@ -120,6 +132,7 @@ impl Exchange {
             response_bytes: 0,
             grpc_status: None,
             error: None,
+            logged: false,
             in_flight_slot: None,
         }
     }
@@ -143,7 +156,12 @@ impl Exchange {
     }
 
     /// The logging phase: metrics and one access-log record.
-    pub fn finish(self, error: Option<ErrorKind>) {
+    pub fn finish(mut self, error: Option<ErrorKind>) {
+        self.log(error);
+    }
+
+    fn log(&mut self, error: Option<ErrorKind>) {
+        self.logged = true;
         let error = self.error.or(error);
         let duration = self.start.elapsed();
         let direction = self.conn.direction;
@@ -275,14 +293,33 @@ pub async fn handle(
     } else {
         &proxy.upstream.http1
     };
+    // The keep-alive race: the app may close a pooled connection just as a request is written on
+    // it, and hyper only retries requests it had not written yet. A bodyless idempotent request
+    // can safely be sent once more, on a new connection.
+    let mut replay = (progress.is_none() && parts.method.is_idempotent()).then(|| {
+        let mut again = Request::new(RequestBody::empty());
+        *again.method_mut() = parts.method.clone();
+        *again.uri_mut() = parts.uri.clone();
+        *again.version_mut() = parts.version;
+        *again.headers_mut() = parts.headers.clone();
+        *again.extensions_mut() = parts.extensions.clone();
+        again
+    });
     let upstream_req = Request::from_parts(parts, RequestBody::new(body, progress.clone()));
+    let exchange_with_app = async {
+        match client.request(upstream_req).await {
+            Err(err) if replay.is_some() && is_closed_before_answering(&err) => {
+                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again");
+                match replay.take() {
+                    Some(again) => client.request(again).await,
+                    None => Err(err),
+                }
+            }
+            other => other,
+        }
+    };
 
-    let mut response = match tokio::time::timeout(
-        proxy.response_timeout,
-        client.request(upstream_req),
-    )
-    .await
-    {
+    let mut response = match tokio::time::timeout(proxy.response_timeout, exchange_with_app).await {
         Err(_) => return Ok(error_response(ErrorKind::ResponseTimeout, exchange)),
         Ok(Err(err)) => {
             let client_body_failed = progress.is_some_and(|p| p.failed.load(Ordering::Relaxed));
@@ -307,6 +344,11 @@ pub async fn handle(
     exchange.status = response.status().as_u16();
     exchange.read_grpc_status(response.headers());
     Ok(response.map(|body| ResponseBody::upstream(body, exchange)))
+}
+
+/// Whether the app closed or reset the connection before any response (not a connect failure).
+fn is_closed_before_answering(err: &hyper_util::client::legacy::Error) -> bool {
+    !err.is_connect() && classify_client_error(err) == ErrorKind::UpstreamReset
 }
 
 /// After a 101: bytes flow both ways until either side closes; no timeout, since an idle WebSocket

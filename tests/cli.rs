@@ -1,0 +1,230 @@
+//! `amazing-proxy run`'s command line: bad flags fail before anything binds, with a message that
+//! names the option and what it accepts; environment variables work; `--help` documents every flag.
+
+mod common;
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use http::StatusCode;
+
+struct Exit {
+    code: Option<i32>,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `cmd` to its exit, within 10 s.
+fn run_to_exit(mut cmd: Command) -> Exit {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn amazing-proxy");
+    let deadline = Instant::now() + WAIT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("amazing-proxy did not exit within {WAIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stdout = String::new();
+    let mut stderr = String::new();
+    child
+        .stdout
+        .take()
+        .expect("stdout")
+        .read_to_string(&mut stdout)
+        .expect("read stdout");
+    child
+        .stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut stderr)
+        .expect("read stderr");
+    Exit {
+        code: status.code(),
+        stdout,
+        stderr,
+    }
+}
+
+/// Runs `run` with `args` while this test holds the port `--inbound`/`--admin` point at: had the
+/// proxy tried to bind before validating, it would fail with "cannot bind" instead.
+fn rejected(args: &[&str], names: &[&str]) {
+    let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = held.local_addr().expect("held address").port();
+    let held_addr = format!("127.0.0.1:{port}");
+    let mut cmd = command();
+    cmd.arg("run").args(["--outbound", "off"]);
+    let mut args: Vec<String> = args.iter().map(|a| a.replace("HELD", &held_addr)).collect();
+    if !args.iter().any(|a| a == "--inbound") {
+        args.extend(["--inbound".into(), held_addr.clone()]);
+    }
+    if !args.iter().any(|a| a == "--admin") {
+        args.extend(["--admin".into(), "127.0.0.1:0".into()]);
+    }
+    cmd.args(&args);
+    let exit = run_to_exit(cmd);
+    assert_ne!(exit.code, Some(0), "accepted {args:?}");
+    assert!(exit.code.is_some(), "killed by a signal with {args:?}");
+    assert!(
+        !exit.stderr.contains("cannot bind") && !exit.stderr.contains("listening"),
+        "bound before validating {args:?}:\n{}",
+        exit.stderr
+    );
+    for name in names {
+        assert!(
+            exit.stderr.contains(name),
+            "the message for {args:?} does not mention {name:?}:\n{}",
+            exit.stderr
+        );
+    }
+    drop(held);
+}
+
+#[test]
+fn workers_0_is_rejected() {
+    rejected(&["--workers", "0"], &["--workers", "1..=1024"]);
+}
+
+#[test]
+fn unknown_access_log_format_is_rejected() {
+    rejected(
+        &["--access-log", "xml"],
+        &["--access-log", "seed", "json", "off"],
+    );
+}
+
+#[test]
+fn drain_delay_that_is_not_a_duration_is_rejected() {
+    rejected(&["--drain-delay", "soon"], &["--drain-delay", "500ms"]);
+}
+
+#[test]
+fn inbound_that_is_not_an_address_is_rejected() {
+    rejected(
+        &["--inbound", "nonsense", "--admin", "HELD"],
+        &["--inbound", "nonsense", "IP:PORT"],
+    );
+}
+
+#[test]
+fn admin_on_the_inbound_address_is_rejected() {
+    rejected(
+        &["--inbound", "HELD", "--admin", "HELD"],
+        &["--admin", "--inbound"],
+    );
+}
+
+#[test]
+fn bad_value_from_the_environment_is_rejected_naming_the_option() {
+    let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let mut cmd = command();
+    cmd.arg("run")
+        .env(
+            "AMAZING_PROXY_INBOUND",
+            held.local_addr().expect("addr").to_string(),
+        )
+        .env("AMAZING_PROXY_ADMIN", "127.0.0.1:0")
+        .env("AMAZING_PROXY_OUTBOUND", "off")
+        .env("AMAZING_PROXY_ACCESS_LOG", "xml");
+    let exit = run_to_exit(cmd);
+    assert_ne!(exit.code, Some(0));
+    assert!(exit.stderr.contains("--access-log"), "{}", exit.stderr);
+    assert!(exit.stderr.contains("seed"), "{}", exit.stderr);
+    assert!(!exit.stderr.contains("cannot bind"), "{}", exit.stderr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn environment_variables_configure_run() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let proxy = Proxy::builder(app.addr)
+            .env("AMAZING_PROXY_ACCESS_LOG", "seed")
+            .env("AMAZING_PROXY_REWRITE_HOST", "true")
+            .start()
+            .await;
+        let reply = proxy.get("/echo?from=env").await;
+        assert_eq!(reply.status, StatusCode::OK);
+        assert_eq!(echoed_header(&reply.json(), "host"), [app.addr.to_string()]);
+        let log = proxy
+            .wait_for_log(|t| t.contains("Response Status: 200\n\n"), WAIT)
+            .await;
+        assert!(
+            log.starts_with(&format!(
+                "Original URL: http://{}/echo?from=env\n",
+                proxy.inbound
+            )),
+            "{log}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn several_workers_serve_requests() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let proxy = Proxy::start(app.addr, &["--workers", "2"]).await;
+        for _ in 0..5 {
+            assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+        }
+    })
+    .await;
+}
+
+const RUN_FLAGS: &[&str] = &[
+    "inbound",
+    "outbound",
+    "app",
+    "admin",
+    "access-log",
+    "workers",
+    "preserve-header-case",
+    "rewrite-host",
+    "app-protocol",
+    "http2-ports",
+    "connect-timeout",
+    "response-timeout",
+    "max-connections",
+    "max-in-flight",
+    "max-header-bytes",
+    "app-ready-path",
+    "drain-delay",
+    "drain-timeout",
+    "detect-timeout",
+    "opaque-ports",
+    "proxy-mark",
+];
+
+#[test]
+fn run_help_documents_every_flag_and_its_environment_variable() {
+    let mut cmd = command();
+    cmd.args(["run", "--help"]);
+    let exit = run_to_exit(cmd);
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+    let help = exit.stdout;
+    for flag in RUN_FLAGS {
+        let line = help
+            .lines()
+            .position(|l| l.trim_start().starts_with(&format!("--{flag}")))
+            .unwrap_or_else(|| panic!("--{flag} missing from run --help:\n{help}"));
+        let doc = help.lines().nth(line + 1).unwrap_or_default().trim();
+        assert!(!doc.is_empty(), "--{flag} has no description:\n{help}");
+        let env = format!("AMAZING_PROXY_{}", flag.to_uppercase().replace('-', "_"));
+        assert!(
+            help.contains(&format!("[env: {env}=")),
+            "{env} missing:\n{help}"
+        );
+    }
+}
