@@ -195,14 +195,16 @@ pub struct RunArgs {
 impl RunArgs {
     /// Checks what clap cannot: relations between options.
     pub fn validate(&self) -> Result<(), String> {
-        if self.admin == self.inbound {
+        // Port 0 asks the kernel for a free port: two listeners on `IP:0` never collide.
+        let same = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
+        if same(self.admin, self.inbound) {
             return Err(format!(
                 "--admin and --inbound are both {}: the admin listener must not share the data port",
                 self.admin
             ));
         }
         if let Listen(Some(out)) = self.outbound
-            && (out == self.inbound || out == self.admin)
+            && (same(out, self.inbound) || same(out, self.admin))
         {
             return Err(format!(
                 "--outbound {out} collides with --inbound or --admin: give each listener its own port"
@@ -253,5 +255,28 @@ mod tests {
         assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
         assert!("0".parse::<PortList>().is_err());
         assert!("http".parse::<PortList>().is_err());
+    }
+
+    #[test]
+    fn listeners_on_port_zero_do_not_collide() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+                .expect("parse")
+                .run
+                .validate()
+        };
+        let zero = ["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        assert_eq!(parse(&zero), Ok(()));
+        assert_eq!(
+            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            Ok(())
+        );
+        assert!(parse(&["--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
     }
 }
