@@ -193,7 +193,9 @@ async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
         let mut last_len = 0;
         loop {
             match stream.peek(&mut buf).await {
-                Ok(0) => return Detected::Closed,
+                // The client half-closed before sending anything (`nc host port < /dev/null`):
+                // it can still read, and a server-first protocol still has something to say.
+                Ok(0) => return Detected::Opaque("client_eof"),
                 Ok(n) => {
                     if let Some(found) = classify(&buf[..n]) {
                         return found;
