@@ -150,6 +150,44 @@ async fn half_close_through_detection() {
     .expect("test timed out");
 }
 
+/// A server that reads 1000 bytes and then resets the connection (SO_LINGER 0): the copy fails,
+/// and what crossed before the reset must still be logged and counted.
+#[tokio::test]
+async fn bytes_are_counted_when_the_server_resets() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let app = listener.local_addr().expect("addr");
+        tokio::spawn(async move {
+            if let Ok((mut s, _)) = listener.accept().await {
+                let mut buf = vec![0u8; 1000];
+                if s.read_exact(&mut buf).await.is_ok() {
+                    let _ = s.set_zero_linger();
+                    drop(s);
+                }
+            }
+        });
+        let proxy = opaque_proxy(app, &[]);
+        let mut s = TcpStream::connect(proxy.inbound).await.expect("connect");
+        s.write_all(&payload(1000)).await.expect("write");
+        let mut rest = Vec::new();
+        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut rest))
+            .await
+            .expect("the proxy kept the connection open after the reset");
+        let r = proxy.wait_log(|r| r["protocol"] == "TCP").await;
+        assert_eq!(r["request_bytes"], 1000, "{r}");
+        assert_eq!(r["error"], "tcp_io", "{r}");
+        proxy
+            .wait_metric(
+                "amazing_proxy_tcp_read_bytes_total",
+                &["direction=\"inbound\""],
+                1000.0,
+            )
+            .await;
+    })
+    .await
+    .expect("test timed out");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Server speaks first: a fake banner server
 
