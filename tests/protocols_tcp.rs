@@ -451,15 +451,23 @@ async fn start_mariadb() -> Mariadb {
     require(mariadbd());
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
-    let status = Command::new("timeout")
-        .args(["60", "mariadb-install-db", "--no-defaults"])
-        .arg(format!("--datadir={}", data.display()))
-        .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .expect("mariadb-install-db");
-    assert!(status.success(), "mariadb-install-db failed");
+    // Two bootstraps at once (tests run in parallel) sometimes fail: one at a time.
+    static INSTALL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let out = {
+        let _one = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+        Command::new("timeout")
+            .args(["60", "mariadb-install-db", "--no-defaults"])
+            .arg(format!("--datadir={}", data.display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db"])
+            .output()
+            .expect("mariadb-install-db")
+    };
+    assert!(
+        out.status.success(),
+        "mariadb-install-db failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let port = free_port();
     let child = ChildGuard::spawn(
         "mariadbd",
