@@ -253,23 +253,6 @@ mod tests {
     }
 
     #[test]
-    fn listeners_on_port_zero_do_not_collide() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
-        }
-        let parse = |args: &[&str]| Cli::try_parse_from(args).expect("parse").run.validate();
-        let zero = ["x", "--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
-        assert_eq!(
-            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
-            Ok(())
-        );
-        assert!(parse(&["x", "--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
-    }
-
-    #[test]
     fn port_lists() {
         assert_eq!(
             "3306, 5432".parse::<PortList>(),
@@ -278,5 +261,28 @@ mod tests {
         assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
         assert!("0".parse::<PortList>().is_err());
         assert!("http".parse::<PortList>().is_err());
+    }
+
+    #[test]
+    fn listeners_on_port_zero_do_not_collide() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            run: RunArgs,
+        }
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
+                .expect("parse")
+                .run
+                .validate()
+        };
+        let zero = ["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        assert_eq!(parse(&zero), Ok(()));
+        assert_eq!(
+            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            Ok(())
+        );
+        assert!(parse(&["--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
     }
 }

@@ -230,7 +230,10 @@ pub async fn handle(
     let start = Instant::now();
     let in_flight = InFlight::acquire(&proxy.in_flight, proxy.max_in_flight);
     let upgrade = headers::is_upgrade(req.headers());
-    let downstream_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    // HTTP/2 extended CONNECT (`:protocol`, RFC 8441): a 2xx turns the stream into a tunnel.
+    let extended_connect =
+        req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
+    let downstream_upgrade = (upgrade || extended_connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
 
     // Request phase.
@@ -336,7 +339,8 @@ pub async fn handle(
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    if let (true, Some(downstream)) = (switching, downstream_upgrade) {
+    let tunnel_open = switching || (extended_connect && response.status().is_success());
+    if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut response);
         tokio::spawn(tunnel(downstream, upstream));
     }

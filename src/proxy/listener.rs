@@ -154,7 +154,7 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
     for (i, &b) in first.iter().enumerate().take(17) {
         match b {
             b'A'..=b'Z' | b'-' | b'_' => continue,
-            b' ' if i > 0 => return Some(Detected::Http1),
+            b' ' if i > 0 => return classify_target(&first[..i], &first[i + 1..]),
             _ => return Some(Detected::Opaque("not_http")),
         }
     }
@@ -165,13 +165,37 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
     }
 }
 
+/// After the method: the request target must start like one (origin form `/`, asterisk form `*`,
+/// absolute form `http://`, or anything after CONNECT). Text protocols whose commands are also an
+/// upper-case word and a space (Redis' inline `SET key value`, `GET key`) are not HTTP.
+fn classify_target(method: &[u8], target: &[u8]) -> Option<Detected> {
+    let first = *target.first()?;
+    if first == b'/' || first == b'*' || method == b"CONNECT" {
+        return Some(Detected::Http1);
+    }
+    let mut undecided = false;
+    for scheme in [&b"http://"[..], b"https://"] {
+        let n = target.len().min(scheme.len());
+        if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
+            if n == scheme.len() {
+                return Some(Detected::Http1);
+            }
+            undecided = true;
+        }
+    }
+    (!undecided).then_some(Detected::Opaque("not_http"))
+}
+
 async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
-    let mut buf = [0u8; 24];
+    // Room for the longest method (16), a space and `https://`.
+    let mut buf = [0u8; 32];
     let peek = async {
         let mut last_len = 0;
         loop {
             match stream.peek(&mut buf).await {
-                Ok(0) => return Detected::Closed,
+                // The client half-closed before sending anything (`nc host port < /dev/null`):
+                // it can still read, and a server-first protocol still has something to say.
+                Ok(0) => return Detected::Opaque("client_eof"),
                 Ok(n) => {
                     if let Some(found) = classify(&buf[..n]) {
                         return found;
@@ -324,6 +348,19 @@ mod tests {
             Some(Detected::Opaque("not_http"))
         );
         assert_eq!(classify(b" GET"), Some(Detected::Opaque("not_http")));
+        // Redis inline commands look like a method and a space.
+        assert_eq!(
+            classify(b"SET key value\r\n"),
+            Some(Detected::Opaque("not_http"))
+        );
+        assert_eq!(classify(b"GET key\r\n"), Some(Detected::Opaque("not_http")));
+        assert_eq!(classify(b"GET "), None);
+        assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"CONNECT db:5432 HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"GET http://a/ HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"GET https://a/ HTTP/1.1"), Some(Detected::Http1));
+        assert_eq!(classify(b"GET http:"), None);
+        assert_eq!(classify(b"GET httpx"), Some(Detected::Opaque("not_http")));
         assert_eq!(
             classify(b"AAAAAAAAAAAAAAAAAAAAAAAA"),
             Some(Detected::Opaque("not_http"))

@@ -103,7 +103,9 @@ fn server_builders(args: &RunArgs) -> (auto::Builder<TokioExecutor>, auto::Build
     http2
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(args.max_header_bytes);
+        .max_header_list_size(args.max_header_bytes)
+        // Extended CONNECT (RFC 8441: WebSocket over HTTP/2), forwarded to apps that support it.
+        .enable_connect_protocol();
     (http1, http2)
 }
 

@@ -1,0 +1,119 @@
+//! Issue 6, HTTP/2 extended CONNECT (RFC 8441, WebSocket over HTTP/2) where the app supports it:
+//! an h2c client sends `CONNECT` with `:protocol = websocket` to the proxy, the proxy forwards it to
+//! an h2c app that enabled the extended CONNECT protocol, the 200 comes back and WebSocket frames
+//! (tokio-tungstenite on the raw streams) flow both ways until the client closes.
+
+mod protocols_common;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::Bytes;
+use futures_util::{SinkExt, StreamExt};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::ext::Protocol;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_tungstenite::WebSocketStream;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::Role;
+
+use protocols_common::{Proxy, STEP};
+
+/// An h2c app with extended CONNECT enabled: `CONNECT :protocol=websocket` is answered 200 and
+/// the stream becomes a WebSocket echo.
+async fn start_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(|mut req: Request<_>| async move {
+                    let is_ws = req.method() == Method::CONNECT
+                        && req
+                            .extensions()
+                            .get::<Protocol>()
+                            .is_some_and(|p| p.as_str() == "websocket");
+                    if !is_ws {
+                        let mut r = Response::new(Empty::<Bytes>::new());
+                        *r.status_mut() = StatusCode::BAD_REQUEST;
+                        return Ok::<_, std::convert::Infallible>(r);
+                    }
+                    let upgrade = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = upgrade.await else { return };
+                        let mut ws = WebSocketStream::from_raw_socket(
+                            TokioIo::new(upgraded),
+                            Role::Server,
+                            None,
+                        )
+                        .await;
+                        while let Some(Ok(m)) = ws.next().await {
+                            if (m.is_text() || m.is_binary()) && ws.send(m).await.is_err() {
+                                break;
+                            }
+                        }
+                    });
+                    Ok(Response::new(Empty::<Bytes>::new()))
+                });
+                let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+                builder.enable_connect_protocol();
+                let _ = builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn websocket_over_h2_extended_connect() {
+    tokio::time::timeout(Duration::from_secs(60), async {
+        let app = start_app().await;
+        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("http://{}/ws", proxy.inbound))
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        req.extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        let mut res = tokio::time::timeout(STEP, sender.send_request(req))
+            .await
+            .expect("no response in time")
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        let upgraded = tokio::time::timeout(STEP, hyper::upgrade::on(&mut res))
+            .await
+            .expect("upgrade timed out")
+            .expect("upgrade");
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        for m in [Message::text("over h2"), Message::binary(vec![1u8, 2, 3])] {
+            ws.send(m.clone()).await.expect("send");
+            let back = tokio::time::timeout(STEP, ws.next())
+                .await
+                .expect("no echo in time")
+                .expect("stream ended")
+                .expect("frame");
+            assert_eq!(back, m);
+        }
+        ws.close(None).await.expect("close");
+
+        let r = proxy.wait_log(|r| r["method"] == "CONNECT").await;
+        assert_eq!(r["status"], 200, "{r}");
+        assert_eq!(r["protocol"], "HTTP/2.0", "{r}");
+    })
+    .await
+    .expect("test timed out");
+}
