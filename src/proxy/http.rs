@@ -20,6 +20,7 @@ use super::Proxy;
 use super::body::{RequestBody, RequestProgress, ResponseBody};
 use super::error::{ErrorKind, classify_client_error};
 use super::headers;
+use super::listener::ConnectionGuard;
 use crate::config::AppProtocol;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{Direction, MethodLabel};
@@ -342,7 +343,9 @@ pub async fn handle(
     let tunnel_open = switching || (extended_connect && response.status().is_success());
     if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut response);
-        tokio::spawn(tunnel(downstream, upstream));
+        // Counted as an open connection so that the drain waits for it (up to --drain-timeout).
+        let guard = ConnectionGuard::open(proxy, conn.direction);
+        tokio::spawn(tunnel(proxy, conn.direction, downstream, upstream, guard));
     }
     headers::prepare_response(response.headers_mut(), switching);
     exchange.status = response.status().as_u16();
@@ -357,7 +360,13 @@ fn is_closed_before_answering(err: &hyper_util::client::legacy::Error) -> bool {
 
 /// After a 101: bytes flow both ways until either side closes; no timeout, since an idle WebSocket
 /// is a healthy one.
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+async fn tunnel(
+    proxy: &'static Proxy,
+    direction: Direction,
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _guard: ConnectionGuard,
+) {
     let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -367,8 +376,14 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     };
     let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        tracing::debug!("upgraded connection ended: {e}");
+    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
+        Ok((from_client, from_app)) => {
+            // The tunnel's bytes are opaque: counted with the TCP bytes.
+            let metrics = proxy.metrics.direction(direction);
+            metrics.tcp_bytes_in.inc_by(from_client);
+            metrics.tcp_bytes_out.inc_by(from_app);
+        }
+        Err(e) => tracing::debug!("upgraded connection ended: {e}"),
     }
 }
 

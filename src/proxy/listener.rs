@@ -47,13 +47,13 @@ impl Connections {
     }
 }
 
-struct ConnectionGuard {
+pub(crate) struct ConnectionGuard {
     proxy: &'static Proxy,
     direction: Direction,
 }
 
 impl ConnectionGuard {
-    fn open(proxy: &'static Proxy, direction: Direction) -> ConnectionGuard {
+    pub(crate) fn open(proxy: &'static Proxy, direction: Direction) -> ConnectionGuard {
         proxy.connections.open.fetch_add(1, Ordering::AcqRel);
         proxy.metrics.direction(direction).open_connections.inc();
         ConnectionGuard { proxy, direction }
