@@ -69,7 +69,8 @@ fn parse_port_list(s: &str) -> Result<PortList, String> {
     s.parse()
 }
 
-/// A comma-separated list of TCP ports (`3306,5432`); empty means none.
+/// A comma-separated list of TCP ports (`3306,5432`); empty means none. Kept sorted and
+/// deduplicated so that what is generated from it does not depend on how the user wrote the list.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PortList(pub Vec<u16>);
 
@@ -82,11 +83,13 @@ impl FromStr for PortList {
                 Ok(p) if p != 0 => ports.push(p),
                 _ => {
                     return Err(format!(
-                        "expected a comma-separated list of ports 1-65535, got `{part}`"
+                        "expected a comma-separated list of TCP ports 1-65535, got `{part}`"
                     ));
                 }
             }
         }
+        ports.sort_unstable();
+        ports.dedup();
         Ok(PortList(ports))
     }
 }

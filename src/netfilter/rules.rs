@@ -5,30 +5,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::str::FromStr;
 
-/// A comma-separated list of TCP ports (`80,443`); empty means none. Kept sorted and deduplicated
-/// so that the rendered script does not depend on how the user wrote the list.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortList(pub Vec<u16>);
-
-impl FromStr for PortList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut ports = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<u16>() {
-                Ok(p) if p != 0 => ports.push(p),
-                _ => {
-                    return Err(format!(
-                        "expected a comma-separated list of TCP ports 1-65535, got `{part}`"
-                    ));
-                }
-            }
-        }
-        ports.sort_unstable();
-        ports.dedup();
-        Ok(PortList(ports))
-    }
-}
+pub use crate::config::PortList;
 
 /// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`; a bare address is a single host).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
