@@ -1,5 +1,7 @@
 //! Opaque TCP: bytes copied both ways, half-close passed on (a client's `shutdown(Write)` reaches the
 //! server while the response still flows back), one access-log record per connection.
+//! The bytes move with splice(2) (`splice`, zero-copy); the user-space copy below is the fallback
+//! when no pipes can be had.
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -9,6 +11,8 @@ use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::sync::watch;
+
+mod splice;
 
 use super::Proxy;
 use super::drain::{Phase, wait_for_closing};
@@ -38,7 +42,7 @@ pub async fn forward(
             (Err(kind), 0, 0)
         }
         Ok(mut server) => {
-            let copy = copy_both_ways(&mut client, &mut server);
+            let copy = relay(&mut client, &mut server);
             let mut copy = std::pin::pin!(copy);
             let outcome = tokio::select! {
                 r = copy.as_mut() => r,
@@ -78,6 +82,25 @@ pub async fn forward(
             grpc_status: None,
             error,
         });
+    }
+}
+
+/// Splice when the pipes can be had, else the user-space copy.
+async fn relay(
+    client: &mut TcpStream,
+    server: &mut TcpStream,
+) -> (Result<(), ErrorKind>, u64, u64) {
+    match splice::Pipes::new() {
+        Ok(pipes) => splice::both_ways(client, server, &pipes).await,
+        Err(e) => {
+            // Out of descriptors (EMFILE/ENFILE) most likely; the copy needs none. Untested: making
+            // pipe2 fail in one test process without starving everything else is not worth it.
+            static LOGGED: std::sync::Once = std::sync::Once::new();
+            LOGGED.call_once(|| {
+                tracing::debug!("no pipes for splice ({e}): copying through user space instead")
+            });
+            copy_both_ways(client, server).await
+        }
     }
 }
 
