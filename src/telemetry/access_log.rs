@@ -1,13 +1,17 @@
 //! The access log: one record per request (or opaque TCP connection), to stdout.
 //!
-//! Records are formatted on the request path into a shared buffer (a short, uncontended lock), and a
-//! dedicated writer thread flushes full batches, or whatever is there every 100 ms. The request path
-//! never waits for stdout: when the writer falls behind by more than [`MAX_QUEUED_BATCHES`] batches,
-//! the newest batch is dropped and counted in `amazing_proxy_access_log_dropped_records`. That trades
-//! completeness under overload for latency, as Envoy's and nginx's buffered loggers do.
+//! Records are formatted on the request path into a shared buffer (a short, uncontended lock); full
+//! 64 KiB batches move to a queue. A dedicated writer thread wakes every [`WRITE_EVERY`] on its own,
+//! writes the queued batches and whatever is pending: the request path never makes a syscall to
+//! wake it, and the writer (which shares the proxy's core in a sidecar) interrupts the data plane
+//! 50 times a second rather than once per batch. The request path never waits for stdout: when the
+//! writer falls behind by more than [`MAX_QUEUED_BATCHES`] batches, the newest batch is dropped and
+//! counted in `amazing_proxy_access_log_dropped_records`. That trades completeness under overload for
+//! latency, as Envoy's and nginx's buffered loggers do.
 
+use std::collections::VecDeque;
 use std::io::Write;
-use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, SystemTime};
@@ -19,8 +23,9 @@ use crate::proxy::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 
 const BATCH_BYTES: usize = 64 * 1024;
-const MAX_QUEUED_BATCHES: usize = 8;
-const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// 2 MiB at most: about 80 ms of a saturated core's records.
+const MAX_QUEUED_BATCHES: usize = 32;
+const WRITE_EVERY: Duration = Duration::from_millis(20);
 
 /// What happened to one request, as the proxy saw it.
 #[derive(Debug)]
@@ -255,7 +260,8 @@ fn write_decimal(
 pub struct AccessLog {
     format: AccessLogFormat,
     pending: Mutex<Batch>,
-    queue: SyncSender<Batch>,
+    queue: Mutex<VecDeque<Batch>>,
+    stop: AtomicBool,
     dropped: Counter,
     writer: Mutex<Option<JoinHandle<()>>>,
 }
@@ -273,11 +279,11 @@ impl AccessLog {
         out: Box<dyn Write + Send>,
         dropped: Counter,
     ) -> Arc<AccessLog> {
-        let (queue, batches) = std::sync::mpsc::sync_channel(MAX_QUEUED_BATCHES);
         let log = Arc::new(AccessLog {
             format,
             pending: Mutex::new(Batch::default()),
-            queue,
+            queue: Mutex::new(VecDeque::new()),
+            stop: AtomicBool::new(false),
             dropped,
             writer: Mutex::new(None),
         });
@@ -285,7 +291,7 @@ impl AccessLog {
             let shared = Arc::downgrade(&log);
             let handle = std::thread::Builder::new()
                 .name("access-log".into())
-                .spawn(move || writer_loop(out, batches, shared));
+                .spawn(move || writer_loop(out, shared));
             match handle {
                 Ok(h) => *lock(&log.writer) = Some(h),
                 Err(e) => {
@@ -317,28 +323,31 @@ impl AccessLog {
     }
 
     fn enqueue(&self, batch: Batch) {
-        match self.queue.try_send(batch) {
-            Ok(()) => {}
-            Err(TrySendError::Full(b)) | Err(TrySendError::Disconnected(b)) => {
-                self.dropped.inc_by(b.records);
-            }
+        let mut queue = lock(&self.queue);
+        if queue.len() < MAX_QUEUED_BATCHES {
+            queue.push_back(batch);
+        } else {
+            drop(queue);
+            self.dropped.inc_by(batch.records);
         }
     }
 
-    fn take_pending(&self) -> Batch {
-        std::mem::take(&mut *lock(&self.pending))
+    /// Everything to write now: the queued batches, then what is pending.
+    fn take_all(&self) -> VecDeque<Batch> {
+        let mut batches = std::mem::take(&mut *lock(&self.queue));
+        let pending = std::mem::take(&mut *lock(&self.pending));
+        if !pending.bytes.is_empty() {
+            batches.push_back(pending);
+        }
+        batches
     }
 
     /// Writes out everything logged so far and stops the writer; called once at exit.
     pub fn finish(&self) {
         let handle = lock(&self.writer).take();
         let Some(handle) = handle else { return };
-        let rest = self.take_pending();
-        if !rest.bytes.is_empty() {
-            self.enqueue(rest);
-        }
-        // An empty batch tells the writer to stop.
-        let _ = self.queue.send(Batch::default());
+        self.stop.store(true, Ordering::Release);
+        handle.thread().unpark();
         let _ = handle.join();
     }
 }
@@ -348,33 +357,23 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-fn writer_loop(
-    mut out: Box<dyn Write + Send>,
-    batches: Receiver<Batch>,
-    log: std::sync::Weak<AccessLog>,
-) {
+fn writer_loop(mut out: Box<dyn Write + Send>, log: std::sync::Weak<AccessLog>) {
     loop {
-        let batch = match batches.recv_timeout(FLUSH_EVERY) {
-            Ok(b) if b.bytes.is_empty() => break,
-            Ok(b) => b,
-            Err(RecvTimeoutError::Timeout) => match log.upgrade() {
-                Some(log) => log.take_pending(),
-                None => break,
-            },
-            Err(RecvTimeoutError::Disconnected) => break,
-        };
-        if batch.bytes.is_empty() {
-            continue;
-        }
-        if out
-            .write_all(&batch.bytes)
-            .and_then(|()| out.flush())
-            .is_err()
-        {
-            // stdout is gone (closed pipe): nothing left to log to.
-            if let Some(log) = log.upgrade() {
+        std::thread::park_timeout(WRITE_EVERY);
+        let Some(log) = log.upgrade() else { break };
+        let stopping = log.stop.load(Ordering::Acquire);
+        for batch in log.take_all() {
+            if out
+                .write_all(&batch.bytes)
+                .and_then(|()| out.flush())
+                .is_err()
+            {
+                // stdout is gone (closed pipe): nothing left to log to.
                 log.dropped.inc_by(batch.records);
             }
+        }
+        if stopping {
+            break;
         }
     }
     let _ = out.flush();
