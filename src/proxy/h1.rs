@@ -39,6 +39,8 @@ const MAX_HEADERS: usize = 100;
 const READ_CHUNK: usize = 16 * 1024;
 const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
 const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// hyper's default `header_read_timeout`, which the hyper path uses.
+const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
 const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
 
 /// How a message's body is delimited.
@@ -775,7 +777,11 @@ pub async fn serve(
                     read = client.read_buf(&mut buf) => read,
                 }
             } else {
-                client.read_buf(&mut buf).await
+                // A head that started must finish (slowloris); hyper's path has the same bound.
+                match tokio::time::timeout(HEAD_READ_TIMEOUT, client.read_buf(&mut buf)).await {
+                    Ok(read) => read,
+                    Err(_) => break 'connection Outcome::Done,
+                }
             };
             match read {
                 Ok(0) | Err(_) => break 'connection Outcome::Done,
