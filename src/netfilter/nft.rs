@@ -112,23 +112,10 @@ pub fn render(policy: &Policy) -> String {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
-    use crate::netfilter::rules::{PolicyOptions, PortList};
+    use crate::netfilter::rules::PolicyOptions;
 
     fn options() -> PolicyOptions {
-        PolicyOptions {
-            inbound_port: 8000,
-            outbound_port: 15001,
-            admin_port: 15000,
-            inbound_ports: PortList::default(),
-            exclude_inbound_ports: PortList::default(),
-            exclude_outbound_ports: PortList::default(),
-            exclude_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse().unwrap(),
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            proxy_mark: 1337,
-            no_outbound: false,
-            ipv6_outbound_redirect: false,
-        }
+        PolicyOptions::example()
     }
 
     #[test]
