@@ -216,6 +216,28 @@ impl Policy {
 }
 
 #[cfg(test)]
+impl PolicyOptions {
+    /// The default ports, uid, gid and mark, plus one outbound exclusion of each family: the
+    /// renderers' unit-test fixture.
+    pub fn example() -> PolicyOptions {
+        PolicyOptions {
+            inbound_port: 8000,
+            outbound_port: 15001,
+            admin_port: 15000,
+            inbound_ports: PortList::default(),
+            exclude_inbound_ports: PortList::default(),
+            exclude_outbound_ports: PortList::default(),
+            exclude_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse().expect("valid CIDRs"),
+            proxy_uid: 1337,
+            proxy_gid: 1337,
+            proxy_mark: 1337,
+            no_outbound: false,
+            ipv6_outbound_redirect: false,
+        }
+    }
+}
+
+#[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
@@ -303,27 +325,5 @@ mod tests {
         let mut o = defaults();
         o.admin_port = 0;
         assert!(Policy::new(&o, false).is_err());
-    }
-}
-
-#[cfg(test)]
-impl PolicyOptions {
-    /// The default ports, uid, gid and mark, plus one outbound exclusion of each family: the
-    /// renderers' unit-test fixture.
-    pub fn example() -> PolicyOptions {
-        PolicyOptions {
-            inbound_port: 8000,
-            outbound_port: 15001,
-            admin_port: 15000,
-            inbound_ports: PortList::default(),
-            exclude_inbound_ports: PortList::default(),
-            exclude_outbound_ports: PortList::default(),
-            exclude_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse().expect("valid CIDRs"),
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            proxy_mark: 1337,
-            no_outbound: false,
-            ipv6_outbound_redirect: false,
-        }
     }
 }
