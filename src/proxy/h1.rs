@@ -515,15 +515,17 @@ impl From<InvalidChunk> for CopyError {
 
 /// Copies one body from `src` to `dst`. `out` holds a head not yet written: the body's first bytes
 /// already in `src_buf` join it so that a small message leaves in one write. Bytes after the body
-/// stay in `src_buf` (a pipelined request). Returns the body's size (without chunk framing).
+/// stay in `src_buf` (a pipelined request). `copied` ends as the body's size (without chunk
+/// framing), or what was copied before an error.
 async fn copy_body(
     src: &mut TcpStream,
     src_buf: &mut BytesMut,
     dst: &mut TcpStream,
     framing: Framing,
     out: &mut Vec<u8>,
-) -> Result<u64, CopyError> {
-    let mut copied = 0u64;
+    copied: &mut u64,
+) -> Result<(), CopyError> {
+    *copied = 0;
     let mut tracker = ChunkedTracker::default();
     let mut remaining = match framing {
         Framing::Length(n) => n,
@@ -553,7 +555,7 @@ async fn copy_body(
                 .map_err(|_| CopyError::Write)?;
         }
         src_buf.advance(take);
-        copied += take as u64;
+        *copied += take as u64;
         let done = match framing {
             Framing::None => true,
             Framing::Length(_) => {
@@ -564,15 +566,14 @@ async fn copy_body(
             Framing::UntilClose => false,
         };
         if done {
-            return Ok(if framing == Framing::Chunked {
-                tracker.payload()
-            } else {
-                copied
-            });
+            if framing == Framing::Chunked {
+                *copied = tracker.payload();
+            }
+            return Ok(());
         }
         src_buf.reserve(READ_CHUNK);
         match src.read_buf(src_buf).await {
-            Ok(0) if framing == Framing::UntilClose => return Ok(copied),
+            Ok(0) if framing == Framing::UntilClose => return Ok(()),
             Ok(0) | Err(_) => return Err(CopyError::Read),
             Ok(_) => {}
         }
@@ -871,9 +872,9 @@ pub async fn serve(
                     &mut up.stream,
                     plan.framing,
                     &mut head_buf,
+                    &mut exchange.request_bytes,
                 )
                 .await
-                .map(|n| exchange.request_bytes = n)
             };
             match sent {
                 Ok(()) => {}
@@ -936,9 +937,9 @@ pub async fn serve(
             &mut client,
             response.framing,
             &mut out,
+            &mut exchange.response_bytes,
         )
         .await;
-        exchange.response_bytes = *copied.as_ref().unwrap_or(&0);
         match copied {
             Ok(_) => exchange.finish(None),
             Err(CopyError::Write) => {
