@@ -16,6 +16,8 @@ work=$(mktemp -d)
 pids=()
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  # Whatever else still runs in the pod (gunicorn's workers) would keep the namespace alive.
+  ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
   wait 2>/dev/null || true
   ip netns del "$ns" 2>/dev/null || true
   ip link del "$host_if" 2>/dev/null || true
@@ -33,9 +35,10 @@ in_pod ip addr add "$pod_ip/30" dev eth0
 in_pod ip link set eth0 up; in_pod ip link set lo up
 
 echo "== the app: httpbin under gunicorn on :80"
-in_pod "$root/target/venv/bin/gunicorn" -b 0.0.0.0:80 httpbin:app >"$work/app.log" 2>&1 & pids+=($!)
+# `ip netns exec` directly (not through in_pod) so that $! is the process itself.
+ip netns exec "$ns" "$root/target/venv/bin/gunicorn" -b 0.0.0.0:80 httpbin:app >"$work/app.log" 2>&1 & pids+=($!)
 echo "== the sidecar: amazing-proxy run --access-log seed (inbound :8000, admin 127.0.0.1:15000)"
-in_pod "$bin" run --access-log seed --drain-delay 0s >"$work/access.log" 2>"$work/proxy.log" & pids+=($!)
+ip netns exec "$ns" "$bin" run --access-log seed --drain-delay 0s >"$work/access.log" 2>"$work/proxy.log" & pids+=($!)
 in_pod bash -c "$(declare -f wait_http); wait_http http://127.0.0.1:80/get && wait_http http://127.0.0.1:15000/ready"
 echo "== the init container: amazing-proxy init"
 in_pod "$bin" init
