@@ -4,6 +4,7 @@
 mod common;
 
 use std::net::{SocketAddr, TcpListener};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -33,7 +34,8 @@ fn gunicorn() -> PathBuf {
         .unwrap_or_else(|| panic!("{NOT_FOUND}"))
 }
 
-/// httpbin under gunicorn on a free 127.0.0.1 port; killed and reaped on drop.
+/// httpbin under gunicorn on a free 127.0.0.1 port, in a process group of its own; the whole group
+/// (master and workers) is killed and the master reaped on drop.
 struct Httpbin {
     child: Child,
     addr: SocketAddr,
@@ -41,6 +43,9 @@ struct Httpbin {
 
 impl Drop for Httpbin {
     fn drop(&mut self) {
+        // Killing only the master would orphan its workers.
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -63,6 +68,7 @@ impl Httpbin {
                 .expect("pick a free port");
             let mut cmd = Command::new(&gunicorn);
             cmd.args(["-b", &addr.to_string(), "-w", "2", "httpbin:app"])
+                .process_group(0)
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
