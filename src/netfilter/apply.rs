@@ -513,6 +513,19 @@ fn current(tools: &IptTools, family: Family) -> Result<NatState, InitError> {
     }
 }
 
+/// `--dry-run` for the iptables backends: the tool that would run and each family's script.
+fn print_dry_run(backend: Backend, tools: &IptTools, plan: &[(Family, NatState, Option<String>)]) {
+    let parts: Vec<(Family, Option<String>)> =
+        plan.iter().map(|(f, _, sc)| (*f, sc.clone())).collect();
+    print!(
+        "# backend: {}; would run: {} {}\n{}",
+        backend.describe(),
+        tool_name(&tools.restore4),
+        RESTORE_ARGS.join(" "),
+        iptables::render_dry_run(&parts)
+    );
+}
+
 fn apply_iptables(s: &Settings, backend: Backend, tools: &IptTools) -> Result<(), InitError> {
     let ipv6 = resolve_ipv6_iptables(s.ipv6, tools)?;
     let policy = Policy::new(&s.options, ipv6).map_err(InitError::Invalid)?;
@@ -535,15 +548,7 @@ fn apply_iptables(s: &Settings, backend: Backend, tools: &IptTools) -> Result<()
         plan.push((family, before, script));
     }
     if s.dry_run {
-        let parts: Vec<(Family, Option<String>)> =
-            plan.iter().map(|(f, _, sc)| (*f, sc.clone())).collect();
-        print!(
-            "# backend: {}; would run: {} {}\n{}",
-            backend.describe(),
-            tool_name(&tools.restore4),
-            RESTORE_ARGS.join(" "),
-            iptables::render_dry_run(&parts)
-        );
+        print_dry_run(backend, tools, &plan);
         return Ok(());
     }
     let mut applied: Vec<(Family, &NatState)> = Vec::new();
@@ -648,15 +653,7 @@ fn clean(s: &Settings, env: &Env, obs: &Observation) -> Result<(), InitError> {
             plan.push((family, before, script));
         }
         if s.dry_run {
-            let parts: Vec<(Family, Option<String>)> =
-                plan.iter().map(|(f, _, sc)| (*f, sc.clone())).collect();
-            print!(
-                "# backend: {}; would run: {} {}\n{}",
-                backend.describe(),
-                tool_name(&tools.restore4),
-                RESTORE_ARGS.join(" "),
-                iptables::render_dry_run(&parts)
-            );
+            print_dry_run(backend, tools, &plan);
             continue;
         }
         let mut applied: Vec<(Family, &NatState)> = Vec::new();

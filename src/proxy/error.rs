@@ -176,7 +176,8 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKi
     }
 }
 
-fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
+/// What an I/O error means; `connecting` when it came from opening the upstream connection.
+pub fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
     use std::io::ErrorKind as Io;
     match io.kind() {
         Io::TimedOut if connecting => ErrorKind::ConnectTimeout,

@@ -30,7 +30,7 @@ use tokio::sync::watch;
 use super::Proxy;
 use super::chunked::{ChunkedTracker, InvalidChunk};
 use super::drain::{Phase, wait_for_closing};
-use super::error::ErrorKind;
+use super::error::{ErrorKind, classify_io};
 use super::headers::new_request_id;
 use super::http::{ConnContext, Exchange, InFlight, PathText};
 use super::upstream::connect;
@@ -841,11 +841,7 @@ pub async fn serve(
                         reused: false,
                     },
                     Err(e) => {
-                        let kind = match e.kind() {
-                            std::io::ErrorKind::ConnectionRefused => ErrorKind::ConnectRefused,
-                            std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
-                            _ => ErrorKind::ConnectFailed,
-                        };
+                        let kind = classify_io(&e, true);
                         let keep = inline_body.is_some() && plan.keep_alive;
                         let keep = send_error(&mut client, kind, keep, &mut out).await;
                         exchange.finish_with_error(kind);

@@ -16,7 +16,7 @@ mod splice;
 
 use super::Proxy;
 use super::drain::{Phase, wait_for_closing};
-use super::error::ErrorKind;
+use super::error::{ErrorKind, classify_io};
 use super::upstream::connect;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
@@ -33,11 +33,7 @@ pub async fn forward(
     let start = Instant::now();
     let (result, sent, received) = match connect(upstream, proxy.connect_options).await {
         Err(e) => {
-            let kind = match e.kind() {
-                std::io::ErrorKind::ConnectionRefused => ErrorKind::ConnectRefused,
-                std::io::ErrorKind::TimedOut => ErrorKind::ConnectTimeout,
-                _ => ErrorKind::ConnectFailed,
-            };
+            let kind = classify_io(&e, true);
             tracing::debug!(%upstream, "opaque connect failed: {e}");
             (Err(kind), 0, 0)
         }
