@@ -155,9 +155,33 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
     pub connect_timeout: Duration,
 
-    /// Time allowed for the app to start its response (504 when exceeded).
+    /// Time allowed for the app to start its response, counted from the end of the request body
+    /// (504 when exceeded; Envoy's route timeout default).
     #[arg(long, env = "AMAZING_PROXY_RESPONSE_TIMEOUT", default_value = "15s", value_parser = parse_positive_duration)]
     pub response_timeout: Duration,
+
+    /// Time allowed for a whole request head, from its first byte (408, then close; nginx's
+    /// client_header_timeout, hyper's header_read_timeout).
+    #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    pub header_timeout: Duration,
+
+    /// An idle keep-alive client connection is closed after this long (nginx's keepalive_timeout).
+    #[arg(long, env = "AMAZING_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub idle_timeout: Duration,
+
+    /// Longest pause between two reads of a request body (408, then close; nginx's
+    /// client_body_timeout).
+    #[arg(long, env = "AMAZING_PROXY_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub request_body_timeout: Duration,
+
+    /// Longest pause between two reads of the app's response body; the response is cut after it
+    /// (nginx's proxy_read_timeout).
+    #[arg(long, env = "AMAZING_PROXY_RESPONSE_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub response_body_timeout: Duration,
+
+    /// Idle pooled connections to the app are closed after this long.
+    #[arg(long, env = "AMAZING_PROXY_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    pub pool_idle_timeout: Duration,
 
     /// Open client connections above which new ones get 503 with Retry-After.
     #[arg(long, env = "AMAZING_PROXY_MAX_CONNECTIONS", default_value = "10000",
@@ -194,6 +218,11 @@ pub struct RunArgs {
     /// Ports forwarded as opaque TCP without protocol detection (MySQL, PostgreSQL, SMTP...).
     #[arg(long, env = "AMAZING_PROXY_OPAQUE_PORTS", default_value = "", value_parser = parse_port_list)]
     pub opaque_ports: PortList,
+
+    /// Ports known to carry HTTP: never forwarded as opaque TCP, whatever the timing (`inject`
+    /// fills it from container ports named http*, grpc* or h2c*).
+    #[arg(long, env = "AMAZING_PROXY_HTTP_PORTS", default_value = "", value_parser = parse_port_list)]
+    pub http_ports: PortList,
 
     /// Socket mark (SO_MARK) set on the proxy's upstream sockets so that `init`'s rules let them
     /// pass; 0 disables it. Must match `init --proxy-mark`.
