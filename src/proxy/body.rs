@@ -13,8 +13,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 
-use super::error::ErrorKind;
-use super::http::Exchange;
+use super::hyper_path::Exchange;
+use crate::error::ErrorKind;
 
 /// Shared between the request body (polled by the client side) and the exchange (logged at the
 /// end of the response): only allocated for requests that have a body.

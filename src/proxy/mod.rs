@@ -11,12 +11,13 @@
 //! the access log has a writer thread so that stdout never blocks a request.
 
 pub mod body;
-pub mod chunked;
+
+pub mod detect;
 pub mod drain;
-pub mod error;
-pub mod h1;
+
 pub mod headers;
-pub mod http;
+pub mod http1;
+pub mod hyper_path;
 pub mod listener;
 pub mod tcp;
 pub mod upstream;
@@ -54,7 +55,7 @@ pub struct Proxy {
     pub in_flight: AtomicUsize,
     pub connections: Connections,
     pub upstream: Upstream,
-    pub h1_pool: h1::Pool,
+    pub h1_pool: http1::Pool,
     pub metrics: Metrics,
     pub access_log: Arc<AccessLog>,
     pub http1_server: auto::Builder<TokioExecutor>,
@@ -164,7 +165,7 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         in_flight: AtomicUsize::new(0),
         connections: Connections::default(),
         upstream: Upstream::new(connect_options, args.preserve_header_case),
-        h1_pool: h1::Pool::default(),
+        h1_pool: http1::Pool::default(),
         metrics,
         access_log,
         http1_server,

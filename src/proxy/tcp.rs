@@ -16,8 +16,8 @@ mod splice;
 
 use super::Proxy;
 use super::drain::{Phase, wait_for_closing};
-use super::error::{ErrorKind, classify_io};
 use super::upstream::connect;
+use crate::error::{ErrorKind, classify_io};
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
 

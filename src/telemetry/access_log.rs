@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::counter::Counter;
 
 use crate::config::AccessLogFormat;
-use crate::proxy::error::ErrorKind;
+use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 
 const BATCH_BYTES: usize = 64 * 1024;

@@ -27,7 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::proxy::error::ErrorKind;
+use crate::error::ErrorKind;
 
 /// Upper bound for one splice into the pipe; the pipe's capacity (64 KiB) is the real one.
 const SPLICE_MAX: usize = 1 << 20;

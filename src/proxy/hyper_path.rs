@@ -18,10 +18,10 @@ use hyper_util::rt::TokioIo;
 
 use super::Proxy;
 use super::body::{RequestBody, RequestProgress, ResponseBody};
-use super::error::{ErrorKind, classify_client_error};
 use super::headers;
 use super::listener::ConnectionGuard;
 use crate::config::AppProtocol;
+use crate::error::{ErrorKind, classify_client_error};
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{Direction, MethodLabel};
 
