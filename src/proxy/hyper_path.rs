@@ -1,244 +1,56 @@
-//! The life of one HTTP request, in the order it happens (Pingora's phases, without the framework):
-//! admit (in-flight limit), request phase (hop-by-hop removal, Host, x-forwarded-*, x-request-id),
-//! choose the upstream, send on a pooled connection with a response timeout, response phase
-//! (`Server`, hop-by-hop removal, protocol switch), and logging when the response body ends.
+//! The hyper path: HTTP/2 and h2c, protocol upgrades (WebSocket), extended CONNECT, HTTP/1.0, and
+//! apps spoken to over HTTP/2. One request's life, in the order it happens, applying the same
+//! [`phases`] as the fast path: admit (in-flight limit), request rules (loop check, hop-by-hop
+//! removal, Host, forwarding fields), the upstream, send with the retry rule and the response
+//! timeout, response rules, and the logging phase when the response body ends.
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Instant, SystemTime};
+use std::sync::atomic::Ordering;
+use std::time::Instant;
 
-use http::header::{self, HeaderMap, HeaderValue};
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::header::{self, HeaderValue};
+use http::uri::{PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body as _;
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::Proxy;
-use super::body::{RequestBody, RequestProgress, ResponseBody};
-use super::headers;
-use super::listener::ConnectionGuard;
+use super::Shared;
+use super::body::{RequestBody, ResponseBody};
+use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
+use super::limits::ConnectionGuard;
+use super::phases::{self, Sent, Synthetic, may_retry};
+use super::tcp::Counted;
 use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
-use crate::telemetry::access_log::Record;
-use crate::telemetry::metrics::{Direction, MethodLabel};
-
-/// What every request on one client connection shares.
-#[derive(Debug)]
-pub struct ConnContext {
-    pub direction: Direction,
-    pub client: SocketAddr,
-    /// `client` as text, formatted once for the access log.
-    pub client_text: String,
-    /// The client's IP alone, for x-forwarded-for.
-    pub client_ip_text: String,
-    /// The address the client dialled (the pod's, before redirection).
-    pub original: Authority,
-    /// Where requests go: the app on loopback (inbound) or the original destination (outbound).
-    pub upstream: Authority,
-    /// Speak HTTP/2 to this upstream whatever the client spoke.
-    pub upstream_http2: bool,
-}
-
-/// Counts requests in flight for `--max-in-flight`; released when the exchange ends.
-pub struct InFlight(&'static AtomicUsize);
-
-impl InFlight {
-    pub fn acquire(counter: &'static AtomicUsize, max: usize) -> Option<InFlight> {
-        if counter.fetch_add(1, Ordering::Relaxed) >= max {
-            counter.fetch_sub(1, Ordering::Relaxed);
-            return None;
-        }
-        Some(InFlight(counter))
-    }
-}
-
-impl Drop for InFlight {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
-/// The request target as the log shows it: parsed by hyper, or raw from the fast path.
-pub enum PathText {
-    Uri(PathAndQuery),
-    Raw(String),
-}
-
-impl PathText {
-    fn as_str(&self) -> &str {
-        match self {
-            PathText::Uri(p) => p.as_str(),
-            PathText::Raw(s) => s,
-        }
-    }
-}
-
-/// One request and its response, from arrival to the last byte: the logging phase's input.
-pub struct Exchange {
-    proxy: &'static Proxy,
-    conn: Arc<ConnContext>,
-    start: Instant,
-    method: Method,
-    version: Version,
-    path: PathText,
-    request_id: HeaderValue,
-    pub status: u16,
-    /// Request body bytes, when counted by the proxy's own copy loop.
-    pub request_bytes: u64,
-    /// Request body bytes, when counted by a body wrapper on another task.
-    request: Option<Arc<RequestProgress>>,
-    pub response_bytes: u64,
-    pub grpc_status: Option<u16>,
-    /// Set when the proxy answered with an error of its own.
-    error: Option<ErrorKind>,
-    /// Set once logged, so that dropping the exchange does not log it again.
-    logged: bool,
-    in_flight_slot: Option<InFlight>,
-}
-
-impl Drop for Exchange {
-    /// An exchange dropped before it was logged had its request future dropped: the client left
-    /// while the app was still working on the response head. Log it as nginx does (499).
-    fn drop(&mut self) {
-        if !self.logged {
-            self.log(Some(ErrorKind::ClientDisconnected));
-        }
-    }
-}
-
-impl Exchange {
-    pub fn new(
-        proxy: &'static Proxy,
-        conn: Arc<ConnContext>,
-        start: Instant,
-        method: Method,
-        version: Version,
-        path: PathText,
-        request_id: HeaderValue,
-    ) -> Exchange {
-        Exchange {
-            proxy,
-            conn,
-            start,
-            method,
-            version,
-            path,
-            request_id,
-            status: 0,
-            request_bytes: 0,
-            request: None,
-            response_bytes: 0,
-            grpc_status: None,
-            error: None,
-            logged: false,
-            in_flight_slot: None,
-        }
-    }
-
-    /// Keeps the request counted in flight until the exchange ends.
-    pub fn hold(&mut self, in_flight: InFlight) {
-        self.in_flight_slot = Some(in_flight);
-    }
-
-    /// Ends an exchange the proxy answered itself.
-    pub fn finish_with_error(mut self, kind: ErrorKind) {
-        self.status = kind.status().as_u16();
-        self.error = Some(kind);
-        self.finish(None);
-    }
-
-    pub fn read_grpc_status(&mut self, headers: &HeaderMap) {
-        if let Some(status) = headers.get("grpc-status") {
-            self.grpc_status = status.to_str().ok().and_then(|s| s.parse().ok());
-        }
-    }
-
-    /// The logging phase: metrics and one access-log record.
-    pub fn finish(mut self, error: Option<ErrorKind>) {
-        self.log(error);
-    }
-
-    fn log(&mut self, error: Option<ErrorKind>) {
-        self.logged = true;
-        let error = self.error.or(error);
-        let duration = self.start.elapsed();
-        let direction = self.conn.direction;
-        let metrics = &self.proxy.metrics;
-        let per_direction = metrics.direction(direction);
-        let request_bytes = self
-            .request
-            .as_ref()
-            .map_or(self.request_bytes, |p| p.bytes.load(Ordering::Relaxed));
-        // A client that left never saw the status: log what nginx logs for it.
-        let status = match error {
-            Some(ErrorKind::ClientDisconnected) => ErrorKind::ClientDisconnected.status().as_u16(),
-            _ => self.status,
-        };
-        metrics.count_request(direction, MethodLabel::from(&self.method), status);
-        per_direction.duration.observe(duration.as_secs_f64());
-        per_direction.request_bytes.inc_by(request_bytes);
-        per_direction.response_bytes.inc_by(self.response_bytes);
-        if let Some(kind) = error {
-            metrics.count_error(direction, kind);
-        }
-        if let Some(grpc_status) = self.grpc_status {
-            metrics.count_grpc(direction, grpc_status);
-        }
-        let log = &self.proxy.access_log;
-        if log.enabled() {
-            log.log(&Record {
-                start: SystemTime::now() - duration,
-                duration,
-                direction,
-                method: self.method.as_str(),
-                protocol: version_str(self.version),
-                scheme: "http",
-                original_authority: self.conn.original.as_str(),
-                upstream_authority: self.conn.upstream.as_str(),
-                path_and_query: self.path.as_str(),
-                client: &self.conn.client_text,
-                request_id: self.request_id.to_str().unwrap_or("-"),
-                status,
-                request_bytes,
-                response_bytes: self.response_bytes,
-                grpc_status: self.grpc_status,
-                error,
-            });
-        }
-    }
-}
-
-fn version_str(v: Version) -> &'static str {
-    match v {
-        Version::HTTP_09 => "HTTP/0.9",
-        Version::HTTP_10 => "HTTP/1.0",
-        Version::HTTP_11 => "HTTP/1.1",
-        Version::HTTP_2 => "HTTP/2.0",
-        Version::HTTP_3 => "HTTP/3.0",
-        _ => "HTTP/?",
-    }
-}
 
 /// The service hyper calls for every request on a client connection.
 pub async fn handle(
-    proxy: &'static Proxy,
+    shared: Arc<Shared>,
     conn: Arc<ConnContext>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    let in_flight = InFlight::acquire(&proxy.in_flight, proxy.max_in_flight);
-    let upgrade = headers::is_upgrade(req.headers());
+    let settings = &shared.settings;
+    let in_flight = shared.limits.start_request();
+    let upgrade = phases::is_upgrade(req.headers());
     // HTTP/2 extended CONNECT (`:protocol`, RFC 8441): a 2xx turns the stream into a tunnel.
     let extended_connect =
         req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
     let downstream_upgrade = (upgrade || extended_connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
+    let grpc = phases::is_grpc(
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(HeaderValue::as_bytes),
+    );
 
     // Request phase.
-    if proxy.rewrite_host {
+    let looped = settings.via.stamp(&mut parts.headers);
+    if settings.rewrite_host {
         if let Ok(host) = HeaderValue::from_str(conn.upstream.as_str()) {
             parts.headers.insert(header::HOST, host);
         }
@@ -252,8 +64,8 @@ pub async fn handle(
             parts.headers.insert(header::HOST, host);
         }
     }
-    headers::remove_hop_by_hop(&mut parts.headers, upgrade);
-    let request_id = headers::add_forwarding(&mut parts.headers, conn.client.ip(), "http");
+    phases::remove_hop_by_hop(&mut parts.headers, upgrade);
+    let request_id = phases::add_forwarding(&mut parts.headers, conn.client.ip(), "http");
     let path = parts
         .uri
         .path_and_query()
@@ -262,7 +74,6 @@ pub async fn handle(
     let progress = (!body.is_end_stream()).then(Arc::<RequestProgress>::default);
 
     let mut exchange = Exchange::new(
-        proxy,
         conn.clone(),
         start,
         parts.method.clone(),
@@ -271,36 +82,45 @@ pub async fn handle(
         request_id,
     );
     exchange.request = progress.clone();
+    if let Err(kind) = looped {
+        return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
+    }
     let Some(in_flight) = in_flight else {
-        return Ok(error_response(ErrorKind::Overloaded, exchange));
+        return Ok(synthetic_response(
+            Synthetic::new(ErrorKind::Overloaded, grpc),
+            exchange,
+        ));
     };
-    exchange.hold(in_flight);
 
     // Choose the upstream.
     let use_http2 = conn.upstream_http2
-        || (proxy.app_protocol == AppProtocol::Auto && parts.version == Version::HTTP_2);
+        || (settings.app_protocol == AppProtocol::Auto && parts.version == Version::HTTP_2);
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(conn.upstream.clone());
     uri.path_and_query = Some(path);
     parts.uri = match Uri::from_parts(uri) {
         Ok(uri) => uri,
-        Err(_) => return Ok(error_response(ErrorKind::BadRequest, exchange)),
+        Err(_) => {
+            return Ok(synthetic_response(
+                Synthetic::new(ErrorKind::BadRequest, grpc),
+                exchange,
+            ));
+        }
     };
     parts.version = if use_http2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
+    let upstreams = &shared.upstreams;
     let client = if use_http2 {
-        &proxy.upstream.http2
+        &upstreams.http2
     } else {
-        &proxy.upstream.http1
+        &upstreams.http1
     };
-    // The keep-alive race: the app may close a pooled connection just as a request is written on
-    // it, and hyper only retries requests it had not written yet. A bodyless idempotent request
-    // can safely be sent once more, on a new connection.
-    let mut replay = (progress.is_none() && parts.method.is_idempotent()).then(|| {
+    // A request with no body can be replayed: the retry rule decides whether it may be.
+    let mut replay = progress.is_none().then(|| {
         let mut again = Request::new(RequestBody::empty());
         *again.method_mut() = parts.method.clone();
         *again.uri_mut() = parts.uri.clone();
@@ -309,48 +129,83 @@ pub async fn handle(
         *again.extensions_mut() = parts.extensions.clone();
         again
     });
-    let upstream_req = Request::from_parts(parts, RequestBody::new(body, progress.clone()));
+    let method = parts.method.clone();
+    let upstream_req = Request::from_parts(
+        parts,
+        RequestBody::new(body, progress.clone(), settings.timeouts.request_body),
+    );
     let exchange_with_app = async {
         match client.request(upstream_req).await {
-            Err(err) if replay.is_some() && is_closed_before_answering(&err) => {
-                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again");
-                match replay.take() {
-                    Some(again) => client.request(again).await,
-                    None => Err(err),
+            Err(err)
+                if is_closed_before_answering(&err)
+                    && may_retry(&method, replay.is_some(), Sent::NoResponse) =>
+            {
+                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again on a new one");
+                let Some(again) = replay.take() else {
+                    return Err(err);
+                };
+                // Another pooled connection may be just as dead: dial a new one. (HTTP/2
+                // connections multiplex and are not raced this way.)
+                if use_http2 {
+                    client.request(again).await
+                } else {
+                    upstreams.http1_fresh.request(again).await
                 }
             }
             other => other,
         }
     };
-
-    let mut response = match tokio::time::timeout(proxy.response_timeout, exchange_with_app).await {
-        Err(_) => return Ok(error_response(ErrorKind::ResponseTimeout, exchange)),
-        Ok(Err(err)) => {
-            let client_body_failed = progress.is_some_and(|p| p.failed.load(Ordering::Relaxed));
-            let kind = if client_body_failed {
-                ErrorKind::ClientBody
-            } else {
-                classify_client_error(&err)
-            };
-            tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
-            return Ok(error_response(kind, exchange));
+    // The response timeout counts from the end of the request body.
+    let response_timer = async {
+        if let Some(progress) = &progress {
+            progress.wait_ended().await;
         }
-        Ok(Ok(response)) => response,
+        tokio::time::sleep(settings.timeouts.response).await;
+    };
+
+    let mut response = tokio::select! {
+        biased;
+        result = exchange_with_app => match result {
+            Ok(response) => response,
+            Err(err) => {
+                let kind = match &progress {
+                    Some(p) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
+                    Some(p) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
+                    _ => classify_client_error(&err),
+                };
+                tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
+                return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
+            }
+        },
+        () = response_timer => {
+            return Ok(synthetic_response(
+                Synthetic::new(ErrorKind::ResponseTimeout, grpc),
+                exchange,
+            ));
+        }
     };
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
     let tunnel_open = switching || (extended_connect && response.status().is_success());
+    phases::prepare_response(response.headers_mut(), switching);
+    exchange.status = response.status().as_u16();
+    exchange.read_grpc_status(response.headers());
     if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
         let upstream = hyper::upgrade::on(&mut response);
         // Counted as an open connection so that the drain waits for it (up to --drain-timeout).
-        let guard = ConnectionGuard::open(proxy, conn.direction);
-        tokio::spawn(tunnel(proxy, conn.direction, downstream, upstream, guard));
+        let gauge = &shared
+            .telemetry
+            .metrics
+            .direction(conn.direction)
+            .open_connections;
+        let guard = shared.limits.track(gauge);
+        tokio::spawn(tunnel(exchange, downstream, upstream, guard));
+        return Ok(response.map(|_| ResponseBody::empty()));
     }
-    headers::prepare_response(response.headers_mut(), switching);
-    exchange.status = response.status().as_u16();
-    exchange.read_grpc_status(response.headers());
-    Ok(response.map(|body| ResponseBody::upstream(body, exchange)))
+    let response_body_timeout = settings.timeouts.response_body;
+    Ok(response
+        .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout)))
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).
@@ -359,10 +214,9 @@ fn is_closed_before_answering(err: &hyper_util::client::legacy::Error) -> bool {
 }
 
 /// After a 101: bytes flow both ways until either side closes; no timeout, since an idle WebSocket
-/// is a healthy one.
+/// is a healthy one. The exchange is logged when the tunnel closes, with its bytes and duration.
 async fn tunnel(
-    proxy: &'static Proxy,
-    direction: Direction,
+    mut exchange: Exchange,
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _guard: ConnectionGuard,
@@ -371,47 +225,81 @@ async fn tunnel(
         Ok(pair) => pair,
         Err(e) => {
             tracing::debug!("protocol switch failed: {e}");
+            exchange.finish(Some(ErrorKind::UpstreamProtocol));
             return;
         }
     };
     let mut downstream = TokioIo::new(downstream);
     let mut upstream = TokioIo::new(upstream);
-    match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((from_client, from_app)) => {
-            // The tunnel's bytes are opaque: counted with the TCP bytes.
-            let metrics = proxy.metrics.direction(direction);
-            metrics.tcp_bytes_in.inc_by(from_client);
-            metrics.tcp_bytes_out.inc_by(from_app);
+    let mut client = Counted::new(&mut downstream);
+    let result = relay_upgraded(&mut client, &mut upstream).await;
+    let (from_client, from_app) = (client.read, client.written);
+    // The tunnel's bytes are opaque: counted with the TCP bytes too.
+    let metrics = exchange
+        .conn()
+        .telemetry
+        .metrics
+        .direction(exchange.conn().direction);
+    metrics.tcp_bytes_in.inc_by(from_client);
+    metrics.tcp_bytes_out.inc_by(from_app);
+    exchange.request_bytes = from_client;
+    exchange.response_bytes = from_app;
+    match result {
+        Ok(()) => exchange.finish(None),
+        Err(e) => {
+            tracing::debug!("upgraded connection ended: {e}");
+            exchange.finish(Some(ErrorKind::TcpIo));
         }
-        Err(e) => tracing::debug!("upgraded connection ended: {e}"),
     }
 }
 
-fn error_response(kind: ErrorKind, mut exchange: Exchange) -> Response<ResponseBody> {
-    exchange.status = kind.status().as_u16();
-    exchange.error = Some(kind);
-    // The exchange is logged once the message has been written.
-    let mut response = Response::new(ResponseBody::message(kind.message(), Some(exchange)));
-    *response.status_mut() = kind.status();
-    fill_error_headers(response.headers_mut(), kind);
+/// Copies both ways. The tunnel ends when the app closes its side (nginx does the same: a
+/// WebSocket server that closed is done, whatever the client still holds); a client that closes
+/// first has its end passed on, and the app's remaining bytes still flow back.
+async fn relay_upgraded<C, U>(client: &mut C, app: &mut U) -> std::io::Result<()>
+where
+    C: AsyncRead + AsyncWrite + Unpin,
+    U: AsyncRead + AsyncWrite + Unpin,
+{
+    let (mut client_read, mut client_write) = tokio::io::split(client);
+    let (mut app_read, mut app_write) = tokio::io::split(app);
+    let to_app = async {
+        tokio::io::copy(&mut client_read, &mut app_write).await?;
+        app_write.shutdown().await
+    };
+    let to_client = async {
+        tokio::io::copy(&mut app_read, &mut client_write).await?;
+        client_write.shutdown().await
+    };
+    let mut to_app = std::pin::pin!(to_app);
+    let mut to_client = std::pin::pin!(to_client);
+    tokio::select! {
+        done = to_client.as_mut() => done,
+        done = to_app.as_mut() => {
+            done?;
+            to_client.await
+        }
+    }
+}
+
+/// A response the proxy makes itself; the exchange is logged once it has been written.
+fn synthetic_response(synthetic: Synthetic, mut exchange: Exchange) -> Response<ResponseBody> {
+    exchange.status = synthetic.status().as_u16();
+    exchange.error = Some(synthetic.kind);
+    if synthetic.grpc {
+        exchange.grpc_status = Some(u16::from(synthetic.kind.grpc_status()));
+    }
+    let mut response = Response::new(ResponseBody::message(synthetic.body(), Some(exchange)));
+    *response.status_mut() = synthetic.status();
+    *response.headers_mut() = synthetic.header_map();
     response
 }
 
 /// A response the proxy sends without an exchange (connection-level refusals).
 pub fn refusal(kind: ErrorKind) -> Response<ResponseBody> {
-    let mut response = Response::new(ResponseBody::message(kind.message(), None));
-    *response.status_mut() = kind.status();
-    fill_error_headers(response.headers_mut(), kind);
+    let synthetic = Synthetic::new(kind, false);
+    let mut response = Response::new(ResponseBody::message(synthetic.body(), None));
+    *response.status_mut() = synthetic.status();
+    *response.headers_mut() = synthetic.header_map();
     response
-}
-
-fn fill_error_headers(headers: &mut HeaderMap, kind: ErrorKind) {
-    headers.insert(header::SERVER, headers::SERVER_VALUE.clone());
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    if kind.status() == StatusCode::SERVICE_UNAVAILABLE {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
 }

@@ -7,7 +7,7 @@
 use http::Method;
 use http::header::HeaderValue;
 
-use crate::proxy::headers::new_request_id;
+use crate::proxy::phases::new_request_id;
 
 const MAX_HEADERS: usize = 100;
 
@@ -24,6 +24,7 @@ pub enum Framing {
 /// What the request head says, once rewritten for the app into `out`.
 #[derive(Debug)]
 pub struct RequestPlan {
+    pub grpc: bool,
     pub head_len: usize,
     pub method: Method,
     pub path: String,
@@ -39,12 +40,16 @@ pub enum RequestVerdict {
     /// Valid, but for the hyper path.
     Fallback,
     Invalid,
+    /// Our own Via entry is already in the request: it looped back to this proxy.
+    Loop,
 }
 
 /// Options of the head rewriting that come from configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct Rewrite<'a> {
-    pub preserve_case: bool,
+    pub lowercase_names: bool,
+    /// This proxy's Via pseudonym.
+    pub via: &'a str,
     /// `Some(app address)` with --rewrite-host.
     pub host: Option<&'a str>,
     /// The client's IP as text, for x-forwarded-for.
@@ -80,7 +85,7 @@ fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
 /// hop-by-hop fields removed (RFC 9110 7.6.1), `x-forwarded-for` appended, `x-forwarded-proto`
 /// and `x-request-id` added when missing, Host rewritten on request. Pure: no I/O.
 pub fn plan_request(
-    buf: &[u8],
+    buf: &mut [u8],
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestPlan, RequestVerdict> {
@@ -175,7 +180,7 @@ pub fn plan_request(
         } else if name.eq_ignore_ascii_case("x-request-id") {
             request_id = HeaderValue::from_bytes(h.value).ok();
         }
-        push_name(out, name, rw.preserve_case);
+        push_name(out, name, !rw.lowercase_names);
         out.extend_from_slice(b": ");
         out.extend_from_slice(h.value);
         out.extend_from_slice(b"\r\n");
@@ -209,7 +214,9 @@ pub fn plan_request(
         out.extend_from_slice(b"transfer-encoding: chunked\r\n");
     }
     out.extend_from_slice(b"\r\n");
+    let _ = rw.via;
     Ok(RequestPlan {
+        grpc: false,
         head_len,
         method: Method::from_bytes(method.as_bytes()).map_err(|_| RequestVerdict::Invalid)?,
         path: path.to_owned(),
@@ -244,9 +251,10 @@ pub fn plan_response(
     buf: &[u8],
     head_request: bool,
     keep_alive: bool,
-    preserve_case: bool,
+    lowercase_names: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponsePlan>, InvalidResponse> {
+    let preserve_case = !lowercase_names;
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut headers);
     let head_len = match res.parse(buf) {
@@ -367,7 +375,8 @@ mod tests {
 
     fn rewrite() -> Rewrite<'static> {
         Rewrite {
-            preserve_case: false,
+            lowercase_names: true,
+            via: "amazing-proxy-00000001",
             host: None,
             client_ip: "198.18.0.1",
         }
@@ -375,7 +384,8 @@ mod tests {
 
     fn plan(input: &str, rw: &Rewrite<'_>) -> (Result<RequestPlan, RequestVerdict>, String) {
         let mut out = Vec::new();
-        let r = plan_request(input.as_bytes(), rw, &mut out);
+        let mut input = input.as_bytes().to_vec();
+        let r = plan_request(&mut input, rw, &mut out);
         (r, String::from_utf8(out).expect("utf8"))
     }
 
@@ -399,7 +409,7 @@ mod tests {
     #[test]
     fn case_is_kept_when_asked_and_host_rewritten() {
         let rw = Rewrite {
-            preserve_case: true,
+            lowercase_names: false,
             host: Some("127.0.0.1:80"),
             ..rewrite()
         };
@@ -462,7 +472,7 @@ mod tests {
 
     fn response(input: &str, head: bool, keep_alive: bool) -> (ResponsePlan, String) {
         let mut out = Vec::new();
-        let plan = plan_response(input.as_bytes(), head, keep_alive, false, &mut out)
+        let plan = plan_response(input.as_bytes(), head, keep_alive, true, &mut out)
             .expect("valid")
             .expect("complete");
         (plan, String::from_utf8(out).expect("utf8"))

@@ -4,148 +4,60 @@
 //! syscalls per request (the minimum) but twice nginx's user-space CPU, spent in the client's
 //! dispatch channel between tasks, the pool's checkout futures, header maps built and re-encoded,
 //! and per-request allocations. Pingora made the same call and parses HTTP/1 itself. Here a
-//! request is parsed in place with `httparse`, its head is rewritten into one buffer, and bytes
-//! are copied; each client connection keeps its own upstream connection while it lives (no pool
-//! traffic per request) and returns it to the pool when it closes.
+//! request is parsed in place ([`framing`]), its head is rewritten into one buffer, and bytes are
+//! copied; a busy client connection keeps its upstream connection between requests (no pool
+//! traffic per request) and gives it back to the pool as soon as it goes idle.
 //!
 //! The fast path covers what nearly all traffic is: HTTP/1.1 requests without a body, with a
 //! `Content-Length` or with `Transfer-Encoding: chunked`. Everything else (`Upgrade`, `CONNECT`,
-//! `Expect`, HTTP/1.0, unusual transfer codings, apps spoken to over HTTP/2) is handed, bytes
-//! already read included, to the hyper path for the rest of the connection.
+//! `Expect`, HTTP/1.0, apps spoken to over HTTP/2) is handed, bytes already read included, to the
+//! hyper path for the rest of the connection. The decisions (header rules, retry, the responses
+//! the proxy makes itself) are the [`phases`](crate::proxy::phases) both paths share.
+//!
+//! Every wait is bounded: the request head (`--header-timeout`, from its first byte), an idle
+//! keep-alive connection (`--idle-timeout`), the request body between reads
+//! (`--request-body-timeout`), the response head from the end of the request
+//! (`--response-timeout`) and the response body between reads (`--response-body-timeout`).
 
-use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
-
-use bytes::{Buf, Bytes, BytesMut};
-use http::Method;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpStream;
-use tokio::sync::watch;
-
-use crate::proxy::Proxy;
 pub mod chunked;
 pub mod framing;
 
-use crate::error::{ErrorKind, classify_io};
-use crate::proxy::drain::{Phase, wait_for_closing};
-use crate::proxy::hyper_path::{ConnContext, Exchange, InFlight, PathText};
-use crate::proxy::upstream::connect;
-use chunked::{ChunkedTracker, InvalidChunk};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
+use bytes::{Buf, BytesMut};
+use http::Method;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::time::timeout;
+
+use crate::error::{ErrorKind, classify_io};
+use crate::proxy::Shared;
+use crate::proxy::exchange::{ConnContext, Exchange, PathText};
+use crate::proxy::limits::{Activity, Slot};
+use crate::proxy::phases::{Sent, Synthetic, may_retry};
+use crate::proxy::rewind::Rewind;
+use crate::proxy::upstream::UpstreamConn;
+use chunked::{ChunkedTracker, InvalidChunk};
 use framing::{
-    Framing, InvalidResponse, RequestVerdict, ResponsePlan, Rewrite, plan_request, plan_response,
+    Framing, InvalidResponse, RequestPlan, RequestVerdict, ResponsePlan, Rewrite, plan_request,
+    plan_response,
 };
 
+/// Read size for bodies.
 const READ_CHUNK: usize = 16 * 1024;
+/// Read size for heads; the buffer grows up to --max-header-bytes.
+const HEAD_CHUNK: usize = 4096;
+/// The largest response head accepted from the app.
 const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// hyper's default `header_read_timeout`, which the hyper path uses.
-const HEAD_READ_TIMEOUT: Duration = Duration::from_secs(30);
-const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
-
-/// A connection to an upstream, with its read buffer.
-pub struct UpstreamConn {
-    stream: TcpStream,
-    buf: BytesMut,
-    /// Carried a request before: it may have been closed by the app while idle.
-    reused: bool,
-}
-
-/// Idle upstream connections, by address. Touched when a client connection opens its first
-/// upstream connection and when it closes, never per request.
-#[derive(Default)]
-pub struct Pool {
-    idle: Mutex<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
-}
-
-impl Pool {
-    fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.get_mut(&addr)?;
-        while let Some((conn, since)) = list.pop() {
-            if since.elapsed() > POOL_IDLE_TIMEOUT {
-                continue;
-            }
-            // A closed or misbehaving idle connection reads something; a healthy one would block.
-            let mut probe = [0u8; 1];
-            if matches!(conn.stream.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-            {
-                return Some(conn);
-            }
-        }
-        None
-    }
-
-    fn checkin(&self, addr: SocketAddr, conn: UpstreamConn) {
-        if !conn.buf.is_empty() {
-            return;
-        }
-        let mut idle = self.idle.lock().unwrap_or_else(|p| p.into_inner());
-        let list = idle.entry(addr).or_default();
-        if list.len() < POOL_MAX_IDLE_PER_UPSTREAM {
-            list.push((conn, Instant::now()));
-        }
-    }
-}
-
-/// Bytes already read from a stream, served before the stream's own: lets the hyper path take
-/// over a connection whose first request the fast path has already read.
-pub struct Rewind<T> {
-    prefix: Bytes,
-    inner: T,
-}
-
-impl<T> Rewind<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
-        Rewind { prefix, inner }
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
-            let n = self.prefix.len().min(buf.remaining());
-            buf.put_slice(&self.prefix[..n]);
-            self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
-        }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Rewind<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
-    }
-}
+/// A connection that stays idle this long gives its buffers and its app connection back: a busy
+/// keep-alive client (the next request within milliseconds) keeps both, an idle one holds one
+/// descriptor and almost no memory (as nginx does).
+const IDLE_GRACE: Duration = Duration::from_millis(500);
+/// After an error response: how long and how much of the client's unread input to discard
+/// before closing, so that the close does not reset the response away (nginx's lingering close).
+const LINGER_TIME: Duration = Duration::from_secs(1);
+const LINGER_BYTES: usize = 1024 * 1024;
 
 /// How a client connection served by the fast path ended.
 pub enum Outcome {
@@ -154,11 +66,38 @@ pub enum Outcome {
     Fallback(Rewind<TcpStream>),
 }
 
+/// What the next request head turned out to be.
+enum Head {
+    Request(RequestPlan, Instant),
+    Fallback,
+    /// Refused before it could be forwarded: answered by the proxy, then the connection closes.
+    Refused(ErrorKind, Instant),
+    /// The client closed, went idle too long, or the connection was shed or drained.
+    Closed,
+}
+
+/// What the response depends on from its request.
+#[derive(Clone, Copy)]
+struct Shape {
+    framing: Framing,
+    keep_alive: bool,
+    head_request: bool,
+}
+
+/// After an exchange: keep the connection for the next request or close it.
+#[derive(PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+}
+
 /// Which side a body copy failed on.
 enum CopyError {
     Read,
     Write,
     Invalid,
+    /// The source paused longer than the body timeout.
+    Stalled,
 }
 
 impl From<InvalidChunk> for CopyError {
@@ -167,10 +106,453 @@ impl From<InvalidChunk> for CopyError {
     }
 }
 
+enum HeadError {
+    Timeout,
+    /// The app failed before a complete head; `bool`: some bytes of a response had arrived.
+    Upstream(ErrorKind, bool),
+    ClientGone,
+}
+
+/// One client connection on the fast path.
+pub struct Connection {
+    shared: Arc<Shared>,
+    ctx: Arc<ConnContext>,
+    client: TcpStream,
+    slot: Arc<Slot>,
+    /// Bytes read from the client and not yet forwarded.
+    buf: BytesMut,
+    /// The request head for the app (with a small body, when it is all in hand).
+    head: Vec<u8>,
+    /// The response head for the client.
+    out: Vec<u8>,
+    /// The app connection the last request used, kept while the client is busy.
+    sticky: Option<UpstreamConn>,
+}
+
+impl Connection {
+    pub fn new(
+        shared: Arc<Shared>,
+        ctx: Arc<ConnContext>,
+        client: TcpStream,
+        slot: Arc<Slot>,
+    ) -> Connection {
+        Connection {
+            shared,
+            ctx,
+            client,
+            slot,
+            buf: BytesMut::new(),
+            head: Vec::new(),
+            out: Vec::new(),
+            sticky: None,
+        }
+    }
+
+    /// Serves requests until the client closes, or until one needs the hyper path.
+    pub async fn serve(mut self) -> Outcome {
+        loop {
+            let next = match self.read_head().await {
+                Head::Request(plan, start) => self.exchange(plan, start).await,
+                Head::Refused(kind, start) => {
+                    let exchange =
+                        Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
+                    self.respond(exchange, Synthetic::new(kind, false), false)
+                        .await;
+                    Next::Close
+                }
+                Head::Fallback => {
+                    self.release_upstream();
+                    return Outcome::Fallback(Rewind::new(self.buf.split().freeze(), self.client));
+                }
+                Head::Closed => Next::Close,
+            };
+            if next == Next::Close {
+                break;
+            }
+        }
+        self.release_upstream();
+        Outcome::Done
+    }
+
+    /// Gives the app connection back to the pool (if it is clean).
+    fn release_upstream(&mut self) {
+        if let Some(up) = self.sticky.take() {
+            self.shared
+                .upstreams
+                .pool
+                .checkin(self.ctx.upstream_addr, up);
+        }
+    }
+
+    /// Waits for the next request head: idle first (bounded by --idle-timeout), then the whole
+    /// head within --header-timeout of its first byte.
+    async fn read_head(&mut self) -> Head {
+        if self.buf.is_empty() && !self.wait_while_idle().await {
+            return Head::Closed;
+        }
+        self.slot.set(Activity::Head);
+        let start = Instant::now();
+        let deadline = tokio::time::Instant::from_std(start) + self.shared.settings.timeouts.header;
+        let max_head = self.shared.settings.max_header_bytes;
+        loop {
+            if !self.buf.is_empty() {
+                let rewrite = Rewrite {
+                    lowercase_names: self.shared.settings.lowercase_header_names,
+                    host: self
+                        .shared
+                        .settings
+                        .rewrite_host
+                        .then(|| self.ctx.upstream.as_str()),
+                    client_ip: &self.ctx.client_ip_text,
+                    via: self.shared.settings.via.pseudonym(),
+                };
+                match plan_request(&mut self.buf, &rewrite, &mut self.head) {
+                    Ok(plan) => return Head::Request(plan, start),
+                    Err(RequestVerdict::Partial) if self.buf.len() < max_head => {}
+                    Err(RequestVerdict::Partial) => {
+                        return Head::Refused(ErrorKind::HeadersTooLarge, start);
+                    }
+                    Err(RequestVerdict::Invalid) => {
+                        return Head::Refused(ErrorKind::BadRequest, start);
+                    }
+                    Err(RequestVerdict::Loop) => {
+                        return Head::Refused(ErrorKind::LoopDetected, start);
+                    }
+                    Err(RequestVerdict::Fallback) => return Head::Fallback,
+                }
+            }
+            self.buf.reserve(HEAD_CHUNK);
+            // A head that has started finishes even while draining or shed: it gets its answer.
+            let read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf));
+            match read.await {
+                Ok(Ok(0) | Err(_)) => return Head::Closed,
+                Ok(Ok(_)) => {}
+                // Slowloris: the whole head gets --header-timeout, however it trickles in.
+                Err(_) => return Head::Refused(ErrorKind::RequestTimeout, start),
+            }
+        }
+    }
+
+    /// Between requests. Returns whether the client sent something (`false`: close).
+    async fn wait_while_idle(&mut self) -> bool {
+        self.slot.set(Activity::Idle);
+        if self.slot.close_requested() {
+            return false;
+        }
+        let idle_timeout = self.shared.settings.timeouts.idle;
+        let grace = IDLE_GRACE.min(idle_timeout);
+        tokio::select! {
+            biased;
+            ready = self.client.readable() => return ready.is_ok(),
+            () = self.slot.close_requested_wait() => return false,
+            () = tokio::time::sleep(grace) => {}
+        }
+        // Idle for real: give back what a waiting connection does not need.
+        self.release_upstream();
+        self.buf = BytesMut::new();
+        self.head = Vec::new();
+        self.out = Vec::new();
+        tokio::select! {
+            biased;
+            ready = self.client.readable() => ready.is_ok(),
+            () = self.slot.close_requested_wait() => false,
+            () = tokio::time::sleep(idle_timeout - grace) => false,
+        }
+    }
+
+    /// One request and its response.
+    async fn exchange(&mut self, plan: RequestPlan, start: Instant) -> Next {
+        self.slot.set(Activity::Busy);
+        self.buf.advance(plan.head_len);
+        let shape = Shape {
+            framing: plan.framing,
+            keep_alive: plan.keep_alive,
+            head_request: plan.method == Method::HEAD,
+        };
+        let mut exchange = Exchange::new(
+            self.ctx.clone(),
+            start,
+            plan.method.clone(),
+            http::Version::HTTP_11,
+            PathText::Raw(plan.path),
+            plan.request_id,
+        );
+        // A body already in the buffer travels with the head, and can be sent again.
+        let inline_body = match plan.framing {
+            Framing::None => Some(0),
+            Framing::Length(n) if n <= self.buf.len() as u64 => usize::try_from(n).ok(),
+            _ => None,
+        };
+        let Some(_in_flight) = self.shared.limits.start_request() else {
+            let keep = inline_body == Some(0) && plan.keep_alive;
+            let synthetic = Synthetic::new(ErrorKind::Overloaded, plan.grpc);
+            return self.respond(exchange, synthetic, keep).await;
+        };
+        if let Some(n) = inline_body {
+            self.head.extend_from_slice(&self.buf[..n]);
+            self.buf.advance(n);
+            exchange.request_bytes = n as u64;
+        }
+        let replayable = inline_body.is_some();
+        // The connection survives an error response only when no request bytes are left unread.
+        let keep_after_error = replayable && plan.keep_alive;
+
+        let mut fresh = false;
+        let (mut up, response) = loop {
+            let up = match self.upstream(fresh).await {
+                Ok(up) => up,
+                Err(kind) => {
+                    let synthetic = Synthetic::new(kind, plan.grpc);
+                    return self.respond(exchange, synthetic, keep_after_error).await;
+                }
+            };
+            match self
+                .send_and_read_head(up, shape, &mut exchange, inline_body.is_some())
+                .await
+            {
+                Ok(pair) => break pair,
+                Err((kind, sent)) => {
+                    if !fresh && may_retry(&plan.method, replayable, sent) {
+                        // The keep-alive race: the app closed the pooled connection as the request
+                        // left. Again, once, on a freshly dialled connection.
+                        tracing::debug!(upstream = %self.ctx.upstream, "the app closed a reused connection without answering: sending the request again on a new one");
+                        fresh = true;
+                        continue;
+                    }
+                    if kind == ErrorKind::ClientDisconnected {
+                        exchange.finish_with_error(kind);
+                        return Next::Close;
+                    }
+                    let synthetic = Synthetic::new(kind, plan.grpc);
+                    return self.respond(exchange, synthetic, keep_after_error).await;
+                }
+            }
+        };
+
+        // The response: head and body.
+        let closing = self.slot.close_requested();
+        if closing && response.keep_alive {
+            // Draining: this response is the connection's last.
+            let at = self.out.len() - 2;
+            let field: &[u8] = if self.shared.settings.lowercase_header_names {
+                b"connection: close\r\n"
+            } else {
+                b"Connection: close\r\n"
+            };
+            self.out.splice(at..at, field.iter().copied());
+        }
+        exchange.status = response.status;
+        exchange.grpc_status = response.grpc_status;
+        up.buf.advance(response.head_len);
+        let copied = copy_body(
+            &mut up.stream,
+            &mut up.buf,
+            &mut self.client,
+            response.framing,
+            &mut self.out,
+            &mut exchange.response_bytes,
+            self.shared.settings.timeouts.response_body,
+        )
+        .await;
+        match copied {
+            Ok(()) => exchange.finish(None),
+            Err(e) => {
+                exchange.finish(Some(match e {
+                    CopyError::Write => ErrorKind::ClientDisconnected,
+                    CopyError::Stalled => ErrorKind::ResponseBodyTimeout,
+                    CopyError::Read | CopyError::Invalid => ErrorKind::UpstreamBody,
+                }));
+                return Next::Close;
+            }
+        }
+        // Anything the app sent beyond the response (RFC 9112 6.3) means the connection is not
+        // to be trusted with another request.
+        if response.upstream_reusable && up.buf.is_empty() {
+            up.reused = true;
+            self.sticky = Some(up);
+        }
+        if response.keep_alive && !closing {
+            Next::KeepAlive
+        } else {
+            Next::Close
+        }
+    }
+
+    /// A connection to the app: the one the last request used, else a pooled one, else a new one;
+    /// `fresh` always dials.
+    async fn upstream(&mut self, fresh: bool) -> Result<UpstreamConn, ErrorKind> {
+        let addr = self.ctx.upstream_addr;
+        if !fresh {
+            if let Some(up) = self.sticky.take().filter(UpstreamConn::is_clean) {
+                return Ok(up);
+            }
+            if let Some(up) = self.shared.upstreams.pool.checkout(addr) {
+                return Ok(up);
+            }
+        }
+        self.shared
+            .upstreams
+            .connect(addr)
+            .await
+            .map_err(|e| classify_io(&e, true))
+    }
+
+    /// Writes the request (streaming its body when it is not all in hand) and reads the response
+    /// head. On failure: what went wrong and how far the request got, for the retry rule.
+    async fn send_and_read_head(
+        &mut self,
+        mut up: UpstreamConn,
+        plan: Shape,
+        exchange: &mut Exchange,
+        inline: bool,
+    ) -> Result<(UpstreamConn, ResponsePlan), (ErrorKind, Sent)> {
+        let timeouts = self.shared.settings.timeouts;
+        if inline {
+            if up.stream.write_all(&self.head).await.is_err() {
+                return Err((ErrorKind::UpstreamReset, Sent::NoResponse));
+            }
+        } else {
+            let mut head = std::mem::take(&mut self.head);
+            let sent = copy_body(
+                &mut self.client,
+                &mut self.buf,
+                &mut up.stream,
+                plan.framing,
+                &mut head,
+                &mut exchange.request_bytes,
+                timeouts.request_body,
+            )
+            .await;
+            self.head = head;
+            if let Err(e) = sent {
+                // The app connection is dropped with the request half sent: never reused.
+                let kind = match e {
+                    CopyError::Write => ErrorKind::UpstreamReset,
+                    CopyError::Read => ErrorKind::ClientBody,
+                    CopyError::Invalid => ErrorKind::BadRequest,
+                    CopyError::Stalled => ErrorKind::RequestTimeout,
+                };
+                return Err((kind, Sent::ResponseStarted));
+            }
+        }
+        // The response timeout counts from the end of the request.
+        let deadline = tokio::time::Instant::now() + timeouts.response;
+        match self.read_response_head(&mut up, plan, deadline).await {
+            Ok(response) => Ok((up, response)),
+            Err(HeadError::Timeout) => Err((ErrorKind::ResponseTimeout, Sent::ResponseStarted)),
+            Err(HeadError::ClientGone) => {
+                Err((ErrorKind::ClientDisconnected, Sent::ResponseStarted))
+            }
+            Err(HeadError::Upstream(kind, got_bytes)) => {
+                let sent = if got_bytes || kind != ErrorKind::UpstreamReset {
+                    Sent::ResponseStarted
+                } else {
+                    Sent::NoResponse
+                };
+                Err((kind, sent))
+            }
+        }
+    }
+
+    /// Reads the app's response head, skipping interim responses. Meanwhile watches the client:
+    /// if it goes away the request is abandoned (the upstream connection is dropped, which the
+    /// app sees).
+    async fn read_response_head(
+        &mut self,
+        up: &mut UpstreamConn,
+        plan: Shape,
+        deadline: tokio::time::Instant,
+    ) -> Result<ResponsePlan, HeadError> {
+        let head_request = plan.head_request;
+        let lowercase = self.shared.settings.lowercase_header_names;
+        let max_pipelined = self.shared.settings.max_header_bytes;
+        let mut watch_client = true;
+        let mut got_bytes = false;
+        let sleep = tokio::time::sleep_until(deadline);
+        let mut sleep = std::pin::pin!(sleep);
+        loop {
+            if !up.buf.is_empty() {
+                got_bytes = true;
+                match plan_response(
+                    &up.buf,
+                    head_request,
+                    plan.keep_alive,
+                    lowercase,
+                    &mut self.out,
+                ) {
+                    Ok(Some(response)) if response.interim => {
+                        up.buf.advance(response.head_len);
+                        continue;
+                    }
+                    Ok(Some(response)) => return Ok(response),
+                    Ok(None) if up.buf.len() > UPSTREAM_MAX_HEAD => {
+                        return Err(HeadError::Upstream(ErrorKind::UpstreamProtocol, true));
+                    }
+                    Ok(None) => {}
+                    Err(InvalidResponse) => {
+                        return Err(HeadError::Upstream(ErrorKind::UpstreamProtocol, true));
+                    }
+                }
+            }
+            up.buf.reserve(READ_CHUNK);
+            tokio::select! {
+                biased;
+                read = up.stream.read_buf(&mut up.buf) => match read {
+                    Ok(0) | Err(_) => return Err(HeadError::Upstream(ErrorKind::UpstreamReset, got_bytes)),
+                    Ok(_) => {}
+                },
+                ready = self.client.readable(), if watch_client => {
+                    if ready.is_err() {
+                        return Err(HeadError::ClientGone);
+                    }
+                    self.buf.reserve(1024);
+                    match self.client.try_read_buf(&mut self.buf) {
+                        Ok(0) => return Err(HeadError::ClientGone),
+                        // A pipelined request: kept for later; stop watching if the client floods.
+                        Ok(_) => watch_client = self.buf.len() < max_pipelined,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(_) => return Err(HeadError::ClientGone),
+                    }
+                }
+                () = &mut sleep => return Err(HeadError::Timeout),
+            }
+        }
+    }
+
+    /// Answers with a response the proxy makes itself and ends the exchange. The connection
+    /// closes afterwards unless `keep_alive` (no unread request bytes) and the write worked.
+    async fn respond(
+        &mut self,
+        mut exchange: Exchange,
+        synthetic: Synthetic,
+        keep_alive: bool,
+    ) -> Next {
+        synthetic.render_h1(
+            keep_alive,
+            self.shared.settings.lowercase_header_names,
+            &mut self.out,
+        );
+        exchange.status = synthetic.status().as_u16();
+        if synthetic.grpc {
+            exchange.grpc_status = Some(u16::from(synthetic.kind.grpc_status()));
+        }
+        exchange.error = Some(synthetic.kind);
+        let written = self.client.write_all(&self.out).await.is_ok();
+        exchange.finish(None);
+        if written && keep_alive {
+            return Next::KeepAlive;
+        }
+        if written {
+            linger_close(&mut self.client).await;
+        }
+        Next::Close
+    }
+}
+
 /// Copies one body from `src` to `dst`. `out` holds a head not yet written: the body's first bytes
 /// already in `src_buf` join it so that a small message leaves in one write. Bytes after the body
 /// stay in `src_buf` (a pipelined request). `copied` ends as the body's size (without chunk
-/// framing), or what was copied before an error.
+/// framing), or what was copied before an error. Each read waits at most `stall`.
 async fn copy_body(
     src: &mut TcpStream,
     src_buf: &mut BytesMut,
@@ -178,6 +560,7 @@ async fn copy_body(
     framing: Framing,
     out: &mut Vec<u8>,
     copied: &mut u64,
+    stall: Duration,
 ) -> Result<(), CopyError> {
     *copied = 0;
     let mut tracker = ChunkedTracker::default();
@@ -187,7 +570,8 @@ async fn copy_body(
     };
     let mut pending_head = !out.is_empty();
     loop {
-        // Take what belongs to the body from the buffer.
+        // Take what belongs to the body from the buffer; a chunked body is checked before any of
+        // it is forwarded, so nothing after a framing error reaches the other side.
         let take = match framing {
             Framing::None => 0,
             Framing::Length(_) => usize::try_from(remaining)
@@ -226,58 +610,19 @@ async fn copy_body(
             return Ok(());
         }
         src_buf.reserve(READ_CHUNK);
-        match src.read_buf(src_buf).await {
-            Ok(0) if framing == Framing::UntilClose => return Ok(()),
-            Ok(0) | Err(_) => return Err(CopyError::Read),
-            Ok(_) => {}
+        match timeout(stall, src.read_buf(src_buf)).await {
+            Err(_) => return Err(CopyError::Stalled),
+            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(()),
+            Ok(Ok(0) | Err(_)) => return Err(CopyError::Read),
+            Ok(Ok(_)) => {}
         }
     }
-}
-
-fn error_head(kind: ErrorKind, keep_alive: bool, out: &mut Vec<u8>) {
-    use std::io::Write;
-    let status = kind.status();
-    let body = kind.message();
-    out.clear();
-    let _ = write!(
-        out,
-        "HTTP/1.1 {} {}\r\nserver: amazing-proxy\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or(""),
-        body.len()
-    );
-    if status == http::StatusCode::SERVICE_UNAVAILABLE {
-        out.extend_from_slice(b"retry-after: 1\r\n");
-    }
-    if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(body.as_bytes());
-}
-
-/// Writes a response the proxy makes itself; the connection closes afterwards unless
-/// `keep_alive` (the request had no unread body).
-async fn send_error(
-    client: &mut TcpStream,
-    kind: ErrorKind,
-    keep_alive: bool,
-    out: &mut Vec<u8>,
-) -> bool {
-    error_head(kind, keep_alive, out);
-    let written = client.write_all(out).await.is_ok();
-    if written && !keep_alive {
-        linger_close(client).await;
-    }
-    written && keep_alive
 }
 
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy the
 /// response before the client reads it. So: send FIN, then read and discard what the client is
 /// still sending, for a bounded time and amount (nginx's lingering close).
 async fn linger_close(client: &mut TcpStream) {
-    const LINGER_TIME: Duration = Duration::from_secs(1);
-    const LINGER_BYTES: usize = 1024 * 1024;
     let _ = client.shutdown().await;
     let drain = async {
         let mut sink = [0u8; 8192];
@@ -289,328 +634,5 @@ async fn linger_close(client: &mut TcpStream) {
             }
         }
     };
-    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
-}
-
-enum HeadError {
-    Timeout,
-    Upstream(ErrorKind),
-    ClientGone,
-}
-
-/// Reads the app's response head, skipping interim responses. Meanwhile watches the client: if it
-/// goes away the request is abandoned (the upstream connection is dropped, which the app sees).
-/// What the response head depends on from its request.
-struct Awaiting {
-    head_request: bool,
-    keep_alive: bool,
-    deadline: tokio::time::Instant,
-}
-
-async fn read_response_head(
-    proxy: &'static Proxy,
-    up: &mut UpstreamConn,
-    client: &TcpStream,
-    client_buf: &mut BytesMut,
-    awaiting: Awaiting,
-    out: &mut Vec<u8>,
-) -> Result<ResponsePlan, HeadError> {
-    let Awaiting {
-        head_request,
-        keep_alive,
-        deadline,
-    } = awaiting;
-    let timeout = tokio::time::sleep_until(deadline);
-    let mut timeout = std::pin::pin!(timeout);
-    let mut watch_client = true;
-    loop {
-        if !up.buf.is_empty() {
-            match plan_response(
-                &up.buf,
-                head_request,
-                keep_alive,
-                proxy.preserve_header_case,
-                out,
-            ) {
-                Ok(Some(plan)) if plan.interim => {
-                    up.buf.advance(plan.head_len);
-                    continue;
-                }
-                Ok(Some(plan)) => return Ok(plan),
-                Ok(None) if up.buf.len() > UPSTREAM_MAX_HEAD => {
-                    return Err(HeadError::Upstream(ErrorKind::UpstreamProtocol));
-                }
-                Ok(None) => {}
-                Err(InvalidResponse) => {
-                    return Err(HeadError::Upstream(ErrorKind::UpstreamProtocol));
-                }
-            }
-        }
-        up.buf.reserve(READ_CHUNK);
-        tokio::select! {
-            biased;
-            read = up.stream.read_buf(&mut up.buf) => match read {
-                Ok(0) | Err(_) => return Err(HeadError::Upstream(ErrorKind::UpstreamReset)),
-                Ok(_) => {}
-            },
-            ready = client.readable(), if watch_client => {
-                if ready.is_err() {
-                    return Err(HeadError::ClientGone);
-                }
-                client_buf.reserve(1024);
-                match client.try_read_buf(client_buf) {
-                    Ok(0) => return Err(HeadError::ClientGone),
-                    // A pipelined request: kept for later; stop watching if the client floods.
-                    Ok(_) => watch_client = client_buf.len() < proxy.max_header_bytes,
-                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                    Err(_) => return Err(HeadError::ClientGone),
-                }
-            }
-            _ = &mut timeout => return Err(HeadError::Timeout),
-        }
-    }
-}
-
-/// Serves a client connection until it closes, or until a request needs the hyper path.
-pub async fn serve(
-    proxy: &'static Proxy,
-    mut client: TcpStream,
-    ctx: &Arc<ConnContext>,
-    phase: &mut watch::Receiver<Phase>,
-) -> Outcome {
-    let upstream_addr: SocketAddr = match ctx.upstream.as_str().parse() {
-        Ok(a) => a,
-        Err(_) => return Outcome::Done,
-    };
-    let rewrite = Rewrite {
-        preserve_case: proxy.preserve_header_case,
-        host: proxy.rewrite_host.then(|| ctx.upstream.as_str()),
-        client_ip: &ctx.client_ip_text,
-    };
-    let mut buf = BytesMut::with_capacity(4096);
-    let mut head_buf: Vec<u8> = Vec::with_capacity(1024);
-    let mut out: Vec<u8> = Vec::with_capacity(1024);
-    let mut sticky: Option<UpstreamConn> = None;
-    // One waiter for the whole connection: registering a new one per request costs a lock.
-    let mut closing_watch = phase.clone();
-    let closing_signal = wait_for_closing(&mut closing_watch);
-    let mut closing_signal = std::pin::pin!(closing_signal);
-    let outcome = 'connection: loop {
-        // Read one request head; an idle connection closes when the drain does.
-        let plan = loop {
-            if !buf.is_empty() {
-                match plan_request(&buf, &rewrite, &mut head_buf) {
-                    Ok(plan) => break plan,
-                    Err(RequestVerdict::Partial) if buf.len() < proxy.max_header_bytes => {}
-                    Err(RequestVerdict::Partial) => {
-                        proxy
-                            .metrics
-                            .count_error(ctx.direction, ErrorKind::HeadersTooLarge);
-                        send_error(&mut client, ErrorKind::HeadersTooLarge, false, &mut out).await;
-                        break 'connection Outcome::Done;
-                    }
-                    Err(RequestVerdict::Invalid) => {
-                        proxy
-                            .metrics
-                            .count_error(ctx.direction, ErrorKind::BadRequest);
-                        send_error(&mut client, ErrorKind::BadRequest, false, &mut out).await;
-                        break 'connection Outcome::Done;
-                    }
-                    Err(RequestVerdict::Fallback) => {
-                        break 'connection Outcome::Fallback(Rewind::new(
-                            buf.split().freeze(),
-                            client,
-                        ));
-                    }
-                }
-            }
-            buf.reserve(4096);
-            let read = if buf.is_empty() {
-                tokio::select! {
-                    biased;
-                    _ = &mut closing_signal => break 'connection Outcome::Done,
-                    read = client.read_buf(&mut buf) => read,
-                }
-            } else {
-                // A head that started must finish (slowloris); hyper's path has the same bound.
-                match tokio::time::timeout(HEAD_READ_TIMEOUT, client.read_buf(&mut buf)).await {
-                    Ok(read) => read,
-                    Err(_) => break 'connection Outcome::Done,
-                }
-            };
-            match read {
-                Ok(0) | Err(_) => break 'connection Outcome::Done,
-                Ok(_) => {}
-            }
-        };
-        let start = Instant::now();
-        buf.advance(plan.head_len);
-        let head_request = plan.method == Method::HEAD;
-        let mut exchange = Exchange::new(
-            proxy,
-            ctx.clone(),
-            start,
-            plan.method,
-            http::Version::HTTP_11,
-            PathText::Raw(plan.path),
-            plan.request_id,
-        );
-        let has_body = plan.framing != Framing::None;
-        let Some(in_flight) = InFlight::acquire(&proxy.in_flight, proxy.max_in_flight) else {
-            let keep = send_error(
-                &mut client,
-                ErrorKind::Overloaded,
-                !has_body && plan.keep_alive,
-                &mut out,
-            )
-            .await;
-            exchange.finish_with_error(ErrorKind::Overloaded);
-            if keep { continue } else { break Outcome::Done }
-        };
-        exchange.hold(in_flight);
-
-        // A body already in the buffer travels with the head, and can be sent again.
-        let inline_body = match plan.framing {
-            Framing::None => Some(0),
-            Framing::Length(n) if n <= buf.len() as u64 => usize::try_from(n).ok(),
-            _ => None,
-        };
-        if let Some(n) = inline_body {
-            head_buf.extend_from_slice(&buf[..n]);
-            buf.advance(n);
-            exchange.request_bytes = n as u64;
-        }
-        let mut attempt = 0;
-        let (mut up, response) = loop {
-            attempt += 1;
-            let mut up = match sticky
-                .take()
-                .or_else(|| proxy.h1_pool.checkout(upstream_addr))
-            {
-                Some(up) => up,
-                None => match connect(upstream_addr, proxy.connect_options).await {
-                    Ok(stream) => UpstreamConn {
-                        stream,
-                        buf: BytesMut::with_capacity(4096),
-                        reused: false,
-                    },
-                    Err(e) => {
-                        let kind = classify_io(&e, true);
-                        let keep = inline_body.is_some() && plan.keep_alive;
-                        let keep = send_error(&mut client, kind, keep, &mut out).await;
-                        exchange.finish_with_error(kind);
-                        if keep {
-                            continue 'connection;
-                        } else {
-                            break 'connection Outcome::Done;
-                        }
-                    }
-                },
-            };
-            // The keep-alive race: the app closed this idle connection as the request left.
-            // The request never reached the app, so it goes again, once, on a new connection.
-            let retry_allowed = up.reused && inline_body.is_some() && attempt == 1;
-            let sent = if inline_body.is_some() {
-                up.stream
-                    .write_all(&head_buf)
-                    .await
-                    .map_err(|_| CopyError::Write)
-            } else {
-                copy_body(
-                    &mut client,
-                    &mut buf,
-                    &mut up.stream,
-                    plan.framing,
-                    &mut head_buf,
-                    &mut exchange.request_bytes,
-                )
-                .await
-            };
-            match sent {
-                Ok(()) => {}
-                Err(CopyError::Write) if retry_allowed => continue,
-                Err(e) => {
-                    let kind = match e {
-                        CopyError::Write => ErrorKind::UpstreamReset,
-                        CopyError::Read | CopyError::Invalid => ErrorKind::ClientBody,
-                    };
-                    send_error(&mut client, kind, false, &mut out).await;
-                    exchange.finish_with_error(kind);
-                    break 'connection Outcome::Done;
-                }
-            }
-            let deadline = tokio::time::Instant::from_std(start) + proxy.response_timeout;
-            let awaiting = Awaiting {
-                head_request,
-                keep_alive: plan.keep_alive,
-                deadline,
-            };
-            let head = read_response_head(proxy, &mut up, &client, &mut buf, awaiting, &mut out);
-            let kind = match head.await {
-                Ok(plan) => break (up, plan),
-                Err(HeadError::Upstream(ErrorKind::UpstreamReset))
-                    if retry_allowed && up.buf.is_empty() =>
-                {
-                    tracing::debug!(upstream = %upstream_addr, "pooled connection closed by the app; retrying on a new one");
-                    continue;
-                }
-                Err(HeadError::Upstream(kind)) => kind,
-                Err(HeadError::Timeout) => ErrorKind::ResponseTimeout,
-                Err(HeadError::ClientGone) => {
-                    exchange.finish_with_error(ErrorKind::ClientDisconnected);
-                    break 'connection Outcome::Done;
-                }
-            };
-            // The upstream connection is dropped: it may still carry the late answer.
-            let keep = send_error(&mut client, kind, plan.keep_alive, &mut out).await;
-            exchange.finish_with_error(kind);
-            if keep {
-                continue 'connection;
-            } else {
-                break 'connection Outcome::Done;
-            }
-        };
-
-        // The response, head and body.
-        let closing = *phase.borrow() == Phase::Closing;
-        if closing && response.keep_alive {
-            // Draining: this response is the connection's last.
-            let at = out.len() - 2;
-            out.splice(at..at, b"connection: close\r\n".iter().copied());
-        }
-        exchange.status = response.status;
-        exchange.grpc_status = response.grpc_status;
-        up.buf.advance(response.head_len);
-        let copied = copy_body(
-            &mut up.stream,
-            &mut up.buf,
-            &mut client,
-            response.framing,
-            &mut out,
-            &mut exchange.response_bytes,
-        )
-        .await;
-        match copied {
-            Ok(_) => exchange.finish(None),
-            Err(CopyError::Write) => {
-                exchange.finish(Some(ErrorKind::ClientDisconnected));
-                break Outcome::Done;
-            }
-            Err(_) => {
-                exchange.finish(Some(ErrorKind::UpstreamBody));
-                break Outcome::Done;
-            }
-        }
-        if response.upstream_reusable {
-            up.reused = true;
-            sticky = Some(up);
-        }
-        if !response.keep_alive || closing {
-            break Outcome::Done;
-        }
-    };
-    if let Some(up) = sticky {
-        proxy.h1_pool.checkin(upstream_addr, up);
-    }
-    outcome
+    let _ = timeout(LINGER_TIME, drain).await;
 }
