@@ -206,7 +206,9 @@ async fn serve_connection(
             upstream,
             direction,
         };
-        tcp::forward(&shared, stream, route).await;
+        // Boxed, like the hyper path below: a connection's task is as large as its largest
+        // state, and the fast path's idle connections should not pay for the others.
+        Box::pin(tcp::forward(&shared, stream, route)).await;
         drop(guard);
         return;
     }
@@ -231,7 +233,14 @@ async fn serve_connection(
     } else {
         Rewind::new(bytes::Bytes::new(), stream)
     };
-    serve_hyper(shared, ctx, io, detected == Detected::Http2, &guard).await;
+    Box::pin(serve_hyper(
+        shared,
+        ctx,
+        io,
+        detected == Detected::Http2,
+        &guard,
+    ))
+    .await;
 }
 
 /// Serves the rest of a connection with hyper: HTTP/2, and the HTTP/1 the fast path hands over.

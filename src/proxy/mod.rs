@@ -118,7 +118,7 @@ impl Shared {
                 http2_server,
             },
             limits: Arc::new(Limits::new(
-                args.max_connections as usize,
+                descriptor_budget(args.max_connections as usize),
                 args.max_in_flight as usize,
             )),
             upstreams: Upstreams::new(connect, args.pool_idle_timeout, !lowercase),
@@ -126,6 +126,37 @@ impl Shared {
             drain: Drain::default(),
         })
     }
+}
+
+/// Descriptors kept out of the connection budget: the admin listener and its scrapes, the pools'
+/// idle connections, the access log, the runtime's own.
+const RESERVED_DESCRIPTORS: u64 = 512;
+
+/// The connection limit the descriptors allow. Raises the soft RLIMIT_NOFILE to the hard one (as
+/// nginx's worker_rlimit_nofile does), then caps --max-connections so that the connections (a
+/// client and its app connection: two descriptors each) run into the limit, and its shedding,
+/// before the process runs out of descriptors (when accepts and the admin port would fail).
+fn descriptor_budget(max_connections: usize) -> usize {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) else {
+        return max_connections;
+    };
+    let limit = if soft < hard && setrlimit(Resource::RLIMIT_NOFILE, hard, hard).is_ok() {
+        hard
+    } else {
+        soft
+    };
+    let budget =
+        usize::try_from(limit.saturating_sub(RESERVED_DESCRIPTORS) / 2).unwrap_or(usize::MAX);
+    if budget < max_connections {
+        tracing::warn!(
+            max_connections,
+            descriptors = limit,
+            "--max-connections lowered to {budget}: each connection may hold two descriptors; raise the descriptor limit (ulimit -n) to allow more"
+        );
+        return budget.max(1);
+    }
+    max_connections
 }
 
 #[derive(Debug, thiserror::Error)]
