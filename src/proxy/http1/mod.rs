@@ -329,7 +329,7 @@ async fn read_response_head(
                 &up.buf,
                 head_request,
                 keep_alive,
-                proxy.preserve_header_case,
+                !proxy.preserve_header_case,
                 out,
             ) {
                 Ok(Some(plan)) if plan.interim => {
@@ -383,9 +383,10 @@ pub async fn serve(
         Err(_) => return Outcome::Done,
     };
     let rewrite = Rewrite {
-        preserve_case: proxy.preserve_header_case,
+        lowercase_names: !proxy.preserve_header_case,
         host: proxy.rewrite_host.then(|| ctx.upstream.as_str()),
         client_ip: &ctx.client_ip_text,
+        via: "amazing-proxy",
     };
     let mut buf = BytesMut::with_capacity(4096);
     let mut head_buf: Vec<u8> = Vec::with_capacity(1024);
@@ -399,7 +400,7 @@ pub async fn serve(
         // Read one request head; an idle connection closes when the drain does.
         let plan = loop {
             if !buf.is_empty() {
-                match plan_request(&buf, &rewrite, &mut head_buf) {
+                match plan_request(&mut buf, &rewrite, &mut head_buf) {
                     Ok(plan) => break plan,
                     Err(RequestVerdict::Partial) if buf.len() < proxy.max_header_bytes => {}
                     Err(RequestVerdict::Partial) => {
@@ -409,7 +410,7 @@ pub async fn serve(
                         send_error(&mut client, ErrorKind::HeadersTooLarge, false, &mut out).await;
                         break 'connection Outcome::Done;
                     }
-                    Err(RequestVerdict::Invalid) => {
+                    Err(RequestVerdict::Invalid | RequestVerdict::Loop) => {
                         proxy
                             .metrics
                             .count_error(ctx.direction, ErrorKind::BadRequest);
