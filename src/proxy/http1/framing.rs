@@ -1,15 +1,29 @@
 //! HTTP/1.1 message heads as the fast path reads and rewrites them: pure functions, no I/O.
 //!
 //! `plan_request` parses a request head in place with `httparse`, decides its framing and writes the
-//! head to send to the app; `plan_response` does the same for the app's answer. Anything the fast
-//! path does not handle itself is `Fallback` (the hyper path), anything ambiguous is `Invalid`.
+//! head to send to the app; `plan_response` does the same for the app's answer. What the fast path
+//! does not handle itself is `Fallback` (the hyper path); anything ambiguous is `Invalid`.
+//!
+//! A sidecar that disagrees with the app about where a message ends lets one request smuggle
+//! another, so wherever RFC 9112 allows a choice between being lenient and rejecting, this module
+//! rejects (400 for a request, 502 for a response), and whatever it forwards is unambiguous: one
+//! framing field, in its plain form, never removed by a `Connection` option. Each rule cites the
+//! RFC section it comes from.
+//!
+//! Cost: one pass over the fields to decide, one to write; no allocation beyond `out` and the
+//! path unless a head has more than `STACK_FIELDS` fields or `Connection` names fields to drop.
+
+use std::cmp::Ordering;
 
 use http::Method;
 use http::header::HeaderValue;
 
+use super::chunked::is_tchar;
 use crate::proxy::phases::new_request_id;
 
-const MAX_HEADERS: usize = 100;
+/// Fields parsed into an array on the stack; a head with more is parsed again into one sized
+/// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
+const STACK_FIELDS: usize = 64;
 
 /// How a message's body is delimited.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -24,13 +38,15 @@ pub enum Framing {
 /// What the request head says, once rewritten for the app into `out`.
 #[derive(Debug)]
 pub struct RequestPlan {
-    pub grpc: bool,
     pub head_len: usize,
     pub method: Method,
+    /// The target in origin form (or `*`), as sent to the app.
     pub path: String,
     pub framing: Framing,
     pub keep_alive: bool,
     pub request_id: HeaderValue,
+    /// `content-type: application/grpc*`: errors are answered the gRPC way.
+    pub grpc: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -39,194 +55,682 @@ pub enum RequestVerdict {
     Partial,
     /// Valid, but for the hyper path.
     Fallback,
+    /// Malformed or ambiguous: 400, then close.
     Invalid,
-    /// Our own Via entry is already in the request: it looped back to this proxy.
+    /// Our own `Via` pseudonym is already in the request: it went round in a loop. 508, then close.
     Loop,
 }
 
 /// Options of the head rewriting that come from configuration.
 #[derive(Clone, Copy, Debug)]
 pub struct Rewrite<'a> {
+    /// Lower-case every field name; by default each name keeps the case it came in.
     pub lowercase_names: bool,
-    /// This proxy's Via pseudonym.
-    pub via: &'a str,
     /// `Some(app address)` with --rewrite-host.
     pub host: Option<&'a str>,
-    /// The client's IP as text, for x-forwarded-for.
+    /// The client's IP as text, for X-Forwarded-For.
     pub client_ip: &'a str,
+    /// This proxy's pseudonym in `Via`.
+    pub via: &'a str,
 }
 
-fn is_hop_by_hop(name: &str) -> bool {
-    [
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "te",
-        "transfer-encoding",
-        "upgrade",
-    ]
-    .iter()
-    .any(|h| name.eq_ignore_ascii_case(h))
+/// The fields the planners act on; everything else is `Other` and passes through.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Field {
+    Connection,
+    ContentLength,
+    ContentType,
+    Expect,
+    GrpcStatus,
+    Host,
+    KeepAlive,
+    ProxyConnection,
+    Server,
+    Te,
+    TransferEncoding,
+    Upgrade,
+    Via,
+    XForwardedFor,
+    XForwardedProto,
+    XRequestId,
+    Other,
 }
 
-fn push_name(out: &mut Vec<u8>, name: &str, preserve_case: bool) {
-    if preserve_case {
-        out.extend_from_slice(name.as_bytes());
-    } else {
-        out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+impl Field {
+    fn of(name: &str) -> Field {
+        let candidate = match name.len() {
+            2 => Field::Te,
+            3 => Field::Via,
+            4 => Field::Host,
+            6 => match name.as_bytes()[0] | 0x20 {
+                b'e' => Field::Expect,
+                _ => Field::Server,
+            },
+            7 => Field::Upgrade,
+            10 => match name.as_bytes()[0] | 0x20 {
+                b'c' => Field::Connection,
+                _ => Field::KeepAlive,
+            },
+            11 => Field::GrpcStatus,
+            12 => match name.as_bytes()[0] | 0x20 {
+                b'c' => Field::ContentType,
+                _ => Field::XRequestId,
+            },
+            14 => Field::ContentLength,
+            15 => Field::XForwardedFor,
+            16 => Field::ProxyConnection,
+            17 => match name.as_bytes()[0] | 0x20 {
+                b't' => Field::TransferEncoding,
+                _ => Field::XForwardedProto,
+            },
+            _ => return Field::Other,
+        };
+        if name.eq_ignore_ascii_case(candidate.name()) {
+            candidate
+        } else {
+            Field::Other
+        }
+    }
+
+    /// The canonical name, as the proxy writes it.
+    fn name(self) -> &'static str {
+        match self {
+            Field::Connection => "Connection",
+            Field::ContentLength => "Content-Length",
+            Field::ContentType => "Content-Type",
+            Field::Expect => "Expect",
+            Field::GrpcStatus => "grpc-status",
+            Field::Host => "Host",
+            Field::KeepAlive => "Keep-Alive",
+            Field::ProxyConnection => "Proxy-Connection",
+            Field::Server => "Server",
+            Field::Te => "TE",
+            Field::TransferEncoding => "Transfer-Encoding",
+            Field::Upgrade => "Upgrade",
+            Field::Via => "Via",
+            Field::XForwardedFor => "X-Forwarded-For",
+            Field::XForwardedProto => "X-Forwarded-Proto",
+            Field::XRequestId => "X-Request-Id",
+            Field::Other => "",
+        }
+    }
+
+    /// Hop-by-hop fields (RFC 9110 7.6.1), dropped here; the planners write their own
+    /// `Transfer-Encoding`, `TE: trailers` and `Connection` where needed.
+    fn is_hop_by_hop(self) -> bool {
+        matches!(
+            self,
+            Field::Connection
+                | Field::KeepAlive
+                | Field::ProxyConnection
+                | Field::Te
+                | Field::TransferEncoding
+                | Field::Upgrade
+        )
+    }
+
+    /// Fields a `Connection` option never removes: the framing and Host (else a client could
+    /// make the proxy forward a body the app does not expect: issue 9, defect 1), and the
+    /// forwarding fields the proxy sets itself.
+    fn is_protected(self) -> bool {
+        matches!(
+            self,
+            Field::ContentLength
+                | Field::TransferEncoding
+                | Field::Host
+                | Field::Via
+                | Field::XForwardedFor
+                | Field::XForwardedProto
+                | Field::XRequestId
+        )
     }
 }
 
-fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value.split(|&b| b == b',').map(|t| t.trim_ascii())
+fn push_name(out: &mut Vec<u8>, name: &str, lowercase: bool) {
+    if lowercase {
+        out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+    } else {
+        out.extend_from_slice(name.as_bytes());
+    }
 }
 
-/// Parses a request head at the start of `buf` and writes the head to send to the app into `out`:
-/// hop-by-hop fields removed (RFC 9110 7.6.1), `x-forwarded-for` appended, `x-forwarded-proto`
-/// and `x-request-id` added when missing, Host rewritten on request. Pure: no I/O.
+/// Writes `name: value` CRLF.
+fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8], lowercase: bool) {
+    push_name(out, name, lowercase);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t');
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t');
+    match (start, end) {
+        (Some(s), Some(e)) => &v[s..=e],
+        _ => &[],
+    }
+}
+
+/// The elements of a list field (RFC 9110 5.6.1), trimmed, empty ones skipped.
+fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(trim_ows)
+        .filter(|e| !e.is_empty())
+}
+
+/// Content-Length = 1*DIGIT (RFC 9110 8.6), with the OWS any field value may have around it
+/// (RFC 9110 5.5). Not Rust's `trim` and `parse`: `+5`, a no-break space or `5\x85` are invalid.
+fn parse_length(value: &[u8]) -> Option<u64> {
+    let digits = trim_ows(value);
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &b| {
+        if !b.is_ascii_digit() {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(b - b'0'))
+    })
+}
+
+/// The transfer codings of a message, over all its Transfer-Encoding fields in order.
+#[derive(Default)]
+struct Codings {
+    present: bool,
+    chunked_count: u8,
+    last_is_chunked: bool,
+    malformed: bool,
+}
+
+impl Codings {
+    /// transfer-coding = token *( OWS ";" OWS transfer-parameter ) (RFC 9112 7): the name must be
+    /// a token; the parameters pass through as written.
+    fn add(&mut self, value: &[u8]) {
+        self.present = true;
+        for coding in elements(value) {
+            let name = trim_ows(coding.split(|&b| b == b';').next().unwrap_or_default());
+            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+                self.malformed = true;
+            }
+            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            self.chunked_count = self.chunked_count.saturating_add(u8::from(chunked));
+            self.last_is_chunked = chunked;
+        }
+    }
+}
+
+/// Writes one `Transfer-Encoding` field with every coding of the message, in order: codings
+/// are never dropped (issue 9, defect 8), several fields become one list (RFC 9110 5.3).
+fn push_codings(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], lowercase: bool) {
+    push_name(out, Field::TransferEncoding.name(), lowercase);
+    out.extend_from_slice(b": ");
+    let mut first = true;
+    for h in headers
+        .iter()
+        .filter(|h| Field::of(h.name) == Field::TransferEncoding)
+    {
+        for coding in elements(h.value) {
+            if !first {
+                out.extend_from_slice(b", ");
+            }
+            out.extend_from_slice(coding);
+            first = false;
+        }
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+fn cmp_ignore_case(a: &[u8], b: &[u8]) -> Ordering {
+    a.iter()
+        .map(u8::to_ascii_lowercase)
+        .cmp(b.iter().map(u8::to_ascii_lowercase))
+}
+
+/// The fields a message's `Connection` options name (RFC 9110 7.6.1), other than `close` and
+/// `keep-alive`; sorted, so that a head listing thousands costs no more than a few lookups each.
+/// `None`, without allocating, when there are none: the common case.
+fn connection_options<'h>(headers: &[httparse::Header<'h>]) -> Option<Vec<&'h [u8]>> {
+    let mut options: Option<Vec<&[u8]>> = None;
+    for h in headers
+        .iter()
+        .filter(|h| Field::of(h.name) == Field::Connection)
+    {
+        for option in elements(h.value) {
+            if !option.eq_ignore_ascii_case(b"close") && !option.eq_ignore_ascii_case(b"keep-alive")
+            {
+                options.get_or_insert_with(Vec::new).push(option);
+            }
+        }
+    }
+    if let Some(list) = options.as_mut() {
+        list.sort_unstable_by(|a, b| cmp_ignore_case(a, b));
+    }
+    options
+}
+
+fn listed(options: Option<&[&[u8]]>, name: &str) -> bool {
+    options.is_some_and(|list| {
+        list.binary_search_by(|o| cmp_ignore_case(o, name.as_bytes()))
+            .is_ok()
+    })
+}
+
+/// Whether `Connection` says `close`.
+fn says_close(value: &[u8]) -> bool {
+    elements(value).any(|o| o.eq_ignore_ascii_case(b"close"))
+}
+
+/// uri-host [ ":" port ] (RFC 9112 3.2, RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2): a reg-name
+/// (IPv4 addresses are reg-names too) or a bracketed IPv6 address, and a decimal port.
+/// `require_host`: the host may not be empty (an absolute-form target's authority).
+fn valid_host(value: &[u8], require_host: bool) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let ip = std::str::from_utf8(&value[1..close]);
+        if ip.map_or(true, |ip| ip.parse::<std::net::Ipv6Addr>().is_err()) {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..=close], port),
+            _ => return false,
+        }
+    } else {
+        let (host, port) = match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        };
+        if !valid_reg_name(host) {
+            return false;
+        }
+        (host, port)
+    };
+    (!require_host || !host.is_empty()) && port.iter().all(u8::is_ascii_digit)
+}
+
+/// reg-name = *( unreserved / pct-encoded / sub-delims ) (RFC 3986 3.2.2).
+fn valid_reg_name(host: &[u8]) -> bool {
+    let mut i = 0;
+    while i < host.len() {
+        match host[i] {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
+            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
+            b'%' if host.len() > i + 2
+                && host[i + 1].is_ascii_hexdigit()
+                && host[i + 2].is_ascii_hexdigit() =>
+            {
+                i += 2;
+            }
+            _ => return false,
+        }
+        i += 1;
+    }
+    true
+}
+
+/// The request target, as the app gets it (RFC 9112 3.2).
+struct Target<'a> {
+    /// origin-form (or `*`) for the app.
+    origin: std::borrow::Cow<'a, str>,
+    /// The authority of an absolute-form target: it replaces Host (RFC 9112 3.2.2).
+    authority: Option<&'a str>,
+}
+
+fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, RequestVerdict> {
+    if target.starts_with('/') {
+        return Ok(Target {
+            origin: target.into(),
+            authority: None,
+        });
+    }
+    if target == "*" {
+        // asterisk-form is for OPTIONS only (RFC 9112 3.2.4).
+        return if method == "OPTIONS" {
+            Ok(Target {
+                origin: target.into(),
+                authority: None,
+            })
+        } else {
+            Err(RequestVerdict::Invalid)
+        };
+    }
+    // absolute-form (RFC 9112 3.2.2): only http and https URIs are ours to forward.
+    let rest = [("http://", 7), ("https://", 8)]
+        .iter()
+        .find(|(scheme, n)| {
+            target
+                .get(..*n)
+                .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+        })
+        .map(|&(_, n)| &target[n..])
+        .ok_or(RequestVerdict::Invalid)?;
+    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    let (authority, path) = rest.split_at(end);
+    // userinfo is an error in an http(s) URI (RFC 9110 4.2.4); the host may not be empty (4.2.1).
+    if authority.contains('@') || !valid_host(authority.as_bytes(), true) {
+        return Err(RequestVerdict::Invalid);
+    }
+    let origin = match path.as_bytes().first() {
+        Some(b'/') => path.into(),
+        // An empty path is `/`, or `*` for OPTIONS (RFC 9112 3.2.4).
+        None if method == "OPTIONS" => "*".into(),
+        None => "/".into(),
+        Some(b'?') => format!("/{path}").into(),
+        Some(_) => return Err(RequestVerdict::Invalid),
+    };
+    Ok(Target {
+        origin,
+        authority: Some(authority),
+    })
+}
+
+/// Whether a Via field names `via` as a recipient: Via = #( received-protocol RWS received-by
+/// [ RWS comment ] ) (RFC 9110 7.6.3).
+fn via_names(value: &[u8], via: &str) -> bool {
+    elements(value).any(|element| {
+        element
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|w| !w.is_empty())
+            .nth(1)
+            .is_some_and(|received_by| received_by.eq_ignore_ascii_case(via.as_bytes()))
+    })
+}
+
+/// RFC 9112 2.3: HTTP/1.x with x above 1 is answered as the highest 1.x we know. httparse only
+/// takes 1.0 and 1.1, so a request line ending in `HTTP/1.2`..`HTTP/1.9` gets its minor digit
+/// rewritten to 1 in place. Returns whether it did.
+fn downgrade_minor_version(buf: &mut [u8]) -> bool {
+    let start = buf
+        .iter()
+        .position(|&b| b != b'\r' && b != b'\n')
+        .unwrap_or(buf.len());
+    let line_len = buf[start..]
+        .iter()
+        .position(|&b| b == b'\r' || b == b'\n')
+        .unwrap_or(buf.len() - start);
+    let line = &mut buf[start..start + line_len];
+    match line {
+        [
+            ..,
+            b' ',
+            b'H',
+            b'T',
+            b'T',
+            b'P',
+            b'/',
+            b'1',
+            b'.',
+            minor @ b'2'..=b'9',
+        ] => {
+            *minor = b'1';
+            true
+        }
+        _ => false,
+    }
+}
+
+/// Parses a request head into a stack array of fields, or, when it has more, into one sized from
+/// its lines, and hands the result to `f`.
+fn parse_request<T>(
+    buf: &[u8],
+    f: impl FnOnce(&httparse::Request<'_, '_>, usize) -> T,
+) -> Result<httparse::Status<T>, httparse::Error> {
+    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    let mut req = httparse::Request::new(&mut stack);
+    match req.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => return Ok(httparse::Status::Complete(f(&req, n))),
+        Ok(httparse::Status::Partial) => return Ok(httparse::Status::Partial),
+        Err(httparse::Error::TooManyHeaders) => {}
+        Err(e) => return Err(e),
+    }
+    let lines = buf.iter().filter(|&&b| b == b'\n').count() + 1;
+    let mut heap = vec![httparse::EMPTY_HEADER; lines];
+    let mut req = httparse::Request::new(&mut heap);
+    Ok(match req.parse(buf)? {
+        httparse::Status::Complete(n) => httparse::Status::Complete(f(&req, n)),
+        httparse::Status::Partial => httparse::Status::Partial,
+    })
+}
+
+/// The response twin of `parse_request`.
+fn parse_response<T>(
+    buf: &[u8],
+    f: impl FnOnce(&httparse::Response<'_, '_>, usize) -> T,
+) -> Result<httparse::Status<T>, httparse::Error> {
+    let mut stack = [httparse::EMPTY_HEADER; STACK_FIELDS];
+    let mut res = httparse::Response::new(&mut stack);
+    match res.parse(buf) {
+        Ok(httparse::Status::Complete(n)) => return Ok(httparse::Status::Complete(f(&res, n))),
+        Ok(httparse::Status::Partial) => return Ok(httparse::Status::Partial),
+        Err(httparse::Error::TooManyHeaders) => {}
+        Err(e) => return Err(e),
+    }
+    let lines = buf.iter().filter(|&&b| b == b'\n').count() + 1;
+    let mut heap = vec![httparse::EMPTY_HEADER; lines];
+    let mut res = httparse::Response::new(&mut heap);
+    Ok(match res.parse(buf)? {
+        httparse::Status::Complete(n) => httparse::Status::Complete(f(&res, n)),
+        httparse::Status::Partial => httparse::Status::Partial,
+    })
+}
+
+/// Parses a request head at the start of `buf` and writes the head to send to the app into `out`.
+/// `buf` is mutable only for the HTTP/1.2..1.9 rewrite (see `downgrade_minor_version`). Pure: no I/O.
+///
+/// The head for the app: the request line in origin form with `HTTP/1.1`; the client's fields
+/// in order and in their case (or lower-cased), less the hop-by-hop ones and those a `Connection`
+/// option names; Host replaced by the absolute-form target's authority or by --rewrite-host;
+/// then, in this order, `TE: trailers` (when the client's TE had it), `Transfer-Encoding` (every
+/// coding, chunked last), `X-Forwarded-For` (earlier values, then the client), `X-Forwarded-Proto:
+/// http` when missing, `X-Request-Id` when missing, and `Via: 1.1 <via>` as a field line of its
+/// own after any the client sent (RFC 9110 7.6.3 and 5.3: the same as one comma-joined list).
 pub fn plan_request(
     buf: &mut [u8],
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestPlan, RequestVerdict> {
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut req = httparse::Request::new(&mut headers);
-    let head_len = match req.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Err(RequestVerdict::Partial),
-        Err(_) => return Err(RequestVerdict::Invalid),
+    let parsed = match parse_request(buf, |req, n| plan_parsed_request(req, n, rw, out)) {
+        Err(httparse::Error::Version) if downgrade_minor_version(buf) => {
+            parse_request(buf, |req, n| plan_parsed_request(req, n, rw, out))
+        }
+        parsed => parsed,
     };
-    let (Some(method), Some(path), Some(1)) = (req.method, req.path, req.version) else {
-        // HTTP/1.0 keep-alive rules and the like: hyper's.
-        return Err(RequestVerdict::Fallback);
-    };
-    if method == "CONNECT" {
-        return Err(RequestVerdict::Fallback);
+    match parsed {
+        Ok(httparse::Status::Complete(plan)) => plan,
+        Ok(httparse::Status::Partial) => Err(RequestVerdict::Partial),
+        // HTTP/2.0 or 0.9 in a request line, bad tokens, bare CR, obs-fold, control bytes.
+        Err(_) => Err(RequestVerdict::Invalid),
     }
+}
 
-    let mut framing = Framing::None;
-    let mut keep_alive = true;
+fn plan_parsed_request(
+    req: &httparse::Request<'_, '_>,
+    head_len: usize,
+    rw: &Rewrite<'_>,
+    out: &mut Vec<u8>,
+) -> Result<RequestPlan, RequestVerdict> {
+    use RequestVerdict::{Fallback, Invalid, Loop};
+    let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
+        return Err(Invalid);
+    };
+    let http11 = minor == 1;
+    // CONNECT's authority-form target is the hyper path's to check (RFC 9112 3.2.3).
+    let connect = method == "CONNECT";
+    let target = if connect {
+        None
+    } else {
+        Some(parse_target(method, target)?)
+    };
+
+    let mut content_length = None;
+    let mut codings = Codings::default();
+    let mut hosts = 0;
+    let mut keep_alive = http11;
+    let mut options = false;
     let mut request_id = None;
-    let mut forwarded_for: Option<&[u8]> = None;
+    let mut forwarded_for = false;
     let mut forwarded_proto = false;
-    let mut connection_listed: [&[u8]; 8] = [&[]; 8];
-    let mut listed = 0;
+    let mut te_trailers = false;
+    let mut grpc = false;
+    let mut hyper = connect || !http11;
+    let mut looped = false;
     for h in req.headers.iter() {
-        let name = h.name;
-        if name.eq_ignore_ascii_case("content-length") {
-            let len = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(RequestVerdict::Invalid)?;
-            match framing {
-                Framing::Length(prev) if prev != len => return Err(RequestVerdict::Invalid),
-                Framing::Chunked => return Err(RequestVerdict::Fallback),
-                _ => framing = Framing::Length(len),
+        match Field::of(h.name) {
+            Field::ContentLength => {
+                // Two Content-Length fields are rejected even when equal (RFC 9110 8.6 allows
+                // either; nginx rejects too): one framing field, or none.
+                if content_length.is_some() {
+                    return Err(Invalid);
+                }
+                content_length = Some(parse_length(h.value).ok_or(Invalid)?);
             }
-        } else if name.eq_ignore_ascii_case("transfer-encoding") {
-            if !h.value.trim_ascii().eq_ignore_ascii_case(b"chunked") || framing != Framing::None {
-                return Err(RequestVerdict::Fallback);
-            }
-            framing = Framing::Chunked;
-        } else if name.eq_ignore_ascii_case("connection") {
-            for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    keep_alive = false;
-                } else if listed < connection_listed.len() {
-                    connection_listed[listed] = token;
-                    listed += 1;
-                } else {
-                    return Err(RequestVerdict::Fallback);
+            Field::TransferEncoding => codings.add(h.value),
+            Field::Host => {
+                // RFC 9112 3.2: one Host, with a valid value.
+                hosts += 1;
+                if hosts > 1 || !valid_host(h.value, false) {
+                    return Err(Invalid);
                 }
             }
-        } else if name.eq_ignore_ascii_case("upgrade") || name.eq_ignore_ascii_case("expect") {
-            return Err(RequestVerdict::Fallback);
+            Field::Connection => {
+                keep_alive &= !says_close(h.value);
+                options |= elements(h.value).any(|o| {
+                    !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
+                });
+            }
+            Field::Te => {
+                te_trailers |= elements(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+            }
+            Field::Upgrade | Field::Expect => hyper = true,
+            Field::XForwardedFor => forwarded_for = true,
+            Field::XForwardedProto => forwarded_proto = true,
+            Field::XRequestId => {
+                if request_id.is_none() {
+                    request_id = HeaderValue::from_bytes(h.value).ok();
+                }
+            }
+            Field::ContentType => {
+                grpc = h
+                    .value
+                    .get(..16)
+                    .is_some_and(|v| v.eq_ignore_ascii_case(b"application/grpc"));
+            }
+            Field::Via => looped |= via_names(h.value, rw.via),
+            Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
+            Field::Server | Field::Other => {}
         }
     }
-    if framing == Framing::Length(0) {
-        framing = Framing::None;
+    // RFC 9112 3.2: an HTTP/1.1 request without Host is 400.
+    if http11 && hosts == 0 {
+        return Err(Invalid);
     }
+    let framing = if codings.present {
+        // RFC 9112 6.1: Transfer-Encoding is HTTP/1.1 only, chunked at most once (RFC 9112
+        // 6.1), and last in a request (6.3 item 4: else 400); with Content-Length it is a
+        // smuggling attempt we may and do reject (6.1, 6.3 item 3) rather than forward both.
+        if !http11
+            || codings.malformed
+            || codings.chunked_count != 1
+            || !codings.last_is_chunked
+            || content_length.is_some()
+        {
+            return Err(Invalid);
+        }
+        Framing::Chunked
+    } else {
+        match content_length {
+            None | Some(0) => Framing::None,
+            Some(n) => Framing::Length(n),
+        }
+    };
+    // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
+    if looped && !rw.via.is_empty() {
+        return Err(Loop);
+    }
+    // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade and Expect: the hyper path's.
+    let Some(target) = target.filter(|_| !hyper) else {
+        return Err(Fallback);
+    };
+    let method_value = Method::from_bytes(method.as_bytes()).map_err(|_| Invalid)?;
 
+    let options = if options {
+        connection_options(req.headers)
+    } else {
+        None
+    };
+    let lower = rw.lowercase_names;
+    let host = rw.host.or(target.authority);
     out.clear();
     out.extend_from_slice(method.as_bytes());
     out.push(b' ');
-    out.extend_from_slice(path.as_bytes());
+    out.extend_from_slice(target.origin.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     for h in req.headers.iter() {
-        let name = h.name;
-        if is_hop_by_hop(name) {
-            if name.eq_ignore_ascii_case("te")
-                && tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"))
-            {
-                out.extend_from_slice(b"te: trailers\r\n");
-            }
+        let field = Field::of(h.name);
+        if field.is_hop_by_hop() || field == Field::XForwardedFor {
             continue;
         }
-        if connection_listed[..listed]
+        if !field.is_protected() && listed(options.as_deref(), h.name) {
+            continue;
+        }
+        match (field, host) {
+            (Field::Host, Some(host)) => push_field(out, "Host", host.as_bytes(), lower),
+            _ => push_field(out, h.name, h.value, lower),
+        }
+    }
+    if te_trailers {
+        // gRPC needs `TE: trailers` end to end; other TE codings are hop-by-hop.
+        push_field(out, Field::Te.name(), b"trailers", lower);
+    }
+    if framing == Framing::Chunked {
+        push_codings(out, req.headers, lower);
+    }
+    push_name(out, Field::XForwardedFor.name(), lower);
+    out.extend_from_slice(b": ");
+    if forwarded_for {
+        for h in req
+            .headers
             .iter()
-            .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+            .filter(|h| Field::of(h.name) == Field::XForwardedFor)
         {
-            continue;
+            for hop in elements(h.value) {
+                out.extend_from_slice(hop);
+                out.extend_from_slice(b", ");
+            }
         }
-        if name.eq_ignore_ascii_case("x-forwarded-for") {
-            forwarded_for = Some(h.value);
-            continue;
-        }
-        if rw.host.is_some() && name.eq_ignore_ascii_case("host") {
-            continue;
-        }
-        if name.eq_ignore_ascii_case("x-forwarded-proto") {
-            forwarded_proto = true;
-        } else if name.eq_ignore_ascii_case("x-request-id") {
-            request_id = HeaderValue::from_bytes(h.value).ok();
-        }
-        push_name(out, name, !rw.lowercase_names);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
-    }
-    if let Some(host) = rw.host {
-        out.extend_from_slice(b"host: ");
-        out.extend_from_slice(host.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
-    out.extend_from_slice(b"x-forwarded-for: ");
-    if let Some(prev) = forwarded_for.filter(|p| !p.is_empty()) {
-        out.extend_from_slice(prev);
-        out.extend_from_slice(b", ");
     }
     out.extend_from_slice(rw.client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
     if !forwarded_proto {
-        out.extend_from_slice(b"x-forwarded-proto: http\r\n");
+        push_field(out, Field::XForwardedProto.name(), b"http", lower);
     }
     let request_id = match request_id {
         Some(id) => id,
         None => {
             let id = new_request_id();
-            out.extend_from_slice(b"x-request-id: ");
-            out.extend_from_slice(id.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            push_field(out, Field::XRequestId.name(), id.as_bytes(), lower);
             id
         }
     };
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
-    let _ = rw.via;
+    push_name(out, Field::Via.name(), lower);
+    out.extend_from_slice(b": 1.1 ");
+    out.extend_from_slice(rw.via.as_bytes());
+    out.extend_from_slice(b"\r\n\r\n");
     Ok(RequestPlan {
-        grpc: false,
         head_len,
-        method: Method::from_bytes(method.as_bytes()).map_err(|_| RequestVerdict::Invalid)?,
-        path: path.to_owned(),
+        method: method_value,
+        path: target.origin.into_owned(),
         framing,
         keep_alive,
         request_id,
+        grpc,
     })
 }
 
-/// The app's response head cannot be parsed or framed.
+/// The app's response head cannot be parsed or framed: 502.
 #[derive(Debug, PartialEq, Eq)]
 pub struct InvalidResponse;
 
@@ -237,7 +741,8 @@ pub struct ResponsePlan {
     /// An interim (1xx) response to skip: the app sent `100 Continue` unasked.
     pub interim: bool,
     pub framing: Framing,
-    /// The app's connection can carry another request afterwards.
+    /// The app's connection can carry another request afterwards: false whenever anything about
+    /// the response is odd, so that a confused app never answers the next client.
     pub upstream_reusable: bool,
     /// The client's connection stays open afterwards.
     pub keep_alive: bool,
@@ -245,8 +750,10 @@ pub struct ResponsePlan {
 }
 
 /// Parses the app's response head and writes the head for the client into `out`: hop-by-hop
-/// fields removed, `Server: amazing-proxy`, `Connection: close` when the client's connection ends
-/// with this response. `Ok(None)` while more bytes are needed. Pure: no I/O.
+/// fields and those a `Connection` option names removed (never the framing), names in their case
+/// (or lower-cased), `Content-Length` dropped when `Transfer-Encoding` is there, then `Server:
+/// amazing-proxy`, `Transfer-Encoding` with every coding, and `Connection: close` when the client's
+/// connection ends with this response. `Ok(None)` while more bytes are needed. Pure: no I/O.
 pub fn plan_response(
     buf: &[u8],
     head_request: bool,
@@ -254,77 +761,106 @@ pub fn plan_response(
     lowercase_names: bool,
     out: &mut Vec<u8>,
 ) -> Result<Option<ResponsePlan>, InvalidResponse> {
-    let preserve_case = !lowercase_names;
-    let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
-    let mut res = httparse::Response::new(&mut headers);
-    let head_len = match res.parse(buf) {
-        Ok(httparse::Status::Complete(n)) => n,
-        Ok(httparse::Status::Partial) => return Ok(None),
-        Err(_) => return Err(InvalidResponse),
-    };
+    let parsed = parse_response(buf, |res, n| {
+        plan_parsed_response(res, n, head_request, keep_alive, lowercase_names, out)
+    });
+    match parsed {
+        Ok(httparse::Status::Complete(plan)) => plan.map(Some),
+        Ok(httparse::Status::Partial) => Ok(None),
+        Err(_) => Err(InvalidResponse),
+    }
+}
+
+fn plan_parsed_response(
+    res: &httparse::Response<'_, '_>,
+    head_len: usize,
+    head_request: bool,
+    keep_alive: bool,
+    lower: bool,
+    out: &mut Vec<u8>,
+) -> Result<ResponsePlan, InvalidResponse> {
     let status = res.code.ok_or(InvalidResponse)?;
+    let http11 = res.version == Some(1);
     if status == 101 {
         // Never asked for on this path (upgrades go to hyper).
         return Err(InvalidResponse);
     }
     if (100..200).contains(&status) {
-        return Ok(Some(ResponsePlan {
+        return Ok(ResponsePlan {
             head_len,
             status,
             interim: true,
             framing: Framing::None,
-            upstream_reusable: true,
+            upstream_reusable: http11,
             keep_alive,
             grpc_status: None,
-        }));
+        });
     }
-    let mut framing = Framing::UntilClose;
-    let mut upstream_reusable = res.version == Some(1);
+    let mut content_length = None;
+    let mut codings = Codings::default();
+    let mut odd = !http11;
+    let mut options = false;
     let mut grpc_status = None;
-    let mut connection_listed: [&[u8]; 8] = [&[]; 8];
-    let mut listed = 0;
     for h in res.headers.iter() {
-        if h.name.eq_ignore_ascii_case("content-length") {
-            let len = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.trim().parse::<u64>().ok())
-                .ok_or(InvalidResponse)?;
-            match framing {
-                Framing::Length(prev) if prev != len => return Err(InvalidResponse),
-                Framing::Chunked => {}
-                _ => framing = Framing::Length(len),
-            }
-        } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-            if !tokens(h.value)
-                .last()
-                .is_some_and(|t| t.eq_ignore_ascii_case(b"chunked"))
-            {
-                return Err(InvalidResponse);
-            }
-            framing = Framing::Chunked;
-        } else if h.name.eq_ignore_ascii_case("connection") {
-            for token in tokens(h.value) {
-                if token.eq_ignore_ascii_case(b"close") {
-                    upstream_reusable = false;
-                } else if listed < connection_listed.len() {
-                    connection_listed[listed] = token;
-                    listed += 1;
+        match Field::of(h.name) {
+            Field::ContentLength => {
+                // RFC 9110 8.6 / RFC 9112 6.3 item 5: differing values are unrecoverable; equal
+                // ones are taken, but the connection is not trusted with another request.
+                let len = parse_length(h.value).ok_or(InvalidResponse)?;
+                if content_length.is_some_and(|prev| prev != len) {
+                    return Err(InvalidResponse);
                 }
+                odd |= content_length.is_some();
+                content_length = Some(len);
             }
-        } else if h.name.eq_ignore_ascii_case("grpc-status") {
-            grpc_status = std::str::from_utf8(h.value)
-                .ok()
-                .and_then(|v| v.parse().ok());
+            Field::TransferEncoding => codings.add(h.value),
+            Field::Connection => {
+                odd |= says_close(h.value);
+                options |= elements(h.value).any(|o| {
+                    !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
+                });
+            }
+            Field::GrpcStatus => {
+                grpc_status = std::str::from_utf8(h.value)
+                    .ok()
+                    .and_then(|v| v.parse().ok());
+            }
+            _ => {}
         }
     }
+    let mut framing = if codings.present {
+        // RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 means faulty framing; chunked at most once.
+        if !http11 || codings.malformed || codings.chunked_count > 1 {
+            return Err(InvalidResponse);
+        }
+        // RFC 9112 6.3 item 3: Transfer-Encoding overrides Content-Length (dropped below); such a
+        // response is a smuggling sign, so the connection is not reused.
+        odd |= content_length.is_some();
+        if codings.last_is_chunked {
+            Framing::Chunked
+        } else {
+            // 6.3 item 4: a final coding other than chunked: the body ends at close.
+            Framing::UntilClose
+        }
+    } else {
+        match content_length {
+            Some(n) => Framing::Length(n),
+            // 6.3 item 8: neither: the body ends at close.
+            None => Framing::UntilClose,
+        }
+    };
+    // 6.3 item 1: no body after HEAD, 204 or 304, whatever the fields say.
     if head_request || status == 204 || status == 304 || framing == Framing::Length(0) {
         framing = Framing::None;
     }
-    if framing == Framing::UntilClose {
-        upstream_reusable = false;
-    }
+    let upstream_reusable = !odd && framing != Framing::UntilClose;
     let keep_alive = keep_alive && framing != Framing::UntilClose;
 
+    let options = if options {
+        connection_options(res.headers)
+    } else {
+        None
+    };
     out.clear();
     out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(itoa::Buffer::new().format(status).as_bytes());
@@ -332,33 +868,25 @@ pub fn plan_response(
     out.extend_from_slice(res.reason.unwrap_or("").as_bytes());
     out.extend_from_slice(b"\r\n");
     for h in res.headers.iter() {
-        let name = h.name;
-        if is_hop_by_hop(name)
-            || name.eq_ignore_ascii_case("server")
-            || connection_listed[..listed]
-                .iter()
-                .any(|l| l.eq_ignore_ascii_case(name.as_bytes()))
+        let field = Field::of(h.name);
+        if field.is_hop_by_hop()
+            || field == Field::Server
+            || (field == Field::ContentLength && codings.present)
+            || (!field.is_protected() && listed(options.as_deref(), h.name))
         {
             continue;
         }
-        push_name(out, name, preserve_case);
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(h.value);
-        out.extend_from_slice(b"\r\n");
+        push_field(out, h.name, h.value, lower);
     }
-    out.extend_from_slice(if preserve_case {
-        b"Server: amazing-proxy\r\n"
-    } else {
-        b"server: amazing-proxy\r\n"
-    });
-    if framing == Framing::Chunked {
-        out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+    push_field(out, Field::Server.name(), b"amazing-proxy", lower);
+    if codings.present {
+        push_codings(out, res.headers, lower);
     }
     if !keep_alive {
-        out.extend_from_slice(b"connection: close\r\n");
+        push_field(out, Field::Connection.name(), b"close", lower);
     }
     out.extend_from_slice(b"\r\n");
-    Ok(Some(ResponsePlan {
+    Ok(ResponsePlan {
         head_len,
         status,
         interim: false,
@@ -366,162 +894,510 @@ pub fn plan_response(
         upstream_reusable,
         keep_alive,
         grpc_status,
-    }))
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    const VIA: &str = "amazing-proxy-1a2b3c4d";
+
     fn rewrite() -> Rewrite<'static> {
         Rewrite {
-            lowercase_names: true,
-            via: "amazing-proxy-00000001",
+            lowercase_names: false,
             host: None,
             client_ip: "198.18.0.1",
+            via: VIA,
         }
     }
 
-    fn plan(input: &str, rw: &Rewrite<'_>) -> (Result<RequestPlan, RequestVerdict>, String) {
+    fn plan_with(input: &str, rw: &Rewrite<'_>) -> (Result<RequestPlan, RequestVerdict>, String) {
+        let mut buf = input.as_bytes().to_vec();
         let mut out = Vec::new();
-        let mut input = input.as_bytes().to_vec();
-        let r = plan_request(&mut input, rw, &mut out);
+        let r = plan_request(&mut buf, rw, &mut out);
         (r, String::from_utf8(out).expect("utf8"))
+    }
+
+    fn plan(input: &str) -> (RequestPlan, String) {
+        let (r, out) = plan_with(input, &rewrite());
+        (r.unwrap_or_else(|v| panic!("{v:?} for {input:?}")), out)
+    }
+
+    fn verdict(input: &str) -> Option<RequestVerdict> {
+        plan_with(input, &rewrite()).0.err()
+    }
+
+    fn assert_invalid(inputs: &[&str]) {
+        for input in inputs {
+            assert_eq!(verdict(input), Some(RequestVerdict::Invalid), "{input:?}");
+        }
+    }
+
+    /// What the proxy appends to every request it forwards, after `extra`.
+    fn tail(extra: &str, request_id: &str) -> String {
+        format!(
+            "{extra}X-Forwarded-For: 198.18.0.1\r\nX-Forwarded-Proto: http\r\nX-Request-Id: {request_id}\r\nVia: 1.1 {VIA}\r\n\r\n"
+        )
     }
 
     #[test]
     fn request_head_is_rewritten_for_the_app() {
-        let (r, out) = plan(
-            "GET /get?query=param HTTP/1.1\r\nHost: pod\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\ntraceparent: 00-1-2-01\r\nX-Request-Id: given\r\n\r\nNEXT",
-            &rewrite(),
-        );
-        let plan = r.expect("plan");
-        assert_eq!(plan.head_len, "GET /get?query=param HTTP/1.1\r\nHost: pod\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\ntraceparent: 00-1-2-01\r\nX-Request-Id: given\r\n\r\n".len());
-        assert_eq!(plan.framing, Framing::None);
-        assert!(plan.keep_alive);
-        assert_eq!(plan.request_id, "given");
+        let head = "GET /get?query=param HTTP/1.1\r\nHost: pod\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\ntraceparent: 00-1-2-01\r\nX-Request-Id: given\r\n\r\n";
+        let (p, out) = plan(&format!("{head}NEXT"));
+        assert_eq!(p.head_len, head.len());
+        assert_eq!(p.framing, Framing::None);
+        assert!(p.keep_alive);
+        assert!(!p.grpc);
+        assert_eq!(p.request_id, "given");
+        assert_eq!(p.path, "/get?query=param");
         assert_eq!(
             out,
-            "GET /get?query=param HTTP/1.1\r\nhost: pod\r\nte: trailers\r\ntraceparent: 00-1-2-01\r\nx-request-id: given\r\nx-forwarded-for: 198.18.0.1\r\nx-forwarded-proto: http\r\n\r\n"
+            format!(
+                "GET /get?query=param HTTP/1.1\r\nHost: pod\r\ntraceparent: 00-1-2-01\r\nX-Request-Id: given\r\nTE: trailers\r\nX-Forwarded-For: 198.18.0.1\r\nX-Forwarded-Proto: http\r\nVia: 1.1 {VIA}\r\n\r\n"
+            )
         );
     }
 
     #[test]
-    fn case_is_kept_when_asked_and_host_rewritten() {
+    fn names_keep_their_case_or_are_lowered_and_host_is_rewritten() {
+        let input = "POST /post HTTP/1.1\r\nhost: pod\r\nX-Custom-Header: A\r\nX-Forwarded-For: 203.0.113.9\r\nx-forwarded-proto: https\r\ncontent-length: 4\r\nConnection: close\r\n\r\n";
+        let (p, out) = plan(input);
+        assert_eq!(p.framing, Framing::Length(4));
+        assert!(!p.keep_alive);
+        assert!(
+            out.starts_with("POST /post HTTP/1.1\r\nhost: pod\r\nX-Custom-Header: A\r\nx-forwarded-proto: https\r\ncontent-length: 4\r\nX-Forwarded-For: 203.0.113.9, 198.18.0.1\r\nX-Request-Id: "),
+            "{out}"
+        );
         let rw = Rewrite {
-            lowercase_names: false,
+            lowercase_names: true,
             host: Some("127.0.0.1:80"),
             ..rewrite()
         };
-        let (r, out) = plan(
-            "POST /post HTTP/1.1\r\nHost: pod\r\nX-Custom-Header: A\r\nX-Forwarded-For: 203.0.113.9\r\nX-Forwarded-Proto: https\r\nContent-Length: 4\r\nConnection: close\r\n\r\n",
-            &rw,
+        let (r, out) = plan_with(input, &rw);
+        r.expect("plan");
+        assert!(
+            out.starts_with("POST /post HTTP/1.1\r\nhost: 127.0.0.1:80\r\nx-custom-header: A\r\nx-forwarded-proto: https\r\ncontent-length: 4\r\nx-forwarded-for: 203.0.113.9, 198.18.0.1\r\nx-request-id: "),
+            "{out}"
         );
-        let plan = r.expect("plan");
-        assert_eq!(plan.framing, Framing::Length(4));
-        assert!(!plan.keep_alive);
-        assert!(out.starts_with("POST /post HTTP/1.1\r\nX-Custom-Header: A\r\nX-Forwarded-Proto: https\r\nContent-Length: 4\r\nhost: 127.0.0.1:80\r\nx-forwarded-for: 203.0.113.9, 198.18.0.1\r\nx-request-id: "), "{out}");
+        assert!(out.ends_with(&format!("via: 1.1 {VIA}\r\n\r\n")), "{out}");
     }
 
     #[test]
-    fn unusual_requests_go_to_hyper() {
-        for input in [
-            "GET / HTTP/1.0\r\n\r\n",
-            "GET /ws HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-            "CONNECT a:443 HTTP/1.1\r\n\r\n",
-            "POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
-            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+    fn several_forwarded_for_fields_are_one_list() {
+        let (_, out) = plan(
+            "GET / HTTP/1.1\r\nX-Forwarded-For: 203.0.113.9\r\nHost: a\r\nx-forwarded-for: 203.0.113.10, ,203.0.113.11\r\nX-Request-Id: r\r\n\r\n",
+        );
+        assert!(
+            out.contains(
+                "\r\nX-Forwarded-For: 203.0.113.9, 203.0.113.10, 203.0.113.11, 198.18.0.1\r\n"
+            ),
+            "{out}"
+        );
+    }
+
+    /// Rule 1 (issue 9, defect 1): a `Connection` option never removes the framing, Host or
+    /// the fields the proxy sets; any number of options is taken (RFC 9110 7.6.1).
+    #[test]
+    fn connection_options_never_remove_framing_or_host() {
+        let (p, out) = plan(
+            "POST /a HTTP/1.1\r\nHost: a\r\nConnection: content-length, host, via, x-request-id, x-forwarded-for, transfer-encoding, x-forwarded-proto\r\nContent-Length: 35\r\nVia: 1.0 other\r\nX-Request-Id: r\r\nX-Forwarded-Proto: https\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Length(35));
+        assert_eq!(
+            out,
+            format!(
+                "POST /a HTTP/1.1\r\nHost: a\r\nContent-Length: 35\r\nVia: 1.0 other\r\nX-Request-Id: r\r\nX-Forwarded-Proto: https\r\nX-Forwarded-For: 198.18.0.1\r\nVia: 1.1 {VIA}\r\n\r\n"
+            )
+        );
+        let options: Vec<String> = (0..200).map(|i| format!("x-o{i}")).collect();
+        let fields: String = (0..200).map(|i| format!("X-O{i}: v\r\n")).collect();
+        let (_, out) = plan(&format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: {}\r\n{fields}X-Kept: 1\r\nX-Request-Id: r\r\n\r\n",
+            options.join(", ")
+        ));
+        assert_eq!(
+            out,
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nX-Kept: 1\r\nX-Request-Id: r\r\nX-Forwarded-For: 198.18.0.1\r\nX-Forwarded-Proto: http\r\nVia: 1.1 {VIA}\r\n\r\n"
+            )
+        );
+    }
+
+    /// Rule 5: Content-Length is 1*DIGIT with OWS around it (RFC 9110 8.6), once, never with
+    /// Transfer-Encoding (RFC 9112 6.1, 6.3 item 3).
+    #[test]
+    fn content_length_is_strict() {
+        let (p, _) = plan("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \t 5 \t\r\n\r\n");
+        assert_eq!(p.framing, Framing::Length(5));
+        let (p, _) = plan("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0\r\n\r\n");
+        assert_eq!(p.framing, Framing::None);
+        let (p, _) =
+            plan("POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 00018446744073709551615\r\n\r\n");
+        assert_eq!(p.framing, Framing::Length(u64::MAX));
+        assert_invalid(&[
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\u{a0}\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 0x5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5,5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 18446744073709551616\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]);
+        let mut raw = b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 5\x85\r\n\r\n".to_vec();
+        assert_eq!(
+            plan_request(&mut raw, &rewrite(), &mut Vec::new()).err(),
+            Some(RequestVerdict::Invalid)
+        );
+    }
+
+    /// Rule 6: one valid Host in HTTP/1.1 (RFC 9112 3.2); absolute form becomes origin form with
+    /// the target's authority as Host (3.2.2), --rewrite-host winning.
+    #[test]
+    fn host_rules() {
+        for host in [
+            "a",
+            "a.example:8080",
+            "198.18.0.1:80",
+            "[::1]",
+            "[2001:db8::1]:443",
+            "xn--bcher-kva.example",
+            "a%20b",
+            "",
         ] {
-            assert_eq!(
-                plan(input, &rewrite()).0.err(),
-                Some(RequestVerdict::Fallback),
-                "{input}"
+            let (p, _) = plan(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
+            assert_eq!(p.path, "/", "{host}");
+        }
+        assert_invalid(&[
+            "GET / HTTP/1.1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\tb\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a/b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@a\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a:80:80\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a%2\r\n\r\n",
+        ]);
+        let mut raw = b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n".to_vec();
+        assert_eq!(
+            plan_request(&mut raw, &rewrite(), &mut Vec::new()).err(),
+            Some(RequestVerdict::Invalid)
+        );
+
+        let (p, out) =
+            plan("GET http://x:8080/p?q HTTP/1.1\r\nHost: other\r\nX-Request-Id: r\r\n\r\n");
+        assert_eq!(p.path, "/p?q");
+        assert_eq!(
+            out,
+            format!(
+                "GET /p?q HTTP/1.1\r\nHost: x:8080\r\nX-Request-Id: r\r\n{}",
+                tail("", "r").replace("X-Request-Id: r\r\n", "")
+            )
+        );
+        for (target, method, path) in [
+            ("HTTPS://x", "GET", "/"),
+            ("http://x?q", "GET", "/?q"),
+            ("http://x", "OPTIONS", "*"),
+            ("http://x/", "OPTIONS", "/"),
+            ("*", "OPTIONS", "*"),
+        ] {
+            let (p, out) = plan(&format!("{method} {target} HTTP/1.1\r\nHost: x\r\n\r\n"));
+            assert_eq!(p.path, path, "{target}");
+            assert!(
+                out.starts_with(&format!("{method} {path} HTTP/1.1\r\nHost: x\r\n")),
+                "{out}"
             );
         }
+        let rw = Rewrite {
+            host: Some("127.0.0.1:8080"),
+            ..rewrite()
+        };
+        let (r, out) = plan_with("GET http://x/p HTTP/1.1\r\nHost: x\r\n\r\n", &rw);
+        assert_eq!(r.expect("plan").path, "/p");
+        assert!(
+            out.starts_with("GET /p HTTP/1.1\r\nHost: 127.0.0.1:8080\r\n"),
+            "{out}"
+        );
+        assert_invalid(&[
+            "GET ftp://x/p HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http:/x/p HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http:///p HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://u@x/p HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://x/p HTTP/1.1\r\n\r\n",
+            "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET x/p HTTP/1.1\r\nHost: x\r\n\r\n",
+        ]);
+    }
+
+    /// Rule 7: codings are never dropped, chunked exactly once and last (RFC 9112 6.1, 6.3 item
+    /// 4); no Transfer-Encoding in HTTP/1.0 (6.1).
+    #[test]
+    fn transfer_codings() {
+        let (p, out) = plan(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nX-Request-Id: r\r\ntransfer-encoding: , Chunked\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        assert_eq!(
+            out,
+            format!(
+                "POST / HTTP/1.1\r\nHost: a\r\nX-Request-Id: r\r\n{}",
+                tail("Transfer-Encoding: gzip, Chunked\r\n", "r")
+                    .replace("X-Request-Id: r\r\n", "")
+            )
+        );
+        assert_invalid(&[
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;a=b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: g\"z, chunked\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+        ]);
+    }
+
+    /// Rule 8: no field-count limit: only the caller's byte limit.
+    #[test]
+    fn many_fields_are_taken() {
+        let fields: String = (0..150).map(|i| format!("X-F{i}: {i}\r\n")).collect();
+        let (_, out) = plan(&format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}\r\n"));
+        assert!(out.contains("\r\nX-F0: 0\r\n") && out.contains("\r\nX-F149: 149\r\n"));
+        assert_eq!(
+            verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\n{fields}")),
+            Some(RequestVerdict::Partial)
+        );
+        let mut out = Vec::new();
+        let response = format!("HTTP/1.1 200 OK\r\nContent-Length: 0\r\n{fields}\r\n");
+        plan_response(response.as_bytes(), false, true, false, &mut out)
+            .expect("valid")
+            .expect("complete");
+        assert!(String::from_utf8_lossy(&out).contains("\r\nX-F149: 149\r\n"));
+    }
+
+    /// Rule 9: HTTP/1.2..1.9 are HTTP/1.1 (RFC 9112 2.3); 1.0 goes to hyper; others are 400.
+    #[test]
+    fn versions() {
+        for minor in 2..=9 {
+            let (_, out) = plan(&format!("GET / HTTP/1.{minor}\r\nHost: a\r\n\r\n"));
+            assert!(out.starts_with("GET / HTTP/1.1\r\n"), "{out}");
+        }
+        let (_, out) = plan("\r\n\r\nGET /x HTTP/1.5\nHost: a\n\n");
+        assert!(out.starts_with("GET /x HTTP/1.1\r\nHost: a\r\n"), "{out}");
+        // The rewrite happens in place, so a head completed later parses.
+        let mut buf = b"GET / HTTP/1.2".to_vec();
+        assert_eq!(
+            plan_request(&mut buf, &rewrite(), &mut Vec::new()).err(),
+            Some(RequestVerdict::Partial)
+        );
+        buf.extend_from_slice(b"\r\nHost: a\r\n\r\n");
+        plan_request(&mut buf, &rewrite(), &mut Vec::new()).expect("plan");
+        assert_invalid(&[
+            "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+            "GET / HTTP/0.9\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.10\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.x\r\nHost: a\r\n\r\n",
+            "GET /HTTP/1.2\r\nHost: a\r\n\r\n",
+        ]);
+        assert_eq!(
+            verdict("GET / HTTP/1.0\r\n\r\n"),
+            Some(RequestVerdict::Fallback)
+        );
+    }
+
+    /// Rule 10: any token method (RFC 9110 9.1); CONNECT, Upgrade, Expect and HTTP/1.0 go to hyper.
+    #[test]
+    fn methods_and_fallbacks() {
+        for method in ["PURGE", "get", "ABCDEFGHIJKLMNOPQ", "M-SEARCH"] {
+            let (p, out) = plan(&format!("{method} / HTTP/1.1\r\nHost: a\r\n\r\n"));
+            assert_eq!(p.method.as_str(), method);
+            assert!(out.starts_with(&format!("{method} / HTTP/1.1\r\n")));
+        }
+        assert_invalid(&["G<T / HTTP/1.1\r\nHost: a\r\n\r\n"]);
+        for input in [
+            "GET / HTTP/1.0\r\n\r\n",
+            "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "CONNECT a:443 HTTP/1.1\r\nHost: a:443\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nExpect: 100-continue\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            assert_eq!(verdict(input), Some(RequestVerdict::Fallback), "{input}");
+        }
+        let (p, _) = plan(
+            "POST /s/M HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc+proto\r\nTE: trailers\r\n\r\n",
+        );
+        assert!(p.grpc);
+        let (p, _) = plan("POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\r\n");
+        assert!(!p.grpc);
+    }
+
+    /// RFC 9110 7.6.3: our own pseudonym in Via is a loop (508); other proxies' entries are kept.
+    #[test]
+    fn via_is_appended_and_loops_are_caught() {
+        let (_, out) = plan(
+            "GET / HTTP/1.1\r\nHost: a\r\nVia: 1.1 other, HTTP/1.0 amazing-proxy-1 (comment)\r\nX-Request-Id: r\r\n\r\n",
+        );
+        assert!(
+            out.contains(
+                "\r\nVia: 1.1 other, HTTP/1.0 amazing-proxy-1 (comment)\r\nX-Request-Id: r\r\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.ends_with(&format!("\r\nVia: 1.1 {VIA}\r\n\r\n")),
+            "{out}"
+        );
+        for via in [
+            format!("1.1 {VIA}"),
+            format!("1.0 other, 1.1 {}", VIA.to_uppercase()),
+            format!("1.1\t{VIA} (looped)"),
+        ] {
+            assert_eq!(
+                verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\nVia: {via}\r\n\r\n")),
+                Some(RequestVerdict::Loop),
+                "{via}"
+            );
+        }
+        assert_eq!(
+            verdict(&format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nVia: 1.1 x (seen {VIA})\r\n\r\n"
+            )),
+            None
+        );
     }
 
     #[test]
     fn malformed_and_partial_requests() {
         assert_eq!(
-            plan("GET / HTTP/1.1\r\nHost: a\r\n", &rewrite()).0.err(),
+            verdict("GET / HTTP/1.1\r\nHost: a\r\n"),
             Some(RequestVerdict::Partial)
         );
-        assert_eq!(
-            plan("GET / HTTP/1.1\r\nBad Header\r\n\r\n", &rewrite())
-                .0
-                .err(),
-            Some(RequestVerdict::Invalid)
-        );
-        assert_eq!(
-            plan(
-                "POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
-                &rewrite()
-            )
-            .0
-            .err(),
-            Some(RequestVerdict::Invalid)
-        );
-        assert_eq!(
-            plan("POST / HTTP/1.1\r\nContent-Length: x\r\n\r\n", &rewrite())
-                .0
-                .err(),
-            Some(RequestVerdict::Invalid)
-        );
+        assert_eq!(verdict(""), Some(RequestVerdict::Partial));
+        assert_invalid(&[
+            "GET / HTTP/1.1\r\nBad Header\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nX: a\r\n b\r\n\r\n",
+            "GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET / HTTP/1.1\rHost: a\r\n\r\n",
+        ]);
     }
 
-    fn response(input: &str, head: bool, keep_alive: bool) -> (ResponsePlan, String) {
+    fn response_with(
+        input: &str,
+        head: bool,
+        keep_alive: bool,
+        lower: bool,
+    ) -> (ResponsePlan, String) {
         let mut out = Vec::new();
-        let plan = plan_response(input.as_bytes(), head, keep_alive, true, &mut out)
-            .expect("valid")
+        let plan = plan_response(input.as_bytes(), head, keep_alive, lower, &mut out)
+            .unwrap_or_else(|e| panic!("{e:?} for {input:?}"))
             .expect("complete");
         (plan, String::from_utf8(out).expect("utf8"))
     }
 
+    fn response(input: &str) -> (ResponsePlan, String) {
+        response_with(input, false, true, false)
+    }
+
+    fn invalid_response(input: &str) -> bool {
+        plan_response(input.as_bytes(), false, true, false, &mut Vec::new()) == Err(InvalidResponse)
+    }
+
     #[test]
     fn response_head_gets_our_server_and_loses_hop_by_hop() {
-        let (plan, out) = response(
-            "HTTP/1.1 429 TOO MANY REQUESTS\r\nServer: gunicorn\r\nConnection: keep-alive\r\nContent-Length: 0\r\nX-App: 1\r\n\r\n",
-            false,
-            true,
-        );
+        let input = "HTTP/1.1 429 TOO MANY REQUESTS\r\nServer: gunicorn\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nContent-Length: 0\r\nX-App: 1\r\n\r\n";
+        let (plan, out) = response(input);
         assert_eq!(plan.status, 429);
         assert_eq!(plan.framing, Framing::None);
         assert!(plan.upstream_reusable && plan.keep_alive);
         assert_eq!(
             out,
-            "HTTP/1.1 429 TOO MANY REQUESTS\r\ncontent-length: 0\r\nx-app: 1\r\nserver: amazing-proxy\r\n\r\n"
+            "HTTP/1.1 429 TOO MANY REQUESTS\r\nContent-Length: 0\r\nX-App: 1\r\nServer: amazing-proxy\r\n\r\n"
+        );
+        let (_, out) = response_with(input, false, false, true);
+        assert_eq!(
+            out,
+            "HTTP/1.1 429 TOO MANY REQUESTS\r\ncontent-length: 0\r\nx-app: 1\r\nserver: amazing-proxy\r\nconnection: close\r\n\r\n"
         );
     }
 
+    /// Rule 4: the app's framing (RFC 9112 6.1, 6.3; RFC 9110 8.6).
     #[test]
     fn response_framing() {
-        let (p, out) = response(
-            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
-            false,
-            true,
-        );
+        let (p, out) = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n");
         assert_eq!(p.framing, Framing::Chunked);
-        assert!(out.contains("transfer-encoding: chunked\r\n"));
-        let (p, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", true, true);
+        assert!(p.upstream_reusable);
+        assert!(out.ends_with("\r\nTransfer-Encoding: chunked\r\n\r\n"));
+        let (p, _) = response_with(
+            "HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n",
+            true,
+            true,
+            false,
+        );
         assert_eq!(p.framing, Framing::None);
-        let (p, out) = response("HTTP/1.1 200 OK\r\n\r\n", false, true);
+        let (p, out) = response("HTTP/1.1 200 OK\r\n\r\n");
         assert_eq!(p.framing, Framing::UntilClose);
         assert!(!p.upstream_reusable && !p.keep_alive);
-        assert!(out.ends_with("connection: close\r\n\r\n"));
-        let (p, _) = response(
-            "HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n",
-            false,
-            true,
-        );
+        assert!(out.ends_with("Connection: close\r\n\r\n"));
+        let (p, _) = response("HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n");
         assert!(!p.upstream_reusable && p.keep_alive);
-        let (p, _) = response("HTTP/1.1 100 Continue\r\n\r\n", false, true);
+        let (p, _) = response("HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n");
+        assert!(!p.upstream_reusable && p.keep_alive);
+        let (p, _) = response("HTTP/1.1 100 Continue\r\n\r\n");
         assert!(p.interim);
-        let (p, _) = response(
-            "HTTP/1.1 200 OK\r\ngrpc-status: 7\r\nContent-Length: 0\r\n\r\n",
-            false,
-            true,
-        );
+        let (p, _) = response("HTTP/1.1 200 OK\r\ngrpc-status: 7\r\nContent-Length: 0\r\n\r\n");
         assert_eq!(p.grpc_status, Some(7));
+        for status in [204, 304] {
+            let (p, _) = response(&format!("HTTP/1.1 {status} X\r\nContent-Length: 5\r\n\r\n"));
+            assert_eq!(p.framing, Framing::None);
+        }
+
+        // Content-Length with Transfer-Encoding: chunked wins, Content-Length is not forwarded,
+        // the connection is not reused.
+        let (p, out) = response(
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        assert!(!p.upstream_reusable);
+        assert_eq!(
+            out,
+            "HTTP/1.1 200 OK\r\nServer: amazing-proxy\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+        );
+        // A final coding other than chunked: until close (6.3 item 4).
+        let (p, out) = response("HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n");
+        assert_eq!(p.framing, Framing::UntilClose);
+        assert!(!p.upstream_reusable && !p.keep_alive);
+        assert!(out.contains("\r\nTransfer-Encoding: gzip\r\n"));
+        // `Connection: content-length` keeps the framing (issue 9, defect 4).
+        let (p, out) = response(
+            "HTTP/1.1 200 OK\r\nConnection: content-length, transfer-encoding\r\nContent-Length: 2\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Length(2));
+        assert!(out.contains("\r\nContent-Length: 2\r\n"));
+        // Equal repeated lengths are taken, but the connection is not trusted again.
+        let (p, _) = response("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\n");
+        assert_eq!(p.framing, Framing::Length(2));
+        assert!(!p.upstream_reusable);
+
+        for bad in [
+            "HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 2,2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nContent-Length: \r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, chunked\r\n\r\n",
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+        ] {
+            assert!(invalid_response(bad), "{bad:?}");
+        }
     }
 }
