@@ -14,7 +14,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::InjectError;
-use super::patch::{Options, Outcome, PatchError, inject_object, type_meta};
+use super::patch::{Outcome, PatchError, type_meta};
 
 /// The format of the input, and so of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -87,24 +87,28 @@ pub struct Note {
     pub reason: String,
 }
 
-/// Injects every document; a `List` (any kind ending in `List` with `items`) has each item injected.
-pub fn inject_all(
+/// One object in, the patched object and what happened out: injection or uninjection.
+pub type Transform<'a> = &'a dyn Fn(&Value) -> Result<(Value, Outcome), PatchError>;
+
+/// Applies `transform` to every document; a `List` (any kind ending in `List` with `items`) has
+/// each item transformed.
+pub fn transform_all(
     docs: &[Value],
-    options: &Options,
+    transform: Transform<'_>,
     source: &str,
 ) -> Result<(Vec<Value>, Vec<Note>), InjectError> {
     let mut out = Vec::with_capacity(docs.len());
     let mut notes = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
         let label = format!("document {} {}", i + 1, describe(doc));
-        out.push(inject_one(doc, options, source, &label, &mut notes)?);
+        out.push(transform_one(doc, transform, source, &label, &mut notes)?);
     }
     Ok((out, notes))
 }
 
-fn inject_one(
+fn transform_one(
     doc: &Value,
-    options: &Options,
+    transform: Transform<'_>,
     source: &str,
     label: &str,
     notes: &mut Vec<Note>,
@@ -121,13 +125,13 @@ fn inject_one(
         let mut injected = Vec::with_capacity(items.len());
         for (j, item) in items.iter().enumerate() {
             let item_label = format!("{label}, items[{j}] {}", describe(item));
-            injected.push(inject_one(item, options, source, &item_label, notes)?);
+            injected.push(transform_one(item, transform, source, &item_label, notes)?);
         }
         let mut list = doc.clone();
         list["items"] = Value::Array(injected);
         return Ok(list);
     }
-    let (patched, outcome) = inject_object(doc, options).map_err(fail)?;
+    let (patched, outcome) = transform(doc).map_err(fail)?;
     if let Outcome::Skipped(reason) = outcome {
         notes.push(Note {
             document: label.into(),
