@@ -5,7 +5,6 @@
 //! - [`annotations`]: the per-pod settings (flag defaults overridden by annotations);
 //! - [`patch`]: the pure injection of one object (`serde_json::Value` in, patched value out);
 //! - [`documents`]: multi-document YAML / JSON streams and `List` objects;
-//! - [`yaml`]: the YAML writer (kubectl reads YAML 1.1; serde_yaml writes 1.2).
 //!
 //! The whole input is read and injected before anything is written, so that an error in the tenth
 //! document leaves stdout empty rather than half a manifest that `kubectl apply` would take.
@@ -13,7 +12,6 @@
 pub mod annotations;
 pub mod documents;
 pub mod patch;
-pub mod yaml;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
