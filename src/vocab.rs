@@ -244,7 +244,7 @@ pub fn format_duration(d: Duration) -> String {
     }
     let (unit, name) = UNITS
         .into_iter()
-        .find(|(unit, _)| nanos % unit == 0)
+        .find(|(unit, _)| nanos.is_multiple_of(*unit))
         .unwrap_or((1, "ns"));
     format!("{}{name}", nanos / unit)
 }

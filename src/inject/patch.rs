@@ -160,7 +160,7 @@ pub fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
 
 /// The pod template of an object, with its field path (trailing dot; empty for a Pod), or `None`
 /// for kinds without one.
-fn template_of<'a>(object: &'a mut Value) -> Result<Option<(&'a mut Value, String)>, PatchError> {
+fn template_of(object: &mut Value) -> Result<Option<(&mut Value, String)>, PatchError> {
     let (api_version, kind) = type_meta(object)?;
     let Some(path) = template_path(api_version, kind) else {
         return Ok(None);
@@ -201,17 +201,14 @@ pub fn uninject_object(object: &Value) -> Result<(Value, Outcome), PatchError> {
     Ok((patched, outcome))
 }
 
+/// A mapping of the input, if present.
+type Mapping<'a> = Option<&'a Map<String, Value>>;
+
 /// The template's `metadata` and `metadata.annotations`, each checked to be a mapping if present.
 fn metadata_of<'a>(
     template: &'a Map<String, Value>,
     prefix: &str,
-) -> Result<
-    (
-        Option<&'a Map<String, Value>>,
-        Option<&'a Map<String, Value>>,
-    ),
-    PatchError,
-> {
+) -> Result<(Mapping<'a>, Mapping<'a>), PatchError> {
     let metadata = match template.get("metadata") {
         None => None,
         Some(Value::Object(m)) => Some(m),
