@@ -236,10 +236,29 @@ impl RunArgs {
     }
 }
 
-/// The `AMAZING_PROXY_*` variable a refused value came from, if it came from the environment:
-/// clap's message names only the flag, and a user who never typed that flag would look for it in
-/// vain. `argv` is the command line; `is_set` says whether an environment variable is set.
-pub fn env_source(
+/// Adds to clap's error the `AMAZING_PROXY_*` variable the refused value came from, if it came
+/// from the environment: clap's message names only the flag, and a user who never typed that flag
+/// would look for it in vain. `argv` is the command line; `is_set` says whether a variable is set.
+pub fn name_env_source(
+    mut error: clap::Error,
+    command: &clap::Command,
+    argv: &[String],
+    is_set: impl Fn(&str) -> bool,
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(var) = env_source(&error, command, argv, is_set) {
+        let mut tips = match error.get(ContextKind::Suggested) {
+            Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+            _ => Vec::new(),
+        };
+        tips.push(format!("that value comes from the environment variable {var}").into());
+        error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    error
+}
+
+/// The `AMAZING_PROXY_*` variable a refused value came from, if it came from the environment.
+fn env_source(
     error: &clap::Error,
     command: &clap::Command,
     argv: &[String],
@@ -410,5 +429,12 @@ mod tests {
             Some("AMAZING_PROXY_DRAIN_TIMEOUT")
         );
         assert_eq!(env_source(&err, &command, &untyped, |_| false), None);
+        let rendered = name_env_source(err, &command, &untyped, set).to_string();
+        assert!(
+            rendered.contains(
+                "that value comes from the environment variable AMAZING_PROXY_DRAIN_TIMEOUT"
+            ),
+            "{rendered}"
+        );
     }
 }

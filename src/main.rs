@@ -36,14 +36,10 @@ fn main() -> ExitCode {
         let argv: Vec<String> = std::env::args_os()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        let var = config::env_source(&err, &Cli::command(), &argv, |v| {
+        config::name_env_source(err, &Cli::command(), &argv, |v| {
             std::env::var_os(v).is_some()
-        });
-        let _ = err.print();
-        if let Some(var) = var {
-            eprintln!("note: that value comes from the environment variable {var}");
-        }
-        std::process::exit(err.exit_code())
+        })
+        .exit()
     });
     amazing_proxy::telemetry::init_diagnostics();
     let result: anyhow::Result<()> = match cli.command {
