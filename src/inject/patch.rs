@@ -39,6 +39,9 @@ pub const SIDECAR_NAME: &str = "amazing-proxy";
 /// The injector's version, written in the `amazing-proxy.io/injected` annotation.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
+/// uid and gid 0: the init container needs root for netfilter.
+const ROOT: i64 = 0;
+
 /// The app's port when neither the annotation nor a containerPort names one.
 const DEFAULT_APP_PORT: u16 = 80;
 
@@ -422,7 +425,7 @@ fn take_containers(
 }
 
 /// A container port: its field path, its number and the whole port entry.
-type PortEntry<'a> = (String, i64, &'a Map<String, Value>);
+type PortEntry<'a> = (String, u16, &'a Map<String, Value>);
 
 /// The ports of one container; malformed ports are errors.
 fn container_ports<'a>(
@@ -439,8 +442,12 @@ fn container_ports<'a>(
                     return Err(PatchError::malformed(pfield, "a mapping (a port)"));
                 };
                 let cfield = format!("{pfield}.containerPort");
-                match p.get("containerPort").and_then(Value::as_i64) {
-                    Some(n) if (1..=65535).contains(&n) => out.push((cfield, n, p)),
+                let number = p.get("containerPort").and_then(Value::as_u64);
+                match number
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|&n| n != 0)
+                {
+                    Some(n) => out.push((cfield, n, p)),
                     _ => return Err(PatchError::malformed(cfield, "a port number 1-65535")),
                 }
             }
@@ -460,7 +467,7 @@ fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
         // Indexes are those of the list without our containers, which only differ when re-injecting
         // (ours come first), so they are the user's indexes.
         for (pfield, port, _) in container_ports(container, &format!("{field}[{i}]"))? {
-            if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| i64::from(*p) == port) {
+            if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
                 return Err(PatchError::PortConflict {
                     field: pfield,
                     port: *port,
@@ -527,9 +534,6 @@ fn app_ports(
                 .get("protocol")
                 .and_then(Value::as_str)
                 .is_none_or(|proto| proto == "TCP");
-            let Ok(port) = u16::try_from(port) else {
-                continue;
-            };
             if !tcp {
                 continue;
             }
@@ -617,8 +621,8 @@ fn init_container(s: &Settings) -> Container {
         // Root with exactly the two capabilities netfilter needs; the root filesystem stays
         // writable because iptables takes its lock under /run.
         security_context: Some(SecurityContext {
-            run_as_user: Some(0),
-            run_as_group: Some(0),
+            run_as_user: Some(ROOT),
+            run_as_group: Some(ROOT),
             run_as_non_root: Some(false),
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
