@@ -2,6 +2,10 @@
 //!
 //! It runs on a thread and runtime of its own: a slow or huge metrics scrape, or an app readiness
 //! check waiting on a hung app, never takes CPU time from the data plane's worker.
+//!
+//! Injected pods bind it on all addresses (kubelet probes need it), so what changes state is
+//! refused to everyone but loopback, as Linkerd does: any pod that can reach the pod's IP could
+//! otherwise drain its sidecar.
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -14,15 +18,13 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
-use crate::proxy::Proxy;
-use crate::proxy::drain::{Drain, Phase};
+use crate::proxy::Shared;
+use crate::proxy::drain::Phase;
 
 const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
 pub struct AdminState {
-    pub proxy: &'static Proxy,
-    pub drain: Drain,
-    pub app: SocketAddr,
+    pub shared: std::sync::Arc<Shared>,
     pub app_ready_path: Option<String>,
 }
 
@@ -47,14 +49,16 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
             return;
         }
     };
-    let state: &'static AdminState = Box::leak(Box::new(state));
+    let state = std::sync::Arc::new(state);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let Ok((stream, peer)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(50)).await;
             continue;
         };
+        let state = state.clone();
         tokio::spawn(async move {
-            let service = service_fn(move |req| route(state, req));
+            let loopback = peer.ip().to_canonical().is_loopback();
+            let service = service_fn(move |req| route(state.clone(), loopback, req));
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service);
             if let Err(e) = conn.await {
@@ -75,14 +79,15 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 async fn route(
-    state: &'static AdminState,
+    state: std::sync::Arc<AdminState>,
+    loopback: bool,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
-        (&Method::GET, "/ready") => ready(state).await,
+        (&Method::GET, "/ready") => ready(&state).await,
         (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.proxy.metrics.encode());
+            let mut r = text(StatusCode::OK, state.shared.telemetry.metrics.encode());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(
@@ -91,8 +96,12 @@ async fn route(
             );
             r
         }
+        (&Method::POST, "/shutdown") if !loopback => text(
+            StatusCode::FORBIDDEN,
+            "forbidden: /shutdown is only accepted from loopback (exec into the pod, or send SIGTERM)\n",
+        ),
         (&Method::POST, "/shutdown") => {
-            state.drain.advance(Phase::Draining);
+            state.shared.drain.advance(Phase::Draining);
             text(StatusCode::ACCEPTED, "draining\n")
         }
         (_, "/live" | "/ready" | "/metrics" | "/shutdown") => text(
@@ -108,7 +117,7 @@ async fn route(
 }
 
 async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
-    match state.drain.phase() {
+    match state.shared.drain.phase() {
         Phase::Starting => {
             return text(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -120,12 +129,13 @@ async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         }
         Phase::Serving => {}
     }
+    let app = state.shared.settings.app;
     if let Some(path) = &state.app_ready_path
-        && let Err(why) = check_app(state.app, path).await
+        && let Err(why) = check_app(app, path).await
     {
         return text(
             StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready: app at {}{path}: {why}\n", state.app),
+            format!("not ready: app at {app}{path}: {why}\n"),
         );
     }
     text(StatusCode::OK, "ready\n")

@@ -91,8 +91,17 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub workers: u16,
 
-    /// Keep HTTP/1.1 header names' case as the client and the app wrote them.
-    #[arg(long, env = "AMAZING_PROXY_PRESERVE_HEADER_CASE")]
+    /// Lower-case HTTP/1.1 header names. By default each name keeps the case the client or the app
+    /// wrote, and the proxy's own names are written in canonical case (`Server`, `X-Request-Id`).
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_LOWERCASE_HEADER_NAMES",
+        conflicts_with = "preserve_header_case"
+    )]
+    pub lowercase_header_names: bool,
+
+    /// Kept for old manifests: preserving header case is now the default.
+    #[arg(long, env = "AMAZING_PROXY_PRESERVE_HEADER_CASE", hide = true)]
     pub preserve_header_case: bool,
 
     /// Rewrite the Host header to the app's address instead of keeping the client's.

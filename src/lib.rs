@@ -10,6 +10,7 @@
 
 pub mod admin;
 pub mod config;
+pub mod error;
 pub mod inject;
 pub mod netfilter;
 pub mod proxy;

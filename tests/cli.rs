@@ -229,7 +229,7 @@ const RUN_FLAGS: &[&str] = &[
     "admin",
     "access-log",
     "workers",
-    "preserve-header-case",
+    "lowercase-header-names",
     "rewrite-host",
     "app-protocol",
     "http2-ports",

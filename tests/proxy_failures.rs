@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 
 use common::*;
 use http::StatusCode;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 /// A request with a known id, so that its access-log record can be found.
@@ -279,16 +279,39 @@ async fn oversized_headers_get_431() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn connections_over_the_limit_get_503_with_retry_after() {
+async fn at_the_connection_limit_idle_ones_are_shed_and_busy_ones_refuse_with_503() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;
         let proxy = Proxy::start(app.addr, &["--max-connections", "1"]).await;
-        let mut first = H1Conn::connect(proxy.inbound).await;
-        assert_eq!(
-            first.send(get_request(proxy.inbound, "/echo")).await.status,
-            StatusCode::OK
-        );
+        let mut first = TcpStream::connect(proxy.inbound).await.expect("connect");
+        first
+            .write_all(b"GET /echo HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .expect("write");
+        let (head, _) = raw_read_response(&mut first).await;
+        assert!(head.starts_with("HTTP/1.1 200"), "{head}");
 
+        // The first connection is idle: a new client takes its place, and the idle one is closed.
+        assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+        let mut rest = Vec::new();
+        let closed = first.read_to_end(&mut rest).await;
+        assert!(matches!(closed, Ok(0)) || closed.is_err(), "{closed:?}");
+        let shed = metric(
+            &proxy.metrics().await,
+            "amazing_proxy_shed_connections_total",
+            &[],
+        );
+        assert_eq!(shed, Some(1.0));
+
+        // A connection busy with a request is never shed: the newcomer gets 503 instead.
+        let mut busy = TcpStream::connect(proxy.inbound).await.expect("connect");
+        busy.write_all(b"GET /hang HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await
+            .expect("write");
+        eventually("the app to get the request", WAIT, || async {
+            (app.state.started.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
         let refused = proxy.get("/echo").await;
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(
@@ -301,13 +324,7 @@ async fn connections_over_the_limit_get_503_with_retry_after() {
             "{}",
             refused.text()
         );
-
-        // The connection within the limit is unaffected.
-        assert_eq!(
-            first.send(get_request(proxy.inbound, "/echo")).await.status,
-            StatusCode::OK
-        );
-        drop(first);
+        drop(busy);
         // Once it is gone, a new connection is served.
         eventually("a new connection to be served", WAIT, || async {
             (proxy.get("/echo").await.status == StatusCode::OK).then_some(())

@@ -49,6 +49,17 @@ async fn reuses_one_pooled_app_connection_for_sequential_requests() {
             let reply = proxy.get(&format!("/echo?i={i}")).await;
             assert_eq!(reply.status, StatusCode::OK);
             seen.push(reply.json()["connection"].as_u64().expect("connection id"));
+            // The client connection's end hands its app connection back to the pool: wait for it,
+            // or the next client may race it and dial a new one.
+            eventually("the client connection to close", WAIT, || async {
+                let open = metric(
+                    &proxy.metrics().await,
+                    "amazing_proxy_open_connections",
+                    &["direction=\"inbound\""],
+                );
+                (open == Some(0.0)).then_some(())
+            })
+            .await;
         }
         assert_eq!(seen, [1, 1, 1, 1, 1], "app connection used by each request");
         assert_eq!(app.connections(), 1);
@@ -314,10 +325,10 @@ const CASE_REQUEST: &[u8] =
     b"GET /case HTTP/1.1\r\nHost: app.test\r\nX-Custom-Header: v\r\nConnection: close\r\n\r\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preserve_header_case_keeps_names_as_written_both_ways() {
+async fn header_names_keep_their_case_both_ways_by_default() {
     bounded("test", TEST_TIMEOUT, async {
         let (app, heads) = case_recording_app().await;
-        let proxy = Proxy::start(app.addr, &["--preserve-header-case"]).await;
+        let proxy = Proxy::start(app.addr, &[]).await;
         let response = raw_exchange(proxy.inbound, CASE_REQUEST).await;
         assert!(response.starts_with("HTTP/1.1 200 "), "got {response}");
         assert!(
@@ -334,10 +345,10 @@ async fn preserve_header_case_keeps_names_as_written_both_ways() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn header_names_are_lower_case_without_preserve_header_case() {
+async fn header_names_are_lower_case_with_lowercase_header_names() {
     bounded("test", TEST_TIMEOUT, async {
         let (app, heads) = case_recording_app().await;
-        let proxy = Proxy::start(app.addr, &[]).await;
+        let proxy = Proxy::start(app.addr, &["--lowercase-header-names"]).await;
         let response = raw_exchange(proxy.inbound, CASE_REQUEST).await;
         assert!(
             response.contains("\r\nx-app-header: Yes\r\n"),

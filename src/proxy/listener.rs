@@ -1,109 +1,84 @@
-//! Accepting connections: limits, original destination, protocol detection, then HTTP or TCP.
+//! Accepting connections: the connection limit (with shedding), the original destination,
+//! protocol detection, then the adapter that serves it: the HTTP/1.1 fast path, hyper, or opaque
+//! TCP.
 //!
-//! Detection peeks at the first bytes without consuming them. It biases towards availability: what
-//! is not recognisably HTTP/1 or the HTTP/2 preface, or says nothing within `--detect-timeout`
-//! (server-speaks-first protocols), is forwarded as opaque bytes rather than refused.
+//! Detection peeks at the first bytes without consuming them. On ports not known to carry HTTP it
+//! biases towards availability: what is not recognisably HTTP/1 or the HTTP/2 preface, or says
+//! nothing within `--detect-timeout` (server-speaks-first protocols), is forwarded as opaque
+//! bytes. On `--http-ports` nothing is ever opaque, whatever the timing.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use http::uri::Authority;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
 
-use super::Proxy;
-use super::drain::{Phase, wait_for_closing};
-use super::error::ErrorKind;
-use super::h1::{self, Outcome};
-use super::http::{ConnContext, handle, refusal};
+use super::Shared;
+use super::detect::{Detected, classify};
+use super::drain::wait_for_closing;
+use super::exchange::{ConnContext, Exchange};
+use super::http1;
+use super::hyper_path;
+use super::limits::{ConnectionGuard, Slot};
+use super::rewind::Rewind;
 use super::tcp;
+use crate::config::AppProtocol;
+use crate::error::ErrorKind;
 use crate::telemetry::metrics::{Direction, Protocol};
 
-/// Open client connections, for `--max-connections`, the gauge, and the drain's wait.
-#[derive(Default)]
-pub struct Connections {
-    open: AtomicUsize,
-    all_closed: tokio::sync::Notify,
-}
+/// Bytes peeked for detection: enough for a request line's method, target start and version.
+const PEEK_BYTES: usize = 1024;
+/// Accept failures (out of descriptors) back off from this, doubling up to `ACCEPT_BACKOFF_MAX`.
+const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
+const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
+/// How long the refusal of a connection over the limit may take.
+const REFUSAL_TIME: Duration = Duration::from_secs(1);
 
-impl Connections {
-    pub fn count(&self) -> usize {
-        self.open.load(Ordering::Acquire)
-    }
-
-    /// Resolves once no connection is open.
-    pub async fn wait_all_closed(&self) {
-        loop {
-            let notified = self.all_closed.notified();
-            if self.count() == 0 {
-                return;
-            }
-            notified.await;
-        }
-    }
-}
-
-pub(crate) struct ConnectionGuard {
-    proxy: &'static Proxy,
-    direction: Direction,
-}
-
-impl ConnectionGuard {
-    pub(crate) fn open(proxy: &'static Proxy, direction: Direction) -> ConnectionGuard {
-        proxy.connections.open.fetch_add(1, Ordering::AcqRel);
-        proxy.metrics.direction(direction).open_connections.inc();
-        ConnectionGuard { proxy, direction }
-    }
-}
-
-impl Drop for ConnectionGuard {
-    fn drop(&mut self) {
-        self.proxy
-            .metrics
-            .direction(self.direction)
-            .open_connections
-            .dec();
-        if self.proxy.connections.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.proxy.all_closed();
-        }
-    }
-}
-
-impl Proxy {
-    fn all_closed(&self) {
-        self.connections.all_closed.notify_waiters();
-    }
-}
-
-/// Accepts until the drain reaches `Closing`.
-pub async fn accept_loop(
-    proxy: &'static Proxy,
+/// One listening socket and the shared state its connections use.
+pub struct Listener {
+    shared: Arc<Shared>,
     listener: TcpListener,
     direction: Direction,
-    mut phase: watch::Receiver<Phase>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            biased;
-            _ = wait_for_closing(&mut phase) => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, client)) => {
-                let guard = ConnectionGuard::open(proxy, direction);
-                let phase = phase.clone();
-                tokio::spawn(serve_connection(
-                    proxy, stream, client, direction, guard, phase,
-                ));
-            }
-            Err(e) => {
-                // Out of file descriptors and the like: back off instead of spinning.
-                tracing::warn!("accept failed on the {} listener: {e}", direction.as_str());
-                tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+impl Listener {
+    pub fn new(shared: Arc<Shared>, listener: TcpListener, direction: Direction) -> Listener {
+        Listener {
+            shared,
+            listener,
+            direction,
+        }
+    }
+
+    /// Accepts until the drain reaches `Closing`.
+    pub async fn run(self) {
+        let mut phase = self.shared.drain.subscribe();
+        let mut backoff = ACCEPT_BACKOFF_MIN;
+        loop {
+            let accepted = tokio::select! {
+                biased;
+                () = wait_for_closing(&mut phase) => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, client)) => {
+                    backoff = ACCEPT_BACKOFF_MIN;
+                    let shared = self.shared.clone();
+                    tokio::spawn(serve_connection(shared, stream, client, self.direction));
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: counted, then a growing pause instead
+                    // of a spin (the pending connection stays in the backlog meanwhile).
+                    self.shared.telemetry.metrics.accept_errors.inc();
+                    tracing::warn!(
+                        "accept failed on the {} listener: {e}; retrying in {backoff:?}",
+                        self.direction.as_str()
+                    );
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_MAX);
+                }
             }
         }
     }
@@ -130,75 +105,31 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (original != local).then_some(original)
 }
 
-#[derive(Debug, PartialEq, Eq)]
-pub enum Detected {
-    Http1,
-    Http2,
-    Opaque(&'static str),
-    Closed,
-}
-
-const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
-
-/// Classifies a connection's first bytes; `None` while more bytes are needed to decide.
-pub fn classify(first: &[u8]) -> Option<Detected> {
-    if first.is_empty() {
-        return None;
-    }
-    let n = first.len().min(H2_PREFACE.len());
-    if first[..n] == H2_PREFACE[..n] {
-        return (n == H2_PREFACE.len()).then_some(Detected::Http2);
-    }
-    // An HTTP/1 request line starts with a token of upper-case letters and a space ("GET ",
-    // "PROPFIND "). Methods are at most 16 bytes here; longer is not HTTP we want to parse.
-    for (i, &b) in first.iter().enumerate().take(17) {
-        match b {
-            b'A'..=b'Z' | b'-' | b'_' => continue,
-            b' ' if i > 0 => return classify_target(&first[..i], &first[i + 1..]),
-            _ => return Some(Detected::Opaque("not_http")),
-        }
-    }
-    if first.len() >= 17 {
-        Some(Detected::Opaque("not_http"))
-    } else {
-        None
-    }
-}
-
-/// After the method: the request target must start like one (origin form `/`, asterisk form `*`,
-/// absolute form `http://`, or anything after CONNECT). Text protocols whose commands are also an
-/// upper-case word and a space (Redis' inline `SET key value`, `GET key`) are not HTTP.
-fn classify_target(method: &[u8], target: &[u8]) -> Option<Detected> {
-    let first = *target.first()?;
-    if first == b'/' || first == b'*' || method == b"CONNECT" {
-        return Some(Detected::Http1);
-    }
-    let mut undecided = false;
-    for scheme in [&b"http://"[..], b"https://"] {
-        let n = target.len().min(scheme.len());
-        if target[..n].eq_ignore_ascii_case(&scheme[..n]) {
-            if n == scheme.len() {
-                return Some(Detected::Http1);
-            }
-            undecided = true;
-        }
-    }
-    (!undecided).then_some(Detected::Opaque("not_http"))
-}
-
-async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
-    // Room for the longest method (16), a space and `https://`.
-    let mut buf = [0u8; 32];
+/// Peeks until the first bytes decide. On an HTTP port, undecided or odd bytes are HTTP/1 (the
+/// parser answers 400 when they are not) and there is no detection timeout: the head timeout
+/// bounds the wait instead.
+async fn detect(stream: &TcpStream, timeout: Duration, http_port: bool) -> Detected {
+    let mut buf = [0u8; PEEK_BYTES];
     let peek = async {
         let mut last_len = 0;
         loop {
             match stream.peek(&mut buf).await {
                 // The client half-closed before sending anything (`nc host port < /dev/null`):
                 // it can still read, and a server-first protocol still has something to say.
+                Ok(0) if http_port => return Detected::Closed,
                 Ok(0) => return Detected::Opaque("client_eof"),
                 Ok(n) => {
-                    if let Some(found) = classify(&buf[..n]) {
-                        return found;
+                    match classify(&buf[..n]) {
+                        Some(Detected::Opaque(_)) if http_port => return Detected::Http1,
+                        Some(found) => return found,
+                        None if n == buf.len() => {
+                            return if http_port {
+                                Detected::Http1
+                            } else {
+                                Detected::Opaque("not_http")
+                            };
+                        }
+                        None => {}
                     }
                     if n == last_len {
                         // Peek returns at once while the bytes we have are unchanged: wait a bit
@@ -211,36 +142,37 @@ async fn detect(stream: &TcpStream, timeout: Duration) -> Detected {
             }
         }
     };
-    tokio::time::timeout(timeout, peek)
-        .await
-        .unwrap_or(Detected::Opaque("timeout"))
+    match tokio::time::timeout(timeout, peek).await {
+        Ok(found) => found,
+        Err(_) if http_port => Detected::Http1,
+        Err(_) => Detected::Opaque("timeout"),
+    }
 }
 
 async fn serve_connection(
-    proxy: &'static Proxy,
+    shared: Arc<Shared>,
     stream: TcpStream,
     client: SocketAddr,
     direction: Direction,
-    guard: ConnectionGuard,
-    phase: watch::Receiver<Phase>,
 ) {
-    let _ = stream.set_nodelay(true);
-    if proxy.connections.count() > proxy.max_connections {
-        proxy.metrics.rejected_connections.inc();
-        proxy
-            .metrics
-            .count_error(direction, ErrorKind::TooManyConnections);
+    let metrics = &shared.telemetry.metrics;
+    let gauge = &metrics.direction(direction).open_connections;
+    let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
+        metrics.rejected_connections.inc();
+        metrics.count_error(direction, ErrorKind::TooManyConnections);
         refuse(stream).await;
         return;
-    }
+    };
+    let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr().map(canonical) else {
         return;
     };
     let client = canonical(client);
     let original = original_destination(&stream);
+    let settings = &shared.settings;
     let upstream = match (direction, original) {
-        (Direction::Inbound, Some(original)) => SocketAddr::new(proxy.app.ip(), original.port()),
-        (Direction::Inbound, None) => proxy.app,
+        (Direction::Inbound, Some(original)) => SocketAddr::new(settings.app.ip(), original.port()),
+        (Direction::Inbound, None) => settings.app,
         (Direction::Outbound, Some(original)) => original,
         (Direction::Outbound, None) => {
             tracing::warn!(%client, "outbound connection without an original destination (not redirected?): closing it");
@@ -249,10 +181,16 @@ async fn serve_connection(
     };
     let dialled = original.unwrap_or(local);
 
-    let detected = if proxy.opaque_ports.contains(&dialled.port()) {
+    let http_port = settings.http_ports.contains(&dialled.port());
+    let detected = if settings.opaque_ports.contains(&dialled.port()) {
         Detected::Opaque("opaque_port")
     } else {
-        detect(&stream, proxy.detect_timeout).await
+        let wait = if http_port {
+            settings.timeouts.header
+        } else {
+            settings.timeouts.detect
+        };
+        detect(&stream, wait, http_port).await
     };
     let (protocol, reason) = match detected {
         Detected::Http1 => (Protocol::Http, "http1"),
@@ -260,110 +198,115 @@ async fn serve_connection(
         Detected::Opaque(reason) => (Protocol::Opaque, reason),
         Detected::Closed => return,
     };
-    proxy.metrics.count_detection(direction, protocol, reason);
+    metrics.count_detection(direction, protocol, reason);
     if protocol == Protocol::Opaque {
-        tcp::forward(proxy, stream, client, dialled, upstream, direction, phase).await;
+        let route = tcp::Route {
+            client,
+            dialled,
+            upstream,
+            direction,
+        };
+        tcp::forward(&shared, stream, route).await;
         drop(guard);
         return;
     }
 
-    let ctx = Arc::new(ConnContext {
+    let upstream_http2 = settings.http2_ports.contains(&upstream.port())
+        || settings.app_protocol == AppProtocol::Http2;
+    let ctx = Arc::new(ConnContext::new(
+        shared.telemetry.clone(),
         direction,
         client,
-        client_text: client.to_string(),
-        client_ip_text: client.ip().to_string(),
-        original: authority(dialled),
-        upstream: authority(upstream),
-        upstream_http2: proxy.http2_ports.contains(&upstream.port())
-            || proxy.app_protocol == crate::config::AppProtocol::Http2,
-    });
-    let mut phase = phase;
-    let io = if detected == Detected::Http1 && !ctx.upstream_http2 {
-        match h1::serve(proxy, stream, &ctx, &mut phase).await {
-            Outcome::Done => return,
-            Outcome::Fallback(io) => io,
+        dialled,
+        upstream,
+        upstream_http2,
+    ));
+    let io = if detected == Detected::Http1 && !upstream_http2 {
+        let connection =
+            http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
+        match connection.serve().await {
+            http1::Outcome::Done => return,
+            http1::Outcome::Fallback(io) => io,
         }
     } else {
-        h1::Rewind::new(bytes::Bytes::new(), stream)
+        Rewind::new(bytes::Bytes::new(), stream)
     };
-    let service = service_fn(move |req| handle(proxy, ctx.clone(), req));
-    let builder = if detected == Detected::Http2 {
-        &proxy.http2_server
+    serve_hyper(shared, ctx, io, detected == Detected::Http2, &guard).await;
+}
+
+/// Serves the rest of a connection with hyper: HTTP/2, and the HTTP/1 the fast path hands over.
+async fn serve_hyper(
+    shared: Arc<Shared>,
+    ctx: Arc<ConnContext>,
+    io: Rewind<TcpStream>,
+    http2: bool,
+    guard: &ConnectionGuard,
+) {
+    let started = Instant::now();
+    let builder = if http2 {
+        &shared.settings.http2_server
     } else {
-        &proxy.http1_server
+        &shared.settings.http1_server
+    };
+    let service = {
+        let (shared, ctx) = (shared.clone(), ctx.clone());
+        service_fn(move |req| hyper_path::handle(shared.clone(), ctx.clone(), req))
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
-    tokio::select! {
-        result = conn.as_mut() => log_connection_end(result),
-        _ = wait_for_closing(&mut phase) => {
+    let slot: &Slot = guard.slot();
+    let result = tokio::select! {
+        result = conn.as_mut() => result,
+        () = slot.close_requested_wait() => {
             // HTTP/1.1: finish the request in progress, answer it with `Connection: close`, and
             // close an idle connection at once; HTTP/2: GOAWAY, then finish open streams.
             conn.as_mut().graceful_shutdown();
-            log_connection_end(conn.await);
+            conn.await
         }
-    }
-    drop(guard);
-}
-
-fn log_connection_end(result: Result<(), Box<dyn std::error::Error + Send + Sync>>) {
+    };
     if let Err(e) = result {
-        tracing::debug!("client connection ended: {e}");
+        log_rejected_by_hyper(&ctx, &*e, started, http2);
     }
 }
 
-fn authority(addr: SocketAddr) -> Authority {
-    Authority::try_from(addr.to_string().as_str())
-        .unwrap_or_else(|_| Authority::from_static("unknown"))
+/// A request hyper refused before it reached the proxy's handler (malformed head, too large,
+/// head timeout): hyper answered it (400, 431, 408) or closed; it still gets its record.
+fn log_rejected_by_hyper(
+    ctx: &Arc<ConnContext>,
+    error: &(dyn std::error::Error + 'static),
+    started: Instant,
+    http2: bool,
+) {
+    tracing::debug!("client connection ended: {error}");
+    let Some(hyper_error) = error.downcast_ref::<hyper::Error>() else {
+        return;
+    };
+    let kind = if hyper_error.is_parse_too_large() {
+        ErrorKind::HeadersTooLarge
+    } else if hyper_error.is_parse() {
+        ErrorKind::BadRequest
+    } else if hyper_error.is_timeout() {
+        ErrorKind::RequestTimeout
+    } else {
+        return;
+    };
+    let version = if http2 {
+        http::Version::HTTP_2
+    } else {
+        http::Version::HTTP_11
+    };
+    Exchange::unparsed(ctx.clone(), started, version).finish_with_error(kind);
 }
 
-/// Over --max-connections: answer one 503 with Retry-After and close.
+/// Over --max-connections with nothing to shed: one 503 with Retry-After, then close. The request
+/// is read first (by hyper), so that the client sees an answer rather than a connection that
+/// closed before it could send.
 async fn refuse(stream: TcpStream) {
     let service = service_fn(|_req| async {
-        Ok::<_, std::convert::Infallible>(refusal(ErrorKind::TooManyConnections))
+        Ok::<_, std::convert::Infallible>(hyper_path::refusal(ErrorKind::TooManyConnections))
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
-    let _ = tokio::time::timeout(Duration::from_secs(5), conn).await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn detection() {
-        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
-        assert_eq!(classify(b"PROPFIND /x"), Some(Detected::Http1));
-        assert_eq!(classify(b"GE"), None);
-        assert_eq!(classify(H2_PREFACE), Some(Detected::Http2));
-        assert_eq!(classify(&H2_PREFACE[..10]), None);
-        assert_eq!(
-            classify(b"*3\r\n$3\r\nSET"),
-            Some(Detected::Opaque("not_http"))
-        );
-        assert_eq!(
-            classify(b"\x16\x03\x01"),
-            Some(Detected::Opaque("not_http"))
-        );
-        assert_eq!(classify(b" GET"), Some(Detected::Opaque("not_http")));
-        // Redis inline commands look like a method and a space.
-        assert_eq!(
-            classify(b"SET key value\r\n"),
-            Some(Detected::Opaque("not_http"))
-        );
-        assert_eq!(classify(b"GET key\r\n"), Some(Detected::Opaque("not_http")));
-        assert_eq!(classify(b"GET "), None);
-        assert_eq!(classify(b"OPTIONS * HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(classify(b"CONNECT db:5432 HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(classify(b"GET http://a/ HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(classify(b"GET https://a/ HTTP/1.1"), Some(Detected::Http1));
-        assert_eq!(classify(b"GET http:"), None);
-        assert_eq!(classify(b"GET httpx"), Some(Detected::Opaque("not_http")));
-        assert_eq!(
-            classify(b"AAAAAAAAAAAAAAAAAAAAAAAA"),
-            Some(Detected::Opaque("not_http"))
-        );
-    }
+    let _ = tokio::time::timeout(REFUSAL_TIME, conn).await;
 }

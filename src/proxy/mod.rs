@@ -1,29 +1,33 @@
 //! The data plane: `amazing-proxy run`.
 //!
-//! - [`listener`]: accept, limits, original destination, protocol detection;
-//! - [`http`]: one request's phases; [`headers`]: the pure header rewriting; [`body`]: counting
-//!   bodies that trigger the logging phase;
-//! - [`upstream`]: pooled connections to the app and to original destinations; [`tcp`]: opaque bytes;
-//! - [`drain`]: the shutdown state machine; [`error`]: the one error type.
+//! Layers, each using only those above it:
+//! - [`exchange`]: the record of one exchange; [`phases`]: every decision as a pure function;
+//! - [`limits`] (connections, requests in flight, shedding), [`upstream`] (connect, pools),
+//!   [`drain`] (the shutdown state machine);
+//! - the protocol adapters: [`http1`] (the fast path), [`hyper_path`] (HTTP/2, upgrades, the rest),
+//!   [`tcp`] (opaque bytes); [`body`] holds the hyper path's body wrappers;
+//! - [`listener`]: accept, original destination, [`detect`]ion, dispatch to an adapter;
+//! - this module: [`Shared`], built by one constructor, and the `run` wiring.
 //!
 //! Threads: the data plane runs on `--workers` threads (one current-thread runtime when 1, the
 //! default); the admin listener has its own thread so that a slow scrape never delays a request;
 //! the access log has a writer thread so that stdout never blocks a request.
 
 pub mod body;
-pub mod chunked;
+pub mod detect;
 pub mod drain;
-pub mod error;
-pub mod h1;
-pub mod headers;
-pub mod http;
+pub mod exchange;
+pub mod http1;
+pub mod hyper_path;
+pub mod limits;
 pub mod listener;
+pub mod phases;
+pub mod rewind;
 pub mod tcp;
 pub mod upstream;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicUsize;
 use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -31,47 +35,111 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
 use crate::config::{AppProtocol, Listen, RunArgs};
-use crate::telemetry::access_log::AccessLog;
-use crate::telemetry::metrics::{Direction, Metrics};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::Direction;
 use drain::{Drain, Phase};
-use listener::Connections;
-use upstream::{ConnectOptions, Upstream};
+use limits::Limits;
+use phases::Via;
+use upstream::{ConnectOptions, Upstreams};
 
-/// Everything the request path reads, built once and shared for the life of the process.
-pub struct Proxy {
+/// Every bound on a wait, each from its own flag.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// The whole request head, from its first byte.
+    pub header: Duration,
+    /// An idle keep-alive client connection.
+    pub idle: Duration,
+    /// Between two reads of a request body.
+    pub request_body: Duration,
+    /// The app's response head, from the end of the request body.
+    pub response: Duration,
+    /// Between two reads of the app's response body.
+    pub response_body: Duration,
+    /// A new connection's first bytes, before it is taken as opaque TCP.
+    pub detect: Duration,
+}
+
+/// What the request path reads and never changes.
+pub struct Settings {
     pub app: SocketAddr,
     pub app_protocol: AppProtocol,
     pub http2_ports: Vec<u16>,
     pub opaque_ports: Vec<u16>,
+    pub http_ports: Vec<u16>,
     pub rewrite_host: bool,
-    pub preserve_header_case: bool,
+    pub lowercase_header_names: bool,
     pub max_header_bytes: usize,
-    pub response_timeout: Duration,
-    pub detect_timeout: Duration,
-    pub connect_options: ConnectOptions,
-    pub max_connections: usize,
-    pub max_in_flight: usize,
-    pub in_flight: AtomicUsize,
-    pub connections: Connections,
-    pub upstream: Upstream,
-    pub h1_pool: h1::Pool,
-    pub metrics: Metrics,
-    pub access_log: Arc<AccessLog>,
+    pub timeouts: Timeouts,
+    pub via: Via,
     pub http1_server: auto::Builder<TokioExecutor>,
     pub http2_server: auto::Builder<TokioExecutor>,
+}
+
+/// The shared state of the data plane: settings, limits, upstreams, telemetry and the drain.
+/// Built once by [`Shared::new`], which tests call too.
+pub struct Shared {
+    pub settings: Settings,
+    pub limits: Arc<Limits>,
+    pub upstreams: Upstreams,
+    pub telemetry: Arc<Telemetry>,
+    pub drain: Drain,
+}
+
+impl Shared {
+    /// `access_log` is stdout in production, a pipe or buffer in tests.
+    pub fn new(args: &RunArgs, access_log: Box<dyn std::io::Write + Send>) -> Arc<Shared> {
+        let lowercase = args.lowercase_header_names;
+        let timeouts = Timeouts {
+            header: args.header_timeout,
+            idle: args.idle_timeout,
+            request_body: args.request_body_timeout,
+            response: args.response_timeout,
+            response_body: args.response_body_timeout,
+            detect: args.detect_timeout,
+        };
+        let (http1_server, http2_server) = server_builders(args, timeouts);
+        let connect = ConnectOptions {
+            timeout: args.connect_timeout,
+            mark: upstream::mark_if_permitted(args.proxy_mark),
+        };
+        Arc::new(Shared {
+            settings: Settings {
+                app: args.app,
+                app_protocol: args.app_protocol,
+                http2_ports: args.http2_ports.0.clone(),
+                opaque_ports: args.opaque_ports.0.clone(),
+                http_ports: args.http_ports.0.clone(),
+                rewrite_host: args.rewrite_host,
+                lowercase_header_names: lowercase,
+                max_header_bytes: args.max_header_bytes as usize,
+                timeouts,
+                via: Via::random(),
+                http1_server,
+                http2_server,
+            },
+            limits: Arc::new(Limits::new(
+                args.max_connections as usize,
+                args.max_in_flight as usize,
+            )),
+            upstreams: Upstreams::new(connect, args.pool_idle_timeout, !lowercase),
+            telemetry: Arc::new(Telemetry::new(args.access_log, access_log)),
+            drain: Drain::default(),
+        })
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
     #[error("invalid configuration: {0}")]
     Config(String),
+    // The OS error is part of the message, not a `source`: printed once.
     #[error(
-        "cannot bind the {what} listener on {addr}: {source} (is another process using the port?)"
+        "cannot bind the {what} listener on {addr}: {error} (is another process using the port?)"
     )]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot start the runtime: {0}")]
     Runtime(std::io::Error),
@@ -89,45 +157,76 @@ pub fn main(args: RunArgs) -> Result<(), RunError> {
         b
     };
     let runtime = runtime.enable_all().build().map_err(RunError::Runtime)?;
-    runtime.block_on(run(args))
+    let shared = runtime.block_on(run(args))?;
+    // Whatever is still running was cut by the drain timeout: dropping the runtime drops those
+    // tasks, and each unfinished exchange logs itself as `drain_timeout`.
+    shared.telemetry.start_drain_cut();
+    drop(runtime);
+    let cut = shared.telemetry.metrics.drain_cut_requests.get();
+    shared.telemetry.access_log.finish();
+    if cut > 0 {
+        tracing::warn!(
+            cut,
+            "drained; {cut} requests were cut by --drain-timeout; exiting"
+        );
+    } else {
+        tracing::info!("drained; exiting");
+    }
+    Ok(())
 }
 
-fn server_builders(args: &RunArgs) -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
+fn server_builders(
+    args: &RunArgs,
+    timeouts: Timeouts,
+) -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
+    let keep_case = !args.lowercase_header_names;
     let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
     http1
         .http1()
         .timer(TokioTimer::new())
-        .preserve_header_case(args.preserve_header_case)
+        // hyper's head timer also runs while a keep-alive connection waits for its next request.
+        .header_read_timeout(timeouts.header)
+        .preserve_header_case(keep_case)
+        .title_case_headers(keep_case)
+        .max_headers(max_fields(args.max_header_bytes as usize))
         .max_buf_size(args.max_header_bytes as usize);
     let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
     http2
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(args.max_header_bytes)
+        // An idle HTTP/2 client is pinged, and dropped when it stops answering.
+        .keep_alive_interval(Some(timeouts.idle))
+        .keep_alive_timeout(timeouts.header)
         // Extended CONNECT (RFC 8441: WebSocket over HTTP/2), forwarded to apps that support it.
         .enable_connect_protocol();
     (http1, http2)
 }
 
+/// The most header fields a head of `max_bytes` can hold: the limit is on bytes (431), never on a
+/// count of fields (nginx accepts 150 fields; hyper's default refuses more than 100).
+fn max_fields(max_bytes: usize) -> usize {
+    // The shortest field line, `a:\r\n`, is 4 bytes.
+    (max_bytes / 4).max(100)
+}
+
 async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| RunError::Bind { what, addr, source })
+        .map_err(|error| RunError::Bind { what, addr, error })
 }
 
-// TODO(lead): split; clippy.toml limits functions to 100 lines.
-#[allow(clippy::too_many_lines)]
-async fn run(args: RunArgs) -> Result<(), RunError> {
+async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     // Bind everything first: a port in use fails the start before anything is served.
     let inbound = bind("inbound", args.inbound).await?;
     let outbound = match args.outbound {
         Listen(Some(addr)) => Some(bind("outbound", addr).await?),
         Listen(None) => None,
     };
-    let admin = std::net::TcpListener::bind(args.admin).map_err(|source| RunError::Bind {
+    let admin = std::net::TcpListener::bind(args.admin).map_err(|error| RunError::Bind {
         what: "admin",
         addr: args.admin,
-        source,
+        error,
     })?;
     let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(
@@ -138,70 +237,24 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
         "listening"
     );
 
-    let metrics = Metrics::new();
-    let access_log = AccessLog::start(
-        args.access_log,
-        Box::new(std::io::stdout()),
-        metrics.access_log_dropped.clone(),
-    );
-    let (http1_server, http2_server) = server_builders(&args);
-    let connect_options = ConnectOptions {
-        timeout: args.connect_timeout,
-        mark: upstream::mark_if_permitted(args.proxy_mark),
-    };
-    // Lives as long as the process: the request path borrows it without reference counting.
-    let proxy: &'static Proxy = Box::leak(Box::new(Proxy {
-        app: args.app,
-        app_protocol: args.app_protocol,
-        http2_ports: args.http2_ports.0.clone(),
-        opaque_ports: args.opaque_ports.0.clone(),
-        rewrite_host: args.rewrite_host,
-        preserve_header_case: args.preserve_header_case,
-        max_header_bytes: args.max_header_bytes as usize,
-        response_timeout: args.response_timeout,
-        detect_timeout: args.detect_timeout,
-        connect_options,
-        max_connections: args.max_connections as usize,
-        max_in_flight: args.max_in_flight as usize,
-        in_flight: AtomicUsize::new(0),
-        connections: Connections::default(),
-        upstream: Upstream::new(connect_options, args.preserve_header_case),
-        h1_pool: h1::Pool::default(),
-        metrics,
-        access_log,
-        http1_server,
-        http2_server,
-    }));
-
-    let drain = Drain::default();
+    let shared = Shared::new(&args, Box::new(std::io::stdout()));
     crate::admin::spawn(
         admin,
         crate::admin::AdminState {
-            proxy,
-            drain: drain.clone(),
-            app: args.app,
+            shared: shared.clone(),
             app_ready_path: args.app_ready_path.clone(),
         },
     )
     .map_err(RunError::Admin)?;
 
-    tokio::spawn(listener::accept_loop(
-        proxy,
-        inbound,
-        Direction::Inbound,
-        drain.subscribe(),
-    ));
+    tokio::spawn(shared.upstreams.pool.clone().reap_forever());
+    tokio::spawn(listener::Listener::new(shared.clone(), inbound, Direction::Inbound).run());
     if let Some(outbound) = outbound {
-        tokio::spawn(listener::accept_loop(
-            proxy,
-            outbound,
-            Direction::Outbound,
-            drain.subscribe(),
-        ));
+        tokio::spawn(listener::Listener::new(shared.clone(), outbound, Direction::Outbound).run());
     }
-    drain.advance(Phase::Serving);
+    shared.drain.advance(Phase::Serving);
 
-    let fast = wait_for_shutdown(&drain, proxy).await;
+    let fast = wait_for_shutdown(&shared).await;
     let delay = if fast {
         Duration::ZERO
     } else {
@@ -209,29 +262,29 @@ async fn run(args: RunArgs) -> Result<(), RunError> {
     };
     tracing::info!(?delay, timeout = ?args.drain_timeout, "draining: /ready now answers 503");
     tokio::time::sleep(delay).await;
-    drain.advance(Phase::Closing);
-    let open = proxy.connections.count();
+    shared.drain.advance(Phase::Closing);
+    shared.limits.close_all_when_idle();
+    let open = shared.limits.open_connections();
     tracing::info!(
         open,
         "closing: no longer accepting; finishing in-flight requests"
     );
-    if tokio::time::timeout(args.drain_timeout, proxy.connections.wait_all_closed())
+    if tokio::time::timeout(args.drain_timeout, shared.limits.wait_all_closed())
         .await
         .is_err()
     {
         tracing::warn!(
-            open = proxy.connections.count(),
-            "drain timeout reached: closing the remaining connections"
+            open = shared.limits.open_connections(),
+            "drain timeout reached: cutting the remaining connections"
         );
     }
-    proxy.access_log.finish();
-    tracing::info!("drained; exiting");
-    Ok(())
+    Ok(shared)
 }
 
 /// Waits for SIGTERM (full drain), SIGINT (drain without the delay) or `POST /shutdown`.
 /// Returns whether to skip the drain delay.
-async fn wait_for_shutdown(drain: &Drain, proxy: &'static Proxy) -> bool {
+async fn wait_for_shutdown(shared: &Arc<Shared>) -> bool {
+    let drain = &shared.drain;
     use tokio::signal::unix::{SignalKind, signal};
     let mut phase = drain.subscribe();
     let (mut term, mut int) = match (
@@ -254,10 +307,11 @@ async fn wait_for_shutdown(drain: &Drain, proxy: &'static Proxy) -> bool {
     };
     drain.advance(Phase::Draining);
     // A second signal means "now".
+    let telemetry = shared.telemetry.clone();
     tokio::spawn(async move {
         tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
         tracing::warn!("second signal: exiting without finishing the drain");
-        proxy.access_log.finish();
+        telemetry.access_log.finish();
         std::process::exit(1);
     });
     fast

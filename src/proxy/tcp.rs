@@ -10,57 +10,54 @@ use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
-use tokio::sync::watch;
 
 mod splice;
 
-use super::Proxy;
-use super::drain::{Phase, wait_for_closing};
-use super::error::{ErrorKind, classify_io};
 use super::upstream::connect;
+use crate::error::{ErrorKind, classify_io};
+use crate::proxy::Shared;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
 
-pub async fn forward(
-    proxy: &'static Proxy,
-    mut client: TcpStream,
-    client_addr: SocketAddr,
-    dialled: SocketAddr,
-    upstream: SocketAddr,
-    direction: Direction,
-    mut phase: watch::Receiver<Phase>,
-) {
+/// Where an opaque connection came from and goes.
+pub struct Route {
+    pub client: SocketAddr,
+    pub dialled: SocketAddr,
+    pub upstream: SocketAddr,
+    pub direction: Direction,
+}
+
+/// Relays until both sides are done. Opaque streams have no graceful end a proxy could signal:
+/// past the drain delay they get the drain timeout, after which the process exits under them.
+pub async fn forward(shared: &Shared, mut client: TcpStream, route: Route) {
+    let Route {
+        client: client_addr,
+        dialled,
+        upstream,
+        direction,
+    } = route;
     let start = Instant::now();
-    let (result, sent, received) = match connect(upstream, proxy.connect_options).await {
+    let (result, sent, received) = match connect(upstream, shared.upstreams.connect).await {
         Err(e) => {
             let kind = classify_io(&e, true);
             tracing::debug!(%upstream, "opaque connect failed: {e}");
             (Err(kind), 0, 0)
         }
-        Ok(mut server) => {
-            let copy = relay(&mut client, &mut server);
-            let mut copy = std::pin::pin!(copy);
-            let outcome = tokio::select! {
-                r = copy.as_mut() => r,
-                // Opaque streams have no graceful end a proxy could signal: past the drain delay
-                // they get the drain timeout, after which the process exits under them.
-                _ = wait_for_closing(&mut phase) => copy.await,
-            };
-            outcome
-        }
+        Ok(mut server) => relay(&mut client, &mut server).await,
     };
-    let metrics = proxy.metrics.direction(direction);
+    let telemetry = &shared.telemetry;
+    let metrics = telemetry.metrics.direction(direction);
     metrics.tcp_bytes_in.inc_by(sent);
     metrics.tcp_bytes_out.inc_by(received);
     let error = result.err();
     if let Some(kind) = error {
-        proxy.metrics.count_error(direction, kind);
+        telemetry.metrics.count_error(direction, kind);
     }
-    if proxy.access_log.enabled() {
+    if telemetry.access_log.enabled() {
         let duration = start.elapsed();
         let original = dialled.to_string();
         let upstream = upstream.to_string();
-        proxy.access_log.log(&Record {
+        telemetry.access_log.log(&Record {
             start: SystemTime::now() - duration,
             duration,
             direction,
@@ -115,11 +112,7 @@ where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut a = Counted {
-        inner: a,
-        read: 0,
-        written: 0,
-    };
+    let mut a = Counted::new(a);
     let result =
         tokio::io::copy_bidirectional_with_sizes(&mut a, b, COPY_BUFFER, COPY_BUFFER).await;
     let result = result.map(|_| ()).map_err(|e| {
@@ -130,10 +123,20 @@ where
 }
 
 /// Counts the bytes read from and written to the client side.
-struct Counted<'a, S> {
+pub(crate) struct Counted<'a, S> {
     inner: &'a mut S,
-    read: u64,
-    written: u64,
+    pub(crate) read: u64,
+    pub(crate) written: u64,
+}
+
+impl<'a, S> Counted<'a, S> {
+    pub(crate) fn new(inner: &'a mut S) -> Self {
+        Counted {
+            inner,
+            read: 0,
+            written: 0,
+        }
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {

@@ -1,17 +1,22 @@
 //! Connections to the app (inbound) and to original destinations (outbound).
 //!
-//! HTTP goes through hyper-util's pooled client: keep-alive connections per upstream address, and a
-//! request that was queued on a pooled connection the app had just closed (the keep-alive race
-//! Envoy users meet as "503 upstream connect error") is retried once on a fresh connection, because
-//! it was never written. Every socket the proxy opens can carry a mark (`--proxy-mark`) so that the
-//! pod's redirect rules let it pass, whatever user the proxy runs as.
+//! Two pools under one idle policy (`--pool-idle-timeout`, at most `POOL_MAX_IDLE_PER_UPSTREAM`
+//! idle connections per address): the fast path's own [`Pool`] of raw connections, and
+//! hyper-util's pooled clients for the hyper path. Idle connections are reaped when they expire
+//! or when the app closes them, not only dropped on a later checkout. Every socket the proxy opens
+//! can carry a mark (`--proxy-mark`) so that the pod's redirect rules let it pass, whatever user
+//! the proxy runs as.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
 
 use http::Uri;
 use hyper_util::client::legacy::Client;
@@ -20,10 +25,8 @@ use tokio::net::{TcpSocket, TcpStream};
 
 use super::body::RequestBody;
 
-/// Idle pooled connections are closed after this long. Shorter than most apps' own keep-alive
-/// would mean churn; the retry above covers the apps that close first.
-const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-const POOL_MAX_IDLE_PER_HOST: usize = 1024;
+/// Idle connections kept per upstream address, in each pool.
+const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
 pub struct ConnectOptions {
@@ -102,30 +105,142 @@ impl tower_service::Service<Uri> for Connector {
 
 pub type HttpClient = Client<Connector, RequestBody>;
 
-/// The pooled clients, one per HTTP version spoken to upstreams.
-pub struct Upstream {
+/// Every way to reach upstreams, built once.
+pub struct Upstreams {
+    pub connect: ConnectOptions,
+    /// The fast path's raw HTTP/1.1 connections.
+    pub pool: Arc<Pool>,
+    /// hyper's pooled clients, one per HTTP version spoken to upstreams.
     pub http1: HttpClient,
     pub http2: HttpClient,
+    /// Never pools: a retry goes out on a freshly dialled connection, since another pooled one
+    /// may be just as dead (the keep-alive race).
+    pub http1_fresh: HttpClient,
 }
 
-impl Upstream {
-    pub fn new(opts: ConnectOptions, preserve_header_case: bool) -> Upstream {
-        let build = |http2_only: bool| {
+impl Upstreams {
+    pub fn new(
+        connect: ConnectOptions,
+        pool_idle_timeout: Duration,
+        title_case: bool,
+    ) -> Upstreams {
+        let build = |http2_only: bool, max_idle: usize| {
             Client::builder(TokioExecutor::new())
                 .timer(TokioTimer::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(POOL_IDLE_TIMEOUT)
-                .pool_max_idle_per_host(POOL_MAX_IDLE_PER_HOST)
+                .pool_idle_timeout(pool_idle_timeout)
+                .pool_max_idle_per_host(max_idle)
                 .retry_canceled_requests(true)
                 // The proxy sets Host itself: the client's by default, the app's with --rewrite-host.
                 .set_host(false)
-                .http1_preserve_header_case(preserve_header_case)
+                // Names keep the case the client wrote; ours are written in canonical case.
+                .http1_preserve_header_case(title_case)
+                .http1_title_case_headers(title_case)
                 .http2_only(http2_only)
-                .build(Connector(opts))
+                .build(Connector(connect))
         };
-        Upstream {
-            http1: build(false),
-            http2: build(true),
+        Upstreams {
+            connect,
+            pool: Arc::new(Pool::new(pool_idle_timeout)),
+            http1: build(false, POOL_MAX_IDLE_PER_UPSTREAM),
+            http2: build(true, POOL_MAX_IDLE_PER_UPSTREAM),
+            http1_fresh: build(false, 0),
         }
     }
+
+    pub async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
+        let stream = connect(addr, self.connect).await?;
+        Ok(UpstreamConn {
+            stream,
+            buf: BytesMut::new(),
+            reused: false,
+        })
+    }
+}
+
+/// A raw connection to an upstream, with its read buffer.
+pub struct UpstreamConn {
+    pub stream: TcpStream,
+    pub buf: BytesMut,
+    /// Carried a request before: the app may have closed it while it was idle.
+    pub reused: bool,
+}
+
+impl UpstreamConn {
+    /// Whether the connection can carry a request: nothing unread, nothing arrived since the last
+    /// response (a closed or misbehaving connection reads something; a healthy idle one would block).
+    pub fn is_clean(&self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        let mut probe = [0u8; 1];
+        matches!(self.stream.try_read(&mut probe), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+    }
+}
+
+/// Idle raw connections by address. The fast path touches it when a client connection needs its
+/// first upstream connection and when it goes idle or closes, never per request.
+pub struct Pool {
+    idle: Mutex<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
+    idle_timeout: Duration,
+}
+
+impl Pool {
+    fn new(idle_timeout: Duration) -> Pool {
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+        }
+    }
+
+    pub fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+        let mut idle = lock(&self.idle);
+        let list = idle.get_mut(&addr)?;
+        while let Some((conn, since)) = list.pop() {
+            if since.elapsed() < self.idle_timeout && conn.is_clean() {
+                return Some(conn);
+            }
+        }
+        None
+    }
+
+    /// Keeps a connection for later, if it is clean and there is room.
+    pub fn checkin(&self, addr: SocketAddr, mut conn: UpstreamConn) {
+        if !conn.is_clean() {
+            return;
+        }
+        // An idle connection holds no buffer (a few KiB per connection otherwise).
+        conn.buf = BytesMut::new();
+        conn.reused = true;
+        let mut idle = lock(&self.idle);
+        let list = idle.entry(addr).or_default();
+        if list.len() < POOL_MAX_IDLE_PER_UPSTREAM {
+            list.push((conn, Instant::now()));
+        }
+    }
+
+    /// Closes expired connections and those the app closed; returns how many are left.
+    pub fn reap(&self) -> usize {
+        let mut idle = lock(&self.idle);
+        idle.retain(|_, list| {
+            list.retain(|(conn, since)| since.elapsed() < self.idle_timeout && conn.is_clean());
+            !list.is_empty()
+        });
+        idle.values().map(Vec::len).sum()
+    }
+
+    /// Reaps for the life of the process, a few times per idle timeout.
+    pub async fn reap_forever(self: Arc<Self>) {
+        let every =
+            (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        loop {
+            tokio::time::sleep(every).await;
+            self.reap();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the map is still valid.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

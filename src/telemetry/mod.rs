@@ -3,6 +3,44 @@
 pub mod access_log;
 pub mod metrics;
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use access_log::AccessLog;
+use metrics::Metrics;
+
+/// The metrics and the access log, shared by every connection.
+pub struct Telemetry {
+    pub metrics: Metrics,
+    pub access_log: Arc<AccessLog>,
+    /// Set when --drain-timeout cuts what is still running: the exchanges dropped from then on
+    /// are logged as `drain_timeout`, not as clients that went away.
+    drain_cut: AtomicBool,
+}
+
+impl Telemetry {
+    pub fn new(
+        format: crate::vocab::AccessLogFormat,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Self {
+        let metrics = Metrics::new();
+        let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
+        Telemetry {
+            metrics,
+            access_log,
+            drain_cut: AtomicBool::new(false),
+        }
+    }
+
+    pub fn start_drain_cut(&self) {
+        self.drain_cut.store(true, Ordering::Release);
+    }
+
+    pub fn drain_cut(&self) -> bool {
+        self.drain_cut.load(Ordering::Acquire)
+    }
+}
+
 /// Diagnostics (not the access log) go to stderr, filtered by `AMAZING_PROXY_LOG` (default `info`).
 pub fn init_diagnostics() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("AMAZING_PROXY_LOG")

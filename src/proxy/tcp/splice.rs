@@ -27,7 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use crate::proxy::error::ErrorKind;
+use crate::error::ErrorKind;
 
 /// Upper bound for one splice into the pipe; the pipe's capacity (64 KiB) is the real one.
 const SPLICE_MAX: usize = 1 << 20;
@@ -71,18 +71,29 @@ pub(super) async fn both_ways(
     let mut sent = 0;
     let mut received = 0;
     let result = tokio::try_join!(
-        one_way(client, server, &pipes.to_server, &mut sent, true),
-        one_way(server, client, &pipes.to_client, &mut received, false),
+        async { one_way(client, server, &pipes.to_server, &mut sent, true).await },
+        async {
+            // Server to client: the failing side is the other way round.
+            one_way(server, client, &pipes.to_client, &mut received, false)
+                .await
+                .map_err(|(e, from_failed)| (e, !from_failed))
+        },
     );
-    let result = result.map(|_| ()).map_err(|e| {
+    // The side that failed is named: a client that resets is the client's fault, not the app's.
+    let result = result.map(|_| ()).map_err(|(e, client_failed)| {
         tracing::debug!("opaque connection ended: {e}");
-        ErrorKind::TcpIo
+        if client_failed {
+            ErrorKind::TcpClientReset
+        } else {
+            ErrorKind::TcpIo
+        }
     });
     (result, sent, received)
 }
 
 /// Moves bytes from `from` to `to` until `from` ends (then shuts `to` for writing) or either
-/// fails. `count_in`: count what is taken from `from` (else what is given to `to`).
+/// fails (the error says whether it was `from`). `count_in`: count what is taken from `from`
+/// (else what is given to `to`).
 ///
 /// The pipe is always empty when reading from `from`, and never empty when writing to `to`, so a
 /// WouldBlock can only come from the socket, and `try_io` is right to clear its readiness.
@@ -92,33 +103,35 @@ async fn one_way(
     pipe: &Pipe,
     count: &mut u64,
     count_in: bool,
-) -> io::Result<()> {
+) -> Result<(), (io::Error, bool)> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
         let mut in_pipe = loop {
-            from.readable().await?;
+            from.readable().await.map_err(|e| (e, true))?;
             match from.try_io(Interest::READABLE, || {
                 Ok(splice(from, None, &pipe.write, None, SPLICE_MAX, flags)?)
             }) {
                 Ok(n) => break n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err((e, true)),
             }
         };
         if in_pipe == 0 {
-            SockRef::from(to).shutdown(std::net::Shutdown::Write)?;
+            SockRef::from(to)
+                .shutdown(std::net::Shutdown::Write)
+                .map_err(|e| (e, false))?;
             return Ok(());
         }
         if count_in {
             *count += in_pipe as u64;
         }
         while in_pipe > 0 {
-            to.writable().await?;
+            to.writable().await.map_err(|e| (e, false))?;
             match to.try_io(Interest::WRITABLE, || {
                 Ok(splice(&pipe.read, None, to, None, in_pipe, flags)?)
             }) {
                 // Cannot happen with bytes in the pipe; an error rather than a spin if it does.
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(0) => return Err((io::ErrorKind::WriteZero.into(), false)),
                 Ok(n) => {
                     in_pipe -= n;
                     if !count_in {
@@ -126,7 +139,7 @@ async fn one_way(
                     }
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-                Err(e) => return Err(e),
+                Err(e) => return Err((e, false)),
             }
         }
     }

@@ -37,24 +37,35 @@ pub enum ErrorKind {
     UpstreamReset,
     /// The app answered something that is not valid HTTP.
     UpstreamProtocol,
-    /// The app did not start its response within --response-timeout.
+    /// The app did not start its response within --response-timeout of the request's end.
     ResponseTimeout,
     /// The app's response body broke off midway (the client got a truncated body).
     UpstreamBody,
+    /// The app's response body paused longer than --response-body-timeout: the response was cut.
+    ResponseBodyTimeout,
     /// The client's request body broke off midway.
     ClientBody,
+    /// The client's request head or body paused too long (--header-timeout,
+    /// --request-body-timeout).
+    RequestTimeout,
     /// The client went away before the response was complete.
     ClientDisconnected,
-    /// The request cannot be forwarded as written (malformed, or an invalid target).
+    /// The request cannot be forwarded as written (malformed, ambiguous framing, invalid target).
     BadRequest,
     /// The request head is larger than --max-header-bytes.
     HeadersTooLarge,
+    /// The request came back to this proxy (its own Via entry): a redirect loop.
+    LoopDetected,
     /// --max-in-flight reached.
     Overloaded,
-    /// --max-connections reached.
+    /// --max-connections reached and no idle or slow connection could be shed.
     TooManyConnections,
-    /// Opaque TCP forwarding failed after connecting.
+    /// The request was still running when --drain-timeout ended the drain.
+    DrainTimeout,
+    /// Opaque TCP: the app's side failed after connecting.
     TcpIo,
+    /// Opaque TCP: the client's side failed (reset).
+    TcpClientReset,
 }
 
 impl ErrorKind {
@@ -62,9 +73,10 @@ impl ErrorKind {
         use ErrorKind::*;
         match self {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
-            | ResponseTimeout | UpstreamBody | TcpIo => Fault::App,
-            ClientBody | ClientDisconnected | BadRequest | HeadersTooLarge => Fault::Client,
-            Overloaded | TooManyConnections => Fault::Proxy,
+            | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
+            ClientBody | RequestTimeout | ClientDisconnected | BadRequest | HeadersTooLarge
+            | TcpClientReset => Fault::Client,
+            LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
         }
     }
 
@@ -74,13 +86,15 @@ impl ErrorKind {
         use http::StatusCode as S;
         match self {
             ConnectRefused | ConnectFailed | UpstreamReset | UpstreamProtocol | UpstreamBody
-            | TcpIo => S::BAD_GATEWAY,
+            | ResponseBodyTimeout | TcpIo => S::BAD_GATEWAY,
             ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
             ClientBody | BadRequest => S::BAD_REQUEST,
+            RequestTimeout => S::REQUEST_TIMEOUT,
             HeadersTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            LoopDetected => S::LOOP_DETECTED,
             // Never sent (nobody is listening); 499 is what nginx logs for it.
-            ClientDisconnected => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
-            Overloaded | TooManyConnections => S::SERVICE_UNAVAILABLE,
+            ClientDisconnected | TcpClientReset => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
+            Overloaded | TooManyConnections | DrainTimeout => S::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -94,13 +108,18 @@ impl ErrorKind {
             UpstreamProtocol => "upstream_protocol",
             ResponseTimeout => "response_timeout",
             UpstreamBody => "upstream_body",
+            ResponseBodyTimeout => "response_body_timeout",
             ClientBody => "client_body",
+            RequestTimeout => "request_timeout",
             ClientDisconnected => "client_disconnected",
             BadRequest => "bad_request",
             HeadersTooLarge => "headers_too_large",
+            LoopDetected => "loop_detected",
             Overloaded => "overloaded",
             TooManyConnections => "too_many_connections",
+            DrainTimeout => "drain_timeout",
             TcpIo => "tcp_io",
+            TcpClientReset => "tcp_client_reset",
         }
     }
 
@@ -121,17 +140,47 @@ impl ErrorKind {
                 "amazing-proxy: the app did not answer in time (--response-timeout)\n"
             }
             UpstreamBody => "amazing-proxy: the app's response body broke off\n",
+            ResponseBodyTimeout => {
+                "amazing-proxy: the app's response body stalled (--response-body-timeout)\n"
+            }
             ClientBody => "amazing-proxy: the request body broke off\n",
+            RequestTimeout => {
+                "amazing-proxy: the request did not arrive in time (--header-timeout, --request-body-timeout)\n"
+            }
             ClientDisconnected => "amazing-proxy: the client went away\n",
             BadRequest => "amazing-proxy: malformed request (request line, headers or framing)\n",
             HeadersTooLarge => "amazing-proxy: request headers too large (--max-header-bytes)\n",
+            LoopDetected => {
+                "amazing-proxy: the request looped back to this proxy (check --app and the redirect rules)\n"
+            }
             Overloaded => {
                 "amazing-proxy: too many requests in flight (--max-in-flight); retry later\n"
             }
             TooManyConnections => {
                 "amazing-proxy: too many connections (--max-connections); retry later\n"
             }
+            DrainTimeout => "amazing-proxy: shutting down (--drain-timeout reached)\n",
             TcpIo => "amazing-proxy: the TCP stream broke off\n",
+            TcpClientReset => "amazing-proxy: the client reset the TCP stream\n",
+        }
+    }
+
+    /// The gRPC status a gRPC client gets instead of an HTTP error (linkerd2-proxy's mapping).
+    pub fn grpc_status(self) -> u8 {
+        const UNAVAILABLE: u8 = 14;
+        const DEADLINE_EXCEEDED: u8 = 4;
+        const RESOURCE_EXHAUSTED: u8 = 8;
+        const INTERNAL: u8 = 13;
+        const INVALID_ARGUMENT: u8 = 3;
+        use ErrorKind::*;
+        match self {
+            ConnectTimeout | ResponseTimeout | ResponseBodyTimeout | RequestTimeout => {
+                DEADLINE_EXCEEDED
+            }
+            Overloaded | TooManyConnections | HeadersTooLarge => RESOURCE_EXHAUSTED,
+            BadRequest | ClientBody => INVALID_ARGUMENT,
+            UpstreamProtocol | LoopDetected => INTERNAL,
+            _ => UNAVAILABLE,
         }
     }
 }

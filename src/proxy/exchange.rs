@@ -1,0 +1,280 @@
+//! The record of one exchange: a request and its response, from the first byte of the request to
+//! the last byte of the response (or an upgraded tunnel until it closes). Every exchange ends in
+//! exactly one access-log record and one set of metrics, whichever adapter carried it and however
+//! it ended: finished, answered by the proxy itself, abandoned by the client or cut by the drain.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Instant, SystemTime};
+
+use http::header::HeaderValue;
+use http::uri::{Authority, PathAndQuery};
+use http::{HeaderMap, Method, Version};
+
+use crate::error::ErrorKind;
+use crate::telemetry::Telemetry;
+use crate::telemetry::access_log::Record;
+use crate::telemetry::metrics::{Direction, MethodLabel};
+
+/// What every request on one client connection shares.
+pub struct ConnContext {
+    pub telemetry: Arc<Telemetry>,
+    pub direction: Direction,
+    pub client: SocketAddr,
+    /// `client` as text, formatted once for the access log.
+    pub client_text: String,
+    /// The client's IP alone, for X-Forwarded-For.
+    pub client_ip_text: String,
+    /// The address the client dialled (the pod's, before redirection).
+    pub original: Authority,
+    /// Where requests go: the app (inbound) or the original destination (outbound).
+    pub upstream_addr: SocketAddr,
+    /// `upstream_addr` as an authority, for URIs and the log.
+    pub upstream: Authority,
+    /// Speak HTTP/2 to this upstream whatever the client spoke.
+    pub upstream_http2: bool,
+}
+
+impl ConnContext {
+    pub fn new(
+        telemetry: Arc<Telemetry>,
+        direction: Direction,
+        client: SocketAddr,
+        original: SocketAddr,
+        upstream: SocketAddr,
+        upstream_http2: bool,
+    ) -> ConnContext {
+        ConnContext {
+            telemetry,
+            direction,
+            client,
+            client_text: client.to_string(),
+            client_ip_text: client.ip().to_string(),
+            original: authority(original),
+            upstream_addr: upstream,
+            upstream: authority(upstream),
+            upstream_http2,
+        }
+    }
+}
+
+fn authority(addr: SocketAddr) -> Authority {
+    // An IP:PORT always parses as an authority; the fallback only keeps this total.
+    Authority::try_from(addr.to_string().as_str())
+        .unwrap_or_else(|_| Authority::from_static("unknown"))
+}
+
+/// Request body progress when the body is copied by another task (hyper's): shared between the
+/// body wrapper and the exchange. Only allocated for requests that have a body.
+#[derive(Default, Debug)]
+pub struct RequestProgress {
+    pub bytes: AtomicU64,
+    pub failed: AtomicBool,
+    /// The body paused longer than --request-body-timeout.
+    pub timed_out: AtomicBool,
+    /// The body's last frame went out: the response timeout starts now.
+    pub ended: tokio::sync::Notify,
+    pub ended_flag: AtomicBool,
+}
+
+impl RequestProgress {
+    pub fn end(&self) {
+        self.ended_flag.store(true, Ordering::Release);
+        self.ended.notify_waiters();
+    }
+
+    /// Resolves once the request body has been sent whole.
+    pub async fn wait_ended(&self) {
+        loop {
+            let notified = self.ended.notified();
+            if self.ended_flag.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// The request target as the log shows it: parsed by hyper, or raw from the fast path.
+pub enum PathText {
+    Uri(PathAndQuery),
+    Raw(String),
+    /// Opaque TCP and failures before a request line was read.
+    None,
+}
+
+impl PathText {
+    fn as_str(&self) -> &str {
+        match self {
+            PathText::Uri(p) => p.as_str(),
+            PathText::Raw(s) => s,
+            PathText::None => "",
+        }
+    }
+}
+
+/// One request and its response: the logging phase's input.
+pub struct Exchange {
+    conn: Arc<ConnContext>,
+    start: Instant,
+    method: Option<Method>,
+    version: Version,
+    path: PathText,
+    request_id: HeaderValue,
+    pub status: u16,
+    /// Request body bytes, when counted by the proxy's own copy loop.
+    pub request_bytes: u64,
+    /// Request body bytes, when counted by a body wrapper on another task.
+    pub request: Option<Arc<RequestProgress>>,
+    pub response_bytes: u64,
+    pub grpc_status: Option<u16>,
+    /// Set when the proxy answered with an error of its own.
+    pub error: Option<ErrorKind>,
+    /// Set once logged, so that dropping the exchange does not log it again.
+    logged: bool,
+}
+
+impl Drop for Exchange {
+    /// An exchange dropped before it was logged had its task dropped: the client left while the
+    /// app was still working, or the drain timeout cut it. Logged either way (nginx logs 499).
+    fn drop(&mut self) {
+        if !self.logged {
+            self.log(Some(ErrorKind::ClientDisconnected));
+        }
+    }
+}
+
+impl Exchange {
+    pub fn new(
+        conn: Arc<ConnContext>,
+        start: Instant,
+        method: Method,
+        version: Version,
+        path: PathText,
+        request_id: HeaderValue,
+    ) -> Exchange {
+        Exchange {
+            conn,
+            start,
+            method: Some(method),
+            version,
+            path,
+            request_id,
+            status: 0,
+            request_bytes: 0,
+            request: None,
+            response_bytes: 0,
+            grpc_status: None,
+            error: None,
+            logged: false,
+        }
+    }
+
+    /// A request refused before its request line could be read (malformed, too large, too slow).
+    pub fn unparsed(conn: Arc<ConnContext>, start: Instant, version: Version) -> Exchange {
+        let mut exchange = Exchange::new(
+            conn,
+            start,
+            Method::GET,
+            version,
+            PathText::None,
+            HeaderValue::from_static("-"),
+        );
+        exchange.method = None;
+        exchange
+    }
+
+    pub fn conn(&self) -> &ConnContext {
+        &self.conn
+    }
+
+    /// Ends an exchange the proxy answered itself.
+    pub fn finish_with_error(mut self, kind: ErrorKind) {
+        self.status = kind.status().as_u16();
+        self.error = Some(kind);
+        self.finish(None);
+    }
+
+    pub fn read_grpc_status(&mut self, headers: &HeaderMap) {
+        if let Some(status) = headers.get("grpc-status") {
+            self.grpc_status = status.to_str().ok().and_then(|s| s.parse().ok());
+        }
+    }
+
+    /// The logging phase: metrics and one access-log record.
+    pub fn finish(mut self, error: Option<ErrorKind>) {
+        self.log(error);
+    }
+
+    fn log(&mut self, error: Option<ErrorKind>) {
+        self.logged = true;
+        let telemetry = &self.conn.telemetry;
+        let mut error = self.error.or(error);
+        if error == Some(ErrorKind::ClientDisconnected) && telemetry.drain_cut() {
+            error = Some(ErrorKind::DrainTimeout);
+        }
+        let duration = self.start.elapsed();
+        let direction = self.conn.direction;
+        let metrics = &telemetry.metrics;
+        let per_direction = metrics.direction(direction);
+        let request_bytes = self
+            .request
+            .as_ref()
+            .map_or(self.request_bytes, |p| p.bytes.load(Ordering::Relaxed));
+        // A client that left never saw the status: log what nginx logs for it.
+        let status = match error {
+            Some(kind @ (ErrorKind::ClientDisconnected | ErrorKind::DrainTimeout)) => {
+                kind.status().as_u16()
+            }
+            _ => self.status,
+        };
+        let method = self.method.as_ref();
+        metrics.count_request(
+            direction,
+            method.map_or(MethodLabel::OTHER, Into::into),
+            status,
+        );
+        per_direction.duration.observe(duration.as_secs_f64());
+        per_direction.request_bytes.inc_by(request_bytes);
+        per_direction.response_bytes.inc_by(self.response_bytes);
+        if let Some(kind) = error {
+            metrics.count_error(direction, kind);
+        }
+        if let Some(grpc_status) = self.grpc_status {
+            metrics.count_grpc(direction, grpc_status);
+        }
+        let log = &telemetry.access_log;
+        if log.enabled() {
+            log.log(&Record {
+                start: SystemTime::now() - duration,
+                duration,
+                direction,
+                method: method.map_or("-", Method::as_str),
+                protocol: version_str(self.version),
+                scheme: "http",
+                original_authority: self.conn.original.as_str(),
+                upstream_authority: self.conn.upstream.as_str(),
+                path_and_query: self.path.as_str(),
+                client: &self.conn.client_text,
+                request_id: self.request_id.to_str().unwrap_or("-"),
+                status,
+                request_bytes,
+                response_bytes: self.response_bytes,
+                grpc_status: self.grpc_status,
+                error,
+            });
+        }
+    }
+}
+
+fn version_str(v: Version) -> &'static str {
+    match v {
+        Version::HTTP_09 => "HTTP/0.9",
+        Version::HTTP_10 => "HTTP/1.0",
+        Version::HTTP_11 => "HTTP/1.1",
+        Version::HTTP_2 => "HTTP/2.0",
+        Version::HTTP_3 => "HTTP/3.0",
+        _ => "HTTP/?",
+    }
+}

@@ -1,0 +1,275 @@
+//! What a client can hold, and how it is taken back: requests in flight (`--max-in-flight`) and
+//! open connections (`--max-connections`).
+//!
+//! At the connection limit the proxy makes room before it refuses anyone (Envoy's overload manager
+//! and HAProxy do the same kind of shedding): it closes an idle keep-alive connection first, else
+//! the connection whose request head has been arriving the longest (a slowloris). Connections
+//! that are busy with a request are never shed. So a few hundred hostile sockets cannot lock a
+//! service out, whatever `--max-connections` is.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use prometheus_client::metrics::gauge::Gauge;
+use tokio::sync::Notify;
+
+/// What a connection is doing, for shedding.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Activity {
+    /// Serving a request, or a protocol the proxy cannot see into: never shed.
+    Busy = 0,
+    /// Waiting for the next request on a keep-alive connection: shed first.
+    Idle = 1,
+    /// Receiving a request head: shed the oldest when no idle connection is left.
+    Head = 2,
+}
+
+/// One open connection, as the shedder sees it.
+pub struct Slot {
+    activity: AtomicU8,
+    /// Milliseconds since the limits were created, when the activity last changed.
+    since_ms: AtomicU64,
+    shed: AtomicBool,
+    shed_notify: Notify,
+    epoch: Instant,
+}
+
+impl Slot {
+    pub fn set(&self, activity: Activity) {
+        self.activity.store(activity as u8, Ordering::Relaxed);
+        let ms = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Whether the connection should close as soon as it is idle (shed, or the drain is closing).
+    pub fn close_requested(&self) -> bool {
+        self.shed.load(Ordering::Acquire)
+    }
+
+    fn request_close(&self) {
+        self.shed.store(true, Ordering::Release);
+        self.shed_notify.notify_waiters();
+    }
+
+    /// Resolves when the connection should close once idle: the shedder chose it, or the drain.
+    pub async fn close_requested_wait(&self) {
+        loop {
+            let notified = self.shed_notify.notified();
+            if self.shed.load(Ordering::Acquire) {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    fn activity(&self) -> u8 {
+        self.activity.load(Ordering::Relaxed)
+    }
+}
+
+pub struct Limits {
+    max_in_flight: usize,
+    in_flight: AtomicUsize,
+    max_connections: usize,
+    open: AtomicUsize,
+    all_closed: Notify,
+    slots: Mutex<Slots>,
+    epoch: Instant,
+    /// The drain is closing: every connection, new ones included, closes once idle.
+    closing: AtomicBool,
+}
+
+#[derive(Default)]
+struct Slots {
+    next_id: u64,
+    by_id: HashMap<u64, Arc<Slot>>,
+}
+
+impl Limits {
+    pub fn new(max_connections: usize, max_in_flight: usize) -> Limits {
+        Limits {
+            max_in_flight,
+            in_flight: AtomicUsize::new(0),
+            max_connections,
+            open: AtomicUsize::new(0),
+            all_closed: Notify::new(),
+            slots: Mutex::new(Slots::default()),
+            epoch: Instant::now(),
+            closing: AtomicBool::new(false),
+        }
+    }
+
+    /// Open connections (upgraded tunnels included).
+    pub fn open_connections(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    /// Resolves once no connection is open.
+    pub async fn wait_all_closed(&self) {
+        loop {
+            let notified = self.all_closed.notified();
+            if self.open_connections() == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Admits a new client connection, shedding an idle or slow one at the limit. `None` when
+    /// the limit is reached and nothing can be shed. `shed` counts the connections closed for it.
+    pub fn admit(
+        self: &Arc<Self>,
+        gauge: &Gauge,
+        shed: &prometheus_client::metrics::counter::Counter,
+    ) -> Option<ConnectionGuard> {
+        if self.open_connections() >= self.max_connections {
+            if !self.shed_one() {
+                return None;
+            }
+            shed.inc();
+        }
+        Some(self.track(gauge))
+    }
+
+    /// Counts a connection without checking the limit (an upgraded tunnel leaving its request).
+    pub fn track(self: &Arc<Self>, gauge: &Gauge) -> ConnectionGuard {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        gauge.inc();
+        let slot = Arc::new(Slot {
+            activity: AtomicU8::new(Activity::Busy as u8),
+            since_ms: AtomicU64::new(0),
+            shed: AtomicBool::new(self.closing.load(Ordering::Acquire)),
+            shed_notify: Notify::new(),
+            epoch: self.epoch,
+        });
+        let id = {
+            let mut slots = lock(&self.slots);
+            let id = slots.next_id;
+            slots.next_id += 1;
+            slots.by_id.insert(id, slot.clone());
+            id
+        };
+        ConnectionGuard {
+            limits: self.clone(),
+            gauge: gauge.clone(),
+            id,
+            slot,
+        }
+    }
+
+    /// The drain is closing: idle connections close now, busy ones after their current request.
+    pub fn close_all_when_idle(&self) {
+        self.closing.store(true, Ordering::Release);
+        for slot in lock(&self.slots).by_id.values() {
+            slot.request_close();
+        }
+    }
+
+    /// Picks the connection that does the least: idle first (the longest idle), then the request
+    /// head that has been arriving the longest. Returns whether one was told to close.
+    fn shed_one(&self) -> bool {
+        let slots = lock(&self.slots);
+        let candidates = slots
+            .by_id
+            .values()
+            .filter(|s| !s.shed.load(Ordering::Relaxed) && s.activity() != Activity::Busy as u8);
+        // Idle sorts before Head; within each, the oldest first.
+        let victim = candidates.min_by_key(|s| {
+            (
+                s.activity() != Activity::Idle as u8,
+                s.since_ms.load(Ordering::Relaxed),
+            )
+        });
+        match victim {
+            Some(slot) => {
+                slot.request_close();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Takes a slot for a request, or `None` at `--max-in-flight`.
+    pub fn start_request(self: &Arc<Self>) -> Option<InFlight> {
+        if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
+            self.in_flight.fetch_sub(1, Ordering::Relaxed);
+            return None;
+        }
+        Some(InFlight(self.clone()))
+    }
+}
+
+/// A request counted in flight; released when dropped.
+pub struct InFlight(Arc<Limits>);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// An open connection, counted until dropped.
+pub struct ConnectionGuard {
+    limits: Arc<Limits>,
+    gauge: Gauge,
+    id: u64,
+    slot: Arc<Slot>,
+}
+
+impl ConnectionGuard {
+    pub fn slot(&self) -> &Arc<Slot> {
+        &self.slot
+    }
+}
+
+impl Drop for ConnectionGuard {
+    fn drop(&mut self) {
+        lock(&self.limits.slots).by_id.remove(&self.id);
+        self.gauge.dec();
+        if self.limits.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.limits.all_closed.notify_waiters();
+        }
+    }
+}
+
+/// A poisoned lock only means another thread panicked while holding it; the map is still valid.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use prometheus_client::metrics::counter::Counter;
+
+    #[test]
+    fn sheds_idle_first_then_the_oldest_head_never_busy() {
+        let limits = Arc::new(Limits::new(3, 10));
+        let (gauge, shed) = (Gauge::default(), Counter::default());
+        let busy = limits.admit(&gauge, &shed).expect("room");
+        let head_old = limits.admit(&gauge, &shed).expect("room");
+        head_old.slot().set(Activity::Head);
+        let idle = limits.admit(&gauge, &shed).expect("room");
+        idle.slot().set(Activity::Idle);
+        let _ = limits.admit(&gauge, &shed).expect("idle shed");
+        assert!(idle.slot().shed.load(Ordering::Relaxed));
+        assert!(!head_old.slot().shed.load(Ordering::Relaxed));
+        let _ = limits.admit(&gauge, &shed).expect("head shed");
+        assert!(head_old.slot().shed.load(Ordering::Relaxed));
+        assert!(limits.admit(&gauge, &shed).is_none(), "only busy ones left");
+        assert!(!busy.slot().shed.load(Ordering::Relaxed));
+        assert_eq!(shed.get(), 2);
+    }
+
+    #[test]
+    fn in_flight_slots_come_back() {
+        let limits = Arc::new(Limits::new(1, 1));
+        let first = limits.start_request().expect("room");
+        assert!(limits.start_request().is_none());
+        drop(first);
+        assert!(limits.start_request().is_some());
+    }
+}

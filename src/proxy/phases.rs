@@ -1,0 +1,500 @@
+//! Every decision the proxy takes about a request, as pure functions (Pingora's phases, without the
+//! framework). Both protocol adapters apply them: the HTTP/1.1 fast path on raw header lines, the
+//! hyper path on `HeaderMap`s. Nothing here does I/O.
+//!
+//! - request header rules: hop-by-hop removal ([`is_hop_by_hop`], [`connection_may_remove`]),
+//!   forwarding fields ([`add_forwarding`]), loop detection ([`Via`]);
+//! - response header rules: [`prepare_response`] (hop-by-hop removal, `Server`);
+//! - may-retry: [`may_retry`];
+//! - the responses the proxy makes itself: [`Synthetic`], gRPC-aware.
+
+use std::net::IpAddr;
+
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, StatusCode};
+
+use crate::error::ErrorKind;
+
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static SERVER_VALUE: HeaderValue = HeaderValue::from_static("amazing-proxy");
+static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The hop-by-hop fields of RFC 9110 7.6.1, plus `Proxy-Connection` (non-standard, still sent).
+pub fn is_hop_by_hop(name: &[u8]) -> bool {
+    const HOP_BY_HOP: [&[u8]; 6] = [
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+    ];
+    HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h))
+}
+
+/// Whether a field named in `Connection` may be removed. A connection option never removes the
+/// message's framing or its Host: `Connection: content-length` would otherwise turn a body into a
+/// second request at the app (request smuggling).
+pub fn connection_may_remove(name: &[u8]) -> bool {
+    const PROTECTED: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+    !PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// The comma-separated tokens of a list field (`Connection`, `Transfer-Encoding`).
+pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
+    value
+        .split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes the hop-by-hop fields and every field `Connection` names (except the protected ones).
+/// `TE: trailers` survives because gRPC requires it end to end over HTTP/2.
+/// With `keep_upgrade`, `Connection: upgrade` and `Upgrade` are kept for a protocol switch.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    for connection in headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .cloned()
+        .collect::<Vec<_>>()
+    {
+        for token in tokens(connection.as_bytes()) {
+            if keep_upgrade && token.eq_ignore_ascii_case(b"upgrade") {
+                continue;
+            }
+            if connection_may_remove(token)
+                && let Ok(name) = HeaderName::from_bytes(token)
+                && name != header::TE
+            {
+                headers.remove(&name);
+            }
+        }
+    }
+    if headers.remove(header::CONNECTION).is_some() && keep_upgrade {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+    headers.remove(&KEEP_ALIVE);
+    headers.remove(&PROXY_CONNECTION);
+    headers.remove(header::TRANSFER_ENCODING);
+    if !keep_upgrade {
+        headers.remove(header::UPGRADE);
+    }
+    if let Some(te) = headers.get(header::TE) {
+        if tokens(te.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"trailers")) {
+            headers.insert(header::TE, HeaderValue::from_static("trailers"));
+        } else {
+            headers.remove(header::TE);
+        }
+    }
+}
+
+/// Whether the request asks to switch protocols (WebSocket and others): `Connection: upgrade`
+/// together with an `Upgrade` field.
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE)
+        && headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"upgrade")))
+}
+
+/// Whether a request is a gRPC call: its errors are then answered the gRPC way.
+pub fn is_grpc(content_type: Option<&[u8]>) -> bool {
+    content_type
+        .is_some_and(|ct| ct.len() >= 16 && ct[..16].eq_ignore_ascii_case(b"application/grpc"))
+}
+
+/// This proxy instance's name in `Via` (RFC 9110 7.6.3): a pseudonym random per process, so that a
+/// request that comes back to the same proxy is recognised (a redirect loop) while one that passes
+/// another amazing-proxy (the client pod's sidecar) is not.
+#[derive(Clone, Debug)]
+pub struct Via {
+    pseudonym: String,
+    /// `1.1 <pseudonym>`, the entry this proxy appends.
+    entry: HeaderValue,
+}
+
+impl Via {
+    pub fn new(id: u32) -> Via {
+        let pseudonym = format!("amazing-proxy-{id:08x}");
+        let entry = HeaderValue::from_str(&format!("1.1 {pseudonym}"))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 amazing-proxy"));
+        Via { pseudonym, entry }
+    }
+
+    pub fn random() -> Via {
+        Via::new(fastrand::u32(..))
+    }
+
+    pub fn pseudonym(&self) -> &str {
+        &self.pseudonym
+    }
+
+    pub fn entry(&self) -> &HeaderValue {
+        &self.entry
+    }
+
+    /// Whether a `Via` field value already names this proxy as a recipient.
+    pub fn seen_in(&self, value: &[u8]) -> bool {
+        value.split(|&b| b == b',').any(|entry| {
+            // received-protocol SP received-by [ RWS comment ]
+            let mut parts = entry.trim_ascii().split(|b| b.is_ascii_whitespace());
+            let _protocol = parts.next();
+            parts.next() == Some(self.pseudonym.as_bytes())
+        })
+    }
+
+    /// Loop check and our entry for a `HeaderMap` request. `Err` when the request looped.
+    pub fn stamp(&self, headers: &mut HeaderMap) -> Result<(), ErrorKind> {
+        if headers
+            .get_all(header::VIA)
+            .iter()
+            .any(|v| self.seen_in(v.as_bytes()))
+        {
+            return Err(ErrorKind::LoopDetected);
+        }
+        headers.append(header::VIA, self.entry.clone());
+        Ok(())
+    }
+}
+
+/// Adds the fields an app behind a proxy expects: `X-Forwarded-For` (appended), `X-Forwarded-Proto`
+/// (kept when an earlier hop set it: it knows the client's real scheme), and `X-Request-Id` when
+/// the request has none. Returns the request id.
+pub fn add_forwarding(
+    headers: &mut HeaderMap,
+    client_ip: IpAddr,
+    scheme: &'static str,
+) -> HeaderValue {
+    let mut ip_buf = [0u8; 48];
+    let ip = format_ip(client_ip, &mut ip_buf);
+    let forwarded = match headers.get(&X_FORWARDED_FOR) {
+        Some(prev) if !prev.is_empty() => {
+            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
+            v.extend_from_slice(prev.as_bytes());
+            v.extend_from_slice(b", ");
+            v.extend_from_slice(ip);
+            HeaderValue::from_bytes(&v)
+        }
+        _ => HeaderValue::from_bytes(ip),
+    };
+    if let Ok(value) = forwarded {
+        headers.insert(X_FORWARDED_FOR.clone(), value);
+    }
+    if !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    }
+    match headers.get(&X_REQUEST_ID) {
+        Some(id) => id.clone(),
+        None => {
+            let id = new_request_id();
+            headers.insert(X_REQUEST_ID.clone(), id.clone());
+            id
+        }
+    }
+}
+
+fn format_ip(ip: IpAddr, buf: &mut [u8; 48]) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // 48 bytes hold the longest IPv6 text form (45).
+    let _ = write!(cursor, "{ip}");
+    let len = usize::try_from(cursor.position()).unwrap_or(0);
+    &buf[..len]
+}
+
+/// A random (version 4) UUID. `fastrand` is seeded once per thread: request ids need to be unique,
+/// not unpredictable, and a syscall per request would cost more than the rest of this function.
+pub fn new_request_id() -> HeaderValue {
+    let bytes = fastrand::u128(..).to_le_bytes();
+    let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text = uuid.hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+}
+
+/// The response on its way back: hop-by-hop fields removed and our `Server`.
+pub fn prepare_response(headers: &mut HeaderMap, keep_upgrade: bool) {
+    remove_hop_by_hop(headers, keep_upgrade);
+    headers.insert(header::SERVER, SERVER_VALUE.clone());
+}
+
+/// How far a request got when its upstream connection failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sent {
+    /// Not a byte of it was written: the pooled connection was seen closed first.
+    Nothing,
+    /// Written (maybe partly), and not a byte of response came back.
+    NoResponse,
+    /// Some of the response arrived.
+    ResponseStarted,
+}
+
+/// The retry rule, one for both adapters (RFC 9110 9.2.2, RFC 9112 9.3.1.1): a request goes again
+/// only when it provably never reached the app, or when it is idempotent, can be replayed (its
+/// body is still in hand) and no byte of the response arrived. A POST is never sent twice.
+pub fn may_retry(method: &Method, replayable: bool, sent: Sent) -> bool {
+    match sent {
+        Sent::Nothing => replayable,
+        Sent::NoResponse => replayable && method.is_idempotent(),
+        Sent::ResponseStarted => false,
+    }
+}
+
+/// A response the proxy makes itself. gRPC clients get HTTP 200 with `grpc-status` and
+/// `grpc-message` (a trailers-only response), as linkerd2-proxy answers them, so that they see a
+/// gRPC status instead of a content-type error.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Synthetic {
+    pub kind: ErrorKind,
+    pub grpc: bool,
+}
+
+impl Synthetic {
+    pub fn new(kind: ErrorKind, grpc: bool) -> Synthetic {
+        Synthetic { kind, grpc }
+    }
+
+    pub fn status(self) -> StatusCode {
+        if self.grpc {
+            StatusCode::OK
+        } else {
+            self.kind.status()
+        }
+    }
+
+    /// The one-line body (empty for gRPC: the message travels in `grpc-message`).
+    pub fn body(self) -> &'static str {
+        if self.grpc { "" } else { self.kind.message() }
+    }
+
+    /// The header fields, in order, with our names in canonical case.
+    pub fn fields(self) -> impl Iterator<Item = (&'static str, &'static str)> {
+        let kind = self.kind;
+        let retry_after = (!self.grpc && kind.status() == StatusCode::SERVICE_UNAVAILABLE)
+            .then_some(("Retry-After", "1"));
+        let grpc = self.grpc.then(|| {
+            [
+                ("Content-Type", "application/grpc"),
+                ("grpc-status", grpc_status_text(kind.grpc_status())),
+                ("grpc-message", kind.message().trim_end()),
+            ]
+        });
+        let plain = (!self.grpc).then_some(("Content-Type", "text/plain; charset=utf-8"));
+        std::iter::once(("Server", "amazing-proxy"))
+            .chain(plain)
+            .chain(grpc.into_iter().flatten())
+            .chain(retry_after)
+    }
+
+    /// As HTTP/1.1 bytes, `Content-Length` and (unless `keep_alive`) `Connection: close` included.
+    pub fn render_h1(self, keep_alive: bool, lowercase_names: bool, out: &mut Vec<u8>) {
+        let status = self.status();
+        let body = self.body();
+        out.clear();
+        out.extend_from_slice(b"HTTP/1.1 ");
+        out.extend_from_slice(status.as_str().as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        out.extend_from_slice(b"\r\n");
+        let mut field = |name: &str, value: &[u8]| {
+            if lowercase_names {
+                out.extend(name.bytes().map(|b| b.to_ascii_lowercase()));
+            } else {
+                out.extend_from_slice(name.as_bytes());
+            }
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(value);
+            out.extend_from_slice(b"\r\n");
+        };
+        for (name, value) in self.fields() {
+            field(name, value.as_bytes());
+        }
+        field(
+            "Content-Length",
+            itoa::Buffer::new().format(body.len()).as_bytes(),
+        );
+        if !keep_alive {
+            field("Connection", b"close");
+        }
+        out.extend_from_slice(b"\r\n");
+        out.extend_from_slice(body.as_bytes());
+    }
+
+    /// As a `HeaderMap` for the hyper path.
+    pub fn header_map(self) -> HeaderMap {
+        let mut headers = HeaderMap::with_capacity(5);
+        for (name, value) in self.fields() {
+            if let (Ok(name), Ok(value)) = (
+                HeaderName::from_bytes(name.as_bytes()),
+                HeaderValue::from_str(value),
+            ) {
+                headers.insert(name, value);
+            }
+        }
+        headers
+    }
+}
+
+fn grpc_status_text(code: u8) -> &'static str {
+    const TEXT: [&str; 17] = [
+        "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
+    ];
+    TEXT.get(usize::from(code)).copied().unwrap_or("2")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(pairs: &[(&str, &str)]) -> HeaderMap {
+        let mut m = HeaderMap::new();
+        for (k, v) in pairs {
+            m.append(
+                HeaderName::from_bytes(k.as_bytes()).expect("name"),
+                HeaderValue::from_str(v).expect("value"),
+            );
+        }
+        m
+    }
+
+    #[test]
+    fn hop_by_hop_fields_and_those_named_by_connection_go() {
+        let mut h = map(&[
+            ("connection", "keep-alive, x-secret"),
+            ("keep-alive", "timeout=5"),
+            ("x-secret", "1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("proxy-connection", "keep-alive"),
+            ("te", "gzip"),
+            (
+                "traceparent",
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            ),
+            ("x-keep", "yes"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        let mut names: Vec<_> = h.keys().map(|k| k.as_str()).collect();
+        names.sort_unstable();
+        assert_eq!(names, vec!["traceparent", "x-keep"]);
+    }
+
+    #[test]
+    fn connection_never_removes_framing_or_host() {
+        let mut h = map(&[
+            ("connection", "content-length, host"),
+            ("connection", "Transfer-Encoding, x-gone"),
+            ("content-length", "35"),
+            ("host", "pod"),
+            ("x-gone", "1"),
+        ]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h["content-length"], "35");
+        assert_eq!(h["host"], "pod");
+        assert!(!h.contains_key("x-gone"));
+    }
+
+    #[test]
+    fn te_trailers_survives_for_grpc() {
+        let mut h = map(&[("te", "trailers")]);
+        remove_hop_by_hop(&mut h, false);
+        assert_eq!(h.get("te").map(|v| v.as_bytes()), Some(&b"trailers"[..]));
+    }
+
+    #[test]
+    fn upgrade_is_kept_when_switching_protocols() {
+        let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(
+            h.get("upgrade").map(|v| v.as_bytes()),
+            Some(&b"websocket"[..])
+        );
+        assert_eq!(
+            h.get("connection").map(|v| v.as_bytes()),
+            Some(&b"upgrade"[..])
+        );
+    }
+
+    #[test]
+    fn forwarding_fields() {
+        let mut h = map(&[("x-forwarded-for", "203.0.113.9")]);
+        let id = add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), "http");
+        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.18.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-request-id"], id);
+        assert_eq!(id.len(), 36);
+
+        let mut h = map(&[("x-request-id", "given"), ("x-forwarded-proto", "https")]);
+        let id = add_forwarding(&mut h, "::1".parse().expect("ip"), "http");
+        assert_eq!(id, "given");
+        assert_eq!(h["x-forwarded-proto"], "https");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn request_ids_are_uuid_v4_and_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert_eq!(a.as_bytes()[14], b'4');
+    }
+
+    #[test]
+    fn response_gets_our_server() {
+        let mut h = map(&[("server", "gunicorn"), ("connection", "close")]);
+        prepare_response(&mut h, false);
+        assert_eq!(h["server"], "amazing-proxy");
+        assert!(!h.contains_key("connection"));
+    }
+
+    #[test]
+    fn via_detects_our_own_entry_only() {
+        let via = Via::new(0xabc);
+        assert_eq!(via.entry(), "1.1 amazing-proxy-00000abc");
+        assert!(via.seen_in(b"1.0 fred, 1.1 amazing-proxy-00000abc (amazing)"));
+        assert!(!via.seen_in(b"1.1 amazing-proxy-00000abd"));
+        let mut h = map(&[("via", "1.1 other")]);
+        assert_eq!(via.stamp(&mut h), Ok(()));
+        assert_eq!(via.stamp(&mut h), Err(ErrorKind::LoopDetected));
+    }
+
+    #[test]
+    fn retry_rule() {
+        use Sent::*;
+        assert!(may_retry(&Method::POST, true, Nothing));
+        assert!(!may_retry(&Method::POST, true, NoResponse));
+        assert!(may_retry(&Method::GET, true, NoResponse));
+        assert!(may_retry(&Method::PUT, true, NoResponse));
+        assert!(!may_retry(&Method::PUT, false, NoResponse));
+        assert!(!may_retry(&Method::GET, true, ResponseStarted));
+    }
+
+    #[test]
+    fn synthetic_responses() {
+        let mut out = Vec::new();
+        Synthetic::new(ErrorKind::Overloaded, false).render_h1(false, false, &mut out);
+        let text = String::from_utf8(out.clone()).expect("utf8");
+        assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nServer: amazing-proxy\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\nContent-Length: "), "{text}");
+        assert!(text.contains("Connection: close\r\n\r\namazing-proxy: too many requests"));
+
+        let grpc = Synthetic::new(ErrorKind::ConnectRefused, true);
+        assert_eq!(grpc.status(), StatusCode::OK);
+        let h = grpc.header_map();
+        assert_eq!(h["grpc-status"], "14");
+        assert_eq!(h["content-type"], "application/grpc");
+        assert!(!h.contains_key("retry-after"));
+        assert_eq!(
+            Synthetic::new(ErrorKind::ResponseTimeout, true).header_map()["grpc-status"],
+            "4"
+        );
+        assert_eq!(
+            Synthetic::new(ErrorKind::Overloaded, true).header_map()["grpc-status"],
+            "8"
+        );
+    }
+}
