@@ -196,7 +196,9 @@ mod tests {
     fn strings_a_yaml_1_1_reader_would_retype_are_quoted() {
         let v = serde_json::json!({"a": ["off", "yes", "On", "N", "y", "80", "0.1.0", "1e3", "1:20", "2024-01-01", "0x1F",
             "010", "", " x", "a: b", "#c", "-", "~", "*x", "&x", "!x", "%x", "@x", "`x", "a #b", ".inf", "=", "<<",
-            "x:", "-1", ".5", "---", "- x", ".dockerconfigjson", "-x", "null", "NULL"]});
+            "x:", "-1", ".5", "---", "- x", ".dockerconfigjson", "-x", "null", "NULL",
+            // Longer than a folded line, with runs of spaces and a trailing one.
+            "{\"a\": \"x  y\",   \"b\": [1, 2, 3], \"c\": \"a long value that goes on and on past eighty columns\"} "]});
         let text = round_trip(&v);
         for plain in [
             "off", "yes", "On", "y", "80", "0.1.0", "1e3", "1:20", "010", "null",
