@@ -9,4 +9,5 @@ export AMAZING_PROXY_TEST_VENV="$root/target/venv"
 export PATH="$AMAZING_PROXY_TEST_VENV/bin:$PATH"
 cargo fmt --check
 cargo clippy --all-targets --locked -- -D warnings
+scripts/deny.sh
 cargo test --locked -- --test-threads 4

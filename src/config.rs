@@ -2,15 +2,29 @@
 //! pod spec can set it. Parsing and validation happen here, before anything binds: a bad value exits
 //! with a message naming the option and what it accepts.
 
-use std::net::SocketAddr;
+use std::fmt;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::str::FromStr;
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 
+use crate::vocab::{self, parse_drain_duration, parse_timeout};
+pub use crate::vocab::{AccessLogFormat, PortList};
+
 /// Where a listener binds, or `off` to not start it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Listen(pub Option<SocketAddr>);
+
+/// `off` or the address, as [`FromStr`] reads it.
+impl fmt::Display for Listen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(addr) => addr.fmt(f),
+            None => f.write_str("off"),
+        }
+    }
+}
 
 impl FromStr for Listen {
     type Err = String;
@@ -22,16 +36,6 @@ impl FromStr for Listen {
             format!("expected IP:PORT (for example 127.0.0.1:15001) or `off`, got `{s}`")
         })
     }
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AccessLogFormat {
-    /// The tutorial's multi-line block (`Original URL: ...` ... blank line).
-    Seed,
-    /// One JSON object per line.
-    Json,
-    /// No access log.
-    Off,
 }
 
 /// Which HTTP version the proxy speaks to the app.
@@ -51,60 +55,17 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
 }
 
-/// Parses `500ms`, `2s`, `1m` (humantime syntax).
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("expected a duration such as 500ms, 2s or 1m, got `{s}`: {e}"))
-}
-
-fn parse_positive_duration(s: &str) -> Result<Duration, String> {
-    let d = parse_duration(s)?;
-    if d.is_zero() {
-        return Err(format!("must be greater than zero, got `{s}`"));
-    }
-    Ok(d)
-}
-
-fn parse_port_list(s: &str) -> Result<PortList, String> {
-    s.parse()
-}
-
-/// A comma-separated list of TCP ports (`3306,5432`); empty means none. Kept sorted and
-/// deduplicated so that what is generated from it does not depend on how the user wrote the list.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PortList(pub Vec<u16>);
-
-impl FromStr for PortList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut ports = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            match part.parse::<u16>() {
-                Ok(p) if p != 0 => ports.push(p),
-                _ => {
-                    return Err(format!(
-                        "expected a comma-separated list of TCP ports 1-65535, got `{part}`"
-                    ));
-                }
-            }
-        }
-        ports.sort_unstable();
-        ports.dedup();
-        Ok(PortList(ports))
-    }
-}
-
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Inbound listener: traffic to the pod, redirected here by `amazing-proxy init`.
-    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value = "0.0.0.0:8000", value_parser = parse_socket_addr)]
+    #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, vocab::INBOUND_PORT)), value_parser = parse_socket_addr)]
     pub inbound: SocketAddr,
 
     /// Outbound listener: the app's own connections, redirected here by `init`; `off` disables it.
     #[arg(
         long,
         env = "AMAZING_PROXY_OUTBOUND",
-        default_value = "127.0.0.1:15001"
+        default_value_t = Listen(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, vocab::OUTBOUND_PORT))))
     )]
     pub outbound: Listen,
 
@@ -113,7 +74,7 @@ pub struct RunArgs {
     pub app: SocketAddr,
 
     /// Admin listener (/live, /ready, /metrics, POST /shutdown); never the data port.
-    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value = "127.0.0.1:15000", value_parser = parse_socket_addr)]
+    #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, vocab::ADMIN_PORT)), value_parser = parse_socket_addr)]
     pub admin: SocketAddr,
 
     /// Access log format, written to stdout.
@@ -157,39 +118,39 @@ pub struct RunArgs {
     pub app_protocol: AppProtocol,
 
     /// Inbound ports whose app speaks HTTP/2 (h2c), whatever --app-protocol says.
-    #[arg(long, env = "AMAZING_PROXY_HTTP2_PORTS", default_value = "", value_parser = parse_port_list)]
+    #[arg(long, env = "AMAZING_PROXY_HTTP2_PORTS", default_value = "", value_parser = PortList::from_str)]
     pub http2_ports: PortList,
 
     /// Time allowed to connect to the app or the original destination (504 when exceeded).
-    #[arg(long, env = "AMAZING_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
     /// Time allowed for the app to start its response, counted from the end of the request body
     /// (504 when exceeded; Envoy's route timeout default).
-    #[arg(long, env = "AMAZING_PROXY_RESPONSE_TIMEOUT", default_value = "15s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_RESPONSE_TIMEOUT", default_value = "15s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub response_timeout: Duration,
 
     /// Time allowed for a whole request head, from its first byte (408, then close; nginx's
     /// client_header_timeout, hyper's header_read_timeout).
-    #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub header_timeout: Duration,
 
     /// An idle keep-alive client connection is closed after this long (nginx's keepalive_timeout).
-    #[arg(long, env = "AMAZING_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub idle_timeout: Duration,
 
     /// Longest pause between two reads of a request body (408, then close; nginx's
     /// client_body_timeout).
-    #[arg(long, env = "AMAZING_PROXY_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub request_body_timeout: Duration,
 
     /// Longest pause between two reads of the app's response body; the response is cut after it
     /// (nginx's proxy_read_timeout).
-    #[arg(long, env = "AMAZING_PROXY_RESPONSE_BODY_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_RESPONSE_BODY_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub response_body_timeout: Duration,
 
     /// Idle pooled connections to the app are closed after this long.
-    #[arg(long, env = "AMAZING_PROXY_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub pool_idle_timeout: Duration,
 
     /// Open client connections above which new ones get 503 with Retry-After.
@@ -212,50 +173,66 @@ pub struct RunArgs {
     pub app_ready_path: Option<String>,
 
     /// After SIGTERM or /shutdown: keep serving (while /ready says 503) for this long.
-    #[arg(long, env = "AMAZING_PROXY_DRAIN_DELAY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "AMAZING_PROXY_DRAIN_DELAY", default_value = "5s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
     pub drain_delay: Duration,
 
     /// Then stop accepting and give in-flight requests at most this long to finish.
-    #[arg(long, env = "AMAZING_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "AMAZING_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
     pub drain_timeout: Duration,
 
     /// How long to wait for a new connection's first bytes before treating it as opaque TCP
     /// (server-speaks-first protocols).
-    #[arg(long, env = "AMAZING_PROXY_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_positive_duration)]
+    #[arg(long, env = "AMAZING_PROXY_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub detect_timeout: Duration,
 
     /// Ports forwarded as opaque TCP without protocol detection (MySQL, PostgreSQL, SMTP...).
-    #[arg(long, env = "AMAZING_PROXY_OPAQUE_PORTS", default_value = "", value_parser = parse_port_list)]
+    #[arg(long, env = "AMAZING_PROXY_OPAQUE_PORTS", default_value = "", value_parser = PortList::from_str)]
     pub opaque_ports: PortList,
 
     /// Ports known to carry HTTP: never forwarded as opaque TCP, whatever the timing (`inject`
     /// fills it from container ports named http*, grpc* or h2c*).
-    #[arg(long, env = "AMAZING_PROXY_HTTP_PORTS", default_value = "", value_parser = parse_port_list)]
+    #[arg(long, env = "AMAZING_PROXY_HTTP_PORTS", default_value = "", value_parser = PortList::from_str)]
     pub http_ports: PortList,
 
     /// Socket mark (SO_MARK) set on the proxy's upstream sockets so that `init`'s rules let them
     /// pass; 0 disables it. Must match `init --proxy-mark`.
-    #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value = "1337")]
+    #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value_t = vocab::PROXY_MARK)]
     pub proxy_mark: u32,
+}
+
+/// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
+/// or an unspecified one (`0.0.0.0` and `[::]` cover every local address). Port 0 asks the kernel
+/// for a free port, so it never collides.
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
 }
 
 impl RunArgs {
     /// Checks what clap cannot: relations between options.
     pub fn validate(&self) -> Result<(), String> {
-        // Port 0 asks the kernel for a free port: two listeners on port 0 never collide.
-        let collide = |a: SocketAddr, b: SocketAddr| a == b && a.port() != 0;
-        if collide(self.admin, self.inbound) {
-            return Err(format!(
-                "--admin and --inbound are both {}: the admin listener must not share the data port",
-                self.admin
-            ));
+        let mut listeners = vec![("--inbound", self.inbound), ("--admin", self.admin)];
+        if let Listen(Some(out)) = self.outbound {
+            listeners.push(("--outbound", out));
         }
-        if let Listen(Some(out)) = self.outbound
-            && (collide(out, self.inbound) || collide(out, self.admin))
-        {
-            return Err(format!(
-                "--outbound {out} collides with --inbound or --admin: give each listener its own port"
-            ));
+        for (i, &(name, addr)) in listeners.iter().enumerate() {
+            // The app behind one of our own listeners: every request would come back to us,
+            // and each pass opens one more connection.
+            if overlaps(self.app, addr) {
+                return Err(format!(
+                    "--app {} is the proxy's own {name} listener {addr}: requests would loop back into the proxy; \
+                     point --app at the app's port",
+                    self.app
+                ));
+            }
+            if let Some(&(other, other_addr)) =
+                listeners[..i].iter().find(|(_, a)| overlaps(*a, addr))
+            {
+                return Err(format!(
+                    "{name} {addr} collides with {other} {other_addr}: give each listener its own port"
+                ));
+            }
         }
         if let Some(path) = &self.app_ready_path
             && !path.starts_with('/')
@@ -268,9 +245,89 @@ impl RunArgs {
     }
 }
 
+/// Adds to clap's error the `AMAZING_PROXY_*` variable the refused value came from, if it came
+/// from the environment: clap's message names only the flag, and a user who never typed that flag
+/// would look for it in vain. `argv` is the command line; `is_set` says whether a variable is set.
+pub fn name_env_source(
+    mut error: clap::Error,
+    command: &clap::Command,
+    argv: &[String],
+    is_set: impl Fn(&str) -> bool,
+) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    if let Some(var) = env_source(&error, command, argv, is_set) {
+        let mut tips = match error.get(ContextKind::Suggested) {
+            Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+            _ => Vec::new(),
+        };
+        tips.push(format!("that value comes from the environment variable {var}").into());
+        error.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    error
+}
+
+/// The `AMAZING_PROXY_*` variable a refused value came from, if it came from the environment.
+fn env_source(
+    error: &clap::Error,
+    command: &clap::Command,
+    argv: &[String],
+    is_set: impl Fn(&str) -> bool,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(
+        error.kind(),
+        ErrorKind::ValueValidation | ErrorKind::InvalidValue
+    ) {
+        return None;
+    }
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    // `--drain-timeout <DRAIN_TIMEOUT>`
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let typed = argv
+        .iter()
+        .any(|a| a == &format!("--{long}") || a.starts_with(&format!("--{long}=")));
+    if typed {
+        return None;
+    }
+    // The subcommand named on the command line, else every one (a flag may exist in several).
+    let chosen: Vec<&clap::Command> = command
+        .get_subcommands()
+        .filter(|c| argv.iter().any(|a| a == c.get_name()))
+        .collect();
+    let candidates = if chosen.is_empty() {
+        command.get_subcommands().collect()
+    } else {
+        chosen
+    };
+    candidates
+        .into_iter()
+        .flat_map(clap::Command::get_arguments)
+        .filter(|a| a.get_long() == Some(long))
+        .filter_map(|a| a.get_env()?.to_str().map(str::to_string))
+        .find(|var| is_set(var))
+}
+
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use clap::{CommandFactory, Parser};
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        run: RunArgs,
+    }
+
+    fn parse(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied())).map(|c| c.run)
+    }
+
+    fn validate(args: &[&str]) -> Result<(), String> {
+        parse(args).expect("parses").validate()
+    }
 
     #[test]
     fn listen_accepts_off_and_addresses() {
@@ -282,48 +339,111 @@ mod tests {
             Ok(Some(15001))
         );
         assert!("15001".parse::<Listen>().is_err());
+        assert_eq!(Listen(None).to_string().parse::<Listen>(), Ok(Listen(None)));
     }
 
     #[test]
-    fn durations_use_short_units() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("2s"), Ok(Duration::from_secs(2)));
-        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
-        assert!(parse_duration("soon").is_err());
-        assert!(parse_positive_duration("0s").is_err());
+    fn defaults_are_the_shared_ports() {
+        let run = parse(&[]).unwrap();
+        assert_eq!(run.inbound.port(), vocab::INBOUND_PORT);
+        assert_eq!(run.admin.port(), vocab::ADMIN_PORT);
+        assert_eq!(run.outbound.0.map(|a| a.port()), Some(vocab::OUTBOUND_PORT));
+        assert_eq!(run.proxy_mark, vocab::PROXY_MARK);
+        assert_eq!(run.validate(), Ok(()));
     }
 
     #[test]
-    fn port_lists() {
-        assert_eq!(
-            "3306, 5432".parse::<PortList>(),
-            Ok(PortList(vec![3306, 5432]))
+    fn durations_are_bounded_and_negative_ones_named() {
+        let err = parse(&["--response-timeout", "300000000000y"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--response-timeout") && err.contains("at most 24h"),
+            "{err}"
         );
-        assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
-        assert!("0".parse::<PortList>().is_err());
-        assert!("http".parse::<PortList>().is_err());
+        let err = parse(&["--drain-timeout", "-1s"])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            err.contains("--drain-timeout") && err.contains("negative durations are not allowed"),
+            "{err}"
+        );
+        assert!(parse(&["--drain-delay", "2h"]).is_err());
+        assert!(parse(&["--connect-timeout", "0s"]).is_err());
+        let run = parse(&["--drain-delay=0s", "--idle-timeout", "24h"]).unwrap();
+        assert_eq!(run.drain_delay, Duration::ZERO);
+        assert_eq!(run.idle_timeout, vocab::MAX_TIMEOUT);
     }
 
     #[test]
-    fn listeners_on_port_zero_do_not_collide() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            run: RunArgs,
+    fn app_behind_our_own_listener_is_refused() {
+        for args in [
+            &["--app", "0.0.0.0:8000"][..],
+            &["--app", "127.0.0.1:8000"],
+            &["--app", "127.0.0.1:8000", "--inbound", "127.0.0.1:8000"],
+            &["--app", "10.1.2.3:8000"],
+            &["--app", "127.0.0.1:15001"],
+            &["--app", "127.0.0.1:15000"],
+            &["--app", "[::1]:9000", "--inbound", "[::]:9000"],
+        ] {
+            let err = validate(args).expect_err(&format!("{args:?}"));
+            assert!(err.starts_with("--app "), "{err}");
         }
-        let parse = |args: &[&str]| {
-            Cli::try_parse_from(std::iter::once("run").chain(args.iter().copied()))
-                .expect("parse")
-                .run
-                .validate()
-        };
-        let zero = ["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
-        assert_eq!(parse(&zero), Ok(()));
         assert_eq!(
-            parse(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            validate(&["--app", "127.0.0.2:8000", "--inbound", "127.0.0.1:8000"]),
             Ok(())
         );
-        assert!(parse(&["--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
+        assert_eq!(
+            validate(&["--app", "127.0.0.1:15001", "--outbound", "off"]),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn listeners_collide_unless_on_port_zero() {
+        let zero = ["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"];
+        assert_eq!(validate(&zero), Ok(()));
+        assert_eq!(
+            validate(&[&zero[..], &["--outbound", "127.0.0.1:0"]].concat()),
+            Ok(())
+        );
+        assert!(validate(&["--inbound", "127.0.0.1:9", "--admin", "127.0.0.1:9"]).is_err());
+        let err = validate(&["--admin", "0.0.0.0:15001"]).unwrap_err();
+        assert!(
+            err.contains("--outbound") && err.contains("--admin"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn env_source_names_the_variable_only_when_the_flag_was_not_typed() {
+        #[derive(Parser)]
+        enum Top {
+            Run(RunArgs),
+        }
+        let command = Top::command();
+        let err = Top::try_parse_from(["amazing-proxy", "run", "--drain-timeout", "-1s"])
+            .err()
+            .unwrap();
+        let set = |v: &str| v == "AMAZING_PROXY_DRAIN_TIMEOUT";
+        let typed: Vec<String> = ["amazing-proxy", "run", "--drain-timeout", "-1s"]
+            .map(String::from)
+            .to_vec();
+        assert_eq!(env_source(&err, &command, &typed, set), None);
+        let untyped: Vec<String> = ["amazing-proxy", "run"].map(String::from).to_vec();
+        assert_eq!(
+            env_source(&err, &command, &untyped, set).as_deref(),
+            Some("AMAZING_PROXY_DRAIN_TIMEOUT")
+        );
+        assert_eq!(env_source(&err, &command, &untyped, |_| false), None);
+        let rendered = name_env_source(err, &command, &untyped, set).to_string();
+        assert!(
+            rendered.contains(
+                "that value comes from the environment variable AMAZING_PROXY_DRAIN_TIMEOUT"
+            ),
+            "{rendered}"
+        );
     }
 }

@@ -15,4 +15,5 @@ pub mod inject;
 pub mod netfilter;
 pub mod proxy;
 pub mod telemetry;
+pub mod vocab;
 pub mod webhook;

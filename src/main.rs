@@ -4,7 +4,7 @@
 use std::process::ExitCode;
 
 use amazing_proxy::{config, inject, netfilter, proxy, webhook};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[derive(Parser)]
 #[command(
@@ -25,17 +25,28 @@ enum Command {
     Init(netfilter::InitArgs),
     /// Add the sidecar to Kubernetes manifests (YAML or JSON, stdin or -f).
     Inject(inject::InjectArgs),
+    /// Remove what `inject` added from Kubernetes manifests (YAML or JSON, stdin or -f).
+    Uninject(inject::UninjectArgs),
     /// Serve the sidecar injection as a Kubernetes mutating admission webhook.
     Webhook(webhook::WebhookArgs),
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::try_parse().unwrap_or_else(|err| {
+        let argv: Vec<String> = std::env::args_os()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        config::name_env_source(err, &Cli::command(), &argv, |v| {
+            std::env::var_os(v).is_some()
+        })
+        .exit()
+    });
     amazing_proxy::telemetry::init_diagnostics();
     let result: anyhow::Result<()> = match cli.command {
         Command::Run(args) => proxy::main(*args).map_err(Into::into),
         Command::Init(args) => netfilter::main(args).map_err(Into::into),
         Command::Inject(args) => inject::main(args).map_err(Into::into),
+        Command::Uninject(args) => inject::uninject_main(args).map_err(Into::into),
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
     };
     match result {

@@ -483,26 +483,15 @@ impl ResolvesServerCert for ReloadingCert {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inject::annotations::{AccessLog, Settings};
+    use crate::inject::annotations::Settings;
 
     fn config(on_error: OnError) -> Config {
         Config {
             options: Options {
                 defaults: Settings {
-                    image: "img".into(),
-                    inbound_ports: vec![],
-                    exclude_inbound_ports: vec![],
-                    exclude_outbound_ports: vec![],
-                    exclude_outbound_cidrs: vec![],
-                    disable_outbound: false,
-                    opaque_ports: vec![],
-                    app_port: None,
-                    access_log: AccessLog::Json,
-                    drain_delay: "5s".into(),
                     cpu_request: None,
                     memory_request: None,
-                    cpu_limit: None,
-                    memory_limit: None,
+                    ..Settings::example()
                 },
                 legacy_sidecar: false,
             },

@@ -142,7 +142,46 @@ fn bad_value_from_the_environment_is_rejected_naming_the_option() {
     assert_ne!(exit.code, Some(0));
     assert!(exit.stderr.contains("--access-log"), "{}", exit.stderr);
     assert!(exit.stderr.contains("seed"), "{}", exit.stderr);
+    assert!(
+        exit.stderr
+            .contains("comes from the environment variable AMAZING_PROXY_ACCESS_LOG"),
+        "{}",
+        exit.stderr
+    );
     assert!(!exit.stderr.contains("cannot bind"), "{}", exit.stderr);
+}
+
+#[test]
+fn durations_beyond_their_bound_are_rejected() {
+    rejected(
+        &["--response-timeout", "300000000000y"],
+        &["--response-timeout", "at most 24h"],
+    );
+    rejected(
+        &["--drain-timeout", "2h"],
+        &["--drain-timeout", "at most 1h"],
+    );
+}
+
+#[test]
+fn negative_durations_are_rejected_naming_the_flag() {
+    rejected(
+        &["--drain-timeout", "-1s"],
+        &["--drain-timeout", "negative durations are not allowed"],
+    );
+    rejected(
+        &["--connect-timeout=-5s"],
+        &["--connect-timeout", "negative durations are not allowed"],
+    );
+}
+
+#[test]
+fn app_on_the_proxy_own_listener_is_rejected() {
+    rejected(&["--app", "HELD"], &["--app", "--inbound", "loop"]);
+    rejected(
+        &["--inbound", "0.0.0.0:8000", "--app", "127.0.0.1:8000"],
+        &["--app", "--inbound"],
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -12,7 +12,6 @@ use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::Duration;
 
-use serde::Deserialize;
 use serde_json::Value;
 
 const FIXTURES: &str = "tests/fixtures/inject";
@@ -131,6 +130,11 @@ const CASES: &[Case] = &[
         args: &[],
         strict: true,
     },
+    Case {
+        fixture: "named-ports.yaml",
+        args: &[],
+        strict: true,
+    },
 ];
 
 const ERROR_CASES: &[&str] = &[
@@ -200,9 +204,26 @@ fn check_golden(name: &str, actual: &str) {
 }
 
 fn golden_name(fixture: &str) -> String {
+    golden_name_for(fixture, "out")
+}
+
+/// `pod.yaml` -> `pod.{what}.yaml`
+fn golden_name_for(fixture: &str, what: &str) -> String {
     match fixture.rsplit_once('.') {
-        Some((stem, ext)) => format!("{stem}.out.{ext}"),
-        None => format!("{fixture}.out"),
+        Some((stem, ext)) => format!("{stem}.{what}.{ext}"),
+        None => format!("{fixture}.{what}"),
+    }
+}
+
+/// The documents of a YAML or JSON stream, to compare content regardless of layout.
+fn documents(text: &str) -> Vec<Value> {
+    if text.trim_start().starts_with('{') {
+        serde_json::Deserializer::from_str(text)
+            .into_iter()
+            .map(|d| d.expect("JSON"))
+            .collect()
+    } else {
+        serde_saphyr::from_multiple(text).expect("YAML")
     }
 }
 
@@ -254,6 +275,49 @@ fn goldens_idempotent_and_valid() {
     validate(&lenient, false);
 }
 
+/// `uninject` removes exactly what `inject` added: uninject(inject(x)) == x for every fixture
+/// that was not injected already (and == uninject(x) for the one that was), and the uninjected
+/// text is pinned by a golden too.
+#[test]
+fn uninject_undoes_inject() {
+    for case in CASES {
+        let path = format!("{FIXTURES}/{}", case.fixture);
+        let injected = inject(&path, case.args);
+        assert!(injected.status.success(), "inject {}", case.fixture);
+        let out = run(&["uninject"], &injected.stdout);
+        assert!(
+            out.status.success(),
+            "uninject {} failed: {}",
+            case.fixture,
+            utf8(&out.stderr)
+        );
+        let stdout = utf8(&out.stdout);
+        check_golden(&golden_name_for(case.fixture, "uninjected"), &stdout);
+        let original = std::fs::read_to_string(&path).expect("fixture");
+        let expected = if original.contains("amazing-proxy.io/injected") {
+            let once = run(&["uninject", "-f", &path], b"");
+            assert!(once.status.success(), "uninject {}", case.fixture);
+            documents(&utf8(&once.stdout))
+        } else {
+            documents(&original)
+        };
+        assert!(
+            documents(&stdout) == expected,
+            "uninject(inject({})) differs from the fixture:\n{stdout}",
+            case.fixture
+        );
+        // Uninjecting what is not injected changes nothing.
+        let again = run(&["uninject"], stdout.as_bytes());
+        assert!(again.status.success(), "uninject twice {}", case.fixture);
+        assert_eq!(
+            utf8(&again.stdout),
+            stdout,
+            "uninject twice {}",
+            case.fixture
+        );
+    }
+}
+
 #[test]
 fn errors_name_the_document_and_field_and_write_nothing() {
     for fixture in ERROR_CASES {
@@ -303,15 +367,9 @@ fn skipped_pods_are_reported_on_stderr() {
         assert!(stderr.contains(doc), "{doc} not reported: {stderr}");
     }
     let input = std::fs::read_to_string(format!("{FIXTURES}/opted-out.yaml")).expect("fixture");
-    let parse = |text: &str| -> Vec<Value> {
-        serde_yaml::Deserializer::from_str(text)
-            .map(|d| Value::deserialize(d).expect("YAML"))
-            .filter(|v| !v.is_null())
-            .collect()
-    };
     assert_eq!(
-        parse(&input),
-        parse(&utf8(&out.stdout)),
+        documents(&input),
+        documents(&utf8(&out.stdout)),
         "opted-out documents changed"
     );
 }
@@ -332,8 +390,7 @@ fn deploy_manifests_are_valid() {
 fn deploy_pod_is_the_injected_tutorial_pod() {
     let injected = inject(&format!("{FIXTURES}/pod.yaml"), &[]);
     let deploy = std::fs::read_to_string("deploy/pod.yaml").expect("deploy/pod.yaml");
-    let parse =
-        |text: &str| Value::deserialize(serde_yaml::Deserializer::from_str(text)).expect("YAML");
+    let parse = |text: &str| -> Value { serde_saphyr::from_str(text).expect("YAML") };
     assert_eq!(
         parse(&deploy),
         parse(&utf8(&injected.stdout)),
@@ -360,17 +417,7 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) {
 /// only warn, leaving the items unchecked.
 fn split_for_validation(text: &str, fixture: &str, dir: &Path) -> Vec<PathBuf> {
     let mut objects = Vec::new();
-    let docs: Vec<Value> = if text.trim_start().starts_with('{') {
-        serde_json::Deserializer::from_str(text)
-            .into_iter()
-            .map(|d| d.expect("JSON"))
-            .collect()
-    } else {
-        serde_yaml::Deserializer::from_str(text)
-            .map(|d| Value::deserialize(d).expect("YAML"))
-            .collect()
-    };
-    for doc in docs {
+    for doc in documents(text) {
         match doc.get("items") {
             Some(Value::Array(items))
                 if doc["kind"].as_str().is_some_and(|k| k.ends_with("List")) =>

@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 const BIN: &str = env!("CARGO_BIN_EXE_amazing-proxy");
@@ -218,7 +217,7 @@ fn pod_review(uid: &str, pod: &Value) -> Vec<u8> {
 }
 
 fn yaml(text: &str) -> Value {
-    Value::deserialize(serde_yaml::Deserializer::from_str(text)).expect("YAML")
+    serde_saphyr::from_str(text).expect("YAML")
 }
 
 /// What `amazing-proxy inject` writes for this pod (through stdin, as JSON).

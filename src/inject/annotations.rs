@@ -3,13 +3,17 @@
 //!
 //! Every value is parsed and checked here, before anything is built, so that a typo in an annotation
 //! is an error naming the annotation rather than a pod whose init container crashes at start. The
-//! same parsers serve the flags (through clap) and the annotations, so both accept the same syntax.
+//! values are parsed by [`crate::vocab`], the parsers `init` and `run` use for the variables the
+//! annotations become, and stored typed: what `inject` accepts, the injected pod accepts too.
 //! Unknown `amazing-proxy.io/*` annotations are errors too: a misspelt setting silently ignored is
 //! worse than a refused manifest.
 
-use std::net::IpAddr;
+use std::str::FromStr;
+use std::time::Duration;
 
 use serde_json::{Map, Value};
+
+use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration, parse_port};
 
 /// Every annotation this module reads or writes shares this prefix.
 pub const PREFIX: &str = "amazing-proxy.io/";
@@ -39,44 +43,23 @@ pub const KNOWN: &[&str] = &[
     "proxy-memory-limit",
 ];
 
-/// What the proxy writes to its access log (`run --access-log`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AccessLog {
-    /// The tutorial's multi-line block.
-    Seed,
-    /// One JSON object per line.
-    Json,
-    /// No access log.
-    Off,
-}
-
-impl AccessLog {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AccessLog::Seed => "seed",
-            AccessLog::Json => "json",
-            AccessLog::Off => "off",
-        }
-    }
-}
-
 /// The settings of one injection. The flags give the defaults ([`Settings`] built by clap); the
 /// pod template's annotations override them field by field ([`Settings::with_annotations`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Settings {
     pub image: String,
     /// Ports whose inbound traffic is redirected to the proxy; empty means all.
-    pub inbound_ports: Vec<u16>,
-    pub exclude_inbound_ports: Vec<u16>,
-    pub exclude_outbound_ports: Vec<u16>,
-    pub exclude_outbound_cidrs: Vec<String>,
+    pub inbound_ports: PortList,
+    pub exclude_inbound_ports: PortList,
+    pub exclude_outbound_ports: PortList,
+    pub exclude_outbound_cidrs: CidrList,
     /// No outbound redirection at all (`AMAZING_PROXY_NO_OUTBOUND=true`).
     pub disable_outbound: bool,
-    pub opaque_ports: Vec<u16>,
+    pub opaque_ports: PortList,
     /// `None`: the first containerPort of the first app container, else 80.
     pub app_port: Option<u16>,
-    pub access_log: AccessLog,
-    pub drain_delay: String,
+    pub access_log: AccessLogFormat,
+    pub drain_delay: Duration,
     pub cpu_request: Option<String>,
     pub memory_request: Option<String>,
     pub cpu_limit: Option<String>,
@@ -121,21 +104,21 @@ impl Settings {
             match name {
                 "inject" | "injected" => {}
                 "image" => s.image = parse_image(text).map_err(err)?,
-                "inbound-ports" => s.inbound_ports = parse_ports(text).map_err(err)?,
+                "inbound-ports" => s.inbound_ports = PortList::from_str(text).map_err(err)?,
                 "exclude-inbound-ports" => {
-                    s.exclude_inbound_ports = parse_ports(text).map_err(err)?
+                    s.exclude_inbound_ports = PortList::from_str(text).map_err(err)?
                 }
                 "exclude-outbound-ports" => {
-                    s.exclude_outbound_ports = parse_ports(text).map_err(err)?
+                    s.exclude_outbound_ports = PortList::from_str(text).map_err(err)?
                 }
                 "exclude-outbound-cidrs" => {
-                    s.exclude_outbound_cidrs = parse_cidrs(text).map_err(err)?
+                    s.exclude_outbound_cidrs = CidrList::from_str(text).map_err(err)?
                 }
                 "disable-outbound" => s.disable_outbound = parse_bool(text).map_err(err)?,
-                "opaque-ports" => s.opaque_ports = parse_ports(text).map_err(err)?,
+                "opaque-ports" => s.opaque_ports = PortList::from_str(text).map_err(err)?,
                 "app-port" => s.app_port = Some(parse_port(text).map_err(err)?),
-                "access-log" => s.access_log = parse_access_log(text).map_err(err)?,
-                "drain-delay" => s.drain_delay = parse_duration(text).map_err(err)?,
+                "access-log" => s.access_log = AccessLogFormat::from_str(text).map_err(err)?,
+                "drain-delay" => s.drain_delay = parse_drain_duration(text).map_err(err)?,
                 "proxy-cpu-request" => s.cpu_request = Some(parse_quantity(text).map_err(err)?),
                 "proxy-memory-request" => {
                     s.memory_request = Some(parse_quantity(text).map_err(err)?)
@@ -191,77 +174,12 @@ pub fn parse_image(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-pub fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(format!("expected a port 1-65535, got `{s}`")),
-    }
-}
-
-/// `"80, 443"` → `[80, 443]`; empty → `[]`. Duplicates are kept out so that the env var is tidy.
-pub fn parse_ports(s: &str) -> Result<Vec<u16>, String> {
-    let mut ports = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let p = parse_port(part).map_err(|_| {
-            format!("expected a comma-separated list of ports 1-65535, got `{part}` in `{s}`")
-        })?;
-        if !ports.contains(&p) {
-            ports.push(p);
-        }
-    }
-    Ok(ports)
-}
-
-/// `"10.0.0.0/8,fd00::/8"`; a bare address counts as a /32 or /128 and is written as given.
-pub fn parse_cidrs(s: &str) -> Result<Vec<String>, String> {
-    let mut cidrs = Vec::new();
-    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-        let bad = || {
-            format!(
-                "expected a comma-separated list of CIDRs such as 10.0.0.0/8 or fd00::/8, got `{part}`"
-            )
-        };
-        let (addr, len) = match part.split_once('/') {
-            Some((a, l)) => (a, Some(l)),
-            None => (part, None),
-        };
-        let ip: IpAddr = addr.parse().map_err(|_| bad())?;
-        if let Some(len) = len {
-            let max = if ip.is_ipv4() { 32 } else { 128 };
-            match len.parse::<u8>() {
-                Ok(n) if n <= max => {}
-                _ => return Err(bad()),
-            }
-        }
-        if !cidrs.iter().any(|c| c == part) {
-            cidrs.push(part.to_string());
-        }
-    }
-    Ok(cidrs)
-}
-
 pub fn parse_bool(s: &str) -> Result<bool, String> {
     match s {
         "true" => Ok(true),
         "false" => Ok(false),
         _ => Err(format!("expected \"true\" or \"false\", got `{s}`")),
     }
-}
-
-pub fn parse_access_log(s: &str) -> Result<AccessLog, String> {
-    match s {
-        "seed" => Ok(AccessLog::Seed),
-        "json" => Ok(AccessLog::Json),
-        "off" => Ok(AccessLog::Off),
-        _ => Err(format!("expected seed, json or off, got `{s}`")),
-    }
-}
-
-/// A duration in the proxy's syntax (`500ms`, `5s`, `1m`), kept as written.
-pub fn parse_duration(s: &str) -> Result<String, String> {
-    humantime::parse_duration(s)
-        .map(|_| s.to_string())
-        .map_err(|e| format!("expected a duration such as 500ms, 5s or 1m, got `{s}`: {e}"))
 }
 
 /// A Kubernetes resource quantity (`10m`, `0.5`, `16Mi`, `1e3`). Checked here because the API
@@ -291,27 +209,35 @@ pub fn parse_quantity(s: &str) -> Result<String, String> {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use serde_json::json;
-
-    fn defaults() -> Settings {
+impl Settings {
+    /// The flags' defaults with image `img`: the unit tests' starting point.
+    pub fn example() -> Settings {
         Settings {
             image: "img".into(),
-            inbound_ports: vec![],
-            exclude_inbound_ports: vec![],
-            exclude_outbound_ports: vec![],
-            exclude_outbound_cidrs: vec![],
+            inbound_ports: PortList::default(),
+            exclude_inbound_ports: PortList::default(),
+            exclude_outbound_ports: PortList::default(),
+            exclude_outbound_cidrs: CidrList::default(),
             disable_outbound: false,
-            opaque_ports: vec![],
+            opaque_ports: PortList::default(),
             app_port: None,
-            access_log: AccessLog::Json,
-            drain_delay: "5s".into(),
+            access_log: AccessLogFormat::Json,
+            drain_delay: Duration::from_secs(5),
             cpu_request: Some("10m".into()),
             memory_request: Some("16Mi".into()),
             cpu_limit: None,
             memory_limit: None,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn defaults() -> Settings {
+        Settings::example()
     }
 
     #[test]
@@ -328,12 +254,12 @@ mod tests {
             .with_annotations(ann.as_object(), "metadata.annotations")
             .expect("valid");
         assert_eq!(s.app_port, Some(8080));
-        assert_eq!(s.opaque_ports, vec![3306, 5432]);
+        assert_eq!(s.opaque_ports, PortList(vec![3306, 5432]));
         assert_eq!(
-            s.exclude_outbound_cidrs,
-            vec!["10.0.0.0/8", "fd00::/8", "1.2.3.4"]
+            s.exclude_outbound_cidrs.to_string(),
+            "10.0.0.0/8,fd00::/8,1.2.3.4/32"
         );
-        assert_eq!(s.access_log, AccessLog::Off);
+        assert_eq!(s.access_log, AccessLogFormat::Off);
         assert_eq!(s.memory_limit.as_deref(), Some("64Mi"));
         assert_eq!(s.cpu_request.as_deref(), Some("10m"));
     }
@@ -345,6 +271,9 @@ mod tests {
             ("app-port", json!(8080)),
             ("inbound-ports", json!("80,0")),
             ("exclude-outbound-cidrs", json!("10.0.0.0/33")),
+            ("exclude-outbound-cidrs", json!("10.1.2.3/8")),
+            ("drain-delay", json!("-1s")),
+            ("drain-delay", json!("2h")),
             ("access-log", json!("yes")),
             ("proxy-cpu-request", json!("lots")),
             ("drain-delay", json!("5 parsecs")),

@@ -3,18 +3,17 @@
 //! The format is detected from the first non-blank character (`{` or `[` means JSON) and the output
 //! uses the same one. Documents keep their order and, because `serde_json` is built with
 //! `preserve_order`, their keys keep theirs. What does not survive the trip through a JSON tree:
-//! YAML comments, anchors (they are expanded), quoting style and empty documents. Reading uses
-//! serde_yaml 0.9 (deprecated, but maintained enough and already in the tree); writing uses our own
-//! [`super::yaml`] writer, because serde_yaml writes `off` and `yes` unquoted and kubectl, a YAML 1.1
-//! reader, would take them for booleans. One consequence of reading YAML 1.2: an unquoted `yes`, `no`,
-//! `on` or `off` in the input is a string to us (kubectl would read a boolean), and is written back
-//! quoted.
+//! YAML comments, anchors (they are expanded), quoting style and empty documents.
+//!
+//! YAML goes through serde-saphyr both ways. kubectl reads manifests as YAML 1.1, so both sides
+//! follow YAML 1.1 where it differs from 1.2: the writer quotes every string that a 1.1 reader
+//! would take for something else (`"off"`, `"yes"`, `"80"`, `"1:20"`), and the reader takes an
+//! unquoted `yes`, `no`, `on` or `off` for a boolean and `010` for octal 8, as kubectl would.
 
-use serde::Deserialize;
 use serde_json::Value;
 
 use super::InjectError;
-use super::patch::{Options, Outcome, PatchError, inject_object, type_meta};
+use super::patch::{Outcome, PatchError, type_meta};
 
 /// The format of the input, and so of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,17 +40,18 @@ pub fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectEr
         }
         return Ok((Format::Json, docs));
     }
+    let mut options = serde_saphyr::Options::default();
+    // YAML 1.1, as kubectl reads it: `010` is 8, not 10.
+    options.legacy_octal_numbers = true;
+    let mut reader = input.as_bytes();
     let mut docs = Vec::new();
-    for (i, doc) in serde_yaml::Deserializer::from_str(input).enumerate() {
-        let doc = Value::deserialize(doc).map_err(|e| InjectError::Parse {
+    // Empty documents (`---` with nothing after it) are skipped, as kubectl skips them.
+    for (i, doc) in serde_saphyr::read_with_options::<_, Value>(&mut reader, options).enumerate() {
+        docs.push(doc.map_err(|e| InjectError::Parse {
             source_name: source.into(),
             document: i + 1,
             message: format!("invalid YAML: {e}"),
-        })?;
-        // `---` with nothing after it: an empty document, which kubectl skips too.
-        if !doc.is_null() {
-            docs.push(doc);
-        }
+        })?);
     }
     Ok((Format::Yaml, docs))
 }
@@ -62,10 +62,7 @@ pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
     for (i, doc) in docs.iter().enumerate() {
         match format {
             Format::Json => {
-                let text = serde_json::to_string_pretty(doc).map_err(|e| InjectError::Render {
-                    document: i + 1,
-                    message: e.to_string(),
-                })?;
+                let text = serde_json::to_string_pretty(doc).map_err(|e| render_error(i, e))?;
                 out.push_str(&text);
                 out.push('\n');
             }
@@ -73,11 +70,18 @@ pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
                 if i > 0 {
                     out.push_str("---\n");
                 }
-                out.push_str(&super::yaml::to_string(doc));
+                out.push_str(&serde_saphyr::to_string(doc).map_err(|e| render_error(i, e))?);
             }
         }
     }
     Ok(out)
+}
+
+fn render_error(index: usize, error: impl ToString) -> InjectError {
+    InjectError::Render {
+        document: index + 1,
+        message: error.to_string(),
+    }
 }
 
 /// One line about a pod template that was left alone, for the user to see on stderr.
@@ -87,24 +91,28 @@ pub struct Note {
     pub reason: String,
 }
 
-/// Injects every document; a `List` (any kind ending in `List` with `items`) has each item injected.
-pub fn inject_all(
+/// One object in, the patched object and what happened out: injection or uninjection.
+pub type Transform<'a> = &'a dyn Fn(&Value) -> Result<(Value, Outcome), PatchError>;
+
+/// Applies `transform` to every document; a `List` (any kind ending in `List` with `items`) has
+/// each item transformed.
+pub fn transform_all(
     docs: &[Value],
-    options: &Options,
+    transform: Transform<'_>,
     source: &str,
 ) -> Result<(Vec<Value>, Vec<Note>), InjectError> {
     let mut out = Vec::with_capacity(docs.len());
     let mut notes = Vec::new();
     for (i, doc) in docs.iter().enumerate() {
         let label = format!("document {} {}", i + 1, describe(doc));
-        out.push(inject_one(doc, options, source, &label, &mut notes)?);
+        out.push(transform_one(doc, transform, source, &label, &mut notes)?);
     }
     Ok((out, notes))
 }
 
-fn inject_one(
+fn transform_one(
     doc: &Value,
-    options: &Options,
+    transform: Transform<'_>,
     source: &str,
     label: &str,
     notes: &mut Vec<Note>,
@@ -121,13 +129,13 @@ fn inject_one(
         let mut injected = Vec::with_capacity(items.len());
         for (j, item) in items.iter().enumerate() {
             let item_label = format!("{label}, items[{j}] {}", describe(item));
-            injected.push(inject_one(item, options, source, &item_label, notes)?);
+            injected.push(transform_one(item, transform, source, &item_label, notes)?);
         }
         let mut list = doc.clone();
         list["items"] = Value::Array(injected);
         return Ok(list);
     }
-    let (patched, outcome) = inject_object(doc, options).map_err(fail)?;
+    let (patched, outcome) = transform(doc).map_err(fail)?;
     if let Outcome::Skipped(reason) = outcome {
         notes.push(Note {
             document: label.into(),
@@ -175,6 +183,53 @@ mod tests {
         for word in ["\"off\"", "\"yes\"", "\"80\"", "\"true\""] {
             assert!(out.contains(word), "{word} unquoted in {out}");
         }
+    }
+
+    fn round_trip(v: &Value) -> String {
+        let text = render(Format::Yaml, std::slice::from_ref(v)).expect("renders");
+        let (_, back) = parse(&text, "stdin").expect("reads back");
+        assert_eq!(back, std::slice::from_ref(v), "{text}");
+        text
+    }
+
+    #[test]
+    fn strings_a_yaml_1_1_reader_would_retype_are_quoted() {
+        let v = serde_json::json!({"a": ["off", "yes", "On", "N", "y", "80", "0.1.0", "1e3", "1:20", "2024-01-01", "0x1F",
+            "010", "", " x", "a: b", "#c", "-", "~", "*x", "&x", "!x", "%x", "@x", "`x", "a #b", ".inf", "=", "<<",
+            "x:", "-1", ".5", "---", "- x", ".dockerconfigjson", "-x", "null", "NULL",
+            // Longer than a folded line, with runs of spaces and a trailing one.
+            "{\"a\": \"x  y\",   \"b\": [1, 2, 3], \"c\": \"a long value that goes on and on past eighty columns\"} "]});
+        let text = round_trip(&v);
+        for plain in [
+            "off", "yes", "On", "y", "80", "0.1.0", "1e3", "1:20", "010", "null",
+        ] {
+            assert!(
+                !text.contains(&format!("- {plain}\n")),
+                "{plain} unquoted:\n{text}"
+            );
+        }
+    }
+
+    #[test]
+    fn kubectl_layout_and_literal_blocks() {
+        let v = serde_json::json!({"metadata": {"name": "web", "annotations": {"amazing-proxy.io/app-port": "8080"}},
+            "spec": {"containers": [{"name": "app", "args": ["run", "--x=1"], "ports": [], "resources": {}}],
+                     "f": 0.5, "b": true, "z": null, "m": "10m", "i": "ghcr.io/a/b:0.1.0"},
+            "data": {"a": "x\ny\n", "b": "x\n\ny", "c": "x\n\n\n", "d": "  lead\n", "e": "tab\there\n", "f": "cr\r\n"}});
+        let text = round_trip(&v);
+        let expected_head = "metadata:\n  name: web\n  annotations:\n    amazing-proxy.io/app-port: \"8080\"\nspec:\n  containers:\n  - name: app\n    args:\n    - run\n    - --x=1\n    ports: []\n    resources: {}\n";
+        assert!(text.starts_with(expected_head), "{text}");
+        assert!(text.contains("  a: |\n    x\n    y\n"), "{text}");
+        assert!(text.contains("  b: |-\n    x\n\n    y\n"), "{text}");
+    }
+
+    #[test]
+    fn unquoted_yaml_1_1_scalars_read_as_kubectl_reads_them() {
+        let (_, docs) = parse("a: yes\nb: off\nc: 010\nd: '010'\n", "stdin").expect("parses");
+        assert_eq!(
+            docs,
+            [serde_json::json!({"a": true, "b": false, "c": 8, "d": "010"})]
+        );
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! - [`annotations`]: the per-pod settings (flag defaults overridden by annotations);
 //! - [`patch`]: the pure injection of one object (`serde_json::Value` in, patched value out);
 //! - [`documents`]: multi-document YAML / JSON streams and `List` objects;
-//! - [`yaml`]: the YAML writer (kubectl reads YAML 1.1; serde_yaml writes 1.2).
 //!
 //! The whole input is read and injected before anything is written, so that an error in the tenth
 //! document leaves stdout empty rather than half a manifest that `kubectl apply` would take.
@@ -13,14 +12,17 @@
 pub mod annotations;
 pub mod documents;
 pub mod patch;
-pub mod yaml;
 
 use std::io::{Read, Write};
 use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
 
 use clap::Args;
 
-use annotations::{AccessLog, Settings};
+use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration};
+use annotations::Settings;
+use documents::Transform;
 pub use patch::{Options, Outcome, PatchError};
 
 /// The defaults of the per-pod settings; each can be overridden by a pod template annotation.
@@ -34,29 +36,29 @@ pub struct InjectDefaults {
     #[arg(long)]
     pub legacy_sidecar: bool,
     /// Ports whose inbound traffic goes through the proxy; empty means all (`inbound-ports`).
-    #[arg(long, default_value = "", value_parser = annotations::parse_ports)]
-    pub inbound_ports: Ports,
+    #[arg(long, default_value = "", value_parser = PortList::from_str)]
+    pub inbound_ports: PortList,
     /// Inbound ports that bypass the proxy (`exclude-inbound-ports`).
-    #[arg(long, default_value = "", value_parser = annotations::parse_ports)]
-    pub exclude_inbound_ports: Ports,
+    #[arg(long, default_value = "", value_parser = PortList::from_str)]
+    pub exclude_inbound_ports: PortList,
     /// Outbound destination ports that bypass the proxy (`exclude-outbound-ports`).
-    #[arg(long, default_value = "", value_parser = annotations::parse_ports)]
-    pub exclude_outbound_ports: Ports,
+    #[arg(long, default_value = "", value_parser = PortList::from_str)]
+    pub exclude_outbound_ports: PortList,
     /// Outbound destination CIDRs that bypass the proxy (`exclude-outbound-cidrs`).
-    #[arg(long, default_value = "", value_parser = annotations::parse_cidrs)]
-    pub exclude_outbound_cidrs: Cidrs,
+    #[arg(long, default_value = "", value_parser = CidrList::from_str)]
+    pub exclude_outbound_cidrs: CidrList,
     /// No outbound redirection and no outbound listener (`disable-outbound`).
     #[arg(long)]
     pub disable_outbound: bool,
     /// Ports whose traffic is forwarded as opaque TCP, without protocol detection (`opaque-ports`).
-    #[arg(long, default_value = "", value_parser = annotations::parse_ports)]
-    pub opaque_ports: Ports,
+    #[arg(long, default_value = "", value_parser = PortList::from_str)]
+    pub opaque_ports: PortList,
     /// The proxy's access log (`access-log`).
     #[arg(long, value_enum, default_value = "json")]
-    pub access_log: AccessLog,
+    pub access_log: AccessLogFormat,
     /// How long the proxy keeps serving after SIGTERM before draining (`drain-delay`).
-    #[arg(long, default_value = "5s", value_parser = annotations::parse_duration)]
-    pub drain_delay: String,
+    #[arg(long, default_value = "5s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
+    pub drain_delay: Duration,
     /// CPU request of each injected container; empty for none (`proxy-cpu-request`).
     #[arg(long, default_value = "10m", value_parser = optional_quantity)]
     pub proxy_cpu_request: Quantity,
@@ -71,10 +73,8 @@ pub struct InjectDefaults {
     pub proxy_memory_limit: Quantity,
 }
 
-// clap treats fields spelt `Vec<T>` and `Option<T>` specially (many values, optional flag); these aliases
-// keep each flag a single value parsed by the same function as its annotation.
-pub type Ports = Vec<u16>;
-pub type Cidrs = Vec<String>;
+// clap treats fields spelt `Option<T>` specially (an optional flag); this alias keeps each flag a
+// single value parsed by the same function as its annotation.
 pub type Quantity = Option<String>;
 
 fn optional_quantity(s: &str) -> Result<Quantity, String> {
@@ -98,7 +98,7 @@ impl InjectDefaults {
                 opaque_ports: self.opaque_ports.clone(),
                 app_port: None,
                 access_log: self.access_log,
-                drain_delay: self.drain_delay.clone(),
+                drain_delay: self.drain_delay,
                 cpu_request: self.proxy_cpu_request.clone(),
                 memory_request: self.proxy_memory_request.clone(),
                 cpu_limit: self.proxy_cpu_limit.clone(),
@@ -111,9 +111,8 @@ impl InjectDefaults {
 
 #[derive(Args, Clone, Debug)]
 pub struct InjectArgs {
-    /// The manifests to read (YAML or JSON); `-` or absent reads stdin. The result goes to stdout.
-    #[arg(short = 'f', long = "filename", value_name = "FILE")]
-    pub filename: Option<PathBuf>,
+    #[command(flatten)]
+    pub input: Input,
     #[command(flatten)]
     pub defaults: InjectDefaults,
 }
@@ -149,24 +148,44 @@ pub fn inject_text(
     source: &str,
     options: &Options,
 ) -> Result<(String, Vec<documents::Note>), InjectError> {
+    transform_text(input, source, &|doc| patch::inject_object(doc, options))
+}
+
+/// Removes what `inject` added from a whole input text; the notes name the pod templates that
+/// were not injected.
+pub fn uninject_text(
+    input: &str,
+    source: &str,
+) -> Result<(String, Vec<documents::Note>), InjectError> {
+    transform_text(input, source, &patch::uninject_object)
+}
+
+fn transform_text(
+    input: &str,
+    source: &str,
+    transform: Transform<'_>,
+) -> Result<(String, Vec<documents::Note>), InjectError> {
     let (format, docs) = documents::parse(input, source)?;
-    let (docs, notes) = documents::inject_all(&docs, options, source)?;
+    let (docs, notes) = documents::transform_all(&docs, transform, source)?;
     Ok((documents::render(format, &docs)?, notes))
 }
 
+/// The manifests to read, for `inject` and `uninject`.
+#[derive(Args, Clone, Debug)]
+pub struct Input {
+    /// The manifests to read (YAML or JSON); `-` or absent reads stdin. The result goes to stdout.
+    #[arg(short = 'f', long = "filename", value_name = "FILE")]
+    pub filename: Option<PathBuf>,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct UninjectArgs {
+    #[command(flatten)]
+    pub input: Input,
+}
+
 pub fn main(args: InjectArgs) -> Result<(), InjectError> {
-    let (source, input) = match args.filename.as_deref() {
-        None => ("stdin".to_string(), read_stdin()?),
-        Some(p) if p.as_os_str() == "-" => ("stdin".to_string(), read_stdin()?),
-        Some(p) => {
-            let name = p.display().to_string();
-            let text = std::fs::read_to_string(p).map_err(|source| InjectError::Read {
-                path: name.clone(),
-                source,
-            })?;
-            (name, text)
-        }
-    };
+    let (source, input) = read_input(&args.input)?;
     let (output, notes) = inject_text(&input, &source, &args.defaults.options())?;
     for note in notes {
         eprintln!(
@@ -174,6 +193,39 @@ pub fn main(args: InjectArgs) -> Result<(), InjectError> {
             note.document, note.reason
         );
     }
+    write_stdout(&output)
+}
+
+/// `amazing-proxy uninject`: the manifests without what `inject` added.
+pub fn uninject_main(args: UninjectArgs) -> Result<(), InjectError> {
+    let (source, input) = read_input(&args.input)?;
+    let (output, notes) = uninject_text(&input, &source)?;
+    for note in notes {
+        eprintln!(
+            "amazing-proxy uninject: {source}, {}: left as it was: {}",
+            note.document, note.reason
+        );
+    }
+    write_stdout(&output)
+}
+
+/// The input's name for messages, and its text.
+fn read_input(input: &Input) -> Result<(String, String), InjectError> {
+    match input.filename.as_deref() {
+        None => Ok(("stdin".to_string(), read_stdin()?)),
+        Some(p) if p.as_os_str() == "-" => Ok(("stdin".to_string(), read_stdin()?)),
+        Some(p) => {
+            let name = p.display().to_string();
+            let text = std::fs::read_to_string(p).map_err(|source| InjectError::Read {
+                path: name.clone(),
+                source,
+            })?;
+            Ok((name, text))
+        }
+    }
+}
+
+fn write_stdout(output: &str) -> Result<(), InjectError> {
     let mut stdout = std::io::stdout().lock();
     stdout
         .write_all(output.as_bytes())

@@ -11,6 +11,13 @@
 //! template our two containers (recognised by name) are removed and freshly computed ones are put in
 //! their place, so `inject(inject(x)) == inject(x)` and re-injecting with new settings updates them.
 //! Without the annotation, a container with one of our names belongs to someone else: an error.
+//!
+//! Uninjection ([`uninject_object`]) is the inverse: on a template with that annotation it removes
+//! our two containers, the annotation, and the Prometheus annotations if they are the ones we
+//! wrote, so `uninject(inject(x)) == x`. Two cases cannot be told apart afterwards and are not
+//! restored: a template that had an empty `initContainers: []` or `annotations: {}` loses it, and
+//! a template whose own Prometheus annotations were exactly ours (the proxy's admin port, which
+//! nothing answers without the proxy) loses them.
 
 use std::collections::BTreeMap;
 
@@ -23,19 +30,42 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value};
 
 use super::annotations::{INJECTED, SettingError, Settings, opted_out};
+use crate::vocab::{
+    ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList, format_duration,
+};
 
-/// The proxy's inbound listener (the redirect target of inbound traffic).
-pub const INBOUND_PORT: u16 = 8000;
-/// The proxy's outbound listener (the redirect target of outbound traffic).
-pub const OUTBOUND_PORT: u16 = 15001;
-/// The proxy's admin server: `/ready`, `/live`, metrics; reached by kubelet probes.
-pub const ADMIN_PORT: u16 = 15000;
-/// The uid and gid the proxy runs as; the init rules let this uid's traffic through unredirected.
-pub const PROXY_UID: i64 = 1337;
 pub const INIT_NAME: &str = "amazing-proxy-init";
 pub const SIDECAR_NAME: &str = "amazing-proxy";
 /// The injector's version, written in the `amazing-proxy.io/injected` annotation.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// uid and gid 0: the init container needs root for netfilter.
+const ROOT: i64 = 0;
+
+/// The app's port when neither the annotation nor a containerPort names one.
+const DEFAULT_APP_PORT: u16 = 80;
+
+/// Where Prometheus finds the proxy's metrics: the annotations most scrape configurations
+/// (and the Prometheus Helm chart) follow. Written only on templates without any of these keys,
+/// so that a pod's own scrape settings win.
+fn prometheus_annotations() -> [(&'static str, String); 3] {
+    [
+        ("prometheus.io/scrape", "true".into()),
+        ("prometheus.io/port", ADMIN_PORT.to_string()),
+        ("prometheus.io/path", "/metrics".into()),
+    ]
+}
+
+/// Container port names that announce HTTP, as Istio reads them; `grpc*`, `h2c*` and `http2*`
+/// also announce HTTP/2 to the app.
+const HTTP_PORT_PREFIXES: [&str; 3] = ["http", "grpc", "h2c"];
+const HTTP2_PORT_PREFIXES: [&str; 3] = ["grpc", "h2c", "http2"];
+
+/// Probes of the injected proxy: (period in seconds, failures tolerated).
+/// Startup: up to two minutes, checked every second so that the app is not held back long.
+const STARTUP_PROBE: (i32, i32) = (1, 120);
+const READINESS_PROBE: (i32, i32) = (2, 1);
+const LIVENESS_PROBE: (i32, i32) = (10, 3);
 
 const RESERVED_PORTS: [(u16, &str); 3] = [
     (INBOUND_PORT, "inbound"),
@@ -56,6 +86,8 @@ pub struct Options {
 pub enum Outcome {
     /// The pod template now has the sidecar.
     Injected,
+    /// The sidecar and what came with it were removed from the pod template.
+    Uninjected,
     /// A pod template left as it was, and why.
     Skipped(String),
     /// Not a kind with a pod template: passed through.
@@ -129,46 +161,57 @@ pub fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
     Ok((field("apiVersion")?, field("kind")?))
 }
 
-/// Injects one Kubernetes object (not a `List`: see `documents`). Kinds without a pod template come
-/// back unchanged with [`Outcome::NotAPod`].
-pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcome), PatchError> {
+/// The pod template of an object, with its field path (trailing dot; empty for a Pod), or `None`
+/// for kinds without one.
+fn template_of(object: &mut Value) -> Result<Option<(&mut Value, String)>, PatchError> {
     let (api_version, kind) = type_meta(object)?;
     let Some(path) = template_path(api_version, kind) else {
-        return Ok((object.clone(), Outcome::NotAPod));
+        return Ok(None);
     };
-    let mut patched = object.clone();
-    let mut node = &mut patched;
+    let expected = format!("a mapping (the {kind}'s pod template)");
+    let mut node = object;
     let mut field = String::new();
     for step in path {
         field.push_str(step);
         field.push('.');
         node = match node.get_mut(*step) {
             Some(next @ Value::Object(_)) => next,
-            _ => {
-                return Err(PatchError::malformed(
-                    field.trim_end_matches('.'),
-                    format!("a mapping (the {kind}'s pod template)"),
-                ));
-            }
+            _ => return Err(PatchError::malformed(field.trim_end_matches('.'), expected)),
         };
     }
-    let outcome = inject_template(node, &field, options)?;
+    Ok(Some((node, field)))
+}
+
+/// Injects one Kubernetes object (not a `List`: see `documents`). Kinds without a pod template come
+/// back unchanged with [`Outcome::NotAPod`].
+pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcome), PatchError> {
+    let mut patched = object.clone();
+    let outcome = match template_of(&mut patched)? {
+        Some((template, prefix)) => inject_template(template, &prefix, options)?,
+        None => Outcome::NotAPod,
+    };
     Ok((patched, outcome))
 }
 
-/// Injects a pod template (or a Pod: both have `metadata` and `spec`) in place. `prefix` is the
-/// template's field path with a trailing dot (empty for a Pod), for error messages.
-pub fn inject_template(
-    template: &mut Value,
-    prefix: &str,
-    options: &Options,
-) -> Result<Outcome, PatchError> {
-    let Some(template) = template.as_object_mut() else {
-        return Err(PatchError::malformed(
-            prefix.trim_end_matches('.'),
-            "a mapping (a pod template)",
-        ));
+/// Removes what [`inject_object`] added. Kinds without a pod template, and templates we did not
+/// inject, come back unchanged.
+pub fn uninject_object(object: &Value) -> Result<(Value, Outcome), PatchError> {
+    let mut patched = object.clone();
+    let outcome = match template_of(&mut patched)? {
+        Some((template, prefix)) => uninject_template(template, &prefix)?,
+        None => Outcome::NotAPod,
     };
+    Ok((patched, outcome))
+}
+
+/// A mapping of the input, if present.
+type Mapping<'a> = Option<&'a Map<String, Value>>;
+
+/// The template's `metadata` and `metadata.annotations`, each checked to be a mapping if present.
+fn metadata_of<'a>(
+    template: &'a Map<String, Value>,
+    prefix: &str,
+) -> Result<(Mapping<'a>, Mapping<'a>), PatchError> {
     let metadata = match template.get("metadata") {
         None => None,
         Some(Value::Object(m)) => Some(m),
@@ -189,6 +232,34 @@ pub fn inject_template(
             ));
         }
     };
+    Ok((metadata, annotations))
+}
+
+/// Why a pod spec is never injected, if it is not.
+fn never_injected(spec: &Map<String, Value>) -> Option<&'static str> {
+    if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
+        // Redirection rules in a host-network pod would apply to the whole node.
+        return Some("hostNetwork pods share the node's network and are never injected");
+    }
+    let os = spec.get("os").and_then(|os| os.get("name"));
+    (os.and_then(Value::as_str) == Some("windows"))
+        .then_some("Windows pods have no iptables and are never injected")
+}
+
+/// Injects a pod template (or a Pod: both have `metadata` and `spec`) in place. `prefix` is the
+/// template's field path with a trailing dot (empty for a Pod), for error messages.
+pub fn inject_template(
+    template: &mut Value,
+    prefix: &str,
+    options: &Options,
+) -> Result<Outcome, PatchError> {
+    let Some(template) = template.as_object_mut() else {
+        return Err(PatchError::malformed(
+            prefix.trim_end_matches('.'),
+            "a mapping (a pod template)",
+        ));
+    };
+    let (metadata, annotations) = metadata_of(template, prefix)?;
     if opted_out(metadata, &format!("{prefix}metadata"))? {
         return Ok(Outcome::Skipped(
             "opted out with amazing-proxy.io/inject".into(),
@@ -205,21 +276,8 @@ pub fn inject_template(
             "a mapping (the pod spec)",
         ));
     };
-    if spec.get("hostNetwork") == Some(&Value::Bool(true)) {
-        // Redirection rules in a host-network pod would apply to the whole node.
-        return Ok(Outcome::Skipped(
-            "hostNetwork pods share the node's network and are never injected".into(),
-        ));
-    }
-    if spec
-        .get("os")
-        .and_then(|os| os.get("name"))
-        .and_then(Value::as_str)
-        == Some("windows")
-    {
-        return Ok(Outcome::Skipped(
-            "Windows pods have no iptables and are never injected".into(),
-        ));
+    if let Some(reason) = never_injected(spec) {
+        return Ok(Outcome::Skipped(reason.into()));
     }
 
     let mut init_containers = take_containers(spec, "initContainers", prefix, ours)?;
@@ -227,15 +285,14 @@ pub fn inject_template(
     check_ports(&init_containers, &format!("{prefix}spec.initContainers"))?;
     check_ports(&containers, &format!("{prefix}spec.containers"))?;
     check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
-    let app_port = match settings.app_port {
-        Some(port) => port,
-        None => {
-            first_container_port(&containers, &format!("{prefix}spec.containers"))?.unwrap_or(80)
-        }
-    };
+    let app = app_ports(
+        &containers,
+        settings.app_port,
+        &format!("{prefix}spec.containers"),
+    )?;
 
-    let init = to_value(init_container(&settings, options));
-    let sidecar = to_value(sidecar_container(&settings, app_port, options));
+    let init = to_value(init_container(&settings));
+    let sidecar = to_value(sidecar_container(&settings, &app, options));
     init_containers.insert(0, init);
     if options.legacy_sidecar {
         containers.push(sidecar);
@@ -246,7 +303,12 @@ pub fn inject_template(
     }
     spec.insert("initContainers".into(), Value::Array(init_containers));
     spec.insert("containers".into(), Value::Array(containers));
+    annotate(template, prefix)?;
+    Ok(Outcome::Injected)
+}
 
+/// Marks the template as ours and, unless it has its own, adds the Prometheus annotations.
+fn annotate(template: &mut Map<String, Value>, prefix: &str) -> Result<(), PatchError> {
     let metadata = template
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
@@ -264,8 +326,65 @@ pub fn inject_template(
     }
     if let Value::Object(annotations) = annotations {
         annotations.insert(INJECTED.into(), Value::String(VERSION.into()));
+        let prometheus = prometheus_annotations();
+        if !prometheus.iter().any(|(k, _)| annotations.contains_key(*k)) {
+            for (key, value) in prometheus {
+                annotations.insert(key.into(), Value::String(value));
+            }
+        }
     }
-    Ok(Outcome::Injected)
+    Ok(())
+}
+
+/// Removes what [`inject_template`] added, in place.
+pub fn uninject_template(template: &mut Value, prefix: &str) -> Result<Outcome, PatchError> {
+    let Some(template) = template.as_object_mut() else {
+        return Err(PatchError::malformed(
+            prefix.trim_end_matches('.'),
+            "a mapping (a pod template)",
+        ));
+    };
+    let (_, annotations) = metadata_of(template, prefix)?;
+    if !annotations.is_some_and(|a| a.contains_key(INJECTED)) {
+        return Ok(Outcome::Skipped(format!(
+            "not injected by amazing-proxy (no {INJECTED} annotation)"
+        )));
+    }
+    if let Some(Value::Object(spec)) = template.get_mut("spec") {
+        for key in ["initContainers", "containers"] {
+            if !spec.contains_key(key) {
+                continue;
+            }
+            let kept = take_containers(spec, key, prefix, true)?;
+            if kept.is_empty() && key == "initContainers" {
+                spec.shift_remove(key);
+            } else {
+                spec.insert(key.into(), Value::Array(kept));
+            }
+        }
+    }
+    let Some(Value::Object(metadata)) = template.get_mut("metadata") else {
+        return Ok(Outcome::Uninjected);
+    };
+    if let Some(Value::Object(annotations)) = metadata.get_mut("annotations") {
+        annotations.shift_remove(INJECTED);
+        let prometheus = prometheus_annotations();
+        if prometheus
+            .iter()
+            .all(|(k, v)| annotations.get(*k).and_then(Value::as_str) == Some(v.as_str()))
+        {
+            for (key, _) in prometheus {
+                annotations.shift_remove(key);
+            }
+        }
+        if annotations.is_empty() {
+            metadata.shift_remove("annotations");
+        }
+    }
+    if metadata.is_empty() {
+        template.shift_remove("metadata");
+    }
+    Ok(Outcome::Uninjected)
 }
 
 /// The containers of `spec[key]` without ours (if this template is ours to re-inject).
@@ -306,7 +425,7 @@ fn take_containers(
 }
 
 /// A container port: its field path, its number and the whole port entry.
-type PortEntry<'a> = (String, i64, &'a Map<String, Value>);
+type PortEntry<'a> = (String, u16, &'a Map<String, Value>);
 
 /// The ports of one container; malformed ports are errors.
 fn container_ports<'a>(
@@ -323,8 +442,12 @@ fn container_ports<'a>(
                     return Err(PatchError::malformed(pfield, "a mapping (a port)"));
                 };
                 let cfield = format!("{pfield}.containerPort");
-                match p.get("containerPort").and_then(Value::as_i64) {
-                    Some(n) if (1..=65535).contains(&n) => out.push((cfield, n, p)),
+                let number = p.get("containerPort").and_then(Value::as_u64);
+                match number
+                    .and_then(|n| u16::try_from(n).ok())
+                    .filter(|&n| n != 0)
+                {
+                    Some(n) => out.push((cfield, n, p)),
                     _ => return Err(PatchError::malformed(cfield, "a port number 1-65535")),
                 }
             }
@@ -344,7 +467,7 @@ fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
         // Indexes are those of the list without our containers, which only differ when re-injecting
         // (ours come first), so they are the user's indexes.
         for (pfield, port, _) in container_ports(container, &format!("{field}[{i}]"))? {
-            if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| i64::from(*p) == port) {
+            if let Some((port, role)) = RESERVED_PORTS.iter().find(|(p, _)| *p == port) {
                 return Err(PatchError::PortConflict {
                     field: pfield,
                     port: *port,
@@ -368,7 +491,7 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
             role,
         });
     }
-    for port in &s.inbound_ports {
+    for port in &s.inbound_ports.0 {
         if let Some((port, role)) = reserved(*port) {
             return Err(PatchError::PortConflict {
                 field: at("inbound-ports"),
@@ -376,7 +499,7 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
                 role,
             });
         }
-        if s.exclude_inbound_ports.contains(port) {
+        if s.exclude_inbound_ports.contains(*port) {
             return Err(SettingError {
                 field: at("exclude-inbound-ports"),
                 problem: format!("port {port} is also in amazing-proxy.io/inbound-ports; list it in one of the two"),
@@ -387,20 +510,50 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
     Ok(())
 }
 
-/// The first TCP containerPort of the first app container.
-fn first_container_port(containers: &[Value], field: &str) -> Result<Option<u16>, PatchError> {
-    let Some(first) = containers.first() else {
-        return Ok(None);
-    };
-    for (_, port, p) in container_ports(first, &format!("{field}[0]"))? {
-        if p.get("protocol")
-            .and_then(Value::as_str)
-            .is_none_or(|proto| proto == "TCP")
-        {
-            return Ok(u16::try_from(port).ok());
+/// What the sidecar is told about the app, from its containers' ports.
+struct AppPorts {
+    /// Where connections without an original destination go: the annotation's port, else the
+    /// first TCP containerPort of the first app container, else [`DEFAULT_APP_PORT`].
+    app: u16,
+    /// Ports named `http*`, `grpc*` or `h2c*` (`run --http-ports`).
+    http: PortList,
+    /// Ports named `grpc*`, `h2c*` or `http2*` (`run --http2-ports`).
+    http2: PortList,
+}
+
+fn app_ports(
+    containers: &[Value],
+    app_port: Option<u16>,
+    field: &str,
+) -> Result<AppPorts, PatchError> {
+    let mut first_tcp = None;
+    let (mut http, mut http2) = (Vec::new(), Vec::new());
+    for (i, container) in containers.iter().enumerate() {
+        for (_, port, p) in container_ports(container, &format!("{field}[{i}]"))? {
+            let tcp = p
+                .get("protocol")
+                .and_then(Value::as_str)
+                .is_none_or(|proto| proto == "TCP");
+            if !tcp {
+                continue;
+            }
+            if i == 0 && first_tcp.is_none() {
+                first_tcp = Some(port);
+            }
+            let name = p.get("name").and_then(Value::as_str).unwrap_or("");
+            if HTTP_PORT_PREFIXES.iter().any(|pre| name.starts_with(pre)) {
+                http.push(port);
+            }
+            if HTTP2_PORT_PREFIXES.iter().any(|pre| name.starts_with(pre)) {
+                http2.push(port);
+            }
         }
     }
-    Ok(None)
+    Ok(AppPorts {
+        app: app_port.or(first_tcp).unwrap_or(DEFAULT_APP_PORT),
+        http: http.into_iter().collect(),
+        http2: http2.into_iter().collect(),
+    })
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -409,14 +562,6 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
         value: Some(value.into()),
         ..Default::default()
     }
-}
-
-fn join<T: ToString>(items: &[T]) -> String {
-    items
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn resources(s: &Settings) -> Option<ResourceRequirements> {
@@ -436,28 +581,28 @@ fn resources(s: &Settings) -> Option<ResourceRequirements> {
     })
 }
 
-fn init_container(s: &Settings, _options: &Options) -> Container {
+fn init_container(s: &Settings) -> Container {
     let mut vars = vec![
         env("AMAZING_PROXY_INBOUND_PORT", INBOUND_PORT.to_string()),
         env("AMAZING_PROXY_OUTBOUND_PORT", OUTBOUND_PORT.to_string()),
         env("AMAZING_PROXY_ADMIN_PORT", ADMIN_PORT.to_string()),
         env("AMAZING_PROXY_PROXY_UID", PROXY_UID.to_string()),
-        env("AMAZING_PROXY_PROXY_GID", PROXY_UID.to_string()),
+        env("AMAZING_PROXY_PROXY_GID", PROXY_GID.to_string()),
     ];
     // Empty lists are left out: absent and empty mean the same to `init`, and short specs read better.
     for (name, value) in [
-        ("AMAZING_PROXY_INBOUND_PORTS", join(&s.inbound_ports)),
+        ("AMAZING_PROXY_INBOUND_PORTS", s.inbound_ports.to_string()),
         (
             "AMAZING_PROXY_EXCLUDE_INBOUND_PORTS",
-            join(&s.exclude_inbound_ports),
+            s.exclude_inbound_ports.to_string(),
         ),
         (
             "AMAZING_PROXY_EXCLUDE_OUTBOUND_PORTS",
-            join(&s.exclude_outbound_ports),
+            s.exclude_outbound_ports.to_string(),
         ),
         (
             "AMAZING_PROXY_EXCLUDE_OUTBOUND_CIDRS",
-            s.exclude_outbound_cidrs.join(","),
+            s.exclude_outbound_cidrs.to_string(),
         ),
     ] {
         if !value.is_empty() {
@@ -476,8 +621,8 @@ fn init_container(s: &Settings, _options: &Options) -> Container {
         // Root with exactly the two capabilities netfilter needs; the root filesystem stays
         // writable because iptables takes its lock under /run.
         security_context: Some(SecurityContext {
-            run_as_user: Some(0),
-            run_as_group: Some(0),
+            run_as_user: Some(ROOT),
+            run_as_group: Some(ROOT),
             run_as_non_root: Some(false),
             allow_privilege_escalation: Some(false),
             privileged: Some(false),
@@ -491,7 +636,7 @@ fn init_container(s: &Settings, _options: &Options) -> Container {
     }
 }
 
-fn probe(path: &str, period: i32, failure_threshold: i32) -> Probe {
+fn probe(path: &str, (period, failure_threshold): (i32, i32)) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
@@ -513,7 +658,7 @@ fn port(name: &str, number: u16) -> ContainerPort {
     }
 }
 
-fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Container {
+fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Container {
     let outbound = if s.disable_outbound {
         "off".to_string()
     } else {
@@ -524,12 +669,18 @@ fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Containe
         env("AMAZING_PROXY_OUTBOUND", outbound),
         // Not loopback: kubelet probes come from the node.
         env("AMAZING_PROXY_ADMIN", format!("0.0.0.0:{ADMIN_PORT}")),
-        env("AMAZING_PROXY_APP", format!("127.0.0.1:{app_port}")),
+        env("AMAZING_PROXY_APP", format!("127.0.0.1:{}", app.app)),
         env("AMAZING_PROXY_ACCESS_LOG", s.access_log.as_str()),
-        env("AMAZING_PROXY_DRAIN_DELAY", s.drain_delay.clone()),
+        env("AMAZING_PROXY_DRAIN_DELAY", format_duration(s.drain_delay)),
     ];
-    if !s.opaque_ports.is_empty() {
-        vars.push(env("AMAZING_PROXY_OPAQUE_PORTS", join(&s.opaque_ports)));
+    for (name, ports) in [
+        ("AMAZING_PROXY_OPAQUE_PORTS", &s.opaque_ports),
+        ("AMAZING_PROXY_HTTP_PORTS", &app.http),
+        ("AMAZING_PROXY_HTTP2_PORTS", &app.http2),
+    ] {
+        if !ports.is_empty() {
+            vars.push(env(name, ports.to_string()));
+        }
     }
     Container {
         name: SIDECAR_NAME.into(),
@@ -543,14 +694,13 @@ fn sidecar_container(s: &Settings, app_port: u16, options: &Options) -> Containe
         // A native sidecar: an init container that keeps running; the next init container (and the
         // app) starts only once its startup probe passes.
         restart_policy: (!options.legacy_sidecar).then(|| "Always".to_string()),
-        // Up to two minutes to start, checked every second so that the app is not held back long.
-        startup_probe: Some(probe("/ready", 1, 120)),
-        readiness_probe: Some(probe("/ready", 2, 1)),
-        liveness_probe: Some(probe("/live", 10, 3)),
+        startup_probe: Some(probe("/ready", STARTUP_PROBE)),
+        readiness_probe: Some(probe("/ready", READINESS_PROBE)),
+        liveness_probe: Some(probe("/live", LIVENESS_PROBE)),
         resources: resources(s),
         security_context: Some(SecurityContext {
-            run_as_user: Some(PROXY_UID),
-            run_as_group: Some(PROXY_UID),
+            run_as_user: Some(i64::from(PROXY_UID)),
+            run_as_group: Some(i64::from(PROXY_GID)),
             run_as_non_root: Some(true),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
@@ -593,26 +743,13 @@ fn kind_of(v: &Value) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::inject::annotations::AccessLog;
     use serde_json::json;
 
     fn options(legacy: bool) -> Options {
         Options {
             defaults: Settings {
                 image: "img:1".into(),
-                inbound_ports: vec![],
-                exclude_inbound_ports: vec![],
-                exclude_outbound_ports: vec![],
-                exclude_outbound_cidrs: vec![],
-                disable_outbound: false,
-                opaque_ports: vec![],
-                app_port: None,
-                access_log: AccessLog::Json,
-                drain_delay: "5s".into(),
-                cpu_request: Some("10m".into()),
-                memory_request: Some("16Mi".into()),
-                cpu_limit: None,
-                memory_limit: None,
+                ..Settings::example()
             },
             legacy_sidecar: legacy,
         }

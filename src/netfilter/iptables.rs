@@ -12,7 +12,8 @@
 //! Rules are written in the normalised form `iptables-save` prints (`-m tcp`, hex marks), so what we
 //! read back compares equal to what we wrote.
 
-use super::rules::{Cidr, Policy};
+use super::rules::Policy;
+use crate::vocab::Cidr;
 
 pub const INBOUND: &str = "AMAZING_INBOUND";
 pub const IN_REDIRECT: &str = "AMAZING_IN_REDIRECT";

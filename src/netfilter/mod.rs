@@ -55,7 +55,8 @@ pub mod iptables;
 pub mod nft;
 pub mod rules;
 
-use rules::{CidrList, PolicyOptions, PortList};
+use crate::vocab::{self, CidrList, PortList, parse_port};
+use rules::PolicyOptions;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum BackendChoice {
@@ -75,13 +76,6 @@ pub enum Ipv6Mode {
     Off,
 }
 
-fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(p) if p != 0 => Ok(p),
-        _ => Err(format!("expected a TCP port 1-65535, got `{s}`")),
-    }
-}
-
 #[derive(Args, Clone, Debug)]
 pub struct InitArgs {
     /// Where the rules go: detected from the rules present in the namespace, or forced.
@@ -94,15 +88,15 @@ pub struct InitArgs {
     pub backend: BackendChoice,
 
     /// Port inbound traffic is redirected to (the proxy's `run --inbound` port).
-    #[arg(long, env = "AMAZING_PROXY_INBOUND_PORT", default_value = "8000", value_parser = parse_port)]
+    #[arg(long, env = "AMAZING_PROXY_INBOUND_PORT", default_value_t = vocab::INBOUND_PORT, value_parser = parse_port)]
     pub inbound_port: u16,
 
     /// Port the app's outbound traffic is redirected to (the proxy's `run --outbound` port).
-    #[arg(long, env = "AMAZING_PROXY_OUTBOUND_PORT", default_value = "15001", value_parser = parse_port)]
+    #[arg(long, env = "AMAZING_PROXY_OUTBOUND_PORT", default_value_t = vocab::OUTBOUND_PORT, value_parser = parse_port)]
     pub outbound_port: u16,
 
     /// The proxy's admin port: never redirected inbound.
-    #[arg(long, env = "AMAZING_PROXY_ADMIN_PORT", default_value = "15000", value_parser = parse_port)]
+    #[arg(long, env = "AMAZING_PROXY_ADMIN_PORT", default_value_t = vocab::ADMIN_PORT, value_parser = parse_port)]
     pub admin_port: u16,
 
     /// Only these inbound TCP ports are redirected (comma-separated); empty means all.
@@ -122,16 +116,16 @@ pub struct InitArgs {
     pub exclude_outbound_cidrs: CidrList,
 
     /// The proxy's uid: its connections are not redirected.
-    #[arg(long, env = "AMAZING_PROXY_PROXY_UID", default_value = "1337")]
+    #[arg(long, env = "AMAZING_PROXY_PROXY_UID", default_value_t = vocab::PROXY_UID)]
     pub proxy_uid: u32,
 
     /// The proxy's gid: its connections are not redirected.
-    #[arg(long, env = "AMAZING_PROXY_PROXY_GID", default_value = "1337")]
+    #[arg(long, env = "AMAZING_PROXY_PROXY_GID", default_value_t = vocab::PROXY_GID)]
     pub proxy_gid: u32,
 
     /// Socket mark the proxy sets on its upstream sockets (`run --proxy-mark`): not redirected.
     /// 0 disables this exception.
-    #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value = "1337")]
+    #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value_t = vocab::PROXY_MARK)]
     pub proxy_mark: u32,
 
     /// Redirect inbound traffic only.

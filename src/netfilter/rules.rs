@@ -1,97 +1,7 @@
 //! The redirection policy as plain data: what to redirect and what to let through, decided once
 //! from the options and shared by both renderers, so that iptables and nftables cannot drift.
 
-use std::fmt;
-use std::net::IpAddr;
-use std::str::FromStr;
-
-pub use crate::config::PortList;
-
-/// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`; a bare address is a single host).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
-}
-
-impl Cidr {
-    pub fn is_ipv4(&self) -> bool {
-        self.addr.is_ipv4()
-    }
-}
-
-impl FromStr for Cidr {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (addr, prefix) = match s.split_once('/') {
-            Some((a, p)) => (a, Some(p)),
-            None => (s, None),
-        };
-        let addr: IpAddr = addr
-            .parse()
-            .map_err(|_| format!("`{s}` is not a CIDR: `{addr}` is not an IPv4 or IPv6 address"))?;
-        let max = if addr.is_ipv4() { 32 } else { 128 };
-        let prefix = match prefix {
-            None => max,
-            Some(p) => match p.parse::<u8>() {
-                Ok(p) if p <= max => p,
-                _ => {
-                    return Err(format!(
-                        "`{s}` is not a CIDR: the prefix length must be 0-{max}"
-                    ));
-                }
-            },
-        };
-        // Host bits set usually means a typo (10.1.2.3/8): iptables would silently mask them and
-        // nft would refuse them, so refuse early with the network the user probably meant.
-        let network = mask(addr, prefix);
-        if network != addr {
-            return Err(format!(
-                "`{s}` has host bits set: did you mean `{network}/{prefix}`?"
-            ));
-        }
-        Ok(Cidr { addr, prefix })
-    }
-}
-
-fn mask(addr: IpAddr, prefix: u8) -> IpAddr {
-    match addr {
-        IpAddr::V4(a) => {
-            let bits = u32::from(a);
-            let m = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V4((bits & m).into())
-        }
-        IpAddr::V6(a) => {
-            let bits = u128::from(a);
-            let m = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
-            IpAddr::V6((bits & m).into())
-        }
-    }
-}
-
-impl fmt::Display for Cidr {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}/{}", self.addr, self.prefix)
-    }
-}
-
-/// A comma-separated list of CIDRs, IPv4 and IPv6 mixed; duplicates dropped, order kept.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Cidr>);
-
-impl FromStr for CidrList {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let mut out: Vec<Cidr> = Vec::new();
-        for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let c: Cidr = part.parse()?;
-            if !out.contains(&c) {
-                out.push(c);
-            }
-        }
-        Ok(CidrList(out))
-    }
-}
+use crate::vocab::{Cidr, CidrList, PortList};
 
 /// The inputs of the policy, already parsed; everything that is not I/O.
 #[derive(Clone, Debug)]
@@ -216,21 +126,24 @@ impl Policy {
 }
 
 #[cfg(test)]
+use crate::vocab::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_MARK, PROXY_UID};
+
+#[cfg(test)]
 impl PolicyOptions {
     /// The default ports, uid, gid and mark, plus one outbound exclusion of each family: the
     /// renderers' unit-test fixture.
     pub fn example() -> PolicyOptions {
         PolicyOptions {
-            inbound_port: 8000,
-            outbound_port: 15001,
-            admin_port: 15000,
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            admin_port: ADMIN_PORT,
             inbound_ports: PortList::default(),
             exclude_inbound_ports: PortList::default(),
             exclude_outbound_ports: PortList::default(),
             exclude_outbound_cidrs: "10.0.0.0/8,fd00::/8".parse().expect("valid CIDRs"),
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            proxy_mark: 1337,
+            proxy_uid: PROXY_UID,
+            proxy_gid: PROXY_GID,
+            proxy_mark: PROXY_MARK,
             no_outbound: false,
             ipv6_outbound_redirect: false,
         }
@@ -244,47 +157,19 @@ mod tests {
 
     fn defaults() -> PolicyOptions {
         PolicyOptions {
-            inbound_port: 8000,
-            outbound_port: 15001,
-            admin_port: 15000,
+            inbound_port: INBOUND_PORT,
+            outbound_port: OUTBOUND_PORT,
+            admin_port: ADMIN_PORT,
             inbound_ports: PortList::default(),
             exclude_inbound_ports: PortList::default(),
             exclude_outbound_ports: PortList::default(),
             exclude_outbound_cidrs: CidrList::default(),
-            proxy_uid: 1337,
-            proxy_gid: 1337,
-            proxy_mark: 1337,
+            proxy_uid: PROXY_UID,
+            proxy_gid: PROXY_GID,
+            proxy_mark: PROXY_MARK,
             no_outbound: false,
             ipv6_outbound_redirect: false,
         }
-    }
-
-    #[test]
-    fn port_lists_are_sorted_deduplicated_and_validated() {
-        assert_eq!(
-            "443, 80,80,".parse::<PortList>(),
-            Ok(PortList(vec![80, 443]))
-        );
-        assert_eq!("".parse::<PortList>(), Ok(PortList(vec![])));
-        assert!("0".parse::<PortList>().is_err());
-        assert!("80,http".parse::<PortList>().is_err());
-        assert!("65536".parse::<PortList>().is_err());
-    }
-
-    #[test]
-    fn cidrs_accept_both_families_and_refuse_host_bits() {
-        let l: CidrList = "10.0.0.0/8, fd00::/8,1.2.3.4,::1,10.0.0.0/8"
-            .parse()
-            .unwrap();
-        let shown: Vec<String> = l.0.iter().map(ToString::to_string).collect();
-        assert_eq!(shown, ["10.0.0.0/8", "fd00::/8", "1.2.3.4/32", "::1/128"]);
-        let err = "10.1.2.3/8".parse::<Cidr>().unwrap_err();
-        assert!(err.contains("10.0.0.0/8"), "{err}");
-        assert!("10.0.0.0/33".parse::<Cidr>().is_err());
-        assert!("fd00::/129".parse::<Cidr>().is_err());
-        assert!("banana/8".parse::<Cidr>().is_err());
-        assert!("0.0.0.0/0".parse::<Cidr>().is_ok());
-        assert!("::/0".parse::<Cidr>().is_ok());
     }
 
     #[test]

