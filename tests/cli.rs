@@ -1,15 +1,16 @@
 //! `amazing-proxy run`'s command line: bad flags fail before anything binds, with a message that
 //! names the option and what it accepts; environment variables work; `--help` documents every flag.
 
-mod common;
+mod support;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::*;
 use http::StatusCode;
+use support::http::*;
+use support::process::*;
+use support::tools::*;
+use support::{TEST_TIMEOUT, WAIT, bounded};
 
 struct Exit {
     code: Option<i32>,
@@ -17,44 +18,13 @@ struct Exit {
     stderr: String,
 }
 
-/// Runs `cmd` to its exit, within 10 s.
+/// Runs `cmd` to its exit, within a bound.
 fn run_to_exit(mut cmd: Command) -> Exit {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn amazing-proxy");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("amazing-proxy did not exit within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("read stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let out = run(&mut cmd);
     Exit {
-        code: status.code(),
-        stdout,
-        stderr,
+        code: out.status.code(),
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
     }
 }
 

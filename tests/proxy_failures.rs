@@ -1,12 +1,16 @@
 //! Failures are explicit: each has its status, a one-line body, an access-log error kind with
 //! whose fault it was, and a metric; none of them crashes or stalls other connections.
 
-mod common;
+mod support;
 
 use std::sync::atomic::Ordering;
 
-use common::*;
 use http::StatusCode;
+use support::http::*;
+use support::metrics::metric;
+use support::process::*;
+use support::raw::*;
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
