@@ -28,38 +28,8 @@ fn run_to_exit(mut cmd: Command) -> Exit {
     }
 }
 
-/// Runs `run` with `args` while this test holds the port `--inbound`/`--admin` point at: had the
-/// proxy tried to bind before validating, it would fail with "cannot bind" instead.
 fn rejected(args: &[&str], names: &[&str]) {
-    let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
-    let port = held.local_addr().expect("held address").port();
-    let held_addr = format!("127.0.0.1:{port}");
-    let mut cmd = command();
-    cmd.arg("run").args(["--outbound", "off"]);
-    let mut args: Vec<String> = args.iter().map(|a| a.replace("HELD", &held_addr)).collect();
-    if !args.iter().any(|a| a == "--inbound") {
-        args.extend(["--inbound".into(), held_addr.clone()]);
-    }
-    if !args.iter().any(|a| a == "--admin") {
-        args.extend(["--admin".into(), "127.0.0.1:0".into()]);
-    }
-    cmd.args(&args);
-    let exit = run_to_exit(cmd);
-    assert_ne!(exit.code, Some(0), "accepted {args:?}");
-    assert!(exit.code.is_some(), "killed by a signal with {args:?}");
-    assert!(
-        !exit.stderr.contains("cannot bind") && !exit.stderr.contains("listening"),
-        "bound before validating {args:?}:\n{}",
-        exit.stderr
-    );
-    for name in names {
-        assert!(
-            exit.stderr.contains(name),
-            "the message for {args:?} does not mention {name:?}:\n{}",
-            exit.stderr
-        );
-    }
-    drop(held);
+    rejected_at_start(args, &[], names);
 }
 
 #[test]

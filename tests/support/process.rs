@@ -94,6 +94,43 @@ pub fn must(cmd: &mut Command) -> String {
     tools::text(&out.stdout)
 }
 
+/// Runs `run` with `args` (and `envs`) while this test holds the port `--inbound` points at (`HELD`
+/// in `args` is that address): had the proxy tried to bind before validating, it would fail with
+/// "cannot bind" instead. It must exit non-zero, by itself, naming each of `names`; returns its
+/// stderr.
+pub fn rejected_at_start(args: &[&str], envs: &[(&str, &str)], names: &[&str]) -> String {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let port = held.local_addr().expect("held address").port();
+    let held_addr = format!("127.0.0.1:{port}");
+    let mut cmd = command();
+    cmd.arg("run").args(["--outbound", "off"]);
+    let mut args: Vec<String> = args.iter().map(|a| a.replace("HELD", &held_addr)).collect();
+    if !args.iter().any(|a| a == "--inbound") {
+        args.extend(["--inbound".into(), held_addr.clone()]);
+    }
+    if !args.iter().any(|a| a == "--admin") {
+        args.extend(["--admin".into(), "127.0.0.1:0".into()]);
+    }
+    cmd.args(&args).envs(envs.iter().copied());
+    let out = run(&mut cmd);
+    let stderr = tools::text(&out.stderr);
+    let code = out.status.code();
+    assert_ne!(code, Some(0), "accepted {args:?} {envs:?}");
+    assert!(code.is_some(), "killed by a signal with {args:?} {envs:?}");
+    assert!(
+        !stderr.contains("cannot bind") && !stderr.contains("listening"),
+        "bound before validating {args:?} {envs:?}:\n{stderr}"
+    );
+    for name in names {
+        assert!(
+            stderr.contains(name),
+            "the message for {args:?} {envs:?} does not mention {name:?}:\n{stderr}"
+        );
+    }
+    drop(held);
+    stderr
+}
+
 /// A background process in a process group of its own: the whole group (a server's workers too)
 /// is killed, and the process reaped, on drop.
 pub struct Background {
