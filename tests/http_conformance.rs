@@ -18,23 +18,41 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use support::http::{ReservedPort, free_port};
 use support::metrics::metric;
 use support::process::Proxy;
-use support::raw::{End, RawClient, Received, RecordingApp, Step, answer, find, ok};
+use support::raw::{End, Message, RawClient, Received, RecordingApp, Step, answer, find, ok};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 
 /// A complete request, used as the payload of every smuggling attempt.
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
-/// A complete response the app slips in after its real one.
+/// A complete response the app slips in after its real one (and in [`EXTRA_BYTES`]).
 const INJECTED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected";
 /// How long a test waits for something that must not come before concluding it did not.
 const QUIET: Duration = Duration::from_millis(1500);
 
-/// The proxy in front of `app`, JSON access log, plus `args`.
-async fn proxy(app: &RecordingApp, args: &[&str]) -> Proxy {
-    Proxy::builder(app.addr)
+/// An app answering with `script`, and the proxy in front of it (JSON access log, plus `args`).
+async fn start(
+    script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static,
+    args: &[&str],
+) -> (RecordingApp, Proxy) {
+    let app = RecordingApp::start(script).await;
+    let proxy = Proxy::builder(app.addr)
         .args(["--access-log", "json"])
         .args(args.iter().copied())
         .start()
-        .await
+        .await;
+    (app, proxy)
+}
+
+/// Sends `request` through a proxy (with `args`) to an app echoing targets: the client must get a
+/// 200 and the app exactly one request. Returns the proxy, the client's response and the request
+/// as the app received it.
+async fn forwarded_once(args: &[&str], request: &[u8]) -> (Proxy, Message, Message) {
+    let (app, proxy) = start(echo_target, args).await;
+    let mut client = RawClient::connect(proxy.inbound).await;
+    let response = client.exchange(request).await;
+    assert_eq!(response.status(), 200, "{}", lossy(&response.raw));
+    let mut requests = app.requests();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    (proxy, response, requests.remove(0).message)
 }
 
 /// The app's usual answer: 200 with the request's target as the body.
@@ -55,25 +73,30 @@ fn lossy(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
 
-/// Sends `request` on a new connection; the proxy must answer `status` and the app must have
-/// received nothing at all (not a byte: the request is refused before it is forwarded).
-async fn refused(proxy: &Proxy, app: &RecordingApp, request: &[u8], status: u16) {
-    let mut client = RawClient::connect(proxy.inbound).await;
-    let response = client.exchange(request).await;
-    assert_eq!(
-        response.status(),
-        status,
-        "{:?} got {}",
-        lossy(request),
-        response.head
-    );
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        app.all_bytes().is_empty(),
-        "{:?} reached the app as {:?}",
-        lossy(request),
-        lossy(&app.all_bytes())
-    );
+/// Sends each of `requests` on a new connection to a new proxy: each must get 400, and the app
+/// must receive nothing at all (not a byte: a malformed request is refused before it is
+/// forwarded, and never tunnelled).
+async fn all_refused<R: AsRef<[u8]>>(requests: &[R]) {
+    let (app, proxy) = start(echo_target, &[]).await;
+    for request in requests {
+        let request = request.as_ref();
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let response = client.exchange(request).await;
+        assert_eq!(
+            response.status(),
+            400,
+            "{:?} got {}",
+            lossy(request),
+            response.head
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(
+            app.all_bytes().is_empty(),
+            "{:?} reached the app as {:?}",
+            lossy(request),
+            lossy(&app.all_bytes())
+        );
+    }
 }
 
 /// The client's second request on the same connection gets its own answer.
@@ -89,8 +112,7 @@ async fn next_request_gets_its_own_response(client: &mut RawClient) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_content_length_keeps_the_body_as_a_body() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
+        let (app, proxy) = start(echo_target, &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let request = format!(
             "POST /a HTTP/1.1\r\nHost: t\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{SMUGGLED}",
@@ -113,8 +135,7 @@ async fn connection_content_length_keeps_the_body_as_a_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_transfer_encoding_keeps_the_chunked_body() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
+        let (app, proxy) = start(echo_target, &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let request = format!(
             "POST /a HTTP/1.1\r\nHost: t\r\nConnection: transfer-encoding\r\nTransfer-Encoding: chunked\r\n\r\n{:x}\r\n{SMUGGLED}\r\n0\r\n\r\n",
@@ -136,21 +157,9 @@ async fn connection_transfer_encoding_keeps_the_chunked_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connection_host_keeps_the_host() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(b"GET /a HTTP/1.1\r\nHost: example.test\r\nConnection: host\r\n\r\n")
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        assert_eq!(
-            requests[0].message.headers("host"),
-            ["example.test"],
-            "{}",
-            requests[0].message.head
-        );
+        let request = b"GET /a HTTP/1.1\r\nHost: example.test\r\nConnection: host\r\n\r\n";
+        let (_, _, at_app) = forwarded_once(&[], request).await;
+        assert_eq!(at_app.headers("host"), ["example.test"], "{}", at_app.head);
     })
     .await;
 }
@@ -186,15 +195,13 @@ async fn lenient_chunked_request_gets_400_and_nothing_after_it_reaches_the_app()
     bounded("test", TEST_TIMEOUT, async {
         // The app takes its time answering a POST: a proxy that forwarded the body would let it
         // parse the smuggled request first.
-        let app = RecordingApp::start(|r| {
+        let (app, proxy) = start(|r| {
             if r.message.method() == "POST" {
                 vec![Step::Sleep(Duration::from_millis(500)), Step::Write(ok("post"))]
             } else {
                 echo_target(r)
             }
-        })
-        .await;
-        let proxy = proxy(&app, &[]).await;
+        }, &[]).await;
         let mut failures = Vec::new();
         for (what, body) in BAD_CHUNKED {
             let before = app.all_bytes().len();
@@ -225,7 +232,7 @@ async fn lenient_chunked_request_gets_400_and_nothing_after_it_reaches_the_app()
 async fn lenient_chunked_response_is_cut_and_its_connection_not_reused() {
     bounded("test", TEST_TIMEOUT, async {
         // Request /bad/N gets bad body N followed by an injected response; anything else is echoed.
-        let app = RecordingApp::start(|r| {
+        let (app, proxy) = start(|r| {
             let target = r.message.target().to_owned();
             match target.strip_prefix("/bad/").and_then(|n| n.parse::<usize>().ok()) {
                 Some(n) => {
@@ -237,9 +244,8 @@ async fn lenient_chunked_response_is_cut_and_its_connection_not_reused() {
                 }
                 None => answer(ok(&target)),
             }
-        })
+        }, &[])
         .await;
-        let proxy = proxy(&app, &[]).await;
         let mut failures = Vec::new();
         for (n, (what, _)) in BAD_CHUNKED.iter().enumerate() {
             let mut client = RawClient::connect(proxy.inbound).await;
@@ -253,18 +259,10 @@ async fn lenient_chunked_response_is_cut_and_its_connection_not_reused() {
                 failures.push(format!("{what}: {end:?} after {:?}", lossy(&bytes)));
             }
             // The next request must not go out on the connection that carried the bad body.
-            let bad_connection = app
-                .requests()
-                .iter()
-                .find(|r| r.message.target() == format!("/bad/{n}"))
-                .map(|r| r.connection);
+            let bad_connection = connection_of(&app, &format!("/bad/{n}"));
             let mut next = RawClient::connect(proxy.inbound).await;
             let check = next.exchange(&get(&format!("/after/{n}"))).await;
-            let after = app
-                .requests()
-                .iter()
-                .find(|r| r.message.target() == format!("/after/{n}"))
-                .map(|r| r.connection);
+            let after = connection_of(&app, &format!("/after/{n}"));
             if check.body_text() != format!("/after/{n}") || after == bad_connection {
                 failures.push(format!(
                     "{what}: the next request got {:?} on app connection {after:?} (bad one {bad_connection:?})",
@@ -285,12 +283,14 @@ async fn malformed_response_head_gets_502() {
             b"HTTP/1.1 200 OK\r\nthis line is not a field\r\nContent-Length: 2\r\n\r\nok",
             b"HTTP/1.1 200 OK\r\nBad Name: x\r\nContent-Length: 2\r\n\r\nok",
         ];
-        let app = RecordingApp::start(|r| {
-            let n: usize = r.message.target()[1..].parse().unwrap_or(0);
-            vec![Step::Write(heads[n].to_vec()), Step::Close]
-        })
+        let (_app, proxy) = start(
+            |r| {
+                let n: usize = r.message.target()[1..].parse().unwrap_or(0);
+                vec![Step::Write(heads[n].to_vec()), Step::Close]
+            },
+            &[],
+        )
         .await;
-        let proxy = proxy(&app, &[]).await;
         for (n, head) in heads.iter().enumerate() {
             let mut client = RawClient::connect(proxy.inbound).await;
             let response = client.exchange(&get(&format!("/{n}"))).await;
@@ -312,16 +312,8 @@ async fn malformed_response_head_gets_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_after_an_empty_line_is_http() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(b"\r\nGET /after-crlf HTTP/1.1\r\nHost: t\r\nX-Request-Id: crlf-1\r\n\r\n")
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        let at_app = &requests[0].message;
+        let request = b"\r\nGET /after-crlf HTTP/1.1\r\nHost: t\r\nX-Request-Id: crlf-1\r\n\r\n";
+        let (proxy, _, at_app) = forwarded_once(&[], request).await;
         assert!(
             at_app.header("x-forwarded-for").is_some(),
             "handled as HTTP: {}",
@@ -336,15 +328,12 @@ async fn request_after_an_empty_line_is_http() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_request_lines_get_400_not_a_tunnel() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        for request in [
+        all_refused(&[
             "get /a HTTP/1.1\r\nHost: t\r\n\r\n",
             "ABCDEFGHIJKLMNOPQ /a HTTP/1.1\r\nHost: t\r\n\r\n",
             "G<T /a HTTP/1.1\r\nHost: t\r\n\r\n",
-        ] {
-            refused(&proxy, &app, request.as_bytes(), 400).await;
-        }
+        ])
+        .await;
     })
     .await;
 }
@@ -380,19 +369,53 @@ async fn late_request_on_an_http_port_is_http() {
 // ---------------------------------------------------------------------------------------------
 // 4. The app's extra bytes never reach the next request
 
-/// Request 1 gets `first` (the genuine answer followed by extra bytes); every later request is
-/// echoed. The client's second request on the same connection must get its own answer, and the
-/// injected bytes must never reach it.
-async fn extra_bytes_are_dropped(method: &str, first: &'static [u8]) {
-    let app = RecordingApp::start(move |r| {
-        if r.message.target() == "/first" {
-            answer(first)
-        } else {
-            echo_target(r)
-        }
-    })
+/// Answers to `/first` (by method) that carry bytes beyond the response.
+const EXTRA_BYTES: &[(&str, &str, &[u8])] = &[
+    (
+        "bytes after a 304",
+        "GET",
+        b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
+    ),
+    (
+        "a body in the answer to HEAD",
+        "HEAD",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 45\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
+    ),
+    (
+        "surplus after Content-Length",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/firstinjected surplus bytes\r\n\r\n",
+    ),
+    (
+        "an unsolicited second response",
+        "GET",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/firstHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
+    ),
+];
+
+/// The app connection that carried the request for `target`.
+fn connection_of(app: &RecordingApp, target: &str) -> Option<usize> {
+    app.requests()
+        .iter()
+        .find(|r| r.message.target() == target)
+        .map(|r| r.connection)
+}
+
+/// `/first` gets `first` (the genuine answer followed by extra bytes); every other request is
+/// echoed. The client's second request on the same connection must get its own answer, from
+/// another app connection, and the injected bytes must never reach the client.
+async fn extra_bytes_are_dropped(method: &str, first: &'static [u8]) -> Result<(), String> {
+    let (app, proxy) = start(
+        move |r| {
+            if r.message.target() == "/first" {
+                answer(first)
+            } else {
+                echo_target(r)
+            }
+        },
+        &[],
+    )
     .await;
-    let proxy = proxy(&app, &[]).await;
     let mut client = RawClient::connect(proxy.inbound).await;
     client
         .send(format!("{method} /first HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes())
@@ -402,75 +425,34 @@ async fn extra_bytes_are_dropped(method: &str, first: &'static [u8]) {
     } else {
         client.response().await
     };
-    let response = response.expect("a response to the first request");
-    assert!(
-        find(&response.raw, b"injected").is_none(),
-        "{}",
-        lossy(&response.raw)
-    );
-    let second = client.exchange(&get("/second")).await;
-    assert_eq!(second.status(), 200, "{}", lossy(&second.raw));
-    assert_eq!(second.body_text(), "/second", "{}", lossy(&second.raw));
-    let first_connection = app
-        .requests()
-        .iter()
-        .find(|r| r.message.target() == "/first")
-        .map(|r| r.connection);
-    let second_connection = app
-        .requests()
-        .iter()
-        .find(|r| r.message.target() == "/second")
-        .map(|r| r.connection);
-    assert_ne!(
-        first_connection, second_connection,
-        "the connection that carried extra bytes was reused"
-    );
+    let response = response.ok_or("no response to the first request")?;
+    if find(&response.raw, b"injected").is_some() {
+        return Err(format!("first response: {}", lossy(&response.raw)));
+    }
+    client.send(&get("/second")).await;
+    let second = client
+        .response()
+        .await
+        .ok_or("no response to the second request")?;
+    if second.status() != 200 || second.body_text() != "/second" {
+        return Err(format!("second response: {}", lossy(&second.raw)));
+    }
+    if connection_of(&app, "/first") == connection_of(&app, "/second") {
+        return Err("the app connection that carried extra bytes was reused".into());
+    }
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bytes_after_a_304_are_not_a_response() {
+async fn extra_bytes_from_the_app_never_reach_the_next_request() {
     bounded("test", TEST_TIMEOUT, async {
-        extra_bytes_are_dropped(
-            "GET",
-            b"HTTP/1.1 304 Not Modified\r\nETag: \"x\"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
-        )
-        .await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn body_of_a_head_answer_is_not_a_response() {
-    bounded("test", TEST_TIMEOUT, async {
-        extra_bytes_are_dropped(
-            "HEAD",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 45\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
-        )
-        .await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn surplus_after_content_length_is_not_a_response() {
-    bounded("test", TEST_TIMEOUT, async {
-        extra_bytes_are_dropped(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/firstinjected surplus bytes\r\n\r\n",
-        )
-        .await;
-    })
-    .await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unsolicited_second_response_is_dropped() {
-    bounded("test", TEST_TIMEOUT, async {
-        extra_bytes_are_dropped(
-            "GET",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\n/firstHTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected",
-        )
-        .await;
+        let mut failures = Vec::new();
+        for (what, method, first) in EXTRA_BYTES {
+            if let Err(why) = extra_bytes_are_dropped(method, first).await {
+                failures.push(format!("{what}: {why}"));
+            }
+        }
+        assert!(failures.is_empty(), "{failures:#?}");
     })
     .await;
 }
@@ -478,12 +460,8 @@ async fn unsolicited_second_response_is_dropped() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_with_content_length_and_chunked_loses_content_length() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::always(
-            b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
-                .to_vec(),
-        )
-        .await;
-        let proxy = proxy(&app, &[]).await;
+        let (_app, proxy) = start(|_| answer(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+                ), &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let response = client.exchange(&get("/both")).await;
         assert_eq!(response.status(), 200, "{}", response.head);
@@ -496,9 +474,11 @@ async fn response_with_content_length_and_chunked_loses_content_length() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_content_length_with_a_sign_gets_502() {
     bounded("test", TEST_TIMEOUT, async {
-        let app =
-            RecordingApp::always(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok".to_vec()).await;
-        let proxy = proxy(&app, &[]).await;
+        let (_app, proxy) = start(
+            |_| answer(b"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok"),
+            &[],
+        )
+        .await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let response = client.exchange(&get("/signed")).await;
         assert_eq!(response.status(), 502, "{}", lossy(&response.raw));
@@ -509,15 +489,17 @@ async fn response_content_length_with_a_sign_gets_502() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_connection_content_length_keeps_its_framing() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(|r| {
-            answer(format!(
-                "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{}",
-                r.message.target().len(),
-                r.message.target()
-            ))
-        })
+        let (_app, proxy) = start(
+            |r| {
+                answer(format!(
+                    "HTTP/1.1 200 OK\r\nConnection: content-length\r\nContent-Length: {}\r\n\r\n{}",
+                    r.message.target().len(),
+                    r.message.target()
+                ))
+            },
+            &[],
+        )
         .await;
-        let proxy = proxy(&app, &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         client.send(&get("/first")).await;
         let (bytes, _) = client.rest(QUIET).await;
@@ -539,12 +521,14 @@ async fn response_connection_content_length_keeps_its_framing() {
 async fn post_the_app_dropped_is_not_sent_again() {
     bounded("test", TEST_TIMEOUT, async {
         // The first connection answers its first request, then reads the POST and closes.
-        let app = RecordingApp::start(|r| match (r.connection, r.nth) {
-            (1, 2) => vec![Step::Close],
-            _ => echo_target(r),
-        })
+        let (app, proxy) = start(
+            |r| match (r.connection, r.nth) {
+                (1, 2) => vec![Step::Close],
+                _ => echo_target(r),
+            },
+            &[],
+        )
         .await;
-        let proxy = proxy(&app, &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let warm = client.exchange(&get("/warm")).await;
         assert_eq!(warm.status(), 200, "{}", warm.head);
@@ -572,13 +556,15 @@ async fn post_the_app_dropped_is_not_sent_again() {
 async fn idempotent_get_survives_the_keep_alive_race() {
     bounded("test", TEST_TIMEOUT, async {
         // Every connection answers once and closes, without saying so.
-        let app = RecordingApp::start(|r| {
-            let mut steps = echo_target(r);
-            steps.push(Step::Close);
-            steps
-        })
+        let (_app, proxy) = start(
+            |r| {
+                let mut steps = echo_target(r);
+                steps.push(Step::Close);
+                steps
+            },
+            &[],
+        )
         .await;
-        let proxy = proxy(&app, &[]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         for i in 0..30 {
             let response = client.exchange(&get(&format!("/race/{i}"))).await;
@@ -600,22 +586,25 @@ async fn idempotent_get_survives_the_keep_alive_race() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_that_is_not_digits_gets_400() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        for value in [
-            &b"+5"[..],
+        let values: [&[u8]; 7] = [
+            b"+5",
             b"5\xa0",
             b"\xc2\xa05",
             b"5\x85",
             b"0x5",
             b"5 5",
             b"-5",
-        ] {
-            let mut request = b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: ".to_vec();
-            request.extend_from_slice(value);
-            request.extend_from_slice(b"\r\n\r\nhello");
-            refused(&proxy, &app, &request, 400).await;
-        }
+        ];
+        let requests: Vec<Vec<u8>> = values
+            .iter()
+            .map(|value| {
+                let mut request = b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: ".to_vec();
+                request.extend_from_slice(value);
+                request.extend_from_slice(b"\r\n\r\nhello");
+                request
+            })
+            .collect();
+        all_refused(&requests).await;
     })
     .await;
 }
@@ -623,16 +612,9 @@ async fn content_length_that_is_not_digits_gets_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn content_length_with_spaces_and_tabs_around_it_is_accepted() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: \t5 \t\r\n\r\nhello")
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        assert_eq!(requests[0].message.body_text(), "hello");
+        let request = b"POST /cl HTTP/1.1\r\nHost: t\r\nContent-Length: \t5 \t\r\n\r\nhello";
+        let (_, _, at_app) = forwarded_once(&[], request).await;
+        assert_eq!(at_app.body_text(), "hello");
     })
     .await;
 }
@@ -643,15 +625,12 @@ async fn content_length_with_spaces_and_tabs_around_it_is_accepted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn missing_repeated_or_invalid_host_gets_400() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        for request in [
+        all_refused(&[
             "GET /h HTTP/1.1\r\n\r\n",
             "GET /h HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
             "GET /h HTTP/1.1\r\nHost: a b\r\n\r\n",
-        ] {
-            refused(&proxy, &app, request.as_bytes(), 400).await;
-        }
+        ])
+        .await;
     })
     .await;
 }
@@ -659,16 +638,8 @@ async fn missing_repeated_or_invalid_host_gets_400() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn absolute_form_is_sent_in_origin_form_with_the_targets_host() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(b"GET http://example.test/p?q HTTP/1.1\r\nHost: other\r\n\r\n")
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        let at_app = &requests[0].message;
+        let request = b"GET http://example.test/p?q HTTP/1.1\r\nHost: other\r\n\r\n";
+        let (_, _, at_app) = forwarded_once(&[], request).await;
         assert_eq!(at_app.start, "GET /p?q HTTP/1.1", "{}", at_app.head);
         assert_eq!(at_app.headers("host"), ["example.test"], "{}", at_app.head);
     })
@@ -681,18 +652,8 @@ async fn absolute_form_is_sent_in_origin_form_with_the_targets_host() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn transfer_codings_reach_the_app_whole() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(
-                b"POST /coded HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n7\r\ngzipped\r\n0\r\n\r\n",
-            )
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        let at_app = &requests[0].message;
+        let request = b"POST /coded HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n7\r\ngzipped\r\n0\r\n\r\n";
+        let (_, _, at_app) = forwarded_once(&[], request).await;
         let codings = at_app.headers("transfer-encoding").join(", ");
         assert_eq!(codings.to_ascii_lowercase(), "gzip, chunked", "{}", at_app.head);
         assert_eq!(at_app.body_text(), "gzipped");
@@ -706,18 +667,11 @@ async fn transfer_codings_reach_the_app_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_small_fields_are_limited_by_bytes_not_by_count() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--max-header-bytes", "8192"]).await;
         let fields: String = (0..150).map(|i| format!("X-F{i}: {i}\r\n")).collect();
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(format!("GET /many HTTP/1.1\r\nHost: t\r\n{fields}\r\n").as_bytes())
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        let forwarded = requests[0]
-            .message
+        let request = format!("GET /many HTTP/1.1\r\nHost: t\r\n{fields}\r\n");
+        let limit = ["--max-header-bytes", "8192"];
+        let (proxy, _, at_app) = forwarded_once(&limit, request.as_bytes()).await;
+        let forwarded = at_app
             .fields
             .iter()
             .filter(|(k, _)| k.to_ascii_lowercase().starts_with("x-f"))
@@ -738,17 +692,10 @@ async fn many_small_fields_are_limited_by_bytes_not_by_count() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn http_1_2_is_served_as_http_1_1() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &[]).await;
-        let mut client = RawClient::connect(proxy.inbound).await;
-        let response = client
-            .exchange(b"GET /v12 HTTP/1.2\r\nHost: t\r\n\r\n")
-            .await;
-        assert_eq!(response.status(), 200, "{}", response.head);
+        let request = b"GET /v12 HTTP/1.2\r\nHost: t\r\n\r\n";
+        let (_, response, at_app) = forwarded_once(&[], request).await;
         assert!(response.start.starts_with("HTTP/1.1 "), "{}", response.head);
-        let requests = app.requests();
-        assert_eq!(requests.len(), 1, "{requests:?}");
-        assert_eq!(requests[0].message.start, "GET /v12 HTTP/1.1");
+        assert_eq!(at_app.start, "GET /v12 HTTP/1.1");
     })
     .await;
 }
@@ -792,8 +739,7 @@ async fn until_closed(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn trickled_head_gets_408_after_the_header_timeout() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--header-timeout", "1s"]).await;
+        let (app, proxy) = start(echo_target, &["--header-timeout", "1s"]).await;
         let stream = tokio::net::TcpStream::connect(proxy.inbound)
             .await
             .expect("connect");
@@ -815,8 +761,7 @@ async fn trickled_head_gets_408_after_the_header_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_keep_alive_client_is_closed_after_the_idle_timeout() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--idle-timeout", "500ms"]).await;
+        let (_app, proxy) = start(echo_target, &["--idle-timeout", "500ms"]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         assert_eq!(client.exchange(&get("/once")).await.status(), 200);
         let (rest, end) = client.rest(Duration::from_secs(10)).await;
@@ -829,8 +774,7 @@ async fn idle_keep_alive_client_is_closed_after_the_idle_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_request_body_gets_408_and_the_app_connection_closes() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--request-body-timeout", "500ms"]).await;
+        let (app, proxy) = start(echo_target, &["--request-body-timeout", "500ms"]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         client
             .send(b"POST /stall HTTP/1.1\r\nHost: t\r\nContent-Length: 10\r\n\r\nhello")
@@ -849,8 +793,7 @@ async fn stalled_request_body_gets_408_and_the_app_connection_closes() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn response_timeout_counts_from_the_end_of_the_request_body() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--response-timeout", "2s"]).await;
+        let (app, proxy) = start(echo_target, &["--response-timeout", "2s"]).await;
         let stream = tokio::net::TcpStream::connect(proxy.inbound)
             .await
             .expect("connect");
@@ -874,8 +817,7 @@ async fn response_timeout_counts_from_the_end_of_the_request_body() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn app_silent_after_the_body_gets_504() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(|_| vec![Step::Hang]).await;
-        let proxy = proxy(&app, &["--response-timeout", "500ms"]).await;
+        let (_app, proxy) = start(|_| vec![Step::Hang], &["--response-timeout", "500ms"]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         let response = client
             .exchange(b"POST /silent HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nhi")
@@ -888,14 +830,16 @@ async fn app_silent_after_the_body_gets_504() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stalled_response_body_is_cut_after_the_response_body_timeout() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(|_| {
-            vec![
-                Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello".to_vec()),
-                Step::Hang,
-            ]
-        })
+        let (_app, proxy) = start(
+            |_| {
+                vec![
+                    Step::Write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhello".to_vec()),
+                    Step::Hang,
+                ]
+            },
+            &["--response-body-timeout", "500ms"],
+        )
         .await;
-        let proxy = proxy(&app, &["--response-body-timeout", "500ms"]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         client.send(&get("/stall")).await;
         let (got, end) = client.rest(Duration::from_secs(10)).await;
@@ -909,8 +853,7 @@ async fn stalled_response_body_is_cut_after_the_response_body_timeout() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_pooled_app_connection_is_closed_after_the_pool_idle_timeout() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--pool-idle-timeout", "500ms"]).await;
+        let (app, proxy) = start(echo_target, &["--pool-idle-timeout", "500ms"]).await;
         let mut client = RawClient::connect(proxy.inbound).await;
         assert_eq!(client.exchange(&get("/pooled")).await.status(), 200);
         // The client stays connected: the pool, not the client's leaving, must close it.
@@ -983,8 +926,7 @@ async fn grpc_request_to_a_down_app_gets_grpc_unavailable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rejected_requests_are_logged_and_counted() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(echo_target).await;
-        let proxy = proxy(&app, &["--max-header-bytes", "8192"]).await;
+        let (_app, proxy) = start(echo_target, &["--max-header-bytes", "8192"]).await;
         let big = format!(
             "GET /big HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
             "b".repeat(20_000)

@@ -439,11 +439,6 @@ impl RecordingApp {
         RecordingApp::serve(listener, script)
     }
 
-    /// Answers every request with `response`, keeping connections open.
-    pub async fn always(response: Vec<u8>) -> Self {
-        RecordingApp::start(move |_| answer(&response)).await
-    }
-
     pub fn serve(
         listener: TcpListener,
         script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static,
