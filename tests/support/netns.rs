@@ -12,7 +12,7 @@ use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use super::process::{Background, bin, must, run};
 use super::tools::{have, normalise, text, venv, without_inert_chains};
@@ -359,25 +359,22 @@ impl Pod {
         }
     }
 
+    /// Waits until `url` answers from the namespace `role`; fails at once if a process exited.
     fn wait_ready(&mut self, what: &str, role: &str, url: &str, log: &str) {
-        let deadline = Instant::now() + POD_WAIT;
-        loop {
+        let waited = format!("{what} to answer {url}");
+        eventually_blocking(&waited, POD_WAIT, || {
             let out = self
                 .ns(role)
                 .exec(&["curl", "-fsS", "-o", "/dev/null", "-m", "1", url]);
             if out.status.success() {
-                return;
+                return Ok(());
             }
-            let exited = self.procs.iter_mut().any(|p| !p.is_running());
-            if exited || Instant::now() > deadline {
-                panic!(
-                    "{what} never answered {url} (a process exited: {exited}): {}\n--- {log}:\n{}",
-                    text(&out.stderr),
-                    self.read(log)
-                );
+            let why = format!("{}\n--- {log}:\n{}", text(&out.stderr), self.read(log));
+            if self.procs.iter_mut().any(|p| !p.is_running()) {
+                panic!("{what}: a process exited: {why}");
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Err(why)
+        })
     }
 
     /// `amazing-proxy init ARGS` in the pod, required to succeed; returns its stderr.
