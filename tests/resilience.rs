@@ -385,3 +385,73 @@ async fn request_cut_by_the_drain_timeout_is_logged() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// 7. Idle clients cost no app connection; running out of descriptors spares the admin port
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_give_their_app_connection_back() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(|r| answer(ok(r.message.target()))).await;
+        let proxy = Proxy::start(app.addr, &[]).await;
+        let mut idle = Vec::new();
+        for i in 0..5 {
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let request = format!("GET /idle/{i} HTTP/1.1\r\nHost: t\r\n\r\n");
+            let response = client.exchange(request.as_bytes()).await;
+            assert_eq!(response.status(), 200, "{}", response.head);
+            // The client stays connected and idle. The pause lets the proxy finish the exchange
+            // (give the app connection back) before the next client asks for one.
+            idle.push(client);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            app.connections(),
+            1,
+            "5 idle clients held {} app connections",
+            app.connections()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_admin_port_still_answers() {
+    const TEST: &str = "out_of_descriptors_the_admin_port_still_answers";
+    bounded("test", TEST_TIMEOUT, async {
+        if let Some(why) = missing(&["prlimit"]) {
+            return skip(TEST, &why);
+        }
+        let app = TestApp::start().await;
+        let proxy = Proxy::builder(app.addr)
+            .under(&["prlimit", "--nofile=64"])
+            .start()
+            .await;
+        // More clients than the proxy has descriptors: the kernel queues what it cannot accept.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            held.extend(TcpStream::connect(proxy.inbound).await.ok());
+        }
+        let fds = format!("/proc/{}/fd", proxy.pid);
+        eventually("the proxy to use all its descriptors", WAIT, || {
+            let open = std::fs::read_dir(&fds).map_or(0, Iterator::count);
+            async move { (open >= 60).then_some(()) }
+        })
+        .await;
+        let scrape = proxy.admin_get("/metrics").await;
+        assert_eq!(scrape.status, StatusCode::OK, "{}", scrape.text());
+        drop(held);
+        eventually("the idle clients to be gone", WAIT, || async {
+            let text = proxy.metrics().await;
+            let open = metric(
+                &text,
+                "amazing_proxy_open_connections",
+                &["direction=\"inbound\""],
+            );
+            (open == Some(0.0)).then_some(())
+        })
+        .await;
+        assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+    })
+    .await;
+}

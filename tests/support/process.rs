@@ -46,7 +46,20 @@ pub fn scrub(cmd: &mut Command) -> &mut Command {
 
 /// A `Command` for the binary: scrubbed, with `AMAZING_PROXY_LOG=info`.
 pub fn command() -> Command {
-    let mut cmd = Command::new(bin());
+    command_under(&[])
+}
+
+/// [`command`] run by `wrapper` (a program and its arguments that exec the binary, such as
+/// `prlimit --nofile=64`); the process is the binary's.
+pub fn command_under(wrapper: &[&str]) -> Command {
+    let mut cmd = match wrapper.split_first() {
+        Some((program, args)) => {
+            let mut cmd = Command::new(program);
+            cmd.args(args).arg(bin());
+            cmd
+        }
+        None => Command::new(bin()),
+    };
     scrub(&mut cmd).env("AMAZING_PROXY_LOG", "info");
     cmd
 }
@@ -203,6 +216,7 @@ fn capture(mut from: impl Read + Send + 'static, into: Shared) {
 /// then the test's own arguments.
 pub struct ProxyBuilder {
     app: SocketAddr,
+    wrapper: Vec<String>,
     inbound: String,
     args: Vec<String>,
     envs: Vec<(String, String)>,
@@ -223,6 +237,12 @@ impl ProxyBuilder {
         self
     }
 
+    /// Runs the binary through `wrapper` (see [`command_under`]).
+    pub fn under(mut self, wrapper: &[&str]) -> Self {
+        self.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
+        self
+    }
+
     /// The inbound listener's address (a fixed port, when a test needs to know it in advance).
     pub fn inbound(mut self, addr: &str) -> Self {
         self.inbound = addr.into();
@@ -230,7 +250,8 @@ impl ProxyBuilder {
     }
 
     pub async fn start(self) -> Proxy {
-        let mut cmd = command();
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
+        let mut cmd = command_under(&wrapper);
         cmd.arg("run")
             .args(["--inbound", &self.inbound, "--admin", "127.0.0.1:0"])
             .args(["--outbound", "off", "--proxy-mark", "0", "--app"])
@@ -290,6 +311,7 @@ impl Proxy {
     pub fn builder(app: SocketAddr) -> ProxyBuilder {
         ProxyBuilder {
             app,
+            wrapper: Vec::new(),
             inbound: "127.0.0.1:0".into(),
             args: Vec::new(),
             envs: Vec::new(),
