@@ -1,7 +1,9 @@
 //! Under load, attack and bad configuration the sidecar holds (issue 10), as behaviour: hostile
-//! sockets at the connection limit, the admin port reached from another address, configurations
-//! that loop or overflow, the keep-alive race, a request cut by the drain. Counts and statuses,
-//! never time thresholds; every socket and process is bounded and goes away with the test.
+//! sockets at the connection limit, the keep-alive race, configurations that loop or overflow, the
+//! admin port reached from another address, a request cut by the drain, idle clients and running
+//! out of descriptors, and (already holding) an app crash and restart. Counts and statuses, never
+//! time thresholds; every socket and process is bounded and goes away with the test. The figures
+//! (bytes and descriptors per idle client, recovery time) belong in `bench/`, not here.
 
 mod support;
 
@@ -11,7 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use http::StatusCode;
-use support::http::{AbortOnDrop, TestApp};
+use support::http::{AbortOnDrop, TestApp, free_port, wait_listening};
 use support::metrics::metric;
 use support::netns::Netns;
 use support::process::{Background, Proxy, bin, rejected_at_start};
@@ -452,6 +454,57 @@ async fn out_of_descriptors_the_admin_port_still_answers() {
         })
         .await;
         assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What already holds: an app crash and restart
+
+/// `python3 -m http.server` on `port`, serving an empty directory; killed on drop.
+async fn python_app(port: u16, dir: &std::path::Path) -> Background {
+    let mut cmd = std::process::Command::new("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .current_dir(dir)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let app = Background::spawn(&mut cmd);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+    wait_listening(addr, WAIT).await;
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_crash_gives_502s_and_its_restart_200s() {
+    const TEST: &str = "app_crash_gives_502s_and_its_restart_200s";
+    bounded("test", TEST_TIMEOUT, async {
+        if let Some(why) = missing(&["python3"]) {
+            return skip(TEST, &why);
+        }
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let app = python_app(port, dir.path()).await;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+        let proxy = Proxy::start(addr, &[]).await;
+        assert_eq!(proxy.get("/").await.status, StatusCode::OK);
+
+        drop(app);
+        for _ in 0..3 {
+            assert_eq!(proxy.get("/").await.status, StatusCode::BAD_GATEWAY);
+        }
+
+        let _app = python_app(port, dir.path()).await;
+        assert_eq!(
+            proxy.get("/").await.status,
+            StatusCode::OK,
+            "the first request after the restart"
+        );
     })
     .await;
 }
