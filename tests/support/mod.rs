@@ -27,12 +27,12 @@ pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 pub const WAIT: Duration = Duration::from_secs(10);
 
 /// Records that `test` did not run here and why: a `SKIP <test>: <reason>` line on stderr, and the
-/// same line appended to the file `$AMAZING_PROXY_SKIP_LOG` names (scripts/test.sh counts them and
+/// same line appended to the file `$AMAZING_PROXY_TEST_SKIP_LOG` names (scripts/test.sh counts them and
 /// fails under CI). The caller then returns without asserting anything.
 pub fn skip(test: &str, reason: &str) {
     let line = format!("SKIP {test}: {reason}");
     eprintln!("{line}");
-    let Some(path) = std::env::var_os("AMAZING_PROXY_SKIP_LOG") else {
+    let Some(path) = std::env::var_os("AMAZING_PROXY_TEST_SKIP_LOG") else {
         return;
     };
     let appended = std::fs::OpenOptions::new()
@@ -41,7 +41,7 @@ pub fn skip(test: &str, reason: &str) {
         .open(&path)
         .and_then(|mut file| writeln!(file, "{line}"));
     if let Err(e) = appended {
-        panic!("cannot append to AMAZING_PROXY_SKIP_LOG={path:?}: {e}");
+        panic!("cannot append to AMAZING_PROXY_TEST_SKIP_LOG={path:?}: {e}");
     }
 }
 

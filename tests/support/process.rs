@@ -2,7 +2,7 @@
 //! processes killed (with their whole process group) on drop, and the proxy under test.
 //!
 //! Every command gets a clean environment of ours: inherited `AMAZING_PROXY_*` variables (the
-//! test runner's own, such as `AMAZING_PROXY_SKIP_LOG`) are removed, so only what a test sets
+//! test runner's own, such as `AMAZING_PROXY_TEST_SKIP_LOG`) are removed, so only what a test sets
 //! reaches the binary.
 
 use std::io::{Read, Write as _};
