@@ -1,9 +1,8 @@
 //! HTTP for the tests: clients (hyper, one request or a kept-open connection), the in-process
-//! test app, raw TCP apps, and ports that refuse or hang. Every wait is bounded.
+//! test app, and ports that refuse or hang. Every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -415,44 +414,7 @@ pub fn echoed_headers(echo: &Value) -> BTreeMap<String, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw TCP upstreams
-
-/// A raw TCP app: for every connection, `handler` gets the stream and the connection's number.
-pub struct RawApp {
-    pub addr: SocketAddr,
-    pub connections: Arc<AtomicUsize>,
-    _task: AbortOnDrop,
-}
-
-impl RawApp {
-    pub async fn start<F, Fut>(handler: F) -> RawApp
-    where
-        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the raw app");
-        let addr = listener.local_addr().expect("raw app address");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        let handler = Arc::new(handler);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(handler(stream, n));
-            }
-        });
-        RawApp {
-            addr,
-            connections,
-            _task: AbortOnDrop(task),
-        }
-    }
-}
+// Ports that refuse or hang
 
 /// A port on 127.0.0.1 that nothing listens on: bound (so nobody else takes it) but not
 /// listening, so connections to it are refused. Call `listen` to bring the app "up".

@@ -1,12 +1,13 @@
 //! Bytes on the wire, for tests that must see exactly what crosses the proxy: a raw client (send
-//! bytes, read one response or everything until the close, always within a bound) and a
-//! recording app (a TCP server that keeps every byte each connection brought and answers each
-//! request it parses with scripted bytes).
+//! bytes, read one response or everything until the close, always within a bound), raw TCP apps
+//! ([`RawApp`], a handler per connection) and the recording app (keeps every byte each connection
+//! brought and answers each request it parses with scripted bytes).
 //!
 //! The app parses requests leniently on purpose (a head may end in a bare LF, a chunk line too),
 //! as nginx or Werkzeug do: anything the proxy lets through that such an app could take for a
 //! second request shows up in [`RecordingApp::requests`].
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -370,7 +371,44 @@ impl RawClient {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The recording app
+// Raw apps
+
+/// A raw TCP app: for every connection, `handler` gets the stream and the connection's number.
+pub struct RawApp {
+    pub addr: SocketAddr,
+    pub connections: Arc<AtomicUsize>,
+    _task: AbortOnDrop,
+}
+
+impl RawApp {
+    pub async fn start<F, Fut>(handler: F) -> RawApp
+    where
+        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the raw app");
+        let addr = listener.local_addr().expect("raw app address");
+        let connections = Arc::new(AtomicUsize::new(0));
+        let counter = connections.clone();
+        let handler = Arc::new(handler);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+                tokio::spawn(handler(stream, n));
+            }
+        });
+        RawApp {
+            addr,
+            connections,
+            _task: AbortOnDrop(task),
+        }
+    }
+}
 
 /// A request as the recording app parsed it.
 #[derive(Debug, Clone)]
@@ -426,58 +464,29 @@ type Script = dyn Fn(&Received) -> Vec<Step> + Send + Sync;
 /// request it parses with what `script` says.
 pub struct RecordingApp {
     pub addr: SocketAddr,
+    app: RawApp,
     record: Arc<Mutex<Record>>,
-    accepted: Arc<AtomicUsize>,
-    _task: AbortOnDrop,
 }
 
 impl RecordingApp {
     pub async fn start(script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the recording app");
-        RecordingApp::serve(listener, script)
-    }
-
-    pub fn serve(
-        listener: TcpListener,
-        script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static,
-    ) -> Self {
-        let addr = listener.local_addr().expect("recording app address");
         let record = Arc::new(Mutex::new(Record::default()));
-        let accepted = Arc::new(AtomicUsize::new(0));
         let script: Arc<Script> = Arc::new(script);
-        let (shared, counter) = (record.clone(), accepted.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let connection = {
-                    let mut r = lock(&shared);
-                    r.connections.push(Connection::default());
-                    r.connections.len()
-                };
-                counter.fetch_add(1, Ordering::SeqCst);
-                tokio::spawn(serve_connection(
-                    stream,
-                    connection,
-                    shared.clone(),
-                    script.clone(),
-                ));
-            }
-        });
+        let shared = record.clone();
+        let app = RawApp::start(move |stream, connection| {
+            serve_connection(stream, connection, shared.clone(), script.clone())
+        })
+        .await;
         RecordingApp {
-            addr,
+            addr: app.addr,
+            app,
             record,
-            accepted,
-            _task: AbortOnDrop(task),
         }
     }
 
     /// How many connections the app accepted.
     pub fn connections(&self) -> usize {
-        self.accepted.load(Ordering::SeqCst)
+        self.app.connections.load(Ordering::SeqCst)
     }
 
     /// Every request parsed so far, in arrival order, across all connections.
@@ -522,6 +531,13 @@ async fn serve_connection(
     record: Arc<Mutex<Record>>,
     script: Arc<Script>,
 ) {
+    {
+        // Connections are numbered as accepted; their records may be made in another order.
+        let mut r = lock(&record);
+        if r.connections.len() < connection {
+            r.connections.resize_with(connection, Connection::default);
+        }
+    }
     let mut buf = Vec::new();
     let mut nth = 0;
     loop {
