@@ -203,16 +203,7 @@ async fn client_leaving_cancels_the_apps_request_and_leaks_nothing() {
             (app.state.cancelled.load(Ordering::SeqCst) == 1).then_some(())
         })
         .await;
-        eventually("open connections to return to 0", WAIT, || async {
-            let metrics = proxy.metrics().await;
-            let open = metric(
-                &metrics,
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-            );
-            (open == Some(0.0)).then_some(())
-        })
-        .await;
+        proxy.wait_no_open_connections().await;
         // The in-flight slot was given back: with --max-in-flight 1, this would get 503 otherwise.
         still_serves(&proxy).await;
     })

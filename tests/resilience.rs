@@ -17,11 +17,11 @@ use support::http::{AbortOnDrop, TestApp, free_port, wait_listening};
 use support::metrics::metric;
 use support::netns::Netns;
 use support::process::{Background, Proxy, bin, rejected_at_start};
-use support::raw::{RawClient, RecordingApp, Step, answer, ok};
+use support::raw::{RawApp, RawClient, RecordingApp, Step, answer, ok};
 use support::tools::{missing, text};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually, eventually_blocking, skip};
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 // ---------------------------------------------------------------------------------------------
 // 1. Slowloris at the connection limit
@@ -191,37 +191,25 @@ fn bind_error_names_the_os_error_once() {
 // ---------------------------------------------------------------------------------------------
 // 4. A request that loops back to the proxy is stopped
 
-/// A TCP relay on 127.0.0.1 to `target`, at most `cap` connections (so a loop cannot run away in
-/// the test); counts the connections it relayed.
-async fn relay(
-    target: Arc<std::sync::Mutex<Option<SocketAddr>>>,
-    cap: usize,
-) -> (SocketAddr, Arc<AtomicUsize>, AbortOnDrop) {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the relay");
-    let addr = listener.local_addr().expect("relay address");
-    let count = Arc::new(AtomicUsize::new(0));
-    let counter = count.clone();
-    let task = tokio::spawn(async move {
-        while let Ok((mut inbound, _)) = listener.accept().await {
-            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-            let to = *target.lock().unwrap_or_else(|p| p.into_inner());
+/// A TCP relay on 127.0.0.1 to `target`, for at most `cap` connections (so a loop cannot run away
+/// in the test).
+async fn relay(target: Arc<std::sync::Mutex<Option<SocketAddr>>>, cap: usize) -> RawApp {
+    RawApp::start(move |mut inbound, n| {
+        let to = *target.lock().unwrap_or_else(|p| p.into_inner());
+        async move {
             let (Some(to), true) = (to, n <= cap) else {
-                continue;
+                return;
             };
-            tokio::spawn(async move {
-                if let Ok(mut outbound) = TcpStream::connect(to).await {
-                    let _ = tokio::time::timeout(
-                        Duration::from_secs(20),
-                        tokio::io::copy_bidirectional(&mut inbound, &mut outbound),
-                    )
-                    .await;
-                }
-            });
+            if let Ok(mut outbound) = TcpStream::connect(to).await {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    tokio::io::copy_bidirectional(&mut inbound, &mut outbound),
+                )
+                .await;
+            }
         }
-    });
-    (addr, count, AbortOnDrop(task))
+    })
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,8 +217,8 @@ async fn request_looping_back_to_the_proxy_is_stopped() {
     bounded("test", TEST_TIMEOUT, async {
         // The app is a relay back to the proxy itself: no configuration check can see the loop.
         let target = Arc::new(std::sync::Mutex::new(None));
-        let (relay_addr, relayed, _relay) = relay(target.clone(), 50).await;
-        let proxy = Proxy::start(relay_addr, &[]).await;
+        let relay = relay(target.clone(), 50).await;
+        let proxy = Proxy::start(relay.addr, &[]).await;
         *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(proxy.inbound);
 
         let reply = proxy.get("/loop").await;
@@ -251,9 +239,9 @@ async fn request_looping_back_to_the_proxy_is_stopped() {
         .await;
         assert!(handled <= 3.0, "the loop went {handled} requests deep");
         assert!(
-            relayed.load(Ordering::SeqCst) <= 2,
+            relay.connections.load(Ordering::SeqCst) <= 2,
             "the loop went {} connections deep",
-            relayed.load(Ordering::SeqCst)
+            relay.connections.load(Ordering::SeqCst)
         );
     })
     .await;
@@ -443,16 +431,7 @@ async fn out_of_descriptors_the_admin_port_still_answers() {
         let scrape = proxy.admin_get("/metrics").await;
         assert_eq!(scrape.status, StatusCode::OK, "{}", scrape.text());
         drop(held);
-        eventually("the idle clients to be gone", WAIT, || async {
-            let text = proxy.metrics().await;
-            let open = metric(
-                &text,
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-            );
-            (open == Some(0.0)).then_some(())
-        })
-        .await;
+        proxy.wait_no_open_connections().await;
         assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
     })
     .await;

@@ -411,6 +411,20 @@ impl Proxy {
         .await
     }
 
+    /// Waits until the proxy holds no inbound connection (by its own count).
+    pub async fn wait_no_open_connections(&self) {
+        eventually("open connections to return to 0", WAIT, || async {
+            let text = self.metrics().await;
+            let open = metrics::metric(
+                &text,
+                "amazing_proxy_open_connections",
+                &["direction=\"inbound\""],
+            );
+            (open == Some(0.0)).then_some(())
+        })
+        .await
+    }
+
     /// GET `path` through the proxy on a new connection.
     pub async fn get(&self, path: &str) -> Reply {
         send(self.inbound, get_request(self.inbound, path)).await
