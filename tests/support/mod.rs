@@ -63,17 +63,17 @@ pub async fn bounded<F: Future>(what: &str, limit: Duration, f: F) -> F::Output 
 }
 
 /// What a poll of [`eventually`] found: a value, or not yet (with why, for the failure message).
-pub trait Poll<T> {
+pub trait Outcome<T> {
     fn ready(self) -> Result<T, String>;
 }
 
-impl<T> Poll<T> for Option<T> {
+impl<T> Outcome<T> for Option<T> {
     fn ready(self) -> Result<T, String> {
         self.ok_or_else(String::new)
     }
 }
 
-impl<T> Poll<T> for Result<T, String> {
+impl<T> Outcome<T> for Result<T, String> {
     fn ready(self) -> Result<T, String> {
         self
     }
@@ -83,7 +83,7 @@ impl<T> Poll<T> for Result<T, String> {
 /// after `limit`.
 pub async fn eventually<T, P, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
 where
-    P: Poll<T>,
+    P: Outcome<T>,
     F: FnMut() -> Fut,
     Fut: Future<Output = P>,
 {
@@ -107,7 +107,7 @@ where
 /// [`eventually`] for tests without a runtime of their own (the namespace tests run commands).
 pub fn eventually_blocking<T, P>(what: &str, limit: Duration, mut check: impl FnMut() -> P) -> T
 where
-    P: Poll<T>,
+    P: Outcome<T>,
 {
     tokio::runtime::Builder::new_current_thread()
         .enable_time()
