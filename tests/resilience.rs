@@ -8,6 +8,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
@@ -16,7 +17,7 @@ use http::StatusCode;
 use support::http::{AbortOnDrop, TestApp, free_port, wait_listening};
 use support::metrics::metric;
 use support::netns::Netns;
-use support::process::{Background, Proxy, bin, rejected_at_start};
+use support::process::{Background, Proxy, bin, rejected_at_start, run};
 use support::raw::{RawApp, RawClient, RecordingApp, Step, answer, ok};
 use support::tools::{missing, text};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually, eventually_blocking, skip};
@@ -166,7 +167,7 @@ fn invalid_environment_variable_is_named() {
 fn bind_error_names_the_os_error_once() {
     let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
     let addr = held.local_addr().expect("held address").to_string();
-    let out = support::process::run(support::process::command().args([
+    let out = run(support::process::command().args([
         "run",
         "--inbound",
         &addr,
@@ -260,7 +261,7 @@ fn shutdown_from_another_address_gets_403() {
         (Ok(pod), Ok(client)) => (pod, client),
         (Err(why), _) | (_, Err(why)) => return skip(TEST, &why),
     };
-    support::process::must(std::process::Command::new("ip").args([
+    support::process::must(Command::new("ip").args([
         "-n",
         &pod.name,
         "link",
@@ -409,7 +410,7 @@ async fn idle_clients_give_their_app_connection_back() {
 async fn out_of_descriptors_the_admin_port_still_answers() {
     const TEST: &str = "out_of_descriptors_the_admin_port_still_answers";
     bounded("test", TEST_TIMEOUT, async {
-        if let Some(why) = missing(&["prlimit"]) {
+        if let Some(why) = missing(&["prlimit", "ss"]) {
             return skip(TEST, &why);
         }
         let app = TestApp::start().await;
@@ -417,15 +418,25 @@ async fn out_of_descriptors_the_admin_port_still_answers() {
             .under(&["prlimit", "--nofile=64"])
             .start()
             .await;
-        // More clients than the proxy has descriptors: the kernel queues what it cannot accept.
+        // More clients than the proxy has descriptors, each with half a request head (so none is
+        // finished, tunnelled or closed): the kernel queues what the proxy cannot accept.
         let mut held = Vec::new();
         for _ in 0..100 {
-            held.extend(TcpStream::connect(proxy.inbound).await.ok());
+            if let Ok(mut client) = TcpStream::connect(proxy.inbound).await {
+                let _ = client.write_all(b"GET /held HTTP/1.1\r\n").await;
+                held.push(client);
+            }
         }
-        let fds = format!("/proc/{}/fd", proxy.pid);
-        eventually("the proxy to use all its descriptors", WAIT, || {
-            let open = std::fs::read_dir(&fds).map_or(0, Iterator::count);
-            async move { (open >= 60).then_some(()) }
+        // Out of descriptors, the proxy leaves clients in the listener's accept queue (Recv-Q).
+        let port = proxy.inbound.port().to_string();
+        eventually("clients to queue unaccepted", WAIT, || {
+            let listing = run(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]));
+            let queued: usize = text(&listing.stdout)
+                .split_whitespace()
+                .nth(1)
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(0);
+            async move { (queued > 0).then_some(()) }
         })
         .await;
         let scrape = proxy.admin_get("/metrics").await;
@@ -442,7 +453,7 @@ async fn out_of_descriptors_the_admin_port_still_answers() {
 
 /// `python3 -m http.server` on `port`, serving an empty directory; killed on drop.
 async fn python_app(port: u16, dir: &std::path::Path) -> Background {
-    let mut cmd = std::process::Command::new("python3");
+    let mut cmd = Command::new("python3");
     cmd.args([
         "-m",
         "http.server",
