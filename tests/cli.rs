@@ -1,15 +1,16 @@
 //! `amazing-proxy run`'s command line: bad flags fail before anything binds, with a message that
 //! names the option and what it accepts; environment variables work; `--help` documents every flag.
 
-mod common;
+mod support;
 
-use std::io::Read;
 use std::net::TcpListener;
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use common::*;
 use http::StatusCode;
+use support::http::*;
+use support::process::*;
+use support::tools::*;
+use support::{TEST_TIMEOUT, WAIT, bounded};
 
 struct Exit {
     code: Option<i32>,
@@ -17,79 +18,18 @@ struct Exit {
     stderr: String,
 }
 
-/// Runs `cmd` to its exit, within 10 s.
+/// Runs `cmd` to its exit, within a bound.
 fn run_to_exit(mut cmd: Command) -> Exit {
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn amazing-proxy");
-    let deadline = Instant::now() + WAIT;
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("try_wait") {
-            break status;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("amazing-proxy did not exit within {WAIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut stdout = String::new();
-    let mut stderr = String::new();
-    child
-        .stdout
-        .take()
-        .expect("stdout")
-        .read_to_string(&mut stdout)
-        .expect("read stdout");
-    child
-        .stderr
-        .take()
-        .expect("stderr")
-        .read_to_string(&mut stderr)
-        .expect("read stderr");
+    let out = run(&mut cmd);
     Exit {
-        code: status.code(),
-        stdout,
-        stderr,
+        code: out.status.code(),
+        stdout: text(&out.stdout),
+        stderr: text(&out.stderr),
     }
 }
 
-/// Runs `run` with `args` while this test holds the port `--inbound`/`--admin` point at: had the
-/// proxy tried to bind before validating, it would fail with "cannot bind" instead.
 fn rejected(args: &[&str], names: &[&str]) {
-    let held = TcpListener::bind("127.0.0.1:0").expect("hold a port");
-    let port = held.local_addr().expect("held address").port();
-    let held_addr = format!("127.0.0.1:{port}");
-    let mut cmd = command();
-    cmd.arg("run").args(["--outbound", "off"]);
-    let mut args: Vec<String> = args.iter().map(|a| a.replace("HELD", &held_addr)).collect();
-    if !args.iter().any(|a| a == "--inbound") {
-        args.extend(["--inbound".into(), held_addr.clone()]);
-    }
-    if !args.iter().any(|a| a == "--admin") {
-        args.extend(["--admin".into(), "127.0.0.1:0".into()]);
-    }
-    cmd.args(&args);
-    let exit = run_to_exit(cmd);
-    assert_ne!(exit.code, Some(0), "accepted {args:?}");
-    assert!(exit.code.is_some(), "killed by a signal with {args:?}");
-    assert!(
-        !exit.stderr.contains("cannot bind") && !exit.stderr.contains("listening"),
-        "bound before validating {args:?}:\n{}",
-        exit.stderr
-    );
-    for name in names {
-        assert!(
-            exit.stderr.contains(name),
-            "the message for {args:?} does not mention {name:?}:\n{}",
-            exit.stderr
-        );
-    }
-    drop(held);
+    rejected_at_start(args, &[], names);
 }
 
 #[test]

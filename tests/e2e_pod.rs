@@ -1,27 +1,36 @@
 //! End to end: a pod on this machine (network namespaces, veth pairs, httpbin under gunicorn,
 //! `amazing-proxy run` and `amazing-proxy init` inside it), driven from outside with the
-//! tutorial's requests, and calling a peer through the proxy. See `e2e_common` for the layout.
+//! tutorial's requests, and calling a peer through the proxy. See `support::netns` for the layout.
 //!
-//! Needs root (to create namespaces): otherwise each test prints why and passes as skipped.
+//! Needs root (to create namespaces): otherwise each test reports itself skipped (`support::skip`).
 //! Needs gunicorn and httpbin in `$AMAZING_PROXY_TEST_VENV` or `target/venv` (scripts/test.sh).
 
-mod e2e_common;
+mod support;
 
-use e2e_common::{
-    PEER_CONTENT, PEER_FILE, PEER_PORT, PEER_TCP_PORT, Pod, PodOptions, json_records, seed_records,
+use support::netns::{
+    PEER_CONTENT, PEER_FILE, PEER_PORT, PEER_TCP_PORT, Pod, PodOptions, Response,
 };
+use support::skip;
+use support::tools::{have, json_records, seed_records};
 
-fn start(access_log: &str, run_args: &[&str], proxy_user: Option<u32>) -> Option<Pod> {
-    Pod::start(&PodOptions {
+/// The pod, or `None` after reporting `test` skipped (not root, no venv).
+fn start(test: &str, access_log: &str, run_args: &[&str], proxy_user: Option<u32>) -> Option<Pod> {
+    let started = Pod::start(&PodOptions {
         access_log,
         run_args,
         proxy_user,
-    })
+    });
+    started.map_err(|why| skip(test, &why)).ok()
 }
 
 #[test]
 fn tutorial_requests_reach_httpbin_through_the_proxy() {
-    let Some(pod) = start("seed", &[], None) else {
+    let Some(pod) = start(
+        "tutorial_requests_reach_httpbin_through_the_proxy",
+        "seed",
+        &[],
+        None,
+    ) else {
         return;
     };
     // Someone else's rule in the pod's nat table: it must survive init and --clean.
@@ -66,7 +75,7 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
     let log = pod.access_log_when("three records", |l| seed_records(l).len() >= 3);
     let records = seed_records(&log);
     assert_eq!(records.len(), 3, "{log}");
-    for (record, (path, status)) in records.iter().zip([
+    for (record, (path, status)) in records.iter().map(|r| r.join("\n")).zip([
         ("/get?query=param", 200),
         ("/post", 200),
         ("/status/429", 429),
@@ -80,7 +89,7 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
         );
     }
     assert!(
-        records[1].contains("\nRequest Size: 15\n"),
+        records[1].join("\n").contains("\nRequest Size: 15\n"),
         "the form's 15 bytes: {log}"
     );
 
@@ -115,7 +124,7 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
 }
 
 /// The app's call to the peer, made as the app's user, as `curl -i` shows it.
-fn call_peer(pod: &Pod, query: &str) -> e2e_common::Response {
+fn call_peer(pod: &Pod, query: &str) -> Response {
     let url = format!("http://{}:{PEER_PORT}/{PEER_FILE}?{query}", pod.peer_ip);
     pod.curl_as_app(&[&url])
 }
@@ -222,7 +231,12 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
 #[test]
 fn app_calls_go_through_the_proxy_once_iptables_proxy_as_root() {
     // The proxy runs as root: only its mark (SO_MARK 1337) keeps it out of the rules.
-    let Some(pod) = start("json", &[], None) else {
+    let Some(pod) = start(
+        "app_calls_go_through_the_proxy_once_iptables_proxy_as_root",
+        "json",
+        &[],
+        None,
+    ) else {
         return;
     };
     outbound_goes_through_the_proxy_once(&pod, &["--backend", "iptables"]);
@@ -231,11 +245,18 @@ fn app_calls_go_through_the_proxy_once_iptables_proxy_as_root() {
 #[test]
 fn app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user() {
     // The proxy runs as uid/gid 1337 without the privilege to mark: its uid keeps it out.
-    if !e2e_common::have("nft") {
-        eprintln!("SKIP: nft not installed");
-        return;
+    if !have("nft") {
+        return skip(
+            "app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user",
+            "nft not installed",
+        );
     }
-    let Some(pod) = start("json", &[], Some(1337)) else {
+    let Some(pod) = start(
+        "app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user",
+        "json",
+        &[],
+        Some(1337),
+    ) else {
         return;
     };
     outbound_goes_through_the_proxy_once(&pod, &["--backend", "nft"]);
@@ -244,8 +265,8 @@ fn app_calls_go_through_the_proxy_once_nft_proxy_as_its_own_user() {
 /// Inbound to any app port reaches the same port of the app, and the log shows the pod's
 /// address and port as dialled, with the proxy listening on IPv4 or dual-stack (`[::]:8000`,
 /// which IPv6 pods need: init redirects IPv6 inbound too).
-fn inbound_keeps_the_original_port(inbound: &str) {
-    let Some(pod) = start("json", &["--inbound", inbound], None) else {
+fn inbound_keeps_the_original_port(test: &str, inbound: &str) {
+    let Some(pod) = start(test, "json", &["--inbound", inbound], None) else {
         return;
     };
     pod.init(&[]);
@@ -276,17 +297,28 @@ fn inbound_keeps_the_original_port(inbound: &str) {
 
 #[test]
 fn inbound_keeps_the_original_port_ipv4_listener() {
-    inbound_keeps_the_original_port("0.0.0.0:8000");
+    inbound_keeps_the_original_port(
+        "inbound_keeps_the_original_port_ipv4_listener",
+        "0.0.0.0:8000",
+    );
 }
 
 #[test]
 fn inbound_keeps_the_original_port_dual_stack_listener() {
-    inbound_keeps_the_original_port("[::]:8000");
+    inbound_keeps_the_original_port(
+        "inbound_keeps_the_original_port_dual_stack_listener",
+        "[::]:8000",
+    );
 }
 
 #[test]
 fn large_and_chunked_bodies_arrive_intact_both_ways() {
-    let Some(pod) = start("json", &[], None) else {
+    let Some(pod) = start(
+        "large_and_chunked_bodies_arrive_intact_both_ways",
+        "json",
+        &[],
+        None,
+    ) else {
         return;
     };
     pod.init(&[]);

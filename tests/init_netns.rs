@@ -1,130 +1,43 @@
 //! `amazing-proxy init` against real kernels rules, inside throwaway network namespaces.
 //!
-//! Needs root (to create namespaces); otherwise every test prints why and passes as skipped.
+//! Needs root (to create namespaces); otherwise every test reports itself skipped (`support::skip`).
 //! Each namespace is named `apt-nf-<pid>-<n>` and removed by a guard even when a test fails;
 //! functional checks use 198.18.0.0/15 addresses only, between namespaces created here.
 #![allow(clippy::unwrap_used)]
 
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+mod support;
 
-const BIN: &str = env!("CARGO_BIN_EXE_amazing-proxy");
-const TIMEOUT: Duration = Duration::from_secs(30);
+use std::process::{Command, Output};
+use std::time::Duration;
 
-/// Runs a command to completion, killing it after `TIMEOUT`.
-fn run(cmd: &mut Command) -> Output {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AMAZING_PROXY_") {
-            cmd.env_remove(k);
-        }
-    }
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(TIMEOUT) {
-        Ok(out) => out.unwrap(),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("{cmd:?} did not finish within {TIMEOUT:?}");
-        }
-    }
+use support::netns::Netns;
+use support::process::{bin, run};
+use support::tools::{have, normalise, text};
+use support::{eventually_blocking, skip};
+
+/// A namespace `apt-nf-<pid>-<n>`, or `None` after reporting `test` skipped.
+fn netns(test: &str) -> Option<Netns> {
+    Netns::unique("apt-nf").map_err(|why| skip(test, &why)).ok()
 }
 
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
+/// `amazing-proxy init` run inside a namespace, and the rule listings it changes.
+trait Init {
+    fn init(&self, args: &[&str]) -> Output;
+    fn init_with_path(&self, path: &str, args: &[&str]) -> Output;
+    fn init_ok(&self, args: &[&str]) -> String;
+    fn save(&self, args: &[&str]) -> String;
+    fn everything(&self) -> String;
 }
 
-fn can_run() -> bool {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| text(&o.stdout));
-    if !uid.is_ok_and(|u| u.trim() == "0") {
-        eprintln!("SKIP: init_netns tests need root to create network namespaces");
-        return false;
-    }
-    true
-}
-
-fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A network namespace removed on drop, with the background processes started in it.
-struct Netns {
-    name: String,
-    children: Vec<Child>,
-}
-
-impl Netns {
-    fn new() -> Option<Netns> {
-        let name = format!(
-            "apt-nf-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        let out = run(Command::new("ip").args(["netns", "add", &name]));
-        if !out.status.success() {
-            eprintln!(
-                "SKIP: cannot create network namespace {name}: {}",
-                text(&out.stderr)
-            );
-            return None;
-        }
-        let ns = Netns {
-            name,
-            children: Vec::new(),
-        };
-        ns.ok(&["ip", "link", "set", "lo", "up"]);
-        Some(ns)
-    }
-
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name]).args(args);
-        c
-    }
-
-    fn exec(&self, args: &[&str]) -> Output {
-        run(&mut self.cmd(args))
-    }
-
-    /// Runs and requires success; returns stdout.
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.exec(args);
-        assert!(
-            out.status.success(),
-            "{args:?} failed in {}: {}",
-            self.name,
-            text(&out.stderr)
-        );
-        text(&out.stdout)
-    }
-
+impl Init for Netns {
     fn init(&self, args: &[&str]) -> Output {
-        let mut all = vec![BIN, "init"];
+        let mut all = vec![bin(), "init"];
         all.extend_from_slice(args);
         self.exec(&all)
     }
 
     fn init_with_path(&self, path: &str, args: &[&str]) -> Output {
-        let mut all = vec![BIN, "init"];
+        let mut all = vec![bin(), "init"];
         all.extend_from_slice(args);
         // `env` sets PATH for our binary only: `ip` itself is found with the test's PATH.
         let path = format!("PATH={path}");
@@ -164,51 +77,6 @@ impl Netns {
         all.push_str(&format!("== nft\n{}", self.ok(&["nft", "list", "tables"])));
         all
     }
-
-    fn spawn(&mut self, args: &[&str]) {
-        let child = self
-            .cmd(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        self.children.push(child);
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        for child in &mut self.children {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-fn normalise(save: &str) -> String {
-    save.lines()
-        .filter(|l| !l.starts_with('#'))
-        .map(|l| match (l.starts_with(':'), l.rfind(" [")) {
-            (true, Some(i)) => format!("{} [0:0]\n", &l[..i]),
-            _ => format!("{l}\n"),
-        })
-        .collect()
-}
-
-macro_rules! netns_or_skip {
-    () => {{
-        if !can_run() {
-            return;
-        }
-        match Netns::new() {
-            Some(ns) => ns,
-            None => return,
-        }
-    }};
 }
 
 fn count(haystack: &str, needle: &str) -> usize {
@@ -217,7 +85,9 @@ fn count(haystack: &str, needle: &str) -> usize {
 
 #[test]
 fn iptables_rules_land_are_idempotent_and_clean_restores() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("iptables_rules_land_are_idempotent_and_clean_restores") else {
+        return;
+    };
     // Someone else's rule in the same nat table must survive everything we do.
     ns.ok(&[
         "iptables-nft",
@@ -294,7 +164,9 @@ fn iptables_rules_land_are_idempotent_and_clean_restores() {
 
 #[test]
 fn changing_options_replaces_the_previous_rules() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("changing_options_replaces_the_previous_rules") else {
+        return;
+    };
     ns.init_ok(&["--backend", "iptables", "--ipv6", "off"]);
     ns.init_ok(&[
         "--backend",
@@ -313,10 +185,14 @@ fn changing_options_replaces_the_previous_rules() {
 
 #[test]
 fn nft_backend_lands_is_idempotent_and_clean_restores() {
-    let ns = netns_or_skip!();
-    if !have("nft") {
-        eprintln!("SKIP: nft not installed");
+    let Some(ns) = netns("nft_backend_lands_is_idempotent_and_clean_restores") else {
         return;
+    };
+    if !have("nft") {
+        return skip(
+            "nft_backend_lands_is_idempotent_and_clean_restores",
+            "nft not installed",
+        );
     }
     let before = ns.ok(&["nft", "list", "ruleset"]);
     ns.init_ok(&["--backend", "nft", "--exclude-outbound-ports", "22"]);
@@ -331,7 +207,9 @@ fn nft_backend_lands_is_idempotent_and_clean_restores() {
 
 #[test]
 fn auto_detects_legacy_when_legacy_rules_exist() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("auto_detects_legacy_when_legacy_rules_exist") else {
+        return;
+    };
     ns.ok(&[
         "iptables-legacy",
         "-A",
@@ -368,7 +246,9 @@ fn auto_detects_legacy_when_legacy_rules_exist() {
 
 #[test]
 fn auto_detects_nf_tables_when_nft_rules_exist() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("auto_detects_nf_tables_when_nft_rules_exist") else {
+        return;
+    };
     ns.ok(&[
         "iptables-nft",
         "-A",
@@ -393,10 +273,11 @@ fn auto_detects_nf_tables_when_nft_rules_exist() {
 
 #[test]
 fn auto_detects_native_nft_tables() {
-    let ns = netns_or_skip!();
-    if !have("nft") {
-        eprintln!("SKIP: nft not installed");
+    let Some(ns) = netns("auto_detects_native_nft_tables") else {
         return;
+    };
+    if !have("nft") {
+        return skip("auto_detects_native_nft_tables", "nft not installed");
     }
     ns.ok(&["nft", "add", "table", "inet", "someone_else"]);
     let out = ns.init(&[]);
@@ -415,7 +296,9 @@ fn auto_detects_native_nft_tables() {
 
 #[test]
 fn dry_run_prints_the_script_and_changes_nothing() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("dry_run_prints_the_script_and_changes_nothing") else {
+        return;
+    };
     let before = ns.everything();
     let out = ns.init_ok(&["--dry-run", "--backend", "iptables"]);
     assert!(out.contains("*nat\n"), "{out}");
@@ -433,8 +316,10 @@ fn dry_run_prints_the_script_and_changes_nothing() {
 
 #[test]
 fn options_come_from_the_environment_too() {
-    let ns = netns_or_skip!();
-    let mut cmd = ns.cmd(&[BIN, "init"]);
+    let Some(ns) = netns("options_come_from_the_environment_too") else {
+        return;
+    };
+    let mut cmd = ns.cmd(&[bin(), "init"]);
     cmd.env("AMAZING_PROXY_BACKEND", "nft")
         .env("AMAZING_PROXY_INBOUND_PORTS", "80,443")
         .env("AMAZING_PROXY_NO_OUTBOUND", "true")
@@ -452,7 +337,9 @@ fn options_come_from_the_environment_too() {
 
 #[test]
 fn missing_binaries_fail_clearly() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("missing_binaries_fail_clearly") else {
+        return;
+    };
     let empty = tempfile::tempdir().unwrap();
     let path = empty.path().to_str().unwrap();
     for (backend, want) in [
@@ -491,7 +378,9 @@ fn failing_tool(name: &str) -> (tempfile::TempDir, String) {
 
 #[test]
 fn ipv6_failure_rolls_ipv4_back() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("ipv6_failure_rolls_ipv4_back") else {
+        return;
+    };
     // A previous version of our rules must come back exactly, not just vanish.
     ns.init_ok(&[
         "--backend",
@@ -514,7 +403,9 @@ fn ipv6_failure_rolls_ipv4_back() {
 
 #[test]
 fn rejected_ipv4_changes_nothing() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("rejected_ipv4_changes_nothing") else {
+        return;
+    };
     let before = ns.everything();
     let (_dir, path) = failing_tool("iptables-nft-restore");
     let out = ns.init_with_path(&path, &["--backend", "iptables"]);
@@ -526,7 +417,9 @@ fn rejected_ipv4_changes_nothing() {
 
 #[test]
 fn invalid_options_fail_before_touching_anything() {
-    let ns = netns_or_skip!();
+    let Some(ns) = netns("invalid_options_fail_before_touching_anything") else {
+        return;
+    };
     let before = ns.everything();
     for args in [
         &["--exclude-outbound-cidrs", "10.1.2.3/8"][..],
@@ -542,12 +435,16 @@ fn invalid_options_fail_before_touching_anything() {
 
 #[test]
 fn without_net_admin_the_message_says_so() {
-    let ns = netns_or_skip!();
-    if !have("capsh") {
-        eprintln!("SKIP: capsh not installed");
+    let Some(ns) = netns("without_net_admin_the_message_says_so") else {
         return;
+    };
+    if !have("capsh") {
+        return skip(
+            "without_net_admin_the_message_says_so",
+            "capsh not installed",
+        );
     }
-    let cmd = format!("exec {BIN} init --backend iptables");
+    let cmd = format!("exec {} init --backend iptables", bin());
     let out = ns.exec(&[
         "capsh",
         "--drop=cap_net_admin,cap_net_raw",
@@ -590,25 +487,21 @@ fn listen(ns: &mut Netns, bind: &str, port: u16, reply: &str) {
     ns.spawn(&["socat", &spec, &format!("SYSTEM:echo {reply}")]);
 }
 
-/// Polls until `f` returns non-empty or the deadline passes.
+/// Polls until `f` returns something.
 fn eventually(f: impl Fn() -> String) -> String {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    eventually_blocking("an answer", Duration::from_secs(10), || {
         let got = f();
-        if !got.is_empty() || Instant::now() > deadline {
-            return got;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        (!got.is_empty()).then_some(got)
+    })
 }
 
 #[test]
 fn traffic_is_redirected_both_ways_and_the_proxy_is_not() {
-    if !can_run() || !have("socat") || !have("setpriv") {
-        eprintln!("SKIP: needs root, socat and setpriv");
-        return;
+    const TEST: &str = "traffic_is_redirected_both_ways_and_the_proxy_is_not";
+    if let Some(why) = support::tools::missing(&["socat", "setpriv"]) {
+        return skip(TEST, &why);
     }
-    let (Some(mut pod), Some(mut peer)) = (Netns::new(), Netns::new()) else {
+    let (Some(mut pod), Some(mut peer)) = (netns(TEST), netns(TEST)) else {
         return;
     };
     let link = run(Command::new("ip").args([
@@ -655,7 +548,10 @@ fn traffic_is_redirected_both_ways_and_the_proxy_is_not() {
             text(&got.stderr)
         );
     } else {
-        eprintln!("SKIP (part): python3 not installed, SO_MARK exception not exercised");
+        skip(
+            &format!("{TEST} (its SO_MARK part)"),
+            "python3 not installed",
+        );
     }
     // Hairpin: the pod calling its own address goes straight to the app.
     assert_eq!(fetch(&pod, "198.18.0.1", 9100, None), "app-9100");

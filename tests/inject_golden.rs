@@ -6,13 +6,13 @@
 //! kubernetes-validate is found through `AMAZING_PROXY_KUBERNETES_VALIDATE`, then
 //! `$AMAZING_PROXY_TEST_VENV/bin`, then `PATH`; the tests fail if it is nowhere.
 
-use std::io::Write;
+mod support;
+
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
-use std::sync::mpsc;
-use std::time::Duration;
+use std::process::{Command, Output};
 
 use serde_json::Value;
+use support::process::{bin, run_with_input};
 
 const FIXTURES: &str = "tests/fixtures/inject";
 const GOLDENS: &str = "tests/golden/inject";
@@ -146,30 +146,9 @@ const ERROR_CASES: &[&str] = &[
     "err-yaml-syntax.yaml",
 ];
 
-/// Runs the binary with a time bound; `stdin` is fed if given (else stdin is empty).
+/// Runs the binary with a time bound; `stdin` is fed to it.
 fn run(args: &[&str], stdin: &[u8]) -> Output {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_amazing-proxy"))
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start amazing-proxy");
-    let mut input = child.stdin.take().expect("stdin piped");
-    input.write_all(stdin).expect("write stdin");
-    drop(input);
-    let id = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(Duration::from_secs(30)) {
-        Ok(output) => output.expect("wait for amazing-proxy"),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(id.to_string()).status();
-            panic!("amazing-proxy {args:?} did not finish within 30s");
-        }
-    }
+    run_with_input(Command::new(bin()).args(args), stdin)
 }
 
 fn inject(fixture_path: &str, args: &[&str]) -> Output {

@@ -4,7 +4,7 @@
 //! must reach the server. No codegen: messages derive `prost::Message`, the service is routed by
 //! hand onto `tonic::server::Grpc`.
 
-mod protocols_common;
+mod support;
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -21,7 +21,9 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use protocols_common::{Proxy, STEP, payload};
+use support::http::payload;
+use support::process::Proxy;
+use support::{WAIT, bounded};
 
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
@@ -230,7 +232,7 @@ async fn start_server() -> (SocketAddr, mpsc::UnboundedReceiver<()>) {
 async fn client(proxy: &Proxy) -> tonic::client::Grpc<Channel> {
     let channel = Endpoint::from_shared(format!("http://{}", proxy.inbound))
         .expect("endpoint")
-        .connect_timeout(STEP)
+        .connect_timeout(WAIT)
         .connect()
         .await
         .expect("connect to the proxy");
@@ -252,15 +254,11 @@ async fn call_unary(c: &mut tonic::client::Grpc<Channel>, m: Msg) -> Result<Msg,
         .map(Response::into_inner)
 }
 
-fn bounded<F: Future>(f: F) -> tokio::time::Timeout<F> {
-    tokio::time::timeout(Duration::from_secs(90), f)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_all_four_call_kinds_pass_through_h2c() {
-    bounded(async {
+    bounded("test", Duration::from_secs(90), async {
         let (app, _cancelled) = start_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
         let mut c = client(&proxy).await;
 
         // Unary.
@@ -336,7 +334,7 @@ async fn grpc_all_four_call_kinds_pass_through_h2c() {
             "/test.Echo/Chat",
         ] {
             let r = proxy
-                .wait_log(|r| r["original_url"].as_str().is_some_and(|u| u.ends_with(p)))
+                .wait_record(|r| r["original_url"].as_str().is_some_and(|u| u.ends_with(p)))
                 .await;
             assert_eq!(r["grpc_status"], 0, "{p}: {r}");
             assert_eq!(r["protocol"], "HTTP/2.0", "{p}: {r}");
@@ -357,15 +355,14 @@ async fn grpc_all_four_call_kinds_pass_through_h2c() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_error_statuses_and_trailers_are_intact() {
-    bounded(async {
+    bounded("test", Duration::from_secs(90), async {
         let (app, _cancelled) = start_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
         let mut c = client(&proxy).await;
 
         // A trailers-only response: grpc-status in the HEADERS frame that ends the stream.
@@ -405,7 +402,7 @@ async fn grpc_error_statuses_and_trailers_are_intact() {
         );
 
         let r = proxy
-            .wait_log(|r| {
+            .wait_record(|r| {
                 r["original_url"]
                     .as_str()
                     .is_some_and(|u| u.ends_with("/Unary"))
@@ -413,7 +410,7 @@ async fn grpc_error_statuses_and_trailers_are_intact() {
             .await;
         assert_eq!(r["grpc_status"], 5, "{r}");
         let r = proxy
-            .wait_log(|r| {
+            .wait_record(|r| {
                 r["original_url"]
                     .as_str()
                     .is_some_and(|u| u.ends_with("/Stream"))
@@ -431,15 +428,14 @@ async fn grpc_error_statuses_and_trailers_are_intact() {
                 .await;
         }
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_large_messages_stream_both_ways() {
-    bounded(async {
+    bounded("test", Duration::from_secs(90), async {
         let (app, _cancelled) = start_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
         let mut c = client(&proxy).await;
         const BIG: usize = 6 * 1024 * 1024;
 
@@ -514,15 +510,14 @@ async fn grpc_large_messages_stream_both_ways() {
         }
         assert_eq!(n, 2);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_cancelled_call_reaches_the_server() {
-    bounded(async {
+    bounded("test", Duration::from_secs(90), async {
         let (app, mut cancelled) = start_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
         let mut c = client(&proxy).await;
         c.ready().await.expect("ready");
         let mut ticks = c
@@ -540,7 +535,7 @@ async fn grpc_cancelled_call_reaches_the_server() {
         }
         // Dropping the response stream resets the HTTP/2 stream (RST_STREAM CANCEL).
         drop(ticks);
-        tokio::time::timeout(STEP, cancelled.recv())
+        tokio::time::timeout(WAIT, cancelled.recv())
             .await
             .expect("the cancellation never reached the server")
             .expect("report");
@@ -549,19 +544,18 @@ async fn grpc_cancelled_call_reaches_the_server() {
         let reply = call_unary(&mut c, msg("after")).await.expect("unary");
         assert_eq!(reply.text, "echo after");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_reaches_h2_app_by_port_and_by_auto() {
-    bounded(async {
+    bounded("test", Duration::from_secs(90), async {
         let (app, _cancelled) = start_server().await;
         let port = app.port().to_string();
         // The default --app-protocol (http1) with the app's port listed in --http2-ports.
-        let by_port = Proxy::start(&["--app", &app.to_string(), "--http2-ports", &port]);
+        let by_port = Proxy::start(app, &["--http2-ports", &port]).await;
         // `auto`: an HTTP/2 client reaches the app over HTTP/2.
-        let auto = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "auto"]);
+        let auto = Proxy::start(app, &["--app-protocol", "auto"]).await;
         for proxy in [&by_port, &auto] {
             let mut c = client(proxy).await;
             let reply = call_unary(&mut c, msg("port")).await.expect("unary");
@@ -588,6 +582,5 @@ async fn grpc_reaches_h2_app_by_port_and_by_auto() {
             assert_eq!(n, 3);
         }
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

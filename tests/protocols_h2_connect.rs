@@ -3,10 +3,9 @@
 //! an h2c app that enabled the extended CONNECT protocol, the 200 comes back and WebSocket frames
 //! (tokio-tungstenite on the raw streams) flow both ways until the client closes.
 
-mod protocols_common;
+mod support;
 
 use std::net::SocketAddr;
-use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
@@ -19,7 +18,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use protocols_common::{Proxy, STEP};
+use support::process::Proxy;
+use support::{TEST_TIMEOUT, WAIT, bounded};
 
 /// An h2c app with extended CONNECT enabled: `CONNECT :protocol=websocket` is answered 200 and
 /// the stream becomes a WebSocket echo.
@@ -70,9 +70,9 @@ async fn start_app() -> SocketAddr {
 
 #[tokio::test]
 async fn websocket_over_h2_extended_connect() {
-    tokio::time::timeout(Duration::from_secs(60), async {
+    bounded("test", TEST_TIMEOUT, async {
         let app = start_app().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--app-protocol", "http2"]);
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
 
         let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
         let (mut sender, conn) =
@@ -88,12 +88,12 @@ async fn websocket_over_h2_extended_connect() {
             .expect("request");
         req.extensions_mut()
             .insert(Protocol::from_static("websocket"));
-        let mut res = tokio::time::timeout(STEP, sender.send_request(req))
+        let mut res = tokio::time::timeout(WAIT, sender.send_request(req))
             .await
             .expect("no response in time")
             .expect("response");
         assert_eq!(res.status(), StatusCode::OK);
-        let upgraded = tokio::time::timeout(STEP, hyper::upgrade::on(&mut res))
+        let upgraded = tokio::time::timeout(WAIT, hyper::upgrade::on(&mut res))
             .await
             .expect("upgrade timed out")
             .expect("upgrade");
@@ -101,7 +101,7 @@ async fn websocket_over_h2_extended_connect() {
             WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
         for m in [Message::text("over h2"), Message::binary(vec![1u8, 2, 3])] {
             ws.send(m.clone()).await.expect("send");
-            let back = tokio::time::timeout(STEP, ws.next())
+            let back = tokio::time::timeout(WAIT, ws.next())
                 .await
                 .expect("no echo in time")
                 .expect("stream ended")
@@ -110,10 +110,9 @@ async fn websocket_over_h2_extended_connect() {
         }
         ws.close(None).await.expect("close");
 
-        let r = proxy.wait_log(|r| r["method"] == "CONNECT").await;
+        let r = proxy.wait_record(|r| r["method"] == "CONNECT").await;
         assert_eq!(r["status"], 200, "{r}");
         assert_eq!(r["protocol"], "HTTP/2.0", "{r}");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

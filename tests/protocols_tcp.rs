@@ -9,7 +9,7 @@
 //!
 //! Redis and MariaDB come from Debian (`scripts/deps.sh` installs them).
 
-mod protocols_common;
+mod support;
 
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
@@ -18,38 +18,25 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use protocols_common::{ChildGuard, Proxy, STEP, free_port, have, payload, wait_listening};
+use support::http::{free_port, payload, wait_listening};
+use support::metrics::metric;
+use support::process::{Background, Proxy};
+use support::tools::{have, missing};
+use support::{WAIT, bounded, skip};
 
-fn bounded<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
-    tokio::time::timeout(Duration::from_secs(120), f)
-}
-
-fn require(program: &str) {
-    assert!(
-        have(program),
-        "`{program}` is needed by this test: run scripts/deps.sh (apt-get install redis-server mariadb-server)"
-    );
-}
+const REDIS: &[&str] = &["redis-server", "redis-cli"];
+const MARIADB: &[&str] = &["mariadb-install-db", "mariadb"];
 
 /// A proxy whose inbound port is also its only opaque port (without interception, the port the
 /// client dialled is the proxy's own).
-fn opaque_proxy(app: SocketAddr, extra: &[&str]) -> Proxy {
+async fn opaque_proxy(app: SocketAddr, extra: &[&str]) -> Proxy {
     let port = free_port();
-    let inbound = format!("127.0.0.1:{port}");
-    let mut args = vec![
-        "--inbound",
-        &inbound,
-        "--opaque-ports",
-        &port.to_string(),
-        "--app",
-    ]
-    .into_iter()
-    .map(String::from)
-    .collect::<Vec<_>>();
-    args.push(app.to_string());
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    Proxy::start(&args)
+    Proxy::builder(app)
+        .inbound(&format!("127.0.0.1:{port}"))
+        .args(["--opaque-ports", &port.to_string()])
+        .args(extra.iter().copied())
+        .start()
+        .await
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -86,7 +73,7 @@ async fn half_close_round_trip(proxy: &Proxy, data: &[u8]) {
         r.read_to_end(&mut back).await.expect("read the echo");
         back
     };
-    let ((), back) = tokio::time::timeout(STEP, async { tokio::join!(write, read) })
+    let ((), back) = tokio::time::timeout(WAIT, async { tokio::join!(write, read) })
         .await
         .expect("echo timed out");
     assert_eq!(back.len(), data.len());
@@ -95,16 +82,16 @@ async fn half_close_round_trip(proxy: &Proxy, data: &[u8]) {
 
 #[tokio::test]
 async fn half_close_through_an_opaque_port() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
         let app = start_echo_after_eof().await;
-        let proxy = opaque_proxy(app, &[]);
+        let proxy = opaque_proxy(app, &[]).await;
         // Starts like HTTP: on an opaque port it must not matter.
         let mut data = b"GET / HTTP/1.1\r\n\r\n".to_vec();
         data.extend(payload(2 * 1024 * 1024));
         half_close_round_trip(&proxy, &data).await;
 
         let n = data.len() as u64;
-        let r = proxy.wait_log(|r| r["protocol"] == "TCP").await;
+        let r = proxy.wait_record(|r| r["protocol"] == "TCP").await;
         assert_eq!(r["request_bytes"], n, "{r}");
         assert_eq!(r["response_bytes"], n, "{r}");
         assert_eq!(r["upstream"], app.to_string(), "{r}");
@@ -124,15 +111,14 @@ async fn half_close_through_an_opaque_port() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn half_close_through_detection() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
         let app = start_echo_after_eof().await;
-        let proxy = Proxy::start(&["--app", &app.to_string()]);
+        let proxy = Proxy::start(app, &[]).await;
         let mut data = b"\x00\x01binary hello".to_vec();
         data.extend(payload(1024 * 1024));
         half_close_round_trip(&proxy, &data).await;
@@ -143,18 +129,17 @@ async fn half_close_through_detection() {
                 1.0,
             )
             .await;
-        let r = proxy.wait_log(|r| r["protocol"] == "TCP").await;
+        let r = proxy.wait_record(|r| r["protocol"] == "TCP").await;
         assert_eq!(r["request_bytes"], data.len() as u64, "{r}");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// A server that reads 1000 bytes and then resets the connection (SO_LINGER 0): the copy fails,
 /// and what crossed before the reset must still be logged and counted.
 #[tokio::test]
 async fn bytes_are_counted_when_the_server_resets() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let app = listener.local_addr().expect("addr");
         tokio::spawn(async move {
@@ -166,14 +151,14 @@ async fn bytes_are_counted_when_the_server_resets() {
                 }
             }
         });
-        let proxy = opaque_proxy(app, &[]);
+        let proxy = opaque_proxy(app, &[]).await;
         let mut s = TcpStream::connect(proxy.inbound).await.expect("connect");
         s.write_all(&payload(1000)).await.expect("write");
         let mut rest = Vec::new();
-        let _ = tokio::time::timeout(STEP, s.read_to_end(&mut rest))
+        let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut rest))
             .await
             .expect("the proxy kept the connection open after the reset");
-        let r = proxy.wait_log(|r| r["protocol"] == "TCP").await;
+        let r = proxy.wait_record(|r| r["protocol"] == "TCP").await;
         assert_eq!(r["request_bytes"], 1000, "{r}");
         assert_eq!(r["error"], "tcp_io", "{r}");
         proxy
@@ -184,8 +169,7 @@ async fn bytes_are_counted_when_the_server_resets() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -226,7 +210,7 @@ async fn start_banner_server() -> SocketAddr {
 
 async fn read_exact_bounded(s: &mut TcpStream, n: usize) -> Vec<u8> {
     let mut buf = vec![0u8; n];
-    tokio::time::timeout(STEP, s.read_exact(&mut buf))
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
         .await
         .expect("read timed out")
         .expect("read");
@@ -235,9 +219,9 @@ async fn read_exact_bounded(s: &mut TcpStream, n: usize) -> Vec<u8> {
 
 #[tokio::test]
 async fn server_first_banner_after_the_detect_timeout() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
         let app = start_banner_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--detect-timeout", "200ms"]);
+        let proxy = Proxy::start(app, &["--detect-timeout", "200ms"]).await;
         let mut s = TcpStream::connect(proxy.inbound).await.expect("connect");
         let banner = read_exact_bounded(&mut s, 29).await;
         assert_eq!(banner, b"220 banner.test ESMTP ready\r\n");
@@ -252,43 +236,39 @@ async fn server_first_banner_after_the_detect_timeout() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// A client that only listens (`nc host port < /dev/null`): it half-closes before sending
 /// anything, and the server's banner must still come back.
 #[tokio::test]
 async fn client_that_sends_nothing_and_half_closes_still_gets_the_banner() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
         let app = start_banner_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--detect-timeout", "200ms"]);
+        let proxy = Proxy::start(app, &["--detect-timeout", "200ms"]).await;
         let mut s = TcpStream::connect(proxy.inbound).await.expect("connect");
         s.shutdown().await.expect("shutdown(Write)");
         let mut all = Vec::new();
-        tokio::time::timeout(STEP, s.read_to_end(&mut all))
+        tokio::time::timeout(WAIT, s.read_to_end(&mut all))
             .await
             .expect("read timed out")
             .expect("read");
         assert_eq!(all, b"220 banner.test ESMTP ready\r\n");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // Redis
 
 struct Redis {
-    _child: ChildGuard,
+    _child: Background,
     addr: SocketAddr,
 }
 
 async fn start_redis() -> Redis {
-    require("redis-server");
     let port = free_port();
-    let child = ChildGuard::spawn(
-        "redis-server",
+    let child = Background::spawn(
         Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
@@ -296,7 +276,7 @@ async fn start_redis() -> Redis {
             .stderr(Stdio::null()),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr).await;
+    wait_listening(addr, Duration::from_secs(60)).await;
     Redis {
         _child: child,
         addr,
@@ -333,16 +313,19 @@ async fn resp_reply(s: &mut tokio::io::BufReader<TcpStream>) -> Vec<u8> {
             _ => line,
         }
     };
-    tokio::time::timeout(STEP, read)
+    tokio::time::timeout(WAIT, read)
         .await
         .expect("reply timed out")
 }
 
 #[tokio::test]
 async fn redis_through_detection_with_a_large_value() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
+        if let Some(why) = missing(REDIS) {
+            return skip("redis_through_detection_with_a_large_value", &why);
+        }
         let redis = start_redis().await;
-        let proxy = Proxy::start(&["--app", &redis.addr.to_string()]);
+        let proxy = Proxy::start(redis.addr, &[]).await;
         let stream = TcpStream::connect(proxy.inbound).await.expect("connect");
         let mut s = tokio::io::BufReader::new(stream);
         let value = payload(8 * 1024 * 1024);
@@ -361,7 +344,6 @@ async fn redis_through_detection_with_a_large_value() {
         drop(s);
 
         // redis-cli, a real client, through the proxy.
-        require("redis-cli");
         let port = proxy.inbound.port().to_string();
         let cli = move |args: &[&str]| {
             let out = Command::new("timeout")
@@ -386,7 +368,9 @@ async fn redis_through_detection_with_a_large_value() {
         assert_eq!(get, "hello redis");
 
         let r = proxy
-            .wait_log(|r| r["protocol"] == "TCP" && r["request_bytes"].as_u64() > Some(8_000_000))
+            .wait_record(|r| {
+                r["protocol"] == "TCP" && r["request_bytes"].as_u64() > Some(8_000_000)
+            })
             .await;
         assert!(r["response_bytes"].as_u64() > Some(8_000_000), "{r}");
         proxy
@@ -397,8 +381,7 @@ async fn redis_through_detection_with_a_large_value() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 /// Redis' inline protocol (`SET key value\r\n`, what `nc` and `telnet` users and some health checks
@@ -406,9 +389,12 @@ async fn redis_through_detection_with_a_large_value() {
 /// must reach Redis.
 #[tokio::test]
 async fn redis_inline_commands_are_not_mistaken_for_http() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
+        if let Some(why) = missing(&REDIS[..1]) {
+            return skip("redis_inline_commands_are_not_mistaken_for_http", &why);
+        }
         let redis = start_redis().await;
-        let proxy = Proxy::start(&["--app", &redis.addr.to_string()]);
+        let proxy = Proxy::start(redis.addr, &[]).await;
         for (command, want) in [
             (&b"SET inline yes\r\n"[..], &b"+OK\r\n"[..]),
             (b"GET inline\r\n", b"yes"),
@@ -425,15 +411,14 @@ async fn redis_inline_commands_are_not_mistaken_for_http() {
             );
         }
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 // ---------------------------------------------------------------------------------------------
 // MariaDB: a server-speaks-first protocol
 
 struct Mariadb {
-    _child: ChildGuard,
+    _child: Background,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -447,8 +432,6 @@ fn mariadbd() -> &'static str {
 }
 
 async fn start_mariadb() -> Mariadb {
-    require("mariadb-install-db");
-    require(mariadbd());
     let dir = tempfile::tempdir().expect("tempdir");
     let data = dir.path().join("data");
     // Two bootstraps at once (tests run in parallel) sometimes fail: one at a time.
@@ -469,8 +452,7 @@ async fn start_mariadb() -> Mariadb {
         String::from_utf8_lossy(&out.stderr)
     );
     let port = free_port();
-    let child = ChildGuard::spawn(
-        "mariadbd",
+    let child = Background::spawn(
         Command::new(mariadbd())
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
@@ -487,7 +469,7 @@ async fn start_mariadb() -> Mariadb {
             .stderr(Stdio::null()),
     );
     let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
-    wait_listening(addr).await;
+    wait_listening(addr, Duration::from_secs(60)).await;
     Mariadb {
         _child: child,
         addr,
@@ -509,7 +491,6 @@ async fn read_greeting(addr: SocketAddr) -> String {
 
 /// Runs SQL with the `mariadb` client through `port`; returns its tab-separated output.
 async fn mariadb_sql(port: u16, sql: String) -> String {
-    require("mariadb");
     tokio::task::spawn_blocking(move || {
         let out = Command::new("timeout")
             .args(["30", "mariadb", "--no-defaults", "--protocol=TCP"])
@@ -545,36 +526,43 @@ async fn mariadb_round_trip(port: u16) {
 
 #[tokio::test]
 async fn mariadb_through_an_opaque_port() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
+        if let Some(why) = missing(MARIADB).or_else(|| missing(&[mariadbd()])) {
+            return skip("mariadb_through_an_opaque_port", &why);
+        }
         let db = start_mariadb().await;
-        let proxy = opaque_proxy(db.addr, &[]);
+        let proxy = opaque_proxy(db.addr, &[]).await;
         let version = read_greeting(proxy.inbound).await;
         assert!(version.contains("MariaDB"), "{version}");
         mariadb_round_trip(proxy.inbound.port()).await;
         // No detection happened: every connection was opaque by its port.
         let text = proxy.metrics().await;
-        let by_port = protocols_common::sum_metric(
+        let by_port = metric(
             &text,
             "amazing_proxy_protocol_detections_total",
             &["reason=\"opaque_port\""],
-        );
+        )
+        .unwrap_or(0.0);
         assert!(by_port >= 2.0, "{text}");
-        let detected = protocols_common::sum_metric(
+        let detected = metric(
             &text,
             "amazing_proxy_protocol_detections_total",
             &["reason=\"timeout\""],
-        );
+        )
+        .unwrap_or(0.0);
         assert_eq!(detected, 0.0, "{text}");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn mariadb_through_detection_after_the_timeout() {
-    bounded(async {
+    bounded("test", Duration::from_secs(120), async {
+        if let Some(why) = missing(MARIADB).or_else(|| missing(&[mariadbd()])) {
+            return skip("mariadb_through_detection_after_the_timeout", &why);
+        }
         let db = start_mariadb().await;
-        let proxy = Proxy::start(&["--app", &db.addr.to_string(), "--detect-timeout", "200ms"]);
+        let proxy = Proxy::start(db.addr, &["--detect-timeout", "200ms"]).await;
         let version = read_greeting(proxy.inbound).await;
         assert!(version.contains("MariaDB"), "{version}");
         mariadb_round_trip(proxy.inbound.port()).await;
@@ -586,6 +574,5 @@ async fn mariadb_through_detection_after_the_timeout() {
             )
             .await;
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -2,7 +2,7 @@
 //! both ends. The 101 comes back, text and binary frames echo, a close from either side ends the
 //! tunnel on both, and an idle connection outlives `--response-timeout`.
 
-mod protocols_common;
+mod support;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use protocols_common::{Proxy, STEP, payload};
+use support::http::payload;
+use support::process::Proxy;
+use support::{TEST_TIMEOUT, WAIT, bounded};
 
 /// How a server-side WebSocket ended.
 #[derive(Debug, PartialEq)]
@@ -88,7 +90,7 @@ type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 async fn connect(proxy: &Proxy) -> Client {
     let url = format!("ws://{}/chat?room=1", proxy.inbound);
-    let (ws, response) = tokio::time::timeout(STEP, tokio_tungstenite::connect_async(url))
+    let (ws, response) = tokio::time::timeout(WAIT, tokio_tungstenite::connect_async(url))
         .await
         .expect("handshake timed out")
         .expect("handshake");
@@ -104,7 +106,7 @@ async fn connect(proxy: &Proxy) -> Client {
 }
 
 async fn next(ws: &mut Client) -> Message {
-    tokio::time::timeout(STEP, ws.next())
+    tokio::time::timeout(WAIT, ws.next())
         .await
         .expect("no frame in time")
         .expect("stream ended")
@@ -112,21 +114,17 @@ async fn next(ws: &mut Client) -> Message {
 }
 
 async fn ended(rx: &mut mpsc::UnboundedReceiver<Ended>) -> Ended {
-    tokio::time::timeout(STEP, rx.recv())
+    tokio::time::timeout(WAIT, rx.recv())
         .await
         .expect("the server never saw the end")
         .expect("report")
 }
 
-fn bounded<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
-    tokio::time::timeout(Duration::from_secs(60), f)
-}
-
 #[tokio::test]
 async fn websocket_echoes_text_and_binary_and_client_close_reaches_server() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let (app, mut ends) = start_echo_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string()]);
+        let proxy = Proxy::start(app, &[]).await;
         let mut ws = connect(&proxy).await;
 
         ws.send(Message::text("hello")).await.expect("send");
@@ -148,11 +146,11 @@ async fn websocket_echoes_text_and_binary_and_client_close_reaches_server() {
         .await
         .expect("close");
         // Frames until the stream ends (the server's answering Close included).
-        while let Some(Ok(_)) = tokio::time::timeout(STEP, ws.next()).await.expect("end") {}
+        while let Some(Ok(_)) = tokio::time::timeout(WAIT, ws.next()).await.expect("end") {}
         assert_eq!(ended(&mut ends).await, Ended::ClosedByClient(Some(1000)));
 
         let r = proxy
-            .wait_log(|r| {
+            .wait_record(|r| {
                 r["original_url"]
                     .as_str()
                     .is_some_and(|u| u.ends_with("/chat?room=1"))
@@ -161,15 +159,14 @@ async fn websocket_echoes_text_and_binary_and_client_close_reaches_server() {
         assert_eq!(r["status"], 101, "{r}");
         assert_eq!(r["method"], "GET", "{r}");
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn websocket_close_from_the_server_reaches_the_client() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let (app, mut ends) = start_echo_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string()]);
+        let proxy = Proxy::start(app, &[]).await;
         let mut ws = connect(&proxy).await;
         ws.send(Message::text("close-me")).await.expect("send");
         match next(&mut ws).await {
@@ -180,7 +177,7 @@ async fn websocket_close_from_the_server_reaches_the_client() {
             other => panic!("expected the server's Close, got {other:?}"),
         }
         // tungstenite answered the Close; the tunnel then ends on both sides.
-        let end = tokio::time::timeout(STEP, ws.next())
+        let end = tokio::time::timeout(WAIT, ws.next())
             .await
             .expect("the client's stream never ended");
         assert!(
@@ -189,15 +186,14 @@ async fn websocket_close_from_the_server_reaches_the_client() {
         );
         assert_eq!(ended(&mut ends).await, Ended::ClosedByServer);
     })
-    .await
-    .expect("test timed out");
+    .await;
 }
 
 #[tokio::test]
 async fn idle_websocket_outlives_the_response_timeout() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let (app, mut ends) = start_echo_server().await;
-        let proxy = Proxy::start(&["--app", &app.to_string(), "--response-timeout", "300ms"]);
+        let proxy = Proxy::start(app, &["--response-timeout", "300ms"]).await;
         let mut ws = connect(&proxy).await;
         ws.send(Message::text("before")).await.expect("send");
         assert_eq!(next(&mut ws).await, Message::text("before"));
@@ -212,6 +208,5 @@ async fn idle_websocket_outlives_the_response_timeout() {
         ws.close(None).await.expect("close");
         assert!(matches!(ended(&mut ends).await, Ended::ClosedByClient(_)));
     })
-    .await
-    .expect("test timed out");
+    .await;
 }

@@ -1,13 +1,17 @@
 //! The admin listener (/live, /ready, /metrics, /shutdown) and the graceful drain.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
+use support::http::*;
+use support::metrics::metric;
+use support::process::*;
+use support::raw::*;
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

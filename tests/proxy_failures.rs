@@ -1,12 +1,16 @@
 //! Failures are explicit: each has its status, a one-line body, an access-log error kind with
 //! whose fault it was, and a metric; none of them crashes or stalls other connections.
 
-mod common;
+mod support;
 
 use std::sync::atomic::Ordering;
 
-use common::*;
 use http::StatusCode;
+use support::http::*;
+use support::metrics::metric;
+use support::process::*;
+use support::raw::*;
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
@@ -199,16 +203,7 @@ async fn client_leaving_cancels_the_apps_request_and_leaks_nothing() {
             (app.state.cancelled.load(Ordering::SeqCst) == 1).then_some(())
         })
         .await;
-        eventually("open connections to return to 0", WAIT, || async {
-            let metrics = proxy.metrics().await;
-            let open = metric(
-                &metrics,
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-            );
-            (open == Some(0.0)).then_some(())
-        })
-        .await;
+        proxy.wait_no_open_connections().await;
         // The in-flight slot was given back: with --max-in-flight 1, this would get 503 otherwise.
         still_serves(&proxy).await;
     })

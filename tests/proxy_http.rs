@@ -1,15 +1,20 @@
 //! Forwarding: what reaches the app, what comes back, header rewriting, streaming, h2c, and the
 //! access log formats.
 
-mod common;
+mod support;
 
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use support::http::*;
+use support::metrics::metric;
+use support::process::*;
+use support::raw::*;
+use support::tools::*;
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
@@ -566,7 +571,7 @@ async fn seed_access_log_prints_the_tutorials_block() {
                 WAIT,
             )
             .await;
-        let blocks = seed_blocks(&text);
+        let blocks = seed_records(&text);
         assert_eq!(blocks.len(), 1, "one block per request:\n{text}");
         let block = &blocks[0];
         assert_eq!(block.len(), 6, "six lines then a blank one:\n{text}");

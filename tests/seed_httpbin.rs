@@ -1,86 +1,53 @@
 //! The tutorial's three requests through the proxy against a real httpbin (gunicorn on
 //! 127.0.0.1), with the access-log record of each in both formats.
 
-mod common;
+mod support;
 
-use std::net::{SocketAddr, TcpListener};
-use std::os::unix::process::CommandExt;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::*;
 use http::{Request, StatusCode};
 use http_body_util::Full;
+use support::http::{free_port, get_request, send};
+use support::process::{Background, Proxy, run};
+use support::tools::{seed_records, text, venv};
+use support::{WAIT, bounded, eventually, skip};
 
-const NOT_FOUND: &str =
-    "gunicorn+httpbin not found: run scripts/test.sh, which installs them into target/venv";
-
-/// `$AMAZING_PROXY_TEST_VENV/bin/gunicorn`, else `target/venv/bin/gunicorn`, else `gunicorn` on
-/// PATH.
-fn gunicorn() -> PathBuf {
-    let mut candidates = Vec::new();
-    if let Some(venv) = std::env::var_os("AMAZING_PROXY_TEST_VENV") {
-        candidates.push(PathBuf::from(venv).join("bin/gunicorn"));
-    }
-    candidates.push(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/venv/bin/gunicorn"));
-    if let Some(path) = std::env::var_os("PATH") {
-        candidates.extend(std::env::split_paths(&path).map(|dir| dir.join("gunicorn")));
-    }
-    candidates
-        .into_iter()
-        .find(|c| c.is_file())
-        .unwrap_or_else(|| panic!("{NOT_FOUND}"))
-}
-
-/// httpbin under gunicorn on a free 127.0.0.1 port, in a process group of its own; the whole group
-/// (master and workers) is killed and the master reaped on drop.
+/// httpbin under gunicorn (from the test venv) on a free 127.0.0.1 port; the whole process group
+/// (master and workers) is killed on drop.
 struct Httpbin {
-    child: Child,
+    _process: Background,
     addr: SocketAddr,
 }
 
-impl Drop for Httpbin {
-    fn drop(&mut self) {
-        // Killing only the master would orphan its workers.
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 impl Httpbin {
-    async fn start() -> Httpbin {
-        let gunicorn = gunicorn();
+    /// `Err` with the reason when the venv holding gunicorn and httpbin is missing.
+    async fn start() -> Result<Httpbin, String> {
+        let gunicorn = venv()?.join("bin/gunicorn");
         // gunicorn 23+ opens a control socket in $HOME unless told not to; older ones lack the flag.
-        let help = Command::new(&gunicorn)
-            .arg("--help")
-            .output()
-            .unwrap_or_else(|e| panic!("{NOT_FOUND} ({}: {e})", gunicorn.display()));
-        let no_control = String::from_utf8_lossy(&help.stdout).contains("--no-control-socket");
+        let help = run(Command::new(&gunicorn).arg("--help"));
+        let no_control = text(&help.stdout).contains("--no-control-socket");
         // The port is free when chosen; if another process takes it first, gunicorn exits and
         // we try another.
         for _ in 0..3 {
-            let addr = TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .expect("pick a free port");
+            let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
+                .parse()
+                .expect("an address");
             let mut cmd = Command::new(&gunicorn);
             cmd.args(["-b", &addr.to_string(), "-w", "2", "httpbin:app"])
-                .process_group(0)
-                .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::null());
             if no_control {
                 cmd.arg("--no-control-socket");
             }
-            let child = cmd
-                .spawn()
-                .unwrap_or_else(|e| panic!("{NOT_FOUND} ({}: {e})", gunicorn.display()));
-            let mut bin = Httpbin { child, addr };
-            if bin.wait_until_up().await {
-                return bin;
+            let mut process = Background::spawn(&mut cmd);
+            if up(&mut process, addr).await {
+                return Ok(Httpbin {
+                    _process: process,
+                    addr,
+                });
             }
         }
         panic!(
@@ -88,35 +55,33 @@ impl Httpbin {
             gunicorn.display()
         );
     }
+}
 
-    /// Whether httpbin answers within 30 s (false when gunicorn exited).
-    async fn wait_until_up(&mut self) -> bool {
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-        while tokio::time::Instant::now() < deadline {
-            if let Ok(Some(_exited)) = self.child.try_wait() {
-                return false;
+/// Whether httpbin answers `GET /get` with 200 within 30 s (false when gunicorn exited).
+async fn up(process: &mut Background, addr: SocketAddr) -> bool {
+    eventually("httpbin to answer", Duration::from_secs(30), || {
+        let exited = !process.is_running();
+        async move {
+            if exited {
+                return Some(false);
             }
             let attempt = async {
-                let stream = tokio::net::TcpStream::connect(self.addr).await.ok()?;
+                let stream = tokio::net::TcpStream::connect(addr).await.ok()?;
                 let (mut sender, conn) =
                     hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream))
                         .await
                         .ok()?;
                 tokio::spawn(conn);
-                let response = sender
-                    .send_request(get_request(self.addr, "/get"))
-                    .await
-                    .ok()?;
-                Some(response.status())
+                let response = sender.send_request(get_request(addr, "/get")).await.ok()?;
+                (response.status() == StatusCode::OK).then_some(true)
             };
-            let answered = tokio::time::timeout(Duration::from_secs(2), attempt).await;
-            if let Ok(Some(StatusCode::OK)) = answered {
-                return true;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
+            tokio::time::timeout(Duration::from_secs(2), attempt)
+                .await
+                .ok()
+                .flatten()
         }
-        panic!("httpbin on {} did not answer within 30 s", self.addr);
-    }
+    })
+    .await
 }
 
 /// One of the tutorial's requests and what it must produce.
@@ -185,14 +150,17 @@ async fn tutorial_requests(proxy: &Proxy, tag: &str) -> Vec<usize> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_requests_with_the_seed_access_log() {
     bounded("test", Duration::from_secs(90), async {
-        let httpbin = Httpbin::start().await;
+        let httpbin = match Httpbin::start().await {
+            Ok(httpbin) => httpbin,
+            Err(why) => return skip("tutorial_requests_with_the_seed_access_log", &why),
+        };
         let proxy = Proxy::start(httpbin.addr, &["--access-log", "seed"]).await;
         let sizes = tutorial_requests(&proxy, "seed").await;
 
         let text = proxy
-            .wait_for_log(|t| seed_blocks(t).len() == 3 && t.ends_with("\n\n"), WAIT)
+            .wait_for_log(|t| seed_records(t).len() == 3 && t.ends_with("\n\n"), WAIT)
             .await;
-        let blocks = seed_blocks(&text);
+        let blocks = seed_records(&text);
         assert_eq!(blocks.len(), 3, "{text}");
         for ((case, block), size) in CASES.iter().zip(&blocks).zip(sizes) {
             assert_eq!(block.len(), 6, "{text}");
@@ -216,7 +184,10 @@ async fn tutorial_requests_with_the_seed_access_log() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tutorial_requests_with_the_json_access_log() {
     bounded("test", Duration::from_secs(90), async {
-        let httpbin = Httpbin::start().await;
+        let httpbin = match Httpbin::start().await {
+            Ok(httpbin) => httpbin,
+            Err(why) => return skip("tutorial_requests_with_the_json_access_log", &why),
+        };
         let proxy = Proxy::start(httpbin.addr, &["--access-log", "json"]).await;
         let sizes = tutorial_requests(&proxy, "json").await;
 

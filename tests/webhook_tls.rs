@@ -6,10 +6,12 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
+
+mod support;
 
 use base64::Engine as _;
 use bytes::Bytes;
@@ -18,9 +20,9 @@ use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-
-const BIN: &str = env!("CARGO_BIN_EXE_amazing-proxy");
-const TEST_TIMEOUT: Duration = Duration::from_secs(60);
+use support::TEST_TIMEOUT;
+use support::bounded;
+use support::process::{command, run, run_with_input};
 
 struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -70,7 +72,7 @@ impl Drop for Server {
 }
 
 fn start(dir: &Path, extra: &[&str]) -> Server {
-    let mut child = Command::new(BIN)
+    let mut child = command()
         .arg("webhook")
         .arg("--listen=127.0.0.1:0")
         .arg(format!("--tls-cert={}", dir.join("tls.crt").display()))
@@ -222,21 +224,9 @@ fn yaml(text: &str) -> Value {
 
 /// What `amazing-proxy inject` writes for this pod (through stdin, as JSON).
 fn inject_cli(pod: &Value, args: &[&str]) -> Value {
-    use std::io::Write;
-    let mut child = Command::new(BIN)
-        .arg("inject")
-        .args(args)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("start inject");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(pod.to_string().as_bytes())
-        .expect("write pod");
-    let out = child.wait_with_output().expect("inject output");
+    let mut cmd = command();
+    cmd.arg("inject").args(args);
+    let out = run_with_input(&mut cmd, pod.to_string().as_bytes());
     assert!(out.status.success(), "inject failed");
     serde_json::from_slice(&out.stdout).expect("inject writes JSON for JSON")
 }
@@ -270,15 +260,9 @@ fn annotated_pod() -> Value {
     pod
 }
 
-async fn bounded<F: std::future::Future<Output = ()>>(test: F) {
-    tokio::time::timeout(TEST_TIMEOUT, test)
-        .await
-        .expect("the test did not finish in time");
-}
-
 #[tokio::test]
 async fn patch_equals_inject_output() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let ca = Ca::new("test-ca");
         let dir = setup(&ca);
         for (extra, inject_args) in [
@@ -334,7 +318,7 @@ async fn patch_equals_inject_output() {
 
 #[tokio::test]
 async fn opt_outs_and_other_kinds_are_allowed_unpatched() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let ca = Ca::new("test-ca");
         let dir = setup(&ca);
         let server = start(dir.path(), &["--skip-namespaces=kube-system,amazing-proxy-system"]);
@@ -362,7 +346,7 @@ async fn opt_outs_and_other_kinds_are_allowed_unpatched() {
 
 #[tokio::test]
 async fn injection_errors_warn_or_deny() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let ca = Ca::new("test-ca");
         let dir = setup(&ca);
         let mut clash = tutorial_pod();
@@ -417,7 +401,7 @@ async fn injection_errors_warn_or_deny() {
 
 #[tokio::test]
 async fn malformed_requests_and_other_routes() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let ca = Ca::new("test-ca");
         let dir = setup(&ca);
         let server = start(dir.path(), &[]);
@@ -473,7 +457,7 @@ async fn malformed_requests_and_other_routes() {
 
 #[tokio::test]
 async fn certificate_is_reloaded_when_the_files_change() {
-    bounded(async {
+    bounded("test", TEST_TIMEOUT, async {
         let first_ca = Ca::new("first-ca");
         let dir = setup(&first_ca);
         let server = start(dir.path(), &[]);
@@ -525,7 +509,8 @@ fn bad_certificate_files_fail_at_start() {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("tls.crt"), "nothing").expect("write");
     std::fs::write(dir.path().join("tls.key"), "nothing").expect("write");
-    let mut child = Command::new(BIN)
+    // A webhook that started anyway would run until the bound and fail the test.
+    let out = run(command()
         .args(["webhook", "--listen=127.0.0.1:0"])
         .arg(format!(
             "--tls-cert={}",
@@ -534,26 +519,9 @@ fn bad_certificate_files_fail_at_start() {
         .arg(format!(
             "--tls-key={}",
             dir.path().join("tls.key").display()
-        ))
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run the webhook");
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let status = loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            break status;
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the webhook started with unusable certificate files");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    assert!(!status.success());
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
-        .expect("read stderr");
+        )));
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
         stderr.contains("cannot load the TLS certificate") && stderr.contains("--tls-cert"),
         "{stderr}"

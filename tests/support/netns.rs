@@ -1,138 +1,63 @@
-//! A Kubernetes pod reproduced on this machine, for the end-to-end tests.
+//! Network namespaces, and a Kubernetes pod reproduced on this machine with them.
 //!
-//! Three network namespaces, all created here and named `ap-e2e-<pid>-<n>-{out,pod,peer}`:
+//! A pod is three namespaces, all created here and named `ap-e2e-<pid>-<n>-{out,pod,peer}`:
 //! `out` plays the rest of the cluster sending requests to the pod, `pod` holds the app (httpbin
 //! under gunicorn on :80 and :81) and the proxy, `peer` holds a server the app calls. Two veth
 //! pairs join them, `out` to the pod's `eth0` and the pod's `eth1` to `peer`, on two /30s of
 //! 198.18.0.0/15 derived from the pid and a counter. No address or interface is added to the
 //! host's own namespace. Every process is started in its own process group and killed (group and
 //! all) before its namespace is deleted, by guards that also run when a test panics.
-#![allow(dead_code)]
 
-use std::fs::File;
 use std::net::Ipv4Addr;
-use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-pub const BIN: &str = env!("CARGO_BIN_EXE_amazing-proxy");
-/// Longest any single command may take.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(20);
-/// Longest any condition is polled for (gunicorn's start is the slow one).
-pub const WAIT: Duration = Duration::from_secs(20);
+use super::process::{Background, bin, must, run};
+use super::tools::{have, normalise, text, venv, without_inert_chains};
+use super::{eventually_blocking, not_root};
+
+/// Longest any condition in a pod is polled for (gunicorn's start is the slow one).
+pub const POD_WAIT: Duration = Duration::from_secs(20);
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
-pub fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-/// Our own settings must not leak into the commands under test.
-fn scrub(cmd: &mut Command) {
-    for (k, _) in std::env::vars() {
-        if k.starts_with("AMAZING_PROXY_") {
-            cmd.env_remove(k);
-        }
-    }
-}
-
-/// Runs a command to completion, killing it after `COMMAND_TIMEOUT`.
-pub fn run(cmd: &mut Command) -> Output {
-    scrub(cmd);
-    let child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-    let pid = child.id();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let _ = tx.send(child.wait_with_output());
-    });
-    match rx.recv_timeout(COMMAND_TIMEOUT) {
-        Ok(out) => out.unwrap_or_else(|e| panic!("waiting for {cmd:?}: {e}")),
-        Err(_) => {
-            let _ = Command::new("kill").arg("-9").arg(pid.to_string()).status();
-            panic!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
-        }
-    }
-}
-
-fn must(cmd: &mut Command) -> String {
-    let out = run(cmd);
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-/// Polls `f` until it returns `Some`, for at most `WAIT`; the last failure explains a timeout.
-pub fn eventually<T>(what: &str, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(why) if Instant::now() > deadline => {
-                panic!("{what}: still not the case after {WAIT:?}: {why}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(50)),
-        }
-    }
-}
-
-/// Why the tests cannot run here (they then print it and pass), or `None`.
-fn cannot_run() -> Option<String> {
-    let uid = Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| text(&o.stdout));
-    if !uid.is_ok_and(|u| u.trim() == "0") {
-        return Some("the end-to-end pod tests need root to create network namespaces".into());
-    }
-    None
-}
-
-/// The venv holding gunicorn and httpbin (scripts/deps.sh makes it).
-pub fn venv() -> PathBuf {
-    let candidates = [
-        std::env::var_os("AMAZING_PROXY_TEST_VENV").map(PathBuf::from),
-        Some(Path::new(env!("CARGO_MANIFEST_DIR")).join("target/venv")),
-    ];
-    candidates
-        .into_iter()
-        .flatten()
-        .find(|v| v.join("bin/gunicorn").is_file())
-        .unwrap_or_else(|| panic!("gunicorn+httpbin not found: run scripts/test.sh"))
-}
-
-/// A network namespace; anything still running in it is killed, then it is deleted.
+/// A network namespace; the processes started in it, and anything else still running in it, are
+/// killed, then it is deleted.
 pub struct Netns {
     pub name: String,
+    children: Vec<Background>,
 }
 
 impl Netns {
-    /// `Err` with the reason when namespaces cannot be created here (permission).
-    fn new(name: String) -> Result<Netns, String> {
+    /// A namespace named `name`; `Err` with the reason when namespaces cannot be created here.
+    pub fn new(name: String) -> Result<Netns, String> {
+        if let Some(why) = not_root() {
+            return Err(why);
+        }
         let out = run(Command::new("ip").args(["netns", "add", &name]));
         if !out.status.success() {
-            let err = text(&out.stderr);
-            if err.contains("ermission") || err.contains("not permitted") {
-                return Err(format!("cannot create network namespace {name}: {err}"));
-            }
-            panic!("ip netns add {name} failed: {err}");
+            return Err(format!(
+                "cannot create network namespace {name}: {}",
+                text(&out.stderr)
+            ));
         }
-        let ns = Netns { name };
+        let ns = Netns {
+            name,
+            children: Vec::new(),
+        };
         ns.ok(&["ip", "link", "set", "lo", "up"]);
         Ok(ns)
     }
 
+    /// A namespace named `<prefix>-<pid>-<n>`.
+    pub fn unique(prefix: &str) -> Result<Netns, String> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        Netns::new(format!("{prefix}-{}-{n}", std::process::id()))
+    }
+
+    /// `ip netns exec NAME ARGS...`, not started.
     pub fn cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.name]).args(args);
@@ -147,10 +72,17 @@ impl Netns {
     pub fn ok(&self, args: &[&str]) -> String {
         must(&mut self.cmd(args))
     }
+
+    /// Starts `args` in the namespace in the background, output discarded, until the namespace goes.
+    pub fn spawn(&mut self, args: &[&str]) {
+        let child = Background::spawn(self.cmd(args).stdout(Stdio::null()).stderr(Stdio::null()));
+        self.children.push(child);
+    }
 }
 
 impl Drop for Netns {
     fn drop(&mut self) {
+        self.children.clear();
         // Only processes in our own namespace: left over children of the processes we started.
         if let Ok(out) = Command::new("ip")
             .args(["netns", "pids", &self.name])
@@ -163,55 +95,6 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();
-    }
-}
-
-/// A background process, killed with its whole process group on drop.
-pub struct Bg {
-    child: Child,
-}
-
-impl Bg {
-    fn spawn(mut cmd: Command, log: &Path) -> Bg {
-        scrub(&mut cmd);
-        let out = File::create(log).expect("creating a log file in the test's temp dir");
-        let err = out.try_clone().expect("duplicating a log file descriptor");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-        Bg { child }
-    }
-
-    /// Same, with stdout and stderr in separate files.
-    fn spawn_split(mut cmd: Command, stdout: &Path, stderr: &Path) -> Bg {
-        scrub(&mut cmd);
-        let out = File::create(stdout).expect("creating a log file in the test's temp dir");
-        let err = File::create(stderr).expect("creating a log file in the test's temp dir");
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            .process_group(0)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot spawn {cmd:?}: {e}"));
-        Bg { child }
-    }
-
-    fn is_running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Bg {
-    fn drop(&mut self) {
-        let group = format!("-{}", self.child.id());
-        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -268,6 +151,16 @@ pub struct PodOptions<'a> {
     pub proxy_user: Option<u32>,
 }
 
+/// The prefix that runs a command as the app's user (uid/gid 1000).
+const AS_APP: [&str; 6] = [
+    "setpriv",
+    "--reuid",
+    "1000",
+    "--regid",
+    "1000",
+    "--clear-groups",
+];
+
 /// The port the peer's HTTP server listens on.
 pub const PEER_PORT: u16 = 8080;
 /// The port of the peer's line server (not HTTP): it answers each line upper-cased.
@@ -289,7 +182,7 @@ pub const PEER_CONTENT: &str = "hello from the peer namespace\n";
 /// namespace outside it and a peer namespace it can call.
 pub struct Pod {
     // Fields drop in order: processes first, then the namespaces they ran in.
-    procs: Vec<Bg>,
+    procs: Vec<Background>,
     namespaces: Vec<Netns>,
     pub dir: tempfile::TempDir,
     pub pod_ip: Ipv4Addr,
@@ -306,15 +199,11 @@ fn addresses(n: u32) -> [Ipv4Addr; 4] {
 }
 
 impl Pod {
-    /// `None` (after printing why) when this machine cannot create network namespaces.
-    // TODO(lead): split; clippy.toml limits functions to 100 lines.
-    #[allow(clippy::too_many_lines)]
-    pub fn start(opts: &PodOptions<'_>) -> Option<Pod> {
-        if let Some(why) = cannot_run() {
-            eprintln!("SKIP: {why}");
-            return None;
-        }
-        let venv = venv();
+    #[allow(clippy::too_many_lines)] // TODO(lead): split
+    /// `Err` with the reason when this machine cannot run a pod (not root, no namespaces, no
+    /// venv with gunicorn and httpbin).
+    pub fn start(opts: &PodOptions<'_>) -> Result<Pod, String> {
+        let venv = venv()?;
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("ap-e2e-{}-{n}", std::process::id());
         let [outside_ip, pod_ip, pod_peer_side_ip, peer_ip] = addresses(n);
@@ -328,13 +217,7 @@ impl Pod {
             peer_ip,
         };
         for role in ["out", "pod", "peer"] {
-            match Netns::new(format!("{prefix}-{role}")) {
-                Ok(ns) => pod.namespaces.push(ns),
-                Err(why) => {
-                    eprintln!("SKIP: {why}");
-                    return None;
-                }
-            }
+            pod.namespaces.push(Netns::new(format!("{prefix}-{role}"))?);
         }
         // Interfaces are created inside our namespaces only, so their names cannot clash.
         let link = |from: &Netns, from_if: &str, to: &Netns, to_if: &str| {
@@ -407,7 +290,7 @@ impl Pod {
         }
         args.extend(
             [
-                BIN,
+                bin(),
                 "run",
                 "--access-log",
                 opts.access_log,
@@ -418,9 +301,10 @@ impl Pod {
         );
         args.extend(opts.run_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let proxy = pod.ns_pod().cmd(&args);
+        let mut proxy = pod.ns_pod().cmd(&args);
         let (stdout, stderr) = (pod.path("access.log"), pod.path("proxy.log"));
-        pod.procs.push(Bg::spawn_split(proxy, &stdout, &stderr));
+        pod.procs
+            .push(Background::logging(&mut proxy, &stdout, &stderr));
 
         pod.wait_ready("the app", "pod", "http://127.0.0.1:80/get", "app.log");
         pod.wait_ready(
@@ -431,7 +315,7 @@ impl Pod {
         );
         let peer_url = format!("http://{peer_ip}:{PEER_PORT}/{PEER_FILE}");
         pod.wait_ready("the peer", "peer", &peer_url, "peer.log");
-        eventually("the peer's line server listens", || {
+        eventually_blocking("the peer's line server listens", POD_WAIT, || {
             let out = pod
                 .ns_peer()
                 .exec(&["ss", "-Htln", &format!("sport = {PEER_TCP_PORT}")]);
@@ -440,12 +324,12 @@ impl Pod {
                 .then_some(())
                 .ok_or_else(|| pod.read("peer-tcp.log"))
         });
-        Some(pod)
+        Ok(pod)
     }
 
-    fn spawn(&mut self, cmd: Command, log: &str) {
+    fn spawn(&mut self, mut cmd: Command, log: &str) {
         let path = self.path(log);
-        self.procs.push(Bg::spawn(cmd, &path));
+        self.procs.push(Background::logging(&mut cmd, &path, &path));
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
@@ -476,30 +360,27 @@ impl Pod {
         }
     }
 
+    /// Waits until `url` answers from the namespace `role`; fails at once if a process exited.
     fn wait_ready(&mut self, what: &str, role: &str, url: &str, log: &str) {
-        let deadline = Instant::now() + WAIT;
-        loop {
+        let waited = format!("{what} to answer {url}");
+        eventually_blocking(&waited, POD_WAIT, || {
             let out = self
                 .ns(role)
                 .exec(&["curl", "-fsS", "-o", "/dev/null", "-m", "1", url]);
             if out.status.success() {
-                return;
+                return Ok(());
             }
-            let exited = self.procs.iter_mut().any(|p| !p.is_running());
-            if exited || Instant::now() > deadline {
-                panic!(
-                    "{what} never answered {url} (a process exited: {exited}): {}\n--- {log}:\n{}",
-                    text(&out.stderr),
-                    self.read(log)
-                );
+            let why = format!("{}\n--- {log}:\n{}", text(&out.stderr), self.read(log));
+            if self.procs.iter_mut().any(|p| !p.is_running()) {
+                panic!("{what}: a process exited: {why}");
             }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            Err(why)
+        })
     }
 
     /// `amazing-proxy init ARGS` in the pod, required to succeed; returns its stderr.
     pub fn init(&self, args: &[&str]) -> String {
-        let mut all = vec![BIN, "init"];
+        let mut all = vec![bin(), "init"];
         all.extend_from_slice(args);
         let out = self.ns_pod().exec(&all);
         assert!(
@@ -517,15 +398,7 @@ impl Pod {
 
     /// curl in the pod as the app's user (uid/gid 1000).
     pub fn curl_as_app(&self, args: &[&str]) -> Response {
-        let user = [
-            "setpriv",
-            "--reuid",
-            "1000",
-            "--regid",
-            "1000",
-            "--clear-groups",
-        ];
-        curl(self.ns_pod(), &user, args)
+        curl(self.ns_pod(), &AS_APP, args)
     }
 
     /// Sends `line` to the peer's line server as the app's user and returns the answer, or `None`
@@ -543,27 +416,16 @@ s.shutdown(socket.SHUT_WR)
 print(s.makefile().read(), end='')
 ";
         let (ip, port) = (self.peer_ip.to_string(), PEER_TCP_PORT.to_string());
-        let out = self.ns_pod().exec(&[
-            "setpriv",
-            "--reuid",
-            "1000",
-            "--regid",
-            "1000",
-            "--clear-groups",
-            python,
-            "-c",
-            client,
-            &ip,
-            &port,
-            line,
-        ]);
+        let mut args = AS_APP.to_vec();
+        args.extend([python, "-c", client, &ip, &port, line]);
+        let out = self.ns_pod().exec(&args);
         assert!(out.status.success(), "{line}: {}", text(&out.stderr));
         Some(text(&out.stdout))
     }
 
     /// The access log once `ready` accepts it (the proxy flushes it every 100 ms).
     pub fn access_log_when(&self, what: &str, ready: impl Fn(&str) -> bool) -> String {
-        eventually(what, || {
+        eventually_blocking(what, POD_WAIT, || {
             let log = self.read("access.log");
             if ready(&log) {
                 Ok(log)
@@ -606,100 +468,4 @@ fn curl(ns: &Netns, prefix: &[&str], args: &[&str]) -> Response {
         text(&out.stderr)
     );
     Response::parse(&stdout).unwrap_or_else(|e| panic!("{all:?}: {e}"))
-}
-
-pub fn have(tool: &str) -> bool {
-    Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// Rules without comments, chain counters or rule counters, to compare states.
-pub fn normalise(listing: &str) -> String {
-    listing
-        .lines()
-        .filter(|l| !l.trim_start().starts_with('#'))
-        .map(|l| {
-            let l = match (l.starts_with(':'), l.rfind(" [")) {
-                (true, Some(i)) => format!("{} [0:0]", &l[..i]),
-                _ => l.to_string(),
-            };
-            format!("{}\n", strip_nft_counters(&l))
-        })
-        .collect()
-}
-
-/// `nft list ruleset` without base chains that hold no rule and accept everything, without tables
-/// left empty by that, and without blank lines.
-///
-/// iptables-nft creates a built-in chain (PREROUTING, OUTPUT) in nf_tables the first time a rule
-/// goes into it, and deleting the rule leaves the chain: to iptables the built-in chains always
-/// exist (`iptables-save` shows the same before and after), and an empty accepting chain changes
-/// no packet's fate. So after `init --clean` such chains are all that can differ, and only for the
-/// iptables-nft backend; they are not ours to delete (nothing tells who created them).
-pub fn without_inert_chains(listing: &str) -> String {
-    let mut out = String::new();
-    let mut table: Option<(String, Vec<String>)> = None;
-    let mut chain: Option<Vec<String>> = None;
-    for line in listing.lines().filter(|l| !l.trim().is_empty()) {
-        if let Some(c) = chain.as_mut() {
-            if line == "\t}" {
-                let inert = c.len() == 2 && c[1].contains("policy accept;");
-                if let (false, Some((_, body))) = (inert, table.as_mut()) {
-                    body.append(c);
-                    body.push(line.to_string());
-                }
-                chain = None;
-            } else {
-                c.push(line.to_string());
-            }
-        } else if line.starts_with("\tchain ") {
-            chain = Some(vec![line.to_string()]);
-        } else if line.starts_with("table ") {
-            table = Some((line.to_string(), Vec::new()));
-        } else if line == "}" {
-            if let Some((head, body)) = table.take().filter(|(_, b)| !b.is_empty()) {
-                out.push_str(&format!("{head}\n{}\n}}\n", body.join("\n")));
-            }
-        } else if let Some((_, body)) = table.as_mut() {
-            body.push(line.to_string());
-        } else {
-            out.push_str(&format!("{line}\n"));
-        }
-    }
-    out
-}
-
-/// `counter packets 3 bytes 180` becomes `counter`.
-fn strip_nft_counters(line: &str) -> String {
-    let words: Vec<&str> = line.split(' ').collect();
-    let mut out = Vec::with_capacity(words.len());
-    let mut i = 0;
-    while i < words.len() {
-        out.push(words[i]);
-        if words[i] == "counter" && words.get(i + 1) == Some(&"packets") && words.len() > i + 4 {
-            i += 5;
-        } else {
-            i += 1;
-        }
-    }
-    out.join(" ")
-}
-
-/// The seed access log's records (blocks separated by a blank line).
-pub fn seed_records(log: &str) -> Vec<&str> {
-    log.split("\n\n")
-        .map(str::trim)
-        .filter(|r| !r.is_empty())
-        .collect()
-}
-
-/// The JSON access log's records.
-pub fn json_records(log: &str) -> Vec<serde_json::Value> {
-    log.lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad record ({e}): {l}")))
-        .collect()
 }

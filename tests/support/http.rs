@@ -1,16 +1,11 @@
-//! Shared harness for the integration tests: starts the real `amazing-proxy run` binary on
-//! 127.0.0.1 port 0, test upstreams (an in-process hyper app and raw TCP servers) and small HTTP
-//! clients. Every wait is bounded; every process is killed and reaped on drop.
-#![allow(dead_code)] // each test file uses a different part of the harness
+//! HTTP for the tests: clients (hyper, one request or a kept-open connection), the in-process
+//! test app, and ports that refuse or hang. Every wait is bounded.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::future::Future;
-use std::io::Read;
 use std::net::SocketAddr;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -20,325 +15,9 @@ use hyper::body::{Body, Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-/// Bound for a whole test body.
-pub const TEST_TIMEOUT: Duration = Duration::from_secs(60);
-/// Bound for one wait inside a test.
-pub const WAIT: Duration = Duration::from_secs(10);
-
-/// Runs `f`, failing the test with `what` if it takes longer than `limit`.
-pub async fn bounded<F: Future>(what: &str, limit: Duration, f: F) -> F::Output {
-    match tokio::time::timeout(limit, f).await {
-        Ok(out) => out,
-        Err(_) => panic!("timed out after {limit:?}: {what}"),
-    }
-}
-
-/// Polls `check` every 20 ms until it returns `Some`, failing with `what` after `limit`.
-pub async fn eventually<T, F, Fut>(what: &str, limit: Duration, mut check: F) -> T
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = Option<T>>,
-{
-    bounded(what, limit, async {
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    })
-    .await
-}
-
-pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_amazing-proxy")
-}
-
-type Shared = Arc<Mutex<Vec<u8>>>;
-
-fn text_of(buf: &Shared) -> String {
-    let bytes = buf.lock().unwrap_or_else(|p| p.into_inner()).clone();
-    String::from_utf8_lossy(&bytes).into_owned()
-}
-
-fn capture(mut from: impl Read + Send + 'static, into: Shared) {
-    std::thread::spawn(move || {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match from.read(&mut chunk) {
-                Ok(0) | Err(_) => return,
-                Ok(n) => into
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .extend_from_slice(&chunk[..n]),
-            }
-        }
-    });
-}
-
-/// A `Command` for the binary with the harness's environment: no inherited `AMAZING_PROXY_*`
-/// variables, `AMAZING_PROXY_LOG=info`.
-pub fn command() -> Command {
-    let mut cmd = Command::new(bin());
-    for (key, _) in std::env::vars_os() {
-        if key.to_string_lossy().starts_with("AMAZING_PROXY_") {
-            cmd.env_remove(key);
-        }
-    }
-    cmd.env("AMAZING_PROXY_LOG", "info");
-    cmd
-}
-
-/// `amazing-proxy run` in front of `app`.
-pub struct ProxyBuilder {
-    app: SocketAddr,
-    args: Vec<String>,
-    envs: Vec<(String, String)>,
-}
-
-impl ProxyBuilder {
-    pub fn args<I, S>(mut self, args: I) -> Self
-    where
-        I: IntoIterator<Item = S>,
-        S: Into<String>,
-    {
-        self.args.extend(args.into_iter().map(Into::into));
-        self
-    }
-
-    pub fn env(mut self, key: &str, value: &str) -> Self {
-        self.envs.push((key.into(), value.into()));
-        self
-    }
-
-    pub async fn start(self) -> Proxy {
-        let mut cmd = command();
-        cmd.arg("run")
-            .args(["--inbound", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-            .args(["--outbound", "off", "--app"])
-            .arg(self.app.to_string())
-            .args(&self.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        for (k, v) in &self.envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.spawn().expect("spawn amazing-proxy run");
-        let stdout = Shared::default();
-        let stderr = Shared::default();
-        capture(child.stdout.take().expect("child stdout"), stdout.clone());
-        capture(child.stderr.take().expect("child stderr"), stderr.clone());
-        let mut proxy = Proxy {
-            pid: child.id(),
-            child,
-            inbound: "0.0.0.0:0".parse().expect("placeholder address"),
-            admin: "0.0.0.0:0".parse().expect("placeholder address"),
-            app: self.app,
-            stdout,
-            stderr,
-        };
-        let (inbound, admin) = eventually("the proxy's `listening` line", WAIT, || {
-            let found = proxy.listening_line();
-            if found.is_none()
-                && let Ok(Some(status)) = proxy.child.try_wait()
-            {
-                panic!(
-                    "amazing-proxy exited with {status} before listening; stderr:\n{}",
-                    proxy.stderr()
-                );
-            }
-            async move { found }
-        })
-        .await;
-        proxy.inbound = inbound;
-        proxy.admin = admin;
-        proxy
-    }
-}
-
-/// A running proxy. Killed and reaped on drop.
-pub struct Proxy {
-    child: Child,
-    pub pid: u32,
-    pub inbound: SocketAddr,
-    pub admin: SocketAddr,
-    pub app: SocketAddr,
-    stdout: Shared,
-    stderr: Shared,
-}
-
-impl Proxy {
-    pub fn builder(app: SocketAddr) -> ProxyBuilder {
-        ProxyBuilder {
-            app,
-            args: Vec::new(),
-            envs: Vec::new(),
-        }
-    }
-
-    pub async fn start(app: SocketAddr, args: &[&str]) -> Proxy {
-        Proxy::builder(app).args(args.iter().copied()).start().await
-    }
-
-    /// Parses `listening inbound=IP:PORT outbound=off admin=IP:PORT app=...`.
-    fn listening_line(&self) -> Option<(SocketAddr, SocketAddr)> {
-        let text = self.stderr();
-        let line = text.lines().find(|l| l.contains("listening"))?;
-        let field = |name: &str| -> Option<SocketAddr> {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(name))
-                .and_then(|v| v.parse().ok())
-        };
-        Some((field("inbound=")?, field("admin=")?))
-    }
-
-    /// Everything the proxy wrote to stdout (the access log) so far.
-    pub fn stdout(&self) -> String {
-        text_of(&self.stdout)
-    }
-
-    /// Everything the proxy wrote to stderr (diagnostics) so far.
-    pub fn stderr(&self) -> String {
-        text_of(&self.stderr)
-    }
-
-    /// Waits until the access log satisfies `pred`; returns the whole access log then.
-    pub async fn wait_for_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
-        let outcome = tokio::time::timeout(timeout, async {
-            loop {
-                let text = self.stdout();
-                if pred(&text) {
-                    return text;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        match outcome {
-            Ok(text) => text,
-            Err(_) => panic!(
-                "access log never matched within {timeout:?}; stdout:\n{}\nstderr:\n{}",
-                self.stdout(),
-                self.stderr()
-            ),
-        }
-    }
-
-    /// The JSON access-log records written so far (lines that are not JSON fail the test).
-    pub fn json_records(&self) -> Vec<Value> {
-        self.stdout()
-            .lines()
-            .map(|l| {
-                serde_json::from_str(l).unwrap_or_else(|e| panic!("access log line {l:?}: {e}"))
-            })
-            .collect()
-    }
-
-    /// Waits for the JSON access-log record whose `request_id` is `id`.
-    pub async fn json_record(&self, id: &str) -> Value {
-        let has = |text: &str| text.lines().any(|l| l.contains(&format!("\"{id}\"")));
-        self.wait_for_log(has, WAIT).await;
-        self.json_records()
-            .into_iter()
-            .find(|r| r["request_id"] == id)
-            .unwrap_or_else(|| panic!("no record with request_id {id} in\n{}", self.stdout()))
-    }
-
-    pub async fn admin_get(&self, path: &str) -> Reply {
-        send(self.admin, get_request(self.admin, path)).await
-    }
-
-    pub async fn admin_post(&self, path: &str) -> Reply {
-        let req = Request::post(path)
-            .header("host", self.admin.to_string())
-            .body(Empty::<Bytes>::new())
-            .expect("admin POST request");
-        send(self.admin, req).await
-    }
-
-    pub async fn metrics(&self) -> String {
-        let reply = self.admin_get("/metrics").await;
-        assert_eq!(reply.status, StatusCode::OK, "GET /metrics");
-        reply.text()
-    }
-
-    /// GET `path` through the proxy on a new connection.
-    pub async fn get(&self, path: &str) -> Reply {
-        send(self.inbound, get_request(self.inbound, path)).await
-    }
-
-    /// Sends a signal with the `kill` command (`TERM`, `INT`).
-    pub fn signal(&self, name: &str) {
-        let status = Command::new("kill")
-            .arg(format!("-{name}"))
-            .arg(self.pid.to_string())
-            .status()
-            .expect("run kill");
-        assert!(status.success(), "kill -{name} {} failed", self.pid);
-    }
-
-    /// Waits for the process to exit by itself.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let outcome = tokio::time::timeout(timeout, async {
-            loop {
-                if let Some(status) = self.child.try_wait().expect("try_wait on the proxy") {
-                    return status;
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-        })
-        .await;
-        match outcome {
-            Ok(status) => status,
-            Err(_) => panic!(
-                "the proxy did not exit within {timeout:?}; stderr:\n{}",
-                self.stderr()
-            ),
-        }
-    }
-
-    /// Peak resident set size (VmHWM) in bytes, from /proc.
-    pub fn peak_rss_bytes(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
-            .expect("read /proc/PID/status of the proxy");
-        let line = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .expect("VmHWM in /proc/PID/status");
-        let kib: u64 = line
-            .split_whitespace()
-            .nth(1)
-            .and_then(|v| v.parse().ok())
-            .expect("VmHWM value in kB");
-        kib * 1024
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// The value of the sample `name{labels...}` whose labels include every `label="value"` given.
-pub fn metric(text: &str, name: &str, labels: &[&str]) -> Option<f64> {
-    text.lines().find_map(|line| {
-        let rest = line.strip_prefix(name)?;
-        if !(rest.starts_with('{') || rest.starts_with(' ')) {
-            return None;
-        }
-        let (series, value) = rest.rsplit_once(' ')?;
-        if !labels.iter().all(|l| series.contains(l)) {
-            return None;
-        }
-        value.parse().ok()
-    })
-}
+use super::{WAIT, bounded, eventually};
 
 // ---------------------------------------------------------------------------------------------
 // Clients
@@ -444,59 +123,6 @@ where
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     H1Conn::connect(addr).await.send(req).await
-}
-
-/// Writes `request` on a new TCP connection and reads until the server closes it.
-pub async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
-    let mut stream = TcpStream::connect(addr).await.expect("raw connect");
-    stream.write_all(request).await.expect("raw write");
-    let mut out = Vec::new();
-    bounded(
-        "the server closing a raw connection",
-        WAIT,
-        stream.read_to_end(&mut out),
-    )
-    .await
-    .expect("raw read");
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Reads one response with a Content-Length body from a raw connection; returns head and body.
-pub async fn raw_read_response(stream: &mut TcpStream) -> (String, Vec<u8>) {
-    bounded("a raw response", WAIT, async {
-        let mut buf = Vec::new();
-        let head_end = loop {
-            if let Some(i) = find(&buf, b"\r\n\r\n") {
-                break i + 4;
-            }
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.expect("raw read head");
-            assert!(n > 0, "connection closed inside a response head: {buf:?}");
-            buf.extend_from_slice(&chunk[..n]);
-        };
-        let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
-        let length: usize = head
-            .lines()
-            .find_map(|l| {
-                let (k, v) = l.split_once(':')?;
-                k.eq_ignore_ascii_case("content-length")
-                    .then(|| v.trim().parse().ok())?
-            })
-            .unwrap_or_else(|| panic!("no content-length in {head}"));
-        let mut body = buf[head_end..].to_vec();
-        while body.len() < length {
-            let mut chunk = [0u8; 4096];
-            let n = stream.read(&mut chunk).await.expect("raw read body");
-            assert!(n > 0, "connection closed inside a response body");
-            body.extend_from_slice(&chunk[..n]);
-        }
-        (head, body)
-    })
-    .await
-}
-
-pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
-    haystack.windows(needle.len()).position(|w| w == needle)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -788,60 +414,7 @@ pub fn echoed_headers(echo: &Value) -> BTreeMap<String, String> {
 }
 
 // ---------------------------------------------------------------------------------------------
-// Raw TCP upstreams
-
-/// A raw TCP app: for every connection, `handler` gets the stream and the connection's number.
-pub struct RawApp {
-    pub addr: SocketAddr,
-    pub connections: Arc<AtomicUsize>,
-    _task: AbortOnDrop,
-}
-
-impl RawApp {
-    pub async fn start<F, Fut>(handler: F) -> RawApp
-    where
-        F: Fn(TcpStream, usize) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = ()> + Send + 'static,
-    {
-        let listener = TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind the raw app");
-        let addr = listener.local_addr().expect("raw app address");
-        let connections = Arc::new(AtomicUsize::new(0));
-        let counter = connections.clone();
-        let handler = Arc::new(handler);
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    continue;
-                };
-                let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
-                tokio::spawn(handler(stream, n));
-            }
-        });
-        RawApp {
-            addr,
-            connections,
-            _task: AbortOnDrop(task),
-        }
-    }
-}
-
-/// Reads a request head (up to the blank line) from a raw connection; `None` at EOF.
-pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
-    let mut buf = Vec::new();
-    loop {
-        if let Some(i) = find(&buf, b"\r\n\r\n") {
-            buf.truncate(i + 4);
-            return Some(buf);
-        }
-        let mut chunk = [0u8; 4096];
-        match stream.read(&mut chunk).await {
-            Ok(0) | Err(_) => return None,
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-        }
-    }
-}
+// Ports that refuse or hang
 
 /// A port on 127.0.0.1 that nothing listens on: bound (so nobody else takes it) but not
 /// listening, so connections to it are refused. Call `listen` to bring the app "up".
@@ -926,9 +499,24 @@ impl Default for BlackHole {
     }
 }
 
-/// The lines of the seed access log, split into blocks (each block's lines, blank line removed).
-pub fn seed_blocks(text: &str) -> Vec<Vec<String>> {
-    text.split_terminator("\n\n")
-        .map(|block| block.lines().map(str::to_owned).collect())
-        .collect()
+/// A port free at the time of the call (bound on :0, read, released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Waits until something accepts TCP connections on `addr` (a server started as a process).
+pub async fn wait_listening(addr: SocketAddr, limit: Duration) {
+    eventually("something to listen", limit, || async move {
+        TcpStream::connect(addr)
+            .await
+            .map(drop)
+            .map_err(|e| format!("{addr}: {e}"))
+    })
+    .await
+}
+
+/// A deterministic payload of `len` bytes that is not all one value.
+pub fn payload(len: usize) -> Vec<u8> {
+    (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }

@@ -1,0 +1,500 @@
+//! Under load, attack and bad configuration the sidecar holds (issue 10), as behaviour: hostile
+//! sockets at the connection limit, the keep-alive race, configurations that loop or overflow, the
+//! admin port reached from another address, a request cut by the drain, idle clients and running
+//! out of descriptors, and (already holding) an app crash and restart. Counts and statuses, never
+//! time thresholds; every socket and process is bounded and goes away with the test. The figures
+//! (bytes and descriptors per idle client, recovery time) belong in `bench/`, not here.
+
+mod support;
+
+use std::net::SocketAddr;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use http::StatusCode;
+use support::http::{AbortOnDrop, TestApp, free_port, wait_listening};
+use support::metrics::metric;
+use support::netns::Netns;
+use support::process::{Background, Proxy, bin, rejected_at_start, run};
+use support::raw::{RawApp, RawClient, RecordingApp, Step, answer, ok};
+use support::tools::{missing, text};
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually, eventually_blocking, skip};
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+// ---------------------------------------------------------------------------------------------
+// 1. Slowloris at the connection limit
+
+/// Opens a connection that sends a request head one byte every `every`, never finishing it, until
+/// the returned guard is dropped or the proxy closes it.
+async fn slowloris(addr: SocketAddr, every: Duration) -> Option<AbortOnDrop> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    let task = tokio::spawn(async move {
+        if stream
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: t\r\nX-Slow: ")
+            .await
+            .is_err()
+        {
+            return;
+        }
+        // At most a minute of trickle; the test ends long before.
+        for _ in 0..(60_000 / every.as_millis().max(1)) {
+            tokio::time::sleep(every).await;
+            if stream.write_all(b"s").await.is_err() {
+                return;
+            }
+        }
+    });
+    Some(AbortOnDrop(task))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slowloris_at_the_connection_limit_does_not_lock_clients_out() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let proxy = Proxy::start(app.addr, &["--max-connections", "50"]).await;
+        let mut attackers = Vec::new();
+        for _ in 0..60 {
+            attackers.extend(slowloris(proxy.inbound, Duration::from_millis(500)).await);
+        }
+        proxy
+            .wait_metric(
+                "amazing_proxy_open_connections",
+                &["direction=\"inbound\""],
+                50.0,
+            )
+            .await;
+        for i in 0..5 {
+            let reply = proxy.get(&format!("/echo?normal={i}")).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "normal request {i}: {}",
+                reply.text()
+            );
+        }
+        drop(attackers);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 2. The keep-alive race never reaches a client
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_closing_after_every_response_loses_no_idempotent_request() {
+    bounded("test", Duration::from_secs(120), async {
+        // Answers, then closes 1 ms later whatever arrived meanwhile.
+        let app = RecordingApp::start(|r| {
+            let mut steps = answer(ok(r.message.target()));
+            steps.extend([Step::Sleep(Duration::from_millis(1)), Step::Close]);
+            steps
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &[]).await;
+        let errors = Arc::new(AtomicUsize::new(0));
+        let mut clients = Vec::new();
+        for c in 0..4 {
+            let (inbound, errors) = (proxy.inbound, errors.clone());
+            clients.push(tokio::spawn(async move {
+                let mut client = RawClient::connect(inbound).await;
+                for i in 0..1250 {
+                    let path = format!("/race/{c}/{i}");
+                    let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+                    let response = client.exchange(request.as_bytes()).await;
+                    if response.status() != 200 || response.body_text() != path {
+                        errors.fetch_add(1, Ordering::SeqCst);
+                    }
+                }
+            }));
+        }
+        for client in clients {
+            client.await.expect("a client task");
+        }
+        assert_eq!(errors.load(Ordering::SeqCst), 0, "requests lost in 5000");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3. Configuration that loops, overflows or is misread is refused at start, by name
+
+#[test]
+fn app_equal_to_inbound_is_refused() {
+    rejected_at_start(
+        &["--inbound", "HELD", "--app", "HELD"],
+        &[],
+        &["--app", "--inbound"],
+    );
+}
+
+#[test]
+fn duration_beyond_its_bound_is_refused() {
+    rejected_at_start(
+        &[
+            "--app",
+            "127.0.0.1:9",
+            "--response-timeout",
+            "300000000000y",
+        ],
+        &[],
+        &["--response-timeout"],
+    );
+}
+
+#[test]
+fn negative_duration_is_reported_as_its_value() {
+    let stderr = rejected_at_start(
+        &["--app", "127.0.0.1:9", "--drain-timeout", "-1s"],
+        &[],
+        &["--drain-timeout", "-1s"],
+    );
+    assert!(!stderr.contains("unexpected argument"), "{stderr}");
+}
+
+#[test]
+fn invalid_environment_variable_is_named() {
+    rejected_at_start(
+        &["--app", "127.0.0.1:9"],
+        &[("AMAZING_PROXY_ACCESS_LOG", "xml")],
+        &["AMAZING_PROXY_ACCESS_LOG"],
+    );
+}
+
+#[test]
+fn bind_error_names_the_os_error_once() {
+    let held = std::net::TcpListener::bind("127.0.0.1:0").expect("hold a port");
+    let addr = held.local_addr().expect("held address").to_string();
+    let out = run(support::process::command().args([
+        "run",
+        "--inbound",
+        &addr,
+        "--admin",
+        "127.0.0.1:0",
+        "--outbound",
+        "off",
+        "--app",
+        "127.0.0.1:9",
+    ]));
+    let stderr = text(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    let os_error = std::io::Error::from(std::io::ErrorKind::AddrInUse).to_string();
+    let mentions = stderr
+        .matches("os error 98")
+        .count()
+        .max(stderr.matches(&os_error).count());
+    assert_eq!(mentions, 1, "{stderr}");
+    drop(held);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 4. A request that loops back to the proxy is stopped
+
+/// A TCP relay on 127.0.0.1 to `target`, for at most `cap` connections (so a loop cannot run away
+/// in the test).
+async fn relay(target: Arc<std::sync::Mutex<Option<SocketAddr>>>, cap: usize) -> RawApp {
+    RawApp::start(move |mut inbound, n| {
+        let to = *target.lock().unwrap_or_else(|p| p.into_inner());
+        async move {
+            let (Some(to), true) = (to, n <= cap) else {
+                return;
+            };
+            if let Ok(mut outbound) = TcpStream::connect(to).await {
+                let _ = tokio::time::timeout(
+                    Duration::from_secs(20),
+                    tokio::io::copy_bidirectional(&mut inbound, &mut outbound),
+                )
+                .await;
+            }
+        }
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_looping_back_to_the_proxy_is_stopped() {
+    bounded("test", TEST_TIMEOUT, async {
+        // The app is a relay back to the proxy itself: no configuration check can see the loop.
+        let target = Arc::new(std::sync::Mutex::new(None));
+        let relay = relay(target.clone(), 50).await;
+        let proxy = Proxy::start(relay.addr, &[]).await;
+        *target.lock().unwrap_or_else(|p| p.into_inner()) = Some(proxy.inbound);
+
+        let reply = proxy.get("/loop").await;
+        assert!(
+            reply.status == StatusCode::LOOP_DETECTED || reply.status == StatusCode::BAD_GATEWAY,
+            "{} {}",
+            reply.status,
+            reply.text()
+        );
+        let handled = eventually("the requests to be counted", WAIT, || async {
+            let text = proxy.metrics().await;
+            metric(
+                &text,
+                "amazing_proxy_requests_total",
+                &["direction=\"inbound\""],
+            )
+        })
+        .await;
+        assert!(handled <= 3.0, "the loop went {handled} requests deep");
+        assert!(
+            relay.connections.load(Ordering::SeqCst) <= 2,
+            "the loop went {} connections deep",
+            relay.connections.load(Ordering::SeqCst)
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 5. The admin port changes state only for loopback
+
+#[test]
+fn shutdown_from_another_address_gets_403() {
+    const TEST: &str = "shutdown_from_another_address_gets_403";
+    if let Some(why) = missing(&["curl"]) {
+        return skip(TEST, &why);
+    }
+    let (pod, client) = match (Netns::unique("ap-res"), Netns::unique("ap-res")) {
+        (Ok(pod), Ok(client)) => (pod, client),
+        (Err(why), _) | (_, Err(why)) => return skip(TEST, &why),
+    };
+    support::process::must(Command::new("ip").args([
+        "-n",
+        &pod.name,
+        "link",
+        "add",
+        "v0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "v1",
+        "netns",
+        &client.name,
+    ]));
+    pod.ok(&["ip", "addr", "add", "198.18.0.1/30", "dev", "v0"]);
+    pod.ok(&["ip", "link", "set", "v0", "up"]);
+    client.ok(&["ip", "addr", "add", "198.18.0.2/30", "dev", "v1"]);
+    client.ok(&["ip", "link", "set", "v1", "up"]);
+
+    let dir = tempfile::tempdir().expect("a temp dir");
+    let log = dir.path().join("proxy.log");
+    let mut proxy_cmd = pod.cmd(&[
+        bin(),
+        "run",
+        "--inbound",
+        "127.0.0.1:8000",
+        "--admin",
+        "0.0.0.0:15000",
+        "--outbound",
+        "off",
+        "--proxy-mark",
+        "0",
+        "--app",
+        "127.0.0.1:9",
+    ]);
+    proxy_cmd.env("AMAZING_PROXY_LOG", "info");
+    let _proxy = Background::logging(&mut proxy_cmd, &log, &log);
+    let ready = |ns: &Netns, url: &str| {
+        let out = ns.exec(&[
+            "curl",
+            "-sS",
+            "-m",
+            "2",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            url,
+        ]);
+        text(&out.stdout)
+    };
+    eventually_blocking("the admin port to answer", WAIT, || {
+        let code = ready(&pod, "http://127.0.0.1:15000/ready");
+        (code == "200")
+            .then_some(())
+            .ok_or_else(|| std::fs::read_to_string(&log).unwrap_or_default())
+    });
+
+    let out = client.exec(&[
+        "curl",
+        "-sS",
+        "-m",
+        "5",
+        "-X",
+        "POST",
+        "-w",
+        "\n%{http_code}",
+        "http://198.18.0.1:15000/shutdown",
+    ]);
+    let answer = text(&out.stdout);
+    let (body, code) = answer.rsplit_once('\n').unwrap_or(("", &answer));
+    assert_eq!(code, "403", "{answer}");
+    assert!(!body.trim().is_empty(), "403 without a reason");
+    // Still serving: the refused request drained nothing.
+    assert_eq!(ready(&pod, "http://127.0.0.1:15000/ready"), "200");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 6. A request cut by the drain timeout is on the record
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_cut_by_the_drain_timeout_is_logged() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let mut proxy = Proxy::start(
+            app.addr,
+            &["--drain-delay", "0s", "--drain-timeout", "500ms"],
+        )
+        .await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        client
+            .send(b"GET /hang HTTP/1.1\r\nHost: t\r\nX-Request-Id: cut-1\r\n\r\n")
+            .await;
+        eventually("the request to reach the app", WAIT, || async {
+            (app.state.started.load(Ordering::SeqCst) == 1).then_some(())
+        })
+        .await;
+        proxy.signal("TERM");
+        proxy.wait_exit(WAIT).await;
+        let record = proxy.json_record("cut-1").await;
+        assert_eq!(record["error"], "drain_timeout", "{record}");
+        let stderr = proxy.stderr();
+        let last = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or_default();
+        assert!(
+            last.contains("cut") && last.contains('1'),
+            "final line: {last:?}"
+        );
+        drop(client);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// 7. Idle clients cost no app connection; running out of descriptors spares the admin port
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_clients_give_their_app_connection_back() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(|r| answer(ok(r.message.target()))).await;
+        let proxy = Proxy::start(app.addr, &[]).await;
+        let mut idle = Vec::new();
+        for i in 0..5 {
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let request = format!("GET /idle/{i} HTTP/1.1\r\nHost: t\r\n\r\n");
+            let response = client.exchange(request.as_bytes()).await;
+            assert_eq!(response.status(), 200, "{}", response.head);
+            // The client stays connected and idle. The pause lets the proxy finish the exchange
+            // (give the app connection back) before the next client asks for one.
+            idle.push(client);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(
+            app.connections(),
+            1,
+            "5 idle clients held {} app connections",
+            app.connections()
+        );
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_descriptors_the_admin_port_still_answers() {
+    const TEST: &str = "out_of_descriptors_the_admin_port_still_answers";
+    bounded("test", TEST_TIMEOUT, async {
+        if let Some(why) = missing(&["prlimit", "ss"]) {
+            return skip(TEST, &why);
+        }
+        let app = TestApp::start().await;
+        let proxy = Proxy::builder(app.addr)
+            .under(&["prlimit", "--nofile=64"])
+            .start()
+            .await;
+        // More clients than the proxy has descriptors, each with half a request head (so none is
+        // finished, tunnelled or closed): the kernel queues what the proxy cannot accept.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            if let Ok(mut client) = TcpStream::connect(proxy.inbound).await {
+                let _ = client.write_all(b"GET /held HTTP/1.1\r\n").await;
+                held.push(client);
+            }
+        }
+        // Out of descriptors, the proxy leaves clients in the listener's accept queue (Recv-Q).
+        let port = proxy.inbound.port().to_string();
+        eventually("clients to queue unaccepted", WAIT, || {
+            let listing = run(Command::new("ss").args(["-Hltn", &format!("sport = :{port}")]));
+            let queued: usize = text(&listing.stdout)
+                .split_whitespace()
+                .nth(1)
+                .and_then(|q| q.parse().ok())
+                .unwrap_or(0);
+            async move { (queued > 0).then_some(()) }
+        })
+        .await;
+        let scrape = proxy.admin_get("/metrics").await;
+        assert_eq!(scrape.status, StatusCode::OK, "{}", scrape.text());
+        drop(held);
+        proxy.wait_no_open_connections().await;
+        assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What already holds: an app crash and restart
+
+/// `python3 -m http.server` on `port`, serving an empty directory; killed on drop.
+async fn python_app(port: u16, dir: &std::path::Path) -> Background {
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .current_dir(dir)
+    .stdout(std::process::Stdio::null())
+    .stderr(std::process::Stdio::null());
+    let app = Background::spawn(&mut cmd);
+    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+    wait_listening(addr, WAIT).await;
+    app
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn app_crash_gives_502s_and_its_restart_200s() {
+    const TEST: &str = "app_crash_gives_502s_and_its_restart_200s";
+    bounded("test", TEST_TIMEOUT, async {
+        if let Some(why) = missing(&["python3"]) {
+            return skip(TEST, &why);
+        }
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let port = free_port();
+        let app = python_app(port, dir.path()).await;
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
+        let proxy = Proxy::start(addr, &[]).await;
+        assert_eq!(proxy.get("/").await.status, StatusCode::OK);
+
+        drop(app);
+        for _ in 0..3 {
+            assert_eq!(proxy.get("/").await.status, StatusCode::BAD_GATEWAY);
+        }
+
+        let _app = python_app(port, dir.path()).await;
+        assert_eq!(
+            proxy.get("/").await.status,
+            StatusCode::OK,
+            "the first request after the restart"
+        );
+    })
+    .await;
+}
