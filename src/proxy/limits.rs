@@ -32,8 +32,11 @@ pub struct Slot {
     activity: AtomicU8,
     /// Milliseconds since the limits were created, when the activity last changed.
     since_ms: AtomicU64,
+    /// Close once idle: the drain is closing, or the shedder chose this connection.
+    close: AtomicBool,
+    /// Close now, even mid-head: the shedder chose this connection.
     shed: AtomicBool,
-    shed_notify: Notify,
+    notify: Notify,
     epoch: Instant,
 }
 
@@ -46,19 +49,31 @@ impl Slot {
 
     /// Whether the connection should close as soon as it is idle (shed, or the drain is closing).
     pub fn close_requested(&self) -> bool {
-        self.shed.load(Ordering::Acquire)
+        self.close.load(Ordering::Acquire)
     }
 
-    fn request_close(&self) {
-        self.shed.store(true, Ordering::Release);
-        self.shed_notify.notify_waiters();
+    fn request_close(&self, shed: bool) {
+        if shed {
+            self.shed.store(true, Ordering::Release);
+        }
+        self.close.store(true, Ordering::Release);
+        self.notify.notify_waiters();
     }
 
     /// Resolves when the connection should close once idle: the shedder chose it, or the drain.
     pub async fn close_requested_wait(&self) {
+        self.wait_for(&self.close).await;
+    }
+
+    /// Resolves when the shedder chose this connection: it closes now, even mid-head.
+    pub async fn shed_wait(&self) {
+        self.wait_for(&self.shed).await;
+    }
+
+    async fn wait_for(&self, flag: &AtomicBool) {
         loop {
-            let notified = self.shed_notify.notified();
-            if self.shed.load(Ordering::Acquire) {
+            let notified = self.notify.notified();
+            if flag.load(Ordering::Acquire) {
                 return;
             }
             notified.await;
@@ -141,8 +156,9 @@ impl Limits {
         let slot = Arc::new(Slot {
             activity: AtomicU8::new(Activity::Busy as u8),
             since_ms: AtomicU64::new(0),
-            shed: AtomicBool::new(self.closing.load(Ordering::Acquire)),
-            shed_notify: Notify::new(),
+            close: AtomicBool::new(self.closing.load(Ordering::Acquire)),
+            shed: AtomicBool::new(false),
+            notify: Notify::new(),
             epoch: self.epoch,
         });
         let id = {
@@ -164,7 +180,7 @@ impl Limits {
     pub fn close_all_when_idle(&self) {
         self.closing.store(true, Ordering::Release);
         for slot in lock(&self.slots).by_id.values() {
-            slot.request_close();
+            slot.request_close(false);
         }
     }
 
@@ -185,7 +201,7 @@ impl Limits {
         });
         match victim {
             Some(slot) => {
-                slot.request_close();
+                slot.request_close(true);
                 true
             }
             None => false,

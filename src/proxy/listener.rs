@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Shared;
-use super::detect::{Detected, classify};
+use super::detect::{Detected, MAX_PEEK, classify};
 use super::drain::wait_for_closing;
 use super::exchange::{ConnContext, Exchange};
 use super::http1;
@@ -28,8 +28,9 @@ use crate::config::AppProtocol;
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::{Direction, Protocol};
 
-/// Bytes peeked for detection: enough for a request line's method, target start and version.
-const PEEK_BYTES: usize = 1024;
+/// While the first bytes do not decide, peek again after this pause, doubling up to the max.
+const DETECT_PAUSE_MIN: Duration = Duration::from_millis(1);
+const DETECT_PAUSE_MAX: Duration = Duration::from_millis(50);
 /// Accept failures (out of descriptors) back off from this, doubling up to `ACCEPT_BACKOFF_MAX`.
 const ACCEPT_BACKOFF_MIN: Duration = Duration::from_millis(5);
 const ACCEPT_BACKOFF_MAX: Duration = Duration::from_millis(500);
@@ -105,47 +106,43 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (original != local).then_some(original)
 }
 
-/// Peeks until the first bytes decide. On an HTTP port, undecided or odd bytes are HTTP/1 (the
-/// parser answers 400 when they are not) and there is no detection timeout: the head timeout
-/// bounds the wait instead.
+/// Peeks until the first bytes decide. Bytes that could still become an HTTP request line when the
+/// wait ends (a slow head: a slowloris, or a client on a slow link) are HTTP, where the head timeout
+/// and the shedder apply; only silence (a server-speaks-first protocol) is opaque. On an HTTP port,
+/// nothing is opaque and the head timeout bounds the wait instead.
 async fn detect(stream: &TcpStream, timeout: Duration, http_port: bool) -> Detected {
-    let mut buf = [0u8; PEEK_BYTES];
-    let peek = async {
-        let mut last_len = 0;
-        loop {
-            match stream.peek(&mut buf).await {
-                // The client half-closed before sending anything (`nc host port < /dev/null`):
-                // it can still read, and a server-first protocol still has something to say.
-                Ok(0) if http_port => return Detected::Closed,
-                Ok(0) => return Detected::Opaque("client_eof"),
-                Ok(n) => {
-                    match classify(&buf[..n]) {
-                        Some(Detected::Opaque(_)) if http_port => return Detected::Http1,
-                        Some(found) => return found,
-                        None if n == buf.len() => {
-                            return if http_port {
-                                Detected::Http1
-                            } else {
-                                Detected::Opaque("not_http")
-                            };
-                        }
-                        None => {}
-                    }
-                    if n == last_len {
-                        // Peek returns at once while the bytes we have are unchanged: wait a bit
-                        // for the rest instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
-                    last_len = n;
+    let mut buf = [0u8; MAX_PEEK];
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut last_len = 0;
+    let mut pause = DETECT_PAUSE_MIN;
+    loop {
+        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
+            Ok(peeked) => peeked,
+            Err(_) if http_port || last_len > 0 => return Detected::Http1,
+            Err(_) => return Detected::Opaque("timeout"),
+        };
+        match peeked {
+            // The client half-closed before sending anything (`nc host port < /dev/null`): it can
+            // still read, and a server-first protocol still has something to say.
+            Ok(0) if http_port => return Detected::Closed,
+            Ok(0) => return Detected::Opaque("client_eof"),
+            Ok(n) => {
+                match classify(&buf[..n]) {
+                    Some(Detected::Opaque(_)) if http_port => return Detected::Http1,
+                    Some(found) => return found,
+                    None => {}
                 }
-                Err(_) => return Detected::Closed,
+                if n == last_len {
+                    // Peek returns at once while the bytes we have are unchanged: wait for the
+                    // rest, a little longer each time, so that a thousand trickling sockets cost
+                    // a few wake-ups each rather than a thousand.
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(DETECT_PAUSE_MAX);
+                }
+                last_len = n;
             }
+            Err(_) => return Detected::Closed,
         }
-    };
-    match tokio::time::timeout(timeout, peek).await {
-        Ok(found) => found,
-        Err(_) if http_port => Detected::Http1,
-        Err(_) => Detected::Opaque("timeout"),
     }
 }
 

@@ -128,8 +128,8 @@ impl Shared {
     }
 }
 
-/// Descriptors kept out of the connection budget: the admin listener and its scrapes, the pools'
-/// idle connections, the access log, the runtime's own.
+/// Descriptors kept out of the connection budget (a quarter of the limit, at most this many): the
+/// admin listener and its scrapes, the pools' idle connections, the access log, the runtime's own.
 const RESERVED_DESCRIPTORS: u64 = 512;
 
 /// The connection limit the descriptors allow. Raises the soft RLIMIT_NOFILE to the hard one (as

@@ -53,7 +53,7 @@ const UPSTREAM_MAX_HEAD: usize = 64 * 1024;
 /// A connection that stays idle this long gives its buffers and its app connection back: a busy
 /// keep-alive client (the next request within milliseconds) keeps both, an idle one holds one
 /// descriptor and almost no memory (as nginx does).
-const IDLE_GRACE: Duration = Duration::from_millis(500);
+const IDLE_GRACE: Duration = Duration::from_millis(20);
 /// After an error response: how long and how much of the client's unread input to discard
 /// before closing, so that the close does not reset the response away (nginx's lingering close).
 const LINGER_TIME: Duration = Duration::from_secs(1);
@@ -222,13 +222,18 @@ impl Connection {
                 }
             }
             self.buf.reserve(HEAD_CHUNK);
-            // A head that has started finishes even while draining or shed: it gets its answer.
+            // A head that has started finishes while draining (it gets its answer), but not
+            // when the shedder needs its room: the slowest heads go first.
             let read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf));
-            match read.await {
-                Ok(Ok(0) | Err(_)) => return Head::Closed,
-                Ok(Ok(_)) => {}
-                // Slowloris: the whole head gets --header-timeout, however it trickles in.
-                Err(_) => return Head::Refused(ErrorKind::RequestTimeout, start),
+            tokio::select! {
+                biased;
+                read = read => match read {
+                    Ok(Ok(0) | Err(_)) => return Head::Closed,
+                    Ok(Ok(_)) => {}
+                    // Slowloris: the whole head gets --header-timeout, however it trickles in.
+                    Err(_) => return Head::Refused(ErrorKind::RequestTimeout, start),
+                },
+                () = self.slot.shed_wait() => return Head::Closed,
             }
         }
     }
