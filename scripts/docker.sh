@@ -8,7 +8,8 @@
 #
 # A daemon that already answers (DOCKER_HOST or the default socket) is used as it is. Otherwise
 # this starts Debian's dockerd with:
-# - every address in 198.19.0.0/16 (docker0 at 198.19.255.1/24, networks carved from the rest);
+# - no default bridge (docker0 would outlive the daemon; builds use the host's network, pods a
+#   network of their own), and every network's addresses carved from 198.19.0.0/16;
 # - --iptables=false, --ip6tables=false, --ip-forward=false: Docker then neither adds nat rules nor
 #   sets the FORWARD policy to DROP nor turns on forwarding, which the network-namespace tests that
 #   route through the host rely on. Containers still reach and are reached from the host over their
@@ -49,7 +50,7 @@ docker_up() {
       --data-root "$docker_data_dir" \
       --exec-root "$docker_run_dir/exec" \
       --pidfile "$docker_run_dir/dockerd.pid" \
-      --bip 198.19.255.1/24 \
+      --bridge=none \
       --default-address-pool base=198.19.0.0/16,size=24 \
       --iptables=false --ip6tables=false --ip-forward=false \
       --userland-proxy=false \

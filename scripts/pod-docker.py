@@ -11,7 +11,8 @@ the Pod that matter on one node into `docker run` flags and follows kubelet's or
 2. the init containers in order: an ordinary one runs to completion and must exit 0; a native
    sidecar (restartPolicy: Always) is started and, when it has a startupProbe, the next container
    waits until the probe succeeds;
-3. the containers; then it waits until every readinessProbe succeeds (the pod is Ready).
+3. the containers; then it waits until every readinessProbe succeeds (the pod is Ready) and, unlike
+   kubelet, until the app containers' declared ports accept connections (see wait_ports).
 
 Translated: image (through --image FROM=TO substitutions), command, args, env (plain values),
 securityContext (runAsUser, runAsGroup, runAsNonRoot checked as kubelet does, capabilities add and
@@ -25,6 +26,7 @@ restarts containers).
 Usage:
   pod-docker.py up MANIFEST --pod NAME [--image FROM=TO ...]   prints {"ip": ..., "containers": {...}}
   pod-docker.py down --pod NAME                                removes its containers and network
+  pod-docker.py check MANIFEST                                 only the refusals, no Docker needed
 Every docker command is printed on stderr, as run, before it runs.
 """
 
@@ -42,7 +44,7 @@ import yaml
 
 LABEL = "io.amazing-proxy.pod"
 PAUSE_IMAGE = "amazing-proxy-local/pause"
-# Subnets for pod networks: 198.19.0.0/16 without docker0's 198.19.255.0/24.
+# Subnets for pod networks, in the 198.19.0.0/16 that scripts/docker.sh gives Docker.
 SUBNETS = [ipaddress.ip_network(f"198.19.{n}.0/24") for n in range(1, 255)]
 PASSED_OVER = {"name", "ports", "imagePullPolicy", "livenessProbe", "terminationMessagePath",
                "terminationMessagePolicy"}
@@ -58,8 +60,9 @@ def docker(*args, timeout=120, check=True, capture=True):
     cmd = ["docker", *args]
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     try:
+        # Uncaptured output goes to stderr: stdout carries only the result.
         done = subprocess.run(cmd, timeout=timeout, text=True,
-                              stdout=subprocess.PIPE if capture else None,
+                              stdout=subprocess.PIPE if capture else sys.stderr,
                               stderr=subprocess.PIPE if capture else None)
     except subprocess.TimeoutExpired as e:
         raise PodError(f"{shlex.join(cmd)} did not finish within {timeout}s") from e
@@ -116,7 +119,7 @@ def security_flags(name, container, pod_security, image_user):
     if uid is not None:
         user = str(uid) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
         flags += ["--user", user]
-    if sc.get("runAsNonRoot"):
+    if sc.get("runAsNonRoot") and image_user is not None:
         # As kubelet: the effective uid must be known and non-zero.
         effective = uid if uid is not None else image_user.split(":")[0]
         if not str(effective).isdigit() or int(effective) == 0:
@@ -135,19 +138,33 @@ def security_flags(name, container, pod_security, image_user):
     return flags
 
 
+def check(manifest):
+    """Refuses, before anything is created, a manifest with fields this translation would drop."""
+    if manifest.get("kind") != "Pod":
+        raise PodError(f"expected a Pod, got {manifest.get('kind')}")
+    spec = manifest["spec"]
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        name = container["name"]
+        unknown = set(container) - PASSED_OVER - TRANSLATED
+        if unknown:
+            raise PodError(f"container {name}: fields not translated: {sorted(unknown)}")
+        for var in container.get("env", []):
+            if "value" not in var:
+                raise PodError(f"container {name}: env {var.get('name')} has no plain value")
+        security_flags(name, container, spec.get("securityContext", {}), image_user=None)
+        for kind in ("startupProbe", "readinessProbe"):
+            if kind in container and "httpGet" not in container[kind]:
+                raise PodError(f"container {name}: only httpGet probes are translated ({kind})")
+
+
 def run_flags(pod, spec, container, images):
     name = container["name"]
-    unknown = set(container) - PASSED_OVER - TRANSLATED
-    if unknown:
-        raise PodError(f"container {name}: fields not translated: {sorted(unknown)}")
     image = images.get(container["image"], container["image"])
     image_user = docker("image", "inspect", "--format", "{{.Config.User}}", image).stdout.strip()
     flags = ["--name", f"{pod}-{name}", "--label", f"{LABEL}={pod}",
              "--network", f"container:{pod}-pause", "--ipc", f"container:{pod}-pause",
              "--stop-timeout", str(spec.get("terminationGracePeriodSeconds", 30))]
     for var in container.get("env", []):
-        if "value" not in var:
-            raise PodError(f"container {name}: env {var.get('name')} has no plain value")
         flags += ["--env", f"{var['name']}={var['value']}"]
     flags += security_flags(name, container, spec.get("securityContext", {}), image_user)
     resources = container.get("resources", {})
@@ -202,11 +219,38 @@ def wait_probe(ip, pod, container, kind, limit=None):
     raise PodError(f"container {container['name']}: {kind} did not pass")
 
 
-def up(args):
-    with open(args.manifest) as f:
+def wait_ports(pod, containers, limit=60):
+    """Waits until the app containers' declared TCP ports accept connections inside the pod.
+
+    Not kubelet's doing: a container without a readinessProbe (the tutorial's httpbin) counts as
+    ready once started, so a request sent at once can race the app's start and get a 502 from the
+    proxy. Checked from the pod's network namespace (nsenter), on loopback, which the redirect
+    rules leave alone."""
+    pid = docker("inspect", "--format", "{{.State.Pid}}", f"{pod}-pause").stdout.strip()
+    ports = [p["containerPort"] for c in containers for p in c.get("ports", [])
+             if p.get("protocol", "TCP") == "TCP"]
+    connect = "import socket, sys; socket.create_connection(('127.0.0.1', int(sys.argv[1])), 1)"
+    for port in ports:
+        deadline = time.monotonic() + limit
+        while subprocess.run(["nsenter", "-t", pid, "-n", sys.executable, "-c", connect, str(port)],
+                             capture_output=True, timeout=10).returncode != 0:
+            if time.monotonic() > deadline:
+                raise PodError(f"nothing listens on the pod's port {port} after {limit}s")
+            time.sleep(0.2)
+
+
+def load(path):
+    with open(path) as f:
         manifest = yaml.safe_load(f)
-    if manifest.get("kind") != "Pod":
-        raise PodError(f"{args.manifest}: expected a Pod, got {manifest.get('kind')}")
+    try:
+        check(manifest)
+    except PodError as e:
+        raise PodError(f"{path}: {e}") from e
+    return manifest
+
+
+def up(args):
+    manifest = load(args.manifest)
     spec = manifest["spec"]
     images = dict(pair.split("=", 1) for pair in args.image)
     pod = args.pod
@@ -234,6 +278,7 @@ def up(args):
     sidecars = [c for c in spec.get("initContainers", []) if c.get("restartPolicy") == "Always"]
     for container in sidecars + spec["containers"]:
         wait_probe(ip, pod, container, "readinessProbe", limit=60)
+    wait_ports(pod, spec["containers"])
     print(json.dumps({"ip": ip, "containers": names}))
 
 
@@ -256,9 +301,11 @@ def main():
     p_up.add_argument("--image", action="append", default=[], metavar="FROM=TO")
     p_down = sub.add_parser("down")
     p_down.add_argument("--pod", required=True)
+    p_check = sub.add_parser("check")
+    p_check.add_argument("manifest")
     args = parser.parse_args()
     try:
-        (up if args.action == "up" else down)(args)
+        {"up": up, "down": down, "check": lambda a: load(a.manifest)}[args.action](args)
     except PodError as e:
         print(f"pod-docker: {e}", file=sys.stderr)
         sys.exit(1)
