@@ -110,7 +110,9 @@ fn bounded(mut cmd: Command, limit: Duration) -> Output {
     match rx.recv_timeout(limit) {
         Ok(output) => output.unwrap_or_else(|e| panic!("{what}: {e}")),
         Err(_) => {
-            let _ = Command::new("kill").args(["-KILL", &id.to_string()]).status();
+            let _ = Command::new("kill")
+                .args(["-KILL", &id.to_string()])
+                .status();
             panic!("{what} did not finish within {limit:?}");
         }
     }
@@ -188,11 +190,7 @@ fn curl(args: &[&str]) -> Reply {
     let mut cmd = Command::new("curl");
     cmd.args(["-s", "-i", "--max-time", "10"]).args(args);
     let out = bounded(cmd, Duration::from_secs(20));
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}",
-        text(&out.stderr)
-    );
+    assert!(out.status.success(), "curl {args:?}: {}", text(&out.stderr));
     let raw = text(&out.stdout);
     let (head, body) = raw.split_once("\r\n\r\n").expect("a response head");
     let mut lines = head.lines();
