@@ -27,7 +27,7 @@ FROM ${RUNTIME_IMAGE} AS runtime
 # iptables provides iptables and ip6tables (nft and legacy backends); nftables provides nft.
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables nftables \
- && rm -rf /var/lib/apt/lists/*
+ && apt-get clean && rm -rf /var/lib/apt/lists/*
 COPY --from=build /out/amazing-proxy /usr/local/bin/amazing-proxy
 # Numeric, so that kubelet can check runAsNonRoot without a passwd entry.
 USER 1337:1337

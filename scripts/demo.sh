@@ -76,7 +76,7 @@ failed() {
   local f
   for f in "$work"/*.log; do [ -s "$f" ] && { echo "--- $f" >&2; tail -n 40 "$f" >&2; }; done
 }
-curl_i() { run curl -i --max-time 10 "$@"; echo; echo; }
+curl_i() { run curl -sS -i "$@"; echo; echo; }
 
 if [ $containers -eq 1 ]; then
   . scripts/docker.sh
@@ -140,7 +140,10 @@ in_pod ip link set eth0 up; in_pod ip link set lo up
 
 echo "== the app: httpbin under gunicorn on :80 (log: $work/app.log)"
 # `ip netns exec` directly (not through in_pod) so that $! is the process itself.
-ip netns exec "$ns" "$root/target/venv/bin/gunicorn" -b 0.0.0.0:80 httpbin:app >"$work/app.log" 2>&1 & pids+=($!)
+gunicorn="$root/target/venv/bin/gunicorn"; gunicorn_args=(-b 0.0.0.0:80 httpbin:app)
+# gunicorn 23+ opens a control socket in $HOME unless told not to.
+"$gunicorn" --help | grep -q -- --no-control-socket && gunicorn_args+=(--no-control-socket)
+ip netns exec "$ns" "$gunicorn" "${gunicorn_args[@]}" >"$work/app.log" 2>&1 & pids+=($!)
 echo "== the sidecar: amazing-proxy run --access-log seed (inbound :8000, admin 127.0.0.1:15000; log: $work/proxy.log)"
 ip netns exec "$ns" "$bin" run --access-log seed --drain-delay 0s >"$work/access.log" 2>"$work/proxy.log" & pids+=($!)
 in_pod bash -c "$(declare -f wait_http); wait_http http://127.0.0.1:80/get && wait_http http://127.0.0.1:15000/ready"

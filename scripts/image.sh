@@ -34,12 +34,12 @@ docker_up
 trap docker_down EXIT
 
 release=$(. /etc/os-release && echo "${VERSION_CODENAME:?}")
-base="amazing-proxy-local/debian:$release"
+base="amazing-proxy-local/debian:$release-slim"
 proxy_image=$(awk '/image: .*amazing-proxy/ {print $NF; exit}' deploy/pod.yaml)
 [ -n "$proxy_image" ] || { echo "image: no amazing-proxy image named in deploy/pod.yaml" >&2; exit 1; }
 
 if ! docker image inspect "$base" >/dev/null 2>&1; then
-  cache="$target/docker-base/$release.tar"
+  cache="$target/docker-base/$release-slim.tar"
   if [ ! -f "$cache" ]; then
     command -v debootstrap >/dev/null || "$root/scripts/deps.sh" --containers
     mirror=$(awk '/^URIs:/ {print $2; exit} /^deb / {print $2; exit}' \
@@ -50,9 +50,16 @@ if ! docker image inspect "$base" >/dev/null 2>&1; then
     debootstrap --variant=minbase "$release" "$rootfs" "$mirror" >"$rootfs.log" 2>&1 || {
       echo "image: debootstrap failed; its log:" >&2; tail -n 30 "$rootfs.log" >&2
       rm -rf "$rootfs" "$rootfs.log"; exit 1; }
-    # As the official slim images: no package cache, lists or docs.
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
-      "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/*
+    # As the official slim images: no package cache, lists or docs, and none installed later
+    # (dpkg's path-exclude), and apt's caches removed after each install.
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/cache/apt/*.bin \
+      "$rootfs"/var/lib/apt/lists/* "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* \
+      "$rootfs"/usr/share/info/*
+    printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+      'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+      'path-exclude /usr/share/locale/*' >"$rootfs/etc/dpkg/dpkg.cfg.d/slim"
+    printf '%s\n' 'DPkg::Post-Invoke { "rm -f /var/cache/apt/archives/*.deb /var/cache/apt/*.bin || true"; };' \
+      'Dir::Cache::pkgcache ""; Dir::Cache::srcpkgcache "";' >"$rootfs/etc/apt/apt.conf.d/slim"
     mkdir -p "$(dirname "$cache")"
     tar -C "$rootfs" -cf "$cache.tmp" . && mv "$cache.tmp" "$cache"
     rm -rf "$rootfs" "$rootfs.log"
@@ -65,13 +72,13 @@ context=$(mktemp -d)
 trap 'rm -rf "$context"; docker_down' EXIT
 cp Dockerfile "$context/"
 install -D -m 0755 "$binary" "$context/prebuilt/amazing-proxy"
-echo "+ docker build --network host --build-arg BUILD_IMAGE=$base --build-arg RUNTIME_IMAGE=$base -t $proxy_image" >&2
-docker build --network host --build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" \
+echo "+ docker build --force-rm --network host --build-arg BUILD_IMAGE=$base --build-arg RUNTIME_IMAGE=$base -t $proxy_image $context (the Dockerfile and prebuilt/amazing-proxy)" >&2
+docker build --force-rm --network host --build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" \
   -t "$proxy_image" "$context" >"$context/build.log" 2>&1 || {
   echo "image: docker build failed; its log:" >&2; tail -n 40 "$context/build.log" >&2; exit 1; }
 
-echo "+ docker build -t amazing-proxy-local/httpbin" >&2
-docker build --network host -t amazing-proxy-local/httpbin - >"$context/httpbin.log" 2>&1 <<EOF || {
+echo "+ docker build --force-rm --network host -t amazing-proxy-local/httpbin - (Dockerfile on stdin)" >&2
+docker build --force-rm --network host -t amazing-proxy-local/httpbin - >"$context/httpbin.log" 2>&1 <<EOF || {
 FROM $base
 # Debian's httpbin and gunicorn: everything in these images comes from Debian's packages.
 RUN apt-get update \\
@@ -82,8 +89,8 @@ CMD ["gunicorn", "-b", "0.0.0.0:80", "-w", "2", "httpbin:app"]
 EOF
   echo "image: building the httpbin image failed; its log:" >&2; tail -n 40 "$context/httpbin.log" >&2; exit 1; }
 
-echo "+ docker build -t amazing-proxy-local/pause" >&2
-docker build -t amazing-proxy-local/pause - >"$context/pause.log" 2>&1 <<EOF || {
+echo "+ docker build --force-rm -t amazing-proxy-local/pause - (Dockerfile on stdin)" >&2
+docker build --force-rm -t amazing-proxy-local/pause - >"$context/pause.log" 2>&1 <<EOF || {
 FROM $base
 # Nothing to stop gracefully: a pod's sandbox goes when its containers have.
 STOPSIGNAL SIGKILL
@@ -91,5 +98,9 @@ CMD ["sleep", "infinity"]
 EOF
   echo "image: building the pause image failed; its log:" >&2; tail -n 40 "$context/pause.log" >&2; exit 1; }
 
+# Rebuilt images leave their predecessors untagged; in the project's own daemon, drop them.
+if [ "${DOCKER_HOST:-}" = "unix://$docker_run_dir/docker.sock" ]; then
+  docker image prune --force >/dev/null
+fi
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' \
   | grep -E "^($proxy_image|$base|amazing-proxy-local/httpbin:latest|amazing-proxy-local/pause:latest) " >&2

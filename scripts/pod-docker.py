@@ -56,14 +56,11 @@ class PodError(Exception):
     pass
 
 
-def docker(*args, timeout=120, check=True, capture=True):
+def docker(*args, timeout=120, check=True):
     cmd = ["docker", *args]
     print("+ " + shlex.join(cmd), file=sys.stderr, flush=True)
     try:
-        # Uncaptured output goes to stderr: stdout carries only the result.
-        done = subprocess.run(cmd, timeout=timeout, text=True,
-                              stdout=subprocess.PIPE if capture else sys.stderr,
-                              stderr=subprocess.PIPE if capture else None)
+        done = subprocess.run(cmd, timeout=timeout, text=True, capture_output=True)
     except subprocess.TimeoutExpired as e:
         raise PodError(f"{shlex.join(cmd)} did not finish within {timeout}s") from e
     if check and done.returncode != 0:
@@ -268,8 +265,13 @@ def up(args):
             docker("run", "--detach", *flags)
             wait_probe(ip, pod, container, "startupProbe")
         else:
-            # Attached, so that its output shows and its exit status is ours to check.
-            done = docker("run", *flags, timeout=300, check=False, capture=False)
+            # Attached: its exit status is ours to check, and its output is shown.
+            done = docker("run", *flags, timeout=300, check=False)
+            sys.stderr.write(done.stdout)
+            # Docker warns that forwarding is off (scripts/docker.sh leaves the host's setting);
+            # the pod is reached from the host over its bridge, which needs none.
+            sys.stderr.writelines(line for line in done.stderr.splitlines(keepends=True)
+                                  if "IPv4 forwarding is disabled" not in line)
             if done.returncode != 0:
                 raise PodError(f"init container {container['name']} exited {done.returncode}")
     for container in spec["containers"]:
