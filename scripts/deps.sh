@@ -49,7 +49,7 @@ if [ ${#missing[@]} -gt 0 ]; then
     trap '$sudo rm -f "$policy"' EXIT
   fi
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
   for p in "${missing[@]}"; do
     for svc in $(services_of "$p"); do
       if [ -d /run/systemd/system ]; then

@@ -32,6 +32,15 @@ fn is_root() -> bool {
         .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
 }
 
+/// scripts/pod-docker.py reads manifests with PyYAML.
+fn has_pyyaml() -> bool {
+    Command::new("python3")
+        .args(["-c", "import yaml"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
 /// The Docker daemon, held for the test's lifetime by `scripts/docker.sh hold`: closing its stdin
 /// (on drop, panics included) lets it stop the daemon it started.
 struct Daemon {
@@ -218,6 +227,12 @@ fn tutorial_pod_in_containers() {
         );
         return;
     }
+    if !has_pyyaml() {
+        eprintln!(
+            "SKIP: e2e_containers: python3 with PyYAML is missing (scripts/deps.sh --containers installs python3-yaml)"
+        );
+        return;
+    }
     let daemon = match Daemon::hold() {
         Ok(daemon) => daemon,
         Err(why) => {
@@ -314,12 +329,10 @@ fn translation_refuses_what_it_does_not_translate_and_takes_the_tutorial_pod() {
         "apiVersion: v1\nkind: Pod\nmetadata: {name: p}\nspec:\n  containers:\n  - name: c\n    image: i\n    volumeMounts: [{name: v, mountPath: /v}]\n",
     )
     .expect("write manifest");
-    if Command::new("python3")
-        .args(["-c", "import yaml"])
-        .status()
-        .map_or(true, |s| !s.success())
-    {
-        eprintln!("SKIP: python3 with PyYAML not installed (scripts/deps.sh --containers)");
+    if !has_pyyaml() {
+        eprintln!(
+            "SKIP: python3 with PyYAML is missing (scripts/deps.sh --containers installs python3-yaml)"
+        );
         return;
     }
     let check = |path: &Path| {
