@@ -29,7 +29,7 @@ docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
 # reason on stderr, when Docker cannot be installed or started.
 docker_up() {
   if ! command -v dockerd >/dev/null 2>&1 || ! command -v docker >/dev/null 2>&1; then
-    "$docker_root/scripts/deps.sh" --containers || return 1
+    "$docker_root/scripts/deps.sh" --containers >&2 || return 1
   fi
   mkdir -p "$docker_run_dir"
   # fd 8: a shared lock for as long as this shell uses the daemon.
