@@ -37,20 +37,14 @@ services_of() {
   esac
 }
 
-missing=()
-for p in "${pkgs[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [ ${#missing[@]} -gt 0 ]; then
-  echo "deps: apt-get install ${missing[*]}" >&2
-  policy=/usr/sbin/policy-rc.d
-  if [ ! -e "$policy" ]; then
-    # Exit status 101: "action forbidden"; invoke-rc.d and deb-systemd-invoke then start nothing.
-    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-    $sudo chmod 0755 "$policy"
-    trap '$sudo rm -f "$policy"' EXIT
-  fi
-  $sudo apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+installed() { [ "$(dpkg-query -W -f='${Status}' "$1" 2>/dev/null)" = "install ok installed" ]; }
+
+# Stops and disables the services of the packages this run installed (also after a failed install:
+# what did get installed must not be left running or enabled).
+keep_off() {
+  local p svc
   for p in "${missing[@]}"; do
+    installed "$p" || continue
     for svc in $(services_of "$p"); do
       if [ -d /run/systemd/system ]; then
         $sudo systemctl disable --now "$svc" >/dev/null 2>&1 || true
@@ -60,6 +54,27 @@ if [ ${#missing[@]} -gt 0 ]; then
       fi
     done
   done
+}
+
+missing=()
+for p in "${pkgs[@]}"; do installed "$p" || missing+=("$p"); done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "deps: apt-get install ${missing[*]}" >&2
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    # Exit status 101: "action forbidden"; invoke-rc.d and deb-systemd-invoke then start nothing.
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
+    $sudo chmod 0755 "$policy"
+    trap '$sudo rm -f "$policy"' EXIT
+  fi
+  log=$(mktemp)
+  if ! { $sudo apt-get update -qq && $sudo env DEBIAN_FRONTEND=noninteractive \
+      apt-get install -y -qq --no-install-recommends "${missing[@]}"; } >"$log" 2>&1; then
+    echo "deps: apt-get failed; its last lines:" >&2; tail -n 30 "$log" >&2; rm -f "$log"
+    keep_off; exit 1
+  fi
+  rm -f "$log"
+  keep_off
 fi
 
 venv="$root/target/venv"

@@ -50,6 +50,8 @@ PASSED_OVER = {"name", "ports", "imagePullPolicy", "livenessProbe", "termination
                "terminationMessagePolicy"}
 TRANSLATED = {"image", "command", "args", "env", "securityContext", "resources", "startupProbe",
               "readinessProbe", "restartPolicy"}
+SPEC_TRANSLATED = {"containers", "initContainers", "securityContext", "terminationGracePeriodSeconds"}
+POD_SECURITY_TRANSLATED = {"runAsUser", "runAsGroup", "runAsNonRoot"}
 
 
 class PodError(Exception):
@@ -103,9 +105,7 @@ def quantity_bytes(q):
 
 
 def security_flags(name, container, pod_security, image_user):
-    sc = {**{k: v for k, v in pod_security.items()
-             if k in ("runAsUser", "runAsGroup", "runAsNonRoot")},
-          **container.get("securityContext", {})}
+    sc = {**pod_security, **container.get("securityContext", {})}
     flags = []
     known = {"runAsUser", "runAsGroup", "runAsNonRoot", "capabilities", "readOnlyRootFilesystem",
              "allowPrivilegeEscalation", "privileged"}
@@ -113,6 +113,8 @@ def security_flags(name, container, pod_security, image_user):
     if unknown:
         raise PodError(f"container {name}: securityContext fields not translated: {sorted(unknown)}")
     uid = sc.get("runAsUser")
+    if uid is None and "runAsGroup" in sc:
+        raise PodError(f"container {name}: runAsGroup without runAsUser is not translated")
     if uid is not None:
         user = str(uid) + (f":{sc['runAsGroup']}" if "runAsGroup" in sc else "")
         flags += ["--user", user]
@@ -140,6 +142,12 @@ def check(manifest):
     if manifest.get("kind") != "Pod":
         raise PodError(f"expected a Pod, got {manifest.get('kind')}")
     spec = manifest["spec"]
+    unknown = set(spec) - SPEC_TRANSLATED
+    if unknown:
+        raise PodError(f"spec fields not translated: {sorted(unknown)}")
+    unknown = set(spec.get("securityContext", {})) - POD_SECURITY_TRANSLATED
+    if unknown:
+        raise PodError(f"spec.securityContext fields not translated: {sorted(unknown)}")
     for container in spec.get("initContainers", []) + spec["containers"]:
         name = container["name"]
         unknown = set(container) - PASSED_OVER - TRANSLATED
