@@ -4,7 +4,8 @@
 //! env, user and capabilities, the proxy as a native sidecar with its user, read-only root
 //! filesystem and dropped capabilities, then httpbin). From the host: the tutorial's three `curl -i`
 //! requests to the pod's address, the sidecar's log (`kubectl logs httpbin --container=amazing-proxy`
-//! is `docker logs`), and `docker stop` of the sidecar, which drains and exits 0.
+//! is `docker logs`), and `docker stop` of the sidecar, which drains and exits 0. The host's
+//! FORWARD chain, nat table and forwarding switch are the same afterwards.
 //!
 //! Needs root and Docker (scripts/docker.sh installs Debian's docker.io and starts a daemon that
 //! leaves the host's packet filter alone); otherwise it prints SKIP and why. The first run
@@ -233,6 +234,7 @@ fn tutorial_pod_in_containers() {
         );
         return;
     }
+    let before = host_packet_filter();
     let daemon = match Daemon::hold() {
         Ok(daemon) => daemon,
         Err(why) => {
@@ -317,6 +319,31 @@ fn tutorial_pod_in_containers() {
         "the sidecar's exit code; its log:\n{diagnostics}"
     );
     assert!(diagnostics.contains("drain"), "{diagnostics}");
+
+    // The project's daemon leaves the host's forwarding and rules as they were (a daemon someone
+    // else runs is theirs to configure).
+    let ours = daemon.host.contains("/run/amazing-proxy-docker/");
+    drop(pod);
+    drop(daemon);
+    if ours {
+        assert_eq!(
+            host_packet_filter(),
+            before,
+            "Docker changed the host's packet filter"
+        );
+    }
+}
+
+/// The host's FORWARD chain, nat table and IPv4 forwarding switch.
+fn host_packet_filter() -> String {
+    let mut state = String::new();
+    for args in [&["-S", "FORWARD"][..], &["-t", "nat", "-S"][..]] {
+        match Command::new("iptables").args(args).output() {
+            Ok(out) => state += &text(&out.stdout),
+            Err(e) => state += &format!("iptables {args:?}: {e}\n"),
+        }
+    }
+    state + &std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward").unwrap_or_default()
 }
 
 #[test]
