@@ -21,6 +21,7 @@
 docker_root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 docker_run_dir=/run/amazing-proxy-docker
 docker_data_dir="${CARGO_TARGET_DIR:-$docker_root/target}/docker"
+case "$docker_data_dir" in /*) ;; *) docker_data_dir="$PWD/$docker_data_dir" ;; esac
 docker_started_pid=""
 
 docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
