@@ -52,7 +52,7 @@ for t in $only; do
   case $t in
     direct) bench direct 18080 ;;
     amazing)
-      if [ -n "${AMAZING_CMD:-}" ] && [ -x "${AMAZING_CMD%% *}" ]; then
+      if [ -n "${AMAZING_CMD:-}" ] && command -v "${AMAZING_CMD%% *}" >/dev/null; then
         taskset -c 1 $AMAZING_CMD >/tmp/peerbench/amazing-access.log 2>/tmp/peerbench/amazing-err.log & p=$!; pids+=($p)
         wait_port 18000 && sleep 0.5 && bench amazing 18000 "$p"; kill "$p" 2>/dev/null
       else echo "amazing   (no binary at ${AMAZING_CMD%% *}: cargo build --release, or set AMAZING_CMD; skipped)"; fi ;;
