@@ -2,15 +2,15 @@
 # Protocol benchmarks (issue 6), one run on loopback:
 #  (1) HTTP/2: h2load -n N -c 10 -m 5 (50 concurrent streams over 10 h2c connections) against
 #      amazing-proxy, Envoy and nginx, each terminating h2c (prior knowledge) and forwarding
-#      HTTP/1.1 to the fixed-answer nginx of shared/peerbench. Every proxy has one worker pinned to
-#      CPU 1; the upstream nginx and h2load share CPU 0 (as shared/peerbench/run.sh does).
+#      HTTP/1.1 to the fixed-answer nginx of bench/peerbench. Every proxy has one worker pinned to
+#      CPU 1; the upstream nginx and h2load share CPU 0 (as bench/peerbench/run.sh does).
 #  (2) Opaque TCP: iperf3 (one stream, client to server) direct, through amazing-proxy's opaque
 #      path (--opaque-ports) and through Envoy's tcp_proxy (the reference for what a user-space
 #      proxy costs here); proxies on CPU 1, iperf3 client and server on CPU 0.
-# Needs: h2load (nghttp2-client), nginx, Envoy (shared/peerbench/setup.sh), iperf3 (apt), and a
+# Needs: h2load (nghttp2-client), nginx, Envoy (bench/peerbench/setup.sh), iperf3 (apt), and a
 # release build (cargo build --release).
 # Usage: bench/protocols.sh [REQUESTS] [TCP_SECONDS]
-#   AMAZING: the binary (default target/release/amazing-proxy); PEERBENCH: shared/peerbench dir;
+#   AMAZING: the binary (default target/release/amazing-proxy); PEERBENCH: the peerbench dir (bench/peerbench);
 #   ONLY: subset of "amazing envoy nginx tcp". IPERF_ARGS: extra iperf3 client flags; `-Z`
 #   (sendfile) takes the client's copy off CPU 0, which iperf3's client and server share and which
 #   limits every proxied run (the proxy's own core stays at 55-65 %).
@@ -19,7 +19,7 @@ here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
 n=${1:-200000}
 tcp_s=${2:-5}
-peer=${PEERBENCH:-$root/../shared/peerbench}
+peer=${PEERBENCH:-$here/peerbench}
 AMAZING=${AMAZING:-$root/target/release/amazing-proxy}
 ENVOY=${ENVOY:-$(command -v envoy 2>/dev/null || echo /tmp/peers/bin/envoy)}
 only=${ONLY:-amazing envoy nginx tcp}

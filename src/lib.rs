@@ -5,13 +5,14 @@
 //!   drain; configured by [`config`], observed through [`telemetry`] and served on [`admin`];
 //! - [`netfilter`]: the pod's traffic redirection (`init`): iptables or nftables rules;
 //! - [`inject`]: adds the sidecar to Kubernetes manifests (`inject`);
-//! - [`webhook`]: the same injection as an admission webhook (`webhook`).
+//! - [`webhook`]: the same injection as an admission webhook (`webhook`), installed by [`install`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod config;
 pub mod error;
 pub mod inject;
+pub mod install;
 pub mod netfilter;
 pub mod proxy;
 pub mod telemetry;

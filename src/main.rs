@@ -3,13 +3,23 @@
 
 use std::process::ExitCode;
 
-use amazing_proxy::{config, inject, netfilter, proxy, webhook};
+use amazing_proxy::{config, inject, install, netfilter, proxy, webhook};
 use clap::{CommandFactory, Parser, Subcommand};
+
+/// `--version`: the package version, the commit and the build date (stamped by build.rs).
+const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (commit ",
+    env!("AMAZING_PROXY_COMMIT"),
+    ", built ",
+    env!("AMAZING_PROXY_BUILD_DATE"),
+    ")"
+);
 
 #[derive(Parser)]
 #[command(
     name = "amazing-proxy",
-    version,
+    version = VERSION,
     about = "A small, fast sidecar proxy for Kubernetes"
 )]
 struct Cli {
@@ -29,6 +39,8 @@ enum Command {
     Uninject(inject::UninjectArgs),
     /// Serve the sidecar injection as a Kubernetes mutating admission webhook.
     Webhook(webhook::WebhookArgs),
+    /// Print the manifests that install the injection webhook on a cluster.
+    Install(install::InstallArgs),
 }
 
 fn main() -> ExitCode {
@@ -48,6 +60,7 @@ fn main() -> ExitCode {
         Command::Inject(args) => inject::main(args).map_err(Into::into),
         Command::Uninject(args) => inject::uninject_main(args).map_err(Into::into),
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
+        Command::Install(args) => install::main(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,17 +1,18 @@
 //! `amazing-proxy webhook`: sidecar injection as a mutating admission webhook.
 //!
-//! An HTTPS server (hyper 1 over tokio-rustls) with one route, `POST /mutate`, answering
-//! `AdmissionReview` v1 requests for pods. The patch is computed by running the very same pure
+//! An HTTPS server (hyper 1 over tokio-rustls) answering `AdmissionReview` v1 requests for pods on
+//! `POST /mutate`, with `GET /healthz` (the process serves) and `GET /readyz` (the certificate is
+//! loaded and the listener bound) for the Deployment's probes. The patch is computed by running the very same pure
 //! injection as `amazing-proxy inject` ([`crate::inject::patch::inject_template`]) on the pod and
 //! diffing the result against the original (`json_patch::diff`), so the webhook and `inject` agree
 //! by construction; the cost is a patch that may replace whole list elements rather than the
 //! smallest possible one, which the API server does not mind.
 //!
-//! Opt-outs: the namespace's (label `amazing-proxy.io/inject: disabled`) is enforced by the
-//! MutatingWebhookConfiguration's namespaceSelector, since an AdmissionReview carries no namespace
-//! labels; `--skip-namespaces` is a second fence for the system namespaces and the webhook's own. The
-//! pod's (label or annotation `amazing-proxy.io/inject: "false"`) is honoured here, and the label
-//! also by the objectSelector.
+//! Opt-in: which pods reach the webhook is decided by the MutatingWebhookConfiguration's selectors
+//! (deploy/install.yaml: namespaces labelled `amazing-proxy.io/inject: enabled`, and pods labelled so
+//! elsewhere), since an AdmissionReview carries no namespace labels; `--skip-namespaces` is a second
+//! fence for the system namespaces and the webhook's own. A pod's opt-out (label or annotation
+//! `amazing-proxy.io/inject: "false"`) is honoured here, and the label also by the objectSelector.
 //!
 //! Failures never pass silently: a pod we cannot inject is, by `--on-error`, either admitted
 //! unchanged with a warning (shown by kubectl) and an error log line, or denied with the reason.
@@ -223,11 +224,18 @@ async fn handle(
     req: Request<Incoming>,
     config: Arc<Config>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    if req.uri().path() != "/mutate" {
-        return Ok(text(
-            StatusCode::NOT_FOUND,
-            "not found: this server answers POST /mutate only",
-        ));
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok")),
+        // The listener is bound only once the certificate has loaded, so answering at all means
+        // ready; a rotated certificate that does not load leaves the previous one in service.
+        (&Method::GET, "/readyz") => return Ok(text(StatusCode::OK, "ready: certificate loaded")),
+        (_, "/mutate") => {}
+        _ => {
+            return Ok(text(
+                StatusCode::NOT_FOUND,
+                "not found: this server answers POST /mutate, GET /healthz and GET /readyz",
+            ));
+        }
     }
     if req.method() != Method::POST {
         let mut resp = text(

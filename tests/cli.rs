@@ -213,3 +213,36 @@ fn run_help_documents_every_flag_and_its_environment_variable() {
         );
     }
 }
+
+/// `--version` names the commit (from git when the build had it) and the build date.
+#[test]
+fn version_names_the_commit_and_build_date() {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_amazing-proxy"));
+    cmd.arg("--version");
+    let exit = run_to_exit(cmd);
+    assert_eq!(exit.code, Some(0), "{}", exit.stderr);
+    let commit = Command::new("git")
+        .args(["rev-parse", "--short", "HEAD"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".to_string(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        );
+    let prefix = format!(
+        "amazing-proxy {} (commit {commit}, built ",
+        env!("CARGO_PKG_VERSION")
+    );
+    let line = exit.stdout.trim();
+    let date = line
+        .strip_prefix(&prefix)
+        .and_then(|rest| rest.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{line:?} does not start with {prefix:?}"));
+    let parts: Vec<&str> = date.split('-').collect();
+    assert!(
+        parts.len() == 3 && parts.iter().all(|p| p.chars().all(|c| c.is_ascii_digit())),
+        "not a YYYY-MM-DD date: {date:?}"
+    );
+}

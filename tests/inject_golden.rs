@@ -1,6 +1,7 @@
 //! `amazing-proxy inject` end to end: the real binary on every fixture in tests/fixtures/inject/,
 //! compared with tests/golden/inject/, re-injected to check idempotency, and validated against the
-//! Kubernetes schema with `kubernetes-validate` (as is everything in deploy/).
+//! Kubernetes schema with `kubernetes-validate` (as is everything in deploy/, and what
+//! `amazing-proxy install` prints).
 //!
 //! `UPDATE_GOLDENS=1 cargo test` rewrites the goldens from the current output.
 //! kubernetes-validate is found through `AMAZING_PROXY_KUBERNETES_VALIDATE`, then
@@ -458,4 +459,100 @@ fn validate(files: &[PathBuf], strict: bool) {
             "kubernetes-validate (Kubernetes {version}, strict: {strict}) rejected:\n{report}"
         );
     }
+}
+
+/// `amazing-proxy install` prints deploy/install.yaml, whose cert-manager objects (which have no
+/// schema in kubernetes-validate) agree with the objects that use them.
+#[test]
+fn install_prints_the_bundle_and_its_parts_agree() {
+    let out = run(&["install"], b"");
+    assert!(out.status.success(), "{}", utf8(&out.stderr));
+    let bundle = std::fs::read_to_string("deploy/install.yaml").expect("deploy/install.yaml");
+    assert!(
+        utf8(&out.stdout) == bundle,
+        "`amazing-proxy install` differs from deploy/install.yaml: rebuild"
+    );
+    let docs: Vec<Value> = serde_saphyr::from_multiple::<Value>(&bundle)
+        .expect("YAML")
+        .into_iter()
+        .collect();
+    let find = |kind: &str| {
+        docs.iter()
+            .find(|d| d["kind"] == kind)
+            .unwrap_or_else(|| panic!("no {kind} in deploy/install.yaml"))
+    };
+    let (issuer, cert, deployment, service, config) = (
+        find("Issuer"),
+        find("Certificate"),
+        find("Deployment"),
+        find("Service"),
+        find("MutatingWebhookConfiguration"),
+    );
+    let namespace = &find("Namespace")["metadata"]["name"];
+    for doc in [issuer, cert, deployment, service] {
+        assert_eq!(&doc["metadata"]["namespace"], namespace, "{doc}");
+    }
+    assert_eq!(
+        cert["spec"]["issuerRef"]["name"],
+        issuer["metadata"]["name"]
+    );
+    assert_eq!(cert["spec"]["issuerRef"]["kind"], "Issuer");
+    let volumes = &deployment["spec"]["template"]["spec"]["volumes"];
+    assert_eq!(
+        volumes[0]["secret"]["secretName"],
+        cert["spec"]["secretName"]
+    );
+    let service_dns = format!(
+        "{}.{}.svc",
+        service["metadata"]["name"].as_str().expect("service name"),
+        namespace.as_str().expect("namespace name")
+    );
+    let dns_names = cert["spec"]["dnsNames"].as_array().expect("dnsNames");
+    assert!(
+        dns_names.iter().any(|n| n == service_dns.as_str()),
+        "{dns_names:?}"
+    );
+    assert_eq!(
+        config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"],
+        format!(
+            "{}/{}",
+            namespace.as_str().expect("namespace name"),
+            cert["metadata"]["name"].as_str().expect("certificate name")
+        )
+    );
+    for webhook in config["webhooks"].as_array().expect("webhooks") {
+        assert_eq!(
+            webhook["clientConfig"]["service"]["name"],
+            service["metadata"]["name"]
+        );
+        assert_eq!(webhook["clientConfig"]["service"]["namespace"], *namespace);
+    }
+}
+
+/// `install --self-signed`: the golden with the generated material blanked out, and valid.
+#[test]
+fn install_self_signed_golden_and_valid() {
+    let out = run(&["install", "--self-signed"], b"");
+    assert!(out.status.success(), "{}", utf8(&out.stderr));
+    let text = utf8(&out.stdout);
+    // The keys, certificates and the CA in the caBundles are new at every run.
+    let normalised: String = text
+        .lines()
+        .map(|line| {
+            let trimmed = line.trim_start();
+            let generated = ["ca.crt: ", "tls.crt: ", "tls.key: ", "caBundle: "]
+                .iter()
+                .find(|key| trimmed.starts_with(**key));
+            match generated {
+                Some(key) => format!("{}{key}<generated>\n", &line[..line.len() - trimmed.len()]),
+                None => format!("{line}\n"),
+            }
+        })
+        .collect();
+    check_golden("install-self-signed.out.yaml", &normalised);
+    let dir = tempfile::tempdir().expect("temp dir");
+    validate(
+        &split_for_validation(&text, "install-self-signed", dir.path()),
+        true,
+    );
 }

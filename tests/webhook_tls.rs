@@ -18,6 +18,7 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use support::TEST_TIMEOUT;
@@ -133,10 +134,22 @@ impl Reply {
     }
 }
 
-/// One request on a new TLS connection (so each call is a new handshake).
+/// One request on a new TLS connection (so each call is a new handshake) to `localhost`.
 async fn send(
     addr: SocketAddr,
     ca: &CertificateDer<'static>,
+    method: &str,
+    path: &str,
+    body: Vec<u8>,
+) -> Reply {
+    send_to(addr, ca, "localhost", method, path, body).await
+}
+
+/// The same, checking the server's certificate for `server_name`.
+async fn send_to(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    server_name: &str,
     method: &str,
     path: &str,
     body: Vec<u8>,
@@ -152,7 +165,7 @@ async fn send(
     .with_no_client_auth();
     let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
     let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from("localhost").expect("server name");
+    let name = ServerName::try_from(server_name.to_string()).expect("server name");
     let tls = connector.connect(name, tcp).await.expect("TLS handshake");
     let peer_cert = tls
         .get_ref()
@@ -168,7 +181,7 @@ async fn send(
     let request = http::Request::builder()
         .method(method)
         .uri(path)
-        .header(http::header::HOST, "localhost")
+        .header(http::header::HOST, server_name)
         .header(http::header::CONTENT_TYPE, "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("request");
@@ -441,6 +454,11 @@ async fn malformed_requests_and_other_routes() {
                 .status,
             404
         );
+        // The Deployment's probes (deploy/install.yaml).
+        for probe in ["/healthz", "/readyz"] {
+            let reply = send(server.addr, &ca.der(), "GET", probe, Vec::new()).await;
+            assert_eq!(reply.status, 200, "{probe}");
+        }
         // Still serving after all that.
         let ok = send(
             server.addr,
@@ -526,4 +544,70 @@ fn bad_certificate_files_fail_at_start() {
         stderr.contains("cannot load the TLS certificate") && stderr.contains("--tls-cert"),
         "{stderr}"
     );
+}
+
+/// `amazing-proxy install --self-signed`: the Secret's certificate and key serve the Service's DNS
+/// name to a client that trusts only the caBundle, as the API server does.
+#[tokio::test]
+async fn self_signed_install_material_is_trusted_through_the_ca_bundle() {
+    bounded("test", TEST_TIMEOUT, async {
+        let out = command()
+            .args(["install", "--self-signed"])
+            .output()
+            .expect("run install");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let text = String::from_utf8(out.stdout).expect("UTF-8");
+        let docs: Vec<Value> = serde_saphyr::from_multiple(&text).expect("YAML");
+        let decode = |v: &Value| {
+            base64::engine::general_purpose::STANDARD
+                .decode(v.as_str().expect("base64 text"))
+                .expect("base64")
+        };
+        let secret = docs
+            .iter()
+            .find(|d| d["kind"] == "Secret")
+            .expect("a Secret");
+        let config = docs
+            .iter()
+            .find(|d| d["kind"] == "MutatingWebhookConfiguration")
+            .expect("the webhook configuration");
+        let ca_pem = decode(&config["webhooks"][0]["clientConfig"]["caBundle"]);
+        let ca = CertificateDer::from_pem_slice(&ca_pem).expect("caBundle is a PEM certificate");
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(
+            dir.path().join("tls.crt"),
+            decode(&secret["data"]["tls.crt"]),
+        )
+        .expect("write cert");
+        std::fs::write(
+            dir.path().join("tls.key"),
+            decode(&secret["data"]["tls.key"]),
+        )
+        .expect("write key");
+        let server = start(dir.path(), &[]);
+        let service = config["webhooks"][0]["clientConfig"]["service"].clone();
+        let name = format!(
+            "{}.{}.svc",
+            service["name"].as_str().expect("service name"),
+            service["namespace"].as_str().expect("service namespace")
+        );
+        let ready = send_to(server.addr, &ca, &name, "GET", "/readyz", Vec::new()).await;
+        assert_eq!(ready.status, 200);
+        let review = send_to(
+            server.addr,
+            &ca,
+            &name,
+            "POST",
+            "/mutate",
+            pod_review("u", &tutorial_pod()),
+        )
+        .await;
+        assert_eq!(review.status, 200);
+        assert_eq!(review.json()["response"]["patchType"], "JSONPatch");
+    })
+    .await;
 }
