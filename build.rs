@@ -62,6 +62,6 @@ fn main() {
         })
         .unwrap_or(0);
     let (year, month, day) = civil_date(seconds.div_euclid(86_400));
-    println!("cargo:rustc-env=AMAZING_PROXY_COMMIT={commit}");
-    println!("cargo:rustc-env=AMAZING_PROXY_BUILD_DATE={year:04}-{month:02}-{day:02}");
+    println!("cargo:rustc-env=BUILD_GIT_COMMIT={commit}");
+    println!("cargo:rustc-env=BUILD_DATE={year:04}-{month:02}-{day:02}");
 }

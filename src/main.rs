@@ -10,9 +10,9 @@ use clap::{CommandFactory, Parser, Subcommand};
 const VERSION: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     " (commit ",
-    env!("AMAZING_PROXY_COMMIT"),
+    env!("BUILD_GIT_COMMIT"),
     ", built ",
-    env!("AMAZING_PROXY_BUILD_DATE"),
+    env!("BUILD_DATE"),
     ")"
 );
 

@@ -535,20 +535,28 @@ fn install_self_signed_golden_and_valid() {
     let out = run(&["install", "--self-signed"], b"");
     assert!(out.status.success(), "{}", utf8(&out.stderr));
     let text = utf8(&out.stdout);
-    // The keys, certificates and the CA in the caBundles are new at every run.
-    let normalised: String = text
-        .lines()
-        .map(|line| {
-            let trimmed = line.trim_start();
-            let generated = ["ca.crt: ", "tls.crt: ", "tls.key: ", "caBundle: "]
-                .iter()
-                .find(|key| trimmed.starts_with(**key));
-            match generated {
-                Some(key) => format!("{}{key}<generated>\n", &line[..line.len() - trimmed.len()]),
-                None => format!("{line}\n"),
+    // The keys, certificates and the CA in the caBundles are new at every run; a long value may
+    // continue on more indented lines.
+    let mut normalised = String::new();
+    let mut generated_indent: Option<usize> = None;
+    for line in text.lines() {
+        let trimmed = line.trim_start();
+        let indent = line.len() - trimmed.len();
+        if generated_indent.is_some_and(|key_indent| indent > key_indent) {
+            continue;
+        }
+        generated_indent = None;
+        let generated = ["ca.crt: ", "tls.crt: ", "tls.key: ", "caBundle: "]
+            .iter()
+            .find(|key| trimmed.starts_with(**key));
+        match generated {
+            Some(key) => {
+                normalised.push_str(&format!("{}{key}<generated>\n", &line[..indent]));
+                generated_indent = Some(indent);
             }
-        })
-        .collect();
+            None => normalised.push_str(&format!("{line}\n")),
+        }
+    }
     check_golden("install-self-signed.out.yaml", &normalised);
     let dir = tempfile::tempdir().expect("temp dir");
     validate(
