@@ -11,6 +11,7 @@
 pub mod admin;
 pub mod config;
 pub mod error;
+pub mod identity;
 pub mod inject;
 pub mod install;
 pub mod netfilter;
