@@ -1,11 +1,15 @@
 //! amazing-proxy: a small, fast sidecar proxy for Kubernetes.
 //!
-//! One binary, four jobs, one module each:
-//! - [`proxy`]: the data plane (`run`): inbound and outbound listeners, HTTP and opaque TCP forwarding,
-//!   drain; configured by [`config`], observed through [`telemetry`] and served on [`admin`];
-//! - [`netfilter`]: the pod's traffic redirection (`init`): iptables or nftables rules;
-//! - [`inject`]: adds the sidecar to Kubernetes manifests (`inject`);
-//! - [`webhook`]: the same injection as an admission webhook (`webhook`), installed by [`install`].
+//! One binary, four jobs. Layers point one way, each using only those above it:
+//! 1. [`vocab`] (ports, uid/gid/mark, port lists, CIDRs, durations, log formats: shared by all
+//!    jobs), [`error`] (error kinds and whose fault), [`identity`] (SPIFFE IDs);
+//! 2. [`telemetry`]: metrics and the access log;
+//! 3. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
+//!    protocol adapters, listeners), its state built by one constructor;
+//! 4. the wiring: [`run`] (`run`, configured by [`config`]) and [`admin`].
+//!
+//! Beside the data plane, sharing only layer 1: [`netfilter`] (`init`: the pod's redirect rules),
+//! [`inject`] (`inject`, `uninject`), [`webhook`] (`webhook`) and [`install`] (`install`).
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -16,6 +20,7 @@ pub mod inject;
 pub mod install;
 pub mod netfilter;
 pub mod proxy;
+pub mod run;
 pub mod telemetry;
 pub mod vocab;
 pub mod webhook;

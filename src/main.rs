@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use amazing_proxy::{config, inject, install, netfilter, proxy, webhook};
+use amazing_proxy::{config, inject, install, netfilter, run, webhook};
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// `--version`: the package version, the commit and the build date (stamped by build.rs).
@@ -55,7 +55,7 @@ fn main() -> ExitCode {
     });
     amazing_proxy::telemetry::init_diagnostics();
     let result: anyhow::Result<()> = match cli.command {
-        Command::Run(args) => proxy::main(*args).map_err(Into::into),
+        Command::Run(args) => run::main(*args).map_err(Into::into),
         Command::Init(args) => netfilter::main(args).map_err(Into::into),
         Command::Inject(args) => inject::main(args).map_err(Into::into),
         Command::Uninject(args) => inject::uninject_main(args).map_err(Into::into),

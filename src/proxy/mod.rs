@@ -7,7 +7,8 @@
 //! - the protocol adapters: [`http1`] (the fast path), [`hyper_path`] (HTTP/2, upgrades, the rest),
 //!   [`tcp`] (opaque bytes); [`body`] holds the hyper path's body wrappers;
 //! - [`listener`]: accept, original destination, [`detect`]ion, dispatch to an adapter;
-//! - this module: [`Shared`], built by one constructor, and the `run` wiring.
+//! - this module: [`Shared`], the data plane's state, built by one constructor (tests call it too).
+//!   The `run` wiring (listeners, admin, signals, the drain) is [`crate::run`].
 //!
 //! Threads: the data plane runs on `--workers` threads (one current-thread runtime when 1, the
 //! default); the admin listener has its own thread so that a slow scrape never delays a request;
@@ -32,12 +33,10 @@ use std::time::Duration;
 
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
-use tokio::net::TcpListener;
 
-use crate::config::{AppProtocol, Listen, RunArgs};
+use crate::config::{AppProtocol, RunArgs};
 use crate::telemetry::Telemetry;
-use crate::telemetry::metrics::Direction;
-use drain::{Drain, Phase};
+use drain::Drain;
 use limits::Limits;
 use phases::Via;
 use upstream::{ConnectOptions, Upstreams};
@@ -159,53 +158,6 @@ fn descriptor_budget(max_connections: usize) -> usize {
     max_connections
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum RunError {
-    #[error("invalid configuration: {0}")]
-    Config(String),
-    // The OS error is part of the message, not a `source`: printed once.
-    #[error(
-        "cannot bind the {what} listener on {addr}: {error} (is another process using the port?)"
-    )]
-    Bind {
-        what: &'static str,
-        addr: SocketAddr,
-        error: std::io::Error,
-    },
-    #[error("cannot start the runtime: {0}")]
-    Runtime(std::io::Error),
-    #[error("cannot start the admin thread: {0}")]
-    Admin(std::io::Error),
-}
-
-pub fn main(args: RunArgs) -> Result<(), RunError> {
-    args.validate().map_err(RunError::Config)?;
-    let mut runtime = if args.workers == 1 {
-        tokio::runtime::Builder::new_current_thread()
-    } else {
-        let mut b = tokio::runtime::Builder::new_multi_thread();
-        b.worker_threads(usize::from(args.workers));
-        b
-    };
-    let runtime = runtime.enable_all().build().map_err(RunError::Runtime)?;
-    let shared = runtime.block_on(run(args))?;
-    // Whatever is still running was cut by the drain timeout: dropping the runtime drops those
-    // tasks, and each unfinished exchange logs itself as `drain_timeout`.
-    shared.telemetry.start_drain_cut();
-    drop(runtime);
-    let cut = shared.telemetry.metrics.drain_cut_requests.get();
-    shared.telemetry.access_log.finish();
-    if cut > 0 {
-        tracing::warn!(
-            cut,
-            "drained; {cut} requests were cut by --drain-timeout; exiting"
-        );
-    } else {
-        tracing::info!("drained; exiting");
-    }
-    Ok(())
-}
-
 fn server_builders(
     args: &RunArgs,
     timeouts: Timeouts,
@@ -239,111 +191,4 @@ fn server_builders(
 fn max_fields(max_bytes: usize) -> usize {
     // The shortest field line, `a:\r\n`, is 4 bytes.
     (max_bytes / 4).max(100)
-}
-
-async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|error| RunError::Bind { what, addr, error })
-}
-
-async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
-    // Bind everything first: a port in use fails the start before anything is served.
-    let inbound = bind("inbound", args.inbound).await?;
-    let outbound = match args.outbound {
-        Listen(Some(addr)) => Some(bind("outbound", addr).await?),
-        Listen(None) => None,
-    };
-    let admin = std::net::TcpListener::bind(args.admin).map_err(|error| RunError::Bind {
-        what: "admin",
-        addr: args.admin,
-        error,
-    })?;
-    let local = |l: &TcpListener| l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(
-        inbound = %local(&inbound),
-        outbound = %outbound.as_ref().map(local).unwrap_or_else(|| "off".into()),
-        admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
-        app = %args.app,
-        "listening"
-    );
-
-    let shared = Shared::new(&args, Box::new(std::io::stdout()));
-    crate::admin::spawn(
-        admin,
-        crate::admin::AdminState {
-            shared: shared.clone(),
-            app_ready_path: args.app_ready_path.clone(),
-        },
-    )
-    .map_err(RunError::Admin)?;
-
-    tokio::spawn(shared.upstreams.pool.clone().reap_forever());
-    tokio::spawn(listener::Listener::new(shared.clone(), inbound, Direction::Inbound).run());
-    if let Some(outbound) = outbound {
-        tokio::spawn(listener::Listener::new(shared.clone(), outbound, Direction::Outbound).run());
-    }
-    shared.drain.advance(Phase::Serving);
-
-    let fast = wait_for_shutdown(&shared).await;
-    let delay = if fast {
-        Duration::ZERO
-    } else {
-        args.drain_delay
-    };
-    tracing::info!(?delay, timeout = ?args.drain_timeout, "draining: /ready now answers 503");
-    tokio::time::sleep(delay).await;
-    shared.drain.advance(Phase::Closing);
-    shared.limits.close_all_when_idle();
-    let open = shared.limits.open_connections();
-    tracing::info!(
-        open,
-        "closing: no longer accepting; finishing in-flight requests"
-    );
-    if tokio::time::timeout(args.drain_timeout, shared.limits.wait_all_closed())
-        .await
-        .is_err()
-    {
-        tracing::warn!(
-            open = shared.limits.open_connections(),
-            "drain timeout reached: cutting the remaining connections"
-        );
-    }
-    Ok(shared)
-}
-
-/// Waits for SIGTERM (full drain), SIGINT (drain without the delay) or `POST /shutdown`.
-/// Returns whether to skip the drain delay.
-async fn wait_for_shutdown(shared: &Arc<Shared>) -> bool {
-    let drain = &shared.drain;
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut phase = drain.subscribe();
-    let (mut term, mut int) = match (
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) {
-        (Ok(t), Ok(i)) => (t, i),
-        _ => {
-            tracing::error!(
-                "cannot install signal handlers; only POST /shutdown will stop the proxy"
-            );
-            let _ = phase.wait_for(|p| *p >= Phase::Draining).await;
-            return false;
-        }
-    };
-    let fast = tokio::select! {
-        _ = term.recv() => { tracing::info!("SIGTERM received"); false }
-        _ = int.recv() => { tracing::info!("SIGINT received"); true }
-        _ = phase.wait_for(|p| *p >= Phase::Draining) => { tracing::info!("shutdown requested on the admin listener"); false }
-    };
-    drain.advance(Phase::Draining);
-    // A second signal means "now".
-    let telemetry = shared.telemetry.clone();
-    tokio::spawn(async move {
-        tokio::select! { _ = term.recv() => {}, _ = int.recv() => {} }
-        tracing::warn!("second signal: exiting without finishing the drain");
-        telemetry.access_log.finish();
-        std::process::exit(1);
-    });
-    fast
 }
