@@ -27,15 +27,12 @@ use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
 
 /// The service hyper calls for every request on a client connection.
-// TODO(lead): split; clippy.toml limits functions to 100 lines.
-#[allow(clippy::too_many_lines)]
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnContext>,
     mut req: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Infallible> {
     let start = Instant::now();
-    let settings = &shared.settings;
     let in_flight = shared.limits.start_request();
     let upgrade = phases::is_upgrade(req.headers());
     // HTTP/2 extended CONNECT (`:protocol`, RFC 8441): a 2xx turns the stream into a tunnel.
@@ -49,143 +46,40 @@ pub async fn handle(
             .get(header::CONTENT_TYPE)
             .map(HeaderValue::as_bytes),
     );
-
-    // Request phase.
-    let looped = settings.via.stamp(&mut parts.headers);
-    if settings.rewrite_host {
-        if let Ok(host) = HeaderValue::from_str(conn.upstream.as_str()) {
-            parts.headers.insert(header::HOST, host);
-        }
-    } else if !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 clients name the host in :authority; an HTTP/1.1 app needs it as Host.
-        if let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, host);
-        }
-    }
-    phases::remove_hop_by_hop(&mut parts.headers, upgrade);
-    let request_id = phases::add_forwarding(&mut parts.headers, conn.client.ip(), "http");
+    let ruled = request_rules(&shared, &conn, &mut parts, upgrade);
     let path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
     let progress = (!body.is_end_stream()).then(Arc::<RequestProgress>::default);
-
     let mut exchange = Exchange::new(
         conn.clone(),
         start,
         parts.method.clone(),
         parts.version,
         PathText::Uri(path.clone()),
-        request_id,
+        ruled.request_id,
     );
     exchange.request = progress.clone();
-    if let Err(kind) = looped {
+    if let Err(kind) = ruled.admitted {
         return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
     }
     let Some(in_flight) = in_flight else {
-        return Ok(synthetic_response(
-            Synthetic::new(ErrorKind::Overloaded, grpc),
-            exchange,
-        ));
+        let overloaded = Synthetic::new(ErrorKind::Overloaded, grpc);
+        return Ok(synthetic_response(overloaded, exchange));
     };
-
-    // Choose the upstream.
-    let use_http2 = conn.upstream_http2
-        || (settings.app_protocol == AppProtocol::Auto && parts.version == Version::HTTP_2);
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(conn.upstream.clone());
-    uri.path_and_query = Some(path);
-    parts.uri = match Uri::from_parts(uri) {
-        Ok(uri) => uri,
-        Err(_) => {
-            return Ok(synthetic_response(
-                Synthetic::new(ErrorKind::BadRequest, grpc),
-                exchange,
-            ));
-        }
-    };
-    parts.version = if use_http2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let upstreams = &shared.upstreams;
-    let client = if use_http2 {
-        &upstreams.http2
-    } else {
-        &upstreams.http1
-    };
-    // A request with no body can be replayed: the retry rule decides whether it may be.
-    let mut replay = progress.is_none().then(|| {
-        let mut again = Request::new(RequestBody::empty());
-        *again.method_mut() = parts.method.clone();
-        *again.uri_mut() = parts.uri.clone();
-        *again.version_mut() = parts.version;
-        *again.headers_mut() = parts.headers.clone();
-        *again.extensions_mut() = parts.extensions.clone();
-        again
-    });
-    let method = parts.method.clone();
+    let use_http2 = choose_upstream(&shared, &conn, &mut parts, path);
+    let settings = &shared.settings;
     let upstream_req = Request::from_parts(
         parts,
         RequestBody::new(body, progress.clone(), settings.timeouts.request_body),
     );
-    let exchange_with_app = async {
-        match client.request(upstream_req).await {
-            Err(err)
-                if is_closed_before_answering(&err)
-                    && may_retry(&method, replay.is_some(), Sent::NoResponse) =>
-            {
-                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again on a new one");
-                let Some(again) = replay.take() else {
-                    return Err(err);
-                };
-                // Another pooled connection may be just as dead: dial a new one. (HTTP/2
-                // connections multiplex and are not raced this way.)
-                if use_http2 {
-                    client.request(again).await
-                } else {
-                    upstreams.http1_fresh.request(again).await
-                }
-            }
-            other => other,
-        }
-    };
-    // The response timeout counts from the end of the request body.
-    let response_timer = async {
-        if let Some(progress) = &progress {
-            progress.wait_ended().await;
-        }
-        tokio::time::sleep(settings.timeouts.response).await;
-    };
-
-    let mut response = tokio::select! {
-        biased;
-        result = exchange_with_app => match result {
+    let mut response =
+        match send(&shared, &conn, upstream_req, use_http2, progress.as_deref()).await {
             Ok(response) => response,
-            Err(err) => {
-                let kind = match &progress {
-                    Some(p) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
-                    Some(p) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
-                    _ => classify_client_error(&err),
-                };
-                tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
-                return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
-            }
-        },
-        () = response_timer => {
-            return Ok(synthetic_response(
-                Synthetic::new(ErrorKind::ResponseTimeout, grpc),
-                exchange,
-            ));
-        }
-    };
+            Err(kind) => return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange)),
+        };
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -208,6 +102,137 @@ pub async fn handle(
     let response_body_timeout = settings.timeouts.response_body;
     Ok(response
         .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout)))
+}
+
+/// What the request rules decided.
+struct Ruled {
+    request_id: HeaderValue,
+    /// `Err` when the request must not go on (it looped back to this proxy).
+    admitted: Result<(), ErrorKind>,
+}
+
+/// The request phase: loop check and `Via`, Host, hop-by-hop removal, forwarding fields.
+fn request_rules(
+    shared: &Shared,
+    conn: &ConnContext,
+    parts: &mut http::request::Parts,
+    upgrade: bool,
+) -> Ruled {
+    let settings = &shared.settings;
+    let admitted = settings.via.stamp(&mut parts.headers);
+    if settings.rewrite_host {
+        if let Ok(host) = HeaderValue::from_str(conn.upstream.as_str()) {
+            parts.headers.insert(header::HOST, host);
+        }
+    } else if !parts.headers.contains_key(header::HOST) {
+        // HTTP/2 clients name the host in :authority; an HTTP/1.1 app needs it as Host.
+        if let Some(host) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, host);
+        }
+    }
+    phases::remove_hop_by_hop(&mut parts.headers, upgrade);
+    let request_id = phases::add_forwarding(&mut parts.headers, conn.client.ip(), "http");
+    Ruled {
+        request_id,
+        admitted,
+    }
+}
+
+/// Points the request at the upstream; returns whether it goes over HTTP/2.
+fn choose_upstream(
+    shared: &Shared,
+    conn: &ConnContext,
+    parts: &mut http::request::Parts,
+    path: PathAndQuery,
+) -> bool {
+    let use_http2 = conn.upstream_http2
+        || (shared.settings.app_protocol == AppProtocol::Auto && parts.version == Version::HTTP_2);
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(Scheme::HTTP);
+    uri.authority = Some(conn.upstream.clone());
+    uri.path_and_query = Some(path);
+    // Scheme, an IP:PORT authority and a parsed path always make a URI.
+    if let Ok(uri) = Uri::from_parts(uri) {
+        parts.uri = uri;
+    }
+    parts.version = if use_http2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    use_http2
+}
+
+/// Sends the request with the retry rule, bounded by the response timeout (counted from the end
+/// of the request body).
+async fn send(
+    shared: &Shared,
+    conn: &ConnContext,
+    request: Request<RequestBody>,
+    use_http2: bool,
+    progress: Option<&RequestProgress>,
+) -> Result<Response<Incoming>, ErrorKind> {
+    let upstreams = &shared.upstreams;
+    let client = if use_http2 {
+        &upstreams.http2
+    } else {
+        &upstreams.http1
+    };
+    // A request with no body can be replayed: the retry rule decides whether it may be.
+    let mut replay = progress.is_none().then(|| {
+        let mut again = Request::new(RequestBody::empty());
+        *again.method_mut() = request.method().clone();
+        *again.uri_mut() = request.uri().clone();
+        *again.version_mut() = request.version();
+        *again.headers_mut() = request.headers().clone();
+        *again.extensions_mut() = request.extensions().clone();
+        again
+    });
+    let method = request.method().clone();
+    let exchange_with_app = async {
+        match client.request(request).await {
+            Err(err)
+                if is_closed_before_answering(&err)
+                    && may_retry(&method, replay.is_some(), Sent::NoResponse) =>
+            {
+                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again on a new one");
+                let Some(again) = replay.take() else {
+                    return Err(err);
+                };
+                // Another pooled connection may be just as dead: dial a new one. (HTTP/2
+                // connections multiplex and are not raced this way.)
+                if use_http2 {
+                    client.request(again).await
+                } else {
+                    upstreams.http1_fresh.request(again).await
+                }
+            }
+            other => other,
+        }
+    };
+    let response_timer = async {
+        if let Some(progress) = progress {
+            progress.wait_ended().await;
+        }
+        tokio::time::sleep(shared.settings.timeouts.response).await;
+    };
+    tokio::select! {
+        biased;
+        result = exchange_with_app => result.map_err(|err| {
+            let kind = match progress {
+                Some(p) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
+                Some(p) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
+                _ => classify_client_error(&err),
+            };
+            tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
+            kind
+        }),
+        () = response_timer => Err(ErrorKind::ResponseTimeout),
+    }
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).

@@ -266,8 +266,6 @@ impl Connection {
     }
 
     /// One request and its response.
-    // TODO(lead): split; clippy.toml limits functions to 100 lines.
-    #[allow(clippy::too_many_lines)]
     async fn exchange(&mut self, plan: RequestPlan, start: Instant) -> Next {
         self.slot.set(Activity::Busy);
         self.buf.advance(plan.head_len);
@@ -305,7 +303,7 @@ impl Connection {
         let keep_after_error = replayable && plan.keep_alive;
 
         let mut fresh = false;
-        let (mut up, response) = loop {
+        let (up, response) = loop {
             let up = match self.upstream(fresh).await {
                 Ok(up) => up,
                 Err(kind) => {
@@ -336,7 +334,17 @@ impl Connection {
             }
         };
 
-        // The response: head and body.
+        self.forward_response(up, response, exchange).await
+    }
+
+    /// The response phase: the head (with `Connection: close` when draining) and the body; the
+    /// app connection is kept for the next request only when it carried nothing more.
+    async fn forward_response(
+        &mut self,
+        mut up: UpstreamConn,
+        response: ResponsePlan,
+        mut exchange: Exchange,
+    ) -> Next {
         let closing = self.slot.close_requested();
         if closing && response.keep_alive {
             // Draining: this response is the connection's last.
