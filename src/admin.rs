@@ -129,6 +129,14 @@ async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
         }
         Phase::Serving => {}
     }
+    if let Some(mtls) = &state.shared.mtls
+        && let Some(problem) = mtls.identity.problem()
+    {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: workload identity: {problem}\n"),
+        );
+    }
     let app = state.shared.settings.app;
     if let Some(path) = &state.app_ready_path
         && let Err(why) = check_app(app, path).await

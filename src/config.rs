@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
@@ -49,10 +50,37 @@ pub enum AppProtocol {
     Auto,
 }
 
+/// Whether the app's outbound connections travel in HBONE tunnels.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum OutboundMtls {
+    /// Plaintext, as the app sent it.
+    Off,
+    /// HBONE to `<destination>:15008`; plaintext when nothing listens there (remembered a minute).
+    Auto,
+    /// HBONE only: a destination without HBONE gets its connection closed.
+    Strict,
+}
+
+/// Whether plaintext is accepted on the inbound listener.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum InboundMtls {
+    /// No HBONE listener: plaintext only.
+    Off,
+    /// HBONE and plaintext.
+    Permissive,
+    /// HBONE only; plaintext is closed, except on --plaintext-ports (kubelet probes).
+    Strict,
+}
+
 /// Parses `IP:PORT`, with a message that says so (the standard one only says "invalid syntax").
 pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
+}
+
+/// Reads and parses the `--peer-identities` file, so that a bad one fails the start.
+fn parse_peer_identities(path: &str) -> Result<crate::identity::peers::PeerIdentities, String> {
+    crate::identity::peers::PeerIdentities::load(std::path::Path::new(path))
 }
 
 #[derive(Args, Clone, Debug)]
@@ -198,6 +226,63 @@ pub struct RunArgs {
     /// pass; 0 disables it. Must match `init --proxy-mark`.
     #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value_t = vocab::PROXY_MARK)]
     pub proxy_mark: u32,
+
+    /// Workload identity from a directory holding tls.crt (leaf first, then intermediates),
+    /// tls.key and ca.crt (the trust bundle): cert-manager csi-driver-spiffe's layout.
+    #[arg(long, env = "AMAZING_PROXY_IDENTITY_DIR", group = "identity_source")]
+    pub identity_dir: Option<PathBuf>,
+
+    /// Workload identity from a Kubernetes pod certificate (KEP-4317): the key and the chain in
+    /// one PEM file. Needs --identity-trust-bundle.
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_IDENTITY_CREDENTIAL_BUNDLE",
+        group = "identity_source",
+        requires = "identity_trust_bundle"
+    )]
+    pub identity_credential_bundle: Option<PathBuf>,
+
+    /// The trust bundle (PEM CA certificates, a ClusterTrustBundle projected as a file) that goes
+    /// with --identity-credential-bundle.
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_IDENTITY_TRUST_BUNDLE",
+        requires = "identity_credential_bundle"
+    )]
+    pub identity_trust_bundle: Option<PathBuf>,
+
+    /// The SPIFFE trust domain: our identity and every peer's must be in it.
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_TRUST_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub trust_domain: String,
+
+    /// HBONE listener (HTTP/2 CONNECT over mutual TLS). Default 0.0.0.0:15008 when an identity is
+    /// configured and --inbound-mtls is not off; `off` disables it.
+    #[arg(long, env = "AMAZING_PROXY_HBONE")]
+    pub hbone: Option<Listen>,
+
+    /// Outbound mutual TLS: off, auto (HBONE when the destination listens on 15008, else
+    /// plaintext) or strict (HBONE only). Default auto with an identity, off without.
+    #[arg(long, env = "AMAZING_PROXY_OUTBOUND_MTLS", value_enum)]
+    pub outbound_mtls: Option<OutboundMtls>,
+
+    /// Inbound mutual TLS: off (no HBONE), permissive (HBONE and plaintext) or strict (plaintext
+    /// refused but on --plaintext-ports). Default permissive with an identity, off without.
+    #[arg(long, env = "AMAZING_PROXY_INBOUND_MTLS", value_enum)]
+    pub inbound_mtls: Option<InboundMtls>,
+
+    /// Ports that accept plaintext under --inbound-mtls strict (kubelet probes come from the node
+    /// in plaintext).
+    #[arg(long, env = "AMAZING_PROXY_PLAINTEXT_PORTS", default_value = "", value_parser = PortList::from_str)]
+    pub plaintext_ports: PortList,
+
+    /// The identity expected of HBONE peers: lines `CIDR-or-address SPIFFE-ID`. A peer without an
+    /// entry may have any identity of the trust domain.
+    #[arg(long, env = "AMAZING_PROXY_PEER_IDENTITIES", value_parser = parse_peer_identities)]
+    pub peer_identities: Option<crate::identity::peers::PeerIdentities>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
@@ -210,11 +295,62 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 }
 
 impl RunArgs {
+    /// Where the identity comes from, if one is configured.
+    pub fn identity_source(&self) -> Option<crate::identity::material::Source> {
+        use crate::identity::material::Source;
+        if let Some(dir) = &self.identity_dir {
+            return Some(Source::Dir(dir.clone()));
+        }
+        match (
+            &self.identity_credential_bundle,
+            &self.identity_trust_bundle,
+        ) {
+            (Some(credential), Some(trust)) => Some(Source::PodCertificate {
+                credential: credential.clone(),
+                trust: trust.clone(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// --inbound-mtls as it applies: permissive with an identity, off without, unless given.
+    pub fn inbound_mtls(&self) -> InboundMtls {
+        match (self.inbound_mtls, self.identity_source()) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => InboundMtls::Permissive,
+            (None, None) => InboundMtls::Off,
+        }
+    }
+
+    /// --outbound-mtls as it applies: auto with an identity, off without, unless given.
+    pub fn outbound_mtls(&self) -> OutboundMtls {
+        match (self.outbound_mtls, self.identity_source()) {
+            (Some(mode), _) => mode,
+            (None, Some(_)) => OutboundMtls::Auto,
+            (None, None) => OutboundMtls::Off,
+        }
+    }
+
+    /// The HBONE listener's address, if it runs.
+    pub fn hbone_listen(&self) -> Option<SocketAddr> {
+        if self.inbound_mtls() == InboundMtls::Off {
+            return None;
+        }
+        match self.hbone {
+            Some(Listen(addr)) => addr,
+            None => Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, vocab::HBONE_PORT))),
+        }
+    }
+
     /// Checks what clap cannot: relations between options.
     pub fn validate(&self) -> Result<(), String> {
+        self.validate_mtls()?;
         let mut listeners = vec![("--inbound", self.inbound), ("--admin", self.admin)];
         if let Listen(Some(out)) = self.outbound {
             listeners.push(("--outbound", out));
+        }
+        if let Some(hbone) = self.hbone_listen() {
+            listeners.push(("--hbone", hbone));
         }
         for (i, &(name, addr)) in listeners.iter().enumerate() {
             // The app behind one of our own listeners: every request would come back to us,
@@ -239,6 +375,42 @@ impl RunArgs {
         {
             return Err(format!(
                 "--app-ready-path must start with `/`, got `{path}`"
+            ));
+        }
+        Ok(())
+    }
+
+    fn validate_mtls(&self) -> Result<(), String> {
+        let identity = self.identity_source().is_some();
+        let without = |flag: &str| {
+            format!(
+                "{flag} needs a workload identity: give --identity-dir, or --identity-credential-bundle with --identity-trust-bundle"
+            )
+        };
+        if !identity && self.inbound_mtls.is_some_and(|m| m != InboundMtls::Off) {
+            return Err(without("--inbound-mtls"));
+        }
+        if !identity && self.outbound_mtls.is_some_and(|m| m != OutboundMtls::Off) {
+            return Err(without("--outbound-mtls"));
+        }
+        if !identity && matches!(self.hbone, Some(Listen(Some(_)))) {
+            return Err(without("--hbone"));
+        }
+        if self.inbound_mtls() == InboundMtls::Strict && self.hbone == Some(Listen(None)) {
+            return Err(
+                "--inbound-mtls strict with --hbone off would refuse every connection: give --hbone an address"
+                    .into(),
+            );
+        }
+        if self.inbound_mtls() == InboundMtls::Off && matches!(self.hbone, Some(Listen(Some(_)))) {
+            return Err("--hbone listens only when --inbound-mtls is permissive or strict".into());
+        }
+        // The trust domain is valid when an identity in it is.
+        let probe = format!("spiffe://{}/ns/a/sa/b", self.trust_domain);
+        if probe.parse::<crate::identity::SpiffeId>().is_err() {
+            return Err(format!(
+                "--trust-domain `{}` is not a SPIFFE trust domain: lower-case letters, digits, `.`, `-`, `_`",
+                self.trust_domain
             ));
         }
         Ok(())
@@ -415,6 +587,50 @@ mod tests {
             err.contains("--outbound") && err.contains("--admin"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn mtls_defaults_follow_the_identity() {
+        let plain = parse(&[]).unwrap();
+        assert_eq!(plain.inbound_mtls(), InboundMtls::Off);
+        assert_eq!(plain.outbound_mtls(), OutboundMtls::Off);
+        assert_eq!(plain.hbone_listen(), None);
+        let with = parse(&["--identity-dir", "/var/run/identity"]).unwrap();
+        assert_eq!(with.inbound_mtls(), InboundMtls::Permissive);
+        assert_eq!(with.outbound_mtls(), OutboundMtls::Auto);
+        assert_eq!(
+            with.hbone_listen().map(|a| a.port()),
+            Some(vocab::HBONE_PORT)
+        );
+        assert_eq!(with.validate(), Ok(()));
+        for args in [
+            &["--inbound-mtls", "strict"][..],
+            &["--outbound-mtls", "auto"],
+            &["--hbone", "127.0.0.1:15008"],
+            &[
+                "--identity-dir",
+                "/d",
+                "--inbound-mtls",
+                "strict",
+                "--hbone",
+                "off",
+            ],
+            &["--identity-dir", "/d", "--trust-domain", "Upper.Case"],
+            &["--identity-dir", "/d", "--hbone", "0.0.0.0:8000"],
+        ] {
+            assert!(validate(args).is_err(), "{args:?}");
+        }
+        // Exactly one source; the pod certificate needs its trust bundle.
+        assert!(parse(&["--identity-dir", "/d", "--identity-credential-bundle", "/c"]).is_err());
+        assert!(parse(&["--identity-credential-bundle", "/c"]).is_err());
+        let pod = parse(&[
+            "--identity-credential-bundle",
+            "/c",
+            "--identity-trust-bundle",
+            "/t",
+        ])
+        .unwrap();
+        assert!(pod.identity_source().is_some());
     }
 
     #[test]

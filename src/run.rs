@@ -78,6 +78,10 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
         Listen(Some(addr)) => Some(bind("outbound", addr).await?),
         Listen(None) => None,
     };
+    let hbone = match args.hbone_listen() {
+        Some(addr) => Some(bind("hbone", addr).await?),
+        None => None,
+    };
     let admin = std::net::TcpListener::bind(args.admin).map_err(|error| RunError::Bind {
         what: "admin",
         addr: args.admin,
@@ -87,6 +91,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     tracing::info!(
         inbound = %local(&inbound),
         outbound = %outbound.as_ref().map(local).unwrap_or_else(|| "off".into()),
+        hbone = %hbone.as_ref().map(local).unwrap_or_else(|| "off".into()),
         admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         app = %args.app,
         "listening"
@@ -106,6 +111,13 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     tokio::spawn(Listener::new(shared.clone(), inbound, Direction::Inbound).run());
     if let Some(outbound) = outbound {
         tokio::spawn(Listener::new(shared.clone(), outbound, Direction::Outbound).run());
+    }
+    if let Some(mtls) = &shared.mtls {
+        let expiry = shared.telemetry.metrics.identity_expiry_seconds.clone();
+        tokio::spawn(mtls.identity.clone().watch_forever(expiry));
+    }
+    if let Some(hbone) = hbone {
+        tokio::spawn(Listener::hbone(shared.clone(), hbone).run());
     }
     shared.drain.advance(Phase::Serving);
 

@@ -190,6 +190,15 @@ const RUN_FLAGS: &[&str] = &[
     "detect-timeout",
     "opaque-ports",
     "proxy-mark",
+    "identity-dir",
+    "identity-credential-bundle",
+    "identity-trust-bundle",
+    "trust-domain",
+    "hbone",
+    "outbound-mtls",
+    "inbound-mtls",
+    "plaintext-ports",
+    "peer-identities",
 ];
 
 #[test]

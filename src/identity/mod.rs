@@ -1,5 +1,12 @@
 //! Workload identity: SPIFFE IDs of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
-//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored).
+//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored); the material
+//! that proves it ([`material`]), watched for rotation ([`source`]); the TLS configurations HBONE
+//! uses ([`tls`]); the identities expected of peers ([`peers`]).
+
+pub mod material;
+pub mod peers;
+pub mod source;
+pub mod tls;
 
 use std::fmt;
 use std::str::FromStr;

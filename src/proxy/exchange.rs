@@ -34,6 +34,8 @@ pub struct ConnContext {
     pub upstream: Authority,
     /// Speak HTTP/2 to this upstream whatever the client spoke.
     pub upstream_http2: bool,
+    /// The peer's SPIFFE ID, when the connection arrived in an HBONE tunnel.
+    pub peer: Option<String>,
 }
 
 impl ConnContext {
@@ -55,6 +57,7 @@ impl ConnContext {
             upstream_addr: upstream,
             upstream: authority(upstream),
             upstream_http2,
+            peer: None,
         }
     }
 }
@@ -263,6 +266,7 @@ impl Exchange {
                 response_bytes: self.response_bytes,
                 grpc_status: self.grpc_status,
                 error,
+                peer: self.conn.peer.as_deref(),
             });
         }
     }

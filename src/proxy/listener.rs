@@ -13,18 +13,20 @@ use std::time::{Duration, Instant};
 
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::Shared;
 use super::detect::{Detected, MAX_PEEK, classify};
 use super::drain::wait_for_closing;
 use super::exchange::{ConnContext, Exchange};
+use super::hbone;
 use super::http1;
 use super::hyper_path;
 use super::limits::{ConnectionGuard, Slot};
 use super::rewind::Rewind;
 use super::tcp;
-use crate::config::AppProtocol;
+use crate::config::{AppProtocol, OutboundMtls};
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::{Direction, Protocol};
 
@@ -42,6 +44,8 @@ pub struct Listener {
     shared: Arc<Shared>,
     listener: TcpListener,
     direction: Direction,
+    /// Connections arrive in HBONE (mutual TLS) rather than in plaintext.
+    hbone: bool,
 }
 
 impl Listener {
@@ -50,6 +54,15 @@ impl Listener {
             shared,
             listener,
             direction,
+            hbone: false,
+        }
+    }
+
+    /// The HBONE listener: tunnels from peers, inbound.
+    pub fn hbone(shared: Arc<Shared>, listener: TcpListener) -> Listener {
+        Listener {
+            hbone: true,
+            ..Listener::new(shared, listener, Direction::Inbound)
         }
     }
 
@@ -67,7 +80,11 @@ impl Listener {
                 Ok((stream, client)) => {
                     backoff = ACCEPT_BACKOFF_MIN;
                     let shared = self.shared.clone();
-                    tokio::spawn(serve_connection(shared, stream, client, self.direction));
+                    if self.hbone {
+                        tokio::spawn(hbone::inbound::serve_connection(shared, stream, client));
+                    } else {
+                        tokio::spawn(serve_connection(shared, stream, client, self.direction));
+                    }
                 }
                 Err(e) => {
                     // Out of file descriptors and the like: counted, then a growing pause instead
@@ -146,6 +163,128 @@ async fn detect(stream: &TcpStream, timeout: Duration, http_port: bool) -> Detec
     }
 }
 
+/// [`detect`] for a stream that cannot be peeked (an HBONE tunnel): the bytes are read, and
+/// returned to be served again. The same rules decide.
+async fn detect_by_reading<I: AsyncRead + Unpin>(
+    io: &mut I,
+    timeout: Duration,
+    http_port: bool,
+) -> (Detected, bytes::Bytes) {
+    let mut buf = [0u8; MAX_PEEK];
+    let mut len = 0;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let detected = loop {
+        let read = match tokio::time::timeout_at(deadline, io.read(&mut buf[len..])).await {
+            Ok(read) => read,
+            Err(_) if http_port || len > 0 => break Detected::Http1,
+            Err(_) => break Detected::Opaque("timeout"),
+        };
+        match read {
+            Ok(0) if len > 0 => break Detected::Http1,
+            Ok(0) if http_port => break Detected::Closed,
+            Ok(0) => break Detected::Opaque("client_eof"),
+            Ok(n) => {
+                len += n;
+                match classify(&buf[..len]) {
+                    Some(Detected::Opaque(_)) if http_port => break Detected::Http1,
+                    Some(found) => break found,
+                    None => {}
+                }
+            }
+            Err(_) => break Detected::Closed,
+        }
+    };
+    (detected, bytes::Bytes::copy_from_slice(&buf[..len]))
+}
+
+/// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
+/// TCP path (on that app connection) or the HTTP path (hyper's, which has its own pool), as a
+/// plaintext connection to the same port would take, with the peer's identity on every record.
+pub(super) async fn serve_tunnelled<I>(
+    shared: Arc<Shared>,
+    mut io: I,
+    mut app: TcpStream,
+    route: tcp::Route,
+    guard: ConnectionGuard,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let settings = &shared.settings;
+    let port = route.dialled.port();
+    let http_port = settings.http_ports.contains(&port);
+    let (detected, prefix) = if settings.opaque_ports.contains(&port) {
+        (Detected::Opaque("opaque_port"), bytes::Bytes::new())
+    } else {
+        let wait = if http_port {
+            settings.timeouts.header
+        } else {
+            settings.timeouts.detect
+        };
+        detect_by_reading(&mut io, wait, http_port).await
+    };
+    let mut io = Rewind::new(prefix, io);
+    let (protocol, reason) = match detected {
+        Detected::Http1 => (Protocol::Http, "http1"),
+        Detected::Http2 => (Protocol::Http, "http2"),
+        Detected::Opaque(reason) => (Protocol::Opaque, reason),
+        Detected::Closed => return,
+    };
+    let metrics = &shared.telemetry.metrics;
+    metrics.count_detection(route.direction, protocol, reason);
+    if protocol == Protocol::Opaque {
+        Box::pin(tcp::forward_streams(&shared, &mut io, &mut app, route)).await;
+        return;
+    }
+    drop(app);
+    let upstream_http2 = settings.http2_ports.contains(&route.upstream.port())
+        || settings.app_protocol == AppProtocol::Http2;
+    let mut ctx = ConnContext::new(
+        shared.telemetry.clone(),
+        route.direction,
+        route.client,
+        route.dialled,
+        route.upstream,
+        upstream_http2,
+    );
+    ctx.peer = route.peer;
+    let http2 = detected == Detected::Http2;
+    Box::pin(serve_hyper(
+        shared.clone(),
+        Arc::new(ctx),
+        io,
+        http2,
+        &guard,
+    ))
+    .await;
+}
+
+/// Mutual TLS before detection: strict inbound refuses plaintext; outbound goes into an HBONE
+/// tunnel (`None`: carried or refused), unless `auto` found nothing listening for HBONE.
+async fn mtls_gate(
+    shared: &Shared,
+    stream: TcpStream,
+    direction: Direction,
+    client: SocketAddr,
+    dialled: SocketAddr,
+    upstream: SocketAddr,
+) -> Option<TcpStream> {
+    let Some(mtls) = &shared.mtls else {
+        return Some(stream);
+    };
+    match direction {
+        Direction::Inbound if mtls.refuses_plaintext(dialled.port()) => {
+            tracing::info!(%client, port = dialled.port(), "plaintext refused (--inbound-mtls strict; --plaintext-ports lists the exceptions)");
+            let metrics = &shared.telemetry.metrics;
+            metrics.count_detection(direction, Protocol::Opaque, "plaintext_refused");
+            None
+        }
+        Direction::Outbound if mtls.outbound != OutboundMtls::Off => {
+            hbone::outbound::forward(shared, mtls, stream, client, upstream).await
+        }
+        _ => Some(stream),
+    }
+}
+
 async fn serve_connection(
     shared: Arc<Shared>,
     stream: TcpStream,
@@ -177,6 +316,10 @@ async fn serve_connection(
         }
     };
     let dialled = original.unwrap_or(local);
+    let Some(stream) = mtls_gate(&shared, stream, direction, client, dialled, upstream).await
+    else {
+        return;
+    };
 
     let http_port = settings.http_ports.contains(&dialled.port());
     let detected = if settings.opaque_ports.contains(&dialled.port()) {
@@ -202,6 +345,7 @@ async fn serve_connection(
             dialled,
             upstream,
             direction,
+            peer: None,
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
         // state, and the fast path's idle connections should not pay for the others.
@@ -240,14 +384,17 @@ async fn serve_connection(
     .await;
 }
 
-/// Serves the rest of a connection with hyper: HTTP/2, and the HTTP/1 the fast path hands over.
-async fn serve_hyper(
+/// Serves the rest of a connection with hyper: HTTP/2, the HTTP/1 the fast path hands over, and
+/// whatever arrives in an HBONE tunnel.
+async fn serve_hyper<I>(
     shared: Arc<Shared>,
     ctx: Arc<ConnContext>,
-    io: Rewind<TcpStream>,
+    io: Rewind<I>,
     http2: bool,
     guard: &ConnectionGuard,
-) {
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let started = Instant::now();
     let builder = if http2 {
         &shared.settings.http2_server

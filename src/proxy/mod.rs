@@ -5,7 +5,7 @@
 //! - [`limits`] (connections, requests in flight, shedding), [`upstream`] (connect, pools),
 //!   [`drain`] (the shutdown state machine);
 //! - the protocol adapters: [`http1`] (the fast path), [`hyper_path`] (HTTP/2, upgrades, the rest),
-//!   [`tcp`] (opaque bytes); [`body`] holds the hyper path's body wrappers;
+//!   [`tcp`] (opaque bytes), [`hbone`] (mutual TLS tunnels); [`body`] holds the hyper path's body wrappers;
 //! - [`listener`]: accept, original destination, [`detect`]ion, dispatch to an adapter;
 //! - this module: [`Shared`], the data plane's state, built by one constructor (tests call it too).
 //!   The `run` wiring (listeners, admin, signals, the drain) is [`crate::run`].
@@ -18,6 +18,7 @@ pub mod body;
 pub mod detect;
 pub mod drain;
 pub mod exchange;
+pub mod hbone;
 pub mod http1;
 pub mod hyper_path;
 pub mod limits;
@@ -82,6 +83,8 @@ pub struct Shared {
     pub upstreams: Upstreams,
     pub telemetry: Arc<Telemetry>,
     pub drain: Drain,
+    /// Mutual TLS (HBONE), when an identity is configured.
+    pub mtls: Option<hbone::Mtls>,
 }
 
 impl Shared {
@@ -101,6 +104,8 @@ impl Shared {
             timeout: args.connect_timeout,
             mark: upstream::mark_if_permitted(args.proxy_mark),
         };
+        let telemetry = Arc::new(Telemetry::new(args.access_log, access_log));
+        let mtls = hbone::Mtls::new(args, &telemetry.metrics.identity_expiry_seconds);
         Arc::new(Shared {
             settings: Settings {
                 app: args.app,
@@ -121,8 +126,9 @@ impl Shared {
                 args.max_in_flight as usize,
             )),
             upstreams: Upstreams::new(connect, args.pool_idle_timeout, !lowercase),
-            telemetry: Arc::new(Telemetry::new(args.access_log, access_log)),
+            telemetry,
             drain: Drain::default(),
+            mtls,
         })
     }
 }

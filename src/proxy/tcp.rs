@@ -25,27 +25,47 @@ pub struct Route {
     pub dialled: SocketAddr,
     pub upstream: SocketAddr,
     pub direction: Direction,
+    /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel.
+    pub peer: Option<String>,
 }
 
 /// Relays until both sides are done. Opaque streams have no graceful end a proxy could signal:
 /// past the drain delay they get the drain timeout, after which the process exits under them.
 pub async fn forward(shared: &Shared, mut client: TcpStream, route: Route) {
-    let Route {
-        client: client_addr,
-        dialled,
-        upstream,
-        direction,
-    } = route;
     let start = Instant::now();
-    let (result, sent, received) = match connect(upstream, shared.upstreams.connect).await {
+    let (result, sent, received) = match connect(route.upstream, shared.upstreams.connect).await {
         Err(e) => {
             let kind = classify_io(&e, true);
-            tracing::debug!(%upstream, "opaque connect failed: {e}");
+            tracing::debug!(upstream = %route.upstream, "opaque connect failed: {e}");
             (Err(kind), 0, 0)
         }
         Ok(mut server) => relay(&mut client, &mut server).await,
     };
+    finish(shared, &route, start, result, sent, received);
+}
+
+/// Relays between two streams of any kind (an HBONE tunnel on one side) already connected.
+pub async fn forward_streams<A, B>(shared: &Shared, client: &mut A, server: &mut B, route: Route)
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let start = Instant::now();
+    let (result, sent, received) = copy_both_ways(client, server).await;
+    finish(shared, &route, start, result, sent, received);
+}
+
+/// The connection's end: metrics and one access-log record.
+pub fn finish(
+    shared: &Shared,
+    route: &Route,
+    start: Instant,
+    result: Result<(), ErrorKind>,
+    sent: u64,
+    received: u64,
+) {
     let telemetry = &shared.telemetry;
+    let direction = route.direction;
     let metrics = telemetry.metrics.direction(direction);
     metrics.tcp_bytes_in.inc_by(sent);
     metrics.tcp_bytes_out.inc_by(received);
@@ -55,8 +75,8 @@ pub async fn forward(shared: &Shared, mut client: TcpStream, route: Route) {
     }
     if telemetry.access_log.enabled() {
         let duration = start.elapsed();
-        let original = dialled.to_string();
-        let upstream = upstream.to_string();
+        let original = route.dialled.to_string();
+        let upstream = route.upstream.to_string();
         telemetry.access_log.log(&Record {
             start: SystemTime::now() - duration,
             duration,
@@ -67,13 +87,14 @@ pub async fn forward(shared: &Shared, mut client: TcpStream, route: Route) {
             original_authority: &original,
             upstream_authority: &upstream,
             path_and_query: "",
-            client: &client_addr.to_string(),
+            client: &route.client.to_string(),
             request_id: "-",
             status: 0,
             request_bytes: sent,
             response_bytes: received,
             grpc_status: None,
             error,
+            peer: route.peer.as_deref(),
         });
     }
 }

@@ -46,6 +46,8 @@ pub struct Record<'a> {
     pub response_bytes: u64,
     pub grpc_status: Option<u16>,
     pub error: Option<ErrorKind>,
+    /// The peer's SPIFFE ID when the connection came (or went) through an HBONE tunnel.
+    pub peer: Option<&'a str>,
 }
 
 /// `scheme://authority/path`, written without building a String first.
@@ -135,6 +137,10 @@ impl Record<'_> {
         if let Some(grpc) = self.grpc_status {
             out.extend_from_slice(b",\"grpc_status\":");
             json_int(out, u64::from(grpc));
+        }
+        if let Some(peer) = self.peer {
+            out.extend_from_slice(b",\"peer\":");
+            json_str(out, &[peer]);
         }
         if let Some(error) = self.error {
             out.extend_from_slice(b",\"error\":\"");
@@ -401,6 +407,7 @@ mod tests {
             response_bytes: 321,
             grpc_status: None,
             error: None,
+            peer: None,
         }
     }
 
@@ -441,6 +448,12 @@ mod tests {
         assert_eq!(v["protocol"], "HTTP/1.1");
         assert_eq!(v["request_id"], "abc");
         assert_eq!(v["upstream"], "127.0.0.1:80");
+        assert!(v.get("peer").is_none(), "plaintext has no peer: {line}");
+        let mut out = Vec::new();
+        r.peer = Some("spiffe://cluster.local/ns/a/sa/b");
+        r.write(AccessLogFormat::Json, &mut out);
+        let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
+        assert_eq!(v["peer"], "spiffe://cluster.local/ns/a/sa/b");
         assert!(v.get("grpc_status").is_none());
     }
 

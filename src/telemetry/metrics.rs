@@ -142,6 +142,8 @@ pub struct Metrics {
     pub shed_connections: Counter,
     pub accept_errors: Counter,
     pub drain_cut_requests: Counter,
+    /// Seconds until the workload certificate expires (negative once expired); 0 without one.
+    pub identity_expiry_seconds: Gauge,
 }
 
 impl Default for Metrics {
@@ -266,6 +268,13 @@ impl Metrics {
             "Requests still running when --drain-timeout ended the drain",
         );
 
+        let identity_expiry_seconds = Gauge::default();
+        registry.register(
+            "identity_expiry_seconds",
+            "Seconds until the workload certificate expires (negative once expired; 0 without an identity)",
+            identity_expiry_seconds.clone(),
+        );
+
         Metrics {
             registry,
             requests,
@@ -278,6 +287,7 @@ impl Metrics {
             shed_connections,
             accept_errors,
             drain_cut_requests,
+            identity_expiry_seconds,
         }
     }
 

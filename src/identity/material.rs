@@ -1,0 +1,270 @@
+//! The workload's identity material: its certificate chain, the key and the trust bundle, read from
+//! files and validated before use (the key matches the leaf, the leaf carries one workload SPIFFE ID
+//! of our trust domain, chains to the bundle and is within its validity).
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::RootCertStore;
+use rustls::crypto::CryptoProvider;
+use rustls::server::ParsedCertificate;
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::SpiffeId;
+use super::tls;
+
+/// Where the material comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    /// `tls.crt` (leaf first, then intermediates), `tls.key`, `ca.crt`: cert-manager's
+    /// csi-driver-spiffe layout.
+    Dir(PathBuf),
+    /// Kubernetes pod certificates (KEP-4317): the key and the chain in one PEM, and a trust bundle.
+    PodCertificate { credential: PathBuf, trust: PathBuf },
+}
+
+impl Source {
+    /// The files whose change means a reload.
+    pub fn files(&self) -> Vec<PathBuf> {
+        match self {
+            Source::Dir(dir) => ["tls.crt", "tls.key", "ca.crt"]
+                .iter()
+                .map(|f| dir.join(f))
+                .collect(),
+            Source::PodCertificate { credential, trust } => vec![credential.clone(), trust.clone()],
+        }
+    }
+}
+
+/// Validated material, and the TLS configurations built from it once.
+pub struct Material {
+    pub id: SpiffeId,
+    pub trust_domain: String,
+    pub key: Arc<CertifiedKey>,
+    pub roots: Arc<RootCertStore>,
+    pub not_after: SystemTime,
+    pub server: Arc<rustls::ServerConfig>,
+}
+
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Material")
+            .field("id", &self.id)
+            .field(
+                "not_after",
+                &humantime::format_rfc3339_seconds(self.not_after),
+            )
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MaterialError {
+    #[error("cannot read {}: {error}; mount the identity there or fix the path", path.display())]
+    Read { path: PathBuf, error: String },
+    #[error("{} holds no {what}; expected PEM `{pem}` blocks", path.display())]
+    Missing {
+        path: PathBuf,
+        what: &'static str,
+        pem: &'static str,
+    },
+    #[error("the key in {} does not belong to the certificate ({error}); write the key and the chain of one issuance", path.display())]
+    KeyMismatch { path: PathBuf, error: String },
+    #[error("the certificate in {}: {problem}", path.display())]
+    Leaf { path: PathBuf, problem: LeafProblem },
+    #[error("the certificate in {} does not chain to the trust bundle in {} ({error}); give the CA that issued it", path.display(), bundle.display())]
+    Untrusted {
+        path: PathBuf,
+        bundle: PathBuf,
+        error: String,
+    },
+    #[error("cannot build the TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
+}
+
+/// What is wrong with a leaf certificate as a workload identity.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum LeafProblem {
+    #[error("is not a valid X.509 certificate ({0})")]
+    Parse(String),
+    #[error(
+        "has {0} URI SANs, a SPIFFE certificate has exactly one: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
+    UriCount(usize),
+    #[error("{0}")]
+    NotWorkload(#[from] super::InvalidSpiffeId),
+    #[error("identity {id} is not in the trust domain {expected} (--trust-domain)")]
+    ForeignTrustDomain { id: SpiffeId, expected: String },
+    #[error("expired at {0}; renew it")]
+    Expired(String),
+    #[error("is not valid before {0}; check the clock")]
+    NotYetValid(String),
+}
+
+/// A leaf certificate's identity and validity.
+pub struct Leaf {
+    pub id: SpiffeId,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+}
+
+fn system_time(seconds: i64) -> SystemTime {
+    match u64::try_from(seconds) {
+        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
+        Err(_) => UNIX_EPOCH,
+    }
+}
+
+/// The SPIFFE ID (the one URI SAN) and the validity of a leaf, the ID checked against `trust_domain`.
+pub fn leaf(der: &[u8], trust_domain: &str) -> Result<Leaf, LeafProblem> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| LeafProblem::Parse(e.to_string()))?;
+    let uris: Vec<&str> = match cert.subject_alternative_name() {
+        Ok(Some(san)) => san
+            .value
+            .general_names
+            .iter()
+            .filter_map(|name| match name {
+                GeneralName::URI(uri) => Some(*uri),
+                _ => None,
+            })
+            .collect(),
+        Ok(None) => Vec::new(),
+        Err(e) => return Err(LeafProblem::Parse(e.to_string())),
+    };
+    let [uri] = uris[..] else {
+        return Err(LeafProblem::UriCount(uris.len()));
+    };
+    let id: SpiffeId = uri.parse()?;
+    if id.trust_domain != trust_domain {
+        return Err(LeafProblem::ForeignTrustDomain {
+            id,
+            expected: trust_domain.to_owned(),
+        });
+    }
+    let validity = cert.validity();
+    Ok(Leaf {
+        id,
+        not_before: system_time(validity.not_before.timestamp()),
+        not_after: system_time(validity.not_after.timestamp()),
+    })
+}
+
+impl Leaf {
+    /// Err when `now` is outside the validity.
+    pub fn check_time(&self, now: SystemTime) -> Result<(), LeafProblem> {
+        if now > self.not_after {
+            return Err(LeafProblem::Expired(
+                humantime::format_rfc3339_seconds(self.not_after).to_string(),
+            ));
+        }
+        if now < self.not_before {
+            return Err(LeafProblem::NotYetValid(
+                humantime::format_rfc3339_seconds(self.not_before).to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, MaterialError> {
+    std::fs::read(path).map_err(|e| MaterialError::Read {
+        path: path.to_owned(),
+        error: e.to_string(),
+    })
+}
+
+fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>, MaterialError> {
+    let certs: Vec<_> = CertificateDer::pem_slice_iter(pem)
+        .filter_map(Result::ok)
+        .collect();
+    if certs.is_empty() {
+        return Err(MaterialError::Missing {
+            path: path.to_owned(),
+            what: "certificate",
+            pem: "CERTIFICATE",
+        });
+    }
+    Ok(certs)
+}
+
+/// Reads and validates the material of `source` at `now`.
+pub fn load(
+    source: &Source,
+    trust_domain: &str,
+    now: SystemTime,
+) -> Result<Material, MaterialError> {
+    let (chain_path, key_path, bundle_path) = match source {
+        Source::Dir(dir) => (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")),
+        Source::PodCertificate { credential, trust } => {
+            (credential.clone(), credential.clone(), trust.clone())
+        }
+    };
+    let chain_pem = read(&chain_path)?;
+    let key_pem = if key_path == chain_path {
+        chain_pem.clone()
+    } else {
+        read(&key_path)?
+    };
+    let bundle_pem = read(&bundle_path)?;
+    let chain = certificates(&chain_pem, &chain_path)?;
+    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MaterialError::Missing {
+        path: key_path.clone(),
+        what: "private key",
+        pem: "PRIVATE KEY",
+    })?;
+    let mut roots = RootCertStore::empty();
+    for cert in certificates(&bundle_pem, &bundle_path)? {
+        roots.add(cert).map_err(|e| MaterialError::Read {
+            path: bundle_path.clone(),
+            error: format!("a trust anchor is unusable: {e}"),
+        })?;
+    }
+
+    let leaf_problem = |problem| MaterialError::Leaf {
+        path: chain_path.clone(),
+        problem,
+    };
+    let info = leaf(&chain[0], trust_domain).map_err(leaf_problem)?;
+    info.check_time(now).map_err(leaf_problem)?;
+
+    let provider: Arc<CryptoProvider> = tls::provider();
+    let certified = CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| {
+        MaterialError::KeyMismatch {
+            path: key_path.clone(),
+            error: e.to_string(),
+        }
+    })?;
+    let untrusted = |error: String| MaterialError::Untrusted {
+        path: chain_path.clone(),
+        bundle: bundle_path.clone(),
+        error,
+    };
+    let parsed = ParsedCertificate::try_from(&chain[0]).map_err(|e| untrusted(e.to_string()))?;
+    let unix_now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &parsed,
+        &roots,
+        &chain[1..],
+        unix_now,
+        provider.signature_verification_algorithms.all,
+    )
+    .map_err(|e| untrusted(e.to_string()))?;
+
+    let key = Arc::new(certified);
+    let roots = Arc::new(roots);
+    let server = tls::server_config(key.clone(), roots.clone(), trust_domain)?;
+    Ok(Material {
+        id: info.id,
+        trust_domain: trust_domain.to_owned(),
+        key,
+        roots,
+        not_after: info.not_after,
+        server,
+    })
+}

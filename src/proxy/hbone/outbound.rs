@@ -1,0 +1,348 @@
+//! The HBONE client: the app's outbound connections, each carried as opaque bytes in a `CONNECT`
+//! stream to `<destination ip>:15008`, over connections pooled per peer (at most [`MAX_STREAMS`]
+//! streams each), kept alive with PINGs every 10 s while idle and closed after
+//! `--pool-idle-timeout` without a stream.
+//!
+//! `--outbound-mtls auto` falls back to plaintext when nothing listens on the peer's 15008 (the
+//! connection is refused), and remembers that for [`PLAINTEXT_MEMORY`]; any other failure (a
+//! certificate refused, an identity not the expected one) is never a reason to send plaintext.
+//! `strict` never falls back: the app's connection is reset.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+
+use super::{
+    CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
+};
+use crate::config::OutboundMtls;
+use crate::error::{ErrorKind, classify_io};
+use crate::identity::tls::{ALPN_H2, client_config, peer_id};
+use crate::proxy::Shared;
+use crate::proxy::tcp::{self, Route};
+use crate::proxy::upstream::connect;
+use crate::telemetry::metrics::Direction;
+use crate::vocab::HBONE_PORT;
+
+/// Streams opened on one pooled connection at most, as ztunnel's client does.
+pub const MAX_STREAMS: usize = 100;
+/// How long a destination with nothing on 15008 is sent plaintext without trying HBONE again.
+pub const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
+
+/// One pooled HBONE connection.
+#[derive(Clone)]
+struct Pooled {
+    sender: SendRequest<Empty<Bytes>>,
+    /// The server's SPIFFE ID, verified by the handshake.
+    peer: Arc<str>,
+    usage: Arc<Usage>,
+}
+
+/// Streams open on a connection, and when the last one ended (ms since `epoch`).
+struct Usage {
+    streams: AtomicUsize,
+    epoch: Instant,
+    idle_since_ms: AtomicU64,
+}
+
+impl Usage {
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+}
+
+/// Holds one stream's place on its connection.
+pub struct StreamSlot(Arc<Usage>);
+
+impl Drop for StreamSlot {
+    fn drop(&mut self) {
+        self.0
+            .idle_since_ms
+            .store(self.0.now_ms(), Ordering::Release);
+        self.0.streams.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// An open tunnel: the byte stream, the server's identity and the stream's place in the pool.
+pub struct Tunnel {
+    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub peer: Arc<str>,
+    pub slot: StreamSlot,
+}
+
+/// Why a tunnel could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// Nothing listens on the peer's HBONE port: `auto` may send plaintext.
+    #[error("nothing listens on {0} (connection refused)")]
+    NothingListens(SocketAddr),
+    #[error("HBONE to {peer}: {reason}")]
+    Failed {
+        peer: SocketAddr,
+        kind: ErrorKind,
+        reason: String,
+    },
+}
+
+impl OpenError {
+    fn kind(&self) -> ErrorKind {
+        match self {
+            OpenError::NothingListens(_) => ErrorKind::ConnectRefused,
+            OpenError::Failed { kind, .. } => *kind,
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct Pool {
+    connections: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    plaintext_until: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Pool {
+    fn remembers_plaintext(&self, ip: IpAddr) -> bool {
+        let mut map = lock(&self.plaintext_until);
+        let now = Instant::now();
+        map.retain(|_, until| *until > now);
+        map.contains_key(&ip)
+    }
+
+    fn remember_plaintext(&self, ip: IpAddr) {
+        lock(&self.plaintext_until).insert(ip, Instant::now() + PLAINTEXT_MEMORY);
+    }
+
+    /// A pooled connection to `peer` with room for one more stream, its place taken.
+    fn checkout(&self, peer: SocketAddr) -> Option<(Pooled, StreamSlot)> {
+        let mut map = lock(&self.connections);
+        let list = map.get_mut(&peer)?;
+        list.retain(|p| !p.sender.is_closed());
+        let found = list
+            .iter()
+            .find(|p| p.usage.streams.load(Ordering::Acquire) < MAX_STREAMS)?
+            .clone();
+        found.usage.streams.fetch_add(1, Ordering::AcqRel);
+        let slot = StreamSlot(found.usage.clone());
+        Some((found, slot))
+    }
+
+    /// Opens a stream to `target` through `peer` (`target`'s HBONE address), on a pooled
+    /// connection or a new one.
+    pub async fn open(
+        &self,
+        shared: &Shared,
+        mtls: &Mtls,
+        peer: SocketAddr,
+        target: SocketAddr,
+        client: SocketAddr,
+    ) -> Result<Tunnel, OpenError> {
+        let (mut pooled, slot) = match self.checkout(peer) {
+            Some(found) => found,
+            None => {
+                let pooled = dial(shared, mtls, peer).await?;
+                pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
+                let slot = StreamSlot(pooled.usage.clone());
+                lock(&self.connections)
+                    .entry(peer)
+                    .or_default()
+                    .push(pooled.clone());
+                (pooled, slot)
+            }
+        };
+        let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(target.to_string())
+            .header("forwarded", format!("for=\"{client}\""))
+            .body(Empty::new())
+            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        let response = pooled
+            .sender
+            .send_request(request)
+            .await
+            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        if response.status() != StatusCode::OK {
+            let kind = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
+                ErrorKind::ConnectRefused
+            } else {
+                ErrorKind::ConnectFailed
+            };
+            return Err(failed(
+                kind,
+                format!(
+                    "the peer answered {} to CONNECT {target}",
+                    response.status()
+                ),
+            ));
+        }
+        let upgraded = hyper::upgrade::on(response)
+            .await
+            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        Ok(Tunnel {
+            io: TokioIo::new(upgraded),
+            peer: pooled.peer.clone(),
+            slot,
+        })
+    }
+}
+
+/// A new HBONE connection: TCP (marked, so that `init`'s rules let it out), TLS, HTTP/2.
+async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, OpenError> {
+    let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
+    let material = mtls.identity.material().ok_or_else(|| {
+        failed(
+            ErrorKind::ConnectFailed,
+            "no valid workload identity (see /ready)".into(),
+        )
+    })?;
+    let options = shared.upstreams.connect;
+    let tcp = connect(peer, options).await.map_err(|e| {
+        if e.kind() == std::io::ErrorKind::ConnectionRefused {
+            OpenError::NothingListens(peer)
+        } else {
+            failed(classify_io(&e, true), e.to_string())
+        }
+    })?;
+    let expected = mtls.peers.expected(peer.ip()).cloned();
+    let config = client_config(
+        material.key.clone(),
+        material.roots.clone(),
+        &material.trust_domain,
+        expected,
+    )
+    .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+    // No SNI is sent (the configuration says so); the name only satisfies the API.
+    let name = ServerName::IpAddress(peer.ip().into());
+    let handshake = TlsConnector::from(config).connect(name, tcp);
+    let tls = match tokio::time::timeout(options.timeout, handshake).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(failed(ErrorKind::ConnectFailed, format!("TLS: {e}"))),
+        Err(_) => {
+            return Err(failed(
+                ErrorKind::ConnectTimeout,
+                "the TLS handshake took longer than --connect-timeout".into(),
+            ));
+        }
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(failed(
+            ErrorKind::ConnectFailed,
+            "the peer did not agree on ALPN h2".into(),
+        ));
+    }
+    let peer_identity: Arc<str> = peer_id(session.peer_certificates(), &material.trust_domain)
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+        .into();
+    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
+        .keep_alive_while_idle(true)
+        .handshake(TokioIo::new(tls))
+        .await
+        .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
+    let usage = Arc::new(Usage {
+        streams: AtomicUsize::new(0),
+        epoch: Instant::now(),
+        idle_since_ms: AtomicU64::new(0),
+    });
+    let idle_timeout = mtls.idle_timeout;
+    tokio::spawn({
+        let usage = usage.clone();
+        async move {
+            tokio::select! {
+                result = conn => if let Err(e) = result {
+                    tracing::debug!(%peer, "HBONE connection ended: {e}");
+                },
+                () = idle_out(&usage, idle_timeout) => {
+                    tracing::debug!(%peer, "HBONE connection idle for {idle_timeout:?}: closing it");
+                }
+            }
+        }
+    });
+    Ok(Pooled {
+        sender,
+        peer: peer_identity,
+        usage,
+    })
+}
+
+/// Resolves once the connection has had no stream for `idle_timeout`.
+async fn idle_out(usage: &Usage, idle_timeout: Duration) {
+    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
+    loop {
+        tokio::time::sleep(idle_timeout).await;
+        let since = usage.idle_since_ms.load(Ordering::Acquire);
+        if usage.streams.load(Ordering::Acquire) == 0
+            && usage.now_ms().saturating_sub(since) >= idle_ms
+        {
+            return;
+        }
+    }
+}
+
+/// Carries an outbound connection to `target` in HBONE. Returns the connection when it should go
+/// in plaintext instead (`auto`, nothing listening on the peer's HBONE port).
+pub async fn forward(
+    shared: &Shared,
+    mtls: &Mtls,
+    mut client: TcpStream,
+    client_addr: SocketAddr,
+    target: SocketAddr,
+) -> Option<TcpStream> {
+    let auto = mtls.outbound == OutboundMtls::Auto;
+    if auto && mtls.pool.remembers_plaintext(target.ip()) {
+        return Some(client);
+    }
+    let peer = SocketAddr::new(target.ip(), HBONE_PORT);
+    let start = Instant::now();
+    let mut route = Route {
+        client: client_addr,
+        dialled: target,
+        upstream: target,
+        direction: Direction::Outbound,
+        peer: None,
+    };
+    match mtls
+        .pool
+        .open(shared, mtls, peer, target, client_addr)
+        .await
+    {
+        Ok(mut tunnel) => {
+            route.peer = Some(tunnel.peer.to_string());
+            tcp::forward_streams(shared, &mut client, &mut tunnel.io, route).await;
+            None
+        }
+        Err(OpenError::NothingListens(_)) if auto => {
+            tracing::debug!(%target, "no HBONE on {peer}: plaintext for {PLAINTEXT_MEMORY:?}");
+            mtls.pool.remember_plaintext(target.ip());
+            Some(client)
+        }
+        Err(e) => {
+            tracing::info!(%client_addr, %target, "outbound connection reset: {e}");
+            // A reset, not a clean close: the app must not take the silence for an answer.
+            let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
+            tcp::finish(shared, &route, start, Err(e.kind()), 0, 0);
+            None
+        }
+    }
+}
