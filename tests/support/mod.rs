@@ -3,6 +3,7 @@
 //! - [`process`]: the binary, bounded commands, child guards, and the proxy under test;
 //! - [`http`]: HTTP clients, the in-process test app, raw TCP apps and ports that refuse or hang;
 //! - [`raw`]: the recording app and raw client of the conformance tests (bytes in, bytes out);
+//! - [`identity`]: a CA and SPIFFE workload certificates (rcgen), in the `--identity-dir` layout;
 //! - [`metrics`]: reading the Prometheus text the admin port serves;
 //! - [`netns`]: network namespaces and the reproduced Kubernetes pod;
 //! - [`tools`]: external programs (is one installed, the venv), rule listings, access-log records.
@@ -11,6 +12,7 @@
 #![allow(dead_code)] // each test file uses a different part of the tree
 
 pub mod http;
+pub mod identity;
 pub mod metrics;
 pub mod netns;
 pub mod process;

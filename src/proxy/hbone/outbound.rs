@@ -230,7 +230,12 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     let handshake = TlsConnector::from(config).connect(name, tcp);
     let tls = match tokio::time::timeout(options.timeout, handshake).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(failed(ErrorKind::ConnectFailed, format!("TLS: {e}"))),
+        Ok(Err(e)) => {
+            return Err(failed(
+                ErrorKind::ConnectFailed,
+                format!("TLS: {}", tls_error_text(&e)),
+            ));
+        }
         Err(_) => {
             return Err(failed(
                 ErrorKind::ConnectTimeout,
@@ -284,6 +289,17 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         peer: peer_identity,
         usage,
     })
+}
+
+/// A handshake failure in words: our verifiers' own reasons rather than rustls' Debug of them.
+fn tls_error_text(e: &std::io::Error) -> String {
+    use rustls::{CertificateError, Error};
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
+        Some(Error::InvalidCertificate(CertificateError::Other(other))) => {
+            format!("the peer's certificate is refused: {}", other.0)
+        }
+        _ => e.to_string(),
+    }
 }
 
 /// Resolves once the connection has had no stream for `idle_timeout`.

@@ -1,0 +1,653 @@
+//! Mutual TLS over HBONE, in process on loopback: identities validated as they load, tunnels
+//! between two data planes built by `Shared::new` (the server's HBONE listener, the client's
+//! pooled HBONE client), refusals (another CA, another trust domain, an unexpected peer), the
+//! inbound plaintext modes, and a certificate rotated under open connections.
+
+mod support;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use amazing_proxy::config::RunArgs;
+use amazing_proxy::identity::material::{LeafProblem, MaterialError, Source, load};
+use amazing_proxy::identity::tls;
+use amazing_proxy::proxy::Shared;
+use amazing_proxy::proxy::hbone::outbound::{OpenError, Tunnel};
+use amazing_proxy::proxy::listener::Listener;
+use amazing_proxy::telemetry::metrics::Direction;
+use bytes::Bytes;
+use clap::Parser;
+use http_body_util::{BodyExt, Empty};
+use support::http::TestApp;
+use support::identity::{Ca, Leaf};
+use support::tools::json_records;
+use support::{TEST_TIMEOUT, WAIT, bounded};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+
+#[derive(Parser)]
+struct Cli {
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+/// The access log, captured.
+#[derive(Clone, Default)]
+struct Captured(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Captured {
+    fn text(&self) -> String {
+        let bytes = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    /// Waits (bounded) for a record that satisfies `found`.
+    async fn record(&self, found: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
+        bounded("the access-log record", WAIT, async {
+            loop {
+                if let Some(r) = json_records(&self.text()).into_iter().find(&found) {
+                    return r;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+        })
+        .await
+    }
+}
+
+/// A data plane with `identity` (an `--identity-dir`) and `extra` flags.
+fn data_plane(app: SocketAddr, identity: &Path, extra: &[&str]) -> (Arc<Shared>, Captured) {
+    let app = app.to_string();
+    let dir = identity.display().to_string();
+    let mut args = vec![
+        "run",
+        "--app",
+        &app,
+        "--proxy-mark",
+        "0",
+        "--identity-dir",
+        &dir,
+    ];
+    args.extend_from_slice(extra);
+    let cli = Cli::try_parse_from(args).expect("flags");
+    cli.run.validate().expect("valid flags");
+    let log = Captured::default();
+    (Shared::new(&cli.run, Box::new(log.clone())), log)
+}
+
+/// Starts the HBONE listener of `shared` on loopback; returns its address.
+async fn hbone_listener(shared: &Arc<Shared>) -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(Listener::hbone(shared.clone(), listener).run());
+    addr
+}
+
+/// Opens a tunnel from `client` through the HBONE listener at `hbone` to `target`.
+async fn open(client: &Shared, hbone: SocketAddr, target: SocketAddr) -> Result<Tunnel, OpenError> {
+    let mtls = client.mtls.as_ref().expect("the client has an identity");
+    let from: SocketAddr = "127.0.0.1:40000".parse().expect("address");
+    bounded(
+        "opening a tunnel",
+        WAIT,
+        mtls.pool.open(client, mtls, hbone, target, from),
+    )
+    .await
+}
+
+/// GET `path` over `tunnel` (HTTP/1.1); returns the status.
+async fn get(
+    tunnel: Tunnel,
+    path: &str,
+) -> (u16, hyper::client::conn::http1::SendRequest<Empty<Bytes>>) {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(tunnel.io.into_inner())
+        .await
+        .expect("HTTP/1.1 in the tunnel");
+    tokio::spawn(async move {
+        let _slot = tunnel.slot;
+        let _ = conn.await;
+    });
+    let status = send(&mut sender, path).await;
+    (status, sender)
+}
+
+async fn send(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+) -> u16 {
+    let req = http::Request::get(path)
+        .header("host", "backend")
+        .body(Empty::new())
+        .expect("request");
+    let response = bounded("a response", WAIT, sender.send_request(req))
+        .await
+        .expect("a response through the tunnel");
+    let status = response.status().as_u16();
+    let _ = response.into_body().collect().await;
+    status
+}
+
+struct Pair {
+    app: TestApp,
+    server: Arc<Shared>,
+    server_log: Captured,
+    hbone: SocketAddr,
+    client: Arc<Shared>,
+    _dirs: tempfile::TempDir,
+}
+
+/// A server data plane (identity SERVER_ID) and a client one (CLIENT_ID) from the same CA.
+async fn pair(ca: &Ca, client_ca: &Ca, client_id: &str, client_flags: &[&str]) -> Pair {
+    let dirs = tempfile::tempdir().expect("temp dir");
+    ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+    client_ca.write_dir(&dirs.path().join("client"), &client_ca.issue(client_id));
+    let app = TestApp::start().await;
+    let (server, server_log) = data_plane(app.addr, &dirs.path().join("server"), &[]);
+    let hbone = hbone_listener(&server).await;
+    let (client, _) = data_plane(app.addr, &dirs.path().join("client"), client_flags);
+    Pair {
+        app,
+        server,
+        server_log,
+        hbone,
+        client,
+        _dirs: dirs,
+    }
+}
+
+#[tokio::test]
+async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
+        let tunnel = open(&p.client, p.hbone, p.app.addr).await.expect("tunnel");
+        assert_eq!(&*tunnel.peer, SERVER_ID, "the client verified the server");
+        let (status, _sender) = get(tunnel, "/status/201").await;
+        assert_eq!(status, 201);
+        let record = p
+            .server_log
+            .record(|r| {
+                r["original_url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("/status/201"))
+            })
+            .await;
+        assert_eq!(record["peer"], CLIENT_ID, "{record}");
+        assert_eq!(record["direction"], "inbound");
+        assert_eq!(record["status"], 201);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn opaque_bytes_cross_the_tunnel_with_the_peer_logged() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        // An echo server that speaks first-less binary: the stream is opaque.
+        let echo = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let echo_addr = echo.local_addr().expect("address");
+        tokio::spawn(async move {
+            let (mut s, _) = echo.accept().await.expect("accept");
+            let mut buf = [0u8; 64];
+            let n = s.read(&mut buf).await.expect("read");
+            s.write_all(&buf[..n]).await.expect("write");
+        });
+        let port = echo_addr.port().to_string();
+        let (server, log) = data_plane(
+            echo_addr,
+            &dirs.path().join("server"),
+            &["--opaque-ports", &port],
+        );
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(echo_addr, &dirs.path().join("client"), &[]);
+        let mut tunnel = open(&client, hbone, echo_addr).await.expect("tunnel");
+        tunnel.io.write_all(b"\x00\x01binary").await.expect("write");
+        let mut back = [0u8; 8];
+        bounded("the echo", WAIT, tunnel.io.read_exact(&mut back))
+            .await
+            .expect("echo");
+        assert_eq!(&back, b"\x00\x01binary");
+        drop(tunnel);
+        let record = log.record(|r| r["protocol"] == "TCP").await;
+        assert_eq!(record["peer"], CLIENT_ID, "{record}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_certificate_from_another_ca_is_refused_both_ways() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let rogue = Ca::new("rogue CA");
+        // The client's certificate is the rogue's: the server refuses it (and the client, trusting
+        // only the rogue, refuses the server).
+        let p = pair(&ca, &rogue, CLIENT_ID, &[]).await;
+        let refused = open(&p.client, p.hbone, p.app.addr).await;
+        assert!(
+            matches!(refused, Err(OpenError::Failed { .. })),
+            "{:?}",
+            refused.err()
+        );
+        assert_eq!(p.app.connections(), 0, "nothing reached the app");
+    })
+    .await;
+}
+
+/// A TLS client of ours with `key`'s certificate, trusting `roots`, that accepts any server of
+/// `server_domain`: it reaches the server's own checks of the client.
+async fn handshake_then_read(
+    hbone: SocketAddr,
+    material: &amazing_proxy::identity::material::Material,
+    server_domain: &str,
+) -> std::io::Result<usize> {
+    let config = tls::client_config(
+        material.key.clone(),
+        material.roots.clone(),
+        server_domain,
+        None,
+    )
+    .expect("client config");
+    let tcp = TcpStream::connect(hbone).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
+    let mut tls = tokio_rustls::TlsConnector::from(config)
+        .connect(name, tcp)
+        .await?;
+    // TLS 1.3: the server judges the client's certificate after the client's handshake ends, and
+    // says so with an alert that this read receives.
+    tls.write_all(amazing_proxy::proxy::detect::H2_PREFACE)
+        .await?;
+    let mut buf = [0u8; 64];
+    tls.read(&mut buf).await
+}
+
+#[tokio::test]
+async fn an_identity_of_another_trust_domain_is_refused() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let foreign = "spiffe://other.example/ns/shop/sa/frontend";
+        ca.write_dir(&dirs.path().join("foreign"), &ca.issue(foreign));
+        let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
+        let material = load(
+            &Source::Dir(dirs.path().join("foreign")),
+            "other.example",
+            SystemTime::now(),
+        )
+        .expect("valid in its own trust domain");
+        let read = bounded(
+            "the refusal",
+            WAIT,
+            handshake_then_read(p.hbone, &material, "cluster.local"),
+        )
+        .await;
+        assert!(
+            read.is_err() || read.as_ref().is_ok_and(|n| *n == 0),
+            "the server kept a client of another trust domain: {read:?}"
+        );
+        // The same client with a certificate of our trust domain gets through the handshake.
+        let ours = p
+            .client
+            .mtls
+            .as_ref()
+            .and_then(|m| m.identity.material())
+            .expect("material");
+        let read = bounded(
+            "the handshake",
+            WAIT,
+            handshake_then_read(p.hbone, &ours, "cluster.local"),
+        )
+        .await;
+        assert!(
+            read.is_ok_and(|n| n > 0),
+            "our own trust domain must pass (the server's SETTINGS)"
+        );
+        assert_eq!(p.app.connections(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_server_that_is_not_the_expected_identity_is_refused() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let peers = dirs.path().join("peers");
+        std::fs::write(
+            &peers,
+            "127.0.0.0/8 spiffe://cluster.local/ns/shop/sa/payments\n",
+        )
+        .expect("write");
+        let peers = peers.display().to_string();
+        let p = pair(&ca, &ca, CLIENT_ID, &["--peer-identities", &peers]).await;
+        let refused = open(&p.client, p.hbone, p.app.addr).await;
+        let message = refused.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(
+            message.contains("expected spiffe://cluster.local/ns/shop/sa/payments"),
+            "{message}"
+        );
+        assert_eq!(p.app.connections(), 0);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_authority_must_be_this_pod_and_the_app_must_answer() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
+        // The TLS connection arrives on 127.0.0.1: another address is not this pod's.
+        let elsewhere: SocketAddr = format!("127.0.0.2:{}", p.app.addr.port())
+            .parse()
+            .expect("address");
+        let message = open(&p.client, p.hbone, elsewhere)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("answered 400"), "{message}");
+        let closed = support::http::ReservedPort::new();
+        let nothing = closed.addr;
+        let message = open(&p.client, p.hbone, nothing)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(message.contains("answered 503"), "{message}");
+    })
+    .await;
+}
+
+/// A plaintext inbound listener of `shared` on loopback.
+async fn plaintext_listener(shared: &Arc<Shared>, listener: TcpListener) {
+    tokio::spawn(Listener::new(shared.clone(), listener, Direction::Inbound).run());
+}
+
+/// A plaintext HTTP/1.1 GET to `addr`: the status, or None when the connection is closed unanswered.
+async fn plaintext_get(addr: SocketAddr) -> Option<u16> {
+    let mut stream = TcpStream::connect(addr).await.ok()?;
+    stream
+        .write_all(b"GET /status/200 HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+        .await
+        .ok()?;
+    let mut answer = Vec::new();
+    bounded(
+        "the plaintext answer",
+        WAIT,
+        stream.read_to_end(&mut answer),
+    )
+    .await
+    .ok()?;
+    let text = String::from_utf8_lossy(&answer);
+    text.strip_prefix("HTTP/1.1 ")?.get(..3)?.parse().ok()
+}
+
+#[tokio::test]
+async fn permissive_accepts_plaintext_and_strict_refuses_it_except_on_plaintext_ports() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(dirs.path(), &ca.issue(SERVER_ID));
+        let app = TestApp::start().await;
+
+        let (permissive, _) = data_plane(app.addr, dirs.path(), &[]);
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        plaintext_listener(&permissive, listener).await;
+        assert_eq!(
+            plaintext_get(addr).await,
+            Some(200),
+            "permissive (the default) accepts plaintext"
+        );
+
+        let strict_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let probe_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let strict_addr = strict_listener.local_addr().expect("address");
+        let probe_addr = probe_listener.local_addr().expect("address");
+        let probe_port = probe_addr.port().to_string();
+        let (strict, _) = data_plane(
+            app.addr,
+            dirs.path(),
+            &["--inbound-mtls", "strict", "--plaintext-ports", &probe_port],
+        );
+        plaintext_listener(&strict, strict_listener).await;
+        plaintext_listener(&strict, probe_listener).await;
+        assert_eq!(
+            plaintext_get(strict_addr).await,
+            None,
+            "strict refuses plaintext"
+        );
+        assert_eq!(
+            plaintext_get(probe_addr).await,
+            Some(200),
+            "--plaintext-ports pass (probes)"
+        );
+    })
+    .await;
+}
+
+/// The certificate a fresh TLS connection to `hbone` is shown.
+async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
+    let material = client
+        .mtls
+        .as_ref()
+        .and_then(|m| m.identity.material())
+        .expect("material");
+    let config = tls::client_config(
+        material.key.clone(),
+        material.roots.clone(),
+        "cluster.local",
+        None,
+    )
+    .expect("client config");
+    let tcp = TcpStream::connect(hbone).await.expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
+    let tls = bounded(
+        "a handshake",
+        WAIT,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .expect("handshake");
+    tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
+}
+
+#[tokio::test]
+async fn a_rotated_certificate_serves_new_connections_and_open_ones_keep_working() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
+        let server_dir = p._dirs.path().join("server");
+        let mtls = p.server.mtls.as_ref().expect("mtls");
+        tokio::spawn(
+            mtls.identity
+                .clone()
+                .watch_forever(prometheus_client::metrics::gauge::Gauge::default()),
+        );
+        let before = served_certificate(p.hbone, &p.client).await;
+
+        let tunnel = open(&p.client, p.hbone, p.app.addr).await.expect("tunnel");
+        let (status, mut open_conn) = get(tunnel, "/status/200").await;
+        assert_eq!(status, 200);
+
+        let rotated: Leaf = ca.issue(SERVER_ID);
+        ca.write_dir(&server_dir, &rotated);
+        let mut changes = mtls.identity.subscribe();
+        bounded(
+            "the reload",
+            WAIT,
+            changes.wait_for(|state| {
+                state
+                    .material
+                    .as_ref()
+                    .is_some_and(|m| m.key.cert[0].as_ref() == rotated.der.as_slice())
+            }),
+        )
+        .await
+        .expect("reloaded");
+        assert_eq!(mtls.identity.problem(), None);
+
+        assert_eq!(
+            send(&mut open_conn, "/status/202").await,
+            202,
+            "the open tunnel keeps working"
+        );
+        let after = served_certificate(p.hbone, &p.client).await;
+        assert_ne!(after, before);
+        assert_eq!(
+            after, rotated.der,
+            "a new connection gets the new certificate"
+        );
+        // And a new tunnel, on a new client's connection, works with it.
+        let (client2, _) = data_plane(p.app.addr, &p._dirs.path().join("client"), &[]);
+        let tunnel = open(&client2, p.hbone, p.app.addr)
+            .await
+            .expect("tunnel after rotation");
+        assert_eq!(get(tunnel, "/status/203").await.0, 203);
+    })
+    .await;
+}
+
+#[test]
+fn material_is_validated_as_it_loads() {
+    let ca = Ca::new("mesh CA");
+    let dirs = tempfile::tempdir().expect("temp dir");
+    let now = SystemTime::now();
+    let dir = |name: &str| dirs.path().join(name);
+    let load_dir = |name: &str| load(&Source::Dir(dir(name)), "cluster.local", now);
+
+    let good = ca.issue(SERVER_ID);
+    ca.write_dir(&dir("good"), &good);
+    let material = load_dir("good").expect("valid material");
+    assert_eq!(material.id.to_string(), SERVER_ID);
+
+    // Pod certificates: the key and the chain in one file, the bundle in another.
+    let bundle = dir("bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", good.key_pem, good.cert_pem)).expect("write");
+    let trust = dir("trust.pem");
+    std::fs::write(&trust, ca.pem()).expect("write");
+    let pod = load(
+        &Source::PodCertificate {
+            credential: bundle,
+            trust,
+        },
+        "cluster.local",
+        now,
+    );
+    assert_eq!(pod.expect("pod certificate").id.to_string(), SERVER_ID);
+
+    assert!(matches!(
+        load_dir("missing"),
+        Err(MaterialError::Read { .. })
+    ));
+
+    let other = ca.issue(SERVER_ID);
+    ca.write_dir(
+        &dir("mismatch"),
+        &Leaf {
+            key_pem: other.key_pem,
+            ..ca.issue(SERVER_ID)
+        },
+    );
+    assert!(
+        matches!(load_dir("mismatch"), Err(MaterialError::KeyMismatch { .. })),
+        "{:?}",
+        load_dir("mismatch").err()
+    );
+
+    let past = time::OffsetDateTime::now_utc() - time::Duration::days(2);
+    ca.write_dir(
+        &dir("expired"),
+        &ca.issue_valid(SERVER_ID, past, past + time::Duration::days(1)),
+    );
+    let expired = load_dir("expired")
+        .err()
+        .map(|e| e.to_string())
+        .unwrap_or_default();
+    assert!(expired.contains("expired at"), "{expired}");
+
+    ca.write_dir(
+        &dir("foreign"),
+        &ca.issue("spiffe://other.example/ns/a/sa/b"),
+    );
+    assert!(matches!(
+        load_dir("foreign"),
+        Err(MaterialError::Leaf {
+            problem: LeafProblem::ForeignTrustDomain { .. },
+            ..
+        })
+    ));
+
+    ca.write_dir(
+        &dir("not-workload"),
+        &ca.issue("spiffe://cluster.local/something/else"),
+    );
+    assert!(matches!(
+        load_dir("not-workload"),
+        Err(MaterialError::Leaf {
+            problem: LeafProblem::NotWorkload(_),
+            ..
+        })
+    ));
+
+    // Signed by one CA, trusting another.
+    let rogue = Ca::new("rogue CA");
+    rogue.write_dir(&dir("untrusted"), &rogue.issue(SERVER_ID));
+    std::fs::write(dir("untrusted").join("ca.crt"), ca.pem()).expect("write");
+    assert!(matches!(
+        load_dir("untrusted"),
+        Err(MaterialError::Untrusted { .. })
+    ));
+}
+
+#[tokio::test]
+async fn missing_material_is_reported_and_the_expiry_gauge_counts_down() {
+    let dirs = tempfile::tempdir().expect("temp dir");
+    let app: SocketAddr = "127.0.0.1:9".parse().expect("address");
+    let (shared, _) = data_plane(app, &dirs.path().join("absent"), &[]);
+    let problem = shared
+        .mtls
+        .as_ref()
+        .and_then(|m| m.identity.problem())
+        .unwrap_or_default();
+    assert!(
+        problem.contains("tls.crt") && problem.contains("cannot read"),
+        "{problem}"
+    );
+    assert_eq!(shared.telemetry.metrics.identity_expiry_seconds.get(), 0);
+
+    let ca = Ca::new("mesh CA");
+    ca.write_dir(dirs.path(), &ca.issue(SERVER_ID));
+    let (shared, _) = data_plane(app, dirs.path(), &[]);
+    assert_eq!(
+        shared.mtls.as_ref().and_then(|m| m.identity.problem()),
+        None
+    );
+    let left = shared.telemetry.metrics.identity_expiry_seconds.get();
+    assert!(left > 0 && left <= 3600, "an hour at most is left: {left}");
+}
