@@ -254,7 +254,7 @@ mod tests {
             let want = desired(&p, family);
             assert_eq!(parse_nat(&as_save(&want)), want);
         }
-        assert_eq!(count_rules(&as_save(&desired(&p, Family::V4))), 16);
+        assert_eq!(count_rules(&as_save(&desired(&p, Family::V4))), 17);
     }
 
     #[test]

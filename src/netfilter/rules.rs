@@ -1,7 +1,7 @@
 //! The redirection policy as plain data: what to redirect and what to let through, decided once
 //! from the options and shared by both renderers, so that iptables and nftables cannot drift.
 
-use crate::vocab::{Cidr, CidrList, PortList};
+use crate::vocab::{Cidr, CidrList, HBONE_PORT, PortList};
 
 /// The inputs of the policy, already parsed; everything that is not I/O.
 #[derive(Clone, Debug)]
@@ -75,9 +75,9 @@ impl Policy {
         // Our own ports are never redirected inbound: the admin port must not become reachable
         // through the proxy (it would forward to 127.0.0.1:15000), nor the outbound listener
         // (an open relay; it may run even with --no-outbound), and the inbound port itself is
-        // already the proxy.
+        // already the proxy. HBONE (15008) arrives encrypted at the proxy's own listener.
         let mut inbound_exclude = o.exclude_inbound_ports.0.clone();
-        inbound_exclude.extend([o.inbound_port, o.admin_port, o.outbound_port]);
+        inbound_exclude.extend([o.inbound_port, o.admin_port, o.outbound_port, HBONE_PORT]);
         inbound_exclude.sort_unstable();
         inbound_exclude.dedup();
         let inbound_only: Vec<u16> = o
@@ -175,13 +175,13 @@ mod tests {
     #[test]
     fn own_ports_are_always_excluded_inbound() {
         let p = Policy::new(&defaults(), false).unwrap();
-        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001]);
+        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001, 15008]);
         assert!(p.inbound_only.is_empty());
         let mut o = defaults();
         o.no_outbound = true;
         o.inbound_ports = "80,15000".parse().unwrap();
         let p = Policy::new(&o, false).unwrap();
-        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001]);
+        assert_eq!(p.inbound_exclude, vec![8000, 15000, 15001, 15008]);
         assert_eq!(p.inbound_only, vec![80]);
         assert!(p.outbound.is_none());
     }
