@@ -4,6 +4,7 @@
 //! - [`http`]: HTTP clients, the in-process test app, raw TCP apps and ports that refuse or hang;
 //! - [`raw`]: the recording app and raw client of the conformance tests (bytes in, bytes out);
 //! - [`identity`]: a CA and SPIFFE workload certificates (rcgen), in the `--identity-dir` layout;
+//! - [`mesh`]: two pods in network namespaces, each with its proxy, identity and `init` rules;
 //! - [`metrics`]: reading the Prometheus text the admin port serves;
 //! - [`netns`]: network namespaces and the reproduced Kubernetes pod;
 //! - [`tools`]: external programs (is one installed, the venv), rule listings, access-log records.
@@ -13,6 +14,7 @@
 
 pub mod http;
 pub mod identity;
+pub mod mesh;
 pub mod metrics;
 pub mod netns;
 pub mod process;
