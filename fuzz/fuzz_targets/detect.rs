@@ -10,7 +10,12 @@ fuzz_target!(|data: &[u8]| {
     if data.len() >= MAX_PEEK {
         assert!(full.is_some());
     }
-    for k in [1, data.len() / 3, data.len() / 2, data.len().saturating_sub(1)] {
+    for k in [
+        1,
+        data.len() / 3,
+        data.len() / 2,
+        data.len().saturating_sub(1),
+    ] {
         if k <= data.len()
             && let Some(early) = classify(&data[..k])
         {
