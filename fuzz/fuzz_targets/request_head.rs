@@ -26,6 +26,13 @@ fuzz_target!(|data: &[u8]| {
     };
     assert!(plan.head_len <= data.len());
     assert!(out.ends_with(b"\r\n\r\n"));
+    if data
+        .windows(SECOND.via.len())
+        .any(|w| w.eq_ignore_ascii_case(SECOND.via.as_bytes()))
+    {
+        // A loop to the second instance, rightly.
+        return;
+    }
     let mut again = out.clone();
     let mut out2 = Vec::new();
     let replan = plan_request(&mut again, &SECOND, &mut out2)
