@@ -332,8 +332,9 @@ fn says_close(value: &[u8]) -> bool {
 
 /// uri-host [ ":" port ] (RFC 9112 3.2, RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2): a reg-name
 /// (IPv4 addresses are reg-names too) or a bracketed IPv6 address, and a decimal port.
-/// `require_host`: the host may not be empty (an absolute-form target's authority).
-fn valid_host(value: &[u8], require_host: bool) -> bool {
+/// `require_host`: the host may not be empty (an absolute-form target's authority). Public so
+/// that the hyper path checks Host the same way.
+pub fn valid_host(value: &[u8], require_host: bool) -> bool {
     let (host, port) = if value.first() == Some(&b'[') {
         let Some(close) = value.iter().position(|&b| b == b']') else {
             return false;
@@ -465,8 +466,8 @@ fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, Request
 }
 
 /// Whether a Via field names `via` as a recipient: Via = #( received-protocol RWS received-by
-/// [ RWS comment ] ) (RFC 9110 7.6.3).
-fn via_names(value: &[u8], via: &str) -> bool {
+/// [ RWS comment ] ) (RFC 9110 7.6.3). Public so that the hyper path detects loops the same way.
+pub fn via_names(value: &[u8], via: &str) -> bool {
     elements(value).any(|element| {
         element
             .split(|&b| b == b' ' || b == b'\t')
