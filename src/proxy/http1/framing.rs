@@ -19,7 +19,7 @@ use http::Method;
 use http::header::HeaderValue;
 
 use super::chunked::is_tchar;
-use crate::proxy::phases::new_request_id;
+use crate::proxy::phases::{self, new_request_id};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -155,34 +155,15 @@ impl Field {
         }
     }
 
-    /// Hop-by-hop fields (RFC 9110 7.6.1), dropped here; the planners write their own
-    /// `Transfer-Encoding`, `TE: trailers` and `Connection` where needed.
+    /// Hop-by-hop fields, dropped here (the planners write their own `Transfer-Encoding`,
+    /// `TE: trailers` and `Connection` where needed). The list is the phases' own.
     fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Field::Connection
-                | Field::KeepAlive
-                | Field::ProxyConnection
-                | Field::Te
-                | Field::TransferEncoding
-                | Field::Upgrade
-        )
+        self != Field::Other && phases::is_hop_by_hop(self.name().as_bytes())
     }
 
-    /// Fields a `Connection` option never removes: the framing and Host (else a client could
-    /// make the proxy forward a body the app does not expect: issue 9, defect 1), and the
-    /// forwarding fields the proxy sets itself.
+    /// Fields a `Connection` option never removes: the phases decide.
     fn is_protected(self) -> bool {
-        matches!(
-            self,
-            Field::ContentLength
-                | Field::TransferEncoding
-                | Field::Host
-                | Field::Via
-                | Field::XForwardedFor
-                | Field::XForwardedProto
-                | Field::XRequestId
-        )
+        self != Field::Other && !phases::connection_may_remove(self.name().as_bytes())
     }
 }
 
@@ -465,18 +446,6 @@ fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, Request
     })
 }
 
-/// Whether a Via field names `via` as a recipient: Via = #( received-protocol RWS received-by
-/// [ RWS comment ] ) (RFC 9110 7.6.3). Public so that the hyper path detects loops the same way.
-pub fn via_names(value: &[u8], via: &str) -> bool {
-    elements(value).any(|element| {
-        element
-            .split(|&b| b == b' ' || b == b'\t')
-            .filter(|w| !w.is_empty())
-            .nth(1)
-            .is_some_and(|received_by| received_by.eq_ignore_ascii_case(via.as_bytes()))
-    })
-}
-
 /// RFC 9112 2.3: HTTP/1.x with x above 1 is answered as the highest 1.x we know. httparse only
 /// takes 1.0 and 1.1, so a request line ending in `HTTP/1.2`..`HTTP/1.9` gets its minor digit
 /// rewritten to 1 in place. Returns whether it did.
@@ -657,7 +626,7 @@ fn plan_parsed_request(
                     .get(..16)
                     .is_some_and(|v| v.eq_ignore_ascii_case(b"application/grpc"));
             }
-            Field::Via => looped |= via_names(h.value, rw.via),
+            Field::Via => looped |= phases::via_names(h.value, rw.via),
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Server | Field::Other => {}
         }
