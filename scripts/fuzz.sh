@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of fuzz/ for a bounded time: scripts/fuzz.sh [SECONDS_PER_TARGET]
 # (default 12: about a minute for the five targets, plus the first build of fuzz/, a few minutes).
+# `scripts/fuzz.sh --build-only` installs cargo-fuzz and builds the targets, then stops.
 #
 # cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, sancov); the toolchain here is stable,
 # so RUSTC_BOOTSTRAP=1 lets stable accept them. No sanitizer (-s none): the crate forbids unsafe,
@@ -17,6 +18,7 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install cargo-fuzz --locked
 fi
 cargo fuzz build -s none
+[ "$seconds" = "--build-only" ] && exit 0
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 for target in $(cargo fuzz list); do
