@@ -21,6 +21,7 @@ pub mod install;
 pub mod netfilter;
 pub mod proxy;
 pub mod run;
+pub mod sync;
 pub mod telemetry;
 pub mod text_response;
 pub mod vocab;
