@@ -2,6 +2,7 @@
 # Supply chain (deny.toml): licences, duplicate versions, sources, and security advisories when the
 # RustSec database can be fetched. cargo-deny is built from crates.io into target/tools the first
 # time (about 6 minutes on 2 cores), so nothing is installed outside the repository.
+# `--install-only` builds it and stops (scripts/test.sh does that while the tests run).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -11,6 +12,7 @@ if ! "$tools/bin/cargo-deny" --version 2>/dev/null | grep -qx "cargo-deny $versi
   echo "deny: building cargo-deny $version into target/tools (once)" >&2
   cargo install --locked --quiet "cargo-deny@$version" --root "$tools"
 fi
+[ "${1:-}" = "--install-only" ] && exit 0
 export PATH="$tools/bin:$PATH"
 cargo deny --locked check licenses bans sources
 echo

@@ -7,6 +7,7 @@
 //! refused to everyone but loopback, as Linkerd does: any pod that can reach the pod's IP could
 //! otherwise drain its sidecar.
 
+use crate::text_response::text;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -66,16 +67,6 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
             }
         });
     }
-}
-
-fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
-    let mut r = Response::new(Full::new(body.into()));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    r
 }
 
 async fn route(

@@ -2,7 +2,7 @@
 //!
 //! One binary, four jobs. Layers point one way, each using only those above it:
 //! 1. [`vocab`] (ports, uid/gid/mark, port lists, CIDRs, durations, log formats: shared by all
-//!    jobs), [`error`] (error kinds and whose fault), [`identity`] (SPIFFE IDs);
+//!    jobs), [`error`] (error kinds and whose fault), [`identity`] (SPIFFE IDs), [`text_response`];
 //! 2. [`telemetry`]: metrics and the access log;
 //! 3. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
 //!    protocol adapters, listeners), its state built by one constructor;
@@ -21,6 +21,8 @@ pub mod install;
 pub mod netfilter;
 pub mod proxy;
 pub mod run;
+pub mod sync;
 pub mod telemetry;
+pub mod text_response;
 pub mod vocab;
 pub mod webhook;

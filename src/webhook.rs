@@ -23,6 +23,7 @@
 //! no restart and no timer. A pair that does not load (half-written, key not matching) is logged
 //! and the previous one kept.
 
+use crate::text_response::text;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -210,16 +211,6 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-fn text(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::from(format!("{message}\n"))));
-    *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
-    resp
-}
-
 async fn handle(
     req: Request<Incoming>,
     config: Arc<Config>,
@@ -259,7 +250,7 @@ async fn handle(
             }
             return Ok(text(
                 StatusCode::BAD_REQUEST,
-                &format!("cannot read the request body: {e}"),
+                format!("cannot read the request body: {e}"),
             ));
         }
     };

@@ -162,7 +162,10 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
     if let Some(answer) = &opaque {
         assert_eq!(answer, "PING-1\n");
     } else {
-        eprintln!("SKIP (part): no /usr/bin/python3, opaque TCP not exercised");
+        support::skip(
+            "outbound_goes_through_the_proxy_once (opaque part)",
+            "no /usr/bin/python3 in the pod: opaque TCP not exercised",
+        );
     }
     let inbound = pod.curl_from_outside(&[&format!("http://{ip}/get?query=param")]);
     assert_eq!(inbound.status, 200, "{inbound:?}");

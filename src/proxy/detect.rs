@@ -34,6 +34,8 @@ pub const MAX_PEEK: usize = 1024;
 /// Text protocols whose commands are also a word and a space (Redis' inline `SET key value`,
 /// `GET key`) are neither and stay opaque.
 pub fn classify(first: &[u8]) -> Option<Detected> {
+    // Only the first MAX_PEEK bytes count, so that the answer never changes with more bytes.
+    let first = &first[..first.len().min(MAX_PEEK)];
     if first.is_empty() {
         return None;
     }

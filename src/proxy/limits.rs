@@ -7,6 +7,7 @@
 //! that are busy with a request are never shed. So a few hundred hostile sockets cannot lock a
 //! service out, whatever `--max-connections` is.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -249,11 +250,6 @@ impl Drop for ConnectionGuard {
             self.limits.all_closed.notify_waiters();
         }
     }
-}
-
-/// A poisoned lock only means another thread panicked while holding it; the map is still valid.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[cfg(test)]

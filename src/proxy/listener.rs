@@ -128,7 +128,8 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
 /// and the shedder apply; only silence (a server-speaks-first protocol) is opaque. On an HTTP port,
 /// nothing is opaque and the head timeout bounds the wait instead.
 async fn detect(stream: &TcpStream, timeout: Duration, http_port: bool) -> Detected {
-    let mut buf = [0u8; MAX_PEEK];
+    // On the heap, and only while detecting: it would otherwise stay in the connection's task.
+    let mut buf = vec![0u8; MAX_PEEK];
     let deadline = tokio::time::Instant::now() + timeout;
     let mut last_len = 0;
     let mut pause = DETECT_PAUSE_MIN;
@@ -462,4 +463,40 @@ async fn refuse(stream: TcpStream) {
         .keep_alive(false)
         .serve_connection(TokioIo::new(stream), service);
     let _ = tokio::time::timeout(REFUSAL_TIME, conn).await;
+}
+#[cfg(test)]
+mod tests {
+    use clap::{Args, FromArgMatches};
+
+    use crate::config::RunArgs;
+    use crate::proxy::Shared;
+    use crate::telemetry::metrics::Direction;
+
+    fn size_of_future<F: std::future::Future>(_: &F) -> usize {
+        std::mem::size_of::<F>()
+    }
+
+    /// A connection's task is as large as the largest state of its future, and an idle client
+    /// holds it for as long as it is connected: the exchange, the detection buffer and the
+    /// lingering close live on the heap only while they run. (Idle goal: at most 4 KiB in all.)
+    #[tokio::test]
+    async fn an_idle_connection_task_stays_small() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
+        let matches = RunArgs::augment_args(clap::Command::new("run")).get_matches_from([
+            "run",
+            "--proxy-mark",
+            "0",
+            "--access-log",
+            "off",
+        ]);
+        let args = RunArgs::from_arg_matches(&matches).expect("flags");
+        let shared = Shared::new(&args, Box::new(std::io::sink()));
+        let task = super::serve_connection(shared, stream, addr, Direction::Inbound);
+        let size = size_of_future(&task);
+        assert!(size <= 2048, "a connection's task takes {size} bytes");
+    }
 }

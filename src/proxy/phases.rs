@@ -36,11 +36,31 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 }
 
 /// Whether a field named in `Connection` may be removed. A connection option never removes the
-/// message's framing or its Host: `Connection: content-length` would otherwise turn a body into a
-/// second request at the app (request smuggling).
+/// message's framing or its Host (`Connection: content-length` would otherwise turn a body into a
+/// second request at the app: request smuggling), nor the forwarding fields the proxy itself sets.
 pub fn connection_may_remove(name: &[u8]) -> bool {
-    const PROTECTED: [&[u8]; 3] = [b"content-length", b"transfer-encoding", b"host"];
+    const PROTECTED: [&[u8]; 7] = [
+        b"content-length",
+        b"transfer-encoding",
+        b"host",
+        b"via",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-request-id",
+    ];
     !PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// Whether a `Via` field value names `pseudonym` as a recipient (RFC 9110 7.6.3:
+/// `received-protocol RWS received-by [ RWS comment ]`, comma-separated).
+pub fn via_names(value: &[u8], pseudonym: &str) -> bool {
+    tokens(value).any(|entry| {
+        entry
+            .split(|&b| b == b' ' || b == b'\t')
+            .filter(|w| !w.is_empty())
+            .nth(1)
+            .is_some_and(|received_by| received_by.eq_ignore_ascii_case(pseudonym.as_bytes()))
+    })
 }
 
 /// The comma-separated tokens of a list field (`Connection`, `Transfer-Encoding`).
@@ -139,12 +159,7 @@ impl Via {
 
     /// Whether a `Via` field value already names this proxy as a recipient.
     pub fn seen_in(&self, value: &[u8]) -> bool {
-        value.split(|&b| b == b',').any(|entry| {
-            // received-protocol SP received-by [ RWS comment ]
-            let mut parts = entry.trim_ascii().split(|b| b.is_ascii_whitespace());
-            let _protocol = parts.next();
-            parts.next() == Some(self.pseudonym.as_bytes())
-        })
+        via_names(value, &self.pseudonym)
     }
 
     /// Loop check and our entry for a `HeaderMap` request. `Err` when the request looped.

@@ -7,6 +7,7 @@
 //! can carry a mark (`--proxy-mark`) so that the pod's redirect rules let it pass, whatever user
 //! the proxy runs as.
 
+use crate::sync::lock;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -238,9 +239,4 @@ impl Pool {
             self.reap();
         }
     }
-}
-
-/// A poisoned lock only means another thread panicked while holding it; the map is still valid.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }

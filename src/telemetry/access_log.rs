@@ -6,9 +6,10 @@
 //! wake it, and the writer (which shares the proxy's core in a sidecar) interrupts the data plane
 //! 50 times a second rather than once per batch. The request path never waits for stdout: when the
 //! writer falls behind by more than [`MAX_QUEUED_BATCHES`] batches, the newest batch is dropped and
-//! counted in `amazing_proxy_access_log_dropped_records`. That trades completeness under overload for
+//! counted in `amazing_proxy_access_log_dropped_records_total`. That trades completeness under overload for
 //! latency, as Envoy's and nginx's buffered loggers do.
 
+use crate::sync::lock;
 use std::collections::VecDeque;
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -356,11 +357,6 @@ impl AccessLog {
         handle.thread().unpark();
         let _ = handle.join();
     }
-}
-
-/// A poisoned lock only means another thread panicked mid-append; the buffer is still bytes.
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn writer_loop(mut out: Box<dyn Write + Send>, log: std::sync::Weak<AccessLog>) {

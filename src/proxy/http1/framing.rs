@@ -19,7 +19,7 @@ use http::Method;
 use http::header::HeaderValue;
 
 use super::chunked::is_tchar;
-use crate::proxy::phases::new_request_id;
+use crate::proxy::phases::{self, new_request_id};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -155,34 +155,15 @@ impl Field {
         }
     }
 
-    /// Hop-by-hop fields (RFC 9110 7.6.1), dropped here; the planners write their own
-    /// `Transfer-Encoding`, `TE: trailers` and `Connection` where needed.
+    /// Hop-by-hop fields, dropped here (the planners write their own `Transfer-Encoding`,
+    /// `TE: trailers` and `Connection` where needed). The list is the phases' own.
     fn is_hop_by_hop(self) -> bool {
-        matches!(
-            self,
-            Field::Connection
-                | Field::KeepAlive
-                | Field::ProxyConnection
-                | Field::Te
-                | Field::TransferEncoding
-                | Field::Upgrade
-        )
+        self != Field::Other && phases::is_hop_by_hop(self.name().as_bytes())
     }
 
-    /// Fields a `Connection` option never removes: the framing and Host (else a client could
-    /// make the proxy forward a body the app does not expect: issue 9, defect 1), and the
-    /// forwarding fields the proxy sets itself.
+    /// Fields a `Connection` option never removes: the phases decide.
     fn is_protected(self) -> bool {
-        matches!(
-            self,
-            Field::ContentLength
-                | Field::TransferEncoding
-                | Field::Host
-                | Field::Via
-                | Field::XForwardedFor
-                | Field::XForwardedProto
-                | Field::XRequestId
-        )
+        self != Field::Other && !phases::connection_may_remove(self.name().as_bytes())
     }
 }
 
@@ -244,18 +225,27 @@ struct Codings {
 }
 
 impl Codings {
-    /// transfer-coding = token *( OWS ";" OWS transfer-parameter ) (RFC 9112 7): the name must be
-    /// a token; the parameters pass through as written.
+    /// transfer-coding = token *( OWS ";" OWS transfer-parameter ), transfer-parameter = token
+    /// BWS "=" BWS token (RFC 9112 7; quoted-string values are refused: no coding has them).
+    /// Empty list elements, which RFC 9110 5.6.1 would have us skip, and non-ASCII bytes are
+    /// refused too, as hyper refuses them (`chunked,` is not chunked to hyper): the framing field
+    /// must mean the same to both paths and to the app.
     fn add(&mut self, value: &[u8]) {
         self.present = true;
-        for coding in elements(value) {
-            let name = trim_ows(coding.split(|&b| b == b';').next().unwrap_or_default());
-            if name.is_empty() || !name.iter().all(|&b| is_tchar(b)) {
+        for coding in value.split(|&b| b == b',').map(trim_ows) {
+            let mut parts = coding.split(|&b| b == b';').map(trim_ows);
+            let name = parts.next().unwrap_or_default();
+            let is_token = |t: &[u8]| !t.is_empty() && t.iter().all(|&b| is_tchar(b));
+            let params_valid = parts.all(|param| {
+                let mut kv = param.splitn(2, |&b| b == b'=').map(trim_ows);
+                kv.next().is_some_and(is_token) && kv.next().is_some_and(is_token)
+            });
+            if !is_token(name) || !params_valid {
                 self.malformed = true;
             }
-            let chunked = coding.eq_ignore_ascii_case(b"chunked");
+            let chunked = name.eq_ignore_ascii_case(b"chunked");
             self.chunked_count = self.chunked_count.saturating_add(u8::from(chunked));
-            self.last_is_chunked = chunked;
+            self.last_is_chunked = chunked && coding.len() == name.len();
         }
     }
 }
@@ -323,8 +313,9 @@ fn says_close(value: &[u8]) -> bool {
 
 /// uri-host [ ":" port ] (RFC 9112 3.2, RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2): a reg-name
 /// (IPv4 addresses are reg-names too) or a bracketed IPv6 address, and a decimal port.
-/// `require_host`: the host may not be empty (an absolute-form target's authority).
-fn valid_host(value: &[u8], require_host: bool) -> bool {
+/// `require_host`: the host may not be empty (an absolute-form target's authority). Public so
+/// that the hyper path checks Host the same way.
+pub fn valid_host(value: &[u8], require_host: bool) -> bool {
     let (host, port) = if value.first() == Some(&b'[') {
         let Some(close) = value.iter().position(|&b| b == b']') else {
             return false;
@@ -351,24 +342,43 @@ fn valid_host(value: &[u8], require_host: bool) -> bool {
     (!require_host || !host.is_empty()) && port.iter().all(u8::is_ascii_digit)
 }
 
-/// reg-name = *( unreserved / pct-encoded / sub-delims ) (RFC 3986 3.2.2).
+/// reg-name = *( unreserved / pct-encoded / sub-delims ) (RFC 3986 3.2.2), less pct-encoded:
+/// `http::Uri` refuses `%` in a host, and no real host name needs it (IDNs are punycode).
 fn valid_reg_name(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        matches!(b,
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
+    })
+}
+
+/// Longest request target taken: `http::Uri`'s limit, so that the hyper path takes it too.
+const MAX_TARGET: usize = u16::MAX as usize - 1;
+
+/// Which bytes an origin-form target may hold, by position: the path's, then the query's after
+/// the first `?`. The same sets as `http::Uri` (and so the hyper path): RFC 3986's characters,
+/// plus `"`, `{`, `}` and `|` in the path and any visible byte but `"`, `<`, `>` in the query,
+/// which real clients send unencoded; non-ASCII bytes (httparse has checked they are UTF-8). A
+/// fragment (`#`) is not part of a request target (RFC 9112 3.2): hyper would drop it, we refuse.
+const fn target_byte_classes() -> [[bool; 256]; 2] {
+    let mut t = [[false; 256]; 2];
     let mut i = 0;
-    while i < host.len() {
-        match host[i] {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {}
-            b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=' => {}
-            b'%' if host.len() > i + 2
-                && host[i + 1].is_ascii_hexdigit()
-                && host[i + 2].is_ascii_hexdigit() =>
-            {
-                i += 2;
-            }
-            _ => return false,
-        }
+    while i < 256 {
+        let b = i as u8;
+        t[0][i] = matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x40..=0x5F | 0x61..=0x7A | b'|'
+            | b'~' | b'"' | b'{' | b'}' | 0x80..=0xFF);
+        t[1][i] = matches!(b, 0x21 | 0x24..=0x3B | 0x3D | 0x3F..=0x7E | 0x80..=0xFF);
         i += 1;
     }
-    true
+    t
+}
+static TARGET_BYTES: [[bool; 256]; 2] = target_byte_classes();
+
+/// Whether an origin-form target (path and query) holds only the bytes `TARGET_BYTES` allows.
+fn valid_origin(origin: &str) -> bool {
+    let (path, query) = origin.split_at(origin.find('?').unwrap_or(origin.len()));
+    path.bytes().all(|b| TARGET_BYTES[0][usize::from(b)])
+        && query.bytes().all(|b| TARGET_BYTES[1][usize::from(b)])
 }
 
 /// The request target, as the app gets it (RFC 9112 3.2).
@@ -380,7 +390,13 @@ struct Target<'a> {
 }
 
 fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, RequestVerdict> {
+    if target.len() > MAX_TARGET {
+        return Err(RequestVerdict::Invalid);
+    }
     if target.starts_with('/') {
+        if !valid_origin(target) {
+            return Err(RequestVerdict::Invalid);
+        }
         return Ok(Target {
             origin: target.into(),
             authority: None,
@@ -413,7 +429,7 @@ fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, Request
     if authority.contains('@') || !valid_host(authority.as_bytes(), true) {
         return Err(RequestVerdict::Invalid);
     }
-    let origin = match path.as_bytes().first() {
+    let origin: std::borrow::Cow<'a, str> = match path.as_bytes().first() {
         Some(b'/') => path.into(),
         // An empty path is `/`, or `*` for OPTIONS (RFC 9112 3.2.4).
         None if method == "OPTIONS" => "*".into(),
@@ -421,21 +437,12 @@ fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, Request
         Some(b'?') => format!("/{path}").into(),
         Some(_) => return Err(RequestVerdict::Invalid),
     };
+    if !valid_origin(&origin) {
+        return Err(RequestVerdict::Invalid);
+    }
     Ok(Target {
         origin,
         authority: Some(authority),
-    })
-}
-
-/// Whether a Via field names `via` as a recipient: Via = #( received-protocol RWS received-by
-/// [ RWS comment ] ) (RFC 9110 7.6.3).
-fn via_names(value: &[u8], via: &str) -> bool {
-    elements(value).any(|element| {
-        element
-            .split(|&b| b == b' ' || b == b'\t')
-            .filter(|w| !w.is_empty())
-            .nth(1)
-            .is_some_and(|received_by| received_by.eq_ignore_ascii_case(via.as_bytes()))
     })
 }
 
@@ -619,7 +626,7 @@ fn plan_parsed_request(
                     .get(..16)
                     .is_some_and(|v| v.eq_ignore_ascii_case(b"application/grpc"));
             }
-            Field::Via => looped |= via_names(h.value, rw.via),
+            Field::Via => looped |= phases::via_names(h.value, rw.via),
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Server | Field::Other => {}
         }
@@ -782,6 +789,10 @@ fn plan_parsed_response(
     out: &mut Vec<u8>,
 ) -> Result<ResponsePlan, InvalidResponse> {
     let status = res.code.ok_or(InvalidResponse)?;
+    // RFC 9110 15: a status below 100 is invalid (600..999 are taken as they come).
+    if status < 100 {
+        return Err(InvalidResponse);
+    }
     let http11 = res.version == Some(1);
     if status == 101 {
         // Never asked for on this path (upgrades go to hyper).
@@ -1069,7 +1080,6 @@ mod tests {
             "[::1]",
             "[2001:db8::1]:443",
             "xn--bcher-kva.example",
-            "a%20b",
             "",
         ] {
             let (p, _) = plan(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
@@ -1088,6 +1098,8 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: [zz]\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a%2\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: a%20b\r\n\r\n",
+            "GET http://x%807/ HTTP/1.1\r\nHost: x\r\n\r\n",
         ]);
         let mut raw = b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n".to_vec();
         assert_eq!(
@@ -1137,7 +1149,37 @@ mod tests {
             "GET http://x/p HTTP/1.1\r\n\r\n",
             "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET x/p HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET http://x/p#f HTTP/1.1\r\nHost: x\r\n\r\n",
         ]);
+    }
+
+    /// The target bytes `http::Uri` takes, so that both paths agree (found by the differential
+    /// fuzzer: hyper refused "/`", which we forwarded).
+    #[test]
+    fn target_bytes() {
+        for target in [
+            "/a-b_c.d~e!$&'()*+,;=:@%20",
+            "/{\"json\"}|[x]^\\",
+            "/p?q={}|`^'\\?/",
+            "/\u{e9}",
+        ] {
+            let (p, _) = plan(&format!("GET {target} HTTP/1.1\r\nHost: a\r\n\r\n"));
+            assert_eq!(p.path, target);
+        }
+        assert_invalid(&[
+            "GET /` HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /< HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /> HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /?\" HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /?< HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /#f HTTP/1.1\r\nHost: a\r\n\r\n",
+            "GET /?a#f HTTP/1.1\r\nHost: a\r\n\r\n",
+        ]);
+        let long = format!(
+            "GET /{} HTTP/1.1\r\nHost: a\r\n\r\n",
+            "a".repeat(MAX_TARGET)
+        );
+        assert_eq!(verdict(&long), Some(RequestVerdict::Invalid));
     }
 
     /// Rule 7: codings are never dropped, chunked exactly once and last (RFC 9112 6.1, 6.3 item
@@ -1145,7 +1187,11 @@ mod tests {
     #[test]
     fn transfer_codings() {
         let (p, out) = plan(
-            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nX-Request-Id: r\r\ntransfer-encoding: , Chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\nX-Request-Id: r\r\ntransfer-encoding: Chunked\r\n\r\n",
+        );
+        assert_eq!(p.framing, Framing::Chunked);
+        let (p, _) = plan(
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x ; a = b ;c=d, chunked\r\n\r\n",
         );
         assert_eq!(p.framing, Framing::Chunked);
         assert_eq!(
@@ -1164,6 +1210,12 @@ mod tests {
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: \r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: xchunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked;a=b\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked,\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip,,chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x;a, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x;a=\"b\", chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x;a=b;=c, chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: x;a=\u{e9}, chunked\r\n\r\n",
             "POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: g\"z, chunked\r\n\r\n",
             "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
         ]);
@@ -1398,6 +1450,7 @@ mod tests {
             "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\n\r\n",
             "HTTP/1.1 200 OK\r\nBad Header\r\n\r\n",
+            "HTTP/1.1 020 OK\r\nContent-Length: 0\r\n\r\n",
         ] {
             assert!(invalid_response(bad), "{bad:?}");
         }
