@@ -317,9 +317,16 @@ async fn serve_connection(
         }
     };
     let dialled = original.unwrap_or(local);
-    let Some(stream) = mtls_gate(&shared, stream, direction, client, dialled, upstream).await
-    else {
-        return;
+    // Boxed, and only with an identity: the tunnel's state would otherwise grow every
+    // connection's task, idle plaintext ones included.
+    let stream = if shared.mtls.is_some() {
+        let gate = mtls_gate(&shared, stream, direction, client, dialled, upstream);
+        let Some(stream) = Box::pin(gate).await else {
+            return;
+        };
+        stream
+    } else {
+        stream
     };
 
     let http_port = settings.http_ports.contains(&dialled.port());

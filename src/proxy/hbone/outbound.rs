@@ -32,6 +32,7 @@ use crate::identity::tls::{ALPN_H2, client_config, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::tcp::{self, Route};
 use crate::proxy::upstream::connect;
+use crate::sync::lock;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::HBONE_PORT;
 
@@ -108,10 +109,6 @@ impl OpenError {
 pub struct Pool {
     connections: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
     plaintext_until: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Pool {
