@@ -31,8 +31,7 @@ use serde_json::{Map, Value};
 
 use super::annotations::{INJECTED, SettingError, Settings, opted_out};
 use crate::vocab::{
-    ADMIN_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList,
-    format_duration,
+    ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList, format_duration,
 };
 
 pub const INIT_NAME: &str = "amazing-proxy-init";
@@ -68,11 +67,10 @@ const STARTUP_PROBE: (i32, i32) = (1, 120);
 const READINESS_PROBE: (i32, i32) = (2, 1);
 const LIVENESS_PROBE: (i32, i32) = (10, 3);
 
-const RESERVED_PORTS: [(u16, &str); 4] = [
+const RESERVED_PORTS: [(u16, &str); 3] = [
     (INBOUND_PORT, "inbound"),
     (OUTBOUND_PORT, "outbound"),
     (ADMIN_PORT, "admin"),
-    (HBONE_PORT, "HBONE"),
 ];
 
 /// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
@@ -100,8 +98,8 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     #[error(
-        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT}, \
-         {ADMIN_PORT} and {HBONE_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
+        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT} and \
+         {ADMIN_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
     )]
     PortConflict {
         field: String,
@@ -692,8 +690,6 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
         ports: Some(vec![
             port("proxy-inbound", INBOUND_PORT),
             port("proxy-admin", ADMIN_PORT),
-            // Peers' HBONE tunnels (mutual TLS); `init` leaves it out of the redirection.
-            port("proxy-hbone", HBONE_PORT),
         ]),
         // A native sidecar: an init container that keeps running; the next init container (and the
         // app) starts only once its startup probe passes.
