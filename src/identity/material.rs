@@ -63,28 +63,43 @@ impl std::fmt::Debug for Material {
     }
 }
 
+/// Errors name where the material came from (a file, or another source's description).
 #[derive(Debug, thiserror::Error)]
 pub enum MaterialError {
-    #[error("cannot read {}: {error}; mount the identity there or fix the path", path.display())]
-    Read { path: PathBuf, error: String },
-    #[error("{} holds no {what}; expected PEM `{pem}` blocks", path.display())]
+    #[error("cannot read {path}: {error}; mount the identity there or fix the path")]
+    Read { path: String, error: String },
+    #[error("{path} holds no {what}; expected PEM `{pem}` blocks")]
     Missing {
-        path: PathBuf,
+        path: String,
         what: &'static str,
         pem: &'static str,
     },
-    #[error("the key in {} does not belong to the certificate ({error}); write the key and the chain of one issuance", path.display())]
-    KeyMismatch { path: PathBuf, error: String },
-    #[error("the certificate in {}: {problem}", path.display())]
-    Leaf { path: PathBuf, problem: LeafProblem },
-    #[error("the certificate in {} does not chain to the trust bundle in {} ({error}); give the CA that issued it", path.display(), bundle.display())]
+    #[error(
+        "the key in {path} does not belong to the certificate ({error}); write the key and the chain of one issuance"
+    )]
+    KeyMismatch { path: String, error: String },
+    #[error("the certificate in {path}: {problem}")]
+    Leaf { path: String, problem: LeafProblem },
+    #[error(
+        "the certificate in {path} does not chain to the trust bundle in {bundle} ({error}); give the CA that issued it"
+    )]
     Untrusted {
-        path: PathBuf,
-        bundle: PathBuf,
+        path: String,
+        bundle: String,
         error: String,
     },
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
+}
+
+/// Material as a source delivers it, before validation, and where each part came from.
+pub struct Parts {
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivateKeyDer<'static>,
+    pub bundle: Vec<CertificateDer<'static>>,
+    pub chain_from: String,
+    pub key_from: String,
+    pub bundle_from: String,
 }
 
 /// What is wrong with a leaf certificate as a workload identity.
@@ -174,7 +189,7 @@ impl Leaf {
 
 fn read(path: &Path) -> Result<Vec<u8>, MaterialError> {
     std::fs::read(path).map_err(|e| MaterialError::Read {
-        path: path.to_owned(),
+        path: path.display().to_string(),
         error: e.to_string(),
     })
 }
@@ -185,7 +200,7 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
         .collect();
     if certs.is_empty() {
         return Err(MaterialError::Missing {
-            path: path.to_owned(),
+            path: path.display().to_string(),
             what: "certificate",
             pem: "CERTIFICATE",
         });
@@ -193,7 +208,7 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// Reads and validates the material of `source` at `now`.
+/// Reads the files of `source` (PEM) and validates them at `now`.
 pub fn load(
     source: &Source,
     trust_domain: &str,
@@ -212,40 +227,65 @@ pub fn load(
         read(&key_path)?
     };
     let bundle_pem = read(&bundle_path)?;
-    let chain = certificates(&chain_pem, &chain_path)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MaterialError::Missing {
-        path: key_path.clone(),
-        what: "private key",
-        pem: "PRIVATE KEY",
-    })?;
+    let parts = Parts {
+        chain: certificates(&chain_pem, &chain_path)?,
+        key: PrivateKeyDer::from_pem_slice(&key_pem).map_err(|_| MaterialError::Missing {
+            path: key_path.display().to_string(),
+            what: "private key",
+            pem: "PRIVATE KEY",
+        })?,
+        bundle: certificates(&bundle_pem, &bundle_path)?,
+        chain_from: chain_path.display().to_string(),
+        key_from: key_path.display().to_string(),
+        bundle_from: bundle_path.display().to_string(),
+    };
+    validate(parts, trust_domain, now)
+}
+
+/// Validates material from any source (the files above; the SPIFFE Workload API delivers the
+/// same parts as DER) at `now`, and builds its TLS configuration.
+pub fn validate(
+    parts: Parts,
+    trust_domain: &str,
+    now: SystemTime,
+) -> Result<Material, MaterialError> {
+    let Parts {
+        chain,
+        key,
+        bundle,
+        chain_from,
+        key_from,
+        bundle_from,
+    } = parts;
+    let Some(leaf_der) = chain.first() else {
+        return Err(MaterialError::Missing {
+            path: chain_from,
+            what: "certificate",
+            pem: "CERTIFICATE",
+        });
+    };
     let mut roots = RootCertStore::empty();
-    for cert in certificates(&bundle_pem, &bundle_path)? {
+    for cert in bundle {
         roots.add(cert).map_err(|e| MaterialError::Read {
-            path: bundle_path.clone(),
+            path: bundle_from.clone(),
             error: format!("a trust anchor is unusable: {e}"),
         })?;
     }
 
     let leaf_problem = |problem| MaterialError::Leaf {
-        path: chain_path.clone(),
+        path: chain_from.clone(),
         problem,
     };
-    let info = leaf(&chain[0], trust_domain).map_err(leaf_problem)?;
+    let info = leaf(leaf_der, trust_domain).map_err(leaf_problem)?;
     info.check_time(now).map_err(leaf_problem)?;
 
     let provider: Arc<CryptoProvider> = tls::provider();
-    let certified = CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| {
-        MaterialError::KeyMismatch {
-            path: key_path.clone(),
-            error: e.to_string(),
-        }
-    })?;
     let untrusted = |error: String| MaterialError::Untrusted {
-        path: chain_path.clone(),
-        bundle: bundle_path.clone(),
+        path: chain_from.clone(),
+        bundle: bundle_from.clone(),
         error,
     };
-    let parsed = ParsedCertificate::try_from(&chain[0]).map_err(|e| untrusted(e.to_string()))?;
+    let parsed = ParsedCertificate::try_from(leaf_der).map_err(|e| untrusted(e.to_string()))?;
     let unix_now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
@@ -255,6 +295,12 @@ pub fn load(
         provider.signature_verification_algorithms.all,
     )
     .map_err(|e| untrusted(e.to_string()))?;
+    let certified = CertifiedKey::from_der(chain.clone(), key, &provider).map_err(|e| {
+        MaterialError::KeyMismatch {
+            path: key_from,
+            error: e.to_string(),
+        }
+    })?;
 
     let key = Arc::new(certified);
     let roots = Arc::new(roots);
