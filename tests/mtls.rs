@@ -655,6 +655,14 @@ async fn missing_material_is_reported_and_the_expiry_gauge_counts_down() {
     assert!(left > 0 && left <= 3600, "an hour at most is left: {left}");
 }
 
+/// Two pods, or `None` after reporting `test` skipped (not root, no venv).
+fn mesh(test: &str, a: (&str, &[&str]), b: (&str, &[&str])) -> Option<Mesh> {
+    let ca = Ca::new("mesh CA");
+    Mesh::start(&ca, a, b)
+        .map_err(|why| support::skip(test, &why))
+        .ok()
+}
+
 /// Pod A's app (curl, as uid 1000) calls pod B by address: the request leaves A in an HBONE tunnel
 /// (--outbound-mtls strict), B's log names A's identity, A's log names B's, and a capture on the
 /// link between them sees TLS to 15008 and never the request line.
@@ -668,18 +676,9 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
         );
         return;
     }
-    let ca = Ca::new("mesh CA");
-    let mut mesh = match Mesh::start(
-        &ca,
-        CLIENT_ID,
-        SERVER_ID,
-        &["--outbound-mtls", "strict", "--inbound-mtls", "strict"],
-    ) {
-        Ok(mesh) => mesh,
-        Err(why) => {
-            support::skip(test, &why);
-            return;
-        }
+    let strict: &[&str] = &["--outbound-mtls", "strict", "--inbound-mtls", "strict"];
+    let Some(mut mesh) = mesh(test, (CLIENT_ID, strict), (SERVER_ID, strict)) else {
+        return;
     };
     mesh.start_capture();
     let url = format!("http://{}:{}/{}", mesh.b_ip, APP_PORT, APP_FILE);
@@ -721,4 +720,39 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
     // is refused by strict B.
     let plain = mesh.curl_in_a("1337", &[&url]);
     assert!(plain.is_err(), "strict B answered plaintext: {plain:?}");
+}
+
+/// B runs no HBONE listener (--inbound-mtls off): A in `auto` sends plaintext (and logs no peer),
+/// A in `strict` resets the app's connection and logs the refusal.
+#[test]
+fn auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never_does() {
+    let test = "auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never_does";
+    let no_hbone: &[&str] = &["--inbound-mtls", "off"];
+    let url = |mesh: &Mesh| format!("http://{}:{}/{}", mesh.b_ip, APP_PORT, APP_FILE);
+
+    let auto: &[&str] = &["--outbound-mtls", "auto"];
+    let Some(mesh) = self::mesh(test, (CLIENT_ID, auto), (SERVER_ID, no_hbone)) else {
+        return;
+    };
+    assert_eq!(
+        mesh.curl_in_a("1000", &[&url(&mesh)]),
+        Ok(APP_CONTENT.to_string())
+    );
+    let outbound = mesh.record("a", "outbound");
+    assert!(
+        outbound.get("peer").is_none(),
+        "plaintext has no peer: {outbound}"
+    );
+    assert_eq!(outbound["status"], 200, "{outbound}");
+    drop(mesh);
+
+    let strict: &[&str] = &["--outbound-mtls", "strict"];
+    let Some(mesh) = self::mesh(test, (CLIENT_ID, strict), (SERVER_ID, no_hbone)) else {
+        return;
+    };
+    let refused = mesh.curl_in_a("1000", &[&url(&mesh)]);
+    assert!(refused.is_err(), "strict sent plaintext: {refused:?}");
+    let outbound = mesh.record("a", "outbound");
+    assert_eq!(outbound["error"], "connect_refused", "{outbound}");
+    assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
 }

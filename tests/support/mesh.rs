@@ -34,9 +34,9 @@ fn addresses() -> [Ipv4Addr; 2] {
 }
 
 impl Mesh {
-    /// Pods A (identity `a_id`) and B (`b_id`), both from `ca`, each proxy also given `run_args`.
-    /// `Err` with the reason when this machine cannot run them (not root, no venv).
-    pub fn start(ca: &Ca, a_id: &str, b_id: &str, run_args: &[&str]) -> Result<Mesh, String> {
+    /// Pods A (identity `pod_a.0`, more `run` arguments `pod_a.1`) and B (likewise), both from
+    /// `ca`. `Err` with the reason when this machine cannot run them (not root, no venv).
+    pub fn start(ca: &Ca, pod_a: (&str, &[&str]), pod_b: (&str, &[&str])) -> Result<Mesh, String> {
         let python = venv()?.join("bin/python3");
         let [a_ip, b_ip] = addresses();
         let mut mesh = Mesh {
@@ -72,7 +72,7 @@ impl Mesh {
         ]);
         mesh.spawn(app, "b-app.log");
 
-        for (i, (pod, id)) in [("a", a_id), ("b", b_id)].into_iter().enumerate() {
+        for (i, (pod, (id, run_args))) in [("a", pod_a), ("b", pod_b)].into_iter().enumerate() {
             let identity = mesh.path(&format!("{pod}-identity"));
             ca.write_dir(&identity, &ca.issue(id));
             let identity = identity.display().to_string();
