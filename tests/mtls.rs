@@ -628,6 +628,42 @@ fn material_is_validated_as_it_loads() {
     ));
 }
 
+/// The binary: /ready answers 503 naming the identity problem until the material arrives (the
+/// watcher picks it up), then 200, and /metrics shows the time left.
+#[tokio::test]
+async fn ready_waits_for_the_identity_and_metrics_show_its_expiry() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let identity = dir.path().join("identity");
+        let flag = identity.display().to_string();
+        let proxy = support::process::Proxy::start(
+            app.addr,
+            &["--identity-dir", &flag, "--hbone", "127.0.0.1:0"],
+        )
+        .await;
+        let waiting = proxy.admin_get("/ready").await;
+        assert_eq!(waiting.status, http::StatusCode::SERVICE_UNAVAILABLE);
+        let text = waiting.text();
+        assert!(
+            text.contains("workload identity") && text.contains("tls.crt"),
+            "{text}"
+        );
+
+        let ca = Ca::new("mesh CA");
+        ca.write_dir(&identity, &ca.issue(SERVER_ID));
+        support::eventually("/ready to answer 200", WAIT, || async {
+            (proxy.admin_get("/ready").await.status == http::StatusCode::OK).then_some(())
+        })
+        .await;
+        let metrics = proxy.admin_get("/metrics").await.text();
+        let left = support::metrics::metric(&metrics, "amazing_proxy_identity_expiry_seconds", &[])
+            .unwrap_or_default();
+        assert!(left > 0.0 && left <= 3600.0, "{metrics}");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn missing_material_is_reported_and_the_expiry_gauge_counts_down() {
     let dirs = tempfile::tempdir().expect("temp dir");
