@@ -758,8 +758,9 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
     assert!(plain.is_err(), "strict B answered plaintext: {plain:?}");
 }
 
-/// B runs no HBONE listener (--inbound-mtls off): A in `auto` sends plaintext (and logs no peer),
-/// A in `strict` resets the app's connection and logs the refusal.
+/// B runs no HBONE listener (--inbound-mtls off): A in `auto` sends plaintext (and logs no peer);
+/// A in `strict`, or in `auto` with B named in --peer-identities, resets the app's connection and
+/// logs the refusal.
 #[test]
 fn auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never_does() {
     let test = "auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never_does";
@@ -782,13 +783,21 @@ fn auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never
     assert_eq!(outbound["status"], 200, "{outbound}");
     drop(mesh);
 
+    // A destination with an expected identity must speak HBONE, even under `auto`.
+    let dir = tempfile::tempdir().expect("temp dir");
+    let peers = dir.path().join("peers");
+    std::fs::write(&peers, format!("198.18.0.0/15 {SERVER_ID}\n")).expect("write");
+    let peers = peers.display().to_string();
     let strict: &[&str] = &["--outbound-mtls", "strict"];
-    let Some(mesh) = self::mesh(test, (CLIENT_ID, strict), (SERVER_ID, no_hbone)) else {
-        return;
-    };
-    let refused = mesh.curl_in_a("1000", &[&url(&mesh)]);
-    assert!(refused.is_err(), "strict sent plaintext: {refused:?}");
-    let outbound = mesh.record("a", "outbound");
-    assert_eq!(outbound["error"], "connect_refused", "{outbound}");
-    assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
+    let expected: &[&str] = &["--outbound-mtls", "auto", "--peer-identities", &peers];
+    for a_args in [strict, expected] {
+        let Some(mesh) = self::mesh(test, (CLIENT_ID, a_args), (SERVER_ID, no_hbone)) else {
+            return;
+        };
+        let refused = mesh.curl_in_a("1000", &[&url(&mesh)]);
+        assert!(refused.is_err(), "{a_args:?} sent plaintext: {refused:?}");
+        let outbound = mesh.record("a", "outbound");
+        assert_eq!(outbound["error"], "connect_refused", "{outbound}");
+        assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
+    }
 }

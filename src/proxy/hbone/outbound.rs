@@ -3,10 +3,12 @@
 //! streams each), kept alive with PINGs every 10 s while idle and closed after
 //! `--pool-idle-timeout` without a stream.
 //!
-//! `--outbound-mtls auto` falls back to plaintext when nothing listens on the peer's 15008 (the
-//! connection is refused), and remembers that for [`PLAINTEXT_MEMORY`]; any other failure (a
-//! certificate refused, an identity not the expected one) is never a reason to send plaintext.
-//! `strict` never falls back: the app's connection is reset.
+//! `--outbound-mtls auto` falls back to plaintext when the TCP connection to the peer's 15008
+//! fails (refused: nothing listens; or timed out, unreachable: a host outside the mesh), and
+//! remembers that for [`PLAINTEXT_MEMORY`]. Once TCP is up, a failure (a certificate refused, an
+//! identity not the expected one) is never a reason to send plaintext, and neither is anything for
+//! a destination `--peer-identities` names: it is expected to speak HBONE. `strict` never falls
+//! back: the app's connection is reset.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -85,9 +87,13 @@ pub struct Tunnel {
 /// Why a tunnel could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum OpenError {
-    /// Nothing listens on the peer's HBONE port: `auto` may send plaintext.
-    #[error("nothing listens on {0} (connection refused)")]
-    NothingListens(SocketAddr),
+    /// No TCP connection to the peer's HBONE port: `auto` may send plaintext.
+    #[error("no HBONE at {peer}: {reason}")]
+    NoHbone {
+        peer: SocketAddr,
+        kind: ErrorKind,
+        reason: String,
+    },
     #[error("HBONE to {peer}: {reason}")]
     Failed {
         peer: SocketAddr,
@@ -99,8 +105,7 @@ pub enum OpenError {
 impl OpenError {
     fn kind(&self) -> ErrorKind {
         match self {
-            OpenError::NothingListens(_) => ErrorKind::ConnectRefused,
-            OpenError::Failed { kind, .. } => *kind,
+            OpenError::NoHbone { kind, .. } | OpenError::Failed { kind, .. } => *kind,
         }
     }
 }
@@ -207,13 +212,13 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         )
     })?;
     let options = shared.upstreams.connect;
-    let tcp = connect(peer, options).await.map_err(|e| {
-        if e.kind() == std::io::ErrorKind::ConnectionRefused {
-            OpenError::NothingListens(peer)
-        } else {
-            failed(classify_io(&e, true), e.to_string())
-        }
-    })?;
+    let tcp = connect(peer, options)
+        .await
+        .map_err(|e| OpenError::NoHbone {
+            peer,
+            kind: classify_io(&e, true),
+            reason: e.to_string(),
+        })?;
     let expected = mtls.peers.expected(peer.ip()).cloned();
     let config = client_config(
         material.key.clone(),
@@ -345,8 +350,10 @@ pub async fn forward(
             tcp::forward_streams(shared, &mut client, &mut tunnel.io, route).await;
             None
         }
-        Err(OpenError::NothingListens(_)) if auto => {
-            tracing::debug!(%target, "no HBONE on {peer}: plaintext for {PLAINTEXT_MEMORY:?}");
+        Err(e @ OpenError::NoHbone { .. })
+            if auto && mtls.peers.expected(target.ip()).is_none() =>
+        {
+            tracing::debug!(%target, "{e}: plaintext for {PLAINTEXT_MEMORY:?}");
             mtls.pool.remember_plaintext(target.ip());
             Some(client)
         }
