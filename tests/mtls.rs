@@ -201,6 +201,14 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
         assert_eq!(record["peer"], CLIENT_ID, "{record}");
         assert_eq!(record["direction"], "inbound");
         assert_eq!(record["status"], 201);
+        let metrics = p.server.telemetry.metrics.encode();
+        let peer_label = format!("peer=\"{CLIENT_ID}\"");
+        let streams = support::metrics::metric(
+            &metrics,
+            "amazing_proxy_hbone_streams_total",
+            &["direction=\"inbound\"", &peer_label],
+        );
+        assert_eq!(streams, Some(1.0), "{metrics}");
     })
     .await;
 }

@@ -119,6 +119,14 @@ pub struct DetectLabels {
     pub reason: &'static str,
 }
 
+/// An HBONE stream's direction and the peer's SPIFFE ID. Only peers whose certificate chains to
+/// our trust bundle and trust domain get a series: the label space is the mesh's workloads.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabels {
+    pub direction: Direction,
+    pub peer: String,
+}
+
 /// Handles resolved once per direction.
 #[derive(Clone)]
 pub struct DirectionMetrics {
@@ -136,6 +144,7 @@ pub struct Metrics {
     errors: Family<ErrorLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
     detect: Family<DetectLabels, Counter>,
+    hbone_streams: Family<PeerLabels, Counter>,
     per_direction: [DirectionMetrics; 2],
     pub access_log_dropped: Counter,
     pub rejected_connections: Counter,
@@ -268,6 +277,12 @@ impl Metrics {
             "Requests still running when --drain-timeout ended the drain",
         );
 
+        let hbone_streams = Family::<PeerLabels, Counter>::default();
+        registry.register(
+            "hbone_streams",
+            "HBONE tunnel streams opened, by direction and peer SPIFFE ID",
+            hbone_streams.clone(),
+        );
         let identity_expiry_seconds = Gauge::default();
         registry.register(
             "identity_expiry_seconds",
@@ -281,6 +296,7 @@ impl Metrics {
             errors,
             grpc,
             detect,
+            hbone_streams,
             per_direction,
             access_log_dropped,
             rejected_connections,
@@ -333,6 +349,15 @@ impl Metrics {
                 direction,
                 protocol,
                 reason,
+            })
+            .inc();
+    }
+
+    pub fn count_hbone_stream(&self, direction: Direction, peer: &str) {
+        self.hbone_streams
+            .get_or_create(&PeerLabels {
+                direction,
+                peer: peer.to_owned(),
             })
             .inc();
     }

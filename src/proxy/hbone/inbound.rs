@@ -158,6 +158,7 @@ async fn open_stream(
     };
     let upgrade = hyper::upgrade::on(&mut req);
     let metrics = &shared.telemetry.metrics;
+    metrics.count_hbone_stream(Direction::Inbound, &peer);
     let guard = shared
         .limits
         .track(&metrics.direction(Direction::Inbound).open_connections);

@@ -346,6 +346,8 @@ pub async fn forward(
         .await
     {
         Ok(mut tunnel) => {
+            let metrics = &shared.telemetry.metrics;
+            metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);
             route.peer = Some(tunnel.peer.to_string());
             tcp::forward_streams(shared, &mut client, &mut tunnel.io, route).await;
             None
