@@ -14,7 +14,7 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-use super::material::{Material, Source, load};
+use super::material::{Material, MaterialError, Source, load};
 
 /// How often the files are checked for a change, and the certificate for its expiry.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -67,7 +67,19 @@ impl Identity {
     }
 
     fn reload(&self, now: SystemTime, expiry: &Gauge) {
-        match load(&self.source, &self.trust_domain, now) {
+        self.publish(load(&self.source, &self.trust_domain, now), now, expiry);
+    }
+
+    /// Makes validated material current, or reports why a new one is unusable. The files' poller
+    /// calls it; a streamed source (the SPIFFE Workload API) would call it with each message
+    /// turned into [`super::material::validate`]'s result.
+    pub fn publish(
+        &self,
+        loaded: Result<Material, MaterialError>,
+        now: SystemTime,
+        expiry: &Gauge,
+    ) {
+        match loaded {
             Ok(material) => {
                 tracing::info!(
                     id = %material.id,
