@@ -2,6 +2,7 @@
 //! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored).
 
 pub mod issue;
+pub mod spire;
 
 use std::fmt;
 use std::str::FromStr;
