@@ -75,10 +75,10 @@ impl fmt::Display for Default {
 
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {
-    #[error("cannot read the policy {path}: {source}")]
+    #[error("cannot read the policy {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("invalid policy{}: {message}", source_name(.path))]
     Invalid {
@@ -169,9 +169,9 @@ impl Policy {
 
     /// Reads and validates the policy file at `path`.
     pub fn load(path: &Path) -> Result<Policy, PolicyError> {
-        let text = std::fs::read_to_string(path).map_err(|source| PolicyError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         parse(&text).map_err(|message| PolicyError::Invalid {
             path: Some(path.to_owned()),

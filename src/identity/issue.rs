@@ -90,11 +90,11 @@ pub enum IssueError {
     )]
     TrustDomain(String),
     #[error(
-        "cannot read {path}: {source}; pass the directory written by `amazing-proxy identity ca`"
+        "cannot read {path}: {error}; pass the directory written by `amazing-proxy identity ca`"
     )]
     ReadCa {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error(
         "{path} is not usable: {reason}; pass the directory written by `amazing-proxy identity ca`"
@@ -112,10 +112,10 @@ pub enum IssueError {
     CaExpired(PathBuf),
     #[error("{0} already exists: pass --force to replace it")]
     Exists(PathBuf),
-    #[error("cannot write {path}: {source}")]
+    #[error("cannot write {path}: {error}")]
     Write {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("cannot generate the certificate: {0}")]
     Generate(#[from] rcgen::Error),
@@ -205,7 +205,7 @@ pub fn make_ca(trust_domain: &str, days: u32, now: OffsetDateTime) -> Result<Pem
 pub fn read_ca(dir: &Path) -> Result<Pem, IssueError> {
     let read = |name: &str| {
         let path = dir.join(name);
-        fs::read_to_string(&path).map_err(|source| IssueError::ReadCa { path, source })
+        fs::read_to_string(&path).map_err(|error| IssueError::ReadCa { path, error })
     };
     Ok(Pem {
         cert: read(CA_CERT)?,
@@ -308,9 +308,9 @@ fn write_files(dir: &Path, files: &[(&str, &str, bool)], force: bool) -> Result<
     if !force && let Some((name, ..)) = files.iter().find(|(name, ..)| dir.join(name).exists()) {
         return Err(IssueError::Exists(dir.join(name)));
     }
-    fs::create_dir_all(dir).map_err(|source| IssueError::Write {
+    fs::create_dir_all(dir).map_err(|error| IssueError::Write {
         path: dir.to_owned(),
-        source,
+        error,
     })?;
     for (name, contents, secret) in files {
         let path = dir.join(name);
@@ -328,11 +328,11 @@ fn write_files(dir: &Path, files: &[(&str, &str, bool)], force: bool) -> Result<
         let result = options
             .open(&path)
             .and_then(|mut file| file.write_all(contents.as_bytes()));
-        result.map_err(|source| match source.kind() {
+        result.map_err(|error| match error.kind() {
             std::io::ErrorKind::AlreadyExists => IssueError::Exists(path.clone()),
             _ => IssueError::Write {
                 path: path.clone(),
-                source,
+                error,
             },
         })?;
     }
