@@ -68,7 +68,7 @@ pub struct Settings {
     pub memory_request: Option<String>,
     pub cpu_limit: Option<String>,
     pub memory_limit: Option<String>,
-    /// Where the proxy's identity comes from; anything but `None` also opens HBONE.
+    /// Where the proxy's mTLS identity comes from.
     pub identity: IdentityKind,
     /// The signer of `IdentityKind::PodCertificate` certificates and trust bundles.
     pub pod_certificate_signer: Option<String>,

@@ -1,7 +1,7 @@
 //! What `amazing-proxy.io/identity` and `amazing-proxy.io/policy` add to an injected pod: the
 //! volume that brings the workload's identity (or the SPIRE agent's socket) and the policy into the
-//! proxy's container, where they are mounted, the variables that point `run` at them, and the HBONE
-//! port.
+//! proxy's container, where they are mounted, and the variables that point `run` at them. (The
+//! HBONE port is declared on every sidecar, identity or not.)
 //!
 //! The volumes are mounted into the proxy's container only: the key never reaches the app's
 //! containers, so the files can keep the default modes that kubelet and the CSI drivers give them.
@@ -20,9 +20,6 @@ use k8s_openapi::api::core::v1::{
     PodCertificateProjection, ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
-
-/// The HBONE port (Istio ambient's): mutual TLS between sidecars, opened when the pod has an identity.
-pub const HBONE_PORT: u16 = 15008;
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
 pub const IDENTITY_VOLUME: &str = "amazing-proxy-identity";

@@ -72,7 +72,7 @@ pub struct InjectDefaults {
     /// Memory limit of each injected container; none unless set (`proxy-memory-limit`).
     #[arg(long, default_value = "", value_parser = optional_quantity)]
     pub proxy_memory_limit: Quantity,
-    /// Where the proxy's identity comes from; any but `none` also opens HBONE (`identity`).
+    /// Where the proxy's mTLS identity comes from (`identity`).
     #[arg(long, value_enum, default_value = "none")]
     pub identity: identity::IdentityKind,
     /// The signer of pod certificates, for `--identity pod-certificate` (`pod-certificate-signer`).

@@ -30,9 +30,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value};
 
 use super::annotations::{INJECTED, SettingError, Settings, opted_out};
-use super::identity::{self, HBONE_PORT, IdentityKind};
+use super::identity::{self, IdentityKind};
 use crate::vocab::{
-    ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList, format_duration,
+    ADMIN_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList,
+    format_duration,
 };
 
 pub const INIT_NAME: &str = "amazing-proxy-init";
@@ -68,10 +69,11 @@ const STARTUP_PROBE: (i32, i32) = (1, 120);
 const READINESS_PROBE: (i32, i32) = (2, 1);
 const LIVENESS_PROBE: (i32, i32) = (10, 3);
 
-const RESERVED_PORTS: [(u16, &str); 3] = [
+const RESERVED_PORTS: [(u16, &str); 4] = [
     (INBOUND_PORT, "inbound"),
     (OUTBOUND_PORT, "outbound"),
     (ADMIN_PORT, "admin"),
+    (HBONE_PORT, "HBONE"),
 ];
 
 /// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
@@ -99,8 +101,8 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     #[error(
-        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT} and \
-         {ADMIN_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
+        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT}, \
+         {ADMIN_PORT} and {HBONE_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
     )]
     PortConflict {
         field: String,
@@ -116,11 +118,6 @@ pub enum PatchError {
         name: String,
         what: &'static str,
     },
-    #[error(
-        "{field}: port {HBONE_PORT} is the proxy's HBONE port in a pod with an identity; move the app off it \
-         or set amazing-proxy.io/identity: none"
-    )]
-    HbonePortConflict { field: String },
     #[error("{0}")]
     Setting(#[from] SettingError),
     #[error("{field}: expected {expected}")]
@@ -293,12 +290,8 @@ pub fn inject_template(
     let mut init_containers = take_named(spec, &INIT_CONTAINERS, prefix, ours)?;
     let mut containers = take_named(spec, &CONTAINERS, prefix, ours)?;
     let volumes = take_named(spec, &VOLUMES, prefix, ours)?;
-    check_ports(
-        &init_containers,
-        &format!("{prefix}spec.initContainers"),
-        &settings,
-    )?;
-    check_ports(&containers, &format!("{prefix}spec.containers"), &settings)?;
+    check_ports(&init_containers, &format!("{prefix}spec.initContainers"))?;
+    check_ports(&containers, &format!("{prefix}spec.containers"))?;
     check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
     let app = app_ports(
         &containers,
@@ -533,7 +526,7 @@ fn container_ports<'a>(
     Ok(out)
 }
 
-fn check_ports(containers: &[Value], field: &str, s: &Settings) -> Result<(), PatchError> {
+fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
     for (i, container) in containers.iter().enumerate() {
         // Indexes are those of the list without our containers, which only differ when re-injecting
         // (ours come first), so they are the user's indexes.
@@ -544,9 +537,6 @@ fn check_ports(containers: &[Value], field: &str, s: &Settings) -> Result<(), Pa
                     port: *port,
                     role,
                 });
-            }
-            if port == HBONE_PORT && s.identity != IdentityKind::None {
-                return Err(PatchError::HbonePortConflict { field: pfield });
             }
         }
     }
@@ -584,25 +574,11 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
     check_identity(s, field)
 }
 
-/// An identity takes the HBONE port, and pod certificates need their signer.
+/// Pod certificates need their signer.
 fn check_identity(s: &Settings, field: &str) -> Result<(), PatchError> {
-    let at = |name: &str| format!("{field}[\"amazing-proxy.io/{name}\"]");
-    if s.identity == IdentityKind::None {
-        return Ok(());
-    }
-    if s.app_port == Some(HBONE_PORT) {
-        return Err(PatchError::HbonePortConflict {
-            field: at("app-port"),
-        });
-    }
-    if s.inbound_ports.contains(HBONE_PORT) {
-        return Err(PatchError::HbonePortConflict {
-            field: at("inbound-ports"),
-        });
-    }
     if s.identity == IdentityKind::PodCertificate && s.pod_certificate_signer.is_none() {
         return Err(SettingError {
-            field: at("identity"),
+            field: format!("{field}[\"amazing-proxy.io/identity\"]"),
             problem: "pod-certificate needs the signer that issues the pod's certificates: set amazing-proxy.io/pod-certificate-signer (or inject --pod-certificate-signer) to its name, e.g. example.com/spiffe".into(),
         }
         .into());
@@ -783,21 +759,19 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
         }
     }
     vars.extend(identity::env(s.identity, s.policy.as_deref()));
-    let mut ports = vec![
-        port("proxy-inbound", INBOUND_PORT),
-        port("proxy-admin", ADMIN_PORT),
-    ];
-    if s.identity != IdentityKind::None {
-        ports.push(port("proxy-hbone", HBONE_PORT));
-    }
     let mounts = identity::mounts(s.identity, s.policy.as_deref());
     Container {
         name: SIDECAR_NAME.into(),
         image: Some(s.image.clone()),
         args: Some(vec!["run".into()]),
         env: Some(vars),
-        ports: Some(ports),
         volume_mounts: (!mounts.is_empty()).then_some(mounts),
+        ports: Some(vec![
+            port("proxy-inbound", INBOUND_PORT),
+            port("proxy-admin", ADMIN_PORT),
+            // Peers' HBONE tunnels (mutual TLS); `init` leaves it out of the redirection.
+            port("proxy-hbone", HBONE_PORT),
+        ]),
         // A native sidecar: an init container that keeps running; the next init container (and the
         // app) starts only once its startup probe passes.
         restart_policy: (!options.legacy_sidecar).then(|| "Always".to_string()),
@@ -1045,24 +1019,13 @@ mod tests {
         assert!(plain["spec"].get("volumes").is_none(), "{plain}");
         let sidecar = &plain["spec"]["initContainers"][1];
         assert!(sidecar.get("volumeMounts").is_none());
-        assert_eq!(sidecar["ports"].as_array().map(Vec::len), Some(2));
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET"), None);
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_POLICY"), None);
     }
 
     #[test]
-    fn identity_conflicts_name_the_field() {
+    fn identity_volume_names_are_ours() {
         let spire = json!({"amazing-proxy.io/identity": "spire"});
-        let taken = with_annotations(
-            pod(json!([{"name": "app", "ports": [{"containerPort": 15008}]}])),
-            spire.clone(),
-        );
-        let err = inject_object(&taken, &options(false)).expect_err("hbone port");
-        assert!(
-            matches!(&err, PatchError::HbonePortConflict { field } if field == "spec.containers[0].ports[0].containerPort"),
-            "{err}"
-        );
-        // Without an identity, 15008 is the app's to use.
-        let plain = pod(json!([{"name": "app", "ports": [{"containerPort": 15008}]}]));
-        assert!(inject_object(&plain, &options(false)).is_ok());
         let mut volume = with_annotations(pod(json!([{"name": "app"}])), spire);
         volume["spec"]["volumes"] = json!([{"name": "amazing-proxy-identity", "emptyDir": {}}]);
         let err = inject_object(&volume, &options(false)).expect_err("volume name");
