@@ -201,7 +201,7 @@ async fn exchange() {
         waiting
             .problem
             .as_deref()
-            .is_some_and(|p| p.contains("waiting for an X.509-SVID")),
+            .is_some_and(|p| p.contains("SPIFFE Workload API at") && p.contains("agent.sock")),
         "{waiting:?}"
     );
     let (_agent, mut calls) = start_agent(&socket);
