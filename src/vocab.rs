@@ -18,6 +18,9 @@ pub const INBOUND_PORT: u16 = 8000;
 pub const OUTBOUND_PORT: u16 = 15001;
 /// The proxy's admin port (`/live`, `/ready`, `/metrics`, `POST /shutdown`).
 pub const ADMIN_PORT: u16 = 15000;
+/// HBONE (HTTP/2 CONNECT over mutual TLS), the port Istio ambient's ztunnel dials and listens on;
+/// `init` leaves it out of the inbound redirection.
+pub const HBONE_PORT: u16 = 15008;
 /// The uid the proxy runs as; `init` lets this uid's connections out unredirected.
 pub const PROXY_UID: u32 = 1337;
 /// The gid the proxy runs as; `init` lets this gid's connections out unredirected.

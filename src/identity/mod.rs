@@ -1,6 +1,9 @@
 //! Workload identity: SPIFFE IDs of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
 //! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored).
 
+pub mod issue;
+pub mod spire;
+
 use std::fmt;
 use std::str::FromStr;
 
