@@ -19,6 +19,7 @@ pub mod identity;
 pub mod inject;
 pub mod install;
 pub mod netfilter;
+pub mod policy;
 pub mod proxy;
 pub mod run;
 pub mod sync;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use amazing_proxy::{config, inject, install, netfilter, run, webhook};
+use amazing_proxy::{config, identity, inject, install, netfilter, run, webhook};
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// `--version`: the package version, the commit and the build date (stamped by build.rs).
@@ -41,6 +41,9 @@ enum Command {
     Webhook(webhook::WebhookArgs),
     /// Print the manifests that install the injection webhook on a cluster.
     Install(install::InstallArgs),
+    /// Make a development CA and workload identities (the --identity-dir layout).
+    #[command(subcommand)]
+    Identity(identity::issue::IdentityCommand),
 }
 
 fn main() -> ExitCode {
@@ -61,6 +64,7 @@ fn main() -> ExitCode {
         Command::Uninject(args) => inject::uninject_main(args).map_err(Into::into),
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
         Command::Install(args) => install::main(args).map_err(Into::into),
+        Command::Identity(command) => identity::issue::main(command).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -19,12 +19,17 @@ const FIXTURES: &str = "tests/fixtures/inject";
 const GOLDENS: &str = "tests/golden/inject";
 /// The oldest and newest Kubernetes schemas kubernetes-validate ships that have native sidecars GA.
 const KUBERNETES_VERSIONS: [&str; 2] = ["1.33.0", "1.37.0"];
+/// The oldest and newest that have Pod Certificates (`podCertificate` projected volume sources:
+/// kubernetes-validate 1.37's schemas have them from 1.34 on, not in 1.33).
+const POD_CERTIFICATE_VERSIONS: [&str; 2] = ["1.34.0", "1.37.0"];
 
 struct Case {
     fixture: &'static str,
     args: &'static [&'static str],
     /// Strict validation rejects unknown fields, which one fixture keeps on purpose.
     strict: bool,
+    /// The Kubernetes schemas the output is validated against.
+    kubernetes: &'static [&'static str],
 }
 
 const CASES: &[Case] = &[
@@ -32,66 +37,79 @@ const CASES: &[Case] = &[
         fixture: "pod.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "deployment.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "statefulset.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "daemonset.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "replicaset.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "job.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "cronjob.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "multi-doc.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "list.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "deployment.json",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "annotations-all.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "disable-outbound.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "legacy-sidecar.yaml",
         args: &["--legacy-sidecar"],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "flags.yaml",
@@ -110,31 +128,55 @@ const CASES: &[Case] = &[
             "--proxy-memory-limit=64Mi",
         ],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "opted-out.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "passthrough.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "unknown-fields.yaml",
         args: &[],
         strict: false,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "reinject.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
     Case {
         fixture: "named-ports.yaml",
         args: &[],
         strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
+    },
+    Case {
+        fixture: "identity-csi-spiffe.yaml",
+        args: &[],
+        strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
+    },
+    Case {
+        fixture: "identity-pod-certificate.yaml",
+        args: &[],
+        strict: true,
+        kubernetes: &POD_CERTIFICATE_VERSIONS,
+    },
+    Case {
+        fixture: "identity-spire.yaml",
+        args: &["--identity=spire"],
+        strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
     },
 ];
 
@@ -145,6 +187,7 @@ const ERROR_CASES: &[&str] = &[
     "err-bad-annotation.yaml",
     "err-inbound-excluded.yaml",
     "err-yaml-syntax.yaml",
+    "err-identity-signer.yaml",
 ];
 
 /// Runs the binary with a time bound; `stdin` is fed to it.
@@ -157,6 +200,9 @@ fn inject(fixture_path: &str, args: &[&str]) -> Output {
     all.extend_from_slice(args);
     run(&all, b"")
 }
+
+/// How files are validated: strictly or not, against which Kubernetes versions.
+type Validation = (bool, &'static [&'static str]);
 
 fn updating() -> bool {
     std::env::var_os("UPDATE_GOLDENS").is_some_and(|v| v == "1")
@@ -214,7 +260,7 @@ fn utf8(bytes: &[u8]) -> String {
 #[test]
 fn goldens_idempotent_and_valid() {
     let validate_dir = tempfile::tempdir().expect("temp dir");
-    let (mut strict, mut lenient) = (Vec::new(), Vec::new());
+    let mut groups: Vec<(Validation, Vec<PathBuf>)> = Vec::new();
     for case in CASES {
         let path = format!("{FIXTURES}/{}", case.fixture);
         let out = inject(&path, case.args);
@@ -245,14 +291,15 @@ fn goldens_idempotent_and_valid() {
         );
 
         let files = split_for_validation(&stdout, case.fixture, validate_dir.path());
-        if case.strict {
-            strict.extend(files)
-        } else {
-            lenient.extend(files)
+        let how = (case.strict, case.kubernetes);
+        match groups.iter_mut().find(|(h, _)| *h == how) {
+            Some((_, group)) => group.extend(files),
+            None => groups.push((how, files)),
         }
     }
-    validate(&strict, true);
-    validate(&lenient, false);
+    for ((strict, versions), files) in &groups {
+        validate(files, *strict, versions);
+    }
 }
 
 /// `uninject` removes exactly what `inject` added: uninject(inject(x)) == x for every fixture
@@ -362,7 +409,7 @@ fn deploy_manifests_are_valid() {
         files.iter().any(|f| f.ends_with("pod.yaml")),
         "deploy/pod.yaml missing"
     );
-    validate(&files, true);
+    validate(&files, true, &KUBERNETES_VERSIONS);
 }
 
 /// deploy/pod.yaml is what the injector writes for the tutorial's pod.
@@ -438,12 +485,12 @@ fn kubernetes_validate() -> PathBuf {
     })
 }
 
-fn validate(files: &[PathBuf], strict: bool) {
+fn validate(files: &[PathBuf], strict: bool, versions: &[&str]) {
     if files.is_empty() {
         return;
     }
     let tool = kubernetes_validate();
-    for version in KUBERNETES_VERSIONS {
+    for version in versions {
         let mut cmd = Command::new(&tool);
         cmd.arg("--quiet").arg("--kubernetes-version").arg(version);
         if strict {
@@ -562,5 +609,6 @@ fn install_self_signed_golden_and_valid() {
     validate(
         &split_for_validation(&text, "install-self-signed", dir.path()),
         true,
+        &KUBERNETES_VERSIONS,
     );
 }

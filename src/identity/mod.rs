@@ -8,6 +8,9 @@ pub mod peers;
 pub mod source;
 pub mod tls;
 
+pub mod issue;
+pub mod spire;
+
 use std::fmt;
 use std::str::FromStr;
 

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use serde_json::{Map, Value};
 
+use super::identity::{IdentityKind, parse_configmap_name, parse_signer_name};
 use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration, parse_port};
 
 /// Every annotation this module reads or writes shares this prefix.
@@ -41,6 +42,9 @@ pub const KNOWN: &[&str] = &[
     "proxy-memory-request",
     "proxy-cpu-limit",
     "proxy-memory-limit",
+    "identity",
+    "pod-certificate-signer",
+    "policy",
 ];
 
 /// The settings of one injection. The flags give the defaults ([`Settings`] built by clap); the
@@ -64,6 +68,12 @@ pub struct Settings {
     pub memory_request: Option<String>,
     pub cpu_limit: Option<String>,
     pub memory_limit: Option<String>,
+    /// Where the proxy's mTLS identity comes from.
+    pub identity: IdentityKind,
+    /// The signer of `IdentityKind::PodCertificate` certificates and trust bundles.
+    pub pod_certificate_signer: Option<String>,
+    /// The ConfigMap whose `policy.yaml` is the proxy's authorization policy.
+    pub policy: Option<String>,
 }
 
 /// An annotation (or flag) whose value does not parse.
@@ -125,6 +135,11 @@ impl Settings {
                 }
                 "proxy-cpu-limit" => s.cpu_limit = Some(parse_quantity(text).map_err(err)?),
                 "proxy-memory-limit" => s.memory_limit = Some(parse_quantity(text).map_err(err)?),
+                "identity" => s.identity = IdentityKind::from_str(text).map_err(err)?,
+                "pod-certificate-signer" => {
+                    s.pod_certificate_signer = Some(parse_signer_name(text).map_err(err)?)
+                }
+                "policy" => s.policy = Some(parse_configmap_name(text).map_err(err)?),
                 other => {
                     return Err(err(format!(
                         "unknown amazing-proxy annotation `{other}`; known: {} (see docs/inject.md)",
@@ -227,6 +242,9 @@ impl Settings {
             memory_request: Some("16Mi".into()),
             cpu_limit: None,
             memory_limit: None,
+            identity: IdentityKind::None,
+            pod_certificate_signer: None,
+            policy: None,
         }
     }
 }
@@ -279,6 +297,9 @@ mod tests {
             ("drain-delay", json!("5 parsecs")),
             ("disable-outbound", json!("yes")),
             ("app-prot", json!("80")),
+            ("identity", json!("istio")),
+            ("pod-certificate-signer", json!("spiffe")),
+            ("policy", json!("Policy_1")),
         ] {
             let key = format!("{PREFIX}{key}");
             let ann = json!({ key.clone(): value });

@@ -11,6 +11,7 @@
 
 pub mod annotations;
 pub mod documents;
+pub mod identity;
 pub mod patch;
 
 use std::io::{Read, Write};
@@ -71,6 +72,12 @@ pub struct InjectDefaults {
     /// Memory limit of each injected container; none unless set (`proxy-memory-limit`).
     #[arg(long, default_value = "", value_parser = optional_quantity)]
     pub proxy_memory_limit: Quantity,
+    /// Where the proxy's mTLS identity comes from (`identity`).
+    #[arg(long, value_enum, default_value = "none")]
+    pub identity: identity::IdentityKind,
+    /// The signer of pod certificates, for `--identity pod-certificate` (`pod-certificate-signer`).
+    #[arg(long, value_parser = identity::parse_signer_name)]
+    pub pod_certificate_signer: Option<String>,
 }
 
 // clap treats fields spelt `Option<T>` specially (an optional flag); this alias keeps each flag a
@@ -103,6 +110,9 @@ impl InjectDefaults {
                 memory_request: self.proxy_memory_request.clone(),
                 cpu_limit: self.proxy_cpu_limit.clone(),
                 memory_limit: self.proxy_memory_limit.clone(),
+                identity: self.identity,
+                pod_certificate_signer: self.pod_certificate_signer.clone(),
+                policy: None,
             },
             legacy_sidecar: self.legacy_sidecar,
         }

@@ -30,8 +30,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value};
 
 use super::annotations::{INJECTED, SettingError, Settings, opted_out};
+use super::identity::{self, IdentityKind};
 use crate::vocab::{
-    ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList, format_duration,
+    ADMIN_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList,
+    format_duration,
 };
 
 pub const INIT_NAME: &str = "amazing-proxy-init";
@@ -67,10 +69,11 @@ const STARTUP_PROBE: (i32, i32) = (1, 120);
 const READINESS_PROBE: (i32, i32) = (2, 1);
 const LIVENESS_PROBE: (i32, i32) = (10, 3);
 
-const RESERVED_PORTS: [(u16, &str); 3] = [
+const RESERVED_PORTS: [(u16, &str); 4] = [
     (INBOUND_PORT, "inbound"),
     (OUTBOUND_PORT, "outbound"),
     (ADMIN_PORT, "admin"),
+    (HBONE_PORT, "HBONE"),
 ];
 
 /// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
@@ -98,8 +101,8 @@ pub enum Outcome {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PatchError {
     #[error(
-        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT} and \
-         {ADMIN_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
+        "{field}: port {port} is the proxy's {role} port; move the app off ports {INBOUND_PORT}, {OUTBOUND_PORT}, \
+         {ADMIN_PORT} and {HBONE_PORT} (the proxy owns them in every injected pod) or opt this pod out with amazing-proxy.io/inject: \"false\""
     )]
     PortConflict {
         field: String,
@@ -107,10 +110,14 @@ pub enum PatchError {
         role: &'static str,
     },
     #[error(
-        "{field}: the container name `{name}` is reserved for the injected proxy; rename this container (a template \
+        "{field}: the {what} name `{name}` is reserved for the injected proxy; rename this {what} (a template \
          injected by amazing-proxy carries the amazing-proxy.io/injected annotation and is re-injected instead)"
     )]
-    NameTaken { field: String, name: String },
+    NameTaken {
+        field: String,
+        name: String,
+        what: &'static str,
+    },
     #[error("{0}")]
     Setting(#[from] SettingError),
     #[error("{field}: expected {expected}")]
@@ -280,8 +287,9 @@ pub fn inject_template(
         return Ok(Outcome::Skipped(reason.into()));
     }
 
-    let mut init_containers = take_containers(spec, "initContainers", prefix, ours)?;
-    let mut containers = take_containers(spec, "containers", prefix, ours)?;
+    let mut init_containers = take_named(spec, &INIT_CONTAINERS, prefix, ours)?;
+    let mut containers = take_named(spec, &CONTAINERS, prefix, ours)?;
+    let volumes = take_named(spec, &VOLUMES, prefix, ours)?;
     check_ports(&init_containers, &format!("{prefix}spec.initContainers"))?;
     check_ports(&containers, &format!("{prefix}spec.containers"))?;
     check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
@@ -291,8 +299,8 @@ pub fn inject_template(
         &format!("{prefix}spec.containers"),
     )?;
 
-    let init = to_value(init_container(&settings));
-    let sidecar = to_value(sidecar_container(&settings, &app, options));
+    let init = to_json(init_container(&settings));
+    let sidecar = to_json(sidecar_container(&settings, &app, options));
     init_containers.insert(0, init);
     if options.legacy_sidecar {
         containers.push(sidecar);
@@ -303,6 +311,12 @@ pub fn inject_template(
     }
     spec.insert("initContainers".into(), Value::Array(init_containers));
     spec.insert("containers".into(), Value::Array(containers));
+    let added = identity::volumes(
+        settings.identity,
+        settings.pod_certificate_signer.as_deref(),
+        settings.policy.as_deref(),
+    );
+    put_volumes(spec, volumes, added.into_iter().map(to_json).collect());
     annotate(template, prefix)?;
     Ok(Outcome::Injected)
 }
@@ -351,17 +365,19 @@ pub fn uninject_template(template: &mut Value, prefix: &str) -> Result<Outcome, 
         )));
     }
     if let Some(Value::Object(spec)) = template.get_mut("spec") {
-        for key in ["initContainers", "containers"] {
-            if !spec.contains_key(key) {
+        for list in [&INIT_CONTAINERS, &CONTAINERS] {
+            if !spec.contains_key(list.key) {
                 continue;
             }
-            let kept = take_containers(spec, key, prefix, true)?;
-            if kept.is_empty() && key == "initContainers" {
-                spec.shift_remove(key);
+            let kept = take_named(spec, list, prefix, true)?;
+            if kept.is_empty() && list.key == "initContainers" {
+                spec.shift_remove(list.key);
             } else {
-                spec.insert(key.into(), Value::Array(kept));
+                spec.insert(list.key.into(), Value::Array(kept));
             }
         }
+        let kept = take_named(spec, &VOLUMES, prefix, true)?;
+        put_volumes(spec, kept, Vec::new());
     }
     let Some(Value::Object(metadata)) = template.get_mut("metadata") else {
         return Ok(Outcome::Uninjected);
@@ -387,41 +403,89 @@ pub fn uninject_template(template: &mut Value, prefix: &str) -> Result<Outcome, 
     Ok(Outcome::Uninjected)
 }
 
-/// The containers of `spec[key]` without ours (if this template is ours to re-inject).
-fn take_containers(
+/// A list of the pod spec in which some names are ours.
+struct Named {
+    key: &'static str,
+    ours: &'static [&'static str],
+    /// What an item is, for messages.
+    what: &'static str,
+}
+
+const INIT_CONTAINERS: Named = Named {
+    key: "initContainers",
+    ours: &[INIT_NAME, SIDECAR_NAME],
+    what: "container",
+};
+const CONTAINERS: Named = Named {
+    key: "containers",
+    ours: &[INIT_NAME, SIDECAR_NAME],
+    what: "container",
+};
+const VOLUMES: Named = Named {
+    key: "volumes",
+    ours: &identity::VOLUMES,
+    what: "volume",
+};
+
+/// The items of `spec[list.key]` without ours (if this template is ours to re-inject; else an item
+/// with one of our names is an error).
+fn take_named(
     spec: &Map<String, Value>,
-    key: &str,
+    list: &Named,
     prefix: &str,
     ours: bool,
 ) -> Result<Vec<Value>, PatchError> {
-    let list = match spec.get(key) {
+    let Named { key, what, .. } = list;
+    let items = match spec.get(*key) {
         None | Some(Value::Null) => return Ok(Vec::new()),
-        Some(Value::Array(list)) => list,
+        Some(Value::Array(items)) => items,
         Some(_) => {
             return Err(PatchError::malformed(
                 format!("{prefix}spec.{key}"),
-                "a list of containers",
+                format!("a list of {what}s"),
             ));
         }
     };
-    let mut kept = Vec::with_capacity(list.len());
-    for (i, container) in list.iter().enumerate() {
+    let mut kept = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
         let field = format!("{prefix}spec.{key}[{i}]");
-        let Some(c) = container.as_object() else {
-            return Err(PatchError::malformed(field, "a mapping (a container)"));
+        let Some(c) = item.as_object() else {
+            return Err(PatchError::malformed(
+                field,
+                format!("a mapping (a {what})"),
+            ));
         };
         match c.get("name").and_then(Value::as_str) {
-            Some(name @ (INIT_NAME | SIDECAR_NAME)) if !ours => {
-                return Err(PatchError::NameTaken {
-                    field: format!("{field}.name"),
-                    name: name.into(),
-                });
+            Some(name) if list.ours.contains(&name) => {
+                if !ours {
+                    return Err(PatchError::NameTaken {
+                        field: format!("{field}.name"),
+                        name: name.into(),
+                        what,
+                    });
+                }
             }
-            Some(INIT_NAME | SIDECAR_NAME) => {}
-            _ => kept.push(container.clone()),
+            _ => kept.push(item.clone()),
         }
     }
     Ok(kept)
+}
+
+/// Sets the pod's volumes to `kept` then `added`. A list that ends up empty is removed if it held
+/// ours, and left as it was otherwise (a pod's own `volumes: []` stays).
+fn put_volumes(spec: &mut Map<String, Value>, kept: Vec<Value>, added: Vec<Value>) {
+    let before = spec
+        .get(VOLUMES.key)
+        .and_then(Value::as_array)
+        .map_or(0, Vec::len);
+    let removed_ours = before != kept.len();
+    let mut volumes = kept;
+    volumes.extend(added);
+    if !volumes.is_empty() {
+        spec.insert(VOLUMES.key.into(), Value::Array(volumes));
+    } else if removed_ours {
+        spec.shift_remove(VOLUMES.key);
+    }
 }
 
 /// A container port: its field path, its number and the whole port entry.
@@ -506,6 +570,18 @@ fn check_settings(s: &Settings, field: &str) -> Result<(), PatchError> {
             }
             .into());
         }
+    }
+    check_identity(s, field)
+}
+
+/// Pod certificates need their signer.
+fn check_identity(s: &Settings, field: &str) -> Result<(), PatchError> {
+    if s.identity == IdentityKind::PodCertificate && s.pod_certificate_signer.is_none() {
+        return Err(SettingError {
+            field: format!("{field}[\"amazing-proxy.io/identity\"]"),
+            problem: "pod-certificate needs the signer that issues the pod's certificates: set amazing-proxy.io/pod-certificate-signer (or inject --pod-certificate-signer) to its name, e.g. example.com/spiffe".into(),
+        }
+        .into());
     }
     Ok(())
 }
@@ -682,14 +758,19 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
             vars.push(env(name, ports.to_string()));
         }
     }
+    vars.extend(identity::env(s.identity, s.policy.as_deref()));
+    let mounts = identity::mounts(s.identity, s.policy.as_deref());
     Container {
         name: SIDECAR_NAME.into(),
         image: Some(s.image.clone()),
         args: Some(vec!["run".into()]),
         env: Some(vars),
+        volume_mounts: (!mounts.is_empty()).then_some(mounts),
         ports: Some(vec![
             port("proxy-inbound", INBOUND_PORT),
             port("proxy-admin", ADMIN_PORT),
+            // Peers' HBONE tunnels (mutual TLS); `init` leaves it out of the redirection.
+            port("proxy-hbone", HBONE_PORT),
         ]),
         // A native sidecar: an init container that keeps running; the next init container (and the
         // app) starts only once its startup probe passes.
@@ -714,17 +795,16 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
     }
 }
 
-/// A built container as JSON, with `name` first so that the output reads like a hand-written spec.
-fn to_value(container: Container) -> Value {
+/// A built container or volume as JSON, with `name` first so that the output reads like a
+/// hand-written spec.
+fn to_json(item: impl serde::Serialize) -> Value {
     let mut out = Map::new();
-    out.insert("name".into(), Value::String(container.name.clone()));
     // Serialising our own struct cannot fail (no maps with non-string keys, no floats).
-    if let Ok(Value::Object(fields)) = serde_json::to_value(&container) {
-        for (k, v) in fields {
-            if k != "name" {
-                out.insert(k, v);
-            }
+    if let Ok(Value::Object(mut fields)) = serde_json::to_value(&item) {
+        if let Some(name) = fields.shift_remove("name") {
+            out.insert("name".into(), name);
         }
+        out.extend(fields);
     }
     Value::Object(out)
 }
@@ -894,6 +974,66 @@ mod tests {
             err.to_string()
                 .starts_with("spec.jobTemplate: expected a mapping"),
             "{err}"
+        );
+    }
+
+    fn with_annotations(mut p: Value, annotations: Value) -> Value {
+        p["metadata"]["annotations"] = annotations;
+        p
+    }
+
+    #[test]
+    fn identity_volumes_follow_the_annotations_on_reinjection() {
+        let input = with_annotations(
+            pod(json!([{"name": "app", "image": "a"}])),
+            json!({"amazing-proxy.io/identity": "spire", "amazing-proxy.io/policy": "p"}),
+        );
+        let (spire, _) = inject_object(&input, &options(false)).expect("injects");
+        let volume_names = |v: &Value| -> Vec<String> {
+            v["spec"]["volumes"]
+                .as_array()
+                .map(|l| {
+                    l.iter()
+                        .filter_map(|v| v["name"].as_str().map(String::from))
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            volume_names(&spire),
+            ["amazing-proxy-identity", "amazing-proxy-policy"]
+        );
+        let sidecar = &spire["spec"]["initContainers"][1];
+        assert_eq!(
+            env_of(sidecar, "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET"),
+            Some("/spiffe-workload-api/spire-agent.sock")
+        );
+        // Switching to no identity and no policy takes everything back out.
+        let mut none = spire.clone();
+        none["metadata"]["annotations"]["amazing-proxy.io/identity"] = json!("none");
+        none["metadata"]["annotations"]
+            .as_object_mut()
+            .expect("annotations")
+            .shift_remove("amazing-proxy.io/policy");
+        let (plain, _) = inject_object(&none, &options(false)).expect("re-injects");
+        assert!(plain["spec"].get("volumes").is_none(), "{plain}");
+        let sidecar = &plain["spec"]["initContainers"][1];
+        assert!(sidecar.get("volumeMounts").is_none());
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET"), None);
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_POLICY"), None);
+    }
+
+    #[test]
+    fn identity_volume_names_are_ours() {
+        let spire = json!({"amazing-proxy.io/identity": "spire"});
+        let mut volume = with_annotations(pod(json!([{"name": "app"}])), spire);
+        volume["spec"]["volumes"] = json!([{"name": "amazing-proxy-identity", "emptyDir": {}}]);
+        let err = inject_object(&volume, &options(false)).expect_err("volume name");
+        assert_eq!(
+            err.to_string().split(';').next(),
+            Some(
+                "spec.volumes[0].name: the volume name `amazing-proxy-identity` is reserved for the injected proxy"
+            )
         );
     }
 }

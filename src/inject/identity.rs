@@ -1,0 +1,274 @@
+//! What `amazing-proxy.io/identity` and `amazing-proxy.io/policy` add to an injected pod: the
+//! volume that brings the workload's identity (or the SPIRE agent's socket) and the policy into the
+//! proxy's container, where they are mounted, and the variables that point `run` at them. (The
+//! HBONE port is declared on every sidecar, identity or not.)
+//!
+//! The volumes are mounted into the proxy's container only: the key never reaches the app's
+//! containers, so the files can keep the default modes that kubelet and the CSI drivers give them.
+//! Each kind mounts what its issuer documents:
+//! - `csi-spiffe`: cert-manager's csi-driver-spiffe (`spiffe.csi.cert-manager.io`), a directory with
+//!   `tls.crt`, `tls.key` and `ca.crt`;
+//! - `pod-certificate`: a projected volume with a `podCertificate` source (KEP-4317, Kubernetes 1.34+:
+//!   key and chain in one PEM file) and a `clusterTrustBundle` source of the same signer;
+//! - `spire`: the SPIFFE CSI driver (`csi.spiffe.io`), which mounts the SPIRE agent's Workload API
+//!   socket directory, as SPIRE documents.
+
+use std::str::FromStr;
+
+use k8s_openapi::api::core::v1::{
+    CSIVolumeSource, ClusterTrustBundleProjection, ConfigMapVolumeSource, EnvVar,
+    PodCertificateProjection, ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+/// Names of the volumes we add; with our containers, the names a pod must not already use.
+pub const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
+pub const POLICY_VOLUME: &str = "amazing-proxy-policy";
+pub const VOLUMES: [&str; 2] = [IDENTITY_VOLUME, POLICY_VOLUME];
+
+/// Where the identity files are mounted (csi-spiffe, pod-certificate).
+pub const IDENTITY_DIR: &str = "/var/run/secrets/amazing-proxy/identity";
+/// The files of the pod-certificate projection, in [`IDENTITY_DIR`].
+pub const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
+pub const TRUST_BUNDLE: &str = "trust-bundle.pem";
+/// Where the SPIFFE CSI driver's socket directory is mounted, and the agent's socket in it (the
+/// paths of SPIRE's and the SPIFFE CSI driver's examples).
+pub const SPIRE_DIR: &str = "/spiffe-workload-api";
+pub const SPIRE_SOCKET: &str = "spire-agent.sock";
+/// Where the policy ConfigMap is mounted, and the key the proxy reads from it.
+pub const POLICY_DIR: &str = "/etc/amazing-proxy/policy";
+pub const POLICY_KEY: &str = "policy.yaml";
+
+/// The key type asked of the pod-certificate signer: the one ztunnel and our certificates use.
+const POD_CERTIFICATE_KEY_TYPE: &str = "ECDSAP256";
+
+/// Where the proxy's identity comes from (`amazing-proxy.io/identity`, `inject --identity`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum IdentityKind {
+    /// No identity: plaintext only, no HBONE.
+    #[default]
+    None,
+    /// cert-manager's csi-driver-spiffe.
+    CsiSpiffe,
+    /// Kubernetes Pod Certificates (1.34+), from the signer `pod-certificate-signer` names.
+    PodCertificate,
+    /// The SPIRE agent's Workload API, through the SPIFFE CSI driver.
+    Spire,
+}
+
+impl FromStr for IdentityKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "none" => Ok(IdentityKind::None),
+            "csi-spiffe" => Ok(IdentityKind::CsiSpiffe),
+            "pod-certificate" => Ok(IdentityKind::PodCertificate),
+            "spire" => Ok(IdentityKind::Spire),
+            _ => Err(format!(
+                "expected csi-spiffe, pod-certificate, spire or none, got `{s}`"
+            )),
+        }
+    }
+}
+
+/// A signer name as Kubernetes requires it: `<domain>/<path>` (e.g. `example.com/spiffe`).
+pub fn parse_signer_name(s: &str) -> Result<String, String> {
+    let valid = s
+        .split_once('/')
+        .is_some_and(|(domain, path)| is_dns_subdomain(domain) && !path.is_empty());
+    if valid && !s.chars().any(char::is_whitespace) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "expected a signer name <domain>/<name> (e.g. example.com/spiffe), got `{s}`"
+        ))
+    }
+}
+
+/// A ConfigMap name: a DNS-1123 subdomain.
+pub fn parse_configmap_name(s: &str) -> Result<String, String> {
+    if is_dns_subdomain(s) {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "expected a ConfigMap name (lower-case letters, digits, `-` and `.`), got `{s}`"
+        ))
+    }
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+    s.len() <= 253
+        && alnum(s.chars().next())
+        && alnum(s.chars().last())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
+}
+
+/// The pod's volumes for `kind` and `policy`; `signer` is the pod-certificate signer, checked to be
+/// set for that kind before.
+pub fn volumes(kind: IdentityKind, signer: Option<&str>, policy: Option<&str>) -> Vec<Volume> {
+    let csi = |driver: &str| Volume {
+        name: IDENTITY_VOLUME.into(),
+        csi: Some(CSIVolumeSource {
+            driver: driver.into(),
+            read_only: Some(true),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    match kind {
+        IdentityKind::None => {}
+        IdentityKind::CsiSpiffe => out.push(csi("spiffe.csi.cert-manager.io")),
+        IdentityKind::Spire => out.push(csi("csi.spiffe.io")),
+        IdentityKind::PodCertificate => {
+            let signer = signer.unwrap_or_default().to_owned();
+            out.push(Volume {
+                name: IDENTITY_VOLUME.into(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![
+                        VolumeProjection {
+                            pod_certificate: Some(PodCertificateProjection {
+                                signer_name: signer.clone(),
+                                key_type: POD_CERTIFICATE_KEY_TYPE.into(),
+                                credential_bundle_path: Some(CREDENTIAL_BUNDLE.into()),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                        VolumeProjection {
+                            // The signer's bundles; an empty selector takes all of them (an unset
+                            // one would take none).
+                            cluster_trust_bundle: Some(ClusterTrustBundleProjection {
+                                signer_name: Some(signer),
+                                label_selector: Some(LabelSelector::default()),
+                                path: TRUST_BUNDLE.into(),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        },
+                    ]),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    if let Some(name) = policy {
+        out.push(Volume {
+            name: POLICY_VOLUME.into(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    out
+}
+
+/// The proxy container's mounts of [`volumes`].
+pub fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMount> {
+    let mount = |name: &str, path: &str| VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(true),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    match kind {
+        IdentityKind::None => {}
+        IdentityKind::CsiSpiffe | IdentityKind::PodCertificate => {
+            out.push(mount(IDENTITY_VOLUME, IDENTITY_DIR))
+        }
+        IdentityKind::Spire => out.push(mount(IDENTITY_VOLUME, SPIRE_DIR)),
+    }
+    if policy.is_some() {
+        out.push(mount(POLICY_VOLUME, POLICY_DIR));
+    }
+    out
+}
+
+/// The `run` variables that point the proxy at the mounted files (the contract with `run`'s flags).
+pub fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
+    let var = |name: &str, value: String| EnvVar {
+        name: name.into(),
+        value: Some(value),
+        ..Default::default()
+    };
+    let mut out = Vec::new();
+    match kind {
+        IdentityKind::None => {}
+        IdentityKind::CsiSpiffe => {
+            out.push(var("AMAZING_PROXY_IDENTITY_DIR", IDENTITY_DIR.into()));
+        }
+        IdentityKind::PodCertificate => {
+            out.push(var(
+                "AMAZING_PROXY_IDENTITY_CREDENTIAL_BUNDLE",
+                format!("{IDENTITY_DIR}/{CREDENTIAL_BUNDLE}"),
+            ));
+            out.push(var(
+                "AMAZING_PROXY_IDENTITY_TRUST_BUNDLE",
+                format!("{IDENTITY_DIR}/{TRUST_BUNDLE}"),
+            ));
+        }
+        IdentityKind::Spire => out.push(var(
+            "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET",
+            format!("{SPIRE_DIR}/{SPIRE_SOCKET}"),
+        )),
+    }
+    if policy.is_some() {
+        out.push(var(
+            "AMAZING_PROXY_POLICY",
+            format!("{POLICY_DIR}/{POLICY_KEY}"),
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(parse_signer_name("example.com/spiffe").is_ok());
+        for bad in ["spiffe", "example.com/", "/x", "Example.com/x", "a b/c"] {
+            assert!(parse_signer_name(bad).is_err(), "{bad}");
+        }
+        assert!(parse_configmap_name("web-policy.v1").is_ok());
+        for bad in ["", "Web", "-web", "web-", "a_b"] {
+            assert!(parse_configmap_name(bad).is_err(), "{bad}");
+        }
+        for (text, kind) in [
+            ("none", IdentityKind::None),
+            ("csi-spiffe", IdentityKind::CsiSpiffe),
+            ("pod-certificate", IdentityKind::PodCertificate),
+            ("spire", IdentityKind::Spire),
+        ] {
+            assert_eq!(text.parse::<IdentityKind>(), Ok(kind));
+        }
+        assert!("spiffe".parse::<IdentityKind>().is_err());
+    }
+
+    #[test]
+    fn every_volume_is_mounted_and_every_mount_has_a_volume() {
+        for kind in [
+            IdentityKind::None,
+            IdentityKind::CsiSpiffe,
+            IdentityKind::PodCertificate,
+            IdentityKind::Spire,
+        ] {
+            for policy in [None, Some("p")] {
+                let volumes: Vec<_> = volumes(kind, Some("example.com/x"), policy)
+                    .into_iter()
+                    .map(|v| v.name)
+                    .collect();
+                let mounted: Vec<_> = mounts(kind, policy).into_iter().map(|m| m.name).collect();
+                assert_eq!(volumes, mounted, "{kind:?} {policy:?}");
+                assert_eq!(env(kind, policy).is_empty(), volumes.is_empty());
+            }
+        }
+    }
+}
