@@ -242,6 +242,15 @@ pub struct RunArgs {
     )]
     pub identity_credential_bundle: Option<PathBuf>,
 
+    /// Workload identity from the SPIFFE Workload API (a SPIRE agent's Unix socket): X.509-SVIDs
+    /// and the trust bundle, streamed as they rotate.
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET",
+        group = "identity_source"
+    )]
+    pub identity_spire_socket: Option<PathBuf>,
+
     /// The trust bundle (PEM CA certificates, a ClusterTrustBundle projected as a file) that goes
     /// with --identity-credential-bundle.
     #[arg(
@@ -296,19 +305,23 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 
 impl RunArgs {
     /// Where the identity comes from, if one is configured.
-    pub fn identity_source(&self) -> Option<crate::identity::material::Source> {
-        use crate::identity::material::Source;
+    pub fn identity_source(&self) -> Option<crate::identity::source::Source> {
+        use crate::identity::material::Files;
+        use crate::identity::source::Source;
         if let Some(dir) = &self.identity_dir {
-            return Some(Source::Dir(dir.clone()));
+            return Some(Source::Files(Files::Dir(dir.clone())));
+        }
+        if let Some(socket) = &self.identity_spire_socket {
+            return Some(Source::WorkloadApi(socket.clone()));
         }
         match (
             &self.identity_credential_bundle,
             &self.identity_trust_bundle,
         ) {
-            (Some(credential), Some(trust)) => Some(Source::PodCertificate {
+            (Some(credential), Some(trust)) => Some(Source::Files(Files::PodCertificate {
                 credential: credential.clone(),
                 trust: trust.clone(),
-            }),
+            })),
             _ => None,
         }
     }
@@ -384,7 +397,7 @@ impl RunArgs {
         let identity = self.identity_source().is_some();
         let without = |flag: &str| {
             format!(
-                "{flag} needs a workload identity: give --identity-dir, or --identity-credential-bundle with --identity-trust-bundle"
+                "{flag} needs a workload identity: give --identity-dir, --identity-spire-socket, or --identity-credential-bundle with --identity-trust-bundle"
             )
         };
         if !identity && self.inbound_mtls.is_some_and(|m| m != InboundMtls::Off) {
@@ -623,6 +636,10 @@ mod tests {
         // Exactly one source; the pod certificate needs its trust bundle.
         assert!(parse(&["--identity-dir", "/d", "--identity-credential-bundle", "/c"]).is_err());
         assert!(parse(&["--identity-credential-bundle", "/c"]).is_err());
+        assert!(parse(&["--identity-dir", "/d", "--identity-spire-socket", "/s"]).is_err());
+        let spire = parse(&["--identity-spire-socket", "/run/spire/agent.sock"]).unwrap();
+        assert!(spire.identity_source().is_some());
+        assert_eq!(spire.outbound_mtls(), OutboundMtls::Auto);
         let pod = parse(&[
             "--identity-credential-bundle",
             "/c",

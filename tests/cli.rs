@@ -193,6 +193,7 @@ const RUN_FLAGS: &[&str] = &[
     "identity-dir",
     "identity-credential-bundle",
     "identity-trust-bundle",
+    "identity-spire-socket",
     "trust-domain",
     "hbone",
     "outbound-mtls",

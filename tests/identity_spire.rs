@@ -5,119 +5,23 @@
 //! connection the source reopens: the source must yield each usable SVID in turn, keep the last good
 //! one through the bad message and the reconnection, and say what went wrong.
 //!
-//! No codegen: the messages are workload.proto's, written as prost structs; the service is routed
-//! by hand onto `tonic::server::Grpc`.
+//! The server is `support::workload_api`.
 
-use std::collections::HashMap;
-use std::convert::Infallible;
-use std::future::{Ready, ready};
+mod support;
+
 use std::path::Path;
 use std::time::Duration;
 
 use amazing_proxy::identity::issue::{Pem, issue, make_ca};
 use amazing_proxy::identity::spire::{self, Snapshot};
-use hyper_util::rt::{TokioExecutor, TokioIo};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
+use support::workload_api::{X509SvidResponse, start_agent, svid_response};
 use time::OffsetDateTime;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tokio::sync::watch;
 
 /// Bound of the whole exchange; each step normally takes milliseconds.
 const LIMIT: Duration = Duration::from_secs(30);
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct X509SvidRequest {}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct X509SvidResponse {
-    #[prost(message, repeated, tag = "1")]
-    svids: Vec<X509Svid>,
-    #[prost(bytes = "vec", repeated, tag = "2")]
-    crl: Vec<Vec<u8>>,
-    #[prost(map = "string, bytes", tag = "3")]
-    federated_bundles: HashMap<String, Vec<u8>>,
-}
-
-#[derive(Clone, PartialEq, prost::Message)]
-struct X509Svid {
-    #[prost(string, tag = "1")]
-    spiffe_id: String,
-    #[prost(bytes = "vec", tag = "2")]
-    x509_svid: Vec<u8>,
-    #[prost(bytes = "vec", tag = "3")]
-    x509_svid_key: Vec<u8>,
-    #[prost(bytes = "vec", tag = "4")]
-    bundle: Vec<u8>,
-    #[prost(string, tag = "5")]
-    hint: String,
-}
-
-type Updates = mpsc::Sender<Result<X509SvidResponse, Status>>;
-
-/// `FetchX509SVID`: refuses a call without the security header (as SPIRE does); otherwise hands
-/// the test a sender for the call's response stream, which ends when the test drops it.
-#[derive(Clone)]
-struct Fetch(mpsc::UnboundedSender<Updates>);
-
-impl tonic::server::ServerStreamingService<X509SvidRequest> for Fetch {
-    type Response = X509SvidResponse;
-    type ResponseStream = ReceiverStream<Result<X509SvidResponse, Status>>;
-    type Future = Ready<Result<Response<Self::ResponseStream>, Status>>;
-
-    fn call(&mut self, req: Request<X509SvidRequest>) -> Self::Future {
-        let header = req.metadata().get("workload.spiffe.io");
-        if header.and_then(|v| v.to_str().ok()) != Some("true") {
-            return ready(Err(Status::invalid_argument(
-                "security header missing from request",
-            )));
-        }
-        let (tx, rx) = mpsc::channel(4);
-        let _ = self.0.send(tx);
-        ready(Ok(Response::new(ReceiverStream::new(rx))))
-    }
-}
-
-async fn route(
-    fetch: Fetch,
-    req: http::Request<hyper::body::Incoming>,
-) -> Result<http::Response<tonic::body::Body>, Infallible> {
-    let mut grpc = tonic::server::Grpc::new(tonic_prost::ProstCodec::<
-        X509SvidResponse,
-        X509SvidRequest,
-    >::default());
-    Ok(match req.uri().path() {
-        "/SpiffeWorkloadAPI/FetchX509SVID" => grpc.server_streaming(fetch, req).await,
-        _ => Status::unimplemented("not in this test's Workload API").into_http(),
-    })
-}
-
-/// The Workload API server on `socket`; aborted when dropped.
-struct Agent(tokio::task::JoinHandle<()>);
-
-impl Drop for Agent {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
-fn start_agent(socket: &Path) -> (Agent, mpsc::UnboundedReceiver<Updates>) {
-    let listener = tokio::net::UnixListener::bind(socket).expect("bind the agent socket");
-    let (calls_tx, calls) = mpsc::unbounded_channel();
-    let task = tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let fetch = Fetch(calls_tx.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| route(fetch.clone(), req));
-                let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    (Agent(task), calls)
-}
 
 struct Issued {
     id: String,
@@ -138,16 +42,7 @@ fn issued(ca: &Pem, id: &str) -> Issued {
 }
 
 fn response(svid: &Issued) -> X509SvidResponse {
-    X509SvidResponse {
-        svids: vec![X509Svid {
-            spiffe_id: svid.id.clone(),
-            x509_svid: svid.chain.to_vec(),
-            x509_svid_key: svid.key.secret_pkcs8_der().to_vec(),
-            bundle: svid.ca.to_vec(),
-            hint: String::new(),
-        }],
-        ..X509SvidResponse::default()
-    }
+    svid_response(&svid.id, &svid.chain, svid.key.secret_pkcs8_der(), &svid.ca)
 }
 
 /// Waits until the snapshot satisfies `done`.

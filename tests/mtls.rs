@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use amazing_proxy::config::RunArgs;
-use amazing_proxy::identity::material::{LeafProblem, MaterialError, Source, load};
+use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::hbone::outbound::{OpenError, Tunnel};
@@ -133,11 +133,11 @@ async fn get(
         let _slot = tunnel.slot;
         let _ = conn.await;
     });
-    let status = send(&mut sender, path).await;
+    let status = send_status(&mut sender, path).await;
     (status, sender)
 }
 
-async fn send(
+async fn send_status(
     sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     path: &str,
 ) -> u16 {
@@ -306,7 +306,7 @@ async fn an_identity_of_another_trust_domain_is_refused() {
         ca.write_dir(&dirs.path().join("foreign"), &ca.issue(foreign));
         let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
         let material = load(
-            &Source::Dir(dirs.path().join("foreign")),
+            &Files::Dir(dirs.path().join("foreign")),
             "other.example",
             SystemTime::now(),
         )
@@ -524,7 +524,7 @@ async fn a_rotated_certificate_serves_new_connections_and_open_ones_keep_working
         assert_eq!(mtls.identity.problem(), None);
 
         assert_eq!(
-            send(&mut open_conn, "/status/202").await,
+            send_status(&mut open_conn, "/status/202").await,
             202,
             "the open tunnel keeps working"
         );
@@ -550,7 +550,7 @@ fn material_is_validated_as_it_loads() {
     let dirs = tempfile::tempdir().expect("temp dir");
     let now = SystemTime::now();
     let dir = |name: &str| dirs.path().join(name);
-    let load_dir = |name: &str| load(&Source::Dir(dir(name)), "cluster.local", now);
+    let load_dir = |name: &str| load(&Files::Dir(dir(name)), "cluster.local", now);
 
     let good = ca.issue(SERVER_ID);
     ca.write_dir(&dir("good"), &good);
@@ -563,7 +563,7 @@ fn material_is_validated_as_it_loads() {
     let trust = dir("trust.pem");
     std::fs::write(&trust, ca.pem()).expect("write");
     let pod = load(
-        &Source::PodCertificate {
+        &Files::PodCertificate {
             credential: bundle,
             trust,
         },
@@ -808,4 +808,82 @@ fn auto_falls_back_to_plaintext_where_nothing_listens_for_hbone_and_strict_never
         assert_eq!(outbound["error"], "connect_refused", "{outbound}");
         assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
     }
+}
+
+/// `--identity-spire-socket`: the server's identity comes from a SPIFFE Workload API server (the
+/// SPIRE agent's protocol); /ready-style problem until the first SVID, then tunnels work, and a
+/// rotated SVID serves new connections while the open tunnel keeps working.
+#[tokio::test]
+async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let socket = dirs.path().join("agent.sock");
+        let (_agent, mut calls) = support::workload_api::start_agent(&socket);
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = TestApp::start().await;
+        let cli = Cli::try_parse_from([
+            "run",
+            "--app",
+            &app.addr.to_string(),
+            "--proxy-mark",
+            "0",
+            "--identity-spire-socket",
+            &socket.display().to_string(),
+        ])
+        .expect("flags");
+        cli.run.validate().expect("valid flags");
+        let server = Shared::new(&cli.run, Box::new(Captured::default()));
+        let mtls = server.mtls.as_ref().expect("mtls");
+        let waiting = mtls.identity.problem().unwrap_or_default();
+        assert!(waiting.contains("Workload API"), "{waiting}");
+        tokio::spawn(
+            mtls.identity
+                .clone()
+                .watch_forever(prometheus_client::metrics::gauge::Gauge::default()),
+        );
+        let stream = bounded("the Workload API call", WAIT, calls.recv())
+            .await
+            .expect("a FetchX509SVID call");
+        let send = |leaf: &Leaf| {
+            support::workload_api::svid_response(SERVER_ID, &leaf.der, &leaf.key_der, &ca.der())
+        };
+        let mut changes = mtls.identity.subscribe();
+        let first = ca.issue(SERVER_ID);
+        stream.send(Ok(send(&first))).await.expect("send the SVID");
+        let holds = |state: &amazing_proxy::identity::source::State, leaf: &Leaf| {
+            state
+                .material
+                .as_ref()
+                .is_some_and(|m| m.key.cert[0].as_ref() == leaf.der.as_slice())
+        };
+        let got = tokio::time::timeout(WAIT, changes.wait_for(|s| holds(s, &first)))
+            .await
+            .is_ok();
+        assert!(got, "no material: {:?}", mtls.identity.problem());
+        assert_eq!(mtls.identity.problem(), None);
+
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        assert_eq!(&*tunnel.peer, SERVER_ID);
+        let (status, mut open_conn) = get(tunnel, "/status/200").await;
+        assert_eq!(status, 200);
+
+        let rotated = ca.issue(SERVER_ID);
+        stream
+            .send(Ok(send(&rotated)))
+            .await
+            .expect("send the rotated SVID");
+        bounded(
+            "the rotated SVID",
+            WAIT,
+            changes.wait_for(|s| holds(s, &rotated)),
+        )
+        .await
+        .expect("material");
+        assert_eq!(send_status(&mut open_conn, "/status/202").await, 202);
+        assert_eq!(served_certificate(hbone, &client).await, rotated.der);
+    })
+    .await;
 }

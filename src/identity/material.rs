@@ -18,9 +18,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::SpiffeId;
 use super::tls;
 
-/// Where the material comes from.
+/// Material read from files.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub enum Files {
     /// `tls.crt` (leaf first, then intermediates), `tls.key`, `ca.crt`: cert-manager's
     /// csi-driver-spiffe layout.
     Dir(PathBuf),
@@ -28,15 +28,15 @@ pub enum Source {
     PodCertificate { credential: PathBuf, trust: PathBuf },
 }
 
-impl Source {
+impl Files {
     /// The files whose change means a reload.
     pub fn files(&self) -> Vec<PathBuf> {
         match self {
-            Source::Dir(dir) => ["tls.crt", "tls.key", "ca.crt"]
+            Files::Dir(dir) => ["tls.crt", "tls.key", "ca.crt"]
                 .iter()
                 .map(|f| dir.join(f))
                 .collect(),
-            Source::PodCertificate { credential, trust } => vec![credential.clone(), trust.clone()],
+            Files::PodCertificate { credential, trust } => vec![credential.clone(), trust.clone()],
         }
     }
 }
@@ -210,13 +210,13 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
 
 /// Reads the files of `source` (PEM) and validates them at `now`.
 pub fn load(
-    source: &Source,
+    source: &Files,
     trust_domain: &str,
     now: SystemTime,
 ) -> Result<Material, MaterialError> {
     let (chain_path, key_path, bundle_path) = match source {
-        Source::Dir(dir) => (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")),
-        Source::PodCertificate { credential, trust } => {
+        Files::Dir(dir) => (dir.join("tls.crt"), dir.join("tls.key"), dir.join("ca.crt")),
+        Files::PodCertificate { credential, trust } => {
             (credential.clone(), credential.clone(), trust.clone())
         }
     };

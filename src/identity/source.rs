@@ -2,10 +2,12 @@
 //! that a handshake takes the newest and an open connection keeps what it was built with), and the
 //! problem, if any, that `/ready` reports.
 //!
-//! The files are polled (their modification time and size, every [`POLL`]) rather than watched
+//! Files are polled (their modification time and size, every [`POLL`]) rather than watched
 //! with inotify: Kubernetes rotates projected and CSI volumes by swapping a `..data` symlink, which
 //! file watches miss unless they follow the directory's renames, and three `stat`s every few
 //! seconds cost nothing. The same tick re-checks the expiry, which no file event would signal.
+//! The SPIFFE Workload API streams its SVIDs ([`super::spire`]): each new one is validated as the
+//! files are ([`validate`]).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -14,7 +16,16 @@ use std::time::{Duration, SystemTime};
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
-use super::material::{Material, MaterialError, Source, load};
+use super::material::{Files, Material, MaterialError, Parts, load, validate};
+use super::spire::{self, SvidMaterial};
+
+/// Where the identity comes from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Files(Files),
+    /// The SPIFFE Workload API at this Unix socket (a SPIRE agent).
+    WorkloadApi(PathBuf),
+}
 
 /// How often the files are checked for a change, and the certificate for its expiry.
 pub const POLL: Duration = Duration::from_secs(2);
@@ -45,7 +56,17 @@ impl Identity {
             trust_domain,
             state: watch::Sender::new(State::default()),
         };
-        identity.reload(SystemTime::now(), expiry);
+        match &identity.source {
+            Source::Files(files) => identity.reload(files, SystemTime::now(), expiry),
+            Source::WorkloadApi(socket) => {
+                identity.state.send_modify(|state| {
+                    state.problem = Some(format!(
+                        "waiting for an X.509-SVID from the SPIFFE Workload API at {}",
+                        socket.display()
+                    ));
+                });
+            }
+        }
         identity
     }
 
@@ -66,8 +87,8 @@ impl Identity {
         self.state.subscribe()
     }
 
-    fn reload(&self, now: SystemTime, expiry: &Gauge) {
-        self.publish(load(&self.source, &self.trust_domain, now), now, expiry);
+    fn reload(&self, files: &Files, now: SystemTime, expiry: &Gauge) {
+        self.publish(load(files, &self.trust_domain, now), now, expiry);
     }
 
     /// Makes validated material current, or reports why a new one is unusable. The files' poller
@@ -105,38 +126,94 @@ impl Identity {
         }
     }
 
-    /// Polls the files forever: reloads on a change, and reports the expiry.
+    /// Follows the source forever: reloads on a change, and reports the expiry.
     pub async fn watch_forever(self, expiry: Gauge) {
-        let files = self.source.files();
-        let mut seen = stamps(&files);
+        match self.source.clone() {
+            Source::Files(files) => self.poll_files(&files, expiry).await,
+            Source::WorkloadApi(socket) => self.follow_workload_api(&socket, expiry).await,
+        }
+    }
+
+    async fn poll_files(&self, files: &Files, expiry: Gauge) {
+        let paths = files.files();
+        let mut seen = stamps(&paths);
         let mut ticker = tokio::time::interval(POLL);
         ticker.tick().await;
         loop {
             ticker.tick().await;
             let now = SystemTime::now();
-            let current = stamps(&files);
+            let current = stamps(&paths);
             if current != seen {
                 seen = current;
-                self.reload(now, &expiry);
+                self.reload(files, now, &expiry);
                 continue;
             }
-            let Some(material) = self.material() else {
-                continue;
-            };
-            set_expiry(&expiry, material.not_after, now);
-            if material.not_after < now && self.problem().is_none() {
-                let problem = format!(
-                    "the workload certificate {} expired at {}; renew it",
-                    material.id,
-                    humantime::format_rfc3339_seconds(material.not_after)
-                );
-                tracing::error!("workload identity unusable: {problem}");
-                self.state.send_replace(State {
-                    material: None,
-                    problem: Some(problem),
-                });
+            self.check_expiry(now, &expiry);
+        }
+    }
+
+    /// Each SVID the Workload API sends is validated and made current; the stream's own problems
+    /// (agent unreachable, unusable message) are reported while the last good SVID serves on.
+    async fn follow_workload_api(&self, socket: &std::path::Path, expiry: Gauge) {
+        let mut snapshots = spire::watch(socket, &self.trust_domain);
+        let mut used: Option<Arc<SvidMaterial>> = None;
+        let mut ticker = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                changed = snapshots.changed() => {
+                    if changed.is_err() {
+                        return;
+                    }
+                    let snapshot = snapshots.borrow_and_update().clone();
+                    let now = SystemTime::now();
+                    if let Some(svid) = snapshot.material
+                        && !used.as_ref().is_some_and(|u| Arc::ptr_eq(u, &svid))
+                    {
+                        let parts = svid_parts(&svid, socket);
+                        self.publish(validate(parts, &self.trust_domain, now), now, &expiry);
+                        used = Some(svid);
+                    }
+                    if let Some(problem) = snapshot.problem {
+                        tracing::warn!("SPIFFE Workload API: {problem}");
+                        self.state.send_modify(|state| state.problem = Some(problem));
+                    }
+                }
+                _ = ticker.tick() => self.check_expiry(SystemTime::now(), &expiry),
             }
         }
+    }
+
+    /// Updates the gauge; material past its expiry stops serving, and says so.
+    fn check_expiry(&self, now: SystemTime, expiry: &Gauge) {
+        let Some(material) = self.material() else {
+            return;
+        };
+        set_expiry(expiry, material.not_after, now);
+        if material.not_after < now && self.problem().is_none() {
+            let problem = format!(
+                "the workload certificate {} expired at {}; renew it",
+                material.id,
+                humantime::format_rfc3339_seconds(material.not_after)
+            );
+            tracing::error!("workload identity unusable: {problem}");
+            self.state.send_replace(State {
+                material: None,
+                problem: Some(problem),
+            });
+        }
+    }
+}
+
+/// An SVID as the parts [`validate`] checks, named after the socket they came from.
+fn svid_parts(svid: &SvidMaterial, socket: &std::path::Path) -> Parts {
+    let from = format!("the SVID from {}", socket.display());
+    Parts {
+        chain: svid.chain.clone(),
+        key: rustls_pki_types::PrivateKeyDer::Pkcs8(svid.key.clone_key()),
+        bundle: svid.bundle.clone(),
+        chain_from: from.clone(),
+        key_from: from,
+        bundle_from: format!("the trust bundle from {}", socket.display()),
     }
 }
 

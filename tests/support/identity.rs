@@ -18,6 +18,8 @@ pub struct Leaf {
     pub cert_pem: String,
     pub key_pem: String,
     pub der: Vec<u8>,
+    /// The key as PKCS#8 DER (what the SPIFFE Workload API sends).
+    pub key_der: Vec<u8>,
 }
 
 impl Ca {
@@ -36,6 +38,10 @@ impl Ca {
         self.issuer.pem()
     }
 
+    pub fn der(&self) -> Vec<u8> {
+        self.issuer.der().to_vec()
+    }
+
     /// A leaf for `uri` (a SPIFFE ID, or anything to test refusals), valid an hour either side of now.
     pub fn issue(&self, uri: &str) -> Leaf {
         let now = OffsetDateTime::now_utc();
@@ -45,6 +51,8 @@ impl Ca {
     pub fn issue_valid(&self, uri: &str, from: OffsetDateTime, until: OffsetDateTime) -> Leaf {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("leaf params");
         params.subject_alt_names = vec![SanType::URI(uri.try_into().expect("an IA5 URI"))];
+        // X509-SVID: a leaf says it is not a CA (the spiffe crate refuses one that does not).
+        params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
@@ -58,6 +66,7 @@ impl Ca {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
             der: cert.der().to_vec(),
+            key_der: key.serialize_der(),
         }
     }
 

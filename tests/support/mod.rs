@@ -7,6 +7,7 @@
 //! - [`mesh`]: two pods in network namespaces, each with its proxy, identity and `init` rules;
 //! - [`metrics`]: reading the Prometheus text the admin port serves;
 //! - [`netns`]: network namespaces and the reproduced Kubernetes pod;
+//! - [`workload_api`]: a SPIFFE Workload API server (SPIRE agent's protocol) on a Unix socket;
 //! - [`tools`]: external programs (is one installed, the venv), rule listings, access-log records.
 //!
 //! One skip policy: a test that cannot run here calls [`skip`], which says so loudly.
@@ -20,6 +21,7 @@ pub mod netns;
 pub mod process;
 pub mod raw;
 pub mod tools;
+pub mod workload_api;
 
 use std::future::Future;
 use std::io::Write as _;
