@@ -78,6 +78,21 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
 }
 
+/// Reads and validates the `--policy` file, so that a bad one fails the start. Rules limited to
+/// HTTP methods or paths are refused: the data plane enforces policy per connection only, and
+/// letting such a rule admit every request of the connection would allow more than it says.
+fn parse_policy(path: &str) -> Result<crate::policy::Policy, String> {
+    let policy =
+        crate::policy::Policy::load(std::path::Path::new(path)).map_err(|e| e.to_string())?;
+    if policy.limits_http() {
+        return Err(format!(
+            "{path}: rules limited to `methods` or `paths` are not enforced by `run` yet (only connections are); \
+             allow whole ports for now"
+        ));
+    }
+    Ok(policy)
+}
+
 /// Reads and parses the `--peer-identities` file, so that a bad one fails the start.
 fn parse_peer_identities(path: &str) -> Result<crate::identity::peers::PeerIdentities, String> {
     crate::identity::peers::PeerIdentities::load(std::path::Path::new(path))
@@ -292,6 +307,11 @@ pub struct RunArgs {
     /// entry may have any identity of the trust domain.
     #[arg(long, env = "AMAZING_PROXY_PEER_IDENTITIES", value_parser = parse_peer_identities)]
     pub peer_identities: Option<crate::identity::peers::PeerIdentities>,
+
+    /// Authorization policy (YAML, docs/policy.md): which peers may connect to which inbound port.
+    /// A refused HBONE stream gets 401, a refused plaintext connection is closed. Read at start.
+    #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
+    pub policy: Option<crate::policy::Policy>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address

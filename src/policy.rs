@@ -189,6 +189,15 @@ impl Policy {
         self.default
     }
 
+    /// Whether some rule is limited to HTTP methods or paths (which only a per-request check can
+    /// enforce).
+    pub fn limits_http(&self) -> bool {
+        self.ports
+            .values()
+            .flatten()
+            .any(|rule| !rule.paths.is_empty() || !rule.methods.is_empty())
+    }
+
     /// May `peer` open a connection (a TCP or HBONE stream) to `port`? Yes when some rule of the port
     /// could allow some of its traffic: HTTP rules then decide request by request through
     /// [`Policy::decide`].

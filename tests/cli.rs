@@ -200,6 +200,7 @@ const RUN_FLAGS: &[&str] = &[
     "inbound-mtls",
     "plaintext-ports",
     "peer-identities",
+    "policy",
 ];
 
 #[test]

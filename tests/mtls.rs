@@ -887,3 +887,61 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
     })
     .await;
 }
+
+/// --policy: a peer the port's rules name gets through, another identity of the trust domain gets
+/// 401 on its CONNECT, and plaintext (unauthenticated) is closed; rules limited to HTTP paths or
+/// methods are refused at start, since only connections are judged.
+#[tokio::test]
+async fn the_policy_admits_named_peers_and_refuses_the_others() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let app = TestApp::start().await;
+        let policy = dirs.path().join("policy.yaml");
+        std::fs::write(
+            &policy,
+            format!(
+                "default: deny\nports:\n  - port: {}\n    allow:\n      - identities: [{CLIENT_ID}]\n",
+                app.addr.port()
+            ),
+        )
+        .expect("write");
+        let policy = policy.display().to_string();
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        let (server, _) = data_plane(app.addr, &dirs.path().join("server"), &["--policy", &policy]);
+        let hbone = hbone_listener(&server).await;
+
+        ca.write_dir(&dirs.path().join("allowed"), &ca.issue(CLIENT_ID));
+        let (allowed, _) = data_plane(app.addr, &dirs.path().join("allowed"), &[]);
+        let tunnel = open(&allowed, hbone, app.addr).await.expect("tunnel");
+        assert_eq!(get(tunnel, "/status/200").await.0, 200);
+
+        let intruder = "spiffe://cluster.local/ns/shop/sa/intruder";
+        ca.write_dir(&dirs.path().join("intruder"), &ca.issue(intruder));
+        let (other, _) = data_plane(app.addr, &dirs.path().join("intruder"), &[]);
+        let refused = open(&other, hbone, app.addr).await.err().map(|e| e.to_string());
+        assert!(
+            refused.as_deref().is_some_and(|e| e.contains("answered 401")),
+            "{refused:?}"
+        );
+
+        // Plaintext to the app's port (the listener's own port, without redirection): closed.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let plain_policy = dirs.path().join("plain.yaml");
+        std::fs::write(&plain_policy, format!("default: cluster-authenticated\nports:\n  - port: {}\n    allow:\n      - identities: [{CLIENT_ID}]\n", addr.port())).expect("write");
+        let plain_policy = plain_policy.display().to_string();
+        let (plain, _) = data_plane(app.addr, &dirs.path().join("server"), &["--policy", &plain_policy]);
+        plaintext_listener(&plain, listener).await;
+        assert_eq!(plaintext_get(addr).await, None, "plaintext is unauthenticated");
+
+        let http_rules = dirs.path().join("http.yaml");
+        std::fs::write(&http_rules, "default: deny\nports:\n  - port: 80\n    allow:\n      - unauthenticated: true\n        paths:\n          - exact: /healthz\n").expect("write");
+        let refused = Cli::try_parse_from(["run", "--policy", &http_rules.display().to_string()])
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(refused.contains("not enforced"), "{refused}");
+    })
+    .await;
+}

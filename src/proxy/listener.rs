@@ -329,6 +329,9 @@ async fn serve_connection(
         stream
     };
 
+    if direction == Direction::Inbound && !shared.admits(dialled.port(), None) {
+        return;
+    }
     let http_port = settings.http_ports.contains(&dialled.port());
     let detected = if settings.opaque_ports.contains(&dialled.port()) {
         Detected::Opaque("opaque_port")

@@ -85,6 +85,8 @@ pub struct Shared {
     pub drain: Drain,
     /// Mutual TLS (HBONE), when an identity is configured.
     pub mtls: Option<hbone::Mtls>,
+    /// Who may connect to which inbound port (--policy).
+    pub policy: Option<crate::policy::Policy>,
 }
 
 impl Shared {
@@ -129,7 +131,33 @@ impl Shared {
             telemetry,
             drain: Drain::default(),
             mtls,
+            policy: args
+                .policy
+                .clone()
+                .map(|p| p.with_trust_domain(args.trust_domain.clone())),
         })
+    }
+}
+
+impl Shared {
+    /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port`; a refusal and an
+    /// audit are logged.
+    pub fn admits(&self, port: u16, peer: Option<&crate::identity::SpiffeId>) -> bool {
+        use crate::policy::Decision;
+        let Some(policy) = &self.policy else {
+            return true;
+        };
+        match policy.admits_connection(port, peer) {
+            Decision::Allow => true,
+            Decision::Audit { reason } => {
+                tracing::info!("policy audit (allowed): {reason}");
+                true
+            }
+            Decision::Deny { reason } => {
+                tracing::info!("policy refused: {reason}");
+                false
+            }
+        }
     }
 }
 

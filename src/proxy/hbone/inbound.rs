@@ -22,6 +22,7 @@ use super::{
     STREAM_WINDOW,
 };
 use crate::error::classify_io;
+use crate::identity::SpiffeId;
 use crate::identity::tls::{ALPN_H2, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::listener::serve_tunnelled;
@@ -73,8 +74,8 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let Some(peer) = peer_id(session.peer_certificates(), mtls.identity.trust_domain()) else {
         return;
     };
-    let peer = peer.to_string();
     tracing::debug!(%client, %peer, "HBONE connection accepted");
+    let peer = Arc::new(peer);
 
     let service = {
         let shared = shared.clone();
@@ -120,8 +121,9 @@ async fn open_stream(
     mut req: Request<Incoming>,
     client: SocketAddr,
     local: SocketAddr,
-    peer: String,
+    peer_id: Arc<SpiffeId>,
 ) -> Response<Empty<Bytes>> {
+    let peer = peer_id.to_string();
     if req.method() != Method::CONNECT {
         return status(StatusCode::BAD_REQUEST);
     }
@@ -143,6 +145,9 @@ async fn open_stream(
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     log_tunnel_headers(req.headers(), &peer, target);
+    if !shared.admits(target.port(), Some(&peer_id)) {
+        return status(StatusCode::UNAUTHORIZED);
+    }
     let upstream = SocketAddr::new(shared.settings.app.ip(), target.port());
     let app = match connect(upstream, shared.upstreams.connect).await {
         Ok(app) => app,
