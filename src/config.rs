@@ -78,19 +78,9 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
         .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
 }
 
-/// Reads and validates the `--policy` file, so that a bad one fails the start. Rules limited to
-/// HTTP methods or paths are refused: the data plane enforces policy per connection only, and
-/// letting such a rule admit every request of the connection would allow more than it says.
+/// Reads and validates the `--policy` file, so that a bad one fails the start.
 fn parse_policy(path: &str) -> Result<crate::policy::Policy, String> {
-    let policy =
-        crate::policy::Policy::load(std::path::Path::new(path)).map_err(|e| e.to_string())?;
-    if policy.limits_http() {
-        return Err(format!(
-            "{path}: rules limited to `methods` or `paths` are not enforced by `run` yet (only connections are); \
-             allow whole ports for now"
-        ));
-    }
-    Ok(policy)
+    crate::policy::Policy::load(std::path::Path::new(path)).map_err(|e| e.to_string())
 }
 
 /// Reads and parses the `--peer-identities` file, so that a bad one fails the start.
@@ -308,8 +298,9 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_PEER_IDENTITIES", value_parser = parse_peer_identities)]
     pub peer_identities: Option<crate::identity::peers::PeerIdentities>,
 
-    /// Authorization policy (YAML, docs/policy.md): which peers may connect to which inbound port.
-    /// A refused HBONE stream gets 401, a refused plaintext connection is closed. Read at start.
+    /// Authorization policy (YAML, docs/policy.md): which peers may reach which inbound port and,
+    /// for HTTP, which methods and paths. A refused HBONE stream gets 401, a refused request 403, a
+    /// refused TCP connection is closed. Read at start.
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
     pub policy: Option<crate::policy::Policy>,
 }

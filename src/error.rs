@@ -66,6 +66,8 @@ pub enum ErrorKind {
     TcpIo,
     /// Opaque TCP: the client's side failed (reset).
     TcpClientReset,
+    /// --policy does not let this peer make this request.
+    PolicyDenied,
 }
 
 impl ErrorKind {
@@ -75,7 +77,7 @@ impl ErrorKind {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
             | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
             ClientBody | RequestTimeout | ClientDisconnected | BadRequest | HeadersTooLarge
-            | TcpClientReset => Fault::Client,
+            | TcpClientReset | PolicyDenied => Fault::Client,
             LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
         }
     }
@@ -94,6 +96,7 @@ impl ErrorKind {
             LoopDetected => S::LOOP_DETECTED,
             // Never sent (nobody is listening); 499 is what nginx logs for it.
             ClientDisconnected | TcpClientReset => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
+            PolicyDenied => S::FORBIDDEN,
             Overloaded | TooManyConnections | DrainTimeout => S::SERVICE_UNAVAILABLE,
         }
     }
@@ -120,6 +123,7 @@ impl ErrorKind {
             DrainTimeout => "drain_timeout",
             TcpIo => "tcp_io",
             TcpClientReset => "tcp_client_reset",
+            PolicyDenied => "policy_denied",
         }
     }
 
@@ -162,6 +166,9 @@ impl ErrorKind {
             DrainTimeout => "amazing-proxy: shutting down (--drain-timeout reached)\n",
             TcpIo => "amazing-proxy: the TCP stream broke off\n",
             TcpClientReset => "amazing-proxy: the client reset the TCP stream\n",
+            PolicyDenied => {
+                "amazing-proxy: the policy does not allow this request from this peer (--policy)\n"
+            }
         }
     }
 
@@ -172,6 +179,7 @@ impl ErrorKind {
         const RESOURCE_EXHAUSTED: u8 = 8;
         const INTERNAL: u8 = 13;
         const INVALID_ARGUMENT: u8 = 3;
+        const PERMISSION_DENIED: u8 = 7;
         use ErrorKind::*;
         match self {
             ConnectTimeout | ResponseTimeout | ResponseBodyTimeout | RequestTimeout => {
@@ -180,6 +188,7 @@ impl ErrorKind {
             Overloaded | TooManyConnections | HeadersTooLarge => RESOURCE_EXHAUSTED,
             BadRequest | ClientBody => INVALID_ARGUMENT,
             UpstreamProtocol | LoopDetected => INTERNAL,
+            PolicyDenied => PERMISSION_DENIED,
             _ => UNAVAILABLE,
         }
     }

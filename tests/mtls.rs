@@ -889,8 +889,8 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
 }
 
 /// --policy: a peer the port's rules name gets through, another identity of the trust domain gets
-/// 401 on its CONNECT, and plaintext (unauthenticated) is closed; rules limited to HTTP paths or
-/// methods are refused at start, since only connections are judged.
+/// 401 on its CONNECT, plaintext (unauthenticated) is closed where no rule admits it, and rules
+/// limited to methods and paths judge each request (403), on the fast path's port too.
 #[tokio::test]
 async fn the_policy_admits_named_peers_and_refuses_the_others() {
     bounded("test", TEST_TIMEOUT, async {
@@ -935,13 +935,36 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
         plaintext_listener(&plain, listener).await;
         assert_eq!(plaintext_get(addr).await, None, "plaintext is unauthenticated");
 
+        // Rules limited to methods and paths judge each request (403), plaintext included.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("address");
         let http_rules = dirs.path().join("http.yaml");
-        std::fs::write(&http_rules, "default: deny\nports:\n  - port: 80\n    allow:\n      - unauthenticated: true\n        paths:\n          - exact: /healthz\n").expect("write");
-        let refused = Cli::try_parse_from(["run", "--policy", &http_rules.display().to_string()])
-            .err()
-            .map(|e| e.to_string())
-            .unwrap_or_default();
-        assert!(refused.contains("not enforced"), "{refused}");
+        std::fs::write(
+            &http_rules,
+            format!(
+                "default: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        methods: [GET]\n        paths:\n          - exact: /status/200\n",
+                addr.port()
+            ),
+        )
+        .expect("write");
+        let http_rules = http_rules.display().to_string();
+        let (judged, log) = data_plane(app.addr, &dirs.path().join("server"), &["--policy", &http_rules, "--access-log", "json"]);
+        plaintext_listener(&judged, listener).await;
+        assert_eq!(plaintext_get(addr).await, Some(200), "the allowed path");
+        let mut stream = TcpStream::connect(addr).await.expect("connect");
+        stream
+            .write_all(b"GET /status/201 HTTP/1.1\r\nHost: pod\r\nConnection: close\r\n\r\n")
+            .await
+            .expect("write");
+        let mut answer = Vec::new();
+        bounded("the refusal", WAIT, stream.read_to_end(&mut answer))
+            .await
+            .expect("read");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+        assert!(answer.contains("policy does not allow"), "{answer}");
+        let record = log.record(|r| r["status"] == 403).await;
+        assert_eq!(record["error"], "policy_denied", "{record}");
     })
     .await;
 }

@@ -25,6 +25,7 @@ use super::phases::{self, Sent, Synthetic, may_retry};
 use super::tcp::Counted;
 use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
+use crate::telemetry::metrics::Direction;
 
 /// The service hyper calls for every request on a client connection.
 pub async fn handle(
@@ -64,6 +65,14 @@ pub async fn handle(
     exchange.request = progress.clone();
     if let Err(kind) = ruled.admitted {
         return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
+    }
+    if conn.direction == Direction::Inbound {
+        let port = conn.original.port_u16().unwrap_or(0);
+        let request = Some((&parts.method, path.as_str()));
+        if !shared.allows(port, conn.peer.as_deref(), request) {
+            let denied = Synthetic::new(ErrorKind::PolicyDenied, grpc);
+            return Ok(synthetic_response(denied, exchange));
+        }
     }
     let Some(in_flight) = in_flight else {
         let overloaded = Synthetic::new(ErrorKind::Overloaded, grpc);

@@ -233,6 +233,9 @@ pub(super) async fn serve_tunnelled<I>(
     let metrics = &shared.telemetry.metrics;
     metrics.count_detection(route.direction, protocol, reason);
     if protocol == Protocol::Opaque {
+        if !shared.allows(port, route.peer.as_deref(), None) {
+            return;
+        }
         Box::pin(tcp::forward_streams(&shared, &mut io, &mut app, route)).await;
         return;
     }
@@ -259,9 +262,10 @@ pub(super) async fn serve_tunnelled<I>(
     .await;
 }
 
-/// Mutual TLS before detection: strict inbound refuses plaintext; outbound goes into an HBONE
-/// tunnel (`None`: carried or refused), unless `auto` found nothing listening for HBONE.
-async fn mtls_gate(
+/// Mutual TLS and policy before detection: strict inbound refuses plaintext, and so does a policy
+/// that admits no unauthenticated peer to the port; outbound goes into an HBONE tunnel (`None`:
+/// carried or refused), unless `auto` found no HBONE there.
+async fn gate(
     shared: &Shared,
     stream: TcpStream,
     direction: Direction,
@@ -269,6 +273,9 @@ async fn mtls_gate(
     dialled: SocketAddr,
     upstream: SocketAddr,
 ) -> Option<TcpStream> {
+    if direction == Direction::Inbound && !shared.admits(dialled.port(), None) {
+        return None;
+    }
     let Some(mtls) = &shared.mtls else {
         return Some(stream);
     };
@@ -317,10 +324,10 @@ async fn serve_connection(
         }
     };
     let dialled = original.unwrap_or(local);
-    // Boxed, and only with an identity: the tunnel's state would otherwise grow every
+    // Boxed, and only with an identity or a policy: the tunnel's state would otherwise grow every
     // connection's task, idle plaintext ones included.
-    let stream = if shared.mtls.is_some() {
-        let gate = mtls_gate(&shared, stream, direction, client, dialled, upstream);
+    let stream = if shared.mtls.is_some() || shared.policy.is_some() {
+        let gate = gate(&shared, stream, direction, client, dialled, upstream);
         let Some(stream) = Box::pin(gate).await else {
             return;
         };
@@ -329,9 +336,6 @@ async fn serve_connection(
         stream
     };
 
-    if direction == Direction::Inbound && !shared.admits(dialled.port(), None) {
-        return;
-    }
     let http_port = settings.http_ports.contains(&dialled.port());
     let detected = if settings.opaque_ports.contains(&dialled.port()) {
         Detected::Opaque("opaque_port")
@@ -351,6 +355,9 @@ async fn serve_connection(
     };
     metrics.count_detection(direction, protocol, reason);
     if protocol == Protocol::Opaque {
+        if direction == Direction::Inbound && !shared.allows(dialled.port(), None, None) {
+            return;
+        }
         let route = tcp::Route {
             client,
             dialled,
@@ -375,7 +382,9 @@ async fn serve_connection(
         upstream,
         upstream_http2,
     ));
-    let io = if detected == Detected::Http1 && !upstream_http2 {
+    // The fast path does not ask the policy about each request: the hyper path does.
+    let judged = direction == Direction::Inbound && shared.judges_requests();
+    let io = if detected == Detected::Http1 && !upstream_http2 && !judged {
         let connection =
             http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
         match connection.serve().await {

@@ -140,23 +140,48 @@ impl Shared {
 }
 
 impl Shared {
-    /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port`; a refusal and an
-    /// audit are logged.
+    /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port` at all.
     pub fn admits(&self, port: u16, peer: Option<&crate::identity::SpiffeId>) -> bool {
-        use crate::policy::Decision;
+        self.policy
+            .as_ref()
+            .is_none_or(|policy| verdict(policy.admits_connection(port, peer)))
+    }
+
+    /// Whether --policy lets `peer` make this HTTP request (`Some((method, path))`) or send opaque
+    /// bytes (`None`) to inbound `port`. `peer` is the access log's text of a SPIFFE ID.
+    pub fn allows(
+        &self,
+        port: u16,
+        peer: Option<&str>,
+        http: Option<(&http::Method, &str)>,
+    ) -> bool {
         let Some(policy) = &self.policy else {
             return true;
         };
-        match policy.admits_connection(port, peer) {
-            Decision::Allow => true,
-            Decision::Audit { reason } => {
-                tracing::info!("policy audit (allowed): {reason}");
-                true
-            }
-            Decision::Deny { reason } => {
-                tracing::info!("policy refused: {reason}");
-                false
-            }
+        let peer = peer.and_then(|p| p.parse::<crate::identity::SpiffeId>().ok());
+        verdict(policy.decide(port, peer.as_ref(), http))
+    }
+
+    /// Whether inbound HTTP must be judged request by request (the hyper path does it).
+    pub fn judges_requests(&self) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(crate::policy::Policy::limits_http)
+    }
+}
+
+/// A policy decision as allowed or not; refusals and audits are logged.
+fn verdict(decision: crate::policy::Decision) -> bool {
+    use crate::policy::Decision;
+    match decision {
+        Decision::Allow => true,
+        Decision::Audit { reason } => {
+            tracing::info!("policy audit (allowed): {reason}");
+            true
+        }
+        Decision::Deny { reason } => {
+            tracing::info!("policy refused: {reason}");
+            false
         }
     }
 }
