@@ -965,6 +965,24 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
         assert!(answer.contains("policy does not allow"), "{answer}");
         let record = log.record(|r| r["status"] == 403).await;
         assert_eq!(record["error"], "policy_denied", "{record}");
+
+        // And in a tunnel, the peer's identity is what the request rule names.
+        let tunnelled = dirs.path().join("tunnelled.yaml");
+        std::fs::write(
+            &tunnelled,
+            format!(
+                "default: deny\nports:\n  - port: {}\n    allow:\n      - identities: [{CLIENT_ID}]\n        paths:\n          - prefix: /status/200\n",
+                app.addr.port()
+            ),
+        )
+        .expect("write");
+        let tunnelled = tunnelled.display().to_string();
+        let (server, _) = data_plane(app.addr, &dirs.path().join("server"), &["--policy", &tunnelled]);
+        let hbone = hbone_listener(&server).await;
+        let tunnel = open(&allowed, hbone, app.addr).await.expect("tunnel");
+        let (status, mut sender) = get(tunnel, "/status/200").await;
+        assert_eq!(status, 200);
+        assert_eq!(send_status(&mut sender, "/status/201").await, 403);
     })
     .await;
 }
