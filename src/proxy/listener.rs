@@ -382,9 +382,7 @@ async fn serve_connection(
         upstream,
         upstream_http2,
     ));
-    // The fast path does not ask the policy about each request: the hyper path does.
-    let judged = direction == Direction::Inbound && shared.judges_requests();
-    let io = if detected == Detected::Http1 && !upstream_http2 && !judged {
+    let io = if detected == Detected::Http1 && !upstream_http2 {
         let connection =
             http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
         match connection.serve().await {

@@ -38,6 +38,7 @@ use crate::proxy::limits::{Activity, Slot};
 use crate::proxy::phases::{Sent, Synthetic, may_retry};
 use crate::proxy::rewind::Rewind;
 use crate::proxy::upstream::UpstreamConn;
+use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};
 use framing::{
     Framing, InvalidResponse, RequestPlan, RequestVerdict, ResponsePlan, Rewrite, plan_request,
@@ -275,6 +276,15 @@ impl Connection {
             keep_alive: plan.keep_alive,
             head_request: plan.method == Method::HEAD,
         };
+        // The authorization phase: inbound requests are judged by method and path when the
+        // policy has rules that name them (plaintext here: no peer identity).
+        let allowed = self.ctx.direction != Direction::Inbound
+            || !self.shared.judges_requests()
+            || self.shared.allows(
+                self.ctx.original.port_u16().unwrap_or(0),
+                self.ctx.peer.as_deref(),
+                Some((&plan.method, plan.path.as_str())),
+            );
         let mut exchange = Exchange::new(
             self.ctx.clone(),
             start,
@@ -289,6 +299,11 @@ impl Connection {
             Framing::Length(n) if n <= self.buf.len() as u64 => usize::try_from(n).ok(),
             _ => None,
         };
+        if !allowed {
+            let keep = inline_body == Some(0) && plan.keep_alive;
+            let denied = Synthetic::new(ErrorKind::PolicyDenied, plan.grpc);
+            return self.respond(exchange, denied, keep).await;
+        }
         let Some(_in_flight) = self.shared.limits.start_request() else {
             let keep = inline_body == Some(0) && plan.keep_alive;
             let synthetic = Synthetic::new(ErrorKind::Overloaded, plan.grpc);
