@@ -79,8 +79,10 @@ pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
 }
 
 /// Reads and validates the `--policy` file, so that a bad one fails the start.
-fn parse_policy(path: &str) -> Result<crate::policy::Policy, String> {
-    crate::policy::Policy::load(std::path::Path::new(path)).map_err(|e| e.to_string())
+fn parse_policy(path: &str) -> Result<crate::policy::PolicyFile, String> {
+    let path = std::path::PathBuf::from(path);
+    let policy = crate::policy::Policy::load(&path).map_err(|e| e.to_string())?;
+    Ok(crate::policy::PolicyFile { path, policy })
 }
 
 /// Reads and parses the `--peer-identities` file, so that a bad one fails the start.
@@ -300,9 +302,9 @@ pub struct RunArgs {
 
     /// Authorization policy (YAML, docs/policy.md): which peers may reach which inbound port and,
     /// for HTTP, which methods and paths. A refused HBONE stream gets 401, a refused request 403, a
-    /// refused TCP connection is closed. Read at start.
+    /// refused TCP connection is closed. Validated at start, reloaded when the file changes.
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
-    pub policy: Option<crate::policy::Policy>,
+    pub policy: Option<crate::policy::PolicyFile>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address

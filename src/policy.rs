@@ -138,6 +138,13 @@ pub enum PathMatch {
     Prefix(String),
 }
 
+/// A policy file: where it was read from (to read it again when it changes) and what it said.
+#[derive(Clone, Debug)]
+pub struct PolicyFile {
+    pub path: std::path::PathBuf,
+    pub policy: Policy,
+}
+
 /// A validated policy.
 #[derive(Clone, Debug)]
 pub struct Policy {
@@ -177,6 +184,11 @@ impl Policy {
             path: Some(path.to_owned()),
             message,
         })
+    }
+
+    /// The trust domain `cluster-authenticated` and namespaces are judged in.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
     }
 
     /// The trust domain that `cluster-authenticated` and `namespaces` refer to (`--trust-domain`).

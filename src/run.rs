@@ -108,6 +108,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     .map_err(RunError::Admin)?;
 
     tokio::spawn(shared.upstreams.pool.clone().reap_forever());
+    tokio::spawn(shared.clone().watch_policy_forever());
     tokio::spawn(Listener::new(shared.clone(), inbound, Direction::Inbound).run());
     if let Some(outbound) = outbound {
         tokio::spawn(Listener::new(shared.clone(), outbound, Direction::Outbound).run());

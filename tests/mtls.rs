@@ -27,7 +27,7 @@ use support::http::TestApp;
 use support::identity::{Ca, Leaf};
 use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh};
 use support::tools::json_records;
-use support::{TEST_TIMEOUT, WAIT, bounded};
+use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -965,6 +965,21 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
         assert!(answer.contains("policy does not allow"), "{answer}");
         let record = log.record(|r| r["status"] == 403).await;
         assert_eq!(record["error"], "policy_denied", "{record}");
+
+        // The policy follows its file: once it allows only /status/201, /status/200 is refused.
+        tokio::spawn(judged.clone().watch_policy_forever());
+        std::fs::write(
+            dirs.path().join("http.yaml"),
+            format!(
+                "# changed\ndefault: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        paths:\n          - exact: /status/201\n",
+                addr.port()
+            ),
+        )
+        .expect("rewrite the policy");
+        eventually("the changed policy to be in force", WAIT, || async {
+            (plaintext_get(addr).await == Some(403)).then_some(())
+        })
+        .await;
 
         // And in a tunnel, the peer's identity is what the request rule names.
         let tunnelled = dirs.path().join("tunnelled.yaml");

@@ -85,8 +85,11 @@ pub struct Shared {
     pub drain: Drain,
     /// Mutual TLS (HBONE), when an identity is configured.
     pub mtls: Option<hbone::Mtls>,
-    /// Who may connect to which inbound port (--policy).
-    pub policy: Option<crate::policy::Policy>,
+    /// Who may connect to which inbound port (--policy): the current policy, replaced when its
+    /// file changes.
+    pub policy: Option<tokio::sync::watch::Sender<Arc<crate::policy::Policy>>>,
+    /// Where --policy was read from.
+    pub policy_path: Option<std::path::PathBuf>,
 }
 
 impl Shared {
@@ -131,10 +134,14 @@ impl Shared {
             telemetry,
             drain: Drain::default(),
             mtls,
-            policy: args
-                .policy
-                .clone()
-                .map(|p| p.with_trust_domain(args.trust_domain.clone())),
+            policy: args.policy.as_ref().map(|file| {
+                let policy = file
+                    .policy
+                    .clone()
+                    .with_trust_domain(args.trust_domain.clone());
+                tokio::sync::watch::Sender::new(Arc::new(policy))
+            }),
+            policy_path: args.policy.as_ref().map(|file| file.path.clone()),
         })
     }
 }
@@ -144,7 +151,7 @@ impl Shared {
     pub fn admits(&self, port: u16, peer: Option<&crate::identity::SpiffeId>) -> bool {
         self.policy
             .as_ref()
-            .is_none_or(|policy| verdict(policy.admits_connection(port, peer)))
+            .is_none_or(|policy| verdict(policy.borrow().admits_connection(port, peer)))
     }
 
     /// Whether --policy lets `peer` make this HTTP request (`Some((method, path))`) or send opaque
@@ -159,14 +166,56 @@ impl Shared {
             return true;
         };
         let peer = peer.and_then(|p| p.parse::<crate::identity::SpiffeId>().ok());
-        verdict(policy.decide(port, peer.as_ref(), http))
+        let decision = policy.borrow().decide(port, peer.as_ref(), http);
+        verdict(decision)
     }
 
-    /// Whether inbound HTTP must be judged request by request (the hyper path does it).
+    /// Whether inbound HTTP must be judged request by request.
     pub fn judges_requests(&self) -> bool {
         self.policy
             .as_ref()
-            .is_some_and(crate::policy::Policy::limits_http)
+            .is_some_and(|policy| policy.borrow().limits_http())
+    }
+}
+
+/// How often the --policy file is checked for changes (its modification time and size, as the
+/// identity files: Kubernetes updates a mounted ConfigMap by swapping a symlink).
+const POLICY_POLL: Duration = Duration::from_secs(2);
+
+impl Shared {
+    /// Reloads --policy whenever its file changes; a file that no longer validates is logged
+    /// loudly and the policy in force stays.
+    pub async fn watch_policy_forever(self: Arc<Self>) {
+        let (Some(sender), Some(path)) = (&self.policy, &self.policy_path) else {
+            return;
+        };
+        let stamp = || {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        // Nothing seen yet: the first tick reads the file again, so that a change made between
+        // the start's validation and this watcher is not missed.
+        let mut seen = None;
+        let mut ticker = tokio::time::interval(POLICY_POLL);
+        loop {
+            ticker.tick().await;
+            let now = Some(stamp());
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let trust_domain = sender.borrow().trust_domain().to_owned();
+            match crate::policy::Policy::load(path) {
+                Ok(policy) => {
+                    sender.send_replace(Arc::new(policy.with_trust_domain(trust_domain)));
+                    tracing::info!(path = %path.display(), "policy reloaded");
+                }
+                Err(e) => tracing::error!(
+                    "the policy file changed but cannot be used ({e}); the previous policy stays in force: fix the file"
+                ),
+            }
+        }
     }
 }
 
