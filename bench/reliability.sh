@@ -227,7 +227,7 @@ def fmt(r):
                 f"slowloris open: {r['opened']} at start, " + ", ".join(f"{v} at {k}" for k, v in r["still_open"].items()))
     if s == "idle":
         return (f"{r['bytes_per_idle']} B and {r['fds_per_idle']} fd per idle client, {r['app_connections']} app connections held "
-                f"({r['connected']}/{r['clients']} connected, "
+                f"({r['connected']}/{r['clients']} connected, {r['kept_by_proxy']} kept open by the proxy, "
                 f"first request failed: {r['first_request_failed'] or 0}); new requests {r['new_requests']}"
                 + (f"; /metrics {r['admin_metrics']}" if r["admin_metrics"] else ""))
     if s == "race":

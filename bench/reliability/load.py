@@ -89,9 +89,9 @@ def proc_fds(pid):
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def app_connections(pids, port):
-    """Established connections from `pids` to the app's `port` (the pool, not the clients)."""
-    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( dport = :{port} )"],
+def connections(pids, port_filter):
+    """Established connections of `pids` that match an ss port filter such as `dport = :80`."""
+    out = subprocess.run(["ss", "-Htnp", "state", "established", f"( {port_filter} )"],
                          capture_output=True, text=True, timeout=10).stdout
     return sum(1 for line in out.splitlines() if any(f"pid={p}," in line for p in pids))
 
@@ -164,7 +164,7 @@ async def idle(args):
     rss0 = sum(proc_rss_kb(p) for p in pids)
     fds0 = sum(proc_fds(p) for p in pids)
     held, failed = [], []
-    gate = asyncio.Semaphore(200)
+    gate = asyncio.Semaphore(args.concurrency)
 
     async def client():
         async with gate:
@@ -182,7 +182,10 @@ async def idle(args):
     await asyncio.sleep(2)  # idle long enough for buffers to be released
     rss1 = sum(proc_rss_kb(p) for p in pids)
     fds1 = sum(proc_fds(p) for p in pids)
-    app_conns = app_connections(pids, args.app_port)
+    # What the proxy still holds (it may have shed some to stay within its descriptors), and its
+    # connections to the app (the pool, shared by every client).
+    kept = connections(pids, f"sport = :{target[1]}")
+    app_conns = connections(pids, f"dport = :{args.app_port}")
     new = [await one_request(target, "/new", 5) for _ in range(20)]
     admin = [await one_request(addr(args.admin), "/metrics", 5) for _ in range(5)] if args.admin else []
     for w in held:
@@ -190,8 +193,9 @@ async def idle(args):
     return {
         "clients": args.n, "connected": len(held), "first_request_failed": tally(failed),
         "rss_kb_before": rss0, "rss_kb_after": rss1, "fds_before": fds0, "fds_after": fds1,
-        "bytes_per_idle": round((rss1 - rss0) * 1024 / max(1, len(held))),
-        "fds_per_idle": round((fds1 - fds0) / max(1, len(held)), 2), "app_connections": app_conns,
+        "kept_by_proxy": kept, "app_connections": app_conns,
+        "bytes_per_idle": round((rss1 - rss0) * 1024 / max(1, kept)),
+        "fds_per_idle": round((fds1 - fds0) / max(1, kept), 2),
         "new_requests": tally(new), "admin_metrics": tally(admin),
     }
 
@@ -298,6 +302,7 @@ def main():
     s.add_argument("--pid", required=True, help="comma-separated pids whose RSS and fds are summed")
     s.add_argument("--admin", help="HOST:PORT whose /metrics must still answer")
     s.add_argument("--app-port", type=int, required=True, help="the app's port, to count pooled connections")
+    s.add_argument("--concurrency", type=int, default=200, help="clients making their first request at once")
     s = sub.add_parser("race")
     s.add_argument("target")
     s.add_argument("--requests", type=int, default=5000)
