@@ -5,7 +5,7 @@
 #
 # Usage: bench/reliability.sh [SCENARIO...]   scenarios: slowloris idle race recover drain (default: all)
 #   N_SLOW (2000) slowloris sockets, SLOW_AT ("35 65") when to count them (seconds),
-#   N_IDLE (10000) idle clients, RACE (5000) requests in the race,
+#   N_IDLE (10000) idle clients, IDLE_HOLD (65) seconds they then stay idle, RACE (5000) requests in the race,
 #   PROXIES ("amazing nginx envoy") which proxies, AMAZING_BIN (target/release/amazing-proxy).
 # Needs: nginx, wrk, python3 (bench/peerbench/setup.sh installs them, and Envoy into /tmp/peers).
 # Prints a table at the end; the raw JSON of each measurement is in /tmp/reliability/results.jsonl.
@@ -134,7 +134,7 @@ idle() {
   for p in $PROXIES; do
     start_proxy "$p" $APP || continue
     local admin=(); [ -n "$ADMIN" ] && admin=(--admin "$ADMIN")
-    record idle "$p" "$N_IDLE clients" "$(taskset -c 0 $load idle 127.0.0.1:$PORT --n "$N_IDLE" --pid "$PID" --app-port $APP "${admin[@]}")"
+    record idle "$p" "$N_IDLE clients" "$(taskset -c 0 $load idle 127.0.0.1:$PORT --n "$N_IDLE" --pid "$PID" --app-port $APP --hold "${IDLE_HOLD:-65}" "${admin[@]}")"
     stop_proxy
   done
   stop_app
@@ -229,7 +229,8 @@ def fmt(r):
         return (f"{r['bytes_per_idle']} B and {r['fds_per_idle']} fd per idle client, {r['app_connections']} app connections held "
                 f"({r['connected']}/{r['clients']} connected, {r['kept_by_proxy']} kept open by the proxy, "
                 f"first request failed: {r['first_request_failed'] or 0}); new requests {r['new_requests']}"
-                + (f"; /metrics {r['admin_metrics']}" if r["admin_metrics"] else ""))
+                + (f"; /metrics {r['admin_metrics']}" if r["admin_metrics"] else "")
+                + (f"; {r['still_open_after_hold']} still open after {r['hold_s']:g} s idle" if r["hold_s"] else ""))
     if s == "race":
         return f"{r['errors']} errors in {r['requests']} ({r['statuses']})"
     if s == "recover":

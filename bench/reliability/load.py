@@ -5,8 +5,9 @@
                        normal client makes one request every 100 ms; reports the normal client's
                        statuses and how many slowloris sockets are still open at each checkpoint.
   idle HOST:PORT       N keep-alive clients make one request each and stay open; reports RSS and
-                       descriptors of --pid before and after, and whether new requests (and --admin
-                       /metrics) still answer with them open.
+                       descriptors of --pid before and after, whether new requests (and --admin
+                       /metrics) still answer with them open, and how many are still open after
+                       --hold seconds.
   race HOST:PORT       R GETs on C keep-alive connections; counts what is not a 200.
   recover HOST:PORT    kills --app-pid, restarts the app (--restart), and measures from the
                        app's port accepting again to the first 200 through the proxy.
@@ -172,13 +173,14 @@ async def idle(args):
                 reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), 10)
                 writer.write(REQUEST)
                 status, _ = await read_response(reader)
-                held.append(writer)
+                held.append((reader, writer))
                 if status != 200:
                     failed.append(status)
             except Exception as e:  # noqa: BLE001
                 failed.append(type(e).__name__)
 
     await asyncio.gather(*(client() for _ in range(args.n)))
+    idle_since = time.monotonic()
     await asyncio.sleep(2)  # idle long enough for buffers to be released
     rss1 = sum(proc_rss_kb(p) for p in pids)
     fds1 = sum(proc_fds(p) for p in pids)
@@ -188,15 +190,21 @@ async def idle(args):
     app_conns = connections(pids, f"dport = :{args.app_port}")
     new = [await one_request(target, "/new", 5) for _ in range(20)]
     admin = [await one_request(addr(args.admin), "/metrics", 5) for _ in range(5)] if args.admin else []
-    for w in held:
+    # Still open after --hold seconds of idleness (the proxy's idle timeout should have closed them).
+    still_open = None
+    if args.hold:
+        await asyncio.sleep(max(0, idle_since + args.hold - time.monotonic()))
+        still_open = sum(1 for r, _ in held if not r.at_eof() and r.exception() is None)
+    for _, w in held:
         w.close()
     return {
         "clients": args.n, "connected": len(held), "first_request_failed": tally(failed),
         "rss_kb_before": rss0, "rss_kb_after": rss1, "fds_before": fds0, "fds_after": fds1,
         "kept_by_proxy": kept, "app_connections": app_conns,
-        "bytes_per_idle": round((rss1 - rss0) * 1024 / max(1, kept)),
-        "fds_per_idle": round((fds1 - fds0) / max(1, kept), 2),
+        "bytes_per_idle": round((rss1 - rss0) * 1024 / kept) if kept else None,
+        "fds_per_idle": round((fds1 - fds0) / kept, 2) if kept else None,
         "new_requests": tally(new), "admin_metrics": tally(admin),
+        "hold_s": args.hold, "still_open_after_hold": still_open,
     }
 
 
@@ -303,6 +311,7 @@ def main():
     s.add_argument("--admin", help="HOST:PORT whose /metrics must still answer")
     s.add_argument("--app-port", type=int, required=True, help="the app's port, to count pooled connections")
     s.add_argument("--concurrency", type=int, default=200, help="clients making their first request at once")
+    s.add_argument("--hold", type=float, default=0, help="then stay idle this long and count who is still open")
     s = sub.add_parser("race")
     s.add_argument("target")
     s.add_argument("--requests", type=int, default=5000)
