@@ -199,7 +199,7 @@ fn addresses(n: u32) -> [Ipv4Addr; 4] {
 }
 
 impl Pod {
-    #[allow(clippy::too_many_lines)] // TODO(lead): split
+    #[allow(clippy::too_many_lines)] // one pod, set up in the order a kubelet and the CNI would
     /// `Err` with the reason when this machine cannot run a pod (not root, no namespaces, no
     /// venv with gunicorn and httpbin).
     pub fn start(opts: &PodOptions<'_>) -> Result<Pod, String> {

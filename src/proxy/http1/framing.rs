@@ -553,7 +553,6 @@ pub fn plan_request(
     }
 }
 
-#[allow(clippy::too_many_lines)] // TODO(lead): split after the framing branch lands
 fn plan_parsed_request(
     req: &httparse::Request<'_, '_>,
     head_len: usize,
@@ -572,100 +571,146 @@ fn plan_parsed_request(
     } else {
         Some(parse_target(method, target)?)
     };
+    let mut fields = scan_request_fields(req.headers, rw.via, http11)?;
+    fields.hyper |= connect || !http11;
+    // RFC 9112 3.2: an HTTP/1.1 request without Host is 400.
+    if http11 && fields.hosts == 0 {
+        return Err(Invalid);
+    }
+    let framing = request_framing(&fields, http11)?;
+    // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
+    if fields.looped && !rw.via.is_empty() {
+        return Err(Loop);
+    }
+    // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade and Expect: the hyper path's.
+    let Some(target) = target.filter(|_| !fields.hyper) else {
+        return Err(Fallback);
+    };
+    let method_value = Method::from_bytes(method.as_bytes()).map_err(|_| Invalid)?;
+    let request_id =
+        write_request_head(req.headers, method, &target, &mut fields, framing, rw, out);
+    Ok(RequestPlan {
+        head_len,
+        method: method_value,
+        path: target.origin.into_owned(),
+        framing,
+        keep_alive: fields.keep_alive,
+        request_id,
+        grpc: fields.grpc,
+    })
+}
 
-    let mut content_length = None;
-    let mut codings = Codings::default();
-    let mut hosts = 0;
-    let mut keep_alive = http11;
-    let mut options = false;
-    let mut request_id = None;
-    let mut forwarded_for = false;
-    let mut forwarded_proto = false;
-    let mut te_trailers = false;
-    let mut grpc = false;
-    let mut hyper = connect || !http11;
-    let mut looped = false;
-    for h in req.headers.iter() {
+/// What one pass over a request's fields found.
+#[derive(Default)]
+struct RequestFields {
+    content_length: Option<u64>,
+    codings: Codings,
+    hosts: usize,
+    keep_alive: bool,
+    /// `Connection` names fields other than `close` and `keep-alive`.
+    options: bool,
+    request_id: Option<HeaderValue>,
+    forwarded_for: bool,
+    forwarded_proto: bool,
+    te_trailers: bool,
+    grpc: bool,
+    /// Upgrade or Expect: the hyper path's.
+    hyper: bool,
+    looped: bool,
+}
+
+/// The request fields' checks, in one pass: one valid Host, one valid Content-Length, the codings,
+/// and what the rewriting needs to know.
+fn scan_request_fields(
+    headers: &[httparse::Header<'_>],
+    via: &str,
+    http11: bool,
+) -> Result<RequestFields, RequestVerdict> {
+    use RequestVerdict::Invalid;
+    let mut f = RequestFields {
+        keep_alive: http11,
+        ..RequestFields::default()
+    };
+    for h in headers {
         match Field::of(h.name) {
             Field::ContentLength => {
                 // Two Content-Length fields are rejected even when equal (RFC 9110 8.6 allows
                 // either; nginx rejects too): one framing field, or none.
-                if content_length.is_some() {
+                if f.content_length.is_some() {
                     return Err(Invalid);
                 }
-                content_length = Some(parse_length(h.value).ok_or(Invalid)?);
+                f.content_length = Some(parse_length(h.value).ok_or(Invalid)?);
             }
-            Field::TransferEncoding => codings.add(h.value),
+            Field::TransferEncoding => f.codings.add(h.value),
             Field::Host => {
                 // RFC 9112 3.2: one Host, with a valid value.
-                hosts += 1;
-                if hosts > 1 || !valid_host(h.value, false) {
+                f.hosts += 1;
+                if f.hosts > 1 || !valid_host(h.value, false) {
                     return Err(Invalid);
                 }
             }
             Field::Connection => {
-                keep_alive &= !says_close(h.value);
-                options |= elements(h.value).any(|o| {
+                f.keep_alive &= !says_close(h.value);
+                f.options |= elements(h.value).any(|o| {
                     !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
                 });
             }
             Field::Te => {
-                te_trailers |= elements(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+                f.te_trailers |= elements(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
             }
-            Field::Upgrade | Field::Expect => hyper = true,
-            Field::XForwardedFor => forwarded_for = true,
-            Field::XForwardedProto => forwarded_proto = true,
+            Field::Upgrade | Field::Expect => f.hyper = true,
+            Field::XForwardedFor => f.forwarded_for = true,
+            Field::XForwardedProto => f.forwarded_proto = true,
             Field::XRequestId => {
-                if request_id.is_none() {
-                    request_id = HeaderValue::from_bytes(h.value).ok();
+                if f.request_id.is_none() {
+                    f.request_id = HeaderValue::from_bytes(h.value).ok();
                 }
             }
-            Field::ContentType => {
-                grpc = h
-                    .value
-                    .get(..16)
-                    .is_some_and(|v| v.eq_ignore_ascii_case(b"application/grpc"));
-            }
-            Field::Via => looped |= phases::via_names(h.value, rw.via),
+            Field::ContentType => f.grpc = phases::is_grpc(Some(h.value)),
+            Field::Via => f.looped |= phases::via_names(h.value, via),
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Server | Field::Other => {}
         }
     }
-    // RFC 9112 3.2: an HTTP/1.1 request without Host is 400.
-    if http11 && hosts == 0 {
-        return Err(Invalid);
-    }
-    let framing = if codings.present {
+    Ok(f)
+}
+
+/// The request's framing from its fields.
+fn request_framing(f: &RequestFields, http11: bool) -> Result<Framing, RequestVerdict> {
+    if f.codings.present {
         // RFC 9112 6.1: Transfer-Encoding is HTTP/1.1 only, chunked at most once (RFC 9112
         // 6.1), and last in a request (6.3 item 4: else 400); with Content-Length it is a
         // smuggling attempt we may and do reject (6.1, 6.3 item 3) rather than forward both.
         if !http11
-            || codings.malformed
-            || codings.chunked_count != 1
-            || !codings.last_is_chunked
-            || content_length.is_some()
+            || f.codings.malformed
+            || f.codings.chunked_count != 1
+            || !f.codings.last_is_chunked
+            || f.content_length.is_some()
         {
-            return Err(Invalid);
+            return Err(RequestVerdict::Invalid);
         }
-        Framing::Chunked
-    } else {
-        match content_length {
-            None | Some(0) => Framing::None,
-            Some(n) => Framing::Length(n),
-        }
-    };
-    // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
-    if looped && !rw.via.is_empty() {
-        return Err(Loop);
+        return Ok(Framing::Chunked);
     }
-    // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade and Expect: the hyper path's.
-    let Some(target) = target.filter(|_| !hyper) else {
-        return Err(Fallback);
-    };
-    let method_value = Method::from_bytes(method.as_bytes()).map_err(|_| Invalid)?;
+    Ok(match f.content_length {
+        None | Some(0) => Framing::None,
+        Some(n) => Framing::Length(n),
+    })
+}
 
-    let options = if options {
-        connection_options(req.headers)
+/// The request phase on raw fields: the head for the app, hop-by-hop fields and the fields the
+/// client's `Connection` names removed, Host from the target (or --rewrite-host), then our
+/// X-Forwarded-For, X-Forwarded-Proto, X-Request-Id and Via. Returns the request id.
+fn write_request_head(
+    headers: &[httparse::Header<'_>],
+    method: &str,
+    target: &Target<'_>,
+    f: &mut RequestFields,
+    framing: Framing,
+    rw: &Rewrite<'_>,
+    out: &mut Vec<u8>,
+) -> HeaderValue {
+    let options = if f.options {
+        connection_options(headers)
     } else {
         None
     };
@@ -676,7 +721,7 @@ fn plan_parsed_request(
     out.push(b' ');
     out.extend_from_slice(target.origin.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
-    for h in req.headers.iter() {
+    for h in headers {
         let field = Field::of(h.name);
         if field.is_hop_by_hop() || field == Field::XForwardedFor {
             continue;
@@ -689,18 +734,17 @@ fn plan_parsed_request(
             _ => push_field(out, h.name, h.value, lower),
         }
     }
-    if te_trailers {
+    if f.te_trailers {
         // gRPC needs `TE: trailers` end to end; other TE codings are hop-by-hop.
         push_field(out, Field::Te.name(), b"trailers", lower);
     }
     if framing == Framing::Chunked {
-        push_codings(out, req.headers, lower);
+        push_codings(out, headers, lower);
     }
     push_name(out, Field::XForwardedFor.name(), lower);
     out.extend_from_slice(b": ");
-    if forwarded_for {
-        for h in req
-            .headers
+    if f.forwarded_for {
+        for h in headers
             .iter()
             .filter(|h| Field::of(h.name) == Field::XForwardedFor)
         {
@@ -712,10 +756,10 @@ fn plan_parsed_request(
     }
     out.extend_from_slice(rw.client_ip.as_bytes());
     out.extend_from_slice(b"\r\n");
-    if !forwarded_proto {
+    if !f.forwarded_proto {
         push_field(out, Field::XForwardedProto.name(), b"http", lower);
     }
-    let request_id = match request_id {
+    let request_id = match f.request_id.take() {
         Some(id) => id,
         None => {
             let id = new_request_id();
@@ -727,15 +771,7 @@ fn plan_parsed_request(
     out.extend_from_slice(b": 1.1 ");
     out.extend_from_slice(rw.via.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
-    Ok(RequestPlan {
-        head_len,
-        method: method_value,
-        path: target.origin.into_owned(),
-        framing,
-        keep_alive,
-        request_id,
-        grpc,
-    })
+    request_id
 }
 
 /// The app's response head cannot be parsed or framed: 502.
@@ -779,7 +815,6 @@ pub fn plan_response(
     }
 }
 
-#[allow(clippy::too_many_lines)] // TODO(lead): split after the framing branch lands
 fn plan_parsed_response(
     res: &httparse::Response<'_, '_>,
     head_len: usize,
@@ -869,6 +904,38 @@ fn plan_parsed_response(
     let upstream_reusable = !odd && framing != Framing::UntilClose;
     let keep_alive = keep_alive && framing != Framing::UntilClose;
 
+    write_response_head(
+        res,
+        status,
+        options,
+        codings.present,
+        keep_alive,
+        lower,
+        out,
+    );
+    Ok(ResponsePlan {
+        head_len,
+        status,
+        interim: false,
+        framing,
+        upstream_reusable,
+        keep_alive,
+        grpc_status,
+    })
+}
+
+/// The response phase on raw fields: the head for the client, hop-by-hop fields and the fields the
+/// app's `Connection` names removed (never the framing), `Content-Length` dropped when the body is
+/// chunked, our `Server`, and `Connection: close` when the client's connection ends here.
+fn write_response_head(
+    res: &httparse::Response<'_, '_>,
+    status: u16,
+    options: bool,
+    chunked_codings: bool,
+    keep_alive: bool,
+    lower: bool,
+    out: &mut Vec<u8>,
+) {
     let options = if options {
         connection_options(res.headers)
     } else {
@@ -884,7 +951,7 @@ fn plan_parsed_response(
         let field = Field::of(h.name);
         if field.is_hop_by_hop()
             || field == Field::Server
-            || (field == Field::ContentLength && codings.present)
+            || (field == Field::ContentLength && chunked_codings)
             || (!field.is_protected() && listed(options.as_deref(), h.name))
         {
             continue;
@@ -892,22 +959,13 @@ fn plan_parsed_response(
         push_field(out, h.name, h.value, lower);
     }
     push_field(out, Field::Server.name(), b"amazing-proxy", lower);
-    if codings.present {
+    if chunked_codings {
         push_codings(out, res.headers, lower);
     }
     if !keep_alive {
         push_field(out, Field::Connection.name(), b"close", lower);
     }
     out.extend_from_slice(b"\r\n");
-    Ok(ResponsePlan {
-        head_len,
-        status,
-        interim: false,
-        framing,
-        upstream_reusable,
-        keep_alive,
-        grpc_status,
-    })
 }
 
 #[cfg(test)]
