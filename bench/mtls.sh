@@ -40,8 +40,7 @@ done
 
 pids=()
 cleanup() {
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done
-  wait 2>/dev/null
+  stop "${pids[@]}"
   ip netns del "$A" 2>/dev/null; ip netns del "$B" 2>/dev/null
   rm -rf "$work"
 }
@@ -55,14 +54,21 @@ wait_port() { for _ in $(seq 100); do ip netns exec "$1" bash -c "exec 3<>/dev/t
 cpu_ticks() { awk '{print $14+$15}' "/proc/$1/stat"; }
 hwm_mb() { awk '/^VmHWM/{printf "%.1f", $2/1024}' "/proc/$1/status"; }
 ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); printf "%.3f", v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); printf "%.3f", v} else if (v ~ /s$/) {sub(/s/,"",v); printf "%.1f", v*1000} else print "?" }'; }
-stop() { kill "$@" 2>/dev/null; for p in "$@"; do while kill -0 "$p" 2>/dev/null; do sleep 0.05; done; done; }
+# SIGTERM, then SIGKILL after 5 s; returns once they are gone.
+stop() {
+  kill "$@" 2>/dev/null
+  for p in "$@"; do
+    for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
+    kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null
+  done
+}
 
 # --- identities, pods, upstream -------------------------------------------------------------------
 rm -rf "$work"; mkdir -p "$work" /tmp/peerbench
 "$AMAZING_BIN" identity ca --out "$work/ca" >/dev/null || exit 1
 "$AMAZING_BIN" identity issue --ca "$work/ca" --spiffe-id "$CLIENT_ID" --out "$work/a" >/dev/null || exit 1
 "$AMAZING_BIN" identity issue --ca "$work/ca" --spiffe-id "$SERVER_ID" --out "$work/b" >/dev/null || exit 1
-chmod -R a+rX "$work"   # the Envoys and the handshake client run as uid 1337
+chmod -R a+rX "$work"   # the Envoys run as uid 1337
 echo "$B_IP $SERVER_ID" > "$work/peers"
 
 ip netns add "$A" && ip netns add "$B" || exit 1
@@ -74,7 +80,7 @@ done
 in_a "$AMAZING_BIN" init >/dev/null || exit 1
 in_b "$AMAZING_BIN" init --inbound-ports 18080 --no-outbound >/dev/null || exit 1
 
-in_b taskset -c 1 nginx -c "$root/bench/peerbench/upstream-nginx.conf" & pids+=($!)
+ip netns exec "$B" taskset -c 1 nginx -c "$root/bench/peerbench/upstream-nginx.conf" & pids+=($!)
 wait_port "$B" 127.0.0.1 18080 || exit 1
 
 # --- one pair under wrk -------------------------------------------------------------------------------
@@ -106,8 +112,8 @@ measure() {
 ours() {
   local name=$1 a_flags=$2 b_flags=$3
   local common="run --workers 1 --access-log off --drain-delay 0s --app 127.0.0.1:18080"
-  in_a taskset -c 0 "$AMAZING_BIN" $common $a_flags >"$work/$name-a.log" 2>&1 & local pa=$!; pids+=($pa)
-  in_b taskset -c 1 "$AMAZING_BIN" $common $b_flags >"$work/$name-b.log" 2>&1 & local pb=$!; pids+=($pb)
+  ip netns exec "$A" taskset -c 0 "$AMAZING_BIN" $common $a_flags >"$work/$name-a.log" 2>&1 & local pa=$!; pids+=($pa)
+  ip netns exec "$B" taskset -c 1 "$AMAZING_BIN" $common $b_flags >"$work/$name-b.log" 2>&1 & local pb=$!; pids+=($pb)
   if wait_http "$A" http://127.0.0.1:15000/ready && wait_http "$B" http://127.0.0.1:15000/ready; then
     measure "$name" "http://$B_IP:18080/get?query=param" "$pa" "$pb"
   else tail -3 "$work/$name-a.log" "$work/$name-b.log" >&2; fi
@@ -121,9 +127,9 @@ for t in $only; do
       ours mtls "--identity-dir $work/a --outbound-mtls strict --inbound-mtls off --peer-identities $work/peers" \
                 "--identity-dir $work/b --inbound-mtls permissive" ;;
     envoy)
-      in_a taskset -c 0 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-client.yaml" \
+      ip netns exec "$A" taskset -c 0 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-client.yaml" \
         --concurrency 1 --disable-hot-restart -l error >"$work/envoy-a.log" 2>&1 & pa=$!; pids+=($pa)
-      in_b taskset -c 1 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-server.yaml" \
+      ip netns exec "$B" taskset -c 1 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-server.yaml" \
         --concurrency 1 --disable-hot-restart -l error >"$work/envoy-b.log" 2>&1 & pb=$!; pids+=($pb)
       if wait_port "$A" 127.0.0.1 15101 && wait_port "$B" "$B_IP" 15108; then
         measure envoy "http://127.0.0.1:15101/get?query=param" "$pa" "$pb"
@@ -145,20 +151,21 @@ fi
 hs() { # NAME PORT SERVER_PID
   local name=$1 port=$2 spid=$3 s0 s1 res
   s0=$(cpu_ticks "$spid")
-  res=$(in_a taskset -c 0 setpriv --reuid 1337 --regid 1337 --clear-groups "$PYTHON" "$here/mtls/handshakes.py" \
+  res=$(in_a timeout $((dur + 20)) taskset -c 0 "$PYTHON" "$here/mtls/handshakes.py" \
     "$B_IP" "$port" "$work/a/tls.crt" "$work/a/tls.key" "$work/a/ca.crt" "$dur" "${HS_PROCS:-2}")
   s1=$(cpu_ticks "$spid")
+  [ -n "$res" ] || { echo "$name: the handshake client printed nothing" >&2; return 1; }
   set -- $res
   awk -v n="$1" -v e="$2" -v t="$3" -v a="$s0" -v b="$s1" -v name="$name" 'BEGIN{
     c=(b-a)/100; printf "%-6s %8.0f %8s %9.2f %14s\n", name, n/t, e, c, (c>0 ? sprintf("%.0f", n/c) : "?") }'
 }
 case " $only " in *" handshakes "*)
   printf "\n%-6s %8s %8s %9s %14s\n" server hs/s errors srvCPU_s hs/srvCPU-s
-  in_b taskset -c 1 "$AMAZING_BIN" run --workers 1 --access-log off --drain-delay 0s --app 127.0.0.1:18080 \
+  ip netns exec "$B" taskset -c 1 "$AMAZING_BIN" run --workers 1 --access-log off --drain-delay 0s --app 127.0.0.1:18080 \
     --identity-dir "$work/b" >"$work/hs-b.log" 2>&1 & pb=$!; pids+=($pb)
   wait_http "$B" http://127.0.0.1:15000/ready && hs ours 15008 "$pb"
   stop "$pb"
-  in_b taskset -c 1 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-server.yaml" \
+  ip netns exec "$B" taskset -c 1 setpriv --reuid 1337 --regid 1337 --clear-groups "$ENVOY" -c "$here/mtls/envoy-server.yaml" \
     --concurrency 1 --disable-hot-restart -l error >"$work/hs-envoy.log" 2>&1 & pb=$!; pids+=($pb)
   wait_port "$B" "$B_IP" 15108 && hs envoy 15108 "$pb"
   stop "$pb" ;;

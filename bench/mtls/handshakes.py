@@ -5,7 +5,7 @@ Each connection: TCP connect, TLS 1.3 handshake with the client certificate and 
 preface and an empty SETTINGS frame, then a read until the server's first HTTP/2 frame arrives (the
 proof that the server finished its side of the handshake and checked the certificate), then close.
 No resumption: every connection is a full handshake (ECDHE + certificate verify both ways).
-Usage: handshakes.py HOST PORT CERT KEY CA SECONDS PROCESSES
+Runs as root (it marks its sockets 1337, as the proxy does). Usage: handshakes.py HOST PORT CERT KEY CA SECONDS PROCESSES
 Prints: `<connections> <errors> <seconds>`.
 """
 import multiprocessing
@@ -14,6 +14,7 @@ import ssl
 import sys
 import time
 
+SO_MARK = getattr(socket, "SO_MARK", 36)
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
 
 
@@ -28,7 +29,12 @@ def loop(host, port, cert, key, ca, seconds, out):
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         try:
-            with socket.create_connection((host, port), timeout=5) as raw:
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as raw:
+                # The proxy's mark: `init`'s rules let the connection out unredirected.
+                raw.setsockopt(socket.SOL_SOCKET, SO_MARK, 1337)
+                raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # no Nagle wait for the preface
+                raw.settimeout(5)
+                raw.connect((host, port))
                 with ctx.wrap_socket(raw) as tls:
                     if tls.selected_alpn_protocol() != "h2":
                         raise ssl.SSLError("ALPN h2 not selected")
