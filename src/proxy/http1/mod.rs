@@ -224,6 +224,13 @@ impl Connection {
                 }
             }
             self.buf.reserve(HEAD_CHUNK);
+            // What is already there needs no timer: most heads arrive whole, in one read.
+            match self.client.try_read_buf(&mut self.buf) {
+                Ok(0) => return Head::Closed,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(_) => return Head::Closed,
+            }
             // A head that has started finishes while draining (it gets its answer), but not
             // when the shedder needs its room: the slowest heads go first.
             let read = tokio::time::timeout_at(deadline, self.client.read_buf(&mut self.buf));
@@ -248,11 +255,15 @@ impl Connection {
         }
         let idle_timeout = self.shared.settings.timeouts.idle;
         let grace = IDLE_GRACE.min(idle_timeout);
+        // The next request of a busy client usually comes within the grace: no waiter is
+        // registered for a close request meanwhile (one shed or drained now closes after the grace).
         tokio::select! {
             biased;
             ready = self.client.readable() => return ready.is_ok(),
-            () = self.slot.close_requested_wait() => return false,
             () = tokio::time::sleep(grace) => {}
+        }
+        if self.slot.close_requested() {
+            return false;
         }
         // Idle for real: give back what a waiting connection does not need.
         self.release_upstream();
