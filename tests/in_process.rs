@@ -9,54 +9,27 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use amazing_proxy::config::RunArgs;
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
-use clap::Parser;
+use support::in_process::{Captured, run_args};
 use support::raw::{Message, RawClient, Received, RecordingApp, Step};
 use support::{TEST_TIMEOUT, bounded};
 use tokio::net::TcpListener;
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-/// The access log, captured.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
 /// A data plane on 127.0.0.1:0 forwarding to `app`; returns its address.
 async fn data_plane(app: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Shared>) {
-    let cli = Cli::try_parse_from([
-        "run",
+    let args = run_args(&[
         "--app",
         &app.to_string(),
         "--proxy-mark",
         "0",
         "--access-log",
         "off",
-    ])
-    .expect("flags");
-    let shared = Shared::new(&cli.run, Box::new(Captured::default()));
+    ]);
+    let shared = Shared::new(&args, Box::new(Captured::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(Listener::new(shared.clone(), listener, Direction::Inbound).run());

@@ -7,13 +7,11 @@
 
 mod support;
 
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::SystemTime;
 
-use amazing_proxy::config::RunArgs;
 use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
@@ -21,12 +19,11 @@ use amazing_proxy::proxy::hbone::outbound::{OpenError, Tunnel};
 use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
 use bytes::Bytes;
-use clap::Parser;
 use http_body_util::{BodyExt, Empty};
 use support::http::TestApp;
 use support::identity::{Ca, Leaf};
+use support::in_process::{Captured, run_args};
 use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh};
-use support::tools::json_records;
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -34,71 +31,16 @@ use tokio::net::{TcpListener, TcpStream};
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
 const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/backend";
 
-#[derive(Parser)]
-struct Cli {
-    #[command(flatten)]
-    run: RunArgs,
-}
-
-/// The access log, captured.
-#[derive(Clone, Default)]
-struct Captured(Arc<Mutex<Vec<u8>>>);
-
-impl Write for Captured {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .extend_from_slice(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl Captured {
-    fn text(&self) -> String {
-        let bytes = self
-            .0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-
-    /// Waits (bounded) for a record that satisfies `found`.
-    async fn record(&self, found: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
-        bounded("the access-log record", WAIT, async {
-            loop {
-                if let Some(r) = json_records(&self.text()).into_iter().find(&found) {
-                    return r;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-            }
-        })
-        .await
-    }
-}
-
 /// A data plane with `identity` (an `--identity-dir`) and `extra` flags.
 fn data_plane(app: SocketAddr, identity: &Path, extra: &[&str]) -> (Arc<Shared>, Captured) {
     let app = app.to_string();
     let dir = identity.display().to_string();
-    let mut args = vec![
-        "run",
-        "--app",
-        &app,
-        "--proxy-mark",
-        "0",
-        "--identity-dir",
-        &dir,
-    ];
+    let mut args = vec!["--app", &app, "--proxy-mark", "0", "--identity-dir", &dir];
     args.extend_from_slice(extra);
-    let cli = Cli::try_parse_from(args).expect("flags");
-    cli.run.validate().expect("valid flags");
+    let args = run_args(&args);
+    args.validate().expect("valid flags");
     let log = Captured::default();
-    (Shared::new(&cli.run, Box::new(log.clone())), log)
+    (Shared::new(&args, Box::new(log.clone())), log)
 }
 
 /// Starts the HBONE listener of `shared` on loopback; returns its address.
@@ -822,18 +764,16 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
         let (_agent, mut calls) = support::workload_api::start_agent(&socket);
         ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
         let app = TestApp::start().await;
-        let cli = Cli::try_parse_from([
-            "run",
+        let args = run_args(&[
             "--app",
             &app.addr.to_string(),
             "--proxy-mark",
             "0",
             "--identity-spire-socket",
             &socket.display().to_string(),
-        ])
-        .expect("flags");
-        cli.run.validate().expect("valid flags");
-        let server = Shared::new(&cli.run, Box::new(Captured::default()));
+        ]);
+        args.validate().expect("valid flags");
+        let server = Shared::new(&args, Box::new(Captured::default()));
         let mtls = server.mtls.as_ref().expect("mtls");
         let waiting = mtls.identity.problem().unwrap_or_default();
         assert!(waiting.contains("Workload API"), "{waiting}");

@@ -15,6 +15,7 @@
 
 pub mod http;
 pub mod identity;
+pub mod in_process;
 pub mod mesh;
 pub mod metrics;
 pub mod netns;
