@@ -10,7 +10,7 @@ use std::process::Command;
 use super::eventually_blocking;
 use super::identity::Ca;
 use super::netns::{Netns, POD_WAIT};
-use super::process::{Background, bin, must};
+use super::process::{Workdir, bin, must};
 use super::tools::{json_records, text, venv};
 
 /// The port pod B's app (a static file server) listens on, and the file it serves.
@@ -20,9 +20,8 @@ pub const APP_CONTENT: &str = "hello over mutual TLS\n";
 
 pub struct Mesh {
     // Fields drop in order: processes first, then the namespaces they ran in.
-    procs: Vec<Background>,
+    work: Workdir,
     namespaces: Vec<Netns>,
-    pub dir: tempfile::TempDir,
     pub a_ip: Ipv4Addr,
     pub b_ip: Ipv4Addr,
 }
@@ -40,9 +39,8 @@ impl Mesh {
         let python = venv()?.join("bin/python3");
         let [a_ip, b_ip] = addresses();
         let mut mesh = Mesh {
-            procs: Vec::new(),
+            work: Workdir::new()?,
             namespaces: vec![Netns::unique("ap-mtls-a")?, Netns::unique("ap-mtls-b")?],
-            dir: tempfile::tempdir().map_err(|e| e.to_string())?,
             a_ip,
             b_ip,
         };
@@ -91,11 +89,8 @@ impl Mesh {
             ];
             args.extend_from_slice(run_args);
             let mut proxy = mesh.namespaces[i].cmd(&args);
-            let (out, err) = (
-                mesh.path(&format!("{pod}-access.log")),
-                mesh.path(&format!("{pod}-proxy.log")),
-            );
-            mesh.procs.push(Background::logging(&mut proxy, &out, &err));
+            let (out, err) = (format!("{pod}-access.log"), format!("{pod}-proxy.log"));
+            mesh.work.spawn_logging(&mut proxy, &out, &err);
         }
         for (i, pod) in ["a", "b"].into_iter().enumerate() {
             mesh.wait_ok(
@@ -114,16 +109,15 @@ impl Mesh {
     }
 
     fn spawn(&mut self, mut cmd: Command, log: &str) {
-        let path = self.path(log);
-        self.procs.push(Background::logging(&mut cmd, &path, &path));
+        self.work.spawn(&mut cmd, log);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.work.path(name)
     }
 
     pub fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+        self.work.read(name)
     }
 
     pub fn ns_a(&self) -> &Netns {
@@ -213,7 +207,7 @@ impl Mesh {
                 return Ok(());
             }
             let why = format!("{}\n--- {log}:\n{}", text(&out.stderr), self.read(log));
-            if self.procs.iter_mut().any(|p| !p.is_running()) {
+            if self.work.any_exited() {
                 panic!("a process exited: {why}");
             }
             Err(why)

@@ -14,7 +14,7 @@ use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
-use super::process::{Background, bin, must, run};
+use super::process::{Background, Workdir, bin, must, run};
 use super::tools::{have, normalise, text, venv, without_inert_chains};
 use super::{eventually_blocking, not_root};
 
@@ -182,9 +182,8 @@ pub const PEER_CONTENT: &str = "hello from the peer namespace\n";
 /// namespace outside it and a peer namespace it can call.
 pub struct Pod {
     // Fields drop in order: processes first, then the namespaces they ran in.
-    procs: Vec<Background>,
+    work: Workdir,
     namespaces: Vec<Netns>,
-    pub dir: tempfile::TempDir,
     pub pod_ip: Ipv4Addr,
     pub outside_ip: Ipv4Addr,
     pub pod_peer_side_ip: Ipv4Addr,
@@ -208,9 +207,8 @@ impl Pod {
         let prefix = format!("ap-e2e-{}-{n}", std::process::id());
         let [outside_ip, pod_ip, pod_peer_side_ip, peer_ip] = addresses(n);
         let mut pod = Pod {
-            procs: Vec::new(),
+            work: Workdir::new().expect("a scratch directory"),
             namespaces: Vec::new(),
-            dir: tempfile::tempdir().expect("creating a temp dir"),
             pod_ip,
             outside_ip,
             pod_peer_side_ip,
@@ -256,7 +254,7 @@ impl Pod {
         pod.spawn(app, "app.log");
 
         // The peer: a plain HTTP server the app calls, logging each request it gets.
-        let root = pod.dir.path().join("peer-root");
+        let root = pod.path("peer-root");
         std::fs::create_dir(&root).expect("creating the peer's directory");
         std::fs::write(root.join(PEER_FILE), PEER_CONTENT).expect("writing the peer's file");
         let python = venv.join("bin/python3");
@@ -302,9 +300,8 @@ impl Pod {
         args.extend(opts.run_args.iter().map(|a| a.to_string()));
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
         let mut proxy = pod.ns_pod().cmd(&args);
-        let (stdout, stderr) = (pod.path("access.log"), pod.path("proxy.log"));
-        pod.procs
-            .push(Background::logging(&mut proxy, &stdout, &stderr));
+        pod.work
+            .spawn_logging(&mut proxy, "access.log", "proxy.log");
 
         pod.wait_ready("the app", "pod", "http://127.0.0.1:80/get", "app.log");
         pod.wait_ready(
@@ -328,16 +325,15 @@ impl Pod {
     }
 
     fn spawn(&mut self, mut cmd: Command, log: &str) {
-        let path = self.path(log);
-        self.procs.push(Background::logging(&mut cmd, &path, &path));
+        self.work.spawn(&mut cmd, log);
     }
 
     pub fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
+        self.work.path(name)
     }
 
     pub fn read(&self, name: &str) -> String {
-        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+        self.work.read(name)
     }
 
     pub fn ns_outside(&self) -> &Netns {
@@ -371,7 +367,7 @@ impl Pod {
                 return Ok(());
             }
             let why = format!("{}\n--- {log}:\n{}", text(&out.stderr), self.read(log));
-            if self.procs.iter_mut().any(|p| !p.is_running()) {
+            if self.work.any_exited() {
                 panic!("{what}: a process exited: {why}");
             }
             Err(why)

@@ -8,7 +8,7 @@
 use std::io::{Read, Write as _};
 use std::net::SocketAddr;
 use std::os::unix::process::CommandExt as _;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::{Arc, Mutex, mpsc};
 use std::time::Duration;
@@ -473,5 +473,45 @@ impl Drop for Proxy {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A test host's scratch directory and the processes it started, their output logged there.
+/// Dropped, it stops the processes first, then removes the directory.
+pub struct Workdir {
+    procs: Vec<Background>,
+    dir: tempfile::TempDir,
+}
+
+impl Workdir {
+    pub fn new() -> Result<Workdir, String> {
+        Ok(Workdir {
+            procs: Vec::new(),
+            dir: tempfile::tempdir().map_err(|e| format!("creating a temp dir: {e}"))?,
+        })
+    }
+
+    /// Starts `cmd` with its stdout and stderr in the files `out` and `err` of the directory.
+    pub fn spawn_logging(&mut self, cmd: &mut Command, out: &str, err: &str) {
+        let (out, err) = (self.path(out), self.path(err));
+        self.procs.push(Background::logging(cmd, &out, &err));
+    }
+
+    /// Starts `cmd` with both outputs in `log`.
+    pub fn spawn(&mut self, cmd: &mut Command, log: &str) {
+        self.spawn_logging(cmd, log, log);
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn read(&self, name: &str) -> String {
+        std::fs::read_to_string(self.path(name)).unwrap_or_default()
+    }
+
+    /// Whether any process it started has exited.
+    pub fn any_exited(&mut self) -> bool {
+        self.procs.iter_mut().any(|p| !p.is_running())
     }
 }
