@@ -18,11 +18,10 @@ COPY . .
 RUN if [ -f prebuilt/amazing-proxy ]; then \
       install -D -m 0755 prebuilt/amazing-proxy /out/amazing-proxy; \
     else \
-      cargo build --release --locked --bin amazing-proxy \
-      && install -D -m 0755 target/release/amazing-proxy /out/amazing-proxy; \
+      install -D -m 0755 "$(scripts/release.sh)" /out/amazing-proxy; \
     fi
 
-# The same Debian release as the build stage, so the binary finds the glibc it was linked against.
+# The binary is static (scripts/release.sh); Debian for iptables and nft, which `init` runs.
 FROM ${RUNTIME_IMAGE} AS runtime
 # iptables provides iptables and ip6tables (nft and legacy backends); nftables provides nft.
 RUN apt-get update \

@@ -15,15 +15,15 @@
 # on its own core, sharing it with the neighbour it talks to, identically for every pair.
 #
 # Usage (root): bench/mtls.sh [DURATION_S] [CONNECTIONS]   (default 8 s, 50 connections)
-#   AMAZING_BIN: the binary (default: the release build under $CARGO_TARGET_DIR or target/).
-#   ONLY: subset of "plain mtls envoy handshakes". HS_PROCS: handshake client processes (2).
-#   RAW_DIR: keep each wrk output there.
+#   AMAZING_BIN: the binary (default: where scripts/release.sh puts it).
+#   ONLY: subset of "plain mtls envoy handshakes" (default), and "bulk": one iperf3 stream per pair. HS_PROCS: handshake client processes (2).
+#   RAW_DIR: keep each wrk output there. MEM_DETAIL=1: print each proxy's anonymous and file RSS.
 # Needs: wrk, nginx, python3, curl, setpriv, iptables, Envoy (bench/peerbench/setup.sh puts it in
 # /tmp/peers). Everything lives in the two namespaces and /tmp/mtlsbench, removed on exit.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-AMAZING_BIN=${AMAZING_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/amazing-proxy}
+AMAZING_BIN=${AMAZING_BIN:-$("$root/scripts/release.sh" --print-path)}
 ENVOY=${ENVOY:-$(command -v envoy 2>/dev/null || echo /tmp/peers/bin/envoy)}
 PYTHON=${PYTHON:-python3}
 dur=${1:-8}; conns=${2:-50}
@@ -34,7 +34,7 @@ CLIENT_ID=spiffe://cluster.local/ns/default/sa/bench-client
 SERVER_ID=spiffe://cluster.local/ns/default/sa/bench-server
 
 for tool in "$AMAZING_BIN" "$ENVOY" wrk nginx curl setpriv "$PYTHON"; do
-  command -v "$tool" >/dev/null || { echo "missing $tool (cargo build --release; bench/peerbench/setup.sh)" >&2; exit 1; }
+  command -v "$tool" >/dev/null || { echo "missing $tool (scripts/release.sh; bench/peerbench/setup.sh)" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "run as root: it makes network namespaces" >&2; exit 1; }
 
@@ -80,7 +80,7 @@ done
 in_a "$AMAZING_BIN" init >/dev/null || exit 1
 in_b "$AMAZING_BIN" init --inbound-ports 18080 --no-outbound >/dev/null || exit 1
 
-ip netns exec "$B" taskset -c 1 nginx -c "$root/bench/peerbench/upstream-nginx.conf" & pids+=($!)
+ip netns exec "$B" taskset -c 1 nginx -c "$root/bench/peerbench/upstream-nginx.conf" & nginx=$!; pids+=($nginx)
 wait_port "$B" 127.0.0.1 18080 || exit 1
 
 # --- one pair under wrk -------------------------------------------------------------------------------
@@ -94,6 +94,9 @@ measure() {
   c0=$(cpu_ticks "$cpid"); s0=$(cpu_ticks "$spid")
   out=$(in_a taskset -c 0 setpriv --reuid 1000 --regid 1000 --clear-groups wrk -t1 -c"$conns" -d"${dur}s" --latency "$url" 2>&1)
   c1=$(cpu_ticks "$cpid"); s1=$(cpu_ticks "$spid")
+  [ -n "${MEM_DETAIL:-}" ] && for p in "$cpid" "$spid"; do
+    echo "$name pid $p after the load: $(grep -E '^(VmHWM|RssAnon|RssFile)' "/proc/$p/status" | tr -s ' \t\n' ' ')" >&2
+  done
   # Unloaded latency: one connection, one request at a time (at $conns connections the p50 is
   # mostly queueing, conns / throughput).
   local one; one=$(in_a taskset -c 0 setpriv --reuid 1000 --regid 1000 --clear-groups wrk -t1 -c1 -d"${dur}s" --latency "$url" 2>&1)
@@ -174,3 +177,29 @@ case " $only " in *" handshakes "*)
   wait_port "$B" "$B_IP" 15108 && hs envoy 15108 "$pb"
   stop "$pb" ;;
 esac
+
+# --- one bulk stream: iperf3 (client in A as the app, server in B on the app's port) -----------------
+# Last, as iperf3 takes nginx's place on the app port. Throughput of one opaque stream through the
+# plaintext pair (spliced) and the HBONE pair (copied through TLS and HTTP/2), each proxy's peak RSS.
+bulk() { # NAME A_FLAGS B_FLAGS
+  local name=$1 a_flags=$2 b_flags=$3 common="run --workers 1 --access-log off --drain-delay 0s --app 127.0.0.1:18080"
+  ip netns exec "$B" taskset -c 1 iperf3 -s -p 18080 >/dev/null 2>&1 & local ps=$!; pids+=($ps)
+  ip netns exec "$A" taskset -c 0 "$AMAZING_BIN" $common $a_flags >"$work/bulk-$name-a.log" 2>&1 & local pa=$!; pids+=($pa)
+  ip netns exec "$B" taskset -c 1 "$AMAZING_BIN" $common $b_flags >"$work/bulk-$name-b.log" 2>&1 & local pb=$!; pids+=($pb)
+  if wait_http "$A" http://127.0.0.1:15000/ready && wait_http "$B" http://127.0.0.1:15000/ready && sleep 0.3; then
+    local out gbit
+    out=$(in_a taskset -c 0 setpriv --reuid 1000 --regid 1000 --clear-groups timeout $((dur + 10)) iperf3 -c "$B_IP" -p 18080 -t "$dur" -f g 2>&1)
+    gbit=$(awk '/receiver/{print $(NF-2)}' <<<"$out")
+    printf "%-6s %10s %10s %10s\n" "$name" "${gbit:-?}" "$(hwm_mb "$pa")" "$(hwm_mb "$pb")"
+    [ -n "$gbit" ] || echo "$out" | tail -3 >&2
+  else tail -3 "$work/bulk-$name-a.log" "$work/bulk-$name-b.log" >&2; fi
+  stop "$pa" "$pb" "$ps"
+}
+case " $only " in *" bulk "*)
+  stop "$nginx"   # iperf3's server takes the app's port
+  printf "\n%-6s %10s %10s %10s\n" bulk Gbit/s cliPeak_MB srvPeak_MB
+  bulk plain "" ""
+  bulk mtls "--identity-dir $work/a --outbound-mtls strict --inbound-mtls off --peer-identities $work/peers" \
+            "--identity-dir $work/b --inbound-mtls permissive" ;;
+esac
+

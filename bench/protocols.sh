@@ -8,9 +8,9 @@
 #      path (--opaque-ports) and through Envoy's tcp_proxy (the reference for what a user-space
 #      proxy costs here); proxies on CPU 1, iperf3 client and server on CPU 0.
 # Needs: h2load (nghttp2-client), nginx, Envoy (bench/peerbench/setup.sh), iperf3 (apt), and a
-# release build (cargo build --release).
+# release build (scripts/release.sh).
 # Usage: bench/protocols.sh [REQUESTS] [TCP_SECONDS]
-#   AMAZING: the binary (default target/release/amazing-proxy); PEERBENCH: the peerbench dir (bench/peerbench);
+#   AMAZING: the binary (default: scripts/release.sh --print-path); PEERBENCH: the peerbench dir (bench/peerbench);
 #   ONLY: subset of "amazing envoy nginx tcp". IPERF_ARGS: extra iperf3 client flags; `-Z`
 #   (sendfile) takes the client's copy off CPU 0, which iperf3's client and server share and which
 #   limits every proxied run (the proxy's own core stays at 55-65 %).
@@ -20,7 +20,7 @@ root=$(cd "$here/.." && pwd)
 n=${1:-200000}
 tcp_s=${2:-5}
 peer=${PEERBENCH:-$here/peerbench}
-AMAZING=${AMAZING:-$root/target/release/amazing-proxy}
+AMAZING=${AMAZING:-$("$root/scripts/release.sh" --print-path)}
 ENVOY=${ENVOY:-$(command -v envoy 2>/dev/null || echo /tmp/peers/bin/envoy)}
 only=${ONLY:-amazing envoy nginx tcp}
 out=/tmp/protobench
@@ -30,7 +30,7 @@ rm -f "$out"/*.log
 for tool in h2load nginx iperf3 taskset python3; do
   command -v "$tool" >/dev/null || { echo "missing $tool (apt-get install nghttp2-client nginx-light iperf3)" >&2; exit 1; }
 done
-[ -x "$AMAZING" ] || { echo "no release binary at $AMAZING: cargo build --release" >&2; exit 1; }
+[ -x "$AMAZING" ] || { echo "no release binary at $AMAZING: scripts/release.sh" >&2; exit 1; }
 [ -f "$peer/upstream-nginx.conf" ] || { echo "no $peer/upstream-nginx.conf (set PEERBENCH)" >&2; exit 1; }
 
 pids=()

@@ -6,13 +6,13 @@
 # Usage: bench/reliability.sh [SCENARIO...]   scenarios: slowloris idle race recover drain (default: all)
 #   N_SLOW (2000) slowloris sockets, SLOW_AT ("35 65") when to count them (seconds),
 #   N_IDLE (10000) idle clients, IDLE_HOLD (65) seconds they then stay idle, RACE (5000) requests in the race,
-#   PROXIES ("amazing nginx envoy") which proxies, AMAZING_BIN (target/release/amazing-proxy).
+#   PROXIES ("amazing nginx envoy") which proxies, AMAZING_BIN (scripts/release.sh --print-path).
 # Needs: nginx, wrk, python3 (bench/peerbench/setup.sh installs them, and Envoy into /tmp/peers).
 # Prints a table at the end; the raw JSON of each measurement is in /tmp/reliability/results.jsonl.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
-AMAZING_BIN=${AMAZING_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/amazing-proxy}
+AMAZING_BIN=${AMAZING_BIN:-$("$root/scripts/release.sh" --print-path)}
 ENVOY=${ENVOY:-$(command -v envoy 2>/dev/null || echo /tmp/peers/bin/envoy)}
 N_SLOW=${N_SLOW:-2000}; N_IDLE=${N_IDLE:-10000}; RACE=${RACE:-5000}
 PROXIES=${PROXIES:-amazing nginx envoy}
@@ -27,7 +27,7 @@ APP=28080; CLOSE_APP=28081; OURS=28000; OURS_ADMIN=28500; ENVOY_PORT=28001; ENVO
 # 10,000 idle clients need more descriptors than the usual 1024, on both ends.
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)"
 echo "descriptor limit: $(ulimit -n)" >&2
-[ -x "$AMAZING_BIN" ] || { echo "no binary at $AMAZING_BIN: run cargo build --release" >&2; exit 1; }
+[ -x "$AMAZING_BIN" ] || { echo "no binary at $AMAZING_BIN: run scripts/release.sh" >&2; exit 1; }
 for tool in nginx wrk python3 taskset; do
   command -v $tool >/dev/null || { echo "$tool is missing: run bench/peerbench/setup.sh" >&2; exit 1; }
 done

@@ -49,14 +49,11 @@ find_cargo() {
 
 # Builds the release binary (as the user who asked, when run through sudo) and prints its path.
 build() {
-  local cargo target as_user=()
+  local cargo as_user=()
   cargo=$(find_cargo)
   [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && as_user=(sudo -u "$SUDO_USER" --preserve-env=CARGO_TARGET_DIR)
-  target=$("${as_user[@]}" "$cargo" metadata --format-version 1 --no-deps \
-    | python3 -c 'import json, sys; print(json.load(sys.stdin)["target_directory"])')
-  echo "== building $target/release/amazing-proxy (the first build takes a few minutes)" >&2
-  run "${as_user[@]}" "$cargo" build --release --locked >&2
-  echo "$target/release/amazing-proxy"
+  echo "== building $(CARGO=$cargo scripts/release.sh --print-path) (the first build takes a few minutes)" >&2
+  run "${as_user[@]}" env CARGO="$cargo" scripts/release.sh
 }
 
 if [ "$(id -u)" -ne 0 ]; then

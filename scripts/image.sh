@@ -8,7 +8,7 @@
 #   as deploy/pod.yaml names it;
 # - amazing-proxy-local/httpbin (Debian's httpbin under gunicorn on :80) and
 #   amazing-proxy-local/pause (sleeps; holds a pod's namespaces as kubelet's pause image does).
-# Usage: scripts/image.sh [--binary PATH]   (default: cargo build --release, then that binary)
+# Usage: scripts/image.sh [--binary PATH]   (default: scripts/release.sh, then that binary)
 # Uses the Docker daemon of scripts/docker.sh (started, and stopped at exit, when none runs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,9 +24,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 if [ -z "$binary" ]; then
-  echo "+ cargo build --release --locked" >&2
-  cargo build --release --locked
-  binary="$target/release/amazing-proxy"
+  echo "+ scripts/release.sh" >&2
+  binary=$("$root/scripts/release.sh")
 fi
 [ -x "$binary" ] || { echo "image: $binary is not an executable; build it or pass --binary" >&2; exit 1; }
 

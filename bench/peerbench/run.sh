@@ -11,7 +11,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-AMAZING_BIN=${AMAZING_BIN:-${CARGO_TARGET_DIR:-$root/target}/release/amazing-proxy}
+AMAZING_BIN=${AMAZING_BIN:-$("$root/scripts/release.sh" --print-path)}
 AMAZING_CMD=${AMAZING_CMD-$AMAZING_BIN run --inbound 127.0.0.1:18000 --app 127.0.0.1:18080 --admin 127.0.0.1:18500 --outbound off --workers 1 --access-log json}
 dur=${1:-8}; conns=${2:-50}
 ENVOY=${ENVOY:-$(command -v envoy 2>/dev/null || echo /tmp/peers/bin/envoy)}
@@ -55,7 +55,7 @@ for t in $only; do
       if [ -n "${AMAZING_CMD:-}" ] && command -v "${AMAZING_CMD%% *}" >/dev/null; then
         taskset -c 1 $AMAZING_CMD >/tmp/peerbench/amazing-access.log 2>/tmp/peerbench/amazing-err.log & p=$!; pids+=($p)
         wait_port 18000 && sleep 0.5 && bench amazing 18000 "$p"; kill "$p" 2>/dev/null
-      else echo "amazing   (no binary at ${AMAZING_CMD%% *}: cargo build --release, or set AMAZING_CMD; skipped)"; fi ;;
+      else echo "amazing   (no binary at ${AMAZING_CMD%% *}: scripts/release.sh, or set AMAZING_CMD; skipped)"; fi ;;
     envoy)
       taskset -c 1 "$ENVOY" -c "$here/proxy-envoy.yaml" --concurrency 1 -l error >/tmp/peerbench/envoy-err.log 2>&1 & p=$!; pids+=($p)
       wait_port 18001 && sleep 0.5 && bench envoy 18001 "$p"; kill "$p" 2>/dev/null ;;

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Builds the shipped binary and prints its path: `cargo build --release --locked` for this host's
+# target, statically linked against glibc (static-pie) when the host is *-linux-gnu.
+#
+# Why static: a sidecar runs in every pod, and a dynamically linked binary maps libc, libm, libgcc_s
+# and the loader into each proxy: 1.2-1.6 MB of idle RSS for code it mostly never calls (measured
+# with /proc/PID/smaps: 6.0-6.6 MB idle dynamic, 5.0 MB static; requests per second equal within
+# the noise over ten interleaved runs). The proxy never resolves names or users (no NSS), which is
+# what static glibc cannot do well.
+#
+# The flag only reaches the target's artifacts because `--target` is explicit: proc-macros and
+# build scripts stay dynamic, as they must. The binary lands in $CARGO_TARGET_DIR/<host>/release.
+# Usage: scripts/release.sh [--print-path]   (--print-path: print where it would be, build nothing)
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cargo=${CARGO:-cargo}
+host=$("$cargo" -vV | sed -n 's/^host: //p')
+[ -n "$host" ] || { echo "release: $cargo -vV printed no host triple; install Rust (https://rustup.rs)" >&2; exit 1; }
+target=${CARGO_TARGET_DIR:-$root/target}
+case "$target" in /*) ;; *) target="$root/$target" ;; esac
+binary="$target/$host/release/amazing-proxy"
+if [ "${1:-}" = "--print-path" ]; then echo "$binary"; exit 0; fi
+
+case "$host" in
+  *-linux-gnu)
+    var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    export "$var=${!var:-} -C target-feature=+crt-static" ;;
+esac
+(cd "$root" && "$cargo" build --release --locked --target "$host" --bin amazing-proxy >&2)
+echo "$binary"
