@@ -130,6 +130,7 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
         let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
         let tunnel = open(&p.client, p.hbone, p.app.addr).await.expect("tunnel");
         assert_eq!(&*tunnel.peer, SERVER_ID, "the client verified the server");
+        let traceparent = tunnel.traceparent.clone();
         let (status, _sender) = get(tunnel, "/status/201").await;
         assert_eq!(status, 201);
         let record = p
@@ -143,6 +144,12 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
         assert_eq!(record["peer"], CLIENT_ID, "{record}");
         assert_eq!(record["direction"], "inbound");
         assert_eq!(record["status"], 201);
+        // The traceparent the client sent on CONNECT ties the server's record to the tunnel.
+        assert_eq!(
+            record["tunnel_traceparent"],
+            traceparent.as_str(),
+            "{record}"
+        );
         let metrics = p.server.telemetry.metrics.encode();
         let peer_label = format!("peer=\"{CLIENT_ID}\"");
         let streams = support::metrics::metric(
@@ -151,6 +158,104 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
             &["direction=\"inbound\"", &peer_label],
         );
         assert_eq!(streams, Some(1.0), "{metrics}");
+    })
+    .await;
+}
+
+/// An HBONE server of the test's own (TLS with SERVER_ID's material, HTTP/2) that answers 200 to
+/// every CONNECT and hands over the request headers of the first.
+async fn recording_hbone_server(
+    server: &Path,
+) -> (SocketAddr, tokio::sync::oneshot::Receiver<http::HeaderMap>) {
+    let material = load(
+        &Files::Dir(server.to_owned()),
+        "cluster.local",
+        SystemTime::now(),
+    )
+    .expect("server material");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(material.server.clone())
+            .accept(tcp)
+            .await
+            .expect("TLS");
+        let tx = std::sync::Mutex::new(Some(tx));
+        let service =
+            hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                if let Some(tx) = tx.lock().expect("lock").take() {
+                    let _ = tx.send(req.headers().clone());
+                }
+                async {
+                    Ok::<_, std::convert::Infallible>(http::Response::new(Empty::<Bytes>::new()))
+                }
+            });
+        let _ = hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+            .await;
+    });
+    (addr, rx)
+}
+
+#[tokio::test]
+async fn every_connect_carries_traceparent_baggage_and_forwarded() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let (hbone, headers) = recording_hbone_server(&dirs.path().join("server")).await;
+        let target: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let (client, _) = data_plane(target, &dirs.path().join("client"), &[]);
+        let tunnel = open(&client, hbone, target).await.expect("tunnel");
+        let headers = bounded("the CONNECT's headers", WAIT, headers)
+            .await
+            .expect("the server saw a CONNECT");
+        let text = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_else(|| panic!("no {name} header: {headers:?}"))
+                .to_owned()
+        };
+
+        let traceparent = text("traceparent");
+        assert_eq!(
+            traceparent, tunnel.traceparent,
+            "the tunnel knows what it sent"
+        );
+        let parts: Vec<&str> = traceparent.split('-').collect();
+        assert_eq!(parts.len(), 4, "{traceparent}");
+        assert_eq!(
+            (parts[0], parts[1].len(), parts[2].len(), parts[3].len()),
+            ("00", 32, 16, 2)
+        );
+        let hex = |s: &str| {
+            s.bytes()
+                .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(&c))
+        };
+        assert!(parts.iter().all(|p| hex(p)), "{traceparent}");
+        assert!(parts[1].bytes().any(|c| c != b'0') && parts[2].bytes().any(|c| c != b'0'));
+
+        assert_eq!(text("forwarded"), "for=\"127.0.0.1:40000\"");
+
+        // The client's own namespace (from its identity, or the downward API's POD_NAMESPACE).
+        let baggage = text("baggage");
+        if std::env::var_os("POD_NAME").is_none() && std::env::var_os("POD_NAMESPACE").is_none() {
+            assert_eq!(baggage, "k8s.namespace.name=shop");
+        } else {
+            eprintln!(
+                "SKIP exact baggage check: POD_NAME/POD_NAMESPACE are set in this environment"
+            );
+            assert!(baggage.starts_with("k8s.namespace.name="), "{baggage}");
+        }
+
+        // A second tunnel on the same pooled connection starts a trace of its own.
+        drop(tunnel);
+        let again = open(&client, hbone, target).await.expect("second tunnel");
+        assert_ne!(again.traceparent, traceparent);
     })
     .await;
 }
@@ -180,6 +285,7 @@ async fn opaque_bytes_cross_the_tunnel_with_the_peer_logged() {
         let hbone = hbone_listener(&server).await;
         let (client, _) = data_plane(echo_addr, &dirs.path().join("client"), &[]);
         let mut tunnel = open(&client, hbone, echo_addr).await.expect("tunnel");
+        let traceparent = tunnel.traceparent.clone();
         tunnel.io.write_all(b"\x00\x01binary").await.expect("write");
         let mut back = [0u8; 8];
         bounded("the echo", WAIT, tunnel.io.read_exact(&mut back))
@@ -189,6 +295,11 @@ async fn opaque_bytes_cross_the_tunnel_with_the_peer_logged() {
         drop(tunnel);
         let record = log.record(|r| r["protocol"] == "TCP").await;
         assert_eq!(record["peer"], CLIENT_ID, "{record}");
+        assert_eq!(
+            record["tunnel_traceparent"],
+            traceparent.as_str(),
+            "{record}"
+        );
     })
     .await;
 }
@@ -688,6 +799,12 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
     );
     let outbound = mesh.record("a", "outbound");
     assert_eq!(outbound["peer"], SERVER_ID, "{outbound}");
+    // Both ends name the tunnel by the traceparent A sent on CONNECT.
+    assert!(outbound["tunnel_traceparent"].is_string(), "{outbound}");
+    assert_eq!(
+        outbound["tunnel_traceparent"], inbound["tunnel_traceparent"],
+        "A's record and B's name different tunnels"
+    );
 
     // Read while tcpdump still writes (each packet as it comes).
     let seen = mesh.captured();

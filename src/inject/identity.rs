@@ -16,10 +16,13 @@
 use std::str::FromStr;
 
 use k8s_openapi::api::core::v1::{
-    CSIVolumeSource, ClusterTrustBundleProjection, ConfigMapVolumeSource, EnvVar,
-    PodCertificateProjection, ProjectedVolumeSource, Volume, VolumeMount, VolumeProjection,
+    CSIVolumeSource, ClusterTrustBundleProjection, ConfigMapVolumeSource, EnvVar, EnvVarSource,
+    ObjectFieldSelector, PodCertificateProjection, ProjectedVolumeSource, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+
+use crate::proxy::hbone::headers::{POD_NAME_ENV, POD_NAMESPACE_ENV};
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
 pub const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
@@ -225,6 +228,29 @@ pub fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
         ));
     }
     out
+}
+
+/// The pod's name and namespace from the downward API, for the `baggage` header the proxy sends
+/// on each HBONE `CONNECT`; none without an identity (no HBONE then).
+pub fn downward_env(kind: IdentityKind) -> Vec<EnvVar> {
+    if kind == IdentityKind::None {
+        return Vec::new();
+    }
+    let field = |name: &str, path: &str| EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    vec![
+        field(POD_NAME_ENV, "metadata.name"),
+        field(POD_NAMESPACE_ENV, "metadata.namespace"),
+    ]
 }
 
 #[cfg(test)]

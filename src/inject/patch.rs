@@ -759,6 +759,7 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
         }
     }
     vars.extend(identity::env(s.identity, s.policy.as_deref()));
+    vars.extend(identity::downward_env(s.identity));
     let mounts = identity::mounts(s.identity, s.policy.as_deref());
     Container {
         name: SIDECAR_NAME.into(),

@@ -36,6 +36,8 @@ pub struct ConnContext {
     pub upstream_http2: bool,
     /// The peer's SPIFFE ID, when the connection arrived in an HBONE tunnel.
     pub peer: Option<String>,
+    /// That tunnel's `traceparent`, when the peer sent a valid one.
+    pub tunnel_traceparent: Option<String>,
 }
 
 impl ConnContext {
@@ -58,6 +60,7 @@ impl ConnContext {
             upstream: authority(upstream),
             upstream_http2,
             peer: None,
+            tunnel_traceparent: None,
         }
     }
 }
@@ -267,6 +270,7 @@ impl Exchange {
                 grpc_status: self.grpc_status,
                 error,
                 peer: self.conn.peer.as_deref(),
+                tunnel_traceparent: self.conn.tunnel_traceparent.as_deref(),
             });
         }
     }

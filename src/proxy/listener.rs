@@ -251,6 +251,7 @@ pub(super) async fn serve_tunnelled<I>(
         upstream_http2,
     );
     ctx.peer = route.peer;
+    ctx.tunnel_traceparent = route.tunnel_traceparent;
     let http2 = detected == Detected::Http2;
     Box::pin(serve_hyper(
         shared.clone(),
@@ -364,6 +365,7 @@ async fn serve_connection(
             upstream,
             direction,
             peer: None,
+            tunnel_traceparent: None,
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
         // state, and the fast path's idle connections should not pay for the others.

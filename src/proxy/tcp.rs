@@ -27,6 +27,8 @@ pub struct Route {
     pub direction: Direction,
     /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel.
     pub peer: Option<String>,
+    /// The tunnel's `traceparent` (sent outbound, received inbound) when it had a valid one.
+    pub tunnel_traceparent: Option<String>,
 }
 
 /// Relays until both sides are done. Opaque streams have no graceful end a proxy could signal:
@@ -95,6 +97,7 @@ pub fn finish(
             grpc_status: None,
             error,
             peer: route.peer.as_deref(),
+            tunnel_traceparent: route.tunnel_traceparent.as_deref(),
         });
     }
 }

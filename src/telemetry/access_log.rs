@@ -49,6 +49,8 @@ pub struct Record<'a> {
     pub error: Option<ErrorKind>,
     /// The peer's SPIFFE ID when the connection came (or went) through an HBONE tunnel.
     pub peer: Option<&'a str>,
+    /// The HBONE tunnel's W3C `traceparent`, the same in the client's record and the server's.
+    pub tunnel_traceparent: Option<&'a str>,
 }
 
 /// `scheme://authority/path`, written without building a String first.
@@ -142,6 +144,10 @@ impl Record<'_> {
         if let Some(peer) = self.peer {
             out.extend_from_slice(b",\"peer\":");
             json_str(out, &[peer]);
+        }
+        if let Some(traceparent) = self.tunnel_traceparent {
+            out.extend_from_slice(b",\"tunnel_traceparent\":");
+            json_str(out, &[traceparent]);
         }
         if let Some(error) = self.error {
             out.extend_from_slice(b",\"error\":\"");
@@ -404,6 +410,7 @@ mod tests {
             grpc_status: None,
             error: None,
             peer: None,
+            tunnel_traceparent: None,
         }
     }
 
@@ -445,11 +452,17 @@ mod tests {
         assert_eq!(v["request_id"], "abc");
         assert_eq!(v["upstream"], "127.0.0.1:80");
         assert!(v.get("peer").is_none(), "plaintext has no peer: {line}");
+        assert!(v.get("tunnel_traceparent").is_none(), "{line}");
         let mut out = Vec::new();
         r.peer = Some("spiffe://cluster.local/ns/a/sa/b");
+        r.tunnel_traceparent = Some("00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00");
         r.write(AccessLogFormat::Json, &mut out);
         let v: serde_json::Value = serde_json::from_slice(&out).expect("json");
         assert_eq!(v["peer"], "spiffe://cluster.local/ns/a/sa/b");
+        assert_eq!(
+            v["tunnel_traceparent"],
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"
+        );
         assert!(v.get("grpc_status").is_none());
     }
 

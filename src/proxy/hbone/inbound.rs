@@ -17,6 +17,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
+use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT};
 use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME,
     STREAM_WINDOW,
@@ -144,7 +145,7 @@ async fn open_stream(
         // A tunnel into our own HBONE port would loop.
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
-    log_tunnel_headers(req.headers(), &peer, target);
+    let traceparent = log_tunnel_headers(req.headers(), &peer, target);
     if !shared.admits(target.port(), Some(&peer_id)) {
         return status(StatusCode::UNAUTHORIZED);
     }
@@ -173,6 +174,7 @@ async fn open_stream(
         upstream,
         direction: Direction::Inbound,
         peer: Some(peer),
+        tunnel_traceparent: traceparent,
     };
     tokio::spawn(async move {
         match upgrade.await {
@@ -185,22 +187,23 @@ async fn open_stream(
     status(StatusCode::OK)
 }
 
-/// The tracing context and the original client a peer may send (ztunnel does), logged for
-/// correlation; nothing is decided on them.
-fn log_tunnel_headers(headers: &HeaderMap, peer: &str, target: SocketAddr) {
-    let field = |name: &str| {
-        headers
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("-")
-            .to_owned()
-    };
-    tracing::debug!(
+/// The tracing context and the original client a peer may send (ztunnel does), logged once per
+/// tunnel for correlation; nothing is decided on them. Returns the `traceparent` when it is well
+/// formed (a malformed one is logged as such and otherwise ignored), for the access log.
+fn log_tunnel_headers(headers: &HeaderMap, peer: &str, target: SocketAddr) -> Option<String> {
+    let field = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let sent = field(TRACEPARENT);
+    let traceparent = sent.and_then(headers::valid_traceparent);
+    if let (Some(sent), None) = (sent, traceparent) {
+        tracing::debug!(%peer, %target, "HBONE CONNECT: ignoring a malformed traceparent {sent:?}");
+    }
+    tracing::info!(
         %peer,
         %target,
-        traceparent = %field("traceparent"),
-        baggage = %field("baggage"),
-        forwarded = %field("forwarded"),
+        traceparent = %traceparent.unwrap_or("-"),
+        baggage = %field(BAGGAGE).unwrap_or("-"),
+        forwarded = %field(FORWARDED).unwrap_or("-"),
         "HBONE CONNECT"
     );
+    traceparent.map(str::to_owned)
 }

@@ -9,6 +9,7 @@
 //! server answers PINGs while idle and its client sends keep-alive PINGs, and a `CONNECT` stream
 //! becomes an ordinary byte stream (`hyper::upgrade`) that the existing paths can read.
 
+pub mod headers;
 pub mod inbound;
 pub mod outbound;
 
@@ -38,6 +39,9 @@ pub struct Mtls {
     pub pool: outbound::Pool,
     /// Pooled HBONE connections without a stream close after this long (--pool-idle-timeout).
     pub idle_timeout: Duration,
+    /// The pod's name and namespace from the downward API, for the `baggage` header.
+    pub pod_name: Option<String>,
+    pub pod_namespace: Option<String>,
 }
 
 impl Mtls {
@@ -53,6 +57,8 @@ impl Mtls {
             peers: args.peer_identities.clone().unwrap_or_default(),
             pool: outbound::Pool::default(),
             idle_timeout: args.pool_idle_timeout,
+            pod_name: std::env::var(headers::POD_NAME_ENV).ok(),
+            pod_namespace: std::env::var(headers::POD_NAMESPACE_ENV).ok(),
         })
     }
 

@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::{Method, Request, StatusCode};
+use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -25,6 +25,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
+use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
 use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
 };
@@ -49,6 +50,8 @@ struct Pooled {
     sender: SendRequest<Empty<Bytes>>,
     /// The server's SPIFFE ID, verified by the handshake.
     peer: Arc<str>,
+    /// Our `baggage`, from the identity this connection presented.
+    baggage: HeaderValue,
     usage: Arc<Usage>,
 }
 
@@ -77,10 +80,12 @@ impl Drop for StreamSlot {
     }
 }
 
-/// An open tunnel: the byte stream, the server's identity and the stream's place in the pool.
+/// An open tunnel: the byte stream, the server's identity, the `traceparent` sent to it and the
+/// stream's place in the pool.
 pub struct Tunnel {
     pub io: TokioIo<hyper::upgrade::Upgraded>,
     pub peer: Arc<str>,
+    pub traceparent: String,
     pub slot: StreamSlot,
 }
 
@@ -166,10 +171,13 @@ impl Pool {
             }
         };
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
+        let traceparent = headers::new_traceparent();
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
-            .header("forwarded", format!("for=\"{client}\""))
+            .header(TRACEPARENT, &traceparent)
+            .header(BAGGAGE, pooled.baggage.clone())
+            .header(FORWARDED, headers::forwarded(client))
             .body(Empty::new())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
         let response = pooled
@@ -197,6 +205,7 @@ impl Pool {
         Ok(Tunnel {
             io: TokioIo::new(upgraded),
             peer: pooled.peer.clone(),
+            traceparent,
             slot,
         })
     }
@@ -256,6 +265,14 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         .map(|id| id.to_string())
         .unwrap_or_default()
         .into();
+    let workload = Workload::new(
+        &material.id.namespace,
+        mtls.pod_name.clone(),
+        mtls.pod_namespace.clone(),
+    );
+    // Percent-encoded into visible ASCII, so always a valid header value.
+    let baggage = HeaderValue::try_from(workload.baggage())
+        .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -289,6 +306,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     Ok(Pooled {
         sender,
         peer: peer_identity,
+        baggage,
         usage,
     })
 }
@@ -339,6 +357,7 @@ pub async fn forward(
         upstream: target,
         direction: Direction::Outbound,
         peer: None,
+        tunnel_traceparent: None,
     };
     match mtls
         .pool
@@ -349,6 +368,7 @@ pub async fn forward(
             let metrics = &shared.telemetry.metrics;
             metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);
             route.peer = Some(tunnel.peer.to_string());
+            route.tunnel_traceparent = Some(std::mem::take(&mut tunnel.traceparent));
             tcp::forward_streams(shared, &mut client, &mut tunnel.io, route).await;
             None
         }

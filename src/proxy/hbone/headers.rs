@@ -1,0 +1,219 @@
+//! The request headers of an HBONE `CONNECT`, as ztunnel sends and reads them: `traceparent`
+//! (W3C Trace Context), `baggage` (W3C Baggage, with ztunnel's keys) and `forwarded`. They are for
+//! correlation only: nothing is decided on them, and a malformed one is ignored, never refused.
+//!
+//! Each tunnelled connection starts a trace of its own (this proxy records no spans, so the
+//! sampled flag stays off); both ends log the same `traceparent`, which is what ties a client's
+//! access-log record to the server's.
+
+use std::net::SocketAddr;
+
+pub const TRACEPARENT: &str = "traceparent";
+pub const BAGGAGE: &str = "baggage";
+pub const FORWARDED: &str = "forwarded";
+
+/// The downward-API variables `inject` sets on the sidecar: the pod's name and namespace.
+pub const POD_NAME_ENV: &str = "POD_NAME";
+pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
+
+/// A `traceparent` value starting a new trace: random, non-zero trace and span ids.
+pub fn new_traceparent() -> String {
+    traceparent(fastrand::u128(1..), fastrand::u64(1..))
+}
+
+/// `00-<trace id>-<span id>-00` (version 00, not sampled).
+pub fn traceparent(trace_id: u128, span_id: u64) -> String {
+    format!("00-{trace_id:032x}-{span_id:016x}-00")
+}
+
+/// `value` when it is a `traceparent` of W3C Trace Context level 1, else `None`. Versions after 00
+/// may carry more fields, which are kept (the spec asks a reader to parse the known prefix only);
+/// version `ff`, upper-case hex and all-zero ids are invalid.
+pub fn valid_traceparent(value: &str) -> Option<&str> {
+    let bytes = value.as_bytes();
+    let hex = |range: std::ops::Range<usize>| {
+        bytes
+            .get(range)
+            .is_some_and(|b| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
+    };
+    let nonzero = |range: std::ops::Range<usize>| bytes[range].iter().any(|&c| c != b'0');
+    let shape = bytes.len() >= 55
+        && hex(0..2)
+        && &bytes[0..2] != b"ff"
+        && bytes[2] == b'-'
+        && hex(3..35)
+        && bytes[35] == b'-'
+        && hex(36..52)
+        && bytes[52] == b'-'
+        && hex(53..55);
+    let tail_ok = match &bytes[..2.min(bytes.len())] {
+        b"00" => bytes.len() == 55,
+        _ => bytes.len() == 55 || bytes.get(55) == Some(&b'-'),
+    };
+    (shape && tail_ok && nonzero(3..35) && nonzero(36..52)).then_some(value)
+}
+
+/// What this proxy knows of its own workload, for `baggage`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Workload {
+    /// The pod's namespace (`POD_NAMESPACE`), else the identity's.
+    pub namespace: String,
+    /// The pod's name (`POD_NAME`), when the downward API gives it.
+    pub pod_name: Option<String>,
+}
+
+impl Workload {
+    /// From the identity's namespace and the pod's variables (`POD_NAME`, `POD_NAMESPACE`).
+    pub fn new(
+        identity_namespace: &str,
+        pod_name: Option<String>,
+        pod_namespace: Option<String>,
+    ) -> Workload {
+        let present = |v: Option<String>| v.filter(|v| !v.is_empty());
+        Workload {
+            namespace: present(pod_namespace).unwrap_or_else(|| identity_namespace.to_owned()),
+            pod_name: present(pod_name),
+        }
+    }
+
+    /// The `baggage` value, with ztunnel's keys: `k8s.namespace.name=<ns>[,k8s.pod.name=<pod>]`.
+    /// (ztunnel has no key for a service account; the certificate already carries it.)
+    pub fn baggage(&self) -> String {
+        let mut out = String::from("k8s.namespace.name=");
+        push_baggage_value(&mut out, &self.namespace);
+        if let Some(pod) = &self.pod_name {
+            out.push_str(",k8s.pod.name=");
+            push_baggage_value(&mut out, pod);
+        }
+        out
+    }
+}
+
+/// Appends `value` percent-encoded as W3C Baggage requires: every byte outside `baggage-octet`,
+/// plus `%` (the escape itself) and `=` (ztunnel splits members on it).
+fn push_baggage_value(out: &mut String, value: &str) {
+    for b in value.bytes() {
+        let plain = matches!(b, 0x21 | 0x23..=0x2b | 0x2d..=0x3a | 0x3c..=0x5b | 0x5d..=0x7e)
+            && b != b'%'
+            && b != b'=';
+        if plain {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+}
+
+/// `forwarded: for="<client ip:port>"` (RFC 7239: quoted, as an IPv6 address with a port must be).
+pub fn forwarded(client: SocketAddr) -> String {
+    format!("for=\"{client}\"")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_lower_hex(s: &str) -> bool {
+        s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    }
+
+    #[test]
+    fn a_new_traceparent_is_w3c_version_00_with_random_nonzero_ids() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let tp = new_traceparent();
+            let parts: Vec<&str> = tp.split('-').collect();
+            assert_eq!(parts.len(), 4, "{tp}");
+            assert_eq!(parts[0], "00");
+            assert_eq!(parts[1].len(), 32, "{tp}");
+            assert_eq!(parts[2].len(), 16, "{tp}");
+            assert_eq!(parts[3], "00", "not sampled: {tp}");
+            assert!(parts.iter().all(|p| is_lower_hex(p)), "{tp}");
+            assert!(parts[1].bytes().any(|c| c != b'0'), "{tp}");
+            assert!(parts[2].bytes().any(|c| c != b'0'), "{tp}");
+            assert_eq!(valid_traceparent(&tp), Some(tp.as_str()));
+            assert!(
+                seen.insert(parts[1].to_owned()),
+                "a trace id repeated: {tp}"
+            );
+        }
+    }
+
+    #[test]
+    fn small_ids_are_zero_padded() {
+        assert_eq!(
+            traceparent(1, 0xab),
+            "00-00000000000000000000000000000001-00000000000000ab-00"
+        );
+        assert_eq!(
+            traceparent(u128::MAX, u64::MAX),
+            "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-00"
+        );
+    }
+
+    #[test]
+    fn traceparents_are_read_leniently_but_only_when_well_formed() {
+        let good = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        assert_eq!(valid_traceparent(good), Some(good));
+        // A later version may append fields.
+        let future = "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-what";
+        assert_eq!(valid_traceparent(future), Some(future));
+        for bad in [
+            "",
+            "garbage",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-extra",
+            "cc-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01x",
+            "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0AF7651916CD43DD8448EB211C80319C-b7ad6b7169203331-01",
+            "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b716920333g-01",
+            "00_0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-1",
+        ] {
+            assert_eq!(valid_traceparent(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn baggage_has_ztunnels_keys() {
+        let w = Workload::new("shop", Some("web-7d4b9".into()), Some("store".into()));
+        assert_eq!(
+            w.baggage(),
+            "k8s.namespace.name=store,k8s.pod.name=web-7d4b9"
+        );
+        // Without the downward API: the identity's namespace, no pod name.
+        let w = Workload::new("shop", None, Some(String::new()));
+        assert_eq!(w.baggage(), "k8s.namespace.name=shop");
+    }
+
+    #[test]
+    fn baggage_values_are_percent_encoded_where_w3c_requires() {
+        let w = Workload::new("a b,c;d\"e\\f%g=h", Some("ü".into()), None);
+        assert_eq!(
+            w.baggage(),
+            "k8s.namespace.name=a%20b%2Cc%3Bd%22e%5Cf%25g%3Dh,k8s.pod.name=%C3%BC"
+        );
+        // Every byte of the value is a baggage-octet, so the header splits into exactly the members.
+        let header = w.baggage();
+        assert!(
+            header.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+            "{header}"
+        );
+        assert_eq!(header.split(',').count(), 2);
+        assert!(header.split(',').all(|m| m.matches('=').count() == 1));
+    }
+
+    #[test]
+    fn forwarded_quotes_the_client() {
+        assert_eq!(
+            forwarded("198.18.0.7:40000".parse().expect("address")),
+            "for=\"198.18.0.7:40000\""
+        );
+        assert_eq!(
+            forwarded("[2001:db8::1]:40000".parse().expect("address")),
+            "for=\"[2001:db8::1]:40000\""
+        );
+    }
+}
