@@ -188,7 +188,9 @@ async fn open_stream(
 }
 
 /// The tracing context and the original client a peer may send (ztunnel does), logged once per
-/// tunnel for correlation; nothing is decided on them. Returns the `traceparent` when it is well
+/// tunnel for correlation (at debug: a line per connection on stderr would cost the data plane
+/// under connection churn; the access log carries the traceparent and the peer); nothing is
+/// decided on them. Returns the `traceparent` when it is well
 /// formed (a malformed one is logged as such and otherwise ignored), for the access log.
 fn log_tunnel_headers(headers: &HeaderMap, peer: &str, target: SocketAddr) -> Option<String> {
     let field = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
@@ -197,7 +199,7 @@ fn log_tunnel_headers(headers: &HeaderMap, peer: &str, target: SocketAddr) -> Op
     if let (Some(sent), None) = (sent, traceparent) {
         tracing::debug!(%peer, %target, "HBONE CONNECT: ignoring a malformed traceparent {sent:?}");
     }
-    tracing::info!(
+    tracing::debug!(
         %peer,
         %target,
         traceparent = %traceparent.unwrap_or("-"),
