@@ -260,6 +260,88 @@ async fn every_connect_carries_traceparent_baggage_and_forwarded() {
     .await;
 }
 
+/// Accepts TCP connections on loopback and counts them; with `to`, relays each to it.
+async fn counting_relay(
+    to: Option<SocketAddr>,
+) -> (SocketAddr, Arc<std::sync::atomic::AtomicUsize>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let count = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut inbound, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            tokio::spawn(async move {
+                match to {
+                    Some(to) => {
+                        if let Ok(mut outbound) = TcpStream::connect(to).await {
+                            let _ =
+                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
+                        }
+                    }
+                    // Holds the connection without a word: a TLS handshake that never completes.
+                    None => {
+                        let mut sink = Vec::new();
+                        let _ = inbound.read_to_end(&mut sink).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, count)
+}
+
+#[tokio::test]
+async fn a_burst_of_new_connections_to_a_peer_shares_one_handshake() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let p = pair(&ca, &ca, CLIENT_ID, &[]).await;
+        let (relay, dials) = counting_relay(Some(p.hbone)).await;
+        let burst: Vec<_> = (0..20)
+            .map(|_| open(&p.client, relay, p.app.addr))
+            .collect();
+        let tunnels = futures_util::future::join_all(burst).await;
+        assert!(tunnels.iter().all(Result::is_ok), "every tunnel opened");
+        assert_eq!(
+            dials.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "20 tunnels opened at once to one peer share one HBONE connection"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_burst_waiting_on_a_failing_dial_shares_its_failure() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let (silent, dials) = counting_relay(None).await;
+        let target: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let (client, _) = data_plane(
+            target,
+            &dirs.path().join("client"),
+            &["--connect-timeout", "1s"],
+        );
+        let burst: Vec<_> = (0..10).map(|_| open(&client, silent, target)).collect();
+        let results = futures_util::future::join_all(burst).await;
+        for result in &results {
+            let error = result
+                .as_ref()
+                .err()
+                .expect("no tunnel through a silent peer");
+            assert!(error.to_string().contains("TLS handshake"), "{error}");
+        }
+        assert_eq!(
+            dials.load(std::sync::atomic::Ordering::SeqCst),
+            1,
+            "the callers that waited for the one dial took its failure instead of dialling again"
+        );
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn opaque_bytes_cross_the_tunnel_with_the_peer_logged() {
     bounded("test", TEST_TIMEOUT, async {

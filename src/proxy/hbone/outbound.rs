@@ -90,7 +90,7 @@ pub struct Tunnel {
 }
 
 /// Why a tunnel could not be opened.
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum OpenError {
     /// No TCP connection to the peer's HBONE port: `auto` may send plaintext.
     #[error("no HBONE at {peer}: {reason}")]
@@ -118,7 +118,18 @@ impl OpenError {
 #[derive(Default)]
 pub struct Pool {
     connections: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
+    /// One dial at a time per peer: a burst of new connections to a peer waits for one handshake
+    /// instead of each making its own (50 connections at once made up to 50 TLS connections, and
+    /// the extra ones cost both sides memory and CPU for as long as they stayed pooled). Holds the
+    /// last dial's failure, which those who waited for it share rather than dialling again.
+    dials: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
     plaintext_until: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// A dial that failed, and when: callers that were waiting before then take it as their own.
+struct DialFailure {
+    at: Instant,
+    error: OpenError,
 }
 
 impl Pool {
@@ -147,6 +158,53 @@ impl Pool {
         Some((found, slot))
     }
 
+    /// A pooled connection to `peer` with room for a stream, or a new one: dialled by this caller,
+    /// or by the one ahead of it in the peer's queue (then its connection or its failure is used).
+    async fn checkout_or_dial(
+        &self,
+        shared: &Shared,
+        mtls: &Mtls,
+        peer: SocketAddr,
+    ) -> Result<(Pooled, StreamSlot), OpenError> {
+        if let Some(found) = self.checkout(peer) {
+            return Ok(found);
+        }
+        let queued = Instant::now();
+        let gate = lock(&self.dials).entry(peer).or_default().clone();
+        let mut last_failure = gate.lock().await;
+        let result = match (self.checkout(peer), &*last_failure) {
+            (Some(found), _) => Ok(found),
+            (None, Some(failure)) if failure.at >= queued => Err(failure.error.clone()),
+            (None, _) => match dial(shared, mtls, peer).await {
+                Ok(pooled) => {
+                    *last_failure = None;
+                    pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
+                    let slot = StreamSlot(pooled.usage.clone());
+                    lock(&self.connections)
+                        .entry(peer)
+                        .or_default()
+                        .push(pooled.clone());
+                    Ok((pooled, slot))
+                }
+                Err(error) => {
+                    *last_failure = Some(DialFailure {
+                        at: Instant::now(),
+                        error: error.clone(),
+                    });
+                    Err(error)
+                }
+            },
+        };
+        drop(last_failure);
+        // The map keeps a gate only while someone else still holds it: one entry per peer being
+        // dialled, not one per destination ever seen.
+        let mut dials = lock(&self.dials);
+        if Arc::strong_count(&gate) == 2 {
+            dials.remove(&peer);
+        }
+        result
+    }
+
     /// Opens a stream to `target` through `peer` (`target`'s HBONE address), on a pooled
     /// connection or a new one.
     pub async fn open(
@@ -157,19 +215,7 @@ impl Pool {
         target: SocketAddr,
         client: SocketAddr,
     ) -> Result<Tunnel, OpenError> {
-        let (mut pooled, slot) = match self.checkout(peer) {
-            Some(found) => found,
-            None => {
-                let pooled = dial(shared, mtls, peer).await?;
-                pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
-                let slot = StreamSlot(pooled.usage.clone());
-                lock(&self.connections)
-                    .entry(peer)
-                    .or_default()
-                    .push(pooled.clone());
-                (pooled, slot)
-            }
-        };
+        let (mut pooled, slot) = self.checkout_or_dial(shared, mtls, peer).await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
         let traceparent = headers::new_traceparent();
         let request = Request::builder()
