@@ -170,7 +170,8 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub header_timeout: Duration,
 
-    /// An idle keep-alive client connection is closed after this long (nginx's keepalive_timeout).
+    /// An idle keep-alive client connection (HTTP/2: no open stream) is closed after this long
+    /// (nginx's keepalive_timeout, Envoy's idle_timeout).
     #[arg(long, env = "AMAZING_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub idle_timeout: Duration,
 

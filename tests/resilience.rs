@@ -2,7 +2,8 @@
 //! sockets at the connection limit, the keep-alive race, configurations that loop or overflow, the
 //! admin port reached from another address, a request cut by the drain, idle clients and running
 //! out of descriptors, and (already holding) an app crash and restart, HTTP/2 rapid reset, the
-//! in-flight limit, a large download to a slow reader and the drain delay under load. Counts,
+//! in-flight limit, a large download to a slow reader and the drain delay under load; HTTP/2
+//! connections that only idle are shed at the limit and closed after `--idle-timeout`. Counts,
 //! statuses and memory bounds, never time thresholds; every socket and process is bounded and goes
 //! away with the test. The figures (bytes and descriptors per idle client, recovery time) belong
 //! in `bench/reliability.sh`, not here.
@@ -594,6 +595,91 @@ async fn http2_rapid_reset_is_cut_off_before_it_reaches_the_app() {
             "{forwarded} of {STREAMS} reset streams reached the app"
         );
         assert_eq!(proxy.get("/after-the-flood").await.status, StatusCode::OK);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// HTTP/2 connections that only idle: shed at the limit, closed after --idle-timeout
+
+/// An HTTP/2 (prior knowledge) connection through the proxy that has had one answered request and
+/// stays open: hyper's client answers the proxy's PINGs. `closed` ends when the proxy closes it.
+struct IdleH2 {
+    _sender: hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    closed: tokio::task::JoinHandle<()>,
+}
+
+async fn idle_h2(addr: SocketAddr, path: &str) -> IdleH2 {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("HTTP/2 handshake");
+    let closed = tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let request = http::Request::get(format!("http://{addr}{path}"))
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    let response = sender.send_request(request).await.expect("HTTP/2 response");
+    assert_eq!(response.status(), StatusCode::OK);
+    response.into_body().collect().await.expect("body");
+    IdleH2 {
+        _sender: sender,
+        closed,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_http2_connections_make_room_at_the_connection_limit() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let proxy = Proxy::start(app.addr, &["--max-connections", "10"]).await;
+        let mut idle = Vec::new();
+        for i in 0..10 {
+            idle.push(idle_h2(proxy.inbound, &format!("/echo?h2={i}")).await);
+        }
+        proxy
+            .wait_metric(
+                "amazing_proxy_open_connections",
+                &["direction=\"inbound\""],
+                10.0,
+            )
+            .await;
+        for i in 0..3 {
+            let reply = proxy.get(&format!("/echo?normal={i}")).await;
+            assert_eq!(
+                reply.status,
+                StatusCode::OK,
+                "normal request {i}: {}",
+                reply.text()
+            );
+        }
+        // The room came from idle HTTP/2 connections, which the proxy closed.
+        eventually("a shed HTTP/2 connection to close", WAIT, || async {
+            idle.iter().any(|c| c.closed.is_finished()).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let proxy = Proxy::start(app.addr, &["--idle-timeout", "1s"]).await;
+        let h2 = idle_h2(proxy.inbound, "/echo").await;
+        bounded(
+            "the proxy to close an HTTP/2 connection idle for --idle-timeout",
+            WAIT,
+            h2.closed,
+        )
+        .await
+        .expect("the client's connection task");
+        proxy.wait_no_open_connections().await;
     })
     .await;
 }

@@ -17,7 +17,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use super::exchange::{Exchange, RequestProgress};
-use super::limits::InFlight;
+use super::limits::{InFlight, RequestMark};
 use crate::error::ErrorKind;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -154,6 +154,8 @@ pub struct ResponseBody {
     exchange: Option<Exchange>,
     /// The request stays counted in flight until its response is done.
     in_flight: Option<InFlight>,
+    /// And open on its connection (hyper's), which is idle only once no response is in progress.
+    open: Option<RequestMark>,
 }
 
 impl ResponseBody {
@@ -167,6 +169,7 @@ impl ResponseBody {
             source: Source::Upstream(inner, Stall::new(response_body_timeout)),
             exchange: Some(exchange),
             in_flight,
+            open: None,
         }
     }
 
@@ -175,6 +178,7 @@ impl ResponseBody {
             source: Source::Message(Some(Bytes::from_static(text.as_bytes()))),
             exchange,
             in_flight: None,
+            open: None,
         }
     }
 
@@ -184,7 +188,14 @@ impl ResponseBody {
             source: Source::Message(None),
             exchange: None,
             in_flight: None,
+            open: None,
         }
+    }
+
+    /// Keeps the request open on its connection until this body is done.
+    pub fn holding(mut self, open: RequestMark) -> Self {
+        self.open = Some(open);
+        self
     }
 
     fn finish(&mut self, error: Option<ErrorKind>) {
@@ -192,6 +203,7 @@ impl ResponseBody {
             exchange.finish(error);
         }
         self.in_flight = None;
+        self.open = None;
     }
 }
 

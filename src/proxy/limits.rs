@@ -87,6 +87,69 @@ impl Slot {
     }
 }
 
+/// Requests open on a connection that hyper serves (HTTP/2, and HTTP/1 after the fast path handed
+/// it over): the connection is idle when none is, both for the shedder and for `--idle-timeout`.
+/// The fast path tracks this itself; hyper does not say when an HTTP/2 connection has no stream.
+pub struct OpenRequests {
+    slot: Arc<Slot>,
+    count: AtomicUsize,
+    /// When the last request ended (or the connection opened).
+    idle_since: Mutex<tokio::time::Instant>,
+    became_idle: Notify,
+}
+
+impl OpenRequests {
+    /// A connection that has not sent a request yet counts as receiving a head: shed after the
+    /// idle ones, the oldest first.
+    pub fn new(slot: Arc<Slot>) -> Arc<OpenRequests> {
+        slot.set(Activity::Head);
+        Arc::new(OpenRequests {
+            slot,
+            count: AtomicUsize::new(0),
+            idle_since: Mutex::new(tokio::time::Instant::now()),
+            became_idle: Notify::new(),
+        })
+    }
+
+    /// Marks a request open until the returned mark is dropped (with its response body).
+    pub fn start(self: &Arc<Self>) -> RequestMark {
+        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.slot.set(Activity::Busy);
+        }
+        RequestMark(self.clone())
+    }
+
+    /// Resolves once the connection has had no open request for `timeout`.
+    pub async fn idle_for(&self, timeout: std::time::Duration) {
+        loop {
+            let became_idle = self.became_idle.notified();
+            if self.count.load(Ordering::Acquire) > 0 {
+                became_idle.await;
+                continue;
+            }
+            let since = *lock(&self.idle_since);
+            tokio::time::sleep_until(since + timeout).await;
+            if self.count.load(Ordering::Acquire) == 0 && *lock(&self.idle_since) == since {
+                return;
+            }
+        }
+    }
+}
+
+/// One open request on an [`OpenRequests`] connection.
+pub struct RequestMark(Arc<OpenRequests>);
+
+impl Drop for RequestMark {
+    fn drop(&mut self) {
+        let open = &self.0;
+        if open.count.fetch_sub(1, Ordering::AcqRel) == 1 {
+            *lock(&open.idle_since) = tokio::time::Instant::now();
+            open.slot.set(Activity::Idle);
+            open.became_idle.notify_one();
+        }
+    }
+}
+
 pub struct Limits {
     max_in_flight: usize,
     in_flight: AtomicUsize,
@@ -257,6 +320,53 @@ impl Drop for ConnectionGuard {
 mod tests {
     use super::*;
     use prometheus_client::metrics::counter::Counter;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_hyper_connection_is_idle_only_once_its_last_response_is_done() {
+        let limits = Arc::new(Limits::new(10, 10));
+        let (gauge, shed) = (Gauge::default(), Counter::default());
+        let guard = limits.admit(&gauge, &shed).expect("room");
+        let open = OpenRequests::new(guard.slot().clone());
+        assert_eq!(
+            guard.slot().activity(),
+            Activity::Head as u8,
+            "before a request"
+        );
+        let first = open.start();
+        let second = open.start();
+        assert_eq!(guard.slot().activity(), Activity::Busy as u8);
+        let idle = open.idle_for(Duration::from_secs(60));
+        tokio::pin!(idle);
+        // Ten minutes with a request open: never idle, whatever the timeout.
+        let waited = tokio::time::timeout(Duration::from_secs(600), idle.as_mut()).await;
+        assert!(waited.is_err(), "idle while two requests were open");
+        drop(first);
+        assert_eq!(
+            guard.slot().activity(),
+            Activity::Busy as u8,
+            "one still open"
+        );
+        drop(second);
+        assert_eq!(guard.slot().activity(), Activity::Idle as u8);
+        let last_done = tokio::time::Instant::now();
+        idle.as_mut().await;
+        assert_eq!(
+            last_done.elapsed(),
+            Duration::from_secs(60),
+            "counted from the last response"
+        );
+        // A request in the meantime starts the count again.
+        drop(open.start());
+        let idle = open.idle_for(Duration::from_secs(60));
+        tokio::pin!(idle);
+        let waited = tokio::time::timeout(Duration::from_secs(30), idle.as_mut()).await;
+        assert!(waited.is_err(), "idle after half the timeout");
+        drop(open.start());
+        let again = tokio::time::Instant::now();
+        idle.as_mut().await;
+        assert_eq!(again.elapsed(), Duration::from_secs(60));
+    }
 
     #[test]
     fn sheds_idle_first_then_the_oldest_head_never_busy() {

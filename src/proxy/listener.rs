@@ -7,6 +7,7 @@
 //! nothing within `--detect-timeout` (server-speaks-first protocols), is forwarded as opaque
 //! bytes. On `--http-ports` nothing is ever opaque, whatever the timing.
 
+use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -23,7 +24,7 @@ use super::exchange::{ConnContext, Exchange};
 use super::hbone;
 use super::http1;
 use super::hyper_path;
-use super::limits::{ConnectionGuard, Slot};
+use super::limits::{ConnectionGuard, OpenRequests, Slot};
 use super::rewind::Rewind;
 use super::tcp;
 use crate::config::{AppProtocol, OutboundMtls};
@@ -421,18 +422,30 @@ async fn serve_hyper<I>(
     } else {
         &shared.settings.http1_server
     };
+    let open = OpenRequests::new(guard.slot().clone());
     let service = {
-        let (shared, ctx) = (shared.clone(), ctx.clone());
-        service_fn(move |req| hyper_path::handle(shared.clone(), ctx.clone(), req))
+        let (shared, ctx, open) = (shared.clone(), ctx.clone(), open.clone());
+        service_fn(move |req| {
+            let mark = open.start();
+            let handled = hyper_path::handle(shared.clone(), ctx.clone(), req);
+            async move { Ok::<_, Infallible>(handled.await?.map(|body| body.holding(mark))) }
+        })
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let slot: &Slot = guard.slot();
+    // HTTP/1.1: finish the request in progress, answer it with `Connection: close`, and close an
+    // idle connection at once; HTTP/2: GOAWAY, then finish open streams.
     let result = tokio::select! {
         result = conn.as_mut() => result,
         () = slot.close_requested_wait() => {
-            // HTTP/1.1: finish the request in progress, answer it with `Connection: close`, and
-            // close an idle connection at once; HTTP/2: GOAWAY, then finish open streams.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        // hyper closes an idle HTTP/1 connection itself (its head timeout); an HTTP/2 client
+        // that only answers PINGs would otherwise hold its connection for good.
+        () = open.idle_for(shared.settings.timeouts.idle) => {
+            tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -476,7 +489,7 @@ fn log_rejected_by_hyper(
 /// closed before it could send.
 async fn refuse(stream: TcpStream) {
     let service = service_fn(|_req| async {
-        Ok::<_, std::convert::Infallible>(hyper_path::refusal(ErrorKind::TooManyConnections))
+        Ok::<_, Infallible>(hyper_path::refusal(ErrorKind::TooManyConnections))
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
