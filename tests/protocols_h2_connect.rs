@@ -116,3 +116,65 @@ async fn websocket_over_h2_extended_connect() {
     })
     .await;
 }
+
+/// A WebSocket carried on an HTTP/2 stream is a request in progress: its connection is busy, so
+/// the connection limit refuses a new client rather than shedding (GOAWAY) the tunnel's connection.
+#[tokio::test]
+async fn an_open_websocket_over_h2_keeps_its_connection_busy() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = start_app().await;
+        let proxy = Proxy::start(app, &["--app-protocol", "http2", "--max-connections", "1"]).await;
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+                .await
+                .expect("h2 handshake");
+        tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::CONNECT)
+            .uri(format!("http://{}/ws", proxy.inbound))
+            .header("sec-websocket-version", "13")
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        req.extensions_mut()
+            .insert(Protocol::from_static("websocket"));
+        let mut res = bounded("the CONNECT response", WAIT, sender.send_request(req))
+            .await
+            .expect("response");
+        assert_eq!(res.status(), StatusCode::OK);
+        let upgraded = bounded("the upgrade", WAIT, hyper::upgrade::on(&mut res))
+            .await
+            .expect("upgrade");
+        let mut ws =
+            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+
+        let refused = proxy.get("/").await;
+        assert_eq!(
+            refused.status,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "at the limit with only a busy connection, a new client is refused: {}",
+            refused.text()
+        );
+        // The tunnel's connection was not told to go away: it still takes a new stream.
+        let again = Request::get(format!("http://{}/", proxy.inbound))
+            .body(Empty::<Bytes>::new())
+            .expect("request");
+        let response = bounded("a second stream", WAIT, sender.send_request(again))
+            .await
+            .expect("the tunnel's connection still takes streams");
+        assert_eq!(
+            response.status(),
+            StatusCode::BAD_REQUEST,
+            "the app's answer"
+        );
+        let m = Message::text("still here");
+        ws.send(m.clone()).await.expect("send");
+        let back = bounded("the echo", WAIT, ws.next())
+            .await
+            .expect("stream ended")
+            .expect("frame");
+        assert_eq!(back, m);
+        ws.close(None).await.expect("close");
+    })
+    .await;
+}

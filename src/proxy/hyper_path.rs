@@ -20,19 +20,35 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::Shared;
 use super::body::{RequestBody, ResponseBody};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
-use super::limits::ConnectionGuard;
+use super::limits::{ConnectionGuard, RequestMark};
 use super::phases::{self, Sent, Synthetic, may_retry};
 use super::tcp::Counted;
 use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
 use crate::telemetry::metrics::Direction;
 
-/// The service hyper calls for every request on a client connection.
+/// The service hyper calls for every request on a client connection. `open` keeps the request
+/// counted open on its connection until its response body is done, or its tunnel closed.
 pub async fn handle(
     shared: Arc<Shared>,
     conn: Arc<ConnContext>,
-    mut req: Request<Incoming>,
+    req: Request<Incoming>,
+    open: RequestMark,
 ) -> Result<Response<ResponseBody>, Infallible> {
+    let mut open = Some(open);
+    let response = respond(shared, conn, req, &mut open).await;
+    Ok(match open {
+        Some(open) => response.map(|body| body.holding(open)),
+        None => response,
+    })
+}
+
+async fn respond(
+    shared: Arc<Shared>,
+    conn: Arc<ConnContext>,
+    mut req: Request<Incoming>,
+    open: &mut Option<RequestMark>,
+) -> Response<ResponseBody> {
     let start = Instant::now();
     let in_flight = shared.limits.start_request();
     let upgrade = phases::is_upgrade(req.headers());
@@ -64,19 +80,19 @@ pub async fn handle(
     );
     exchange.request = progress.clone();
     if let Err(kind) = ruled.admitted {
-        return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange));
+        return synthetic_response(Synthetic::new(kind, grpc), exchange);
     }
     if conn.direction == Direction::Inbound {
         let port = conn.original.port_u16().unwrap_or(0);
         let request = Some((&parts.method, path.as_str()));
         if !shared.allows(port, conn.peer.as_deref(), request) {
             let denied = Synthetic::new(ErrorKind::PolicyDenied, grpc);
-            return Ok(synthetic_response(denied, exchange));
+            return synthetic_response(denied, exchange);
         }
     }
     let Some(in_flight) = in_flight else {
         let overloaded = Synthetic::new(ErrorKind::Overloaded, grpc);
-        return Ok(synthetic_response(overloaded, exchange));
+        return synthetic_response(overloaded, exchange);
     };
     let use_http2 = choose_upstream(&shared, &conn, &mut parts, path);
     let settings = &shared.settings;
@@ -87,7 +103,7 @@ pub async fn handle(
     let mut response =
         match send(&shared, &conn, upstream_req, use_http2, progress.as_deref()).await {
             Ok(response) => response,
-            Err(kind) => return Ok(synthetic_response(Synthetic::new(kind, grpc), exchange)),
+            Err(kind) => return synthetic_response(Synthetic::new(kind, grpc), exchange),
         };
 
     // Response phase.
@@ -105,12 +121,13 @@ pub async fn handle(
             .direction(conn.direction)
             .open_connections;
         let guard = shared.limits.track(gauge);
-        tokio::spawn(tunnel(exchange, downstream, upstream, guard));
-        return Ok(response.map(|_| ResponseBody::empty()));
+        // An HTTP/2 tunnel is a stream on its connection, which stays busy until it closes.
+        tokio::spawn(tunnel(exchange, downstream, upstream, guard, open.take()));
+        return response.map(|_| ResponseBody::empty());
     }
     let response_body_timeout = settings.timeouts.response_body;
-    Ok(response
-        .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout)))
+    response
+        .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout))
 }
 
 /// What the request rules decided.
@@ -256,6 +273,7 @@ async fn tunnel(
     downstream: hyper::upgrade::OnUpgrade,
     upstream: hyper::upgrade::OnUpgrade,
     _guard: ConnectionGuard,
+    _open: Option<RequestMark>,
 ) {
     let (downstream, upstream) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,

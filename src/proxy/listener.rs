@@ -425,11 +425,7 @@ async fn serve_hyper<I>(
     let open = OpenRequests::new(guard.slot().clone());
     let service = {
         let (shared, ctx, open) = (shared.clone(), ctx.clone(), open.clone());
-        service_fn(move |req| {
-            let mark = open.start();
-            let handled = hyper_path::handle(shared.clone(), ctx.clone(), req);
-            async move { Ok::<_, Infallible>(handled.await?.map(|body| body.holding(mark))) }
-        })
+        service_fn(move |req| hyper_path::handle(shared.clone(), ctx.clone(), req, open.start()))
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
