@@ -52,7 +52,7 @@ build() {
   local cargo as_user=()
   cargo=$(find_cargo)
   [ "$(id -u)" -eq 0 ] && [ -n "${SUDO_USER:-}" ] && as_user=(sudo -u "$SUDO_USER" --preserve-env=CARGO_TARGET_DIR)
-  echo "== building $(CARGO=$cargo scripts/release.sh --print-path) (the first build takes a few minutes)" >&2
+  echo "== building $("${as_user[@]}" env CARGO="$cargo" scripts/release.sh --print-path) (the first build takes a few minutes)" >&2
   run "${as_user[@]}" env CARGO="$cargo" scripts/release.sh
 }
 

@@ -21,10 +21,20 @@ case "$target" in /*) ;; *) target="$root/$target" ;; esac
 binary="$target/$host/release/amazing-proxy"
 if [ "${1:-}" = "--print-path" ]; then echo "$binary"; exit 0; fi
 
+# cargo takes its flags from the first of CARGO_ENCODED_RUSTFLAGS, RUSTFLAGS and the target's
+# rustflags that is set and ignores the rest, so the flag joins whichever one cargo will read (a
+# RUSTFLAGS in the environment would otherwise make the build silently dynamic).
+static="-Ctarget-feature=+crt-static"
 case "$host" in
   *-linux-gnu)
-    var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
-    export "$var=${!var:-} -C target-feature=+crt-static" ;;
+    if [ -n "${CARGO_ENCODED_RUSTFLAGS+set}" ]; then
+      export CARGO_ENCODED_RUSTFLAGS="${CARGO_ENCODED_RUSTFLAGS:+$CARGO_ENCODED_RUSTFLAGS$'\x1f'}$static"
+    elif [ -n "${RUSTFLAGS+set}" ]; then
+      export RUSTFLAGS="$RUSTFLAGS $static"
+    else
+      var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+      export "$var=${!var:-} $static"
+    fi ;;
 esac
 (cd "$root" && "$cargo" build --release --locked --target "$host" --bin amazing-proxy >&2)
 echo "$binary"
