@@ -92,10 +92,16 @@ impl Slot {
 /// The fast path tracks this itself; hyper does not say when an HTTP/2 connection has no stream.
 pub struct OpenRequests {
     slot: Arc<Slot>,
-    count: AtomicUsize,
-    /// When the last request ended (or the connection opened).
-    idle_since: Mutex<tokio::time::Instant>,
+    /// Under one lock with the slot's activity: HTTP/2 streams start and end on different threads,
+    /// and a stream ending as another starts must not leave the slot idle with a request open.
+    state: Mutex<OpenState>,
     became_idle: Notify,
+}
+
+struct OpenState {
+    count: usize,
+    /// When the last request ended (or the connection opened).
+    idle_since: tokio::time::Instant,
 }
 
 impl OpenRequests {
@@ -105,15 +111,19 @@ impl OpenRequests {
         slot.set(Activity::Head);
         Arc::new(OpenRequests {
             slot,
-            count: AtomicUsize::new(0),
-            idle_since: Mutex::new(tokio::time::Instant::now()),
+            state: Mutex::new(OpenState {
+                count: 0,
+                idle_since: tokio::time::Instant::now(),
+            }),
             became_idle: Notify::new(),
         })
     }
 
     /// Marks a request open until the returned mark is dropped (with its response body).
     pub fn start(self: &Arc<Self>) -> RequestMark {
-        if self.count.fetch_add(1, Ordering::AcqRel) == 0 {
+        let mut state = lock(&self.state);
+        state.count += 1;
+        if state.count == 1 {
             self.slot.set(Activity::Busy);
         }
         RequestMark(self.clone())
@@ -123,13 +133,17 @@ impl OpenRequests {
     pub async fn idle_for(&self, timeout: std::time::Duration) {
         loop {
             let became_idle = self.became_idle.notified();
-            if self.count.load(Ordering::Acquire) > 0 {
+            let (count, since) = {
+                let state = lock(&self.state);
+                (state.count, state.idle_since)
+            };
+            if count > 0 {
                 became_idle.await;
                 continue;
             }
-            let since = *lock(&self.idle_since);
             tokio::time::sleep_until(since + timeout).await;
-            if self.count.load(Ordering::Acquire) == 0 && *lock(&self.idle_since) == since {
+            let state = lock(&self.state);
+            if state.count == 0 && state.idle_since == since {
                 return;
             }
         }
@@ -142,8 +156,10 @@ pub struct RequestMark(Arc<OpenRequests>);
 impl Drop for RequestMark {
     fn drop(&mut self) {
         let open = &self.0;
-        if open.count.fetch_sub(1, Ordering::AcqRel) == 1 {
-            *lock(&open.idle_since) = tokio::time::Instant::now();
+        let mut state = lock(&open.state);
+        state.count -= 1;
+        if state.count == 0 {
+            state.idle_since = tokio::time::Instant::now();
             open.slot.set(Activity::Idle);
             open.became_idle.notify_one();
         }
