@@ -132,6 +132,27 @@ struct DialFailure {
     error: OpenError,
 }
 
+/// A caller's hold on its peer's dial gate. The map keeps a gate only while someone holds it (one
+/// entry per peer being dialled, not one per destination ever seen): whoever leaves it with no
+/// other holder removes it, also when cancelled mid-dial. Checked after the caller's own clone is
+/// gone, so that two callers leaving at once cannot each count the other.
+struct GateHold<'a> {
+    dials: &'a Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
+    peer: SocketAddr,
+}
+
+impl Drop for GateHold<'_> {
+    fn drop(&mut self) {
+        let mut dials = lock(self.dials);
+        if dials
+            .get(&self.peer)
+            .is_some_and(|gate| Arc::strong_count(gate) == 1)
+        {
+            dials.remove(&self.peer);
+        }
+    }
+}
+
 impl Pool {
     fn remembers_plaintext(&self, ip: IpAddr) -> bool {
         let mut map = lock(&self.plaintext_until);
@@ -170,9 +191,14 @@ impl Pool {
             return Ok(found);
         }
         let queued = Instant::now();
+        // Declared before the gate, so dropped after it.
+        let _hold = GateHold {
+            dials: &self.dials,
+            peer,
+        };
         let gate = lock(&self.dials).entry(peer).or_default().clone();
         let mut last_failure = gate.lock().await;
-        let result = match (self.checkout(peer), &*last_failure) {
+        match (self.checkout(peer), &*last_failure) {
             (Some(found), _) => Ok(found),
             (None, Some(failure)) if failure.at >= queued => Err(failure.error.clone()),
             (None, _) => match dial(shared, mtls, peer).await {
@@ -194,15 +220,7 @@ impl Pool {
                     Err(error)
                 }
             },
-        };
-        drop(last_failure);
-        // The map keeps a gate only while someone else still holds it: one entry per peer being
-        // dialled, not one per destination ever seen.
-        let mut dials = lock(&self.dials);
-        if Arc::strong_count(&gate) == 2 {
-            dials.remove(&peer);
         }
-        result
     }
 
     /// Opens a stream to `target` through `peer` (`target`'s HBONE address), on a pooled
@@ -432,5 +450,45 @@ pub async fn forward(
             tcp::finish(shared, &route, start, Err(e.kind()), 0, 0);
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A caller's entry into its peer's dial queue, as `checkout_or_dial` makes it.
+    fn enter(
+        pool: &Pool,
+        peer: SocketAddr,
+    ) -> (GateHold<'_>, Arc<tokio::sync::Mutex<Option<DialFailure>>>) {
+        let hold = GateHold {
+            dials: &pool.dials,
+            peer,
+        };
+        let gate = lock(&pool.dials).entry(peer).or_default().clone();
+        (hold, gate)
+    }
+
+    #[test]
+    fn a_peer_keeps_one_gate_while_held_and_none_after() {
+        let pool = Pool::default();
+        let peer: SocketAddr = "198.18.0.2:15008".parse().expect("address");
+        let (hold_a, gate_a) = enter(&pool, peer);
+        let (hold_b, gate_b) = enter(&pool, peer);
+        assert!(Arc::ptr_eq(&gate_a, &gate_b), "one gate per peer");
+        drop(gate_a);
+        drop(hold_a);
+        let (hold_c, gate_c) = enter(&pool, peer);
+        assert!(
+            Arc::ptr_eq(&gate_b, &gate_c),
+            "a caller leaving does not remove the gate another still holds"
+        );
+        // Two callers letting go at once (both clones gone before either checks): still removed.
+        drop(gate_b);
+        drop(gate_c);
+        drop(hold_b);
+        drop(hold_c);
+        assert!(lock(&pool.dials).is_empty(), "no gate left behind");
     }
 }
