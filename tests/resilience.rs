@@ -667,6 +667,64 @@ async fn idle_http2_connections_make_room_at_the_connection_limit() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shed_http2_connection_that_ignores_pings_closes_at_once() {
+    use tokio::io::AsyncReadExt;
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        // A head timeout (hence PING timeout) far beyond WAIT: a graceful close that waited for
+        // the silent client's PING answer would outlast the test's patience.
+        let proxy = Proxy::start(
+            app.addr,
+            &["--max-connections", "3", "--header-timeout", "5m"],
+        )
+        .await;
+        // HTTP/2 prefaces and nothing else: no request, no SETTINGS ack, no PING answer.
+        let mut silent = Vec::new();
+        for _ in 0..3 {
+            let mut conn = TcpStream::connect(proxy.inbound).await.expect("connect");
+            let mut hello = amazing_proxy::proxy::detect::H2_PREFACE.to_vec();
+            hello.extend(h2_frame(H2_SETTINGS, 0, 0, &[]));
+            conn.write_all(&hello).await.expect("preface");
+            silent.push(conn);
+        }
+        proxy
+            .wait_metric(
+                "amazing_proxy_open_connections",
+                &["direction=\"inbound\""],
+                3.0,
+            )
+            .await;
+        let reply = proxy.get("/echo?made-room").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        // One of the silent connections made the room and was closed outright; the others stay.
+        let drained = silent
+            .iter_mut()
+            .map(|conn| {
+                Box::pin(async move {
+                    let mut sink = vec![0u8; 64 * 1024];
+                    while let Ok(n) = conn.read(&mut sink).await {
+                        if n == 0 {
+                            break;
+                        }
+                    }
+                })
+            })
+            .collect::<Vec<_>>();
+        let ((), _, others) = bounded(
+            "a shed HTTP/2 connection that ignores PINGs to close",
+            WAIT,
+            futures_util::future::select_all(drained),
+        )
+        .await;
+        for other in others {
+            let ended = tokio::time::timeout(Duration::from_millis(200), other).await;
+            assert!(ended.is_err(), "a connection that was not shed closed too");
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_http2_connection_is_closed_after_the_idle_timeout() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;

@@ -430,24 +430,47 @@ async fn serve_hyper<I>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let slot: &Slot = guard.slot();
-    // HTTP/1.1: finish the request in progress, answer it with `Connection: close`, and close an
-    // idle connection at once; HTTP/2: GOAWAY, then finish open streams.
+    // Closing for the drain or the idle timeout is graceful. HTTP/1.1: finish the request in
+    // progress, answer it with `Connection: close`, and close an idle connection at once; HTTP/2:
+    // GOAWAY, then finish open streams.
     let result = tokio::select! {
-        result = conn.as_mut() => result,
+        biased;
+        () = slot.shed_wait() => None,
+        result = conn.as_mut() => Some(result),
         () = slot.close_requested_wait() => {
             conn.as_mut().graceful_shutdown();
-            conn.await
+            unless_shed(conn, slot).await
         }
         // hyper closes an idle HTTP/1 connection itself (its head timeout); an HTTP/2 client
         // that only answers PINGs would otherwise hold its connection for good.
         () = open.idle_for(shared.settings.timeouts.idle) => {
             tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
-            conn.await
+            unless_shed(conn, slot).await
         }
+    };
+    let Some(result) = result else {
+        // The shedder chose this connection to make room: it had no request open (or was still
+        // sending its first head), so it closes now, as the fast path's do. A graceful HTTP/2
+        // close waits for a PING answer that a hostile client never sends, and the slot it was
+        // to free is already given to the connection that asked for room.
+        tracing::debug!(client = %ctx.client, "shed at --max-connections: closing");
+        return;
     };
     if let Err(e) = result {
         log_rejected_by_hyper(&ctx, &*e, started, http2);
+    }
+}
+
+/// Waits for a connection being closed gracefully, unless the shedder chooses it meanwhile (`None`).
+async fn unless_shed<F: std::future::Future>(
+    conn: std::pin::Pin<&mut F>,
+    slot: &Slot,
+) -> Option<F::Output> {
+    tokio::select! {
+        biased;
+        () = slot.shed_wait() => None,
+        result = conn => Some(result),
     }
 }
 
