@@ -95,7 +95,6 @@ pub struct OpenRequests {
     /// Under one lock with the slot's activity: HTTP/2 streams start and end on different threads,
     /// and a stream ending as another starts must not leave the slot idle with a request open.
     state: Mutex<OpenState>,
-    became_idle: Notify,
 }
 
 struct OpenState {
@@ -115,7 +114,6 @@ impl OpenRequests {
                 count: 0,
                 idle_since: tokio::time::Instant::now(),
             }),
-            became_idle: Notify::new(),
         })
     }
 
@@ -129,23 +127,22 @@ impl OpenRequests {
         RequestMark(self.clone())
     }
 
-    /// Resolves once the connection has had no open request for `timeout`.
+    /// Resolves once the connection has had no open request for `timeout`. Looks at most once
+    /// per `timeout` (or at the moment an idle period would end), never per request: a wake-up
+    /// when the last stream ends would re-poll the whole HTTP/2 connection's task.
     pub async fn idle_for(&self, timeout: std::time::Duration) {
+        let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
-            let became_idle = self.became_idle.notified();
-            let (count, since) = {
-                let state = lock(&self.state);
-                (state.count, state.idle_since)
-            };
-            if count > 0 {
-                became_idle.await;
-                continue;
-            }
-            tokio::time::sleep_until(since + timeout).await;
+            tokio::time::sleep_until(deadline).await;
+            let now = tokio::time::Instant::now();
             let state = lock(&self.state);
-            if state.count == 0 && state.idle_since == since {
+            deadline = if state.count > 0 {
+                now + timeout
+            } else if state.idle_since + timeout <= now {
                 return;
-            }
+            } else {
+                state.idle_since + timeout
+            };
         }
     }
 }
@@ -161,7 +158,6 @@ impl Drop for RequestMark {
         if state.count == 0 {
             state.idle_since = tokio::time::Instant::now();
             open.slot.set(Activity::Idle);
-            open.became_idle.notify_one();
         }
     }
 }
