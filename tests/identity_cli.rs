@@ -44,22 +44,24 @@ fn s(path: &Path) -> &str {
     path.to_str().expect("utf-8 path")
 }
 
+/// `issue --ca CA --spiffe-id ID --out OUT` and `extra`.
+fn issue_args<'a>(ca: &'a Path, id: &'a str, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec!["issue", "--ca", s(ca), "--spiffe-id", id, "--out", s(out)];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn ca_then_issue_writes_a_chain_peers_accept() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (ca, pod) = (dir.path().join("ca"), dir.path().join("pod"));
     ok(&["ca", "--out", s(&ca)]);
-    ok(&[
-        "issue",
-        "--ca",
-        s(&ca),
-        "--spiffe-id",
+    ok(&issue_args(
+        &ca,
         "spiffe://cluster.local/ns/default/sa/httpbin",
-        "--out",
-        s(&pod),
-        "--days",
-        "2",
-    ]);
+        &pod,
+        &["--days", "2"],
+    ));
 
     let chain = certs(&pod.join("tls.crt"));
     assert_eq!(chain.len(), 1, "the CA is the root: the chain is the leaf");
@@ -120,25 +122,11 @@ fn existing_files_are_kept_unless_forced() {
     assert_ne!(std::fs::read(ca.join("ca.key")).expect("ca.key"), first);
 
     let pod = dir.path().join("pod");
-    let issue = |extra: &[&str]| {
-        let mut args = vec![
-            "issue",
-            "--ca",
-            s(&ca),
-            "--spiffe-id",
-            "spiffe://cluster.local/ns/a/sa/b",
-            "--out",
-            s(&pod),
-        ];
-        args.extend_from_slice(extra);
-        args.into_iter().map(String::from).collect::<Vec<_>>()
-    };
-    let args = issue(&[]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let id = "spiffe://cluster.local/ns/a/sa/b";
+    let args = issue_args(&ca, id, &pod, &[]);
     ok(&args);
     assert!(fails(&args).contains("already exists: pass --force"));
-    let forced = issue(&["--force"]);
-    ok(&forced.iter().map(String::as_str).collect::<Vec<_>>());
+    ok(&issue_args(&ca, id, &pod, &["--force"]));
 }
 
 #[test]
@@ -146,44 +134,27 @@ fn mistakes_are_explained() {
     let dir = tempfile::tempdir().expect("tempdir");
     let ca = dir.path().join("ca");
     let out = dir.path().join("out");
-    let err = fails(&[
-        "issue",
-        "--ca",
-        s(&ca),
-        "--spiffe-id",
-        "spiffe://cluster.local/ns/a/sa/b",
-        "--out",
-        s(&out),
-    ]);
+    let issue = issue_args(&ca, "spiffe://cluster.local/ns/a/sa/b", &out, &[]);
+    let err = fails(&issue);
     assert!(
         err.contains("cannot read") && err.contains("ca.crt") && err.contains("identity ca"),
         "{err}"
     );
     ok(&["ca", "--out", s(&ca), "--trust-domain", "example.org"]);
-    let err = fails(&[
-        "issue",
-        "--ca",
-        s(&ca),
-        "--spiffe-id",
-        "spiffe://cluster.local/ns/a/sa/b",
-        "--out",
-        s(&out),
-    ]);
+    let err = fails(&issue);
     assert!(
         err.contains("signs trust domain `example.org`, not `cluster.local`"),
         "{err}"
     );
     assert!(!out.exists(), "nothing written on a refusal");
 
-    let out = identity(&[
-        "issue",
-        "--ca",
-        s(&ca),
-        "--spiffe-id",
+    let not_a_workload = dir.path().join("x");
+    let out = identity(&issue_args(
+        &ca,
         "spiffe://example.org/default/httpbin",
-        "--out",
-        s(&dir.path().join("x")),
-    ]);
+        &not_a_workload,
+        &[],
+    ));
     assert_eq!(out.status.code(), Some(2), "a usage error");
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -68,37 +68,45 @@ async fn start_app() -> SocketAddr {
     addr
 }
 
+/// An h2c connection to the proxy and a WebSocket opened on it with extended CONNECT (200
+/// asserted); the sender stays usable for more streams on the same connection.
+async fn websocket_over_h2(
+    proxy: &Proxy,
+) -> (
+    hyper::client::conn::http2::SendRequest<Empty<Bytes>>,
+    WebSocketStream<TokioIo<hyper::upgrade::Upgraded>>,
+) {
+    let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("h2 handshake");
+    tokio::spawn(conn);
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/ws", proxy.inbound))
+        .header("sec-websocket-version", "13")
+        .body(Empty::<Bytes>::new())
+        .expect("request");
+    req.extensions_mut()
+        .insert(Protocol::from_static("websocket"));
+    let mut res = bounded("the CONNECT response", WAIT, sender.send_request(req))
+        .await
+        .expect("response");
+    assert_eq!(res.status(), StatusCode::OK);
+    let upgraded = bounded("the upgrade", WAIT, hyper::upgrade::on(&mut res))
+        .await
+        .expect("upgrade");
+    let ws = WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+    (sender, ws)
+}
+
 #[tokio::test]
 async fn websocket_over_h2_extended_connect() {
     bounded("test", TEST_TIMEOUT, async {
         let app = start_app().await;
         let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
-
-        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(format!("http://{}/ws", proxy.inbound))
-            .header("sec-websocket-version", "13")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        req.extensions_mut()
-            .insert(Protocol::from_static("websocket"));
-        let mut res = tokio::time::timeout(WAIT, sender.send_request(req))
-            .await
-            .expect("no response in time")
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
-        let upgraded = tokio::time::timeout(WAIT, hyper::upgrade::on(&mut res))
-            .await
-            .expect("upgrade timed out")
-            .expect("upgrade");
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        let (_sender, mut ws) = websocket_over_h2(&proxy).await;
         for m in [Message::text("over h2"), Message::binary(vec![1u8, 2, 3])] {
             ws.send(m.clone()).await.expect("send");
             let back = tokio::time::timeout(WAIT, ws.next())
@@ -124,29 +132,7 @@ async fn an_open_websocket_over_h2_keeps_its_connection_busy() {
     bounded("test", TEST_TIMEOUT, async {
         let app = start_app().await;
         let proxy = Proxy::start(app, &["--app-protocol", "http2", "--max-connections", "1"]).await;
-        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("h2 handshake");
-        tokio::spawn(conn);
-        let mut req = Request::builder()
-            .method(Method::CONNECT)
-            .uri(format!("http://{}/ws", proxy.inbound))
-            .header("sec-websocket-version", "13")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        req.extensions_mut()
-            .insert(Protocol::from_static("websocket"));
-        let mut res = bounded("the CONNECT response", WAIT, sender.send_request(req))
-            .await
-            .expect("response");
-        assert_eq!(res.status(), StatusCode::OK);
-        let upgraded = bounded("the upgrade", WAIT, hyper::upgrade::on(&mut res))
-            .await
-            .expect("upgrade");
-        let mut ws =
-            WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Client, None).await;
+        let (mut sender, mut ws) = websocket_over_h2(&proxy).await;
 
         let refused = proxy.get("/").await;
         assert_eq!(

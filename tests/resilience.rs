@@ -55,6 +55,27 @@ async fn slowloris(addr: SocketAddr, every: Duration) -> Option<AbortOnDrop> {
     Some(AbortOnDrop(task))
 }
 
+/// Waits until `open` inbound connections hold the limit, then makes `requests` normal requests,
+/// each on a new connection: every one must be answered 200 (the proxy made room for it).
+async fn served_at_the_limit(proxy: &Proxy, open: u32, requests: usize) {
+    proxy
+        .wait_metric(
+            "amazing_proxy_open_connections",
+            &["direction=\"inbound\""],
+            f64::from(open),
+        )
+        .await;
+    for i in 0..requests {
+        let reply = proxy.get(&format!("/echo?normal={i}")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::OK,
+            "normal request {i}: {}",
+            reply.text()
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slowloris_at_the_connection_limit_does_not_lock_clients_out() {
     bounded("test", TEST_TIMEOUT, async {
@@ -64,22 +85,7 @@ async fn slowloris_at_the_connection_limit_does_not_lock_clients_out() {
         for _ in 0..60 {
             attackers.extend(slowloris(proxy.inbound, Duration::from_millis(500)).await);
         }
-        proxy
-            .wait_metric(
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-                50.0,
-            )
-            .await;
-        for i in 0..5 {
-            let reply = proxy.get(&format!("/echo?normal={i}")).await;
-            assert_eq!(
-                reply.status,
-                StatusCode::OK,
-                "normal request {i}: {}",
-                reply.text()
-            );
-        }
+        served_at_the_limit(&proxy, 50, 5).await;
         drop(attackers);
     })
     .await;
@@ -641,22 +647,7 @@ async fn idle_http2_connections_make_room_at_the_connection_limit() {
         for i in 0..10 {
             idle.push(idle_h2(proxy.inbound, &format!("/echo?h2={i}")).await);
         }
-        proxy
-            .wait_metric(
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-                10.0,
-            )
-            .await;
-        for i in 0..3 {
-            let reply = proxy.get(&format!("/echo?normal={i}")).await;
-            assert_eq!(
-                reply.status,
-                StatusCode::OK,
-                "normal request {i}: {}",
-                reply.text()
-            );
-        }
+        served_at_the_limit(&proxy, 10, 3).await;
         // The room came from idle HTTP/2 connections, which the proxy closed.
         eventually("a shed HTTP/2 connection to close", WAIT, || async {
             idle.iter().any(|c| c.closed.is_finished()).then_some(())
@@ -687,15 +678,7 @@ async fn a_shed_http2_connection_that_ignores_pings_closes_at_once() {
             conn.write_all(&hello).await.expect("preface");
             silent.push(conn);
         }
-        proxy
-            .wait_metric(
-                "amazing_proxy_open_connections",
-                &["direction=\"inbound\""],
-                3.0,
-            )
-            .await;
-        let reply = proxy.get("/echo?made-room").await;
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        served_at_the_limit(&proxy, 3, 1).await;
         // One of the silent connections made the room and was closed outright; the others stay.
         let drained = silent
             .iter_mut()
