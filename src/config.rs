@@ -221,6 +221,11 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub detect_timeout: Duration,
 
+    /// An opaque TCP connection (or tunnel) with no byte either way for this long is closed
+    /// (Envoy's tcp_proxy idle_timeout, also one hour by default).
+    #[arg(long, env = "AMAZING_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_timeout, allow_hyphen_values = true)]
+    pub tcp_idle_timeout: Duration,
+
     /// Ports forwarded as opaque TCP without protocol detection (MySQL, PostgreSQL, SMTP...).
     #[arg(long, env = "AMAZING_PROXY_OPAQUE_PORTS", default_value = "", value_parser = PortList::from_str)]
     pub opaque_ports: PortList,

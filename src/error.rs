@@ -68,6 +68,11 @@ pub enum ErrorKind {
     TcpClientReset,
     /// --policy does not let this peer make this request.
     PolicyDenied,
+    /// Opaque TCP: no byte either way for --tcp-idle-timeout.
+    TcpIdleTimeout,
+    /// Inbound traffic addressed to one of the proxy's own ports (admin, inbound, outbound,
+    /// HBONE): refused, since it would reach what only the pod itself may.
+    ProxyPort,
 }
 
 impl ErrorKind {
@@ -77,7 +82,7 @@ impl ErrorKind {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
             | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
             ClientBody | RequestTimeout | ClientDisconnected | BadRequest | HeadersTooLarge
-            | TcpClientReset | PolicyDenied => Fault::Client,
+            | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort => Fault::Client,
             LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
         }
     }
@@ -97,6 +102,10 @@ impl ErrorKind {
             // Never sent (nobody is listening); 499 is what nginx logs for it.
             ClientDisconnected | TcpClientReset => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
             PolicyDenied => S::FORBIDDEN,
+            // Never sent: the connection is closed.
+            TcpIdleTimeout => S::REQUEST_TIMEOUT,
+            // As ztunnel answers a CONNECT to one of its own ports.
+            ProxyPort => S::SERVICE_UNAVAILABLE,
             Overloaded | TooManyConnections | DrainTimeout => S::SERVICE_UNAVAILABLE,
         }
     }
@@ -124,6 +133,8 @@ impl ErrorKind {
             TcpIo => "tcp_io",
             TcpClientReset => "tcp_client_reset",
             PolicyDenied => "policy_denied",
+            TcpIdleTimeout => "tcp_idle_timeout",
+            ProxyPort => "proxy_port",
         }
     }
 
@@ -169,6 +180,10 @@ impl ErrorKind {
             PolicyDenied => {
                 "amazing-proxy: the policy does not allow this request from this peer (--policy)\n"
             }
+            TcpIdleTimeout => {
+                "amazing-proxy: the TCP stream was idle too long (--tcp-idle-timeout)\n"
+            }
+            ProxyPort => "amazing-proxy: the destination is one of the proxy's own ports\n",
         }
     }
 

@@ -201,11 +201,12 @@ impl Policy {
         self.default
     }
 
-    /// Whether some rule is limited to HTTP methods or paths (which only a per-request check can
-    /// enforce).
-    pub fn limits_http(&self) -> bool {
+    /// Whether some rule of `port` is limited to HTTP methods or paths (which only a per-request
+    /// check can enforce).
+    pub fn limits_http_on(&self, port: u16) -> bool {
         self.ports
-            .values()
+            .get(&port)
+            .into_iter()
             .flatten()
             .any(|rule| !rule.paths.is_empty() || !rule.methods.is_empty())
     }

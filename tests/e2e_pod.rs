@@ -80,8 +80,9 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
         ("/post", 200),
         ("/status/429", 429),
     ]) {
+        // The proxy dials the pod's own address, never loopback (docs/security.md).
         let urls =
-            format!("Original URL: http://{ip}:80{path}\nProxy URL: http://127.0.0.1:80{path}\n");
+            format!("Original URL: http://{ip}:80{path}\nProxy URL: http://{ip}:80{path}\n");
         assert!(record.starts_with(&urls), "want {urls:?} in:\n{log}");
         assert!(
             record.ends_with(&format!("Response Status: {status}")),
@@ -218,7 +219,8 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
         "{log}"
     );
     assert_eq!(
-        inbound[0]["proxy_url"], "http://127.0.0.1:80/get?query=param",
+        inbound[0]["proxy_url"],
+        format!("http://{ip}:80/get?query=param").as_str(),
         "{log}"
     );
 

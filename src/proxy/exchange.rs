@@ -28,6 +28,9 @@ pub struct ConnContext {
     pub client_ip_text: String,
     /// The address the client dialled (the pod's, before redirection).
     pub original: Authority,
+    /// The port whose policy judges the requests: the app port the connection stands for (the
+    /// original destination's, or --app's for a connection made to the inbound port itself).
+    pub port: u16,
     /// Where requests go: the app (inbound) or the original destination (outbound).
     pub upstream_addr: SocketAddr,
     /// `upstream_addr` as an authority, for URIs and the log.
@@ -56,6 +59,7 @@ impl ConnContext {
             client_text: client.to_string(),
             client_ip_text: client.ip().to_string(),
             original: authority(original),
+            port: upstream.port(),
             upstream_addr: upstream,
             upstream: authority(upstream),
             upstream_http2,

@@ -83,7 +83,7 @@ async fn respond(
         return synthetic_response(Synthetic::new(kind, grpc), exchange);
     }
     if conn.direction == Direction::Inbound {
-        let port = conn.original.port_u16().unwrap_or(0);
+        let port = conn.port;
         let request = Some((&parts.method, path.as_str()));
         if !shared.allows(port, conn.peer.as_deref(), request) {
             let denied = Synthetic::new(ErrorKind::PolicyDenied, grpc);

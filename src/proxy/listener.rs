@@ -24,9 +24,10 @@ use super::exchange::{ConnContext, Exchange};
 use super::hbone;
 use super::http1;
 use super::hyper_path;
-use super::limits::{ConnectionGuard, OpenRequests, Slot};
+use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
 use super::rewind::Rewind;
 use super::tcp;
+use super::upstream::connect;
 use crate::config::{AppProtocol, OutboundMtls};
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::{Direction, Protocol};
@@ -124,79 +125,138 @@ fn original_destination(stream: &TcpStream) -> Option<SocketAddr> {
     (original != local).then_some(original)
 }
 
-/// Peeks until the first bytes decide. Bytes that could still become an HTTP request line when the
-/// wait ends (a slow head: a slowloris, or a client on a slow link) are HTTP, where the head timeout
-/// and the shedder apply; only silence (a server-speaks-first protocol) is opaque. On an HTTP port,
-/// nothing is opaque and the head timeout bounds the wait instead.
-async fn detect(stream: &TcpStream, timeout: Duration, http_port: bool) -> Detected {
-    // On the heap, and only while detecting: it would otherwise stay in the connection's task.
-    let mut buf = vec![0u8; MAX_PEEK];
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut last_len = 0;
-    let mut pause = DETECT_PAUSE_MIN;
-    loop {
-        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(peeked) => peeked,
-            Err(_) if http_port || last_len > 0 => return Detected::Http1,
-            Err(_) => return Detected::Opaque("timeout"),
-        };
-        match peeked {
-            // The client half-closed before sending anything (`nc host port < /dev/null`): it can
-            // still read, and a server-first protocol still has something to say.
-            Ok(0) if http_port => return Detected::Closed,
-            Ok(0) => return Detected::Opaque("client_eof"),
-            Ok(n) => {
-                match classify(&buf[..n]) {
-                    Some(Detected::Opaque(_)) if http_port => return Detected::Http1,
-                    Some(found) => return found,
-                    None => {}
-                }
-                if n == last_len {
-                    // Peek returns at once while the bytes we have are unchanged: wait for the
-                    // rest, a little longer each time, so that a thousand trickling sockets cost
-                    // a few wake-ups each rather than a thousand.
-                    tokio::time::sleep(pause).await;
-                    pause = (pause * 2).min(DETECT_PAUSE_MAX);
-                }
-                last_len = n;
+/// Where detection reads a connection's first bytes: a socket is peeked (the bytes stay for the
+/// adapter to read), a tunnel is read (the bytes are handed back to be read again). One
+/// [`detect`] decides for both.
+trait FirstBytes {
+    /// Waits until more than `seen` bytes are in `buf` (or the end, or an error) and returns how
+    /// many there are. `Ok(seen)` after bytes means the client closed its side after them.
+    async fn more(&mut self, buf: &mut [u8], seen: usize) -> std::io::Result<usize>;
+}
+
+impl FirstBytes for &TcpStream {
+    async fn more(&mut self, buf: &mut [u8], seen: usize) -> std::io::Result<usize> {
+        let mut pause = DETECT_PAUSE_MIN;
+        loop {
+            let n = self.peek(buf).await?;
+            if n != seen || n == 0 {
+                return Ok(n);
             }
-            Err(_) => return Detected::Closed,
+            // Peek returns at once while the bytes we have are unchanged: wait for the rest, a
+            // little longer each time, so that a thousand trickling sockets cost a few wake-ups
+            // each rather than a thousand.
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(DETECT_PAUSE_MAX);
         }
     }
 }
 
-/// [`detect`] for a stream that cannot be peeked (an HBONE tunnel): the bytes are read, and
-/// returned to be served again. The same rules decide.
-async fn detect_by_reading<I: AsyncRead + Unpin>(
-    io: &mut I,
-    timeout: Duration,
-    http_port: bool,
-) -> (Detected, bytes::Bytes) {
-    let mut buf = [0u8; MAX_PEEK];
-    let mut len = 0;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let detected = loop {
-        let read = match tokio::time::timeout_at(deadline, io.read(&mut buf[len..])).await {
-            Ok(read) => read,
-            Err(_) if http_port || len > 0 => break Detected::Http1,
-            Err(_) => break Detected::Opaque("timeout"),
+/// A tunnelled stream, read into the detection buffer.
+struct Reading<'a, I>(&'a mut I);
+
+impl<I: AsyncRead + Unpin> FirstBytes for Reading<'_, I> {
+    async fn more(&mut self, buf: &mut [u8], seen: usize) -> std::io::Result<usize> {
+        if seen == buf.len() {
+            return Ok(seen);
+        }
+        Ok(seen + self.0.read(&mut buf[seen..]).await?)
+    }
+}
+
+/// What the first bytes said, or that the client said nothing within the wait.
+enum Detection {
+    Decided(Detected),
+    /// Silence (not a byte) for the whole wait: the app is asked whether it speaks first.
+    Silent,
+}
+
+/// Reads the first bytes until they decide. Bytes that could still become an HTTP request line
+/// when the wait ends (a slow head: a slowloris, or a client on a slow link) are HTTP, where the
+/// head timeout and the shedder apply. With `http_only` (an HTTP port, or a port whose policy
+/// names methods or paths) nothing is opaque and silence is left to the head timeout.
+async fn detect<C: FirstBytes>(
+    client: &mut C,
+    buf: &mut [u8],
+    len: &mut usize,
+    wait: Duration,
+    http_only: bool,
+) -> Detection {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let more = match tokio::time::timeout_at(deadline, client.more(buf, *len)).await {
+            Ok(more) => more,
+            Err(_) if http_only || *len > 0 => return Detection::Decided(Detected::Http1),
+            Err(_) => return Detection::Silent,
         };
-        match read {
-            Ok(0) if len > 0 => break Detected::Http1,
-            Ok(0) if http_port => break Detected::Closed,
-            Ok(0) => break Detected::Opaque("client_eof"),
+        let decided = match more {
+            Err(_) => Detected::Closed,
+            // The client half-closed before sending anything (`nc host port < /dev/null`): it can
+            // still read, and a server-first protocol still has something to say.
+            Ok(0) if http_only => Detected::Closed,
+            Ok(0) => Detected::Opaque("client_eof"),
+            // The end after some bytes: they are all there will be.
+            Ok(n) if n == *len => match classify(&buf[..n]) {
+                Some(Detected::Opaque(_)) if http_only => Detected::Http1,
+                Some(found) => found,
+                None => Detected::Http1,
+            },
             Ok(n) => {
-                len += n;
-                match classify(&buf[..len]) {
-                    Some(Detected::Opaque(_)) if http_port => break Detected::Http1,
-                    Some(found) => break found,
-                    None => {}
+                *len = n;
+                match classify(&buf[..n]) {
+                    Some(Detected::Opaque(_)) if http_only => Detected::Http1,
+                    Some(found) => found,
+                    None => continue,
                 }
             }
-            Err(_) => break Detected::Closed,
+        };
+        return Detection::Decided(decided);
+    }
+}
+
+/// After a silent detection wait, with the app connected: whoever speaks first decides. The app
+/// first: opaque TCP (a server-speaks-first protocol). The client first: its bytes are detected
+/// as they would have been. `None`: neither spoke before --tcp-idle-timeout, or the shedder took
+/// the connection (a silent socket counts as idle).
+async fn after_silence<C: FirstBytes>(
+    shared: &Shared,
+    client: &mut C,
+    buf: &mut [u8],
+    len: &mut usize,
+    app: &TcpStream,
+    slot: &Slot,
+    http_only: bool,
+) -> Option<Detected> {
+    slot.set(Activity::Idle);
+    let spoke = tokio::select! {
+        biased;
+        () = slot.shed_wait() => return None,
+        more = client.more(buf, 0) => more,
+        _ = app.readable() => {
+            slot.set(Activity::Busy);
+            return Some(Detected::Opaque("server_first"));
         }
+        () = tokio::time::sleep(shared.settings.timeouts.tcp_idle) => return None,
     };
-    (detected, bytes::Bytes::copy_from_slice(&buf[..len]))
+    slot.set(Activity::Head);
+    match spoke {
+        Ok(0) => Some(Detected::Opaque("client_eof")),
+        Ok(n) => {
+            *len = n;
+            let wait = shared.settings.timeouts.detect;
+            match detect(client, buf, len, wait, http_only).await {
+                Detection::Decided(found) => Some(found),
+                Detection::Silent => Some(Detected::Http1),
+            }
+        }
+        Err(_) => Some(Detected::Closed),
+    }
+}
+
+/// Whether inbound traffic to `port` must be HTTP: an HTTP port, or one whose policy judges
+/// methods or paths (undetected bytes would skip those rules).
+fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
+    shared.settings.http_ports.contains(&port)
+        || (direction == Direction::Inbound && shared.judges_http_on(port))
 }
 
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
@@ -212,19 +272,35 @@ pub(super) async fn serve_tunnelled<I>(
     I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let settings = &shared.settings;
-    let port = route.dialled.port();
-    let http_port = settings.http_ports.contains(&port);
-    let (detected, prefix) = if settings.opaque_ports.contains(&port) {
-        (Detected::Opaque("opaque_port"), bytes::Bytes::new())
+    let port = route.upstream.port();
+    let http_only = http_only(&shared, route.direction, port);
+    let mut buf = vec![0u8; MAX_PEEK];
+    let mut len = 0;
+    let detected = if settings.opaque_ports.contains(&port) && !http_only {
+        Detected::Opaque("opaque_port")
     } else {
-        let wait = if http_port {
+        let wait = if http_only {
             settings.timeouts.header
         } else {
             settings.timeouts.detect
         };
-        detect_by_reading(&mut io, wait, http_port).await
+        guard.slot().set(Activity::Head);
+        let mut reading = Reading(&mut io);
+        match detect(&mut reading, &mut buf, &mut len, wait, http_only).await {
+            Detection::Decided(found) => found,
+            Detection::Silent => {
+                let slot = guard.slot();
+                let found =
+                    after_silence(&shared, &mut reading, &mut buf, &mut len, &app, slot, false);
+                match Box::pin(found).await {
+                    Some(found) => found,
+                    None => return,
+                }
+            }
+        }
     };
-    let mut io = Rewind::new(prefix, io);
+    buf.truncate(len);
+    let mut io = Rewind::new(bytes::Bytes::from(buf), io);
     let (protocol, reason) = match detected {
         Detected::Http1 => (Protocol::Http, "http1"),
         Detected::Http2 => (Protocol::Http, "http2"),
@@ -237,6 +313,7 @@ pub(super) async fn serve_tunnelled<I>(
         if !shared.allows(port, route.peer.as_deref(), None) {
             return;
         }
+        guard.slot().set(Activity::Busy);
         Box::pin(tcp::forward_streams(&shared, &mut io, &mut app, route)).await;
         return;
     }
@@ -272,18 +349,17 @@ async fn gate(
     stream: TcpStream,
     direction: Direction,
     client: SocketAddr,
-    dialled: SocketAddr,
     upstream: SocketAddr,
 ) -> Option<TcpStream> {
-    if direction == Direction::Inbound && !shared.admits(dialled.port(), None) {
+    if direction == Direction::Inbound && !shared.admits(upstream.port(), None) {
         return None;
     }
     let Some(mtls) = &shared.mtls else {
         return Some(stream);
     };
     match direction {
-        Direction::Inbound if mtls.refuses_plaintext(dialled.port()) => {
-            tracing::info!(%client, port = dialled.port(), "plaintext refused (--inbound-mtls strict; --plaintext-ports lists the exceptions)");
+        Direction::Inbound if mtls.refuses_plaintext(upstream.port()) => {
+            tracing::info!(%client, port = upstream.port(), "plaintext refused (--inbound-mtls strict; --plaintext-ports lists the exceptions)");
             let metrics = &shared.telemetry.metrics;
             metrics.count_detection(direction, Protocol::Opaque, "plaintext_refused");
             None
@@ -309,6 +385,8 @@ async fn serve_connection(
         refuse(stream).await;
         return;
     };
+    // Until it says something, a new connection does no work: the shedder may take it.
+    guard.slot().set(Activity::Head);
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr().map(canonical) else {
         return;
@@ -317,7 +395,11 @@ async fn serve_connection(
     let original = original_destination(&stream);
     let settings = &shared.settings;
     let upstream = match (direction, original) {
-        (Direction::Inbound, Some(original)) => SocketAddr::new(settings.app.ip(), original.port()),
+        // The pod's own address, as the client dialled it, never loopback: a service the pod
+        // binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same change).
+        (Direction::Inbound, Some(original)) => original,
+        // Not redirected (a client dialled the inbound port itself): it stands for --app, and
+        // is judged by --app's port.
         (Direction::Inbound, None) => settings.app,
         (Direction::Outbound, Some(original)) => original,
         (Direction::Outbound, None) => {
@@ -325,11 +407,16 @@ async fn serve_connection(
             return;
         }
     };
+    if direction == Direction::Inbound && settings.own_ports.contains(&upstream.port()) {
+        tracing::info!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
+        metrics.count_error(direction, ErrorKind::ProxyPort);
+        return;
+    }
     let dialled = original.unwrap_or(local);
     // Boxed, and only with an identity or a policy: the tunnel's state would otherwise grow every
     // connection's task, idle plaintext ones included.
     let stream = if shared.mtls.is_some() || shared.policy.is_some() {
-        let gate = gate(&shared, stream, direction, client, dialled, upstream);
+        let gate = gate(&shared, stream, direction, client, upstream);
         let Some(stream) = Box::pin(gate).await else {
             return;
         };
@@ -338,16 +425,11 @@ async fn serve_connection(
         stream
     };
 
-    let http_port = settings.http_ports.contains(&dialled.port());
-    let detected = if settings.opaque_ports.contains(&dialled.port()) {
-        Detected::Opaque("opaque_port")
-    } else {
-        let wait = if http_port {
-            settings.timeouts.header
-        } else {
-            settings.timeouts.detect
-        };
-        detect(&stream, wait, http_port).await
+    let port = upstream.port();
+    let Some((detected, app)) =
+        detect_plaintext(&shared, &stream, direction, upstream, &guard).await
+    else {
+        return;
     };
     let (protocol, reason) = match detected {
         Detected::Http1 => (Protocol::Http, "http1"),
@@ -357,9 +439,10 @@ async fn serve_connection(
     };
     metrics.count_detection(direction, protocol, reason);
     if protocol == Protocol::Opaque {
-        if direction == Direction::Inbound && !shared.allows(dialled.port(), None, None) {
+        if direction == Direction::Inbound && !shared.allows(port, None, None) {
             return;
         }
+        guard.slot().set(Activity::Busy);
         let route = tcp::Route {
             client,
             dialled,
@@ -370,10 +453,11 @@ async fn serve_connection(
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
         // state, and the fast path's idle connections should not pay for the others.
-        Box::pin(tcp::forward(&shared, stream, route)).await;
+        Box::pin(tcp::forward(&shared, stream, app, route)).await;
         drop(guard);
         return;
     }
+    drop(app);
 
     let upstream_http2 = settings.http2_ports.contains(&upstream.port())
         || settings.app_protocol == AppProtocol::Http2;
@@ -403,6 +487,72 @@ async fn serve_connection(
         &guard,
     ))
     .await;
+}
+
+/// Detection on a plaintext connection: `None` when it is to close; the app connection when
+/// detection made it (only ever for opaque bytes).
+async fn detect_plaintext(
+    shared: &Shared,
+    stream: &TcpStream,
+    direction: Direction,
+    upstream: SocketAddr,
+    guard: &ConnectionGuard,
+) -> Option<(Detected, Option<std::io::Result<TcpStream>>)> {
+    let settings = &shared.settings;
+    let port = upstream.port();
+    let http_only = http_only(shared, direction, port);
+    if settings.opaque_ports.contains(&port) && !http_only {
+        return Some((Detected::Opaque("opaque_port"), None));
+    }
+    let wait = if http_only {
+        settings.timeouts.header
+    } else {
+        settings.timeouts.detect
+    };
+    // On the heap, and only while detecting: it would otherwise stay in the connection's task.
+    let mut buf = vec![0u8; MAX_PEEK];
+    let mut len = 0;
+    match detect(&mut &*stream, &mut buf, &mut len, wait, http_only).await {
+        Detection::Decided(found) => Some((found, None)),
+        Detection::Silent => {
+            Box::pin(server_first(shared, stream, &mut buf, upstream, guard)).await
+        }
+    }
+}
+
+/// A plaintext client silent for the whole detection wait: the app is connected to, and whoever
+/// speaks first decides ([`after_silence`]). Returns the app connection (or the failure to make
+/// it, for the relay's record) when the bytes are opaque, `None` when the connection is to close.
+async fn server_first(
+    shared: &Shared,
+    stream: &TcpStream,
+    buf: &mut [u8],
+    upstream: SocketAddr,
+    guard: &ConnectionGuard,
+) -> Option<(Detected, Option<std::io::Result<TcpStream>>)> {
+    let app = match tokio::select! {
+        biased;
+        () = guard.slot().shed_wait() => return None,
+        app = connect(upstream, shared.upstreams.connect) => app,
+    } {
+        Ok(app) => app,
+        // The relay logs the failure, with the record the connection is owed.
+        Err(e) => return Some((Detected::Opaque("timeout"), Some(Err(e)))),
+    };
+    let mut len = 0;
+    let mut client = stream;
+    let found = after_silence(
+        shared,
+        &mut client,
+        buf,
+        &mut len,
+        &app,
+        guard.slot(),
+        false,
+    )
+    .await?;
+    let app = matches!(found, Detected::Opaque(_)).then_some(Ok(app));
+    Some((found, app))
 }
 
 /// Serves the rest of a connection with hyper: HTTP/2, the HTTP/1 the fast path hands over, and

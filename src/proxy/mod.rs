@@ -55,8 +55,10 @@ pub struct Timeouts {
     pub response: Duration,
     /// Between two reads of the app's response body.
     pub response_body: Duration,
-    /// A new connection's first bytes, before it is taken as opaque TCP.
+    /// A new connection's first bytes, before the app is connected to see who speaks first.
     pub detect: Duration,
+    /// An opaque TCP connection with no byte either way.
+    pub tcp_idle: Duration,
 }
 
 /// What the request path reads and never changes.
@@ -69,6 +71,9 @@ pub struct Settings {
     pub rewrite_host: bool,
     pub lowercase_header_names: bool,
     pub max_header_bytes: usize,
+    /// The proxy's own listening ports (inbound, outbound, admin, HBONE): never a destination
+    /// of inbound traffic, whatever its original destination or CONNECT authority says.
+    pub own_ports: Vec<u16>,
     pub timeouts: Timeouts,
     pub via: Via,
     pub http1_server: auto::Builder<TokioExecutor>,
@@ -103,6 +108,7 @@ impl Shared {
             response: args.response_timeout,
             response_body: args.response_body_timeout,
             detect: args.detect_timeout,
+            tcp_idle: args.tcp_idle_timeout,
         };
         let (http1_server, http2_server) = server_builders(args, timeouts);
         let connect = ConnectOptions {
@@ -121,6 +127,7 @@ impl Shared {
                 rewrite_host: args.rewrite_host,
                 lowercase_header_names: lowercase,
                 max_header_bytes: args.max_header_bytes as usize,
+                own_ports: own_ports(args),
                 timeouts,
                 via: Via::random(),
                 http1_server,
@@ -170,11 +177,12 @@ impl Shared {
         verdict(decision)
     }
 
-    /// Whether inbound HTTP must be judged request by request.
-    pub fn judges_requests(&self) -> bool {
+    /// Whether the policy in force names methods or paths for inbound `port`: its traffic must
+    /// then be HTTP, never undetected bytes.
+    pub fn judges_http_on(&self, port: u16) -> bool {
         self.policy
             .as_ref()
-            .is_some_and(|policy| policy.borrow().limits_http())
+            .is_some_and(|policy| policy.borrow().limits_http_on(port))
     }
 }
 
@@ -233,6 +241,14 @@ fn verdict(decision: crate::policy::Decision) -> bool {
             false
         }
     }
+}
+
+/// The ports of every listener `run` binds.
+fn own_ports(args: &RunArgs) -> Vec<u16> {
+    let mut ports = vec![args.inbound.port(), args.admin.port()];
+    ports.extend(args.outbound.0.map(|a| a.port()));
+    ports.extend(args.hbone_listen().map(|a| a.port()));
+    ports
 }
 
 /// Descriptors kept out of the connection budget (a quarter of the limit, at most this many): the

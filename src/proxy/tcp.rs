@@ -5,8 +5,9 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
@@ -31,30 +32,103 @@ pub struct Route {
     pub tunnel_traceparent: Option<String>,
 }
 
-/// Relays until both sides are done. Opaque streams have no graceful end a proxy could signal:
-/// past the drain delay they get the drain timeout, after which the process exits under them.
-pub async fn forward(shared: &Shared, mut client: TcpStream, route: Route) {
+/// Relays until both sides are done, or until no byte moved either way for --tcp-idle-timeout.
+/// `app` is the app connection (or the failure to make it) when detection already tried (the
+/// app was asked who speaks first). Opaque streams have no graceful end a proxy could signal: past the drain delay they get
+/// the drain timeout, after which the process exits under them.
+pub async fn forward(
+    shared: &Shared,
+    mut client: TcpStream,
+    app: Option<std::io::Result<TcpStream>>,
+    route: Route,
+) {
     let start = Instant::now();
-    let (result, sent, received) = match connect(route.upstream, shared.upstreams.connect).await {
+    let app = match app {
+        Some(app) => app,
+        None => connect(route.upstream, shared.upstreams.connect).await,
+    };
+    let (result, sent, received) = match app {
         Err(e) => {
             let kind = classify_io(&e, true);
             tracing::debug!(upstream = %route.upstream, "opaque connect failed: {e}");
             (Err(kind), 0, 0)
         }
-        Ok(mut server) => relay(&mut client, &mut server).await,
+        Ok(mut server) => {
+            let clock = IdleClock::new();
+            let relay = relay(&mut client, &mut server, &clock);
+            until_idle(relay, &clock, shared.settings.timeouts.tcp_idle).await
+        }
     };
     finish(shared, &route, start, result, sent, received);
 }
 
-/// Relays between two streams of any kind (an HBONE tunnel on one side) already connected.
+/// Relays between two streams of any kind (an HBONE tunnel on one side) already connected, under
+/// the same idle timeout.
 pub async fn forward_streams<A, B>(shared: &Shared, client: &mut A, server: &mut B, route: Route)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let start = Instant::now();
-    let (result, sent, received) = copy_both_ways(client, server, TUNNEL_COPY_BUFFER).await;
+    let clock = IdleClock::new();
+    let copy = copy_both_ways(client, server, TUNNEL_COPY_BUFFER, &clock);
+    let (result, sent, received) =
+        until_idle(copy, &clock, shared.settings.timeouts.tcp_idle).await;
     finish(shared, &route, start, result, sent, received);
+}
+
+/// When bytes last moved on a relay, in milliseconds from its start: a clock read per transfer
+/// (vDSO, no syscall) instead of a timer reset per transfer.
+pub(crate) struct IdleClock {
+    start: tokio::time::Instant,
+    last_ms: AtomicU64,
+}
+
+impl IdleClock {
+    pub(crate) fn new() -> IdleClock {
+        IdleClock {
+            start: tokio::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    pub(crate) fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn last(&self) -> tokio::time::Instant {
+        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
+    }
+}
+
+/// Runs `relay` until it ends, or until `clock` says nothing moved for `timeout` (then the relay
+/// is dropped, which closes both sockets, and the record says `tcp_idle_timeout`). The byte
+/// counts of an abandoned relay are lost; an idle relay moved nothing recently anyway.
+async fn until_idle<F>(
+    relay: F,
+    clock: &IdleClock,
+    timeout: Duration,
+) -> (Result<(), ErrorKind>, u64, u64)
+where
+    F: std::future::Future<Output = (Result<(), ErrorKind>, u64, u64)>,
+{
+    let idle = async {
+        loop {
+            let deadline = clock.last() + timeout;
+            tokio::time::sleep_until(deadline).await;
+            if clock.last() + timeout <= tokio::time::Instant::now() {
+                return;
+            }
+        }
+    };
+    tokio::select! {
+        done = relay => done,
+        () = idle => {
+            tracing::debug!("opaque connection idle for --tcp-idle-timeout: closing it");
+            (Err(ErrorKind::TcpIdleTimeout), 0, 0)
+        }
+    }
 }
 
 /// The connection's end: metrics and one access-log record.
@@ -106,9 +180,10 @@ pub fn finish(
 async fn relay(
     client: &mut TcpStream,
     server: &mut TcpStream,
+    clock: &IdleClock,
 ) -> (Result<(), ErrorKind>, u64, u64) {
     match splice::Pipes::new() {
-        Ok(pipes) => splice::both_ways(client, server, &pipes).await,
+        Ok(pipes) => splice::both_ways(client, server, &pipes, clock).await,
         Err(e) => {
             // Out of descriptors (EMFILE/ENFILE) most likely; the copy needs none. Untested: making
             // pipe2 fail in one test process without starving everything else is not worth it.
@@ -116,7 +191,7 @@ async fn relay(
             LOGGED.call_once(|| {
                 tracing::debug!("no pipes for splice ({e}): copying through user space instead")
             });
-            copy_both_ways(client, server, COPY_BUFFER).await
+            copy_both_ways(client, server, COPY_BUFFER, clock).await
         }
     }
 }
@@ -141,12 +216,14 @@ async fn copy_both_ways<A, B>(
     a: &mut A,
     b: &mut B,
     buffer: usize,
+    clock: &IdleClock,
 ) -> (Result<(), ErrorKind>, u64, u64)
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
     let mut a = Counted::new(a);
+    a.clock = Some(clock);
     let result = tokio::io::copy_bidirectional_with_sizes(&mut a, b, buffer, buffer).await;
     let result = result.map(|_| ()).map_err(|e| {
         tracing::debug!("opaque connection ended: {e}");
@@ -156,10 +233,13 @@ where
 }
 
 /// Counts the bytes read from and written to the client side.
+/// Every byte of a relay passes the client side one way or the other, so its clock, when it has
+/// one, sees all activity.
 pub(crate) struct Counted<'a, S> {
     inner: &'a mut S,
     pub(crate) read: u64,
     pub(crate) written: u64,
+    clock: Option<&'a IdleClock>,
 }
 
 impl<'a, S> Counted<'a, S> {
@@ -168,6 +248,7 @@ impl<'a, S> Counted<'a, S> {
             inner,
             read: 0,
             written: 0,
+            clock: None,
         }
     }
 }
@@ -180,7 +261,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
-        self.read += (buf.filled().len() - before) as u64;
+        let read = (buf.filled().len() - before) as u64;
+        if read > 0 {
+            self.read += read;
+            if let Some(clock) = self.clock {
+                clock.touch();
+            }
+        }
         poll
     }
 }
@@ -194,6 +281,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         let poll = Pin::new(&mut *self.inner).poll_write(cx, data);
         if let Poll::Ready(Ok(n)) = poll {
             self.written += n as u64;
+            if let Some(clock) = self.clock {
+                clock.touch();
+            }
         }
         poll
     }

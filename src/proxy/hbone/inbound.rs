@@ -22,16 +22,23 @@ use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME,
     STREAM_WINDOW,
 };
-use crate::error::classify_io;
+use crate::error::{ErrorKind, classify_io};
 use crate::identity::SpiffeId;
 use crate::identity::tls::{ALPN_H2, peer_id};
 use crate::proxy::Shared;
+use crate::proxy::limits::{Activity, OpenRequests, RequestMark};
 use crate::proxy::listener::serve_tunnelled;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;
 
-/// One TLS connection from a peer: handshake, then its CONNECT streams until it closes.
+/// The longest a TLS handshake may take (or --header-timeout when shorter): a peer that connects
+/// and says nothing holds a descriptor, and is shed meanwhile when room is needed.
+const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// One TLS connection from a peer: handshake, then its CONNECT streams until it closes. The
+/// connection counts against --max-connections, is shed when it has no open stream and room is
+/// needed, and closes after --idle-timeout without a stream.
 pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
     let Some(mtls) = shared.mtls.as_ref() else {
         return;
@@ -40,8 +47,12 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let gauge = &metrics.direction(Direction::Inbound).open_connections;
     let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
         metrics.rejected_connections.inc();
+        metrics.count_error(Direction::Inbound, ErrorKind::TooManyConnections);
         return;
     };
+    // A handshake in progress does no work yet: the shedder may take it.
+    let slot = guard.slot().clone();
+    slot.set(Activity::Head);
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr() else {
         return;
@@ -53,16 +64,20 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
         return;
     };
     let acceptor = TlsAcceptor::from(material.server.clone());
-    let tls = match tokio::time::timeout(shared.settings.timeouts.header, acceptor.accept(stream))
-        .await
-    {
+    let handshake_timeout = shared.settings.timeouts.header.min(HANDSHAKE_TIMEOUT);
+    let handshake = tokio::select! {
+        biased;
+        () = slot.shed_wait() => return,
+        handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => handshake,
+    };
+    let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             tracing::info!(%client, "HBONE handshake refused: {e}");
             return;
         }
         Err(_) => {
-            tracing::info!(%client, "HBONE handshake timed out (--header-timeout)");
+            tracing::info!(%client, "HBONE handshake timed out ({handshake_timeout:?})");
             return;
         }
     };
@@ -78,12 +93,15 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     tracing::debug!(%client, %peer, "HBONE connection accepted");
     let peer = Arc::new(peer);
 
+    // The connection is idle (sheddable, and closed after --idle-timeout) while no stream is open.
+    let open = OpenRequests::new(slot.clone());
     let service = {
-        let shared = shared.clone();
+        let (shared, open) = (shared.clone(), open.clone());
         service_fn(move |req| {
             let shared = shared.clone();
             let peer = peer.clone();
-            async move { Ok::<_, Infallible>(open_stream(shared, req, client, local, peer).await) }
+            let mark = open.start();
+            async move { Ok::<_, Infallible>(open_stream(shared, req, client, local, peer, mark).await) }
         })
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -98,9 +116,17 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let conn = builder.serve_connection(TokioIo::new(tls), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
+        biased;
+        // Chosen by the shedder: no stream was open, so nothing is cut.
+        () = slot.shed_wait() => return,
         result = conn.as_mut() => result,
-        () = guard.slot().close_requested_wait() => {
+        () = slot.close_requested_wait() => {
             // GOAWAY: open streams finish, new ones go elsewhere.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+        () = open.idle_for(shared.settings.timeouts.idle) => {
+            tracing::debug!(%client, "HBONE connection without a stream for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
             conn.await
         }
@@ -116,13 +142,15 @@ fn status(code: StatusCode) -> Response<Empty<Bytes>> {
     response
 }
 
-/// One CONNECT: checks, the app connection, 200, then the stream's own task.
+/// One CONNECT: checks, the app connection, 200, then the stream's own task. The stream keeps
+/// `mark` (its connection busy) for its whole life.
 async fn open_stream(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     client: SocketAddr,
     local: SocketAddr,
     peer_id: Arc<SpiffeId>,
+    mark: RequestMark,
 ) -> Response<Empty<Bytes>> {
     let peer = peer_id.to_string();
     if req.method() != Method::CONNECT {
@@ -141,33 +169,46 @@ async fn open_stream(
         tracing::info!(%peer, %target, pod = %local.ip(), "HBONE CONNECT refused: the authority is not this pod's address");
         return status(StatusCode::BAD_REQUEST);
     }
-    if target.port() == local.port() {
-        // A tunnel into our own HBONE port would loop.
+    let metrics = &shared.telemetry.metrics;
+    if target.port() == local.port() || shared.settings.own_ports.contains(&target.port()) {
+        // The admin port, or a listener of ours (a loop): never for a peer, as ztunnel answers.
+        tracing::info!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");
+        metrics.count_error(Direction::Inbound, ErrorKind::ProxyPort);
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
     let traceparent = log_tunnel_headers(req.headers(), &peer, target);
     if !shared.admits(target.port(), Some(&peer_id)) {
+        metrics.count_error(Direction::Inbound, ErrorKind::PolicyDenied);
         return status(StatusCode::UNAUTHORIZED);
     }
-    let upstream = SocketAddr::new(shared.settings.app.ip(), target.port());
+    // The stream holds an app connection: it counts against --max-connections (and so the
+    // descriptor budget) like a plaintext connection, shedding an idle one at the limit.
+    let gauge = &metrics.direction(Direction::Inbound).open_connections;
+    let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
+        metrics.rejected_connections.inc();
+        metrics.count_error(Direction::Inbound, ErrorKind::TooManyConnections);
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    // Opening it is a request in flight (--max-in-flight bounds concurrent app dials).
+    let Some(in_flight) = shared.limits.start_request() else {
+        metrics.count_error(Direction::Inbound, ErrorKind::Overloaded);
+        return status(StatusCode::SERVICE_UNAVAILABLE);
+    };
+    // The pod's own address, as the peer named it: never loopback, where services bound to
+    // 127.0.0.1 only would be reachable.
+    let upstream = target;
     let app = match connect(upstream, shared.upstreams.connect).await {
         Ok(app) => app,
         Err(e) => {
             let kind = classify_io(&e, true);
-            shared
-                .telemetry
-                .metrics
-                .count_error(Direction::Inbound, kind);
+            metrics.count_error(Direction::Inbound, kind);
             tracing::info!(%peer, %upstream, "HBONE CONNECT answered 503: the app connection failed: {e}");
             return status(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
+    drop(in_flight);
     let upgrade = hyper::upgrade::on(&mut req);
-    let metrics = &shared.telemetry.metrics;
     metrics.count_hbone_stream(Direction::Inbound, &peer);
-    let guard = shared
-        .limits
-        .track(&metrics.direction(Direction::Inbound).open_connections);
     let route = Route {
         client,
         dialled: target,
@@ -177,6 +218,7 @@ async fn open_stream(
         tunnel_traceparent: traceparent,
     };
     tokio::spawn(async move {
+        let _mark = mark;
         match upgrade.await {
             Ok(upgraded) => {
                 serve_tunnelled(shared, TokioIo::new(upgraded), app, route, guard).await;

@@ -287,12 +287,11 @@ impl Connection {
             keep_alive: plan.keep_alive,
             head_request: plan.method == Method::HEAD,
         };
-        // The authorization phase: inbound requests are judged by method and path when the
-        // policy has rules that name them (plaintext here: no peer identity).
+        // The authorization phase: every inbound request is judged by the policy in force now
+        // (one reloaded since the connection opened included).
         let allowed = self.ctx.direction != Direction::Inbound
-            || !self.shared.judges_requests()
             || self.shared.allows(
-                self.ctx.original.port_u16().unwrap_or(0),
+                self.ctx.port,
                 self.ctx.peer.as_deref(),
                 Some((&plan.method, plan.path.as_str())),
             );

@@ -27,6 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
+use super::IdleClock;
 use crate::error::ErrorKind;
 
 /// Upper bound for one splice into the pipe; the pipe's capacity (64 KiB) is the real one.
@@ -67,16 +68,24 @@ pub(super) async fn both_ways(
     client: &TcpStream,
     server: &TcpStream,
     pipes: &Pipes,
+    clock: &IdleClock,
 ) -> (Result<(), ErrorKind>, u64, u64) {
     let mut sent = 0;
     let mut received = 0;
     let result = tokio::try_join!(
-        async { one_way(client, server, &pipes.to_server, &mut sent, true).await },
+        async { one_way(client, server, &pipes.to_server, &mut sent, true, clock).await },
         async {
             // Server to client: the failing side is the other way round.
-            one_way(server, client, &pipes.to_client, &mut received, false)
-                .await
-                .map_err(|(e, from_failed)| (e, !from_failed))
+            one_way(
+                server,
+                client,
+                &pipes.to_client,
+                &mut received,
+                false,
+                clock,
+            )
+            .await
+            .map_err(|(e, from_failed)| (e, !from_failed))
         },
     );
     // The side that failed is named: a client that resets is the client's fault, not the app's.
@@ -103,6 +112,7 @@ async fn one_way(
     pipe: &Pipe,
     count: &mut u64,
     count_in: bool,
+    clock: &IdleClock,
 ) -> Result<(), (io::Error, bool)> {
     let flags = SpliceFFlags::SPLICE_F_NONBLOCK | SpliceFFlags::SPLICE_F_MOVE;
     loop {
@@ -122,6 +132,7 @@ async fn one_way(
                 .map_err(|e| (e, false))?;
             return Ok(());
         }
+        clock.touch();
         if count_in {
             *count += in_pipe as u64;
         }
