@@ -81,8 +81,7 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
         ("/status/429", 429),
     ]) {
         // The proxy dials the pod's own address, never loopback (docs/security.md).
-        let urls =
-            format!("Original URL: http://{ip}:80{path}\nProxy URL: http://{ip}:80{path}\n");
+        let urls = format!("Original URL: http://{ip}:80{path}\nProxy URL: http://{ip}:80{path}\n");
         assert!(record.starts_with(&urls), "want {urls:?} in:\n{log}");
         assert!(
             record.ends_with(&format!("Response Status: {status}")),
@@ -293,7 +292,8 @@ fn inbound_keeps_the_original_port(test: &str, inbound: &str) {
             format!("http://{ip}:{port}/get?port={port}").as_str(),
             "{log}"
         );
-        assert_eq!(r["upstream"], format!("127.0.0.1:{port}").as_str(), "{log}");
+        // The pod's own address, never loopback (docs/security.md).
+        assert_eq!(r["upstream"], format!("{ip}:{port}").as_str(), "{log}");
         let client = r["client"].as_str().unwrap_or_default();
         let outside = format!("{}:", pod.outside_ip);
         assert!(client.starts_with(&outside), "an IPv4 client: {log}");

@@ -571,18 +571,20 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it_except_on_plaintext_
             "permissive (the default) accepts plaintext"
         );
 
+        // A connection to the inbound port itself stands for --app: the app's port is judged.
         let strict_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let probe_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let strict_addr = strict_listener.local_addr().expect("address");
         let probe_addr = probe_listener.local_addr().expect("address");
-        let probe_port = probe_addr.port().to_string();
-        let (strict, _) = data_plane(
+        let app_port = app.addr.port().to_string();
+        let (strict, _) = data_plane(app.addr, dirs.path(), &["--inbound-mtls", "strict"]);
+        let (probed, _) = data_plane(
             app.addr,
             dirs.path(),
-            &["--inbound-mtls", "strict", "--plaintext-ports", &probe_port],
+            &["--inbound-mtls", "strict", "--plaintext-ports", &app_port],
         );
         plaintext_listener(&strict, strict_listener).await;
-        plaintext_listener(&strict, probe_listener).await;
+        plaintext_listener(&probed, probe_listener).await;
         assert_eq!(
             plaintext_get(strict_addr).await,
             None,
@@ -1064,11 +1066,12 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
             "{refused:?}"
         );
 
-        // Plaintext to the app's port (the listener's own port, without redirection): closed.
+        // Plaintext to the app's port (a connection to the inbound listener itself stands for
+        // --app): closed.
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let plain_policy = dirs.path().join("plain.yaml");
-        std::fs::write(&plain_policy, format!("default: cluster-authenticated\nports:\n  - port: {}\n    allow:\n      - identities: [{CLIENT_ID}]\n", addr.port())).expect("write");
+        std::fs::write(&plain_policy, format!("default: cluster-authenticated\nports:\n  - port: {}\n    allow:\n      - identities: [{CLIENT_ID}]\n", app.addr.port())).expect("write");
         let plain_policy = plain_policy.display().to_string();
         let (plain, _) = data_plane(app.addr, &dirs.path().join("server"), &["--policy", &plain_policy]);
         plaintext_listener(&plain, listener).await;
@@ -1082,7 +1085,7 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
             &http_rules,
             format!(
                 "default: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        methods: [GET]\n        paths:\n          - exact: /status/200\n",
-                addr.port()
+                app.addr.port()
             ),
         )
         .expect("write");
@@ -1111,7 +1114,7 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
             dirs.path().join("http.yaml"),
             format!(
                 "# changed\ndefault: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        paths:\n          - exact: /status/201\n",
-                addr.port()
+                app.addr.port()
             ),
         )
         .expect("rewrite the policy");

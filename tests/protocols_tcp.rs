@@ -27,13 +27,11 @@ use support::{WAIT, bounded, skip};
 const REDIS: &[&str] = &["redis-server", "redis-cli"];
 const MARIADB: &[&str] = &["mariadb-install-db", "mariadb"];
 
-/// A proxy whose inbound port is also its only opaque port (without interception, the port the
-/// client dialled is the proxy's own).
+/// A proxy whose app's port is its only opaque port.
 async fn opaque_proxy(app: SocketAddr, extra: &[&str]) -> Proxy {
-    let port = free_port();
+    // A connection to the inbound port itself stands for --app: the app's port is what is opaque.
     Proxy::builder(app)
-        .inbound(&format!("127.0.0.1:{port}"))
-        .args(["--opaque-ports", &port.to_string()])
+        .args(["--opaque-ports", &app.port().to_string()])
         .args(extra.iter().copied())
         .start()
         .await
@@ -231,7 +229,7 @@ async fn server_first_banner_after_the_detect_timeout() {
         proxy
             .wait_metric(
                 "amazing_proxy_protocol_detections_total",
-                &["protocol=\"opaque\"", "reason=\"timeout\""],
+                &["protocol=\"opaque\"", "reason=\"server_first\""],
                 1.0,
             )
             .await;
@@ -547,7 +545,7 @@ async fn mariadb_through_an_opaque_port() {
         let detected = metric(
             &text,
             "amazing_proxy_protocol_detections_total",
-            &["reason=\"timeout\""],
+            &["reason=\"server_first\""],
         )
         .unwrap_or(0.0);
         assert_eq!(detected, 0.0, "{text}");
@@ -569,7 +567,7 @@ async fn mariadb_through_detection_after_the_timeout() {
         proxy
             .wait_metric(
                 "amazing_proxy_protocol_detections_total",
-                &["protocol=\"opaque\"", "reason=\"timeout\""],
+                &["protocol=\"opaque\"", "reason=\"server_first\""],
                 2.0,
             )
             .await;

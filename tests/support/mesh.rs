@@ -112,6 +112,12 @@ impl Mesh {
         self.work.spawn(&mut cmd, log);
     }
 
+    /// Starts `args` in pod `pod` ("a" or "b"), its output in the file `log`; stopped on drop.
+    pub fn spawn_in(&mut self, pod: &str, args: &[&str], log: &str) {
+        let cmd = self.namespaces[usize::from(pod == "b")].cmd(args);
+        self.spawn(cmd, log);
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.work.path(name)
     }
