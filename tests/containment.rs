@@ -31,30 +31,8 @@ const VICTIM_ID: &str = "spiffe://cluster.local/ns/shop/sa/backend";
 const LOOPBACK_PORT: u16 = 9090;
 const SECRET: &str = "loopback-only secret\n";
 
-/// Pod A (the attacker: a valid identity of the mesh) against pod B, whose policy lets any
-/// authenticated peer reach its app port and no one else, and whose loopback-only debug server and
-/// admin port must stay the pod's own. Through A's sidecar (an HBONE tunnel naming any port of B)
-/// and around it (plaintext as the proxy's uid, which A's rules let out), A reaches the app and
-/// nothing else; B keeps serving.
-#[test]
-fn a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address() {
-    let test = "a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address";
-    let dir = tempfile::tempdir().expect("temp dir");
-    let policy = dir.path().join("policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "default: all-unauthenticated\nports:\n  - port: {APP_PORT}\n    allow:\n      - authenticated: true\n"
-        ),
-    )
-    .expect("write the policy");
-    let policy = policy.display().to_string();
-    let ca = Ca::new("mesh CA");
-    let victim_args: &[&str] = &["--policy", &policy];
-    let mut mesh = match Mesh::start(&ca, (ATTACKER_ID, &[]), (VICTIM_ID, victim_args)) {
-        Ok(mesh) => mesh,
-        Err(why) => return support::skip(test, &why),
-    };
+/// Pod B's debug server: bound to 127.0.0.1 only, serving `SECRET`.
+fn serve_loopback_secret(mesh: &mut Mesh) {
     let root = mesh.path("secret-root");
     std::fs::create_dir(&root).expect("mkdir");
     std::fs::write(root.join("secret.txt"), SECRET).expect("write");
@@ -82,6 +60,33 @@ fn a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address() {
             .then_some(())
             .ok_or_else(|| mesh.read("secret.log"))
     });
+}
+
+/// Pod A (the attacker: a valid identity of the mesh) against pod B, whose policy lets any
+/// authenticated peer reach its app port and no one else, and whose loopback-only debug server and
+/// admin port must stay the pod's own. Through A's sidecar (an HBONE tunnel naming any port of B)
+/// and around it (plaintext as the proxy's uid, which A's rules let out), A reaches the app and
+/// nothing else; B keeps serving.
+#[test]
+fn a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address() {
+    let test = "a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: all-unauthenticated\nports:\n  - port: {APP_PORT}\n    allow:\n      - authenticated: true\n"
+        ),
+    )
+    .expect("write the policy");
+    let policy = policy.display().to_string();
+    let ca = Ca::new("mesh CA");
+    let victim_args: &[&str] = &["--policy", &policy];
+    let mut mesh = match Mesh::start(&ca, (ATTACKER_ID, &[]), (VICTIM_ID, victim_args)) {
+        Ok(mesh) => mesh,
+        Err(why) => return support::skip(test, &why),
+    };
+    serve_loopback_secret(&mut mesh);
     let b = mesh.b_ip;
     let app = |uid: &str| mesh.curl_in_a(uid, &[&format!("http://{b}:{APP_PORT}/{APP_FILE}")]);
 

@@ -394,18 +394,9 @@ async fn serve_connection(
     let client = canonical(client);
     let original = original_destination(&stream);
     let settings = &shared.settings;
-    let upstream = match (direction, original) {
-        // The pod's own address, as the client dialled it, never loopback: a service the pod
-        // binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same change).
-        (Direction::Inbound, Some(original)) => original,
-        // Not redirected (a client dialled the inbound port itself): it stands for --app, and
-        // is judged by --app's port.
-        (Direction::Inbound, None) => settings.app,
-        (Direction::Outbound, Some(original)) => original,
-        (Direction::Outbound, None) => {
-            tracing::warn!(%client, "outbound connection without an original destination (not redirected?): closing it");
-            return;
-        }
+    let Some(upstream) = upstream_of(settings, direction, original) else {
+        tracing::warn!(%client, "outbound connection without an original destination (not redirected?): closing it");
+        return;
     };
     if direction == Direction::Inbound && settings.own_ports.contains(&upstream.port()) {
         tracing::info!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
@@ -487,6 +478,23 @@ async fn serve_connection(
         &guard,
     ))
     .await;
+}
+
+/// Where a connection goes; `None` for an outbound one that was not redirected.
+fn upstream_of(
+    settings: &super::Settings,
+    direction: Direction,
+    original: Option<SocketAddr>,
+) -> Option<SocketAddr> {
+    match (direction, original) {
+        // The pod's own address, as the client dialled it, never loopback: a service the pod
+        // binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same change).
+        (Direction::Inbound, Some(original)) => Some(original),
+        // Not redirected (a client dialled the inbound port itself): it stands for --app, and
+        // is judged by --app's port.
+        (Direction::Inbound, None) => Some(settings.app),
+        (Direction::Outbound, original) => original,
+    }
 }
 
 /// Detection on a plaintext connection: `None` when it is to close; the app connection when
