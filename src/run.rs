@@ -97,7 +97,18 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
         "listening"
     );
 
-    let shared = Shared::new(&args, Box::new(std::io::stdout()));
+    // The ports as bound (`:0` picks one), so that the proxy knows its own ports as they are.
+    let mut bound = args.clone();
+    let port_of = |l: &TcpListener| l.local_addr().ok();
+    bound.inbound = port_of(&inbound).unwrap_or(args.inbound);
+    bound.admin = admin.local_addr().unwrap_or(args.admin);
+    if let Some(addr) = outbound.as_ref().and_then(port_of) {
+        bound.outbound = Listen(Some(addr));
+    }
+    if let Some(addr) = hbone.as_ref().and_then(port_of) {
+        bound.hbone = Some(Listen(Some(addr)));
+    }
+    let shared = Shared::new(&bound, Box::new(std::io::stdout()));
     crate::admin::spawn(
         admin,
         crate::admin::AdminState {

@@ -20,6 +20,7 @@ use support::http::{H1Conn, TestApp, get_request};
 use support::identity::Ca;
 use support::in_process::{Captured, run_args};
 use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh};
+use support::netns::Netns;
 use support::process::Proxy;
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually, eventually_blocking};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -151,10 +152,13 @@ fn a_mesh_peer_reaches_only_what_the_pod_serves_on_its_own_address() {
         "B no longer ready: {}",
         mesh.read("b-proxy.log")
     );
-    let log = mesh.read("b-proxy.log");
+    let metrics = mesh
+        .ns_b()
+        .exec(&["curl", "-fsS", "-m", "2", "http://127.0.0.1:15000/metrics"]);
+    let metrics = String::from_utf8_lossy(&metrics.stdout);
     assert!(
-        log.contains("one of the proxy's own"),
-        "the refusal is logged: {log}"
+        metrics.contains("proxy_port"),
+        "the refusals are counted: {metrics}"
     );
     assert_eq!(app("1000").as_deref(), Ok(APP_CONTENT), "B still serves");
 }
@@ -421,6 +425,224 @@ async fn hbone_streams_count_against_the_connection_limit() {
             refused > 0 || shed.unwrap_or(0.0) > 0.0,
             "eight streams at a limit of four, none shed or refused: {metrics}"
         );
+    })
+    .await;
+}
+
+/// A (the attacker), B (a pod: `init`, `run`, a loopback-only server) and C (a host only B
+/// reaches), in a line. Returns them with A's, B's and C's addresses.
+fn relay_hosts() -> Option<(Netns, Netns, Netns, [String; 3])> {
+    let (Ok(a), Ok(mut b), Ok(mut c)) = (
+        Netns::unique("ap-relay-a"),
+        Netns::unique("ap-relay-b"),
+        Netns::unique("ap-relay-c"),
+    ) else {
+        return None;
+    };
+    // A /30 each for A-B and B-C, from the pid, inside 198.18.0.0/15.
+    let base = u32::from(std::net::Ipv4Addr::new(198, 19, 0, 0)) + (std::process::id() % 8192) * 8;
+    let ip = |n: u32| std::net::Ipv4Addr::from(base + n).to_string();
+    let (a_ip, b_ip, b_c_ip, c_ip) = (ip(1), ip(2), ip(5), ip(6));
+    let link = |x: &Netns, y: &Netns, x_if: &str| {
+        support::process::must(std::process::Command::new("ip").args([
+            "-n", &x.name, "link", "add", x_if, "type", "veth", "peer", "name", "eth0", "netns",
+            &y.name,
+        ]));
+    };
+    link(&a, &b, "eth0");
+    link(&b, &c, "eth1");
+    for (ns, ifname, addr) in [
+        (&a, "eth0", &a_ip),
+        (&b, "eth0", &b_ip),
+        (&b, "eth1", &b_c_ip),
+        (&c, "eth0", &c_ip),
+    ] {
+        ns.ok(&["ip", "addr", "add", &format!("{addr}/30"), "dev", ifname]);
+        ns.ok(&["ip", "link", "set", ifname, "up"]);
+    }
+    let banner = |addr: &str, port: u16, text: &str| {
+        format!(
+            "import socket\ns=socket.socket();s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\ns.bind(('{addr}',{port}));s.listen()\nwhile True:\n  c,_=s.accept();c.sendall(b'{text}');c.close()\n"
+        )
+    };
+    c.spawn(&["python3", "-c", &banner(&c_ip, 7777, "only-B-reaches-C")]);
+    b.spawn(&[
+        "python3",
+        "-c",
+        &banner("127.0.0.1", LOOPBACK_PORT, "loopback-secret"),
+    ]);
+    let bin = support::process::bin();
+    b.ok(&[bin, "init"]);
+    b.spawn(&[
+        bin,
+        "run",
+        "--app",
+        "127.0.0.1:8080",
+        "--detect-timeout",
+        "100ms",
+    ]);
+    eventually_blocking("B's proxy and servers", WAIT, || {
+        let ready = b.exec(&["curl", "-fsS", "-m", "1", "http://127.0.0.1:15000/ready"]);
+        let lo = b.exec(&[
+            "python3",
+            "-c",
+            &format!("import socket;socket.create_connection(('127.0.0.1',{LOOPBACK_PORT}),1)"),
+        ]);
+        let c_up = b.exec(&[
+            "python3",
+            "-c",
+            &format!("import socket;socket.create_connection(('{c_ip}',7777),1)"),
+        ]);
+        (ready.status.success() && lo.status.success() && c_up.status.success())
+            .then_some(())
+            .ok_or_else(|| "not yet".to_string())
+    });
+    Some((a, b, c, [a_ip, b_ip, c_ip]))
+}
+
+/// A peer that is root in its own namespace routes packets for other addresses to pod B: for a
+/// host only B can reach, and for 127.0.0.1 (with `route_localnet`). B's inbound rules redirect
+/// them like any other; its sidecar must not relay them to where they were addressed (B's
+/// loopback-only server, or another host as B), only to what B serves on its own address.
+#[test]
+fn a_peer_routing_other_destinations_through_the_pod_reaches_neither() {
+    let test = "a_peer_routing_other_destinations_through_the_pod_reaches_neither";
+    let Some((a, b, c, [a_ip, b_ip, c_ip])) = relay_hosts() else {
+        return support::skip(test, "cannot create network namespaces (not root?)");
+    };
+    let read_from_a = |addr: &str, port: u16| {
+        let code = format!(
+            "import socket\ntry:\n  s=socket.create_connection(('{addr}',{port}),3);s.settimeout(3);print(s.recv(100))\nexcept Exception as e:\n  print('refused:',e)\n"
+        );
+        String::from_utf8_lossy(&a.exec(&["python3", "-c", &code]).stdout).into_owned()
+    };
+    // C through B: A has no route to C, so it routes C's address to B.
+    a.ok(&["ip", "route", "add", &format!("{c_ip}/32"), "via", &b_ip]);
+    let got = read_from_a(&c_ip, 7777);
+    assert!(
+        !got.contains("only-B-reaches-C"),
+        "B's sidecar relayed A to C: {got}"
+    );
+    // 127.0.0.1 through B: A's own kernel must be told to send loopback out of eth0.
+    for cmd in [
+        vec!["ip", "rule", "add", "pref", "10", "lookup", "local"],
+        vec!["ip", "rule", "del", "pref", "0"],
+        vec![
+            "ip",
+            "rule",
+            "add",
+            "pref",
+            "5",
+            "to",
+            "127.0.0.1/32",
+            "ipproto",
+            "tcp",
+            "lookup",
+            "100",
+        ],
+        vec![
+            "ip",
+            "route",
+            "add",
+            "127.0.0.1/32",
+            "via",
+            &b_ip,
+            "dev",
+            "eth0",
+            "src",
+            &a_ip,
+            "table",
+            "100",
+        ],
+        vec![
+            "sysctl",
+            "-qw",
+            "net.ipv4.conf.all.route_localnet=1",
+            "net.ipv4.conf.eth0.route_localnet=1",
+        ],
+    ] {
+        a.ok(&cmd);
+    }
+    let got = read_from_a("127.0.0.1", LOOPBACK_PORT);
+    assert!(
+        !got.contains("loopback-secret"),
+        "A read B's loopback-only server: {got}"
+    );
+    drop((a, b, c));
+}
+
+/// An app that accepts every connection and holds it, silent (an opaque server that never speaks).
+async fn holding_app() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = listener.accept().await {
+            held.push(stream);
+        }
+    });
+    addr
+}
+
+/// Waits until the proxy holds at most `limit` inbound connections.
+async fn within_limit(proxy: &Proxy, limit: f64) {
+    eventually(
+        "the open connections back within the limit",
+        WAIT,
+        || async {
+            let metrics = proxy.metrics().await;
+            let labels = ["direction=\"inbound\""];
+            let open =
+                support::metrics::metric(&metrics, "amazing_proxy_open_connections", &labels);
+            open.is_some_and(|open| open <= limit).then_some(())
+        },
+    )
+    .await;
+}
+
+/// A connection the shedder chooses while its first bytes are being detected closes at once, even
+/// when it then speaks (before, it was only marked, went on to become opaque TCP for good, and
+/// every new connection marked another: forty open at a limit of four).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_shed_while_detecting_closes_at_once() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = holding_app().await;
+        let limit = ["--max-connections", "4", "--detect-timeout", "5s"];
+        let proxy = Proxy::start(app, &limit).await;
+        let mut clients: Vec<TcpStream> = Vec::new();
+        for i in 0..12_u32 {
+            clients.push(TcpStream::connect(proxy.inbound).await.expect("connect"));
+            if i >= 4 {
+                // The oldest silent one was chosen to make room: it now speaks, not HTTP.
+                let shed = f64::from(i - 3);
+                proxy
+                    .wait_metric("amazing_proxy_shed_connections_total", &[], shed)
+                    .await;
+                let oldest = usize::try_from(i - 4).expect("small");
+                let _ = clients[oldest].write_all(b"\x00\x01binary").await;
+            }
+        }
+        within_limit(&proxy, 4.0).await;
+    })
+    .await;
+}
+
+/// Silent connections on an HTTP port wait for their head for --header-timeout; chosen by the
+/// shedder meanwhile, they close at once rather than overshoot the limit for that long.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_on_an_http_port_stay_within_the_limit() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = holding_app().await;
+        let port = app.port().to_string();
+        let proxy = Proxy::start(app, &["--max-connections", "4", "--http-ports", &port]).await;
+        let mut clients = Vec::new();
+        for _ in 0..12 {
+            clients.push(TcpStream::connect(proxy.inbound).await.expect("connect"));
+        }
+        proxy
+            .wait_metric("amazing_proxy_shed_connections_total", &[], 8.0)
+            .await;
+        within_limit(&proxy, 4.0).await;
     })
     .await;
 }

@@ -301,7 +301,7 @@ fn tutorial_pod_in_containers() {
         let lines: Vec<&str> = record.lines().collect();
         assert_eq!(lines.len(), 6, "not a six-line block:\n{record}");
         assert_eq!(lines[0], format!("Original URL: http://{ip}:80{path}"));
-        assert_eq!(lines[1], format!("Proxy URL: http://{ip}:80{path}"));
+        assert_eq!(lines[1], format!("Proxy URL: http://127.0.0.1:80{path}"));
         assert!(lines[2].starts_with("Request Duration: "), "{record}");
         assert!(lines[3].starts_with("Request Size: "), "{record}");
         assert!(lines[4].starts_with("Response Size: "), "{record}");

@@ -80,8 +80,8 @@ fn tutorial_requests_reach_httpbin_through_the_proxy() {
         ("/post", 200),
         ("/status/429", 429),
     ]) {
-        // The proxy dials the pod's own address, never loopback (docs/security.md).
-        let urls = format!("Original URL: http://{ip}:80{path}\nProxy URL: http://{ip}:80{path}\n");
+        let urls =
+            format!("Original URL: http://{ip}:80{path}\nProxy URL: http://127.0.0.1:80{path}\n");
         assert!(record.starts_with(&urls), "want {urls:?} in:\n{log}");
         assert!(
             record.ends_with(&format!("Response Status: {status}")),
@@ -218,8 +218,7 @@ fn outbound_goes_through_the_proxy_once(pod: &Pod, init_args: &[&str]) {
         "{log}"
     );
     assert_eq!(
-        inbound[0]["proxy_url"],
-        format!("http://{ip}:80/get?query=param").as_str(),
+        inbound[0]["proxy_url"], "http://127.0.0.1:80/get?query=param",
         "{log}"
     );
 
@@ -292,8 +291,14 @@ fn inbound_keeps_the_original_port(test: &str, inbound: &str) {
             format!("http://{ip}:{port}/get?port={port}").as_str(),
             "{log}"
         );
-        // The pod's own address, never loopback (docs/security.md).
-        assert_eq!(r["upstream"], format!("{ip}:{port}").as_str(), "{log}");
+        // --app's port goes to --app; any other port to the pod's own address, never loopback
+        // (docs/security.md).
+        let upstream = if port == 80 {
+            "127.0.0.1:80".to_string()
+        } else {
+            format!("{ip}:{port}")
+        };
+        assert_eq!(r["upstream"], upstream.as_str(), "{log}");
         let client = r["client"].as_str().unwrap_or_default();
         let outside = format!("{}:", pod.outside_ip);
         assert!(client.starts_with(&outside), "an IPv4 client: {log}");

@@ -37,8 +37,10 @@ pub struct ConnContext {
     pub upstream: Authority,
     /// Speak HTTP/2 to this upstream whatever the client spoke.
     pub upstream_http2: bool,
-    /// The peer's SPIFFE ID, when the connection arrived in an HBONE tunnel.
+    /// The peer's SPIFFE ID, when the connection arrived in an HBONE tunnel, as the log writes it.
     pub peer: Option<String>,
+    /// The same, parsed once, for the policy.
+    pub peer_id: Option<Arc<crate::identity::SpiffeId>>,
     /// That tunnel's `traceparent`, when the peer sent a valid one.
     pub tunnel_traceparent: Option<String>,
 }
@@ -64,6 +66,7 @@ impl ConnContext {
             upstream: authority(upstream),
             upstream_http2,
             peer: None,
+            peer_id: None,
             tunnel_traceparent: None,
         }
     }

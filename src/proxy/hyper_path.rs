@@ -85,7 +85,7 @@ async fn respond(
     if conn.direction == Direction::Inbound {
         let port = conn.port;
         let request = Some((&parts.method, path.as_str()));
-        if !shared.allows(port, conn.peer.as_deref(), request) {
+        if !shared.allows(port, conn.peer_id.as_deref(), request) {
             let denied = Synthetic::new(ErrorKind::PolicyDenied, grpc);
             return synthetic_response(denied, exchange);
         }

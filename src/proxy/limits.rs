@@ -82,6 +82,20 @@ impl Slot {
         }
     }
 
+    /// Whether the shedder chose this connection (it is to close at once).
+    pub fn is_shed(&self) -> bool {
+        self.shed.load(Ordering::Acquire)
+    }
+
+    /// Runs `work` unless the shedder chooses this connection first (`None`).
+    pub async fn unless_shed<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+        tokio::select! {
+            biased;
+            () = self.shed_wait() => None,
+            done = work => Some(done),
+        }
+    }
+
     fn activity(&self) -> u8 {
         self.activity.load(Ordering::Relaxed)
     }

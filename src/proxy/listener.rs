@@ -284,9 +284,14 @@ pub(super) async fn serve_tunnelled<I>(
         } else {
             settings.timeouts.detect
         };
-        guard.slot().set(Activity::Head);
+        let slot = guard.slot();
+        slot.set(Activity::Head);
         let mut reading = Reading(&mut io);
-        match detect(&mut reading, &mut buf, &mut len, wait, http_only).await {
+        let detected = slot.unless_shed(detect(&mut reading, &mut buf, &mut len, wait, http_only));
+        let Some(detected) = detected.await else {
+            return;
+        };
+        match detected {
             Detection::Decided(found) => found,
             Detection::Silent => {
                 let slot = guard.slot();
@@ -307,10 +312,13 @@ pub(super) async fn serve_tunnelled<I>(
         Detected::Opaque(reason) => (Protocol::Opaque, reason),
         Detected::Closed => return,
     };
+    if guard.slot().is_shed() {
+        return;
+    }
     let metrics = &shared.telemetry.metrics;
     metrics.count_detection(route.direction, protocol, reason);
     if protocol == Protocol::Opaque {
-        if !shared.allows(port, route.peer.as_deref(), None) {
+        if !shared.allows(port, route.peer_id.as_deref(), None) {
             return;
         }
         guard.slot().set(Activity::Busy);
@@ -329,6 +337,7 @@ pub(super) async fn serve_tunnelled<I>(
         upstream_http2,
     );
     ctx.peer = route.peer;
+    ctx.peer_id = route.peer_id;
     ctx.tunnel_traceparent = route.tunnel_traceparent;
     let http2 = detected == Detected::Http2;
     Box::pin(serve_hyper(
@@ -385,8 +394,6 @@ async fn serve_connection(
         refuse(stream).await;
         return;
     };
-    // Until it says something, a new connection does no work: the shedder may take it.
-    guard.slot().set(Activity::Head);
     let _ = stream.set_nodelay(true);
     let Ok(local) = stream.local_addr().map(canonical) else {
         return;
@@ -394,15 +401,9 @@ async fn serve_connection(
     let client = canonical(client);
     let original = original_destination(&stream);
     let settings = &shared.settings;
-    let Some(upstream) = upstream_of(settings, direction, original) else {
-        tracing::warn!(%client, "outbound connection without an original destination (not redirected?): closing it");
+    let Some(upstream) = destination(&shared, direction, original, local, client) else {
         return;
     };
-    if direction == Direction::Inbound && settings.own_ports.contains(&upstream.port()) {
-        tracing::info!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
-        metrics.count_error(direction, ErrorKind::ProxyPort);
-        return;
-    }
     let dialled = original.unwrap_or(local);
     // Boxed, and only with an identity or a policy: the tunnel's state would otherwise grow every
     // connection's task, idle plaintext ones included.
@@ -440,6 +441,7 @@ async fn serve_connection(
             upstream,
             direction,
             peer: None,
+            peer_id: None,
             tunnel_traceparent: None,
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
@@ -480,20 +482,76 @@ async fn serve_connection(
     .await;
 }
 
-/// Where a connection goes; `None` for an outbound one that was not redirected.
+/// [`upstream_of`], with the refusals logged and counted: an inbound destination that cannot be
+/// this pod's, or one of the proxy's own ports.
+fn destination(
+    shared: &Shared,
+    direction: Direction,
+    original: Option<SocketAddr>,
+    local: SocketAddr,
+    client: SocketAddr,
+) -> Option<SocketAddr> {
+    let settings = &shared.settings;
+    let metrics = &shared.telemetry.metrics;
+    let Some(upstream) = upstream_of(settings, direction, original, local) else {
+        match direction {
+            Direction::Outbound => {
+                tracing::warn!(%client, "outbound connection without an original destination (not redirected?): closing it")
+            }
+            Direction::Inbound => {
+                tracing::debug!(%client, ?original, "inbound connection for a loopback or unspecified address refused");
+                metrics.count_error(direction, ErrorKind::ProxyPort);
+            }
+        }
+        return None;
+    };
+    if direction == Direction::Inbound && settings.own_ports.contains(&upstream.port()) {
+        // Debug, not info: a peer could otherwise fill the log; the metric counts them.
+        tracing::debug!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
+        metrics.count_error(direction, ErrorKind::ProxyPort);
+        return None;
+    }
+    Some(upstream)
+}
+
+/// Where a connection goes; `None` for an outbound one that was not redirected, or an inbound one
+/// whose original destination cannot be this pod's (loopback or unspecified: spoofed, since the
+/// pod's own traffic never passes the inbound rules).
 fn upstream_of(
     settings: &super::Settings,
     direction: Direction,
     original: Option<SocketAddr>,
+    local: SocketAddr,
 ) -> Option<SocketAddr> {
     match (direction, original) {
-        // The pod's own address, as the client dialled it, never loopback: a service the pod
-        // binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same change).
-        (Direction::Inbound, Some(original)) => Some(original),
+        (Direction::Inbound, Some(original)) => {
+            let ip = original.ip();
+            if ip.is_loopback() || ip.is_unspecified() {
+                return None;
+            }
+            Some(inbound_upstream(settings, original.port(), local))
+        }
         // Not redirected (a client dialled the inbound port itself): it stands for --app, and
         // is judged by --app's port.
         (Direction::Inbound, None) => Some(settings.app),
         (Direction::Outbound, original) => original,
+    }
+}
+
+/// Where inbound traffic for `port` goes: --app for the app's own port (the address the operator
+/// gave for the app), else this pod's address the connection arrived on, never loopback, so that
+/// a service the pod binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same
+/// change; ztunnel dials the pod address). The destination's own address is not used: a peer that
+/// routes a packet for 127.0.0.1 or another host to this pod would reach it.
+pub(super) fn inbound_upstream(
+    settings: &super::Settings,
+    port: u16,
+    local: SocketAddr,
+) -> SocketAddr {
+    if port == settings.app.port() {
+        settings.app
+    } else {
+        SocketAddr::new(local.ip(), port)
     }
 }
 
@@ -520,12 +578,20 @@ async fn detect_plaintext(
     // On the heap, and only while detecting: it would otherwise stay in the connection's task.
     let mut buf = vec![0u8; MAX_PEEK];
     let mut len = 0;
-    match detect(&mut &*stream, &mut buf, &mut len, wait, http_only).await {
+    // Until it has said what it is, a connection does no work: the shedder may take it, and then
+    // it closes at once (a mark it ignored would let connections grow past the limit).
+    let slot = guard.slot();
+    slot.set(Activity::Head);
+    let mut client = stream;
+    let detected = slot.unless_shed(detect(&mut client, &mut buf, &mut len, wait, http_only));
+    let found = match detected.await? {
         Detection::Decided(found) => Some((found, None)),
         Detection::Silent => {
             Box::pin(server_first(shared, stream, &mut buf, upstream, guard)).await
         }
-    }
+    };
+    // Shed as it decided: closed, like any other shed connection.
+    found.filter(|_| !slot.is_shed())
 }
 
 /// A plaintext client silent for the whole detection wait: the app is connected to, and whoever
@@ -597,14 +663,14 @@ async fn serve_hyper<I>(
         result = conn.as_mut() => Some(result),
         () = slot.close_requested_wait() => {
             conn.as_mut().graceful_shutdown();
-            unless_shed(conn, slot).await
+            slot.unless_shed(conn).await
         }
         // hyper closes an idle HTTP/1 connection itself (its head timeout); an HTTP/2 client
         // that only answers PINGs would otherwise hold its connection for good.
         () = open.idle_for(shared.settings.timeouts.idle) => {
             tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
-            unless_shed(conn, slot).await
+            slot.unless_shed(conn).await
         }
     };
     let Some(result) = result else {
@@ -617,18 +683,6 @@ async fn serve_hyper<I>(
     };
     if let Err(e) = result {
         log_rejected_by_hyper(&ctx, &*e, started, http2);
-    }
-}
-
-/// Waits for a connection being closed gracefully, unless the shedder chooses it meanwhile (`None`).
-async fn unless_shed<F: std::future::Future>(
-    conn: std::pin::Pin<&mut F>,
-    slot: &Slot,
-) -> Option<F::Output> {
-    tokio::select! {
-        biased;
-        () = slot.shed_wait() => None,
-        result = conn => Some(result),
     }
 }
 

@@ -161,19 +161,18 @@ impl Shared {
             .is_none_or(|policy| verdict(policy.borrow().admits_connection(port, peer)))
     }
 
-    /// Whether --policy lets `peer` make this HTTP request (`Some((method, path))`) or send opaque
-    /// bytes (`None`) to inbound `port`. `peer` is the access log's text of a SPIFFE ID.
+    /// Whether --policy lets `peer` (None: plaintext) make this HTTP request
+    /// (`Some((method, path))`) or send opaque bytes (`None`) to inbound `port`.
     pub fn allows(
         &self,
         port: u16,
-        peer: Option<&str>,
+        peer: Option<&crate::identity::SpiffeId>,
         http: Option<(&http::Method, &str)>,
     ) -> bool {
         let Some(policy) = &self.policy else {
             return true;
         };
-        let peer = peer.and_then(|p| p.parse::<crate::identity::SpiffeId>().ok());
-        let decision = policy.borrow().decide(port, peer.as_ref(), http);
+        let decision = policy.borrow().decide(port, peer, http);
         verdict(decision)
     }
 

@@ -5,6 +5,7 @@
 
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
@@ -16,6 +17,7 @@ mod splice;
 
 use super::upstream::connect;
 use crate::error::{ErrorKind, classify_io};
+use crate::identity::SpiffeId;
 use crate::proxy::Shared;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
@@ -26,8 +28,10 @@ pub struct Route {
     pub dialled: SocketAddr,
     pub upstream: SocketAddr,
     pub direction: Direction,
-    /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel.
+    /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel, as the log writes it.
     pub peer: Option<String>,
+    /// The same, parsed once, for the policy (inbound tunnels only).
+    pub peer_id: Option<Arc<SpiffeId>>,
     /// The tunnel's `traceparent` (sent outbound, received inbound) when it had a valid one.
     pub tunnel_traceparent: Option<String>,
 }

@@ -27,7 +27,7 @@ use crate::identity::SpiffeId;
 use crate::identity::tls::{ALPN_H2, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::limits::{Activity, OpenRequests, RequestMark};
-use crate::proxy::listener::serve_tunnelled;
+use crate::proxy::listener::{inbound_upstream, serve_tunnelled};
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;
@@ -121,14 +121,17 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
         () = slot.shed_wait() => return,
         result = conn.as_mut() => result,
         () = slot.close_requested_wait() => {
-            // GOAWAY: open streams finish, new ones go elsewhere.
+            // GOAWAY: open streams finish, new ones go elsewhere (unless shed meanwhile: a peer
+            // that ignores the GOAWAY must not hold a slot the shedder counted as freed).
             conn.as_mut().graceful_shutdown();
-            conn.await
+            let Some(result) = slot.unless_shed(conn).await else { return };
+            result
         }
         () = open.idle_for(shared.settings.timeouts.idle) => {
             tracing::debug!(%client, "HBONE connection without a stream for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
-            conn.await
+            let Some(result) = slot.unless_shed(conn).await else { return };
+            result
         }
     };
     if let Err(e) = result {
@@ -172,7 +175,8 @@ async fn open_stream(
     let metrics = &shared.telemetry.metrics;
     if target.port() == local.port() || shared.settings.own_ports.contains(&target.port()) {
         // The admin port, or a listener of ours (a loop): never for a peer, as ztunnel answers.
-        tracing::info!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");
+        // Debug: a peer could fill the log with these; the metric counts them.
+        tracing::debug!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");
         metrics.count_error(Direction::Inbound, ErrorKind::ProxyPort);
         return status(StatusCode::SERVICE_UNAVAILABLE);
     }
@@ -194,9 +198,7 @@ async fn open_stream(
         metrics.count_error(Direction::Inbound, ErrorKind::Overloaded);
         return status(StatusCode::SERVICE_UNAVAILABLE);
     };
-    // The pod's own address, as the peer named it: never loopback, where services bound to
-    // 127.0.0.1 only would be reachable.
-    let upstream = target;
+    let upstream = inbound_upstream(&shared.settings, target.port(), local);
     let app = match connect(upstream, shared.upstreams.connect).await {
         Ok(app) => app,
         Err(e) => {
@@ -215,6 +217,7 @@ async fn open_stream(
         upstream,
         direction: Direction::Inbound,
         peer: Some(peer),
+        peer_id: Some(peer_id),
         tunnel_traceparent: traceparent,
     };
     tokio::spawn(async move {

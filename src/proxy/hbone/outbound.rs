@@ -421,6 +421,7 @@ pub async fn forward(
         upstream: target,
         direction: Direction::Outbound,
         peer: None,
+        peer_id: None,
         tunnel_traceparent: None,
     };
     match mtls

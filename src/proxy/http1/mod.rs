@@ -292,7 +292,7 @@ impl Connection {
         let allowed = self.ctx.direction != Direction::Inbound
             || self.shared.allows(
                 self.ctx.port,
-                self.ctx.peer.as_deref(),
+                self.ctx.peer_id.as_deref(),
                 Some((&plan.method, plan.path.as_str())),
             );
         let mut exchange = Exchange::new(
