@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use amazing_proxy::identity::bundles::{Authorities, BundleSet};
 use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
@@ -170,6 +171,7 @@ async fn recording_hbone_server(
     let material = load(
         &Files::Dir(server.to_owned()),
         "cluster.local",
+        None,
         SystemTime::now(),
     )
     .expect("server material");
@@ -405,20 +407,24 @@ async fn a_certificate_from_another_ca_is_refused_both_ways() {
     .await;
 }
 
-/// A TLS client of ours with `key`'s certificate, trusting `roots`, that accepts any server of
-/// `server_domain`: it reaches the server's own checks of the client.
+/// A TLS client of ours with `material`'s certificate that accepts any server of `server_domain`
+/// issued by `server_ca`: it reaches the server's own checks of the client.
 async fn handshake_then_read(
     hbone: SocketAddr,
     material: &amazing_proxy::identity::material::Material,
     server_domain: &str,
+    server_ca: &Ca,
 ) -> std::io::Result<usize> {
-    let config = tls::client_config(
-        material.key.clone(),
-        material.roots.clone(),
+    let bundles = BundleSet::new(
         server_domain,
-        None,
+        vec![server_ca.der().into()],
+        "the server's CA",
+        Authorities::new(),
+        "",
     )
-    .expect("client config");
+    .expect("bundle set");
+    let config =
+        tls::client_config(material.key.clone(), Arc::new(bundles), None).expect("client config");
     let tcp = TcpStream::connect(hbone).await?;
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
     let mut tls = tokio_rustls::TlsConnector::from(config)
@@ -443,13 +449,14 @@ async fn an_identity_of_another_trust_domain_is_refused() {
         let material = load(
             &Files::Dir(dirs.path().join("foreign")),
             "other.example",
+            None,
             SystemTime::now(),
         )
         .expect("valid in its own trust domain");
         let read = bounded(
             "the refusal",
             WAIT,
-            handshake_then_read(p.hbone, &material, "cluster.local"),
+            handshake_then_read(p.hbone, &material, "cluster.local", &ca),
         )
         .await;
         assert!(
@@ -466,7 +473,7 @@ async fn an_identity_of_another_trust_domain_is_refused() {
         let read = bounded(
             "the handshake",
             WAIT,
-            handshake_then_read(p.hbone, &ours, "cluster.local"),
+            handshake_then_read(p.hbone, &ours, "cluster.local", &ca),
         )
         .await;
         assert!(
@@ -604,13 +611,8 @@ async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
         .as_ref()
         .and_then(|m| m.identity.material())
         .expect("material");
-    let config = tls::client_config(
-        material.key.clone(),
-        material.roots.clone(),
-        "cluster.local",
-        None,
-    )
-    .expect("client config");
+    let config = tls::client_config(material.key.clone(), material.bundles.clone(), None)
+        .expect("client config");
     let tcp = TcpStream::connect(hbone).await.expect("connect");
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
     let tls = bounded(
@@ -685,7 +687,7 @@ fn material_is_validated_as_it_loads() {
     let dirs = tempfile::tempdir().expect("temp dir");
     let now = SystemTime::now();
     let dir = |name: &str| dirs.path().join(name);
-    let load_dir = |name: &str| load(&Files::Dir(dir(name)), "cluster.local", now);
+    let load_dir = |name: &str| load(&Files::Dir(dir(name)), "cluster.local", None, now);
 
     let good = ca.issue(SERVER_ID);
     ca.write_dir(&dir("good"), &good);
@@ -703,6 +705,7 @@ fn material_is_validated_as_it_loads() {
             trust,
         },
         "cluster.local",
+        None,
         now,
     );
     assert_eq!(pod.expect("pod certificate").id.to_string(), SERVER_ID);

@@ -8,7 +8,8 @@
 //! remembers that for [`PLAINTEXT_MEMORY`]. Once TCP is up, a failure (a certificate refused, an
 //! identity not the expected one) is never a reason to send plaintext, and neither is anything for
 //! a destination `--peer-identities` names: it is expected to speak HBONE. `strict` never falls
-//! back: the app's connection is reset.
+//! back: the app's connection is reset. A refused handshake is the peer's fault, logged and
+//! counted with the check that refused it (`tls_<reason>`, `tls_handshake_failures_total`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,8 +31,8 @@ use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
 };
 use crate::config::OutboundMtls;
-use crate::error::{ErrorKind, classify_io};
-use crate::identity::tls::{ALPN_H2, client_config, peer_id};
+use crate::error::{ErrorKind, HandshakeFailure, classify_io};
+use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::tcp::{self, Route};
 use crate::proxy::upstream::connect;
@@ -244,11 +245,17 @@ impl Pool {
             .header(FORWARDED, headers::forwarded(client))
             .body(Empty::new())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-        let response = pooled
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        let response = pooled.sender.send_request(request).await.map_err(|e| {
+            // TLS 1.3: a server that refuses our certificate says so after our handshake ended.
+            match failure(&e) {
+                Some((reason, detail)) => {
+                    let metrics = &shared.telemetry.metrics;
+                    metrics.count_handshake_failure(Direction::Outbound, reason);
+                    failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
+                }
+                None => failed(ErrorKind::ConnectFailed, e.to_string()),
+            }
+        })?;
         if response.status() != StatusCode::OK {
             let kind = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
                 ErrorKind::ConnectRefused
@@ -293,23 +300,24 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
             reason: e.to_string(),
         })?;
     let expected = mtls.peers.expected(peer.ip()).cloned();
-    let config = client_config(
-        material.key.clone(),
-        material.roots.clone(),
-        &material.trust_domain,
-        expected,
-    )
-    .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+    let config = client_config(material.key.clone(), material.bundles.clone(), expected)
+        .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+    let refused = |reason, detail: String| {
+        shared
+            .telemetry
+            .metrics
+            .count_handshake_failure(Direction::Outbound, reason);
+        failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
+    };
     // No SNI is sent (the configuration says so); the name only satisfies the API.
     let name = ServerName::IpAddress(peer.ip().into());
     let handshake = TlsConnector::from(config).connect(name, tcp);
     let tls = match tokio::time::timeout(options.timeout, handshake).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            return Err(failed(
-                ErrorKind::ConnectFailed,
-                format!("TLS: {}", tls_error_text(&e)),
-            ));
+            let (reason, detail) =
+                failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
+            return Err(refused(reason, detail));
         }
         Err(_) => {
             return Err(failed(
@@ -320,12 +328,12 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     };
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(ALPN_H2) {
-        return Err(failed(
-            ErrorKind::ConnectFailed,
+        return Err(refused(
+            HandshakeFailure::NoAlpnH2,
             "the peer did not agree on ALPN h2".into(),
         ));
     }
-    let peer_identity: Arc<str> = peer_id(session.peer_certificates(), &material.trust_domain)
+    let peer_identity: Arc<str> = peer_id(session.peer_certificates())
         .map(|id| id.to_string())
         .unwrap_or_default()
         .into();
@@ -373,17 +381,6 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         baggage,
         usage,
     })
-}
-
-/// A handshake failure in words: our verifiers' own reasons rather than rustls' Debug of them.
-fn tls_error_text(e: &std::io::Error) -> String {
-    use rustls::{CertificateError, Error};
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
-        Some(Error::InvalidCertificate(CertificateError::Other(other))) => {
-            format!("the peer's certificate is refused: {}", other.0)
-        }
-        _ => e.to_string(),
-    }
 }
 
 /// Resolves once the connection has had no stream for `idle_timeout`.
