@@ -33,11 +33,12 @@ fn addresses() -> [Ipv4Addr; 2] {
 }
 
 /// One pod of [`Mesh::start_pods`]: its SPIFFE ID, issued by the first of `trusts` (its `ca.crt`
-/// holds them all), and more `run` arguments.
+/// holds them all), and more `run` arguments and environment variables.
 pub struct Pod<'a> {
     pub id: &'a str,
     pub trusts: &'a [&'a Ca],
     pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
 }
 
 impl Mesh {
@@ -48,6 +49,7 @@ impl Mesh {
             id,
             trusts: std::slice::from_ref(&ca),
             args,
+            env: &[],
         };
         Mesh::start_pods([pod(pod_a), pod(pod_b)])
     }
@@ -111,6 +113,7 @@ impl Mesh {
             ];
             args.extend_from_slice(spec.args);
             let mut proxy = mesh.namespaces[i].cmd(&args);
+            proxy.envs(spec.env.iter().copied());
             let (out, err) = (format!("{pod}-access.log"), format!("{pod}-proxy.log"));
             mesh.work.spawn_logging(&mut proxy, &out, &err);
         }

@@ -124,8 +124,8 @@ fn refused(shared: &Shared, client: SocketAddr, reason: HandshakeFailure, detail
     metrics.count_error(Direction::Inbound, kind);
     tracing::info!(
         %client,
-        error = kind.as_str(),
-        fault = kind.fault().as_str(),
+        error = %kind.as_str(),
+        fault = %kind.fault().as_str(),
         "HBONE handshake refused: {detail}"
     );
 }

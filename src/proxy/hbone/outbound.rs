@@ -13,8 +13,10 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -23,6 +25,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -54,6 +57,70 @@ struct Pooled {
     /// Our `baggage`, from the identity this connection presented.
     baggage: HeaderValue,
     usage: Arc<Usage>,
+    /// Why the server refused us, if it did (see [`Watched`]).
+    refusal: Arc<Refusal>,
+}
+
+/// A refusal the server sent after our side of the handshake, noted by [`Watched`].
+#[derive(Default)]
+struct Refusal {
+    seen: OnceLock<(HandshakeFailure, String)>,
+    /// Whether a stream already counted it: one refused connection, one count.
+    counted: AtomicBool,
+}
+
+/// The TLS stream of a pooled connection, noting the first TLS failure a read meets: in TLS 1.3 a
+/// server refuses our certificate after our handshake ended, on the first read, and HTTP/2 keeps
+/// only the text of the I/O errors it passes on (`connection error`).
+struct Watched {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    refusal: Arc<Refusal>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.tls).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled
+            && let Some(found) = failure(e)
+        {
+            let _ = self.refusal.seen.set(found);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
 }
 
 /// Streams open on a connection, and when the last one ended (ms since `epoch`).
@@ -246,15 +313,14 @@ impl Pool {
             .body(Empty::new())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
         let response = pooled.sender.send_request(request).await.map_err(|e| {
-            // TLS 1.3: a server that refuses our certificate says so after our handshake ended.
-            match failure(&e) {
-                Some((reason, detail)) => {
-                    let metrics = &shared.telemetry.metrics;
-                    metrics.count_handshake_failure(Direction::Outbound, reason);
-                    failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
-                }
-                None => failed(ErrorKind::ConnectFailed, e.to_string()),
+            let Some((reason, detail)) = pooled.refusal.seen.get() else {
+                return failed(ErrorKind::ConnectFailed, e.to_string());
+            };
+            if !pooled.refusal.counted.swap(true, Ordering::AcqRel) {
+                let metrics = &shared.telemetry.metrics;
+                metrics.count_handshake_failure(Direction::Outbound, *reason);
             }
+            failed(ErrorKind::Handshake(*reason), format!("TLS: {detail}"))
         })?;
         if response.status() != StatusCode::OK {
             let kind = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
@@ -345,6 +411,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     // Percent-encoded into visible ASCII, so always a valid header value.
     let baggage = HeaderValue::try_from(workload.baggage())
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
+    let refusal = Arc::new(Refusal::default());
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -353,7 +420,10 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tls))
+        .handshake(TokioIo::new(Watched {
+            tls,
+            refusal: refusal.clone(),
+        }))
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
     let usage = Arc::new(Usage {
@@ -380,6 +450,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         peer: peer_identity,
         baggage,
         usage,
+        refusal,
     })
 }
 
@@ -441,10 +512,17 @@ pub async fn forward(
             Some(client)
         }
         Err(e) => {
-            tracing::info!(%client_addr, %target, "outbound connection reset: {e}");
+            let kind = e.kind();
+            tracing::info!(
+                %client_addr,
+                %target,
+                error = %kind.as_str(),
+                fault = %kind.fault().as_str(),
+                "outbound connection reset: {e}"
+            );
             // A reset, not a clean close: the app must not take the silence for an answer.
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            tcp::finish(shared, &route, start, Err(e.kind()), 0, 0);
+            tcp::finish(shared, &route, start, Err(kind), 0, 0);
             None
         }
     }
