@@ -1159,6 +1159,63 @@ fn counted(shared: &Shared, name: &str, labels: &[&str]) -> f64 {
     support::metrics::metric(&text, name, labels).unwrap_or(0.0)
 }
 
+/// Our CA and a partner's (of partner.example), the app, our server's identity (`server/`) and the
+/// partner's (`partner/`), and for each side a --trust-bundles directory with the other's CA.
+struct Federation {
+    ours: Ca,
+    partner: Ca,
+    dirs: tempfile::TempDir,
+    /// Our side's --trust-bundles: `partner.example.pem`.
+    partner_bundle: String,
+    /// The partner's side's: `cluster.local.pem`.
+    our_bundle: String,
+    app: TestApp,
+}
+
+impl Federation {
+    async fn new() -> Federation {
+        let ours = Ca::new("mesh CA");
+        let partner = Ca::new("partner CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let partner_bundle = bundle_dir(&dirs.path().join("bundles"), "partner.example", &partner);
+        let our_bundle = bundle_dir(&dirs.path().join("ours"), "cluster.local", &ours);
+        ours.write_dir(&dirs.path().join("server"), &ours.issue(SERVER_ID));
+        let partner_dir = dirs.path().join("partner");
+        support::identity::write_identity(&partner_dir, &partner.issue(PARTNER_ID), &[&partner]);
+        Federation {
+            ours,
+            partner,
+            dirs,
+            partner_bundle,
+            our_bundle,
+            app: TestApp::start().await,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dirs.path().join(name)
+    }
+
+    /// A data plane of ours with the identity in `name/` and the partner's bundle, and `extra`.
+    fn ours(&self, name: &str, extra: &[&str]) -> (Arc<Shared>, Captured) {
+        let mut flags = vec!["--trust-bundles", &self.partner_bundle];
+        flags.extend_from_slice(extra);
+        data_plane(self.app.addr, &self.path(name), &flags)
+    }
+
+    /// The partner's data plane (PARTNER_ID, with our CA as a bundle), and `extra`.
+    fn theirs(&self, extra: &[&str]) -> Arc<Shared> {
+        let mut flags = vec![
+            "--trust-domain",
+            "partner.example",
+            "--trust-bundles",
+            &self.our_bundle,
+        ];
+        flags.extend_from_slice(extra);
+        data_plane(self.app.addr, &self.path("partner"), &flags).0
+    }
+}
+
 /// A client whose certificate claims our trust domain but was minted by a partner's CA (its
 /// `ca.crt` trusts both, as an attacker's would) is refused by a server that trusts that CA for the
 /// partner's domain only; the refusal is the peer's fault and names the check, in the metrics.
@@ -1166,46 +1223,26 @@ fn counted(shared: &Shared, name: &str, labels: &[&str]) -> f64 {
 #[tokio::test]
 async fn a_partner_ca_cannot_mint_our_identities() {
     bounded("test", TEST_TIMEOUT, async {
-        let ours = Ca::new("mesh CA");
-        let partner = Ca::new("partner CA");
-        let dirs = tempfile::tempdir().expect("temp dir");
-        let bundles = bundle_dir(&dirs.path().join("bundles"), "partner.example", &partner);
-        ours.write_dir(&dirs.path().join("server"), &ours.issue(SERVER_ID));
-        let app = TestApp::start().await;
-        let (server, _) = data_plane(
-            app.addr,
-            &dirs.path().join("server"),
-            &["--trust-bundles", &bundles],
-        );
+        let f = Federation::new().await;
+        let (server, _) = f.ours("server", &[]);
         let hbone = hbone_listener(&server).await;
 
-        let forged = dirs.path().join("forged");
-        support::identity::write_identity(&forged, &partner.issue(CLIENT_ID), &[&partner, &ours]);
-        let (attacker, _) = data_plane(app.addr, &forged, &[]);
-        let refused = open(&attacker, hbone, app.addr).await.err();
+        let forged = f.path("forged");
+        let leaf = f.partner.issue(CLIENT_ID);
+        support::identity::write_identity(&forged, &leaf, &[&f.partner, &f.ours]);
+        let (attacker, _) = data_plane(f.app.addr, &forged, &[]);
+        let refused = open(&attacker, hbone, f.app.addr).await.err();
         assert!(
             matches!(refused, Some(OpenError::Failed { .. })),
             "{refused:?}"
         );
         // The attacker's proxy learns it was refused, after its side of the TLS 1.3 handshake.
+        let failures = "amazing_proxy_tls_handshake_failures_total";
         let theirs = ["direction=\"outbound\"", "reason=\"refused_by_peer\""];
-        assert_eq!(
-            counted(
-                &attacker,
-                "amazing_proxy_tls_handshake_failures_total",
-                &theirs
-            ),
-            1.0,
-            "{refused:?}"
-        );
+        assert_eq!(counted(&attacker, failures, &theirs), 1.0, "{refused:?}");
         let inbound = ["direction=\"inbound\"", "reason=\"wrong_trust_domain\""];
         eventually("the server to count the refusal", WAIT, || async {
-            (counted(
-                &server,
-                "amazing_proxy_tls_handshake_failures_total",
-                &inbound,
-            ) == 1.0)
-                .then_some(())
+            (counted(&server, failures, &inbound) == 1.0).then_some(())
         })
         .await;
         let errors = [
@@ -1214,31 +1251,15 @@ async fn a_partner_ca_cannot_mint_our_identities() {
             "fault=\"peer\"",
         ];
         assert_eq!(counted(&server, "amazing_proxy_errors_total", &errors), 1.0);
-        assert_eq!(app.connections(), 0, "nothing reached the app");
+        assert_eq!(f.app.connections(), 0, "nothing reached the app");
 
         // The partner's own server, in the partner's domain: our client (which has the partner's
         // bundle) accepts it only where --peer-identities names it.
-        let partner_dir = dirs.path().join("partner");
-        support::identity::write_identity(&partner_dir, &partner.issue(PARTNER_ID), &[&partner]);
-        let ours_pem = bundle_dir(&dirs.path().join("ours"), "cluster.local", &ours);
-        let (partner_server, _) = data_plane(
-            app.addr,
-            &partner_dir,
-            &[
-                "--trust-domain",
-                "partner.example",
-                "--trust-bundles",
-                &ours_pem,
-            ],
-        );
-        let partner_hbone = hbone_listener(&partner_server).await;
-        ours.write_dir(&dirs.path().join("client"), &ours.issue(CLIENT_ID));
-        let (client, _) = data_plane(
-            app.addr,
-            &dirs.path().join("client"),
-            &["--trust-bundles", &bundles],
-        );
-        let message = open(&client, partner_hbone, app.addr)
+        let partner_hbone = hbone_listener(&f.theirs(&[])).await;
+        f.ours
+            .write_dir(&f.path("client"), &f.ours.issue(CLIENT_ID));
+        let (client, _) = f.ours("client", &[]);
+        let message = open(&client, partner_hbone, f.app.addr)
             .await
             .err()
             .map(|e| e.to_string())
@@ -1249,26 +1270,10 @@ async fn a_partner_ca_cannot_mint_our_identities() {
             "{message}"
         );
         let outbound = ["direction=\"outbound\"", "reason=\"wrong_trust_domain\""];
-        assert_eq!(
-            counted(
-                &client,
-                "amazing_proxy_tls_handshake_failures_total",
-                &outbound
-            ),
-            1.0
-        );
+        assert_eq!(counted(&client, failures, &outbound), 1.0);
         let pin = format!("127.0.0.0/8 {PARTNER_ID}");
-        let (pinned, _) = data_plane(
-            app.addr,
-            &dirs.path().join("client"),
-            &[
-                "--trust-bundles",
-                &bundles,
-                "--peer-identities-inline",
-                &pin,
-            ],
-        );
-        let tunnel = open(&pinned, partner_hbone, app.addr)
+        let (pinned, _) = f.ours("client", &["--peer-identities-inline", &pin]);
+        let tunnel = open(&pinned, partner_hbone, f.app.addr)
             .await
             .expect("a pinned partner server");
         assert_eq!(&*tunnel.peer, PARTNER_ID);
@@ -1283,49 +1288,27 @@ async fn a_partner_ca_cannot_mint_our_identities() {
 #[tokio::test]
 async fn a_partner_domain_peer_is_admitted_only_by_rules_for_other_domains() {
     bounded("test", TEST_TIMEOUT, async {
-        let ours = Ca::new("mesh CA");
-        let partner = Ca::new("partner CA");
-        let dirs = tempfile::tempdir().expect("temp dir");
-        let bundles = bundle_dir(&dirs.path().join("bundles"), "partner.example", &partner);
-        ours.write_dir(&dirs.path().join("server"), &ours.issue(SERVER_ID));
-        let app = TestApp::start().await;
-        let port = app.addr.port();
-
-        let partner_dir = dirs.path().join("partner");
-        support::identity::write_identity(&partner_dir, &partner.issue(PARTNER_ID), &[&partner]);
-        let ours_pem = bundle_dir(&dirs.path().join("ours"), "cluster.local", &ours);
+        let f = Federation::new().await;
+        let port = f.app.addr.port();
         let pin = format!("127.0.0.0/8 {SERVER_ID}");
-        let (client, _) = data_plane(
-            app.addr,
-            &partner_dir,
-            &[
-                "--trust-domain",
-                "partner.example",
-                "--trust-bundles",
-                &ours_pem,
-                "--peer-identities-inline",
-                &pin,
-            ],
-        );
-
+        let client = f.theirs(&["--peer-identities-inline", &pin]);
+        let rules = |rule: &str| {
+            format!("default: deny\nports:\n  - port: {port}\n    allow:\n      - {rule}\n")
+        };
         // (policy, admitted)
         let cases = [
             ("default: cluster-authenticated".to_string(), false),
             ("default: all-authenticated".to_string(), true),
-            (format!("default: deny\nports:\n  - port: {port}\n    allow:\n      - trustDomains: [partner.example]\n"), true),
-            (format!("default: deny\nports:\n  - port: {port}\n    allow:\n      - namespaces: [shop]\n"), false),
+            (rules("trustDomains: [partner.example]"), true),
+            (rules("namespaces: [shop]"), false),
         ];
         for (i, (policy, admitted)) in cases.iter().enumerate() {
-            let file = dirs.path().join(format!("policy-{i}.yaml"));
+            let file = f.path(&format!("policy-{i}.yaml"));
             std::fs::write(&file, policy).expect("write");
             let file = file.display().to_string();
-            let (server, log) = data_plane(
-                app.addr,
-                &dirs.path().join("server"),
-                &["--trust-bundles", &bundles, "--policy", &file],
-            );
+            let (server, log) = f.ours("server", &["--policy", &file]);
             let hbone = hbone_listener(&server).await;
-            let opened = open(&client, hbone, app.addr).await;
+            let opened = open(&client, hbone, f.app.addr).await;
             if *admitted {
                 let tunnel = opened.unwrap_or_else(|e| panic!("{policy}: {e}"));
                 assert_eq!(&*tunnel.peer, SERVER_ID);
@@ -1339,13 +1322,13 @@ async fn a_partner_domain_peer_is_admitted_only_by_rules_for_other_domains() {
         }
 
         // A server without the partner's bundle refuses the handshake itself.
-        let (strict, _) = data_plane(app.addr, &dirs.path().join("server"), &[]);
+        let (strict, _) = data_plane(f.app.addr, &f.path("server"), &[]);
         let hbone = hbone_listener(&strict).await;
-        assert!(open(&client, hbone, app.addr).await.is_err());
+        assert!(open(&client, hbone, f.app.addr).await.is_err());
         let inbound = ["direction=\"inbound\"", "reason=\"unknown_trust_domain\""];
         eventually("the refusal to be counted", WAIT, || async {
-            (counted(&strict, "amazing_proxy_tls_handshake_failures_total", &inbound) == 1.0)
-                .then_some(())
+            let failures = "amazing_proxy_tls_handshake_failures_total";
+            (counted(&strict, failures, &inbound) == 1.0).then_some(())
         })
         .await;
     })

@@ -86,29 +86,29 @@ fn contains(cidr: &Cidr, ip: IpAddr) -> bool {
 mod tests {
     use super::*;
 
+    /// The identity `peers` expects at `ip`, as text.
+    fn expected_at(peers: &PeerIdentities, ip: &str) -> Option<String> {
+        peers
+            .expected(ip.parse().expect("ip"))
+            .map(ToString::to_string)
+    }
+
     #[test]
     fn longest_prefix_wins_and_bad_lines_are_named() {
         let peers = PeerIdentities::parse(
             "# pods\n198.18.0.0/15 spiffe://cluster.local/ns/a/sa/any\n198.18.0.7 spiffe://cluster.local/ns/b/sa/db\n",
         )
         .expect("parses");
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(
-            peers
-                .expected(ip("198.18.0.7"))
-                .map(ToString::to_string)
-                .as_deref(),
+            expected_at(&peers, "198.18.0.7").as_deref(),
             Some("spiffe://cluster.local/ns/b/sa/db")
         );
         assert_eq!(
-            peers
-                .expected(ip("198.19.1.1"))
-                .map(ToString::to_string)
-                .as_deref(),
+            expected_at(&peers, "198.19.1.1").as_deref(),
             Some("spiffe://cluster.local/ns/a/sa/any")
         );
-        assert!(peers.expected(ip("198.20.0.1")).is_none());
-        assert!(peers.expected(ip("::1")).is_none());
+        assert_eq!(expected_at(&peers, "198.20.0.1"), None);
+        assert_eq!(expected_at(&peers, "::1"), None);
         let err = PeerIdentities::parse("\n198.18.0.1\n").expect_err("one field");
         assert!(err.starts_with("line 2:"), "{err}");
         let err = PeerIdentities::parse("198.18.0.1 spiffe://x/ns/a").expect_err("bad id");
@@ -119,12 +119,8 @@ mod tests {
     fn the_inline_form_separates_entries_with_semicolons_and_round_trips() {
         let text = "198.18.0.7 spiffe://cluster.local/ns/b/sa/db; 198.18.0.0/15 spiffe://partner.example/ns/a/sa/any;";
         let peers = PeerIdentities::parse(text).expect("parses");
-        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
         assert_eq!(
-            peers
-                .expected(ip("198.18.0.7"))
-                .map(ToString::to_string)
-                .as_deref(),
+            expected_at(&peers, "198.18.0.7").as_deref(),
             Some("spiffe://cluster.local/ns/b/sa/db")
         );
         assert_eq!(

@@ -361,69 +361,36 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 mod tests {
     use super::*;
     use crate::identity::bundles::Authorities;
-    use rcgen::{
-        BasicConstraints, CertificateParams, CertifiedIssuer, ExtendedKeyUsagePurpose, IsCa,
-        KeyPair, KeyUsagePurpose, SanType,
-    };
+    use crate::identity::issue::{Pem, issue, make_ca};
+    use rustls_pki_types::pem::PemObject;
     use time::{Duration, OffsetDateTime};
-
-    struct Ca(CertifiedIssuer<'static, KeyPair>);
-
-    impl Ca {
-        fn new(name: &str) -> Ca {
-            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-            params
-                .distinguished_name
-                .push(rcgen::DnType::CommonName, name);
-            params.key_usages = vec![KeyUsagePurpose::KeyCertSign];
-            let key = KeyPair::generate().expect("key");
-            Ca(CertifiedIssuer::self_signed(params, key).expect("CA"))
-        }
-
-        fn der(&self) -> CertificateDer<'static> {
-            CertificateDer::from(self.0.der().to_vec())
-        }
-
-        /// A leaf for `uri` (none: no URI SAN) valid from `from` for two hours.
-        fn leaf(&self, uri: Option<&str>, from: OffsetDateTime) -> CertificateDer<'static> {
-            let mut params = CertificateParams::new(Vec::<String>::new()).expect("params");
-            params.subject_alt_names = uri
-                .map(|u| SanType::URI(u.try_into().expect("IA5")))
-                .into_iter()
-                .collect();
-            params.is_ca = IsCa::ExplicitNoCa;
-            params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            params.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            params.not_before = from;
-            params.not_after = from + Duration::hours(2);
-            let key = KeyPair::generate().expect("key");
-            CertificateDer::from(
-                params
-                    .signed_by(&key, &self.0)
-                    .expect("leaf")
-                    .der()
-                    .to_vec(),
-            )
-        }
-    }
 
     const OURS: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
     const PARTNER: &str = "spiffe://partner.example/ns/shop/sa/frontend";
 
-    fn now() -> OffsetDateTime {
-        OffsetDateTime::now_utc() - Duration::hours(1)
+    fn ca(trust_domain: &str) -> Pem {
+        make_ca(trust_domain, 30, OffsetDateTime::now_utc()).expect("CA")
     }
 
-    /// Our CA for cluster.local, a partner's for partner.example.
-    fn bundles(ours: &Ca, partner: &Ca) -> Arc<BundleSet> {
-        let others = Authorities::from([("partner.example".to_owned(), vec![partner.der()])]);
+    fn der(pem: &Pem) -> CertificateDer<'static> {
+        CertificateDer::from_pem_slice(pem.cert.as_bytes()).expect("PEM")
+    }
+
+    /// A leaf for `id` from `ca`, valid from `days_ago` for a day.
+    fn leaf(ca: &Pem, id: &str, days_ago: i64) -> CertificateDer<'static> {
+        let from = OffsetDateTime::now_utc() - Duration::days(days_ago);
+        let id = id.parse().expect("id");
+        der(&issue(ca, std::path::Path::new("ca"), &id, 1, from).expect("leaf"))
+    }
+
+    /// Our CA for cluster.local; for partner.example, the partner's CA and a rogue one of the
+    /// partner's that claims cluster.local.
+    fn bundles(ours: &Pem, partner: &Pem, rogue: &Pem) -> Arc<BundleSet> {
+        let others =
+            Authorities::from([("partner.example".to_owned(), vec![der(partner), der(rogue)])]);
         let set = BundleSet::new(
             "cluster.local",
-            vec![ours.der()],
+            vec![der(ours)],
             "ca.crt",
             others,
             "bundles",
@@ -464,15 +431,20 @@ mod tests {
     #[test]
     fn each_trust_domain_is_anchored_by_its_own_cas_only() {
         use HandshakeFailure as F;
-        let (ours, partner, stranger) = (Ca::new("ours"), Ca::new("partner"), Ca::new("stranger"));
-        let set = bundles(&ours, &partner);
-        let our_leaf = ours.leaf(Some(OURS), now());
-        let forged = partner.leaf(Some(OURS), now());
-        let partner_leaf = partner.leaf(Some(PARTNER), now());
-        let unknown = stranger.leaf(Some(OURS), now());
-        let no_bundle = stranger.leaf(Some("spiffe://other.org/ns/a/sa/b"), now());
-        let expired = ours.leaf(Some(OURS), now() - Duration::hours(5));
-        let no_uri = ours.leaf(None, now());
+        let (ours, partner, rogue) = (
+            ca("cluster.local"),
+            ca("partner.example"),
+            ca("cluster.local"),
+        );
+        let set = bundles(&ours, &partner, &rogue);
+        let our_leaf = leaf(&ours, OURS, 0);
+        let forged = leaf(&rogue, OURS, 0);
+        let partner_leaf = leaf(&partner, PARTNER, 0);
+        let unknown = leaf(&ca("cluster.local"), OURS, 0);
+        let no_bundle = leaf(&ca("other.org"), "spiffe://other.org/ns/a/sa/b", 0);
+        let expired = leaf(&ours, OURS, 3);
+        // A CA's certificate: its URI SAN (spiffe://cluster.local) is no workload ID.
+        let no_workload = der(&ours);
 
         // (certificate, as the HBONE server judges a client, as the client judges a server)
         let cases = [
@@ -490,7 +462,11 @@ mod tests {
                 Some(F::UnknownTrustDomain),
             ),
             (&expired, Some(F::Expired), Some(F::Expired)),
-            (&no_uri, Some(F::BadCertificate), Some(F::BadCertificate)),
+            (
+                &no_workload,
+                Some(F::BadCertificate),
+                Some(F::BadCertificate),
+            ),
         ];
         for (i, (leaf, client, server)) in cases.into_iter().enumerate() {
             assert_eq!(
@@ -516,10 +492,14 @@ mod tests {
     #[test]
     fn a_pin_admits_its_identity_only_of_whatever_domain() {
         use HandshakeFailure as F;
-        let (ours, partner) = (Ca::new("ours"), Ca::new("partner"));
-        let set = bundles(&ours, &partner);
-        let partner_leaf = partner.leaf(Some(PARTNER), now());
-        let our_leaf = ours.leaf(Some(OURS), now());
+        let (ours, partner, rogue) = (
+            ca("cluster.local"),
+            ca("partner.example"),
+            ca("cluster.local"),
+        );
+        let set = bundles(&ours, &partner, &rogue);
+        let partner_leaf = leaf(&partner, PARTNER, 0);
+        let our_leaf = leaf(&ours, OURS, 0);
         let other_of_ours = "spiffe://cluster.local/ns/shop/sa/backend";
         assert_eq!(reason(as_server(&set, &partner_leaf, Some(PARTNER))), None);
         assert_eq!(reason(as_server(&set, &our_leaf, Some(OURS))), None);
@@ -532,7 +512,7 @@ mod tests {
             Some(F::UnexpectedIdentity)
         );
         // A pin never stands in for the chain: a forged certificate of the pinned ID is refused.
-        let forged = partner.leaf(Some(OURS), now());
+        let forged = leaf(&rogue, OURS, 0);
         assert_eq!(
             reason(as_server(&set, &forged, Some(OURS))),
             Some(F::WrongTrustDomain)
