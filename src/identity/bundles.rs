@@ -513,12 +513,18 @@ mod tests {
         })
         .to_string();
         let read = parse_json(map.as_bytes(), None, "bundles.json").expect("a map");
-        assert_eq!(ders(&read, "partner.example"), [partner.clone()]);
+        assert_eq!(
+            ders(&read, "partner.example"),
+            std::slice::from_ref(&partner)
+        );
         assert_eq!(ders(&read, "other.org"), [other]);
 
         let one = serde_json::json!({"keys": [jwk(&partner)]}).to_string();
         let read = parse_json(one.as_bytes(), Some("partner.example"), "x").expect("named");
-        assert_eq!(ders(&read, "partner.example"), [partner.clone()]);
+        assert_eq!(
+            ders(&read, "partner.example"),
+            std::slice::from_ref(&partner)
+        );
         let err = parse_json(one.as_bytes(), None, "bundle.json").expect_err("unnamed");
         assert!(
             err.to_string()

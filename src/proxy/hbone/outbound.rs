@@ -35,6 +35,7 @@ use super::{
 };
 use crate::config::OutboundMtls;
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
+use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::tcp::{self, Route};
@@ -365,44 +366,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
             kind: classify_io(&e, true),
             reason: e.to_string(),
         })?;
-    let expected = mtls.peers.expected(peer.ip()).cloned();
-    let config = client_config(material.key.clone(), material.bundles.clone(), expected)
-        .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-    let refused = |reason, detail: String| {
-        shared
-            .telemetry
-            .metrics
-            .count_handshake_failure(Direction::Outbound, reason);
-        failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
-    };
-    // No SNI is sent (the configuration says so); the name only satisfies the API.
-    let name = ServerName::IpAddress(peer.ip().into());
-    let handshake = TlsConnector::from(config).connect(name, tcp);
-    let tls = match tokio::time::timeout(options.timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            let (reason, detail) =
-                failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
-            return Err(refused(reason, detail));
-        }
-        Err(_) => {
-            return Err(failed(
-                ErrorKind::ConnectTimeout,
-                "the TLS handshake took longer than --connect-timeout".into(),
-            ));
-        }
-    };
-    let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_H2) {
-        return Err(refused(
-            HandshakeFailure::NoAlpnH2,
-            "the peer did not agree on ALPN h2".into(),
-        ));
-    }
-    let peer_identity: Arc<str> = peer_id(session.peer_certificates())
-        .map(|id| id.to_string())
-        .unwrap_or_default()
-        .into();
+    let (tls, peer_identity) = handshake(shared, mtls, &material, peer, tcp).await?;
     let workload = Workload::new(
         &material.id.namespace,
         mtls.pod_name.clone(),
@@ -452,6 +416,57 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         usage,
         refusal,
     })
+}
+
+/// Our side of the TLS handshake with `peer` over `tcp`: the stream and the server's SPIFFE ID. A
+/// refusal is counted, with the check that refused it.
+async fn handshake(
+    shared: &Shared,
+    mtls: &Mtls,
+    material: &Material,
+    peer: SocketAddr,
+    tcp: TcpStream,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Arc<str>), OpenError> {
+    let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
+    let expected = mtls.peers.expected(peer.ip()).cloned();
+    let config = client_config(material.key.clone(), material.bundles.clone(), expected)
+        .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+    let refused = |reason, detail: String| {
+        shared
+            .telemetry
+            .metrics
+            .count_handshake_failure(Direction::Outbound, reason);
+        failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
+    };
+    // No SNI is sent (the configuration says so); the name only satisfies the API.
+    let name = ServerName::IpAddress(peer.ip().into());
+    let connecting = TlsConnector::from(config).connect(name, tcp);
+    let tls = match tokio::time::timeout(shared.upstreams.connect.timeout, connecting).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let (reason, detail) =
+                failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
+            return Err(refused(reason, detail));
+        }
+        Err(_) => {
+            return Err(failed(
+                ErrorKind::ConnectTimeout,
+                "the TLS handshake took longer than --connect-timeout".into(),
+            ));
+        }
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(refused(
+            HandshakeFailure::NoAlpnH2,
+            "the peer did not agree on ALPN h2".into(),
+        ));
+    }
+    let peer_identity: Arc<str> = peer_id(session.peer_certificates())
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+        .into();
+    Ok((tls, peer_identity))
 }
 
 /// Resolves once the connection has had no stream for `idle_timeout`.
