@@ -90,6 +90,13 @@ fn parse_peer_identities(path: &str) -> Result<crate::identity::peers::PeerIdent
     crate::identity::peers::PeerIdentities::load(std::path::Path::new(path))
 }
 
+/// Parses `--peer-identities-inline`.
+fn parse_peer_identities_inline(
+    text: &str,
+) -> Result<crate::identity::peers::PeerIdentities, String> {
+    crate::identity::peers::PeerIdentities::parse(text)
+}
+
 #[derive(Args, Clone, Debug)]
 pub struct RunArgs {
     /// Inbound listener: traffic to the pod, redirected here by `amazing-proxy init`.
@@ -273,13 +280,20 @@ pub struct RunArgs {
     )]
     pub identity_trust_bundle: Option<PathBuf>,
 
-    /// The SPIFFE trust domain: our identity and every peer's must be in it.
+    /// The SPIFFE trust domain: our identity is in it, and `ca.crt` (or the identity's trust
+    /// bundle) anchors its identities only.
     #[arg(
         long,
         env = "AMAZING_PROXY_TRUST_DOMAIN",
         default_value = "cluster.local"
     )]
     pub trust_domain: String,
+
+    /// The CAs of other trust domains (federation), each anchoring only its own domain's
+    /// identities: a directory of `<trust-domain>.pem` (or `.json`, a SPIFFE bundle) files, or a
+    /// SPIFFE bundle JSON file (docs/mtls.md). Reloaded when it changes.
+    #[arg(long, env = "AMAZING_PROXY_TRUST_BUNDLES")]
+    pub trust_bundles: Option<PathBuf>,
 
     /// HBONE listener (HTTP/2 CONNECT over mutual TLS). Default 0.0.0.0:15008 when an identity is
     /// configured and --inbound-mtls is not off; `off` disables it.
@@ -301,10 +315,20 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_PLAINTEXT_PORTS", default_value = "", value_parser = PortList::from_str)]
     pub plaintext_ports: PortList,
 
-    /// The identity expected of HBONE peers: lines `CIDR-or-address SPIFFE-ID`. A peer without an
-    /// entry may have any identity of the trust domain.
+    /// The identity expected of HBONE servers: lines `CIDR-or-address SPIFFE-ID`. A server without
+    /// an entry may have any identity of our trust domain (and none of another).
     #[arg(long, env = "AMAZING_PROXY_PEER_IDENTITIES", value_parser = parse_peer_identities)]
     pub peer_identities: Option<crate::identity::peers::PeerIdentities>,
+
+    /// --peer-identities' entries given as text rather than a file (`;` also separates entries):
+    /// what `inject` writes from the `amazing-proxy.io/peer-identities` annotation.
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_PEER_IDENTITIES_INLINE",
+        value_parser = parse_peer_identities_inline,
+        conflicts_with = "peer_identities"
+    )]
+    pub peer_identities_inline: Option<crate::identity::peers::PeerIdentities>,
 
     /// Authorization policy (YAML, docs/policy.md): which peers may reach which inbound port and,
     /// for HTTP, which methods and paths. A refused HBONE stream gets 401, a refused request 403, a
@@ -427,6 +451,9 @@ impl RunArgs {
         }
         if !identity && matches!(self.hbone, Some(Listen(Some(_)))) {
             return Err(without("--hbone"));
+        }
+        if !identity && self.trust_bundles.is_some() {
+            return Err(without("--trust-bundles"));
         }
         if self.inbound_mtls() == InboundMtls::Strict && self.hbone == Some(Listen(None)) {
             return Err(

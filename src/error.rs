@@ -1,7 +1,7 @@
 //! One error type for everything that can go wrong with a proxied request or connection.
 //!
-//! Each kind knows whose fault it was (the client, the app or the proxy itself), which status the
-//! client gets and what one-line body explains it. The access log and the metrics read the kind;
+//! Each kind knows whose fault it was (the client, the app, a mesh peer or the proxy itself), which
+//! status the client gets and what one-line body explains it. The access log and the metrics read the kind;
 //! nothing downstream matches on strings.
 
 use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
@@ -12,6 +12,8 @@ use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 pub enum Fault {
     Client,
     App,
+    /// The other end of a mutual TLS (HBONE) handshake: its certificate or its TLS was refused.
+    Peer,
     Proxy,
 }
 
@@ -20,6 +22,7 @@ impl Fault {
         match self {
             Fault::Client => "client",
             Fault::App => "app",
+            Fault::Peer => "peer",
             Fault::Proxy => "proxy",
         }
     }
@@ -71,8 +74,100 @@ pub enum ErrorKind {
     /// Opaque TCP: no byte either way for --tcp-idle-timeout.
     TcpIdleTimeout,
     /// Inbound traffic addressed to one of the proxy's own ports (admin, inbound, outbound,
-    /// HBONE): refused, since it would reach what only the pod itself may.
+    /// HBONE), or to a loopback or unspecified address: refused, since it would reach what only
+    /// the pod itself may.
     ProxyPort,
+    /// A mutual TLS (HBONE) handshake with a peer failed this check.
+    Handshake(HandshakeFailure),
+}
+
+/// Which check failed a mutual TLS handshake with a peer: the `reason` label of
+/// `tls_handshake_failures_total`, and the error kind `tls_<reason>`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub enum HandshakeFailure {
+    /// The chain leads to no CA of the trust domain its SPIFFE ID claims.
+    UnknownCa,
+    /// Signed by the CA of another trust domain than its SPIFFE ID's; or a server of another trust
+    /// domain that --peer-identities does not name.
+    WrongTrustDomain,
+    /// No trust bundle for the peer's trust domain.
+    UnknownTrustDomain,
+    /// A server that is not the identity --peer-identities expects at its address.
+    UnexpectedIdentity,
+    Expired,
+    NotYetValid,
+    /// Not one workload SPIFFE ID as its only URI SAN, or otherwise unusable.
+    BadCertificate,
+    /// The client sent no certificate.
+    NoCertificate,
+    /// The peer did not agree on ALPN `h2`.
+    NoAlpnH2,
+    /// The peer refused our certificate (a TLS alert).
+    RefusedByPeer,
+    /// Anything else of TLS (versions, cipher suites, a malformed message).
+    Protocol,
+}
+
+impl HandshakeFailure {
+    pub fn as_str(self) -> &'static str {
+        use HandshakeFailure::*;
+        match self {
+            UnknownCa => "unknown_ca",
+            WrongTrustDomain => "wrong_trust_domain",
+            UnknownTrustDomain => "unknown_trust_domain",
+            UnexpectedIdentity => "unexpected_identity",
+            Expired => "expired",
+            NotYetValid => "not_yet_valid",
+            BadCertificate => "bad_certificate",
+            NoCertificate => "no_certificate",
+            NoAlpnH2 => "no_alpn_h2",
+            RefusedByPeer => "refused_by_peer",
+            Protocol => "protocol",
+        }
+    }
+
+    /// The error kind's name.
+    fn kind(self) -> &'static str {
+        use HandshakeFailure::*;
+        match self {
+            UnknownCa => "tls_unknown_ca",
+            WrongTrustDomain => "tls_wrong_trust_domain",
+            UnknownTrustDomain => "tls_unknown_trust_domain",
+            UnexpectedIdentity => "tls_unexpected_identity",
+            Expired => "tls_expired",
+            NotYetValid => "tls_not_yet_valid",
+            BadCertificate => "tls_bad_certificate",
+            NoCertificate => "tls_no_certificate",
+            NoAlpnH2 => "tls_no_alpn_h2",
+            RefusedByPeer => "tls_refused_by_peer",
+            Protocol => "tls_protocol",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        use HandshakeFailure::*;
+        match self {
+            UnknownCa => {
+                "amazing-proxy: the peer's certificate chains to no CA of its trust domain\n"
+            }
+            WrongTrustDomain => {
+                "amazing-proxy: the peer's certificate is of another trust domain than allowed\n"
+            }
+            UnknownTrustDomain => {
+                "amazing-proxy: no trust bundle for the peer's trust domain (--trust-bundles)\n"
+            }
+            UnexpectedIdentity => {
+                "amazing-proxy: the peer is not the identity expected (--peer-identities)\n"
+            }
+            Expired => "amazing-proxy: the peer's certificate has expired\n",
+            NotYetValid => "amazing-proxy: the peer's certificate is not valid yet\n",
+            BadCertificate => "amazing-proxy: the peer's certificate is not a workload SVID\n",
+            NoCertificate => "amazing-proxy: the peer sent no certificate\n",
+            NoAlpnH2 => "amazing-proxy: the peer does not speak ALPN h2\n",
+            RefusedByPeer => "amazing-proxy: the peer refused our certificate\n",
+            Protocol => "amazing-proxy: the TLS handshake with the peer failed\n",
+        }
+    }
 }
 
 impl ErrorKind {
@@ -83,6 +178,7 @@ impl ErrorKind {
             | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
             ClientBody | RequestTimeout | ClientDisconnected | BadRequest | HeadersTooLarge
             | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort => Fault::Client,
+            Handshake(_) => Fault::Peer,
             LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
         }
     }
@@ -93,7 +189,7 @@ impl ErrorKind {
         use http::StatusCode as S;
         match self {
             ConnectRefused | ConnectFailed | UpstreamReset | UpstreamProtocol | UpstreamBody
-            | ResponseBodyTimeout | TcpIo => S::BAD_GATEWAY,
+            | ResponseBodyTimeout | TcpIo | Handshake(_) => S::BAD_GATEWAY,
             ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
             ClientBody | BadRequest => S::BAD_REQUEST,
             RequestTimeout => S::REQUEST_TIMEOUT,
@@ -135,6 +231,7 @@ impl ErrorKind {
             PolicyDenied => "policy_denied",
             TcpIdleTimeout => "tcp_idle_timeout",
             ProxyPort => "proxy_port",
+            Handshake(failure) => failure.kind(),
         }
     }
 
@@ -184,6 +281,7 @@ impl ErrorKind {
                 "amazing-proxy: the TCP stream was idle too long (--tcp-idle-timeout)\n"
             }
             ProxyPort => "amazing-proxy: the destination is one of the proxy's own ports\n",
+            Handshake(failure) => failure.message(),
         }
     }
 
@@ -210,6 +308,12 @@ impl ErrorKind {
 }
 
 impl EncodeLabelValue for Fault {
+    fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
+        std::fmt::Write::write_str(encoder, self.as_str())
+    }
+}
+
+impl EncodeLabelValue for HandshakeFailure {
     fn encode(&self, encoder: &mut LabelValueEncoder<'_>) -> std::fmt::Result {
         std::fmt::Write::write_str(encoder, self.as_str())
     }
@@ -281,6 +385,10 @@ mod tests {
         assert_eq!(ErrorKind::ClientBody.fault(), Fault::Client);
         assert_eq!(ErrorKind::UpstreamReset.fault(), Fault::App);
         assert_eq!(ErrorKind::TooManyConnections.fault(), Fault::Proxy);
+        let refused = ErrorKind::Handshake(HandshakeFailure::WrongTrustDomain);
+        assert_eq!(refused.fault(), Fault::Peer);
+        assert_eq!(refused.as_str(), "tls_wrong_trust_domain");
+        assert_eq!(refused.status(), 502);
     }
 
     #[test]

@@ -178,6 +178,12 @@ const CASES: &[Case] = &[
         strict: true,
         kubernetes: &KUBERNETES_VERSIONS,
     },
+    Case {
+        fixture: "peer-identities.yaml",
+        args: &[],
+        strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
+    },
 ];
 
 const ERROR_CASES: &[&str] = &[

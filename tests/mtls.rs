@@ -12,6 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use amazing_proxy::identity::bundles::{Authorities, BundleSet};
 use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
@@ -23,7 +24,7 @@ use http_body_util::{BodyExt, Empty};
 use support::http::TestApp;
 use support::identity::{Ca, Leaf};
 use support::in_process::{Captured, run_args};
-use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh};
+use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh, Pod};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -170,6 +171,7 @@ async fn recording_hbone_server(
     let material = load(
         &Files::Dir(server.to_owned()),
         "cluster.local",
+        None,
         SystemTime::now(),
     )
     .expect("server material");
@@ -405,20 +407,24 @@ async fn a_certificate_from_another_ca_is_refused_both_ways() {
     .await;
 }
 
-/// A TLS client of ours with `key`'s certificate, trusting `roots`, that accepts any server of
-/// `server_domain`: it reaches the server's own checks of the client.
+/// A TLS client of ours with `material`'s certificate that accepts any server of `server_domain`
+/// issued by `server_ca`: it reaches the server's own checks of the client.
 async fn handshake_then_read(
     hbone: SocketAddr,
     material: &amazing_proxy::identity::material::Material,
     server_domain: &str,
+    server_ca: &Ca,
 ) -> std::io::Result<usize> {
-    let config = tls::client_config(
-        material.key.clone(),
-        material.roots.clone(),
+    let bundles = BundleSet::new(
         server_domain,
-        None,
+        vec![server_ca.der().into()],
+        "the server's CA",
+        Authorities::new(),
+        "",
     )
-    .expect("client config");
+    .expect("bundle set");
+    let config =
+        tls::client_config(material.key.clone(), Arc::new(bundles), None).expect("client config");
     let tcp = TcpStream::connect(hbone).await?;
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
     let mut tls = tokio_rustls::TlsConnector::from(config)
@@ -443,13 +449,14 @@ async fn an_identity_of_another_trust_domain_is_refused() {
         let material = load(
             &Files::Dir(dirs.path().join("foreign")),
             "other.example",
+            None,
             SystemTime::now(),
         )
         .expect("valid in its own trust domain");
         let read = bounded(
             "the refusal",
             WAIT,
-            handshake_then_read(p.hbone, &material, "cluster.local"),
+            handshake_then_read(p.hbone, &material, "cluster.local", &ca),
         )
         .await;
         assert!(
@@ -466,7 +473,7 @@ async fn an_identity_of_another_trust_domain_is_refused() {
         let read = bounded(
             "the handshake",
             WAIT,
-            handshake_then_read(p.hbone, &ours, "cluster.local"),
+            handshake_then_read(p.hbone, &ours, "cluster.local", &ca),
         )
         .await;
         assert!(
@@ -606,13 +613,8 @@ async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
         .as_ref()
         .and_then(|m| m.identity.material())
         .expect("material");
-    let config = tls::client_config(
-        material.key.clone(),
-        material.roots.clone(),
-        "cluster.local",
-        None,
-    )
-    .expect("client config");
+    let config = tls::client_config(material.key.clone(), material.bundles.clone(), None)
+        .expect("client config");
     let tcp = TcpStream::connect(hbone).await.expect("connect");
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
     let tls = bounded(
@@ -687,7 +689,7 @@ fn material_is_validated_as_it_loads() {
     let dirs = tempfile::tempdir().expect("temp dir");
     let now = SystemTime::now();
     let dir = |name: &str| dirs.path().join(name);
-    let load_dir = |name: &str| load(&Files::Dir(dir(name)), "cluster.local", now);
+    let load_dir = |name: &str| load(&Files::Dir(dir(name)), "cluster.local", None, now);
 
     let good = ca.issue(SERVER_ID);
     ca.write_dir(&dir("good"), &good);
@@ -705,6 +707,7 @@ fn material_is_validated_as_it_loads() {
             trust,
         },
         "cluster.local",
+        None,
         now,
     );
     assert_eq!(pod.expect("pod certificate").id.to_string(), SERVER_ID);
@@ -1142,4 +1145,438 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
         assert_eq!(send_status(&mut sender, "/status/201").await, 403);
     })
     .await;
+}
+
+const PARTNER_ID: &str = "spiffe://partner.example/ns/shop/sa/frontend";
+
+/// A `--trust-bundles` directory at `dir` holding `<domain>.pem` with `ca`'s certificate.
+fn bundle_dir(dir: &Path, domain: &str, ca: &Ca) -> String {
+    std::fs::create_dir_all(dir).expect("bundle dir");
+    std::fs::write(dir.join(format!("{domain}.pem")), ca.pem()).expect("write bundle");
+    dir.display().to_string()
+}
+
+/// The sum of the samples of metric `name` with `labels` in `shared`'s registry (0 without any).
+fn counted(shared: &Shared, name: &str, labels: &[&str]) -> f64 {
+    let text = shared.telemetry.metrics.encode();
+    support::metrics::metric(&text, name, labels).unwrap_or(0.0)
+}
+
+/// Our CA and a partner's (of partner.example), the app, our server's identity (`server/`) and the
+/// partner's (`partner/`), and for each side a --trust-bundles directory with the other's CA.
+struct Federation {
+    ours: Ca,
+    partner: Ca,
+    dirs: tempfile::TempDir,
+    /// Our side's --trust-bundles: `partner.example.pem`.
+    partner_bundle: String,
+    /// The partner's side's: `cluster.local.pem`.
+    our_bundle: String,
+    app: TestApp,
+}
+
+impl Federation {
+    async fn new() -> Federation {
+        let ours = Ca::new("mesh CA");
+        let partner = Ca::new("partner CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        let partner_bundle = bundle_dir(&dirs.path().join("bundles"), "partner.example", &partner);
+        let our_bundle = bundle_dir(&dirs.path().join("ours"), "cluster.local", &ours);
+        ours.write_dir(&dirs.path().join("server"), &ours.issue(SERVER_ID));
+        let partner_dir = dirs.path().join("partner");
+        support::identity::write_identity(&partner_dir, &partner.issue(PARTNER_ID), &[&partner]);
+        Federation {
+            ours,
+            partner,
+            dirs,
+            partner_bundle,
+            our_bundle,
+            app: TestApp::start().await,
+        }
+    }
+
+    fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dirs.path().join(name)
+    }
+
+    /// A data plane of ours with the identity in `name/` and the partner's bundle, and `extra`.
+    fn ours(&self, name: &str, extra: &[&str]) -> (Arc<Shared>, Captured) {
+        let mut flags = vec!["--trust-bundles", &self.partner_bundle];
+        flags.extend_from_slice(extra);
+        data_plane(self.app.addr, &self.path(name), &flags)
+    }
+
+    /// The partner's data plane (PARTNER_ID, with our CA as a bundle), and `extra`.
+    fn theirs(&self, extra: &[&str]) -> Arc<Shared> {
+        let mut flags = vec![
+            "--trust-domain",
+            "partner.example",
+            "--trust-bundles",
+            &self.our_bundle,
+        ];
+        flags.extend_from_slice(extra);
+        data_plane(self.app.addr, &self.path("partner"), &flags).0
+    }
+}
+
+/// A client whose certificate claims our trust domain but was minted by a partner's CA (its
+/// `ca.crt` trusts both, as an attacker's would) is refused by a server that trusts that CA for the
+/// partner's domain only; the refusal is the peer's fault and names the check, in the metrics.
+/// A server of the partner domain is refused by our client unless --peer-identities names it.
+#[tokio::test]
+async fn a_partner_ca_cannot_mint_our_identities() {
+    bounded("test", TEST_TIMEOUT, async {
+        let f = Federation::new().await;
+        let (server, _) = f.ours("server", &[]);
+        let hbone = hbone_listener(&server).await;
+
+        let forged = f.path("forged");
+        let leaf = f.partner.issue(CLIENT_ID);
+        support::identity::write_identity(&forged, &leaf, &[&f.partner, &f.ours]);
+        let (attacker, _) = data_plane(f.app.addr, &forged, &[]);
+        let refused = open(&attacker, hbone, f.app.addr).await.err();
+        assert!(
+            matches!(refused, Some(OpenError::Failed { .. })),
+            "{refused:?}"
+        );
+        // The attacker's proxy learns it was refused, after its side of the TLS 1.3 handshake.
+        let failures = "amazing_proxy_tls_handshake_failures_total";
+        let theirs = ["direction=\"outbound\"", "reason=\"refused_by_peer\""];
+        assert_eq!(counted(&attacker, failures, &theirs), 1.0, "{refused:?}");
+        let inbound = ["direction=\"inbound\"", "reason=\"wrong_trust_domain\""];
+        eventually("the server to count the refusal", WAIT, || async {
+            (counted(&server, failures, &inbound) == 1.0).then_some(())
+        })
+        .await;
+        let errors = [
+            "direction=\"inbound\"",
+            "kind=\"tls_wrong_trust_domain\"",
+            "fault=\"peer\"",
+        ];
+        assert_eq!(counted(&server, "amazing_proxy_errors_total", &errors), 1.0);
+        assert_eq!(f.app.connections(), 0, "nothing reached the app");
+
+        // The partner's own server, in the partner's domain: our client (which has the partner's
+        // bundle) accepts it only where --peer-identities names it.
+        let partner_hbone = hbone_listener(&f.theirs(&[])).await;
+        f.ours
+            .write_dir(&f.path("client"), &f.ours.issue(CLIENT_ID));
+        let (client, _) = f.ours("client", &[]);
+        let message = open(&client, partner_hbone, f.app.addr)
+            .await
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            message.contains("of trust domain partner.example")
+                && message.contains("--peer-identities"),
+            "{message}"
+        );
+        let outbound = ["direction=\"outbound\"", "reason=\"wrong_trust_domain\""];
+        assert_eq!(counted(&client, failures, &outbound), 1.0);
+        let pin = format!("127.0.0.0/8 {PARTNER_ID}");
+        let (pinned, _) = f.ours("client", &["--peer-identities-inline", &pin]);
+        let tunnel = open(&pinned, partner_hbone, f.app.addr)
+            .await
+            .expect("a pinned partner server");
+        assert_eq!(&*tunnel.peer, PARTNER_ID);
+    })
+    .await;
+}
+
+/// A peer of a partner trust domain (its CA given by --trust-bundles) is a peer like ours to the
+/// HBONE server; the policy decides: `all-authenticated` and `trustDomains` admit it,
+/// `cluster-authenticated` and `namespaces` (ours only) do not. Without the partner's bundle the
+/// handshake itself is refused.
+#[tokio::test]
+async fn a_partner_domain_peer_is_admitted_only_by_rules_for_other_domains() {
+    bounded("test", TEST_TIMEOUT, async {
+        let f = Federation::new().await;
+        let port = f.app.addr.port();
+        let pin = format!("127.0.0.0/8 {SERVER_ID}");
+        let client = f.theirs(&["--peer-identities-inline", &pin]);
+        let rules = |rule: &str| {
+            format!("default: deny\nports:\n  - port: {port}\n    allow:\n      - {rule}\n")
+        };
+        // (policy, admitted)
+        let cases = [
+            ("default: cluster-authenticated".to_string(), false),
+            ("default: all-authenticated".to_string(), true),
+            (rules("trustDomains: [partner.example]"), true),
+            (rules("namespaces: [shop]"), false),
+        ];
+        for (i, (policy, admitted)) in cases.iter().enumerate() {
+            let file = f.path(&format!("policy-{i}.yaml"));
+            std::fs::write(&file, policy).expect("write");
+            let file = file.display().to_string();
+            let (server, log) = f.ours("server", &["--policy", &file]);
+            let hbone = hbone_listener(&server).await;
+            let opened = open(&client, hbone, f.app.addr).await;
+            if *admitted {
+                let tunnel = opened.unwrap_or_else(|e| panic!("{policy}: {e}"));
+                assert_eq!(&*tunnel.peer, SERVER_ID);
+                assert_eq!(get(tunnel, "/status/200").await.0, 200, "{policy}");
+                let record = log.record(|r| r["status"] == 200).await;
+                assert_eq!(record["peer"], PARTNER_ID, "{record}");
+            } else {
+                let message = opened.err().map(|e| e.to_string()).unwrap_or_default();
+                assert!(message.contains("answered 401"), "{policy}: {message}");
+            }
+        }
+
+        // A server without the partner's bundle refuses the handshake itself.
+        let (strict, _) = data_plane(f.app.addr, &f.path("server"), &[]);
+        let hbone = hbone_listener(&strict).await;
+        assert!(open(&client, hbone, f.app.addr).await.is_err());
+        let inbound = ["direction=\"inbound\"", "reason=\"unknown_trust_domain\""];
+        eventually("the refusal to be counted", WAIT, || async {
+            let failures = "amazing_proxy_tls_handshake_failures_total";
+            (counted(&strict, failures, &inbound) == 1.0).then_some(())
+        })
+        .await;
+    })
+    .await;
+}
+
+/// Pods A and B with their own CAs, or `None` after reporting `test` skipped.
+fn pods(test: &str, a: Pod<'_>, b: Pod<'_>) -> Option<Mesh> {
+    Mesh::start_pods([a, b])
+        .map_err(|why| support::skip(test, &why))
+        .ok()
+}
+
+/// Waits until pod `pod`'s diagnostics (stderr) hold every one of `parts` on one line.
+fn logged(mesh: &Mesh, pod: &str, parts: &[&str]) -> String {
+    let file = format!("{pod}-proxy.log");
+    support::eventually_blocking(&format!("{parts:?} in {file}"), WAIT, || {
+        let log = mesh.read(&file);
+        log.lines()
+            .find(|line| parts.iter().all(|p| line.contains(p)))
+            .map(str::to_owned)
+            .ok_or(log)
+    })
+}
+
+/// Pod `pod`'s count of handshakes refused in `direction` for `reason`.
+fn refusals(mesh: &Mesh, pod: &str, direction: &str, reason: &str) -> f64 {
+    let labels = [
+        format!("direction=\"{direction}\""),
+        format!("reason=\"{reason}\""),
+    ];
+    let labels: Vec<&str> = labels.iter().map(String::as_str).collect();
+    support::metrics::metric(
+        &mesh.metrics(pod),
+        "amazing_proxy_tls_handshake_failures_total",
+        &labels,
+    )
+    .unwrap_or(0.0)
+}
+
+/// An attacker's pod holds a certificate of our trust domain minted by a partner's CA (which our
+/// pods trust for the partner's domain only, through --trust-bundles). As a client it is refused
+/// by B's HBONE server; as a server, A's client refuses it. Each refusal is logged with the check
+/// that failed and `fault` peer, and counted.
+#[test]
+fn an_attacker_pod_with_our_identity_from_a_partner_ca_is_refused_both_ways() {
+    let test = "an_attacker_pod_with_our_identity_from_a_partner_ca_is_refused_both_ways";
+    let ours = Ca::new("mesh CA");
+    let partner = Ca::new("partner CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let bundles = bundle_dir(&dir.path().join("bundles"), "partner.example", &partner);
+    let url = |mesh: &Mesh| format!("http://{}:{}/{}", mesh.b_ip, APP_PORT, APP_FILE);
+
+    // The attacker calls: A is the attacker (its ca.crt trusts both CAs, to accept B), B is ours.
+    let attacker = Pod {
+        id: CLIENT_ID,
+        trusts: &[&partner, &ours],
+        args: &["--outbound-mtls", "strict"],
+        env: &[],
+    };
+    let victim = Pod {
+        id: SERVER_ID,
+        trusts: &[&ours],
+        args: &["--inbound-mtls", "strict", "--trust-bundles", &bundles],
+        env: &[],
+    };
+    let Some(mesh) = pods(test, attacker, victim) else {
+        return;
+    };
+    let refused = mesh.curl_in_a("1000", &[&url(&mesh)]);
+    assert!(refused.is_err(), "the attacker got through: {refused:?}");
+    let line = logged(
+        &mesh,
+        "b",
+        &[
+            "HBONE handshake refused",
+            "error=tls_wrong_trust_domain",
+            "fault=peer",
+        ],
+    );
+    assert!(
+        line.contains("signed by a CA of trust domain partner.example"),
+        "{line}"
+    );
+    assert_eq!(refusals(&mesh, "b", "inbound", "wrong_trust_domain"), 1.0);
+    assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
+    let outbound = mesh.record("a", "outbound");
+    assert_eq!(outbound["error"], "tls_refused_by_peer", "{outbound}");
+    assert_eq!(outbound["fault"], "peer", "{outbound}");
+    drop(mesh);
+
+    // The attacker serves: A is ours (with the partner's bundle), B the attacker.
+    let victim = Pod {
+        id: CLIENT_ID,
+        trusts: &[&ours],
+        args: &["--outbound-mtls", "strict", "--trust-bundles", &bundles],
+        env: &[],
+    };
+    let attacker = Pod {
+        id: SERVER_ID,
+        trusts: &[&partner, &ours],
+        args: &[],
+        env: &[],
+    };
+    let Some(mesh) = pods(test, victim, attacker) else {
+        return;
+    };
+    let refused = mesh.curl_in_a("1000", &[&url(&mesh)]);
+    assert!(
+        refused.is_err(),
+        "A used the attacker's server: {refused:?}"
+    );
+    let outbound = mesh.record("a", "outbound");
+    assert_eq!(outbound["error"], "tls_wrong_trust_domain", "{outbound}");
+    assert_eq!(outbound["fault"], "peer", "{outbound}");
+    assert!(outbound.get("peer").is_none(), "{outbound}");
+    logged(
+        &mesh,
+        "a",
+        &[
+            "outbound connection reset",
+            "error=tls_wrong_trust_domain",
+            "fault=peer",
+        ],
+    );
+    assert_eq!(refusals(&mesh, "a", "outbound", "wrong_trust_domain"), 1.0);
+    assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
+}
+
+/// A pod of a partner trust domain calls ours, its server pinned with the inline form
+/// (`AMAZING_PROXY_PEER_IDENTITIES_INLINE`, as `inject` writes it): B's policy decides, reloaded
+/// between calls: `cluster-authenticated` refuses it, `all-authenticated` and a `trustDomains`
+/// rule admit it, and B's log names the partner's identity.
+#[test]
+fn a_partner_pod_is_admitted_by_all_authenticated_and_trust_domains_only() {
+    let test = "a_partner_pod_is_admitted_by_all_authenticated_and_trust_domains_only";
+    let ours = Ca::new("mesh CA");
+    let partner = Ca::new("partner CA");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let partner_bundle = bundle_dir(&dir.path().join("bundles"), "partner.example", &partner);
+    let our_bundle = bundle_dir(&dir.path().join("ours"), "cluster.local", &ours);
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "default: cluster-authenticated\n").expect("write");
+    let policy_flag = policy.display().to_string();
+    let pin = format!("198.18.0.0/15 {SERVER_ID}");
+    let a = Pod {
+        id: PARTNER_ID,
+        trusts: &[&partner],
+        args: &[
+            "--trust-domain",
+            "partner.example",
+            "--trust-bundles",
+            &our_bundle,
+            "--outbound-mtls",
+            "strict",
+        ],
+        // As the injected sidecar gets it from amazing-proxy.io/peer-identities.
+        env: &[("AMAZING_PROXY_PEER_IDENTITIES_INLINE", &pin)],
+    };
+    let b = Pod {
+        id: SERVER_ID,
+        trusts: &[&ours],
+        args: &["--trust-bundles", &partner_bundle, "--policy", &policy_flag],
+        env: &[],
+    };
+    let Some(mesh) = pods(test, a, b) else {
+        return;
+    };
+    let url = format!("http://{}:{}/{}", mesh.b_ip, APP_PORT, APP_FILE);
+    assert!(
+        mesh.curl_in_a("1000", &[&url]).is_err(),
+        "cluster-authenticated admitted a partner"
+    );
+    logged(
+        &mesh,
+        "b",
+        &["spiffe://partner.example/ns/shop/sa/frontend may not connect to port 8080"],
+    );
+
+    // Each policy's verdict differs from the one before, so each wait sees its reload.
+    let refusing = |rule: &str| {
+        format!("default: deny\nports:\n  - port: {APP_PORT}\n    allow:\n      - {rule}\n")
+    };
+    for (rules, admitted) in [
+        ("default: all-authenticated\n".to_string(), true),
+        (refusing("namespaces: [shop]"), false),
+        (refusing("trustDomains: [partner.example]"), true),
+    ] {
+        std::fs::write(&policy, &rules).expect("rewrite the policy");
+        support::eventually_blocking(&format!("{rules} in force"), WAIT, || {
+            match mesh.curl_in_a("1000", &[&url]) {
+                Ok(_) if admitted => Ok(()),
+                Err(_) if !admitted => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        });
+    }
+    let log = mesh.read("b-proxy.log");
+    for reason in [
+        " (default cluster-authenticated)",
+        ": no rule of the port allows it",
+    ] {
+        let refusal = format!("{PARTNER_ID} may not connect to port {APP_PORT}{reason}");
+        assert!(log.contains(&refusal), "no `{refusal}` in B's log:\n{log}");
+    }
+    let inbound = mesh.record("b", "inbound");
+    assert_eq!(inbound["peer"], PARTNER_ID, "{inbound}");
+    // A's records: refused calls (no peer) and tunnelled ones, which name B.
+    let outbound = support::tools::json_records(&mesh.read("a-access.log"));
+    assert!(
+        outbound.iter().any(|r| r["peer"] == SERVER_ID),
+        "{outbound:?}"
+    );
+}
+
+/// `--outbound-mtls strict` with a pin: a server with another valid identity of our trust domain
+/// is refused, logged as the peer's fault with the check that refused it.
+#[test]
+fn strict_with_a_pin_refuses_another_identity_of_our_domain() {
+    let test = "strict_with_a_pin_refuses_another_identity_of_our_domain";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let peers = dir.path().join("peers");
+    std::fs::write(
+        &peers,
+        "198.18.0.0/15 spiffe://cluster.local/ns/shop/sa/payments\n",
+    )
+    .expect("write");
+    let peers = peers.display().to_string();
+    let a: &[&str] = &["--outbound-mtls", "strict", "--peer-identities", &peers];
+    let Some(mesh) = mesh(test, (CLIENT_ID, a), (SERVER_ID, &[])) else {
+        return;
+    };
+    let url = format!("http://{}:{}/{}", mesh.b_ip, APP_PORT, APP_FILE);
+    assert!(
+        mesh.curl_in_a("1000", &[&url]).is_err(),
+        "A used an unexpected server"
+    );
+    let outbound = mesh.record("a", "outbound");
+    assert_eq!(outbound["error"], "tls_unexpected_identity", "{outbound}");
+    assert_eq!(outbound["fault"], "peer", "{outbound}");
+    let line = logged(&mesh, "a", &["outbound connection reset", "fault=peer"]);
+    assert!(
+        line.contains("the server is spiffe://cluster.local/ns/shop/sa/backend, expected spiffe://cluster.local/ns/shop/sa/payments"),
+        "{line}"
+    );
+    assert_eq!(refusals(&mesh, "a", "outbound", "unexpected_identity"), 1.0);
+    assert_eq!(mesh.read("b-access.log"), "", "nothing reached B's app");
 }

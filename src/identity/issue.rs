@@ -9,11 +9,14 @@
 //! chain is the leaf alone because the CA is the root that peers trust.
 //!
 //! Files are never overwritten unless asked (`--force`): a CA key replaced by mistake invalidates
-//! every identity it issued. Keys are written with mode 0600.
+//! every identity it issued. Each file is written whole to a new file beside it (created
+//! exclusively, never through a symlink), then renamed into place: a symlink at the target is
+//! replaced, never followed, and a key is mode 0600 whatever was there before and whatever the
+//! umask.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use clap::{Args, Subcommand};
@@ -303,9 +306,14 @@ pub fn issue(
 }
 
 /// Writes `files` (name, contents, secret) into `dir`, creating it. Without `force`, refuses before
-/// writing anything when one of them exists, so that a refusal leaves no half-written set.
+/// writing anything when one of them exists (a dangling symlink too), so that a refusal leaves no
+/// half-written set.
 fn write_files(dir: &Path, files: &[(&str, &str, bool)], force: bool) -> Result<(), IssueError> {
-    if !force && let Some((name, ..)) = files.iter().find(|(name, ..)| dir.join(name).exists()) {
+    if !force
+        && let Some((name, ..)) = files
+            .iter()
+            .find(|(name, ..)| dir.join(name).symlink_metadata().is_ok())
+    {
         return Err(IssueError::Exists(dir.join(name)));
     }
     fs::create_dir_all(dir).map_err(|error| IssueError::Write {
@@ -313,30 +321,59 @@ fn write_files(dir: &Path, files: &[(&str, &str, bool)], force: bool) -> Result<
         error,
     })?;
     for (name, contents, secret) in files {
-        let path = dir.join(name);
-        let mut options = OpenOptions::new();
-        options.write(true);
-        if force {
-            options.create(true).truncate(true);
-        } else {
-            // Also catches a file that appeared since the check above.
-            options.create_new(true);
-        }
-        if *secret {
-            options.mode(0o600);
-        }
-        let result = options
-            .open(&path)
-            .and_then(|mut file| file.write_all(contents.as_bytes()));
-        result.map_err(|error| match error.kind() {
-            std::io::ErrorKind::AlreadyExists => IssueError::Exists(path.clone()),
-            _ => IssueError::Write {
-                path: path.clone(),
-                error,
-            },
-        })?;
+        write_file(dir, name, contents, *secret, force)?;
     }
     Ok(())
+}
+
+/// Writes `dir/name` through a new file beside it: created exclusively and without following a
+/// symlink, its mode set (0600 for a `secret`, else 0644), then renamed over the target (with
+/// `force`; a symlink there is replaced, not followed) or linked to it (without: fails if anything
+/// appeared there since the check).
+fn write_file(
+    dir: &Path,
+    name: &str,
+    contents: &str,
+    secret: bool,
+    force: bool,
+) -> Result<(), IssueError> {
+    let path = dir.join(name);
+    let mode = if secret { 0o600 } else { 0o644 };
+    let temporary = dir.join(format!(
+        ".{name}.{}-{:016x}.tmp",
+        std::process::id(),
+        fastrand::u64(..)
+    ));
+    let write_error = |path: &Path, error| IssueError::Write {
+        path: path.to_owned(),
+        error,
+    };
+    let written = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(&temporary)
+        .and_then(|mut file| {
+            // The umask may have taken bits away: the mode is exactly what it should be.
+            file.set_permissions(fs::Permissions::from_mode(mode))?;
+            file.write_all(contents.as_bytes())?;
+            file.sync_all()
+        })
+        .map_err(|e| write_error(&temporary, e));
+    let placed = written.and_then(|()| {
+        if force {
+            fs::rename(&temporary, &path).map_err(|e| write_error(&path, e))
+        } else {
+            fs::hard_link(&temporary, &path).map_err(|error| match error.kind() {
+                std::io::ErrorKind::AlreadyExists => IssueError::Exists(path.clone()),
+                _ => write_error(&path, error),
+            })
+        }
+    });
+    // After a rename there is nothing left to remove; after a link or a failure, the new file goes.
+    let _ = fs::remove_file(&temporary);
+    placed
 }
 
 #[cfg(test)]
@@ -499,5 +536,71 @@ mod tests {
         assert!(!out.join("b").exists());
         write_files(&out, &[("k", "new", true)], true).expect("forced");
         assert_eq!(fs::read_to_string(out.join("k")).expect("read"), "new");
+        let left: Vec<_> = fs::read_dir(&out)
+            .expect("list")
+            .map(|e| e.expect("entry").file_name())
+            .collect();
+        assert_eq!(left.len(), 2, "no temporary file left behind: {left:?}");
+    }
+
+    #[test]
+    fn forced_keys_are_0600_and_symlinks_are_replaced_not_followed() {
+        use std::os::unix::fs::{PermissionsExt, symlink};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let out = dir.path().join("ca");
+        fs::create_dir(&out).expect("mkdir");
+        let mode = |p: &Path| fs::symlink_metadata(p).expect("meta").permissions().mode() & 0o777;
+
+        // A key path that is a world-readable file: replaced by a 0600 one.
+        fs::write(out.join(CA_KEY), "old").expect("write");
+        fs::set_permissions(out.join(CA_KEY), fs::Permissions::from_mode(0o644)).expect("chmod");
+        // A key path that is a symlink to a file elsewhere: the link goes, its target is untouched.
+        let elsewhere = dir.path().join("precious");
+        fs::write(&elsewhere, "keep me").expect("write");
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o644)).expect("chmod");
+        symlink(&elsewhere, out.join(TLS_KEY)).expect("symlink");
+
+        write_files(
+            &out,
+            &[
+                (CA_KEY, "new ca key", true),
+                (TLS_KEY, "new key", true),
+                (CA_CERT, "cert", false),
+            ],
+            true,
+        )
+        .expect("forced");
+        for key in [CA_KEY, TLS_KEY] {
+            let path = out.join(key);
+            assert!(
+                fs::symlink_metadata(&path).expect("meta").is_file(),
+                "{key} is a plain file"
+            );
+            assert_eq!(mode(&path), 0o600, "{key}");
+        }
+        assert_eq!(
+            fs::read_to_string(out.join(TLS_KEY)).expect("read"),
+            "new key"
+        );
+        assert_eq!(fs::read_to_string(&elsewhere).expect("read"), "keep me");
+        assert_eq!(
+            mode(&elsewhere),
+            0o644,
+            "the symlink's target kept its mode"
+        );
+        assert_eq!(mode(&out.join(CA_CERT)), 0o644);
+
+        // Without --force, a dangling symlink counts as a file that exists.
+        let other = dir.path().join("other");
+        fs::create_dir(&other).expect("mkdir");
+        symlink(dir.path().join("nowhere"), other.join(TLS_KEY)).expect("symlink");
+        let err = write_files(&other, &[(TLS_KEY, "k", true)], false)
+            .map(|_| ())
+            .expect_err("refused");
+        assert!(matches!(err, IssueError::Exists(_)), "{err}");
+        assert!(
+            !dir.path().join("nowhere").exists(),
+            "nothing written through the link"
+        );
     }
 }

@@ -1,12 +1,12 @@
-//! The workload's identity material: its certificate chain, the key and the trust bundle, read from
-//! files and validated before use (the key matches the leaf, the leaf carries one workload SPIFFE ID
-//! of our trust domain, chains to the bundle and is within its validity).
+//! The workload's identity material: its certificate chain, the key and the trust bundles (ours,
+//! and other trust domains' from `--trust-bundles` or the Workload API, [`super::bundles`]), read
+//! from files and validated before use (the key matches the leaf, the leaf carries one workload
+//! SPIFFE ID of our trust domain, chains to our domain's bundle and is within its validity).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::RootCertStore;
 use rustls::crypto::CryptoProvider;
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
@@ -16,6 +16,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::SpiffeId;
+use super::bundles::{self, Authorities, BundleError, BundleSet};
 use super::tls;
 
 /// Material read from files.
@@ -46,7 +47,8 @@ pub struct Material {
     pub id: SpiffeId,
     pub trust_domain: String,
     pub key: Arc<CertifiedKey>,
-    pub roots: Arc<RootCertStore>,
+    /// The CAs of each trust domain peers may be of.
+    pub bundles: Arc<BundleSet>,
     pub not_after: SystemTime,
     pub server: Arc<rustls::ServerConfig>,
 }
@@ -88,6 +90,8 @@ pub enum MaterialError {
         bundle: String,
         error: String,
     },
+    #[error("{0}")]
+    Bundles(#[from] BundleError),
     #[error("cannot build the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
 }
@@ -96,10 +100,14 @@ pub enum MaterialError {
 pub struct Parts {
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivateKeyDer<'static>,
+    /// Our trust domain's CAs.
     pub bundle: Vec<CertificateDer<'static>>,
+    /// Other trust domains' CAs (our own among them adds to `bundle`).
+    pub federated: Authorities,
     pub chain_from: String,
     pub key_from: String,
     pub bundle_from: String,
+    pub federated_from: String,
 }
 
 /// What is wrong with a leaf certificate as a workload identity.
@@ -135,8 +143,8 @@ fn system_time(seconds: i64) -> SystemTime {
     }
 }
 
-/// The SPIFFE ID (the one URI SAN) and the validity of a leaf, the ID checked against `trust_domain`.
-pub fn leaf(der: &[u8], trust_domain: &str) -> Result<Leaf, LeafProblem> {
+/// The SPIFFE ID (the one URI SAN, of any trust domain) and the validity of a leaf.
+pub fn leaf(der: &[u8]) -> Result<Leaf, LeafProblem> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| LeafProblem::Parse(e.to_string()))?;
     let uris: Vec<&str> = match cert.subject_alternative_name() {
@@ -156,12 +164,6 @@ pub fn leaf(der: &[u8], trust_domain: &str) -> Result<Leaf, LeafProblem> {
         return Err(LeafProblem::UriCount(uris.len()));
     };
     let id: SpiffeId = uri.parse()?;
-    if id.trust_domain != trust_domain {
-        return Err(LeafProblem::ForeignTrustDomain {
-            id,
-            expected: trust_domain.to_owned(),
-        });
-    }
     let validity = cert.validity();
     Ok(Leaf {
         id,
@@ -208,10 +210,12 @@ fn certificates(pem: &[u8], path: &Path) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-/// Reads the files of `source` (PEM) and validates them at `now`.
+/// Reads the files of `source` (PEM) and the bundles of other trust domains at `trust_bundles`
+/// (`--trust-bundles`), and validates them at `now`.
 pub fn load(
     source: &Files,
     trust_domain: &str,
+    trust_bundles: Option<&Path>,
     now: SystemTime,
 ) -> Result<Material, MaterialError> {
     let (chain_path, key_path, bundle_path) = match source {
@@ -235,9 +239,16 @@ pub fn load(
             pem: "PRIVATE KEY",
         })?,
         bundle: certificates(&bundle_pem, &bundle_path)?,
+        federated: trust_bundles
+            .map(bundles::read)
+            .transpose()?
+            .unwrap_or_default(),
         chain_from: chain_path.display().to_string(),
         key_from: key_path.display().to_string(),
         bundle_from: bundle_path.display().to_string(),
+        federated_from: trust_bundles
+            .map(|p| format!("--trust-bundles {}", p.display()))
+            .unwrap_or_default(),
     };
     validate(parts, trust_domain, now)
 }
@@ -253,9 +264,11 @@ pub fn validate(
         chain,
         key,
         bundle,
+        federated,
         chain_from,
         key_from,
         bundle_from,
+        federated_from,
     } = parts;
     let Some(leaf_der) = chain.first() else {
         return Err(MaterialError::Missing {
@@ -264,19 +277,25 @@ pub fn validate(
             pem: "CERTIFICATE",
         });
     };
-    let mut roots = RootCertStore::empty();
-    for cert in bundle {
-        roots.add(cert).map_err(|e| MaterialError::Read {
-            path: bundle_from.clone(),
-            error: format!("a trust anchor is unusable: {e}"),
-        })?;
-    }
+    let bundles = BundleSet::new(
+        trust_domain,
+        bundle,
+        &bundle_from,
+        federated,
+        &federated_from,
+    )?;
 
     let leaf_problem = |problem| MaterialError::Leaf {
         path: chain_from.clone(),
         problem,
     };
-    let info = leaf(leaf_der, trust_domain).map_err(leaf_problem)?;
+    let info = leaf(leaf_der).map_err(leaf_problem)?;
+    if info.id.trust_domain != trust_domain {
+        return Err(leaf_problem(LeafProblem::ForeignTrustDomain {
+            id: info.id,
+            expected: trust_domain.to_owned(),
+        }));
+    }
     info.check_time(now).map_err(leaf_problem)?;
 
     let provider: Arc<CryptoProvider> = tls::provider();
@@ -289,7 +308,7 @@ pub fn validate(
     let unix_now = UnixTime::since_unix_epoch(now.duration_since(UNIX_EPOCH).unwrap_or_default());
     rustls::client::verify_server_cert_signed_by_trust_anchor(
         &parsed,
-        &roots,
+        bundles.ours(),
         &chain[1..],
         unix_now,
         provider.signature_verification_algorithms.all,
@@ -303,13 +322,13 @@ pub fn validate(
     })?;
 
     let key = Arc::new(certified);
-    let roots = Arc::new(roots);
-    let server = tls::server_config(key.clone(), roots.clone(), trust_domain)?;
+    let bundles = Arc::new(bundles);
+    let server = tls::server_config(key.clone(), bundles.clone())?;
     Ok(Material {
         id: info.id,
         trust_domain: trust_domain.to_owned(),
         key,
-        roots,
+        bundles,
         not_after: info.not_after,
         server,
     })

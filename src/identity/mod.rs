@@ -3,6 +3,7 @@
 //! that proves it ([`material`]), watched for rotation ([`source`]); the TLS configurations HBONE
 //! uses ([`tls`]); the identities expected of peers ([`peers`]).
 
+pub mod bundles;
 pub mod material;
 pub mod peers;
 pub mod source;
@@ -52,12 +53,7 @@ impl FromStr for SpiffeId {
         else {
             return Err(invalid());
         };
-        // SPIFFE: trust domains are lower-case letters, digits, `.`, `-`, `_`; path segments are
-        // letters, digits, `.`, `-`, `_` and never empty, `.` or `..`.
-        let domain_ok = !trust_domain.is_empty()
-            && trust_domain
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b));
+        // SPIFFE: path segments are letters, digits, `.`, `-`, `_` and never empty, `.` or `..`.
         let segment_ok = |seg: &str| {
             !seg.is_empty()
                 && seg != "."
@@ -66,7 +62,8 @@ impl FromStr for SpiffeId {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b".-_".contains(&b))
         };
-        if !domain_ok || !segment_ok(namespace) || !segment_ok(service_account) {
+        if !is_trust_domain(trust_domain) || !segment_ok(namespace) || !segment_ok(service_account)
+        {
             return Err(invalid());
         }
         Ok(SpiffeId {
@@ -75,6 +72,14 @@ impl FromStr for SpiffeId {
             service_account: service_account.to_owned(),
         })
     }
+}
+
+/// Whether `name` is a SPIFFE trust domain name: lower-case letters, digits, `.`, `-`, `_`.
+pub fn is_trust_domain(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b".-_".contains(&b))
 }
 
 impl fmt::Display for SpiffeId {

@@ -7,15 +7,17 @@
 //! file watches miss unless they follow the directory's renames, and three `stat`s every few
 //! seconds cost nothing. The same tick re-checks the expiry, which no file event would signal.
 //! The SPIFFE Workload API streams its SVIDs ([`super::spire`]): each new one is validated as the
-//! files are ([`validate`]).
+//! files are ([`validate`]). `--trust-bundles` is polled the same way with either source, and a
+//! change in it is a reload: the bundle set is always the one the current material was built with.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
 
+use super::bundles::{self, Authorities};
 use super::material::{Files, Material, MaterialError, Parts, load, validate};
 use super::spire::{self, SvidMaterial};
 
@@ -44,16 +46,24 @@ pub struct State {
 pub struct Identity {
     source: Source,
     trust_domain: String,
+    /// `--trust-bundles`: other trust domains' CAs.
+    trust_bundles: Option<PathBuf>,
     state: watch::Sender<State>,
 }
 
 impl Identity {
     /// Loads the material once (a failure is logged and reported, not fatal: the volume may be
     /// mounted a moment later).
-    pub fn new(source: Source, trust_domain: String, expiry: &Gauge) -> Identity {
+    pub fn new(
+        source: Source,
+        trust_domain: String,
+        trust_bundles: Option<PathBuf>,
+        expiry: &Gauge,
+    ) -> Identity {
         let identity = Identity {
             source,
             trust_domain,
+            trust_bundles,
             state: watch::Sender::new(State::default()),
         };
         match &identity.source {
@@ -88,7 +98,21 @@ impl Identity {
     }
 
     fn reload(&self, files: &Files, now: SystemTime, expiry: &Gauge) {
-        self.publish(load(files, &self.trust_domain, now), now, expiry);
+        let loaded = load(
+            files,
+            &self.trust_domain,
+            self.trust_bundles.as_deref(),
+            now,
+        );
+        self.publish(loaded, now, expiry);
+    }
+
+    /// What identifies the current version of `--trust-bundles`, for the pollers.
+    fn bundle_stamps(&self) -> Vec<(String, Option<(SystemTime, u64)>)> {
+        self.trust_bundles
+            .as_deref()
+            .map(bundles::stamps)
+            .unwrap_or_default()
     }
 
     /// Makes validated material current, or reports why a new one is unusable. The files' poller
@@ -136,13 +160,13 @@ impl Identity {
 
     async fn poll_files(&self, files: &Files, expiry: Gauge) {
         let paths = files.files();
-        let mut seen = stamps(&paths);
+        let mut seen = (stamps(&paths), self.bundle_stamps());
         let mut ticker = tokio::time::interval(POLL);
         ticker.tick().await;
         loop {
             ticker.tick().await;
             let now = SystemTime::now();
-            let current = stamps(&paths);
+            let current = (stamps(&paths), self.bundle_stamps());
             if current != seen {
                 seen = current;
                 self.reload(files, now, &expiry);
@@ -152,11 +176,13 @@ impl Identity {
         }
     }
 
-    /// Each SVID the Workload API sends is validated and made current; the stream's own problems
-    /// (agent unreachable, unusable message) are reported while the last good SVID serves on.
-    async fn follow_workload_api(&self, socket: &std::path::Path, expiry: Gauge) {
+    /// Each SVID the Workload API sends is validated and made current, with `--trust-bundles` as
+    /// it is then (and again when it changes); the stream's own problems (agent unreachable,
+    /// unusable message) are reported while the last good SVID serves on.
+    async fn follow_workload_api(&self, socket: &Path, expiry: Gauge) {
         let mut snapshots = spire::watch(socket, &self.trust_domain);
         let mut used: Option<Arc<SvidMaterial>> = None;
+        let mut bundles_seen = self.bundle_stamps();
         let mut ticker = tokio::time::interval(POLL);
         loop {
             tokio::select! {
@@ -165,12 +191,10 @@ impl Identity {
                         return;
                     }
                     let snapshot = snapshots.borrow_and_update().clone();
-                    let now = SystemTime::now();
                     if let Some(svid) = snapshot.material
                         && !used.as_ref().is_some_and(|u| Arc::ptr_eq(u, &svid))
                     {
-                        let parts = svid_parts(&svid, socket);
-                        self.publish(validate(parts, &self.trust_domain, now), now, &expiry);
+                        self.publish_svid(&svid, socket, &expiry);
                         used = Some(svid);
                     }
                     if let Some(problem) = snapshot.problem {
@@ -178,9 +202,32 @@ impl Identity {
                         self.state.send_modify(|state| state.problem = Some(problem));
                     }
                 }
-                _ = ticker.tick() => self.check_expiry(SystemTime::now(), &expiry),
+                _ = ticker.tick() => {
+                    let current = self.bundle_stamps();
+                    if current != bundles_seen {
+                        bundles_seen = current;
+                        if let Some(svid) = &used {
+                            self.publish_svid(svid, socket, &expiry);
+                        }
+                    }
+                    self.check_expiry(SystemTime::now(), &expiry);
+                }
             }
         }
+    }
+
+    /// Validates `svid` with the federated bundles it came with and `--trust-bundles`'s.
+    fn publish_svid(&self, svid: &SvidMaterial, socket: &Path, expiry: &Gauge) {
+        let now = SystemTime::now();
+        let files = match self.trust_bundles.as_deref() {
+            Some(path) => match bundles::read(path) {
+                Ok(read) => Some((read, path)),
+                Err(e) => return self.publish(Err(e.into()), now, expiry),
+            },
+            None => None,
+        };
+        let parts = svid_parts(svid, socket, files);
+        self.publish(validate(parts, &self.trust_domain, now), now, expiry);
     }
 
     /// Updates the gauge; material past its expiry stops serving, and says so.
@@ -204,16 +251,25 @@ impl Identity {
     }
 }
 
-/// An SVID as the parts [`validate`] checks, named after the socket they came from.
-fn svid_parts(svid: &SvidMaterial, socket: &std::path::Path) -> Parts {
+/// An SVID and the bundles read from `--trust-bundles` (and its path) as the parts [`validate`]
+/// checks, named after where they came from.
+fn svid_parts(svid: &SvidMaterial, socket: &Path, files: Option<(Authorities, &Path)>) -> Parts {
     let from = format!("the SVID from {}", socket.display());
+    let mut federated = svid.federated.clone();
+    let mut federated_from = format!("the federated bundles from {}", socket.display());
+    if let Some((files, path)) = files {
+        bundles::merge(&mut federated, files);
+        federated_from = format!("{federated_from} and --trust-bundles {}", path.display());
+    }
     Parts {
         chain: svid.chain.clone(),
         key: rustls_pki_types::PrivateKeyDer::Pkcs8(svid.key.clone_key()),
         bundle: svid.bundle.clone(),
+        federated,
         chain_from: from.clone(),
         key_from: from,
         bundle_from: format!("the trust bundle from {}", socket.display()),
+        federated_from,
     }
 }
 

@@ -4,7 +4,8 @@
 //! The protocol is the `spiffe` crate's (gRPC `SpiffeWorkloadAPI.FetchX509SVID`, a server stream that
 //! sends a new message whenever the SVID rotates or a bundle changes). This module only keeps the
 //! stream open and turns each message into DER material for rustls: the default SVID (the first one,
-//! as the Workload API specifies), its chain and PKCS#8 key, and the bundle of our trust domain.
+//! as the Workload API specifies), its chain and PKCS#8 key, the bundle of our trust domain, and
+//! the bundles of the trust domains the agent federates with (each anchors its own domain only).
 //!
 //! An SVID stays valid until it expires even when the agent restarts, so the last good material is
 //! kept while the stream is down or a message is unusable; the problem is reported beside it, and the
@@ -21,6 +22,7 @@ use spiffe::{WorkloadApiClient, X509Context};
 use tokio::sync::watch;
 
 use super::SpiffeId;
+use super::bundles::Authorities;
 
 /// First pause before reopening a lost stream; doubled on each failure up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(200);
@@ -33,8 +35,10 @@ pub struct SvidMaterial {
     /// Leaf first, then intermediates.
     pub chain: Vec<CertificateDer<'static>>,
     pub key: PrivatePkcs8KeyDer<'static>,
-    /// The trust bundle of our trust domain: the roots peers' certificates must chain to.
+    /// The trust bundle of our trust domain: the roots our peers' certificates must chain to.
     pub bundle: Vec<CertificateDer<'static>>,
+    /// The federated trust domains' bundles, each for its own domain's peers.
+    pub federated: Authorities,
 }
 
 /// What the source knows now.
@@ -155,18 +159,21 @@ pub fn material(context: &X509Context, trust_domain: &str) -> Result<SvidMateria
             want: trust_domain.to_owned(),
         });
     }
-    let bundle = context
+    let mut federated: Authorities = context
         .bundle_set()
         .iter()
-        .find(|(domain, _)| domain.as_str() == trust_domain)
-        .map(|(_, bundle)| der_all(bundle.authorities()))
-        .filter(|roots| !roots.is_empty())
+        .map(|(domain, bundle)| (domain.as_str().to_owned(), der_all(bundle.authorities())))
+        .filter(|(_, roots)| !roots.is_empty())
+        .collect();
+    let bundle = federated
+        .remove(trust_domain)
         .ok_or_else(|| SvidError::NoBundle(trust_domain.to_owned()))?;
     Ok(SvidMaterial {
         spiffe_id,
         chain: der_all(svid.cert_chain()),
         key: PrivatePkcs8KeyDer::from(svid.private_key().as_bytes().to_vec()),
         bundle,
+        federated,
     })
 }
 

@@ -14,6 +14,7 @@ use std::time::Duration;
 use serde_json::{Map, Value};
 
 use super::identity::{IdentityKind, parse_configmap_name, parse_signer_name};
+use crate::identity::peers::PeerIdentities;
 use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration, parse_port};
 
 /// Every annotation this module reads or writes shares this prefix.
@@ -45,6 +46,7 @@ pub const KNOWN: &[&str] = &[
     "identity",
     "pod-certificate-signer",
     "policy",
+    "peer-identities",
 ];
 
 /// The settings of one injection. The flags give the defaults ([`Settings`] built by clap); the
@@ -74,6 +76,8 @@ pub struct Settings {
     pub pod_certificate_signer: Option<String>,
     /// The ConfigMap whose `policy.yaml` is the proxy's authorization policy.
     pub policy: Option<String>,
+    /// The identities expected of HBONE servers by address (`run --peer-identities-inline`).
+    pub peer_identities: Option<PeerIdentities>,
 }
 
 /// An annotation (or flag) whose value does not parse.
@@ -140,6 +144,9 @@ impl Settings {
                     s.pod_certificate_signer = Some(parse_signer_name(text).map_err(err)?)
                 }
                 "policy" => s.policy = Some(parse_configmap_name(text).map_err(err)?),
+                "peer-identities" => {
+                    s.peer_identities = Some(parse_peer_identities(text).map_err(err)?);
+                }
                 other => {
                     return Err(err(format!(
                         "unknown amazing-proxy annotation `{other}`; known: {} (see docs/inject.md)",
@@ -148,8 +155,26 @@ impl Settings {
                 }
             }
         }
+        if s.peer_identities.is_some() && s.identity == IdentityKind::None {
+            return Err(SettingError {
+                field: format!("{field}[\"{PREFIX}peer-identities\"]"),
+                problem: "expected identities are for mutual TLS, which needs an identity: set amazing-proxy.io/identity (or inject --identity)".into(),
+            });
+        }
         Ok(s)
     }
+}
+
+/// `amazing-proxy.io/peer-identities`: `--peer-identities`' entries (`CIDR-or-address SPIFFE-ID`),
+/// one a line or `;`-separated; at least one.
+pub fn parse_peer_identities(s: &str) -> Result<PeerIdentities, String> {
+    let peers = PeerIdentities::parse(s)?;
+    if peers == PeerIdentities::default() {
+        return Err(format!(
+            "expected `CIDR-or-address SPIFFE-ID` entries, one a line or separated by `;`, got `{s}`"
+        ));
+    }
+    Ok(peers)
 }
 
 /// Whether a pod template opts out: `amazing-proxy.io/inject` set to `false`/`disabled` as an
@@ -245,6 +270,7 @@ impl Settings {
             identity: IdentityKind::None,
             pod_certificate_signer: None,
             policy: None,
+            peer_identities: None,
         }
     }
 }
@@ -300,6 +326,21 @@ mod tests {
             ("identity", json!("istio")),
             ("pod-certificate-signer", json!("spiffe")),
             ("policy", json!("Policy_1")),
+            ("peer-identities", json!("198.18.0.7")),
+            (
+                "peer-identities",
+                json!("198.18.0.7 spiffe://cluster.local/ns/a"),
+            ),
+            (
+                "peer-identities",
+                json!("10.1.2.3/8 spiffe://cluster.local/ns/a/sa/b"),
+            ),
+            ("peer-identities", json!(" # nothing\n;")),
+            // Valid entries, but the pod has no identity (the default): nothing would use them.
+            (
+                "peer-identities",
+                json!("198.18.0.7 spiffe://cluster.local/ns/a/sa/b"),
+            ),
         ] {
             let key = format!("{PREFIX}{key}");
             let ann = json!({ key.clone(): value });
@@ -308,6 +349,23 @@ mod tests {
                 .expect_err(&key);
             assert_eq!(err.field, format!("metadata.annotations[\"{key}\"]"));
         }
+    }
+
+    #[test]
+    fn peer_identities_are_parsed_and_written_back_on_one_line() {
+        let ann = json!({
+            "amazing-proxy.io/identity": "spire",
+            "amazing-proxy.io/peer-identities": "# the database\n198.18.0.7 spiffe://cluster.local/ns/db/sa/postgres\n198.19.0.0/16 spiffe://partner.example/ns/api/sa/gateway; ",
+        });
+        let s = defaults()
+            .with_annotations(ann.as_object(), "metadata.annotations")
+            .expect("valid");
+        assert_eq!(
+            s.peer_identities.map(|p| p.to_string()).as_deref(),
+            Some(
+                "198.18.0.7/32 spiffe://cluster.local/ns/db/sa/postgres; 198.19.0.0/16 spiffe://partner.example/ns/api/sa/gateway"
+            )
+        );
     }
 
     #[test]

@@ -759,6 +759,12 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
         }
     }
     vars.extend(identity::env(s.identity, s.policy.as_deref()));
+    if let Some(peers) = &s.peer_identities {
+        vars.push(env(
+            "AMAZING_PROXY_PEER_IDENTITIES_INLINE",
+            peers.to_string(),
+        ));
+    }
     vars.extend(identity::downward_env(s.identity));
     let mounts = identity::mounts(s.identity, s.policy.as_deref());
     Container {

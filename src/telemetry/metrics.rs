@@ -12,7 +12,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::error::{ErrorKind, Fault};
+use crate::error::{ErrorKind, Fault, HandshakeFailure};
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
 pub enum Direction {
@@ -120,11 +120,18 @@ pub struct DetectLabels {
 }
 
 /// An HBONE stream's direction and the peer's SPIFFE ID. Only peers whose certificate chains to
-/// our trust bundle and trust domain get a series: the label space is the mesh's workloads.
+/// the bundle of their trust domain get a series: the label space is the workloads of the trust
+/// domains we have bundles for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PeerLabels {
     pub direction: Direction,
     pub peer: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HandshakeLabels {
+    pub direction: Direction,
+    pub reason: HandshakeFailure,
 }
 
 /// Handles resolved once per direction.
@@ -145,6 +152,7 @@ pub struct Metrics {
     grpc: Family<GrpcLabels, Counter>,
     detect: Family<DetectLabels, Counter>,
     hbone_streams: Family<PeerLabels, Counter>,
+    handshake_failures: Family<HandshakeLabels, Counter>,
     per_direction: [DirectionMetrics; 2],
     pub access_log_dropped: Counter,
     pub rejected_connections: Counter,
@@ -283,6 +291,12 @@ impl Metrics {
             "HBONE tunnel streams opened, by direction and peer SPIFFE ID",
             hbone_streams.clone(),
         );
+        let handshake_failures = Family::<HandshakeLabels, Counter>::default();
+        registry.register(
+            "tls_handshake_failures",
+            "HBONE TLS handshakes that failed, by direction and the check that refused them",
+            handshake_failures.clone(),
+        );
         let identity_expiry_seconds = Gauge::default();
         registry.register(
             "identity_expiry_seconds",
@@ -297,6 +311,7 @@ impl Metrics {
             grpc,
             detect,
             hbone_streams,
+            handshake_failures,
             per_direction,
             access_log_dropped,
             rejected_connections,
@@ -359,6 +374,12 @@ impl Metrics {
                 direction,
                 peer: peer.to_owned(),
             })
+            .inc();
+    }
+
+    pub fn count_handshake_failure(&self, direction: Direction, reason: HandshakeFailure) {
+        self.handshake_failures
+            .get_or_create(&HandshakeLabels { direction, reason })
             .inc();
     }
 

@@ -73,15 +73,22 @@ impl Ca {
     /// `tls.crt`, `tls.key`, `ca.crt` in `dir`, each written whole then renamed into place (a
     /// reader never sees half a file, as with Kubernetes' atomic volume updates).
     pub fn write_dir(&self, dir: &Path, leaf: &Leaf) {
-        std::fs::create_dir_all(dir).expect("identity dir");
-        for (name, text) in [
-            ("tls.key", &leaf.key_pem),
-            ("tls.crt", &leaf.cert_pem),
-            ("ca.crt", &self.pem()),
-        ] {
-            let tmp = dir.join(format!(".{name}.tmp"));
-            std::fs::write(&tmp, text).expect("write identity file");
-            std::fs::rename(&tmp, dir.join(name)).expect("rename identity file");
-        }
+        write_identity(dir, leaf, &[self]);
+    }
+}
+
+/// `tls.crt`, `tls.key` and a `ca.crt` of the CAs `trusts` (the first should have issued `leaf`)
+/// in `dir`, as [`Ca::write_dir`] writes them.
+pub fn write_identity(dir: &Path, leaf: &Leaf, trusts: &[&Ca]) {
+    let bundle: String = trusts.iter().map(|ca| ca.pem()).collect();
+    std::fs::create_dir_all(dir).expect("identity dir");
+    for (name, text) in [
+        ("tls.key", &leaf.key_pem),
+        ("tls.crt", &leaf.cert_pem),
+        ("ca.crt", &bundle),
+    ] {
+        let tmp = dir.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write identity file");
+        std::fs::rename(&tmp, dir.join(name)).expect("rename identity file");
     }
 }

@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use super::eventually_blocking;
-use super::identity::Ca;
+use super::identity::{Ca, write_identity};
 use super::netns::{Netns, POD_WAIT};
 use super::process::{Workdir, bin, must};
 use super::tools::{json_records, text, venv};
@@ -32,10 +32,30 @@ fn addresses() -> [Ipv4Addr; 2] {
     [base + 1, base + 2].map(Ipv4Addr::from)
 }
 
+/// One pod of [`Mesh::start_pods`]: its SPIFFE ID, issued by the first of `trusts` (its `ca.crt`
+/// holds them all), and more `run` arguments and environment variables.
+pub struct Pod<'a> {
+    pub id: &'a str,
+    pub trusts: &'a [&'a Ca],
+    pub args: &'a [&'a str],
+    pub env: &'a [(&'a str, &'a str)],
+}
+
 impl Mesh {
     /// Pods A (identity `pod_a.0`, more `run` arguments `pod_a.1`) and B (likewise), both from
     /// `ca`. `Err` with the reason when this machine cannot run them (not root, no venv).
     pub fn start(ca: &Ca, pod_a: (&str, &[&str]), pod_b: (&str, &[&str])) -> Result<Mesh, String> {
+        let pod = |(id, args)| Pod {
+            id,
+            trusts: std::slice::from_ref(&ca),
+            args,
+            env: &[],
+        };
+        Mesh::start_pods([pod(pod_a), pod(pod_b)])
+    }
+
+    /// Pods A and B, each with its own CAs.
+    pub fn start_pods(pods: [Pod<'_>; 2]) -> Result<Mesh, String> {
         let python = venv()?.join("bin/python3");
         let [a_ip, b_ip] = addresses();
         let mut mesh = Mesh {
@@ -70,9 +90,13 @@ impl Mesh {
         ]);
         mesh.spawn(app, "b-app.log");
 
-        for (i, (pod, (id, run_args))) in [("a", pod_a), ("b", pod_b)].into_iter().enumerate() {
+        for (i, (pod, spec)) in ["a", "b"].into_iter().zip(pods).enumerate() {
             let identity = mesh.path(&format!("{pod}-identity"));
-            ca.write_dir(&identity, &ca.issue(id));
+            let issuer = spec
+                .trusts
+                .first()
+                .ok_or("a pod trusts at least its issuer")?;
+            write_identity(&identity, &issuer.issue(spec.id), spec.trusts);
             let identity = identity.display().to_string();
             let app = format!("127.0.0.1:{APP_PORT}");
             let mut args = vec![
@@ -87,8 +111,9 @@ impl Mesh {
                 "--identity-dir",
                 &identity,
             ];
-            args.extend_from_slice(run_args);
+            args.extend_from_slice(spec.args);
             let mut proxy = mesh.namespaces[i].cmd(&args);
+            proxy.envs(spec.env.iter().copied());
             let (out, err) = (format!("{pod}-access.log"), format!("{pod}-proxy.log"));
             mesh.work.spawn_logging(&mut proxy, &out, &err);
         }
@@ -192,6 +217,15 @@ impl Mesh {
         } else {
             Err(text(&out.stderr))
         }
+    }
+
+    /// The Prometheus text of pod `pod`'s ("a" or "b") admin port.
+    pub fn metrics(&self, pod: &str) -> String {
+        let ns = if pod == "a" { self.ns_a() } else { self.ns_b() };
+        text(
+            &ns.exec(&["curl", "-sS", "-m", "5", "http://127.0.0.1:15000/metrics"])
+                .stdout,
+        )
     }
 
     /// The first JSON access-log record of pod `pod` ("a" or "b") in `direction`.

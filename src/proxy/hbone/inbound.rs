@@ -1,4 +1,6 @@
-//! The HBONE server: TLS (a client certificate of our trust domain required), HTTP/2, and one
+//! The HBONE server: TLS (a client certificate required, of a trust domain we have a bundle for and
+//! chaining to that domain's CAs; a refusal is logged and counted with the check that failed,
+//! `fault` peer), HTTP/2, and one
 //! `CONNECT` per tunnelled connection. The authority must be an address of this pod (the one the
 //! TLS connection arrived on: 400 otherwise, as ztunnel answers "ip mismatch"); the app is dialled
 //! at the authority's port before the 200 (503 when it fails); the stream then takes the same
@@ -22,9 +24,9 @@ use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME,
     STREAM_WINDOW,
 };
-use crate::error::{ErrorKind, classify_io};
+use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::SpiffeId;
-use crate::identity::tls::{ALPN_H2, peer_id};
+use crate::identity::tls::{ALPN_H2, failure, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::limits::{Activity, OpenRequests, RequestMark};
 use crate::proxy::listener::{inbound_upstream, serve_tunnelled};
@@ -73,7 +75,9 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            tracing::info!(%client, "HBONE handshake refused: {e}");
+            let (reason, detail) =
+                failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
+            refused(&shared, client, reason, &detail);
             return;
         }
         Err(_) => {
@@ -84,10 +88,12 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let (_, session) = tls.get_ref();
     if session.alpn_protocol() != Some(ALPN_H2) {
         // rustls already refuses a client offering other protocols; this one offered none.
-        tracing::info!(%client, "HBONE connection without ALPN h2: closing it");
+        let detail = "the client offered no ALPN h2: closing the connection";
+        refused(&shared, client, HandshakeFailure::NoAlpnH2, detail);
         return;
     }
-    let Some(peer) = peer_id(session.peer_certificates(), mtls.identity.trust_domain()) else {
+    // The verifier accepted the certificate, so it has a workload ID.
+    let Some(peer) = peer_id(session.peer_certificates()) else {
         return;
     };
     tracing::debug!(%client, %peer, "HBONE connection accepted");
@@ -137,6 +143,20 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     if let Err(e) = result {
         tracing::debug!(%client, "HBONE connection ended: {e}");
     }
+}
+
+/// A handshake refused: logged with the check that failed and whose fault it is, and counted.
+fn refused(shared: &Shared, client: SocketAddr, reason: HandshakeFailure, detail: &str) {
+    let metrics = &shared.telemetry.metrics;
+    metrics.count_handshake_failure(Direction::Inbound, reason);
+    let kind = ErrorKind::Handshake(reason);
+    metrics.count_error(Direction::Inbound, kind);
+    tracing::info!(
+        %client,
+        error = %kind.as_str(),
+        fault = %kind.fault().as_str(),
+        "HBONE handshake refused: {detail}"
+    );
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {

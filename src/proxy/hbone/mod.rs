@@ -50,11 +50,18 @@ impl Mtls {
     pub fn new(args: &RunArgs, expiry: &prometheus_client::metrics::gauge::Gauge) -> Option<Mtls> {
         let source = args.identity_source()?;
         Some(Mtls {
-            identity: Identity::new(source, args.trust_domain.clone(), expiry),
+            identity: Identity::new(
+                source,
+                args.trust_domain.clone(),
+                args.trust_bundles.clone(),
+                expiry,
+            ),
             inbound: args.inbound_mtls(),
             outbound: args.outbound_mtls(),
             plaintext_ports: args.plaintext_ports.clone(),
-            peers: args.peer_identities.clone().unwrap_or_default(),
+            peers: (args.peer_identities.clone())
+                .or_else(|| args.peer_identities_inline.clone())
+                .unwrap_or_default(),
             pool: outbound::Pool::default(),
             idle_timeout: args.pool_idle_timeout,
             pod_name: std::env::var(headers::POD_NAME_ENV).ok(),

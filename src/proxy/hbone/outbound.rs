@@ -8,12 +8,15 @@
 //! remembers that for [`PLAINTEXT_MEMORY`]. Once TCP is up, a failure (a certificate refused, an
 //! identity not the expected one) is never a reason to send plaintext, and neither is anything for
 //! a destination `--peer-identities` names: it is expected to speak HBONE. `strict` never falls
-//! back: the app's connection is reset.
+//! back: the app's connection is reset. A refused handshake is the peer's fault, logged and
+//! counted with the check that refused it (`tls_<reason>`, `tls_handshake_failures_total`).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -22,6 +25,7 @@ use http_body_util::Empty;
 use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
@@ -30,8 +34,9 @@ use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
 };
 use crate::config::OutboundMtls;
-use crate::error::{ErrorKind, classify_io};
-use crate::identity::tls::{ALPN_H2, client_config, peer_id};
+use crate::error::{ErrorKind, HandshakeFailure, classify_io};
+use crate::identity::material::Material;
+use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::tcp::{self, Route};
 use crate::proxy::upstream::connect;
@@ -53,6 +58,70 @@ struct Pooled {
     /// Our `baggage`, from the identity this connection presented.
     baggage: HeaderValue,
     usage: Arc<Usage>,
+    /// Why the server refused us, if it did (see [`Watched`]).
+    refusal: Arc<Refusal>,
+}
+
+/// A refusal the server sent after our side of the handshake, noted by [`Watched`].
+#[derive(Default)]
+struct Refusal {
+    seen: OnceLock<(HandshakeFailure, String)>,
+    /// Whether a stream already counted it: one refused connection, one count.
+    counted: AtomicBool,
+}
+
+/// The TLS stream of a pooled connection, noting the first TLS failure a read meets: in TLS 1.3 a
+/// server refuses our certificate after our handshake ended, on the first read, and HTTP/2 keeps
+/// only the text of the I/O errors it passes on (`connection error`).
+struct Watched {
+    tls: tokio_rustls::client::TlsStream<TcpStream>,
+    refusal: Arc<Refusal>,
+}
+
+impl AsyncRead for Watched {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let polled = Pin::new(&mut self.tls).poll_read(cx, buf);
+        if let Poll::Ready(Err(e)) = &polled
+            && let Some(found) = failure(e)
+        {
+            let _ = self.refusal.seen.set(found);
+        }
+        polled
+    }
+}
+
+impl AsyncWrite for Watched {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.tls).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.tls.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.tls).poll_shutdown(cx)
+    }
 }
 
 /// Streams open on a connection, and when the last one ended (ms since `epoch`).
@@ -244,11 +313,16 @@ impl Pool {
             .header(FORWARDED, headers::forwarded(client))
             .body(Empty::new())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-        let response = pooled
-            .sender
-            .send_request(request)
-            .await
-            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        let response = pooled.sender.send_request(request).await.map_err(|e| {
+            let Some((reason, detail)) = pooled.refusal.seen.get() else {
+                return failed(ErrorKind::ConnectFailed, e.to_string());
+            };
+            if !pooled.refusal.counted.swap(true, Ordering::AcqRel) {
+                let metrics = &shared.telemetry.metrics;
+                metrics.count_handshake_failure(Direction::Outbound, *reason);
+            }
+            failed(ErrorKind::Handshake(*reason), format!("TLS: {detail}"))
+        })?;
         if response.status() != StatusCode::OK {
             let kind = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
                 ErrorKind::ConnectRefused
@@ -292,43 +366,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
             kind: classify_io(&e, true),
             reason: e.to_string(),
         })?;
-    let expected = mtls.peers.expected(peer.ip()).cloned();
-    let config = client_config(
-        material.key.clone(),
-        material.roots.clone(),
-        &material.trust_domain,
-        expected,
-    )
-    .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-    // No SNI is sent (the configuration says so); the name only satisfies the API.
-    let name = ServerName::IpAddress(peer.ip().into());
-    let handshake = TlsConnector::from(config).connect(name, tcp);
-    let tls = match tokio::time::timeout(options.timeout, handshake).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
-            return Err(failed(
-                ErrorKind::ConnectFailed,
-                format!("TLS: {}", tls_error_text(&e)),
-            ));
-        }
-        Err(_) => {
-            return Err(failed(
-                ErrorKind::ConnectTimeout,
-                "the TLS handshake took longer than --connect-timeout".into(),
-            ));
-        }
-    };
-    let (_, session) = tls.get_ref();
-    if session.alpn_protocol() != Some(ALPN_H2) {
-        return Err(failed(
-            ErrorKind::ConnectFailed,
-            "the peer did not agree on ALPN h2".into(),
-        ));
-    }
-    let peer_identity: Arc<str> = peer_id(session.peer_certificates(), &material.trust_domain)
-        .map(|id| id.to_string())
-        .unwrap_or_default()
-        .into();
+    let (tls, peer_identity) = handshake(shared, mtls, &material, peer, tcp).await?;
     let workload = Workload::new(
         &material.id.namespace,
         mtls.pod_name.clone(),
@@ -337,6 +375,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     // Percent-encoded into visible ASCII, so always a valid header value.
     let baggage = HeaderValue::try_from(workload.baggage())
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
+    let refusal = Arc::new(Refusal::default());
     let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
         .timer(TokioTimer::new())
         .initial_stream_window_size(STREAM_WINDOW)
@@ -345,7 +384,10 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         .keep_alive_interval(KEEP_ALIVE_INTERVAL)
         .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
         .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(tls))
+        .handshake(TokioIo::new(Watched {
+            tls,
+            refusal: refusal.clone(),
+        }))
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
     let usage = Arc::new(Usage {
@@ -372,18 +414,59 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         peer: peer_identity,
         baggage,
         usage,
+        refusal,
     })
 }
 
-/// A handshake failure in words: our verifiers' own reasons rather than rustls' Debug of them.
-fn tls_error_text(e: &std::io::Error) -> String {
-    use rustls::{CertificateError, Error};
-    match e.get_ref().and_then(|inner| inner.downcast_ref::<Error>()) {
-        Some(Error::InvalidCertificate(CertificateError::Other(other))) => {
-            format!("the peer's certificate is refused: {}", other.0)
+/// Our side of the TLS handshake with `peer` over `tcp`: the stream and the server's SPIFFE ID. A
+/// refusal is counted, with the check that refused it.
+async fn handshake(
+    shared: &Shared,
+    mtls: &Mtls,
+    material: &Material,
+    peer: SocketAddr,
+    tcp: TcpStream,
+) -> Result<(tokio_rustls::client::TlsStream<TcpStream>, Arc<str>), OpenError> {
+    let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
+    let expected = mtls.peers.expected(peer.ip()).cloned();
+    let config = client_config(material.key.clone(), material.bundles.clone(), expected)
+        .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+    let refused = |reason, detail: String| {
+        shared
+            .telemetry
+            .metrics
+            .count_handshake_failure(Direction::Outbound, reason);
+        failed(ErrorKind::Handshake(reason), format!("TLS: {detail}"))
+    };
+    // No SNI is sent (the configuration says so); the name only satisfies the API.
+    let name = ServerName::IpAddress(peer.ip().into());
+    let connecting = TlsConnector::from(config).connect(name, tcp);
+    let tls = match tokio::time::timeout(shared.upstreams.connect.timeout, connecting).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            let (reason, detail) =
+                failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
+            return Err(refused(reason, detail));
         }
-        _ => e.to_string(),
+        Err(_) => {
+            return Err(failed(
+                ErrorKind::ConnectTimeout,
+                "the TLS handshake took longer than --connect-timeout".into(),
+            ));
+        }
+    };
+    let (_, session) = tls.get_ref();
+    if session.alpn_protocol() != Some(ALPN_H2) {
+        return Err(refused(
+            HandshakeFailure::NoAlpnH2,
+            "the peer did not agree on ALPN h2".into(),
+        ));
     }
+    let peer_identity: Arc<str> = peer_id(session.peer_certificates())
+        .map(|id| id.to_string())
+        .unwrap_or_default()
+        .into();
+    Ok((tls, peer_identity))
 }
 
 /// Resolves once the connection has had no stream for `idle_timeout`.
@@ -445,10 +528,17 @@ pub async fn forward(
             Some(client)
         }
         Err(e) => {
-            tracing::info!(%client_addr, %target, "outbound connection reset: {e}");
+            let kind = e.kind();
+            tracing::info!(
+                %client_addr,
+                %target,
+                error = %kind.as_str(),
+                fault = %kind.fault().as_str(),
+                "outbound connection reset: {e}"
+            );
             // A reset, not a clean close: the app must not take the silence for an answer.
             let _ = socket2::SockRef::from(&client).set_linger(Some(Duration::ZERO));
-            tcp::finish(shared, &route, start, Err(e.kind()), 0, 0);
+            tcp::finish(shared, &route, start, Err(kind), 0, 0);
             None
         }
     }
