@@ -70,14 +70,15 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     let handshake = tokio::select! {
         biased;
         () = slot.shed_wait() => return,
-        handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream)) => handshake,
+        handshake = tokio::time::timeout(handshake_timeout, acceptor.accept(stream).into_fallible()) => handshake,
     };
     let tls = match handshake {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, stream))) => {
             let (reason, detail) =
                 failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
             refused(&shared, client, reason, &detail);
+            slot.unless_shed(linger(stream)).await;
             return;
         }
         Err(_) => {
@@ -157,6 +158,30 @@ fn refused(shared: &Shared, client: SocketAddr, reason: HandshakeFailure, detail
         fault = %kind.fault().as_str(),
         "HBONE handshake refused: {detail}"
     );
+}
+
+/// How long, and how many bytes, a refused handshake's client is read after the alert.
+const LINGER_TIME: std::time::Duration = std::time::Duration::from_secs(1);
+const LINGER_BYTES: usize = 64 * 1024;
+
+/// After refusing a handshake: a FIN behind the alert, and what the client already sent (a TLS
+/// 1.3 client sends its first request right after its Finished) read and dropped, bounded. Closed
+/// with those bytes unread, the socket would answer with a reset that can reach the client before
+/// it reads the alert: it would then see a broken connection instead of why it was refused.
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        let mut total = 0;
+        while total < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => total += n,
+            }
+        }
+    };
+    let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
 fn status(code: StatusCode) -> Response<Empty<Bytes>> {
