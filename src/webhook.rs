@@ -537,6 +537,23 @@ mod tests {
     }
 
     #[test]
+    fn a_pod_running_as_the_proxy_is_denied_with_the_field() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"securityContext": {"runAsGroup": 1337},
+            "containers": [{"name": "app"}]}});
+        let denied = review(&request("default", pod), &config(OnError::Deny)).expect("valid");
+        assert_eq!(denied["response"]["allowed"], false);
+        let message = denied["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.starts_with(
+                "amazing-proxy: cannot inject pod default/p: spec.securityContext.runAsGroup: 1337 is the proxy's gid, which applies to spec.containers[0];"
+            ),
+            "{message}"
+        );
+    }
+
+    #[test]
     fn malformed_requests_are_rejected() {
         assert!(review(b"{", &config(OnError::Allow)).is_err());
         assert!(
