@@ -6,7 +6,7 @@
 //! then in-flight requests get up to --drain-timeout); SIGINT drains without the delay; a second
 //! signal exits at once; `POST /shutdown` from loopback is SIGTERM.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -71,12 +71,43 @@ async fn bind(what: &'static str, addr: SocketAddr) -> Result<TcpListener, RunEr
         .map_err(|error| RunError::Bind { what, addr, error })
 }
 
+/// The outbound listener's twin on `[::1]`, same port, when it listens on 127.0.0.1: `init`
+/// redirects the app's IPv6 connections as it does IPv4's, and an IPv6 REDIRECT leads to `::1`.
+/// `None` where the namespace has no IPv6 loopback (then nothing can be redirected there either).
+async fn ipv6_loopback_twin(v4: &TcpListener) -> Result<Option<TcpListener>, RunError> {
+    let port = match v4.local_addr() {
+        Ok(addr) if addr.ip() == IpAddr::V4(Ipv4Addr::LOCALHOST) => addr.port(),
+        _ => return Ok(None),
+    };
+    let addr = SocketAddr::from((Ipv6Addr::LOCALHOST, port));
+    match TcpListener::bind(addr).await {
+        Ok(listener) => Ok(Some(listener)),
+        Err(e)
+            if e.kind() == std::io::ErrorKind::AddrNotAvailable
+                || e.raw_os_error() == Some(nix::errno::Errno::EAFNOSUPPORT as i32) =>
+        {
+            tracing::debug!("no IPv6 loopback ({e}): the outbound listener is IPv4 only");
+            Ok(None)
+        }
+        // Taken: whoever holds it would receive the app's redirected IPv6 connections.
+        Err(error) => Err(RunError::Bind {
+            what: "outbound (IPv6 loopback)",
+            addr,
+            error,
+        }),
+    }
+}
+
 async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     // Bind everything first: a port in use fails the start before anything is served.
     let inbound = bind("inbound", args.inbound).await?;
     let outbound = match args.outbound {
         Listen(Some(addr)) => Some(bind("outbound", addr).await?),
         Listen(None) => None,
+    };
+    let outbound6 = match &outbound {
+        Some(v4) => ipv6_loopback_twin(v4).await?,
+        None => None,
     };
     let hbone = match args.hbone_listen() {
         Some(addr) => Some(bind("hbone", addr).await?),
@@ -91,6 +122,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     tracing::info!(
         inbound = %local(&inbound),
         outbound = %outbound.as_ref().map(local).unwrap_or_else(|| "off".into()),
+        outbound_ipv6 = %outbound6.as_ref().map(local).unwrap_or_else(|| "off".into()),
         hbone = %hbone.as_ref().map(local).unwrap_or_else(|| "off".into()),
         admin = %admin.local_addr().map(|a| a.to_string()).unwrap_or_default(),
         app = %args.app,
@@ -121,7 +153,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     tokio::spawn(shared.upstreams.pool.clone().reap_forever());
     tokio::spawn(shared.clone().watch_policy_forever());
     tokio::spawn(Listener::new(shared.clone(), inbound, Direction::Inbound).run());
-    if let Some(outbound) = outbound {
+    for outbound in outbound.into_iter().chain(outbound6) {
         tokio::spawn(Listener::new(shared.clone(), outbound, Direction::Outbound).run());
     }
     if let Some(mtls) = &shared.mtls {

@@ -11,7 +11,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use support::netns::Netns;
-use support::process::{bin, run};
+use support::process::{Background, bin, run};
 use support::tools::{have, normalise, text};
 use support::{eventually_blocking, skip};
 
@@ -558,5 +558,151 @@ fn traffic_is_redirected_both_ways_and_the_proxy_is_not() {
 
     pod.init_ok(&["--clean"]);
     assert_eq!(fetch(&pod, "198.18.0.2", 443, None), "peer-443");
+    drop(peer);
+}
+
+/// The pod's and the peer's IPv6 addresses: the documentation prefix, inside the test's own
+/// namespaces only.
+const POD_V6: &str = "2001:db8::1";
+const PEER_V6: &str = "[2001:db8::2]";
+
+/// `amazing-proxy run` in `ns` as the sidecar runs (outbound listener on 127.0.0.1:15001, and so
+/// on [::1]:15001 too), logging into `dir`; returns once it listens on the IPv6 loopback.
+fn sidecar(ns: &Netns, dir: &std::path::Path, name: &str, extra: &[&str]) -> Background {
+    let mut args = vec![
+        bin(),
+        "run",
+        "--inbound",
+        "0.0.0.0:8000",
+        "--admin",
+        "127.0.0.1:15000",
+        "--app",
+        "127.0.0.1:9",
+        "--access-log",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    let (out, err) = (
+        dir.join(format!("{name}.out")),
+        dir.join(format!("{name}.err")),
+    );
+    let mut proxy = Background::logging(&mut ns.cmd(&args), &out, &err);
+    eventually_blocking(
+        "the proxy to listen on [::1]:15001",
+        Duration::from_secs(10),
+        || {
+            assert!(
+                proxy.is_running(),
+                "the proxy exited: {}",
+                std::fs::read_to_string(&err).unwrap_or_default()
+            );
+            let listening = ns.ok(&["ss", "-Htln", "src", "[::1]", "sport", "=", "15001"]);
+            (!listening.trim().is_empty()).then_some(())
+        },
+    );
+    proxy
+}
+
+/// Waits for the access-log record of a connection to `upstream` in the log file `out`.
+fn record_to(out: &std::path::Path, upstream: &str) -> serde_json::Value {
+    eventually_blocking(
+        &format!("an access-log record for {upstream}"),
+        Duration::from_secs(10),
+        || {
+            let log = std::fs::read_to_string(out).unwrap_or_default();
+            support::tools::json_records(&log)
+                .into_iter()
+                .find(|r| r["upstream"] == upstream)
+        },
+    )
+}
+
+/// `--outbound-mtls strict` holds for IPv6 too: an app's IPv6 connection goes to the proxy (on
+/// [::1]), which refuses a destination without HBONE, instead of reaching it directly; and without
+/// mTLS the same connection is carried by the proxy, not refused. Both backends.
+#[test]
+fn ipv6_egress_cannot_bypass_the_proxy() {
+    const TEST: &str = "ipv6_egress_cannot_bypass_the_proxy";
+    if let Some(why) = support::tools::missing(&["socat", "setpriv", "ss"]) {
+        return skip(TEST, &why);
+    }
+    let (Some(pod), Some(mut peer)) = (netns(TEST), netns(TEST)) else {
+        return;
+    };
+    let link = run(Command::new("ip").args([
+        "-n", &pod.name, "link", "add", "veth0", "type", "veth", "peer", "name", "veth1", "netns",
+        &peer.name,
+    ]));
+    assert!(link.status.success(), "{}", text(&link.stderr));
+    // `nodad`: usable at once, not after duplicate address detection.
+    pod.ok(&[
+        "ip",
+        "addr",
+        "add",
+        &format!("{POD_V6}/64"),
+        "dev",
+        "veth0",
+        "nodad",
+    ]);
+    pod.ok(&["ip", "link", "set", "veth0", "up"]);
+    peer.ok(&[
+        "ip",
+        "addr",
+        "add",
+        "2001:db8::2/64",
+        "dev",
+        "veth1",
+        "nodad",
+    ]);
+    peer.ok(&["ip", "link", "set", "veth1", "up"]);
+    peer.spawn(&[
+        "socat",
+        "TCP6-LISTEN:443,bind=[2001:db8::2],reuseaddr,fork",
+        "SYSTEM:echo peer-443",
+    ]);
+    let target = format!("{PEER_V6}:443");
+    // Without rules the app reaches the peer over IPv6: the bypass the rules must close.
+    assert_eq!(
+        eventually(|| fetch(&pod, PEER_V6, 443, Some(1000))),
+        "peer-443"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let ca = support::identity::Ca::new("test-ca");
+    let identity = dir.path().join("identity");
+    ca.write_dir(
+        &identity,
+        &ca.issue("spiffe://cluster.local/ns/default/sa/app"),
+    );
+    let identity = identity.to_str().unwrap();
+    let mut backends = vec!["iptables"];
+    if have("nft") {
+        backends.push("nft");
+    } else {
+        skip(&format!("{TEST} (its nft part)"), "nft not installed");
+    }
+    for backend in backends {
+        pod.init_ok(&["--backend", backend, "--ipv6", "on"]);
+
+        // Strict: refused by the proxy, not let through. Without mTLS: carried to the peer, so
+        // redirected to a listening proxy rather than just refused.
+        let cases: [(&str, &[&str], &str); 2] = [
+            (
+                "strict",
+                &["--identity-dir", identity, "--outbound-mtls", "strict"],
+                "",
+            ),
+            ("plain", &[], "peer-443"),
+        ];
+        for (name, args, reply) in cases {
+            let name = format!("{name}-{backend}");
+            let proxy = sidecar(&pod, dir.path(), &name, args);
+            assert_eq!(fetch(&pod, PEER_V6, 443, Some(1000)), reply, "{name}");
+            let out = dir.path().join(format!("{name}.out"));
+            assert_eq!(record_to(&out, &target)["upstream"], target.as_str());
+            drop(proxy);
+        }
+        pod.init_ok(&["--clean"]);
+    }
     drop(peer);
 }

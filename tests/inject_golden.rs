@@ -194,6 +194,8 @@ const ERROR_CASES: &[&str] = &[
     "err-inbound-excluded.yaml",
     "err-yaml-syntax.yaml",
     "err-identity-signer.yaml",
+    "err-proxy-uid.yaml",
+    "err-proxy-gid-pod.yaml",
 ];
 
 /// Runs the binary with a time bound; `stdin` is fed to it.

@@ -139,7 +139,6 @@ const CASES: &[(&str, &[&str])] = &[
         &[
             "--ipv6",
             "on",
-            "--ipv6-outbound-redirect",
             "--exclude-outbound-ports",
             "3306,22",
             "--exclude-outbound-cidrs",
@@ -165,10 +164,6 @@ const CASES: &[(&str, &[&str])] = &[
     ),
     ("no_outbound", &["--no-outbound"]),
     ("ipv6_on", &["--ipv6", "on"]),
-    (
-        "ipv6_outbound_redirect",
-        &["--ipv6", "on", "--ipv6-outbound-redirect"],
-    ),
 ];
 
 #[test]
@@ -202,7 +197,7 @@ fn iptables_rerun_golden() {
 /// `--clean` over the rules of a full configuration.
 #[test]
 fn clean_goldens() {
-    let p = policy(&["--ipv6", "on", "--ipv6-outbound-redirect"]);
+    let p = policy(&["--ipv6", "on"]);
     let parts: Vec<_> = families(&p)
         .into_iter()
         .map(|f| {

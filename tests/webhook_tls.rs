@@ -24,6 +24,9 @@ use serde_json::{Value, json};
 use support::TEST_TIMEOUT;
 use support::bounded;
 use support::process::{command, run, run_with_input};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
 struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
@@ -134,6 +137,29 @@ impl Reply {
     }
 }
 
+/// A TLS connection to `addr` checked for `server_name` against `ca`, offering one ALPN protocol.
+async fn tls_connect(
+    addr: SocketAddr,
+    ca: &CertificateDer<'static>,
+    server_name: &str,
+    alpn: &[u8],
+) -> std::io::Result<TlsStream<TcpStream>> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.clone()).expect("add CA");
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("TLS versions")
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = TcpStream::connect(addr).await?;
+    let name = ServerName::try_from(server_name.to_string()).expect("server name");
+    connector.connect(name, tcp).await
+}
+
 /// One request on a new TLS connection (so each call is a new handshake) to `localhost`.
 async fn send(
     addr: SocketAddr,
@@ -154,19 +180,9 @@ async fn send_to(
     path: &str,
     body: Vec<u8>,
 ) -> Reply {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.clone()).expect("add CA");
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .expect("TLS versions")
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
-    let name = ServerName::try_from(server_name.to_string()).expect("server name");
-    let tls = connector.connect(name, tcp).await.expect("TLS handshake");
+    let tls = tls_connect(addr, ca, server_name, b"http/1.1")
+        .await
+        .expect("TLS handshake");
     let peer_cert = tls
         .get_ref()
         .1
@@ -608,6 +624,243 @@ async fn self_signed_install_material_is_trusted_through_the_ca_bundle() {
         .await;
         assert_eq!(review.status, 200);
         assert_eq!(review.json()["response"]["patchType"], "JSONPatch");
+    })
+    .await;
+}
+
+/// Reads what the server sends until it closes the connection (an error counts as closed: a
+/// reset, or a TLS alert); `None` if it was still open after `limit`.
+async fn until_closed<S>(stream: &mut S, limit: Duration) -> Option<Vec<u8>>
+where
+    S: tokio::io::AsyncRead + Unpin,
+{
+    let mut got = Vec::new();
+    let read = tokio::time::timeout(limit, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    read.ok().map(|()| got)
+}
+
+/// Longer than the webhook's longest timeout (10 s) with room for a busy machine: every wait
+/// for the server to close a connection is bounded by it.
+const CLOSE_WAIT: Duration = Duration::from_secs(30);
+
+/// Sends `bytes` on a new HTTP/1.1 connection and returns the status and the text of what the
+/// webhook answers before it closes the connection (which it must, within [`CLOSE_WAIT`]).
+async fn until_answered_and_closed(
+    mut tls: TlsStream<TcpStream>,
+    bytes: &[u8],
+) -> (Option<u16>, String) {
+    tls.write_all(bytes).await.expect("write");
+    tls.flush().await.expect("flush");
+    let answer = until_closed(&mut tls, CLOSE_WAIT)
+        .await
+        .expect("the webhook closes the connection");
+    let text = String::from_utf8_lossy(&answer).into_owned();
+    let status = text
+        .strip_prefix("HTTP/1.1 ")
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse().ok());
+    (status, text)
+}
+
+/// A pod review on a new connection, required to be answered 200 with a patch.
+async fn reviewed(addr: SocketAddr, ca: &Ca, uid: &str, pod: &Value) {
+    let reply = send(addr, &ca.der(), "POST", "/mutate", pod_review(uid, pod)).await;
+    let body = String::from_utf8_lossy(&reply.body).into_owned();
+    assert_eq!(reply.status, 200, "{uid}: {body}");
+    assert_eq!(reply.json()["response"]["patchType"], "JSONPatch", "{uid}");
+}
+
+/// Kinds of slow client in the flood.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Slow {
+    /// TCP only: never sends its ClientHello.
+    Handshake,
+    /// HTTP/1.1: half a request head, then nothing.
+    Head,
+    /// HTTP/1.1: a whole head announcing a body, then a byte now and then.
+    Body,
+    /// HTTP/2: the preface, then no request.
+    Http2,
+}
+
+/// A slow client's connection: its reading half, and for a trickled body the task writing it.
+struct SlowClient {
+    kind: Slow,
+    reader: Box<dyn tokio::io::AsyncRead + Unpin + Send>,
+    trickle: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// Opens a slow client; `None` when the webhook closed it already (shed to make room).
+async fn slow_client(addr: SocketAddr, ca: &Ca, kind: Slow) -> Option<SlowClient> {
+    let (alpn, first): (&[u8], &[u8]) = match kind {
+        Slow::Handshake => {
+            let tcp = TcpStream::connect(addr).await.expect("connect");
+            let reader = Box::new(tcp);
+            return Some(SlowClient {
+                kind,
+                reader,
+                trickle: None,
+            });
+        }
+        Slow::Head => (
+            b"http/1.1",
+            b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Ty",
+        ),
+        Slow::Body => (
+            b"http/1.1",
+            b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100000\r\n\r\n{",
+        ),
+        Slow::Http2 => (b"h2", b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"),
+    };
+    let mut tls = tls_connect(addr, &ca.der(), "localhost", alpn).await.ok()?;
+    tls.write_all(first).await.ok()?;
+    tls.flush().await.ok()?;
+    let (reader, mut writer) = tokio::io::split(tls);
+    let trickle = (kind == Slow::Body).then(|| {
+        tokio::spawn(async move {
+            // Until the webhook closes the connection (the write fails) or the test ends.
+            loop {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                if writer.write_all(b" ").await.is_err() || writer.flush().await.is_err() {
+                    return;
+                }
+            }
+        })
+    });
+    Some(SlowClient {
+        kind,
+        reader: Box::new(reader),
+        trickle,
+    })
+}
+
+/// A flood of slow clients, three times `--max-connections`, each kind in turn: reviews and
+/// probes on new connections are still answered while it lasts, and every flood connection is
+/// closed by the webhook (shed to make room, or timed out), none left open.
+#[tokio::test]
+async fn a_slow_client_flood_neither_locks_reviews_out_nor_stays() {
+    bounded("test", TEST_TIMEOUT, async {
+        const LIMIT: usize = 16;
+        let ca = Ca::new("test-ca");
+        let dir = setup(&ca);
+        let server = start(dir.path(), &[&format!("--max-connections={LIMIT}")]);
+        let kinds = [Slow::Handshake, Slow::Head, Slow::Body, Slow::Http2];
+        let mut flood = Vec::new();
+        let mut shed_while_connecting = 0;
+        for i in 0..3 * LIMIT {
+            match slow_client(server.addr, &ca, kinds[i % kinds.len()]).await {
+                Some(client) => flood.push(client),
+                None => shed_while_connecting += 1,
+            }
+        }
+        for round in 0..3 {
+            reviewed(server.addr, &ca, &format!("flooded-{round}"), &tutorial_pod()).await;
+            let probe = send(server.addr, &ca.der(), "GET", "/healthz", Vec::new()).await;
+            assert_eq!(probe.status, 200, "round {round}");
+        }
+        let waits = flood.into_iter().map(|mut client| async move {
+            let closed = until_closed(&mut client.reader, CLOSE_WAIT).await;
+            if let Some(trickle) = client.trickle {
+                trickle.abort();
+            }
+            (client.kind, closed)
+        });
+        let mut still_open = Vec::new();
+        for (kind, closed) in futures_util::future::join_all(waits).await {
+            let Some(bytes) = closed else {
+                still_open.push(kind);
+                continue;
+            };
+            // Shed connections just close; a trickled body that ran out of time is told so.
+            let text = String::from_utf8_lossy(&bytes);
+            match kind {
+                Slow::Body if !bytes.is_empty() => {
+                    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+                }
+                // An HTTP/2 server's SETTINGS and GOAWAY frames are not HTTP/1.1 text.
+                Slow::Http2 => {}
+                _ => assert!(bytes.is_empty(), "{kind:?}: {text}"),
+            }
+        }
+        assert!(
+            still_open.is_empty(),
+            "left open by the webhook: {still_open:?} ({shed_while_connecting} shed while connecting)"
+        );
+        reviewed(server.addr, &ca, "after", &tutorial_pod()).await;
+    })
+    .await;
+}
+
+/// The body cap: an AdmissionReview of a pod as large as etcd stores is reviewed; a body
+/// announced or sent over 3 MiB gets 413 and the connection closes.
+#[tokio::test]
+async fn bodies_over_the_cap_get_413_and_large_reviews_fit() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("test-ca");
+        let dir = setup(&ca);
+        let server = start(dir.path(), &[]);
+        let mut big = tutorial_pod();
+        big["metadata"]["annotations"] = json!({"example.com/blob": "x".repeat(1536 * 1024)});
+        reviewed(server.addr, &ca, "big", &big).await;
+        let der = ca.der();
+        let connect = || tls_connect(server.addr, &der, "localhost", b"http/1.1");
+
+        let cap = 3 * 1024 * 1024;
+        let announced = format!(
+            "POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Length: {}\r\n\r\n",
+            cap + 1
+        );
+        let tls = connect().await.expect("TLS");
+        let (status, text) = until_answered_and_closed(tls, announced.as_bytes()).await;
+        assert_eq!(status, Some(413), "{text}");
+        assert!(text.contains("larger than 3 MiB"), "{text}");
+
+        // Chunked, so that the size is known only once the bytes are in: cap + 1 of them.
+        let mut chunked =
+            b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+                .to_vec();
+        let mut sent = 0;
+        while sent <= cap {
+            let len = (64 * 1024).min(cap + 1 - sent);
+            chunked.extend_from_slice(format!("{len:x}\r\n").as_bytes());
+            chunked.resize(chunked.len() + len, b' ');
+            chunked.extend_from_slice(b"\r\n");
+            sent += len;
+        }
+        let tls = connect().await.expect("TLS");
+        let (status, text) = until_answered_and_closed(tls, &chunked).await;
+        assert_eq!(status, Some(413), "{text}");
+    })
+    .await;
+}
+
+/// A head that announces a body which never comes: 408 once the body's time is up, then closed.
+#[tokio::test]
+async fn a_body_that_never_comes_times_out_and_closes() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("test-ca");
+        let dir = setup(&ca);
+        let server = start(dir.path(), &[]);
+        let tls = tls_connect(server.addr, &ca.der(), "localhost", b"http/1.1")
+            .await
+            .expect("TLS");
+        let head = b"POST /mutate HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n";
+        let (status, text) = until_answered_and_closed(tls, head).await;
+        assert_eq!(status, Some(408), "{text}");
+        assert!(text.contains("request body not received within"), "{text}");
+        assert!(
+            text.to_ascii_lowercase().contains("connection: close"),
+            "{text}"
+        );
     })
     .await;
 }

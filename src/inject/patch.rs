@@ -118,6 +118,19 @@ pub enum PatchError {
         name: String,
         what: &'static str,
     },
+    #[error(
+        "{field}: {id} is the proxy's {what}{applies}; the redirection exempts the proxy's {what}, so that \
+         container's connections would bypass the proxy and its policy: run it as another {what} or opt this pod out \
+         with amazing-proxy.io/inject: \"false\""
+    )]
+    ProxyIdentity {
+        field: String,
+        id: i64,
+        /// `uid` or `gid`.
+        what: &'static str,
+        /// For a pod-level setting, the container it applies to (`, which applies to ...`).
+        applies: String,
+    },
     #[error("{0}")]
     Setting(#[from] SettingError),
     #[error("{field}: expected {expected}")]
@@ -292,6 +305,7 @@ pub fn inject_template(
     let volumes = take_named(spec, &VOLUMES, prefix, ours)?;
     check_ports(&init_containers, &format!("{prefix}spec.initContainers"))?;
     check_ports(&containers, &format!("{prefix}spec.containers"))?;
+    check_run_as(spec, &init_containers, &containers, prefix)?;
     check_settings(&settings, &format!("{prefix}metadata.annotations"))?;
     let app = app_ports(
         &containers,
@@ -537,6 +551,81 @@ fn check_ports(containers: &[Value], field: &str) -> Result<(), PatchError> {
                     port: *port,
                     role,
                 });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The ids `init` exempts from the redirection, by the securityContext field that sets each.
+const PROXY_IDS: [(&str, u32, &str); 2] = [
+    ("runAsUser", PROXY_UID, "uid"),
+    ("runAsGroup", PROXY_GID, "gid"),
+];
+
+/// `securityContext.<key>` of a container or pod spec, with its field path, if set.
+fn run_as(
+    owner: &Map<String, Value>,
+    key: &str,
+    field: &str,
+) -> Result<Option<(i64, String)>, PatchError> {
+    let context = match owner.get("securityContext") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Object(c)) => c,
+        Some(_) => {
+            return Err(PatchError::malformed(
+                format!("{field}.securityContext"),
+                "a mapping",
+            ));
+        }
+    };
+    let at = format!("{field}.securityContext.{key}");
+    match context.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(v) => match v.as_i64() {
+            Some(id) => Ok(Some((id, at))),
+            None => Err(PatchError::malformed(at, "an integer")),
+        },
+    }
+}
+
+/// No app container runs as the proxy's uid or gid: `init` lets the proxy's own connections
+/// out unredirected by matching those ids, so such a container would skip the proxy. A
+/// container's own setting wins over the pod's, as in Kubernetes. (An image whose USER is the
+/// proxy's uid, with no runAsUser in the manifest, cannot be seen from here.)
+fn check_run_as(
+    spec: &Map<String, Value>,
+    init_containers: &[Value],
+    containers: &[Value],
+    prefix: &str,
+) -> Result<(), PatchError> {
+    let lists = [
+        ("initContainers", init_containers),
+        ("containers", containers),
+    ];
+    for (key, proxy_id, what) in PROXY_IDS {
+        let pod_level = run_as(spec, key, &format!("{prefix}spec"))?;
+        for (list, items) in lists {
+            for (i, container) in items.iter().enumerate() {
+                // Indexes as in `check_ports`: the user's, without our containers.
+                let cfield = format!("{prefix}spec.{list}[{i}]");
+                let Some(c) = container.as_object() else {
+                    continue;
+                };
+                let (effective, applies) = match run_as(c, key, &cfield)? {
+                    Some(own) => (Some(own), String::new()),
+                    None => (pod_level.clone(), format!(", which applies to {cfield}")),
+                };
+                if let Some((id, field)) = effective
+                    && id == i64::from(proxy_id)
+                {
+                    return Err(PatchError::ProxyIdentity {
+                        field,
+                        id,
+                        what,
+                        applies,
+                    });
+                }
             }
         }
     }
@@ -929,6 +1018,58 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn app_containers_running_as_the_proxy_are_refused() {
+        let refused = |p: Value| {
+            inject_object(&p, &options(false))
+                .expect_err("runs as the proxy")
+                .to_string()
+        };
+        let mut own =
+            pod(json!([{"name": "app"}, {"name": "side", "securityContext": {"runAsUser": 1337}}]));
+        assert!(
+            refused(own.clone()).starts_with(
+                "spec.containers[1].securityContext.runAsUser: 1337 is the proxy's uid; the redirection exempts the proxy's uid"
+            ),
+            "{}",
+            refused(own.clone())
+        );
+        own["spec"]["containers"][1]["securityContext"] =
+            json!({"runAsUser": 1000, "runAsGroup": 1337});
+        assert!(refused(own).starts_with(
+            "spec.containers[1].securityContext.runAsGroup: 1337 is the proxy's gid;"
+        ));
+        // The pod's setting applies to the containers that set none of their own, init ones too.
+        let mut pod_level = pod(json!([{"name": "app", "securityContext": {"runAsUser": 1000}}]));
+        pod_level["spec"]["securityContext"] = json!({"runAsUser": 1337});
+        pod_level["spec"]["initContainers"] = json!([{"name": "migrate"}]);
+        assert!(
+            refused(pod_level.clone()).starts_with(
+                "spec.securityContext.runAsUser: 1337 is the proxy's uid, which applies to spec.initContainers[0];"
+            ),
+            "{}",
+            refused(pod_level.clone())
+        );
+        // Once every container has its own uid, the pod's no longer applies to any of them.
+        pod_level["spec"]["initContainers"][0]["securityContext"] = json!({"runAsUser": 1001});
+        let (out, _) =
+            inject_object(&pod_level, &options(false)).expect("no container runs as 1337");
+        assert_eq!(
+            out["spec"]["initContainers"][1]["securityContext"]["runAsUser"], 1337,
+            "the proxy does"
+        );
+        // Re-injecting is checked the same way (our own containers are not the app's).
+        let (again, _) = inject_object(&out, &options(false)).expect("re-injects");
+        assert_eq!(again, out);
+        let mut bad = pod(json!([{"name": "app", "securityContext": {"runAsUser": "1337"}}]));
+        assert!(
+            refused(bad.clone())
+                .starts_with("spec.containers[0].securityContext.runAsUser: expected an integer")
+        );
+        bad["spec"]["containers"][0]["securityContext"] = json!("root");
+        assert!(refused(bad).starts_with("spec.containers[0].securityContext: expected a mapping"));
     }
 
     #[test]

@@ -420,6 +420,34 @@ fn kernel_has_ipv6() -> bool {
     Path::new("/proc/net/if_inet6").exists()
 }
 
+/// The interfaces other than `lo` holding an IPv6 address, from `/proc/net/if_inet6` (each line:
+/// address, index, prefix length, scope, flags, name).
+pub fn ipv6_interfaces(if_inet6: &str) -> Vec<String> {
+    let mut names: Vec<String> = if_inet6
+        .lines()
+        .filter_map(|line| line.split_whitespace().nth(5))
+        .filter(|name| *name != "lo")
+        .map(String::from)
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    names
+}
+
+/// Says so when the rules leave IPv6 alone in a namespace where the app could use it.
+fn warn_if_ipv6_uncovered(ipv6: bool) {
+    if ipv6 {
+        return;
+    }
+    let names = ipv6_interfaces(&std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default());
+    if !names.is_empty() {
+        tracing::warn!(
+            "no IPv6 rules (--ipv6 off, or no working ip6tables) but {} has IPv6 addresses: the app's IPv6 connections bypass the proxy and its policy",
+            names.join(", ")
+        );
+    }
+}
+
 // ---- the job ----
 
 /// Everything `init` needs, parsed and not yet validated against the namespace.
@@ -495,6 +523,7 @@ fn apply_nft(s: &Settings, env: &Env) -> Result<(), InitError> {
         hint: "install nftables in the init image or use --backend iptables".into(),
     })?;
     let ipv6 = resolve_ipv6_nft(s.ipv6);
+    warn_if_ipv6_uncovered(ipv6);
     let policy = Policy::new(&s.options, ipv6).map_err(InitError::Invalid)?;
     let script = nft::render(&policy);
     if s.dry_run {
@@ -528,6 +557,7 @@ fn print_dry_run(backend: Backend, tools: &IptTools, plan: &[(Family, NatState, 
 
 fn apply_iptables(s: &Settings, backend: Backend, tools: &IptTools) -> Result<(), InitError> {
     let ipv6 = resolve_ipv6_iptables(s.ipv6, tools)?;
+    warn_if_ipv6_uncovered(ipv6);
     let policy = Policy::new(&s.options, ipv6).map_err(InitError::Invalid)?;
     let families: &[Family] = if ipv6 {
         &[Family::V4, Family::V6]
@@ -750,6 +780,15 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("--backend nft"), "{err}");
+    }
+
+    #[test]
+    fn ipv6_interfaces_leave_out_loopback() {
+        let proc = "00000000000000000000000000000001 01 80 10 80       lo\n\
+            fe80000000000000a8c1abfffe123456 02 40 20 80     eth0\n\
+            20010db8000000000000000000000001 02 40 00 80     eth0\n";
+        assert_eq!(ipv6_interfaces(proc), ["eth0"]);
+        assert!(ipv6_interfaces("00000000000000000000000000000001 01 80 10 80 lo\n").is_empty());
     }
 
     #[test]

@@ -129,10 +129,9 @@ pub fn desired(policy: &Policy, family: Family) -> NatState {
         format!("-p tcp -j REDIRECT --to-ports {}", policy.inbound_port),
     );
 
-    let outbound = policy
-        .outbound
-        .as_ref()
-        .filter(|o| family == Family::V4 || o.ipv6_redirect);
+    // Both families alike: IPv6 egress left alone would bypass the proxy (and `--outbound-mtls
+    // strict`). An IPv6 REDIRECT leads to [::1]:port, where `run` listens too.
+    let outbound = policy.outbound.as_ref();
     if let Some(out) = outbound {
         // Everything that leaves through lo stays local: 127.0.0.0/8 and ::1 (the proxy reaching
         // the app), but also the pod's own addresses (hairpin), which route via lo too.
@@ -280,15 +279,21 @@ mod tests {
     }
 
     #[test]
-    fn ipv6_outbound_only_when_asked() {
+    fn ipv6_outbound_is_redirected_like_ipv4() {
         let p = Policy::new(&options(), true).unwrap();
-        let v6 = desired(&p, Family::V6);
-        assert_eq!(v6.chains, [INBOUND, IN_REDIRECT]);
-        let mut o = options();
-        o.ipv6_outbound_redirect = true;
-        let v6 = desired(&Policy::new(&o, true).unwrap(), Family::V6);
+        let (v4, v6) = (desired(&p, Family::V4), desired(&p, Family::V6));
+        assert_eq!(v6.chains, OUR_CHAINS);
+        assert_eq!(v6.jumps, v4.jumps);
         assert!(v6.rules.iter().any(|(_, r)| r == "-d fd00::/8 -j RETURN"));
         assert!(!v6.rules.iter().any(|(_, r)| r.contains("10.0.0.0")));
+        let without_cidrs = |s: &NatState| -> Vec<(String, String)> {
+            s.rules
+                .iter()
+                .filter(|(_, r)| !r.starts_with("-d "))
+                .cloned()
+                .collect()
+        };
+        assert_eq!(without_cidrs(&v6), without_cidrs(&v4));
     }
 
     #[test]

@@ -23,13 +23,16 @@
 //! time. The cost: self-calls do not appear in the proxy's telemetry.
 //!
 //! **IPv6.** `--ipv6 auto` installs IPv6 rules when the kernel has IPv6 (and, for iptables, when
-//! `ip6tables-save` works in the namespace). Inbound IPv6 is redirected like IPv4, which needs the
-//! proxy to accept IPv6 on its inbound port (`run --inbound [::]:8000`, dual-stack). Outbound IPv6
-//! is *not* redirected unless `--ipv6-outbound-redirect` is given: REDIRECT sends IPv6 to
-//! `[::1]:<outbound-port>`, and the proxy's outbound listener defaults to 127.0.0.1 only, so
-//! redirecting would refuse every IPv6 connection of the app. Istio redirects to ::1 and requires
-//! its proxy to listen there; we make that an explicit opt-in. Until then IPv6 outbound bypasses
-//! the proxy.
+//! `ip6tables-save` works in the namespace), and they are the IPv4 rules: inbound IPv6 is
+//! redirected to the inbound port (the proxy must accept IPv6 there, `run --inbound [::]:8000`,
+//! else such connections are refused), and the app's IPv6 egress to the outbound port, with the
+//! same exceptions. An IPv6 REDIRECT leads to `[::1]:<outbound-port>`, where `run` listens too
+//! (its outbound listener on 127.0.0.1 has a twin on ::1). Leaving IPv6 egress alone would let the
+//! app bypass the proxy, its policy and `--outbound-mtls strict` by dialling an IPv6 address; if
+//! nothing listens on ::1 (a proxy with another `--outbound`) the app's IPv6 connections are
+//! refused, which fails closed. `--ipv6 off`, or a kernel with IPv6 but no working ip6tables,
+//! leaves IPv6 untouched in both directions, with a warning when the namespace has IPv6 addresses
+//! beyond loopback. (`--ipv6-outbound-redirect`, the old opt-in, is accepted and ignored.)
 //!
 //! **Atomicity and idempotency.** iptables: one script per family, one `COMMIT`, `--noflush`; it
 //! declares (creates or flushes) our chains, deletes the jumps to them currently present (read with
@@ -136,9 +139,8 @@ pub struct InitArgs {
     #[arg(long, env = "AMAZING_PROXY_IPV6", value_enum, default_value = "auto")]
     pub ipv6: Ipv6Mode,
 
-    /// Also redirect the app's IPv6 connections, to [::1]:<outbound-port>; the proxy must then
-    /// listen there (off by default: the outbound listener defaults to 127.0.0.1).
-    #[arg(long, env = "AMAZING_PROXY_IPV6_OUTBOUND_REDIRECT")]
+    /// Kept for old manifests: IPv6 egress is now always redirected with the IPv6 rules.
+    #[arg(long, env = "AMAZING_PROXY_IPV6_OUTBOUND_REDIRECT", hide = true)]
     pub ipv6_outbound_redirect: bool,
 
     /// Print the exact script that would be applied, change nothing.
@@ -165,7 +167,6 @@ impl InitArgs {
             proxy_gid: self.proxy_gid,
             proxy_mark: self.proxy_mark,
             no_outbound: self.no_outbound,
-            ipv6_outbound_redirect: self.ipv6_outbound_redirect,
         }
     }
 }
@@ -215,6 +216,11 @@ pub enum InitError {
 }
 
 pub fn main(args: InitArgs) -> Result<(), InitError> {
+    if args.ipv6_outbound_redirect {
+        tracing::warn!(
+            "--ipv6-outbound-redirect is ignored: IPv6 egress is redirected whenever IPv6 rules are installed"
+        );
+    }
     apply::run_init(&apply::Settings {
         backend: args.backend,
         ipv6: args.ipv6,

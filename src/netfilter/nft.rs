@@ -29,8 +29,11 @@ fn port_set(ports: &[u16]) -> String {
 pub fn render(policy: &Policy) -> String {
     let mut s = render_clean();
     // Restricting to IPv4 in the hook chains keeps the rest of the table family-agnostic.
-    let only_v4 = "meta nfproto ipv4 ";
-    let in_family = if policy.ipv6 { "" } else { only_v4 };
+    let family = if policy.ipv6 {
+        ""
+    } else {
+        "meta nfproto ipv4 "
+    };
     let _ = writeln!(s, "table {TABLE} {{");
 
     let _ = writeln!(s, "\tchain prerouting {{");
@@ -38,7 +41,7 @@ pub fn render(policy: &Policy) -> String {
         s,
         "\t\ttype nat hook prerouting priority -100; policy accept;"
     );
-    let _ = writeln!(s, "\t\t{in_family}meta l4proto tcp jump inbound");
+    let _ = writeln!(s, "\t\t{family}meta l4proto tcp jump inbound");
     let _ = writeln!(s, "\t}}\n");
 
     let _ = writeln!(s, "\tchain inbound {{");
@@ -67,14 +70,10 @@ pub fn render(policy: &Policy) -> String {
     let _ = writeln!(s, "\t}}");
 
     if let Some(out) = &policy.outbound {
-        let out_family = if policy.ipv6 && out.ipv6_redirect {
-            ""
-        } else {
-            only_v4
-        };
         let _ = writeln!(s, "\n\tchain output {{");
         let _ = writeln!(s, "\t\ttype nat hook output priority -100; policy accept;");
-        let _ = writeln!(s, "\t\t{out_family}meta l4proto tcp jump outbound");
+        // Both families alike (see iptables.rs).
+        let _ = writeln!(s, "\t\t{family}meta l4proto tcp jump outbound");
         let _ = writeln!(s, "\t}}\n");
 
         let _ = writeln!(s, "\tchain outbound {{");
@@ -92,7 +91,7 @@ pub fn render(policy: &Policy) -> String {
         for c in &out.exclude_v4 {
             let _ = writeln!(s, "\t\tip daddr {c} return");
         }
-        if policy.ipv6 && out.ipv6_redirect {
+        if policy.ipv6 {
             for c in &out.exclude_v6 {
                 let _ = writeln!(s, "\t\tip6 daddr {c} return");
             }
@@ -124,12 +123,12 @@ mod tests {
         assert!(s.starts_with("table inet amazing_proxy\ndelete table inet amazing_proxy\n"));
         assert_eq!(s.matches("table ").count(), 3);
         assert!(s.contains("\t\tmeta l4proto tcp jump inbound\n"));
-        assert!(s.contains("meta nfproto ipv4 meta l4proto tcp jump outbound"));
+        assert!(s.contains("\t\tmeta l4proto tcp jump outbound\n"));
         assert!(s.contains("ip daddr 10.0.0.0/8 return"));
-        assert!(
-            !s.contains("fd00::/8"),
-            "no IPv6 outbound rules unless asked"
-        );
+        assert!(s.contains("ip6 daddr fd00::/8 return"));
+        let v4_only = render(&Policy::new(&options(), false).unwrap());
+        assert!(v4_only.contains("meta nfproto ipv4 meta l4proto tcp jump outbound"));
+        assert!(!v4_only.contains("fd00::/8"));
     }
 
     #[test]

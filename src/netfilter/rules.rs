@@ -18,7 +18,6 @@ pub struct PolicyOptions {
     /// 0 disables the mark exception (as `run --proxy-mark 0` disables setting it).
     pub proxy_mark: u32,
     pub no_outbound: bool,
-    pub ipv6_outbound_redirect: bool,
 }
 
 /// What the rules do, for both families.
@@ -46,9 +45,6 @@ pub struct Outbound {
     pub uid: u32,
     pub gid: u32,
     pub mark: Option<u32>,
-    /// IPv6 connections are redirected to `[::1]:port` only when asked: the proxy's outbound
-    /// listener defaults to 127.0.0.1, and an IPv6 REDIRECT there would refuse every connection.
-    pub ipv6_redirect: bool,
 }
 
 impl Policy {
@@ -113,7 +109,6 @@ impl Policy {
             uid: o.proxy_uid,
             gid: o.proxy_gid,
             mark: (o.proxy_mark != 0).then_some(o.proxy_mark),
-            ipv6_redirect: ipv6 && o.ipv6_outbound_redirect,
         });
         Ok(Policy {
             inbound_port: o.inbound_port,
@@ -145,7 +140,6 @@ impl PolicyOptions {
             proxy_gid: PROXY_GID,
             proxy_mark: PROXY_MARK,
             no_outbound: false,
-            ipv6_outbound_redirect: false,
         }
     }
 }
@@ -168,7 +162,6 @@ mod tests {
             proxy_gid: PROXY_GID,
             proxy_mark: PROXY_MARK,
             no_outbound: false,
-            ipv6_outbound_redirect: false,
         }
     }
 
@@ -191,12 +184,10 @@ mod tests {
         let mut o = defaults();
         o.exclude_outbound_cidrs = "10.0.0.0/8,fd00::/8".parse().unwrap();
         o.proxy_mark = 0;
-        o.ipv6_outbound_redirect = true;
         let out = Policy::new(&o, false).unwrap().outbound.unwrap();
         assert_eq!(out.exclude_v4.len(), 1);
         assert_eq!(out.exclude_v6.len(), 1);
         assert_eq!(out.mark, None);
-        assert!(!out.ipv6_redirect, "no IPv6 redirect when IPv6 is off");
     }
 
     #[test]

@@ -17,13 +17,19 @@
 //! Failures never pass silently: a pod we cannot inject is, by `--on-error`, either admitted
 //! unchanged with a warning (shown by kubectl) and an error log line, or denied with the reason.
 //!
+//! Limits ([`connection`]): handshake, head, body and answer timeouts, an idle timeout, a
+//! connection limit that makes room by closing the connection stalled the longest, a 3 MiB body
+//! cap and a total on the bytes held across connections, so that no client can make the webhook
+//! unavailable.
+//!
 //! Certificates: a rustls `ResolvesServerCert` checks the certificate and key files' modification
 //! time, size and inode at each TLS handshake and re-reads them when they changed, so a rotated
 //! Secret (kubelet swaps the mounted files atomically) is served from the next connection on, with
 //! no restart and no timer. A pair that does not load (half-written, key not matching) is logged
 //! and the previous one kept.
 
-use crate::text_response::text;
+pub mod connection;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,22 +39,33 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use bytes::Bytes;
 use clap::{Args, ValueEnum};
-use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{BodyExt, Full, Limited};
+use futures_util::FutureExt as _;
+use http::{Method, Request, Response, StatusCode, Version, header};
+use http_body::Body as _;
+use http_body_util::BodyExt as _;
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde_json::{Value, json};
+use tokio::net::TcpStream;
+use tokio::time::Instant;
 
 use crate::inject::patch::{Options, Outcome, inject_template};
 use crate::inject::{InjectDefaults, PatchError};
+use crate::text_response::text;
+use connection::{
+    Admitted, BODY_TIMEOUT, BodyError, Budget, CLOSE_GRACE, Connections, Due, H1_MAX_BUF,
+    H2_CONNECTION_WINDOW, H2_MAX_SEND_BUF, H2_MAX_STREAMS, H2_STREAM_WINDOW, HANDSHAKE_TIMEOUT,
+    Held, MAX_BUFFERED, Reply, RequestMark, Watched, read_body,
+};
 
-/// The largest AdmissionReview accepted; the API server's own limit on objects is 3 MiB.
-const MAX_BODY: usize = 4 * 1024 * 1024;
+/// How long the in-flight reviews get after SIGTERM.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum OnError {
@@ -79,6 +96,10 @@ pub struct WebhookArgs {
         default_value = "kube-system,kube-public,kube-node-lease"
     )]
     pub skip_namespaces: Vec<String>,
+    /// Connections at once; at the limit the one stalled the longest (in its handshake, head,
+    /// body, answer, or idle) is closed to make room.
+    #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub max_connections: u32,
     #[command(flatten)]
     pub defaults: InjectDefaults,
 }
@@ -119,6 +140,30 @@ pub fn main(args: WebhookArgs) -> Result<(), WebhookError> {
     runtime.block_on(serve(args))
 }
 
+/// What every connection shares.
+struct Server {
+    config: Config,
+    acceptor: tokio_rustls::TlsAcceptor,
+    connections: Arc<Connections>,
+    budget: Budget,
+    /// Chosen by ALPN: `h2`, else HTTP/1.1.
+    http1: auto::Builder<TokioExecutor>,
+    http2: auto::Builder<TokioExecutor>,
+}
+
+fn http_builders() -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
+    let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
+    http1.http1().max_buf_size(H1_MAX_BUF);
+    let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
+    http2
+        .http2()
+        .max_concurrent_streams(H2_MAX_STREAMS)
+        .initial_stream_window_size(H2_STREAM_WINDOW)
+        .initial_connection_window_size(H2_CONNECTION_WINDOW)
+        .max_send_buf_size(H2_MAX_SEND_BUF);
+    (http1, http2)
+}
+
 async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let resolver = ReloadingCert::new(&args.tls_cert, &args.tls_key, provider.clone())?;
@@ -132,7 +177,6 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(resolver));
     tls.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
-    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -146,14 +190,21 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
     })?;
     // On stdout so that scripts and tests that asked for port 0 can find the port.
     println!("amazing-proxy webhook: listening on https://{local}/mutate");
-    tracing::info!(%local, "webhook listening");
+    tracing::info!(%local, max_connections = args.max_connections, "webhook listening");
 
-    let config = Arc::new(Config {
-        options: args.defaults.options(),
-        on_error: args.on_error,
-        skip_namespaces: args.skip_namespaces,
+    let (http1, http2) = http_builders();
+    let server = Arc::new(Server {
+        config: Config {
+            options: args.defaults.options(),
+            on_error: args.on_error,
+            skip_namespaces: args.skip_namespaces,
+        },
+        acceptor: tokio_rustls::TlsAcceptor::from(Arc::new(tls)),
+        connections: Connections::new(usize::try_from(args.max_connections).unwrap_or(usize::MAX)),
+        budget: Budget::new(MAX_BUFFERED),
+        http1,
+        http2,
     });
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown_signal());
     loop {
         let (tcp, peer) = tokio::select! {
@@ -168,32 +219,93 @@ async fn serve(args: WebhookArgs) -> Result<(), WebhookError> {
             },
             () = &mut shutdown => break,
         };
-        let acceptor = acceptor.clone();
-        let config = config.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let tls =
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
-                };
-            let service = hyper::service::service_fn(move |req| handle(req, config.clone()));
-            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-            let conn = builder.serve_connection(TokioIo::new(tls), service);
-            if let Err(e) = watcher.watch(conn.into_owned()).await {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
+        let Some(admitted) = server.connections.admit() else {
+            // Every other connection is already being closed to make room: drop this one.
+            tracing::debug!(%peer, "at --max-connections with nothing left to close: closed");
+            continue;
+        };
+        tokio::spawn(serve_connection(server.clone(), tcp, peer, admitted));
     }
+    drop(listener);
     tracing::info!("shutting down: finishing in-flight reviews");
-    if tokio::time::timeout(Duration::from_secs(10), graceful.shutdown())
+    server.connections.close_all();
+    if tokio::time::timeout(SHUTDOWN_GRACE, server.connections.all_closed())
         .await
         .is_err()
     {
-        tracing::warn!("in-flight reviews still running after 10s; closing them");
+        tracing::warn!("in-flight reviews still running after {SHUTDOWN_GRACE:?}; closing them");
     }
     Ok(())
+}
+
+/// One client connection, from the TLS handshake to its close: every phase bounded (see
+/// [`connection`]), and closed at once when the limit or the byte budget needs it.
+async fn serve_connection(
+    server: Arc<Server>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    admitted: Admitted,
+) {
+    let conn = admitted.conn().clone();
+    let tls = tokio::select! {
+        biased;
+        () = conn.evicted() => return tracing::debug!(%peer, "closed during the TLS handshake to make room"),
+        accepted = tokio::time::timeout(HANDSHAKE_TIMEOUT, server.acceptor.accept(tcp)) => match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => return tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+            Err(_) => return tracing::debug!(%peer, "TLS handshake timed out"),
+        },
+    };
+    let http2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    conn.handshake_done(!http2);
+    let service = {
+        let (server, conn) = (server.clone(), conn.clone());
+        hyper::service::service_fn(move |req| handle(req, server.clone(), conn.start()))
+    };
+    let builder = if http2 { &server.http2 } else { &server.http1 };
+    let serving = builder.serve_connection(TokioIo::new(Watched::new(tls, conn.clone())), service);
+    let mut serving = std::pin::pin!(serving);
+    let why = loop {
+        let (at, due) = conn.next();
+        if at <= Instant::now() {
+            match due {
+                Due::Late(what) => {
+                    let limit = if what.starts_with("no request head") {
+                        connection::HEADER_TIMEOUT
+                    } else {
+                        connection::EXCHANGE_TIMEOUT
+                    };
+                    return tracing::debug!(%peer, "{what} {limit:?}: closed");
+                }
+                Due::Idle => break "idle",
+            }
+        }
+        tokio::select! {
+            biased;
+            () = conn.evicted() => return tracing::debug!(%peer, "closed to make room (--max-connections, or the bytes it held)"),
+            result = serving.as_mut() => return connection_ended(peer, result),
+            () = conn.closing() => break "shutting down",
+            () = conn.head_started() => {}
+            () = tokio::time::sleep_until(at) => {}
+        }
+    };
+    tracing::debug!(%peer, "closing ({why})");
+    serving.as_mut().graceful_shutdown();
+    tokio::select! {
+        biased;
+        () = conn.evicted() => {}
+        result = serving.as_mut() => connection_ended(peer, result),
+        () = tokio::time::sleep(CLOSE_GRACE) => tracing::debug!(%peer, "graceful close cut after {CLOSE_GRACE:?}"),
+    }
+}
+
+fn connection_ended(
+    peer: SocketAddr,
+    result: Result<(), Box<dyn std::error::Error + Send + Sync>>,
+) {
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "connection ended with an error");
+    }
 }
 
 async fn shutdown_signal() {
@@ -211,52 +323,70 @@ async fn shutdown_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// A one-line text answer, in the shape the admin's are.
+fn plain(status: StatusCode, message: impl Into<String>) -> Response<Bytes> {
+    // A `Full` body is ready at once.
+    text(status, message).map(|body| {
+        body.collect()
+            .now_or_never()
+            .and_then(Result::ok)
+            .map(http_body_util::Collected::to_bytes)
+            .unwrap_or_default()
+    })
+}
+
+/// Serves one request; the answer's body holds the request open until the client has it.
 async fn handle(
     req: Request<Incoming>,
-    config: Arc<Config>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+    server: Arc<Server>,
+    open: RequestMark,
+) -> Result<Response<Reply>, Infallible> {
+    let mut held = server.budget.hold(open.conn());
+    let answer = route(req, &server, &mut held).await;
+    // What a refused or bad request's body held goes back now, not when its answer is taken.
+    server.budget.shrink(&mut held, answer.body().len());
+    Ok(answer.map(|body| Reply::new(body, held, open)))
+}
+
+async fn route(req: Request<Incoming>, server: &Server, held: &mut Held) -> Response<Bytes> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/healthz") => return Ok(text(StatusCode::OK, "ok")),
+        (&Method::GET, "/healthz") => return plain(StatusCode::OK, "ok"),
         // The listener is bound only once the certificate has loaded, so answering at all means
         // ready; a rotated certificate that does not load leaves the previous one in service.
-        (&Method::GET, "/readyz") => return Ok(text(StatusCode::OK, "ready: certificate loaded")),
+        (&Method::GET, "/readyz") => return plain(StatusCode::OK, "ready: certificate loaded"),
         (_, "/mutate") => {}
         _ => {
-            return Ok(text(
+            return plain(
                 StatusCode::NOT_FOUND,
                 "not found: this server answers POST /mutate, GET /healthz and GET /readyz",
-            ));
+            );
         }
     }
     if req.method() != Method::POST {
-        let mut resp = text(
+        let mut resp = plain(
             StatusCode::METHOD_NOT_ALLOWED,
             "method not allowed: /mutate takes POST",
         );
         resp.headers_mut()
             .insert(header::ALLOW, header::HeaderValue::from_static("POST"));
-        return Ok(resp);
+        return resp;
     }
-    let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-        Ok(body) => body.to_bytes(),
-        Err(e) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                return Ok(text(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request body larger than 4 MiB",
-                ));
-            }
-            return Ok(text(
-                StatusCode::BAD_REQUEST,
-                format!("cannot read the request body: {e}"),
-            ));
-        }
+    let version = req.version();
+    let deadline = Instant::now() + BODY_TIMEOUT;
+    let declared = req.body().size_hint().exact();
+    let body = match read_body(req.into_body(), declared, &server.budget, held, deadline).await {
+        Ok(body) => body,
+        Err(e) => return body_refused(&e, version),
     };
-    Ok(match review(&body, &config) {
+    let answer = review(&body, &server.config);
+    drop(body);
+    match answer {
         Ok(answer) => {
-            let mut resp = Response::new(Full::new(Bytes::from(answer.to_string())));
+            let answer = Bytes::from(answer.to_string());
+            if !server.budget.resize(held, answer.len(), deadline).await {
+                return body_refused(&BodyError::Busy, version);
+            }
+            let mut resp = Response::new(answer);
             resp.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static("application/json"),
@@ -265,9 +395,54 @@ async fn handle(
         }
         Err(message) => {
             tracing::warn!(%message, "bad admission request");
-            text(StatusCode::BAD_REQUEST, &message)
+            plain(StatusCode::BAD_REQUEST, message)
         }
-    })
+    }
+}
+
+/// The answer to a request whose body was not read whole. On HTTP/1.1 the rest of the body is
+/// still in the connection, so it closes after the answer (HTTP/2 resets just the stream).
+fn body_refused(error: &BodyError, version: Version) -> Response<Bytes> {
+    let mut resp = match error {
+        BodyError::TooLarge => {
+            tracing::warn!("request body over the 3 MiB limit: refused");
+            plain(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request body larger than 3 MiB: the API server sends no AdmissionReview that large for an object it can store",
+            )
+        }
+        BodyError::Busy => {
+            tracing::warn!(
+                "{} MiB of requests and responses already held: 503",
+                MAX_BUFFERED >> 20
+            );
+            let mut resp = plain(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the webhook holds as many request bytes as it may at once; retry",
+            );
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, header::HeaderValue::from_static("1"));
+            resp
+        }
+        BodyError::Timeout => {
+            tracing::debug!("request body not in within {BODY_TIMEOUT:?}");
+            plain(
+                StatusCode::REQUEST_TIMEOUT,
+                format!("request body not received within {BODY_TIMEOUT:?}"),
+            )
+        }
+        BodyError::Read(e) => plain(
+            StatusCode::BAD_REQUEST,
+            format!("cannot read the request body: {e}"),
+        ),
+    };
+    if version < Version::HTTP_2 {
+        resp.headers_mut().insert(
+            header::CONNECTION,
+            header::HeaderValue::from_static("close"),
+        );
+    }
+    resp
 }
 
 /// Answers one AdmissionReview (the request body) with another; `Err` is a malformed request
@@ -534,6 +709,23 @@ mod tests {
         let denied = review(&request("default", pod), &config(OnError::Deny)).expect("valid");
         assert_eq!(denied["response"]["allowed"], false);
         assert_eq!(denied["response"]["status"]["code"], 400);
+    }
+
+    #[test]
+    fn a_pod_running_as_the_proxy_is_denied_with_the_field() {
+        let pod = json!({"metadata": {"name": "p"}, "spec": {"securityContext": {"runAsGroup": 1337},
+            "containers": [{"name": "app"}]}});
+        let denied = review(&request("default", pod), &config(OnError::Deny)).expect("valid");
+        assert_eq!(denied["response"]["allowed"], false);
+        let message = denied["response"]["status"]["message"]
+            .as_str()
+            .unwrap_or_default();
+        assert!(
+            message.starts_with(
+                "amazing-proxy: cannot inject pod default/p: spec.securityContext.runAsGroup: 1337 is the proxy's gid, which applies to spec.containers[0];"
+            ),
+            "{message}"
+        );
     }
 
     #[test]
