@@ -24,6 +24,7 @@ use support::http::TestApp;
 use support::identity::{Ca, Leaf};
 use support::in_process::{Captured, run_args};
 use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh};
+use support::raw::{RecordingApp, answer, ok};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -83,10 +84,20 @@ async fn send_status(
     sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     path: &str,
 ) -> u16 {
-    let req = http::Request::get(path)
-        .header("host", "backend")
-        .body(Empty::new())
-        .expect("request");
+    send_with(sender, path, &[]).await
+}
+
+/// GET `path` with `fields` on `sender`; returns the status.
+async fn send_with(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> u16 {
+    let mut req = http::Request::get(path).header("host", "backend");
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::new()).expect("request");
     let response = bounded("a response", WAIT, sender.send_request(req))
         .await
         .expect("a response through the tunnel");
@@ -158,6 +169,47 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
             &["direction=\"inbound\"", &peer_label],
         );
         assert_eq!(streams, Some(1.0), "{metrics}");
+    })
+    .await;
+}
+
+/// x-forwarded-client-cert is the proxy's: the app behind the server learns the verified peer in
+/// Envoy's format, `By=<server>;URI=<client>`, and never what the client wrote there; the other
+/// forwarding fields the client wrote do not pass either.
+#[tokio::test]
+async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = RecordingApp::start(|_| answer(ok("ok"))).await;
+        let (server, _) = data_plane(app.addr, &dirs.path().join("server"), &[]);
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        let (status, mut sender) = get(tunnel, "/first").await;
+        assert_eq!(status, 200);
+        let forged = [
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+            ),
+            ("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/kube-system/sa/admin"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+        ];
+        assert_eq!(send_with(&mut sender, "/second", &forged).await, 200);
+        let ours = format!("By={SERVER_ID};URI={CLIENT_ID}");
+        let requests = app.requests();
+        assert_eq!(requests.len(), 2);
+        for received in requests {
+            let at_app = received.message;
+            assert_eq!(at_app.headers("x-forwarded-client-cert"), [ours.as_str()], "{}", at_app.head);
+            assert_eq!(at_app.header("forwarded"), None, "{}", at_app.head);
+            let forwarded_for = at_app.header("x-forwarded-for").unwrap_or_default();
+            assert!(!forwarded_for.contains("203.0.113.9"), "{}", at_app.head);
+        }
     })
     .await;
 }
