@@ -959,6 +959,140 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
     assert!(plain.is_err(), "strict B answered plaintext: {plain:?}");
 }
 
+/// Pod B's app on [`ECHO_PORT`]: answers every GET with its raw target and header fields as JSON.
+const ECHO_APP: &str = r#"
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps({"path": self.path, "headers": [[k.lower(), v] for k, v in self.headers.items()]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo).serve_forever()
+"#;
+const ECHO_PORT: u16 = 8081;
+
+/// Pod B's policy lets anyone (A in its tunnel, plaintext too) reach `/public` only on the echo
+/// app's port. From A's app, in a tunnel: the app learns A's verified identity in
+/// `x-forwarded-client-cert` (`By=<B>;URI=<A>`) and never the one A's app forged; paths that an
+/// app could resolve to `/admin` are refused with 400 before the policy, `/admin` itself with
+/// 403, and a dot segment in an allowed path reaches the app resolved. Plaintext from A's side of
+/// the link gets no XFCC at all, whatever it wrote.
+#[test]
+fn a_mesh_peer_is_named_to_the_app_and_ambiguous_paths_never_reach_it() {
+    let test = "a_mesh_peer_is_named_to_the_app_and_ambiguous_paths_never_reach_it";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: all-unauthenticated\nports:\n  - port: {ECHO_PORT}\n    allow:\n      - identities: [{CLIENT_ID}]\n        paths: [{{prefix: /public}}]\n      - unauthenticated: true\n        paths: [{{prefix: /public}}]\n"
+        ),
+    )
+    .expect("write the policy");
+    let policy = policy.display().to_string();
+    let a_args: &[&str] = &["--outbound-mtls", "strict"];
+    let b_args: &[&str] = &["--policy", &policy];
+    let Some(mut mesh) = mesh(test, (CLIENT_ID, a_args), (SERVER_ID, b_args)) else {
+        return;
+    };
+    let python = support::tools::venv().expect("the venv (Mesh::start found it)");
+    let python = python.join("bin/python3").display().to_string();
+    let echo = mesh
+        .ns_b()
+        .cmd(&[&python, "-c", ECHO_APP, &ECHO_PORT.to_string()]);
+    mesh.spawn(echo, "b-echo.log");
+    let base = format!("http://{}:{ECHO_PORT}", mesh.b_ip);
+    let forged = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    // (status, the app's JSON) of GET `path` from A's app (uid 1000) or, bypassing A's proxy,
+    // from its uid 1337 in plaintext.
+    let try_get = |uid: &str, path: &str| -> Result<(u16, serde_json::Value), String> {
+        let url = format!("{base}{path}");
+        let out = mesh.curl_in_a(
+            uid,
+            &["--path-as-is", "-H", forged, "-w", "\n%{http_code}", &url],
+        )?;
+        let (body, status) = out.rsplit_once('\n').unwrap_or_default();
+        let status = status.trim().parse().unwrap_or(0);
+        Ok((
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        ))
+    };
+    let get = |uid: &str, path: &str| {
+        try_get(uid, path)
+            .unwrap_or_else(|e| panic!("curl {path}: {e}\n--- B:\n{}", mesh.read("b-proxy.log")))
+    };
+    support::eventually_blocking(
+        "pod B's echo app",
+        support::netns::POD_WAIT,
+        || match try_get("1000", "/public/ready") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", mesh.read("b-echo.log"))),
+        },
+    );
+    let xfcc = |echo: &serde_json::Value| -> Vec<String> {
+        echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|kv| kv[0] == "x-forwarded-client-cert")
+            .map(|kv| kv[1].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    let (status, echo) = get("1000", "/public/a/../b");
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        echo["path"], "/public/b",
+        "the app got the path it was judged by"
+    );
+    assert_eq!(
+        xfcc(&echo),
+        [format!("By={SERVER_ID};URI={CLIENT_ID}")],
+        "{echo}"
+    );
+
+    assert_eq!(get("1000", "/admin").0, 403);
+    for path in [
+        "/public/..;/admin",
+        "/public/.;/admin",
+        "/public/%2e%2e/admin",
+        "/public/%252e%252e/admin",
+        "/public/%c0%ae%c0%ae/admin",
+        "/public/%u002e%u002e/admin",
+        "/public/..%09/admin",
+        "/public%2fadmin",
+    ] {
+        let (status, echo) = get("1000", path);
+        assert_eq!(status, 400, "{path}: {echo}");
+    }
+    // One record per refusal, naming the peer (the log is written in batches: waited for).
+    support::eventually_blocking("B's records of the refusals", WAIT, || {
+        let records = support::tools::json_records(&mesh.read("b-access.log"));
+        let refused = records
+            .iter()
+            .filter(|r| r["error"] == "ambiguous_path" && r["peer"] == CLIENT_ID)
+            .count();
+        (refused == 8)
+            .then_some(())
+            .ok_or_else(|| format!("{records:?}"))
+    });
+
+    let (status, echo) = get("1337", "/public/plain");
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        xfcc(&echo),
+        Vec::<String>::new(),
+        "plaintext has no verified peer: {echo}"
+    );
+}
+
 /// B runs no HBONE listener (--inbound-mtls off): A in `auto` sends plaintext (and logs no peer);
 /// A in `strict`, or in `auto` with B named in --peer-identities, resets the app's connection and
 /// logs the refusal.
