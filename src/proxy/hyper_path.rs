@@ -94,7 +94,8 @@ async fn respond(
         ruled.request_id,
     );
     exchange.request = progress.clone();
-    if let Err(kind) = ruled.admitted.and(ambiguous.map_or(Ok(()), Err)) {
+    // A loop, then an ambiguous path: refused before any policy rule is consulted.
+    if let Some(kind) = ruled.admitted.err().or(ambiguous) {
         return synthetic_response(Synthetic::new(kind, grpc), exchange);
     }
     if conn.direction == Direction::Inbound {

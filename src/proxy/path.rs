@@ -76,10 +76,11 @@ pub fn normalize(target: &str) -> Result<Cow<'_, str>, Ambiguous> {
 /// The common case, decided in one scan: nothing to decode, refuse or remove.
 fn is_plain(path: &str) -> bool {
     path.split('/').all(|segment| {
-        !segment
+        let needs_work = segment
             .bytes()
-            .any(|b| b == b'%' || b == b'\\' || b.is_ascii_control())
-            && !matches!(dot_name(segment), "." | "..")
+            .any(|b| b == b'%' || b == b'\\' || b.is_ascii_control());
+        let dot = segment.starts_with('.') && matches!(dot_name(segment), "." | "..");
+        !needs_work && !dot
     })
 }
 
