@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every cargo-fuzz target of fuzz/ for a bounded time: scripts/fuzz.sh [SECONDS_PER_TARGET]
-# (default 12: about a minute for the five targets, plus the first build of fuzz/, a few minutes).
+# (default 12: about a minute for the six targets, plus the first build of fuzz/, a few minutes).
 # `scripts/fuzz.sh --build-only` installs cargo-fuzz and builds the targets, then stops.
 #
 # cargo-fuzz needs nightly-only rustc flags (-Z sanitizer, sancov); the toolchain here is stable,

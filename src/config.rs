@@ -150,6 +150,13 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_REWRITE_HOST")]
     pub rewrite_host: bool,
 
+    /// Proxies in front of the pod whose forwarding fields are trusted: the last N entries of a
+    /// request's X-Forwarded-For are kept (then the client's address appended), and so are its
+    /// X-Forwarded-Proto and Forwarded. 0: no client is trusted; these fields are the proxy's own.
+    #[arg(long, env = "AMAZING_PROXY_TRUSTED_HOPS", default_value = "0",
+          value_parser = clap::value_parser!(u8).range(0..=32))]
+    pub trusted_hops: u8,
+
     /// HTTP version spoken to the app.
     #[arg(
         long,

@@ -55,6 +55,9 @@ pub enum ErrorKind {
     ClientDisconnected,
     /// The request cannot be forwarded as written (malformed, ambiguous framing, invalid target).
     BadRequest,
+    /// An inbound request path that the app could resolve to another path than the one judged
+    /// (`proxy::path`: encoded `/` or `.`, `..;`, double encoding, ...).
+    AmbiguousPath,
     /// The request head is larger than --max-header-bytes.
     HeadersTooLarge,
     /// The request came back to this proxy (its own Via entry): a redirect loop.
@@ -176,8 +179,10 @@ impl ErrorKind {
         match self {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
             | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
-            ClientBody | RequestTimeout | ClientDisconnected | BadRequest | HeadersTooLarge
-            | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort => Fault::Client,
+            ClientBody | RequestTimeout | ClientDisconnected | BadRequest | AmbiguousPath
+            | HeadersTooLarge | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort => {
+                Fault::Client
+            }
             Handshake(_) => Fault::Peer,
             LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
         }
@@ -191,7 +196,7 @@ impl ErrorKind {
             ConnectRefused | ConnectFailed | UpstreamReset | UpstreamProtocol | UpstreamBody
             | ResponseBodyTimeout | TcpIo | Handshake(_) => S::BAD_GATEWAY,
             ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
-            ClientBody | BadRequest => S::BAD_REQUEST,
+            ClientBody | BadRequest | AmbiguousPath => S::BAD_REQUEST,
             RequestTimeout => S::REQUEST_TIMEOUT,
             HeadersTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
             LoopDetected => S::LOOP_DETECTED,
@@ -221,6 +226,7 @@ impl ErrorKind {
             RequestTimeout => "request_timeout",
             ClientDisconnected => "client_disconnected",
             BadRequest => "bad_request",
+            AmbiguousPath => "ambiguous_path",
             HeadersTooLarge => "headers_too_large",
             LoopDetected => "loop_detected",
             Overloaded => "overloaded",
@@ -261,6 +267,9 @@ impl ErrorKind {
             }
             ClientDisconnected => "amazing-proxy: the client went away\n",
             BadRequest => "amazing-proxy: malformed request (request line, headers or framing)\n",
+            AmbiguousPath => {
+                "amazing-proxy: ambiguous request path (encoded `/`, `.`, `%` or `\\`, `..;`, control characters, invalid UTF-8 or `..` above the root): send it in plain form\n"
+            }
             HeadersTooLarge => "amazing-proxy: request headers too large (--max-header-bytes)\n",
             LoopDetected => {
                 "amazing-proxy: the request looped back to this proxy (check --app and the redirect rules)\n"
@@ -299,7 +308,7 @@ impl ErrorKind {
                 DEADLINE_EXCEEDED
             }
             Overloaded | TooManyConnections | HeadersTooLarge => RESOURCE_EXHAUSTED,
-            BadRequest | ClientBody => INVALID_ARGUMENT,
+            BadRequest | AmbiguousPath | ClientBody => INVALID_ARGUMENT,
             UpstreamProtocol | LoopDetected => INTERNAL,
             PolicyDenied => PERMISSION_DENIED,
             _ => UNAVAILABLE,

@@ -16,7 +16,7 @@ use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
 use support::in_process::{Captured, run_args};
 use support::raw::{Message, RawClient, Received, RecordingApp, Step};
-use support::{TEST_TIMEOUT, bounded};
+use support::{TEST_TIMEOUT, WAIT, bounded};
 use tokio::net::TcpListener;
 
 /// A data plane on 127.0.0.1:0 forwarding to `app`; returns its address.
@@ -71,9 +71,22 @@ fn normalised(message: &Message) -> BTreeMap<String, String> {
 /// The header cases: extra request fields, each sent with a 2-byte body.
 const CASES: &[(&str, &str)] = &[
     ("plain", ""),
-    ("forwarded-for appended", "X-Forwarded-For: 203.0.113.9\r\n"),
-    ("forwarded-proto kept", "X-Forwarded-Proto: https\r\n"),
+    ("forwarded-for replaced", "X-Forwarded-For: 203.0.113.9\r\n"),
+    (
+        "forwarded-for fields joined",
+        "X-Forwarded-For: 203.0.113.9\r\nX-Forwarded-For: 203.0.113.10\r\n",
+    ),
+    ("forwarded-proto replaced", "X-Forwarded-Proto: https\r\n"),
+    (
+        "forwarded removed",
+        "Forwarded: for=203.0.113.9;proto=https\r\n",
+    ),
+    (
+        "client cert removed",
+        "X-Forwarded-Client-Cert: URI=spiffe://td/ns/a/sa/b\r\n",
+    ),
     ("request id kept", "X-Request-Id: given-id\r\n"),
+    ("request id replaced", "X-Request-Id: given id\r\n"),
     (
         "connection options removed",
         "Connection: keep-alive, X-Secret\r\nX-Secret: 1\r\n",
@@ -155,7 +168,7 @@ async fn the_phases_decide_what_the_app_and_the_client_see() {
         )
         .await;
         let at_app = app.requests().remove(0).message;
-        assert_eq!(at_app.header("x-forwarded-for"), Some("203.0.113.9, 127.0.0.1"));
+        assert_eq!(at_app.header("x-forwarded-for"), Some("127.0.0.1"));
         assert_eq!(at_app.header("content-length"), Some("2"));
         assert_eq!(at_app.header("x-secret"), None);
         let via = format!("1.1 {}", shared.settings.via.pseudonym());
@@ -167,6 +180,462 @@ async fn the_phases_decide_what_the_app_and_the_client_see() {
         // Our own names in canonical case, the app's as it wrote them.
         assert!(response.head.contains("\r\nServer: amazing-proxy\r\n"), "{}", response.head);
         assert!(response.head.contains("\r\nX-App: yes\r\n"), "{}", response.head);
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// What a request may say: one table through the fast path, hyper's HTTP/1.1 and HTTP/2
+
+/// How a case's request reaches the proxy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Transport {
+    /// HTTP/1.1 as it comes: the fast path.
+    FastPath,
+    /// HTTP/1.1 with `Expect: 100-continue`, which the fast path hands to hyper.
+    HyperHttp1,
+    /// HTTP/2 with prior knowledge: hyper.
+    Http2,
+}
+
+const TRANSPORTS: [Transport; 3] = [Transport::FastPath, Transport::HyperHttp1, Transport::Http2];
+
+/// What the app (or the client, when the proxy refuses) gets.
+#[derive(Clone, Copy, Debug)]
+enum Outcome {
+    App(AtApp),
+    /// Answered by the proxy: status, the access log's `error` and the path it logs (`None`: the
+    /// target as it came).
+    Refused(u16, &'static str, Option<&'static str>),
+}
+
+/// A forwarded request: the target the app receives, and its forwarding fields (`None`: absent).
+#[derive(Clone, Copy, Debug)]
+struct AtApp {
+    target: &'static str,
+    forwarded_for: &'static str,
+    forwarded_proto: &'static str,
+    forwarded: Option<&'static str>,
+    /// The request id the app gets: the client's (`Some`), else the one the case sent, or a new
+    /// UUID when the case sent one not well formed.
+    request_id: Option<&'static str>,
+}
+
+struct Case {
+    name: &'static str,
+    target: &'static str,
+    /// Extra request fields. Without an X-Request-Id among them, the case sends a unique valid
+    /// one, by which its access-log record is found.
+    fields: &'static [(&'static str, &'static str)],
+    trusted_hops: u8,
+    /// Also over HTTP/2 (connection-specific fields such as `Connection` and `Upgrade` are
+    /// HTTP/1.1 only).
+    http2: bool,
+    outcome: Outcome,
+}
+
+/// Forwarded to `target` with the proxy's own forwarding fields.
+const fn at_app(target: &'static str) -> AtApp {
+    AtApp {
+        target,
+        forwarded_for: "127.0.0.1",
+        forwarded_proto: "http",
+        forwarded: None,
+        request_id: None,
+    }
+}
+
+const fn app(target: &'static str) -> Outcome {
+    Outcome::App(at_app(target))
+}
+
+const AMBIGUOUS: Outcome = Outcome::Refused(400, "ambiguous_path", None);
+
+const fn case(name: &'static str, target: &'static str, outcome: Outcome) -> Case {
+    Case {
+        name,
+        target,
+        fields: &[],
+        trusted_hops: 0,
+        http2: true,
+        outcome,
+    }
+}
+
+const UNTRUSTED_FIELDS: &[(&str, &str)] = &[
+    ("X-Forwarded-For", "203.0.113.1, 203.0.113.2"),
+    ("X-Forwarded-For", "203.0.113.3"),
+    ("X-Forwarded-Proto", "https"),
+    ("Forwarded", "for=203.0.113.3;proto=https"),
+    (
+        "X-Forwarded-Client-Cert",
+        "By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+    ),
+];
+
+/// The table. The data plane's policy allows `/public` (and below) only.
+const PATH_AND_HEADER_CASES: &[Case] = &[
+    case("a plain allowed path", "/public/a", app("/public/a")),
+    case("dot segments removed", "/public/./a/../b", app("/public/b")),
+    case(
+        "unreserved characters decoded",
+        "/public/%7Euser%2d1",
+        app("/public/~user-1"),
+    ),
+    case(
+        "reserved escapes kept, upper-cased",
+        "/public/a%3bb%20c",
+        app("/public/a%3Bb%20c"),
+    ),
+    case(
+        "the query as it came",
+        "/public/a?next=/../admin%2f",
+        app("/public/a?next=/../admin%2f"),
+    ),
+    case(
+        "judged as resolved",
+        "/public/../admin",
+        Outcome::Refused(403, "policy_denied", Some("/admin")),
+    ),
+    case(
+        "parameter on a dot-dot segment",
+        "/public/..;/admin",
+        AMBIGUOUS,
+    ),
+    case("parameter on a dot segment", "/public/.;/admin", AMBIGUOUS),
+    case(
+        "encoded parameter on a dot-dot segment",
+        "/public/..%3B/admin",
+        AMBIGUOUS,
+    ),
+    case("encoded dots", "/public/%2e%2e/admin", AMBIGUOUS),
+    case("double encoding", "/public/%252e%252e/admin", AMBIGUOUS),
+    case("overlong utf-8", "/public/%c0%ae%c0%ae/admin", AMBIGUOUS),
+    case("invalid utf-8", "/public/%ff", AMBIGUOUS),
+    case("%u escapes", "/public/%u002e%u002e/admin", AMBIGUOUS),
+    case(
+        "encoded control character",
+        "/public/..%09/admin",
+        AMBIGUOUS,
+    ),
+    case("encoded nul", "/public/a%00", AMBIGUOUS),
+    case("encoded delete", "/public/a%7F", AMBIGUOUS),
+    case("encoded slash", "/public%2Fadmin", AMBIGUOUS),
+    case("encoded backslash", "/public/%5c../admin", AMBIGUOUS),
+    case("backslash", "/public\\..\\admin", AMBIGUOUS),
+    case("malformed escape", "/public/%zz", AMBIGUOUS),
+    case("above the root", "/../public/a", AMBIGUOUS),
+    Case {
+        fields: UNTRUSTED_FIELDS,
+        ..case(
+            "forwarding fields of an untrusted client replaced",
+            "/public/h",
+            app("/public/h"),
+        )
+    },
+    Case {
+        fields: UNTRUSTED_FIELDS,
+        trusted_hops: 2,
+        ..case(
+            "two trusted hops",
+            "/public/h",
+            Outcome::App(AtApp {
+                forwarded_for: "203.0.113.2, 203.0.113.3, 127.0.0.1",
+                forwarded_proto: "https",
+                forwarded: Some("for=203.0.113.3;proto=https"),
+                ..at_app("/public/h")
+            }),
+        )
+    },
+    Case {
+        fields: &[("X-Request-Id", "trace-1.a_b:c")],
+        ..case(
+            "a well-formed request id kept",
+            "/public/r",
+            Outcome::App(AtApp {
+                request_id: Some("trace-1.a_b:c"),
+                ..at_app("/public/r")
+            }),
+        )
+    },
+    Case {
+        fields: &[("X-Request-Id", "<script>alert(1)</script>")],
+        ..case(
+            "a request id not well formed replaced",
+            "/public/r",
+            app("/public/r"),
+        )
+    },
+    Case {
+        fields: &[("X-Request-Id", "one"), ("X-Request-Id", "two")],
+        ..case("two request ids replaced", "/public/r", app("/public/r"))
+    },
+    Case {
+        fields: &[
+            (
+                "Connection",
+                "x-forwarded-for, forwarded, x-forwarded-client-cert, x-forwarded-proto",
+            ),
+            ("X-Forwarded-For", "203.0.113.9"),
+            ("Forwarded", "for=203.0.113.9"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+        trusted_hops: 2,
+        http2: false,
+        ..case(
+            "connection options cannot remove the owned fields",
+            "/public/c",
+            Outcome::App(AtApp {
+                forwarded_for: "203.0.113.9, 127.0.0.1",
+                forwarded_proto: "https",
+                forwarded: Some("for=203.0.113.9"),
+                ..at_app("/public/c")
+            }),
+        )
+    },
+    Case {
+        fields: &[
+            ("Connection", "Upgrade, HTTP2-Settings"),
+            ("Upgrade", "h2c"),
+            ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
+        ],
+        http2: false,
+        ..case(
+            "an h2c upgrade is not passed on",
+            "/public/u",
+            app("/public/u"),
+        )
+    },
+];
+
+/// A data plane whose policy allows every client `/public` only, with `--trusted-hops`; its
+/// address and its access log.
+async fn judged_plane(
+    app: std::net::SocketAddr,
+    trusted_hops: u8,
+    dir: &std::path::Path,
+) -> (std::net::SocketAddr, Captured) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let policy = dir.join(format!("policy-{}.yaml", addr.port()));
+    std::fs::write(
+        &policy,
+        format!(
+            "default: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        paths:\n          - prefix: /public\n",
+            addr.port()
+        ),
+    )
+    .expect("write the policy");
+    let args = run_args(&[
+        "--app",
+        &app.to_string(),
+        "--proxy-mark",
+        "0",
+        "--access-log",
+        "json",
+        "--trusted-hops",
+        &trusted_hops.to_string(),
+        "--policy",
+        &policy.display().to_string(),
+    ]);
+    let log = Captured::default();
+    let shared = Shared::new(&args, Box::new(log.clone()));
+    tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());
+    (addr, log)
+}
+
+/// Sends `POST target` with `fields` and a 2-byte body; returns the status.
+async fn send(
+    proxy: std::net::SocketAddr,
+    transport: Transport,
+    target: &str,
+    fields: &[(&str, String)],
+) -> u16 {
+    if transport == Transport::Http2 {
+        return send_http2(proxy, target, fields).await;
+    }
+    let mut head = format!("POST {target} HTTP/1.1\r\nHost: app.test\r\n");
+    for (name, value) in fields {
+        head.push_str(&format!("{name}: {value}\r\n"));
+    }
+    if transport == Transport::HyperHttp1 {
+        head.push_str("Expect: 100-continue\r\n");
+    }
+    head.push_str("Content-Length: 2\r\n\r\nhi");
+    let mut client = RawClient::connect(proxy).await;
+    let mut response = client.exchange(head.as_bytes()).await;
+    while response.status() == 100 {
+        response = client.response().await.expect("the final response");
+    }
+    response.status()
+}
+
+async fn send_http2(proxy: std::net::SocketAddr, target: &str, fields: &[(&str, String)]) -> u16 {
+    use http_body_util::{BodyExt, Full};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let tcp = tokio::net::TcpStream::connect(proxy)
+        .await
+        .expect("connect");
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
+            .await
+            .expect("an HTTP/2 connection");
+    tokio::spawn(conn);
+    let mut request = http::Request::post(format!("http://app.test{target}"))
+        .body(Full::new(bytes::Bytes::from_static(b"hi")))
+        .unwrap_or_else(|e| panic!("a request for {target:?}: {e}"));
+    for (name, value) in fields {
+        request.headers_mut().append(
+            http::HeaderName::from_bytes(name.as_bytes()).expect("a name"),
+            http::HeaderValue::from_str(value).expect("a value"),
+        );
+    }
+    let response = bounded("an HTTP/2 response", WAIT, sender.send_request(request))
+        .await
+        .expect("a response");
+    let status = response.status().as_u16();
+    let _ = bounded("the body", WAIT, response.into_body().collect()).await;
+    status
+}
+
+/// Each case through each path: the status, what the app received (target, X-Forwarded-For,
+/// X-Forwarded-Proto, Forwarded, x-forwarded-client-cert, X-Request-Id, no h2c upgrade) and the
+/// one access-log record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_request_may_say_is_the_same_on_every_path() {
+    bounded("test", TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let app = RecordingApp::start(app_answer).await;
+        let mut planes = BTreeMap::new();
+        for hops in [0, 2] {
+            planes.insert(hops, judged_plane(app.addr, hops, dir.path()).await);
+        }
+        for (n, case) in PATH_AND_HEADER_CASES.iter().enumerate() {
+            let (proxy, log) = &planes[&case.trusted_hops];
+            for transport in TRANSPORTS {
+                if transport == Transport::Http2 && !case.http2 {
+                    continue;
+                }
+                let what = format!("{} ({transport:?}, {:?})", case.name, case.target);
+                let our_id = format!("case-{n}-{transport:?}");
+                let mut fields: Vec<(&str, String)> = case
+                    .fields
+                    .iter()
+                    .map(|(k, v)| (*k, (*v).to_owned()))
+                    .collect();
+                if !case
+                    .fields
+                    .iter()
+                    .any(|(k, _)| k.eq_ignore_ascii_case("x-request-id"))
+                {
+                    fields.push(("X-Request-Id", our_id.clone()));
+                }
+                let before = app.requests().len();
+                let status = send(*proxy, transport, case.target, &fields).await;
+                let requests = app.requests();
+                let record_id = match case.outcome {
+                    Outcome::Refused(want, error, logged) => {
+                        assert_eq!(status, want, "{what}");
+                        assert_eq!(requests.len(), before, "{what}: the app got the request");
+                        let record = log.record(|r| r["request_id"] == our_id.as_str()).await;
+                        assert_eq!(record["error"], error, "{what}: {record}");
+                        let url = record["original_url"].as_str().unwrap_or_default();
+                        let logged = logged.unwrap_or(case.target);
+                        assert!(url.ends_with(logged), "{what}: {record}");
+                        continue;
+                    }
+                    Outcome::App(AtApp {
+                        target,
+                        forwarded_for,
+                        forwarded_proto,
+                        forwarded,
+                        request_id,
+                    }) => {
+                        assert_eq!(status, 200, "{what}");
+                        assert_eq!(requests.len(), before + 1, "{what}");
+                        let at_app = &requests[before].message;
+                        let head = &at_app.head;
+                        assert_eq!(at_app.target(), target, "{what}\n{head}");
+                        let joined = |name| at_app.headers(name).join(", ");
+                        assert_eq!(joined("x-forwarded-for"), forwarded_for, "{what}\n{head}");
+                        assert_eq!(
+                            joined("x-forwarded-proto"),
+                            forwarded_proto,
+                            "{what}\n{head}"
+                        );
+                        assert_eq!(at_app.header("forwarded"), forwarded, "{what}\n{head}");
+                        for absent in ["x-forwarded-client-cert", "upgrade", "http2-settings"] {
+                            assert_eq!(at_app.header(absent), None, "{what}\n{head}");
+                        }
+                        let ids = at_app.headers("x-request-id");
+                        assert_eq!(ids.len(), 1, "{what}\n{head}");
+                        let id = ids[0].to_owned();
+                        match request_id {
+                            Some(kept) => assert_eq!(id, kept, "{what}"),
+                            None if fields.iter().any(|(_, v)| *v == our_id) => {
+                                assert_eq!(id, our_id, "{what}");
+                            }
+                            None => assert!(
+                                id.len() == 36 && fields.iter().all(|(_, v)| *v != id),
+                                "{what}: {id}"
+                            ),
+                        }
+                        id
+                    }
+                };
+                let record = log.record(|r| r["request_id"] == record_id.as_str()).await;
+                assert_eq!(record["status"], 200, "{what}: {record}");
+                assert!(record.get("error").is_none(), "{what}: {record}");
+            }
+        }
+    })
+    .await;
+}
+
+/// `Upgrade: h2c` on an allowed request never turns the app's connection into a tunnel: an app
+/// that would switch protocols is not asked to, and the next request on the client's connection
+/// is judged and logged like the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2c_upgrade_never_lets_later_requests_skip_the_policy() {
+    bounded("test", TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        // An app that switches whenever asked (and then reads on as before, as a tunnel would
+        // carry whatever the client sends next).
+        let app = RecordingApp::start(|r: &Received| {
+            if r.message.header("upgrade").is_some() {
+                vec![Step::Write(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n"
+                        .to_vec(),
+                )]
+            } else {
+                app_answer(r)
+            }
+        })
+        .await;
+        let (proxy, log) = judged_plane(app.addr, 0, dir.path()).await;
+        for expect in ["", "Expect: 100-continue\r\n"] {
+            let mut client = RawClient::connect(proxy).await;
+            let upgrade = format!(
+                "POST /public/a HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n{expect}Content-Length: 2\r\n\r\nhi"
+            );
+            let mut first = client.exchange(upgrade.as_bytes()).await;
+            while first.status() == 100 {
+                first = client.response().await.expect("the final response");
+            }
+            assert_eq!(first.status(), 200, "{expect:?}: {}", first.head);
+            let at_app = app.requests().pop().expect("the first request").message;
+            assert_eq!(at_app.header("upgrade"), None, "{}", at_app.head);
+            let second = client
+                .exchange(b"GET /admin HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: after-h2c\r\n\r\n")
+                .await;
+            assert_eq!(second.status(), 403, "{expect:?}: {}", second.head);
+            assert!(
+                app.requests().iter().all(|r| r.message.target() != "/admin"),
+                "the app got a request the policy refuses"
+            );
+            let record = log.record(|r| r["request_id"] == "after-h2c").await;
+            assert_eq!(record["error"], "policy_denied", "{record}");
+        }
     })
     .await;
 }

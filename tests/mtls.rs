@@ -25,6 +25,7 @@ use support::http::TestApp;
 use support::identity::{Ca, Leaf};
 use support::in_process::{Captured, run_args};
 use support::mesh::{APP_CONTENT, APP_FILE, APP_PORT, Mesh, Pod};
+use support::raw::{RecordingApp, answer, ok};
 use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -84,10 +85,20 @@ async fn send_status(
     sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
     path: &str,
 ) -> u16 {
-    let req = http::Request::get(path)
-        .header("host", "backend")
-        .body(Empty::new())
-        .expect("request");
+    send_with(sender, path, &[]).await
+}
+
+/// GET `path` with `fields` on `sender`; returns the status.
+async fn send_with(
+    sender: &mut hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+    path: &str,
+    fields: &[(&str, &str)],
+) -> u16 {
+    let mut req = http::Request::get(path).header("host", "backend");
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::new()).expect("request");
     let response = bounded("a response", WAIT, sender.send_request(req))
         .await
         .expect("a response through the tunnel");
@@ -159,6 +170,47 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
             &["direction=\"inbound\"", &peer_label],
         );
         assert_eq!(streams, Some(1.0), "{metrics}");
+    })
+    .await;
+}
+
+/// x-forwarded-client-cert is the proxy's: the app behind the server learns the verified peer in
+/// Envoy's format, `By=<server>;URI=<client>`, and never what the client wrote there; the other
+/// forwarding fields the client wrote do not pass either.
+#[tokio::test]
+async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = RecordingApp::start(|_| answer(ok("ok"))).await;
+        let (server, _) = data_plane(app.addr, &dirs.path().join("server"), &[]);
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        let (status, mut sender) = get(tunnel, "/first").await;
+        assert_eq!(status, 200);
+        let forged = [
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+            ),
+            ("x-forwarded-client-cert", "URI=spiffe://cluster.local/ns/kube-system/sa/admin"),
+            ("x-forwarded-for", "203.0.113.9"),
+            ("forwarded", "for=203.0.113.9"),
+        ];
+        assert_eq!(send_with(&mut sender, "/second", &forged).await, 200);
+        let ours = format!("By={SERVER_ID};URI={CLIENT_ID}");
+        let requests = app.requests();
+        assert_eq!(requests.len(), 2);
+        for received in requests {
+            let at_app = received.message;
+            assert_eq!(at_app.headers("x-forwarded-client-cert"), [ours.as_str()], "{}", at_app.head);
+            assert_eq!(at_app.header("forwarded"), None, "{}", at_app.head);
+            let forwarded_for = at_app.header("x-forwarded-for").unwrap_or_default();
+            assert!(!forwarded_for.contains("203.0.113.9"), "{}", at_app.head);
+        }
     })
     .await;
 }
@@ -910,6 +962,137 @@ fn pod_to_pod_traffic_is_tunnelled_and_never_in_clear_on_the_wire() {
     // is refused by strict B.
     let plain = mesh.curl_in_a("1337", &[&url]);
     assert!(plain.is_err(), "strict B answered plaintext: {plain:?}");
+}
+
+/// Pod B's app on [`ECHO_PORT`]: answers every GET with its raw target and header fields as JSON.
+const ECHO_APP: &str = r#"
+import http.server, json, sys
+class Echo(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = json.dumps({"path": self.path, "headers": [[k.lower(), v] for k, v in self.headers.items()]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *args):
+        pass
+http.server.ThreadingHTTPServer(("0.0.0.0", int(sys.argv[1])), Echo).serve_forever()
+"#;
+const ECHO_PORT: u16 = 8081;
+
+/// Pod B's policy lets anyone (A in its tunnel, plaintext too) reach `/public` only on the echo
+/// app's port. From A's app, in a tunnel: the app learns A's verified identity in
+/// `x-forwarded-client-cert` (`By=<B>;URI=<A>`) and never the one A's app forged; paths that an
+/// app could resolve to `/admin` are refused with 400 before the policy, `/admin` itself with
+/// 403, and a dot segment in an allowed path reaches the app resolved. Plaintext from A's side of
+/// the link gets no XFCC at all, whatever it wrote.
+#[test]
+fn a_mesh_peer_is_named_to_the_app_and_ambiguous_paths_never_reach_it() {
+    let test = "a_mesh_peer_is_named_to_the_app_and_ambiguous_paths_never_reach_it";
+    let dir = tempfile::tempdir().expect("temp dir");
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: all-unauthenticated\nports:\n  - port: {ECHO_PORT}\n    allow:\n      - identities: [{CLIENT_ID}]\n        paths: [{{prefix: /public}}]\n      - unauthenticated: true\n        paths: [{{prefix: /public}}]\n"
+        ),
+    )
+    .expect("write the policy");
+    let policy = policy.display().to_string();
+    let a_args: &[&str] = &["--outbound-mtls", "strict"];
+    let b_args: &[&str] = &["--policy", &policy];
+    let Some(mut mesh) = mesh(test, (CLIENT_ID, a_args), (SERVER_ID, b_args)) else {
+        return;
+    };
+    let python = support::tools::venv().expect("the venv (Mesh::start found it)");
+    let python = python.join("bin/python3").display().to_string();
+    let echo = mesh
+        .ns_b()
+        .cmd(&[&python, "-c", ECHO_APP, &ECHO_PORT.to_string()]);
+    mesh.spawn(echo, "b-echo.log");
+    let base = format!("http://{}:{ECHO_PORT}", mesh.b_ip);
+    let forged = "x-forwarded-client-cert: By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/kube-system/sa/admin";
+    // (status, the app's JSON) of GET `path` from A's app (uid 1000) or, bypassing A's proxy,
+    // from its uid 1337 in plaintext.
+    let try_get = |uid: &str, path: &str| -> Result<(u16, serde_json::Value), String> {
+        let url = format!("{base}{path}");
+        let out = mesh.curl_in_a(
+            uid,
+            &["--path-as-is", "-H", forged, "-w", "\n%{http_code}", &url],
+        )?;
+        let (body, status) = out.rsplit_once('\n').unwrap_or_default();
+        let status = status.trim().parse().unwrap_or(0);
+        Ok((
+            status,
+            serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        ))
+    };
+    let get = |uid: &str, path: &str| {
+        try_get(uid, path)
+            .unwrap_or_else(|e| panic!("curl {path}: {e}\n--- B:\n{}", mesh.read("b-proxy.log")))
+    };
+    support::eventually_blocking(
+        "pod B's echo app",
+        support::netns::POD_WAIT,
+        || match try_get("1000", "/public/ready") {
+            Ok((200, _)) => Ok(()),
+            other => Err(format!("{other:?}\n{}", mesh.read("b-echo.log"))),
+        },
+    );
+    let xfcc = |echo: &serde_json::Value| -> Vec<String> {
+        echo["headers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|kv| kv[0] == "x-forwarded-client-cert")
+            .map(|kv| kv[1].as_str().unwrap_or_default().to_owned())
+            .collect()
+    };
+
+    let (status, echo) = get("1000", "/public/hello");
+    assert_eq!(status, 200, "{echo}");
+    let ours = format!("By={SERVER_ID};URI={CLIENT_ID}");
+    assert_eq!(xfcc(&echo), [ours], "{echo}");
+    let (status, echo) = get("1000", "/public/a/../b");
+    assert_eq!(status, 200, "{echo}");
+    let path = &echo["path"];
+    assert_eq!(path, "/public/b", "the app got the path it was judged by");
+
+    assert_eq!(get("1000", "/admin").0, 403);
+    for path in [
+        "/public/..;/admin",
+        "/public/.;/admin",
+        "/public/%2e%2e/admin",
+        "/public/%252e%252e/admin",
+        "/public/%c0%ae%c0%ae/admin",
+        "/public/%u002e%u002e/admin",
+        "/public/..%09/admin",
+        "/public%2fadmin",
+    ] {
+        let (status, echo) = get("1000", path);
+        assert_eq!(status, 400, "{path}: {echo}");
+    }
+    // One record per refusal, naming the peer (the log is written in batches: waited for).
+    support::eventually_blocking("B's records of the refusals", WAIT, || {
+        let records = support::tools::json_records(&mesh.read("b-access.log"));
+        let refused = records
+            .iter()
+            .filter(|r| r["error"] == "ambiguous_path" && r["peer"] == CLIENT_ID)
+            .count();
+        (refused == 8)
+            .then_some(())
+            .ok_or_else(|| format!("{records:?}"))
+    });
+
+    let (status, echo) = get("1337", "/public/plain");
+    assert_eq!(status, 200, "{echo}");
+    assert_eq!(
+        xfcc(&echo),
+        Vec::<String>::new(),
+        "plaintext has no verified peer: {echo}"
+    );
 }
 
 /// B runs no HBONE listener (--inbound-mtls off): A in `auto` sends plaintext (and logs no peer);

@@ -430,23 +430,31 @@ async fn adds_forwarding_headers_and_a_request_id() {
     .await;
 }
 
+/// A well-formed request id is kept; a client's X-Forwarded-For is replaced, unless
+/// --trusted-hops says a proxy in front of the pod set it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn keeps_a_given_request_id_and_appends_to_x_forwarded_for() {
+async fn keeps_a_given_request_id_and_x_forwarded_for_only_from_trusted_hops() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;
-        let proxy = Proxy::start(app.addr, &[]).await;
-        let req = Request::get("/echo")
-            .header("host", "app.test")
-            .header("x-request-id", "given-id-42")
-            .header("x-forwarded-for", "203.0.113.9")
-            .body(Empty::<Bytes>::new())
-            .expect("request");
-        let echo = send(proxy.inbound, req).await.json();
-        assert_eq!(echoed_header(&echo, "x-request-id"), ["given-id-42"]);
-        assert_eq!(
-            echoed_header(&echo, "x-forwarded-for"),
-            ["203.0.113.9, 127.0.0.1"]
-        );
+        for (flags, forwarded_for) in [
+            (&[][..], "127.0.0.1"),
+            (&["--trusted-hops", "1"][..], "203.0.113.9, 127.0.0.1"),
+        ] {
+            let proxy = Proxy::start(app.addr, flags).await;
+            let req = Request::get("/echo")
+                .header("host", "app.test")
+                .header("x-request-id", "given-id-42")
+                .header("x-forwarded-for", "203.0.113.8, 203.0.113.9")
+                .body(Empty::<Bytes>::new())
+                .expect("request");
+            let echo = send(proxy.inbound, req).await.json();
+            assert_eq!(echoed_header(&echo, "x-request-id"), ["given-id-42"]);
+            assert_eq!(
+                echoed_header(&echo, "x-forwarded-for"),
+                [forwarded_for],
+                "{flags:?}"
+            );
+        }
     })
     .await;
 }

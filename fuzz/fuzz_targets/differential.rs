@@ -25,6 +25,9 @@ const REWRITE: Rewrite<'static> = Rewrite {
     host: None,
     client_ip: "198.18.0.1",
     via: "amazing-proxy-fuzz",
+    normalize_path: true,
+    trusted_hops: 0,
+    client_cert: None,
 };
 const SENTINEL_PATH: &str = "/__sentinel";
 const SENTINEL: &[u8] = b"GET /__sentinel HTTP/1.1\r\nHost: s\r\n\r\n";

@@ -10,6 +10,9 @@ const FIRST: Rewrite<'static> = Rewrite {
     host: None,
     client_ip: "198.18.0.1",
     via: "amazing-proxy-fuzz1",
+    normalize_path: true,
+    trusted_hops: 0,
+    client_cert: None,
 };
 /// A second proxy instance: the first one's output must not look like a loop to it.
 const SECOND: Rewrite<'static> = Rewrite {

@@ -1,9 +1,11 @@
 //! The hyper path: HTTP/2 and h2c, protocol upgrades (WebSocket), extended CONNECT, HTTP/1.0, and
 //! apps spoken to over HTTP/2. One request's life, in the order it happens, applying the same
-//! [`phases`] as the fast path: admit (in-flight limit), request rules (loop check, hop-by-hop
-//! removal, Host, forwarding fields), the upstream, send with the retry rule and the response
-//! timeout, response rules, and the logging phase when the response body ends.
+//! [`phases`] as the fast path: admit (in-flight limit), request rules (h2c upgrades removed, loop
+//! check, hop-by-hop removal, Host, the fields the proxy owns), the inbound path in the form the
+//! app resolves ([`path`]: 400 when ambiguous), the policy, the upstream, send with the retry rule
+//! and the response timeout, response rules, and the logging phase when the response body ends.
 
+use std::borrow::Cow;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -21,6 +23,7 @@ use super::Shared;
 use super::body::{RequestBody, ResponseBody};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
+use super::path;
 use super::phases::{self, Sent, Synthetic, may_retry};
 use super::tcp::Counted;
 use crate::config::AppProtocol;
@@ -51,6 +54,8 @@ async fn respond(
 ) -> Response<ResponseBody> {
     let start = Instant::now();
     let in_flight = shared.limits.start_request();
+    // Never an HTTP/2 connection to the app behind the per-request rules: plain HTTP/1.1 instead.
+    phases::remove_h2c_upgrade(req.headers_mut());
     let upgrade = phases::is_upgrade(req.headers());
     // HTTP/2 extended CONNECT (`:protocol`, RFC 8441): a 2xx turns the stream into a tunnel.
     let extended_connect =
@@ -64,11 +69,21 @@ async fn respond(
             .map(HeaderValue::as_bytes),
     );
     let ruled = request_rules(&shared, &conn, &mut parts, upgrade);
-    let path = parts
+    let raw_path = parts
         .uri
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    // Inbound paths are judged, logged and forwarded in the form the app resolves (an authority-
+    // form CONNECT has none); outbound ones go as the app wrote them.
+    let normal = match parts.uri.path_and_query() {
+        Some(raw) if conn.direction == Direction::Inbound => normal_path(raw),
+        _ => Ok(None),
+    };
+    let (path, ambiguous) = match normal {
+        Ok(normal) => (normal.unwrap_or(raw_path), None),
+        Err(kind) => (raw_path, Some(kind)),
+    };
     let progress = (!body.is_end_stream()).then(Arc::<RequestProgress>::default);
     let mut exchange = Exchange::new(
         conn.clone(),
@@ -79,7 +94,8 @@ async fn respond(
         ruled.request_id,
     );
     exchange.request = progress.clone();
-    if let Err(kind) = ruled.admitted {
+    // A loop, then an ambiguous path: refused before any policy rule is consulted.
+    if let Some(kind) = ruled.admitted.err().or(ambiguous) {
         return synthetic_response(Synthetic::new(kind, grpc), exchange);
     }
     if conn.direction == Direction::Inbound {
@@ -130,6 +146,21 @@ async fn respond(
         .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout))
 }
 
+/// The path in the form the app resolves (`None`: as it came), or 400 when it is ambiguous.
+fn normal_path(raw: &PathAndQuery) -> Result<Option<PathAndQuery>, ErrorKind> {
+    match path::normalize(raw.as_str()) {
+        Ok(Cow::Borrowed(_)) => Ok(None),
+        // Decoding unreserved characters and removing segments keeps a valid path valid.
+        Ok(Cow::Owned(normal)) => PathAndQuery::try_from(normal)
+            .map(Some)
+            .map_err(|_| ErrorKind::AmbiguousPath),
+        Err(reason) => {
+            tracing::debug!(path = raw.as_str(), "ambiguous path refused: {reason}");
+            Err(ErrorKind::AmbiguousPath)
+        }
+    }
+}
+
 /// What the request rules decided.
 struct Ruled {
     request_id: HeaderValue,
@@ -161,7 +192,12 @@ fn request_rules(
         }
     }
     phases::remove_hop_by_hop(&mut parts.headers, upgrade);
-    let request_id = phases::add_forwarding(&mut parts.headers, conn.client.ip(), "http");
+    let request_id = phases::add_forwarding(
+        &mut parts.headers,
+        conn.client.ip(),
+        settings.trusted_hops,
+        shared.client_cert_details(conn),
+    );
     Ruled {
         request_id,
         admitted,

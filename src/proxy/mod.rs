@@ -23,6 +23,7 @@ pub mod http1;
 pub mod hyper_path;
 pub mod limits;
 pub mod listener;
+pub mod path;
 pub mod phases;
 pub mod rewind;
 pub mod tcp;
@@ -69,6 +70,8 @@ pub struct Settings {
     pub opaque_ports: Vec<u16>,
     pub http_ports: Vec<u16>,
     pub rewrite_host: bool,
+    /// --trusted-hops: how much of a request's forwarding fields to keep (`phases::add_forwarding`).
+    pub trusted_hops: usize,
     pub lowercase_header_names: bool,
     pub max_header_bytes: usize,
     /// The proxy's own listening ports (inbound, outbound, admin, HBONE): never a destination
@@ -125,6 +128,7 @@ impl Shared {
                 opaque_ports: args.opaque_ports.0.clone(),
                 http_ports: args.http_ports.0.clone(),
                 rewrite_host: args.rewrite_host,
+                trusted_hops: usize::from(args.trusted_hops),
                 lowercase_header_names: lowercase,
                 max_header_bytes: args.max_header_bytes as usize,
                 own_ports: own_ports(args),
@@ -174,6 +178,18 @@ impl Shared {
         };
         let decision = policy.borrow().decide(port, peer, http);
         verdict(decision)
+    }
+
+    /// `x-forwarded-client-cert` for an inbound request from a verified peer (the SPIFFE ID of the
+    /// HBONE tunnel it came in): `None` for plaintext and outbound. `By` is the identity this
+    /// proxy serves now.
+    pub fn client_cert_details(&self, conn: &exchange::ConnContext) -> Option<http::HeaderValue> {
+        if conn.direction != crate::telemetry::metrics::Direction::Inbound {
+            return None;
+        }
+        let peer = conn.peer.as_deref()?;
+        let ours = self.mtls.as_ref()?.identity.material()?.id.to_string();
+        phases::client_cert_details(&ours, peer)
     }
 
     /// Whether the policy in force names methods or paths for inbound `port`: its traffic must

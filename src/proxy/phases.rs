@@ -3,7 +3,9 @@
 //! hyper path on `HeaderMap`s. Nothing here does I/O.
 //!
 //! - request header rules: hop-by-hop removal ([`is_hop_by_hop`], [`connection_may_remove`]),
-//!   forwarding fields ([`add_forwarding`]), loop detection ([`Via`]);
+//!   `Upgrade: h2c` never passed on ([`remove_h2c_upgrade`]), the fields the proxy owns
+//!   ([`add_forwarding`]: `X-Forwarded-*`, `Forwarded`, `x-forwarded-client-cert`,
+//!   `X-Request-Id`), loop detection ([`Via`]);
 //! - response header rules: [`prepare_response`] (hop-by-hop removal, `Server`);
 //! - may-retry: [`may_retry`];
 //! - the responses the proxy makes itself: [`Synthetic`], gRPC-aware.
@@ -18,14 +20,18 @@ use crate::error::ErrorKind;
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_FORWARDED_CLIENT_CERT: HeaderName = HeaderName::from_static("x-forwarded-client-cert");
+static HTTP2_SETTINGS: HeaderName = HeaderName::from_static("http2-settings");
 pub static SERVER_VALUE: HeaderValue = HeaderValue::from_static("amazing-proxy");
 static KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 static PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
-/// The hop-by-hop fields of RFC 9110 7.6.1, plus `Proxy-Connection` (non-standard, still sent).
+/// The hop-by-hop fields of RFC 9110 7.6.1, plus `Proxy-Connection` (non-standard, still sent)
+/// and `HTTP2-Settings` (connection-specific, RFC 9113 3.2.1 of the h2c upgrade, never passed on).
 pub fn is_hop_by_hop(name: &[u8]) -> bool {
-    const HOP_BY_HOP: [&[u8]; 6] = [
+    const HOP_BY_HOP: [&[u8]; 7] = [
         b"connection",
+        b"http2-settings",
         b"keep-alive",
         b"proxy-connection",
         b"te",
@@ -37,13 +43,17 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 
 /// Whether a field named in `Connection` may be removed. A connection option never removes the
 /// message's framing or its Host (`Connection: content-length` would otherwise turn a body into a
-/// second request at the app: request smuggling), nor the forwarding fields the proxy itself sets.
+/// second request at the app: request smuggling), nor the fields the proxy owns: a client's
+/// `Connection` option cannot decide what becomes of them (with --trusted-hops, of the chain the
+/// proxy keeps), whatever the order in which the rules run.
 pub fn connection_may_remove(name: &[u8]) -> bool {
-    const PROTECTED: [&[u8]; 7] = [
+    const PROTECTED: [&[u8]; 9] = [
         b"content-length",
         b"transfer-encoding",
         b"host",
         b"via",
+        b"forwarded",
+        b"x-forwarded-client-cert",
         b"x-forwarded-for",
         b"x-forwarded-proto",
         b"x-request-id",
@@ -98,6 +108,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     headers.remove(&KEEP_ALIVE);
     headers.remove(&PROXY_CONNECTION);
+    headers.remove(&HTTP2_SETTINGS);
     headers.remove(header::TRANSFER_ENCODING);
     if !keep_upgrade {
         headers.remove(header::UPGRADE);
@@ -176,35 +187,112 @@ impl Via {
     }
 }
 
-/// Adds the fields an app behind a proxy expects: `X-Forwarded-For` (appended), `X-Forwarded-Proto`
-/// (kept when an earlier hop set it: it knows the client's real scheme), and `X-Request-Id` when
-/// the request has none. Returns the request id.
+/// Whether an `Upgrade` protocol is HTTP/2 (`h2c`, or `h2`, which no client may offer in clear):
+/// such an upgrade is never passed on (Envoy's default), or the app's connection would turn into an
+/// HTTP/2 connection whose later requests no per-request rule, policy or log would see.
+pub fn is_h2c(protocol: &[u8]) -> bool {
+    let name = protocol.split(|&b| b == b'/').next().unwrap_or_default();
+    name.eq_ignore_ascii_case(b"h2c") || name.eq_ignore_ascii_case(b"h2")
+}
+
+/// Removes the HTTP/2 protocols from `Upgrade` (the field goes when nothing else is left): the
+/// request then goes on as plain HTTP/1.1. `HTTP2-Settings` is hop-by-hop and goes with the rest.
+pub fn remove_h2c_upgrade(headers: &mut HeaderMap) {
+    let values = headers.get_all(header::UPGRADE);
+    if !values.iter().any(|v| tokens(v.as_bytes()).any(is_h2c)) {
+        return;
+    }
+    let others: Vec<&[u8]> = values
+        .iter()
+        .flat_map(|v| tokens(v.as_bytes()))
+        .filter(|p| !is_h2c(p))
+        .collect();
+    let kept = (!others.is_empty())
+        .then(|| HeaderValue::from_bytes(&others.join(&b", "[..])).ok())
+        .flatten();
+    headers.remove(header::UPGRADE);
+    if let Some(kept) = kept {
+        headers.insert(header::UPGRADE, kept);
+    }
+}
+
+/// The `X-Forwarded-For` entries kept from the request: the last `trusted_hops` of all its fields,
+/// in order (Envoy's `xff_num_trusted_hops`). With none trusted, none are kept: a client's own
+/// `X-Forwarded-For` is whatever it wants it to be. `values` gives the fields' values, in order.
+pub fn trusted_forwarded_for<'v, I>(
+    values: impl Fn() -> I,
+    trusted_hops: usize,
+) -> impl Iterator<Item = &'v [u8]>
+where
+    I: Iterator<Item = &'v [u8]>,
+{
+    let entries = values().flat_map(tokens).count();
+    values()
+        .flat_map(tokens)
+        .skip(entries.saturating_sub(trusted_hops))
+}
+
+/// A client's `X-Request-Id` is kept when it is one field of 1 to 128 characters of
+/// `[A-Za-z0-9._:-]` (a UUID, or any id a tracer makes of letters, digits and separators); any
+/// other is replaced, so that the app can log it and put it in a URL or a file name safely.
+pub fn valid_request_id(value: &[u8]) -> bool {
+    (1..=128).contains(&value.len())
+        && value
+            .iter()
+            .all(|&b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-'))
+}
+
+/// `x-forwarded-client-cert` in Envoy's format for a request from a verified mutual-TLS peer:
+/// `By=<our SPIFFE ID>;URI=<the peer's SPIFFE ID>` (SPIFFE IDs need no quoting: no `,;="`).
+pub fn client_cert_details(ours: &str, peer: &str) -> Option<HeaderValue> {
+    HeaderValue::from_str(&format!("By={ours};URI={peer}")).ok()
+}
+
+/// The fields the proxy owns, one rule for every path:
+/// - `X-Forwarded-For`: the last `trusted_hops` entries of the client's (none by default), then
+///   the client's address;
+/// - `X-Forwarded-Proto`: `http`, the scheme the proxy saw; a client's is kept only with
+///   `trusted_hops` (it knows the scheme of the hop before it);
+/// - `Forwarded`: removed, or kept as it came with `trusted_hops`;
+/// - `x-forwarded-client-cert`: the client's removed; `client_cert` (a verified peer) set;
+/// - `X-Request-Id`: the client's when [`valid_request_id`], else a new one.
+///
+/// Returns the request id.
 pub fn add_forwarding(
     headers: &mut HeaderMap,
     client_ip: IpAddr,
-    scheme: &'static str,
+    trusted_hops: usize,
+    client_cert: Option<HeaderValue>,
 ) -> HeaderValue {
     let mut ip_buf = [0u8; 48];
     let ip = format_ip(client_ip, &mut ip_buf);
-    let forwarded = match headers.get(&X_FORWARDED_FOR) {
-        Some(prev) if !prev.is_empty() => {
-            let mut v = Vec::with_capacity(prev.len() + 2 + ip.len());
-            v.extend_from_slice(prev.as_bytes());
-            v.extend_from_slice(b", ");
-            v.extend_from_slice(ip);
-            HeaderValue::from_bytes(&v)
+    let mut chain = Vec::new();
+    if trusted_hops > 0 {
+        let values = headers.get_all(&X_FORWARDED_FOR);
+        let values = || values.iter().map(HeaderValue::as_bytes);
+        for hop in trusted_forwarded_for(values, trusted_hops) {
+            chain.extend_from_slice(hop);
+            chain.extend_from_slice(b", ");
         }
-        _ => HeaderValue::from_bytes(ip),
-    };
-    if let Ok(value) = forwarded {
+    }
+    chain.extend_from_slice(ip);
+    if let Ok(value) = HeaderValue::from_bytes(&chain) {
         headers.insert(X_FORWARDED_FOR.clone(), value);
     }
-    if !headers.contains_key(&X_FORWARDED_PROTO) {
-        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(scheme));
+    if trusted_hops == 0 || !headers.contains_key(&X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     }
-    match headers.get(&X_REQUEST_ID) {
-        Some(id) => id.clone(),
-        None => {
+    if trusted_hops == 0 {
+        headers.remove(header::FORWARDED);
+    }
+    headers.remove(&X_FORWARDED_CLIENT_CERT);
+    if let Some(details) = client_cert {
+        headers.insert(X_FORWARDED_CLIENT_CERT.clone(), details);
+    }
+    let mut ids = headers.get_all(&X_REQUEST_ID).iter();
+    match (ids.next(), ids.next()) {
+        (Some(id), None) if valid_request_id(id.as_bytes()) => id.clone(),
+        _ => {
             let id = new_request_id();
             headers.insert(X_REQUEST_ID.clone(), id.clone());
             id
@@ -401,8 +489,13 @@ mod tests {
     #[test]
     fn connection_never_removes_framing_or_host() {
         let mut h = map(&[
-            ("connection", "content-length, host"),
+            (
+                "connection",
+                "content-length, host, forwarded, x-forwarded-client-cert",
+            ),
             ("connection", "Transfer-Encoding, x-gone"),
+            ("forwarded", "for=203.0.113.9"),
+            ("x-forwarded-client-cert", "forged"),
             ("content-length", "35"),
             ("host", "pod"),
             ("x-gone", "1"),
@@ -411,6 +504,8 @@ mod tests {
         assert_eq!(h["content-length"], "35");
         assert_eq!(h["host"], "pod");
         assert!(!h.contains_key("x-gone"));
+        // Left for the forwarding rule to decide (see `add_forwarding`).
+        assert!(h.contains_key("forwarded") && h.contains_key("x-forwarded-client-cert"));
     }
 
     #[test]
@@ -436,19 +531,125 @@ mod tests {
     }
 
     #[test]
-    fn forwarding_fields() {
-        let mut h = map(&[("x-forwarded-for", "203.0.113.9")]);
-        let id = add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), "http");
-        assert_eq!(h["x-forwarded-for"], "203.0.113.9, 198.18.0.1");
+    fn forwarding_fields_from_an_untrusted_client_are_overwritten() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.9"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=203.0.113.9;proto=https"),
+            (
+                "x-forwarded-client-cert",
+                "By=spiffe://x/ns/a/sa/b;URI=spiffe://x/ns/c/sa/d",
+            ),
+            ("x-request-id", "given-1:a.b_c"),
+        ]);
+        let id = add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), 0, None);
+        assert_eq!(h["x-forwarded-for"], "198.18.0.1");
         assert_eq!(h["x-forwarded-proto"], "http");
+        assert!(!h.contains_key("forwarded"));
+        assert!(!h.contains_key("x-forwarded-client-cert"));
+        assert_eq!(id, "given-1:a.b_c");
+        assert_eq!(h["x-request-id"], id);
+
+        let mut h = HeaderMap::new();
+        let id = add_forwarding(&mut h, "::1".parse().expect("ip"), 0, None);
+        assert_eq!(h["x-forwarded-for"], "::1");
         assert_eq!(h["x-request-id"], id);
         assert_eq!(id.len(), 36);
+    }
 
-        let mut h = map(&[("x-request-id", "given"), ("x-forwarded-proto", "https")]);
-        let id = add_forwarding(&mut h, "::1".parse().expect("ip"), "http");
-        assert_eq!(id, "given");
+    #[test]
+    fn trusted_hops_keep_the_end_of_the_chain() {
+        let mut h = map(&[
+            ("x-forwarded-for", "203.0.113.1, 203.0.113.2"),
+            ("x-forwarded-for", " ,203.0.113.3"),
+            ("x-forwarded-proto", "https"),
+            ("forwarded", "for=203.0.113.3"),
+        ]);
+        add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), 2, None);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.2, 203.0.113.3, 198.18.0.1");
         assert_eq!(h["x-forwarded-proto"], "https");
-        assert_eq!(h["x-forwarded-for"], "::1");
+        assert_eq!(h["forwarded"], "for=203.0.113.3");
+        let mut h = map(&[("x-forwarded-for", "203.0.113.1")]);
+        add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), 5, None);
+        assert_eq!(h["x-forwarded-for"], "203.0.113.1, 198.18.0.1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+    }
+
+    #[test]
+    fn client_cert_details_are_ours_only() {
+        let ours = "spiffe://cluster.local/ns/shop/sa/backend";
+        let peer = "spiffe://cluster.local/ns/shop/sa/frontend";
+        let details = client_cert_details(ours, peer);
+        assert_eq!(
+            details.as_ref().map(HeaderValue::as_bytes),
+            Some(&b"By=spiffe://cluster.local/ns/shop/sa/backend;URI=spiffe://cluster.local/ns/shop/sa/frontend"[..])
+        );
+        let mut h = map(&[
+            (
+                "x-forwarded-client-cert",
+                "URI=spiffe://cluster.local/ns/kube-system/sa/admin",
+            ),
+            ("x-forwarded-client-cert", "forged"),
+        ]);
+        add_forwarding(
+            &mut h,
+            "198.18.0.1".parse().expect("ip"),
+            3,
+            details.clone(),
+        );
+        let all: Vec<_> = h.get_all("x-forwarded-client-cert").iter().collect();
+        assert_eq!(all, details.iter().collect::<Vec<_>>());
+    }
+
+    #[test]
+    fn request_ids_are_kept_only_when_well_formed() {
+        for (given, kept) in [
+            ("a", true),
+            ("0af7651916cd43dd8448eb211c80319c", true),
+            ("4bf92f35-77b3-4da6-a3ce-929d0e0e4736", true),
+            ("trace:span.1_2", true),
+            (&"x".repeat(128), true),
+            (&"x".repeat(129), false),
+            ("", false),
+            ("a b", false),
+            ("a/b", false),
+            ("<script>", false),
+            ("id,other", false),
+        ] {
+            let mut h = map(&[("x-request-id", given)]);
+            let id = add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), 0, None);
+            assert_eq!(id == given, kept, "{given:?}");
+            assert_eq!(h.get_all("x-request-id").iter().count(), 1);
+        }
+        let mut h = map(&[("x-request-id", "one"), ("x-request-id", "two")]);
+        let id = add_forwarding(&mut h, "198.18.0.1".parse().expect("ip"), 0, None);
+        assert_eq!(id.len(), 36, "two ids are none");
+        assert_eq!(h.get_all("x-request-id").iter().collect::<Vec<_>>(), [&id]);
+    }
+
+    #[test]
+    fn h2c_is_never_an_upgrade() {
+        let mut h = map(&[
+            ("connection", "Upgrade, HTTP2-Settings"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        remove_h2c_upgrade(&mut h);
+        assert!(!is_upgrade(&h));
+        remove_hop_by_hop(&mut h, false);
+        assert!(h.is_empty(), "{h:?}");
+
+        let mut h = map(&[
+            ("connection", "upgrade"),
+            ("upgrade", "H2C, websocket"),
+            ("upgrade", "h2/2.0"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+        ]);
+        remove_h2c_upgrade(&mut h);
+        assert!(is_upgrade(&h));
+        remove_hop_by_hop(&mut h, true);
+        assert_eq!(h["upgrade"], "websocket");
+        assert!(!h.contains_key("http2-settings"));
     }
 
     #[test]

@@ -133,7 +133,8 @@ impl Mesh {
         Ok(mesh)
     }
 
-    fn spawn(&mut self, mut cmd: Command, log: &str) {
+    /// Runs `cmd` (made with `ns_a().cmd` or `ns_b().cmd`) until the mesh drops; output to `log`.
+    pub fn spawn(&mut self, mut cmd: Command, log: &str) {
         self.work.spawn(&mut cmd, log);
     }
 

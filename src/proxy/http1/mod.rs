@@ -196,6 +196,8 @@ impl Connection {
         let start = Instant::now();
         let deadline = tokio::time::Instant::from_std(start) + self.shared.settings.timeouts.header;
         let max_head = self.shared.settings.max_header_bytes;
+        // `None` without an allocation on plaintext (all of this path's traffic today).
+        let client_cert = self.shared.client_cert_details(&self.ctx);
         loop {
             if !self.buf.is_empty() {
                 let rewrite = Rewrite {
@@ -207,6 +209,9 @@ impl Connection {
                         .then(|| self.ctx.upstream.as_str()),
                     client_ip: &self.ctx.client_ip_text,
                     via: self.shared.settings.via.pseudonym(),
+                    normalize_path: self.ctx.direction == Direction::Inbound,
+                    trusted_hops: self.shared.settings.trusted_hops,
+                    client_cert: client_cert.as_ref().map(http::HeaderValue::as_bytes),
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
                     Ok(plan) => return Head::Request(plan, start),
@@ -287,14 +292,23 @@ impl Connection {
             keep_alive: plan.keep_alive,
             head_request: plan.method == Method::HEAD,
         };
-        // The authorization phase: every inbound request is judged by the policy in force now
-        // (one reloaded since the connection opened included).
-        let allowed = self.ctx.direction != Direction::Inbound
-            || self.shared.allows(
+        // An ambiguous path is refused before any rule is consulted (inbound only); then the
+        // authorization phase: every inbound request is judged by the policy in force now (one
+        // reloaded since the connection opened included).
+        let refused = if let Some(reason) = plan.ambiguous {
+            tracing::debug!(path = plan.path, "ambiguous path refused: {reason}");
+            Some(ErrorKind::AmbiguousPath)
+        } else if self.ctx.direction == Direction::Inbound
+            && !self.shared.allows(
                 self.ctx.port,
                 self.ctx.peer_id.as_deref(),
                 Some((&plan.method, plan.path.as_str())),
-            );
+            )
+        {
+            Some(ErrorKind::PolicyDenied)
+        } else {
+            None
+        };
         let mut exchange = Exchange::new(
             self.ctx.clone(),
             start,
@@ -309,10 +323,11 @@ impl Connection {
             Framing::Length(n) if n <= self.buf.len() as u64 => usize::try_from(n).ok(),
             _ => None,
         };
-        if !allowed {
+        if let Some(kind) = refused {
             let keep = inline_body == Some(0) && plan.keep_alive;
-            let denied = Synthetic::new(ErrorKind::PolicyDenied, plan.grpc);
-            return self.respond(exchange, denied, keep).await;
+            return self
+                .respond(exchange, Synthetic::new(kind, plan.grpc), keep)
+                .await;
         }
         let Some(_in_flight) = self.shared.limits.start_request() else {
             let keep = inline_body == Some(0) && plan.keep_alive;
