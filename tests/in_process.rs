@@ -422,7 +422,8 @@ async fn judged_plane(
         &policy,
         format!(
             "default: deny\nports:\n  - port: {}\n    allow:\n      - unauthenticated: true\n        paths:\n          - prefix: /public\n",
-            addr.port()
+            // A connection to the listener itself stands for --app: the app's port is judged.
+            app.port()
         ),
     )
     .expect("write the policy");
