@@ -338,7 +338,7 @@ pub struct RunArgs {
     pub peer_identities_inline: Option<crate::identity::peers::PeerIdentities>,
 
     /// Authorization policy (YAML, docs/policy.md): which peers may reach which inbound port and,
-    /// for HTTP, which methods and paths. A refused HBONE stream gets 401, a refused request 403, a
+    /// for HTTP, which methods and paths. A refused HBONE stream or request gets 403, a
     /// refused TCP connection is closed. Validated at start, reloaded when the file changes.
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
     pub policy: Option<crate::policy::PolicyFile>,

@@ -33,7 +33,7 @@ pub enum Decision {
     Audit {
         reason: String,
     },
-    /// Refuse: a TCP or HBONE stream is closed (401 on HBONE), an HTTP request gets 403 with `reason`.
+    /// Refuse: a TCP or HBONE stream is closed (403 on HBONE), an HTTP request gets 403 with `reason`.
     Deny {
         reason: String,
     },

@@ -169,6 +169,8 @@ fn render_requests() -> String {
                 plan.ambiguous.map(|a| a.to_string()).unwrap_or_default()
             )
             .unwrap(),
+            // Answered 508 by the driver: the head is never sent.
+            Ok(plan) if plan.looped => writeln!(s, "looped: {} {}", plan.method, plan.path).unwrap(),
             Ok(plan) => {
                 // A generated request id differs each run.
                 let id = plan.request_id.to_str().unwrap();

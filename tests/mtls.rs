@@ -583,7 +583,7 @@ async fn the_authority_must_be_this_pod_and_the_app_must_answer() {
             .err()
             .map(|e| e.to_string())
             .unwrap_or_default();
-        assert!(message.contains("answered 503"), "{message}");
+        assert!(message.contains("answered 502"), "{message}");
     })
     .await;
 }
@@ -1216,7 +1216,7 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
 }
 
 /// --policy: a peer the port's rules name gets through, another identity of the trust domain gets
-/// 401 on its CONNECT, plaintext (unauthenticated) is closed where no rule admits it, and rules
+/// 403 on its CONNECT, plaintext (unauthenticated) is closed where no rule admits it, and rules
 /// limited to methods and paths judge each request (403), on the fast path's port too.
 #[tokio::test]
 async fn the_policy_admits_named_peers_and_refuses_the_others() {
@@ -1248,7 +1248,7 @@ async fn the_policy_admits_named_peers_and_refuses_the_others() {
         let (other, _) = data_plane(app.addr, &dirs.path().join("intruder"), &[]);
         let refused = open(&other, hbone, app.addr).await.err().map(|e| e.to_string());
         assert!(
-            refused.as_deref().is_some_and(|e| e.contains("answered 401")),
+            refused.as_deref().is_some_and(|e| e.contains("answered 403")),
             "{refused:?}"
         );
 
@@ -1503,7 +1503,7 @@ async fn a_partner_domain_peer_is_admitted_only_by_rules_for_other_domains() {
                 assert_eq!(record["peer"], PARTNER_ID, "{record}");
             } else {
                 let message = opened.err().map(|e| e.to_string()).unwrap_or_default();
-                assert!(message.contains("answered 401"), "{policy}: {message}");
+                assert!(message.contains("answered 403"), "{policy}: {message}");
             }
         }
 

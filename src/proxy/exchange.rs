@@ -12,6 +12,7 @@ use http::header::HeaderValue;
 use http::uri::{Authority, PathAndQuery};
 use http::{HeaderMap, Method, Version};
 
+use super::phases::Synthetic;
 use crate::error::ErrorKind;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Record;
@@ -202,10 +203,31 @@ impl Exchange {
         &self.conn
     }
 
-    /// Ends an exchange the proxy answered itself.
+    /// The request target as logged.
+    pub fn path(&self) -> &str {
+        self.path.as_str()
+    }
+
+    /// Ends an exchange that got no response (the client left, or the connection is closed).
     pub fn finish_with_error(mut self, kind: ErrorKind) {
         self.status = kind.status().as_u16();
         self.error = Some(kind);
+        self.finish(None);
+    }
+
+    /// Notes the response the proxy answers with itself: its status, gRPC status and error, as
+    /// every adapter records it.
+    pub fn answer(&mut self, synthetic: Synthetic) {
+        self.status = synthetic.status().as_u16();
+        self.error = Some(synthetic.kind);
+        if synthetic.grpc {
+            self.grpc_status = Some(u16::from(synthetic.kind.grpc_status()));
+        }
+    }
+
+    /// Ends an exchange the proxy answered itself.
+    pub fn refused(mut self, synthetic: Synthetic) {
+        self.answer(synthetic);
         self.finish(None);
     }
 

@@ -21,14 +21,18 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
 use super::body::{RequestBody, ResponseBody};
+use super::driver::{self, Attempt, Facts, Sent, may_retry};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
-use super::phases::{self, Sent, Synthetic, may_retry};
+use super::path::Ambiguous;
+use super::phases::{self, Synthetic};
 use super::tcp::Counted;
+use super::upstream::{HttpClient, Uses};
 use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
 use crate::telemetry::metrics::Direction;
+use hyper_util::client::legacy::connect::capture_connection;
 
 /// The service hyper calls for every request on a client connection. `open` keeps the request
 /// counted open on its connection until its response body is done, or its tunnel closed.
@@ -53,7 +57,6 @@ async fn respond(
     open: &mut Option<RequestMark>,
 ) -> Response<ResponseBody> {
     let start = Instant::now();
-    let in_flight = shared.limits.start_request();
     // Never an HTTP/2 connection to the app behind the per-request rules: plain HTTP/1.1 instead.
     phases::remove_h2c_upgrade(req.headers_mut());
     let upgrade = phases::is_upgrade(req.headers());
@@ -82,9 +85,10 @@ async fn respond(
     };
     let (path, ambiguous) = match normal {
         Ok(normal) => (normal.unwrap_or(raw_path), None),
-        Err(kind) => (raw_path, Some(kind)),
+        Err(reason) => (raw_path, Some(reason)),
     };
-    let progress = (!body.is_end_stream()).then(Arc::<RequestProgress>::default);
+    let has_body = !body.is_end_stream();
+    let progress = has_body.then(Arc::<RequestProgress>::default);
     let mut exchange = Exchange::new(
         conn.clone(),
         start,
@@ -94,21 +98,20 @@ async fn respond(
         ruled.request_id,
     );
     exchange.request = progress.clone();
-    // A loop, then an ambiguous path: refused before any policy rule is consulted.
-    if let Some(kind) = ruled.admitted.err().or(ambiguous) {
-        return synthetic_response(Synthetic::new(kind, grpc), exchange);
-    }
-    if conn.direction == Direction::Inbound {
-        let port = conn.port;
-        let request = Some((&parts.method, path.as_str()));
-        if !shared.allows(port, conn.peer_id.as_deref(), request) {
-            let denied = Synthetic::new(ErrorKind::PolicyDenied, grpc);
-            return synthetic_response(denied, exchange);
-        }
-    }
-    let Some(in_flight) = in_flight else {
-        let overloaded = Synthetic::new(ErrorKind::Overloaded, grpc);
-        return synthetic_response(overloaded, exchange);
+    let facts = Facts {
+        method: &parts.method,
+        path: path.as_str(),
+        grpc,
+        looped: ruled.looped,
+        authority_valid: ruled.authority_valid,
+        ambiguous,
+        // An HTTP/2 refusal ends its stream only; hyper closes an HTTP/1 connection whose
+        // request body was left unread.
+        reusable: true,
+    };
+    let in_flight = match driver::admit(&shared, &conn, &facts) {
+        Ok(in_flight) => in_flight,
+        Err(refusal) => return synthetic_response(refusal, exchange),
     };
     let use_http2 = choose_upstream(&shared, &conn, &mut parts, path);
     let settings = &shared.settings;
@@ -147,28 +150,27 @@ async fn respond(
 }
 
 /// The path in the form the app resolves (`None`: as it came), or 400 when it is ambiguous.
-fn normal_path(raw: &PathAndQuery) -> Result<Option<PathAndQuery>, ErrorKind> {
-    match path::normalize(raw.as_str()) {
-        Ok(Cow::Borrowed(_)) => Ok(None),
+fn normal_path(raw: &PathAndQuery) -> Result<Option<PathAndQuery>, Ambiguous> {
+    match path::normalize(raw.as_str())? {
+        Cow::Borrowed(_) => Ok(None),
         // Decoding unreserved characters and removing segments keeps a valid path valid.
-        Ok(Cow::Owned(normal)) => PathAndQuery::try_from(normal)
+        Cow::Owned(normal) => PathAndQuery::try_from(normal)
             .map(Some)
-            .map_err(|_| ErrorKind::AmbiguousPath),
-        Err(reason) => {
-            tracing::debug!(path = raw.as_str(), "ambiguous path refused: {reason}");
-            Err(ErrorKind::AmbiguousPath)
-        }
+            .map_err(|_| Ambiguous::NotAPath),
     }
 }
 
-/// What the request rules decided.
+/// What the request rules found.
 struct Ruled {
     request_id: HeaderValue,
-    /// `Err` when the request must not go on (it looped back to this proxy).
-    admitted: Result<(), ErrorKind>,
+    /// The request names this proxy in `Via`.
+    looped: bool,
+    /// It names one valid authority ([`phases::request_host`]).
+    authority_valid: bool,
 }
 
-/// The request phase: loop check and `Via`, Host, hop-by-hop removal, forwarding fields.
+/// The request phase on a `HeaderMap`: loop check and `Via`, Host, hop-by-hop removal,
+/// forwarding fields.
 fn request_rules(
     shared: &Shared,
     conn: &ConnContext,
@@ -176,19 +178,27 @@ fn request_rules(
     upgrade: bool,
 ) -> Ruled {
     let settings = &shared.settings;
-    let admitted = settings.via.stamp(&mut parts.headers);
-    if settings.rewrite_host {
-        if let Ok(host) = HeaderValue::from_str(conn.upstream.as_str()) {
+    let looped = settings.via.stamp(&mut parts.headers).is_err();
+    let tunnel =
+        parts.method == Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_none();
+    let host = phases::request_host(
+        &parts.headers,
+        parts.version,
+        parts.uri.authority().map(|a| a.as_str()),
+        tunnel,
+    );
+    let authority_valid = host.is_ok();
+    let host = if settings.rewrite_host {
+        HeaderValue::from_str(conn.upstream.as_str()).ok()
+    } else {
+        host.ok().flatten()
+    };
+    match host {
+        Some(host) => {
             parts.headers.insert(header::HOST, host);
         }
-    } else if !parts.headers.contains_key(header::HOST) {
-        // HTTP/2 clients name the host in :authority; an HTTP/1.1 app needs it as Host.
-        if let Some(host) = parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        {
-            parts.headers.insert(header::HOST, host);
+        None => {
+            parts.headers.remove(header::HOST);
         }
     }
     phases::remove_hop_by_hop(&mut parts.headers, upgrade);
@@ -200,7 +210,8 @@ fn request_rules(
     );
     Ruled {
         request_id,
-        admitted,
+        looped,
+        authority_valid,
     }
 }
 
@@ -229,8 +240,7 @@ fn choose_upstream(
     use_http2
 }
 
-/// Sends the request with the retry rule, bounded by the response timeout (counted from the end
-/// of the request body).
+/// Sends the request, and once more on a fresh connection when the retry rule allows it.
 async fn send(
     shared: &Shared,
     conn: &ConnContext,
@@ -239,13 +249,14 @@ async fn send(
     progress: Option<&RequestProgress>,
 ) -> Result<Response<Incoming>, ErrorKind> {
     let upstreams = &shared.upstreams;
-    let client = if use_http2 {
-        &upstreams.http2
+    let (pooled, fresh) = if use_http2 {
+        (&upstreams.http2, &upstreams.http2_fresh)
     } else {
-        &upstreams.http1
+        (&upstreams.http1, &upstreams.http1_fresh)
     };
-    // A request with no body can be replayed: the retry rule decides whether it may be.
-    let mut replay = progress.is_none().then(|| {
+    let has_body = progress.is_some();
+    // A request without a body can be sent again: the retry rule decides whether it may be.
+    let replay = (!has_body).then(|| {
         let mut again = Request::new(RequestBody::empty());
         *again.method_mut() = request.method().clone();
         *again.uri_mut() = request.uri().clone();
@@ -255,46 +266,71 @@ async fn send(
         again
     });
     let method = request.method().clone();
-    let exchange_with_app = async {
-        match client.request(request).await {
-            Err(err)
-                if is_closed_before_answering(&err)
-                    && may_retry(&method, replay.is_some(), Sent::NoResponse) =>
-            {
-                tracing::debug!(error = %err, upstream = %conn.upstream, "the app closed a pooled connection without answering: sending the request again on a new one");
-                let Some(again) = replay.take() else {
-                    return Err(err);
-                };
-                // Another pooled connection may be just as dead: dial a new one. (HTTP/2
-                // connections multiplex and are not raced this way.)
-                if use_http2 {
-                    client.request(again).await
-                } else {
-                    upstreams.http1_fresh.request(again).await
-                }
-            }
-            other => other,
-        }
+    let failure = match attempt(shared, pooled, request, progress).await {
+        Ok(response) => return Ok(response),
+        Err(failure) => failure,
     };
+    let sent = match &failure.error {
+        Some(err) if is_closed_before_answering(err) => Sent::NoResponse,
+        _ => Sent::ResponseStarted,
+    };
+    let retry = Attempt {
+        reused: failure.reused,
+        sent,
+    };
+    let failure = match replay {
+        Some(again) if may_retry(&method, has_body, retry) => {
+            tracing::debug!(upstream = %conn.upstream, "the app closed a reused connection without answering: sending the request again on a new one");
+            match attempt(shared, fresh, again, None).await {
+                Ok(response) => return Ok(response),
+                Err(failure) => failure,
+            }
+        }
+        _ => failure,
+    };
+    let kind = match (&failure.error, progress) {
+        (None, _) => ErrorKind::ResponseTimeout,
+        (Some(_), Some(p)) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
+        (Some(_), Some(p)) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
+        (Some(err), _) => classify_client_error(err),
+    };
+    if let Some(err) = &failure.error {
+        tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
+    }
+    Err(kind)
+}
+
+/// A failed attempt: the client's error (`None`: the response timeout), and whether the
+/// connection it used had carried a request before.
+struct Failure {
+    error: Option<hyper_util::client::legacy::Error>,
+    reused: bool,
+}
+
+/// One attempt, bounded by --response-timeout counted as on the fast path: from the moment the
+/// request is written whole (its connection made and its body, if any, sent) to the response head.
+async fn attempt(
+    shared: &Shared,
+    client: &HttpClient,
+    mut request: Request<RequestBody>,
+    progress: Option<&RequestProgress>,
+) -> Result<Response<Incoming>, Failure> {
+    let captured = capture_connection(&mut request);
+    let mut connected = captured.clone();
     let response_timer = async {
+        connected.wait_for_connection_metadata().await;
         if let Some(progress) = progress {
             progress.wait_ended().await;
         }
         tokio::time::sleep(shared.settings.timeouts.response).await;
     };
-    tokio::select! {
+    let result = tokio::select! {
         biased;
-        result = exchange_with_app => result.map_err(|err| {
-            let kind = match progress {
-                Some(p) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
-                Some(p) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
-                _ => classify_client_error(&err),
-            };
-            tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
-            kind
-        }),
-        () = response_timer => Err(ErrorKind::ResponseTimeout),
-    }
+        result = client.request(request) => result.map_err(Some),
+        () = response_timer => Err(None),
+    };
+    let reused = Uses::note(&captured);
+    result.map_err(|error| Failure { error, reused })
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).
@@ -374,20 +410,15 @@ where
 
 /// A response the proxy makes itself; the exchange is logged once it has been written.
 fn synthetic_response(synthetic: Synthetic, mut exchange: Exchange) -> Response<ResponseBody> {
-    exchange.status = synthetic.status().as_u16();
-    exchange.error = Some(synthetic.kind);
-    if synthetic.grpc {
-        exchange.grpc_status = Some(u16::from(synthetic.kind.grpc_status()));
-    }
-    let mut response = Response::new(ResponseBody::message(synthetic.body(), Some(exchange)));
-    *response.status_mut() = synthetic.status();
-    *response.headers_mut() = synthetic.header_map();
+    exchange.answer(synthetic);
+    let mut response = refusal(synthetic);
+    *response.body_mut() = ResponseBody::message(synthetic.body(), Some(exchange));
     response
 }
 
-/// A response the proxy sends without an exchange (connection-level refusals).
-pub fn refusal(kind: ErrorKind) -> Response<ResponseBody> {
-    let synthetic = Synthetic::new(kind, false);
+/// A response the proxy makes itself, with no exchange of its own to log (refusals of a whole
+/// connection or of an HBONE `CONNECT`, which are counted where they are decided).
+pub fn refusal(synthetic: Synthetic) -> Response<ResponseBody> {
     let mut response = Response::new(ResponseBody::message(synthetic.body(), None));
     *response.status_mut() = synthetic.status();
     *response.headers_mut() = synthetic.header_map();

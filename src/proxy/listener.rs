@@ -25,6 +25,7 @@ use super::hbone;
 use super::http1;
 use super::hyper_path;
 use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
+use super::phases::Synthetic;
 use super::rewind::Rewind;
 use super::tcp;
 use super::upstream::connect;
@@ -720,7 +721,8 @@ fn log_rejected_by_hyper(
 /// closed before it could send.
 async fn refuse(stream: TcpStream) {
     let service = service_fn(|_req| async {
-        Ok::<_, Infallible>(hyper_path::refusal(ErrorKind::TooManyConnections))
+        let synthetic = Synthetic::new(ErrorKind::TooManyConnections, false).closing(true);
+        Ok::<_, Infallible>(hyper_path::refusal(synthetic))
     });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)

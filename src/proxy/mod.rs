@@ -17,6 +17,7 @@
 pub mod body;
 pub mod detect;
 pub mod drain;
+pub mod driver;
 pub mod exchange;
 pub mod hbone;
 pub mod http1;

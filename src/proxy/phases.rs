@@ -7,13 +7,12 @@
 //!   ([`add_forwarding`]: `X-Forwarded-*`, `Forwarded`, `x-forwarded-client-cert`,
 //!   `X-Request-Id`), loop detection ([`Via`]);
 //! - response header rules: [`prepare_response`] (hop-by-hop removal, `Server`);
-//! - may-retry: [`may_retry`];
 //! - the responses the proxy makes itself: [`Synthetic`], gRPC-aware.
 
 use std::net::IpAddr;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Method, StatusCode};
+use http::{StatusCode, Version};
 
 use crate::error::ErrorKind;
 
@@ -73,11 +72,23 @@ pub fn via_names(value: &[u8], pseudonym: &str) -> bool {
     })
 }
 
-/// The comma-separated tokens of a list field (`Connection`, `Transfer-Encoding`).
+/// A field value without the optional whitespace around it (RFC 9110 5.6.3: OWS is SP and HTAB
+/// only; not `trim_ascii`, which also takes CR, LF and FF).
+pub fn trim_ows(v: &[u8]) -> &[u8] {
+    let start = v.iter().position(|&b| b != b' ' && b != b'\t');
+    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t');
+    match (start, end) {
+        (Some(s), Some(e)) => &v[s..=e],
+        _ => &[],
+    }
+}
+
+/// The elements of a list field (RFC 9110 5.6.1: `Connection`, `Transfer-Encoding`, `Via`...),
+/// without their OWS, empty ones skipped. The one tokeniser of both adapters.
 pub fn tokens(value: &[u8]) -> impl Iterator<Item = &[u8]> {
     value
         .split(|&b| b == b',')
-        .map(<[u8]>::trim_ascii)
+        .map(trim_ows)
         .filter(|t| !t.is_empty())
 }
 
@@ -120,6 +131,85 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             headers.remove(header::TE);
         }
     }
+}
+
+/// uri-host [ ":" port ] (RFC 9112 3.2, RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2): a reg-name
+/// (IPv4 addresses are reg-names too) or a bracketed IPv6 address, and a decimal port.
+/// `require_host`: the host may not be empty (an absolute-form target's authority).
+pub fn valid_host(value: &[u8], require_host: bool) -> bool {
+    let (host, port) = if value.first() == Some(&b'[') {
+        let Some(close) = value.iter().position(|&b| b == b']') else {
+            return false;
+        };
+        let ip = std::str::from_utf8(&value[1..close]);
+        if ip.map_or(true, |ip| ip.parse::<std::net::Ipv6Addr>().is_err()) {
+            return false;
+        }
+        match &value[close + 1..] {
+            [] => return true,
+            [b':', port @ ..] => (&value[..=close], port),
+            _ => return false,
+        }
+    } else {
+        let (host, port) = match value.iter().rposition(|&b| b == b':') {
+            Some(colon) => (&value[..colon], &value[colon + 1..]),
+            None => (value, &[][..]),
+        };
+        if !valid_reg_name(host) {
+            return false;
+        }
+        (host, port)
+    };
+    (!require_host || !host.is_empty()) && port.iter().all(u8::is_ascii_digit)
+}
+
+/// reg-name = *( unreserved / pct-encoded / sub-delims ) (RFC 3986 3.2.2), less pct-encoded:
+/// `http::Uri` refuses `%` in a host, and no real host name needs it (IDNs are punycode).
+fn valid_reg_name(host: &[u8]) -> bool {
+    host.iter().all(|&b| {
+        matches!(b,
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~'
+            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
+    })
+}
+
+/// The `Host` an app gets for a request read by hyper, or `None` when the request names no valid,
+/// unambiguous authority (400), by the same rules as the fast path's parser:
+/// - at most one `Host`, with a valid value; HTTP/1.1 requires one (RFC 9112 3.2);
+/// - an HTTP/1 absolute-form target's authority replaces `Host` (RFC 9112 3.2.2);
+/// - HTTP/2's `:authority` becomes the `Host` of an HTTP/1.1 app, and a `host` field that names
+///   another authority makes the request malformed (RFC 9113 8.3.1);
+/// - a `CONNECT` target (`tunnel`) is where the tunnel goes, not the request's authority.
+///
+/// `Ok(None)`: no authority at all (HTTP/1.0 or HTTP/2 may omit it).
+pub fn request_host(
+    headers: &HeaderMap,
+    version: Version,
+    target_authority: Option<&str>,
+    tunnel: bool,
+) -> Result<Option<HeaderValue>, ErrorKind> {
+    let mut hosts = headers.get_all(header::HOST).iter();
+    let host = hosts.next();
+    if hosts.next().is_some() || host.is_some_and(|h| !valid_host(h.as_bytes(), false)) {
+        return Err(ErrorKind::BadRequest);
+    }
+    if version == Version::HTTP_11 && host.is_none() {
+        return Err(ErrorKind::BadRequest);
+    }
+    let Some(authority) = target_authority.filter(|_| !tunnel) else {
+        return Ok(host.cloned());
+    };
+    if !valid_host(authority.as_bytes(), true) {
+        return Err(ErrorKind::BadRequest);
+    }
+    if version == Version::HTTP_2
+        && host.is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(authority.as_bytes()))
+    {
+        return Err(ErrorKind::BadRequest);
+    }
+    HeaderValue::from_str(authority)
+        .map(Some)
+        .map_err(|_| ErrorKind::BadRequest)
 }
 
 /// Whether the request asks to switch protocols (WebSocket and others): `Connection: upgrade`
@@ -325,28 +415,6 @@ pub fn prepare_response(headers: &mut HeaderMap, keep_upgrade: bool) {
     headers.insert(header::SERVER, SERVER_VALUE.clone());
 }
 
-/// How far a request got when its upstream connection failed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sent {
-    /// Not a byte of it was written: the pooled connection was seen closed first.
-    Nothing,
-    /// Written (maybe partly), and not a byte of response came back.
-    NoResponse,
-    /// Some of the response arrived.
-    ResponseStarted,
-}
-
-/// The retry rule, one for both adapters (RFC 9110 9.2.2, RFC 9112 9.3.1.1): a request goes again
-/// only when it provably never reached the app, or when it is idempotent, can be replayed (its
-/// body is still in hand) and no byte of the response arrived. A POST is never sent twice.
-pub fn may_retry(method: &Method, replayable: bool, sent: Sent) -> bool {
-    match sent {
-        Sent::Nothing => replayable,
-        Sent::NoResponse => replayable && method.is_idempotent(),
-        Sent::ResponseStarted => false,
-    }
-}
-
 /// A response the proxy makes itself. gRPC clients get HTTP 200 with `grpc-status` and
 /// `grpc-message` (a trailers-only response), as linkerd2-proxy answers them, so that they see a
 /// gRPC status instead of a content-type error.
@@ -354,11 +422,25 @@ pub fn may_retry(method: &Method, replayable: bool, sent: Sent) -> bool {
 pub struct Synthetic {
     pub kind: ErrorKind,
     pub grpc: bool,
+    /// The client's connection ends with this response (HTTP/1: `Connection: close`; HTTP/2
+    /// has no such field and keeps its connection: the stream alone ends).
+    pub close: bool,
 }
 
 impl Synthetic {
+    /// A response on a connection that stays open; see [`Synthetic::closing`].
     pub fn new(kind: ErrorKind, grpc: bool) -> Synthetic {
-        Synthetic { kind, grpc }
+        Synthetic {
+            kind,
+            grpc,
+            close: false,
+        }
+    }
+
+    /// The same response, ending the connection when `close`.
+    pub fn closing(mut self, close: bool) -> Synthetic {
+        self.close = close;
+        self
     }
 
     pub fn status(self) -> StatusCode {
@@ -393,8 +475,8 @@ impl Synthetic {
             .chain(retry_after)
     }
 
-    /// As HTTP/1.1 bytes, `Content-Length` and (unless `keep_alive`) `Connection: close` included.
-    pub fn render_h1(self, keep_alive: bool, lowercase_names: bool, out: &mut Vec<u8>) {
+    /// As HTTP/1.1 bytes, `Content-Length` and (when it closes) `Connection: close` included.
+    pub fn render_h1(self, lowercase_names: bool, out: &mut Vec<u8>) {
         let status = self.status();
         let body = self.body();
         out.clear();
@@ -420,16 +502,16 @@ impl Synthetic {
             "Content-Length",
             itoa::Buffer::new().format(body.len()).as_bytes(),
         );
-        if !keep_alive {
+        if self.close {
             field("Connection", b"close");
         }
         out.extend_from_slice(b"\r\n");
         out.extend_from_slice(body.as_bytes());
     }
 
-    /// As a `HeaderMap` for the hyper path.
+    /// As a `HeaderMap` for hyper (which drops `Connection` from HTTP/2 responses itself).
     pub fn header_map(self) -> HeaderMap {
-        let mut headers = HeaderMap::with_capacity(5);
+        let mut headers = HeaderMap::with_capacity(6);
         for (name, value) in self.fields() {
             if let (Ok(name), Ok(value)) = (
                 HeaderName::from_bytes(name.as_bytes()),
@@ -437,6 +519,9 @@ impl Synthetic {
             ) {
                 headers.insert(name, value);
             }
+        }
+        if self.close {
+            headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         headers
     }
@@ -680,20 +765,11 @@ mod tests {
     }
 
     #[test]
-    fn retry_rule() {
-        use Sent::*;
-        assert!(may_retry(&Method::POST, true, Nothing));
-        assert!(!may_retry(&Method::POST, true, NoResponse));
-        assert!(may_retry(&Method::GET, true, NoResponse));
-        assert!(may_retry(&Method::PUT, true, NoResponse));
-        assert!(!may_retry(&Method::PUT, false, NoResponse));
-        assert!(!may_retry(&Method::GET, true, ResponseStarted));
-    }
-
-    #[test]
     fn synthetic_responses() {
         let mut out = Vec::new();
-        Synthetic::new(ErrorKind::Overloaded, false).render_h1(false, false, &mut out);
+        Synthetic::new(ErrorKind::Overloaded, false)
+            .closing(true)
+            .render_h1(false, &mut out);
         let text = String::from_utf8(out.clone()).expect("utf8");
         assert!(text.starts_with("HTTP/1.1 503 Service Unavailable\r\nServer: amazing-proxy\r\nContent-Type: text/plain; charset=utf-8\r\nRetry-After: 1\r\nContent-Length: "), "{text}");
         assert!(text.contains("Connection: close\r\n\r\namazing-proxy: too many requests"));

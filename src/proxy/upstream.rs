@@ -13,6 +13,7 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use bytes::BytesMut;
 
 use http::Uri;
 use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::{CaptureConnection, Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
@@ -79,7 +81,7 @@ pub fn mark_if_permitted(mark: u32) -> Option<u32> {
 pub struct Connector(pub ConnectOptions);
 
 impl tower_service::Service<Uri> for Connector {
-    type Response = TokioIo<TcpStream>;
+    type Response = PooledIo;
     type Error = io::Error;
     type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
 
@@ -99,8 +101,86 @@ impl tower_service::Service<Uri> for Connector {
                         format!("not an IP:PORT upstream: {uri}"),
                     )
                 })?;
-            connect(addr, opts).await.map(TokioIo::new)
+            let stream = connect(addr, opts).await?;
+            Ok(PooledIo {
+                io: TokioIo::new(stream),
+                uses: Uses::default(),
+            })
         })
+    }
+}
+
+/// How many requests a hyper-pooled connection has carried: the retry rule needs to know whether
+/// a failed attempt was on a reused connection (the keep-alive race) or on a fresh one (the
+/// app's answer). Read through [`Uses::note`] after every attempt.
+#[derive(Clone, Debug, Default)]
+pub struct Uses(Arc<AtomicU32>);
+
+impl Uses {
+    /// Counts the attempt on the connection `captured` saw; returns whether that connection had
+    /// carried a request before it (`false` when no connection was made).
+    pub fn note(captured: &CaptureConnection) -> bool {
+        let connected = captured.connection_metadata();
+        let Some(connected) = connected.as_ref() else {
+            return false;
+        };
+        let mut extras = http::Extensions::new();
+        connected.get_extras(&mut extras);
+        extras
+            .get::<Uses>()
+            .is_some_and(|uses| uses.0.fetch_add(1, Ordering::Relaxed) > 0)
+    }
+}
+
+/// A connection of hyper's pools: the socket, and its [`Uses`] for the retry rule.
+pub struct PooledIo {
+    io: TokioIo<TcpStream>,
+    uses: Uses,
+}
+
+impl Connection for PooledIo {
+    fn connected(&self) -> Connected {
+        self.io.connected().extra(self.uses.clone())
+    }
+}
+
+impl hyper::rt::Read for PooledIo {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for PooledIo {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
     }
 }
 
@@ -114,9 +194,10 @@ pub struct Upstreams {
     /// hyper's pooled clients, one per HTTP version spoken to upstreams.
     pub http1: HttpClient,
     pub http2: HttpClient,
-    /// Never pools: a retry goes out on a freshly dialled connection, since another pooled one
+    /// Never pool: a retry goes out on a freshly dialled connection, since another pooled one
     /// may be just as dead (the keep-alive race).
     pub http1_fresh: HttpClient,
+    pub http2_fresh: HttpClient,
 }
 
 impl Upstreams {
@@ -146,6 +227,7 @@ impl Upstreams {
             http1: build(false, POOL_MAX_IDLE_PER_UPSTREAM),
             http2: build(true, POOL_MAX_IDLE_PER_UPSTREAM),
             http1_fresh: build(false, 0),
+            http2_fresh: build(true, 0),
         }
     }
 

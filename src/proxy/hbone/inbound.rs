@@ -10,9 +10,11 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use bytes::Bytes;
-use http::{HeaderMap, Method, Request, Response, StatusCode};
-use http_body_util::Empty;
+use http::{HeaderMap, Method, Request, Response};
+
+use crate::proxy::body::ResponseBody;
+use crate::proxy::hyper_path;
+use crate::proxy::phases::Synthetic;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -184,10 +186,9 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
-fn status(code: StatusCode) -> Response<Empty<Bytes>> {
-    let mut response = Response::new(Empty::new());
-    *response.status_mut() = code;
-    response
+/// A `CONNECT` refused: the same response, status and body as every refusal of the proxy's.
+fn refuse_connect(kind: ErrorKind) -> Response<ResponseBody> {
+    hyper_path::refusal(Synthetic::new(kind, false))
 }
 
 /// One CONNECT: checks, the app connection, 200, then the stream's own task. The stream keeps
@@ -199,10 +200,10 @@ async fn open_stream(
     local: SocketAddr,
     peer_id: Arc<SpiffeId>,
     mark: RequestMark,
-) -> Response<Empty<Bytes>> {
+) -> Response<ResponseBody> {
     let peer = peer_id.to_string();
     if req.method() != Method::CONNECT {
-        return status(StatusCode::BAD_REQUEST);
+        return refuse_connect(ErrorKind::BadRequest);
     }
     let Some(target) = req
         .uri()
@@ -210,12 +211,12 @@ async fn open_stream(
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
         tracing::info!(%peer, uri = %req.uri(), "HBONE CONNECT refused: the authority is not ip:port");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse_connect(ErrorKind::BadRequest);
     };
     let target = SocketAddr::new(target.ip().to_canonical(), target.port());
     if target.ip() != local.ip() {
         tracing::info!(%peer, %target, pod = %local.ip(), "HBONE CONNECT refused: the authority is not this pod's address");
-        return status(StatusCode::BAD_REQUEST);
+        return refuse_connect(ErrorKind::BadRequest);
     }
     let metrics = &shared.telemetry.metrics;
     if target.port() == local.port() || shared.settings.own_ports.contains(&target.port()) {
@@ -223,12 +224,12 @@ async fn open_stream(
         // Debug: a peer could fill the log with these; the metric counts them.
         tracing::debug!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");
         metrics.count_error(Direction::Inbound, ErrorKind::ProxyPort);
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return refuse_connect(ErrorKind::ProxyPort);
     }
     let traceparent = log_tunnel_headers(req.headers(), &peer, target);
     if !shared.admits(target.port(), Some(&peer_id)) {
         metrics.count_error(Direction::Inbound, ErrorKind::PolicyDenied);
-        return status(StatusCode::UNAUTHORIZED);
+        return refuse_connect(ErrorKind::PolicyDenied);
     }
     // The stream holds an app connection: it counts against --max-connections (and so the
     // descriptor budget) like a plaintext connection, shedding an idle one at the limit.
@@ -236,12 +237,12 @@ async fn open_stream(
     let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
         metrics.rejected_connections.inc();
         metrics.count_error(Direction::Inbound, ErrorKind::TooManyConnections);
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return refuse_connect(ErrorKind::TooManyConnections);
     };
     // Opening it is a request in flight (--max-in-flight bounds concurrent app dials).
     let Some(in_flight) = shared.limits.start_request() else {
         metrics.count_error(Direction::Inbound, ErrorKind::Overloaded);
-        return status(StatusCode::SERVICE_UNAVAILABLE);
+        return refuse_connect(ErrorKind::Overloaded);
     };
     let upstream = inbound_upstream(&shared.settings, target.port(), local);
     let app = match connect(upstream, shared.upstreams.connect).await {
@@ -249,8 +250,8 @@ async fn open_stream(
         Err(e) => {
             let kind = classify_io(&e, true);
             metrics.count_error(Direction::Inbound, kind);
-            tracing::info!(%peer, %upstream, "HBONE CONNECT answered 503: the app connection failed: {e}");
-            return status(StatusCode::SERVICE_UNAVAILABLE);
+            tracing::info!(%peer, %upstream, "HBONE CONNECT refused: the app connection failed: {e}");
+            return refuse_connect(kind);
         }
     };
     drop(in_flight);
@@ -274,7 +275,7 @@ async fn open_stream(
             Err(e) => tracing::debug!("HBONE stream ended before it opened: {e}"),
         }
     });
-    status(StatusCode::OK)
+    Response::new(ResponseBody::empty())
 }
 
 /// The tracing context and the original client a peer may send (ztunnel does), logged once per

@@ -324,10 +324,14 @@ impl Pool {
             failed(ErrorKind::Handshake(*reason), format!("TLS: {detail}"))
         })?;
         if response.status() != StatusCode::OK {
-            let kind = if response.status() == StatusCode::SERVICE_UNAVAILABLE {
-                ErrorKind::ConnectRefused
-            } else {
-                ErrorKind::ConnectFailed
+            // The peer's refusal, in the statuses of `ErrorKind::status` (as every proxy answer).
+            let kind = match response.status() {
+                StatusCode::FORBIDDEN => ErrorKind::PolicyDenied,
+                StatusCode::BAD_GATEWAY | StatusCode::SERVICE_UNAVAILABLE => {
+                    ErrorKind::ConnectRefused
+                }
+                StatusCode::GATEWAY_TIMEOUT => ErrorKind::ConnectTimeout,
+                _ => ErrorKind::ConnectFailed,
             };
             return Err(failed(
                 kind,

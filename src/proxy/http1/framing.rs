@@ -20,7 +20,7 @@ use http::header::HeaderValue;
 
 use super::chunked::is_tchar;
 use crate::proxy::path::{self, Ambiguous};
-use crate::proxy::phases::{self, new_request_id};
+use crate::proxy::phases::{self, new_request_id, trim_ows};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -51,6 +51,9 @@ pub struct RequestPlan {
     /// The path is ambiguous (`path::normalize`): the request is answered 400 before any rule is
     /// consulted, and `path` is the target as it came, for the log.
     pub ambiguous: Option<Ambiguous>,
+    /// Our own `Via` pseudonym is already in the request: it went round in a loop (the driver
+    /// answers 508).
+    pub looped: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -61,8 +64,6 @@ pub enum RequestVerdict {
     Fallback,
     /// Malformed or ambiguous: 400, then close.
     Invalid,
-    /// Our own `Via` pseudonym is already in the request: it went round in a loop. 508, then close.
-    Loop,
 }
 
 /// Options of the head rewriting that come from configuration.
@@ -204,23 +205,6 @@ fn push_field(out: &mut Vec<u8>, name: &str, value: &[u8], lowercase: bool) {
     out.extend_from_slice(b"\r\n");
 }
 
-fn trim_ows(v: &[u8]) -> &[u8] {
-    let start = v.iter().position(|&b| b != b' ' && b != b'\t');
-    let end = v.iter().rposition(|&b| b != b' ' && b != b'\t');
-    match (start, end) {
-        (Some(s), Some(e)) => &v[s..=e],
-        _ => &[],
-    }
-}
-
-/// The elements of a list field (RFC 9110 5.6.1), trimmed, empty ones skipped.
-fn elements(value: &[u8]) -> impl Iterator<Item = &[u8]> {
-    value
-        .split(|&b| b == b',')
-        .map(trim_ows)
-        .filter(|e| !e.is_empty())
-}
-
 /// Content-Length = 1*DIGIT (RFC 9110 8.6), with the OWS any field value may have around it
 /// (RFC 9110 5.5). Not Rust's `trim` and `parse`: `+5`, a no-break space or `5\x85` are invalid.
 fn parse_length(value: &[u8]) -> Option<u64> {
@@ -281,7 +265,7 @@ fn push_codings(out: &mut Vec<u8>, headers: &[httparse::Header<'_>], lowercase: 
         .iter()
         .filter(|h| Field::of(h.name) == Field::TransferEncoding)
     {
-        for coding in elements(h.value) {
+        for coding in phases::tokens(h.value) {
             if !first {
                 out.extend_from_slice(b", ");
             }
@@ -307,7 +291,7 @@ fn connection_options<'h>(headers: &[httparse::Header<'h>]) -> Option<Vec<&'h [u
         .iter()
         .filter(|h| Field::of(h.name) == Field::Connection)
     {
-        for option in elements(h.value) {
+        for option in phases::tokens(h.value) {
             if !option.eq_ignore_ascii_case(b"close") && !option.eq_ignore_ascii_case(b"keep-alive")
             {
                 options.get_or_insert_with(Vec::new).push(option);
@@ -329,48 +313,7 @@ fn listed(options: Option<&[&[u8]]>, name: &str) -> bool {
 
 /// Whether `Connection` says `close`.
 fn says_close(value: &[u8]) -> bool {
-    elements(value).any(|o| o.eq_ignore_ascii_case(b"close"))
-}
-
-/// uri-host [ ":" port ] (RFC 9112 3.2, RFC 9110 4.2.1 and 7.2, RFC 3986 3.2.2): a reg-name
-/// (IPv4 addresses are reg-names too) or a bracketed IPv6 address, and a decimal port.
-/// `require_host`: the host may not be empty (an absolute-form target's authority). Public so
-/// that the hyper path checks Host the same way.
-pub fn valid_host(value: &[u8], require_host: bool) -> bool {
-    let (host, port) = if value.first() == Some(&b'[') {
-        let Some(close) = value.iter().position(|&b| b == b']') else {
-            return false;
-        };
-        let ip = std::str::from_utf8(&value[1..close]);
-        if ip.map_or(true, |ip| ip.parse::<std::net::Ipv6Addr>().is_err()) {
-            return false;
-        }
-        match &value[close + 1..] {
-            [] => return true,
-            [b':', port @ ..] => (&value[..=close], port),
-            _ => return false,
-        }
-    } else {
-        let (host, port) = match value.iter().rposition(|&b| b == b':') {
-            Some(colon) => (&value[..colon], &value[colon + 1..]),
-            None => (value, &[][..]),
-        };
-        if !valid_reg_name(host) {
-            return false;
-        }
-        (host, port)
-    };
-    (!require_host || !host.is_empty()) && port.iter().all(u8::is_ascii_digit)
-}
-
-/// reg-name = *( unreserved / pct-encoded / sub-delims ) (RFC 3986 3.2.2), less pct-encoded:
-/// `http::Uri` refuses `%` in a host, and no real host name needs it (IDNs are punycode).
-fn valid_reg_name(host: &[u8]) -> bool {
-    host.iter().all(|&b| {
-        matches!(b,
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~'
-            | b'!' | b'$' | b'&' | b'\'' | b'(' | b')' | b'*' | b'+' | b',' | b';' | b'=')
-    })
+    phases::tokens(value).any(|o| o.eq_ignore_ascii_case(b"close"))
 }
 
 /// Longest request target taken: `http::Uri`'s limit, so that the hyper path takes it too.
@@ -447,7 +390,7 @@ fn parse_target<'a>(method: &str, target: &'a str) -> Result<Target<'a>, Request
     let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
     let (authority, path) = rest.split_at(end);
     // userinfo is an error in an http(s) URI (RFC 9110 4.2.4); the host may not be empty (4.2.1).
-    if authority.contains('@') || !valid_host(authority.as_bytes(), true) {
+    if authority.contains('@') || !phases::valid_host(authority.as_bytes(), true) {
         return Err(RequestVerdict::Invalid);
     }
     let origin: std::borrow::Cow<'a, str> = match path.as_bytes().first() {
@@ -584,7 +527,7 @@ fn plan_parsed_request(
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestPlan, RequestVerdict> {
-    use RequestVerdict::{Fallback, Invalid, Loop};
+    use RequestVerdict::{Fallback, Invalid};
     let (Some(method), Some(target), Some(minor)) = (req.method, req.path, req.version) else {
         return Err(Invalid);
     };
@@ -603,10 +546,6 @@ fn plan_parsed_request(
         return Err(Invalid);
     }
     let framing = request_framing(&fields, http11)?;
-    // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
-    if fields.looped && !rw.via.is_empty() {
-        return Err(Loop);
-    }
     // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade (other than h2c) and Expect: the hyper path's.
     let Some(mut target) = target.filter(|_| !fields.hyper) else {
         return Err(Fallback);
@@ -639,6 +578,8 @@ fn plan_parsed_request(
         request_id,
         grpc: fields.grpc,
         ambiguous,
+        // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
+        looped: fields.looped && !rw.via.is_empty(),
     })
 }
 
@@ -689,18 +630,19 @@ fn scan_request_fields(
             Field::Host => {
                 // RFC 9112 3.2: one Host, with a valid value.
                 f.hosts += 1;
-                if f.hosts > 1 || !valid_host(h.value, false) {
+                if f.hosts > 1 || !phases::valid_host(h.value, false) {
                     return Err(Invalid);
                 }
             }
             Field::Connection => {
                 f.keep_alive &= !says_close(h.value);
-                f.options |= elements(h.value).any(|o| {
+                f.options |= phases::tokens(h.value).any(|o| {
                     !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
                 });
             }
             Field::Te => {
-                f.te_trailers |= elements(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
+                f.te_trailers |=
+                    phases::tokens(h.value).any(|t| t.eq_ignore_ascii_case(b"trailers"));
             }
             // An h2c upgrade is not one: the request goes on as plain HTTP/1.1, here.
             Field::Upgrade => f.hyper |= phases::tokens(h.value).any(|p| !phases::is_h2c(p)),
@@ -922,7 +864,7 @@ fn plan_parsed_response(
             Field::TransferEncoding => codings.add(h.value),
             Field::Connection => {
                 odd |= says_close(h.value);
-                options |= elements(h.value).any(|o| {
+                options |= phases::tokens(h.value).any(|o| {
                     !o.eq_ignore_ascii_case(b"close") && !o.eq_ignore_ascii_case(b"keep-alive")
                 });
             }
@@ -1547,18 +1489,13 @@ mod tests {
             format!("1.0 other, 1.1 {}", VIA.to_uppercase()),
             format!("1.1\t{VIA} (looped)"),
         ] {
-            assert_eq!(
-                verdict(&format!("GET / HTTP/1.1\r\nHost: a\r\nVia: {via}\r\n\r\n")),
-                Some(RequestVerdict::Loop),
-                "{via}"
-            );
+            let (p, _) = plan(&format!("GET / HTTP/1.1\r\nHost: a\r\nVia: {via}\r\n\r\n"));
+            assert!(p.looped, "{via}");
         }
-        assert_eq!(
-            verdict(&format!(
-                "GET / HTTP/1.1\r\nHost: a\r\nVia: 1.1 x (seen {VIA})\r\n\r\n"
-            )),
-            None
-        );
+        let (p, _) = plan(&format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nVia: 1.1 x (seen {VIA})\r\n\r\n"
+        ));
+        assert!(!p.looped);
     }
 
     #[test]

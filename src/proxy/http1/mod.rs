@@ -33,9 +33,10 @@ use tokio::time::timeout;
 
 use crate::error::{ErrorKind, classify_io};
 use crate::proxy::Shared;
+use crate::proxy::driver::{self, Attempt, Facts, Sent, may_retry};
 use crate::proxy::exchange::{ConnContext, Exchange, PathText};
 use crate::proxy::limits::{Activity, Slot};
-use crate::proxy::phases::{Sent, Synthetic, may_retry};
+use crate::proxy::phases::Synthetic;
 use crate::proxy::rewind::Rewind;
 use crate::proxy::upstream::UpstreamConn;
 use crate::telemetry::metrics::Direction;
@@ -158,9 +159,8 @@ impl Connection {
                 Head::Refused(kind, start) => {
                     let exchange =
                         Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
-                    self.respond(exchange, Synthetic::new(kind, false), false)
-                        .await;
-                    Next::Close
+                    let refusal = Synthetic::new(kind, false).closing(true);
+                    self.respond(exchange, refusal).await
                 }
                 Head::Fallback => {
                     self.release_upstream();
@@ -221,9 +221,6 @@ impl Connection {
                     }
                     Err(RequestVerdict::Invalid) => {
                         return Head::Refused(ErrorKind::BadRequest, start);
-                    }
-                    Err(RequestVerdict::Loop) => {
-                        return Head::Refused(ErrorKind::LoopDetected, start);
                     }
                     Err(RequestVerdict::Fallback) => return Head::Fallback,
                 }
@@ -292,23 +289,6 @@ impl Connection {
             keep_alive: plan.keep_alive,
             head_request: plan.method == Method::HEAD,
         };
-        // An ambiguous path is refused before any rule is consulted (inbound only); then the
-        // authorization phase: every inbound request is judged by the policy in force now (one
-        // reloaded since the connection opened included).
-        let refused = if let Some(reason) = plan.ambiguous {
-            tracing::debug!(path = plan.path, "ambiguous path refused: {reason}");
-            Some(ErrorKind::AmbiguousPath)
-        } else if self.ctx.direction == Direction::Inbound
-            && !self.shared.allows(
-                self.ctx.port,
-                self.ctx.peer_id.as_deref(),
-                Some((&plan.method, plan.path.as_str())),
-            )
-        {
-            Some(ErrorKind::PolicyDenied)
-        } else {
-            None
-        };
         let mut exchange = Exchange::new(
             self.ctx.clone(),
             start,
@@ -317,50 +297,52 @@ impl Connection {
             PathText::Raw(plan.path),
             plan.request_id,
         );
-        // A body already in the buffer travels with the head, and can be sent again.
+        // A body already in the buffer travels with the head.
         let inline_body = match plan.framing {
             Framing::None => Some(0),
             Framing::Length(n) if n <= self.buf.len() as u64 => usize::try_from(n).ok(),
             _ => None,
         };
-        if let Some(kind) = refused {
-            let keep = inline_body == Some(0) && plan.keep_alive;
-            return self
-                .respond(exchange, Synthetic::new(kind, plan.grpc), keep)
-                .await;
-        }
-        let Some(_in_flight) = self.shared.limits.start_request() else {
-            let keep = inline_body == Some(0) && plan.keep_alive;
-            let synthetic = Synthetic::new(ErrorKind::Overloaded, plan.grpc);
-            return self.respond(exchange, synthetic, keep).await;
+        let facts = Facts {
+            method: &plan.method,
+            path: exchange.path(),
+            grpc: plan.grpc,
+            looped: plan.looped,
+            // The parser refused any other authority (400 before a plan is made).
+            authority_valid: true,
+            ambiguous: plan.ambiguous,
+            reusable: inline_body == Some(0) && plan.keep_alive,
+        };
+        let _in_flight = match driver::admit(&self.shared, &self.ctx, &facts) {
+            Ok(in_flight) => in_flight,
+            Err(refusal) => return self.respond(exchange, refusal).await,
         };
         if let Some(n) = inline_body {
             self.head.extend_from_slice(&self.buf[..n]);
             self.buf.advance(n);
             exchange.request_bytes = n as u64;
         }
-        let replayable = inline_body.is_some();
+        let has_body = plan.framing != Framing::None;
         // The connection survives an error response only when no request bytes are left unread.
-        let keep_after_error = replayable && plan.keep_alive;
+        let close_after_error = inline_body.is_none() || !plan.keep_alive;
+        let refuse = |kind| Synthetic::new(kind, plan.grpc).closing(close_after_error);
 
         let mut fresh = false;
         let (up, response) = loop {
             let up = match self.upstream(fresh).await {
                 Ok(up) => up,
-                Err(kind) => {
-                    let synthetic = Synthetic::new(kind, plan.grpc);
-                    return self.respond(exchange, synthetic, keep_after_error).await;
-                }
+                Err(kind) => return self.respond(exchange, refuse(kind)).await,
             };
+            let reused = up.reused;
             match self
                 .send_and_read_head(up, shape, &mut exchange, inline_body.is_some())
                 .await
             {
                 Ok(pair) => break pair,
                 Err((kind, sent)) => {
-                    if !fresh && may_retry(&plan.method, replayable, sent) {
-                        // The keep-alive race: the app closed the pooled connection as the request
-                        // left. Again, once, on a freshly dialled connection.
+                    if may_retry(&plan.method, has_body, Attempt { reused, sent }) {
+                        // The keep-alive race: the app closed the reused connection as the
+                        // request left. Again, once, on a freshly dialled connection.
                         tracing::debug!(upstream = %self.ctx.upstream, "the app closed a reused connection without answering: sending the request again on a new one");
                         fresh = true;
                         continue;
@@ -369,8 +351,7 @@ impl Connection {
                         exchange.finish_with_error(kind);
                         return Next::Close;
                     }
-                    let synthetic = Synthetic::new(kind, plan.grpc);
-                    return self.respond(exchange, synthetic, keep_after_error).await;
+                    return self.respond(exchange, refuse(kind)).await;
                 }
             }
         };
@@ -576,27 +557,13 @@ impl Connection {
     }
 
     /// Answers with a response the proxy makes itself and ends the exchange. The connection
-    /// closes afterwards unless `keep_alive` (no unread request bytes) and the write worked.
-    async fn respond(
-        &mut self,
-        mut exchange: Exchange,
-        synthetic: Synthetic,
-        keep_alive: bool,
-    ) -> Next {
-        synthetic.render_h1(
-            keep_alive,
-            self.shared.settings.lowercase_header_names,
-            &mut self.out,
-        );
-        exchange.status = synthetic.status().as_u16();
-        if synthetic.grpc {
-            exchange.grpc_status = Some(u16::from(synthetic.kind.grpc_status()));
-        }
-        exchange.error = Some(synthetic.kind);
+    /// closes afterwards when the response says so or the write failed.
+    async fn respond(&mut self, exchange: Exchange, synthetic: Synthetic) -> Next {
+        synthetic.render_h1(self.shared.settings.lowercase_header_names, &mut self.out);
         // Logged before the write: whoever reads the answer finds the record and the metrics.
-        exchange.finish(None);
+        exchange.refused(synthetic);
         let written = self.client.write_all(&self.out).await.is_ok();
-        if written && keep_alive {
+        if written && !synthetic.close {
             return Next::KeepAlive;
         }
         if written {
