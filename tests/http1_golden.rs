@@ -170,7 +170,13 @@ fn render_requests() -> String {
             )
             .unwrap(),
             // Answered 508 by the driver: the head is never sent.
-            Ok(plan) if plan.looped => writeln!(s, "looped: {} {}", plan.method, plan.path).unwrap(),
+            Ok(plan) if plan.looped => {
+                writeln!(s, "looped: {} {}", plan.method, plan.path).unwrap()
+            }
+            // Answered 400 by the driver: the head is never sent.
+            Ok(plan) if !plan.authority_valid => {
+                writeln!(s, "no valid authority: {} {}", plan.method, plan.path).unwrap()
+            }
             Ok(plan) => {
                 // A generated request id differs each run.
                 let id = plan.request_id.to_str().unwrap();

@@ -199,6 +199,10 @@ enum Transport {
 }
 
 const TRANSPORTS: [Transport; 3] = [Transport::FastPath, Transport::HyperHttp1, Transport::Http2];
+/// HTTP/1.1 only: connection-specific fields (`Connection`, `Upgrade`), request-line forms.
+const HTTP1: &[Transport] = &[Transport::FastPath, Transport::HyperHttp1];
+/// HTTP/2 only: rules of RFC 9113 that HTTP/1.1's syntax cannot express.
+const HTTP2: &[Transport] = &[Transport::Http2];
 
 /// What the app (or the client, when the proxy refuses) gets.
 #[derive(Clone, Copy, Debug)]
@@ -219,20 +223,28 @@ struct AtApp {
     /// The request id the app gets: the client's (`Some`), else the one the case sent, or a new
     /// UUID when the case sent one not well formed.
     request_id: Option<&'static str>,
+    /// The Host the app gets.
+    host: &'static str,
+    /// Other fields the app gets, each with its values line by line.
+    fields: &'static [(&'static str, &'static [&'static str])],
 }
 
 struct Case {
     name: &'static str,
     target: &'static str,
     /// Extra request fields. Without an X-Request-Id among them, the case sends a unique valid
-    /// one, by which its access-log record is found.
+    /// one, by which its access-log record is found. A `Host` among them replaces HTTP/1.1's
+    /// `Host: app.test` and joins HTTP/2's `:authority` (always `app.test`). `VIA_US` in a value
+    /// stands for this proxy's own `Via` entry.
     fields: &'static [(&'static str, &'static str)],
     trusted_hops: u8,
-    /// Also over HTTP/2 (connection-specific fields such as `Connection` and `Upgrade` are
-    /// HTTP/1.1 only).
-    http2: bool,
+    /// The paths the case runs through.
+    transports: &'static [Transport],
     outcome: Outcome,
 }
+
+/// Stands for `1.1 <this proxy's pseudonym>` in a case's field value.
+const VIA_US: &str = "<via us>";
 
 /// Forwarded to `target` with the proxy's own forwarding fields.
 const fn at_app(target: &'static str) -> AtApp {
@@ -242,6 +254,8 @@ const fn at_app(target: &'static str) -> AtApp {
         forwarded_proto: "http",
         forwarded: None,
         request_id: None,
+        host: "app.test",
+        fields: &[],
     }
 }
 
@@ -257,7 +271,7 @@ const fn case(name: &'static str, target: &'static str, outcome: Outcome) -> Cas
         target,
         fields: &[],
         trusted_hops: 0,
-        http2: true,
+        transports: &TRANSPORTS,
         outcome,
     }
 }
@@ -381,7 +395,7 @@ const PATH_AND_HEADER_CASES: &[Case] = &[
             ("X-Forwarded-Proto", "https"),
         ],
         trusted_hops: 2,
-        http2: false,
+        transports: HTTP1,
         ..case(
             "connection options cannot remove the owned fields",
             "/public/c",
@@ -399,11 +413,116 @@ const PATH_AND_HEADER_CASES: &[Case] = &[
             ("Upgrade", "h2c"),
             ("HTTP2-Settings", "AAMAAABkAAQAAP__"),
         ],
-        http2: false,
+        transports: HTTP1,
         ..case(
             "an h2c upgrade is not passed on",
             "/public/u",
             app("/public/u"),
+        )
+    },
+    Case {
+        fields: &[("Via", VIA_US)],
+        ..case(
+            "a request that came round again",
+            "/public/l",
+            Outcome::Refused(508, "loop_detected", None),
+        )
+    },
+    Case {
+        fields: &[("Via", VIA_US), ("Content-Type", "application/grpc")],
+        ..case(
+            "a gRPC call that came round again, answered the gRPC way",
+            "/public/l",
+            Outcome::Refused(200, "loop_detected", None),
+        )
+    },
+    Case {
+        fields: &[("Content-Type", "application/grpc+proto")],
+        ..case(
+            "a gRPC call the policy refuses, answered the gRPC way",
+            "/admin",
+            Outcome::Refused(200, "policy_denied", None),
+        )
+    },
+    Case {
+        fields: &[("Host", "app.test"), ("Host", "app.test")],
+        ..case(
+            "two Host fields",
+            "/public/h",
+            Outcome::Refused(400, "bad_request", None),
+        )
+    },
+    Case {
+        fields: &[("Host", "app test")],
+        ..case(
+            "a Host that is no authority",
+            "/public/h",
+            Outcome::Refused(400, "bad_request", None),
+        )
+    },
+    Case {
+        fields: &[("Host", "other.test")],
+        transports: HTTP2,
+        ..case(
+            "a host field that disagrees with :authority",
+            "/public/h",
+            Outcome::Refused(400, "bad_request", None),
+        )
+    },
+    Case {
+        fields: &[("Host", "other.test")],
+        transports: HTTP1,
+        ..case(
+            "the Host of HTTP/1.1",
+            "/public/h",
+            Outcome::App(AtApp {
+                host: "other.test",
+                ..at_app("/public/h")
+            }),
+        )
+    },
+    Case {
+        transports: HTTP1,
+        ..case(
+            "an absolute-form target's authority is the Host",
+            "http://abs.test/public/h",
+            Outcome::App(AtApp {
+                host: "abs.test",
+                ..at_app("/public/h")
+            }),
+        )
+    },
+    Case {
+        fields: &[("X-Padded", " x ")],
+        transports: HTTP2,
+        ..case(
+            "an HTTP/2 field value with whitespace around it",
+            "/public/w",
+            Outcome::Refused(400, "bad_request", None),
+        )
+    },
+    Case {
+        fields: &[("X-Padded", " x ")],
+        transports: HTTP1,
+        ..case(
+            "HTTP/1.1's whitespace around a value is no part of it",
+            "/public/w",
+            Outcome::App(AtApp {
+                fields: &[("x-padded", &["x"])],
+                ..at_app("/public/w")
+            }),
+        )
+    },
+    Case {
+        fields: &[("Cookie", "a=1"), ("Cookie", "b=2")],
+        transports: HTTP2,
+        ..case(
+            "HTTP/2 cookie fields joined for an HTTP/1.1 app",
+            "/public/c",
+            Outcome::App(AtApp {
+                fields: &[("cookie", &["a=1; b=2"])],
+                ..at_app("/public/c")
+            }),
         )
     },
 ];
@@ -414,7 +533,7 @@ async fn judged_plane(
     app: std::net::SocketAddr,
     trusted_hops: u8,
     dir: &std::path::Path,
-) -> (std::net::SocketAddr, Captured) {
+) -> (std::net::SocketAddr, Captured, String) {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     let policy = dir.join(format!("policy-{}.yaml", addr.port()));
@@ -441,21 +560,28 @@ async fn judged_plane(
     ]);
     let log = Captured::default();
     let shared = Shared::new(&args, Box::new(log.clone()));
+    let via_us = format!("1.1 {}", shared.settings.via.pseudonym());
     tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());
-    (addr, log)
+    (addr, log, via_us)
 }
 
-/// Sends `POST target` with `fields` and a 2-byte body; returns the status.
+/// Sends `POST target` with `fields` and a 2-byte body; returns the status and the `Server`.
 async fn send(
     proxy: std::net::SocketAddr,
     transport: Transport,
     target: &str,
     fields: &[(&str, String)],
-) -> u16 {
+) -> (u16, Option<String>) {
     if transport == Transport::Http2 {
         return send_http2(proxy, target, fields).await;
     }
-    let mut head = format!("POST {target} HTTP/1.1\r\nHost: app.test\r\n");
+    let mut head = format!("POST {target} HTTP/1.1\r\n");
+    if !fields
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
+        head.push_str("Host: app.test\r\n");
+    }
     for (name, value) in fields {
         head.push_str(&format!("{name}: {value}\r\n"));
     }
@@ -468,10 +594,17 @@ async fn send(
     while response.status() == 100 {
         response = client.response().await.expect("the final response");
     }
-    response.status()
+    (
+        response.status(),
+        response.header("server").map(str::to_owned),
+    )
 }
 
-async fn send_http2(proxy: std::net::SocketAddr, target: &str, fields: &[(&str, String)]) -> u16 {
+async fn send_http2(
+    proxy: std::net::SocketAddr,
+    target: &str,
+    fields: &[(&str, String)],
+) -> (u16, Option<String>) {
     use http_body_util::{BodyExt, Full};
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let tcp = tokio::net::TcpStream::connect(proxy)
@@ -495,8 +628,13 @@ async fn send_http2(proxy: std::net::SocketAddr, target: &str, fields: &[(&str, 
         .await
         .expect("a response");
     let status = response.status().as_u16();
+    let server = response
+        .headers()
+        .get("server")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
     let _ = bounded("the body", WAIT, response.into_body().collect()).await;
-    status
+    (status, server)
 }
 
 /// Each case through each path: the status, what the app received (target, X-Forwarded-For,
@@ -512,9 +650,9 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
             planes.insert(hops, judged_plane(app.addr, hops, dir.path()).await);
         }
         for (n, case) in PATH_AND_HEADER_CASES.iter().enumerate() {
-            let (proxy, log) = &planes[&case.trusted_hops];
+            let (proxy, log, via_us) = &planes[&case.trusted_hops];
             for transport in TRANSPORTS {
-                if transport == Transport::Http2 && !case.http2 {
+                if !case.transports.contains(&transport) {
                     continue;
                 }
                 let what = format!("{} ({transport:?}, {:?})", case.name, case.target);
@@ -522,7 +660,7 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
                 let mut fields: Vec<(&str, String)> = case
                     .fields
                     .iter()
-                    .map(|(k, v)| (*k, (*v).to_owned()))
+                    .map(|(k, v)| (*k, v.replace(VIA_US, via_us)))
                     .collect();
                 if !case
                     .fields
@@ -532,7 +670,8 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
                     fields.push(("X-Request-Id", our_id.clone()));
                 }
                 let before = app.requests().len();
-                let status = send(*proxy, transport, case.target, &fields).await;
+                let (status, server) = send(*proxy, transport, case.target, &fields).await;
+                assert_eq!(server.as_deref(), Some("amazing-proxy"), "{what}");
                 let requests = app.requests();
                 let record_id = match case.outcome {
                     Outcome::Refused(want, error, logged) => {
@@ -540,6 +679,8 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
                         assert_eq!(requests.len(), before, "{what}: the app got the request");
                         let record = log.record(|r| r["request_id"] == our_id.as_str()).await;
                         assert_eq!(record["error"], error, "{what}: {record}");
+                        assert_eq!(record["method"], "POST", "{what}: {record}");
+                        assert_eq!(record["status"], want, "{what}: {record}");
                         let url = record["original_url"].as_str().unwrap_or_default();
                         let logged = logged.unwrap_or(case.target);
                         assert!(url.ends_with(logged), "{what}: {record}");
@@ -551,6 +692,8 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
                         forwarded_proto,
                         forwarded,
                         request_id,
+                        host,
+                        fields: fields_at_app,
                     }) => {
                         assert_eq!(status, 200, "{what}");
                         assert_eq!(requests.len(), before + 1, "{what}");
@@ -565,6 +708,10 @@ async fn what_a_request_may_say_is_the_same_on_every_path() {
                             "{what}\n{head}"
                         );
                         assert_eq!(at_app.header("forwarded"), forwarded, "{what}\n{head}");
+                        assert_eq!(at_app.headers("host"), [host], "{what}\n{head}");
+                        for (name, values) in fields_at_app {
+                            assert_eq!(at_app.headers(name), *values, "{what}\n{head}");
+                        }
                         for absent in ["x-forwarded-client-cert", "upgrade", "http2-settings"] {
                             assert_eq!(at_app.header(absent), None, "{what}\n{head}");
                         }
@@ -613,7 +760,7 @@ async fn an_h2c_upgrade_never_lets_later_requests_skip_the_policy() {
             }
         })
         .await;
-        let (proxy, log) = judged_plane(app.addr, 0, dir.path()).await;
+        let (proxy, log, _) = judged_plane(app.addr, 0, dir.path()).await;
         for expect in ["", "Expect: 100-continue\r\n"] {
             let mut client = RawClient::connect(proxy).await;
             let upgrade = format!(

@@ -6,7 +6,8 @@
 //!
 //! The order (each refusal is answered before the next check is consulted):
 //! 1. loop: this proxy's own `Via` pseudonym in the request (508);
-//! 2. the authority: one valid `Host` (and `:authority` / absolute-form target agreeing) (400);
+//! 2. a malformed request the parser could still read whole: no valid, unambiguous authority (one
+//!    `Host`, agreeing with `:authority`), or an HTTP/2 field value with whitespace around it (400);
 //! 3. the inbound path in the form the app resolves ([`super::path`]): ambiguous is 400;
 //! 4. the policy in force now (inbound only), for this peer, port, method and path (403);
 //! 5. capacity: a slot of `--max-in-flight` (503).
@@ -33,8 +34,9 @@ pub struct Facts<'a> {
     pub grpc: bool,
     /// `Via` names this proxy: the request came round again.
     pub looped: bool,
-    /// The request names one valid authority (RFC 9112 3.2, RFC 9113 8.3.1).
-    pub authority_valid: bool,
+    /// Malformed though readable: no valid, unambiguous authority (RFC 9112 3.2, RFC 9113
+    /// 8.3.1), or a field value with whitespace around it (RFC 9113 8.2.1).
+    pub malformed: bool,
     /// Why the inbound path is ambiguous, when it is.
     pub ambiguous: Option<Ambiguous>,
     /// The client's connection may carry another request after a refusal: it asked for
@@ -54,7 +56,7 @@ pub fn admit(
     if facts.looped {
         return Err(refuse(ErrorKind::LoopDetected));
     }
-    if !facts.authority_valid {
+    if facts.malformed {
         return Err(refuse(ErrorKind::BadRequest));
     }
     if let Some(reason) = facts.ambiguous {

@@ -103,7 +103,7 @@ async fn respond(
         path: path.as_str(),
         grpc,
         looped: ruled.looped,
-        authority_valid: ruled.authority_valid,
+        malformed: ruled.malformed,
         ambiguous,
         // An HTTP/2 refusal ends its stream only; hyper closes an HTTP/1 connection whose
         // request body was left unread.
@@ -165,8 +165,9 @@ struct Ruled {
     request_id: HeaderValue,
     /// The request names this proxy in `Via`.
     looped: bool,
-    /// It names one valid authority ([`phases::request_host`]).
-    authority_valid: bool,
+    /// No valid authority ([`phases::request_host`]), or an HTTP/2 field value with whitespace
+    /// around it.
+    malformed: bool,
 }
 
 /// The request phase on a `HeaderMap`: loop check and `Via`, Host, hop-by-hop removal,
@@ -187,7 +188,8 @@ fn request_rules(
         parts.uri.authority().map(|a| a.as_str()),
         tunnel,
     );
-    let authority_valid = host.is_ok();
+    let malformed = host.is_err()
+        || (parts.version == Version::HTTP_2 && phases::has_padded_value(&parts.headers));
     let host = if settings.rewrite_host {
         HeaderValue::from_str(conn.upstream.as_str()).ok()
     } else {
@@ -202,6 +204,9 @@ fn request_rules(
         }
     }
     phases::remove_hop_by_hop(&mut parts.headers, upgrade);
+    if parts.version == Version::HTTP_2 {
+        phases::join_cookies(&mut parts.headers);
+    }
     let request_id = phases::add_forwarding(
         &mut parts.headers,
         conn.client.ip(),
@@ -211,7 +216,7 @@ fn request_rules(
     Ruled {
         request_id,
         looped,
-        authority_valid,
+        malformed,
     }
 }
 

@@ -212,6 +212,34 @@ pub fn request_host(
         .map_err(|_| ErrorKind::BadRequest)
 }
 
+/// Whether a field value starts or ends with whitespace: malformed in HTTP/2 (RFC 9113 8.2.1),
+/// where no parser trims it as HTTP/1's does (RFC 9112 5), so an app would see another value than
+/// the proxy judged.
+pub fn has_padded_value(headers: &HeaderMap) -> bool {
+    headers.values().any(|v| {
+        let bytes = v.as_bytes();
+        let padded = |b: Option<&u8>| matches!(b, Some(b' ' | b'\t'));
+        padded(bytes.first()) || padded(bytes.last())
+    })
+}
+
+/// Joins the `cookie` fields of an HTTP/2 request into one with "; " (RFC 9113 8.2.3): HTTP/2
+/// lets a client split cookies into fields, an HTTP/1.1 app expects one `Cookie` line.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    let mut cookies = headers.get_all(header::COOKIE).iter();
+    if cookies.next().is_none() || cookies.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(value) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, value);
+    }
+}
+
 /// Whether the request asks to switch protocols (WebSocket and others): `Connection: upgrade`
 /// together with an `Upgrade` field.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {

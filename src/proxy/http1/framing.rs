@@ -54,6 +54,9 @@ pub struct RequestPlan {
     /// Our own `Via` pseudonym is already in the request: it went round in a loop (the driver
     /// answers 508).
     pub looped: bool,
+    /// One valid Host (RFC 9112 3.2; HTTP/1.0 may omit it): else the driver answers 400, with the
+    /// request's method, path and id in its record.
+    pub authority_valid: bool,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -541,10 +544,6 @@ fn plan_parsed_request(
     };
     let mut fields = scan_request_fields(req.headers, rw.via, http11)?;
     fields.hyper |= connect || !http11;
-    // RFC 9112 3.2: an HTTP/1.1 request without Host is 400.
-    if http11 && fields.hosts == 0 {
-        return Err(Invalid);
-    }
     let framing = request_framing(&fields, http11)?;
     // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade (other than h2c) and Expect: the hyper path's.
     let Some(mut target) = target.filter(|_| !fields.hyper) else {
@@ -580,6 +579,8 @@ fn plan_parsed_request(
         ambiguous,
         // RFC 9110 7.6.3: our own pseudonym as a recipient means the request came round again.
         looped: fields.looped && !rw.via.is_empty(),
+        // RFC 9112 3.2: exactly one valid Host in an HTTP/1.1 request.
+        authority_valid: !fields.bad_host && (fields.hosts == 1 || !http11),
     })
 }
 
@@ -589,6 +590,8 @@ struct RequestFields {
     content_length: Option<u64>,
     codings: Codings,
     hosts: usize,
+    /// A Host field that is not a valid authority.
+    bad_host: bool,
     keep_alive: bool,
     /// `Connection` names fields other than `close` and `keep-alive`.
     options: bool,
@@ -628,11 +631,9 @@ fn scan_request_fields(
             }
             Field::TransferEncoding => f.codings.add(h.value),
             Field::Host => {
-                // RFC 9112 3.2: one Host, with a valid value.
+                // RFC 9112 3.2: one Host, with a valid value (judged by the driver).
                 f.hosts += 1;
-                if f.hosts > 1 || !phases::valid_host(h.value, false) {
-                    return Err(Invalid);
-                }
+                f.bad_host |= !phases::valid_host(h.value, false);
             }
             Field::Connection => {
                 f.keep_alive &= !says_close(h.value);
@@ -1263,8 +1264,10 @@ mod tests {
             let (p, _) = plan(&format!("GET / HTTP/1.1\r\nHost: {host}\r\n\r\n"));
             assert_eq!(p.path, "/", "{host}");
         }
-        assert_invalid(&[
+        // Read whole, then refused by the driver (400, with the request's record).
+        for input in [
             "GET / HTTP/1.1\r\n\r\n",
+            "GET http://x/p HTTP/1.1\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\r\nHost: a\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a b\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a\tb\r\n\r\n",
@@ -1277,8 +1280,11 @@ mod tests {
             "GET / HTTP/1.1\r\nHost: [::1]x\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a%2\r\n\r\n",
             "GET / HTTP/1.1\r\nHost: a%20b\r\n\r\n",
-            "GET http://x%807/ HTTP/1.1\r\nHost: x\r\n\r\n",
-        ]);
+        ] {
+            let (p, _) = plan(input);
+            assert!(!p.authority_valid, "{input:?}");
+        }
+        assert_invalid(&["GET http://x%807/ HTTP/1.1\r\nHost: x\r\n\r\n"]);
         let mut raw = b"GET / HTTP/1.1\r\nHost: a\x01b\r\n\r\n".to_vec();
         assert_eq!(
             plan_request(&mut raw, &rewrite(), &mut Vec::new()).err(),
@@ -1321,7 +1327,6 @@ mod tests {
             "GET http:/x/p HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET http:///p HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET http://u@x/p HTTP/1.1\r\nHost: x\r\n\r\n",
-            "GET http://x/p HTTP/1.1\r\n\r\n",
             "GET * HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET x/p HTTP/1.1\r\nHost: x\r\n\r\n",
             "GET http://x/p#f HTTP/1.1\r\nHost: x\r\n\r\n",

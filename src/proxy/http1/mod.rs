@@ -308,8 +308,7 @@ impl Connection {
             path: exchange.path(),
             grpc: plan.grpc,
             looped: plan.looped,
-            // The parser refused any other authority (400 before a plan is made).
-            authority_valid: true,
+            malformed: !plan.authority_valid,
             ambiguous: plan.ambiguous,
             reusable: inline_body == Some(0) && plan.keep_alive,
         };
