@@ -787,3 +787,158 @@ async fn an_h2c_upgrade_never_lets_later_requests_skip_the_policy() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// One retry rule on every path
+
+/// A client connection on one of the paths, carrying requests one after the other.
+enum Client {
+    Http1(RawClient, bool),
+    Http2(hyper::client::conn::http2::SendRequest<http_body_util::Full<bytes::Bytes>>),
+}
+
+impl Client {
+    async fn open(proxy: std::net::SocketAddr, transport: Transport) -> Client {
+        match transport {
+            Transport::FastPath => Client::Http1(RawClient::connect(proxy).await, false),
+            Transport::HyperHttp1 => Client::Http1(RawClient::connect(proxy).await, true),
+            Transport::Http2 => {
+                let tcp = tokio::net::TcpStream::connect(proxy)
+                    .await
+                    .expect("connect");
+                let (sender, conn) = hyper::client::conn::http2::handshake(
+                    hyper_util::rt::TokioExecutor::new(),
+                    hyper_util::rt::TokioIo::new(tcp),
+                )
+                .await
+                .expect("an HTTP/2 connection");
+                tokio::spawn(conn);
+                Client::Http2(sender)
+            }
+        }
+    }
+
+    /// `method target` with `id` as its X-Request-Id and `body` (empty: none); the status.
+    async fn send(&mut self, method: &str, target: &str, id: &str, body: &str) -> u16 {
+        match self {
+            Client::Http1(raw, expect) => {
+                let mut head = format!(
+                    "{method} {target} HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: {id}\r\n"
+                );
+                if *expect {
+                    head.push_str("Expect: 100-continue\r\n");
+                }
+                if !body.is_empty() {
+                    head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                }
+                head.push_str("\r\n");
+                head.push_str(body);
+                let mut response = raw.exchange(head.as_bytes()).await;
+                while response.status() == 100 {
+                    response = raw.response().await.expect("the final response");
+                }
+                response.status()
+            }
+            Client::Http2(sender) => {
+                use http_body_util::BodyExt;
+                let request = http::Request::builder()
+                    .method(method)
+                    .uri(format!("http://app.test{target}"))
+                    .header("x-request-id", id)
+                    .body(http_body_util::Full::new(bytes::Bytes::from(
+                        body.to_owned(),
+                    )))
+                    .expect("a request");
+                let response = bounded("an HTTP/2 response", WAIT, sender.send_request(request))
+                    .await
+                    .expect("a response");
+                let status = response.status().as_u16();
+                let _ = bounded("the body", WAIT, response.into_body().collect()).await;
+                status
+            }
+        }
+    }
+}
+
+/// The app answers the first request of each connection and closes any later one without an
+/// answer (the keep-alive race, every time); `/fresh-fail` it closes always.
+fn closes_reused_connections(r: &Received) -> Vec<Step> {
+    if r.nth >= 2 || r.message.target().starts_with("/fresh-fail") {
+        vec![Step::Close]
+    } else {
+        app_answer(r)
+    }
+}
+
+/// The same requests retry on the fast path, hyper's HTTP/1.1 and HTTP/2, by one rule
+/// (`driver::may_retry`): once, on a fresh connection, only after a reused connection failed
+/// without a byte of response, and only an idempotent request without a body. Judged from what the
+/// app saw: each attempt's place on its connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_same_requests_retry_on_every_path() {
+    bounded("test", TEST_TIMEOUT, async {
+        let cases = [
+            ("GET", "/public/get", "", true),
+            ("DELETE", "/public/delete", "", true),
+            ("POST", "/public/post", "", false),
+            ("PUT", "/public/put-with-body", "hi", false),
+            ("GET", "/fresh-fail", "", true),
+        ];
+        for transport in TRANSPORTS {
+            let app = RecordingApp::start(closes_reused_connections).await;
+            let (proxy, _shared) = data_plane(app.addr).await;
+            // The data plane's first request goes on a fresh connection: its failure is the app's
+            // answer, never retried.
+            let mut client = Client::open(proxy, transport).await;
+            let status = client.send("GET", "/fresh-fail", "first", "").await;
+            let attempts = app.requests().len();
+            assert_eq!(
+                (status, attempts),
+                (502, 1),
+                "{transport:?}: a fresh connection's failure"
+            );
+            for (n, (method, target, body, retried_when_reused)) in cases.iter().enumerate() {
+                let what = format!("{method} {target} ({transport:?})");
+                let mut client = Client::open(proxy, transport).await;
+                // The first request opens an app connection, which the next one may reuse.
+                let warm = format!("warm-{n}-{transport:?}");
+                assert_eq!(
+                    client.send("GET", "/public/warm", &warm, "").await,
+                    200,
+                    "{what}"
+                );
+                let id = format!("retry-{n}-{transport:?}");
+                let status = client.send(method, target, &id, body).await;
+                let attempts: Vec<(usize, usize)> = app
+                    .requests()
+                    .iter()
+                    .filter(|r| r.message.header("x-request-id") == Some(id.as_str()))
+                    .map(|r| (r.connection, r.nth))
+                    .collect();
+                assert!(!attempts.is_empty(), "{what}: the app never saw it");
+                let first_reused = attempts[0].1 >= 2;
+                if transport == Transport::FastPath {
+                    // The fast path keeps its app connection for the client's next request.
+                    assert!(first_reused, "{what}: {attempts:?}");
+                }
+                let want_attempts = if first_reused && *retried_when_reused {
+                    2
+                } else {
+                    1
+                };
+                assert_eq!(attempts.len(), want_attempts, "{what}: {attempts:?}");
+                if want_attempts == 2 {
+                    assert_eq!(
+                        attempts[1].1, 1,
+                        "{what}: not retried on a fresh connection: {attempts:?}"
+                    );
+                }
+                let answered = attempts.last().is_some_and(|&(_, nth)| nth == 1)
+                    && !target.starts_with("/fresh-fail");
+                let want = if answered { 200 } else { 502 };
+                assert_eq!(status, want, "{what}: {attempts:?}");
+            }
+        }
+    })
+    .await;
+}
