@@ -4,7 +4,7 @@
 # Usage: run.sh [DURATION_S] [CONNECTIONS]
 #   AMAZING_CMD: command line that starts amazing-proxy listening on 127.0.0.1:18000 and
 #                forwarding to 127.0.0.1:18080; default: the release build with one worker and its
-#                JSON access log on (written to /tmp/peerbench/amazing-access.log), as in the README.
+#                JSON access log on (written to /tmp/peerbench/amazing-access.log), as in docs/benchmarks.md.
 #   ONLY: space-separated subset of "direct amazing envoy nginx haproxy".
 #   UPSTREAM_CMD: another app on 127.0.0.1:18080 instead of the fixed-answer nginx (e.g. gunicorn httpbin:app).
 #   PATHQ: request path (default /get?query=param). RAW_DIR: keep each wrk output there.
