@@ -174,8 +174,8 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub connect_timeout: Duration,
 
-    /// Time allowed for the app to start its response, counted from the end of the request body
-    /// (504 when exceeded; Envoy's route timeout default).
+    /// Time allowed for the app to start its response, counted for each attempt from the moment
+    /// the request is written whole (504 when exceeded; Envoy's route timeout default).
     #[arg(long, env = "AMAZING_PROXY_RESPONSE_TIMEOUT", default_value = "15s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub response_timeout: Duration,
 
