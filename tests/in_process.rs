@@ -942,3 +942,91 @@ async fn the_same_requests_retry_on_every_path() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Extended CONNECT (RFC 8441) towards an HTTP/1.1 app
+
+/// An HTTP/1.1 app that accepts a WebSocket handshake, greets, and then waits.
+fn accepts_websockets(r: &Received) -> Vec<Step> {
+    if r.message.header("upgrade") == Some("websocket") {
+        vec![
+            Step::Write(
+                b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\nhello"
+                    .to_vec(),
+            ),
+            Step::Hang,
+        ]
+    } else {
+        app_answer(r)
+    }
+}
+
+/// A WebSocket opened over HTTP/2 reaches an HTTP/1.1 app as RFC 6455's handshake (a GET with
+/// `Upgrade: websocket` and a key of the proxy's), the app's 101 reaches the client as the 200
+/// RFC 8441 asks for, and bytes flow; a `:protocol` with no HTTP/1.1 form is refused (400) and
+/// never reaches the app (on 019271f it went as a bare CONNECT).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_reaches_an_http1_app_as_a_websocket_handshake() {
+    use tokio::io::AsyncReadExt;
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(accepts_websockets).await;
+        let (proxy, _shared) = data_plane(app.addr).await;
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        let connect = |protocol: &'static str| {
+            let mut request = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("http://app.test/public/ws")
+                .header("sec-websocket-version", "13")
+                .body(http_body_util::Empty::<bytes::Bytes>::new())
+                .expect("a request");
+            request
+                .extensions_mut()
+                .insert(hyper::ext::Protocol::from_static(protocol));
+            request
+        };
+
+        let refused = bounded(
+            "a refusal",
+            WAIT,
+            sender.send_request(connect("connect-udp")),
+        )
+        .await
+        .expect("a response");
+        assert_eq!(refused.status(), 400);
+        assert!(app.requests().is_empty(), "{:?}", app.requests());
+
+        let mut response = bounded("the 200", WAIT, sender.send_request(connect("websocket")))
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.headers().get("sec-websocket-accept"), None);
+        assert_eq!(response.headers().get("upgrade"), None);
+        let at_app = app.requests().remove(0).message;
+        let head = &at_app.head;
+        assert!(head.starts_with("GET /public/ws HTTP/1.1\r\n"), "{head}");
+        assert_eq!(at_app.header("upgrade"), Some("websocket"), "{head}");
+        assert_eq!(at_app.header("connection"), Some("upgrade"), "{head}");
+        assert_eq!(at_app.header("sec-websocket-version"), Some("13"), "{head}");
+        let key = at_app.header("sec-websocket-key").unwrap_or_default();
+        assert_eq!(key.len(), 24, "a base64 16-byte key: {head}");
+        let upgraded = bounded("the tunnel", WAIT, hyper::upgrade::on(&mut response))
+            .await
+            .expect("the stream turns into a tunnel");
+        let mut tunnel = hyper_util::rt::TokioIo::new(upgraded);
+        let mut greeting = [0u8; 5];
+        bounded("the app's bytes", WAIT, tunnel.read_exact(&mut greeting))
+            .await
+            .expect("read");
+        assert_eq!(&greeting, b"hello");
+    })
+    .await;
+}

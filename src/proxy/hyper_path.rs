@@ -72,6 +72,17 @@ async fn respond(
             .map(HeaderValue::as_bytes),
     );
     let ruled = request_rules(&shared, &conn, &mut parts, upgrade);
+    let use_http2 = upstream_http2(&shared, &conn, parts.version);
+    // RFC 8441 to an HTTP/1.1 app: only WebSocket has an HTTP/1.1 form (a GET with `Upgrade`).
+    let websocket_over_http1 = extended_connect && !use_http2;
+    let unsupported = websocket_over_http1
+        && !parts
+            .extensions
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if unsupported {
+        tracing::debug!("extended CONNECT refused: no HTTP/1.1 form for its :protocol");
+    }
     let raw_path = parts
         .uri
         .path_and_query()
@@ -103,7 +114,7 @@ async fn respond(
         path: path.as_str(),
         grpc,
         looped: ruled.looped,
-        malformed: ruled.malformed,
+        malformed: ruled.malformed || unsupported,
         ambiguous,
         // An HTTP/2 refusal ends its stream only; hyper closes an HTTP/1 connection whose
         // request body was left unread.
@@ -113,7 +124,11 @@ async fn respond(
         Ok(in_flight) => in_flight,
         Err(refusal) => return synthetic_response(refusal, exchange),
     };
-    let use_http2 = choose_upstream(&shared, &conn, &mut parts, path);
+    if websocket_over_http1 {
+        phases::websocket_handshake_for_http1(&mut parts.method, &mut parts.headers);
+        parts.extensions.remove::<hyper::ext::Protocol>();
+    }
+    point_at_upstream(&conn, &mut parts, path, use_http2);
     let settings = &shared.settings;
     let upstream_req = Request::from_parts(
         parts,
@@ -127,8 +142,14 @@ async fn respond(
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
-    let tunnel_open = switching || (extended_connect && response.status().is_success());
-    phases::prepare_response(response.headers_mut(), switching);
+    let tunnel_open =
+        switching || (extended_connect && !websocket_over_http1 && response.status().is_success());
+    phases::prepare_response(response.headers_mut(), switching && !websocket_over_http1);
+    if websocket_over_http1 && switching {
+        let mut status = response.status();
+        phases::websocket_accepted_for_http2(&mut status, response.headers_mut());
+        *response.status_mut() = status;
+    }
     exchange.status = response.status().as_u16();
     exchange.read_grpc_status(response.headers());
     if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
@@ -220,15 +241,19 @@ fn request_rules(
     }
 }
 
-/// Points the request at the upstream; returns whether it goes over HTTP/2.
-fn choose_upstream(
-    shared: &Shared,
+/// Whether the request goes to the upstream over HTTP/2.
+fn upstream_http2(shared: &Shared, conn: &ConnContext, client_version: Version) -> bool {
+    conn.upstream_http2
+        || (shared.settings.app_protocol == AppProtocol::Auto && client_version == Version::HTTP_2)
+}
+
+/// Points the request at the upstream, in the HTTP version it goes in.
+fn point_at_upstream(
     conn: &ConnContext,
     parts: &mut http::request::Parts,
     path: PathAndQuery,
-) -> bool {
-    let use_http2 = conn.upstream_http2
-        || (shared.settings.app_protocol == AppProtocol::Auto && parts.version == Version::HTTP_2);
+    use_http2: bool,
+) {
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(conn.upstream.clone());
@@ -242,7 +267,6 @@ fn choose_upstream(
     } else {
         Version::HTTP_11
     };
-    use_http2
 }
 
 /// Sends the request, and once more on a fresh connection when the retry rule allows it.

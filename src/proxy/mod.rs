@@ -321,7 +321,7 @@ fn server_builders(
         // An idle HTTP/2 client is pinged, and dropped when it stops answering.
         .keep_alive_interval(Some(timeouts.idle))
         .keep_alive_timeout(timeouts.header)
-        // Extended CONNECT (RFC 8441: WebSocket over HTTP/2), forwarded to apps that support it.
+        // Extended CONNECT (RFC 8441: WebSocket over HTTP/2); an HTTP/1.1 app gets the WebSocket handshake.
         .enable_connect_protocol();
     (http1, http2)
 }

@@ -240,6 +240,27 @@ pub fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// RFC 8441 5 towards an HTTP/1.1 app: a WebSocket extended `CONNECT` becomes RFC 6455's opening
+/// handshake, a `GET` with `Upgrade: websocket` and a `Sec-WebSocket-Key` of the proxy's (HTTP/2
+/// carries none); `Sec-WebSocket-Version` and the rest go as the client sent them.
+pub fn websocket_handshake_for_http1(method: &mut http::Method, headers: &mut HeaderMap) {
+    use base64::Engine;
+    *method = http::Method::GET;
+    headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    let key = base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_le_bytes());
+    if let Ok(key) = HeaderValue::from_str(&key) {
+        headers.insert(header::SEC_WEBSOCKET_KEY, key);
+    }
+}
+
+/// The HTTP/1.1 app's `101` to that handshake, as the `200` an HTTP/2 client expects (RFC 8441 5):
+/// the handshake's own fields stay on the app's side.
+pub fn websocket_accepted_for_http2(status: &mut StatusCode, headers: &mut HeaderMap) {
+    *status = StatusCode::OK;
+    headers.remove(header::SEC_WEBSOCKET_ACCEPT);
+}
+
 /// Whether the request asks to switch protocols (WebSocket and others): `Connection: upgrade`
 /// together with an `Upgrade` field.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
