@@ -83,21 +83,7 @@ async fn respond(
     if unsupported {
         tracing::debug!("extended CONNECT refused: no HTTP/1.1 form for its :protocol");
     }
-    let raw_path = parts
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    // Inbound paths are judged, logged and forwarded in the form the app resolves (an authority-
-    // form CONNECT has none); outbound ones go as the app wrote them.
-    let normal = match parts.uri.path_and_query() {
-        Some(raw) if conn.direction == Direction::Inbound => normal_path(raw),
-        _ => Ok(None),
-    };
-    let (path, ambiguous) = match normal {
-        Ok(normal) => (normal.unwrap_or(raw_path), None),
-        Err(reason) => (raw_path, Some(reason)),
-    };
+    let (path, ambiguous) = judged_path(&conn, &parts.uri);
     let has_body = !body.is_end_stream();
     let progress = has_body.then(Arc::<RequestProgress>::default);
     let mut exchange = Exchange::new(
@@ -168,6 +154,24 @@ async fn respond(
     let response_body_timeout = settings.timeouts.response_body;
     response
         .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout))
+}
+
+/// The path a request is judged, logged and forwarded with: inbound, in the form the app resolves
+/// (an authority-form CONNECT has none), with why it is ambiguous when it is; outbound, as the app
+/// wrote it.
+fn judged_path(conn: &ConnContext, uri: &Uri) -> (PathAndQuery, Option<Ambiguous>) {
+    let raw = uri
+        .path_and_query()
+        .cloned()
+        .unwrap_or_else(|| PathAndQuery::from_static("/"));
+    let normal = match uri.path_and_query() {
+        Some(raw) if conn.direction == Direction::Inbound => normal_path(raw),
+        _ => Ok(None),
+    };
+    match normal {
+        Ok(normal) => (normal.unwrap_or(raw), None),
+        Err(reason) => (raw, Some(reason)),
+    }
 }
 
 /// The path in the form the app resolves (`None`: as it came), or 400 when it is ambiguous.
