@@ -1030,3 +1030,41 @@ async fn extended_connect_reaches_an_http1_app_as_a_websocket_handshake() {
     })
     .await;
 }
+
+/// An upgraded connection that the client resets is logged as the client's failure
+/// (`tcp_client_reset`), as opaque TCP is; on 019271f every failure of an upgraded connection was
+/// `tcp_io`, the app's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tunnel_reset_by_its_client_is_the_clients_failure() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded("test", TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let app = RecordingApp::start(accepts_websockets).await;
+        let (proxy, log, _) = judged_plane(app.addr, 0, dir.path()).await;
+        let mut client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        client
+            .write_all(b"GET /public/ws HTTP/1.1\r\nHost: app.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Request-Id: reset-tunnel\r\n\r\n")
+            .await
+            .expect("write");
+        let mut seen = Vec::new();
+        bounded("the 101 and the app's bytes", WAIT, async {
+            let mut buf = [0u8; 1024];
+            while !seen.ends_with(b"hello") {
+                let n = client.read(&mut buf).await.expect("read");
+                assert!(n > 0, "closed: {}", String::from_utf8_lossy(&seen));
+                seen.extend_from_slice(&buf[..n]);
+            }
+        })
+        .await;
+        assert!(seen.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&seen));
+        // A reset, not a close: SO_LINGER 0.
+        client.set_zero_linger().expect("linger");
+        drop(client);
+        let record = log.record(|r| r["request_id"] == "reset-tunnel").await;
+        assert_eq!(record["error"], "tcp_client_reset", "{record}");
+        assert_eq!(record["status"], 101, "{record}");
+    })
+    .await;
+}

@@ -393,6 +393,7 @@ async fn tunnel(
     let mut client = Counted::new(&mut downstream);
     let result = relay_upgraded(&mut client, &mut upstream).await;
     let (from_client, from_app) = (client.read, client.written);
+    let failure = client.failure();
     // The tunnel's bytes are opaque: counted with the TCP bytes too.
     let metrics = exchange
         .conn()
@@ -407,7 +408,7 @@ async fn tunnel(
         Ok(()) => exchange.finish(None),
         Err(e) => {
             tracing::debug!("upgraded connection ended: {e}");
-            exchange.finish(Some(ErrorKind::TcpIo));
+            exchange.finish(Some(failure));
         }
     }
 }

@@ -231,7 +231,7 @@ where
     let result = tokio::io::copy_bidirectional_with_sizes(&mut a, b, buffer, buffer).await;
     let result = result.map(|_| ()).map_err(|e| {
         tracing::debug!("opaque connection ended: {e}");
-        ErrorKind::TcpIo
+        a.failure()
     });
     (result, a.read, a.written)
 }
@@ -244,6 +244,8 @@ pub(crate) struct Counted<'a, S> {
     pub(crate) read: u64,
     pub(crate) written: u64,
     clock: Option<&'a IdleClock>,
+    /// A read or write on the client side failed (a reset, most often).
+    client_failed: bool,
 }
 
 impl<'a, S> Counted<'a, S> {
@@ -253,6 +255,16 @@ impl<'a, S> Counted<'a, S> {
             read: 0,
             written: 0,
             clock: None,
+            client_failed: false,
+        }
+    }
+
+    /// What a failed relay is logged as: the side whose I/O failed (as the splice path does).
+    pub(crate) fn failure(&self) -> ErrorKind {
+        if self.client_failed {
+            ErrorKind::TcpClientReset
+        } else {
+            ErrorKind::TcpIo
         }
     }
 }
@@ -265,6 +277,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<'_, S> {
     ) -> Poll<std::io::Result<()>> {
         let before = buf.filled().len();
         let poll = Pin::new(&mut *self.inner).poll_read(cx, buf);
+        self.client_failed |= matches!(poll, Poll::Ready(Err(_)));
         let read = (buf.filled().len() - before) as u64;
         if read > 0 {
             self.read += read;
@@ -283,6 +296,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<'_, S> {
         data: &[u8],
     ) -> Poll<std::io::Result<usize>> {
         let poll = Pin::new(&mut *self.inner).poll_write(cx, data);
+        self.client_failed |= matches!(poll, Poll::Ready(Err(_)));
         if let Poll::Ready(Ok(n)) = poll {
             self.written += n as u64;
             if let Some(clock) = self.clock {
