@@ -180,7 +180,7 @@ pub struct RunArgs {
     pub response_timeout: Duration,
 
     /// Time allowed for a whole request head, from its first byte (408, then close; nginx's
-    /// client_header_timeout, hyper's header_read_timeout).
+    /// client_header_timeout).
     #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, allow_hyphen_values = true)]
     pub header_timeout: Duration,
 

@@ -15,7 +15,7 @@ use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
 use support::in_process::{Captured, run_args};
-use support::raw::{Message, RawClient, Received, RecordingApp, Step};
+use support::raw::{End, Message, RawClient, Received, RecordingApp, Step};
 use support::{TEST_TIMEOUT, WAIT, bounded};
 use tokio::net::TcpListener;
 
@@ -1065,6 +1065,69 @@ async fn a_tunnel_reset_by_its_client_is_the_clients_failure() {
         let record = log.record(|r| r["request_id"] == "reset-tunnel").await;
         assert_eq!(record["error"], "tcp_client_reset", "{record}");
         assert_eq!(record["status"], 101, "{record}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// One meaning for each timeout flag
+
+/// A data plane with `flags` added, its address and its access log.
+async fn plane_with(app: std::net::SocketAddr, flags: &[&str]) -> (std::net::SocketAddr, Captured) {
+    let mut args = vec![
+        "--app",
+        &app.to_string(),
+        "--proxy-mark",
+        "0",
+        "--access-log",
+        "json",
+    ]
+    .into_iter()
+    .map(str::to_owned)
+    .collect::<Vec<_>>();
+    args.extend(flags.iter().map(|f| (*f).to_owned()));
+    let args = run_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    let log = Captured::default();
+    let shared = Shared::new(&args, Box::new(log.clone()));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());
+    (addr, log)
+}
+
+/// On a connection the hyper path serves (after an `Expect` hand-over) `--idle-timeout` bounds
+/// the wait between requests and `--header-timeout` a head from its first byte, as on the fast
+/// path: a keep-alive connection idle longer than the head timeout still takes a request (on
+/// 019271f hyper's head timer closed it), and a head that trickles is cut and logged as 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hyper_path_bounds_idle_and_heads_as_the_fast_path_does() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(app_answer).await;
+        let (proxy, log) =
+            plane_with(app.addr, &["--header-timeout", "1s", "--idle-timeout", "30s"]).await;
+        let mut client = RawClient::connect(proxy).await;
+        let mut first = client
+            .exchange(b"POST /a HTTP/1.1\r\nHost: app.test\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nhi")
+            .await;
+        while first.status() == 100 {
+            first = client.response().await.expect("the final response");
+        }
+        assert_eq!(first.status(), 200);
+        // Idle for longer than --header-timeout, well within --idle-timeout.
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        let second = client
+            .exchange(b"GET /b HTTP/1.1\r\nHost: app.test\r\n\r\n")
+            .await;
+        assert_eq!(second.status(), 200, "{}", second.head);
+
+        // A head that starts and never ends, on the same connection.
+        client.send(b"GET /d HTTP/1.1\r\nHost: app").await;
+        let (rest, end) = client.rest(WAIT).await;
+        assert!(matches!(end, End::Closed), "{}", String::from_utf8_lossy(&rest));
+        let record = log
+            .record(|r| r["error"] == "request_timeout")
+            .await;
+        assert_eq!(record["status"], 408, "{record}");
     })
     .await;
 }

@@ -8,9 +8,13 @@
 //! service out, whatever `--max-connections` is.
 
 use crate::sync::lock;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -115,6 +119,8 @@ struct OpenState {
     count: usize,
     /// When the last request ended (or the connection opened).
     idle_since: tokio::time::Instant,
+    /// When the first byte of a head arrived while no request was open (HTTP/1 on hyper).
+    head_since: Option<tokio::time::Instant>,
 }
 
 impl OpenRequests {
@@ -127,6 +133,7 @@ impl OpenRequests {
             state: Mutex::new(OpenState {
                 count: 0,
                 idle_since: tokio::time::Instant::now(),
+                head_since: None,
             }),
         })
     }
@@ -135,10 +142,37 @@ impl OpenRequests {
     pub fn start(self: &Arc<Self>) -> RequestMark {
         let mut state = lock(&self.state);
         state.count += 1;
+        state.head_since = None;
         if state.count == 1 {
             self.slot.set(Activity::Busy);
         }
         RequestMark(self.clone())
+    }
+
+    /// Bytes came from the client: with no request open, they begin a head, whose time runs from
+    /// now ([`OpenRequests::head_overdue`]).
+    pub fn bytes_arrived(&self) {
+        let mut state = lock(&self.state);
+        if state.count == 0 && state.head_since.is_none() {
+            state.head_since = Some(tokio::time::Instant::now());
+        }
+    }
+
+    /// Resolves, with when the head began, once a head has been arriving for `timeout` without
+    /// becoming a request: `--header-timeout` from a head's first byte, as on the fast path, while
+    /// an idle keep-alive connection waits for `--idle-timeout` ([`OpenRequests::idle_for`]).
+    pub async fn head_overdue(&self, timeout: std::time::Duration) -> tokio::time::Instant {
+        loop {
+            let head_since = lock(&self.state).head_since;
+            let check = match head_since {
+                Some(since) if since + timeout <= tokio::time::Instant::now() => return since,
+                Some(since) => since + timeout,
+                // No head arriving: look again in a while (a head that starts meanwhile is
+                // caught at most `timeout` late, so never given more than twice its bound).
+                None => tokio::time::Instant::now() + timeout,
+            };
+            tokio::time::sleep_until(check).await;
+        }
     }
 
     /// Resolves once the connection has had no open request for `timeout`. Looks at most once
@@ -158,6 +192,61 @@ impl OpenRequests {
                 state.idle_since + timeout
             };
         }
+    }
+}
+
+/// A client connection's reads, noted on its [`OpenRequests`] (`None`: not noted, HTTP/2).
+pub struct NoteReads<I> {
+    inner: I,
+    open: Option<Arc<OpenRequests>>,
+}
+
+impl<I> NoteReads<I> {
+    pub fn new(inner: I, open: Option<Arc<OpenRequests>>) -> Self {
+        NoteReads { inner, open }
+    }
+}
+
+impl<I: AsyncRead + Unpin> AsyncRead for NoteReads<I> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if buf.filled().len() > before
+            && let Some(open) = &self.open
+        {
+            open.bytes_arrived();
+        }
+        poll
+    }
+}
+
+impl<I: AsyncWrite + Unpin> AsyncWrite for NoteReads<I> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

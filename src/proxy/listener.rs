@@ -24,7 +24,7 @@ use super::exchange::{ConnContext, Exchange};
 use super::hbone;
 use super::http1;
 use super::hyper_path;
-use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
+use super::limits::{Activity, ConnectionGuard, NoteReads, OpenRequests, Slot};
 use super::phases::Synthetic;
 use super::rewind::Rewind;
 use super::tcp;
@@ -652,6 +652,9 @@ async fn serve_hyper<I>(
         let (shared, ctx, open) = (shared.clone(), ctx.clone(), open.clone());
         service_fn(move |req| hyper_path::handle(shared.clone(), ctx.clone(), req, open.start()))
     };
+    // HTTP/1: a head is bounded from its first byte (--header-timeout), an idle connection by
+    // --idle-timeout, as on the fast path.
+    let io = NoteReads::new(io, (!http2).then(|| open.clone()));
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let slot: &Slot = guard.slot();
@@ -666,8 +669,16 @@ async fn serve_hyper<I>(
             conn.as_mut().graceful_shutdown();
             slot.unless_shed(conn).await
         }
-        // hyper closes an idle HTTP/1 connection itself (its head timeout); an HTTP/2 client
-        // that only answers PINGs would otherwise hold its connection for good.
+        since = open.head_overdue(shared.settings.timeouts.header), if !http2 => {
+            // Closed without an answer, as nginx does at client_header_timeout; logged as 408.
+            tracing::debug!(client = %ctx.client, "no whole head within --header-timeout: closing");
+            let started = since.into_std();
+            Exchange::unparsed(ctx.clone(), started, http::Version::HTTP_11)
+                .finish_with_error(ErrorKind::RequestTimeout);
+            return;
+        }
+        // Idle HTTP/1 keep-alive, and an HTTP/2 client that only answers PINGs, which would
+        // otherwise hold its connection for good.
         () = open.idle_for(shared.settings.timeouts.idle) => {
             tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();

@@ -307,8 +307,9 @@ fn server_builders(
     http1
         .http1()
         .timer(TokioTimer::new())
-        // hyper's head timer also runs while a keep-alive connection waits for its next request.
-        .header_read_timeout(timeouts.header)
+        // hyper's head timer would also run while a keep-alive connection waits for its next
+        // request: the listener bounds heads from their first byte instead (`head_overdue`).
+        .header_read_timeout(None)
         .preserve_header_case(keep_case)
         .title_case_headers(keep_case)
         .max_headers(max_fields(args.max_header_bytes as usize))
