@@ -1131,3 +1131,41 @@ async fn the_hyper_path_bounds_idle_and_heads_as_the_fast_path_does() {
     })
     .await;
 }
+
+/// A client that opens its flow-control window at zero and never reads holds a response (and the
+/// app connection behind it) no longer than twice `--response-body-timeout`: then its
+/// connection is closed, as nginx's send_timeout does (on 019271f it held them for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_lets_go_of_its_response() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = support::http::TestApp::start().await;
+        let (proxy, log) = plane_with(app.addr, &["--response-body-timeout", "1s"]).await;
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect");
+        let (mut sender, conn) =
+            hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                .initial_stream_window_size(0)
+                .initial_connection_window_size(65_535)
+                .handshake::<_, http_body_util::Empty<bytes::Bytes>>(hyper_util::rt::TokioIo::new(
+                    tcp,
+                ))
+                .await
+                .expect("an HTTP/2 connection");
+        let connection = tokio::spawn(conn);
+        let request = http::Request::get("http://app.test/stream?bytes=4194304")
+            .header("x-request-id", "never-reads")
+            .body(http_body_util::Empty::new())
+            .expect("a request");
+        let response = bounded("the head", WAIT, sender.send_request(request))
+            .await
+            .expect("a response head");
+        assert_eq!(response.status(), 200);
+        // The body is never read; the proxy closes the connection.
+        let _ = bounded("the proxy closing the connection", WAIT, connection).await;
+        let record = log.record(|r| r["request_id"] == "never-reads").await;
+        assert_eq!(record["error"], "client_disconnected", "{record}");
+        drop(response);
+    })
+    .await;
+}

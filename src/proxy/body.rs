@@ -216,6 +216,9 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(open) = &this.open {
+            open.touch();
+        }
         let frame = match &mut this.source {
             Source::Upstream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
                 Poll::Ready(frame) => {

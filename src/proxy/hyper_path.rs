@@ -45,7 +45,11 @@ pub async fn handle(
     let mut open = Some(open);
     let response = respond(shared, conn, req, &mut open).await;
     Ok(match open {
-        Some(open) => response.map(|body| body.holding(open)),
+        Some(open) => {
+            // The response is handed to the client from now: its progress is watched.
+            open.touch();
+            response.map(|body| body.holding(open))
+        }
         None => response,
     })
 }

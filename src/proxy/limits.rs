@@ -113,6 +113,8 @@ pub struct OpenRequests {
     /// Under one lock with the slot's activity: HTTP/2 streams start and end on different threads,
     /// and a stream ending as another starts must not leave the slot idle with a request open.
     state: Mutex<OpenState>,
+    /// Where the marks' progress clocks count from.
+    epoch: tokio::time::Instant,
 }
 
 struct OpenState {
@@ -121,6 +123,9 @@ struct OpenState {
     idle_since: tokio::time::Instant,
     /// When the first byte of a head arrived while no request was open (HTTP/1 on hyper).
     head_since: Option<tokio::time::Instant>,
+    /// The open requests' response progress, by mark id ([`RequestMark::touch`]).
+    responses: HashMap<u64, Arc<AtomicU64>>,
+    next_mark: u64,
 }
 
 impl OpenRequests {
@@ -134,7 +139,10 @@ impl OpenRequests {
                 count: 0,
                 idle_since: tokio::time::Instant::now(),
                 head_since: None,
+                responses: HashMap::new(),
+                next_mark: 0,
             }),
+            epoch: tokio::time::Instant::now(),
         })
     }
 
@@ -146,7 +154,39 @@ impl OpenRequests {
         if state.count == 1 {
             self.slot.set(Activity::Busy);
         }
-        RequestMark(self.clone())
+        let id = state.next_mark;
+        state.next_mark += 1;
+        let progress = Arc::new(AtomicU64::new(NOT_STARTED));
+        state.responses.insert(id, progress.clone());
+        RequestMark {
+            open: self.clone(),
+            id,
+            progress,
+        }
+    }
+
+    /// Resolves once a response in progress on this connection has not been taken by the client
+    /// (its body not polled: the client's window, or its socket, stays full) for `timeout`: a
+    /// client that stops reading would otherwise hold its streams and their app connections for
+    /// good. Responses not started (waiting for the app) and tunnels are not counted.
+    pub async fn stalled_for(&self, timeout: std::time::Duration) {
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            tokio::time::sleep(timeout / 2).await;
+            let now = self.now_ms();
+            let state = lock(&self.state);
+            let stalled = state.responses.values().any(|p| {
+                let last = p.load(Ordering::Relaxed);
+                last != NOT_STARTED && now.saturating_sub(last) > limit
+            });
+            if stalled {
+                return;
+            }
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Bytes came from the client: with no request open, they begin a head, whose time runs from
@@ -250,13 +290,30 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for NoteReads<I> {
     }
 }
 
+/// A response whose body was never polled.
+const NOT_STARTED: u64 = u64::MAX;
+
 /// One open request on an [`OpenRequests`] connection.
-pub struct RequestMark(Arc<OpenRequests>);
+pub struct RequestMark {
+    open: Arc<OpenRequests>,
+    id: u64,
+    /// When its response body was last polled, in ms from the connection's epoch.
+    progress: Arc<AtomicU64>,
+}
+
+impl RequestMark {
+    /// The response body was polled: the client takes what it is given (a clock read and a
+    /// store, no lock).
+    pub fn touch(&self) {
+        self.progress.store(self.open.now_ms(), Ordering::Relaxed);
+    }
+}
 
 impl Drop for RequestMark {
     fn drop(&mut self) {
-        let open = &self.0;
+        let open = &self.open;
         let mut state = lock(&open.state);
+        state.responses.remove(&self.id);
         state.count -= 1;
         if state.count == 0 {
             state.idle_since = tokio::time::Instant::now();

@@ -677,6 +677,12 @@ async fn serve_hyper<I>(
                 .finish_with_error(ErrorKind::RequestTimeout);
             return;
         }
+        // A client that stops taking a response (twice --response-body-timeout, so that an app
+        // that stalls ends its own stream first): nginx's send_timeout, for the connection.
+        () = open.stalled_for(2 * shared.settings.timeouts.response_body) => {
+            tracing::debug!(client = %ctx.client, "a response not taken for twice --response-body-timeout: closing");
+            return;
+        }
         // Idle HTTP/1 keep-alive, and an HTTP/2 client that only answers PINGs, which would
         // otherwise hold its connection for good.
         () = open.idle_for(shared.settings.timeouts.idle) => {
