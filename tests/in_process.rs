@@ -1169,3 +1169,31 @@ async fn a_client_that_never_reads_lets_go_of_its_response() {
     })
     .await;
 }
+
+/// The same bound on HTTP/1.1, on the fast path and on the hyper path: a client that never reads
+/// its response lets go of it after twice `--response-body-timeout` (on 019271f the fast path
+/// waited on the write for good).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http1_client_that_never_reads_lets_go_of_its_response() {
+    use tokio::io::AsyncWriteExt;
+    bounded("test", TEST_TIMEOUT, async {
+        let app = support::http::TestApp::start().await;
+        let (proxy, log) = plane_with(app.addr, &["--response-body-timeout", "1s"]).await;
+        let mut clients = Vec::new();
+        for (id, expect) in [("never-reads-fast", ""), ("never-reads-hyper", "Expect: 100-continue\r\nContent-Length: 0\r\n")] {
+            let mut client = tokio::net::TcpStream::connect(proxy).await.expect("connect");
+            let request = format!(
+                "GET /stream?bytes=268435456 HTTP/1.1\r\nHost: app.test\r\nX-Request-Id: {id}\r\n{expect}\r\n"
+            );
+            client.write_all(request.as_bytes()).await.expect("write");
+            // Never read.
+            clients.push(client);
+        }
+        for id in ["never-reads-fast", "never-reads-hyper"] {
+            let record = log.record(|r| r["request_id"] == id).await;
+            assert_eq!(record["error"], "client_disconnected", "{record}");
+        }
+        drop(clients);
+    })
+    .await;
+}

@@ -608,12 +608,10 @@ async fn copy_body(
         };
         if pending_head {
             out.extend_from_slice(&src_buf[..take]);
-            dst.write_all(out).await.map_err(|_| CopyError::Write)?;
+            write_taken(dst, out, stall).await?;
             pending_head = false;
         } else if take > 0 {
-            dst.write_all(&src_buf[..take])
-                .await
-                .map_err(|_| CopyError::Write)?;
+            write_taken(dst, &src_buf[..take], stall).await?;
         }
         src_buf.advance(take);
         *copied += take as u64;
@@ -639,6 +637,17 @@ async fn copy_body(
             Ok(Ok(0) | Err(_)) => return Err(CopyError::Read),
             Ok(Ok(_)) => {}
         }
+    }
+}
+
+/// Writes `bytes` to the other side, which must take them within twice `stall` (the same bound as
+/// the hyper path's for a response nobody takes: a peer that stops reading cannot hold the
+/// exchange, and the connections behind it, for good). No timer is armed when the write completes
+/// at once, as nearly all do.
+async fn write_taken(dst: &mut TcpStream, bytes: &[u8], stall: Duration) -> Result<(), CopyError> {
+    match timeout(2 * stall, dst.write_all(bytes)).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(_)) | Err(_) => Err(CopyError::Write),
     }
 }
 
