@@ -8,18 +8,18 @@
 //! app parses leniently, as nginx or Werkzeug would, so whatever the proxy lets through as a
 //! request shows up in its record.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::http::{ReservedPort, free_port};
+use crate::support::metrics::metric;
+use crate::support::process::Proxy;
+use crate::support::raw::{
+    End, Message, RawClient, Received, RecordingApp, Step, answer, find, ok,
+};
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::http::{ReservedPort, free_port};
-use support::metrics::metric;
-use support::process::Proxy;
-use support::raw::{End, Message, RawClient, Received, RecordingApp, Step, answer, find, ok};
-use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 
 /// A complete request, used as the payload of every smuggling attempt.
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";

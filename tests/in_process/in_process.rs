@@ -6,17 +6,15 @@
 //! hyper), and the app and the client must receive the same fields either way: the phases are
 //! decided once, whichever adapter applies them.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::support::in_process::{Captured, run_args};
+use crate::support::raw::{Message, RawClient, Received, RecordingApp, Step};
+use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
-use support::in_process::{Captured, run_args};
-use support::raw::{Message, RawClient, Received, RecordingApp, Step};
-use support::{TEST_TIMEOUT, WAIT, bounded};
 use tokio::net::TcpListener;
 
 /// A data plane on 127.0.0.1:0 forwarding to `app`; returns its address.

@@ -9,8 +9,6 @@
 //!
 //! Redis and MariaDB come from Debian (`scripts/deps.sh` installs them).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,11 +16,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::http::{free_port, payload, wait_listening};
-use support::metrics::metric;
-use support::process::{Background, Proxy};
-use support::tools::{have, missing};
-use support::{WAIT, bounded, skip};
+use crate::support::http::{free_port, payload, wait_listening};
+use crate::support::metrics::metric;
+use crate::support::process::{Background, Proxy};
+use crate::support::tools::{have, missing};
+use crate::support::{WAIT, bounded, skip};
 
 const REDIS: &[&str] = &["redis-server", "redis-cli"];
 const MARIADB: &[&str] = &["mariadb-install-db", "mariadb"];

@@ -1,19 +1,17 @@
 //! The tutorial's three requests through the proxy against a real httpbin (gunicorn on
 //! 127.0.0.1), with the access-log record of each in both formats.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::http::{free_port, get_request, send};
+use crate::support::process::{Background, Proxy, run};
+use crate::support::tools::{seed_records, text, venv};
+use crate::support::{WAIT, bounded, eventually, skip};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::http::{free_port, get_request, send};
-use support::process::{Background, Proxy, run};
-use support::tools::{seed_records, text, venv};
-use support::{WAIT, bounded, eventually, skip};
 
 /// httpbin under gunicorn (from the test venv) on a free 127.0.0.1 port; the whole process group
 /// (master and workers) is killed on drop.
