@@ -10,7 +10,7 @@
 
 use std::time::Duration;
 
-use crate::support::http::{ReservedPort, free_port};
+use crate::support::http::ReservedPort;
 use crate::support::metrics::metric;
 use crate::support::process::Proxy;
 use crate::support::raw::{
@@ -358,11 +358,13 @@ async fn unusual_methods_are_http_not_a_tunnel() {
 async fn late_request_on_an_http_port_is_http() {
     bounded("test", TEST_TIMEOUT, async {
         let app = RecordingApp::start(echo_target).await;
-        // Without interception the port the client dialled is the listener's own.
-        let port = free_port();
+        // Without interception the port the client dialled is the listener's own: known before
+        // the proxy starts, and held for it.
+        let inbound = ReservedPort::new();
+        let port = inbound.port().to_string();
         let proxy = Proxy::builder(app.addr)
-            .inbound(&format!("127.0.0.1:{port}"))
-            .args(["--detect-timeout", "1s", "--http-ports", &port.to_string()])
+            .inbound(&inbound.addr.to_string())
+            .args(["--detect-timeout", "1s", "--http-ports", &port])
             .start()
             .await;
         let mut client = RawClient::connect(proxy.inbound).await;

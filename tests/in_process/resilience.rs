@@ -15,7 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use crate::support::http::{AbortOnDrop, H1Conn, TestApp, free_port, get_request, wait_listening};
+use crate::support::http::{
+    AbortOnDrop, H1Conn, ReservedPort, TestApp, get_request, wait_listening,
+};
 use crate::support::metrics::metric;
 use crate::support::process::{Background, Proxy, rejected_at_start, run};
 use crate::support::raw::{RawApp, RawClient, RecordingApp, Step, answer, ok};
@@ -370,13 +372,13 @@ async fn out_of_descriptors_the_admin_port_still_answers() {
 // ---------------------------------------------------------------------------------------------
 // What already holds: an app crash and restart
 
-/// `python3 -m http.server` on `port`, serving an empty directory; killed on drop.
-async fn python_app(port: u16, dir: &std::path::Path) -> Background {
+/// `python3 -m http.server` on the reserved `port`, serving an empty directory; killed on drop.
+async fn python_app(port: &ReservedPort, dir: &std::path::Path) -> Background {
     let mut cmd = Command::new("python3");
     cmd.args([
         "-m",
         "http.server",
-        &port.to_string(),
+        &port.port().to_string(),
         "--bind",
         "127.0.0.1",
     ])
@@ -384,8 +386,7 @@ async fn python_app(port: u16, dir: &std::path::Path) -> Background {
     .stdout(std::process::Stdio::null())
     .stderr(std::process::Stdio::null());
     let app = Background::spawn(&mut cmd);
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-    wait_listening(addr, WAIT).await;
+    wait_listening(port.addr, WAIT).await;
     app
 }
 
@@ -397,10 +398,10 @@ async fn app_crash_gives_502s_and_its_restart_200s() {
             return skip(TEST, &why);
         }
         let dir = tempfile::tempdir().expect("a temp dir");
-        let port = free_port();
-        let app = python_app(port, dir.path()).await;
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("an address");
-        let proxy = Proxy::start(addr, &[]).await;
+        // The port stays reserved while the app is down: the restarted app gets it back.
+        let port = ReservedPort::new();
+        let app = python_app(&port, dir.path()).await;
+        let proxy = Proxy::start(port.addr, &[]).await;
         assert_eq!(proxy.get("/").await.status, StatusCode::OK);
 
         drop(app);
@@ -408,7 +409,7 @@ async fn app_crash_gives_502s_and_its_restart_200s() {
             assert_eq!(proxy.get("/").await.status, StatusCode::BAD_GATEWAY);
         }
 
-        let _app = python_app(port, dir.path()).await;
+        let _app = python_app(&port, dir.path()).await;
         assert_eq!(
             proxy.get("/").await.status,
             StatusCode::OK,
