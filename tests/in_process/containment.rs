@@ -220,8 +220,10 @@ async fn open(
 }
 
 /// Sockets that connect to the HBONE port and never finish a handshake are shed for a peer that
-/// does; an HBONE connection left without a stream is closed after --idle-timeout.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+/// does; an HBONE connection left without a stream is closed after --idle-timeout. The timers are
+/// what is tested: once nothing but them is left to happen, the clock is paused and jumps from
+/// deadline to deadline (a current-thread runtime, as pausing needs).
+#[tokio::test]
 async fn hbone_connections_are_shed_and_closed_when_idle() {
     bounded("test", TEST_TIMEOUT, async {
         let (server, hbone, client, app, _dirs) =
