@@ -6,7 +6,7 @@
 #          connection in TLS 1.3 mutual TLS (ALPN h2) between them (bench/mtls/envoy-*.yaml);
 # then the handshake cost: full mutual-TLS handshakes per second against each server side.
 #
-# Two pods as tests/mtls.rs makes them: network namespaces A and B joined by a veth pair on
+# Two pods as tests/support/mesh.rs makes them: network namespaces A and B joined by a veth pair on
 # 198.18.200.0/30, each with `amazing-proxy init` rules (A: the app's outbound TCP -> 15001;
 # B: only port 18080 -> 8000), so our outbound listener learns the destination from SO_ORIGINAL_DST
 # exactly as in a pod. wrk runs in A as uid 1000 (the app) against B:18080; the Envoys run as uid

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every test: installs what they need (scripts/deps.sh --tests), then lint and the whole suite.
-# The end-to-end pod tests build network namespaces and need root; elsewhere they say they skip.
+# Every test: installs what they need (scripts/deps.sh --tests), then lint and the whole suite:
+# the unit tests and three integration binaries (tests/in_process, tests/netns, tests/containers;
+# docs/testing.md). The netns and containers suites need root (and Docker); elsewhere they skip.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"

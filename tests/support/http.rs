@@ -416,8 +416,14 @@ pub fn echoed_headers(echo: &Value) -> BTreeMap<String, String> {
 // ---------------------------------------------------------------------------------------------
 // Ports that refuse or hang
 
-/// A port on 127.0.0.1 that nothing listens on: bound (so nobody else takes it) but not
-/// listening, so connections to it are refused. Call `listen` to bring the app "up".
+/// A port on 127.0.0.1 that nothing listens on: bound, so the kernel never hands it to anyone else
+/// (neither a `bind` to port 0 nor an outgoing connection picks a port another socket has bound),
+/// but not listening, so connections to it are refused. Call `listen` to bring the app "up", or
+/// give [`Self::port`] to a server the test starts and keep this alive meanwhile: bound with
+/// `SO_REUSEADDR`, it lets a socket that sets `SO_REUSEADDR` too (tokio, gunicorn, redis-server,
+/// mariadbd and Python's `http.server` all do) bind the same address explicitly, also when that
+/// server restarts. A port bound, released and then handed on (a "free port") can be taken by
+/// someone else in between.
 pub struct ReservedPort {
     socket: socket2::Socket,
     pub addr: SocketAddr,
@@ -427,6 +433,9 @@ impl ReservedPort {
     pub fn new() -> ReservedPort {
         let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
             .expect("create a socket");
+        socket
+            .set_reuse_address(true)
+            .expect("SO_REUSEADDR on the reserved port");
         let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
         socket.bind(&any.into()).expect("bind a reserved port");
         let addr = socket
@@ -435,6 +444,10 @@ impl ReservedPort {
             .as_socket()
             .expect("an IP address");
         ReservedPort { socket, addr }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
     }
 
     /// Starts listening: the reserved port becomes a [`TestApp`].
@@ -497,12 +510,6 @@ impl Default for BlackHole {
     fn default() -> Self {
         Self::new()
     }
-}
-
-/// A port free at the time of the call (bound on :0, read, released).
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind :0");
-    l.local_addr().expect("local addr").port()
 }
 
 /// Waits until something accepts TCP connections on `addr` (a server started as a process).

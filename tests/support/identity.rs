@@ -9,6 +9,19 @@ use rcgen::{
 };
 use time::{Duration, OffsetDateTime};
 
+/// The workload identities the mTLS tests give their client and server sides, and a client of a
+/// partner trust domain.
+pub const CLIENT_ID: &str = "spiffe://cluster.local/ns/shop/sa/frontend";
+pub const SERVER_ID: &str = "spiffe://cluster.local/ns/shop/sa/backend";
+pub const PARTNER_ID: &str = "spiffe://partner.example/ns/shop/sa/frontend";
+
+/// A `--trust-bundles` directory at `dir` holding `<domain>.pem` with `ca`'s certificate.
+pub fn bundle_dir(dir: &Path, domain: &str, ca: &Ca) -> String {
+    std::fs::create_dir_all(dir).expect("bundle dir");
+    std::fs::write(dir.join(format!("{domain}.pem")), ca.pem()).expect("write bundle");
+    dir.display().to_string()
+}
+
 pub struct Ca {
     issuer: CertifiedIssuer<'static, KeyPair>,
 }

@@ -1,5 +1,6 @@
-//! The one support tree of the integration tests. Each test file says `mod support;` and uses what
-//! it needs:
+//! The one support tree of the integration tests, compiled once into each of the three suites
+//! (tests/in_process, tests/netns, tests/containers), whose main.rs says
+//! `#[path = "../support/mod.rs"] mod support;`; their modules use `crate::support::...`:
 //! - [`process`]: the binary, bounded commands, child guards, and the proxy under test;
 //! - [`http`]: HTTP clients, the in-process test app, raw TCP apps and ports that refuse or hang;
 //! - [`raw`]: the recording app and raw client of the conformance tests (bytes in, bytes out);
@@ -11,7 +12,7 @@
 //! - [`tools`]: external programs (is one installed, the venv), rule listings, access-log records.
 //!
 //! One skip policy: a test that cannot run here calls [`skip`], which says so loudly.
-#![allow(dead_code)] // each test file uses a different part of the tree
+#![allow(dead_code)] // each suite uses a different part of the tree
 
 pub mod http;
 pub mod identity;

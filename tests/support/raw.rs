@@ -17,7 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 use super::http::AbortOnDrop;
-use super::{WAIT, bounded};
+use super::{WAIT, bounded, eventually};
 
 pub fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
     haystack.windows(needle.len()).position(|w| w == needle)
@@ -466,22 +466,50 @@ pub struct RecordingApp {
     pub addr: SocketAddr,
     app: RawApp,
     record: Arc<Mutex<Record>>,
+    /// Reads whose bytes have left the kernel and are not recorded yet (see [`Self::settled`]).
+    reading: Arc<AtomicUsize>,
 }
 
 impl RecordingApp {
     pub async fn start(script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static) -> Self {
         let record = Arc::new(Mutex::new(Record::default()));
+        let reading = Arc::new(AtomicUsize::new(0));
         let script: Arc<Script> = Arc::new(script);
-        let shared = record.clone();
+        let (shared, counted) = (record.clone(), reading.clone());
         let app = RawApp::start(move |stream, connection| {
-            serve_connection(stream, connection, shared.clone(), script.clone())
+            let reads = Reads {
+                stream,
+                busy: counted.clone(),
+            };
+            serve_connection(reads, connection, shared.clone(), script.clone())
         })
         .await;
         RecordingApp {
             addr: app.addr,
             app,
             record,
+            reading,
         }
+    }
+
+    /// Waits until the app has taken in everything sent to it so far: no connection waiting in
+    /// its listener's accept queue, no byte unread on a connection it accepted (the kernel's
+    /// counts, from /proc/net/tcp), and every read recorded (its bytes, and the request parsed
+    /// from them that the app answers next). A proxy's write is in those queues once it returns:
+    /// after the client has the proxy's answer, this is the barrier before asserting what the app
+    /// did not receive, where a sleep would only make it likely.
+    pub async fn settled(&self) {
+        let addr = self.addr;
+        eventually("the app to take in what was sent to it", WAIT, || async {
+            // The kernel first, then the reads: a read that empties a queue after the first look
+            // is still counted by the second.
+            let queued = kernel_queued(addr);
+            let reading = self.reading.load(Ordering::SeqCst);
+            (queued == 0 && reading == 0).then_some(()).ok_or_else(|| {
+                format!("{queued} connections or bytes queued, {reading} reads being recorded")
+            })
+        })
+        .await;
     }
 
     /// How many connections the app accepted.
@@ -525,8 +553,67 @@ fn lock(record: &Mutex<Record>) -> std::sync::MutexGuard<'_, Record> {
     record.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+/// What the kernel holds for the IPv4 listener on `addr` and the connections accepted on it: the
+/// accept queue's length (a listening socket's `rx_queue` in /proc/net/tcp) plus the unread bytes
+/// of each connection whose local address is `addr`.
+fn kernel_queued(addr: SocketAddr) -> u64 {
+    let SocketAddr::V4(v4) = addr else {
+        panic!("the recording app listens on IPv4, not {addr}");
+    };
+    // The kernel prints the address as the native-endian integer of its network-order bytes.
+    let local = format!(
+        "{:08X}:{:04X}",
+        u32::from_ne_bytes(v4.ip().octets()),
+        v4.port()
+    );
+    let table = std::fs::read_to_string("/proc/net/tcp").expect("read /proc/net/tcp");
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            if fields.get(1) != Some(&local.as_str()) {
+                return None;
+            }
+            let (_, rx) = fields.get(4)?.split_once(':')?;
+            u64::from_str_radix(rx, 16).ok()
+        })
+        .sum()
+}
+
+/// A connection's reads, each counted in `busy` from the moment its bytes leave the kernel until
+/// the caller drops the [`Reading`] it came with (once they are recorded).
+struct Reads {
+    stream: TcpStream,
+    busy: Arc<AtomicUsize>,
+}
+
+/// One counted read (see [`Reads`]).
+struct Reading(Arc<AtomicUsize>);
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Reads {
+    async fn read(&mut self, chunk: &mut [u8]) -> (std::io::Result<usize>, Reading) {
+        loop {
+            let ready = self.stream.readable().await;
+            self.busy.fetch_add(1, Ordering::SeqCst);
+            let reading = Reading(self.busy.clone());
+            let read = ready.and_then(|()| self.stream.try_read(chunk));
+            match read {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+                read => return (read, reading),
+            }
+        }
+    }
+}
+
 async fn serve_connection(
-    mut stream: TcpStream,
+    mut reads: Reads,
     connection: usize,
     record: Arc<Mutex<Record>>,
     script: Arc<Script>,
@@ -540,6 +627,8 @@ async fn serve_connection(
     }
     let mut buf = Vec::new();
     let mut nth = 0;
+    // The last read, counted until its bytes and the first request parsed from them are recorded.
+    let mut reading: Option<Reading> = None;
     loop {
         while let Parsed::Done(message, used) = parse(&buf, true, false) {
             buf.drain(..used);
@@ -550,10 +639,11 @@ async fn serve_connection(
                 message,
             };
             lock(&record).requests.push(received.clone());
+            drop(reading.take());
             for step in script(&received) {
                 match step {
                     Step::Write(bytes) => {
-                        let _ = stream.write_all(&bytes).await;
+                        let _ = reads.stream.write_all(&bytes).await;
                     }
                     Step::Sleep(d) => tokio::time::sleep(d).await,
                     Step::Close => return,
@@ -561,9 +651,11 @@ async fn serve_connection(
                         // Keeps recording what arrives, answers nothing more.
                         let mut chunk = [0u8; 16 * 1024];
                         loop {
-                            match stream.read(&mut chunk).await {
+                            let (read, counted) = reads.read(&mut chunk).await;
+                            match read {
                                 Ok(0) | Err(_) => {
                                     lock(&record).connections[connection - 1].eof = true;
+                                    drop(counted);
                                     std::future::pending::<()>().await;
                                 }
                                 Ok(n) => lock(&record).connections[connection - 1]
@@ -575,8 +667,10 @@ async fn serve_connection(
                 }
             }
         }
+        drop(reading.take());
         let mut chunk = [0u8; 16 * 1024];
-        match stream.read(&mut chunk).await {
+        let (read, counted) = reads.read(&mut chunk).await;
+        match read {
             Ok(0) | Err(_) => {
                 lock(&record).connections[connection - 1].eof = true;
                 return;
@@ -586,6 +680,7 @@ async fn serve_connection(
                 lock(&record).connections[connection - 1]
                     .bytes
                     .extend_from_slice(&chunk[..n]);
+                reading = Some(counted);
             }
         }
     }

@@ -1,16 +1,14 @@
 //! Failures are explicit: each has its status, a one-line body, an access-log error kind with
 //! whose fault it was, and a metric; none of them crashes or stalls other connections.
 
-mod support;
-
 use std::sync::atomic::Ordering;
 
+use crate::support::http::*;
+use crate::support::metrics::metric;
+use crate::support::process::*;
+use crate::support::raw::*;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use http::StatusCode;
-use support::http::*;
-use support::metrics::metric;
-use support::process::*;
-use support::raw::*;
-use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 

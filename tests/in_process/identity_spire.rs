@@ -7,16 +7,14 @@
 //!
 //! The server is `support::workload_api`.
 
-mod support;
-
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::workload_api::{X509SvidResponse, start_agent, svid_response};
 use amazing_proxy::identity::issue::{Pem, issue, make_ca};
 use amazing_proxy::identity::spire::{self, Snapshot};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivatePkcs8KeyDer};
-use support::workload_api::{X509SvidResponse, start_agent, svid_response};
 use time::OffsetDateTime;
 use tokio::sync::watch;
 

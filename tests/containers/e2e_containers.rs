@@ -13,8 +13,7 @@
 //! Everything it creates (containers, the pod's network, the daemon it started) is removed even
 //! when it fails.
 
-mod support;
-
+use crate::support;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Output, Stdio};

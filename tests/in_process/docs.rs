@@ -6,7 +6,7 @@
 //! - every relative link in README.md and docs/*.md reaches a file, and the heading it names;
 //! - README.md links each page of docs/ exactly once.
 //!
-//! `UPDATE_GOLDENS=1 cargo test --test docs` rewrites the flag, env and default columns of those
+//! `UPDATE_GOLDENS=1 cargo test --test in_process docs::` rewrites the flag, env and default columns of those
 //! tables from clap, as the golden tests rewrite theirs: meanings are kept, a new flag gets its
 //! `--help` line as its meaning, a flag that is gone loses its row. Review the diff.
 
@@ -314,7 +314,7 @@ fn assert_none(problems: &[String]) {
     assert!(
         problems.is_empty(),
         "the docs and the code disagree:\n{}\nfix the docs (or the code); if the code is right, \
-         `UPDATE_GOLDENS=1 cargo test --test docs` rewrites the flag, env and default columns",
+         `UPDATE_GOLDENS=1 cargo test --test in_process docs::` rewrites the flag, env and default columns",
         problems.join("\n")
     );
 }

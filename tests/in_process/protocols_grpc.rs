@@ -4,8 +4,6 @@
 //! must reach the server. No codegen: messages derive `prost::Message`, the service is routed by
 //! hand onto `tonic::server::Grpc`.
 
-mod support;
-
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
@@ -21,9 +19,9 @@ use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Request, Response, Status, Streaming};
 
-use support::http::payload;
-use support::process::Proxy;
-use support::{WAIT, bounded};
+use crate::support::http::payload;
+use crate::support::process::Proxy;
+use crate::support::{WAIT, bounded};
 
 const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 

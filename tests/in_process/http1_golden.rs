@@ -1,7 +1,7 @@
 //! Golden files pinning what the HTTP/1.1 fast path's planners make of request and response heads:
 //! the verdict, the framing and the exact head sent on, for the cases of issue 9 and the usual ones.
 //!
-//! `UPDATE_GOLDENS=1 cargo test --test http1_golden` rewrites tests/golden/http1/ from the current
+//! `UPDATE_GOLDENS=1 cargo test --test in_process http1_golden` rewrites tests/golden/http1/ from the current
 //! planners; review the diff before committing.
 #![allow(clippy::unwrap_used)]
 
@@ -261,7 +261,7 @@ fn check(name: &str, actual: &str) {
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
-            "cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test --test http1_golden` to create it",
+            "cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test --test in_process http1_golden` to create it",
             path.display()
         )
     });
@@ -272,7 +272,7 @@ fn check(name: &str, actual: &str) {
         .find(|(_, (e, a))| e != a)
     {
         panic!(
-            "golden {} differs at line {}:\n- {e}\n+ {a}\nif the change is intended, run `UPDATE_GOLDENS=1 cargo test --test http1_golden` and review the diff",
+            "golden {} differs at line {}:\n- {e}\n+ {a}\nif the change is intended, run `UPDATE_GOLDENS=1 cargo test --test in_process http1_golden` and review the diff",
             path.display(),
             n + 1
         );
@@ -280,7 +280,7 @@ fn check(name: &str, actual: &str) {
     assert_eq!(
         expected.lines().count(),
         actual.lines().count(),
-        "golden {} has a different number of lines; run `UPDATE_GOLDENS=1 cargo test --test http1_golden` if intended",
+        "golden {} has a different number of lines; run `UPDATE_GOLDENS=1 cargo test --test in_process http1_golden` if intended",
         path.display()
     );
 }

@@ -5,15 +5,14 @@
 //! functional checks use 198.18.0.0/15 addresses only, between namespaces created here.
 #![allow(clippy::unwrap_used)]
 
-mod support;
-
+use crate::support;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use support::netns::Netns;
-use support::process::{Background, bin, run};
-use support::tools::{have, normalise, text};
-use support::{eventually_blocking, skip};
+use crate::support::netns::Netns;
+use crate::support::process::{Background, bin, run};
+use crate::support::tools::{have, normalise, text};
+use crate::support::{eventually_blocking, skip};
 
 /// A namespace `apt-nf-<pid>-<n>`, or `None` after reporting `test` skipped.
 fn netns(test: &str) -> Option<Netns> {

@@ -1,25 +1,24 @@
 //! The tutorial's three requests through the proxy against a real httpbin (gunicorn on
 //! 127.0.0.1), with the access-log record of each in both formats.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::support::http::{ReservedPort, get_request, send};
+use crate::support::process::{Background, Proxy, run};
+use crate::support::tools::{seed_records, text, venv};
+use crate::support::{WAIT, bounded, eventually, skip};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::Full;
-use support::http::{free_port, get_request, send};
-use support::process::{Background, Proxy, run};
-use support::tools::{seed_records, text, venv};
-use support::{WAIT, bounded, eventually, skip};
 
 /// httpbin under gunicorn (from the test venv) on a free 127.0.0.1 port; the whole process group
 /// (master and workers) is killed on drop.
+/// Fields drop in order: gunicorn is killed before its port is released.
 struct Httpbin {
     _process: Background,
-    addr: SocketAddr,
+    port: ReservedPort,
 }
 
 impl Httpbin {
@@ -29,31 +28,24 @@ impl Httpbin {
         // gunicorn 23+ opens a control socket in $HOME unless told not to; older ones lack the flag.
         let help = run(Command::new(&gunicorn).arg("--help"));
         let no_control = text(&help.stdout).contains("--no-control-socket");
-        // The port is free when chosen; if another process takes it first, gunicorn exits and
-        // we try another.
-        for _ in 0..3 {
-            let addr: SocketAddr = format!("127.0.0.1:{}", free_port())
-                .parse()
-                .expect("an address");
-            let mut cmd = Command::new(&gunicorn);
-            cmd.args(["-b", &addr.to_string(), "-w", "2", "httpbin:app"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            if no_control {
-                cmd.arg("--no-control-socket");
-            }
-            let mut process = Background::spawn(&mut cmd);
-            if up(&mut process, addr).await {
-                return Ok(Httpbin {
-                    _process: process,
-                    addr,
-                });
-            }
+        let port = ReservedPort::new();
+        let mut cmd = Command::new(&gunicorn);
+        cmd.args(["-b", &port.addr.to_string(), "-w", "2", "httpbin:app"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        if no_control {
+            cmd.arg("--no-control-socket");
         }
-        panic!(
+        let mut process = Background::spawn(&mut cmd);
+        assert!(
+            up(&mut process, port.addr).await,
             "httpbin did not start under gunicorn ({})",
             gunicorn.display()
         );
+        Ok(Httpbin {
+            _process: process,
+            port,
+        })
     }
 }
 
@@ -154,7 +146,7 @@ async fn tutorial_requests_with_the_seed_access_log() {
             Ok(httpbin) => httpbin,
             Err(why) => return skip("tutorial_requests_with_the_seed_access_log", &why),
         };
-        let proxy = Proxy::start(httpbin.addr, &["--access-log", "seed"]).await;
+        let proxy = Proxy::start(httpbin.port.addr, &["--access-log", "seed"]).await;
         let sizes = tutorial_requests(&proxy, "seed").await;
 
         let text = proxy
@@ -170,7 +162,7 @@ async fn tutorial_requests_with_the_seed_access_log() {
             );
             assert_eq!(
                 block[1],
-                format!("Proxy URL: http://{}{}", httpbin.addr, case.path)
+                format!("Proxy URL: http://{}{}", httpbin.port.addr, case.path)
             );
             assert!(block[2].starts_with("Request Duration: "), "{text}");
             assert_eq!(block[3], format!("Request Size: {}", case.body.len()));
@@ -188,7 +180,7 @@ async fn tutorial_requests_with_the_json_access_log() {
             Ok(httpbin) => httpbin,
             Err(why) => return skip("tutorial_requests_with_the_json_access_log", &why),
         };
-        let proxy = Proxy::start(httpbin.addr, &["--access-log", "json"]).await;
+        let proxy = Proxy::start(httpbin.port.addr, &["--access-log", "json"]).await;
         let sizes = tutorial_requests(&proxy, "json").await;
 
         for (i, (case, size)) in CASES.iter().zip(sizes).enumerate() {
@@ -201,12 +193,12 @@ async fn tutorial_requests_with_the_json_access_log() {
             );
             assert_eq!(
                 record["proxy_url"],
-                format!("http://{}{}", httpbin.addr, case.path)
+                format!("http://{}{}", httpbin.port.addr, case.path)
             );
             assert_eq!(record["status"], case.status);
             assert_eq!(record["request_bytes"], case.body.len());
             assert_eq!(record["response_bytes"], size);
-            assert_eq!(record["upstream"], httpbin.addr.to_string());
+            assert_eq!(record["upstream"], httpbin.port.addr.to_string());
             assert!(record.get("error").is_none(), "{record}");
         }
     })

@@ -11,8 +11,9 @@ use std::sync::Arc;
 use std::sync::mpsc;
 use std::time::Duration;
 
-mod support;
-
+use crate::support::TEST_TIMEOUT;
+use crate::support::bounded;
+use crate::support::process::{command, run, run_with_input};
 use base64::Engine as _;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
@@ -21,9 +22,6 @@ use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use support::TEST_TIMEOUT;
-use support::bounded;
-use support::process::{command, run, run_with_input};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;

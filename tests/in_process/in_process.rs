@@ -6,17 +6,15 @@
 //! hyper), and the app and the client must receive the same fields either way: the phases are
 //! decided once, whichever adapter applies them.
 
-mod support;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::support::in_process::{Captured, run_args};
+use crate::support::raw::{End, Message, RawClient, Received, RecordingApp, Step};
+use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::listener::Listener;
 use amazing_proxy::telemetry::metrics::Direction;
-use support::in_process::{Captured, run_args};
-use support::raw::{End, Message, RawClient, Received, RecordingApp, Step};
-use support::{TEST_TIMEOUT, WAIT, bounded};
 use tokio::net::TcpListener;
 
 /// A data plane on 127.0.0.1:0 forwarding to `app`; returns its address.
@@ -1138,7 +1136,7 @@ async fn the_hyper_path_bounds_idle_and_heads_as_the_fast_path_does() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_never_reads_lets_go_of_its_response() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = support::http::TestApp::start().await;
+        let app = crate::support::http::TestApp::start().await;
         let (proxy, log) = plane_with(app.addr, &["--response-body-timeout", "1s"]).await;
         let tcp = tokio::net::TcpStream::connect(proxy)
             .await
@@ -1177,7 +1175,7 @@ async fn a_client_that_never_reads_lets_go_of_its_response() {
 async fn an_http1_client_that_never_reads_lets_go_of_its_response() {
     use tokio::io::AsyncWriteExt;
     bounded("test", TEST_TIMEOUT, async {
-        let app = support::http::TestApp::start().await;
+        let app = crate::support::http::TestApp::start().await;
         let (proxy, log) = plane_with(app.addr, &["--response-body-timeout", "1s"]).await;
         let mut clients = Vec::new();
         for (id, expect) in [("never-reads-fast", ""), ("never-reads-hyper", "Expect: 100-continue\r\nContent-Length: 0\r\n")] {

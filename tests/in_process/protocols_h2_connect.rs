@@ -3,8 +3,6 @@
 //! an h2c app that enabled the extended CONNECT protocol, the 200 comes back and WebSocket frames
 //! (tokio-tungstenite on the raw streams) flow both ways until the client closes.
 
-mod support;
-
 use std::net::SocketAddr;
 
 use bytes::Bytes;
@@ -18,8 +16,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::Role;
 
-use support::process::Proxy;
-use support::{TEST_TIMEOUT, WAIT, bounded};
+use crate::support::process::Proxy;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 
 /// An h2c app with extended CONNECT enabled: `CONNECT :protocol=websocket` is answered 200 and
 /// the stream becomes a WebSocket echo.

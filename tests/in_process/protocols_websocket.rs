@@ -2,8 +2,6 @@
 //! both ends. The 101 comes back, text and binary frames echo, a close from either side ends the
 //! tunnel on both, and an idle connection outlives `--response-timeout`.
 
-mod support;
-
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -15,9 +13,9 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use support::http::payload;
-use support::process::Proxy;
-use support::{TEST_TIMEOUT, WAIT, bounded};
+use crate::support::http::payload;
+use crate::support::process::Proxy;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 
 /// How a server-side WebSocket ended.
 #[derive(Debug, PartialEq)]

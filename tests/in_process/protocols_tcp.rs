@@ -9,8 +9,6 @@
 //!
 //! Redis and MariaDB come from Debian (`scripts/deps.sh` installs them).
 
-mod support;
-
 use std::net::SocketAddr;
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -18,11 +16,11 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use support::http::{free_port, payload, wait_listening};
-use support::metrics::metric;
-use support::process::{Background, Proxy};
-use support::tools::{have, missing};
-use support::{WAIT, bounded, skip};
+use crate::support::http::{ReservedPort, payload, wait_listening};
+use crate::support::metrics::metric;
+use crate::support::process::{Background, Proxy};
+use crate::support::tools::{have, missing};
+use crate::support::{WAIT, bounded, skip};
 
 const REDIS: &[&str] = &["redis-server", "redis-cli"];
 const MARIADB: &[&str] = &["mariadb-install-db", "mariadb"];
@@ -259,24 +257,27 @@ async fn client_that_sends_nothing_and_half_closes_still_gets_the_banner() {
 // ---------------------------------------------------------------------------------------------
 // Redis
 
+/// Fields drop in order: the server is killed before its port is released.
 struct Redis {
     _child: Background,
+    _port: ReservedPort,
     addr: SocketAddr,
 }
 
 async fn start_redis() -> Redis {
-    let port = free_port();
+    let port = ReservedPort::new();
+    let addr = port.addr;
     let child = Background::spawn(
         Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &addr.port().to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(addr, Duration::from_secs(60)).await;
     Redis {
         _child: child,
+        _port: port,
         addr,
     }
 }
@@ -415,8 +416,10 @@ async fn redis_inline_commands_are_not_mistaken_for_http() {
 // ---------------------------------------------------------------------------------------------
 // MariaDB: a server-speaks-first protocol
 
+/// Fields drop in order: the server is killed before its port and directory go.
 struct Mariadb {
     _child: Background,
+    _port: ReservedPort,
     addr: SocketAddr,
     _dir: tempfile::TempDir,
 }
@@ -449,13 +452,14 @@ async fn start_mariadb() -> Mariadb {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    let port = free_port();
+    let port = ReservedPort::new();
+    let addr = port.addr;
     let child = Background::spawn(
         Command::new(mariadbd())
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", dir.path().join("s").display()))
-            .arg(format!("--port={port}"))
+            .arg(format!("--port={}", addr.port()))
             .args([
                 "--bind-address=127.0.0.1",
                 "--skip-grant-tables",
@@ -466,10 +470,10 @@ async fn start_mariadb() -> Mariadb {
             .stdout(Stdio::null())
             .stderr(Stdio::null()),
     );
-    let addr: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
     wait_listening(addr, Duration::from_secs(60)).await;
     Mariadb {
         _child: child,
+        _port: port,
         addr,
         _dir: dir,
     }

@@ -5,13 +5,12 @@
 //! Needs root (to create namespaces): otherwise each test reports itself skipped (`support::skip`).
 //! Needs gunicorn and httpbin in `$AMAZING_PROXY_TEST_VENV` or `target/venv` (scripts/test.sh).
 
-mod support;
-
-use support::netns::{
+use crate::support;
+use crate::support::netns::{
     PEER_CONTENT, PEER_FILE, PEER_PORT, PEER_TCP_PORT, Pod, PodOptions, Response,
 };
-use support::skip;
-use support::tools::{have, json_records, seed_records};
+use crate::support::skip;
+use crate::support::tools::{have, json_records, seed_records};
 
 /// The pod, or `None` after reporting `test` skipped (not root, no venv).
 fn start(test: &str, access_log: &str, run_args: &[&str], proxy_user: Option<u32>) -> Option<Pod> {

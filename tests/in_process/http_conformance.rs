@@ -8,25 +8,23 @@
 //! app parses leniently, as nginx or Werkzeug would, so whatever the proxy lets through as a
 //! request shows up in its record.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::http::ReservedPort;
+use crate::support::metrics::metric;
+use crate::support::process::Proxy;
+use crate::support::raw::{
+    End, Message, RawClient, Received, RecordingApp, Step, answer, find, ok,
+};
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::http::{ReservedPort, free_port};
-use support::metrics::metric;
-use support::process::Proxy;
-use support::raw::{End, Message, RawClient, Received, RecordingApp, Step, answer, find, ok};
-use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 
 /// A complete request, used as the payload of every smuggling attempt.
 const SMUGGLED: &str = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
 /// A complete response the app slips in after its real one (and in [`EXTRA_BYTES`]).
 const INJECTED: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\ninjected";
-/// How long a test waits for something that must not come before concluding it did not.
-const QUIET: Duration = Duration::from_millis(1500);
 
 /// An app answering with `script`, and the proxy in front of it (JSON access log, plus `args`).
 async fn start(
@@ -89,7 +87,7 @@ async fn all_refused<R: AsRef<[u8]>>(requests: &[R]) {
             lossy(request),
             response.head
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        app.settled().await;
         assert!(
             app.all_bytes().is_empty(),
             "{:?} reached the app as {:?}",
@@ -210,10 +208,8 @@ async fn lenient_chunked_request_gets_400_and_nothing_after_it_reaches_the_app()
                 "POST /chunked HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n{body}{SMUGGLED}"
             );
             client.send(request.as_bytes()).await;
-            let status = client
-                .response_within(QUIET * 2)
-                .await
-                .map(|r| r.status());
+            let status = client.response().await.map(|r| r.status());
+            app.settled().await;
             let after = app.all_bytes()[before..].to_vec();
             if status != Some(400) || find(&after, b"/smuggled").is_some() {
                 failures.push(format!(
@@ -250,7 +246,7 @@ async fn lenient_chunked_response_is_cut_and_its_connection_not_reused() {
         for (n, (what, _)) in BAD_CHUNKED.iter().enumerate() {
             let mut client = RawClient::connect(proxy.inbound).await;
             client.send(&get(&format!("/bad/{n}"))).await;
-            let (bytes, end) = client.rest(QUIET * 2).await;
+            let (bytes, end) = client.rest(WAIT).await;
             // Cut: either a 502 before anything was sent, or a body without its last chunk.
             let complete = find(&bytes, b"\r\n0\r\n\r\n").is_some();
             let bad_gateway = bytes.starts_with(b"HTTP/1.1 502");
@@ -358,11 +354,13 @@ async fn unusual_methods_are_http_not_a_tunnel() {
 async fn late_request_on_an_http_port_is_http() {
     bounded("test", TEST_TIMEOUT, async {
         let app = RecordingApp::start(echo_target).await;
-        // Without interception the port the client dialled is the listener's own.
-        let port = free_port();
+        // Without interception the port the client dialled is the listener's own: known before
+        // the proxy starts, and held for it.
+        let inbound = ReservedPort::new();
+        let port = inbound.port().to_string();
         let proxy = Proxy::builder(app.addr)
-            .inbound(&format!("127.0.0.1:{port}"))
-            .args(["--detect-timeout", "1s", "--http-ports", &port.to_string()])
+            .inbound(&inbound.addr.to_string())
+            .args(["--detect-timeout", "1s", "--http-ports", &port])
             .start()
             .await;
         let mut client = RawClient::connect(proxy.inbound).await;
@@ -517,15 +515,16 @@ async fn response_connection_content_length_keeps_its_framing() {
         )
         .await;
         let mut client = RawClient::connect(proxy.inbound).await;
-        client.send(&get("/first")).await;
-        let (bytes, _) = client.rest(QUIET).await;
-        let head_end = find(&bytes, b"\r\n\r\n").map_or(bytes.len(), |i| i + 4);
-        let head = lossy(&bytes[..head_end]).to_ascii_lowercase();
+        // Without its framing the response would run to the close: the client reads the whole
+        // response by whatever framing it has, then looks at the head.
+        let response = client.exchange(&get("/first")).await;
+        let head = response.head.to_ascii_lowercase();
         assert!(
             head.contains("content-length: 6") || head.contains("transfer-encoding: chunked"),
             "the response lost its framing: {:?}",
-            lossy(&bytes)
+            lossy(&response.raw)
         );
+        assert_eq!(response.body_text(), "/first");
     })
     .await;
 }
@@ -553,7 +552,8 @@ async fn post_the_app_dropped_is_not_sent_again() {
             .exchange(b"POST /pay HTTP/1.1\r\nHost: t\r\nContent-Length: 6\r\n\r\namount")
             .await;
         assert_eq!(response.status(), 502, "{}", lossy(&response.raw));
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // A second attempt would have been written before the 502.
+        app.settled().await;
         let posts: Vec<Received> = app
             .requests()
             .into_iter()
@@ -961,9 +961,28 @@ async fn rejected_requests_are_logged_and_counted() {
             let response = client.exchange(request).await;
             assert_eq!(response.status(), status, "{}", response.head);
         }
-        let log = proxy.wait_for_log(|t| t.lines().count() >= 3, WAIT).await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        let records = proxy.json_records();
+        // No record may follow: the connections are over, and one more exchange (whose record is
+        // written after anything they left) closes the log.
+        proxy.wait_no_open_connections().await;
+        let barrier = proxy.get("/barrier").await;
+        assert_eq!(barrier.status, 200);
+        proxy
+            .wait_record(|r| {
+                r["original_url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("/barrier"))
+            })
+            .await;
+        let log = proxy.stdout();
+        let records: Vec<_> = proxy
+            .json_records()
+            .into_iter()
+            .take_while(|r| {
+                !r["original_url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("/barrier"))
+            })
+            .collect();
         let statuses: Vec<u64> = records
             .iter()
             .filter_map(|r| r["status"].as_u64())

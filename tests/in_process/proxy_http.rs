@@ -1,20 +1,18 @@
 //! Forwarding: what reaches the app, what comes back, header rewriting, streaming, h2c, and the
 //! access log formats.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::http::*;
+use crate::support::metrics::metric;
+use crate::support::process::*;
+use crate::support::raw::*;
+use crate::support::tools::*;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use bytes::Bytes;
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use support::http::*;
-use support::metrics::metric;
-use support::process::*;
-use support::raw::*;
-use support::tools::*;
-use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 

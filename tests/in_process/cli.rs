@@ -1,16 +1,14 @@
 //! `amazing-proxy run`'s command line: bad flags fail before anything binds, with a message that
 //! names the option and what it accepts; environment variables work; `--help` documents every flag.
 
-mod support;
-
 use std::net::TcpListener;
 use std::process::Command;
 
+use crate::support::http::*;
+use crate::support::process::*;
+use crate::support::tools::*;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 use http::StatusCode;
-use support::http::*;
-use support::process::*;
-use support::tools::*;
-use support::{TEST_TIMEOUT, WAIT, bounded};
 
 struct Exit {
     code: Option<i32>,

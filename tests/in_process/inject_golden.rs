@@ -7,13 +7,11 @@
 //! kubernetes-validate is found through `AMAZING_PROXY_KUBERNETES_VALIDATE`, then
 //! `$AMAZING_PROXY_TEST_VENV/bin`, then `PATH`; the tests fail if it is nowhere.
 
-mod support;
-
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::support::process::{bin, run_with_input};
 use serde_json::Value;
-use support::process::{bin, run_with_input};
 
 const FIXTURES: &str = "tests/fixtures/inject";
 const GOLDENS: &str = "tests/golden/inject";

@@ -2,14 +2,12 @@
 //! `--identity-dir` layout, the leaf carries only the workload's SPIFFE URI SAN with both usages and
 //! chains to the CA, existing files are kept unless `--force`, and mistakes get a clear message.
 
-mod support;
-
 use std::path::Path;
 use std::process::{Command, Output};
 
+use crate::support::process::*;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, UnixTime};
-use support::process::*;
 use x509_parser::extensions::GeneralName;
 
 fn identity(args: &[&str]) -> Output {

@@ -1,17 +1,15 @@
 //! The admin listener (/live, /ready, /metrics, /shutdown) and the graceful drain.
 
-mod support;
-
 use std::time::Duration;
 
+use crate::support::http::*;
+use crate::support::metrics::metric;
+use crate::support::process::*;
+use crate::support::raw::*;
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use bytes::Bytes;
 use http::StatusCode;
 use http_body_util::{BodyExt, Empty};
-use support::http::*;
-use support::metrics::metric;
-use support::process::*;
-use support::raw::*;
-use support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
