@@ -392,6 +392,10 @@ async fn serve_connection(
     let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
         metrics.rejected_connections.inc();
         metrics.count_error(direction, ErrorKind::TooManyConnections);
+        if let Ok(local) = stream.local_addr() {
+            let kind = ErrorKind::TooManyConnections;
+            tcp::log_refused(&shared, direction, client, local, kind);
+        }
         refuse(stream).await;
         return;
     };
@@ -502,6 +506,8 @@ fn destination(
             Direction::Inbound => {
                 tracing::debug!(%client, ?original, "inbound connection for a loopback or unspecified address refused");
                 metrics.count_error(direction, ErrorKind::ProxyPort);
+                let dialled = original.unwrap_or(local);
+                tcp::log_refused(shared, direction, client, dialled, ErrorKind::ProxyPort);
             }
         }
         return None;
@@ -510,6 +516,8 @@ fn destination(
         // Debug, not info: a peer could otherwise fill the log; the metric counts them.
         tracing::debug!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
         metrics.count_error(direction, ErrorKind::ProxyPort);
+        let dialled = original.unwrap_or(local);
+        tcp::log_refused(shared, direction, client, dialled, ErrorKind::ProxyPort);
         return None;
     }
     Some(upstream)

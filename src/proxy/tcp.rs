@@ -180,6 +180,43 @@ pub fn finish(
     }
 }
 
+/// The record of a connection refused before anything was relayed (at the connection limit, to
+/// one of the proxy's own ports, a refused mutual-TLS handshake): every connection leaves one, as
+/// every exchange does. The caller has counted the error.
+pub fn log_refused(
+    shared: &Shared,
+    direction: Direction,
+    client: SocketAddr,
+    dialled: SocketAddr,
+    error: ErrorKind,
+) {
+    let log = &shared.telemetry.access_log;
+    if !log.enabled() {
+        return;
+    }
+    let (original, client) = (dialled.to_string(), client.to_string());
+    log.log(&Record {
+        start: SystemTime::now(),
+        duration: std::time::Duration::ZERO,
+        direction,
+        method: "-",
+        protocol: "TCP",
+        scheme: "tcp",
+        original_authority: &original,
+        upstream_authority: "-",
+        path_and_query: "",
+        client: &client,
+        request_id: "-",
+        status: 0,
+        request_bytes: 0,
+        response_bytes: 0,
+        grpc_status: None,
+        error: Some(error),
+        peer: None,
+        tunnel_traceparent: None,
+    });
+}
+
 /// Splice when the pipes can be had, else the user-space copy.
 async fn relay(
     client: &mut TcpStream,

@@ -79,7 +79,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
         Ok(Err((e, stream))) => {
             let (reason, detail) =
                 failure(&e).unwrap_or((HandshakeFailure::Protocol, e.to_string()));
-            refused(&shared, client, reason, &detail);
+            refused(&shared, client, local, reason, &detail);
             slot.unless_shed(linger(stream)).await;
             return;
         }
@@ -92,7 +92,7 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
     if session.alpn_protocol() != Some(ALPN_H2) {
         // rustls already refuses a client offering other protocols; this one offered none.
         let detail = "the client offered no ALPN h2: closing the connection";
-        refused(&shared, client, HandshakeFailure::NoAlpnH2, detail);
+        refused(&shared, client, local, HandshakeFailure::NoAlpnH2, detail);
         return;
     }
     // The verifier accepted the certificate, so it has a workload ID.
@@ -149,11 +149,18 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
 }
 
 /// A handshake refused: logged with the check that failed and whose fault it is, and counted.
-fn refused(shared: &Shared, client: SocketAddr, reason: HandshakeFailure, detail: &str) {
+fn refused(
+    shared: &Shared,
+    client: SocketAddr,
+    local: SocketAddr,
+    reason: HandshakeFailure,
+    detail: &str,
+) {
     let metrics = &shared.telemetry.metrics;
     metrics.count_handshake_failure(Direction::Inbound, reason);
     let kind = ErrorKind::Handshake(reason);
     metrics.count_error(Direction::Inbound, kind);
+    crate::proxy::tcp::log_refused(shared, Direction::Inbound, client, local, kind);
     tracing::info!(
         %client,
         error = %kind.as_str(),

@@ -444,7 +444,12 @@ impl Connection {
     ) -> Result<(UpstreamConn, ResponsePlan), (ErrorKind, Sent)> {
         let timeouts = self.shared.settings.timeouts;
         if inline {
-            if up.stream.write_all(&self.head).await.is_err() {
+            // A first write that fails wrote nothing (the app reset the idle connection): the
+            // request provably never left, whatever its method.
+            let Ok(first) = up.stream.write(&self.head).await else {
+                return Err((ErrorKind::UpstreamReset, Sent::Nothing));
+            };
+            if up.stream.write_all(&self.head[first..]).await.is_err() {
                 return Err((ErrorKind::UpstreamReset, Sent::NoResponse));
             }
         } else {
