@@ -13,7 +13,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use amazing_proxy::identity::bundles::{Authorities, BundleSet};
-use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
+use amazing_proxy::identity::leaf::LeafProblem;
+use amazing_proxy::identity::material::{Files, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::hbone::outbound::{OpenError, Tunnel};

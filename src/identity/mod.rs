@@ -1,9 +1,11 @@
 //! Workload identity: SPIFFE IDs of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
-//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored); the material
-//! that proves it ([`material`]), watched for rotation ([`source`]); the TLS configurations HBONE
+//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored), read from a
+//! certificate by [`leaf`]; the material that proves it ([`material`]), watched for rotation
+//! ([`source`]); the TLS configurations HBONE
 //! uses ([`tls`]); the identities expected of peers ([`peers`]).
 
 pub mod bundles;
+pub mod leaf;
 pub mod material;
 pub mod peers;
 pub mod source;

@@ -26,7 +26,7 @@ use rustls::{
 
 use super::SpiffeId;
 use super::bundles::BundleSet;
-use super::material::leaf;
+use super::leaf::leaf;
 use crate::error::HandshakeFailure;
 
 /// The only ALPN protocol HBONE speaks.
