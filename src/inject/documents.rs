@@ -12,8 +12,34 @@
 
 use serde_json::Value;
 
-use super::InjectError;
 use super::patch::{Outcome, PatchError, type_meta};
+
+/// What `inject` and `uninject` report: the input that could not be read, parsed or patched, or
+/// the output that could not be written; nothing is written then.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{source_name}, document {document}: {message}; fix the syntax (nothing was written)")]
+    Parse {
+        source_name: String,
+        document: usize,
+        message: String,
+    },
+    #[error("{source_name}, {document}: {error} (nothing was written)")]
+    Document {
+        source_name: String,
+        document: String,
+        error: PatchError,
+    },
+    #[error("document {document}: cannot write it back: {message}")]
+    Render { document: usize, message: String },
+    #[error("cannot write the result to stdout: {0}")]
+    Write(std::io::Error),
+}
 
 /// The format of the input, and so of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,7 @@ use clap::Args;
 
 use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration};
 use annotations::Settings;
+pub use documents::InjectError;
 use documents::Transform;
 pub use patch::{Options, Outcome, PatchError};
 
@@ -127,32 +128,6 @@ pub struct InjectArgs {
     #[command(flatten)]
     pub defaults: InjectDefaults,
 }
-
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{source_name}, document {document}: {message}; fix the syntax (nothing was written)")]
-    Parse {
-        source_name: String,
-        document: usize,
-        message: String,
-    },
-    #[error("{source_name}, {document}: {error} (nothing was written)")]
-    Document {
-        source_name: String,
-        document: String,
-        error: PatchError,
-    },
-    #[error("document {document}: cannot write it back: {message}")]
-    Render { document: usize, message: String },
-    #[error("cannot write the result to stdout: {0}")]
-    Write(std::io::Error),
-}
-
 /// Injects a whole input text; returns the output text and the notes about skipped pods.
 pub fn inject_text(
     input: &str,

@@ -51,7 +51,7 @@
 //! `--backend iptables` picks the variant with the same rules (1, 2), defaulting to nf_tables.
 //! `--clean` with `auto` cleans every backend where rules of ours are found.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 pub mod apply;
 pub mod iptables;
@@ -59,25 +59,8 @@ pub mod nft;
 pub mod rules;
 
 use crate::vocab::{self, CidrList, PortList, parse_port};
+pub use apply::{BackendChoice, InitError, Ipv6Mode};
 use rules::PolicyOptions;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendChoice {
-    /// Detect from the rules already present in the namespace.
-    Auto,
-    /// iptables-restore / ip6tables-restore (legacy or nf_tables variant, detected).
-    Iptables,
-    /// Native nftables: one `table inet amazing_proxy`.
-    Nft,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Ipv6Mode {
-    /// On when the kernel has IPv6 and ip6tables works in the namespace.
-    Auto,
-    On,
-    Off,
-}
 
 #[derive(Args, Clone, Debug)]
 pub struct InitArgs {
@@ -169,50 +152,6 @@ impl InitArgs {
             no_outbound: self.no_outbound,
         }
     }
-}
-
-/// Every failure says what went wrong and what to do; none leaves a half-applied ruleset.
-#[derive(Debug, thiserror::Error)]
-pub enum InitError {
-    #[error("invalid options: {0}")]
-    Invalid(String),
-
-    #[error("{tool} not found in PATH: {hint}")]
-    ToolMissing { tool: String, hint: String },
-
-    #[error(
-        "permission denied running {tool}: the init container needs the NET_ADMIN and NET_RAW capabilities and to run as root ({detail})"
-    )]
-    PermissionDenied { tool: String, detail: String },
-
-    #[error("{tool} rejected the {what} rules, so none of them were applied: {detail}")]
-    Rejected {
-        tool: String,
-        what: String,
-        detail: String,
-    },
-
-    #[error("{tool} could not read the current rules: {detail}")]
-    Read { tool: String, detail: String },
-
-    #[error("could not run {tool}: {source}")]
-    Spawn {
-        tool: String,
-        source: std::io::Error,
-    },
-
-    #[error(
-        "{first}; the IPv4 rules applied just before were rolled back, nothing changed (if this kernel has no IPv6 NAT, use --ipv6 off)"
-    )]
-    RolledBack { first: Box<InitError> },
-
-    #[error(
-        "{first}; rolling the IPv4 rules back failed too ({rollback}): run `amazing-proxy init --clean` and retry"
-    )]
-    RollbackFailed {
-        first: Box<InitError>,
-        rollback: Box<InitError>,
-    },
 }
 
 pub fn main(args: InitArgs) -> Result<(), InitError> {

@@ -6,13 +6,13 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+mod idle;
 mod splice;
 
 use super::upstream::connect;
@@ -21,6 +21,7 @@ use crate::identity::SpiffeId;
 use crate::proxy::Shared;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
+use idle::{IdleClock, until_idle};
 
 /// Where an opaque connection came from and goes.
 pub struct Route {
@@ -79,60 +80,6 @@ where
     let (result, sent, received) =
         until_idle(copy, &clock, shared.settings.timeouts.tcp_idle).await;
     finish(shared, &route, start, result, sent, received);
-}
-
-/// When bytes last moved on a relay, in milliseconds from its start: a clock read per transfer
-/// (vDSO, no syscall) instead of a timer reset per transfer.
-pub(crate) struct IdleClock {
-    start: tokio::time::Instant,
-    last_ms: AtomicU64,
-}
-
-impl IdleClock {
-    pub(crate) fn new() -> IdleClock {
-        IdleClock {
-            start: tokio::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Runs `relay` until it ends, or until `clock` says nothing moved for `timeout` (then the relay
-/// is dropped, which closes both sockets, and the record says `tcp_idle_timeout`). The byte
-/// counts of an abandoned relay are lost; an idle relay moved nothing recently anyway.
-async fn until_idle<F>(
-    relay: F,
-    clock: &IdleClock,
-    timeout: Duration,
-) -> (Result<(), ErrorKind>, u64, u64)
-where
-    F: std::future::Future<Output = (Result<(), ErrorKind>, u64, u64)>,
-{
-    let idle = async {
-        loop {
-            let deadline = clock.last() + timeout;
-            tokio::time::sleep_until(deadline).await;
-            if clock.last() + timeout <= tokio::time::Instant::now() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        done = relay => done,
-        () = idle => {
-            tracing::debug!("opaque connection idle for --tcp-idle-timeout: closing it");
-            (Err(ErrorKind::TcpIdleTimeout), 0, 0)
-        }
-    }
 }
 
 /// The connection's end: metrics and one access-log record.
