@@ -8,8 +8,9 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
+use crate::settings::{AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, ProxyConfig, Timeouts};
 use crate::vocab::{self, parse_drain_duration, parse_timeout};
 pub use crate::vocab::{AccessLogFormat, PortList};
 
@@ -37,39 +38,6 @@ impl FromStr for Listen {
             format!("expected IP:PORT (for example 127.0.0.1:15001) or `off`, got `{s}`")
         })
     }
-}
-
-/// Which HTTP version the proxy speaks to the app.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AppProtocol {
-    /// HTTP/1.1 to the app.
-    Http1,
-    /// HTTP/2 with prior knowledge (h2c) to the app: gRPC servers.
-    Http2,
-    /// The version the client used: HTTP/2 clients reach the app over HTTP/2, HTTP/1 over HTTP/1.1.
-    Auto,
-}
-
-/// Whether the app's outbound connections travel in HBONE tunnels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutboundMtls {
-    /// Plaintext, as the app sent it.
-    Off,
-    /// HBONE to `<destination>:15008`; plaintext when nothing listens there (remembered a minute).
-    Auto,
-    /// HBONE only: a destination without HBONE gets its connection closed.
-    Strict,
-}
-
-/// Whether plaintext is accepted on the inbound listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum InboundMtls {
-    /// No HBONE listener: plaintext only.
-    Off,
-    /// HBONE and plaintext.
-    Permissive,
-    /// HBONE only; plaintext is closed, except on --plaintext-ports (kubelet probes).
-    Strict,
 }
 
 /// Parses `IP:PORT`, with a message that says so (the standard one only says "invalid syntax").
@@ -342,6 +310,16 @@ pub struct RunArgs {
     /// refused TCP connection is closed. Validated at start, reloaded when the file changes.
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
     pub policy: Option<crate::policy::PolicyFile>,
+
+    /// The pod's name, for the HBONE `baggage` header (`inject` sets POD_NAME from the downward
+    /// API).
+    #[arg(long, env = vocab::POD_NAME_ENV)]
+    pub pod_name: Option<String>,
+
+    /// The pod's namespace, for the HBONE `baggage` header (`inject` sets POD_NAMESPACE from the
+    /// downward API); without it, the identity's namespace.
+    #[arg(long, env = vocab::POD_NAMESPACE_ENV)]
+    pub pod_namespace: Option<String>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
@@ -402,6 +380,60 @@ impl RunArgs {
         match self.hbone {
             Some(Listen(addr)) => addr,
             None => Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, vocab::HBONE_PORT))),
+        }
+    }
+
+    /// The ports of every listener `run` binds.
+    fn own_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.inbound.port(), self.admin.port()];
+        ports.extend(self.outbound.0.map(|a| a.port()));
+        ports.extend(self.hbone_listen().map(|a| a.port()));
+        ports
+    }
+
+    /// The data plane's configuration: these flags as plain values, what `proxy::Shared::new`
+    /// builds the data plane from.
+    pub fn proxy_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            app: self.app,
+            app_protocol: self.app_protocol,
+            http2_ports: self.http2_ports.0.clone(),
+            opaque_ports: self.opaque_ports.0.clone(),
+            http_ports: self.http_ports.0.clone(),
+            rewrite_host: self.rewrite_host,
+            trusted_hops: usize::from(self.trusted_hops),
+            lowercase_header_names: self.lowercase_header_names,
+            max_header_bytes: self.max_header_bytes,
+            own_ports: self.own_ports(),
+            timeouts: Timeouts {
+                header: self.header_timeout,
+                idle: self.idle_timeout,
+                request_body: self.request_body_timeout,
+                response: self.response_timeout,
+                response_body: self.response_body_timeout,
+                detect: self.detect_timeout,
+                tcp_idle: self.tcp_idle_timeout,
+            },
+            connect_timeout: self.connect_timeout,
+            proxy_mark: self.proxy_mark,
+            pool_idle_timeout: self.pool_idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_in_flight: self.max_in_flight as usize,
+            access_log: self.access_log,
+            trust_domain: self.trust_domain.clone(),
+            mtls: self.identity_source().map(|source| MtlsConfig {
+                source,
+                trust_bundles: self.trust_bundles.clone(),
+                inbound: self.inbound_mtls(),
+                outbound: self.outbound_mtls(),
+                plaintext_ports: self.plaintext_ports.clone(),
+                peers: (self.peer_identities.clone())
+                    .or_else(|| self.peer_identities_inline.clone())
+                    .unwrap_or_default(),
+                pod_name: self.pod_name.clone(),
+                pod_namespace: self.pod_namespace.clone(),
+            }),
+            policy: self.policy.clone(),
         }
     }
 

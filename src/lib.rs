@@ -22,6 +22,7 @@ pub mod netfilter;
 pub mod policy;
 pub mod proxy;
 pub mod run;
+pub mod settings;
 pub mod sync;
 pub mod telemetry;
 pub mod text_response;

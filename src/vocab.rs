@@ -1,5 +1,5 @@
 //! The shared vocabulary of `run`, `init`, `inject` and `webhook`: the proxy's well-known ports,
-//! uid, gid and socket mark, and the typed values their options are made of (port lists, CIDR
+//! uid, gid and socket mark, the pod's variables `inject` sets and `run` reads, and the typed values their options are made of (port lists, CIDR
 //! lists, bounded durations, the access-log format).
 //!
 //! Each value is parsed here and only here, so that what `inject` accepts in an annotation is
@@ -27,6 +27,11 @@ pub const PROXY_UID: u32 = 1337;
 pub const PROXY_GID: u32 = 1337;
 /// The socket mark (SO_MARK) the proxy sets on its upstream sockets; `init` lets it through.
 pub const PROXY_MARK: u32 = 1337;
+
+/// The downward-API variables `inject` sets on the sidecar and `run` reads: the pod's name and
+/// namespace.
+pub const POD_NAME_ENV: &str = "POD_NAME";
+pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
 
 /// Longest accepted timeout (connect, head, idle, body, pool idle...): a day. Longer is a typo,
 /// and unbounded values overflow when added to an `Instant`.

@@ -29,7 +29,7 @@ async fn data_plane(app: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Sha
         "--access-log",
         "off",
     ]);
-    let shared = Shared::new(&args, Box::new(Captured::default()));
+    let shared = Shared::new(&args.proxy_config(), Box::new(Captured::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(Listener::new(shared.clone(), listener, Direction::Inbound).run());
@@ -440,7 +440,7 @@ async fn judged_plane(
         &policy.display().to_string(),
     ]);
     let log = Captured::default();
-    let shared = Shared::new(&args, Box::new(log.clone()));
+    let shared = Shared::new(&args.proxy_config(), Box::new(log.clone()));
     tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());
     (addr, log)
 }

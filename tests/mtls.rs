@@ -43,7 +43,10 @@ fn data_plane(app: SocketAddr, identity: &Path, extra: &[&str]) -> (Arc<Shared>,
     let args = run_args(&args);
     args.validate().expect("valid flags");
     let log = Captured::default();
-    (Shared::new(&args, Box::new(log.clone())), log)
+    (
+        Shared::new(&args.proxy_config(), Box::new(log.clone())),
+        log,
+    )
 }
 
 /// Starts the HBONE listener of `shared` on loopback; returns its address.
@@ -1161,7 +1164,7 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
             &socket.display().to_string(),
         ]);
         args.validate().expect("valid flags");
-        let server = Shared::new(&args, Box::new(Captured::default()));
+        let server = Shared::new(&args.proxy_config(), Box::new(Captured::default()));
         let mtls = server.mtls.as_ref().expect("mtls");
         let waiting = mtls.identity.problem().unwrap_or_default();
         assert!(waiting.contains("Workload API"), "{waiting}");

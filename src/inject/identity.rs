@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::proxy::hbone::headers::{POD_NAME_ENV, POD_NAMESPACE_ENV};
+use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV};
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
 pub const IDENTITY_VOLUME: &str = "amazing-proxy-identity";

@@ -26,8 +26,8 @@ use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
 use super::phases::{self, Sent, Synthetic, may_retry};
 use super::tcp::Counted;
-use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
+use crate::settings::AppProtocol;
 use crate::telemetry::metrics::Direction;
 
 /// The service hyper calls for every request on a client connection. `open` keeps the request

@@ -28,8 +28,8 @@ use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
 use super::rewind::Rewind;
 use super::tcp;
 use super::upstream::connect;
-use crate::config::{AppProtocol, OutboundMtls};
 use crate::error::ErrorKind;
+use crate::settings::{AppProtocol, OutboundMtls};
 use crate::telemetry::metrics::{Direction, Protocol};
 
 /// While the first bytes do not decide, peek again after this pause, doubling up to the max.
@@ -757,7 +757,7 @@ mod tests {
             "off",
         ]);
         let args = RunArgs::from_arg_matches(&matches).expect("flags");
-        let shared = Shared::new(&args, Box::new(std::io::sink()));
+        let shared = Shared::new(&args.proxy_config(), Box::new(std::io::sink()));
         let task = super::serve_connection(shared, stream, addr, Direction::Inbound);
         let size = size_of_future(&task);
         assert!(size <= 2048, "a connection's task takes {size} bytes");

@@ -36,31 +36,12 @@ use std::time::Duration;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
-use crate::config::{AppProtocol, RunArgs};
+use crate::settings::{AppProtocol, ProxyConfig, Timeouts};
 use crate::telemetry::Telemetry;
 use drain::Drain;
 use limits::Limits;
 use phases::Via;
 use upstream::{ConnectOptions, Upstreams};
-
-/// Every bound on a wait, each from its own flag.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// The whole request head, from its first byte.
-    pub header: Duration,
-    /// An idle keep-alive client connection.
-    pub idle: Duration,
-    /// Between two reads of a request body.
-    pub request_body: Duration,
-    /// The app's response head, from the end of the request body.
-    pub response: Duration,
-    /// Between two reads of the app's response body.
-    pub response_body: Duration,
-    /// A new connection's first bytes, before the app is connected to see who speaks first.
-    pub detect: Duration,
-    /// An opaque TCP connection with no byte either way.
-    pub tcp_idle: Duration,
-}
 
 /// What the request path reads and never changes.
 pub struct Settings {
@@ -102,57 +83,56 @@ pub struct Shared {
 
 impl Shared {
     /// `access_log` is stdout in production, a pipe or buffer in tests.
-    pub fn new(args: &RunArgs, access_log: Box<dyn std::io::Write + Send>) -> Arc<Shared> {
-        let lowercase = args.lowercase_header_names;
-        let timeouts = Timeouts {
-            header: args.header_timeout,
-            idle: args.idle_timeout,
-            request_body: args.request_body_timeout,
-            response: args.response_timeout,
-            response_body: args.response_body_timeout,
-            detect: args.detect_timeout,
-            tcp_idle: args.tcp_idle_timeout,
-        };
-        let (http1_server, http2_server) = server_builders(args, timeouts);
+    pub fn new(config: &ProxyConfig, access_log: Box<dyn std::io::Write + Send>) -> Arc<Shared> {
+        let lowercase = config.lowercase_header_names;
+        let timeouts = config.timeouts;
+        let (http1_server, http2_server) = server_builders(config);
         let connect = ConnectOptions {
-            timeout: args.connect_timeout,
-            mark: upstream::mark_if_permitted(args.proxy_mark),
+            timeout: config.connect_timeout,
+            mark: upstream::mark_if_permitted(config.proxy_mark),
         };
-        let telemetry = Arc::new(Telemetry::new(args.access_log, access_log));
-        let mtls = hbone::Mtls::new(args, &telemetry.metrics.identity_expiry_seconds);
+        let telemetry = Arc::new(Telemetry::new(config.access_log, access_log));
+        let mtls = config.mtls.as_ref().map(|mtls| {
+            hbone::Mtls::new(
+                mtls,
+                &config.trust_domain,
+                config.pool_idle_timeout,
+                &telemetry.metrics.identity_expiry_seconds,
+            )
+        });
         Arc::new(Shared {
             settings: Settings {
-                app: args.app,
-                app_protocol: args.app_protocol,
-                http2_ports: args.http2_ports.0.clone(),
-                opaque_ports: args.opaque_ports.0.clone(),
-                http_ports: args.http_ports.0.clone(),
-                rewrite_host: args.rewrite_host,
-                trusted_hops: usize::from(args.trusted_hops),
+                app: config.app,
+                app_protocol: config.app_protocol,
+                http2_ports: config.http2_ports.clone(),
+                opaque_ports: config.opaque_ports.clone(),
+                http_ports: config.http_ports.clone(),
+                rewrite_host: config.rewrite_host,
+                trusted_hops: config.trusted_hops,
                 lowercase_header_names: lowercase,
-                max_header_bytes: args.max_header_bytes as usize,
-                own_ports: own_ports(args),
+                max_header_bytes: config.max_header_bytes as usize,
+                own_ports: config.own_ports.clone(),
                 timeouts,
                 via: Via::random(),
                 http1_server,
                 http2_server,
             },
             limits: Arc::new(Limits::new(
-                descriptor_budget(args.max_connections as usize),
-                args.max_in_flight as usize,
+                descriptor_budget(config.max_connections),
+                config.max_in_flight,
             )),
-            upstreams: Upstreams::new(connect, args.pool_idle_timeout, !lowercase),
+            upstreams: Upstreams::new(connect, config.pool_idle_timeout, !lowercase),
             telemetry,
             drain: Drain::default(),
             mtls,
-            policy: args.policy.as_ref().map(|file| {
+            policy: config.policy.as_ref().map(|file| {
                 let policy = file
                     .policy
                     .clone()
-                    .with_trust_domain(args.trust_domain.clone());
+                    .with_trust_domain(config.trust_domain.clone());
                 tokio::sync::watch::Sender::new(Arc::new(policy))
             }),
-            policy_path: args.policy.as_ref().map(|file| file.path.clone()),
+            policy_path: config.policy.as_ref().map(|file| file.path.clone()),
         })
     }
 }
@@ -258,14 +238,6 @@ fn verdict(decision: crate::policy::Decision) -> bool {
     }
 }
 
-/// The ports of every listener `run` binds.
-fn own_ports(args: &RunArgs) -> Vec<u16> {
-    let mut ports = vec![args.inbound.port(), args.admin.port()];
-    ports.extend(args.outbound.0.map(|a| a.port()));
-    ports.extend(args.hbone_listen().map(|a| a.port()));
-    ports
-}
-
 /// Descriptors kept out of the connection budget (a quarter of the limit, at most this many): the
 /// admin listener and its scrapes, the pools' idle connections, the access log, the runtime's own.
 const RESERVED_DESCRIPTORS: u64 = 512;
@@ -298,10 +270,10 @@ fn descriptor_budget(max_connections: usize) -> usize {
 }
 
 fn server_builders(
-    args: &RunArgs,
-    timeouts: Timeouts,
+    config: &ProxyConfig,
 ) -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
-    let keep_case = !args.lowercase_header_names;
+    let timeouts = config.timeouts;
+    let keep_case = !config.lowercase_header_names;
     let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
     http1
         .http1()
@@ -310,13 +282,13 @@ fn server_builders(
         .header_read_timeout(timeouts.header)
         .preserve_header_case(keep_case)
         .title_case_headers(keep_case)
-        .max_headers(max_fields(args.max_header_bytes as usize))
-        .max_buf_size(args.max_header_bytes as usize);
+        .max_headers(max_fields(config.max_header_bytes as usize))
+        .max_buf_size(config.max_header_bytes as usize);
     let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
     http2
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(args.max_header_bytes)
+        .max_header_list_size(config.max_header_bytes)
         // An idle HTTP/2 client is pinged, and dropped when it stops answering.
         .keep_alive_interval(Some(timeouts.idle))
         .keep_alive_timeout(timeouts.header)

@@ -12,10 +12,6 @@ pub const TRACEPARENT: &str = "traceparent";
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
 
-/// The downward-API variables `inject` sets on the sidecar: the pod's name and namespace.
-pub const POD_NAME_ENV: &str = "POD_NAME";
-pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
-
 /// A `traceparent` value starting a new trace: random, non-zero trace and span ids.
 pub fn new_traceparent() -> String {
     traceparent(fastrand::u128(1..), fastrand::u64(1..))

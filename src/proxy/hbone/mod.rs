@@ -15,9 +15,10 @@ pub mod outbound;
 
 use std::time::Duration;
 
-use crate::config::{InboundMtls, OutboundMtls, PortList, RunArgs};
 use crate::identity::peers::PeerIdentities;
 use crate::identity::source::Identity;
+use crate::settings::{InboundMtls, MtlsConfig, OutboundMtls};
+use crate::vocab::PortList;
 
 /// ztunnel's HTTP/2 settings, so that either side can fill the other's windows.
 pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -45,28 +46,31 @@ pub struct Mtls {
 }
 
 impl Mtls {
-    /// `None` without an identity. The material is loaded now (a failure is reported by `/ready`
-    /// and retried by [`Identity::watch_forever`], which the caller spawns).
-    pub fn new(args: &RunArgs, expiry: &prometheus_client::metrics::gauge::Gauge) -> Option<Mtls> {
-        let source = args.identity_source()?;
-        Some(Mtls {
+    /// The material is loaded now (a failure is reported by `/ready` and retried by
+    /// [`Identity::watch_forever`], which the caller spawns). Pooled connections close after
+    /// `idle_timeout` without a stream.
+    pub fn new(
+        config: &MtlsConfig,
+        trust_domain: &str,
+        idle_timeout: Duration,
+        expiry: &prometheus_client::metrics::gauge::Gauge,
+    ) -> Mtls {
+        Mtls {
             identity: Identity::new(
-                source,
-                args.trust_domain.clone(),
-                args.trust_bundles.clone(),
+                config.source.clone(),
+                trust_domain.to_owned(),
+                config.trust_bundles.clone(),
                 expiry,
             ),
-            inbound: args.inbound_mtls(),
-            outbound: args.outbound_mtls(),
-            plaintext_ports: args.plaintext_ports.clone(),
-            peers: (args.peer_identities.clone())
-                .or_else(|| args.peer_identities_inline.clone())
-                .unwrap_or_default(),
+            inbound: config.inbound,
+            outbound: config.outbound,
+            plaintext_ports: config.plaintext_ports.clone(),
+            peers: config.peers.clone(),
             pool: outbound::Pool::default(),
-            idle_timeout: args.pool_idle_timeout,
-            pod_name: std::env::var(headers::POD_NAME_ENV).ok(),
-            pod_namespace: std::env::var(headers::POD_NAMESPACE_ENV).ok(),
-        })
+            idle_timeout,
+            pod_name: config.pod_name.clone(),
+            pod_namespace: config.pod_namespace.clone(),
+        }
     }
 
     /// Whether a plaintext inbound connection to `port` is refused.

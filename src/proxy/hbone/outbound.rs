@@ -33,13 +33,13 @@ use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
 use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
 };
-use crate::config::OutboundMtls;
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::Shared;
 use crate::proxy::tcp::{self, Route};
 use crate::proxy::upstream::connect;
+use crate::settings::OutboundMtls;
 use crate::sync::lock;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::HBONE_PORT;
