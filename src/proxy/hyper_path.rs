@@ -19,12 +19,12 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::Shared;
 use super::body::{RequestBody, ResponseBody};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
 use super::phases::{self, Sent, Synthetic, may_retry};
+use super::shared::Shared;
 use super::tcp::Counted;
 use crate::error::{ErrorKind, classify_client_error};
 use crate::settings::AppProtocol;

@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Shared;
 use super::detect::{Detected, MAX_PEEK, classify};
 use super::drain::wait_for_closing;
 use super::exchange::{ConnContext, Exchange};
@@ -26,6 +25,7 @@ use super::http1;
 use super::hyper_path;
 use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
 use super::rewind::Rewind;
+use super::shared::{Settings, Shared};
 use super::tcp;
 use super::upstream::connect;
 use crate::error::ErrorKind;
@@ -518,7 +518,7 @@ fn destination(
 /// whose original destination cannot be this pod's (loopback or unspecified: spoofed, since the
 /// pod's own traffic never passes the inbound rules).
 fn upstream_of(
-    settings: &super::Settings,
+    settings: &Settings,
     direction: Direction,
     original: Option<SocketAddr>,
     local: SocketAddr,
@@ -543,11 +543,7 @@ fn upstream_of(
 /// a service the pod binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same
 /// change; ztunnel dials the pod address). The destination's own address is not used: a peer that
 /// routes a packet for 127.0.0.1 or another host to this pod would reach it.
-pub(super) fn inbound_upstream(
-    settings: &super::Settings,
-    port: u16,
-    local: SocketAddr,
-) -> SocketAddr {
+pub(super) fn inbound_upstream(settings: &Settings, port: u16, local: SocketAddr) -> SocketAddr {
     if port == settings.app.port() {
         settings.app
     } else {

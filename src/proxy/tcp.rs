@@ -18,7 +18,7 @@ mod splice;
 use super::upstream::connect;
 use crate::error::{ErrorKind, classify_io};
 use crate::identity::SpiffeId;
-use crate::proxy::Shared;
+use crate::proxy::shared::Shared;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
 use idle::{IdleClock, until_idle};

@@ -5,7 +5,9 @@
 //! hyper-util's pooled clients for the hyper path. Idle connections are reaped when they expire
 //! or when the app closes them, not only dropped on a later checkout. Every socket the proxy opens
 //! can carry a mark (`--proxy-mark`) so that the pod's redirect rules let it pass, whatever user
-//! the proxy runs as.
+//! the proxy runs as. HBONE's pool of connections to peers is [`tunnels`] (its state; HBONE dials).
+
+pub mod tunnels;
 
 use crate::sync::lock;
 use std::collections::HashMap;

@@ -27,9 +27,9 @@ use super::{
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::SpiffeId;
 use crate::identity::tls::{ALPN_H2, failure, peer_id};
-use crate::proxy::Shared;
 use crate::proxy::limits::{Activity, OpenRequests, RequestMark};
 use crate::proxy::listener::{inbound_upstream, serve_tunnelled};
+use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;

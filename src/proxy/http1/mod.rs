@@ -32,11 +32,11 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::error::{ErrorKind, classify_io};
-use crate::proxy::Shared;
 use crate::proxy::exchange::{ConnContext, Exchange, PathText};
 use crate::proxy::limits::{Activity, Slot};
 use crate::proxy::phases::{Sent, Synthetic, may_retry};
 use crate::proxy::rewind::Rewind;
+use crate::proxy::shared::Shared;
 use crate::proxy::upstream::UpstreamConn;
 use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};
