@@ -83,7 +83,10 @@ impl Listener {
                     backoff = ACCEPT_BACKOFF_MIN;
                     let shared = self.shared.clone();
                     if self.hbone {
-                        tokio::spawn(hbone::inbound::serve_connection(shared, stream, client));
+                        let serve = serve_tunnelled::<hbone::inbound::Stream>;
+                        let connection =
+                            hbone::inbound::serve_connection(shared, stream, client, serve);
+                        tokio::spawn(connection);
                     } else {
                         tokio::spawn(serve_connection(shared, stream, client, self.direction));
                     }
@@ -262,7 +265,7 @@ fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
 /// TCP path (on that app connection) or the HTTP path (hyper's, which has its own pool), as a
 /// plaintext connection to the same port would take, with the peer's identity on every record.
-pub(super) async fn serve_tunnelled<I>(
+async fn serve_tunnelled<I>(
     shared: Arc<Shared>,
     mut io: I,
     mut app: TcpStream,
@@ -529,25 +532,12 @@ fn upstream_of(
             if ip.is_loopback() || ip.is_unspecified() {
                 return None;
             }
-            Some(inbound_upstream(settings, original.port(), local))
+            Some(settings.inbound_upstream(original.port(), local))
         }
         // Not redirected (a client dialled the inbound port itself): it stands for --app, and
         // is judged by --app's port.
         (Direction::Inbound, None) => Some(settings.app),
         (Direction::Outbound, original) => original,
-    }
-}
-
-/// Where inbound traffic for `port` goes: --app for the app's own port (the address the operator
-/// gave for the app), else this pod's address the connection arrived on, never loopback, so that
-/// a service the pod binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same
-/// change; ztunnel dials the pod address). The destination's own address is not used: a peer that
-/// routes a packet for 127.0.0.1 or another host to this pod would reach it.
-pub(super) fn inbound_upstream(settings: &Settings, port: u16, local: SocketAddr) -> SocketAddr {
-    if port == settings.app.port() {
-        settings.app
-    } else {
-        SocketAddr::new(local.ip(), port)
     }
 }
 

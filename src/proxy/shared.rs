@@ -45,6 +45,22 @@ pub struct Settings {
     pub http2_server: auto::Builder<TokioExecutor>,
 }
 
+impl Settings {
+    /// Where inbound traffic for `port` goes: --app for the app's own port (the address the
+    /// operator gave for the app), else this pod's address the connection arrived on (`local`),
+    /// never loopback, so that a service the pod binds to 127.0.0.1 only is not for the network
+    /// (Istio 1.10 made the same change; ztunnel dials the pod address). The destination's own
+    /// address is not used: a peer that routes a packet for 127.0.0.1 or another host to this pod
+    /// would reach it. Plaintext (the listener) and tunnels (HBONE) both ask.
+    pub fn inbound_upstream(&self, port: u16, local: SocketAddr) -> SocketAddr {
+        if port == self.app.port() {
+            self.app
+        } else {
+            SocketAddr::new(local.ip(), port)
+        }
+    }
+}
+
 /// The shared state of the data plane: settings, limits, upstreams, telemetry and the drain.
 /// Built once by `Shared::new` (in [`crate::proxy`], the wiring), which tests call too; handed to
 /// every adapter.
