@@ -15,8 +15,11 @@
 //! (`init`: the pod's redirect rules), [`inject`] (`inject`, `uninject`), [`webhook`] (`webhook`)
 //! and [`install`] (`install`).
 #![forbid(unsafe_code)]
+// The library's public surface is what the binary and the tests use; its module docs describe the
+// internals and link to them (read with `cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
 pub mod error;
 pub mod identity;
@@ -27,8 +30,8 @@ pub mod policy;
 pub mod proxy;
 pub mod run;
 pub mod settings;
-pub mod sync;
+pub(crate) mod sync;
 pub mod telemetry;
-pub mod text_response;
+pub(crate) mod text_response;
 pub mod vocab;
 pub mod webhook;

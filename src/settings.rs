@@ -16,7 +16,7 @@ use crate::vocab::{AccessLogFormat, PortList};
 
 /// Which HTTP version the proxy speaks to the app.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AppProtocol {
+pub(crate) enum AppProtocol {
     /// HTTP/1.1 to the app.
     Http1,
     /// HTTP/2 with prior knowledge (h2c) to the app: gRPC servers.
@@ -27,7 +27,7 @@ pub enum AppProtocol {
 
 /// Whether the app's outbound connections travel in HBONE tunnels.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutboundMtls {
+pub(crate) enum OutboundMtls {
     /// Plaintext, as the app sent it.
     Off,
     /// HBONE to `<destination>:15008`; plaintext when nothing listens there (remembered a minute).
@@ -38,7 +38,7 @@ pub enum OutboundMtls {
 
 /// Whether plaintext is accepted on the inbound listener.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum InboundMtls {
+pub(crate) enum InboundMtls {
     /// No HBONE listener: plaintext only.
     Off,
     /// HBONE and plaintext.
@@ -49,65 +49,65 @@ pub enum InboundMtls {
 
 /// Every bound on a wait, each from its own flag.
 #[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
+pub(crate) struct Timeouts {
     /// The whole request head, from its first byte.
-    pub header: Duration,
+    pub(crate) header: Duration,
     /// An idle keep-alive client connection.
-    pub idle: Duration,
+    pub(crate) idle: Duration,
     /// Between two reads of a request body.
-    pub request_body: Duration,
+    pub(crate) request_body: Duration,
     /// The app's response head, from the end of the request body.
-    pub response: Duration,
+    pub(crate) response: Duration,
     /// Between two reads of the app's response body.
-    pub response_body: Duration,
+    pub(crate) response_body: Duration,
     /// A new connection's first bytes, before the app is connected to see who speaks first.
-    pub detect: Duration,
+    pub(crate) detect: Duration,
     /// An opaque TCP connection with no byte either way.
-    pub tcp_idle: Duration,
+    pub(crate) tcp_idle: Duration,
 }
 
 /// Everything the data plane is built from (each field is the flag of the same name unless said).
 #[derive(Clone, Debug)]
 pub struct ProxyConfig {
-    pub app: SocketAddr,
-    pub app_protocol: AppProtocol,
-    pub http2_ports: Vec<u16>,
-    pub opaque_ports: Vec<u16>,
-    pub http_ports: Vec<u16>,
-    pub rewrite_host: bool,
-    pub trusted_hops: usize,
-    pub lowercase_header_names: bool,
-    pub max_header_bytes: u32,
+    pub(crate) app: SocketAddr,
+    pub(crate) app_protocol: AppProtocol,
+    pub(crate) http2_ports: Vec<u16>,
+    pub(crate) opaque_ports: Vec<u16>,
+    pub(crate) http_ports: Vec<u16>,
+    pub(crate) rewrite_host: bool,
+    pub(crate) trusted_hops: usize,
+    pub(crate) lowercase_header_names: bool,
+    pub(crate) max_header_bytes: u32,
     /// The ports of the proxy's own listeners (inbound, outbound, admin, HBONE) as bound: never a
     /// destination of inbound traffic.
-    pub own_ports: Vec<u16>,
-    pub timeouts: Timeouts,
-    pub connect_timeout: Duration,
+    pub(crate) own_ports: Vec<u16>,
+    pub(crate) timeouts: Timeouts,
+    pub(crate) connect_timeout: Duration,
     /// SO_MARK on upstream sockets (--proxy-mark); 0 for none.
-    pub proxy_mark: u32,
-    pub pool_idle_timeout: Duration,
-    pub max_connections: usize,
-    pub max_in_flight: usize,
-    pub access_log: AccessLogFormat,
-    pub trust_domain: String,
+    pub(crate) proxy_mark: u32,
+    pub(crate) pool_idle_timeout: Duration,
+    pub(crate) max_connections: usize,
+    pub(crate) max_in_flight: usize,
+    pub(crate) access_log: AccessLogFormat,
+    pub(crate) trust_domain: String,
     /// Mutual TLS (HBONE): `None` without an identity.
-    pub mtls: Option<MtlsConfig>,
-    pub policy: Option<PolicyFile>,
+    pub(crate) mtls: Option<MtlsConfig>,
+    pub(crate) policy: Option<PolicyFile>,
 }
 
 /// Mutual TLS, when an identity is configured.
 #[derive(Clone, Debug)]
-pub struct MtlsConfig {
+pub(crate) struct MtlsConfig {
     /// Where the identity comes from.
-    pub source: Source,
-    pub trust_bundles: Option<PathBuf>,
+    pub(crate) source: Source,
+    pub(crate) trust_bundles: Option<PathBuf>,
     /// --inbound-mtls and --outbound-mtls as they apply (their defaults follow the identity).
-    pub inbound: InboundMtls,
-    pub outbound: OutboundMtls,
-    pub plaintext_ports: PortList,
+    pub(crate) inbound: InboundMtls,
+    pub(crate) outbound: OutboundMtls,
+    pub(crate) plaintext_ports: PortList,
     /// --peer-identities or --peer-identities-inline.
-    pub peers: PeerIdentities,
+    pub(crate) peers: PeerIdentities,
     /// The pod's name and namespace (`POD_NAME`, `POD_NAMESPACE`), for the `baggage` header.
-    pub pod_name: Option<String>,
-    pub pod_namespace: Option<String>,
+    pub(crate) pod_name: Option<String>,
+    pub(crate) pod_namespace: Option<String>,
 }

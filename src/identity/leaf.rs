@@ -29,10 +29,10 @@ pub enum LeafProblem {
 }
 
 /// A leaf certificate's identity and validity.
-pub struct Leaf {
-    pub id: SpiffeId,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
+pub(crate) struct Leaf {
+    pub(crate) id: SpiffeId,
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
 }
 
 fn system_time(seconds: i64) -> SystemTime {
@@ -43,7 +43,7 @@ fn system_time(seconds: i64) -> SystemTime {
 }
 
 /// The SPIFFE ID (the one URI SAN, of any trust domain) and the validity of a leaf.
-pub fn leaf(der: &[u8]) -> Result<Leaf, LeafProblem> {
+pub(crate) fn leaf(der: &[u8]) -> Result<Leaf, LeafProblem> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| LeafProblem::Parse(e.to_string()))?;
     let uris: Vec<&str> = match cert.subject_alternative_name() {
@@ -73,7 +73,7 @@ pub fn leaf(der: &[u8]) -> Result<Leaf, LeafProblem> {
 
 impl Leaf {
     /// Err when `now` is outside the validity.
-    pub fn check_time(&self, now: SystemTime) -> Result<(), LeafProblem> {
+    pub(crate) fn check_time(&self, now: SystemTime) -> Result<(), LeafProblem> {
         if now > self.not_after {
             return Err(LeafProblem::Expired(
                 humantime::format_rfc3339_seconds(self.not_after).to_string(),

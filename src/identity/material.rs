@@ -30,7 +30,7 @@ pub enum Files {
 
 impl Files {
     /// The files whose change means a reload.
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             Files::Dir(dir) => ["tls.crt", "tls.key", "ca.crt"]
                 .iter()
@@ -44,11 +44,10 @@ impl Files {
 /// Validated material, and the TLS configurations built from it once.
 pub struct Material {
     pub id: SpiffeId,
-    pub trust_domain: String,
     pub key: Arc<CertifiedKey>,
     /// The CAs of each trust domain peers may be of.
     pub bundles: Arc<BundleSet>,
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
     pub server: Arc<rustls::ServerConfig>,
 }
 
@@ -96,17 +95,17 @@ pub enum MaterialError {
 }
 
 /// Material as a source delivers it, before validation, and where each part came from.
-pub struct Parts {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+pub(crate) struct Parts {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     /// Our trust domain's CAs.
-    pub bundle: Vec<CertificateDer<'static>>,
+    pub(crate) bundle: Vec<CertificateDer<'static>>,
     /// Other trust domains' CAs (our own among them adds to `bundle`).
-    pub federated: Authorities,
-    pub chain_from: String,
-    pub key_from: String,
-    pub bundle_from: String,
-    pub federated_from: String,
+    pub(crate) federated: Authorities,
+    pub(crate) chain_from: String,
+    pub(crate) key_from: String,
+    pub(crate) bundle_from: String,
+    pub(crate) federated_from: String,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, MaterialError> {
@@ -175,7 +174,7 @@ pub fn load(
 
 /// Validates material from any source (the files above; the SPIFFE Workload API delivers the
 /// same parts as DER) at `now`, and builds its TLS configuration.
-pub fn validate(
+pub(crate) fn validate(
     parts: Parts,
     trust_domain: &str,
     now: SystemTime,
@@ -246,7 +245,6 @@ pub fn validate(
     let server = tls::server_config(key.clone(), bundles.clone())?;
     Ok(Material {
         id: info.id,
-        trust_domain: trust_domain.to_owned(),
         key,
         bundles,
         not_after: info.not_after,

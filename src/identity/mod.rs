@@ -20,9 +20,9 @@ use std::str::FromStr;
 /// A workload's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub(crate) trust_domain: String,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -77,7 +77,7 @@ impl FromStr for SpiffeId {
 }
 
 /// Whether `name` is a SPIFFE trust domain name: lower-case letters, digits, `.`, `-`, `_`.
-pub fn is_trust_domain(name: &str) -> bool {
+pub(crate) fn is_trust_domain(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()

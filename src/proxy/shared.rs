@@ -26,23 +26,23 @@ use crate::vocab::PortList;
 
 /// What the request path reads and never changes.
 pub struct Settings {
-    pub app: SocketAddr,
-    pub app_protocol: AppProtocol,
-    pub http2_ports: Vec<u16>,
-    pub opaque_ports: Vec<u16>,
-    pub http_ports: Vec<u16>,
-    pub rewrite_host: bool,
+    pub(crate) app: SocketAddr,
+    pub(crate) app_protocol: AppProtocol,
+    pub(crate) http2_ports: Vec<u16>,
+    pub(crate) opaque_ports: Vec<u16>,
+    pub(crate) http_ports: Vec<u16>,
+    pub(crate) rewrite_host: bool,
     /// --trusted-hops: how much of a request's forwarding fields to keep (`phases::add_forwarding`).
-    pub trusted_hops: usize,
-    pub lowercase_header_names: bool,
-    pub max_header_bytes: usize,
+    pub(crate) trusted_hops: usize,
+    pub(crate) lowercase_header_names: bool,
+    pub(crate) max_header_bytes: usize,
     /// The proxy's own listening ports (inbound, outbound, admin, HBONE): never a destination
     /// of inbound traffic, whatever its original destination or CONNECT authority says.
-    pub own_ports: Vec<u16>,
-    pub timeouts: Timeouts,
+    pub(crate) own_ports: Vec<u16>,
+    pub(crate) timeouts: Timeouts,
     pub via: Via,
-    pub http1_server: auto::Builder<TokioExecutor>,
-    pub http2_server: auto::Builder<TokioExecutor>,
+    pub(crate) http1_server: auto::Builder<TokioExecutor>,
+    pub(crate) http2_server: auto::Builder<TokioExecutor>,
 }
 
 impl Settings {
@@ -52,7 +52,7 @@ impl Settings {
     /// (Istio 1.10 made the same change; ztunnel dials the pod address). The destination's own
     /// address is not used: a peer that routes a packet for 127.0.0.1 or another host to this pod
     /// would reach it. Plaintext (the listener) and tunnels (HBONE) both ask.
-    pub fn inbound_upstream(&self, port: u16, local: SocketAddr) -> SocketAddr {
+    pub(crate) fn inbound_upstream(&self, port: u16, local: SocketAddr) -> SocketAddr {
         if port == self.app.port() {
             self.app
         } else {
@@ -67,43 +67,43 @@ impl Settings {
 pub struct Shared {
     pub settings: Settings,
     pub limits: Arc<Limits>,
-    pub upstreams: Upstreams,
+    pub(crate) upstreams: Upstreams,
     pub telemetry: Arc<Telemetry>,
-    pub drain: Drain,
+    pub(crate) drain: Drain,
     /// Mutual TLS (HBONE), when an identity is configured.
     pub mtls: Option<Mtls>,
     /// Who may connect to which inbound port (--policy): the current policy, replaced when its
     /// file changes.
-    pub policy: Option<tokio::sync::watch::Sender<Arc<Policy>>>,
+    pub(crate) policy: Option<tokio::sync::watch::Sender<Arc<Policy>>>,
     /// Where --policy was read from.
-    pub policy_path: Option<std::path::PathBuf>,
+    pub(crate) policy_path: Option<std::path::PathBuf>,
 }
 
 /// Mutual TLS: the identity, the modes and the outbound pool.
 pub struct Mtls {
     pub identity: Identity,
-    pub inbound: InboundMtls,
-    pub outbound: OutboundMtls,
-    pub plaintext_ports: PortList,
-    pub peers: PeerIdentities,
+    pub(crate) inbound: InboundMtls,
+    pub(crate) outbound: OutboundMtls,
+    pub(crate) plaintext_ports: PortList,
+    pub(crate) peers: PeerIdentities,
     pub pool: Pool,
     /// Pooled HBONE connections without a stream close after this long (--pool-idle-timeout).
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
     /// The pod's name and namespace from the downward API, for the `baggage` header.
-    pub pod_name: Option<String>,
-    pub pod_namespace: Option<String>,
+    pub(crate) pod_name: Option<String>,
+    pub(crate) pod_namespace: Option<String>,
 }
 
 impl Mtls {
     /// Whether a plaintext inbound connection to `port` is refused.
-    pub fn refuses_plaintext(&self, port: u16) -> bool {
+    pub(crate) fn refuses_plaintext(&self, port: u16) -> bool {
         self.inbound == InboundMtls::Strict && !self.plaintext_ports.contains(port)
     }
 }
 
 impl Shared {
     /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port` at all.
-    pub fn admits(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
+    pub(crate) fn admits(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
         self.policy
             .as_ref()
             .is_none_or(|policy| verdict(policy.borrow().admits_connection(port, peer)))
@@ -111,7 +111,7 @@ impl Shared {
 
     /// Whether --policy lets `peer` (None: plaintext) make this HTTP request
     /// (`Some((method, path))`) or send opaque bytes (`None`) to inbound `port`.
-    pub fn allows(
+    pub(crate) fn allows(
         &self,
         port: u16,
         peer: Option<&SpiffeId>,
@@ -127,7 +127,7 @@ impl Shared {
     /// `x-forwarded-client-cert` for an inbound request from a verified peer (the SPIFFE ID of the
     /// HBONE tunnel it came in): `None` for plaintext and outbound. `By` is the identity this
     /// proxy serves now.
-    pub fn client_cert_details(&self, conn: &ConnContext) -> Option<http::HeaderValue> {
+    pub(crate) fn client_cert_details(&self, conn: &ConnContext) -> Option<http::HeaderValue> {
         if conn.direction != Direction::Inbound {
             return None;
         }
@@ -138,7 +138,7 @@ impl Shared {
 
     /// Whether the policy in force names methods or paths for inbound `port`: its traffic must
     /// then be HTTP, never undetected bytes.
-    pub fn judges_http_on(&self, port: u16) -> bool {
+    pub(crate) fn judges_http_on(&self, port: u16) -> bool {
         self.policy
             .as_ref()
             .is_some_and(|policy| policy.borrow().limits_http_on(port))

@@ -24,24 +24,24 @@ use crate::telemetry::metrics::Direction;
 use idle::{IdleClock, until_idle};
 
 /// Where an opaque connection came from and goes.
-pub struct Route {
-    pub client: SocketAddr,
-    pub dialled: SocketAddr,
-    pub upstream: SocketAddr,
-    pub direction: Direction,
+pub(crate) struct Route {
+    pub(crate) client: SocketAddr,
+    pub(crate) dialled: SocketAddr,
+    pub(crate) upstream: SocketAddr,
+    pub(crate) direction: Direction,
     /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel, as the log writes it.
-    pub peer: Option<String>,
+    pub(crate) peer: Option<String>,
     /// The same, parsed once, for the policy (inbound tunnels only).
-    pub peer_id: Option<Arc<SpiffeId>>,
+    pub(crate) peer_id: Option<Arc<SpiffeId>>,
     /// The tunnel's `traceparent` (sent outbound, received inbound) when it had a valid one.
-    pub tunnel_traceparent: Option<String>,
+    pub(crate) tunnel_traceparent: Option<String>,
 }
 
 /// Relays until both sides are done, or until no byte moved either way for --tcp-idle-timeout.
 /// `app` is the app connection (or the failure to make it) when detection already tried (the
 /// app was asked who speaks first). Opaque streams have no graceful end a proxy could signal: past the drain delay they get
 /// the drain timeout, after which the process exits under them.
-pub async fn forward(
+pub(crate) async fn forward(
     shared: &Shared,
     mut client: TcpStream,
     app: Option<std::io::Result<TcpStream>>,
@@ -69,8 +69,12 @@ pub async fn forward(
 
 /// Relays between two streams of any kind (an HBONE tunnel on one side) already connected, under
 /// the same idle timeout.
-pub async fn forward_streams<A, B>(shared: &Shared, client: &mut A, server: &mut B, route: Route)
-where
+pub(crate) async fn forward_streams<A, B>(
+    shared: &Shared,
+    client: &mut A,
+    server: &mut B,
+    route: Route,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
@@ -83,7 +87,7 @@ where
 }
 
 /// The connection's end: metrics and one access-log record.
-pub fn finish(
+pub(crate) fn finish(
     shared: &Shared,
     route: &Route,
     start: Instant,

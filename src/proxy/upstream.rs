@@ -32,14 +32,14 @@ use super::body::RequestBody;
 const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectOptions {
-    pub timeout: Duration,
+pub(crate) struct ConnectOptions {
+    pub(crate) timeout: Duration,
     /// SO_MARK for upstream sockets; `None` when disabled or not permitted.
-    pub mark: Option<u32>,
+    pub(crate) mark: Option<u32>,
 }
 
 /// Opens a TCP connection with Nagle off and the proxy's mark, bounded by the connect timeout.
-pub async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpStream> {
+pub(crate) async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -60,7 +60,7 @@ pub async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpSt
 
 /// Whether this process may set SO_MARK (it needs CAP_NET_ADMIN). Checked once at startup so that
 /// an unprivileged proxy (excluded from redirection by its uid instead) does not fail every connect.
-pub fn mark_if_permitted(mark: u32) -> Option<u32> {
+pub(crate) fn mark_if_permitted(mark: u32) -> Option<u32> {
     if mark == 0 {
         return None;
     }
@@ -78,7 +78,7 @@ pub fn mark_if_permitted(mark: u32) -> Option<u32> {
 
 /// hyper-util connector: the URIs are ours, always `http://IP:PORT`.
 #[derive(Clone, Copy, Debug)]
-pub struct Connector(pub ConnectOptions);
+pub(crate) struct Connector(pub(crate) ConnectOptions);
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<TcpStream>;
@@ -106,23 +106,23 @@ impl tower_service::Service<Uri> for Connector {
     }
 }
 
-pub type HttpClient = Client<Connector, RequestBody>;
+pub(crate) type HttpClient = Client<Connector, RequestBody>;
 
 /// Every way to reach upstreams, built once.
-pub struct Upstreams {
-    pub connect: ConnectOptions,
+pub(crate) struct Upstreams {
+    pub(crate) connect: ConnectOptions,
     /// The fast path's raw HTTP/1.1 connections.
-    pub pool: Arc<Pool>,
+    pub(crate) pool: Arc<Pool>,
     /// hyper's pooled clients, one per HTTP version spoken to upstreams.
-    pub http1: HttpClient,
-    pub http2: HttpClient,
+    pub(crate) http1: HttpClient,
+    pub(crate) http2: HttpClient,
     /// Never pools: a retry goes out on a freshly dialled connection, since another pooled one
     /// may be just as dead (the keep-alive race).
-    pub http1_fresh: HttpClient,
+    pub(crate) http1_fresh: HttpClient,
 }
 
 impl Upstreams {
-    pub fn new(
+    pub(crate) fn new(
         connect: ConnectOptions,
         pool_idle_timeout: Duration,
         title_case: bool,
@@ -151,7 +151,7 @@ impl Upstreams {
         }
     }
 
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
         let stream = connect(addr, self.connect).await?;
         Ok(UpstreamConn {
             stream,
@@ -162,17 +162,17 @@ impl Upstreams {
 }
 
 /// A raw connection to an upstream, with its read buffer.
-pub struct UpstreamConn {
-    pub stream: TcpStream,
-    pub buf: BytesMut,
+pub(crate) struct UpstreamConn {
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: BytesMut,
     /// Carried a request before: the app may have closed it while it was idle.
-    pub reused: bool,
+    pub(crate) reused: bool,
 }
 
 impl UpstreamConn {
     /// Whether the connection can carry a request: nothing unread, nothing arrived since the last
     /// response (a closed or misbehaving connection reads something; a healthy idle one would block).
-    pub fn is_clean(&self) -> bool {
+    pub(crate) fn is_clean(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
@@ -183,7 +183,7 @@ impl UpstreamConn {
 
 /// Idle raw connections by address. The fast path touches it when a client connection needs its
 /// first upstream connection and when it goes idle or closes, never per request.
-pub struct Pool {
+pub(crate) struct Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
     idle_timeout: Duration,
 }
@@ -196,7 +196,7 @@ impl Pool {
         }
     }
 
-    pub fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    pub(crate) fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(&addr)?;
         while let Some((conn, since)) = list.pop() {
@@ -208,7 +208,7 @@ impl Pool {
     }
 
     /// Keeps a connection for later, if it is clean and there is room.
-    pub fn checkin(&self, addr: SocketAddr, mut conn: UpstreamConn) {
+    pub(crate) fn checkin(&self, addr: SocketAddr, mut conn: UpstreamConn) {
         if !conn.is_clean() {
             return;
         }
@@ -223,7 +223,7 @@ impl Pool {
     }
 
     /// Closes expired connections and those the app closed; returns how many are left.
-    pub fn reap(&self) -> usize {
+    pub(crate) fn reap(&self) -> usize {
         let mut idle = lock(&self.idle);
         idle.retain(|_, list| {
             list.retain(|(conn, since)| since.elapsed() < self.idle_timeout && conn.is_clean());
@@ -233,7 +233,7 @@ impl Pool {
     }
 
     /// Reaps for the life of the process, a few times per idle timeout.
-    pub async fn reap_forever(self: Arc<Self>) {
+    pub(crate) async fn reap_forever(self: Arc<Self>) {
         let every =
             (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {

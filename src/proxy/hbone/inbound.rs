@@ -39,7 +39,7 @@ use crate::telemetry::metrics::Direction;
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The bytes of one tunnelled connection: a CONNECT stream, upgraded.
-pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
+pub(crate) type Stream = TokioIo<hyper::upgrade::Upgraded>;
 
 /// One TLS connection from a peer: handshake, then its CONNECT streams until it closes. The
 /// connection counts against --max-connections, is shed when it has no open stream and room is
@@ -48,7 +48,7 @@ pub type Stream = TokioIo<hyper::upgrade::Upgraded>;
 /// `serve` carries each stream once its app connection is made: the listener's detection, then
 /// the HTTP or TCP path, as for plaintext. It is handed in so that this adapter does not reach up
 /// to the listener that calls it.
-pub async fn serve_connection<S, F>(
+pub(crate) async fn serve_connection<S, F>(
     shared: Arc<Shared>,
     stream: TcpStream,
     client: SocketAddr,

@@ -11,19 +11,19 @@
 //! server answers PINGs while idle and its client sends keep-alive PINGs, and a `CONNECT` stream
 //! becomes an ordinary byte stream (`hyper::upgrade`) that the existing paths can read.
 
-pub mod headers;
-pub mod inbound;
+pub(crate) mod headers;
+pub(crate) mod inbound;
 pub mod outbound;
 
 use std::time::Duration;
 
 /// ztunnel's HTTP/2 settings, so that either side can fill the other's windows.
-pub const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
-pub const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
-pub const MAX_FRAME: u32 = 1024 * 1024;
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
 /// Streams a server accepts per connection; a client opens at most
 /// [`MAX_STREAMS`](crate::proxy::upstream::tunnels::MAX_STREAMS).
-pub const MAX_CONCURRENT_STREAMS: u32 = 200;
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 200;
 /// PING an HBONE connection this often, and drop it when a PING goes unanswered this long.
-pub const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
-pub const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
+pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);

@@ -287,7 +287,7 @@ async fn handshake(
 
 /// Carries an outbound connection to `target` in HBONE. Returns the connection when it should go
 /// in plaintext instead (`auto`, nothing listening on the peer's HBONE port).
-pub async fn forward(
+pub(crate) async fn forward(
     shared: &Shared,
     mtls: &Mtls,
     mut client: TcpStream,

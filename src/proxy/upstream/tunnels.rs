@@ -19,9 +19,9 @@ use crate::error::{ErrorKind, HandshakeFailure};
 use crate::sync::lock;
 
 /// Streams opened on one pooled connection at most, as ztunnel's client does.
-pub const MAX_STREAMS: usize = 100;
+pub(crate) const MAX_STREAMS: usize = 100;
 /// How long a destination with nothing on 15008 is sent plaintext without trying HBONE again.
-pub const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
+pub(crate) const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
 
 /// One pooled HBONE connection.
 #[derive(Clone)]
