@@ -24,12 +24,12 @@ use crate::proxy::drain::Phase;
 
 const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
-pub struct AdminState {
-    pub shared: std::sync::Arc<Shared>,
-    pub app_ready_path: Option<String>,
+pub(crate) struct AdminState {
+    pub(crate) shared: std::sync::Arc<Shared>,
+    pub(crate) app_ready_path: Option<String>,
 }
 
-pub fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
+pub(crate) fn spawn(listener: std::net::TcpListener, state: AdminState) -> std::io::Result<()> {
     listener.set_nonblocking(true)?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -8,14 +8,15 @@ use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
+use crate::settings::{AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, ProxyConfig, Timeouts};
 use crate::vocab::{self, parse_drain_duration, parse_timeout};
-pub use crate::vocab::{AccessLogFormat, PortList};
+pub(crate) use crate::vocab::{AccessLogFormat, PortList};
 
 /// Where a listener binds, or `off` to not start it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Listen(pub Option<SocketAddr>);
+pub(crate) struct Listen(pub(crate) Option<SocketAddr>);
 
 /// `off` or the address, as [`FromStr`] reads it.
 impl fmt::Display for Listen {
@@ -39,41 +40,8 @@ impl FromStr for Listen {
     }
 }
 
-/// Which HTTP version the proxy speaks to the app.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum AppProtocol {
-    /// HTTP/1.1 to the app.
-    Http1,
-    /// HTTP/2 with prior knowledge (h2c) to the app: gRPC servers.
-    Http2,
-    /// The version the client used: HTTP/2 clients reach the app over HTTP/2, HTTP/1 over HTTP/1.1.
-    Auto,
-}
-
-/// Whether the app's outbound connections travel in HBONE tunnels.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OutboundMtls {
-    /// Plaintext, as the app sent it.
-    Off,
-    /// HBONE to `<destination>:15008`; plaintext when nothing listens there (remembered a minute).
-    Auto,
-    /// HBONE only: a destination without HBONE gets its connection closed.
-    Strict,
-}
-
-/// Whether plaintext is accepted on the inbound listener.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum InboundMtls {
-    /// No HBONE listener: plaintext only.
-    Off,
-    /// HBONE and plaintext.
-    Permissive,
-    /// HBONE only; plaintext is closed, except on --plaintext-ports (kubelet probes).
-    Strict,
-}
-
 /// Parses `IP:PORT`, with a message that says so (the standard one only says "invalid syntax").
-pub fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_socket_addr(s: &str) -> Result<SocketAddr, String> {
     s.parse()
         .map_err(|_| format!("expected IP:PORT (for example 127.0.0.1:8000), got `{s}`"))
 }
@@ -101,7 +69,7 @@ fn parse_peer_identities_inline(
 pub struct RunArgs {
     /// Inbound listener: traffic to the pod, redirected here by `amazing-proxy init`.
     #[arg(long, env = "AMAZING_PROXY_INBOUND", default_value_t = SocketAddr::from((Ipv4Addr::UNSPECIFIED, vocab::INBOUND_PORT)), value_parser = parse_socket_addr)]
-    pub inbound: SocketAddr,
+    pub(crate) inbound: SocketAddr,
 
     /// Outbound listener: the app's own connections, redirected here by `init`; `off` disables it.
     #[arg(
@@ -109,7 +77,7 @@ pub struct RunArgs {
         env = "AMAZING_PROXY_OUTBOUND",
         default_value_t = Listen(Some(SocketAddr::from((Ipv4Addr::LOCALHOST, vocab::OUTBOUND_PORT))))
     )]
-    pub outbound: Listen,
+    pub(crate) outbound: Listen,
 
     /// The app, used when an inbound connection has no original destination (not redirected).
     #[arg(long, env = "AMAZING_PROXY_APP", default_value = "127.0.0.1:80", value_parser = parse_socket_addr)]
@@ -117,7 +85,7 @@ pub struct RunArgs {
 
     /// Admin listener (/live, /ready, /metrics, POST /shutdown); never the data port.
     #[arg(long, env = "AMAZING_PROXY_ADMIN", default_value_t = SocketAddr::from((Ipv4Addr::LOCALHOST, vocab::ADMIN_PORT)), value_parser = parse_socket_addr)]
-    pub admin: SocketAddr,
+    pub(crate) admin: SocketAddr,
 
     /// Access log format, written to stdout.
     #[arg(
@@ -126,12 +94,12 @@ pub struct RunArgs {
         value_enum,
         default_value = "json"
     )]
-    pub access_log: AccessLogFormat,
+    pub(crate) access_log: AccessLogFormat,
 
     /// Worker threads for the data plane (a sidecar shares its pod's CPU budget).
     #[arg(long, env = "AMAZING_PROXY_WORKERS", default_value = "1",
           value_parser = clap::value_parser!(u16).range(1..=1024))]
-    pub workers: u16,
+    pub(crate) workers: u16,
 
     /// Lower-case HTTP/1.1 header names. By default each name keeps the case the client or the app
     /// wrote, and the proxy's own names are written in canonical case (`Server`, `X-Request-Id`).
@@ -140,22 +108,22 @@ pub struct RunArgs {
         env = "AMAZING_PROXY_LOWERCASE_HEADER_NAMES",
         conflicts_with = "preserve_header_case"
     )]
-    pub lowercase_header_names: bool,
+    pub(crate) lowercase_header_names: bool,
 
     /// Kept for old manifests: preserving header case is now the default.
     #[arg(long, env = "AMAZING_PROXY_PRESERVE_HEADER_CASE", hide = true)]
-    pub preserve_header_case: bool,
+    pub(crate) preserve_header_case: bool,
 
     /// Rewrite the Host header to the app's address instead of keeping the client's.
     #[arg(long, env = "AMAZING_PROXY_REWRITE_HOST")]
-    pub rewrite_host: bool,
+    pub(crate) rewrite_host: bool,
 
     /// Proxies in front of the pod whose forwarding fields are trusted: the last N entries of a
     /// request's X-Forwarded-For are kept (then the client's address appended), and so are its
     /// X-Forwarded-Proto and Forwarded. 0: no client is trusted; these fields are the proxy's own.
     #[arg(long, env = "AMAZING_PROXY_TRUSTED_HOPS", default_value = "0",
           value_parser = clap::value_parser!(u8).range(0..=32))]
-    pub trusted_hops: u8,
+    pub(crate) trusted_hops: u8,
 
     /// HTTP version spoken to the app.
     #[arg(
@@ -164,7 +132,7 @@ pub struct RunArgs {
         value_enum,
         default_value = "http1"
     )]
-    pub app_protocol: AppProtocol,
+    pub(crate) app_protocol: AppProtocol,
 
     /// Inbound ports whose app speaks HTTP/2 (h2c), whatever --app-protocol says.
     #[arg(long, env = "AMAZING_PROXY_HTTP2_PORTS", default_value = "", value_parser = PortList::from_str)]
@@ -172,77 +140,77 @@ pub struct RunArgs {
 
     /// Time allowed to connect to the app or the original destination (504 when exceeded).
     #[arg(long, env = "AMAZING_PROXY_CONNECT_TIMEOUT", default_value = "5s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub connect_timeout: Duration,
+    pub(crate) connect_timeout: Duration,
 
     /// Time allowed for the app to start its response, counted for each attempt from the moment
     /// the request is written whole (504 when exceeded; Envoy's route timeout default).
     #[arg(long, env = "AMAZING_PROXY_RESPONSE_TIMEOUT", default_value = "15s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub response_timeout: Duration,
+    pub(crate) response_timeout: Duration,
 
     /// Time allowed for a whole request head, from its first byte (408, then close; nginx's
     /// client_header_timeout).
     #[arg(long, env = "AMAZING_PROXY_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub header_timeout: Duration,
+    pub(crate) header_timeout: Duration,
 
     /// An idle keep-alive client connection (HTTP/2: no open stream) is closed after this long
     /// (nginx's keepalive_timeout, Envoy's idle_timeout).
     #[arg(long, env = "AMAZING_PROXY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub idle_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
 
     /// Longest pause between two reads of a request body (408, then close; nginx's
     /// client_body_timeout).
     #[arg(long, env = "AMAZING_PROXY_REQUEST_BODY_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub request_body_timeout: Duration,
+    pub(crate) request_body_timeout: Duration,
 
     /// Longest pause between two reads of the app's response body; the response is cut after it
     /// (nginx's proxy_read_timeout).
     #[arg(long, env = "AMAZING_PROXY_RESPONSE_BODY_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub response_body_timeout: Duration,
+    pub(crate) response_body_timeout: Duration,
 
     /// Idle pooled connections to the app are closed after this long.
     #[arg(long, env = "AMAZING_PROXY_POOL_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub pool_idle_timeout: Duration,
+    pub(crate) pool_idle_timeout: Duration,
 
     /// Open client connections above which new ones get 503 with Retry-After.
     #[arg(long, env = "AMAZING_PROXY_MAX_CONNECTIONS", default_value = "10000",
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
 
     /// Requests in flight above which new ones get 503 with Retry-After.
     #[arg(long, env = "AMAZING_PROXY_MAX_IN_FLIGHT", default_value = "10000",
           value_parser = clap::value_parser!(u32).range(1..))]
-    pub max_in_flight: u32,
+    pub(crate) max_in_flight: u32,
 
     /// Largest request head (request line and headers) accepted, in bytes (431 above it).
     #[arg(long, env = "AMAZING_PROXY_MAX_HEADER_BYTES", default_value = "65536",
           value_parser = clap::value_parser!(u32).range(8192..=16_777_216))]
-    pub max_header_bytes: u32,
+    pub(crate) max_header_bytes: u32,
 
     /// When set, /ready also requires the app to answer GET on this path with a 2xx.
     #[arg(long, env = "AMAZING_PROXY_APP_READY_PATH")]
-    pub app_ready_path: Option<String>,
+    pub(crate) app_ready_path: Option<String>,
 
     /// After SIGTERM or /shutdown: keep serving (while /ready says 503) for this long.
     #[arg(long, env = "AMAZING_PROXY_DRAIN_DELAY", default_value = "5s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
-    pub drain_delay: Duration,
+    pub(crate) drain_delay: Duration,
 
     /// Then stop accepting and give in-flight requests at most this long to finish.
     #[arg(long, env = "AMAZING_PROXY_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
-    pub drain_timeout: Duration,
+    pub(crate) drain_timeout: Duration,
 
     /// How long to wait for a new connection's first bytes before treating it as opaque TCP
     /// (server-speaks-first protocols).
     #[arg(long, env = "AMAZING_PROXY_DETECT_TIMEOUT", default_value = "1s", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub detect_timeout: Duration,
+    pub(crate) detect_timeout: Duration,
 
     /// An opaque TCP connection (or tunnel) with no byte either way for this long is closed
     /// (Envoy's tcp_proxy idle_timeout, also one hour by default).
     #[arg(long, env = "AMAZING_PROXY_TCP_IDLE_TIMEOUT", default_value = "1h", value_parser = parse_timeout, allow_hyphen_values = true)]
-    pub tcp_idle_timeout: Duration,
+    pub(crate) tcp_idle_timeout: Duration,
 
     /// Ports forwarded as opaque TCP without protocol detection (MySQL, PostgreSQL, SMTP...).
     #[arg(long, env = "AMAZING_PROXY_OPAQUE_PORTS", default_value = "", value_parser = PortList::from_str)]
-    pub opaque_ports: PortList,
+    pub(crate) opaque_ports: PortList,
 
     /// Ports known to carry HTTP: never forwarded as opaque TCP, whatever the timing (`inject`
     /// fills it from container ports named http*, grpc* or h2c*).
@@ -252,12 +220,12 @@ pub struct RunArgs {
     /// Socket mark (SO_MARK) set on the proxy's upstream sockets so that `init`'s rules let them
     /// pass; 0 disables it. Must match `init --proxy-mark`.
     #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value_t = vocab::PROXY_MARK)]
-    pub proxy_mark: u32,
+    pub(crate) proxy_mark: u32,
 
     /// Workload identity from a directory holding tls.crt (leaf first, then intermediates),
     /// tls.key and ca.crt (the trust bundle): cert-manager csi-driver-spiffe's layout.
     #[arg(long, env = "AMAZING_PROXY_IDENTITY_DIR", group = "identity_source")]
-    pub identity_dir: Option<PathBuf>,
+    pub(crate) identity_dir: Option<PathBuf>,
 
     /// Workload identity from a Kubernetes pod certificate (KEP-4317): the key and the chain in
     /// one PEM file. Needs --identity-trust-bundle.
@@ -267,7 +235,7 @@ pub struct RunArgs {
         group = "identity_source",
         requires = "identity_trust_bundle"
     )]
-    pub identity_credential_bundle: Option<PathBuf>,
+    pub(crate) identity_credential_bundle: Option<PathBuf>,
 
     /// Workload identity from the SPIFFE Workload API (a SPIRE agent's Unix socket): X.509-SVIDs
     /// and the trust bundle, streamed as they rotate.
@@ -276,7 +244,7 @@ pub struct RunArgs {
         env = "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET",
         group = "identity_source"
     )]
-    pub identity_spire_socket: Option<PathBuf>,
+    pub(crate) identity_spire_socket: Option<PathBuf>,
 
     /// The trust bundle (PEM CA certificates, a ClusterTrustBundle projected as a file) that goes
     /// with --identity-credential-bundle.
@@ -285,7 +253,7 @@ pub struct RunArgs {
         env = "AMAZING_PROXY_IDENTITY_TRUST_BUNDLE",
         requires = "identity_credential_bundle"
     )]
-    pub identity_trust_bundle: Option<PathBuf>,
+    pub(crate) identity_trust_bundle: Option<PathBuf>,
 
     /// The SPIFFE trust domain: our identity is in it, and `ca.crt` (or the identity's trust
     /// bundle) anchors its identities only.
@@ -294,38 +262,38 @@ pub struct RunArgs {
         env = "AMAZING_PROXY_TRUST_DOMAIN",
         default_value = "cluster.local"
     )]
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
 
     /// The CAs of other trust domains (federation), each anchoring only its own domain's
     /// identities: a directory of `<trust-domain>.pem` (or `.json`, a SPIFFE bundle) files, or a
     /// SPIFFE bundle JSON file (docs/mtls.md). Reloaded when it changes.
     #[arg(long, env = "AMAZING_PROXY_TRUST_BUNDLES")]
-    pub trust_bundles: Option<PathBuf>,
+    pub(crate) trust_bundles: Option<PathBuf>,
 
     /// HBONE listener (HTTP/2 CONNECT over mutual TLS). Default 0.0.0.0:15008 when an identity is
     /// configured and --inbound-mtls is not off; `off` disables it.
     #[arg(long, env = "AMAZING_PROXY_HBONE")]
-    pub hbone: Option<Listen>,
+    pub(crate) hbone: Option<Listen>,
 
     /// Outbound mutual TLS: off, auto (HBONE when the destination listens on 15008, else
     /// plaintext) or strict (HBONE only). Default auto with an identity, off without.
     #[arg(long, env = "AMAZING_PROXY_OUTBOUND_MTLS", value_enum)]
-    pub outbound_mtls: Option<OutboundMtls>,
+    pub(crate) outbound_mtls: Option<OutboundMtls>,
 
     /// Inbound mutual TLS: off (no HBONE), permissive (HBONE and plaintext) or strict (plaintext
     /// refused but on --plaintext-ports). Default permissive with an identity, off without.
     #[arg(long, env = "AMAZING_PROXY_INBOUND_MTLS", value_enum)]
-    pub inbound_mtls: Option<InboundMtls>,
+    pub(crate) inbound_mtls: Option<InboundMtls>,
 
     /// Ports that accept plaintext under --inbound-mtls strict (kubelet probes come from the node
     /// in plaintext).
     #[arg(long, env = "AMAZING_PROXY_PLAINTEXT_PORTS", default_value = "", value_parser = PortList::from_str)]
-    pub plaintext_ports: PortList,
+    pub(crate) plaintext_ports: PortList,
 
     /// The identity expected of HBONE servers: lines `CIDR-or-address SPIFFE-ID`. A server without
     /// an entry may have any identity of our trust domain (and none of another).
     #[arg(long, env = "AMAZING_PROXY_PEER_IDENTITIES", value_parser = parse_peer_identities)]
-    pub peer_identities: Option<crate::identity::peers::PeerIdentities>,
+    pub(crate) peer_identities: Option<crate::identity::peers::PeerIdentities>,
 
     /// --peer-identities' entries given as text rather than a file (`;` also separates entries):
     /// what `inject` writes from the `amazing-proxy.io/peer-identities` annotation.
@@ -335,13 +303,23 @@ pub struct RunArgs {
         value_parser = parse_peer_identities_inline,
         conflicts_with = "peer_identities"
     )]
-    pub peer_identities_inline: Option<crate::identity::peers::PeerIdentities>,
+    pub(crate) peer_identities_inline: Option<crate::identity::peers::PeerIdentities>,
 
     /// Authorization policy (YAML, docs/policy.md): which peers may reach which inbound port and,
     /// for HTTP, which methods and paths. A refused HBONE stream or request gets 403, a
     /// refused TCP connection is closed. Validated at start, reloaded when the file changes.
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
-    pub policy: Option<crate::policy::PolicyFile>,
+    pub(crate) policy: Option<crate::policy::PolicyFile>,
+
+    /// The pod's name, for the HBONE `baggage` header (`inject` sets POD_NAME from the downward
+    /// API).
+    #[arg(long, env = vocab::POD_NAME_ENV)]
+    pub(crate) pod_name: Option<String>,
+
+    /// The pod's namespace, for the HBONE `baggage` header (`inject` sets POD_NAMESPACE from the
+    /// downward API); without it, the identity's namespace.
+    #[arg(long, env = vocab::POD_NAMESPACE_ENV)]
+    pub(crate) pod_namespace: Option<String>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
@@ -355,7 +333,7 @@ fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
 
 impl RunArgs {
     /// Where the identity comes from, if one is configured.
-    pub fn identity_source(&self) -> Option<crate::identity::source::Source> {
+    pub(crate) fn identity_source(&self) -> Option<crate::identity::source::Source> {
         use crate::identity::material::Files;
         use crate::identity::source::Source;
         if let Some(dir) = &self.identity_dir {
@@ -377,7 +355,7 @@ impl RunArgs {
     }
 
     /// --inbound-mtls as it applies: permissive with an identity, off without, unless given.
-    pub fn inbound_mtls(&self) -> InboundMtls {
+    pub(crate) fn inbound_mtls(&self) -> InboundMtls {
         match (self.inbound_mtls, self.identity_source()) {
             (Some(mode), _) => mode,
             (None, Some(_)) => InboundMtls::Permissive,
@@ -386,7 +364,7 @@ impl RunArgs {
     }
 
     /// --outbound-mtls as it applies: auto with an identity, off without, unless given.
-    pub fn outbound_mtls(&self) -> OutboundMtls {
+    pub(crate) fn outbound_mtls(&self) -> OutboundMtls {
         match (self.outbound_mtls, self.identity_source()) {
             (Some(mode), _) => mode,
             (None, Some(_)) => OutboundMtls::Auto,
@@ -395,13 +373,67 @@ impl RunArgs {
     }
 
     /// The HBONE listener's address, if it runs.
-    pub fn hbone_listen(&self) -> Option<SocketAddr> {
+    pub(crate) fn hbone_listen(&self) -> Option<SocketAddr> {
         if self.inbound_mtls() == InboundMtls::Off {
             return None;
         }
         match self.hbone {
             Some(Listen(addr)) => addr,
             None => Some(SocketAddr::from((Ipv4Addr::UNSPECIFIED, vocab::HBONE_PORT))),
+        }
+    }
+
+    /// The ports of every listener `run` binds.
+    fn own_ports(&self) -> Vec<u16> {
+        let mut ports = vec![self.inbound.port(), self.admin.port()];
+        ports.extend(self.outbound.0.map(|a| a.port()));
+        ports.extend(self.hbone_listen().map(|a| a.port()));
+        ports
+    }
+
+    /// The data plane's configuration: these flags as plain values, what `proxy::Shared::new`
+    /// builds the data plane from.
+    pub fn proxy_config(&self) -> ProxyConfig {
+        ProxyConfig {
+            app: self.app,
+            app_protocol: self.app_protocol,
+            http2_ports: self.http2_ports.0.clone(),
+            opaque_ports: self.opaque_ports.0.clone(),
+            http_ports: self.http_ports.0.clone(),
+            rewrite_host: self.rewrite_host,
+            trusted_hops: usize::from(self.trusted_hops),
+            lowercase_header_names: self.lowercase_header_names,
+            max_header_bytes: self.max_header_bytes,
+            own_ports: self.own_ports(),
+            timeouts: Timeouts {
+                header: self.header_timeout,
+                idle: self.idle_timeout,
+                request_body: self.request_body_timeout,
+                response: self.response_timeout,
+                response_body: self.response_body_timeout,
+                detect: self.detect_timeout,
+                tcp_idle: self.tcp_idle_timeout,
+            },
+            connect_timeout: self.connect_timeout,
+            proxy_mark: self.proxy_mark,
+            pool_idle_timeout: self.pool_idle_timeout,
+            max_connections: self.max_connections as usize,
+            max_in_flight: self.max_in_flight as usize,
+            access_log: self.access_log,
+            trust_domain: self.trust_domain.clone(),
+            mtls: self.identity_source().map(|source| MtlsConfig {
+                source,
+                trust_bundles: self.trust_bundles.clone(),
+                inbound: self.inbound_mtls(),
+                outbound: self.outbound_mtls(),
+                plaintext_ports: self.plaintext_ports.clone(),
+                peers: (self.peer_identities.clone())
+                    .or_else(|| self.peer_identities_inline.clone())
+                    .unwrap_or_default(),
+                pod_name: self.pod_name.clone(),
+                pod_namespace: self.pod_namespace.clone(),
+            }),
+            policy: self.policy.clone(),
         }
     }
 

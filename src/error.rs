@@ -9,7 +9,7 @@ use prometheus_client::encoding::{EncodeLabelValue, LabelValueEncoder};
 /// Who caused a failure: lets operators tell "my app is broken" from "my clients are broken" from
 /// "the mesh is broken" without reading logs.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Fault {
+pub(crate) enum Fault {
     Client,
     App,
     /// The other end of a mutual TLS (HBONE) handshake: its certificate or its TLS was refused.
@@ -18,7 +18,7 @@ pub enum Fault {
 }
 
 impl Fault {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Fault::Client => "client",
             Fault::App => "app",
@@ -112,7 +112,7 @@ pub enum HandshakeFailure {
 }
 
 impl HandshakeFailure {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         use HandshakeFailure::*;
         match self {
             UnknownCa => "unknown_ca",
@@ -174,7 +174,7 @@ impl HandshakeFailure {
 }
 
 impl ErrorKind {
-    pub fn fault(self) -> Fault {
+    pub(crate) fn fault(self) -> Fault {
         use ErrorKind::*;
         match self {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
@@ -189,7 +189,7 @@ impl ErrorKind {
     }
 
     /// The status the client receives when the error happens before a response started.
-    pub fn status(self) -> http::StatusCode {
+    pub(crate) fn status(self) -> http::StatusCode {
         use ErrorKind::*;
         use http::StatusCode as S;
         match self {
@@ -211,7 +211,7 @@ impl ErrorKind {
         }
     }
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         use ErrorKind::*;
         match self {
             ConnectRefused => "connect_refused",
@@ -242,7 +242,7 @@ impl ErrorKind {
     }
 
     /// One line for the response body: what happened and what to look at.
-    pub fn message(self) -> &'static str {
+    pub(crate) fn message(self) -> &'static str {
         use ErrorKind::*;
         match self {
             ConnectRefused => {
@@ -295,7 +295,7 @@ impl ErrorKind {
     }
 
     /// The gRPC status a gRPC client gets instead of an HTTP error (linkerd2-proxy's mapping).
-    pub fn grpc_status(self) -> u8 {
+    pub(crate) fn grpc_status(self) -> u8 {
         const UNAVAILABLE: u8 = 14;
         const DEADLINE_EXCEEDED: u8 = 4;
         const RESOURCE_EXHAUSTED: u8 = 8;
@@ -343,7 +343,7 @@ impl std::fmt::Display for ErrorKind {
 impl std::error::Error for ErrorKind {}
 
 /// Classifies a failure of the pooled client. Connect errors carry the connector's `io::Error`.
-pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKind {
+pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKind {
     use std::error::Error as _;
     let mut source = err.source();
     while let Some(cause) = source {
@@ -363,7 +363,7 @@ pub fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKi
 }
 
 /// What an I/O error means; `connecting` when it came from opening the upstream connection.
-pub fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
+pub(crate) fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
     use std::io::ErrorKind as Io;
     match io.kind() {
         Io::TimedOut if connecting => ErrorKind::ConnectTimeout,
@@ -373,7 +373,7 @@ pub fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
     }
 }
 
-pub fn classify_hyper(err: &hyper::Error) -> ErrorKind {
+pub(crate) fn classify_hyper(err: &hyper::Error) -> ErrorKind {
     if err.is_parse() || err.is_parse_status() {
         ErrorKind::UpstreamProtocol
     } else {

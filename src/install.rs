@@ -24,7 +24,7 @@ use rcgen::{
 use serde_json::{Value, json};
 
 /// The bundle, as shipped.
-pub const BUNDLE: &str = include_str!("../deploy/install.yaml");
+pub(crate) const BUNDLE: &str = include_str!("../deploy/install.yaml");
 
 /// How long a generated serving certificate is valid; the CA lives ten times as long.
 const SERVING_DAYS: i64 = 365;
@@ -35,7 +35,7 @@ pub struct InstallArgs {
     /// Instead of cert-manager's Certificate: generate a CA and a serving certificate, and print
     /// them as a Secret and the webhooks' caBundle (valid one year; run again to renew).
     #[arg(long)]
-    pub self_signed: bool,
+    pub(crate) self_signed: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -66,10 +66,10 @@ pub fn main(args: InstallArgs) -> Result<(), InstallError> {
 }
 
 /// A CA and a serving certificate signed by it, PEM-encoded.
-pub struct Tls {
-    pub ca_pem: String,
-    pub cert_pem: String,
-    pub key_pem: String,
+pub(crate) struct Tls {
+    pub(crate) ca_pem: String,
+    pub(crate) cert_pem: String,
+    pub(crate) key_pem: String,
     dns_names: Vec<String>,
 }
 
@@ -128,7 +128,7 @@ fn certificate(docs: &[Value]) -> Result<&Value, InstallError> {
 }
 
 /// Certificates for the DNS names of the bundle's `Certificate`, generated at `now`.
-pub fn generate_tls(now: u64) -> Result<Tls, InstallError> {
+pub(crate) fn generate_tls(now: u64) -> Result<Tls, InstallError> {
     let docs = documents(BUNDLE)?;
     let dns_names: Vec<String> = certificate(&docs)?["spec"]["dnsNames"]
         .as_array()
@@ -148,7 +148,7 @@ pub fn generate_tls(now: u64) -> Result<Tls, InstallError> {
 }
 
 /// The bundle with `tls` in a Secret and the caBundles instead of cert-manager's objects.
-pub fn self_signed(bundle: &str, tls: &Tls) -> Result<String, InstallError> {
+pub(crate) fn self_signed(bundle: &str, tls: &Tls) -> Result<String, InstallError> {
     let docs = documents(bundle)?;
     let cert = certificate(&docs)?;
     let secret_name = cert["spec"]["secretName"].clone();

@@ -1,18 +1,25 @@
 //! amazing-proxy: a small, fast sidecar proxy for Kubernetes.
 //!
-//! One binary, four jobs. Layers point one way, each using only those above it:
+//! One binary, four jobs. Layers point one way, each using only itself and those above it, with
+//! no module cycles (tests/layers.rs reads the `use` paths and holds the code to this):
 //! 1. [`vocab`] (ports, uid/gid/mark, port lists, CIDRs, durations, log formats: shared by all
-//!    jobs), [`error`] (error kinds and whose fault), [`identity`] (SPIFFE IDs), [`text_response`];
-//! 2. [`telemetry`]: metrics and the access log;
-//! 3. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
-//!    protocol adapters, listeners), its state built by one constructor;
-//! 4. the wiring: [`run`] (`run`, configured by [`config`]) and [`admin`].
+//!    jobs), [`error`] (error kinds and whose fault), [`sync`], [`text_response`];
+//! 2. [`identity`] (SPIFFE IDs, the material, HBONE's TLS); [`policy`]; [`settings`] (the data
+//!    plane's configuration as plain values);
+//! 3. [`telemetry`]: metrics and the access log;
+//! 4. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
+//!    its state `Shared`, protocol adapters, listeners), its state built by one constructor;
+//! 5. the wiring: [`run`] (`run`, configured by [`config`]) and [`admin`].
 //!
-//! Beside the data plane, sharing only layer 1: [`netfilter`] (`init`: the pod's redirect rules),
-//! [`inject`] (`inject`, `uninject`), [`webhook`] (`webhook`) and [`install`] (`install`).
+//! Beside the data plane, sharing only [`vocab`], [`error`] and [`identity`]: [`netfilter`]
+//! (`init`: the pod's redirect rules), [`inject`] (`inject`, `uninject`), [`webhook`] (`webhook`)
+//! and [`install`] (`install`).
 #![forbid(unsafe_code)]
+// The library's public surface is what the binary and the tests use; its module docs describe the
+// internals and link to them (read with `cargo doc --document-private-items`).
+#![allow(rustdoc::private_intra_doc_links)]
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod config;
 pub mod error;
 pub mod identity;
@@ -22,8 +29,9 @@ pub mod netfilter;
 pub mod policy;
 pub mod proxy;
 pub mod run;
-pub mod sync;
+pub mod settings;
+pub(crate) mod sync;
 pub mod telemetry;
-pub mod text_response;
+pub(crate) mod text_response;
 pub mod vocab;
 pub mod webhook;

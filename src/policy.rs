@@ -23,11 +23,11 @@ use serde::Deserialize;
 use crate::identity::SpiffeId;
 
 /// The trust domain a policy calls "ours" until told otherwise (`--trust-domain`'s default).
-pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// What the data plane does with a connection or request.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Decision {
+pub(crate) enum Decision {
     Allow,
     /// Allowed because the default is `audit`, though nothing allows it: log `reason`.
     Audit {
@@ -39,8 +39,9 @@ pub enum Decision {
     },
 }
 
+#[cfg(test)]
 impl Decision {
-    pub fn is_allowed(&self) -> bool {
+    fn is_allowed(&self) -> bool {
         !matches!(self, Decision::Deny { .. })
     }
 }
@@ -48,7 +49,7 @@ impl Decision {
 /// What ports without rules allow (Linkerd's default policy names).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
-pub enum Default {
+pub(crate) enum Default {
     /// Everyone, plaintext included.
     AllUnauthenticated,
     /// Any peer with a verified certificate, of any trust domain.
@@ -74,7 +75,7 @@ impl fmt::Display for Default {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum PolicyError {
+pub(crate) enum PolicyError {
     #[error("cannot read the policy {path}: {error}")]
     Read {
         path: PathBuf,
@@ -133,21 +134,21 @@ struct RuleFile {
 /// API's PathPrefix (`/api` matches `/api` and `/api/v1`, not `/apis`).
 #[derive(Clone, Debug, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub enum PathMatch {
+pub(crate) enum PathMatch {
     Exact(String),
     Prefix(String),
 }
 
 /// A policy file: where it was read from (to read it again when it changes) and what it said.
 #[derive(Clone, Debug)]
-pub struct PolicyFile {
-    pub path: std::path::PathBuf,
-    pub policy: Policy,
+pub(crate) struct PolicyFile {
+    pub(crate) path: std::path::PathBuf,
+    pub(crate) policy: Policy,
 }
 
 /// A validated policy.
 #[derive(Clone, Debug)]
-pub struct Policy {
+pub(crate) struct Policy {
     default: Default,
     trust_domain: String,
     ports: BTreeMap<u16, Vec<Rule>>,
@@ -166,8 +167,9 @@ struct Rule {
 
 impl Policy {
     /// Parses and validates a policy; our trust domain is [`DEFAULT_TRUST_DOMAIN`] until
-    /// [`Policy::with_trust_domain`].
-    pub fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
+    /// [`Policy::with_trust_domain`]. (The unit tests' way in; `run` reads a file.)
+    #[cfg(test)]
+    fn from_yaml(text: &str) -> Result<Policy, PolicyError> {
         parse(text).map_err(|message| PolicyError::Invalid {
             path: None,
             message,
@@ -175,7 +177,7 @@ impl Policy {
     }
 
     /// Reads and validates the policy file at `path`.
-    pub fn load(path: &Path) -> Result<Policy, PolicyError> {
+    pub(crate) fn load(path: &Path) -> Result<Policy, PolicyError> {
         let text = std::fs::read_to_string(path).map_err(|error| PolicyError::Read {
             path: path.to_owned(),
             error,
@@ -187,23 +189,19 @@ impl Policy {
     }
 
     /// The trust domain `cluster-authenticated` and namespaces are judged in.
-    pub fn trust_domain(&self) -> &str {
+    pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
     /// The trust domain that `cluster-authenticated` and `namespaces` refer to (`--trust-domain`).
-    pub fn with_trust_domain(mut self, trust_domain: impl Into<String>) -> Policy {
+    pub(crate) fn with_trust_domain(mut self, trust_domain: impl Into<String>) -> Policy {
         self.trust_domain = trust_domain.into();
         self
     }
 
-    pub fn default_policy(&self) -> Default {
-        self.default
-    }
-
     /// Whether some rule of `port` is limited to HTTP methods or paths (which only a per-request
     /// check can enforce).
-    pub fn limits_http_on(&self, port: u16) -> bool {
+    pub(crate) fn limits_http_on(&self, port: u16) -> bool {
         self.ports
             .get(&port)
             .into_iter()
@@ -214,7 +212,7 @@ impl Policy {
     /// May `peer` open a connection (a TCP or HBONE stream) to `port`? Yes when some rule of the port
     /// could allow some of its traffic: HTTP rules then decide request by request through
     /// [`Policy::decide`].
-    pub fn admits_connection(&self, port: u16, peer: Option<&SpiffeId>) -> Decision {
+    pub(crate) fn admits_connection(&self, port: u16, peer: Option<&SpiffeId>) -> Decision {
         self.judge(
             port,
             peer,
@@ -226,7 +224,7 @@ impl Policy {
     /// Is this traffic allowed: an HTTP request when `http` is `Some((method, path))` (the path may
     /// carry a query, which is ignored), else a non-HTTP stream (which rules limited to paths or
     /// methods do not allow)?
-    pub fn decide(
+    pub(crate) fn decide(
         &self,
         port: u16,
         peer: Option<&SpiffeId>,

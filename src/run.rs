@@ -140,7 +140,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     if let Some(addr) = hbone.as_ref().and_then(port_of) {
         bound.hbone = Some(Listen(Some(addr)));
     }
-    let shared = Shared::new(&bound, Box::new(std::io::stdout()));
+    let shared = Shared::new(&bound.proxy_config(), Box::new(std::io::stdout()));
     crate::admin::spawn(
         admin,
         crate::admin::AdminState {

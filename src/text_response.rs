@@ -6,7 +6,7 @@ use http::{Response, StatusCode, header};
 use http_body_util::Full;
 
 /// A `text/plain` response; a missing final newline is added.
-pub fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
+pub(crate) fn text(status: StatusCode, body: impl Into<String>) -> Response<Full<Bytes>> {
     let mut body = body.into();
     if !body.ends_with('\n') {
         body.push('\n');

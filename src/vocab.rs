@@ -1,5 +1,5 @@
 //! The shared vocabulary of `run`, `init`, `inject` and `webhook`: the proxy's well-known ports,
-//! uid, gid and socket mark, and the typed values their options are made of (port lists, CIDR
+//! uid, gid and socket mark, the pod's variables `inject` sets and `run` reads, and the typed values their options are made of (port lists, CIDR
 //! lists, bounded durations, the access-log format).
 //!
 //! Each value is parsed here and only here, so that what `inject` accepts in an annotation is
@@ -13,30 +13,35 @@ use std::str::FromStr;
 use std::time::Duration;
 
 /// The proxy's inbound listener port: where `init` redirects traffic to the pod.
-pub const INBOUND_PORT: u16 = 8000;
+pub(crate) const INBOUND_PORT: u16 = 8000;
 /// The proxy's outbound listener port: where `init` redirects the app's own connections.
-pub const OUTBOUND_PORT: u16 = 15001;
+pub(crate) const OUTBOUND_PORT: u16 = 15001;
 /// The proxy's admin port (`/live`, `/ready`, `/metrics`, `POST /shutdown`).
-pub const ADMIN_PORT: u16 = 15000;
+pub(crate) const ADMIN_PORT: u16 = 15000;
 /// HBONE (HTTP/2 CONNECT over mutual TLS), the port Istio ambient's ztunnel dials and listens on;
 /// `init` leaves it out of the inbound redirection.
-pub const HBONE_PORT: u16 = 15008;
+pub(crate) const HBONE_PORT: u16 = 15008;
 /// The uid the proxy runs as; `init` lets this uid's connections out unredirected.
-pub const PROXY_UID: u32 = 1337;
+pub(crate) const PROXY_UID: u32 = 1337;
 /// The gid the proxy runs as; `init` lets this gid's connections out unredirected.
-pub const PROXY_GID: u32 = 1337;
+pub(crate) const PROXY_GID: u32 = 1337;
 /// The socket mark (SO_MARK) the proxy sets on its upstream sockets; `init` lets it through.
-pub const PROXY_MARK: u32 = 1337;
+pub(crate) const PROXY_MARK: u32 = 1337;
+
+/// The downward-API variables `inject` sets on the sidecar and `run` reads: the pod's name and
+/// namespace.
+pub(crate) const POD_NAME_ENV: &str = "POD_NAME";
+pub(crate) const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
 
 /// Longest accepted timeout (connect, head, idle, body, pool idle...): a day. Longer is a typo,
 /// and unbounded values overflow when added to an `Instant`.
-pub const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
+pub(crate) const MAX_TIMEOUT: Duration = Duration::from_secs(24 * 60 * 60);
 /// Longest accepted drain delay or drain timeout: an hour. Kubernetes' own grace period would
 /// have killed the pod long before.
-pub const MAX_DRAIN: Duration = Duration::from_secs(60 * 60);
+pub(crate) const MAX_DRAIN: Duration = Duration::from_secs(60 * 60);
 
 /// One TCP port, 1-65535.
-pub fn parse_port(s: &str) -> Result<u16, String> {
+pub(crate) fn parse_port(s: &str) -> Result<u16, String> {
     match s.trim().parse::<u16>() {
         Ok(p) if p != 0 => Ok(p),
         _ => Err(format!("expected a TCP port 1-65535, got `{s}`")),
@@ -49,11 +54,11 @@ pub fn parse_port(s: &str) -> Result<u16, String> {
 pub struct PortList(pub Vec<u16>);
 
 impl PortList {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.0.is_empty()
     }
 
-    pub fn contains(&self, port: u16) -> bool {
+    pub(crate) fn contains(&self, port: u16) -> bool {
         self.0.binary_search(&port).is_ok()
     }
 }
@@ -97,13 +102,13 @@ impl fmt::Display for PortList {
 
 /// An IPv4 or IPv6 network (`10.0.0.0/8`, `fd00::/8`; a bare address is a single host).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Cidr {
-    pub addr: IpAddr,
-    pub prefix: u8,
+pub(crate) struct Cidr {
+    pub(crate) addr: IpAddr,
+    pub(crate) prefix: u8,
 }
 
 impl Cidr {
-    pub fn is_ipv4(&self) -> bool {
+    pub(crate) fn is_ipv4(&self) -> bool {
         self.addr.is_ipv4()
     }
 }
@@ -163,13 +168,7 @@ impl fmt::Display for Cidr {
 
 /// A comma-separated list of CIDRs, IPv4 and IPv6 mixed; duplicates dropped, order kept.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct CidrList(pub Vec<Cidr>);
-
-impl CidrList {
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-}
+pub(crate) struct CidrList(pub(crate) Vec<Cidr>);
 
 impl FromStr for CidrList {
     type Err = String;
@@ -200,7 +199,7 @@ impl fmt::Display for CidrList {
 
 /// A duration in humantime syntax (`500ms`, `2s`, `1m`), at most `max`; zero only if `allow_zero`.
 /// Negative durations get a message of their own (humantime's would only say "expected number").
-pub fn parse_duration(s: &str, allow_zero: bool, max: Duration) -> Result<Duration, String> {
+pub(crate) fn parse_duration(s: &str, allow_zero: bool, max: Duration) -> Result<Duration, String> {
     let s = s.trim();
     if s.starts_with('-') {
         return Err(format!(
@@ -222,17 +221,17 @@ pub fn parse_duration(s: &str, allow_zero: bool, max: Duration) -> Result<Durati
 }
 
 /// A timeout: more than zero, at most [`MAX_TIMEOUT`].
-pub fn parse_timeout(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
     parse_duration(s, false, MAX_TIMEOUT)
 }
 
 /// A drain delay or drain timeout: zero (no wait) up to [`MAX_DRAIN`].
-pub fn parse_drain_duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn parse_drain_duration(s: &str) -> Result<Duration, String> {
     parse_duration(s, true, MAX_DRAIN)
 }
 
 /// The shortest exact spelling in the unit [`parse_duration`] reads back: `1h`, `90s`, `250ms`.
-pub fn format_duration(d: Duration) -> String {
+pub(crate) fn format_duration(d: Duration) -> String {
     const UNITS: [(u128, &str); 6] = [
         (3_600_000_000_000, "h"),
         (60_000_000_000, "m"),
@@ -254,7 +253,7 @@ pub fn format_duration(d: Duration) -> String {
 
 /// What the proxy writes to its access log (`run --access-log`, annotation `access-log`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum AccessLogFormat {
+pub(crate) enum AccessLogFormat {
     /// The tutorial's multi-line block (`Original URL: ...` ... blank line).
     Seed,
     /// One JSON object per line.
@@ -265,7 +264,7 @@ pub enum AccessLogFormat {
 
 impl AccessLogFormat {
     /// The spelling `run --access-log` reads.
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             AccessLogFormat::Seed => "seed",
             AccessLogFormat::Json => "json",

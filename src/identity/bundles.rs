@@ -34,9 +34,9 @@ use super::is_trust_domain;
 pub type Authorities = BTreeMap<String, Vec<CertificateDer<'static>>>;
 
 /// Bundles are configuration: a file larger than this is a mistake, not a bundle.
-pub const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
+pub(crate) const MAX_FILE_BYTES: u64 = 4 * 1024 * 1024;
 /// And a directory with more entries than this.
-pub const MAX_DIR_ENTRIES: usize = 1024;
+pub(crate) const MAX_DIR_ENTRIES: usize = 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BundleError {
@@ -84,7 +84,7 @@ pub enum BundleError {
 }
 
 /// Reads `--trust-bundles`: a directory of bundle files, or one JSON file.
-pub fn read(path: &Path) -> Result<Authorities, BundleError> {
+pub(crate) fn read(path: &Path) -> Result<Authorities, BundleError> {
     let shown = path.display().to_string();
     let read_error = |error: std::io::Error| BundleError::Read {
         path: shown.clone(),
@@ -196,7 +196,7 @@ fn domain_of_json(file_name: &str) -> Option<&str> {
 
 /// A JSON bundle file: a map of trust domain to SPIFFE bundle, or one SPIFFE bundle (a JWK Set:
 /// `keys` is an array) for `named`, the trust domain its file name gives.
-pub fn parse_json(
+pub(crate) fn parse_json(
     text: &[u8],
     named: Option<&str>,
     from: &str,
@@ -285,7 +285,7 @@ fn jwks(
 }
 
 /// Adds `more` to `into`, domain by domain (two sources of one domain: both sets of CAs).
-pub fn merge(into: &mut Authorities, more: Authorities) {
+pub(crate) fn merge(into: &mut Authorities, more: Authorities) {
     for (domain, certificates) in more {
         into.entry(domain).or_default().extend(certificates);
     }
@@ -294,7 +294,7 @@ pub fn merge(into: &mut Authorities, more: Authorities) {
 /// What identifies a version of `--trust-bundles` for the poller: each file's name, modification
 /// time and size (`None` where unreadable). A mounted ConfigMap swaps its `..data` symlink: the
 /// files seen through it change time.
-pub fn stamps(path: &Path) -> Vec<(String, Option<(SystemTime, u64)>)> {
+pub(crate) fn stamps(path: &Path) -> Vec<(String, Option<(SystemTime, u64)>)> {
     let stamp = |p: &Path| {
         let meta = std::fs::metadata(p).ok()?;
         Some((meta.modified().ok()?, meta.len()))
@@ -373,26 +373,26 @@ impl BundleSet {
     }
 
     /// Our trust domain's CAs.
-    pub fn ours(&self) -> &Arc<RootCertStore> {
+    pub(crate) fn ours(&self) -> &Arc<RootCertStore> {
         &self.ours
     }
 
     /// Our trust domain.
-    pub fn trust_domain(&self) -> &str {
+    pub(crate) fn trust_domain(&self) -> &str {
         &self.trust_domain
     }
 
     /// The CAs of `domain`, if it has a bundle.
-    pub fn roots(&self, domain: &str) -> Option<&Arc<RootCertStore>> {
+    pub(crate) fn roots(&self, domain: &str) -> Option<&Arc<RootCertStore>> {
         self.roots.get(domain)
     }
 
     /// Every trust domain with a bundle, and its CAs.
-    pub fn domains(&self) -> impl Iterator<Item = (&str, &Arc<RootCertStore>)> {
+    pub(crate) fn domains(&self) -> impl Iterator<Item = (&str, &Arc<RootCertStore>)> {
         self.roots.iter().map(|(d, r)| (d.as_str(), r))
     }
 
-    pub fn hints(&self) -> &[DistinguishedName] {
+    pub(crate) fn hints(&self) -> &[DistinguishedName] {
         &self.hints
     }
 }

@@ -31,16 +31,16 @@ use time::{Duration, OffsetDateTime};
 use super::SpiffeId;
 
 /// Default lifetimes: a development CA outlives many rotations of the identities it issues.
-pub const CA_DAYS: u32 = 3650;
-pub const WORKLOAD_DAYS: u32 = 30;
+pub(crate) const CA_DAYS: u32 = 3650;
+pub(crate) const WORKLOAD_DAYS: u32 = 30;
 /// Certificates start this long before "now": clocks of two nodes differ.
 const BACKDATE: Duration = Duration::minutes(5);
 
 /// File names of the CA directory and of the `--identity-dir` layout.
-pub const CA_CERT: &str = "ca.crt";
-pub const CA_KEY: &str = "ca.key";
-pub const TLS_CERT: &str = "tls.crt";
-pub const TLS_KEY: &str = "tls.key";
+pub(crate) const CA_CERT: &str = "ca.crt";
+pub(crate) const CA_KEY: &str = "ca.key";
+pub(crate) const TLS_CERT: &str = "tls.crt";
+pub(crate) const TLS_KEY: &str = "tls.key";
 
 #[derive(Subcommand, Clone, Debug)]
 pub enum IdentityCommand {
@@ -55,35 +55,35 @@ pub enum IdentityCommand {
 pub struct CaArgs {
     /// Directory to write ca.crt and ca.key to (created if missing).
     #[arg(long)]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// The trust domain whose identities this CA signs.
     #[arg(long, default_value = "cluster.local")]
-    pub trust_domain: String,
+    pub(crate) trust_domain: String,
     /// Days the CA is valid.
     #[arg(long, default_value_t = CA_DAYS, value_parser = clap::value_parser!(u32).range(1..=36500))]
-    pub days: u32,
+    pub(crate) days: u32,
     /// Replace existing files.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 #[derive(Args, Clone, Debug)]
 pub struct IssueArgs {
     /// Directory of a CA made by `identity ca` (ca.crt, ca.key).
     #[arg(long)]
-    pub ca: PathBuf,
+    pub(crate) ca: PathBuf,
     /// The workload's identity: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>.
     #[arg(long)]
-    pub spiffe_id: SpiffeId,
+    pub(crate) spiffe_id: SpiffeId,
     /// Directory to write tls.crt, tls.key and ca.crt to (created if missing).
     #[arg(long)]
-    pub out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Days the certificate is valid (never past the CA's own expiry).
     #[arg(long, default_value_t = WORKLOAD_DAYS, value_parser = clap::value_parser!(u32).range(1..=3650))]
-    pub days: u32,
+    pub(crate) days: u32,
     /// Replace existing files.
     #[arg(long)]
-    pub force: bool,
+    pub(crate) force: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -205,7 +205,7 @@ pub fn make_ca(trust_domain: &str, days: u32, now: OffsetDateTime) -> Result<Pem
 }
 
 /// Reads the CA of directory `dir` (ca.crt, ca.key).
-pub fn read_ca(dir: &Path) -> Result<Pem, IssueError> {
+pub(crate) fn read_ca(dir: &Path) -> Result<Pem, IssueError> {
     let read = |name: &str| {
         let path = dir.join(name);
         fs::read_to_string(&path).map_err(|error| IssueError::ReadCa { path, error })

@@ -5,18 +5,17 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::ParsedCertificate;
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
-use x509_parser::extensions::GeneralName;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::SpiffeId;
 use super::bundles::{self, Authorities, BundleError, BundleSet};
+use super::leaf::{LeafProblem, leaf};
 use super::tls;
 
 /// Material read from files.
@@ -31,7 +30,7 @@ pub enum Files {
 
 impl Files {
     /// The files whose change means a reload.
-    pub fn files(&self) -> Vec<PathBuf> {
+    pub(crate) fn files(&self) -> Vec<PathBuf> {
         match self {
             Files::Dir(dir) => ["tls.crt", "tls.key", "ca.crt"]
                 .iter()
@@ -45,11 +44,10 @@ impl Files {
 /// Validated material, and the TLS configurations built from it once.
 pub struct Material {
     pub id: SpiffeId,
-    pub trust_domain: String,
     pub key: Arc<CertifiedKey>,
     /// The CAs of each trust domain peers may be of.
     pub bundles: Arc<BundleSet>,
-    pub not_after: SystemTime,
+    pub(crate) not_after: SystemTime,
     pub server: Arc<rustls::ServerConfig>,
 }
 
@@ -97,96 +95,17 @@ pub enum MaterialError {
 }
 
 /// Material as a source delivers it, before validation, and where each part came from.
-pub struct Parts {
-    pub chain: Vec<CertificateDer<'static>>,
-    pub key: PrivateKeyDer<'static>,
+pub(crate) struct Parts {
+    pub(crate) chain: Vec<CertificateDer<'static>>,
+    pub(crate) key: PrivateKeyDer<'static>,
     /// Our trust domain's CAs.
-    pub bundle: Vec<CertificateDer<'static>>,
+    pub(crate) bundle: Vec<CertificateDer<'static>>,
     /// Other trust domains' CAs (our own among them adds to `bundle`).
-    pub federated: Authorities,
-    pub chain_from: String,
-    pub key_from: String,
-    pub bundle_from: String,
-    pub federated_from: String,
-}
-
-/// What is wrong with a leaf certificate as a workload identity.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum LeafProblem {
-    #[error("is not a valid X.509 certificate ({0})")]
-    Parse(String),
-    #[error(
-        "has {0} URI SANs, a SPIFFE certificate has exactly one: spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-    )]
-    UriCount(usize),
-    #[error("{0}")]
-    NotWorkload(#[from] super::InvalidSpiffeId),
-    #[error("identity {id} is not in the trust domain {expected} (--trust-domain)")]
-    ForeignTrustDomain { id: SpiffeId, expected: String },
-    #[error("expired at {0}; renew it")]
-    Expired(String),
-    #[error("is not valid before {0}; check the clock")]
-    NotYetValid(String),
-}
-
-/// A leaf certificate's identity and validity.
-pub struct Leaf {
-    pub id: SpiffeId,
-    pub not_before: SystemTime,
-    pub not_after: SystemTime,
-}
-
-fn system_time(seconds: i64) -> SystemTime {
-    match u64::try_from(seconds) {
-        Ok(s) => UNIX_EPOCH + Duration::from_secs(s),
-        Err(_) => UNIX_EPOCH,
-    }
-}
-
-/// The SPIFFE ID (the one URI SAN, of any trust domain) and the validity of a leaf.
-pub fn leaf(der: &[u8]) -> Result<Leaf, LeafProblem> {
-    let (_, cert) =
-        X509Certificate::from_der(der).map_err(|e| LeafProblem::Parse(e.to_string()))?;
-    let uris: Vec<&str> = match cert.subject_alternative_name() {
-        Ok(Some(san)) => san
-            .value
-            .general_names
-            .iter()
-            .filter_map(|name| match name {
-                GeneralName::URI(uri) => Some(*uri),
-                _ => None,
-            })
-            .collect(),
-        Ok(None) => Vec::new(),
-        Err(e) => return Err(LeafProblem::Parse(e.to_string())),
-    };
-    let [uri] = uris[..] else {
-        return Err(LeafProblem::UriCount(uris.len()));
-    };
-    let id: SpiffeId = uri.parse()?;
-    let validity = cert.validity();
-    Ok(Leaf {
-        id,
-        not_before: system_time(validity.not_before.timestamp()),
-        not_after: system_time(validity.not_after.timestamp()),
-    })
-}
-
-impl Leaf {
-    /// Err when `now` is outside the validity.
-    pub fn check_time(&self, now: SystemTime) -> Result<(), LeafProblem> {
-        if now > self.not_after {
-            return Err(LeafProblem::Expired(
-                humantime::format_rfc3339_seconds(self.not_after).to_string(),
-            ));
-        }
-        if now < self.not_before {
-            return Err(LeafProblem::NotYetValid(
-                humantime::format_rfc3339_seconds(self.not_before).to_string(),
-            ));
-        }
-        Ok(())
-    }
+    pub(crate) federated: Authorities,
+    pub(crate) chain_from: String,
+    pub(crate) key_from: String,
+    pub(crate) bundle_from: String,
+    pub(crate) federated_from: String,
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, MaterialError> {
@@ -255,7 +174,7 @@ pub fn load(
 
 /// Validates material from any source (the files above; the SPIFFE Workload API delivers the
 /// same parts as DER) at `now`, and builds its TLS configuration.
-pub fn validate(
+pub(crate) fn validate(
     parts: Parts,
     trust_domain: &str,
     now: SystemTime,
@@ -326,7 +245,6 @@ pub fn validate(
     let server = tls::server_config(key.clone(), bundles.clone())?;
     Ok(Material {
         id: info.id,
-        trust_domain: trust_domain.to_owned(),
         key,
         bundles,
         not_after: info.not_after,

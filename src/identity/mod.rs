@@ -1,9 +1,11 @@
 //! Workload identity: SPIFFE IDs of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`,
-//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored); the material
-//! that proves it ([`material`]), watched for rotation ([`source`]); the TLS configurations HBONE
+//! the only form Istio's ztunnel accepts in a URI SAN (DNS and IP SANs are ignored), read from a
+//! certificate by [`leaf`]; the material that proves it ([`material`]), watched for rotation
+//! ([`source`]); the TLS configurations HBONE
 //! uses ([`tls`]); the identities expected of peers ([`peers`]).
 
 pub mod bundles;
+pub mod leaf;
 pub mod material;
 pub mod peers;
 pub mod source;
@@ -18,9 +20,9 @@ use std::str::FromStr;
 /// A workload's identity.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct SpiffeId {
-    pub trust_domain: String,
-    pub namespace: String,
-    pub service_account: String,
+    pub(crate) trust_domain: String,
+    pub(crate) namespace: String,
+    pub(crate) service_account: String,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -75,7 +77,7 @@ impl FromStr for SpiffeId {
 }
 
 /// Whether `name` is a SPIFFE trust domain name: lower-case letters, digits, `.`, `-`, `_`.
-pub fn is_trust_domain(name: &str) -> bool {
+pub(crate) fn is_trust_domain(name: &str) -> bool {
     !name.is_empty()
         && name
             .bytes()

@@ -12,16 +12,16 @@ use super::SpiffeId;
 use crate::vocab::Cidr;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct PeerIdentities(Vec<(Cidr, SpiffeId)>);
+pub(crate) struct PeerIdentities(Vec<(Cidr, SpiffeId)>);
 
 impl PeerIdentities {
-    pub fn load(path: &Path) -> Result<PeerIdentities, String> {
+    pub(crate) fn load(path: &Path) -> Result<PeerIdentities, String> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| format!("cannot read --peer-identities {}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("--peer-identities {}: {e}", path.display()))
     }
 
-    pub fn parse(text: &str) -> Result<PeerIdentities, String> {
+    pub(crate) fn parse(text: &str) -> Result<PeerIdentities, String> {
         let mut entries = Vec::new();
         for (number, line) in text.lines().enumerate() {
             let line = line.split('#').next().unwrap_or("");
@@ -50,7 +50,7 @@ impl PeerIdentities {
     }
 
     /// The identity expected at `ip`: the entry with the longest matching prefix.
-    pub fn expected(&self, ip: IpAddr) -> Option<&SpiffeId> {
+    pub(crate) fn expected(&self, ip: IpAddr) -> Option<&SpiffeId> {
         self.0
             .iter()
             .filter(|(cidr, _)| contains(cidr, ip))

@@ -23,14 +23,14 @@ use super::spire::{self, SvidMaterial};
 
 /// Where the identity comes from.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Source {
+pub(crate) enum Source {
     Files(Files),
     /// The SPIFFE Workload API at this Unix socket (a SPIRE agent).
     WorkloadApi(PathBuf),
 }
 
 /// How often the files are checked for a change, and the certificate for its expiry.
-pub const POLL: Duration = Duration::from_secs(2);
+pub(crate) const POLL: Duration = Duration::from_secs(2);
 
 /// The material in use and what is wrong, if anything.
 #[derive(Clone, Debug, Default)]
@@ -38,7 +38,7 @@ pub struct State {
     /// The last valid material; kept while a newer one is broken, until it expires.
     pub material: Option<Arc<Material>>,
     /// Why the identity is not usable as it stands: `/ready` answers 503 with it.
-    pub problem: Option<String>,
+    pub(crate) problem: Option<String>,
 }
 
 /// A handle on the workload identity, cheap to clone.
@@ -54,7 +54,7 @@ pub struct Identity {
 impl Identity {
     /// Loads the material once (a failure is logged and reported, not fatal: the volume may be
     /// mounted a moment later).
-    pub fn new(
+    pub(crate) fn new(
         source: Source,
         trust_domain: String,
         trust_bundles: Option<PathBuf>,
@@ -78,10 +78,6 @@ impl Identity {
             }
         }
         identity
-    }
-
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
     }
 
     /// The material new connections use, if there is a valid one.
@@ -118,7 +114,7 @@ impl Identity {
     /// Makes validated material current, or reports why a new one is unusable. The files' poller
     /// calls it; a streamed source (the SPIFFE Workload API) would call it with each message
     /// turned into [`super::material::validate`]'s result.
-    pub fn publish(
+    pub(crate) fn publish(
         &self,
         loaded: Result<Material, MaterialError>,
         now: SystemTime,

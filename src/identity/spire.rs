@@ -38,7 +38,7 @@ pub struct SvidMaterial {
     /// The trust bundle of our trust domain: the roots our peers' certificates must chain to.
     pub bundle: Vec<CertificateDer<'static>>,
     /// The federated trust domains' bundles, each for its own domain's peers.
-    pub federated: Authorities,
+    pub(crate) federated: Authorities,
 }
 
 /// What the source knows now.
@@ -52,7 +52,7 @@ pub struct Snapshot {
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum SvidError {
+pub(crate) enum SvidError {
     #[error("the Workload API sent no X.509-SVID for this workload; register an entry for it")]
     NoSvid,
     #[error(
@@ -147,7 +147,10 @@ fn report(tx: &watch::Sender<Snapshot>, problem: String) {
 }
 
 /// The default SVID of `context` and our trust domain's bundle, checked and in DER.
-pub fn material(context: &X509Context, trust_domain: &str) -> Result<SvidMaterial, SvidError> {
+pub(crate) fn material(
+    context: &X509Context,
+    trust_domain: &str,
+) -> Result<SvidMaterial, SvidError> {
     let svid = context.default_svid().ok_or(SvidError::NoSvid)?;
     let id_text = svid.spiffe_id().to_string();
     let spiffe_id: SpiffeId = id_text

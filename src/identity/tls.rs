@@ -26,14 +26,14 @@ use rustls::{
 
 use super::SpiffeId;
 use super::bundles::BundleSet;
-use super::material::leaf;
+use super::leaf::leaf;
 use crate::error::HandshakeFailure;
 
 /// The only ALPN protocol HBONE speaks.
-pub const ALPN_H2: &[u8] = b"h2";
+pub(crate) const ALPN_H2: &[u8] = b"h2";
 
 /// ring, restricted to ztunnel's suites (no ChaCha20).
-pub fn provider() -> Arc<CryptoProvider> {
+pub(crate) fn provider() -> Arc<CryptoProvider> {
     use rustls::crypto::ring::{cipher_suite, default_provider};
     let mut provider = default_provider();
     provider.cipher_suites = vec![
@@ -45,7 +45,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 /// The server side: our certificate, and a client certificate required, of a trust domain we have
 /// a bundle for and chaining to that domain's CAs.
-pub fn server_config(
+pub(crate) fn server_config(
     key: Arc<CertifiedKey>,
     bundles: Arc<BundleSet>,
 ) -> Result<Arc<ServerConfig>, Error> {
@@ -87,7 +87,7 @@ pub fn client_config(
 
 /// The SPIFFE ID of a peer whose certificate the handshake already verified (against the bundle
 /// of that ID's trust domain).
-pub fn peer_id(certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
+pub(crate) fn peer_id(certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> {
     let first = certificates?.first()?;
     leaf(first).ok().map(|l| l.id)
 }
@@ -95,9 +95,9 @@ pub fn peer_id(certificates: Option<&[CertificateDer<'_>]>) -> Option<SpiffeId> 
 /// A peer refused by one of our checks: which, and why in words.
 #[derive(Debug, thiserror::Error)]
 #[error("{detail}")]
-pub struct Refused {
-    pub failure: HandshakeFailure,
-    pub detail: String,
+pub(crate) struct Refused {
+    pub(crate) failure: HandshakeFailure,
+    pub(crate) detail: String,
 }
 
 fn refused(failure: HandshakeFailure, detail: String) -> Error {
@@ -109,7 +109,9 @@ fn refused(failure: HandshakeFailure, detail: String) -> Error {
 
 /// Which check failed a handshake, and why in words, from an error that carries a rustls error
 /// (an `io::Error` of tokio-rustls, a hyper error over one); `None` when there is none inside.
-pub fn failure(error: &(dyn std::error::Error + 'static)) -> Option<(HandshakeFailure, String)> {
+pub(crate) fn failure(
+    error: &(dyn std::error::Error + 'static),
+) -> Option<(HandshakeFailure, String)> {
     let mut next = Some(error);
     while let Some(error) = next {
         if let Some(tls) = error.downcast_ref::<Error>() {

@@ -18,15 +18,15 @@ use crate::identity::peers::PeerIdentities;
 use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration, parse_port};
 
 /// Every annotation this module reads or writes shares this prefix.
-pub const PREFIX: &str = "amazing-proxy.io/";
+pub(crate) const PREFIX: &str = "amazing-proxy.io/";
 /// Written by the injector on every pod template it injects; its value is the injector's version.
-pub const INJECTED: &str = "amazing-proxy.io/injected";
+pub(crate) const INJECTED: &str = "amazing-proxy.io/injected";
 /// `"false"` / `"disabled"` skips the pod; as an annotation or as a label (labels also work with
 /// the webhook's objectSelector).
-pub const INJECT: &str = "amazing-proxy.io/inject";
+pub(crate) const INJECT: &str = "amazing-proxy.io/inject";
 
 /// The annotations a pod template may carry (after the prefix); `injected` is ours to write.
-pub const KNOWN: &[&str] = &[
+pub(crate) const KNOWN: &[&str] = &[
     "inject",
     "injected",
     "image",
@@ -52,32 +52,32 @@ pub const KNOWN: &[&str] = &[
 /// The settings of one injection. The flags give the defaults ([`Settings`] built by clap); the
 /// pod template's annotations override them field by field ([`Settings::with_annotations`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Settings {
-    pub image: String,
+pub(crate) struct Settings {
+    pub(crate) image: String,
     /// Ports whose inbound traffic is redirected to the proxy; empty means all.
-    pub inbound_ports: PortList,
-    pub exclude_inbound_ports: PortList,
-    pub exclude_outbound_ports: PortList,
-    pub exclude_outbound_cidrs: CidrList,
+    pub(crate) inbound_ports: PortList,
+    pub(crate) exclude_inbound_ports: PortList,
+    pub(crate) exclude_outbound_ports: PortList,
+    pub(crate) exclude_outbound_cidrs: CidrList,
     /// No outbound redirection at all (`AMAZING_PROXY_NO_OUTBOUND=true`).
-    pub disable_outbound: bool,
-    pub opaque_ports: PortList,
+    pub(crate) disable_outbound: bool,
+    pub(crate) opaque_ports: PortList,
     /// `None`: the first containerPort of the first app container, else 80.
-    pub app_port: Option<u16>,
-    pub access_log: AccessLogFormat,
-    pub drain_delay: Duration,
-    pub cpu_request: Option<String>,
-    pub memory_request: Option<String>,
-    pub cpu_limit: Option<String>,
-    pub memory_limit: Option<String>,
+    pub(crate) app_port: Option<u16>,
+    pub(crate) access_log: AccessLogFormat,
+    pub(crate) drain_delay: Duration,
+    pub(crate) cpu_request: Option<String>,
+    pub(crate) memory_request: Option<String>,
+    pub(crate) cpu_limit: Option<String>,
+    pub(crate) memory_limit: Option<String>,
     /// Where the proxy's mTLS identity comes from.
-    pub identity: IdentityKind,
+    pub(crate) identity: IdentityKind,
     /// The signer of `IdentityKind::PodCertificate` certificates and trust bundles.
-    pub pod_certificate_signer: Option<String>,
+    pub(crate) pod_certificate_signer: Option<String>,
     /// The ConfigMap whose `policy.yaml` is the proxy's authorization policy.
-    pub policy: Option<String>,
+    pub(crate) policy: Option<String>,
     /// The identities expected of HBONE servers by address (`run --peer-identities-inline`).
-    pub peer_identities: Option<PeerIdentities>,
+    pub(crate) peer_identities: Option<PeerIdentities>,
 }
 
 /// An annotation (or flag) whose value does not parse.
@@ -85,14 +85,14 @@ pub struct Settings {
 #[error("{field}: {problem}")]
 pub struct SettingError {
     /// Where the value is, as a field path (`spec.template.metadata.annotations["..."]`).
-    pub field: String,
-    pub problem: String,
+    pub(crate) field: String,
+    pub(crate) problem: String,
 }
 
 impl Settings {
     /// Overrides the defaults with the `amazing-proxy.io/*` annotations; `field` is the path of the
     /// annotations map, for error messages.
-    pub fn with_annotations(
+    pub(crate) fn with_annotations(
         &self,
         annotations: Option<&Map<String, Value>>,
         field: &str,
@@ -167,7 +167,7 @@ impl Settings {
 
 /// `amazing-proxy.io/peer-identities`: `--peer-identities`' entries (`CIDR-or-address SPIFFE-ID`),
 /// one a line or `;`-separated; at least one.
-pub fn parse_peer_identities(s: &str) -> Result<PeerIdentities, String> {
+pub(crate) fn parse_peer_identities(s: &str) -> Result<PeerIdentities, String> {
     let peers = PeerIdentities::parse(s)?;
     if peers == PeerIdentities::default() {
         return Err(format!(
@@ -179,7 +179,10 @@ pub fn parse_peer_identities(s: &str) -> Result<PeerIdentities, String> {
 
 /// Whether a pod template opts out: `amazing-proxy.io/inject` set to `false`/`disabled` as an
 /// annotation or a label. `true`/`enabled` (or absence) means inject; anything else is an error.
-pub fn opted_out(metadata: Option<&Map<String, Value>>, field: &str) -> Result<bool, SettingError> {
+pub(crate) fn opted_out(
+    metadata: Option<&Map<String, Value>>,
+    field: &str,
+) -> Result<bool, SettingError> {
     let mut out = false;
     for map_name in ["annotations", "labels"] {
         let Some(value) = metadata
@@ -205,7 +208,7 @@ pub fn opted_out(metadata: Option<&Map<String, Value>>, field: &str) -> Result<b
     Ok(out)
 }
 
-pub fn parse_image(s: &str) -> Result<String, String> {
+pub(crate) fn parse_image(s: &str) -> Result<String, String> {
     if s.is_empty() || s.chars().any(char::is_whitespace) {
         return Err(format!(
             "expected a container image reference without spaces, got `{s}`"
@@ -214,7 +217,7 @@ pub fn parse_image(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
-pub fn parse_bool(s: &str) -> Result<bool, String> {
+pub(crate) fn parse_bool(s: &str) -> Result<bool, String> {
     match s {
         "true" => Ok(true),
         "false" => Ok(false),
@@ -224,7 +227,7 @@ pub fn parse_bool(s: &str) -> Result<bool, String> {
 
 /// A Kubernetes resource quantity (`10m`, `0.5`, `16Mi`, `1e3`). Checked here because the API
 /// server would reject the whole object with a message that does not name the annotation.
-pub fn parse_quantity(s: &str) -> Result<String, String> {
+pub(crate) fn parse_quantity(s: &str) -> Result<String, String> {
     let bad = || format!("expected a Kubernetes quantity such as 10m, 0.5, 16Mi or 1G, got `{s}`");
     let digits_end = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -251,7 +254,7 @@ pub fn parse_quantity(s: &str) -> Result<String, String> {
 #[cfg(test)]
 impl Settings {
     /// The flags' defaults with image `img`: the unit tests' starting point.
-    pub fn example() -> Settings {
+    pub(crate) fn example() -> Settings {
         Settings {
             image: "img".into(),
             inbound_ports: PortList::default(),

@@ -12,18 +12,44 @@
 
 use serde_json::Value;
 
-use super::InjectError;
 use super::patch::{Outcome, PatchError, type_meta};
+
+/// What `inject` and `uninject` report: the input that could not be read, parsed or patched, or
+/// the output that could not be written; nothing is written then.
+#[derive(Debug, thiserror::Error)]
+pub enum InjectError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{source_name}, document {document}: {message}; fix the syntax (nothing was written)")]
+    Parse {
+        source_name: String,
+        document: usize,
+        message: String,
+    },
+    #[error("{source_name}, {document}: {error} (nothing was written)")]
+    Document {
+        source_name: String,
+        document: String,
+        error: PatchError,
+    },
+    #[error("document {document}: cannot write it back: {message}")]
+    Render { document: usize, message: String },
+    #[error("cannot write the result to stdout: {0}")]
+    Write(std::io::Error),
+}
 
 /// The format of the input, and so of the output.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Format {
+pub(crate) enum Format {
     Yaml,
     Json,
 }
 
 /// Parses a stream of documents; `source` names the input in errors.
-pub fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectError> {
+pub(crate) fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectError> {
     let trimmed = input.trim_start();
     if trimmed.starts_with('{') || trimmed.starts_with('[') {
         let mut docs = Vec::new();
@@ -57,7 +83,7 @@ pub fn parse(input: &str, source: &str) -> Result<(Format, Vec<Value>), InjectEr
 }
 
 /// Writes documents back in `format`.
-pub fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
+pub(crate) fn render(format: Format, docs: &[Value]) -> Result<String, InjectError> {
     let mut out = String::new();
     for (i, doc) in docs.iter().enumerate() {
         match format {
@@ -86,17 +112,17 @@ fn render_error(index: usize, error: impl ToString) -> InjectError {
 
 /// One line about a pod template that was left alone, for the user to see on stderr.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Note {
-    pub document: String,
-    pub reason: String,
+pub(crate) struct Note {
+    pub(crate) document: String,
+    pub(crate) reason: String,
 }
 
 /// One object in, the patched object and what happened out: injection or uninjection.
-pub type Transform<'a> = &'a dyn Fn(&Value) -> Result<(Value, Outcome), PatchError>;
+pub(crate) type Transform<'a> = &'a dyn Fn(&Value) -> Result<(Value, Outcome), PatchError>;
 
 /// Applies `transform` to every document; a `List` (any kind ending in `List` with `items`) has
 /// each item transformed.
-pub fn transform_all(
+pub(crate) fn transform_all(
     docs: &[Value],
     transform: Transform<'_>,
     source: &str,

@@ -22,32 +22,32 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::proxy::hbone::headers::{POD_NAME_ENV, POD_NAMESPACE_ENV};
+use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV};
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
-pub const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
-pub const POLICY_VOLUME: &str = "amazing-proxy-policy";
-pub const VOLUMES: [&str; 2] = [IDENTITY_VOLUME, POLICY_VOLUME];
+pub(crate) const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
+pub(crate) const POLICY_VOLUME: &str = "amazing-proxy-policy";
+pub(crate) const VOLUMES: [&str; 2] = [IDENTITY_VOLUME, POLICY_VOLUME];
 
 /// Where the identity files are mounted (csi-spiffe, pod-certificate).
-pub const IDENTITY_DIR: &str = "/var/run/secrets/amazing-proxy/identity";
+pub(crate) const IDENTITY_DIR: &str = "/var/run/secrets/amazing-proxy/identity";
 /// The files of the pod-certificate projection, in [`IDENTITY_DIR`].
-pub const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
-pub const TRUST_BUNDLE: &str = "trust-bundle.pem";
+pub(crate) const CREDENTIAL_BUNDLE: &str = "credential-bundle.pem";
+pub(crate) const TRUST_BUNDLE: &str = "trust-bundle.pem";
 /// Where the SPIFFE CSI driver's socket directory is mounted, and the agent's socket in it (the
 /// paths of SPIRE's and the SPIFFE CSI driver's examples).
-pub const SPIRE_DIR: &str = "/spiffe-workload-api";
-pub const SPIRE_SOCKET: &str = "spire-agent.sock";
+pub(crate) const SPIRE_DIR: &str = "/spiffe-workload-api";
+pub(crate) const SPIRE_SOCKET: &str = "spire-agent.sock";
 /// Where the policy ConfigMap is mounted, and the key the proxy reads from it.
-pub const POLICY_DIR: &str = "/etc/amazing-proxy/policy";
-pub const POLICY_KEY: &str = "policy.yaml";
+pub(crate) const POLICY_DIR: &str = "/etc/amazing-proxy/policy";
+pub(crate) const POLICY_KEY: &str = "policy.yaml";
 
 /// The key type asked of the pod-certificate signer: the one ztunnel and our certificates use.
 const POD_CERTIFICATE_KEY_TYPE: &str = "ECDSAP256";
 
 /// Where the proxy's identity comes from (`amazing-proxy.io/identity`, `inject --identity`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
-pub enum IdentityKind {
+pub(crate) enum IdentityKind {
     /// No identity: plaintext only, no HBONE.
     #[default]
     None,
@@ -75,7 +75,7 @@ impl FromStr for IdentityKind {
 }
 
 /// A signer name as Kubernetes requires it: `<domain>/<path>` (e.g. `example.com/spiffe`).
-pub fn parse_signer_name(s: &str) -> Result<String, String> {
+pub(crate) fn parse_signer_name(s: &str) -> Result<String, String> {
     let valid = s
         .split_once('/')
         .is_some_and(|(domain, path)| is_dns_subdomain(domain) && !path.is_empty());
@@ -89,7 +89,7 @@ pub fn parse_signer_name(s: &str) -> Result<String, String> {
 }
 
 /// A ConfigMap name: a DNS-1123 subdomain.
-pub fn parse_configmap_name(s: &str) -> Result<String, String> {
+pub(crate) fn parse_configmap_name(s: &str) -> Result<String, String> {
     if is_dns_subdomain(s) {
         Ok(s.to_owned())
     } else {
@@ -110,7 +110,11 @@ fn is_dns_subdomain(s: &str) -> bool {
 
 /// The pod's volumes for `kind` and `policy`; `signer` is the pod-certificate signer, checked to be
 /// set for that kind before.
-pub fn volumes(kind: IdentityKind, signer: Option<&str>, policy: Option<&str>) -> Vec<Volume> {
+pub(crate) fn volumes(
+    kind: IdentityKind,
+    signer: Option<&str>,
+    policy: Option<&str>,
+) -> Vec<Volume> {
     let csi = |driver: &str| Volume {
         name: IDENTITY_VOLUME.into(),
         csi: Some(CSIVolumeSource {
@@ -172,7 +176,7 @@ pub fn volumes(kind: IdentityKind, signer: Option<&str>, policy: Option<&str>) -
 }
 
 /// The proxy container's mounts of [`volumes`].
-pub fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMount> {
+pub(crate) fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMount> {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -194,7 +198,7 @@ pub fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMount> {
 }
 
 /// The `run` variables that point the proxy at the mounted files (the contract with `run`'s flags).
-pub fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
+pub(crate) fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
     let var = |name: &str, value: String| EnvVar {
         name: name.into(),
         value: Some(value),
@@ -232,7 +236,7 @@ pub fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
 
 /// The pod's name and namespace from the downward API, for the `baggage` header the proxy sends
 /// on each HBONE `CONNECT`; none without an identity (no HBONE then).
-pub fn downward_env(kind: IdentityKind) -> Vec<EnvVar> {
+pub(crate) fn downward_env(kind: IdentityKind) -> Vec<EnvVar> {
     if kind == IdentityKind::None {
         return Vec::new();
     }

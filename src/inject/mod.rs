@@ -9,9 +9,9 @@
 //! The whole input is read and injected before anything is written, so that an error in the tenth
 //! document leaves stdout empty rather than half a manifest that `kubectl apply` would take.
 
-pub mod annotations;
-pub mod documents;
-pub mod identity;
+pub(crate) mod annotations;
+pub(crate) mod documents;
+pub(crate) mod identity;
 pub mod patch;
 
 use std::io::{Read, Write};
@@ -23,8 +23,9 @@ use clap::Args;
 
 use crate::vocab::{AccessLogFormat, CidrList, PortList, parse_drain_duration};
 use annotations::Settings;
+pub(crate) use documents::InjectError;
 use documents::Transform;
-pub use patch::{Options, Outcome, PatchError};
+pub(crate) use patch::{Options, PatchError};
 
 /// The defaults of the per-pod settings; each can be overridden by a pod template annotation.
 /// Shared by `inject` and `webhook`.
@@ -32,57 +33,57 @@ pub use patch::{Options, Outcome, PatchError};
 pub struct InjectDefaults {
     /// The image of both injected containers (annotation `amazing-proxy.io/image`).
     #[arg(long, default_value = concat!("ghcr.io/amazing-proxy/amazing-proxy:", env!("CARGO_PKG_VERSION")), value_parser = annotations::parse_image)]
-    pub image: String,
+    pub(crate) image: String,
     /// Write the proxy as a regular container instead of a native sidecar (clusters before 1.29).
     #[arg(long)]
-    pub legacy_sidecar: bool,
+    pub(crate) legacy_sidecar: bool,
     /// Ports whose inbound traffic goes through the proxy; empty means all (`inbound-ports`).
     #[arg(long, default_value = "", value_parser = PortList::from_str)]
-    pub inbound_ports: PortList,
+    pub(crate) inbound_ports: PortList,
     /// Inbound ports that bypass the proxy (`exclude-inbound-ports`).
     #[arg(long, default_value = "", value_parser = PortList::from_str)]
-    pub exclude_inbound_ports: PortList,
+    pub(crate) exclude_inbound_ports: PortList,
     /// Outbound destination ports that bypass the proxy (`exclude-outbound-ports`).
     #[arg(long, default_value = "", value_parser = PortList::from_str)]
-    pub exclude_outbound_ports: PortList,
+    pub(crate) exclude_outbound_ports: PortList,
     /// Outbound destination CIDRs that bypass the proxy (`exclude-outbound-cidrs`).
     #[arg(long, default_value = "", value_parser = CidrList::from_str)]
-    pub exclude_outbound_cidrs: CidrList,
+    pub(crate) exclude_outbound_cidrs: CidrList,
     /// No outbound redirection and no outbound listener (`disable-outbound`).
     #[arg(long)]
-    pub disable_outbound: bool,
+    pub(crate) disable_outbound: bool,
     /// Ports whose traffic is forwarded as opaque TCP, without protocol detection (`opaque-ports`).
     #[arg(long, default_value = "", value_parser = PortList::from_str)]
-    pub opaque_ports: PortList,
+    pub(crate) opaque_ports: PortList,
     /// The proxy's access log (`access-log`).
     #[arg(long, value_enum, default_value = "json")]
-    pub access_log: AccessLogFormat,
+    pub(crate) access_log: AccessLogFormat,
     /// How long the proxy keeps serving after SIGTERM before draining (`drain-delay`).
     #[arg(long, default_value = "5s", value_parser = parse_drain_duration, allow_hyphen_values = true)]
-    pub drain_delay: Duration,
+    pub(crate) drain_delay: Duration,
     /// CPU request of each injected container; empty for none (`proxy-cpu-request`).
     #[arg(long, default_value = "10m", value_parser = optional_quantity)]
-    pub proxy_cpu_request: Quantity,
+    pub(crate) proxy_cpu_request: Quantity,
     /// Memory request of each injected container; empty for none (`proxy-memory-request`).
     #[arg(long, default_value = "16Mi", value_parser = optional_quantity)]
-    pub proxy_memory_request: Quantity,
+    pub(crate) proxy_memory_request: Quantity,
     /// CPU limit of each injected container; none unless set (`proxy-cpu-limit`).
     #[arg(long, default_value = "", value_parser = optional_quantity)]
-    pub proxy_cpu_limit: Quantity,
+    pub(crate) proxy_cpu_limit: Quantity,
     /// Memory limit of each injected container; none unless set (`proxy-memory-limit`).
     #[arg(long, default_value = "", value_parser = optional_quantity)]
-    pub proxy_memory_limit: Quantity,
+    pub(crate) proxy_memory_limit: Quantity,
     /// Where the proxy's mTLS identity comes from (`identity`).
     #[arg(long, value_enum, default_value = "none")]
-    pub identity: identity::IdentityKind,
+    pub(crate) identity: identity::IdentityKind,
     /// The signer of pod certificates, for `--identity pod-certificate` (`pod-certificate-signer`).
     #[arg(long, value_parser = identity::parse_signer_name)]
-    pub pod_certificate_signer: Option<String>,
+    pub(crate) pod_certificate_signer: Option<String>,
 }
 
 // clap treats fields spelt `Option<T>` specially (an optional flag); this alias keeps each flag a
 // single value parsed by the same function as its annotation.
-pub type Quantity = Option<String>;
+pub(crate) type Quantity = Option<String>;
 
 fn optional_quantity(s: &str) -> Result<Quantity, String> {
     if s.is_empty() {
@@ -123,38 +124,12 @@ impl InjectDefaults {
 #[derive(Args, Clone, Debug)]
 pub struct InjectArgs {
     #[command(flatten)]
-    pub input: Input,
+    pub(crate) input: Input,
     #[command(flatten)]
-    pub defaults: InjectDefaults,
+    pub(crate) defaults: InjectDefaults,
 }
-
-#[derive(Debug, thiserror::Error)]
-pub enum InjectError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
-    #[error("{source_name}, document {document}: {message}; fix the syntax (nothing was written)")]
-    Parse {
-        source_name: String,
-        document: usize,
-        message: String,
-    },
-    #[error("{source_name}, {document}: {error} (nothing was written)")]
-    Document {
-        source_name: String,
-        document: String,
-        error: PatchError,
-    },
-    #[error("document {document}: cannot write it back: {message}")]
-    Render { document: usize, message: String },
-    #[error("cannot write the result to stdout: {0}")]
-    Write(std::io::Error),
-}
-
 /// Injects a whole input text; returns the output text and the notes about skipped pods.
-pub fn inject_text(
+pub(crate) fn inject_text(
     input: &str,
     source: &str,
     options: &Options,
@@ -164,7 +139,7 @@ pub fn inject_text(
 
 /// Removes what `inject` added from a whole input text; the notes name the pod templates that
 /// were not injected.
-pub fn uninject_text(
+pub(crate) fn uninject_text(
     input: &str,
     source: &str,
 ) -> Result<(String, Vec<documents::Note>), InjectError> {
@@ -183,16 +158,16 @@ fn transform_text(
 
 /// The manifests to read, for `inject` and `uninject`.
 #[derive(Args, Clone, Debug)]
-pub struct Input {
+pub(crate) struct Input {
     /// The manifests to read (YAML or JSON); `-` or absent reads stdin. The result goes to stdout.
     #[arg(short = 'f', long = "filename", value_name = "FILE")]
-    pub filename: Option<PathBuf>,
+    pub(crate) filename: Option<PathBuf>,
 }
 
 #[derive(Args, Clone, Debug)]
 pub struct UninjectArgs {
     #[command(flatten)]
-    pub input: Input,
+    pub(crate) input: Input,
 }
 
 pub fn main(args: InjectArgs) -> Result<(), InjectError> {

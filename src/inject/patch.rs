@@ -39,7 +39,7 @@ use crate::vocab::{
 pub const INIT_NAME: &str = "amazing-proxy-init";
 pub const SIDECAR_NAME: &str = "amazing-proxy";
 /// The injector's version, written in the `amazing-proxy.io/injected` annotation.
-pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+pub(crate) const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// uid and gid 0: the init container needs root for netfilter.
 const ROOT: i64 = 0;
@@ -79,9 +79,9 @@ const RESERVED_PORTS: [(u16, &str); 4] = [
 /// The injection's inputs other than the object: the defaults (from flags) and the sidecar style.
 #[derive(Clone, Debug)]
 pub struct Options {
-    pub defaults: Settings,
+    pub(crate) defaults: Settings,
     /// Write the proxy as a regular container (clusters older than 1.29, no native sidecars).
-    pub legacy_sidecar: bool,
+    pub(crate) legacy_sidecar: bool,
 }
 
 /// What happened to one object.
@@ -164,7 +164,7 @@ fn template_path(api_version: &str, kind: &str) -> Option<&'static [&'static str
 }
 
 /// `apiVersion` and `kind` of a Kubernetes object, or why it is not one.
-pub fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
+pub(crate) fn type_meta(object: &Value) -> Result<(&str, &str), PatchError> {
     let Some(map) = object.as_object() else {
         let problem = format!("expected a mapping, got {}", kind_of(object));
         return Err(PatchError::NotKubernetes { problem });
@@ -215,7 +215,7 @@ pub fn inject_object(object: &Value, options: &Options) -> Result<(Value, Outcom
 
 /// Removes what [`inject_object`] added. Kinds without a pod template, and templates we did not
 /// inject, come back unchanged.
-pub fn uninject_object(object: &Value) -> Result<(Value, Outcome), PatchError> {
+pub(crate) fn uninject_object(object: &Value) -> Result<(Value, Outcome), PatchError> {
     let mut patched = object.clone();
     let outcome = match template_of(&mut patched)? {
         Some((template, prefix)) => uninject_template(template, &prefix)?,
@@ -268,7 +268,7 @@ fn never_injected(spec: &Map<String, Value>) -> Option<&'static str> {
 
 /// Injects a pod template (or a Pod: both have `metadata` and `spec`) in place. `prefix` is the
 /// template's field path with a trailing dot (empty for a Pod), for error messages.
-pub fn inject_template(
+pub(crate) fn inject_template(
     template: &mut Value,
     prefix: &str,
     options: &Options,
@@ -365,7 +365,7 @@ fn annotate(template: &mut Map<String, Value>, prefix: &str) -> Result<(), Patch
 }
 
 /// Removes what [`inject_template`] added, in place.
-pub fn uninject_template(template: &mut Value, prefix: &str) -> Result<Outcome, PatchError> {
+pub(crate) fn uninject_template(template: &mut Value, prefix: &str) -> Result<Outcome, PatchError> {
     let Some(template) = template.as_object_mut() else {
         return Err(PatchError::malformed(
             prefix.trim_end_matches('.'),

@@ -6,14 +6,79 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use clap::ValueEnum;
+
 use super::iptables::{self, Family, NatState};
 use super::nft;
 use super::rules::{Policy, PolicyOptions};
-use super::{BackendChoice, InitError, Ipv6Mode};
+
+/// `--backend`: where the rules go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum BackendChoice {
+    /// Detect from the rules already present in the namespace.
+    Auto,
+    /// iptables-restore / ip6tables-restore (legacy or nf_tables variant, detected).
+    Iptables,
+    /// Native nftables: one `table inet amazing_proxy`.
+    Nft,
+}
+
+/// `--ipv6`: whether IPv6 rules are installed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Ipv6Mode {
+    /// On when the kernel has IPv6 and ip6tables works in the namespace.
+    Auto,
+    On,
+    Off,
+}
+
+/// Every failure says what went wrong and what to do; none leaves a half-applied ruleset.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("invalid options: {0}")]
+    Invalid(String),
+
+    #[error("{tool} not found in PATH: {hint}")]
+    ToolMissing { tool: String, hint: String },
+
+    #[error(
+        "permission denied running {tool}: the init container needs the NET_ADMIN and NET_RAW capabilities and to run as root ({detail})"
+    )]
+    PermissionDenied { tool: String, detail: String },
+
+    #[error("{tool} rejected the {what} rules, so none of them were applied: {detail}")]
+    Rejected {
+        tool: String,
+        what: String,
+        detail: String,
+    },
+
+    #[error("{tool} could not read the current rules: {detail}")]
+    Read { tool: String, detail: String },
+
+    #[error("could not run {tool}: {source}")]
+    Spawn {
+        tool: String,
+        source: std::io::Error,
+    },
+
+    #[error(
+        "{first}; the IPv4 rules applied just before were rolled back, nothing changed (if this kernel has no IPv6 NAT, use --ipv6 off)"
+    )]
+    RolledBack { first: Box<InitError> },
+
+    #[error(
+        "{first}; rolling the IPv4 rules back failed too ({rollback}): run `amazing-proxy init --clean` and retry"
+    )]
+    RollbackFailed {
+        first: Box<InitError>,
+        rollback: Box<InitError>,
+    },
+}
 
 /// Where the rules go.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Backend {
+pub(crate) enum Backend {
     /// iptables with the legacy x_tables kernel backend.
     IptablesLegacy,
     /// iptables over nf_tables (the `iptables-nft` variant).
@@ -23,7 +88,7 @@ pub enum Backend {
 }
 
 impl Backend {
-    pub fn describe(self) -> &'static str {
+    pub(crate) fn describe(self) -> &'static str {
         match self {
             Backend::IptablesLegacy => "iptables (legacy)",
             Backend::IptablesNft => "iptables (nf_tables)",
@@ -34,31 +99,31 @@ impl Backend {
 
 /// What one iptables variant shows in the namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Seen {
+pub(crate) struct Seen {
     /// Rules in all its tables, IPv4 and IPv6.
-    pub rules: usize,
+    pub(crate) rules: usize,
     /// Whether our chains are there (a previous run).
-    pub ours: bool,
+    pub(crate) ours: bool,
 }
 
 /// What native nftables shows: tables not made by iptables-nft, and ours.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NativeSeen {
-    pub foreign_tables: Vec<String>,
-    pub ours: bool,
+pub(crate) struct NativeSeen {
+    pub(crate) foreign_tables: Vec<String>,
+    pub(crate) ours: bool,
 }
 
 /// The namespace as seen by each backend whose tools exist (`None`: tools not installed).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Observation {
-    pub legacy: Option<Seen>,
-    pub nft_compat: Option<Seen>,
-    pub native: Option<NativeSeen>,
+pub(crate) struct Observation {
+    pub(crate) legacy: Option<Seen>,
+    pub(crate) nft_compat: Option<Seen>,
+    pub(crate) native: Option<NativeSeen>,
 }
 
 impl Observation {
     /// Backends holding rules of ours, most specific first.
-    pub fn ours(&self) -> Vec<Backend> {
+    pub(crate) fn ours(&self) -> Vec<Backend> {
         let mut out = Vec::new();
         if self.native.as_ref().is_some_and(|n| n.ours) {
             out.push(Backend::Nft);
@@ -86,7 +151,7 @@ fn iptables_missing() -> InitError {
 /// 3. iptables-nft if it holds any rule;
 /// 4. native nft if the namespace has native nftables tables;
 /// 5. nothing anywhere: iptables-nft, else nft, else iptables-legacy, by what is installed.
-pub fn choose(choice: BackendChoice, obs: &Observation) -> Result<Backend, InitError> {
+pub(crate) fn choose(choice: BackendChoice, obs: &Observation) -> Result<Backend, InitError> {
     let legacy_rules = obs.legacy.as_ref().map_or(0, |s| s.rules);
     let compat_rules = obs.nft_compat.as_ref().map_or(0, |s| s.rules);
     let legacy_wins = obs.legacy.is_some() && legacy_rules > compat_rules;
@@ -156,7 +221,7 @@ fn is_compat_table(family: &str, name: &str) -> bool {
 }
 
 /// Reads `nft list tables` output.
-pub fn parse_nft_tables(list: &str) -> NativeSeen {
+pub(crate) fn parse_nft_tables(list: &str) -> NativeSeen {
     let mut seen = NativeSeen::default();
     for line in list.lines() {
         let mut words = line.split_whitespace();
@@ -188,11 +253,11 @@ fn find_in_path(name: &str) -> Option<PathBuf> {
 
 /// The binaries of one iptables variant.
 #[derive(Clone, Debug)]
-pub struct IptTools {
-    pub restore4: PathBuf,
-    pub save4: PathBuf,
-    pub restore6: Option<PathBuf>,
-    pub save6: Option<PathBuf>,
+pub(crate) struct IptTools {
+    pub(crate) restore4: PathBuf,
+    pub(crate) save4: PathBuf,
+    pub(crate) restore6: Option<PathBuf>,
+    pub(crate) save6: Option<PathBuf>,
 }
 
 impl IptTools {
@@ -422,7 +487,7 @@ fn kernel_has_ipv6() -> bool {
 
 /// The interfaces other than `lo` holding an IPv6 address, from `/proc/net/if_inet6` (each line:
 /// address, index, prefix length, scope, flags, name).
-pub fn ipv6_interfaces(if_inet6: &str) -> Vec<String> {
+pub(crate) fn ipv6_interfaces(if_inet6: &str) -> Vec<String> {
     let mut names: Vec<String> = if_inet6
         .lines()
         .filter_map(|line| line.split_whitespace().nth(5))
@@ -451,15 +516,15 @@ fn warn_if_ipv6_uncovered(ipv6: bool) {
 // ---- the job ----
 
 /// Everything `init` needs, parsed and not yet validated against the namespace.
-pub struct Settings {
-    pub backend: BackendChoice,
-    pub ipv6: Ipv6Mode,
-    pub dry_run: bool,
-    pub clean: bool,
-    pub options: PolicyOptions,
+pub(crate) struct Settings {
+    pub(crate) backend: BackendChoice,
+    pub(crate) ipv6: Ipv6Mode,
+    pub(crate) dry_run: bool,
+    pub(crate) clean: bool,
+    pub(crate) options: PolicyOptions,
 }
 
-pub fn run_init(s: &Settings) -> Result<(), InitError> {
+pub(crate) fn run_init(s: &Settings) -> Result<(), InitError> {
     // Validate before touching anything, whatever the namespace says about IPv6.
     Policy::new(&s.options, false).map_err(InitError::Invalid)?;
     let env = Env::discover();

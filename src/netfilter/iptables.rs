@@ -15,12 +15,12 @@
 use super::rules::Policy;
 use crate::vocab::Cidr;
 
-pub const INBOUND: &str = "AMAZING_INBOUND";
-pub const IN_REDIRECT: &str = "AMAZING_IN_REDIRECT";
-pub const OUTPUT: &str = "AMAZING_OUTPUT";
-pub const REDIRECT: &str = "AMAZING_REDIRECT";
+pub(crate) const INBOUND: &str = "AMAZING_INBOUND";
+pub(crate) const IN_REDIRECT: &str = "AMAZING_IN_REDIRECT";
+pub(crate) const OUTPUT: &str = "AMAZING_OUTPUT";
+pub(crate) const REDIRECT: &str = "AMAZING_REDIRECT";
 /// Exactly the chains we own, in the order they are declared; nothing else is ever removed.
-pub const OUR_CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, REDIRECT];
+pub(crate) const OUR_CHAINS: [&str; 4] = [INBOUND, IN_REDIRECT, OUTPUT, REDIRECT];
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Family {
@@ -29,7 +29,7 @@ pub enum Family {
 }
 
 impl Family {
-    pub fn label(self) -> &'static str {
+    pub(crate) fn label(self) -> &'static str {
         match self {
             Family::V4 => "IPv4",
             Family::V6 => "IPv6",
@@ -41,13 +41,13 @@ impl Family {
 /// Rules are `(chain, spec)` where spec is what follows `-A CHAIN `.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct NatState {
-    pub chains: Vec<String>,
-    pub rules: Vec<(String, String)>,
-    pub jumps: Vec<(String, String)>,
+    pub(crate) chains: Vec<String>,
+    pub(crate) rules: Vec<(String, String)>,
+    pub(crate) jumps: Vec<(String, String)>,
 }
 
 impl NatState {
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.chains.is_empty() && self.rules.is_empty() && self.jumps.is_empty()
     }
 }
@@ -68,7 +68,7 @@ fn targets_ours(spec: &str) -> bool {
 }
 
 /// Reads our part of the nat table from `iptables-save` output (all tables or `-t nat`).
-pub fn parse_nat(save: &str) -> NatState {
+pub(crate) fn parse_nat(save: &str) -> NatState {
     let mut state = NatState::default();
     let mut in_nat = false;
     for line in save.lines().map(str::trim) {
@@ -98,7 +98,7 @@ pub fn parse_nat(save: &str) -> NatState {
 }
 
 /// Counts the rules of every table in `iptables-save` output (backend detection).
-pub fn count_rules(save: &str) -> usize {
+pub(crate) fn count_rules(save: &str) -> usize {
     save.lines().filter(|l| l.starts_with("-A ")).count()
 }
 

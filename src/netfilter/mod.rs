@@ -51,33 +51,16 @@
 //! `--backend iptables` picks the variant with the same rules (1, 2), defaulting to nf_tables.
 //! `--clean` with `auto` cleans every backend where rules of ours are found.
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
-pub mod apply;
+pub(crate) mod apply;
 pub mod iptables;
 pub mod nft;
 pub mod rules;
 
 use crate::vocab::{self, CidrList, PortList, parse_port};
+pub use apply::{BackendChoice, InitError, Ipv6Mode};
 use rules::PolicyOptions;
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum BackendChoice {
-    /// Detect from the rules already present in the namespace.
-    Auto,
-    /// iptables-restore / ip6tables-restore (legacy or nf_tables variant, detected).
-    Iptables,
-    /// Native nftables: one `table inet amazing_proxy`.
-    Nft,
-}
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Ipv6Mode {
-    /// On when the kernel has IPv6 and ip6tables works in the namespace.
-    Auto,
-    On,
-    Off,
-}
 
 #[derive(Args, Clone, Debug)]
 pub struct InitArgs {
@@ -88,52 +71,52 @@ pub struct InitArgs {
         value_enum,
         default_value = "auto"
     )]
-    pub backend: BackendChoice,
+    pub(crate) backend: BackendChoice,
 
     /// Port inbound traffic is redirected to (the proxy's `run --inbound` port).
     #[arg(long, env = "AMAZING_PROXY_INBOUND_PORT", default_value_t = vocab::INBOUND_PORT, value_parser = parse_port)]
-    pub inbound_port: u16,
+    pub(crate) inbound_port: u16,
 
     /// Port the app's outbound traffic is redirected to (the proxy's `run --outbound` port).
     #[arg(long, env = "AMAZING_PROXY_OUTBOUND_PORT", default_value_t = vocab::OUTBOUND_PORT, value_parser = parse_port)]
-    pub outbound_port: u16,
+    pub(crate) outbound_port: u16,
 
     /// The proxy's admin port: never redirected inbound.
     #[arg(long, env = "AMAZING_PROXY_ADMIN_PORT", default_value_t = vocab::ADMIN_PORT, value_parser = parse_port)]
-    pub admin_port: u16,
+    pub(crate) admin_port: u16,
 
     /// Only these inbound TCP ports are redirected (comma-separated); empty means all.
     #[arg(long, env = "AMAZING_PROXY_INBOUND_PORTS", default_value = "")]
-    pub inbound_ports: PortList,
+    pub(crate) inbound_ports: PortList,
 
     /// Inbound TCP ports never redirected (comma-separated).
     #[arg(long, env = "AMAZING_PROXY_EXCLUDE_INBOUND_PORTS", default_value = "")]
-    pub exclude_inbound_ports: PortList,
+    pub(crate) exclude_inbound_ports: PortList,
 
     /// Outbound TCP destination ports never redirected (comma-separated).
     #[arg(long, env = "AMAZING_PROXY_EXCLUDE_OUTBOUND_PORTS", default_value = "")]
-    pub exclude_outbound_ports: PortList,
+    pub(crate) exclude_outbound_ports: PortList,
 
     /// Outbound destinations never redirected: IPv4 and IPv6 CIDRs, comma-separated.
     #[arg(long, env = "AMAZING_PROXY_EXCLUDE_OUTBOUND_CIDRS", default_value = "")]
-    pub exclude_outbound_cidrs: CidrList,
+    pub(crate) exclude_outbound_cidrs: CidrList,
 
     /// The proxy's uid: its connections are not redirected.
     #[arg(long, env = "AMAZING_PROXY_PROXY_UID", default_value_t = vocab::PROXY_UID)]
-    pub proxy_uid: u32,
+    pub(crate) proxy_uid: u32,
 
     /// The proxy's gid: its connections are not redirected.
     #[arg(long, env = "AMAZING_PROXY_PROXY_GID", default_value_t = vocab::PROXY_GID)]
-    pub proxy_gid: u32,
+    pub(crate) proxy_gid: u32,
 
     /// Socket mark the proxy sets on its upstream sockets (`run --proxy-mark`): not redirected.
     /// 0 disables this exception.
     #[arg(long, env = "AMAZING_PROXY_PROXY_MARK", default_value_t = vocab::PROXY_MARK)]
-    pub proxy_mark: u32,
+    pub(crate) proxy_mark: u32,
 
     /// Redirect inbound traffic only.
     #[arg(long, env = "AMAZING_PROXY_NO_OUTBOUND")]
-    pub no_outbound: bool,
+    pub(crate) no_outbound: bool,
 
     /// IPv6 rules: auto = when the kernel has IPv6 and ip6tables works in the namespace.
     #[arg(long, env = "AMAZING_PROXY_IPV6", value_enum, default_value = "auto")]
@@ -141,15 +124,15 @@ pub struct InitArgs {
 
     /// Kept for old manifests: IPv6 egress is now always redirected with the IPv6 rules.
     #[arg(long, env = "AMAZING_PROXY_IPV6_OUTBOUND_REDIRECT", hide = true)]
-    pub ipv6_outbound_redirect: bool,
+    pub(crate) ipv6_outbound_redirect: bool,
 
     /// Print the exact script that would be applied, change nothing.
     #[arg(long, env = "AMAZING_PROXY_DRY_RUN")]
-    pub dry_run: bool,
+    pub(crate) dry_run: bool,
 
     /// Remove our chains and jumps (or our nft table), and nothing else.
     #[arg(long, env = "AMAZING_PROXY_CLEAN")]
-    pub clean: bool,
+    pub(crate) clean: bool,
 }
 
 impl InitArgs {
@@ -169,50 +152,6 @@ impl InitArgs {
             no_outbound: self.no_outbound,
         }
     }
-}
-
-/// Every failure says what went wrong and what to do; none leaves a half-applied ruleset.
-#[derive(Debug, thiserror::Error)]
-pub enum InitError {
-    #[error("invalid options: {0}")]
-    Invalid(String),
-
-    #[error("{tool} not found in PATH: {hint}")]
-    ToolMissing { tool: String, hint: String },
-
-    #[error(
-        "permission denied running {tool}: the init container needs the NET_ADMIN and NET_RAW capabilities and to run as root ({detail})"
-    )]
-    PermissionDenied { tool: String, detail: String },
-
-    #[error("{tool} rejected the {what} rules, so none of them were applied: {detail}")]
-    Rejected {
-        tool: String,
-        what: String,
-        detail: String,
-    },
-
-    #[error("{tool} could not read the current rules: {detail}")]
-    Read { tool: String, detail: String },
-
-    #[error("could not run {tool}: {source}")]
-    Spawn {
-        tool: String,
-        source: std::io::Error,
-    },
-
-    #[error(
-        "{first}; the IPv4 rules applied just before were rolled back, nothing changed (if this kernel has no IPv6 NAT, use --ipv6 off)"
-    )]
-    RolledBack { first: Box<InitError> },
-
-    #[error(
-        "{first}; rolling the IPv4 rules back failed too ({rollback}): run `amazing-proxy init --clean` and retry"
-    )]
-    RollbackFailed {
-        first: Box<InitError>,
-        rollback: Box<InitError>,
-    },
 }
 
 pub fn main(args: InitArgs) -> Result<(), InitError> {

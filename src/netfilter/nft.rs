@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 
 use super::rules::Policy;
 
-pub const TABLE: &str = "inet amazing_proxy";
+pub(crate) const TABLE: &str = "inet amazing_proxy";
 
 /// `nft -f` input that removes our table if present (and nothing else).
 pub fn render_clean() -> String {

@@ -6,45 +6,45 @@ use crate::vocab::{Cidr, CidrList, HBONE_PORT, PortList};
 /// The inputs of the policy, already parsed; everything that is not I/O.
 #[derive(Clone, Debug)]
 pub struct PolicyOptions {
-    pub inbound_port: u16,
-    pub outbound_port: u16,
-    pub admin_port: u16,
-    pub inbound_ports: PortList,
-    pub exclude_inbound_ports: PortList,
-    pub exclude_outbound_ports: PortList,
-    pub exclude_outbound_cidrs: CidrList,
-    pub proxy_uid: u32,
-    pub proxy_gid: u32,
+    pub(crate) inbound_port: u16,
+    pub(crate) outbound_port: u16,
+    pub(crate) admin_port: u16,
+    pub(crate) inbound_ports: PortList,
+    pub(crate) exclude_inbound_ports: PortList,
+    pub(crate) exclude_outbound_ports: PortList,
+    pub(crate) exclude_outbound_cidrs: CidrList,
+    pub(crate) proxy_uid: u32,
+    pub(crate) proxy_gid: u32,
     /// 0 disables the mark exception (as `run --proxy-mark 0` disables setting it).
-    pub proxy_mark: u32,
-    pub no_outbound: bool,
+    pub(crate) proxy_mark: u32,
+    pub(crate) no_outbound: bool,
 }
 
 /// What the rules do, for both families.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Policy {
     /// Where inbound TCP is redirected (the proxy's `run --inbound` port).
-    pub inbound_port: u16,
+    pub(crate) inbound_port: u16,
     /// Inbound destination ports left alone: the user's exclusions plus our own listeners.
-    pub inbound_exclude: Vec<u16>,
+    pub(crate) inbound_exclude: Vec<u16>,
     /// Inbound destination ports redirected; empty means every TCP port not excluded.
-    pub inbound_only: Vec<u16>,
+    pub(crate) inbound_only: Vec<u16>,
     /// `None` with `--no-outbound`.
-    pub outbound: Option<Outbound>,
+    pub(crate) outbound: Option<Outbound>,
     /// Whether IPv6 rules are installed at all (`--ipv6`, resolved).
     pub ipv6: bool,
 }
 
 /// The app's own connections: redirected to the outbound listener except for these.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Outbound {
-    pub port: u16,
-    pub exclude_ports: Vec<u16>,
-    pub exclude_v4: Vec<Cidr>,
-    pub exclude_v6: Vec<Cidr>,
-    pub uid: u32,
-    pub gid: u32,
-    pub mark: Option<u32>,
+pub(crate) struct Outbound {
+    pub(crate) port: u16,
+    pub(crate) exclude_ports: Vec<u16>,
+    pub(crate) exclude_v4: Vec<Cidr>,
+    pub(crate) exclude_v6: Vec<Cidr>,
+    pub(crate) uid: u32,
+    pub(crate) gid: u32,
+    pub(crate) mark: Option<u32>,
 }
 
 impl Policy {
@@ -127,7 +127,7 @@ use crate::vocab::{ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_MAR
 impl PolicyOptions {
     /// The default ports, uid, gid and mark, plus one outbound exclusion of each family: the
     /// renderers' unit-test fixture.
-    pub fn example() -> PolicyOptions {
+    pub(crate) fn example() -> PolicyOptions {
         PolicyOptions {
             inbound_port: INBOUND_PORT,
             outbound_port: OUTBOUND_PORT,

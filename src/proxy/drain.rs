@@ -8,7 +8,7 @@
 use tokio::sync::watch;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum Phase {
+pub(crate) enum Phase {
     /// Listeners not bound yet.
     Starting,
     Serving,
@@ -18,7 +18,7 @@ pub enum Phase {
 
 /// Shared by the data plane, the signal handler and the admin thread.
 #[derive(Clone, Debug)]
-pub struct Drain {
+pub(crate) struct Drain {
     phase: watch::Sender<Phase>,
 }
 
@@ -31,16 +31,16 @@ impl Default for Drain {
 }
 
 impl Drain {
-    pub fn phase(&self) -> Phase {
+    pub(crate) fn phase(&self) -> Phase {
         *self.phase.borrow()
     }
 
-    pub fn subscribe(&self) -> watch::Receiver<Phase> {
+    pub(crate) fn subscribe(&self) -> watch::Receiver<Phase> {
         self.phase.subscribe()
     }
 
     /// Moves forward only: a second shutdown request never restarts the drain delay.
-    pub fn advance(&self, to: Phase) {
+    pub(crate) fn advance(&self, to: Phase) {
         self.phase.send_if_modified(|phase| {
             let forward = to > *phase;
             if forward {
@@ -52,7 +52,7 @@ impl Drain {
 }
 
 /// Resolves when the drain reaches `Closing` (or the drain is gone, at exit).
-pub async fn wait_for_closing(phase: &mut watch::Receiver<Phase>) {
+pub(crate) async fn wait_for_closing(phase: &mut watch::Receiver<Phase>) {
     let _ = phase.wait_for(|p| *p == Phase::Closing).await;
 }
 

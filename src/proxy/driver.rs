@@ -16,38 +16,38 @@
 
 use http::Method;
 
-use super::Shared;
 use super::exchange::ConnContext;
 use super::limits::InFlight;
 use super::path::Ambiguous;
 use super::phases::Synthetic;
+use super::shared::Shared;
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 
 /// What an adapter read from a request head, before any decision.
 #[derive(Clone, Copy, Debug)]
-pub struct Facts<'a> {
-    pub method: &'a Method,
+pub(crate) struct Facts<'a> {
+    pub(crate) method: &'a Method,
     /// The path as judged, logged and forwarded (inbound: in the form the app resolves).
-    pub path: &'a str,
+    pub(crate) path: &'a str,
     /// `content-type: application/grpc*`: refusals are answered the gRPC way.
-    pub grpc: bool,
+    pub(crate) grpc: bool,
     /// `Via` names this proxy: the request came round again.
-    pub looped: bool,
+    pub(crate) looped: bool,
     /// Malformed though readable: no valid, unambiguous authority (RFC 9112 3.2, RFC 9113
     /// 8.3.1), or a field value with whitespace around it (RFC 9113 8.2.1).
-    pub malformed: bool,
+    pub(crate) malformed: bool,
     /// Why the inbound path is ambiguous, when it is.
-    pub ambiguous: Option<Ambiguous>,
+    pub(crate) ambiguous: Option<Ambiguous>,
     /// The client's connection may carry another request after a refusal: it asked for
     /// keep-alive and no byte of this request is left unread.
-    pub reusable: bool,
+    pub(crate) reusable: bool,
 }
 
 /// Decides whether a request goes to the app. `Ok`: forward it, holding the in-flight slot until
 /// its response ends. `Err`: answer with this response (its close flag says whether the
 /// connection ends with it).
-pub fn admit(
+pub(crate) fn admit(
     shared: &Shared,
     conn: &ConnContext,
     facts: &Facts<'_>,
@@ -82,7 +82,7 @@ pub fn admit(
 
 /// How far an attempt got when its connection to the app failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sent {
+pub(crate) enum Sent {
     /// Not a byte of the request was written.
     Nothing,
     /// Written (maybe partly), and not a byte of response came back.
@@ -93,11 +93,11 @@ pub enum Sent {
 
 /// One failed attempt, as the retry rule sees it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Attempt {
+pub(crate) struct Attempt {
     /// The connection had carried a request before: the app may have closed it while it sat
     /// idle (the keep-alive race). A freshly dialled connection that fails is the app's answer.
-    pub reused: bool,
-    pub sent: Sent,
+    pub(crate) reused: bool,
+    pub(crate) sent: Sent,
 }
 
 /// The retry rule (RFC 9110 9.2.2, RFC 9112 9.3.1.1; Pingora's `ReusedOnly`): a request goes
@@ -106,7 +106,7 @@ pub struct Attempt {
 /// response arrived; and then only when not a byte of it was written, or when it is idempotent
 /// and has no body (a body streams to the app as it arrives: once written it is no longer in
 /// hand). A request that reached the app on a fresh connection, or a POST, is never sent twice.
-pub fn may_retry(method: &Method, has_body: bool, attempt: Attempt) -> bool {
+pub(crate) fn may_retry(method: &Method, has_body: bool, attempt: Attempt) -> bool {
     if !attempt.reused {
         return false;
     }

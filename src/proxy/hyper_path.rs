@@ -19,7 +19,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
-use super::Shared;
 use super::body::{RequestBody, ResponseBody};
 use super::driver::{self, Attempt, Facts, Sent, may_retry};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
@@ -27,10 +26,11 @@ use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
 use super::path::Ambiguous;
 use super::phases::{self, Synthetic};
+use super::shared::Shared;
 use super::tcp::Counted;
 use super::upstream::{HttpClient, Uses};
-use crate::config::AppProtocol;
 use crate::error::{ErrorKind, classify_client_error};
+use crate::settings::AppProtocol;
 use crate::telemetry::metrics::Direction;
 use hyper_util::client::legacy::connect::capture_connection;
 

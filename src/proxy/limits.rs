@@ -22,7 +22,7 @@ use tokio::sync::Notify;
 /// What a connection is doing, for shedding.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
-pub enum Activity {
+pub(crate) enum Activity {
     /// Serving a request, or a protocol the proxy cannot see into: never shed.
     Busy = 0,
     /// Waiting for the next request on a keep-alive connection: shed first.
@@ -47,14 +47,14 @@ pub struct Slot {
 }
 
 impl Slot {
-    pub fn set(&self, activity: Activity) {
+    pub(crate) fn set(&self, activity: Activity) {
         self.activity.store(activity as u8, Ordering::Relaxed);
         let now = self.sequence.fetch_add(1, Ordering::Relaxed);
         self.since.store(now, Ordering::Relaxed);
     }
 
     /// Whether the connection should close as soon as it is idle (shed, or the drain is closing).
-    pub fn close_requested(&self) -> bool {
+    pub(crate) fn close_requested(&self) -> bool {
         self.close.load(Ordering::Acquire)
     }
 
@@ -67,12 +67,12 @@ impl Slot {
     }
 
     /// Resolves when the connection should close once idle: the shedder chose it, or the drain.
-    pub async fn close_requested_wait(&self) {
+    pub(crate) async fn close_requested_wait(&self) {
         self.wait_for(&self.close).await;
     }
 
     /// Resolves when the shedder chose this connection: it closes now, even mid-head.
-    pub async fn shed_wait(&self) {
+    pub(crate) async fn shed_wait(&self) {
         self.wait_for(&self.shed).await;
     }
 
@@ -87,12 +87,12 @@ impl Slot {
     }
 
     /// Whether the shedder chose this connection (it is to close at once).
-    pub fn is_shed(&self) -> bool {
+    pub(crate) fn is_shed(&self) -> bool {
         self.shed.load(Ordering::Acquire)
     }
 
     /// Runs `work` unless the shedder chooses this connection first (`None`).
-    pub async fn unless_shed<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
+    pub(crate) async fn unless_shed<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
         tokio::select! {
             biased;
             () = self.shed_wait() => None,
@@ -108,7 +108,7 @@ impl Slot {
 /// Requests open on a connection that hyper serves (HTTP/2, and HTTP/1 after the fast path handed
 /// it over): the connection is idle when none is, both for the shedder and for `--idle-timeout`.
 /// The fast path tracks this itself; hyper does not say when an HTTP/2 connection has no stream.
-pub struct OpenRequests {
+pub(crate) struct OpenRequests {
     slot: Arc<Slot>,
     /// Under one lock with the slot's activity: HTTP/2 streams start and end on different threads,
     /// and a stream ending as another starts must not leave the slot idle with a request open.
@@ -131,7 +131,7 @@ struct OpenState {
 impl OpenRequests {
     /// A connection that has not sent a request yet counts as receiving a head: shed after the
     /// idle ones, the oldest first.
-    pub fn new(slot: Arc<Slot>) -> Arc<OpenRequests> {
+    pub(crate) fn new(slot: Arc<Slot>) -> Arc<OpenRequests> {
         slot.set(Activity::Head);
         Arc::new(OpenRequests {
             slot,
@@ -147,7 +147,7 @@ impl OpenRequests {
     }
 
     /// Marks a request open until the returned mark is dropped (with its response body).
-    pub fn start(self: &Arc<Self>) -> RequestMark {
+    pub(crate) fn start(self: &Arc<Self>) -> RequestMark {
         let mut state = lock(&self.state);
         state.count += 1;
         state.head_since = None;
@@ -169,7 +169,7 @@ impl OpenRequests {
     /// (its body not polled: the client's window, or its socket, stays full) for `timeout`: a
     /// client that stops reading would otherwise hold its streams and their app connections for
     /// good. Responses not started (waiting for the app) and tunnels are not counted.
-    pub async fn stalled_for(&self, timeout: std::time::Duration) {
+    pub(crate) async fn stalled_for(&self, timeout: std::time::Duration) {
         let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         loop {
             tokio::time::sleep(timeout / 2).await;
@@ -191,7 +191,7 @@ impl OpenRequests {
 
     /// Bytes came from the client: with no request open, they begin a head, whose time runs from
     /// now ([`OpenRequests::head_overdue`]).
-    pub fn bytes_arrived(&self) {
+    pub(crate) fn bytes_arrived(&self) {
         let mut state = lock(&self.state);
         if state.count == 0 && state.head_since.is_none() {
             state.head_since = Some(tokio::time::Instant::now());
@@ -201,7 +201,7 @@ impl OpenRequests {
     /// Resolves, with when the head began, once a head has been arriving for `timeout` without
     /// becoming a request: `--header-timeout` from a head's first byte, as on the fast path, while
     /// an idle keep-alive connection waits for `--idle-timeout` ([`OpenRequests::idle_for`]).
-    pub async fn head_overdue(&self, timeout: std::time::Duration) -> tokio::time::Instant {
+    pub(crate) async fn head_overdue(&self, timeout: std::time::Duration) -> tokio::time::Instant {
         loop {
             let head_since = lock(&self.state).head_since;
             let check = match head_since {
@@ -218,7 +218,7 @@ impl OpenRequests {
     /// Resolves once the connection has had no open request for `timeout`. Looks at most once
     /// per `timeout` (or at the moment an idle period would end), never per request: a wake-up
     /// when the last stream ends would re-poll the whole HTTP/2 connection's task.
-    pub async fn idle_for(&self, timeout: std::time::Duration) {
+    pub(crate) async fn idle_for(&self, timeout: std::time::Duration) {
         let mut deadline = tokio::time::Instant::now() + timeout;
         loop {
             tokio::time::sleep_until(deadline).await;
@@ -236,13 +236,13 @@ impl OpenRequests {
 }
 
 /// A client connection's reads, noted on its [`OpenRequests`] (`None`: not noted, HTTP/2).
-pub struct NoteReads<I> {
+pub(crate) struct NoteReads<I> {
     inner: I,
     open: Option<Arc<OpenRequests>>,
 }
 
 impl<I> NoteReads<I> {
-    pub fn new(inner: I, open: Option<Arc<OpenRequests>>) -> Self {
+    pub(crate) fn new(inner: I, open: Option<Arc<OpenRequests>>) -> Self {
         NoteReads { inner, open }
     }
 }
@@ -304,7 +304,7 @@ pub struct RequestMark {
 impl RequestMark {
     /// The response body was polled: the client takes what it is given (a clock read and a
     /// store, no lock).
-    pub fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.progress.store(self.open.now_ms(), Ordering::Relaxed);
     }
 }
@@ -341,7 +341,7 @@ struct Slots {
 }
 
 impl Limits {
-    pub fn new(max_connections: usize, max_in_flight: usize) -> Limits {
+    pub(crate) fn new(max_connections: usize, max_in_flight: usize) -> Limits {
         Limits {
             max_in_flight,
             in_flight: AtomicUsize::new(0),
@@ -360,7 +360,7 @@ impl Limits {
     }
 
     /// Resolves once no connection is open.
-    pub async fn wait_all_closed(&self) {
+    pub(crate) async fn wait_all_closed(&self) {
         loop {
             let notified = self.all_closed.notified();
             if self.open_connections() == 0 {
@@ -372,7 +372,7 @@ impl Limits {
 
     /// Admits a new client connection, shedding an idle or slow one at the limit. `None` when
     /// the limit is reached and nothing can be shed. `shed` counts the connections closed for it.
-    pub fn admit(
+    pub(crate) fn admit(
         self: &Arc<Self>,
         gauge: &Gauge,
         shed: &prometheus_client::metrics::counter::Counter,
@@ -387,7 +387,7 @@ impl Limits {
     }
 
     /// Counts a connection without checking the limit (an upgraded tunnel leaving its request).
-    pub fn track(self: &Arc<Self>, gauge: &Gauge) -> ConnectionGuard {
+    pub(crate) fn track(self: &Arc<Self>, gauge: &Gauge) -> ConnectionGuard {
         self.open.fetch_add(1, Ordering::AcqRel);
         gauge.inc();
         let slot = Arc::new(Slot {
@@ -414,7 +414,7 @@ impl Limits {
     }
 
     /// The drain is closing: idle connections close now, busy ones after their current request.
-    pub fn close_all_when_idle(&self) {
+    pub(crate) fn close_all_when_idle(&self) {
         self.closing.store(true, Ordering::Release);
         for slot in lock(&self.slots).by_id.values() {
             slot.request_close(false);
@@ -446,7 +446,7 @@ impl Limits {
     }
 
     /// Takes a slot for a request, or `None` at `--max-in-flight`.
-    pub fn start_request(self: &Arc<Self>) -> Option<InFlight> {
+    pub(crate) fn start_request(self: &Arc<Self>) -> Option<InFlight> {
         if self.in_flight.fetch_add(1, Ordering::Relaxed) >= self.max_in_flight {
             self.in_flight.fetch_sub(1, Ordering::Relaxed);
             return None;
@@ -465,7 +465,7 @@ impl Drop for InFlight {
 }
 
 /// An open connection, counted until dropped.
-pub struct ConnectionGuard {
+pub(crate) struct ConnectionGuard {
     limits: Arc<Limits>,
     gauge: Gauge,
     id: u64,
@@ -473,7 +473,7 @@ pub struct ConnectionGuard {
 }
 
 impl ConnectionGuard {
-    pub fn slot(&self) -> &Arc<Slot> {
+    pub(crate) fn slot(&self) -> &Arc<Slot> {
         &self.slot
     }
 }

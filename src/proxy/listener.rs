@@ -17,7 +17,6 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 
-use super::Shared;
 use super::detect::{Detected, MAX_PEEK, classify};
 use super::drain::wait_for_closing;
 use super::exchange::{ConnContext, Exchange};
@@ -27,10 +26,11 @@ use super::hyper_path;
 use super::limits::{Activity, ConnectionGuard, NoteReads, OpenRequests, Slot};
 use super::phases::Synthetic;
 use super::rewind::Rewind;
+use super::shared::{Settings, Shared};
 use super::tcp;
 use super::upstream::connect;
-use crate::config::{AppProtocol, OutboundMtls};
 use crate::error::ErrorKind;
+use crate::settings::{AppProtocol, OutboundMtls};
 use crate::telemetry::metrics::{Direction, Protocol};
 
 /// While the first bytes do not decide, peek again after this pause, doubling up to the max.
@@ -84,7 +84,10 @@ impl Listener {
                     backoff = ACCEPT_BACKOFF_MIN;
                     let shared = self.shared.clone();
                     if self.hbone {
-                        tokio::spawn(hbone::inbound::serve_connection(shared, stream, client));
+                        let serve = serve_tunnelled::<hbone::inbound::Stream>;
+                        let connection =
+                            hbone::inbound::serve_connection(shared, stream, client, serve);
+                        tokio::spawn(connection);
                     } else {
                         tokio::spawn(serve_connection(shared, stream, client, self.direction));
                     }
@@ -263,7 +266,7 @@ fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
 /// TCP path (on that app connection) or the HTTP path (hyper's, which has its own pool), as a
 /// plaintext connection to the same port would take, with the peer's identity on every record.
-pub(super) async fn serve_tunnelled<I>(
+async fn serve_tunnelled<I>(
     shared: Arc<Shared>,
     mut io: I,
     mut app: TcpStream,
@@ -527,7 +530,7 @@ fn destination(
 /// whose original destination cannot be this pod's (loopback or unspecified: spoofed, since the
 /// pod's own traffic never passes the inbound rules).
 fn upstream_of(
-    settings: &super::Settings,
+    settings: &Settings,
     direction: Direction,
     original: Option<SocketAddr>,
     local: SocketAddr,
@@ -538,29 +541,12 @@ fn upstream_of(
             if ip.is_loopback() || ip.is_unspecified() {
                 return None;
             }
-            Some(inbound_upstream(settings, original.port(), local))
+            Some(settings.inbound_upstream(original.port(), local))
         }
         // Not redirected (a client dialled the inbound port itself): it stands for --app, and
         // is judged by --app's port.
         (Direction::Inbound, None) => Some(settings.app),
         (Direction::Outbound, original) => original,
-    }
-}
-
-/// Where inbound traffic for `port` goes: --app for the app's own port (the address the operator
-/// gave for the app), else this pod's address the connection arrived on, never loopback, so that
-/// a service the pod binds to 127.0.0.1 only is not for the network (Istio 1.10 made the same
-/// change; ztunnel dials the pod address). The destination's own address is not used: a peer that
-/// routes a packet for 127.0.0.1 or another host to this pod would reach it.
-pub(super) fn inbound_upstream(
-    settings: &super::Settings,
-    port: u16,
-    local: SocketAddr,
-) -> SocketAddr {
-    if port == settings.app.port() {
-        settings.app
-    } else {
-        SocketAddr::new(local.ip(), port)
     }
 }
 
@@ -784,7 +770,7 @@ mod tests {
             "off",
         ]);
         let args = RunArgs::from_arg_matches(&matches).expect("flags");
-        let shared = Shared::new(&args, Box::new(std::io::sink()));
+        let shared = Shared::new(&args.proxy_config(), Box::new(std::io::sink()));
         let task = super::serve_connection(shared, stream, addr, Direction::Inbound);
         let size = size_of_future(&task);
         assert!(size <= 2048, "a connection's task takes {size} bytes");

@@ -13,7 +13,7 @@ pub struct Rewind<T> {
 }
 
 impl<T> Rewind<T> {
-    pub fn new(prefix: Bytes, inner: T) -> Self {
+    pub(crate) fn new(prefix: Bytes, inner: T) -> Self {
         Rewind { prefix, inner }
     }
 }

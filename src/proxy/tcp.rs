@@ -6,41 +6,42 @@
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Instant, SystemTime};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+mod idle;
 mod splice;
 
 use super::upstream::connect;
 use crate::error::{ErrorKind, classify_io};
 use crate::identity::SpiffeId;
-use crate::proxy::Shared;
+use crate::proxy::shared::Shared;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::Direction;
+use idle::{IdleClock, until_idle};
 
 /// Where an opaque connection came from and goes.
-pub struct Route {
-    pub client: SocketAddr,
-    pub dialled: SocketAddr,
-    pub upstream: SocketAddr,
-    pub direction: Direction,
+pub(crate) struct Route {
+    pub(crate) client: SocketAddr,
+    pub(crate) dialled: SocketAddr,
+    pub(crate) upstream: SocketAddr,
+    pub(crate) direction: Direction,
     /// The peer's SPIFFE ID when the bytes travel in an HBONE tunnel, as the log writes it.
-    pub peer: Option<String>,
+    pub(crate) peer: Option<String>,
     /// The same, parsed once, for the policy (inbound tunnels only).
-    pub peer_id: Option<Arc<SpiffeId>>,
+    pub(crate) peer_id: Option<Arc<SpiffeId>>,
     /// The tunnel's `traceparent` (sent outbound, received inbound) when it had a valid one.
-    pub tunnel_traceparent: Option<String>,
+    pub(crate) tunnel_traceparent: Option<String>,
 }
 
 /// Relays until both sides are done, or until no byte moved either way for --tcp-idle-timeout.
 /// `app` is the app connection (or the failure to make it) when detection already tried (the
 /// app was asked who speaks first). Opaque streams have no graceful end a proxy could signal: past the drain delay they get
 /// the drain timeout, after which the process exits under them.
-pub async fn forward(
+pub(crate) async fn forward(
     shared: &Shared,
     mut client: TcpStream,
     app: Option<std::io::Result<TcpStream>>,
@@ -68,8 +69,12 @@ pub async fn forward(
 
 /// Relays between two streams of any kind (an HBONE tunnel on one side) already connected, under
 /// the same idle timeout.
-pub async fn forward_streams<A, B>(shared: &Shared, client: &mut A, server: &mut B, route: Route)
-where
+pub(crate) async fn forward_streams<A, B>(
+    shared: &Shared,
+    client: &mut A,
+    server: &mut B,
+    route: Route,
+) where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
@@ -81,62 +86,8 @@ where
     finish(shared, &route, start, result, sent, received);
 }
 
-/// When bytes last moved on a relay, in milliseconds from its start: a clock read per transfer
-/// (vDSO, no syscall) instead of a timer reset per transfer.
-pub(crate) struct IdleClock {
-    start: tokio::time::Instant,
-    last_ms: AtomicU64,
-}
-
-impl IdleClock {
-    pub(crate) fn new() -> IdleClock {
-        IdleClock {
-            start: tokio::time::Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    pub(crate) fn touch(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn last(&self) -> tokio::time::Instant {
-        self.start + Duration::from_millis(self.last_ms.load(Ordering::Relaxed))
-    }
-}
-
-/// Runs `relay` until it ends, or until `clock` says nothing moved for `timeout` (then the relay
-/// is dropped, which closes both sockets, and the record says `tcp_idle_timeout`). The byte
-/// counts of an abandoned relay are lost; an idle relay moved nothing recently anyway.
-async fn until_idle<F>(
-    relay: F,
-    clock: &IdleClock,
-    timeout: Duration,
-) -> (Result<(), ErrorKind>, u64, u64)
-where
-    F: std::future::Future<Output = (Result<(), ErrorKind>, u64, u64)>,
-{
-    let idle = async {
-        loop {
-            let deadline = clock.last() + timeout;
-            tokio::time::sleep_until(deadline).await;
-            if clock.last() + timeout <= tokio::time::Instant::now() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        done = relay => done,
-        () = idle => {
-            tracing::debug!("opaque connection idle for --tcp-idle-timeout: closing it");
-            (Err(ErrorKind::TcpIdleTimeout), 0, 0)
-        }
-    }
-}
-
 /// The connection's end: metrics and one access-log record.
-pub fn finish(
+pub(crate) fn finish(
     shared: &Shared,
     route: &Route,
     start: Instant,
@@ -183,7 +134,7 @@ pub fn finish(
 /// The record of a connection refused before anything was relayed (at the connection limit, to
 /// one of the proxy's own ports, a refused mutual-TLS handshake): every connection leaves one, as
 /// every exchange does. The caller has counted the error.
-pub fn log_refused(
+pub(crate) fn log_refused(
     shared: &Shared,
     direction: Direction,
     client: SocketAddr,

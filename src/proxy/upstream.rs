@@ -5,7 +5,9 @@
 //! hyper-util's pooled clients for the hyper path. Idle connections are reaped when they expire
 //! or when the app closes them, not only dropped on a later checkout. Every socket the proxy opens
 //! can carry a mark (`--proxy-mark`) so that the pod's redirect rules let it pass, whatever user
-//! the proxy runs as.
+//! the proxy runs as. HBONE's pool of connections to peers is [`tunnels`] (its state; HBONE dials).
+
+pub mod tunnels;
 
 use crate::sync::lock;
 use std::collections::HashMap;
@@ -32,14 +34,14 @@ use super::body::RequestBody;
 const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
 
 #[derive(Clone, Copy, Debug)]
-pub struct ConnectOptions {
-    pub timeout: Duration,
+pub(crate) struct ConnectOptions {
+    pub(crate) timeout: Duration,
     /// SO_MARK for upstream sockets; `None` when disabled or not permitted.
-    pub mark: Option<u32>,
+    pub(crate) mark: Option<u32>,
 }
 
 /// Opens a TCP connection with Nagle off and the proxy's mark, bounded by the connect timeout.
-pub async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpStream> {
+pub(crate) async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpStream> {
     let socket = if addr.is_ipv4() {
         TcpSocket::new_v4()?
     } else {
@@ -60,7 +62,7 @@ pub async fn connect(addr: SocketAddr, opts: ConnectOptions) -> io::Result<TcpSt
 
 /// Whether this process may set SO_MARK (it needs CAP_NET_ADMIN). Checked once at startup so that
 /// an unprivileged proxy (excluded from redirection by its uid instead) does not fail every connect.
-pub fn mark_if_permitted(mark: u32) -> Option<u32> {
+pub(crate) fn mark_if_permitted(mark: u32) -> Option<u32> {
     if mark == 0 {
         return None;
     }
@@ -78,7 +80,7 @@ pub fn mark_if_permitted(mark: u32) -> Option<u32> {
 
 /// hyper-util connector: the URIs are ours, always `http://IP:PORT`.
 #[derive(Clone, Copy, Debug)]
-pub struct Connector(pub ConnectOptions);
+pub(crate) struct Connector(pub(crate) ConnectOptions);
 
 impl tower_service::Service<Uri> for Connector {
     type Response = PooledIo;
@@ -114,12 +116,12 @@ impl tower_service::Service<Uri> for Connector {
 /// a failed attempt was on a reused connection (the keep-alive race) or on a fresh one (the
 /// app's answer). Read through [`Uses::note`] after every attempt.
 #[derive(Clone, Debug, Default)]
-pub struct Uses(Arc<AtomicU32>);
+pub(crate) struct Uses(Arc<AtomicU32>);
 
 impl Uses {
     /// Counts the attempt on the connection `captured` saw; returns whether that connection had
     /// carried a request before it (`false` when no connection was made).
-    pub fn note(captured: &CaptureConnection) -> bool {
+    pub(crate) fn note(captured: &CaptureConnection) -> bool {
         let connected = captured.connection_metadata();
         let Some(connected) = connected.as_ref() else {
             return false;
@@ -133,7 +135,7 @@ impl Uses {
 }
 
 /// A connection of hyper's pools: the socket, and its [`Uses`] for the retry rule.
-pub struct PooledIo {
+pub(crate) struct PooledIo {
     io: TokioIo<TcpStream>,
     uses: Uses,
 }
@@ -184,24 +186,24 @@ impl hyper::rt::Write for PooledIo {
     }
 }
 
-pub type HttpClient = Client<Connector, RequestBody>;
+pub(crate) type HttpClient = Client<Connector, RequestBody>;
 
 /// Every way to reach upstreams, built once.
-pub struct Upstreams {
-    pub connect: ConnectOptions,
+pub(crate) struct Upstreams {
+    pub(crate) connect: ConnectOptions,
     /// The fast path's raw HTTP/1.1 connections.
-    pub pool: Arc<Pool>,
+    pub(crate) pool: Arc<Pool>,
     /// hyper's pooled clients, one per HTTP version spoken to upstreams.
-    pub http1: HttpClient,
-    pub http2: HttpClient,
+    pub(crate) http1: HttpClient,
+    pub(crate) http2: HttpClient,
     /// Never pool: a retry goes out on a freshly dialled connection, since another pooled one
     /// may be just as dead (the keep-alive race).
-    pub http1_fresh: HttpClient,
-    pub http2_fresh: HttpClient,
+    pub(crate) http1_fresh: HttpClient,
+    pub(crate) http2_fresh: HttpClient,
 }
 
 impl Upstreams {
-    pub fn new(
+    pub(crate) fn new(
         connect: ConnectOptions,
         pool_idle_timeout: Duration,
         title_case: bool,
@@ -231,7 +233,7 @@ impl Upstreams {
         }
     }
 
-    pub async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
+    pub(crate) async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
         let stream = connect(addr, self.connect).await?;
         Ok(UpstreamConn {
             stream,
@@ -242,17 +244,17 @@ impl Upstreams {
 }
 
 /// A raw connection to an upstream, with its read buffer.
-pub struct UpstreamConn {
-    pub stream: TcpStream,
-    pub buf: BytesMut,
+pub(crate) struct UpstreamConn {
+    pub(crate) stream: TcpStream,
+    pub(crate) buf: BytesMut,
     /// Carried a request before: the app may have closed it while it was idle.
-    pub reused: bool,
+    pub(crate) reused: bool,
 }
 
 impl UpstreamConn {
     /// Whether the connection can carry a request: nothing unread, nothing arrived since the last
     /// response (a closed or misbehaving connection reads something; a healthy idle one would block).
-    pub fn is_clean(&self) -> bool {
+    pub(crate) fn is_clean(&self) -> bool {
         if !self.buf.is_empty() {
             return false;
         }
@@ -263,7 +265,7 @@ impl UpstreamConn {
 
 /// Idle raw connections by address. The fast path touches it when a client connection needs its
 /// first upstream connection and when it goes idle or closes, never per request.
-pub struct Pool {
+pub(crate) struct Pool {
     idle: Mutex<HashMap<SocketAddr, Vec<(UpstreamConn, Instant)>>>,
     idle_timeout: Duration,
 }
@@ -276,7 +278,7 @@ impl Pool {
         }
     }
 
-    pub fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
+    pub(crate) fn checkout(&self, addr: SocketAddr) -> Option<UpstreamConn> {
         let mut idle = lock(&self.idle);
         let list = idle.get_mut(&addr)?;
         while let Some((conn, since)) = list.pop() {
@@ -288,7 +290,7 @@ impl Pool {
     }
 
     /// Keeps a connection for later, if it is clean and there is room.
-    pub fn checkin(&self, addr: SocketAddr, mut conn: UpstreamConn) {
+    pub(crate) fn checkin(&self, addr: SocketAddr, mut conn: UpstreamConn) {
         if !conn.is_clean() {
             return;
         }
@@ -303,7 +305,7 @@ impl Pool {
     }
 
     /// Closes expired connections and those the app closed; returns how many are left.
-    pub fn reap(&self) -> usize {
+    pub(crate) fn reap(&self) -> usize {
         let mut idle = lock(&self.idle);
         idle.retain(|_, list| {
             list.retain(|(conn, since)| since.elapsed() < self.idle_timeout && conn.is_clean());
@@ -313,7 +315,7 @@ impl Pool {
     }
 
     /// Reaps for the life of the process, a few times per idle timeout.
-    pub async fn reap_forever(self: Arc<Self>) {
+    pub(crate) async fn reap_forever(self: Arc<Self>) {
         let every =
             (self.idle_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5));
         loop {

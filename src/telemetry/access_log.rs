@@ -30,27 +30,27 @@ const WRITE_EVERY: Duration = Duration::from_millis(20);
 
 /// What happened to one request, as the proxy saw it.
 #[derive(Debug)]
-pub struct Record<'a> {
-    pub start: SystemTime,
-    pub duration: Duration,
-    pub direction: Direction,
-    pub method: &'a str,
-    pub protocol: &'a str,
-    pub scheme: &'a str,
-    pub original_authority: &'a str,
-    pub upstream_authority: &'a str,
-    pub path_and_query: &'a str,
-    pub client: &'a str,
-    pub request_id: &'a str,
-    pub status: u16,
-    pub request_bytes: u64,
-    pub response_bytes: u64,
-    pub grpc_status: Option<u16>,
-    pub error: Option<ErrorKind>,
+pub(crate) struct Record<'a> {
+    pub(crate) start: SystemTime,
+    pub(crate) duration: Duration,
+    pub(crate) direction: Direction,
+    pub(crate) method: &'a str,
+    pub(crate) protocol: &'a str,
+    pub(crate) scheme: &'a str,
+    pub(crate) original_authority: &'a str,
+    pub(crate) upstream_authority: &'a str,
+    pub(crate) path_and_query: &'a str,
+    pub(crate) client: &'a str,
+    pub(crate) request_id: &'a str,
+    pub(crate) status: u16,
+    pub(crate) request_bytes: u64,
+    pub(crate) response_bytes: u64,
+    pub(crate) grpc_status: Option<u16>,
+    pub(crate) error: Option<ErrorKind>,
     /// The peer's SPIFFE ID when the connection came (or went) through an HBONE tunnel.
-    pub peer: Option<&'a str>,
+    pub(crate) peer: Option<&'a str>,
     /// The HBONE tunnel's W3C `traceparent`, the same in the client's record and the server's.
-    pub tunnel_traceparent: Option<&'a str>,
+    pub(crate) tunnel_traceparent: Option<&'a str>,
 }
 
 /// `scheme://authority/path`, written without building a String first.
@@ -64,7 +64,7 @@ impl std::fmt::Display for Url<'_> {
 
 impl Record<'_> {
     /// Appends the record in `format` to `out`.
-    pub fn write(&self, format: AccessLogFormat, out: &mut Vec<u8>) {
+    pub(crate) fn write(&self, format: AccessLogFormat, out: &mut Vec<u8>) {
         match format {
             AccessLogFormat::Off => {}
             AccessLogFormat::Seed => {
@@ -222,7 +222,7 @@ fn write_rfc3339_micros(out: &mut Vec<u8>, t: SystemTime) {
 
 /// A duration written as Go's `time.Duration.String()` does (`1.503ms`, `250µs`, `2.5s`), since the
 /// seed format reproduces the Go tutorial's output.
-pub struct GoDuration(pub Duration);
+pub(crate) struct GoDuration(pub(crate) Duration);
 
 impl std::fmt::Display for GoDuration {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -270,7 +270,7 @@ fn write_decimal(
 }
 
 /// Where records go: a buffer on the request path, a writer thread behind it.
-pub struct AccessLog {
+pub(crate) struct AccessLog {
     format: AccessLogFormat,
     pending: Mutex<Batch>,
     queue: Mutex<VecDeque<Batch>>,
@@ -287,7 +287,7 @@ struct Batch {
 
 impl AccessLog {
     /// Starts the writer thread; `out` is stdout in production and a pipe or buffer in tests.
-    pub fn start(
+    pub(crate) fn start(
         format: AccessLogFormat,
         out: Box<dyn Write + Send>,
         dropped: Counter,
@@ -315,11 +315,11 @@ impl AccessLog {
         log
     }
 
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         self.format != AccessLogFormat::Off
     }
 
-    pub fn log(&self, record: &Record<'_>) {
+    pub(crate) fn log(&self, record: &Record<'_>) {
         if !self.enabled() {
             return;
         }
@@ -356,7 +356,7 @@ impl AccessLog {
     }
 
     /// Writes out everything logged so far and stops the writer; called once at exit.
-    pub fn finish(&self) {
+    pub(crate) fn finish(&self) {
         let handle = lock(&self.writer).take();
         let Some(handle) = handle else { return };
         self.stop.store(true, Ordering::Release);

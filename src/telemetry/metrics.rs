@@ -21,7 +21,7 @@ pub enum Direction {
 }
 
 impl Direction {
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Direction::Inbound => "inbound",
             Direction::Outbound => "outbound",
@@ -35,7 +35,7 @@ impl Direction {
 /// HTTP methods as a closed set, so a client cannot grow the label space.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
 #[allow(clippy::upper_case_acronyms)]
-pub enum MethodLabel {
+pub(crate) enum MethodLabel {
     GET,
     HEAD,
     POST,
@@ -66,32 +66,32 @@ impl From<&http::Method> for MethodLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct RequestLabels {
-    pub direction: Direction,
-    pub method: MethodLabel,
-    pub status: u16,
+pub(crate) struct RequestLabels {
+    pub(crate) direction: Direction,
+    pub(crate) method: MethodLabel,
+    pub(crate) status: u16,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ErrorLabels {
-    pub direction: Direction,
-    pub kind: ErrorKind,
-    pub fault: Fault,
+pub(crate) struct ErrorLabels {
+    pub(crate) direction: Direction,
+    pub(crate) kind: ErrorKind,
+    pub(crate) fault: Fault,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DirectionLabel {
-    pub direction: Direction,
+pub(crate) struct DirectionLabel {
+    pub(crate) direction: Direction,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct GrpcLabels {
-    pub direction: Direction,
-    pub grpc_status: u16,
+pub(crate) struct GrpcLabels {
+    pub(crate) direction: Direction,
+    pub(crate) grpc_status: u16,
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
-pub enum Protocol {
+pub(crate) enum Protocol {
     Http,
     Opaque,
 }
@@ -113,40 +113,40 @@ impl EncodeLabelValue for Direction {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct DetectLabels {
-    pub direction: Direction,
-    pub protocol: Protocol,
-    pub reason: &'static str,
+pub(crate) struct DetectLabels {
+    pub(crate) direction: Direction,
+    pub(crate) protocol: Protocol,
+    pub(crate) reason: &'static str,
 }
 
 /// An HBONE stream's direction and the peer's SPIFFE ID. Only peers whose certificate chains to
 /// the bundle of their trust domain get a series: the label space is the workloads of the trust
 /// domains we have bundles for.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct PeerLabels {
-    pub direction: Direction,
-    pub peer: String,
+pub(crate) struct PeerLabels {
+    pub(crate) direction: Direction,
+    pub(crate) peer: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct HandshakeLabels {
-    pub direction: Direction,
-    pub reason: HandshakeFailure,
+pub(crate) struct HandshakeLabels {
+    pub(crate) direction: Direction,
+    pub(crate) reason: HandshakeFailure,
 }
 
 /// Handles resolved once per direction.
 #[derive(Clone)]
-pub struct DirectionMetrics {
-    pub duration: Histogram,
-    pub request_bytes: Counter,
-    pub response_bytes: Counter,
-    pub open_connections: Gauge,
-    pub tcp_bytes_in: Counter,
-    pub tcp_bytes_out: Counter,
+pub(crate) struct DirectionMetrics {
+    pub(crate) duration: Histogram,
+    pub(crate) request_bytes: Counter,
+    pub(crate) response_bytes: Counter,
+    pub(crate) open_connections: Gauge,
+    pub(crate) tcp_bytes_in: Counter,
+    pub(crate) tcp_bytes_out: Counter,
 }
 
 pub struct Metrics {
-    pub registry: Registry,
+    pub(crate) registry: Registry,
     requests: Family<RequestLabels, Counter>,
     errors: Family<ErrorLabels, Counter>,
     grpc: Family<GrpcLabels, Counter>,
@@ -154,11 +154,11 @@ pub struct Metrics {
     hbone_streams: Family<PeerLabels, Counter>,
     handshake_failures: Family<HandshakeLabels, Counter>,
     per_direction: [DirectionMetrics; 2],
-    pub access_log_dropped: Counter,
-    pub rejected_connections: Counter,
-    pub shed_connections: Counter,
-    pub accept_errors: Counter,
-    pub drain_cut_requests: Counter,
+    pub(crate) access_log_dropped: Counter,
+    pub(crate) rejected_connections: Counter,
+    pub(crate) shed_connections: Counter,
+    pub(crate) accept_errors: Counter,
+    pub(crate) drain_cut_requests: Counter,
     /// Seconds until the workload certificate expires (negative once expired); 0 without one.
     pub identity_expiry_seconds: Gauge,
 }
@@ -233,7 +233,7 @@ fn counter(registry: &mut Registry, name: &str, help: &str) -> Counter {
 }
 
 impl Metrics {
-    pub fn new() -> Self {
+    pub(crate) fn new() -> Self {
         let mut registry = Registry::with_prefix("amazing_proxy");
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
@@ -322,11 +322,11 @@ impl Metrics {
         }
     }
 
-    pub fn direction(&self, direction: Direction) -> &DirectionMetrics {
+    pub(crate) fn direction(&self, direction: Direction) -> &DirectionMetrics {
         &self.per_direction[direction.index()]
     }
 
-    pub fn count_request(&self, direction: Direction, method: MethodLabel, status: u16) {
+    pub(crate) fn count_request(&self, direction: Direction, method: MethodLabel, status: u16) {
         self.requests
             .get_or_create(&RequestLabels {
                 direction,
@@ -336,7 +336,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_error(&self, direction: Direction, kind: ErrorKind) {
+    pub(crate) fn count_error(&self, direction: Direction, kind: ErrorKind) {
         if kind == ErrorKind::DrainTimeout {
             self.drain_cut_requests.inc();
         }
@@ -349,7 +349,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_grpc(&self, direction: Direction, grpc_status: u16) {
+    pub(crate) fn count_grpc(&self, direction: Direction, grpc_status: u16) {
         self.grpc
             .get_or_create(&GrpcLabels {
                 direction,
@@ -358,7 +358,12 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_detection(&self, direction: Direction, protocol: Protocol, reason: &'static str) {
+    pub(crate) fn count_detection(
+        &self,
+        direction: Direction,
+        protocol: Protocol,
+        reason: &'static str,
+    ) {
         self.detect
             .get_or_create(&DetectLabels {
                 direction,
@@ -368,7 +373,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_hbone_stream(&self, direction: Direction, peer: &str) {
+    pub(crate) fn count_hbone_stream(&self, direction: Direction, peer: &str) {
         self.hbone_streams
             .get_or_create(&PeerLabels {
                 direction,
@@ -377,7 +382,7 @@ impl Metrics {
             .inc();
     }
 
-    pub fn count_handshake_failure(&self, direction: Direction, reason: HandshakeFailure) {
+    pub(crate) fn count_handshake_failure(&self, direction: Direction, reason: HandshakeFailure) {
         self.handshake_failures
             .get_or_create(&HandshakeLabels { direction, reason })
             .inc();

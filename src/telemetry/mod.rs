@@ -1,6 +1,6 @@
 //! What the proxy tells operators: diagnostics (stderr), the access log (stdout) and metrics.
 
-pub mod access_log;
+pub(crate) mod access_log;
 pub mod metrics;
 
 use std::sync::Arc;
@@ -12,14 +12,17 @@ use metrics::Metrics;
 /// The metrics and the access log, shared by every connection.
 pub struct Telemetry {
     pub metrics: Metrics,
-    pub access_log: Arc<AccessLog>,
+    pub(crate) access_log: Arc<AccessLog>,
     /// Set when --drain-timeout cuts what is still running: the exchanges dropped from then on
     /// are logged as `drain_timeout`, not as clients that went away.
     drain_cut: AtomicBool,
 }
 
 impl Telemetry {
-    pub fn new(format: crate::vocab::AccessLogFormat, out: Box<dyn std::io::Write + Send>) -> Self {
+    pub(crate) fn new(
+        format: crate::vocab::AccessLogFormat,
+        out: Box<dyn std::io::Write + Send>,
+    ) -> Self {
         let metrics = Metrics::new();
         let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
         Telemetry {
@@ -29,11 +32,11 @@ impl Telemetry {
         }
     }
 
-    pub fn start_drain_cut(&self) {
+    pub(crate) fn start_drain_cut(&self) {
         self.drain_cut.store(true, Ordering::Release);
     }
 
-    pub fn drain_cut(&self) -> bool {
+    pub(crate) fn drain_cut(&self) -> bool {
         self.drain_cut.load(Ordering::Acquire)
     }
 }

@@ -45,41 +45,41 @@ use tokio::time::Instant;
 use crate::sync::lock;
 
 /// Go's default for clients (the API server's among them) is the same 10 s.
-pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The API server gives a review `timeoutSeconds` (10 s by default, 30 at most) and sends the whole
 /// request at once: a head still arriving after 10 s is not the API server's.
-pub const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 /// The same reasoning for the body, counted from the end of the head.
-pub const BODY_TIMEOUT: Duration = Duration::from_secs(10);
+pub(crate) const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 /// A request, from its head to its answer taken by the client: the body's time, and as long again
 /// for the client to read the answer.
-pub const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
+pub(crate) const EXCHANGE_TIMEOUT: Duration = Duration::from_secs(20);
 /// Longer than the 90 s after which Go clients close an idle connection themselves, so that the
 /// client, not the webhook, ends a keep-alive connection and never sends on one being closed.
-pub const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
+pub(crate) const IDLE_TIMEOUT: Duration = Duration::from_secs(120);
 /// A graceful close (GOAWAY, or the end of the current exchange) waits this long at most: an
 /// HTTP/2 client that never acknowledges the GOAWAY's PING would otherwise keep its connection.
-pub const CLOSE_GRACE: Duration = Duration::from_secs(5);
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(5);
 /// The API server accepts request bodies of up to 3 MiB, and etcd stores objects of at most
 /// 1.5 MiB: an AdmissionReview of a pod it can store (object, and oldObject on an update) fits.
-pub const MAX_BODY: usize = 3 * 1024 * 1024;
+pub(crate) const MAX_BODY: usize = 3 * 1024 * 1024;
 /// Request bodies and responses held at once, across connections: five reviews of the largest
 /// size, thousands of ordinary ones (a pod's review is a few KiB). The Deployment's memory limit
 /// is 128 MiB.
-pub const MAX_BUFFERED: usize = 16 * 1024 * 1024;
+pub(crate) const MAX_BUFFERED: usize = 16 * 1024 * 1024;
 /// hyper's read and write buffers per HTTP/1.1 connection (also the largest request head).
-pub const H1_MAX_BUF: usize = 64 * 1024;
+pub(crate) const H1_MAX_BUF: usize = 64 * 1024;
 /// Per HTTP/2 connection: streams at once (Go clients open another connection beyond it), what a
 /// client may send before the webhook reads it, and what is queued for a client that does not read.
-pub const H2_MAX_STREAMS: u32 = 8;
-pub const H2_STREAM_WINDOW: u32 = 128 * 1024;
-pub const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
-pub const H2_MAX_SEND_BUF: usize = REPLY_SLICE;
+pub(crate) const H2_MAX_STREAMS: u32 = 8;
+pub(crate) const H2_STREAM_WINDOW: u32 = 128 * 1024;
+pub(crate) const H2_CONNECTION_WINDOW: u32 = 256 * 1024;
+pub(crate) const H2_MAX_SEND_BUF: usize = REPLY_SLICE;
 /// A response is handed to hyper in slices of this size, as it has room (see [`Reply`]).
 const REPLY_SLICE: usize = 16 * 1024;
 
 /// The open connections, at most `--max-connections`, and the room made at the limit.
-pub struct Connections {
+pub(crate) struct Connections {
     max: usize,
     open: Mutex<Open>,
     all_closed: Notify,
@@ -92,7 +92,7 @@ struct Open {
 }
 
 impl Connections {
-    pub fn new(max: usize) -> Arc<Connections> {
+    pub(crate) fn new(max: usize) -> Arc<Connections> {
         Arc::new(Connections {
             max,
             open: Mutex::new(Open::default()),
@@ -102,7 +102,7 @@ impl Connections {
 
     /// Takes a place for a connection just accepted, closing the one stalled the longest at the
     /// limit; `None` when every other connection is already closing to make room.
-    pub fn admit(self: &Arc<Self>) -> Option<Admitted> {
+    pub(crate) fn admit(self: &Arc<Self>) -> Option<Admitted> {
         let mut open = lock(&self.open);
         if open.by_id.len() >= self.max {
             let victim = open
@@ -124,7 +124,7 @@ impl Connections {
     }
 
     /// Shutting down: every connection closes gracefully, at once if idle.
-    pub fn close_all(&self) {
+    pub(crate) fn close_all(&self) {
         for conn in lock(&self.open).by_id.values() {
             conn.closing.store(true, Ordering::Release);
             conn.signal.notify_waiters();
@@ -132,7 +132,7 @@ impl Connections {
     }
 
     /// Resolves once no connection is open.
-    pub async fn all_closed(&self) {
+    pub(crate) async fn all_closed(&self) {
         loop {
             let notified = self.all_closed.notified();
             if lock(&self.open).by_id.is_empty() {
@@ -144,14 +144,14 @@ impl Connections {
 }
 
 /// A connection's place among the [`Connections`], given back when dropped.
-pub struct Admitted {
+pub(crate) struct Admitted {
     connections: Arc<Connections>,
     id: u64,
     conn: Arc<Conn>,
 }
 
 impl Admitted {
-    pub fn conn(&self) -> &Arc<Conn> {
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
         &self.conn
     }
 }
@@ -167,7 +167,7 @@ impl Drop for Admitted {
 }
 
 /// One connection's requests and deadlines, as its supervisor (`serve_connection`) sees them.
-pub struct Conn {
+pub(crate) struct Conn {
     /// HTTP/1.1: bytes arriving with no request open are the next head. (HTTP/2 clients send
     /// PINGs and SETTINGS between requests; there a connection with no stream is simply idle.)
     heads: AtomicBool,
@@ -192,7 +192,7 @@ struct State {
 
 /// What is due when a connection's deadline passes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Due {
+pub(crate) enum Due {
     /// A request's head, or its exchange, is late: close at once.
     Late(&'static str),
     /// No request for [`IDLE_TIMEOUT`]: close gracefully.
@@ -219,13 +219,13 @@ impl Conn {
     }
 
     /// The handshake is done: the first head is due within [`HEADER_TIMEOUT`] from now.
-    pub fn handshake_done(&self, http1: bool) {
+    pub(crate) fn handshake_done(&self, http1: bool) {
         self.heads.store(http1, Ordering::Release);
         lock(&self.state).head_since = Some(Instant::now());
     }
 
     /// A request's head is in: the request is open until the mark drops (with its answer).
-    pub fn start(self: &Arc<Self>) -> RequestMark {
+    pub(crate) fn start(self: &Arc<Self>) -> RequestMark {
         self.armed.store(false, Ordering::Release);
         let start = Instant::now();
         let mut state = lock(&self.state);
@@ -258,7 +258,7 @@ impl Conn {
     }
 
     /// When the next deadline passes, and what is due then if nothing changes meanwhile.
-    pub fn next(&self) -> (Instant, Due) {
+    pub(crate) fn next(&self) -> (Instant, Due) {
         let state = lock(&self.state);
         if let Some(oldest) = state.requests.iter().min() {
             (
@@ -273,7 +273,7 @@ impl Conn {
     }
 
     /// Resolves when an HTTP/1.1 head starts on an idle connection (its deadline moves closer).
-    pub async fn head_started(&self) {
+    pub(crate) async fn head_started(&self) {
         self.head_started.notified().await;
     }
 
@@ -287,12 +287,12 @@ impl Conn {
     }
 
     /// Resolves when the limit or the [`Budget`] needs this connection: it closes at once.
-    pub async fn evicted(&self) {
+    pub(crate) async fn evicted(&self) {
         self.wait_for(&self.evicted).await;
     }
 
     /// Resolves when the webhook shuts down: the connection closes gracefully.
-    pub async fn closing(&self) {
+    pub(crate) async fn closing(&self) {
         self.wait_for(&self.closing).await;
     }
 
@@ -315,7 +315,7 @@ pub struct RequestMark {
 }
 
 impl RequestMark {
-    pub fn conn(&self) -> &Arc<Conn> {
+    pub(crate) fn conn(&self) -> &Arc<Conn> {
         &self.conn
     }
 }
@@ -337,13 +337,13 @@ impl Drop for RequestMark {
 }
 
 /// The client's stream, telling its connection when bytes arrive.
-pub struct Watched<I> {
+pub(crate) struct Watched<I> {
     io: I,
     conn: Arc<Conn>,
 }
 
 impl<I> Watched<I> {
-    pub fn new(io: I, conn: Arc<Conn>) -> Watched<I> {
+    pub(crate) fn new(io: I, conn: Arc<Conn>) -> Watched<I> {
         Watched { io, conn }
     }
 }
@@ -399,7 +399,7 @@ impl<I: AsyncWrite + Unpin> AsyncWrite for Watched<I> {
 /// response its client does not read) are closed to give them back, as the connection limit
 /// closes the slowest connections: holding bytes cannot lock reviews out.
 #[derive(Clone)]
-pub struct Budget(Arc<Shares>);
+pub(crate) struct Budget(Arc<Shares>);
 
 struct Shares {
     bytes: Arc<Semaphore>,
@@ -419,7 +419,7 @@ struct Holder {
 }
 
 /// A request's share of the [`Budget`] (its body, then its response), given back when dropped.
-pub struct Held {
+pub(crate) struct Held {
     budget: Budget,
     conn: Arc<Conn>,
     permit: Option<OwnedSemaphorePermit>,
@@ -474,7 +474,7 @@ impl Drop for Held {
 }
 
 impl Budget {
-    pub fn new(bytes: usize) -> Budget {
+    pub(crate) fn new(bytes: usize) -> Budget {
         Budget(Arc::new(Shares {
             bytes: Arc::new(Semaphore::new(bytes)),
             holders: Mutex::new(Holders::default()),
@@ -482,7 +482,7 @@ impl Budget {
     }
 
     /// An empty share for a request on `conn`.
-    pub fn hold(&self, conn: &Arc<Conn>) -> Held {
+    pub(crate) fn hold(&self, conn: &Arc<Conn>) -> Held {
         Held {
             budget: self.clone(),
             conn: conn.clone(),
@@ -492,7 +492,7 @@ impl Budget {
     }
 
     /// Gives back what `held` counts beyond `bytes` (an answer smaller than its request).
-    pub fn shrink(&self, held: &mut Held, bytes: usize) {
+    pub(crate) fn shrink(&self, held: &mut Held, bytes: usize) {
         if bytes < held.bytes() {
             self.try_resize(held, bytes);
         }
@@ -523,7 +523,7 @@ impl Budget {
     /// Makes `held` count `bytes`, making room if needed: other connections that have held bytes
     /// the longest are closed, and their bytes awaited until `deadline`. `false` when no other
     /// connection holds enough, or the bytes did not come back in time.
-    pub async fn resize(&self, held: &mut Held, bytes: usize, deadline: Instant) -> bool {
+    pub(crate) async fn resize(&self, held: &mut Held, bytes: usize, deadline: Instant) -> bool {
         if self.try_resize(held, bytes) {
             return true;
         }
@@ -575,7 +575,7 @@ impl Budget {
 
 /// Why a request body was not read whole.
 #[derive(Debug, PartialEq, Eq)]
-pub enum BodyError {
+pub(crate) enum BodyError {
     /// Over [`MAX_BODY`] (declared or sent): 413.
     TooLarge,
     /// The [`Budget`] has no room, and no other connection's bytes to take back: 503.
@@ -588,7 +588,7 @@ pub enum BodyError {
 
 /// Reads a request body whole by `deadline`, counting what it buffers in `held` as it grows (so a
 /// client that announces a large body but sends nothing holds nothing).
-pub async fn read_body<B>(
+pub(crate) async fn read_body<B>(
     mut body: B,
     declared: Option<u64>,
     budget: &Budget,
@@ -628,14 +628,14 @@ where
 /// of the [`Budget`] until the last slice is taken. hyper asks for the next slice only when its
 /// buffer (HTTP/1.1) or the stream's window (HTTP/2) has room, so a client that does not read
 /// holds at most this answer, counted, and one slice in hyper.
-pub struct Reply {
+pub(crate) struct Reply {
     data: Bytes,
     _held: Held,
     _open: RequestMark,
 }
 
 impl Reply {
-    pub fn new(data: Bytes, held: Held, open: RequestMark) -> Reply {
+    pub(crate) fn new(data: Bytes, held: Held, open: RequestMark) -> Reply {
         Reply {
             data,
             _held: held,

@@ -28,7 +28,7 @@
 //! no restart and no timer. A pair that does not load (half-written, key not matching) is logged
 //! and the previous one kept.
 
-pub mod connection;
+pub(crate) mod connection;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -68,7 +68,7 @@ use connection::{
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum OnError {
+pub(crate) enum OnError {
     /// Admit the pod unchanged, with a warning in the response and an error in the log.
     Allow,
     /// Refuse the pod, with the reason in the response.
@@ -79,29 +79,29 @@ pub enum OnError {
 pub struct WebhookArgs {
     /// Address to serve HTTPS on; port 0 picks one (the bound address is printed on stdout).
     #[arg(long, default_value = "0.0.0.0:8443")]
-    pub listen: SocketAddr,
+    pub(crate) listen: SocketAddr,
     /// PEM certificate chain, leaf first; re-read when the file changes.
     #[arg(long, value_name = "FILE")]
-    pub tls_cert: PathBuf,
+    pub(crate) tls_cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1); re-read when the file changes.
     #[arg(long, value_name = "FILE")]
-    pub tls_key: PathBuf,
+    pub(crate) tls_key: PathBuf,
     /// What to do with a pod that cannot be injected (conflicting ports, bad annotation).
     #[arg(long, value_enum, default_value = "allow")]
-    pub on_error: OnError,
+    pub(crate) on_error: OnError,
     /// Namespaces whose pods are never injected (comma-separated).
     #[arg(
         long,
         value_delimiter = ',',
         default_value = "kube-system,kube-public,kube-node-lease"
     )]
-    pub skip_namespaces: Vec<String>,
+    pub(crate) skip_namespaces: Vec<String>,
     /// Connections at once; at the limit the one stalled the longest (in its handshake, head,
     /// body, answer, or idle) is closed to make room.
     #[arg(long, default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    pub max_connections: u32,
+    pub(crate) max_connections: u32,
     #[command(flatten)]
-    pub defaults: InjectDefaults,
+    pub(crate) defaults: InjectDefaults,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,10 +125,10 @@ pub enum WebhookError {
 
 /// What the request handler needs.
 #[derive(Debug)]
-pub struct Config {
-    pub options: Options,
-    pub on_error: OnError,
-    pub skip_namespaces: Vec<String>,
+pub(crate) struct Config {
+    pub(crate) options: Options,
+    pub(crate) on_error: OnError,
+    pub(crate) skip_namespaces: Vec<String>,
 }
 
 pub fn main(args: WebhookArgs) -> Result<(), WebhookError> {
@@ -447,7 +447,7 @@ fn body_refused(error: &BodyError, version: Version) -> Response<Bytes> {
 
 /// Answers one AdmissionReview (the request body) with another; `Err` is a malformed request
 /// (HTTP 400 with this message).
-pub fn review(body: &[u8], config: &Config) -> Result<Value, String> {
+pub(crate) fn review(body: &[u8], config: &Config) -> Result<Value, String> {
     let review: Value = serde_json::from_slice(body)
         .map_err(|e| format!("the request body is not JSON: {e}; expected an AdmissionReview"))?;
     let api_version = review.get("apiVersion").and_then(Value::as_str);

@@ -175,7 +175,7 @@ fn data_plane(app: SocketAddr, identity: &std::path::Path, extra: &[&str]) -> Ar
     args.extend_from_slice(extra);
     let args = run_args(&args);
     args.validate().expect("valid flags");
-    Shared::new(&args, Box::new(Captured::default()))
+    Shared::new(&args.proxy_config(), Box::new(Captured::default()))
 }
 
 /// A server data plane (its HBONE listener on loopback) and a client one, from one CA.

@@ -27,7 +27,7 @@ async fn data_plane(app: std::net::SocketAddr) -> (std::net::SocketAddr, Arc<Sha
         "--access-log",
         "off",
     ]);
-    let shared = Shared::new(&args, Box::new(Captured::default()));
+    let shared = Shared::new(&args.proxy_config(), Box::new(Captured::default()));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(Listener::new(shared.clone(), listener, Direction::Inbound).run());
@@ -557,7 +557,7 @@ async fn judged_plane(
         &policy.display().to_string(),
     ]);
     let log = Captured::default();
-    let shared = Shared::new(&args, Box::new(log.clone()));
+    let shared = Shared::new(&args.proxy_config(), Box::new(log.clone()));
     let via_us = format!("1.1 {}", shared.settings.via.pseudonym());
     tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());
     (addr, log, via_us)
@@ -1086,7 +1086,7 @@ async fn plane_with(app: std::net::SocketAddr, flags: &[&str]) -> (std::net::Soc
     args.extend(flags.iter().map(|f| (*f).to_owned()));
     let args = run_args(&args.iter().map(String::as_str).collect::<Vec<_>>());
     let log = Captured::default();
-    let shared = Shared::new(&args, Box::new(log.clone()));
+    let shared = Shared::new(&args.proxy_config(), Box::new(log.clone()));
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let addr = listener.local_addr().expect("address");
     tokio::spawn(Listener::new(shared, listener, Direction::Inbound).run());

@@ -20,6 +20,7 @@ mod identity_cli;
 mod identity_spire;
 mod in_process;
 mod inject_golden;
+mod layers;
 mod mtls;
 mod netfilter_golden;
 mod protocols_grpc;

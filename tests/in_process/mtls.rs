@@ -16,7 +16,8 @@ use crate::support::in_process::{Captured, run_args};
 use crate::support::raw::{RecordingApp, answer, ok};
 use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use amazing_proxy::identity::bundles::{Authorities, BundleSet};
-use amazing_proxy::identity::material::{Files, LeafProblem, MaterialError, load};
+use amazing_proxy::identity::leaf::LeafProblem;
+use amazing_proxy::identity::material::{Files, MaterialError, load};
 use amazing_proxy::identity::tls;
 use amazing_proxy::proxy::Shared;
 use amazing_proxy::proxy::hbone::outbound::{OpenError, Tunnel};
@@ -36,7 +37,10 @@ fn data_plane(app: SocketAddr, identity: &Path, extra: &[&str]) -> (Arc<Shared>,
     let args = run_args(&args);
     args.validate().expect("valid flags");
     let log = Captured::default();
-    (Shared::new(&args, Box::new(log.clone())), log)
+    (
+        Shared::new(&args.proxy_config(), Box::new(log.clone())),
+        log,
+    )
 }
 
 /// Starts the HBONE listener of `shared` on loopback; returns its address.
@@ -910,7 +914,7 @@ async fn an_identity_from_the_workload_api_serves_tunnels_and_rotates() {
             &socket.display().to_string(),
         ]);
         args.validate().expect("valid flags");
-        let server = Shared::new(&args, Box::new(Captured::default()));
+        let server = Shared::new(&args.proxy_config(), Box::new(Captured::default()));
         let mtls = server.mtls.as_ref().expect("mtls");
         let waiting = mtls.identity.problem().unwrap_or_default();
         assert!(waiting.contains("Workload API"), "{waiting}");

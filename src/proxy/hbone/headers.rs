@@ -8,28 +8,24 @@
 
 use std::net::SocketAddr;
 
-pub const TRACEPARENT: &str = "traceparent";
-pub const BAGGAGE: &str = "baggage";
-pub const FORWARDED: &str = "forwarded";
-
-/// The downward-API variables `inject` sets on the sidecar: the pod's name and namespace.
-pub const POD_NAME_ENV: &str = "POD_NAME";
-pub const POD_NAMESPACE_ENV: &str = "POD_NAMESPACE";
+pub(crate) const TRACEPARENT: &str = "traceparent";
+pub(crate) const BAGGAGE: &str = "baggage";
+pub(crate) const FORWARDED: &str = "forwarded";
 
 /// A `traceparent` value starting a new trace: random, non-zero trace and span ids.
-pub fn new_traceparent() -> String {
+pub(crate) fn new_traceparent() -> String {
     traceparent(fastrand::u128(1..), fastrand::u64(1..))
 }
 
 /// `00-<trace id>-<span id>-00` (version 00, not sampled).
-pub fn traceparent(trace_id: u128, span_id: u64) -> String {
+pub(crate) fn traceparent(trace_id: u128, span_id: u64) -> String {
     format!("00-{trace_id:032x}-{span_id:016x}-00")
 }
 
 /// `value` when it is a `traceparent` of W3C Trace Context level 1, else `None`. Versions after 00
 /// may carry more fields, which are kept (the spec asks a reader to parse the known prefix only);
 /// version `ff`, upper-case hex and all-zero ids are invalid.
-pub fn valid_traceparent(value: &str) -> Option<&str> {
+pub(crate) fn valid_traceparent(value: &str) -> Option<&str> {
     let bytes = value.as_bytes();
     let hex = |range: std::ops::Range<usize>| {
         bytes
@@ -55,16 +51,16 @@ pub fn valid_traceparent(value: &str) -> Option<&str> {
 
 /// What this proxy knows of its own workload, for `baggage`.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Workload {
+pub(crate) struct Workload {
     /// The pod's namespace (`POD_NAMESPACE`), else the identity's.
-    pub namespace: String,
+    pub(crate) namespace: String,
     /// The pod's name (`POD_NAME`), when the downward API gives it.
-    pub pod_name: Option<String>,
+    pub(crate) pod_name: Option<String>,
 }
 
 impl Workload {
     /// From the identity's namespace and the pod's variables (`POD_NAME`, `POD_NAMESPACE`).
-    pub fn new(
+    pub(crate) fn new(
         identity_namespace: &str,
         pod_name: Option<String>,
         pod_namespace: Option<String>,
@@ -78,7 +74,7 @@ impl Workload {
 
     /// The `baggage` value, with ztunnel's keys: `k8s.namespace.name=<ns>[,k8s.pod.name=<pod>]`.
     /// (ztunnel has no key for a service account; the certificate already carries it.)
-    pub fn baggage(&self) -> String {
+    pub(crate) fn baggage(&self) -> String {
         let mut out = String::from("k8s.namespace.name=");
         push_baggage_value(&mut out, &self.namespace);
         if let Some(pod) = &self.pod_name {
@@ -105,7 +101,7 @@ fn push_baggage_value(out: &mut String, value: &str) {
 }
 
 /// `forwarded: for="<client ip:port>"` (RFC 7239: quoted, as an IPv6 address with a port must be).
-pub fn forwarded(client: SocketAddr) -> String {
+pub(crate) fn forwarded(client: SocketAddr) -> String {
     format!("for=\"{client}\"")
 }
 

@@ -7,6 +7,7 @@
 //! detection and HTTP or TCP path as a plaintext connection, with the peer's identity attached.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -29,9 +30,8 @@ use super::{
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::SpiffeId;
 use crate::identity::tls::{ALPN_H2, failure, peer_id};
-use crate::proxy::Shared;
-use crate::proxy::limits::{Activity, OpenRequests, RequestMark};
-use crate::proxy::listener::{inbound_upstream, serve_tunnelled};
+use crate::proxy::limits::{Activity, ConnectionGuard, OpenRequests, RequestMark};
+use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;
@@ -40,10 +40,25 @@ use crate::telemetry::metrics::Direction;
 /// and says nothing holds a descriptor, and is shed meanwhile when room is needed.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// The bytes of one tunnelled connection: a CONNECT stream, upgraded.
+pub(crate) type Stream = TokioIo<hyper::upgrade::Upgraded>;
+
 /// One TLS connection from a peer: handshake, then its CONNECT streams until it closes. The
 /// connection counts against --max-connections, is shed when it has no open stream and room is
 /// needed, and closes after --idle-timeout without a stream.
-pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: SocketAddr) {
+///
+/// `serve` carries each stream once its app connection is made: the listener's detection, then
+/// the HTTP or TCP path, as for plaintext. It is handed in so that this adapter does not reach up
+/// to the listener that calls it.
+pub(crate) async fn serve_connection<S, F>(
+    shared: Arc<Shared>,
+    stream: TcpStream,
+    client: SocketAddr,
+    serve: S,
+) where
+    S: Fn(Arc<Shared>, Stream, TcpStream, Route, ConnectionGuard) -> F + Copy + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let Some(mtls) = shared.mtls.as_ref() else {
         return;
     };
@@ -110,7 +125,10 @@ pub async fn serve_connection(shared: Arc<Shared>, stream: TcpStream, client: So
             let shared = shared.clone();
             let peer = peer.clone();
             let mark = open.start();
-            async move { Ok::<_, Infallible>(open_stream(shared, req, client, local, peer, mark).await) }
+            async move {
+                let response = open_stream(shared, req, client, local, peer, mark, serve).await;
+                Ok::<_, Infallible>(response)
+            }
         })
     };
     let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -200,14 +218,19 @@ fn refuse_connect(kind: ErrorKind) -> Response<ResponseBody> {
 
 /// One CONNECT: checks, the app connection, 200, then the stream's own task. The stream keeps
 /// `mark` (its connection busy) for its whole life.
-async fn open_stream(
+async fn open_stream<S, F>(
     shared: Arc<Shared>,
     mut req: Request<Incoming>,
     client: SocketAddr,
     local: SocketAddr,
     peer_id: Arc<SpiffeId>,
     mark: RequestMark,
-) -> Response<ResponseBody> {
+    serve: S,
+) -> Response<ResponseBody>
+where
+    S: Fn(Arc<Shared>, Stream, TcpStream, Route, ConnectionGuard) -> F + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+{
     let peer = peer_id.to_string();
     if req.method() != Method::CONNECT {
         return refuse_connect(ErrorKind::BadRequest);
@@ -251,7 +274,7 @@ async fn open_stream(
         metrics.count_error(Direction::Inbound, ErrorKind::Overloaded);
         return refuse_connect(ErrorKind::Overloaded);
     };
-    let upstream = inbound_upstream(&shared.settings, target.port(), local);
+    let upstream = shared.settings.inbound_upstream(target.port(), local);
     let app = match connect(upstream, shared.upstreams.connect).await {
         Ok(app) => app,
         Err(e) => {
@@ -276,9 +299,7 @@ async fn open_stream(
     tokio::spawn(async move {
         let _mark = mark;
         match upgrade.await {
-            Ok(upgraded) => {
-                serve_tunnelled(shared, TokioIo::new(upgraded), app, route, guard).await;
-            }
+            Ok(upgraded) => serve(shared, TokioIo::new(upgraded), app, route, guard).await,
             Err(e) => tracing::debug!("HBONE stream ended before it opened: {e}"),
         }
     });

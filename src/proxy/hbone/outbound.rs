@@ -1,5 +1,6 @@
 //! The HBONE client: the app's outbound connections, each carried as opaque bytes in a `CONNECT`
-//! stream to `<destination ip>:15008`, over connections pooled per peer (at most [`MAX_STREAMS`]
+//! stream to `<destination ip>:15008`, over connections pooled per peer (at most
+//! [`MAX_STREAMS`](crate::proxy::upstream::tunnels::MAX_STREAMS)
 //! streams each), kept alive with PINGs every 10 s while idle and closed after
 //! `--pool-idle-timeout` without a stream.
 //!
@@ -11,18 +12,15 @@
 //! back: the app's connection is reset. A refused handshake is the peer's fault, logged and
 //! counted with the check that refused it (`tls_<reason>`, `tls_handshake_failures_total`).
 
-use std::collections::HashMap;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -30,45 +28,21 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
-use super::{
-    CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, Mtls, STREAM_WINDOW,
-};
-use crate::config::OutboundMtls;
+use super::{CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
-use crate::proxy::Shared;
+use crate::proxy::shared::{Mtls, Shared};
 use crate::proxy::tcp::{self, Route};
 use crate::proxy::upstream::connect;
-use crate::sync::lock;
+/// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
+pub use crate::proxy::upstream::tunnels::OpenError;
+use crate::proxy::upstream::tunnels::{
+    PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage, idle_out,
+};
+use crate::settings::OutboundMtls;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::HBONE_PORT;
-
-/// Streams opened on one pooled connection at most, as ztunnel's client does.
-pub const MAX_STREAMS: usize = 100;
-/// How long a destination with nothing on 15008 is sent plaintext without trying HBONE again.
-pub const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
-
-/// One pooled HBONE connection.
-#[derive(Clone)]
-struct Pooled {
-    sender: SendRequest<Empty<Bytes>>,
-    /// The server's SPIFFE ID, verified by the handshake.
-    peer: Arc<str>,
-    /// Our `baggage`, from the identity this connection presented.
-    baggage: HeaderValue,
-    usage: Arc<Usage>,
-    /// Why the server refused us, if it did (see [`Watched`]).
-    refusal: Arc<Refusal>,
-}
-
-/// A refusal the server sent after our side of the handshake, noted by [`Watched`].
-#[derive(Default)]
-struct Refusal {
-    seen: OnceLock<(HandshakeFailure, String)>,
-    /// Whether a stream already counted it: one refused connection, one count.
-    counted: AtomicBool,
-}
 
 /// The TLS stream of a pooled connection, noting the first TLS failure a read meets: in TLS 1.3 a
 /// server refuses our certificate after our handshake ended, on the first read, and HTTP/2 keeps
@@ -124,31 +98,6 @@ impl AsyncWrite for Watched {
     }
 }
 
-/// Streams open on a connection, and when the last one ended (ms since `epoch`).
-struct Usage {
-    streams: AtomicUsize,
-    epoch: Instant,
-    idle_since_ms: AtomicU64,
-}
-
-impl Usage {
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-}
-
-/// Holds one stream's place on its connection.
-pub struct StreamSlot(Arc<Usage>);
-
-impl Drop for StreamSlot {
-    fn drop(&mut self) {
-        self.0
-            .idle_since_ms
-            .store(self.0.now_ms(), Ordering::Release);
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
-    }
-}
-
 /// An open tunnel: the byte stream, the server's identity, the `traceparent` sent to it and the
 /// stream's place in the pool.
 pub struct Tunnel {
@@ -158,140 +107,9 @@ pub struct Tunnel {
     pub slot: StreamSlot,
 }
 
-/// Why a tunnel could not be opened.
-#[derive(Clone, Debug, thiserror::Error)]
-pub enum OpenError {
-    /// No TCP connection to the peer's HBONE port: `auto` may send plaintext.
-    #[error("no HBONE at {peer}: {reason}")]
-    NoHbone {
-        peer: SocketAddr,
-        kind: ErrorKind,
-        reason: String,
-    },
-    #[error("HBONE to {peer}: {reason}")]
-    Failed {
-        peer: SocketAddr,
-        kind: ErrorKind,
-        reason: String,
-    },
-}
-
-impl OpenError {
-    fn kind(&self) -> ErrorKind {
-        match self {
-            OpenError::NoHbone { kind, .. } | OpenError::Failed { kind, .. } => *kind,
-        }
-    }
-}
-
-#[derive(Default)]
-pub struct Pool {
-    connections: Mutex<HashMap<SocketAddr, Vec<Pooled>>>,
-    /// One dial at a time per peer: a burst of new connections to a peer waits for one handshake
-    /// instead of each making its own (50 connections at once made up to 50 TLS connections, and
-    /// the extra ones cost both sides memory and CPU for as long as they stayed pooled). Holds the
-    /// last dial's failure, which those who waited for it share rather than dialling again.
-    dials: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
-    plaintext_until: Mutex<HashMap<IpAddr, Instant>>,
-}
-
-/// A dial that failed, and when: callers that were waiting before then take it as their own.
-struct DialFailure {
-    at: Instant,
-    error: OpenError,
-}
-
-/// A caller's hold on its peer's dial gate. The map keeps a gate only while someone holds it (one
-/// entry per peer being dialled, not one per destination ever seen): whoever leaves it with no
-/// other holder removes it, also when cancelled mid-dial. Checked after the caller's own clone is
-/// gone, so that two callers leaving at once cannot each count the other.
-struct GateHold<'a> {
-    dials: &'a Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<DialFailure>>>>>,
-    peer: SocketAddr,
-}
-
-impl Drop for GateHold<'_> {
-    fn drop(&mut self) {
-        let mut dials = lock(self.dials);
-        if dials
-            .get(&self.peer)
-            .is_some_and(|gate| Arc::strong_count(gate) == 1)
-        {
-            dials.remove(&self.peer);
-        }
-    }
-}
-
+/// The pool's state is [`crate::proxy::upstream::tunnels`]'; dialling and opening streams are
+/// HBONE's.
 impl Pool {
-    fn remembers_plaintext(&self, ip: IpAddr) -> bool {
-        let mut map = lock(&self.plaintext_until);
-        let now = Instant::now();
-        map.retain(|_, until| *until > now);
-        map.contains_key(&ip)
-    }
-
-    fn remember_plaintext(&self, ip: IpAddr) {
-        lock(&self.plaintext_until).insert(ip, Instant::now() + PLAINTEXT_MEMORY);
-    }
-
-    /// A pooled connection to `peer` with room for one more stream, its place taken.
-    fn checkout(&self, peer: SocketAddr) -> Option<(Pooled, StreamSlot)> {
-        let mut map = lock(&self.connections);
-        let list = map.get_mut(&peer)?;
-        list.retain(|p| !p.sender.is_closed());
-        let found = list
-            .iter()
-            .find(|p| p.usage.streams.load(Ordering::Acquire) < MAX_STREAMS)?
-            .clone();
-        found.usage.streams.fetch_add(1, Ordering::AcqRel);
-        let slot = StreamSlot(found.usage.clone());
-        Some((found, slot))
-    }
-
-    /// A pooled connection to `peer` with room for a stream, or a new one: dialled by this caller,
-    /// or by the one ahead of it in the peer's queue (then its connection or its failure is used).
-    async fn checkout_or_dial(
-        &self,
-        shared: &Shared,
-        mtls: &Mtls,
-        peer: SocketAddr,
-    ) -> Result<(Pooled, StreamSlot), OpenError> {
-        if let Some(found) = self.checkout(peer) {
-            return Ok(found);
-        }
-        let queued = Instant::now();
-        // Declared before the gate, so dropped after it.
-        let _hold = GateHold {
-            dials: &self.dials,
-            peer,
-        };
-        let gate = lock(&self.dials).entry(peer).or_default().clone();
-        let mut last_failure = gate.lock().await;
-        match (self.checkout(peer), &*last_failure) {
-            (Some(found), _) => Ok(found),
-            (None, Some(failure)) if failure.at >= queued => Err(failure.error.clone()),
-            (None, _) => match dial(shared, mtls, peer).await {
-                Ok(pooled) => {
-                    *last_failure = None;
-                    pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
-                    let slot = StreamSlot(pooled.usage.clone());
-                    lock(&self.connections)
-                        .entry(peer)
-                        .or_default()
-                        .push(pooled.clone());
-                    Ok((pooled, slot))
-                }
-                Err(error) => {
-                    *last_failure = Some(DialFailure {
-                        at: Instant::now(),
-                        error: error.clone(),
-                    });
-                    Err(error)
-                }
-            },
-        }
-    }
-
     /// Opens a stream to `target` through `peer` (`target`'s HBONE address), on a pooled
     /// connection or a new one.
     pub async fn open(
@@ -302,7 +120,9 @@ impl Pool {
         target: SocketAddr,
         client: SocketAddr,
     ) -> Result<Tunnel, OpenError> {
-        let (mut pooled, slot) = self.checkout_or_dial(shared, mtls, peer).await?;
+        let (mut pooled, slot) = self
+            .checkout_or_dial(peer, || dial(shared, mtls, peer))
+            .await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
         let traceparent = headers::new_traceparent();
         let request = Request::builder()
@@ -394,11 +214,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         }))
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
-    let usage = Arc::new(Usage {
-        streams: AtomicUsize::new(0),
-        epoch: Instant::now(),
-        idle_since_ms: AtomicU64::new(0),
-    });
+    let usage = Arc::new(Usage::new());
     let idle_timeout = mtls.idle_timeout;
     tokio::spawn({
         let usage = usage.clone();
@@ -473,23 +289,9 @@ async fn handshake(
     Ok((tls, peer_identity))
 }
 
-/// Resolves once the connection has had no stream for `idle_timeout`.
-async fn idle_out(usage: &Usage, idle_timeout: Duration) {
-    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        tokio::time::sleep(idle_timeout).await;
-        let since = usage.idle_since_ms.load(Ordering::Acquire);
-        if usage.streams.load(Ordering::Acquire) == 0
-            && usage.now_ms().saturating_sub(since) >= idle_ms
-        {
-            return;
-        }
-    }
-}
-
 /// Carries an outbound connection to `target` in HBONE. Returns the connection when it should go
 /// in plaintext instead (`auto`, nothing listening on the peer's HBONE port).
-pub async fn forward(
+pub(crate) async fn forward(
     shared: &Shared,
     mtls: &Mtls,
     mut client: TcpStream,
@@ -545,45 +347,5 @@ pub async fn forward(
             tcp::finish(shared, &route, start, Err(kind), 0, 0);
             None
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A caller's entry into its peer's dial queue, as `checkout_or_dial` makes it.
-    fn enter(
-        pool: &Pool,
-        peer: SocketAddr,
-    ) -> (GateHold<'_>, Arc<tokio::sync::Mutex<Option<DialFailure>>>) {
-        let hold = GateHold {
-            dials: &pool.dials,
-            peer,
-        };
-        let gate = lock(&pool.dials).entry(peer).or_default().clone();
-        (hold, gate)
-    }
-
-    #[test]
-    fn a_peer_keeps_one_gate_while_held_and_none_after() {
-        let pool = Pool::default();
-        let peer: SocketAddr = "198.18.0.2:15008".parse().expect("address");
-        let (hold_a, gate_a) = enter(&pool, peer);
-        let (hold_b, gate_b) = enter(&pool, peer);
-        assert!(Arc::ptr_eq(&gate_a, &gate_b), "one gate per peer");
-        drop(gate_a);
-        drop(hold_a);
-        let (hold_c, gate_c) = enter(&pool, peer);
-        assert!(
-            Arc::ptr_eq(&gate_b, &gate_c),
-            "a caller leaving does not remove the gate another still holds"
-        );
-        // Two callers letting go at once (both clones gone before either checks): still removed.
-        drop(gate_b);
-        drop(gate_c);
-        drop(hold_b);
-        drop(hold_c);
-        assert!(lock(&pool.dials).is_empty(), "no gate left behind");
     }
 }

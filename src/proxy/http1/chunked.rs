@@ -113,7 +113,7 @@ impl ChunkedTracker {
         self.payload
     }
 
-    pub fn is_done(&self) -> bool {
+    pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
     }
 

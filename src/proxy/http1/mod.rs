@@ -32,12 +32,12 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::error::{ErrorKind, classify_io};
-use crate::proxy::Shared;
 use crate::proxy::driver::{self, Attempt, Facts, Sent, may_retry};
 use crate::proxy::exchange::{ConnContext, Exchange, PathText};
 use crate::proxy::limits::{Activity, Slot};
 use crate::proxy::phases::Synthetic;
 use crate::proxy::rewind::Rewind;
+use crate::proxy::shared::Shared;
 use crate::proxy::upstream::UpstreamConn;
 use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};

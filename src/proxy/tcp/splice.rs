@@ -27,7 +27,7 @@ use socket2::SockRef;
 use tokio::io::Interest;
 use tokio::net::TcpStream;
 
-use super::IdleClock;
+use super::idle::IdleClock;
 use crate::error::ErrorKind;
 
 /// Upper bound for one splice into the pipe; the pipe's capacity (64 KiB) is the real one.

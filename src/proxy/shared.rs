@@ -1,0 +1,202 @@
+//! [`Shared`], the data plane's state (settings, limits, upstreams, telemetry, the drain, mutual
+//! TLS, the policy), and the questions every adapter asks of it. It sits below the adapters, which
+//! are handed it; its constructor is the wiring's ([`crate::proxy`]).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioExecutor;
+use hyper_util::server::conn::auto;
+
+use super::drain::Drain;
+use super::exchange::ConnContext;
+use super::limits::Limits;
+use super::phases::{self, Via};
+use super::upstream::Upstreams;
+use super::upstream::tunnels::Pool;
+use crate::identity::SpiffeId;
+use crate::identity::peers::PeerIdentities;
+use crate::identity::source::Identity;
+use crate::policy::{Decision, Policy};
+use crate::settings::{AppProtocol, InboundMtls, OutboundMtls, Timeouts};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::Direction;
+use crate::vocab::PortList;
+
+/// What the request path reads and never changes.
+pub struct Settings {
+    pub(crate) app: SocketAddr,
+    pub(crate) app_protocol: AppProtocol,
+    pub(crate) http2_ports: Vec<u16>,
+    pub(crate) opaque_ports: Vec<u16>,
+    pub(crate) http_ports: Vec<u16>,
+    pub(crate) rewrite_host: bool,
+    /// --trusted-hops: how much of a request's forwarding fields to keep (`phases::add_forwarding`).
+    pub(crate) trusted_hops: usize,
+    pub(crate) lowercase_header_names: bool,
+    pub(crate) max_header_bytes: usize,
+    /// The proxy's own listening ports (inbound, outbound, admin, HBONE): never a destination
+    /// of inbound traffic, whatever its original destination or CONNECT authority says.
+    pub(crate) own_ports: Vec<u16>,
+    pub(crate) timeouts: Timeouts,
+    pub via: Via,
+    pub(crate) http1_server: auto::Builder<TokioExecutor>,
+    pub(crate) http2_server: auto::Builder<TokioExecutor>,
+}
+
+impl Settings {
+    /// Where inbound traffic for `port` goes: --app for the app's own port (the address the
+    /// operator gave for the app), else this pod's address the connection arrived on (`local`),
+    /// never loopback, so that a service the pod binds to 127.0.0.1 only is not for the network
+    /// (Istio 1.10 made the same change; ztunnel dials the pod address). The destination's own
+    /// address is not used: a peer that routes a packet for 127.0.0.1 or another host to this pod
+    /// would reach it. Plaintext (the listener) and tunnels (HBONE) both ask.
+    pub(crate) fn inbound_upstream(&self, port: u16, local: SocketAddr) -> SocketAddr {
+        if port == self.app.port() {
+            self.app
+        } else {
+            SocketAddr::new(local.ip(), port)
+        }
+    }
+}
+
+/// The shared state of the data plane: settings, limits, upstreams, telemetry and the drain.
+/// Built once by `Shared::new` (in [`crate::proxy`], the wiring), which tests call too; handed to
+/// every adapter.
+pub struct Shared {
+    pub settings: Settings,
+    pub limits: Arc<Limits>,
+    pub(crate) upstreams: Upstreams,
+    pub telemetry: Arc<Telemetry>,
+    pub(crate) drain: Drain,
+    /// Mutual TLS (HBONE), when an identity is configured.
+    pub mtls: Option<Mtls>,
+    /// Who may connect to which inbound port (--policy): the current policy, replaced when its
+    /// file changes.
+    pub(crate) policy: Option<tokio::sync::watch::Sender<Arc<Policy>>>,
+    /// Where --policy was read from.
+    pub(crate) policy_path: Option<std::path::PathBuf>,
+}
+
+/// Mutual TLS: the identity, the modes and the outbound pool.
+pub struct Mtls {
+    pub identity: Identity,
+    pub(crate) inbound: InboundMtls,
+    pub(crate) outbound: OutboundMtls,
+    pub(crate) plaintext_ports: PortList,
+    pub(crate) peers: PeerIdentities,
+    pub pool: Pool,
+    /// Pooled HBONE connections without a stream close after this long (--pool-idle-timeout).
+    pub(crate) idle_timeout: Duration,
+    /// The pod's name and namespace from the downward API, for the `baggage` header.
+    pub(crate) pod_name: Option<String>,
+    pub(crate) pod_namespace: Option<String>,
+}
+
+impl Mtls {
+    /// Whether a plaintext inbound connection to `port` is refused.
+    pub(crate) fn refuses_plaintext(&self, port: u16) -> bool {
+        self.inbound == InboundMtls::Strict && !self.plaintext_ports.contains(port)
+    }
+}
+
+impl Shared {
+    /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port` at all.
+    pub(crate) fn admits(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
+        self.policy
+            .as_ref()
+            .is_none_or(|policy| verdict(policy.borrow().admits_connection(port, peer)))
+    }
+
+    /// Whether --policy lets `peer` (None: plaintext) make this HTTP request
+    /// (`Some((method, path))`) or send opaque bytes (`None`) to inbound `port`.
+    pub(crate) fn allows(
+        &self,
+        port: u16,
+        peer: Option<&SpiffeId>,
+        http: Option<(&http::Method, &str)>,
+    ) -> bool {
+        let Some(policy) = &self.policy else {
+            return true;
+        };
+        let decision = policy.borrow().decide(port, peer, http);
+        verdict(decision)
+    }
+
+    /// `x-forwarded-client-cert` for an inbound request from a verified peer (the SPIFFE ID of the
+    /// HBONE tunnel it came in): `None` for plaintext and outbound. `By` is the identity this
+    /// proxy serves now.
+    pub(crate) fn client_cert_details(&self, conn: &ConnContext) -> Option<http::HeaderValue> {
+        if conn.direction != Direction::Inbound {
+            return None;
+        }
+        let peer = conn.peer.as_deref()?;
+        let ours = self.mtls.as_ref()?.identity.material()?.id.to_string();
+        phases::client_cert_details(&ours, peer)
+    }
+
+    /// Whether the policy in force names methods or paths for inbound `port`: its traffic must
+    /// then be HTTP, never undetected bytes.
+    pub(crate) fn judges_http_on(&self, port: u16) -> bool {
+        self.policy
+            .as_ref()
+            .is_some_and(|policy| policy.borrow().limits_http_on(port))
+    }
+}
+
+/// How often the --policy file is checked for changes (its modification time and size, as the
+/// identity files: Kubernetes updates a mounted ConfigMap by swapping a symlink).
+const POLICY_POLL: Duration = Duration::from_secs(2);
+
+impl Shared {
+    /// Reloads --policy whenever its file changes; a file that no longer validates is logged
+    /// loudly and the policy in force stays.
+    pub async fn watch_policy_forever(self: Arc<Self>) {
+        let (Some(sender), Some(path)) = (&self.policy, &self.policy_path) else {
+            return;
+        };
+        let stamp = || {
+            std::fs::metadata(path)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        // Nothing seen yet: the first tick reads the file again, so that a change made between
+        // the start's validation and this watcher is not missed.
+        let mut seen = None;
+        let mut ticker = tokio::time::interval(POLICY_POLL);
+        loop {
+            ticker.tick().await;
+            let now = Some(stamp());
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            let trust_domain = sender.borrow().trust_domain().to_owned();
+            match Policy::load(path) {
+                Ok(policy) => {
+                    sender.send_replace(Arc::new(policy.with_trust_domain(trust_domain)));
+                    tracing::info!(path = %path.display(), "policy reloaded");
+                }
+                Err(e) => tracing::error!(
+                    "the policy file changed but cannot be used ({e}); the previous policy stays in force: fix the file"
+                ),
+            }
+        }
+    }
+}
+
+/// A policy decision as allowed or not; refusals and audits are logged.
+fn verdict(decision: Decision) -> bool {
+    match decision {
+        Decision::Allow => true,
+        Decision::Audit { reason } => {
+            tracing::info!("policy audit (allowed): {reason}");
+            true
+        }
+        Decision::Deny { reason } => {
+            tracing::info!("policy refused: {reason}");
+            false
+        }
+    }
+}
