@@ -80,9 +80,13 @@ fuzz_target!(|data: &[u8]| {
     let mut buf = data.to_vec();
     let mut out = Vec::new();
     let Ok(plan) = plan_request(&mut buf, &REWRITE, &mut out) else {
-        // Partial, Invalid (ours may be stricter), Fallback and Loop (hyper's or nobody's).
+        // Partial, Invalid (ours may be stricter), Fallback (hyper's).
         return;
     };
+    if plan.looped || !plan.authority_valid {
+        // Read whole, then refused by the driver (508, 400): ours may be stricter.
+        return;
+    }
     let body = &buf[plan.head_len..];
     let (end, payload) = match plan.framing {
         Framing::None => (plan.head_len, 0),
