@@ -8,13 +8,10 @@
 //! service out, whatever `--max-connections` is.
 
 use crate::sync::lock;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -232,61 +229,6 @@ impl OpenRequests {
                 state.idle_since + timeout
             };
         }
-    }
-}
-
-/// A client connection's reads, noted on its [`OpenRequests`] (`None`: not noted, HTTP/2).
-pub(crate) struct NoteReads<I> {
-    inner: I,
-    open: Option<Arc<OpenRequests>>,
-}
-
-impl<I> NoteReads<I> {
-    pub(crate) fn new(inner: I, open: Option<Arc<OpenRequests>>) -> Self {
-        NoteReads { inner, open }
-    }
-}
-
-impl<I: AsyncRead + Unpin> AsyncRead for NoteReads<I> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let poll = Pin::new(&mut self.inner).poll_read(cx, buf);
-        if buf.filled().len() > before
-            && let Some(open) = &self.open
-        {
-            open.bytes_arrived();
-        }
-        poll
-    }
-}
-
-impl<I: AsyncWrite + Unpin> AsyncWrite for NoteReads<I> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
-    }
-    fn poll_write_vectored(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[std::io::IoSlice<'_>],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
-    }
-    fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
-    }
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
-    }
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
     }
 }
 

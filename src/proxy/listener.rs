@@ -23,7 +23,7 @@ use super::exchange::{ConnContext, Exchange};
 use super::hbone;
 use super::http1;
 use super::hyper_path;
-use super::limits::{Activity, ConnectionGuard, NoteReads, OpenRequests, Slot};
+use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
 use super::phases::Synthetic;
 use super::rewind::Rewind;
 use super::shared::{Settings, Shared};
@@ -648,7 +648,12 @@ async fn serve_hyper<I>(
     };
     // HTTP/1: a head is bounded from its first byte (--header-timeout), an idle connection by
     // --idle-timeout, as on the fast path.
-    let io = NoteReads::new(io, (!http2).then(|| open.clone()));
+    let io = if http2 {
+        io
+    } else {
+        let open = open.clone();
+        io.on_read(move || open.bytes_arrived())
+    };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let slot: &Slot = guard.slot();

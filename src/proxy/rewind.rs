@@ -1,5 +1,6 @@
 //! Bytes already read from a stream, served before the stream's own: lets the hyper path take over
-//! a connection whose first request the fast path has already read.
+//! a connection whose first request the fast path has already read. Its reads can be noted
+//! ([`Rewind::on_read`]): the listener times request heads by them.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -10,11 +11,22 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 pub struct Rewind<T> {
     prefix: Bytes,
     inner: T,
+    on_read: Option<Box<dyn Fn() + Send + Sync>>,
 }
 
 impl<T> Rewind<T> {
     pub(crate) fn new(prefix: Bytes, inner: T) -> Self {
-        Rewind { prefix, inner }
+        Rewind {
+            prefix,
+            inner,
+            on_read: None,
+        }
+    }
+
+    /// Calls `noted` whenever a read returns bytes.
+    pub(crate) fn on_read(mut self, noted: impl Fn() + Send + Sync + 'static) -> Self {
+        self.on_read = Some(Box::new(noted));
+        self
     }
 }
 
@@ -24,13 +36,21 @@ impl<T: AsyncRead + Unpin> AsyncRead for Rewind<T> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        if !self.prefix.is_empty() {
+        let before = buf.filled().len();
+        let poll = if self.prefix.is_empty() {
+            Pin::new(&mut self.inner).poll_read(cx, buf)
+        } else {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
-            return Poll::Ready(Ok(()));
+            Poll::Ready(Ok(()))
+        };
+        if buf.filled().len() > before
+            && let Some(noted) = &self.on_read
+        {
+            noted();
         }
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        poll
     }
 }
 
