@@ -1195,3 +1195,34 @@ async fn an_http1_client_that_never_reads_lets_go_of_its_response() {
     })
     .await;
 }
+
+/// A gRPC status the app sends in its trailers is the record's on every path (on 019271f the
+/// fast path read only the response head's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_status_in_trailers_is_recorded_on_every_path() {
+    bounded("test", TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let app = RecordingApp::start(|_: &Received| {
+            vec![Step::Write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/grpc\r\nTransfer-Encoding: chunked\r\nTrailer: grpc-status\r\n\r\n2\r\nok\r\n0\r\ngrpc-status: 7\r\ngrpc-message: denied\r\n\r\n"
+                    .to_vec(),
+            )]
+        })
+        .await;
+        let (proxy, log, _) = judged_plane(app.addr, 0, dir.path()).await;
+        for transport in TRANSPORTS {
+            let id = format!("trailers-{transport:?}");
+            let (status, _) = send(
+                proxy,
+                transport,
+                "/public/grpc",
+                &[("X-Request-Id", id.clone()), ("TE", "trailers".to_owned())],
+            )
+            .await;
+            assert_eq!(status, 200, "{transport:?}");
+            let record = log.record(|r| r["request_id"] == id.as_str()).await;
+            assert_eq!(record["grpc_status"], 7, "{transport:?}: {record}");
+        }
+    })
+    .await;
+}

@@ -74,7 +74,15 @@ pub struct ChunkedTracker {
     extension_bytes: u32,
     trailer_bytes: u32,
     trailer_fields: u16,
+    /// How much of `grpc-status` the trailer field's name matched so far (`NOT_GRPC_STATUS`: not
+    /// it), then whether its value is being read.
+    grpc_name: u8,
+    grpc_value: Option<u16>,
+    grpc_status: Option<u16>,
 }
+
+const GRPC_STATUS: &[u8] = b"grpc-status";
+const NOT_GRPC_STATUS: u8 = u8::MAX;
 
 impl Default for ChunkedTracker {
     fn default() -> Self {
@@ -86,6 +94,9 @@ impl Default for ChunkedTracker {
             extension_bytes: 0,
             trailer_bytes: 0,
             trailer_fields: 0,
+            grpc_name: 0,
+            grpc_value: None,
+            grpc_status: None,
         }
     }
 }
@@ -115,6 +126,44 @@ impl ChunkedTracker {
 
     pub(crate) fn is_done(&self) -> bool {
         self.state == State::Done
+    }
+
+    /// The `grpc-status` trailer field's value, when the body had one (the record's gRPC status,
+    /// as the hyper path reads it from HTTP/2 trailers).
+    pub(crate) fn grpc_status(&self) -> Option<u16> {
+        self.grpc_status
+    }
+
+    /// Follows a trailer field's name and value for `grpc-status`.
+    fn note_trailer_byte(&mut self, state: State, b: u8) {
+        match state {
+            State::TrailerLineStart | State::TrailerName if b != b':' && b != b'\r' => {
+                let at = usize::from(self.grpc_name);
+                self.grpc_name = match GRPC_STATUS.get(at) {
+                    Some(&c) if c == b.to_ascii_lowercase() => self.grpc_name + 1,
+                    _ => NOT_GRPC_STATUS,
+                };
+            }
+            State::TrailerName if b == b':' => {
+                self.grpc_value = (usize::from(self.grpc_name) == GRPC_STATUS.len()).then_some(0);
+            }
+            State::TrailerValue => match (self.grpc_value, b) {
+                (Some(v), b'0'..=b'9') => {
+                    self.grpc_value = v
+                        .checked_mul(10)
+                        .and_then(|v| v.checked_add(u16::from(b - b'0')));
+                }
+                (_, b' ' | b'\t' | b'\r') => {
+                    if b == b'\r' {
+                        self.grpc_status = self.grpc_value.or(self.grpc_status);
+                        self.grpc_value = None;
+                        self.grpc_name = 0;
+                    }
+                }
+                _ => self.grpc_value = None,
+            },
+            _ => {}
+        }
     }
 
     /// Consumes `data`; returns `Some(n)` when the body ends after the first `n` bytes. Once done,
@@ -174,6 +223,7 @@ impl ChunkedTracker {
             if self.trailer_bytes > MAX_TRAILER_BYTES {
                 return Err(InvalidChunk);
             }
+            self.note_trailer_byte(self.state, b);
         }
         let next = match (self.state, b) {
             // chunk-size = 1*HEXDIG (7.1)
@@ -247,6 +297,37 @@ impl ChunkedTracker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_grpc_status_trailer_is_read() {
+        for (body, status) in [
+            (
+                &b"0\r\ngrpc-status: 7\r\ngrpc-message: no\r\n\r\n"[..],
+                Some(7),
+            ),
+            (b"0\r\nGrpc-Status:14\r\n\r\n", Some(14)),
+            (
+                b"1\r\na\r\n0\r\nx-grpc-status: 3\r\ngrpc-statusx: 4\r\n\r\n",
+                None,
+            ),
+            (b"0\r\ngrpc-status: seven\r\n\r\n", None),
+            (b"0\r\n\r\n", None),
+        ] {
+            for cut in 0..body.len() {
+                let mut t = ChunkedTracker::default();
+                let first = t.advance(&body[..cut]).expect("valid");
+                if first.is_none() {
+                    t.advance(&body[cut..]).expect("valid");
+                }
+                assert_eq!(
+                    t.grpc_status(),
+                    status,
+                    "{:?} cut at {cut}",
+                    String::from_utf8_lossy(body)
+                );
+            }
+        }
+    }
 
     fn end_of(input: &[u8]) -> Result<Option<usize>, InvalidChunk> {
         ChunkedTracker::default().advance(input)

@@ -391,7 +391,11 @@ impl Connection {
         )
         .await;
         match copied {
-            Ok(()) => exchange.finish(None),
+            Ok(trailer_status) => {
+                // A gRPC status in the trailers is the call's (as the hyper path reads it).
+                exchange.grpc_status = trailer_status.or(exchange.grpc_status);
+                exchange.finish(None);
+            }
             Err(e) => {
                 exchange.finish(Some(match e {
                     CopyError::Write => ErrorKind::ClientDisconnected,
@@ -589,7 +593,7 @@ async fn copy_body(
     out: &mut Vec<u8>,
     copied: &mut u64,
     stall: Duration,
-) -> Result<(), CopyError> {
+) -> Result<Option<u16>, CopyError> {
     *copied = 0;
     let mut tracker = ChunkedTracker::default();
     let mut remaining = match framing {
@@ -633,12 +637,12 @@ async fn copy_body(
             if framing == Framing::Chunked {
                 *copied = tracker.payload();
             }
-            return Ok(());
+            return Ok(tracker.grpc_status());
         }
         src_buf.reserve(READ_CHUNK);
         match timeout(stall, src.read_buf(src_buf)).await {
             Err(_) => return Err(CopyError::Stalled),
-            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(()),
+            Ok(Ok(0)) if framing == Framing::UntilClose => return Ok(None),
             Ok(Ok(0) | Err(_)) => return Err(CopyError::Read),
             Ok(Ok(_)) => {}
         }
