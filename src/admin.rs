@@ -128,7 +128,7 @@ async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             format!("not ready: workload identity: {problem}\n"),
         );
     }
-    let app = state.shared.settings.app;
+    let app = state.shared.settings.traffic.app;
     if let Some(path) = &state.app_ready_path
         && let Err(why) = check_app(app, path).await
     {

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use clap::Args;
 
-use crate::settings::{AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, ProxyConfig, Timeouts};
+use crate::settings::{
+    AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, ProxyConfig, Timeouts, Traffic,
+};
 use crate::vocab::{self, parse_drain_duration, parse_timeout};
 pub(crate) use crate::vocab::{AccessLogFormat, PortList};
 
@@ -395,24 +397,26 @@ impl RunArgs {
     /// builds the data plane from.
     pub fn proxy_config(&self) -> ProxyConfig {
         ProxyConfig {
-            app: self.app,
-            app_protocol: self.app_protocol,
-            http2_ports: self.http2_ports.0.clone(),
-            opaque_ports: self.opaque_ports.0.clone(),
-            http_ports: self.http_ports.0.clone(),
-            rewrite_host: self.rewrite_host,
-            trusted_hops: usize::from(self.trusted_hops),
-            lowercase_header_names: self.lowercase_header_names,
-            max_header_bytes: self.max_header_bytes,
-            own_ports: self.own_ports(),
-            timeouts: Timeouts {
-                header: self.header_timeout,
-                idle: self.idle_timeout,
-                request_body: self.request_body_timeout,
-                response: self.response_timeout,
-                response_body: self.response_body_timeout,
-                detect: self.detect_timeout,
-                tcp_idle: self.tcp_idle_timeout,
+            traffic: Traffic {
+                app: self.app,
+                app_protocol: self.app_protocol,
+                http2_ports: self.http2_ports.0.clone(),
+                opaque_ports: self.opaque_ports.0.clone(),
+                http_ports: self.http_ports.0.clone(),
+                rewrite_host: self.rewrite_host,
+                trusted_hops: usize::from(self.trusted_hops),
+                lowercase_header_names: self.lowercase_header_names,
+                max_header_bytes: self.max_header_bytes as usize,
+                own_ports: self.own_ports(),
+                timeouts: Timeouts {
+                    header: self.header_timeout,
+                    idle: self.idle_timeout,
+                    request_body: self.request_body_timeout,
+                    response: self.response_timeout,
+                    response_body: self.response_body_timeout,
+                    detect: self.detect_timeout,
+                    tcp_idle: self.tcp_idle_timeout,
+                },
             },
             connect_timeout: self.connect_timeout,
             proxy_mark: self.proxy_mark,

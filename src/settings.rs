@@ -66,22 +66,30 @@ pub(crate) struct Timeouts {
     pub(crate) tcp_idle: Duration,
 }
 
-/// Everything the data plane is built from (each field is the flag of the same name unless said).
+/// What the request path reads and never changes (each field is the flag of the same name unless
+/// said): part of the configuration, and of `Shared`'s settings as it is.
 #[derive(Clone, Debug)]
-pub struct ProxyConfig {
+pub struct Traffic {
     pub(crate) app: SocketAddr,
     pub(crate) app_protocol: AppProtocol,
     pub(crate) http2_ports: Vec<u16>,
     pub(crate) opaque_ports: Vec<u16>,
     pub(crate) http_ports: Vec<u16>,
     pub(crate) rewrite_host: bool,
+    /// --trusted-hops: how much of a request's forwarding fields to keep.
     pub(crate) trusted_hops: usize,
     pub(crate) lowercase_header_names: bool,
-    pub(crate) max_header_bytes: u32,
+    pub(crate) max_header_bytes: usize,
     /// The ports of the proxy's own listeners (inbound, outbound, admin, HBONE) as bound: never a
     /// destination of inbound traffic.
     pub(crate) own_ports: Vec<u16>,
     pub(crate) timeouts: Timeouts,
+}
+
+/// Everything the data plane is built from (each field is the flag of the same name unless said).
+#[derive(Clone, Debug)]
+pub struct ProxyConfig {
+    pub(crate) traffic: Traffic,
     pub(crate) connect_timeout: Duration,
     /// SO_MARK on upstream sockets (--proxy-mark); 0 for none.
     pub(crate) proxy_mark: u32,

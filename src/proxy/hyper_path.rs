@@ -122,7 +122,11 @@ async fn respond(
     let settings = &shared.settings;
     let upstream_req = Request::from_parts(
         parts,
-        RequestBody::new(body, progress.clone(), settings.timeouts.request_body),
+        RequestBody::new(
+            body,
+            progress.clone(),
+            settings.traffic.timeouts.request_body,
+        ),
     );
     let mut response =
         match send(&shared, &conn, upstream_req, use_http2, progress.as_deref()).await {
@@ -155,7 +159,7 @@ async fn respond(
         tokio::spawn(tunnel(exchange, downstream, upstream, guard, open.take()));
         return response.map(|_| ResponseBody::empty());
     }
-    let response_body_timeout = settings.timeouts.response_body;
+    let response_body_timeout = settings.traffic.timeouts.response_body;
     response
         .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout))
 }
@@ -219,7 +223,7 @@ fn request_rules(
     );
     let malformed = host.is_err()
         || (parts.version == Version::HTTP_2 && phases::has_padded_value(&parts.headers));
-    let host = if settings.rewrite_host {
+    let host = if settings.traffic.rewrite_host {
         HeaderValue::from_str(conn.upstream.as_str()).ok()
     } else {
         host.ok().flatten()
@@ -239,7 +243,7 @@ fn request_rules(
     let request_id = phases::add_forwarding(
         &mut parts.headers,
         conn.client.ip(),
-        settings.trusted_hops,
+        settings.traffic.trusted_hops,
         shared.client_cert_details(conn),
     );
     Ruled {
@@ -252,7 +256,8 @@ fn request_rules(
 /// Whether the request goes to the upstream over HTTP/2.
 fn upstream_http2(shared: &Shared, conn: &ConnContext, client_version: Version) -> bool {
     conn.upstream_http2
-        || (shared.settings.app_protocol == AppProtocol::Auto && client_version == Version::HTTP_2)
+        || (shared.settings.traffic.app_protocol == AppProtocol::Auto
+            && client_version == Version::HTTP_2)
 }
 
 /// Points the request at the upstream, in the HTTP version it goes in.
@@ -359,7 +364,7 @@ async fn attempt(
         if let Some(progress) = progress {
             progress.wait_ended().await;
         }
-        tokio::time::sleep(shared.settings.timeouts.response).await;
+        tokio::time::sleep(shared.settings.traffic.timeouts.response).await;
     };
     let result = tokio::select! {
         biased;

@@ -239,14 +239,14 @@ async fn after_silence<C: FirstBytes>(
             slot.set(Activity::Busy);
             return Some(Detected::Opaque("server_first"));
         }
-        () = tokio::time::sleep(shared.settings.timeouts.tcp_idle) => return None,
+        () = tokio::time::sleep(shared.settings.traffic.timeouts.tcp_idle) => return None,
     };
     slot.set(Activity::Head);
     match spoke {
         Ok(0) => Some(Detected::Opaque("client_eof")),
         Ok(n) => {
             *len = n;
-            let wait = shared.settings.timeouts.detect;
+            let wait = shared.settings.traffic.timeouts.detect;
             match detect(client, buf, len, wait, http_only).await {
                 Detection::Decided(found) => Some(found),
                 Detection::Silent => Some(Detected::Http1),
@@ -259,7 +259,7 @@ async fn after_silence<C: FirstBytes>(
 /// Whether inbound traffic to `port` must be HTTP: an HTTP port, or one whose policy judges
 /// methods or paths (undetected bytes would skip those rules).
 fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
-    shared.settings.http_ports.contains(&port)
+    shared.settings.traffic.http_ports.contains(&port)
         || (direction == Direction::Inbound && shared.judges_http_on(port))
 }
 
@@ -280,13 +280,13 @@ async fn serve_tunnelled<I>(
     let http_only = http_only(&shared, route.direction, port);
     let mut buf = vec![0u8; MAX_PEEK];
     let mut len = 0;
-    let detected = if settings.opaque_ports.contains(&port) && !http_only {
+    let detected = if settings.traffic.opaque_ports.contains(&port) && !http_only {
         Detected::Opaque("opaque_port")
     } else {
         let wait = if http_only {
-            settings.timeouts.header
+            settings.traffic.timeouts.header
         } else {
-            settings.timeouts.detect
+            settings.traffic.timeouts.detect
         };
         let slot = guard.slot();
         slot.set(Activity::Head);
@@ -330,8 +330,11 @@ async fn serve_tunnelled<I>(
         return;
     }
     drop(app);
-    let upstream_http2 = settings.http2_ports.contains(&route.upstream.port())
-        || settings.app_protocol == AppProtocol::Http2;
+    let upstream_http2 = settings
+        .traffic
+        .http2_ports
+        .contains(&route.upstream.port())
+        || settings.traffic.app_protocol == AppProtocol::Http2;
     let mut ctx = ConnContext::new(
         shared.telemetry.clone(),
         route.direction,
@@ -460,8 +463,8 @@ async fn serve_connection(
     }
     drop(app);
 
-    let upstream_http2 = settings.http2_ports.contains(&upstream.port())
-        || settings.app_protocol == AppProtocol::Http2;
+    let upstream_http2 = settings.traffic.http2_ports.contains(&upstream.port())
+        || settings.traffic.app_protocol == AppProtocol::Http2;
     let ctx = Arc::new(ConnContext::new(
         shared.telemetry.clone(),
         direction,
@@ -515,7 +518,7 @@ fn destination(
         }
         return None;
     };
-    if direction == Direction::Inbound && settings.own_ports.contains(&upstream.port()) {
+    if direction == Direction::Inbound && settings.traffic.own_ports.contains(&upstream.port()) {
         // Debug, not info: a peer could otherwise fill the log; the metric counts them.
         tracing::debug!(%client, %upstream, "inbound connection to one of the proxy's own ports refused");
         metrics.count_error(direction, ErrorKind::ProxyPort);
@@ -545,7 +548,7 @@ fn upstream_of(
         }
         // Not redirected (a client dialled the inbound port itself): it stands for --app, and
         // is judged by --app's port.
-        (Direction::Inbound, None) => Some(settings.app),
+        (Direction::Inbound, None) => Some(settings.traffic.app),
         (Direction::Outbound, original) => original,
     }
 }
@@ -562,13 +565,13 @@ async fn detect_plaintext(
     let settings = &shared.settings;
     let port = upstream.port();
     let http_only = http_only(shared, direction, port);
-    if settings.opaque_ports.contains(&port) && !http_only {
+    if settings.traffic.opaque_ports.contains(&port) && !http_only {
         return Some((Detected::Opaque("opaque_port"), None));
     }
     let wait = if http_only {
-        settings.timeouts.header
+        settings.traffic.timeouts.header
     } else {
-        settings.timeouts.detect
+        settings.traffic.timeouts.detect
     };
     // On the heap, and only while detecting: it would otherwise stay in the connection's task.
     let mut buf = vec![0u8; MAX_PEEK];
@@ -668,7 +671,7 @@ async fn serve_hyper<I>(
             conn.as_mut().graceful_shutdown();
             slot.unless_shed(conn).await
         }
-        since = open.head_overdue(shared.settings.timeouts.header), if !http2 => {
+        since = open.head_overdue(shared.settings.traffic.timeouts.header), if !http2 => {
             // Closed without an answer, as nginx does at client_header_timeout; logged as 408.
             tracing::debug!(client = %ctx.client, "no whole head within --header-timeout: closing");
             let started = since.into_std();
@@ -678,13 +681,13 @@ async fn serve_hyper<I>(
         }
         // A client that stops taking a response (twice --response-body-timeout, so that an app
         // that stalls ends its own stream first): nginx's send_timeout, for the connection.
-        () = open.stalled_for(2 * shared.settings.timeouts.response_body) => {
+        () = open.stalled_for(2 * shared.settings.traffic.timeouts.response_body) => {
             tracing::debug!(client = %ctx.client, "a response not taken for twice --response-body-timeout: closing");
             return;
         }
         // Idle HTTP/1 keep-alive, and an HTTP/2 client that only answers PINGs, which would
         // otherwise hold its connection for good.
-        () = open.idle_for(shared.settings.timeouts.idle) => {
+        () = open.idle_for(shared.settings.traffic.timeouts.idle) => {
             tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
             slot.unless_shed(conn).await

@@ -56,8 +56,7 @@ use upstream::{ConnectOptions, Upstreams};
 impl Shared {
     /// `access_log` is stdout in production, a pipe or buffer in tests.
     pub fn new(config: &ProxyConfig, access_log: Box<dyn std::io::Write + Send>) -> Arc<Shared> {
-        let lowercase = config.lowercase_header_names;
-        let timeouts = config.timeouts;
+        let lowercase = config.traffic.lowercase_header_names;
         let (http1_server, http2_server) = server_builders(config);
         let connect = ConnectOptions {
             timeout: config.connect_timeout,
@@ -74,17 +73,7 @@ impl Shared {
         });
         Arc::new(Shared {
             settings: Settings {
-                app: config.app,
-                app_protocol: config.app_protocol,
-                http2_ports: config.http2_ports.clone(),
-                opaque_ports: config.opaque_ports.clone(),
-                http_ports: config.http_ports.clone(),
-                rewrite_host: config.rewrite_host,
-                trusted_hops: config.trusted_hops,
-                lowercase_header_names: lowercase,
-                max_header_bytes: config.max_header_bytes as usize,
-                own_ports: config.own_ports.clone(),
-                timeouts,
+                traffic: config.traffic.clone(),
                 via: Via::random(),
                 http1_server,
                 http2_server,
@@ -170,8 +159,8 @@ fn descriptor_budget(max_connections: usize) -> usize {
 fn server_builders(
     config: &ProxyConfig,
 ) -> (auto::Builder<TokioExecutor>, auto::Builder<TokioExecutor>) {
-    let timeouts = config.timeouts;
-    let keep_case = !config.lowercase_header_names;
+    let timeouts = config.traffic.timeouts;
+    let keep_case = !config.traffic.lowercase_header_names;
     let mut http1 = auto::Builder::new(TokioExecutor::new()).http1_only();
     http1
         .http1()
@@ -181,13 +170,13 @@ fn server_builders(
         .header_read_timeout(None)
         .preserve_header_case(keep_case)
         .title_case_headers(keep_case)
-        .max_headers(max_fields(config.max_header_bytes as usize))
-        .max_buf_size(config.max_header_bytes as usize);
+        .max_headers(max_fields(config.traffic.max_header_bytes))
+        .max_buf_size(config.traffic.max_header_bytes);
     let mut http2 = auto::Builder::new(TokioExecutor::new()).http2_only();
     http2
         .http2()
         .timer(TokioTimer::new())
-        .max_header_list_size(config.max_header_bytes)
+        .max_header_list_size(u32::try_from(config.traffic.max_header_bytes).unwrap_or(u32::MAX))
         // An idle HTTP/2 client is pinged, and dropped when it stops answering.
         .keep_alive_interval(Some(timeouts.idle))
         .keep_alive_timeout(timeouts.header)

@@ -19,27 +19,15 @@ use crate::identity::SpiffeId;
 use crate::identity::peers::PeerIdentities;
 use crate::identity::source::Identity;
 use crate::policy::{Decision, Policy};
-use crate::settings::{AppProtocol, InboundMtls, OutboundMtls, Timeouts};
+use crate::settings::{InboundMtls, OutboundMtls, Traffic};
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::PortList;
 
-/// What the request path reads and never changes.
+/// What the request path reads and never changes: the configured [`Traffic`], and what the
+/// wiring makes of it.
 pub struct Settings {
-    pub(crate) app: SocketAddr,
-    pub(crate) app_protocol: AppProtocol,
-    pub(crate) http2_ports: Vec<u16>,
-    pub(crate) opaque_ports: Vec<u16>,
-    pub(crate) http_ports: Vec<u16>,
-    pub(crate) rewrite_host: bool,
-    /// --trusted-hops: how much of a request's forwarding fields to keep (`phases::add_forwarding`).
-    pub(crate) trusted_hops: usize,
-    pub(crate) lowercase_header_names: bool,
-    pub(crate) max_header_bytes: usize,
-    /// The proxy's own listening ports (inbound, outbound, admin, HBONE): never a destination
-    /// of inbound traffic, whatever its original destination or CONNECT authority says.
-    pub(crate) own_ports: Vec<u16>,
-    pub(crate) timeouts: Timeouts,
+    pub(crate) traffic: Traffic,
     pub via: Via,
     pub(crate) http1_server: auto::Builder<TokioExecutor>,
     pub(crate) http2_server: auto::Builder<TokioExecutor>,
@@ -53,8 +41,8 @@ impl Settings {
     /// address is not used: a peer that routes a packet for 127.0.0.1 or another host to this pod
     /// would reach it. Plaintext (the listener) and tunnels (HBONE) both ask.
     pub(crate) fn inbound_upstream(&self, port: u16, local: SocketAddr) -> SocketAddr {
-        if port == self.app.port() {
-            self.app
+        if port == self.traffic.app.port() {
+            self.traffic.app
         } else {
             SocketAddr::new(local.ip(), port)
         }

@@ -61,7 +61,7 @@ pub(crate) async fn forward(
         Ok(mut server) => {
             let clock = IdleClock::new();
             let relay = relay(&mut client, &mut server, &clock);
-            until_idle(relay, &clock, shared.settings.timeouts.tcp_idle).await
+            until_idle(relay, &clock, shared.settings.traffic.timeouts.tcp_idle).await
         }
     };
     finish(shared, &route, start, result, sent, received);
@@ -82,7 +82,7 @@ pub(crate) async fn forward_streams<A, B>(
     let clock = IdleClock::new();
     let copy = copy_both_ways(client, server, TUNNEL_COPY_BUFFER, &clock);
     let (result, sent, received) =
-        until_idle(copy, &clock, shared.settings.timeouts.tcp_idle).await;
+        until_idle(copy, &clock, shared.settings.traffic.timeouts.tcp_idle).await;
     finish(shared, &route, start, result, sent, received);
 }
 

@@ -66,7 +66,11 @@ pub(crate) async fn serve_connection<S, F>(
     let gauge = &metrics.direction(Direction::Inbound).open_connections;
     let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
         metrics.rejected_connections.inc();
-        metrics.count_error(Direction::Inbound, ErrorKind::TooManyConnections);
+        let kind = ErrorKind::TooManyConnections;
+        metrics.count_error(Direction::Inbound, kind);
+        if let Ok(local) = stream.local_addr() {
+            crate::proxy::tcp::log_refused(&shared, Direction::Inbound, client, local, kind);
+        }
         return;
     };
     // A handshake in progress does no work yet: the shedder may take it.
@@ -83,7 +87,7 @@ pub(crate) async fn serve_connection<S, F>(
         return;
     };
     let acceptor = TlsAcceptor::from(material.server.clone());
-    let handshake_timeout = shared.settings.timeouts.header.min(HANDSHAKE_TIMEOUT);
+    let handshake_timeout = (shared.settings.traffic.timeouts.header).min(HANDSHAKE_TIMEOUT);
     let handshake = tokio::select! {
         biased;
         () = slot.shed_wait() => return,
@@ -131,16 +135,7 @@ pub(crate) async fn serve_connection<S, F>(
             }
         })
     };
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
-    let conn = builder.serve_connection(TokioIo::new(tls), service);
+    let conn = tunnel_server().serve_connection(TokioIo::new(tls), service);
     let mut conn = std::pin::pin!(conn);
     let result = tokio::select! {
         biased;
@@ -154,7 +149,7 @@ pub(crate) async fn serve_connection<S, F>(
             let Some(result) = slot.unless_shed(conn).await else { return };
             result
         }
-        () = open.idle_for(shared.settings.timeouts.idle) => {
+        () = open.idle_for(shared.settings.traffic.timeouts.idle) => {
             tracing::debug!(%client, "HBONE connection without a stream for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
             let Some(result) = slot.unless_shed(conn).await else { return };
@@ -164,6 +159,20 @@ pub(crate) async fn serve_connection<S, F>(
     if let Err(e) = result {
         tracing::debug!(%client, "HBONE connection ended: {e}");
     }
+}
+
+/// The HTTP/2 server of HBONE connections: ztunnel's stream and window sizes, pinged when idle.
+fn tunnel_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
+        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+    builder
 }
 
 /// A handshake refused: logged with the check that failed and whose fault it is, and counted.
@@ -249,7 +258,7 @@ where
         return refuse_connect(ErrorKind::BadRequest);
     }
     let metrics = &shared.telemetry.metrics;
-    if target.port() == local.port() || shared.settings.own_ports.contains(&target.port()) {
+    if target.port() == local.port() || shared.settings.traffic.own_ports.contains(&target.port()) {
         // The admin port, or a listener of ours (a loop): never for a peer, as ztunnel answers.
         // Debug: a peer could fill the log with these; the metric counts them.
         tracing::debug!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");

@@ -194,23 +194,25 @@ impl Connection {
         }
         self.slot.set(Activity::Head);
         let start = Instant::now();
-        let deadline = tokio::time::Instant::from_std(start) + self.shared.settings.timeouts.header;
-        let max_head = self.shared.settings.max_header_bytes;
+        let deadline =
+            tokio::time::Instant::from_std(start) + self.shared.settings.traffic.timeouts.header;
+        let max_head = self.shared.settings.traffic.max_header_bytes;
         // `None` without an allocation on plaintext (all of this path's traffic today).
         let client_cert = self.shared.client_cert_details(&self.ctx);
         loop {
             if !self.buf.is_empty() {
                 let rewrite = Rewrite {
-                    lowercase_names: self.shared.settings.lowercase_header_names,
+                    lowercase_names: self.shared.settings.traffic.lowercase_header_names,
                     host: self
                         .shared
                         .settings
+                        .traffic
                         .rewrite_host
                         .then(|| self.ctx.upstream.as_str()),
                     client_ip: &self.ctx.client_ip_text,
                     via: self.shared.settings.via.pseudonym(),
                     normalize_path: self.ctx.direction == Direction::Inbound,
-                    trusted_hops: self.shared.settings.trusted_hops,
+                    trusted_hops: self.shared.settings.traffic.trusted_hops,
                     client_cert: client_cert.as_ref().map(http::HeaderValue::as_bytes),
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
@@ -255,7 +257,7 @@ impl Connection {
         if self.slot.close_requested() {
             return false;
         }
-        let idle_timeout = self.shared.settings.timeouts.idle;
+        let idle_timeout = self.shared.settings.traffic.timeouts.idle;
         let grace = IDLE_GRACE.min(idle_timeout);
         // The next request of a busy client usually comes within the grace: no waiter is
         // registered for a close request meanwhile (one shed or drained now closes after the grace).
@@ -370,7 +372,7 @@ impl Connection {
         if closing && response.keep_alive {
             // Draining: this response is the connection's last.
             let at = self.out.len() - 2;
-            let field: &[u8] = if self.shared.settings.lowercase_header_names {
+            let field: &[u8] = if self.shared.settings.traffic.lowercase_header_names {
                 b"connection: close\r\n"
             } else {
                 b"Connection: close\r\n"
@@ -387,7 +389,7 @@ impl Connection {
             response.framing,
             &mut self.out,
             &mut exchange.response_bytes,
-            self.shared.settings.timeouts.response_body,
+            self.shared.settings.traffic.timeouts.response_body,
         )
         .await;
         match copied {
@@ -446,7 +448,7 @@ impl Connection {
         exchange: &mut Exchange,
         inline: bool,
     ) -> Result<(UpstreamConn, ResponsePlan), (ErrorKind, Sent)> {
-        let timeouts = self.shared.settings.timeouts;
+        let timeouts = self.shared.settings.traffic.timeouts;
         if inline {
             // A first write that fails wrote nothing (the app reset the idle connection): the
             // request provably never left, whatever its method.
@@ -509,8 +511,8 @@ impl Connection {
         deadline: tokio::time::Instant,
     ) -> Result<ResponsePlan, HeadError> {
         let head_request = plan.head_request;
-        let lowercase = self.shared.settings.lowercase_header_names;
-        let max_pipelined = self.shared.settings.max_header_bytes;
+        let lowercase = self.shared.settings.traffic.lowercase_header_names;
+        let max_pipelined = self.shared.settings.traffic.max_header_bytes;
         let mut watch_client = true;
         let mut got_bytes = false;
         let sleep = tokio::time::sleep_until(deadline);
@@ -567,7 +569,10 @@ impl Connection {
     /// Answers with a response the proxy makes itself and ends the exchange. The connection
     /// closes afterwards when the response says so or the write failed.
     async fn respond(&mut self, exchange: Exchange, synthetic: Synthetic) -> Next {
-        synthetic.render_h1(self.shared.settings.lowercase_header_names, &mut self.out);
+        synthetic.render_h1(
+            self.shared.settings.traffic.lowercase_header_names,
+            &mut self.out,
+        );
         // Logged before the write: whoever reads the answer finds the record and the metrics.
         exchange.refused(synthetic);
         let written = self.client.write_all(&self.out).await.is_ok();
