@@ -1,14 +1,15 @@
 //! amazing-proxy: a small, fast sidecar proxy for Kubernetes.
 //!
-//! One binary, four jobs. Layers point one way, each using only itself and those above it, with
-//! no module cycles (tests/layers.rs reads the `use` paths and holds the code to this):
+//! One binary, five jobs. Layers point one way, each using only itself and those below it, with
+//! no module cycles (tests/in_process/layers.rs reads the `use` paths and holds the code to this):
 //! 1. [`vocab`] (ports, uid/gid/mark, port lists, CIDRs, durations, log formats: shared by all
 //!    jobs), [`error`] (error kinds and whose fault), [`sync`], [`text_response`];
 //! 2. [`identity`] (SPIFFE IDs, the material, HBONE's TLS); [`policy`]; [`settings`] (the data
 //!    plane's configuration as plain values);
 //! 3. [`telemetry`]: metrics and the access log;
 //! 4. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
-//!    its state `Shared`, protocol adapters, listeners), its state built by one constructor;
+//!    its state `Shared` and the exchange driver, protocol adapters, listeners), its state built
+//!    by one constructor;
 //! 5. the wiring: [`run`] (`run`, configured by [`config`]) and [`admin`].
 //!
 //! Beside the data plane, sharing only [`vocab`], [`error`] and [`identity`]: [`netfilter`]

@@ -125,7 +125,7 @@ fn mtls(
     }
 }
 
-/// Descriptors kept out of the connection budget (a quarter of the limit, at most this many): the
+/// Descriptors kept out of the connection budget (512, whatever the limit): the
 /// admin listener and its scrapes, the pools' idle connections, the access log, the runtime's own.
 const RESERVED_DESCRIPTORS: u64 = 512;
 
