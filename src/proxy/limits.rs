@@ -112,6 +112,8 @@ pub(crate) struct OpenRequests {
     state: Mutex<OpenState>,
     /// Where the marks' progress clocks count from.
     epoch: tokio::time::Instant,
+    /// A head began arriving ([`OpenRequests::bytes_arrived`]).
+    head_started: tokio::sync::Notify,
 }
 
 struct OpenState {
@@ -140,6 +142,7 @@ impl OpenRequests {
                 next_mark: 0,
             }),
             epoch: tokio::time::Instant::now(),
+            head_started: tokio::sync::Notify::new(),
         })
     }
 
@@ -192,6 +195,7 @@ impl OpenRequests {
         let mut state = lock(&self.state);
         if state.count == 0 && state.head_since.is_none() {
             state.head_since = Some(tokio::time::Instant::now());
+            self.head_started.notify_one();
         }
     }
 
@@ -201,14 +205,12 @@ impl OpenRequests {
     pub(crate) async fn head_overdue(&self, timeout: std::time::Duration) -> tokio::time::Instant {
         loop {
             let head_since = lock(&self.state).head_since;
-            let check = match head_since {
+            match head_since {
                 Some(since) if since + timeout <= tokio::time::Instant::now() => return since,
-                Some(since) => since + timeout,
-                // No head arriving: look again in a while (a head that starts meanwhile is
-                // caught at most `timeout` late, so never given more than twice its bound).
-                None => tokio::time::Instant::now() + timeout,
-            };
-            tokio::time::sleep_until(check).await;
+                Some(since) => tokio::time::sleep_until(since + timeout).await,
+                // Woken once per head (a permit is kept if it starts before this waits).
+                None => self.head_started.notified().await,
+            }
         }
     }
 
