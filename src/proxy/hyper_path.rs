@@ -228,13 +228,9 @@ fn request_rules(
     } else {
         host.ok().flatten()
     };
-    match host {
-        Some(host) => {
-            parts.headers.insert(header::HOST, host);
-        }
-        None => {
-            parts.headers.remove(header::HOST);
-        }
+    // A malformed request is refused: its Host does not matter.
+    if let Some(host) = host {
+        parts.headers.insert(header::HOST, host);
     }
     phases::remove_hop_by_hop(&mut parts.headers, upgrade);
     if parts.version == Version::HTTP_2 {

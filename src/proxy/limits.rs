@@ -117,12 +117,12 @@ pub(crate) struct OpenRequests {
 }
 
 struct OpenState {
-    count: usize,
     /// When the last request ended (or the connection opened).
     idle_since: tokio::time::Instant,
     /// When the first byte of a head arrived while no request was open (HTTP/1 on hyper).
     head_since: Option<tokio::time::Instant>,
-    /// The open requests' response progress, by mark id ([`RequestMark::touch`]).
+    /// The open requests (how many is how many are open), with their response's progress, by
+    /// mark id ([`RequestMark::touch`]).
     responses: HashMap<u64, Arc<AtomicU64>>,
     next_mark: u64,
 }
@@ -135,7 +135,6 @@ impl OpenRequests {
         Arc::new(OpenRequests {
             slot,
             state: Mutex::new(OpenState {
-                count: 0,
                 idle_since: tokio::time::Instant::now(),
                 head_since: None,
                 responses: HashMap::new(),
@@ -149,9 +148,8 @@ impl OpenRequests {
     /// Marks a request open until the returned mark is dropped (with its response body).
     pub(crate) fn start(self: &Arc<Self>) -> RequestMark {
         let mut state = lock(&self.state);
-        state.count += 1;
         state.head_since = None;
-        if state.count == 1 {
+        if state.responses.is_empty() {
             self.slot.set(Activity::Busy);
         }
         let id = state.next_mark;
@@ -193,7 +191,7 @@ impl OpenRequests {
     /// now ([`OpenRequests::head_overdue`]).
     pub(crate) fn bytes_arrived(&self) {
         let mut state = lock(&self.state);
-        if state.count == 0 && state.head_since.is_none() {
+        if state.responses.is_empty() && state.head_since.is_none() {
             state.head_since = Some(tokio::time::Instant::now());
             self.head_started.notify_one();
         }
@@ -223,7 +221,7 @@ impl OpenRequests {
             tokio::time::sleep_until(deadline).await;
             let now = tokio::time::Instant::now();
             let state = lock(&self.state);
-            deadline = if state.count > 0 {
+            deadline = if !state.responses.is_empty() {
                 now + timeout
             } else if state.idle_since + timeout <= now {
                 return;
@@ -258,8 +256,7 @@ impl Drop for RequestMark {
         let open = &self.open;
         let mut state = lock(&open.state);
         state.responses.remove(&self.id);
-        state.count -= 1;
-        if state.count == 0 {
+        if state.responses.is_empty() {
             state.idle_since = tokio::time::Instant::now();
             open.slot.set(Activity::Idle);
         }

@@ -181,7 +181,8 @@ fn valid_reg_name(host: &[u8]) -> bool {
 ///   another authority makes the request malformed (RFC 9113 8.3.1);
 /// - a `CONNECT` target (`tunnel`) is where the tunnel goes, not the request's authority.
 ///
-/// `Ok(None)`: no authority at all (HTTP/1.0 or HTTP/2 may omit it).
+/// `Ok(Some(host))`: the `Host` to send instead of the request's; `Ok(None)`: the request's
+/// `Host` (or its absence: HTTP/1.0 and HTTP/2 may omit it) is the app's as it is.
 pub fn request_host(
     headers: &HeaderMap,
     version: Version,
@@ -197,8 +198,11 @@ pub fn request_host(
         return Err(ErrorKind::BadRequest);
     }
     let Some(authority) = target_authority.filter(|_| !tunnel) else {
-        return Ok(host.cloned());
+        return Ok(None);
     };
+    if host.is_some_and(|h| h.as_bytes() == authority.as_bytes()) {
+        return Ok(None);
+    }
     if !valid_host(authority.as_bytes(), true) {
         return Err(ErrorKind::BadRequest);
     }
@@ -784,6 +788,63 @@ mod tests {
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert!(!h.contains_key("http2-settings"));
+    }
+
+    #[test]
+    fn the_host_an_app_gets() {
+        use http::Version as V;
+        let h = |pairs: &[(&str, &str)]| map(pairs);
+        let host = |v: &str| Ok(Some(HeaderValue::from_str(v).expect("value")));
+        // As it came, or from the target's authority (HTTP/1 absolute form, HTTP/2 :authority).
+        assert_eq!(
+            request_host(&h(&[("host", "a")]), V::HTTP_11, None, false),
+            Ok(None)
+        );
+        assert_eq!(
+            request_host(&h(&[("host", "a")]), V::HTTP_11, Some("b"), false),
+            host("b")
+        );
+        assert_eq!(
+            request_host(&h(&[("host", "a")]), V::HTTP_11, Some("a"), false),
+            Ok(None)
+        );
+        assert_eq!(
+            request_host(&h(&[]), V::HTTP_2, Some("a:80"), false),
+            host("a:80")
+        );
+        assert_eq!(request_host(&h(&[]), V::HTTP_2, None, false), Ok(None));
+        assert_eq!(request_host(&h(&[]), V::HTTP_10, None, false), Ok(None));
+        // A CONNECT's target is the tunnel's.
+        assert_eq!(
+            request_host(&h(&[("host", "a")]), V::HTTP_11, Some("b:1"), true),
+            Ok(None)
+        );
+        for (pairs, version, target) in [
+            (&[][..], V::HTTP_11, None),
+            (&[("host", "a"), ("host", "a")][..], V::HTTP_11, None),
+            (&[("host", "a b")][..], V::HTTP_11, None),
+            (&[("host", "a")][..], V::HTTP_2, Some("b")),
+            (&[][..], V::HTTP_2, Some("u@b")),
+        ] {
+            assert_eq!(
+                request_host(&h(pairs), version, target, false),
+                Err(ErrorKind::BadRequest),
+                "{pairs:?} {target:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn padded_values_and_cookies() {
+        assert!(has_padded_value(&map(&[("x", " a")])));
+        assert!(has_padded_value(&map(&[("x", "a\t")])));
+        assert!(!has_padded_value(&map(&[("x", "a b")])));
+        let mut h = map(&[("cookie", "a=1"), ("cookie", "b=2"), ("x", "y")]);
+        join_cookies(&mut h);
+        assert_eq!(h.get_all("cookie").iter().collect::<Vec<_>>(), ["a=1; b=2"]);
+        let mut h = map(&[("cookie", "a=1")]);
+        join_cookies(&mut h);
+        assert_eq!(h["cookie"], "a=1");
     }
 
     #[test]
