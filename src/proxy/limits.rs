@@ -197,6 +197,13 @@ impl OpenRequests {
         }
     }
 
+    /// A head is arriving and no request is open: what is written now is not a response to a
+    /// request the proxy handled.
+    pub(crate) fn reading_head(&self) -> bool {
+        let state = lock(&self.state);
+        state.responses.is_empty() && state.head_since.is_some()
+    }
+
     /// Resolves, with when the head began, once a head has been arriving for `timeout` without
     /// becoming a request: `--header-timeout` from a head's first byte, as on the fast path, while
     /// an idle keep-alive connection waits for `--idle-timeout` ([`OpenRequests::idle_for`]).

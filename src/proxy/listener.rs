@@ -24,7 +24,7 @@ use super::hbone;
 use super::http1;
 use super::hyper_path;
 use super::limits::{Activity, ConnectionGuard, OpenRequests, Slot};
-use super::phases::Synthetic;
+use super::phases::{self, Synthetic};
 use super::rewind::Rewind;
 use super::shared::{Settings, Shared};
 use super::tcp;
@@ -654,8 +654,10 @@ async fn serve_hyper<I>(
     let io = if http2 {
         io
     } else {
-        let open = open.clone();
-        io.on_read(move || open.bytes_arrived())
+        let (on_read, on_write) = (open.clone(), open.clone());
+        let lowercase = shared.settings.traffic.lowercase_header_names;
+        io.on_read(move || on_read.bytes_arrived())
+            .replace_writes(move |written| our_words(&on_write, written, lowercase))
     };
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
@@ -706,6 +708,21 @@ async fn serve_hyper<I>(
     }
 }
 
+/// A head hyper refused itself (before the proxy's handler saw it) is answered in the proxy's
+/// words: the same status, `Server`, one-line body and close as the fast path's refusal. Its
+/// record is the connection's error's ([`log_rejected_by_hyper`]).
+fn our_words(open: &OpenRequests, written: &[u8], lowercase_names: bool) -> Option<Vec<u8>> {
+    if !open.reading_head() {
+        return None;
+    }
+    let kind = phases::hyper_refusal(written)?;
+    let mut out = Vec::new();
+    Synthetic::new(kind, false)
+        .closing(true)
+        .render_h1(lowercase_names, &mut out);
+    Some(out)
+}
+
 /// A request hyper refused before it reached the proxy's handler (malformed head, too large,
 /// head timeout): hyper answered it (400, 431, 408) or closed; it still gets its record.
 fn log_rejected_by_hyper(
@@ -743,9 +760,18 @@ async fn refuse(stream: TcpStream) {
         let synthetic = Synthetic::new(ErrorKind::TooManyConnections, false).closing(true);
         Ok::<_, Infallible>(hyper_path::refusal(synthetic))
     });
+    // The only response of ours here carries `Server`: anything else is hyper refusing a head.
+    let io = Rewind::new(bytes::Bytes::new(), stream).replace_writes(|written| {
+        let kind = phases::hyper_refusal(written)?;
+        let mut out = Vec::new();
+        Synthetic::new(kind, false)
+            .closing(true)
+            .render_h1(false, &mut out);
+        Some(out)
+    });
     let conn = hyper::server::conn::http1::Builder::new()
         .keep_alive(false)
-        .serve_connection(TokioIo::new(stream), service);
+        .serve_connection(TokioIo::new(io), service);
     let _ = tokio::time::timeout(REFUSAL_TIME, conn).await;
 }
 #[cfg(test)]

@@ -580,6 +580,31 @@ impl Synthetic {
     }
 }
 
+/// A response head hyper wrote on its own, for a request head it refused before the proxy saw it
+/// (hyper's `on_parse_error`): the status line and at most `content-length: 0` and `date`,
+/// nothing after the head, no `Server` (every response of ours carries one). Gives the refusal
+/// to answer in its place, so that a client gets the same words for the same fault on every path.
+pub fn hyper_refusal(written: &[u8]) -> Option<ErrorKind> {
+    let mut fields = [httparse::EMPTY_HEADER; 4];
+    let mut head = httparse::Response::new(&mut fields);
+    let Ok(httparse::Status::Complete(len)) = head.parse(written) else {
+        return None;
+    };
+    let only_hyper_fields = head.headers.iter().all(|field| {
+        field.name.eq_ignore_ascii_case("date")
+            || (field.name.eq_ignore_ascii_case("content-length") && field.value == b"0")
+    });
+    if len != written.len() || !only_hyper_fields {
+        return None;
+    }
+    match head.code? {
+        400 => Some(ErrorKind::BadRequest),
+        // Our parser answers a request line past --max-header-bytes as a head too large.
+        414 | 431 => Some(ErrorKind::HeadersTooLarge),
+        _ => None,
+    }
+}
+
 fn grpc_status_text(code: u8) -> &'static str {
     const TEXT: [&str; 17] = [
         "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16",
@@ -590,6 +615,34 @@ fn grpc_status_text(code: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hyper_refusals_are_recognised_and_nothing_else() {
+        let hyper = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\ndate: Sat, 05 Dec 2026 17:00:00 GMT\r\n\r\n";
+        assert_eq!(hyper_refusal(hyper), Some(ErrorKind::BadRequest));
+        let large = b"HTTP/1.1 431 Request Header Fields Too Large\r\ncontent-length: 0\r\n\r\n";
+        assert_eq!(hyper_refusal(large), Some(ErrorKind::HeadersTooLarge));
+        let long = b"HTTP/1.1 414 URI Too Long\r\ndate: x\r\n\r\n";
+        assert_eq!(hyper_refusal(long), Some(ErrorKind::HeadersTooLarge));
+        let mut ours = Vec::new();
+        Synthetic::new(ErrorKind::BadRequest, false).render_h1(false, &mut ours);
+        assert_eq!(hyper_refusal(&ours), None, "ours carry Server and a body");
+        for other in [
+            &b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\nmore"[..],
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 3\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\nserver: app\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"not a response at all",
+        ] {
+            assert_eq!(
+                hyper_refusal(other),
+                None,
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+    }
 
     fn map(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut m = HeaderMap::new();

@@ -1003,3 +1003,53 @@ async fn rejected_requests_are_logged_and_counted() {
     })
     .await;
 }
+
+/// A head hyper refuses itself (on a connection the fast path handed it: here after an HTTP/1.0
+/// keep-alive request) is answered in the proxy's words, as the fast path answers it: `Server`,
+/// the one-line body, `Connection: close`; not hyper's bare status line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heads_hyper_refuses_get_the_proxys_answer() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (_app, proxy) = start(echo_target, &["--max-header-bytes", "8192"]).await;
+        let big = format!(
+            "GET /big HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+            "b".repeat(20_000)
+        );
+        let cases: [(&[u8], u16, &str); 2] = [
+            (
+                b"GET /bad HTTP/1.1\r\nHost: t\r\nnot a field\r\n\r\n",
+                400,
+                "malformed request",
+            ),
+            (big.as_bytes(), 431, "request headers too large"),
+        ];
+        for (request, status, words) in cases {
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let first = client
+                .exchange(b"GET /first HTTP/1.0\r\nHost: t\r\nConnection: keep-alive\r\n\r\n")
+                .await;
+            assert_eq!(first.status(), 200, "{}", first.head);
+            let refused = client.exchange(request).await;
+            assert_eq!(refused.status(), status, "{}", refused.head);
+            assert_eq!(
+                refused.header("server"),
+                Some("amazing-proxy"),
+                "{}",
+                refused.head
+            );
+            assert_eq!(
+                refused.header("connection"),
+                Some("close"),
+                "{}",
+                refused.head
+            );
+            assert!(
+                refused.body_text().contains(words),
+                "{}: {:?}",
+                refused.head,
+                refused.body_text()
+            );
+        }
+    })
+    .await;
+}
