@@ -177,6 +177,7 @@ fn server_builders(
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(config.traffic.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(upstream::CLIENT_STREAMS)
         // An idle HTTP/2 client is pinged, and dropped when it stops answering.
         .keep_alive_interval(Some(timeouts.idle))
         .keep_alive_timeout(timeouts.header)

@@ -202,6 +202,20 @@ pub(crate) struct Upstreams {
     pub(crate) http2_fresh: HttpClient,
 }
 
+/// Streams an HTTP/2 client may have open at once on one connection (hyper's default, made
+/// explicit: the app connection's window is sized from it).
+pub(crate) const CLIENT_STREAMS: u32 = 200;
+
+/// HTTP/2 to the app: each stream may hold this much of a response the client has not taken yet.
+const APP_STREAM_WINDOW: u32 = 64 * 1024;
+
+/// HTTP/2 to the app: the connection's window outlasts every stream of two clients that stop
+/// reading at once ([`CLIENT_STREAMS`] each), so that they cannot take the window the
+/// other clients sharing the app connection need (hyper's defaults, 2 MiB a stream and 5 MiB
+/// the connection, let three stalled streams stop everyone). It is also what the app connection
+/// can buffer: 25 MiB.
+const APP_CONNECTION_WINDOW: u32 = 2 * CLIENT_STREAMS * APP_STREAM_WINDOW;
+
 impl Upstreams {
     pub(crate) fn new(
         connect: ConnectOptions,
@@ -221,6 +235,8 @@ impl Upstreams {
                 .http1_preserve_header_case(title_case)
                 .http1_title_case_headers(title_case)
                 .http2_only(http2_only)
+                .http2_initial_stream_window_size(APP_STREAM_WINDOW)
+                .http2_initial_connection_window_size(APP_CONNECTION_WINDOW)
                 .build(Connector(connect))
         };
         Upstreams {

@@ -1226,3 +1226,126 @@ async fn a_grpc_status_in_trailers_is_recorded_on_every_path() {
     })
     .await;
 }
+
+/// With HTTP/2 to the app, clients that stop reading cannot take the window of the app connection
+/// they share with others: a client with eight streams whose windows it keeps at zero, each
+/// asking for a large body, and then another client's request over the same app connection gets
+/// its whole response (on f5f54ef hyper's 5 MiB connection window went to the eight stalled
+/// streams and the other client waited until they were cut).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_http2_streams_leave_the_shared_app_connection_to_the_others() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    const STALLED: usize = 8;
+    bounded("test", TEST_TIMEOUT, async {
+        let started = Arc::new(AtomicUsize::new(0));
+        let (app, _app) = http2_streaming_app(started.clone()).await;
+        let (proxy, _log) = plane_with(
+            app,
+            &["--app-protocol", "http2", "--response-body-timeout", "120s"],
+        )
+        .await;
+        let h2 = |window: u32| async move {
+            let tcp = tokio::net::TcpStream::connect(proxy)
+                .await
+                .expect("connect");
+            let (sender, conn) =
+                hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                    .initial_stream_window_size(window)
+                    .handshake::<_, http_body_util::Empty<bytes::Bytes>>(
+                        hyper_util::rt::TokioIo::new(tcp),
+                    )
+                    .await
+                    .expect("an HTTP/2 connection");
+            (
+                sender,
+                crate::support::http::AbortOnDrop(tokio::spawn(async move {
+                    let _ = conn.await;
+                })),
+            )
+        };
+        let get = |path: &str| {
+            http::Request::get(format!("http://app.test{path}"))
+                .body(http_body_util::Empty::new())
+                .expect("a request")
+        };
+        let (mut stalled, _stalled_conn) = h2(0).await;
+        let mut heads = Vec::new();
+        for _ in 0..STALLED {
+            let response = bounded(
+                "a stalled stream's head",
+                WAIT,
+                stalled.send_request(get("/stream?bytes=4194304")),
+            )
+            .await
+            .expect("a response head");
+            heads.push(response);
+        }
+        while started.load(Ordering::SeqCst) < STALLED {
+            tokio::task::yield_now().await;
+        }
+        let (mut other, _other_conn) = h2(1024 * 1024).await;
+        let response = bounded(
+            "the other client's head",
+            WAIT,
+            other.send_request(get("/stream?bytes=1048576")),
+        )
+        .await
+        .expect("a response head");
+        assert_eq!(response.status(), 200);
+        let body = bounded(
+            "the other client's body",
+            WAIT,
+            response.into_body().collect(),
+        )
+        .await
+        .expect("the body")
+        .to_bytes();
+        assert_eq!(body.len(), 1024 * 1024);
+        drop(heads);
+    })
+    .await;
+}
+
+/// An HTTP/2-only app: `/stream?bytes=N` answers N bytes; `started` counts the requests answered.
+async fn http2_streaming_app(
+    started: Arc<std::sync::atomic::AtomicUsize>,
+) -> (std::net::SocketAddr, crate::support::http::AbortOnDrop) {
+    use std::sync::atomic::Ordering;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the app");
+    let app = listener.local_addr().expect("app address");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let started = started.clone();
+            tokio::spawn(async move {
+                let service =
+                    hyper::service::service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                        let started = started.clone();
+                        async move {
+                            let bytes: u64 = req
+                                .uri()
+                                .query()
+                                .and_then(|q| q.strip_prefix("bytes="))
+                                .and_then(|n| n.parse().ok())
+                                .unwrap_or(0);
+                            started.fetch_add(1, Ordering::SeqCst);
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                crate::support::http::pattern_body(bytes),
+                            ))
+                        }
+                    });
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (app, crate::support::http::AbortOnDrop(task))
+}
