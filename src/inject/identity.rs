@@ -22,7 +22,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV};
+use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV, is_dns_subdomain};
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
 pub(crate) const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
@@ -97,15 +97,6 @@ pub(crate) fn parse_configmap_name(s: &str) -> Result<String, String> {
             "expected a ConfigMap name (lower-case letters, digits, `-` and `.`), got `{s}`"
         ))
     }
-}
-
-fn is_dns_subdomain(s: &str) -> bool {
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    s.len() <= 253
-        && alnum(s.chars().next())
-        && alnum(s.chars().last())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
 }
 
 /// The pod's volumes for `kind` and `policy`; `signer` is the pod-certificate signer, checked to be
