@@ -182,6 +182,12 @@ const CASES: &[Case] = &[
         strict: true,
         kubernetes: &KUBERNETES_VERSIONS,
     },
+    Case {
+        fixture: "routes.yaml",
+        args: &[],
+        strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
+    },
 ];
 
 const ERROR_CASES: &[&str] = &[
@@ -194,6 +200,7 @@ const ERROR_CASES: &[&str] = &[
     "err-identity-signer.yaml",
     "err-proxy-uid.yaml",
     "err-proxy-gid-pod.yaml",
+    "err-routes-name.yaml",
 ];
 
 /// Runs the binary with a time bound; `stdin` is fed to it.
