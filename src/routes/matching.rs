@@ -1,5 +1,6 @@
 //! Which requests a route covers (`match`), decided on a [`RequestKey`] with no allocation: string
-//! comparisons on slices of the request's own fields.
+//! comparisons on slices of the request's own fields, after a [`Quick`] check that rejects most
+//! requests with a few integer operations.
 //!
 //! Choices (docs/routes.md, "Matching"):
 //! - `pathPrefix` matches whole segments, as Gateway API's PathPrefix (`/api` matches `/api` and
@@ -63,24 +64,133 @@ pub(super) struct Prepared<'a> {
     path: &'a str,
     method: &'a http::Method,
     grpc: bool,
+    /// The method's bit and the heads of the host and path, for [`Quick::admits`].
+    method_bit: u32,
+    host_head: u128,
+    path_head: u128,
 }
 
 impl<'a> Prepared<'a> {
     pub(super) fn new(key: &RequestKey<'a>) -> Prepared<'a> {
+        let host = key.authority.map(host_of);
+        let path = key.path.split_once('?').map_or(key.path, |(path, _)| path);
         Prepared {
             port: key.port,
-            host: key.authority.map(host_of),
-            path: key.path.split_once('?').map_or(key.path, |(path, _)| path),
+            host,
+            path,
             method: key.method,
             grpc: key.grpc,
+            method_bit: method_bit(key.method),
+            host_head: host.map_or(0, |h| head(h.as_bytes(), true).0),
+            path_head: head(path.as_bytes(), false).0,
         }
     }
 }
 
+/// A route's match reduced to what rejects most requests with a few integer operations, on data
+/// that sits together: the bits of its methods, the first 16 bytes of its host, and the length,
+/// first 16 and last 16 bytes of its path. It never rejects a request the match takes
+/// ([`RouteMatch::matches`] checks both); what it admits, the whole match then decides.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(super) struct Quick {
+    /// All ones when any method matches.
+    methods: u32,
+    host: u128,
+    host_mask: u128,
+    path: u128,
+    path_mask: u128,
+    /// The path's length (a prefix without its trailing `/`): the request's is at least that.
+    path_len: usize,
+    /// The path's last 16 bytes, when it is longer than 16 (the head covers a shorter one).
+    path_tail: Option<u128>,
+    grpc: bool,
+}
+
+impl Quick {
+    pub(super) fn of(matcher: &RouteMatch) -> Quick {
+        let methods = if matcher.methods.is_empty() {
+            u32::MAX
+        } else {
+            matcher
+                .methods
+                .iter()
+                .fold(0, |bits, m| bits | method_bit(m))
+        };
+        // A host matches in any case and as the first bytes of the request's host.
+        let (host, host_mask) = matcher
+            .host
+            .as_deref()
+            .map_or((0, 0), |h| head(h.as_bytes(), true));
+        // An exact path and a prefix (without its trailing `/`) begin the request's path.
+        let begins = match &matcher.path {
+            None => "",
+            Some(PathMatch::Exact(p)) => p,
+            Some(PathMatch::Prefix(p)) => p.trim_end_matches('/'),
+        };
+        let (path, path_mask) = head(begins.as_bytes(), false);
+        let path_tail = (begins.len().checked_sub(16))
+            .and_then(|from| begins.as_bytes().get(from..))
+            .map(|tail| head(tail, false).0);
+        Quick {
+            methods,
+            host,
+            host_mask,
+            path,
+            path_mask,
+            path_len: begins.len(),
+            path_tail,
+            grpc: matcher.grpc_service.is_some() || matcher.grpc_method.is_some(),
+        }
+    }
+
+    /// False only for a request the match does not take.
+    pub(super) fn admits(&self, key: &Prepared<'_>) -> bool {
+        self.methods & key.method_bit != 0
+            && key.host_head & self.host_mask == self.host
+            && key.path_head & self.path_mask == self.path
+            && key.path.len() >= self.path_len
+            && self.path_tail.is_none_or(|tail| {
+                // The 16 bytes of the request's path where the route's path ends.
+                let from = self.path_len.saturating_sub(16);
+                (key.path.as_bytes().get(from..self.path_len))
+                    .and_then(|bytes| <[u8; 16]>::try_from(bytes).ok())
+                    .is_some_and(|bytes| u128::from_le_bytes(bytes) == tail)
+            })
+            && (key.grpc || !self.grpc)
+    }
+}
+
+/// The first 16 bytes of `bytes` (ASCII lower case if `fold`), zero-padded, and the mask of those
+/// that are there. A request without a host has head 0, which no route's host (never NUL) matches.
+fn head(bytes: &[u8], fold: bool) -> (u128, u128) {
+    let mut word = [0u8; 16];
+    let mut mask = [0u8; 16];
+    for (i, &b) in bytes.iter().take(16).enumerate() {
+        word[i] = if fold { b.to_ascii_lowercase() } else { b };
+        mask[i] = 0xff;
+    }
+    (u128::from_le_bytes(word), u128::from_le_bytes(mask))
+}
+
+/// One bit per standard method; every other method shares the last bit (the whole match then
+/// compares it).
+fn method_bit(method: &http::Method) -> u32 {
+    const STANDARD: [&str; 9] = [
+        "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+    ];
+    let name = method.as_str();
+    STANDARD
+        .iter()
+        .position(|m| *m == name)
+        .map_or(1 << 31, |i| 1 << i)
+}
+
 impl RouteMatch {
-    /// Whether the request `key` is one of this match's.
+    /// Whether the request `key` is one of this match's: for a single check (lookups go through
+    /// [`super::RouteTable`], which prepares the key and the quick checks once).
     pub fn matches(&self, key: &RequestKey<'_>) -> bool {
-        self.matches_prepared(&Prepared::new(key))
+        let key = Prepared::new(key);
+        Quick::of(self).admits(&key) && self.matches_prepared(&key)
     }
 
     /// The cheap and most telling comparisons first.
@@ -232,6 +342,18 @@ mod tests {
             ("198.18.0.7", "198.18.0.70", false),
             ("fd00::1", "[fd00::1]:80", true),
             ("fd00::1", "[fd00::1]", true),
+            // Longer than the quick check's 16 bytes, and in another case.
+            (
+                "reviews-headless-v2.shop",
+                "Reviews-Headless-V2.Shop.svc.cluster.local",
+                true,
+            ),
+            (
+                "reviews-headless-v2.shop",
+                "reviews-headless-v2.shoq",
+                false,
+            ),
+            ("Reviews", "reviews.shop", true),
             // Not a host with a port: the whole text is compared.
             ("reviews", "reviews:http", false),
             ("réviews", "r", false),
@@ -266,6 +388,18 @@ mod tests {
             path: Some(PathMatch::Exact("/version".into())),
             ..RouteMatch::default()
         };
+        let long_prefix = RouteMatch {
+            path: Some(PathMatch::Prefix("/api/v1/catalogue/items/".into())),
+            ..RouteMatch::default()
+        };
+        let long_exact = RouteMatch {
+            path: Some(PathMatch::Exact("/api/v1/catalogue/items/7".into())),
+            ..RouteMatch::default()
+        };
+        let purge = RouteMatch {
+            methods: vec![Method::from_bytes(b"PURGE").expect("method")],
+            ..RouteMatch::default()
+        };
         let get = &Method::GET;
         // (match, path, method, port, matches)
         let cases = [
@@ -279,6 +413,30 @@ mod tests {
             (&exact, "/version?full=1", get, 1, true),
             (&exact, "/version/", get, 1, false),
             (&exact, "/Version", get, 1, false),
+            // Longer than the quick check's head: its tail and length are compared too.
+            (&long_prefix, "/api/v1/catalogue/items", get, 1, true),
+            (&long_prefix, "/api/v1/catalogue/items/7?x", get, 1, true),
+            (&long_prefix, "/api/v1/catalogue/itemsx", get, 1, false),
+            (&long_prefix, "/api/v1/catalogue/item", get, 1, false),
+            (&long_prefix, "/api/v1/catalogueXitems", get, 1, false),
+            (&long_exact, "/api/v1/catalogue/items/7", get, 1, true),
+            (&long_exact, "/api/v1/catalogue/items/7/", get, 1, false),
+            (&long_exact, "/api/v2/catalogue/items/7", get, 1, false),
+            (
+                &purge,
+                "/",
+                &Method::from_bytes(b"PURGE").expect("method"),
+                1,
+                true,
+            ),
+            (
+                &purge,
+                "/",
+                &Method::from_bytes(b"BREW").expect("method"),
+                1,
+                false,
+            ),
+            (&purge, "/", get, 1, false),
         ];
         for (m, path, method, port, matches) in cases {
             let key = RequestKey {

@@ -1,12 +1,13 @@
 //! The routes of one direction, in the file's order, and the lookup that finds the first one a
 //! request matches. The lookup never scans routes that name another port: the routes are indexed
-//! by port once, at load, so a request's candidates are one binary search away and each is then
-//! compared without allocating.
+//! by port once, at load, so a request's candidates are one binary search away. Each candidate is
+//! then screened by its [`Quick`] check (a few integer operations on data that sits together) and
+//! compared whole only if that admits it; nothing is allocated.
 
 use std::ops::Deref;
 use std::time::Duration;
 
-use super::matching::{Prepared, RequestKey, RouteMatch};
+use super::matching::{Prepared, Quick, RequestKey, RouteMatch};
 use super::spec::{Balance, ConcurrencySpec, EndpointsSpec, OutlierSpec, RateLimitSpec, RetrySpec};
 
 /// One route: which requests, and what applies to them.
@@ -34,6 +35,8 @@ pub struct Route {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct RouteTable {
     routes: Vec<Route>,
+    /// Each route's quick check, by the same index: compared before the route itself.
+    quick: Vec<Quick>,
     /// The ports some route names, sorted, each with the routes a request to it may take, in the
     /// file's order: the port's own and those that name no port.
     by_port: Vec<(u16, Box<[u32]>)>,
@@ -62,6 +65,7 @@ impl RouteTable {
             .map(|(i, _)| index(i))
             .collect();
         RouteTable {
+            quick: routes.iter().map(|r| Quick::of(&r.matcher)).collect(),
             routes,
             by_port,
             any_port,
@@ -83,6 +87,7 @@ impl RouteTable {
         let key = Prepared::new(key);
         candidates
             .iter()
+            .filter(|&&i| self.quick.get(i as usize).is_some_and(|q| q.admits(&key)))
             .filter_map(|&i| self.routes.get(i as usize))
             .find(|route| route.matcher.matches_prepared(&key))
     }
