@@ -190,9 +190,7 @@ fn read_route(value: &Value, direction: Direction, index: usize) -> Result<Route
         Some((at, v)) => read_match(v, &at)?,
         None => RouteMatch::default(),
     };
-    let timeout = (fields.get("timeout"))
-        .map(|(at, v)| duration(v, &at, MAX_TIMEOUT))
-        .transpose()?;
+    let timeout = fields.duration("timeout", MAX_TIMEOUT)?;
     let retry = (fields.get("retry"))
         .map(|(at, v)| read_retry(v, &at, timeout))
         .transpose()?;
@@ -410,19 +408,10 @@ fn read_retry(value: &Value, at: &str, timeout: Option<Duration>) -> Result<Retr
         "a mapping such as {on: [connect-failure, \"503\"], attempts: 2}",
         &["on", "attempts", "perTryTimeout", "backoff"],
     )?;
-    let Some((on_at, on)) = fields.get("on") else {
-        return Err(format!(
-            "{at}.on: missing; list what to retry: {RETRY_CONDITIONS}"
-        ));
-    };
+    let (on_at, on) = fields.required("on", &format!("list what to retry: {RETRY_CONDITIONS}"))?;
     let on = read_retry_on(on, &on_at)?;
-    let attempts = match fields.get("attempts") {
-        Some((at, v)) => whole(v, &at, 1, MAX_ATTEMPTS)?,
-        None => u64::from(DEFAULT_ATTEMPTS),
-    };
-    let per_try_timeout = (fields.get("perTryTimeout"))
-        .map(|(at, v)| duration(v, &at, MAX_TIMEOUT))
-        .transpose()?;
+    let attempts = fields.whole_or("attempts", 1, MAX_ATTEMPTS, u64::from(DEFAULT_ATTEMPTS))?;
+    let per_try_timeout = fields.duration("perTryTimeout", MAX_TIMEOUT)?;
     if let (Some(per_try), Some(timeout)) = (per_try_timeout, timeout)
         && per_try > timeout
     {
@@ -432,9 +421,7 @@ fn read_retry(value: &Value, at: &str, timeout: Option<Duration>) -> Result<Retr
             format_duration(timeout)
         ));
     }
-    let backoff = (fields.get("backoff"))
-        .map(|(at, v)| duration(v, &at, MAX_WAIT))
-        .transpose()?;
+    let backoff = fields.duration("backoff", MAX_WAIT)?;
     Ok(RetrySpec {
         on,
         attempts: u32::try_from(attempts).unwrap_or(DEFAULT_ATTEMPTS),
@@ -506,11 +493,10 @@ fn read_rate_limit(value: &Value, at: &str) -> Result<RateLimitSpec, String> {
         "a mapping such as {requestsPerSecond: 100, burst: 50}",
         &["requestsPerSecond", "burst", "perPeer"],
     )?;
-    let Some((rps_at, rps)) = fields.get("requestsPerSecond") else {
-        return Err(format!(
-            "{at}.requestsPerSecond: missing; give the rate the route allows (e.g. 100)"
-        ));
-    };
+    let (rps_at, rps) = fields.required(
+        "requestsPerSecond",
+        "give the rate the route allows (e.g. 100)",
+    )?;
     let requests_per_second = rate(rps, &rps_at)?;
     let burst = match fields.get("burst") {
         Some((at, v)) => whole(v, &at, 1, MAX_COUNT)?,
@@ -559,16 +545,12 @@ fn read_concurrency(value: &Value, at: &str) -> Result<ConcurrencySpec, String> 
         "a mapping such as {max: 32, queue: 64, queueTimeout: 1s}",
         &["max", "queue", "queueTimeout"],
     )?;
-    let Some((max_at, max)) = fields.get("max") else {
-        return Err(format!(
-            "{at}.max: missing; give how many requests may be in flight at once (e.g. 32)"
-        ));
-    };
+    let (max_at, max) = fields.required(
+        "max",
+        "give how many requests may be in flight at once (e.g. 32)",
+    )?;
     let max = whole(max, &max_at, 1, MAX_COUNT)?;
-    let queue = match fields.get("queue") {
-        Some((at, v)) => whole(v, &at, 0, MAX_COUNT)?,
-        None => 0,
-    };
+    let queue = fields.whole_or("queue", 0, MAX_COUNT, 0)?;
     let queue_timeout = (fields.get("queueTimeout"))
         .map(|(at, v)| {
             if queue == 0 {
@@ -700,17 +682,19 @@ fn read_outlier(value: &Value, at: &str) -> Result<OutlierSpec, String> {
         "a mapping such as {consecutiveFailures: 5, ejectFor: 30s, maxEjectedPercent: 50}",
         &["consecutiveFailures", "ejectFor", "maxEjectedPercent"],
     )?;
-    let failures = match fields.get("consecutiveFailures") {
-        Some((at, v)) => whole(v, &at, 1, MAX_FAILURES)?,
-        None => u64::from(DEFAULT_CONSECUTIVE_FAILURES),
-    };
-    let eject_for = (fields.get("ejectFor"))
-        .map(|(at, v)| duration(v, &at, MAX_EJECTION))
-        .transpose()?;
-    let percent = match fields.get("maxEjectedPercent") {
-        Some((at, v)) => whole(v, &at, 0, 100)?,
-        None => u64::from(DEFAULT_MAX_EJECTED_PERCENT),
-    };
+    let failures = fields.whole_or(
+        "consecutiveFailures",
+        1,
+        MAX_FAILURES,
+        u64::from(DEFAULT_CONSECUTIVE_FAILURES),
+    )?;
+    let eject_for = fields.duration("ejectFor", MAX_EJECTION)?;
+    let percent = fields.whole_or(
+        "maxEjectedPercent",
+        0,
+        100,
+        u64::from(DEFAULT_MAX_EJECTED_PERCENT),
+    )?;
     Ok(OutlierSpec {
         consecutive_failures: u32::try_from(failures).unwrap_or(DEFAULT_CONSECUTIVE_FAILURES),
         eject_for: eject_for.unwrap_or(DEFAULT_EJECT_FOR),
@@ -743,10 +727,12 @@ fn read_retry_budget(value: &Value, at: &str) -> Result<RetryBudgetSpec, String>
             }
         },
     };
-    let min_per_second = match fields.get("minPerSecond") {
-        Some((at, v)) => whole(v, &at, 0, MAX_COUNT)?,
-        None => u64::from(default.min_per_second),
-    };
+    let min_per_second = fields.whole_or(
+        "minPerSecond",
+        0,
+        MAX_COUNT,
+        u64::from(default.min_per_second),
+    )?;
     Ok(RetryBudgetSpec {
         ratio,
         min_per_second: u32::try_from(min_per_second).unwrap_or(u32::MAX),
@@ -794,6 +780,25 @@ impl<'a> Fields<'a> {
     /// The field's path and value.
     fn get(&self, key: &str) -> Option<(String, &'a Value)> {
         self.map.get(key).map(|v| (join(&self.at, key), v))
+    }
+
+    /// The whole number at `key`, in `min..=max`; `default` without it.
+    fn whole_or(&self, key: &str, min: u64, max: u64, default: u64) -> Result<u64, String> {
+        self.get(key)
+            .map_or(Ok(default), |(at, v)| whole(v, &at, min, max))
+    }
+
+    /// The duration at `key`, if any: more than zero, at most `max`.
+    fn duration(&self, key: &str, max: Duration) -> Result<Option<Duration>, String> {
+        self.get(key)
+            .map(|(at, v)| duration(v, &at, max))
+            .transpose()
+    }
+
+    /// The field's path and value; its absence is an error that says what to give (`hint`).
+    fn required(&self, key: &str, hint: &str) -> Result<(String, &'a Value), String> {
+        self.get(key)
+            .ok_or_else(|| format!("{}: missing; {hint}", join(&self.at, key)))
     }
 }
 
