@@ -111,10 +111,7 @@ pub(super) fn parse(text: &str) -> Result<Parsed, String> {
     }
     let top = Fields::of(&tree, "", "a mapping with inbound and outbound", TOP_FIELDS)?;
     let mut parsed = Parsed {
-        retry_budget: top
-            .get("retryBudget")
-            .map(|(at, v)| read_retry_budget(v, &at))
-            .transpose()?,
+        retry_budget: top.optional("retryBudget", read_retry_budget)?,
         ..Parsed::default()
     };
     let lists = [Direction::Inbound, Direction::Outbound]
@@ -182,30 +179,15 @@ fn read_route(value: &Value, direction: Direction, index: usize) -> Result<Route
             "{at}.{field}: `{field}` applies to outbound routes only (the requests this pod's app sends); move it to an outbound route or remove it"
         ));
     }
-    let name = match fields.get("name") {
-        Some((at, v)) => read_name(v, &at)?,
-        None => at.clone(),
-    };
-    let matcher = match fields.get("match") {
-        Some((at, v)) => read_match(v, &at)?,
-        None => RouteMatch::default(),
-    };
+    let name = fields
+        .optional("name", read_name)?
+        .unwrap_or_else(|| at.clone());
+    let matcher = fields.optional("match", read_match)?.unwrap_or_default();
     let timeout = fields.duration("timeout", MAX_TIMEOUT)?;
-    let retry = (fields.get("retry"))
-        .map(|(at, v)| read_retry(v, &at, timeout))
-        .transpose()?;
-    let rate_limit = fields
-        .get("rateLimit")
-        .map(|(at, v)| read_rate_limit(v, &at))
-        .transpose()?;
-    let concurrency = fields
-        .get("concurrency")
-        .map(|(at, v)| read_concurrency(v, &at))
-        .transpose()?;
-    let endpoints = fields
-        .get("endpoints")
-        .map(|(at, v)| read_endpoints(v, &at))
-        .transpose()?;
+    let retry = fields.optional("retry", |v, at| read_retry(v, at, timeout))?;
+    let rate_limit = fields.optional("rateLimit", read_rate_limit)?;
+    let concurrency = fields.optional("concurrency", read_concurrency)?;
+    let endpoints = fields.optional("endpoints", read_endpoints)?;
     for needs_endpoints in ["balance", "outlier"] {
         if endpoints.is_none() && fields.has(needs_endpoints) {
             return Err(format!(
@@ -213,14 +195,8 @@ fn read_route(value: &Value, direction: Direction, index: usize) -> Result<Route
             ));
         }
     }
-    let balance = fields
-        .get("balance")
-        .map(|(at, v)| read_balance(v, &at))
-        .transpose()?;
-    let outlier = fields
-        .get("outlier")
-        .map(|(at, v)| read_outlier(v, &at))
-        .transpose()?;
+    let balance = fields.optional("balance", read_balance)?;
+    let outlier = fields.optional("outlier", read_outlier)?;
     Ok(Route {
         name,
         matcher,
@@ -262,16 +238,9 @@ fn read_match(value: &Value, at: &str) -> Result<RouteMatch, String> {
         "a mapping such as {port: 80, pathPrefix: /api}",
         MATCH_FIELDS,
     )?;
-    let port = (fields.get("port"))
-        .map(|(at, v)| read_port(v, &at))
-        .transpose()?;
-    let exact = fields
-        .get("path")
-        .map(|(at, v)| read_path(v, &at))
-        .transpose()?;
-    let prefix = (fields.get("pathPrefix"))
-        .map(|(at, v)| read_path(v, &at))
-        .transpose()?;
+    let port = fields.optional("port", read_port)?;
+    let exact = fields.optional("path", read_path)?;
+    let prefix = fields.optional("pathPrefix", read_path)?;
     let path = match (exact, prefix) {
         (Some(_), Some(_)) => {
             return Err(format!(
@@ -282,12 +251,8 @@ fn read_match(value: &Value, at: &str) -> Result<RouteMatch, String> {
         (None, Some(prefix)) => Some(PathMatch::Prefix(prefix)),
         (None, None) => None,
     };
-    let grpc_service = (fields.get("grpcService"))
-        .map(|(at, v)| read_grpc_service(v, &at))
-        .transpose()?;
-    let grpc_method = (fields.get("grpcMethod"))
-        .map(|(at, v)| read_grpc_method(v, &at))
-        .transpose()?;
+    let grpc_service = fields.optional("grpcService", read_grpc_service)?;
+    let grpc_method = fields.optional("grpcMethod", read_grpc_method)?;
     if path.is_some() && (grpc_service.is_some() || grpc_method.is_some()) {
         let field = if grpc_service.is_some() {
             "grpcService"
@@ -316,10 +281,7 @@ fn read_match(value: &Value, at: &str) -> Result<RouteMatch, String> {
                 .collect::<Result<_, _>>()?
         }
     };
-    let host = fields
-        .get("host")
-        .map(|(at, v)| read_host(v, &at))
-        .transpose()?;
+    let host = fields.optional("host", read_host)?;
     Ok(RouteMatch {
         port,
         path,
@@ -503,17 +465,15 @@ fn read_rate_limit(value: &Value, at: &str) -> Result<RateLimitSpec, String> {
         // A second's worth.
         None => requests_per_second.ceil().max(1.0) as u64,
     };
-    let per_peer = (fields.get("perPeer"))
-        .map(|(at, v)| {
-            let per_peer = rate(v, &at)?;
-            if per_peer > requests_per_second {
-                return Err(format!(
-                    "{at}: {per_peer} is more than the route's requestsPerSecond ({requests_per_second}), so it would never apply; lower it or remove it"
-                ));
-            }
-            Ok(per_peer)
-        })
-        .transpose()?;
+    let per_peer = fields.optional("perPeer", |v, at| {
+        let per_peer = rate(v, at)?;
+        if per_peer > requests_per_second {
+            return Err(format!(
+                "{at}: {per_peer} is more than the route's requestsPerSecond ({requests_per_second}), so it would never apply; lower it or remove it"
+            ));
+        }
+        Ok(per_peer)
+    })?;
     Ok(RateLimitSpec {
         requests_per_second,
         burst: u32::try_from(burst).unwrap_or(u32::MAX),
@@ -551,16 +511,14 @@ fn read_concurrency(value: &Value, at: &str) -> Result<ConcurrencySpec, String> 
     )?;
     let max = whole(max, &max_at, 1, MAX_COUNT)?;
     let queue = fields.whole_or("queue", 0, MAX_COUNT, 0)?;
-    let queue_timeout = (fields.get("queueTimeout"))
-        .map(|(at, v)| {
-            if queue == 0 {
-                return Err(format!(
-                    "{at}: there is no queue to wait in (queue is 0); set queue or remove queueTimeout"
-                ));
-            }
-            duration(v, &at, MAX_WAIT)
-        })
-        .transpose()?;
+    let queue_timeout = fields.optional("queueTimeout", |v, at| {
+        if queue == 0 {
+            return Err(format!(
+                "{at}: there is no queue to wait in (queue is 0); set queue or remove queueTimeout"
+            ));
+        }
+        duration(v, at, MAX_WAIT)
+    })?;
     Ok(ConcurrencySpec {
         max: u32::try_from(max).unwrap_or(u32::MAX),
         queue: u32::try_from(queue).unwrap_or(u32::MAX),
@@ -790,9 +748,16 @@ impl<'a> Fields<'a> {
 
     /// The duration at `key`, if any: more than zero, at most `max`.
     fn duration(&self, key: &str, max: Duration) -> Result<Option<Duration>, String> {
-        self.get(key)
-            .map(|(at, v)| duration(v, &at, max))
-            .transpose()
+        self.optional(key, |v, at| duration(v, at, max))
+    }
+
+    /// The field at `key`, if any, read by `read` (given the value and its path).
+    fn optional<T>(
+        &self,
+        key: &str,
+        read: impl FnOnce(&Value, &str) -> Result<T, String>,
+    ) -> Result<Option<T>, String> {
+        self.get(key).map(|(at, v)| read(v, &at)).transpose()
     }
 
     /// The field's path and value; its absence is an error that says what to give (`hint`).
