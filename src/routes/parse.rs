@@ -263,24 +263,9 @@ fn read_match(value: &Value, at: &str) -> Result<RouteMatch, String> {
             "{at}.{field}: a gRPC service or method is matched on the request's path; give it or path/pathPrefix, not both"
         ));
     }
-    let methods = match fields.get("methods") {
-        None => Vec::new(),
-        Some((at, v)) => {
-            let items = sequence(v, &at, "a list of methods such as [GET, HEAD]")?;
-            if items.is_empty() {
-                return Err(format!(
-                    "{at}: an empty list matches no request; leave methods out to match every method"
-                ));
-            }
-            (items.iter().enumerate())
-                .map(|(k, m)| {
-                    let at = format!("{at}[{k}]");
-                    parse_method(string(m, &at, "a method such as GET")?)
-                        .map_err(|e| format!("{at}: {e}"))
-                })
-                .collect::<Result<_, _>>()?
-        }
-    };
+    let methods = fields
+        .optional("methods", read_methods)?
+        .unwrap_or_default();
     let host = fields.optional("host", read_host)?;
     Ok(RouteMatch {
         port,
@@ -290,6 +275,21 @@ fn read_match(value: &Value, at: &str) -> Result<RouteMatch, String> {
         grpc_service,
         grpc_method,
     })
+}
+
+fn read_methods(value: &Value, at: &str) -> Result<Vec<http::Method>, String> {
+    let items = sequence(value, at, "a list of methods such as [GET, HEAD]")?;
+    if items.is_empty() {
+        return Err(format!(
+            "{at}: an empty list matches no request; leave methods out to match every method"
+        ));
+    }
+    (items.iter().enumerate())
+        .map(|(k, m)| {
+            let at = format!("{at}[{k}]");
+            parse_method(string(m, &at, "a method such as GET")?).map_err(|e| format!("{at}: {e}"))
+        })
+        .collect()
 }
 
 fn read_port(value: &Value, at: &str) -> Result<u16, String> {
@@ -370,7 +370,8 @@ fn read_retry(value: &Value, at: &str, timeout: Option<Duration>) -> Result<Retr
         "a mapping such as {on: [connect-failure, \"503\"], attempts: 2}",
         &["on", "attempts", "perTryTimeout", "backoff"],
     )?;
-    let (on_at, on) = fields.required("on", &format!("list what to retry: {RETRY_CONDITIONS}"))?;
+    let (on_at, on) =
+        fields.required("on", &format!("list what to retry: {}", retry_conditions()))?;
     let on = read_retry_on(on, &on_at)?;
     let attempts = fields.whole_or("attempts", 1, MAX_ATTEMPTS, u64::from(DEFAULT_ATTEMPTS))?;
     let per_try_timeout = fields.duration("perTryTimeout", MAX_TIMEOUT)?;
@@ -392,13 +393,21 @@ fn read_retry(value: &Value, at: &str, timeout: Option<Duration>) -> Result<Retr
     })
 }
 
-const RETRY_CONDITIONS: &str = "connect-failure, reset, a status 400-599 (\"503\"), 5xx, or a gRPC code (cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)";
+/// What `retry.on` accepts, for the messages.
+fn retry_conditions() -> String {
+    let codes: Vec<&str> = GRPC_CODES.iter().map(|(name, _)| *name).collect();
+    format!(
+        "connect-failure, reset, a status 400-599 (\"503\"), 5xx, or a gRPC code ({})",
+        codes.join(", ")
+    )
+}
 
 fn read_retry_on(value: &Value, at: &str) -> Result<RetryOn, String> {
     let items = sequence(value, at, "a list such as [connect-failure, \"503\"]")?;
     if items.is_empty() {
         return Err(format!(
-            "{at}: an empty list retries nothing; list what to retry ({RETRY_CONDITIONS}) or remove retry"
+            "{at}: an empty list retries nothing; list what to retry ({}) or remove retry",
+            retry_conditions()
         ));
     }
     let mut on = RetryOn::default();
@@ -438,7 +447,8 @@ fn read_retry_on(value: &Value, at: &str) -> Result<RetryOn, String> {
                         String::new()
                     };
                     return Err(format!(
-                        "{at}: {name} is not a retry condition{hint}; give {RETRY_CONDITIONS}",
+                        "{at}: {name} is not a retry condition{hint}; give {}",
+                        retry_conditions(),
                         name = shown(name),
                     ));
                 }
