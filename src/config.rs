@@ -55,6 +55,11 @@ fn parse_policy(path: &str) -> Result<crate::policy::PolicyFile, String> {
     Ok(crate::policy::PolicyFile { path, policy })
 }
 
+/// Reads and validates the `--routes` file, so that a bad one fails the start.
+fn parse_routes(path: &str) -> Result<crate::routes::RoutesFile, String> {
+    crate::routes::RoutesFile::load(std::path::Path::new(path)).map_err(|e| e.to_string())
+}
+
 /// Reads and parses the `--peer-identities` file, so that a bad one fails the start.
 fn parse_peer_identities(path: &str) -> Result<crate::identity::peers::PeerIdentities, String> {
     crate::identity::peers::PeerIdentities::load(std::path::Path::new(path))
@@ -313,6 +318,11 @@ pub struct RunArgs {
     #[arg(long, env = "AMAZING_PROXY_POLICY", value_parser = parse_policy)]
     pub(crate) policy: Option<crate::policy::PolicyFile>,
 
+    /// Timeouts, retries, rate and concurrency limits, balancing and outlier ejection per route
+    /// (YAML, docs/routes.md). Validated at start, reloaded when the file changes.
+    #[arg(long, env = "AMAZING_PROXY_ROUTES", value_parser = parse_routes)]
+    pub(crate) routes: Option<crate::routes::RoutesFile>,
+
     /// The pod's name, for the HBONE `baggage` header (`inject` sets POD_NAME from the downward
     /// API).
     #[arg(long, env = vocab::POD_NAME_ENV)]
@@ -438,6 +448,10 @@ impl RunArgs {
                 pod_namespace: self.pod_namespace.clone(),
             }),
             policy: self.policy.clone(),
+            routes_path: self.routes.as_ref().map(|file| file.path.clone()),
+            routes: (self.routes.as_ref())
+                .map(|file| file.routes.clone())
+                .unwrap_or_default(),
         }
     }
 

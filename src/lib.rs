@@ -4,7 +4,8 @@
 //! no module cycles (tests/in_process/layers.rs reads the `use` paths and holds the code to this):
 //! 1. [`vocab`] (ports, uid/gid/mark, port lists, CIDRs, durations, log formats: shared by all
 //!    jobs), [`error`] (error kinds and whose fault), [`sync`], [`text_response`];
-//! 2. [`identity`] (SPIFFE IDs, the material, HBONE's TLS); [`policy`]; [`settings`] (the data
+//! 2. [`identity`] (SPIFFE IDs, the material, HBONE's TLS); [`policy`]; [`routes`] (which route
+//!    a request takes, and what applies to it: on the vocabulary only); [`settings`] (the data
 //!    plane's configuration as plain values);
 //! 3. [`telemetry`]: metrics and the access log;
 //! 4. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
@@ -29,6 +30,7 @@ pub mod install;
 pub mod netfilter;
 pub mod policy;
 pub mod proxy;
+pub mod routes;
 pub mod run;
 pub mod settings;
 pub(crate) mod sync;

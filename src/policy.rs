@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::identity::SpiffeId;
+use crate::vocab::{is_normal_path, parse_method, path_has_prefix};
 
 /// The trust domain a policy calls "ours" until told otherwise (`--trust-domain`'s default).
 pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
@@ -311,32 +312,15 @@ impl Rule {
         let path = target.split(['?', '#']).next().unwrap_or_default();
         (self.methods.is_empty() || self.methods.contains(method))
             && (self.paths.is_empty()
-                || (is_normal(path) && self.paths.iter().any(|m| m.matches(path))))
+                || (is_normal_path(path) && self.paths.iter().any(|m| m.matches(path))))
     }
-}
-
-/// A path that an app could resolve to another one (dot segments, encoded `/`, `.` or `\`, empty
-/// segments) matches no path rule: `/public/../admin` must not pass as `/public`.
-fn is_normal(path: &str) -> bool {
-    let lower = path.to_ascii_lowercase();
-    path.starts_with('/')
-        && !path.contains("//")
-        && !path.contains('\\')
-        && !["%2f", "%2e", "%5c"].iter().any(|enc| lower.contains(enc))
-        && !path.split('/').any(|seg| seg == "." || seg == "..")
 }
 
 impl PathMatch {
     fn matches(&self, path: &str) -> bool {
         match self {
             PathMatch::Exact(want) => path == want,
-            PathMatch::Prefix(prefix) => {
-                let prefix = prefix.trim_end_matches('/');
-                prefix.is_empty()
-                    || path
-                        .strip_prefix(prefix)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
-            }
+            PathMatch::Prefix(prefix) => path_has_prefix(path, prefix),
         }
     }
 }
@@ -421,7 +405,7 @@ fn validate_rule(rule: RuleFile, at: &str) -> Result<Rule, String> {
     }
     for (k, path) in rule.paths.iter().enumerate() {
         let (PathMatch::Exact(p) | PathMatch::Prefix(p)) = path;
-        if !p.starts_with('/') || !is_normal(p) || p.contains(['?', '#']) {
+        if !p.starts_with('/') || !is_normal_path(p) || p.contains(['?', '#']) {
             return Err(format!(
                 "{at}.paths[{k}]: `{p}` is not a normalised absolute path (starts with `/`, no `..`, `//`, query or encoded separators)"
             ));
@@ -431,15 +415,7 @@ fn validate_rule(rule: RuleFile, at: &str) -> Result<Rule, String> {
         .methods
         .iter()
         .enumerate()
-        .map(|(k, m)| {
-            // Methods are case-sensitive (RFC 9110): `get` would never match a GET.
-            http::Method::from_bytes(m.as_bytes())
-                .ok()
-                .filter(|_| !m.bytes().any(|b| b.is_ascii_lowercase()))
-                .ok_or_else(|| {
-                    format!("{at}.methods[{k}]: `{m}` is not an upper-case HTTP method (e.g. GET)")
-                })
-        })
+        .map(|(k, m)| parse_method(m).map_err(|e| format!("{at}.methods[{k}]: {e}")))
         .collect::<Result<Vec<_>, _>>()?;
     Ok(Rule {
         identities,

@@ -140,7 +140,16 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     if let Some(addr) = hbone.as_ref().and_then(port_of) {
         bound.hbone = Some(Listen(Some(addr)));
     }
-    let shared = Shared::new(&bound.proxy_config(), Box::new(std::io::stdout()));
+    let config = bound.proxy_config();
+    if let Some(path) = &config.routes_path {
+        tracing::info!(
+            path = %path.display(),
+            inbound = config.routes.inbound.len(),
+            outbound = config.routes.outbound.len(),
+            "routes read"
+        );
+    }
+    let shared = Shared::new(&config, Box::new(std::io::stdout()));
     crate::admin::spawn(
         admin,
         crate::admin::AdminState {

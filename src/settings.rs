@@ -12,6 +12,7 @@ use clap::ValueEnum;
 use crate::identity::peers::PeerIdentities;
 use crate::identity::source::Source;
 use crate::policy::PolicyFile;
+use crate::routes::Routes;
 use crate::vocab::{AccessLogFormat, PortList};
 
 /// Which HTTP version the proxy speaks to the app.
@@ -101,6 +102,10 @@ pub struct ProxyConfig {
     /// Mutual TLS (HBONE): `None` without an identity.
     pub(crate) mtls: Option<MtlsConfig>,
     pub(crate) policy: Option<PolicyFile>,
+    /// Where --routes was read from, to read it again when it changes.
+    pub(crate) routes_path: Option<PathBuf>,
+    /// The --routes file as validated at start; no routes without the flag.
+    pub(crate) routes: Routes,
 }
 
 /// Mutual TLS, when an identity is configured.

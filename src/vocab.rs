@@ -1,6 +1,7 @@
 //! The shared vocabulary of `run`, `init`, `inject` and `webhook`: the proxy's well-known ports,
 //! uid, gid and socket mark, the pod's variables `inject` sets and `run` reads, and the typed values their options are made of (port lists, CIDR
-//! lists, bounded durations, the access-log format).
+//! lists, bounded durations, the access-log format, DNS names); and the words the policy and the
+//! routes files share (HTTP methods, normalised paths and their segment-aware prefixes).
 //!
 //! Each value is parsed here and only here, so that what `inject` accepts in an annotation is
 //! exactly what `init` and `run` accept when the injected pod starts: a value refused at start
@@ -251,6 +252,62 @@ pub(crate) fn format_duration(d: Duration) -> String {
     format!("{}{name}", nanos / unit)
 }
 
+/// A DNS-1123 subdomain as Kubernetes checks object names (a ConfigMap's): dot-separated labels of
+/// lower-case letters, digits and `-`, each beginning and ending with a letter or digit, at most
+/// 253 characters in all.
+pub(crate) fn is_dns_subdomain(s: &str) -> bool {
+    s.len() <= 253 && s.split('.').all(is_label)
+}
+
+/// A host name a resolver will look up: a [DNS-1123 subdomain](is_dns_subdomain) whose labels
+/// are at most 63 characters (RFC 1035), and not an IPv4 address written as one.
+pub(crate) fn is_dns_name(s: &str) -> bool {
+    is_dns_subdomain(s)
+        && s.split('.').all(|label| label.len() <= 63)
+        && s.parse::<std::net::Ipv4Addr>().is_err()
+}
+
+fn is_label(label: &str) -> bool {
+    let alnum = |b: Option<&u8>| b.is_some_and(|b| b.is_ascii_lowercase() || b.is_ascii_digit());
+    let bytes = label.as_bytes();
+    alnum(bytes.first())
+        && alnum(bytes.last())
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'-')
+}
+
+/// An HTTP method as a rule names it: upper case, as requests spell the standard ones (methods
+/// are case-sensitive, RFC 9110 9.1: `get` would never match a GET).
+pub(crate) fn parse_method(s: &str) -> Result<http::Method, String> {
+    http::Method::from_bytes(s.as_bytes())
+        .ok()
+        .filter(|_| !s.bytes().any(|b| b.is_ascii_lowercase()))
+        .ok_or_else(|| format!("`{s}` is not an upper-case HTTP method (e.g. GET)"))
+}
+
+/// A path in the one form rules are written in, and the only form they match: absolute, and
+/// nothing an app could resolve to another path (dot segments, encoded `/`, `.` or `\`, empty
+/// segments): `/public/../admin` must not pass as `/public`.
+pub(crate) fn is_normal_path(path: &str) -> bool {
+    let lower = path.to_ascii_lowercase();
+    path.starts_with('/')
+        && !path.contains("//")
+        && !path.contains('\\')
+        && !["%2f", "%2e", "%5c"].iter().any(|enc| lower.contains(enc))
+        && !path.split('/').any(|seg| seg == "." || seg == "..")
+}
+
+/// Whether `path` (without its query) lies under `prefix` by whole segments, as Gateway API's
+/// PathPrefix: `/api` and `/api/` match `/api` and `/api/v1`, not `/apis`; `/` matches every path.
+pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {
+    let prefix = prefix.trim_end_matches('/');
+    prefix.is_empty()
+        || path
+            .strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// What the proxy writes to its access log (`run --access-log`, annotation `access-log`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum AccessLogFormat {
@@ -354,6 +411,64 @@ mod tests {
         ] {
             assert_eq!(format_duration(d), text);
             assert_eq!(parse_duration(text, true, MAX_TIMEOUT), Ok(d));
+        }
+    }
+
+    #[test]
+    fn dns_names_follow_rfc_1123() {
+        for ok in [
+            "a",
+            "web-policy.v1",
+            "reviews.default.svc.cluster.local",
+            "1a",
+        ] {
+            assert!(is_dns_subdomain(ok) && is_dns_name(ok), "{ok}");
+        }
+        for bad in [
+            "", "Web", "-web", "web-", "a_b", "a..b", "a.-b", "a.", ".a", "a b",
+        ] {
+            assert!(!is_dns_subdomain(bad) && !is_dns_name(bad), "{bad}");
+        }
+        let long_label = "a".repeat(64);
+        assert!(is_dns_subdomain(&long_label) && !is_dns_name(&long_label));
+        assert!(!is_dns_subdomain(&"a.".repeat(127)));
+        assert!(is_dns_subdomain("198.18.0.1") && !is_dns_name("198.18.0.1"));
+    }
+
+    #[test]
+    fn methods_paths_and_prefixes() {
+        assert_eq!(parse_method("GET"), Ok(http::Method::GET));
+        assert_eq!(
+            parse_method("PURGE").map(|m| m.to_string()),
+            Ok("PURGE".into())
+        );
+        for bad in ["get", "Get", "", "GE T"] {
+            assert!(parse_method(bad).is_err(), "{bad}");
+        }
+        for ok in ["/", "/api", "/api/v1", "/~user"] {
+            assert!(is_normal_path(ok), "{ok}");
+        }
+        for bad in [
+            "api",
+            "//x",
+            "/a/../b",
+            "/a/./b",
+            "/a%2Fb",
+            "/%2e%2e/x",
+            "/a\\b",
+            "/a/..",
+        ] {
+            assert!(!is_normal_path(bad), "{bad}");
+        }
+        for (path, prefix, yes) in [
+            ("/api", "/api", true),
+            ("/api/v1", "/api", true),
+            ("/api/v1", "/api/", true),
+            ("/apis", "/api", false),
+            ("/ap", "/api", false),
+            ("/anything", "/", true),
+        ] {
+            assert_eq!(path_has_prefix(path, prefix), yes, "{path} under {prefix}");
         }
     }
 

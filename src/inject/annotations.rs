@@ -46,6 +46,7 @@ pub(crate) const KNOWN: &[&str] = &[
     "identity",
     "pod-certificate-signer",
     "policy",
+    "routes",
     "peer-identities",
 ];
 
@@ -76,6 +77,8 @@ pub(crate) struct Settings {
     pub(crate) pod_certificate_signer: Option<String>,
     /// The ConfigMap whose `policy.yaml` is the proxy's authorization policy.
     pub(crate) policy: Option<String>,
+    /// The ConfigMap whose `routes.yaml` is the proxy's routes file (docs/routes.md).
+    pub(crate) routes: Option<String>,
     /// The identities expected of HBONE servers by address (`run --peer-identities-inline`).
     pub(crate) peer_identities: Option<PeerIdentities>,
 }
@@ -144,6 +147,7 @@ impl Settings {
                     s.pod_certificate_signer = Some(parse_signer_name(text).map_err(err)?)
                 }
                 "policy" => s.policy = Some(parse_configmap_name(text).map_err(err)?),
+                "routes" => s.routes = Some(parse_configmap_name(text).map_err(err)?),
                 "peer-identities" => {
                     s.peer_identities = Some(parse_peer_identities(text).map_err(err)?);
                 }
@@ -273,6 +277,7 @@ impl Settings {
             identity: IdentityKind::None,
             pod_certificate_signer: None,
             policy: None,
+            routes: None,
             peer_identities: None,
         }
     }
@@ -329,6 +334,8 @@ mod tests {
             ("identity", json!("istio")),
             ("pod-certificate-signer", json!("spiffe")),
             ("policy", json!("Policy_1")),
+            ("routes", json!("web routes")),
+            ("routes", json!("-routes")),
             ("peer-identities", json!("198.18.0.7")),
             (
                 "peer-identities",

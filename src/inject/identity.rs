@@ -1,7 +1,8 @@
-//! What `amazing-proxy.io/identity` and `amazing-proxy.io/policy` add to an injected pod: the
-//! volume that brings the workload's identity (or the SPIRE agent's socket) and the policy into the
-//! proxy's container, where they are mounted, and the variables that point `run` at them. (The
-//! HBONE port is declared on every sidecar, identity or not.)
+//! What `amazing-proxy.io/identity`, `amazing-proxy.io/policy` and `amazing-proxy.io/routes` add
+//! to an injected pod: the volumes that bring the workload's identity (or the SPIRE agent's
+//! socket), the policy and the routes into the proxy's container, where they are mounted, and the
+//! variables that point `run` at them. (The HBONE port is declared on every sidecar, identity or
+//! not.)
 //!
 //! The volumes are mounted into the proxy's container only: the key never reaches the app's
 //! containers, so the files can keep the default modes that kubelet and the CSI drivers give them.
@@ -22,12 +23,13 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 
-use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV};
+use crate::vocab::{POD_NAME_ENV, POD_NAMESPACE_ENV, is_dns_subdomain};
 
 /// Names of the volumes we add; with our containers, the names a pod must not already use.
 pub(crate) const IDENTITY_VOLUME: &str = "amazing-proxy-identity";
 pub(crate) const POLICY_VOLUME: &str = "amazing-proxy-policy";
-pub(crate) const VOLUMES: [&str; 2] = [IDENTITY_VOLUME, POLICY_VOLUME];
+pub(crate) const ROUTES_VOLUME: &str = "amazing-proxy-routes";
+pub(crate) const VOLUMES: [&str; 3] = [IDENTITY_VOLUME, POLICY_VOLUME, ROUTES_VOLUME];
 
 /// Where the identity files are mounted (csi-spiffe, pod-certificate).
 pub(crate) const IDENTITY_DIR: &str = "/var/run/secrets/amazing-proxy/identity";
@@ -38,9 +40,49 @@ pub(crate) const TRUST_BUNDLE: &str = "trust-bundle.pem";
 /// paths of SPIRE's and the SPIFFE CSI driver's examples).
 pub(crate) const SPIRE_DIR: &str = "/spiffe-workload-api";
 pub(crate) const SPIRE_SOCKET: &str = "spire-agent.sock";
-/// Where the policy ConfigMap is mounted, and the key the proxy reads from it.
-pub(crate) const POLICY_DIR: &str = "/etc/amazing-proxy/policy";
-pub(crate) const POLICY_KEY: &str = "policy.yaml";
+
+/// A file the proxy reads from a ConfigMap an annotation names: the ConfigMap is mounted as a
+/// directory (not `subPath`, so that kubelet's updates reach the proxy, which reloads the file).
+struct ConfigMapFile {
+    volume: &'static str,
+    /// Where the ConfigMap is mounted.
+    dir: &'static str,
+    /// The key the proxy reads, a file in `dir`.
+    key: &'static str,
+    /// The `run` variable that names the file.
+    var: &'static str,
+}
+
+const POLICY_FILE: ConfigMapFile = ConfigMapFile {
+    volume: POLICY_VOLUME,
+    dir: "/etc/amazing-proxy/policy",
+    key: "policy.yaml",
+    var: "AMAZING_PROXY_POLICY",
+};
+
+const ROUTES_FILE: ConfigMapFile = ConfigMapFile {
+    volume: ROUTES_VOLUME,
+    dir: "/etc/amazing-proxy/routes",
+    key: "routes.yaml",
+    var: "AMAZING_PROXY_ROUTES",
+};
+
+/// The ConfigMaps an injected proxy reads, by name: `amazing-proxy.io/policy` and
+/// `amazing-proxy.io/routes`.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct ConfigMaps<'a> {
+    pub(crate) policy: Option<&'a str>,
+    pub(crate) routes: Option<&'a str>,
+}
+
+impl<'a> ConfigMaps<'a> {
+    /// Each file the pod names, with its ConfigMap's name.
+    fn each(self) -> impl Iterator<Item = (&'static ConfigMapFile, &'a str)> {
+        [(&POLICY_FILE, self.policy), (&ROUTES_FILE, self.routes)]
+            .into_iter()
+            .filter_map(|(file, name)| Some((file, name?)))
+    }
+}
 
 /// The key type asked of the pod-certificate signer: the one ztunnel and our certificates use.
 const POD_CERTIFICATE_KEY_TYPE: &str = "ECDSAP256";
@@ -99,21 +141,12 @@ pub(crate) fn parse_configmap_name(s: &str) -> Result<String, String> {
     }
 }
 
-fn is_dns_subdomain(s: &str) -> bool {
-    let alnum = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
-    s.len() <= 253
-        && alnum(s.chars().next())
-        && alnum(s.chars().last())
-        && s.chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.')
-}
-
-/// The pod's volumes for `kind` and `policy`; `signer` is the pod-certificate signer, checked to be
-/// set for that kind before.
+/// The pod's volumes for `kind` and the ConfigMaps; `signer` is the pod-certificate signer,
+/// checked to be set for that kind before.
 pub(crate) fn volumes(
     kind: IdentityKind,
     signer: Option<&str>,
-    policy: Option<&str>,
+    config_maps: ConfigMaps<'_>,
 ) -> Vec<Volume> {
     let csi = |driver: &str| Volume {
         name: IDENTITY_VOLUME.into(),
@@ -162,21 +195,19 @@ pub(crate) fn volumes(
             });
         }
     }
-    if let Some(name) = policy {
-        out.push(Volume {
-            name: POLICY_VOLUME.into(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: name.into(),
-                ..Default::default()
-            }),
+    out.extend(config_maps.each().map(|(file, name)| Volume {
+        name: file.volume.into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: name.into(),
             ..Default::default()
-        });
-    }
+        }),
+        ..Default::default()
+    }));
     out
 }
 
 /// The proxy container's mounts of [`volumes`].
-pub(crate) fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMount> {
+pub(crate) fn mounts(kind: IdentityKind, config_maps: ConfigMaps<'_>) -> Vec<VolumeMount> {
     let mount = |name: &str, path: &str| VolumeMount {
         name: name.into(),
         mount_path: path.into(),
@@ -191,14 +222,16 @@ pub(crate) fn mounts(kind: IdentityKind, policy: Option<&str>) -> Vec<VolumeMoun
         }
         IdentityKind::Spire => out.push(mount(IDENTITY_VOLUME, SPIRE_DIR)),
     }
-    if policy.is_some() {
-        out.push(mount(POLICY_VOLUME, POLICY_DIR));
-    }
+    out.extend(
+        config_maps
+            .each()
+            .map(|(file, _)| mount(file.volume, file.dir)),
+    );
     out
 }
 
 /// The `run` variables that point the proxy at the mounted files (the contract with `run`'s flags).
-pub(crate) fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
+pub(crate) fn env(kind: IdentityKind, config_maps: ConfigMaps<'_>) -> Vec<EnvVar> {
     let var = |name: &str, value: String| EnvVar {
         name: name.into(),
         value: Some(value),
@@ -225,12 +258,11 @@ pub(crate) fn env(kind: IdentityKind, policy: Option<&str>) -> Vec<EnvVar> {
             format!("{SPIRE_DIR}/{SPIRE_SOCKET}"),
         )),
     }
-    if policy.is_some() {
-        out.push(var(
-            "AMAZING_PROXY_POLICY",
-            format!("{POLICY_DIR}/{POLICY_KEY}"),
-        ));
-    }
+    out.extend(
+        config_maps
+            .each()
+            .map(|(file, _)| var(file.var, format!("{}/{}", file.dir, file.key))),
+    );
     out
 }
 
@@ -290,14 +322,20 @@ mod tests {
             IdentityKind::PodCertificate,
             IdentityKind::Spire,
         ] {
-            for policy in [None, Some("p")] {
-                let volumes: Vec<_> = volumes(kind, Some("example.com/x"), policy)
+            for (policy, routes) in [
+                (None, None),
+                (Some("p"), None),
+                (None, Some("r")),
+                (Some("p"), Some("r")),
+            ] {
+                let maps = ConfigMaps { policy, routes };
+                let volumes: Vec<_> = volumes(kind, Some("example.com/x"), maps)
                     .into_iter()
                     .map(|v| v.name)
                     .collect();
-                let mounted: Vec<_> = mounts(kind, policy).into_iter().map(|m| m.name).collect();
-                assert_eq!(volumes, mounted, "{kind:?} {policy:?}");
-                assert_eq!(env(kind, policy).is_empty(), volumes.is_empty());
+                let mounted: Vec<_> = mounts(kind, maps).into_iter().map(|m| m.name).collect();
+                assert_eq!(volumes, mounted, "{kind:?} {maps:?}");
+                assert_eq!(env(kind, maps).is_empty(), volumes.is_empty());
             }
         }
     }

@@ -114,6 +114,7 @@ impl InjectDefaults {
                 identity: self.identity,
                 pod_certificate_signer: self.pod_certificate_signer.clone(),
                 policy: None,
+                routes: None,
                 peer_identities: None,
             },
             legacy_sidecar: self.legacy_sidecar,

@@ -30,7 +30,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::{Map, Value};
 
 use super::annotations::{INJECTED, SettingError, Settings, opted_out};
-use super::identity::{self, IdentityKind};
+use super::identity::{self, ConfigMaps, IdentityKind};
 use crate::vocab::{
     ADMIN_PORT, HBONE_PORT, INBOUND_PORT, OUTBOUND_PORT, PROXY_GID, PROXY_UID, PortList,
     format_duration,
@@ -328,7 +328,7 @@ pub(crate) fn inject_template(
     let added = identity::volumes(
         settings.identity,
         settings.pod_certificate_signer.as_deref(),
-        settings.policy.as_deref(),
+        config_maps(&settings),
     );
     put_volumes(spec, volumes, added.into_iter().map(to_json).collect());
     annotate(template, prefix)?;
@@ -823,6 +823,14 @@ fn port(name: &str, number: u16) -> ContainerPort {
     }
 }
 
+/// The ConfigMaps the pod's annotations name for the proxy to read.
+fn config_maps(s: &Settings) -> ConfigMaps<'_> {
+    ConfigMaps {
+        policy: s.policy.as_deref(),
+        routes: s.routes.as_deref(),
+    }
+}
+
 fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Container {
     let outbound = if s.disable_outbound {
         "off".to_string()
@@ -847,7 +855,7 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
             vars.push(env(name, ports.to_string()));
         }
     }
-    vars.extend(identity::env(s.identity, s.policy.as_deref()));
+    vars.extend(identity::env(s.identity, config_maps(s)));
     if let Some(peers) = &s.peer_identities {
         vars.push(env(
             "AMAZING_PROXY_PEER_IDENTITIES_INLINE",
@@ -855,7 +863,7 @@ fn sidecar_container(s: &Settings, app: &AppPorts, options: &Options) -> Contain
         ));
     }
     vars.extend(identity::downward_env(s.identity));
-    let mounts = identity::mounts(s.identity, s.policy.as_deref());
+    let mounts = identity::mounts(s.identity, config_maps(s));
     Container {
         name: SIDECAR_NAME.into(),
         image: Some(s.image.clone()),
@@ -1134,7 +1142,7 @@ mod tests {
     fn identity_volumes_follow_the_annotations_on_reinjection() {
         let input = with_annotations(
             pod(json!([{"name": "app", "image": "a"}])),
-            json!({"amazing-proxy.io/identity": "spire", "amazing-proxy.io/policy": "p"}),
+            json!({"amazing-proxy.io/identity": "spire", "amazing-proxy.io/policy": "p", "amazing-proxy.io/routes": "r"}),
         );
         let (spire, _) = inject_object(&input, &options(false)).expect("injects");
         let volume_names = |v: &Value| -> Vec<String> {
@@ -1149,26 +1157,41 @@ mod tests {
         };
         assert_eq!(
             volume_names(&spire),
-            ["amazing-proxy-identity", "amazing-proxy-policy"]
+            [
+                "amazing-proxy-identity",
+                "amazing-proxy-policy",
+                "amazing-proxy-routes"
+            ]
         );
+        assert_eq!(spire["spec"]["volumes"][2]["configMap"]["name"], "r");
         let sidecar = &spire["spec"]["initContainers"][1];
         assert_eq!(
             env_of(sidecar, "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET"),
             Some("/spiffe-workload-api/spire-agent.sock")
         );
-        // Switching to no identity and no policy takes everything back out.
+        assert_eq!(
+            env_of(sidecar, "AMAZING_PROXY_ROUTES"),
+            Some("/etc/amazing-proxy/routes/routes.yaml")
+        );
+        assert_eq!(
+            sidecar["volumeMounts"][2],
+            json!({"name": "amazing-proxy-routes", "mountPath": "/etc/amazing-proxy/routes", "readOnly": true})
+        );
+        // Switching to no identity, no policy and no routes takes everything back out.
         let mut none = spire.clone();
         none["metadata"]["annotations"]["amazing-proxy.io/identity"] = json!("none");
-        none["metadata"]["annotations"]
+        let annotations = none["metadata"]["annotations"]
             .as_object_mut()
-            .expect("annotations")
-            .shift_remove("amazing-proxy.io/policy");
+            .expect("annotations");
+        annotations.shift_remove("amazing-proxy.io/policy");
+        annotations.shift_remove("amazing-proxy.io/routes");
         let (plain, _) = inject_object(&none, &options(false)).expect("re-injects");
         assert!(plain["spec"].get("volumes").is_none(), "{plain}");
         let sidecar = &plain["spec"]["initContainers"][1];
         assert!(sidecar.get("volumeMounts").is_none());
         assert_eq!(env_of(sidecar, "AMAZING_PROXY_IDENTITY_SPIRE_SOCKET"), None);
         assert_eq!(env_of(sidecar, "AMAZING_PROXY_POLICY"), None);
+        assert_eq!(env_of(sidecar, "AMAZING_PROXY_ROUTES"), None);
     }
 
     #[test]

@@ -122,6 +122,60 @@ fn app_on_the_proxy_own_listener_is_rejected() {
     );
 }
 
+/// A `--routes` file that does not validate stops `run` before it binds, with the file and the
+/// field in the message; from the environment too.
+#[test]
+fn a_routes_file_that_does_not_validate_stops_the_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bad = dir.path().join("routes.yaml");
+    std::fs::write(
+        &bad,
+        "inbound:\n  - rateLimit: {requestsPerSecond: 10, burst: 0}\n",
+    )
+    .expect("write");
+    let bad = bad.to_str().expect("UTF-8 path");
+    let wanted = format!("{bad}: inbound[0].rateLimit.burst: must be at least 1");
+    rejected(&["--routes", bad], &["--routes", &wanted]);
+    rejected_at_start(&[], &[("AMAZING_PROXY_ROUTES", bad)], &[&wanted]);
+    let missing = dir.path().join("missing.yaml");
+    let missing = missing.to_str().expect("UTF-8 path");
+    rejected(
+        &["--routes", missing],
+        &[
+            "--routes",
+            &format!("cannot read the routes file {missing}"),
+        ],
+    );
+}
+
+/// A valid `--routes` file (here from the environment) is read at start and the proxy serves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_valid_routes_file_is_read_at_start() {
+    bounded("test", TEST_TIMEOUT, async {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("routes.yaml");
+        std::fs::write(
+            &path,
+            "inbound:\n  - match: {pathPrefix: /echo}\n    timeout: 5s\noutbound: []\n",
+        )
+        .expect("write");
+        let app = TestApp::start().await;
+        let proxy = Proxy::builder(app.addr)
+            .env("AMAZING_PROXY_ROUTES", path.to_str().expect("UTF-8 path"))
+            .start()
+            .await;
+        assert_eq!(proxy.get("/echo").await.status, StatusCode::OK);
+        // Logged before the listeners serve, so before the reply above.
+        let log = proxy.stderr();
+        let line = log.lines().find(|l| l.contains("routes read"));
+        assert!(
+            line.is_some_and(|l| l.contains("inbound=1") && l.contains("outbound=0")),
+            "{log}"
+        );
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn environment_variables_configure_run() {
     bounded("test", TEST_TIMEOUT, async {
@@ -199,6 +253,7 @@ const RUN_FLAGS: &[&str] = &[
     "plaintext-ports",
     "peer-identities",
     "policy",
+    "routes",
 ];
 
 #[test]

@@ -21,16 +21,14 @@ use amazing_proxy::netfilter::InitArgs;
 use amazing_proxy::webhook::WebhookArgs;
 use clap::{Arg, Args, Command, Subcommand};
 
+use crate::support::golden::updating;
+
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()))
-}
-
-fn updating() -> bool {
-    std::env::var_os("UPDATE_GOLDENS").is_some_and(|v| v == "1")
 }
 
 /// A subcommand's arguments as the binary parses them (main.rs flattens these same structs).

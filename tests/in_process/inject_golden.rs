@@ -10,6 +10,7 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
+use crate::support::golden;
 use crate::support::process::{bin, run_with_input};
 use serde_json::Value;
 
@@ -182,6 +183,12 @@ const CASES: &[Case] = &[
         strict: true,
         kubernetes: &KUBERNETES_VERSIONS,
     },
+    Case {
+        fixture: "routes.yaml",
+        args: &[],
+        strict: true,
+        kubernetes: &KUBERNETES_VERSIONS,
+    },
 ];
 
 const ERROR_CASES: &[&str] = &[
@@ -194,6 +201,7 @@ const ERROR_CASES: &[&str] = &[
     "err-identity-signer.yaml",
     "err-proxy-uid.yaml",
     "err-proxy-gid-pod.yaml",
+    "err-routes-name.yaml",
 ];
 
 /// Runs the binary with a time bound; `stdin` is fed to it.
@@ -210,29 +218,9 @@ fn inject(fixture_path: &str, args: &[&str]) -> Output {
 /// How files are validated: strictly or not, against which Kubernetes versions.
 type Validation = (bool, &'static [&'static str]);
 
-fn updating() -> bool {
-    std::env::var_os("UPDATE_GOLDENS").is_some_and(|v| v == "1")
-}
-
 /// Compares with the golden file, or rewrites it under `UPDATE_GOLDENS=1`.
 fn check_golden(name: &str, actual: &str) {
-    let path = Path::new(GOLDENS).join(name);
-    if updating() {
-        std::fs::create_dir_all(GOLDENS).expect("create golden dir");
-        std::fs::write(&path, actual).expect("write golden");
-        return;
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_else(|e| {
-        panic!(
-            "cannot read golden {}: {e}; run `UPDATE_GOLDENS=1 cargo test` to create it",
-            path.display()
-        )
-    });
-    assert!(
-        expected == actual,
-        "{} differs from the output; if the change is intended, run `UPDATE_GOLDENS=1 cargo test`\n--- expected\n{expected}\n--- actual\n{actual}",
-        path.display()
-    );
+    golden::check(GOLDENS, name, actual);
 }
 
 fn golden_name(fixture: &str) -> String {

@@ -63,6 +63,13 @@ const LAYERS: &[Layer] = &[
         modules: &["policy"],
         uses: Uses::Below,
     },
+    // Which route a request takes, and what applies to it (--routes): plain values and a lookup,
+    // below everything that applies them.
+    Layer {
+        name: "routes",
+        modules: &["routes"],
+        uses: Uses::Only(&["shared vocabulary"]),
+    },
     // The data plane's configuration as plain values: what `run`'s flags become, what `Shared`
     // is built from.
     Layer {

@@ -31,6 +31,7 @@ mod proxy_admin_drain;
 mod proxy_failures;
 mod proxy_http;
 mod resilience;
+mod routes_golden;
 mod seed_httpbin;
 mod vocab_consistency;
 mod webhook_tls;

@@ -3,6 +3,7 @@
 //! `#[path = "../support/mod.rs"] mod support;`; their modules use `crate::support::...`:
 //! - [`process`]: the binary, bounded commands, child guards, and the proxy under test;
 //! - [`http`]: HTTP clients, the in-process test app, raw TCP apps and ports that refuse or hang;
+//! - [`golden`]: golden files, compared or rewritten (`UPDATE_GOLDENS=1`);
 //! - [`raw`]: the recording app and raw client of the conformance tests (bytes in, bytes out);
 //! - [`identity`]: a CA and SPIFFE workload certificates (rcgen), in the `--identity-dir` layout;
 //! - [`mesh`]: two pods in network namespaces, each with its proxy, identity and `init` rules;
@@ -14,6 +15,7 @@
 //! One skip policy: a test that cannot run here calls [`skip`], which says so loudly.
 #![allow(dead_code)] // each suite uses a different part of the tree
 
+pub mod golden;
 pub mod http;
 pub mod identity;
 pub mod in_process;
