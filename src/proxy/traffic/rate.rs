@@ -17,8 +17,8 @@
 //! an idle one (a full bucket forgets nothing when dropped), found by a clock hand that probes at
 //! most [`EVICTION_PROBES`] entries; when every probed entry is busy, the new peer shares one
 //! overflow bucket (a single peer's rate for all of them) rather than evict a busy peer, whose
-//! bucket would come back full. Entries are only taken by requests the overall bucket admits or
-//! by new peers, so a flood refused by the overall bucket leaves the table idle and reusable.
+//! bucket would come back full. An entry turns busy only when the overall bucket admits its
+//! request, so a flood the overall bucket refuses leaves the table idle and reusable.
 
 use std::hash::{BuildHasher, RandomState};
 use std::net::IpAddr;
@@ -33,8 +33,8 @@ use super::RetryAfter;
 use crate::identity::SpiffeId;
 use crate::sync::lock;
 
-/// The most peers a limiter keeps a bucket for: 32 bytes each in the slab, 5 in the index at half
-/// load, 168 KiB at most per route.
+/// The most peers a limiter keeps a bucket for: 32 bytes each in the slab and 10 in the index
+/// (8192 buckets of 5 bytes), 168 KiB at most per route, allocated as peers arrive.
 pub const PEER_CAPACITY: usize = 4096;
 
 /// How many entries a new peer probes for an idle one when the table is full: the cost of a

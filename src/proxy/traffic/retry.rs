@@ -70,8 +70,12 @@ impl RetryBudget {
     pub fn new(ratio: f64, min_per_second: u32) -> RetryBudget {
         RetryBudget {
             epoch: Instant::now(),
-            // NaN or negative: no share; `max` and `min` ignore NaN, `clamp` would keep it.
-            ratio: ratio.max(0.0).min(MAX_RATIO),
+            // NaN or negative: no share.
+            ratio: if ratio.is_nan() {
+                0.0
+            } else {
+                ratio.clamp(0.0, MAX_RATIO)
+            },
             reserve: f64::from(min_per_second) * f64::from(WINDOW_SECONDS),
             deposits: Default::default(),
             withdrawals: Mutex::default(),
