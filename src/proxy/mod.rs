@@ -5,7 +5,8 @@
 //!   [`path`], [`detect`]ion, the HTTP/1.1 parsers ([`http1::framing`], [`http1::chunked`]),
 //!   [`rewind`]: pure too;
 //! - [`limits`] (connections, requests in flight, shedding), [`upstream`] (connect, pools, HBONE's
-//!   pool), [`drain`] (the shutdown state machine), [`body`] (the hyper path's body wrappers);
+//!   pool), [`drain`] (the shutdown state machine), [`body`] (the hyper path's body wrappers),
+//!   [`traffic`] (a route's rate and concurrency limits, the retry budget and backoff);
 //! - [`shared`]: [`Shared`], the data plane's state, handed to every adapter;
 //! - the protocol adapters: [`http1`] (the fast path), [`hyper_path`] (HTTP/2, upgrades, the rest),
 //!   [`tcp`] (opaque bytes), [`hbone`] (mutual TLS tunnels);
@@ -32,6 +33,7 @@ pub mod phases;
 pub mod rewind;
 pub mod shared;
 pub mod tcp;
+pub mod traffic;
 pub mod upstream;
 
 use std::sync::Arc;

@@ -99,7 +99,8 @@ const LAYERS: &[Layer] = &[
         uses: Uses::Below,
     },
     // What connections share: limits and shedding, upstream connections and their pools (the
-    // app's, and HBONE's), the drain, the hyper path's bodies.
+    // app's, and HBONE's), the drain, the hyper path's bodies, the routes' rate and concurrency
+    // limits and the retry budget.
     Layer {
         name: "limits, upstreams, drain",
         modules: &[
@@ -107,6 +108,7 @@ const LAYERS: &[Layer] = &[
             "proxy::upstream",
             "proxy::drain",
             "proxy::body",
+            "proxy::traffic",
         ],
         uses: Uses::Below,
     },
