@@ -14,6 +14,7 @@ mod support;
 mod cli;
 mod containment;
 mod docs;
+mod endpoints_dns;
 mod http1_golden;
 mod http_conformance;
 mod identity_cli;
