@@ -1,7 +1,7 @@
 //! The addresses of a route's endpoints, kept current: a static list, or a DNS name (a headless
 //! Service's) re-resolved as its answers' TTL says.
 //!
-//! [`watch`] hands out a [`watch::Receiver`] of the current set; for a DNS name a task resolves
+//! [`watch()`] hands out a [`watch::Receiver`] of the current set; for a DNS name a task resolves
 //! the A and AAAA records (both: a dual-stack name keeps both families) through hickory-resolver
 //! and publishes the set when it changes. The next resolution is due when the smallest TTL of the
 //! answer runs out, within [`MIN_REFRESH`]..=[`MAX_REFRESH`], so that neither a TTL of 0 nor one
