@@ -7,8 +7,9 @@
 #   scripts/deps.sh --containers  also what `scripts/demo.sh --containers` and scripts/image.sh use:
 #                                 docker.io, debootstrap and python3-yaml (apt)
 #   scripts/deps.sh --tests       everything the tests use: the above, redis-server,
-#                                 mariadb-server (apt; the tests start their own servers),
-#                                 tcpdump (the mTLS test's capture), and
+#                                 mariadb-server, dnsmasq-base (apt; the tests start their
+#                                 own servers; dnsmasq-base is Debian's dnsmasq without the
+#                                 system service), tcpdump (the mTLS test's capture), and
 #                                 kubernetes-validate in the venv
 # Servers that this script installs are neither started nor left enabled at boot: packages are
 # installed under a policy-rc.d that forbids starting services (unless the machine already has
@@ -28,7 +29,7 @@ done
 
 pkgs=(iptables nftables iproute2 procps curl util-linux python3 python3-venv)
 [ $containers -eq 1 ] && pkgs+=(docker.io debootstrap python3-yaml)
-[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server tcpdump)
+[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server dnsmasq-base tcpdump)
 # The services each server package brings (Debian's names), to keep them off.
 services_of() {
   case "$1" in

@@ -6,7 +6,11 @@
 //! or when the app closes them, not only dropped on a later checkout. Every socket the proxy opens
 //! can carry a mark (`--proxy-mark`) so that the pod's redirect rules let it pass, whatever user
 //! the proxy runs as. HBONE's pool of connections to peers is [`tunnels`] (its state; HBONE dials).
+//! Routes with endpoints choose one per request through [`balance`], over the addresses
+//! [`endpoints`] keeps current (a static list, or a DNS name re-resolved as its TTL says).
 
+pub mod balance;
+pub mod endpoints;
 pub mod tunnels;
 
 use crate::sync::lock;

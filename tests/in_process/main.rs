@@ -1,7 +1,7 @@
 //! The in-process suite: every integration test that needs neither root nor containers, in one
 //! binary (one link, one copy of tests/support). Data planes built by `Shared::new` in this
 //! process, the binary started as a child on loopback, local servers (tonic, tungstenite, httpbin,
-//! Redis, MariaDB) and the goldens. A test whose external program is missing says SKIP
+//! Redis, MariaDB, dnsmasq) and the goldens. A test whose external program is missing says SKIP
 //! (`support::skip`).
 //!
 //! Each file here is a module, its tests named `<module>::<test>`:
@@ -14,6 +14,7 @@ mod support;
 mod cli;
 mod containment;
 mod docs;
+mod endpoints_dns;
 mod http1_golden;
 mod http_conformance;
 mod identity_cli;
