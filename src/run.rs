@@ -142,11 +142,11 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     }
     let config = bound.proxy_config();
     if let Some(path) = &config.routes_path {
-        tracing::info!(
+        tracing::warn!(
             path = %path.display(),
             inbound = config.routes.inbound.len(),
             outbound = config.routes.outbound.len(),
-            "routes read"
+            "routes read and valid, but not applied: the data plane does not run route phases yet (issue 19 in progress); requests are handled as without --routes"
         );
     }
     let shared = Shared::new(&config, Box::new(std::io::stdout()));
