@@ -10,7 +10,7 @@
 #                                 mariadb-server, dnsmasq-base (apt; the tests start their
 #                                 own servers; dnsmasq-base is Debian's dnsmasq without the
 #                                 system service), tcpdump (the mTLS test's capture), and
-#                                 kubernetes-validate in the venv
+#                                 kubernetes-validate, grpcio and h2 (the routes tests) in the venv
 # Servers that this script installs are neither started nor left enabled at boot: packages are
 # installed under a policy-rc.d that forbids starting services (unless the machine already has
 # one), and their services are disabled afterwards (systemctl, or update-rc.d without systemd).
@@ -81,7 +81,10 @@ fi
 
 venv="$root/target/venv"
 modules=(httpbin gunicorn); wheels=(httpbin==0.10.4 Flask==3.1.3 Werkzeug==3.1.9 gunicorn==27.0.1)
-if [ $tests -eq 1 ]; then modules+=(kubernetes_validate); wheels+=(kubernetes-validate==1.37.0); fi
+# The routes tests' endpoints and apps (tests/fixtures/routes_apps): grpcio for gRPC, h2 for h2c.
+if [ $tests -eq 1 ]; then
+  modules+=(kubernetes_validate grpc h2); wheels+=(kubernetes-validate==1.37.0 grpcio==1.76.0 h2==4.3.0)
+fi
 if ! "$venv/bin/python" -c "import $(IFS=,; echo "${modules[*]}")" 2>/dev/null; then
   echo "deps: pip install into $venv: ${wheels[*]}" >&2
   mkdir -p "$(dirname "$venv")"

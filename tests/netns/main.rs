@@ -14,3 +14,4 @@ mod e2e_pod;
 mod init_netns;
 mod mtls;
 mod resilience;
+mod routes;

@@ -10,6 +10,7 @@
 //! - [`metrics`]: reading the Prometheus text the admin port serves;
 //! - [`netns`]: network namespaces and the reproduced Kubernetes pod;
 //! - [`workload_api`]: a SPIFFE Workload API server (SPIRE agent's protocol) on a Unix socket;
+//! - [`routes`]: a pod calling a service of three endpoints through its sidecar (routes tests);
 //! - [`tools`]: external programs (is one installed, the venv), rule listings, access-log records.
 //!
 //! One skip policy: a test that cannot run here calls [`skip`], which says so loudly.
@@ -24,6 +25,7 @@ pub mod metrics;
 pub mod netns;
 pub mod process;
 pub mod raw;
+pub mod routes;
 pub mod tools;
 pub mod workload_api;
 
