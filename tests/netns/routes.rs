@@ -160,13 +160,16 @@ fn dns_endpoints_from_dnsmasq_spread_http1_http2_and_grpc() {
         lab.endpoint(i, name, Mode::Ok);
         lab.grpc_endpoint(i, &format!("g{name}"), false);
     }
-    // HTTP by the name alone (the request's port), gRPC by name:port, balanced by p2c-ewma
-    // (the default) and round-robin.
+    // HTTP by the name alone (the request's port), gRPC by name:port; round-robin, since one
+    // client asking one request at a time gives p2c-ewma no reason to try an endpoint whose
+    // estimate is still the initial 30 ms (p2c is shown with concurrent calls, below).
     lab.start_proxy(&format!(
         "outbound:\n  - name: web-dns\n    match: {{host: web, port: {HTTP_PORT}}}\n    \
-         endpoints: {{dns: {DNS_NAME}}}\n  - name: greeter-dns\n    \
+         endpoints: {{dns: {DNS_NAME}}}\n    balance: round-robin\n  - name: greeter-dns\n    \
          match: {{host: greeter, grpcService: svc.S}}\n    \
-         endpoints: {{dns: \"{DNS_NAME}:{GRPC_PORT}\"}}\n    balance: round-robin\n"
+         endpoints: {{dns: \"{DNS_NAME}:{GRPC_PORT}\"}}\n    balance: round-robin\n  \
+         - name: nowhere\n    match: {{host: nowhere, port: {HTTP_PORT}}}\n    \
+         endpoints: {{dns: nothing.rt.test}}\n"
     ));
     // Until the first answer the route has no endpoint.
     eventually_blocking("the route to have its endpoints", LAB_WAIT, || {
@@ -236,6 +239,13 @@ fn dns_endpoints_from_dnsmasq_spread_http1_http2_and_grpc() {
         dnsmasq.contains(&format!("query[A] {DNS_NAME}")),
         "the proxy asked dnsmasq: {dnsmasq}"
     );
+
+    // A name with no address (NXDOMAIN): the route has no endpoint, and says so.
+    let got = lab.get("nowhere", "/");
+    assert!(got.status >= 500, "{got:?}");
+    assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
+    let rec = lab.error_records("no_endpoints", 1);
+    assert_eq!(rec[0]["route"], "nowhere", "{}", rec[0]);
 }
 
 // 3 -------------------------------------------------------------------------------------------
@@ -451,12 +461,12 @@ fn a_rate_limit_admits_its_rate_and_refuses_the_rest_with_429() {
     assert_eq!(lab.seen("limited").len() as u64, admitted);
     let route = ["direction=\"outbound\"", "route=\"limited\""];
     lab.wait_metric("route_rate_limited_total", &route, refused as f64);
-    let records = lab.route_records("limited", total as usize);
-    let limited = records
-        .iter()
-        .filter(|r| r["error"] == "rate_limited")
-        .count() as u64;
-    assert_eq!(limited, refused);
+    let limited = lab.error_records("rate_limited", refused as usize);
+    assert!(
+        limited.iter().all(|r| r["route"] == "limited"),
+        "a refused request's record names the route it took: {}",
+        limited[0]
+    );
 }
 
 // 7 -------------------------------------------------------------------------------------------
@@ -515,14 +525,14 @@ fn past_max_concurrency_requests_get_503_with_retry_after() {
     );
     let route = ["direction=\"outbound\"", "route=\"two-at-once\""];
     assert_eq!(lab.metric("route_concurrency_rejected_total", &route), 2.0);
-    let records = lab.route_records("two-at-once", 4);
-    let refused = records
-        .iter()
-        .filter(|r| r["error"] == "concurrency_limited")
-        .count();
-    assert_eq!(refused, 2, "{records:?}");
     // Slots are given back: another request is admitted.
     assert_eq!(lab.get("slow", "/after").status, 200);
+    let refused = lab.error_records("concurrency_limited", 2);
+    assert!(
+        refused.iter().all(|r| r["route"] == "two-at-once"),
+        "a refused request's record names the route it took: {}",
+        refused[0]
+    );
 }
 
 // 8 -------------------------------------------------------------------------------------------
@@ -580,12 +590,21 @@ fn a_failing_endpoint_is_ejected_then_comes_back() {
                 .ok_or_else(|| lab.read("bad.log"))
         },
     );
-    let records = lab.route_records("ejecting", 32);
-    let to_bad = records
-        .iter()
-        .filter(|r| r["upstream"] == lab.addr(2, HTTP_PORT).as_str())
-        .count();
-    assert_eq!(to_bad, lab.seen("bad").len(), "{records:?}");
+    // The log names the bad endpoint as the upstream of exactly the requests it got.
+    let bad = lab.addr(2, HTTP_PORT);
+    eventually_blocking(
+        "the log to show each request the bad one got",
+        LAB_WAIT,
+        || {
+            let to_bad = (lab.records().iter())
+                .filter(|r| r["route"] == "ejecting" && r["upstream"] == bad.as_str())
+                .count();
+            let seen = lab.seen("bad").len();
+            (to_bad == seen)
+                .then_some(())
+                .ok_or_else(|| format!("{to_bad} records, {seen} requests"))
+        },
+    );
 }
 
 // 9 -------------------------------------------------------------------------------------------
@@ -803,4 +822,34 @@ fn grpc_refusals_carry_grpc_status_codes() {
     assert_eq!(held, 1, "the refused calls never reached the app");
     let route = ["direction=\"outbound\"", "route=\"g-conc\""];
     lab.wait_metric("route_concurrency_rejected_total", &route, 2.0);
+}
+
+// The authority an endpoint sees ------------------------------------------------------------
+
+/// A route's endpoint is a pod of the Service the app named: it gets the authority the app wrote,
+/// over HTTP/1.1 (`Host`) and HTTP/2 (`:authority`, and no `Host` that says otherwise: RFC 9113
+/// 8.3.1 forbids sending both with different values, and strict servers refuse the request).
+#[test]
+fn an_endpoint_sees_the_authority_the_app_wrote() {
+    const TEST: &str = "routes::an_endpoint_sees_the_authority_the_app_wrote";
+    let Some(mut lab) = lab(TEST) else { return };
+    lab.endpoint(0, "named", Mode::Ok);
+    lab.start_proxy(&format!(
+        "outbound:\n  - name: named\n    match: {{host: web, port: {HTTP_PORT}}}\n    \
+         endpoints: {{static: {}}}\n",
+        list(&lab, &[0], HTTP_PORT)
+    ));
+    assert_eq!(lab.get("web", "/h1").status, 200);
+    let (ip, port) = (lab.vip.to_string(), HTTP_PORT.to_string());
+    let authority = format!("web:{HTTP_PORT}");
+    lab.app("h2_client.py", &[&ip, &port, &authority, "/h2", "1"]);
+    let seen = lab.seen("named");
+    assert_eq!(seen.len(), 2, "{seen:?}");
+    for request in &seen {
+        assert_eq!(request["authority"], authority.as_str(), "{request}");
+        assert!(
+            request["host"].is_null() || request["host"] == request["authority"],
+            "a Host beside :authority that differs from it: {request}"
+        );
+    }
 }

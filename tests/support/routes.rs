@@ -95,6 +95,25 @@ pub struct Lab {
     base: u32,
 }
 
+impl Drop for Lab {
+    /// A failing test shows the last of the proxy's logs (the directory goes with the lab).
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for log in ["proxy.log", "access.log"] {
+            let text = self.read(log);
+            let lines: Vec<&str> = text.lines().collect();
+            let tail = &lines[lines.len().saturating_sub(30)..];
+            eprintln!(
+                "--- the last {} lines of {log}:\n{}",
+                tail.len(),
+                tail.join("\n")
+            );
+        }
+    }
+}
+
 /// The fixtures' directory.
 fn apps() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/routes_apps")
@@ -323,6 +342,9 @@ impl Lab {
             "0s",
             "--http-ports",
             &ports,
+            // HTTP/2 (h2c, gRPC) to the endpoints when the app spoke it, HTTP/1.1 otherwise.
+            "--app-protocol",
+            "auto",
             "--routes",
             &routes,
         ]);
@@ -460,6 +482,22 @@ impl Lab {
                     self.read("access.log"),
                     self.proxy_log()
                 ))
+            }
+        })
+    }
+
+    /// The access log's records with `"error": kind`, once there are `n` of them.
+    pub fn error_records(&self, kind: &str, n: usize) -> Vec<Value> {
+        eventually_blocking(&format!("{n} records of error {kind}"), LAB_WAIT, || {
+            let found: Vec<Value> = self
+                .records()
+                .into_iter()
+                .filter(|r| r["error"] == kind)
+                .collect();
+            if found.len() == n {
+                Ok(found)
+            } else {
+                Err(format!("{} of {n}", found.len()))
             }
         })
     }
