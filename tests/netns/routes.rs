@@ -853,3 +853,85 @@ fn an_endpoint_sees_the_authority_the_app_wrote() {
         );
     }
 }
+
+// Inbound: the pod's own app protected ----------------------------------------------------------
+
+/// An inbound route in front of the pod's app: two clients (two addresses, so two peers) asking
+/// as fast as they can for 3 s each get their own `perPeer` rate (within 10 %), neither starving
+/// the other, the app sees only what was admitted; and the route's timeout answers 504.
+#[test]
+fn inbound_limits_give_each_peer_its_rate_and_time_out_slow_answers() {
+    const TEST: &str = "routes::inbound_limits_give_each_peer_its_rate_and_time_out_slow_answers";
+    let Some(mut lab) = lab(TEST) else { return };
+    lab.pod_app("pod-app");
+    lab.start_proxy(
+        "inbound:\n  - name: slow-api\n    match: {port: 80, pathPrefix: /sleep}\n    \
+         timeout: 500ms\n  - name: api\n    match: {port: 80}\n    \
+         rateLimit: {requestsPerSecond: 40, burst: 1, perPeer: 10}\n",
+    );
+    let pod = lab.pod_ip.to_string();
+    let authority = format!("{pod}:80");
+    let peers = [lab.endpoints[0].to_string(), lab.endpoints[1].to_string()];
+    for (i, peer) in peers.iter().enumerate() {
+        let args = [
+            &pod,
+            "80",
+            &authority,
+            "/api",
+            "--seconds",
+            "3",
+            "--source",
+            peer,
+        ];
+        lab.spawn_app_in_svc("http_client.py", &args, &format!("peer-{i}.log"));
+    }
+    let mut admitted_all = 0;
+    for i in 0..2 {
+        let summary = lab.summary(&format!("peer-{i}.log"));
+        let (admitted, refused) = (count(&summary, "200"), count(&summary, "429"));
+        let total = summary["requests"].as_u64().expect("requests");
+        assert_eq!(admitted + refused, total, "only 200 and 429: {summary}");
+        assert!(
+            summary["errors"].as_array().is_some_and(Vec::is_empty),
+            "{summary}"
+        );
+        assert!(
+            summary["no_retry_after"]
+                .as_array()
+                .is_some_and(Vec::is_empty),
+            "{summary}"
+        );
+        let elapsed = summary["elapsed"].as_f64().expect("elapsed");
+        // The peer's bucket: round(burst * perPeer / rps) = 1 at once, then 10 a second.
+        let expected = 1.0 + 10.0 * elapsed;
+        assert!(
+            (admitted as f64 - expected).abs() <= 0.1 * expected + 1.0,
+            "peer {i}: {admitted} admitted in {elapsed:.2}s, want {expected:.1} within 10 %"
+        );
+        admitted_all += admitted;
+    }
+    assert_eq!(
+        lab.seen("pod-app").len() as u64,
+        admitted_all,
+        "the app got what was admitted"
+    );
+    let route = ["direction=\"inbound\"", "route=\"api\""];
+    assert!(lab.metric("route_rate_limited_total", &route) > 0.0);
+
+    // The route's timeout, from outside the pod.
+    let out = lab.svc().exec(&[
+        "curl",
+        "-sS",
+        "-i",
+        "-m",
+        "15",
+        &format!("http://{pod}/sleep/5000"),
+    ]);
+    let got = crate::support::routes::parse_response(&crate::support::tools::text(&out.stdout))
+        .expect("a response");
+    assert_eq!(got.status, 504, "{got:?}");
+    assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");
+    let rec = lab.error_records("route_timeout", 1);
+    assert_eq!(rec[0]["route"], "slow-api", "{}", rec[0]);
+    assert_eq!(rec[0]["direction"], "inbound", "{}", rec[0]);
+}

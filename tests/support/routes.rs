@@ -92,6 +92,8 @@ pub struct Lab {
     /// An address in `svc` where nothing listens: a connection to it is refused.
     pub dead: Ipv4Addr,
     pub dns_ip: Option<Ipv4Addr>,
+    /// The pod's address (inbound requests from `svc` go to it).
+    pub pod_ip: Ipv4Addr,
     base: u32,
 }
 
@@ -156,6 +158,7 @@ impl Lab {
             endpoints: [ip(2), ip(3), ip(4)],
             dead: ip(5),
             dns_ip: None,
+            pod_ip: ip(1),
             base,
         };
         for role in ["pod", "svc"] {
@@ -294,7 +297,17 @@ impl Lab {
         self.start_app(&["grpc_endpoint.py", name, &ip, &port, mode], name);
     }
 
+    /// Starts the pod's own app: the HTTP/1.1+h2c server `name` on 127.0.0.1:80 in the pod
+    /// (`run`'s default `--app`), for inbound routes.
+    pub fn pod_app(&mut self, name: &str) {
+        self.start_app_in(0, &["endpoint.py", name, "127.0.0.1", "80", "ok"], name);
+    }
+
     fn start_app(&mut self, args: &[&str], name: &str) {
+        self.start_app_in(1, args, name);
+    }
+
+    fn start_app_in(&mut self, ns: usize, args: &[&str], name: &str) {
         let script = apps().join(args[0]);
         let mut all = vec![
             self.python.to_str().expect("a UTF-8 venv path"),
@@ -302,7 +315,7 @@ impl Lab {
             script.to_str().expect("a UTF-8 path"),
         ];
         all.extend_from_slice(&args[1..]);
-        let mut cmd = self.svc().cmd(&all);
+        let mut cmd = self.namespaces[ns].cmd(&all);
         let log = format!("{name}.log");
         self.work.spawn(&mut cmd, &log);
         eventually_blocking(&format!("{name} to listen"), LAB_WAIT, || {
@@ -434,6 +447,15 @@ impl Lab {
     /// A fixture app started in the background in the pod (output in `log`), or any command
     /// when `script` has no `.py`.
     pub fn spawn_app(&mut self, script: &str, args: &[&str], log: &str) {
+        self.spawn_app_in(0, script, args, log);
+    }
+
+    /// [`Lab::spawn_app`] in the service's namespace (a client of the pod's inbound side).
+    pub fn spawn_app_in_svc(&mut self, script: &str, args: &[&str], log: &str) {
+        self.spawn_app_in(1, script, args, log);
+    }
+
+    fn spawn_app_in(&mut self, ns: usize, script: &str, args: &[&str], log: &str) {
         let path = apps().join(script);
         let mut all: Vec<&str> = Vec::new();
         if script.ends_with(".py") {
@@ -446,8 +468,16 @@ impl Lab {
             all.push(script);
         }
         all.extend_from_slice(args);
-        let mut cmd = self.pod().cmd(&all);
+        let mut cmd = self.namespaces[ns].cmd(&all);
         self.work.spawn(&mut cmd, log);
+    }
+
+    /// The JSON line a background app wrote to `log` once it has (its summary).
+    pub fn summary(&self, log: &str) -> Value {
+        eventually_blocking(&format!("the summary in {log}"), LAB_WAIT, || {
+            let text = self.read(log);
+            serde_json::from_str::<Value>(text.trim()).map_err(|e| format!("{e}: {text}"))
+        })
     }
 
     /// The gRPC app: `grpc_client.py` to the VIP with `authority`, `calls` calls and `extra`
