@@ -748,80 +748,91 @@ fn a_route_timeout_answers_504_and_caps_grpc_deadlines() {
     assert_eq!(lab.get("timed", "/fast").status, 200);
 
     let authority = format!("greeter:{GRPC_PORT}");
-    // No deadline of its own: the route's 2 s ends the call with DEADLINE_EXCEEDED, and the app
-    // was told the route's deadline.
-    let calls = lab.grpc_calls(&authority, 1, &["--payload", "sleep:8000"]);
-    assert_eq!(calls[0]["code"], "DEADLINE_EXCEEDED", "{calls:?}");
-    // A longer deadline of the client's is capped to the route's.
+    // A longer deadline of the client's is capped to the route's; a shorter one is honoured.
     let calls = lab.grpc_calls(&authority, 1, &["--timeout", "30"]);
     assert_eq!(calls[0]["code"], "OK", "{calls:?}");
-    // A shorter one is honoured as it is.
     let calls = lab.grpc_calls(&authority, 1, &["--timeout", "0.8"]);
     assert_eq!(calls[0]["code"], "OK", "{calls:?}");
+    // No deadline of its own: the route's 2 s ends the call.
+    let calls = lab.grpc_calls(&authority, 1, &["--payload", "sleep:8000"]);
     let seen = lab.seen("gsleepy");
     assert_eq!(seen.len(), 3, "{seen:?}");
-    for (call, max) in seen.iter().zip([2.0, 2.0, 0.8]) {
+    for (call, max) in seen.iter().zip([2.0, 0.8]) {
         let remaining = call["time_remaining"].as_f64();
         assert!(
             remaining.is_some_and(|r| r > 0.0 && r <= max),
             "the app sees a deadline of at most {max} s: {call}"
         );
     }
-    let rec = lab.route_records("grpc-timed", 3);
-    assert_eq!(rec[0]["error"], "route_timeout", "{rec:?}");
+    let rec = lab.error_records("route_timeout", 2);
+    assert_eq!(rec[1]["route"], "grpc-timed", "{}", rec[1]);
+    assert_eq!(rec[1]["grpc_status"], 4, "{}", rec[1]);
+    assert_eq!(calls[0]["code"], "DEADLINE_EXCEEDED", "{calls:?}");
+    // The app was told the route's deadline too (grpc-timeout added, as capping an absent one).
+    let remaining = seen[2]["time_remaining"].as_f64();
+    assert!(
+        remaining.is_some_and(|r| r > 0.0 && r <= 2.0),
+        "a call without grpc-timeout: the app sees the route's 2 s deadline: {}",
+        seen[2]
+    );
 }
 
 // Refusals in gRPC's own words --------------------------------------------------------------
 
+/// A gRPC route over its rate: RESOURCE_EXHAUSTED, which a grpcio client can read.
 #[test]
-fn grpc_refusals_carry_grpc_status_codes() {
-    const TEST: &str = "routes::grpc_refusals_carry_grpc_status_codes";
+fn grpc_past_a_rate_limit_gets_resource_exhausted() {
+    const TEST: &str = "routes::grpc_past_a_rate_limit_gets_resource_exhausted";
     let Some(mut lab) = lab(TEST) else { return };
     lab.grpc_endpoint(0, "gapp", false);
-    let one = list(&lab, &[0], GRPC_PORT);
     lab.start_proxy(&format!(
         "outbound:\n  - name: g-rate\n    match: {{host: g-rate, grpcService: svc.S}}\n    \
-         rateLimit: {{requestsPerSecond: 1, burst: 1}}\n    endpoints: {{static: {one}}}\n  \
-         - name: g-conc\n    match: {{host: g-conc, grpcService: svc.S}}\n    \
-         concurrency: {{max: 1}}\n    endpoints: {{static: {one}}}\n"
+         rateLimit: {{requestsPerSecond: 1, burst: 1}}\n    endpoints: {{static: {}}}\n",
+        list(&lab, &[0], GRPC_PORT)
     ));
     let calls = lab.grpc_calls(&format!("g-rate:{GRPC_PORT}"), 6, &[]);
-    let codes = names(&calls, "code");
     assert_eq!(calls[0]["code"], "OK", "{calls:?}");
-    let exhausted = codes.get("RESOURCE_EXHAUSTED").copied().unwrap_or(0);
-    assert!(exhausted >= 4, "six calls at once against 1/s: {calls:?}");
-    assert_eq!(codes.len(), 2, "OK and RESOURCE_EXHAUSTED only: {calls:?}");
-    assert_eq!(
-        lab.seen("gapp").len(),
-        6 - exhausted,
-        "the refused calls never reached the app"
-    );
+    let refused = eventually_blocking("a record for each refusal", LAB_WAIT, || {
+        let n = (lab.records().iter())
+            .filter(|r| r["error"] == "rate_limited")
+            .count();
+        let admitted = lab.seen("gapp").len();
+        (n + admitted == 6)
+            .then_some(n)
+            .ok_or(format!("{n} refused + {admitted} admitted of 6"))
+    });
+    assert!(refused >= 4, "six calls at once against 1/s: {calls:?}");
     let route = ["direction=\"outbound\"", "route=\"g-rate\""];
-    lab.wait_metric("route_rate_limited_total", &route, exhausted as f64);
+    lab.wait_metric("route_rate_limited_total", &route, refused as f64);
+    let codes = names(&calls, "code");
+    assert_eq!(codes.get("RESOURCE_EXHAUSTED"), Some(&refused), "{calls:?}");
+}
 
-    // Three concurrent calls on one channel against max 1: one admitted, two UNAVAILABLE.
+/// Three concurrent calls on one channel against `max: 1`: one admitted, two UNAVAILABLE.
+#[test]
+fn grpc_past_a_concurrency_limit_gets_unavailable() {
+    const TEST: &str = "routes::grpc_past_a_concurrency_limit_gets_unavailable";
+    let Some(mut lab) = lab(TEST) else { return };
+    lab.grpc_endpoint(0, "gapp", false);
+    lab.start_proxy(&format!(
+        "outbound:\n  - name: g-conc\n    match: {{host: g-conc, grpcService: svc.S}}\n    \
+         concurrency: {{max: 1}}\n    endpoints: {{static: {}}}\n",
+        list(&lab, &[0], GRPC_PORT)
+    ));
     let calls = lab.grpc_calls(
         &format!("g-conc:{GRPC_PORT}"),
         3,
         &["--parallel", "--payload", "sleep:3000"],
     );
+    assert_eq!(lab.seen("gapp").len(), 1, "one call reached the app");
+    let route = ["direction=\"outbound\"", "route=\"g-conc\""];
+    lab.wait_metric("route_concurrency_rejected_total", &route, 2.0);
+    let ok = calls.iter().filter(|c| c["code"] == "OK").count();
+    assert_eq!(ok, 1, "{calls:?}");
     let want: BTreeMap<String, usize> = [("OK", 1), ("UNAVAILABLE", 2)]
         .map(|(c, n)| (c.to_string(), n))
         .into();
     assert_eq!(names(&calls, "code"), want, "{calls:?}");
-    let ok = calls
-        .iter()
-        .find(|c| c["code"] == "OK")
-        .expect("one call admitted");
-    assert_eq!(ok["reply"], "gapp");
-    let held = lab
-        .seen("gapp")
-        .into_iter()
-        .filter(|c| c["payload"] == "sleep:3000")
-        .count();
-    assert_eq!(held, 1, "the refused calls never reached the app");
-    let route = ["direction=\"outbound\"", "route=\"g-conc\""];
-    lab.wait_metric("route_concurrency_rejected_total", &route, 2.0);
 }
 
 // The authority an endpoint sees ------------------------------------------------------------
