@@ -137,7 +137,14 @@ async fn ready(state: &AdminState) -> Response<Full<Bytes>> {
             format!("not ready: app at {app}{path}: {why}\n"),
         );
     }
-    text(StatusCode::OK, "ready\n")
+    match state.shared.routes_problem() {
+        // Ready: the last good routes serve; the detail says the file on disk is not them.
+        Some(problem) => text(
+            StatusCode::OK,
+            format!("ready\nroutes: the file on disk is not in force: {problem}\n"),
+        ),
+        None => text(StatusCode::OK, "ready\n"),
+    }
 }
 
 /// GET the app's readiness path; ready means a 2xx within a second.

@@ -82,6 +82,15 @@ pub enum ErrorKind {
     ProxyPort,
     /// A mutual TLS (HBONE) handshake with a peer failed this check.
     Handshake(HandshakeFailure),
+    /// The route's `rateLimit` (overall or this peer's share) is spent for now.
+    RateLimited,
+    /// The route's `concurrency` is full and so is its queue, or the wait in the queue ran out.
+    ConcurrencyLimited,
+    /// The route's `timeout` (or the request's shorter `grpc-timeout`) ran out.
+    RouteTimeout,
+    /// The route's `endpoints` are none right now (a DNS name that resolves to nothing yet, or
+    /// every endpoint ejected past what may be).
+    NoEndpoints,
 }
 
 /// Which check failed a mutual TLS handshake with a peer: the `reason` label of
@@ -178,13 +187,15 @@ impl ErrorKind {
         use ErrorKind::*;
         match self {
             ConnectRefused | ConnectTimeout | ConnectFailed | UpstreamReset | UpstreamProtocol
-            | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo => Fault::App,
+            | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo | RouteTimeout
+            | NoEndpoints => Fault::App,
             ClientBody | RequestTimeout | ClientDisconnected | BadRequest | AmbiguousPath
-            | HeadersTooLarge | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort => {
-                Fault::Client
-            }
+            | HeadersTooLarge | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort
+            | RateLimited => Fault::Client,
             Handshake(_) => Fault::Peer,
-            LoopDetected | Overloaded | TooManyConnections | DrainTimeout => Fault::Proxy,
+            LoopDetected | Overloaded | TooManyConnections | DrainTimeout | ConcurrencyLimited => {
+                Fault::Proxy
+            }
         }
     }
 
@@ -195,7 +206,8 @@ impl ErrorKind {
         match self {
             ConnectRefused | ConnectFailed | UpstreamReset | UpstreamProtocol | UpstreamBody
             | ResponseBodyTimeout | TcpIo | Handshake(_) => S::BAD_GATEWAY,
-            ConnectTimeout | ResponseTimeout => S::GATEWAY_TIMEOUT,
+            ConnectTimeout | ResponseTimeout | RouteTimeout => S::GATEWAY_TIMEOUT,
+            RateLimited => S::TOO_MANY_REQUESTS,
             ClientBody | BadRequest | AmbiguousPath => S::BAD_REQUEST,
             RequestTimeout => S::REQUEST_TIMEOUT,
             HeadersTooLarge => S::REQUEST_HEADER_FIELDS_TOO_LARGE,
@@ -207,7 +219,9 @@ impl ErrorKind {
             TcpIdleTimeout => S::REQUEST_TIMEOUT,
             // As ztunnel answers a CONNECT to one of its own ports.
             ProxyPort => S::SERVICE_UNAVAILABLE,
-            Overloaded | TooManyConnections | DrainTimeout => S::SERVICE_UNAVAILABLE,
+            Overloaded | TooManyConnections | DrainTimeout | ConcurrencyLimited | NoEndpoints => {
+                S::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -238,6 +252,10 @@ impl ErrorKind {
             TcpIdleTimeout => "tcp_idle_timeout",
             ProxyPort => "proxy_port",
             Handshake(failure) => failure.kind(),
+            RateLimited => "rate_limited",
+            ConcurrencyLimited => "concurrency_limited",
+            RouteTimeout => "route_timeout",
+            NoEndpoints => "no_endpoints",
         }
     }
 
@@ -291,6 +309,16 @@ impl ErrorKind {
             }
             ProxyPort => "amazing-proxy: the destination is one of the proxy's own ports\n",
             Handshake(failure) => failure.message(),
+            RateLimited => "amazing-proxy: rate limited (the route's rateLimit); retry later\n",
+            ConcurrencyLimited => {
+                "amazing-proxy: too many requests in flight on this route (its concurrency limit); retry later\n"
+            }
+            RouteTimeout => {
+                "amazing-proxy: the request ran out of time (the route's timeout or grpc-timeout)\n"
+            }
+            NoEndpoints => {
+                "amazing-proxy: the route has no endpoint to send to (DNS gave none, or all are ejected)\n"
+            }
         }
     }
 
@@ -304,10 +332,9 @@ impl ErrorKind {
         const PERMISSION_DENIED: u8 = 7;
         use ErrorKind::*;
         match self {
-            ConnectTimeout | ResponseTimeout | ResponseBodyTimeout | RequestTimeout => {
-                DEADLINE_EXCEEDED
-            }
-            Overloaded | TooManyConnections | HeadersTooLarge => RESOURCE_EXHAUSTED,
+            ConnectTimeout | ResponseTimeout | ResponseBodyTimeout | RequestTimeout
+            | RouteTimeout => DEADLINE_EXCEEDED,
+            Overloaded | TooManyConnections | HeadersTooLarge | RateLimited => RESOURCE_EXHAUSTED,
             BadRequest | AmbiguousPath | ClientBody => INVALID_ARGUMENT,
             UpstreamProtocol | LoopDetected => INTERNAL,
             PolicyDenied => PERMISSION_DENIED,

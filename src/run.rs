@@ -142,11 +142,11 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
     }
     let config = bound.proxy_config();
     if let Some(path) = &config.routes_path {
-        tracing::warn!(
+        tracing::info!(
             path = %path.display(),
             inbound = config.routes.inbound.len(),
             outbound = config.routes.outbound.len(),
-            "routes read and valid, but not applied: the data plane does not run route phases yet (issue 19 in progress); requests are handled as without --routes"
+            "routes read: in force, reloaded when the file changes"
         );
     }
     let shared = Shared::new(&config, Box::new(std::io::stdout()));
@@ -161,6 +161,7 @@ async fn run(args: RunArgs) -> Result<Arc<Shared>, RunError> {
 
     tokio::spawn(shared.upstreams.pool.clone().reap_forever());
     tokio::spawn(shared.clone().watch_policy_forever());
+    tokio::spawn(shared.clone().watch_routes_forever());
     tokio::spawn(Listener::new(shared.clone(), inbound, Direction::Inbound).run());
     for outbound in outbound.into_iter().chain(outbound6) {
         tokio::spawn(Listener::new(shared.clone(), outbound, Direction::Outbound).run());

@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::exchange::{Exchange, RequestProgress};
 use super::limits::{InFlight, RequestMark};
+use super::traffic::concurrency::ConcurrencyPermit;
 use crate::error::ErrorKind;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -25,6 +26,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// Bounds the pauses of a stream of frames: fires when no frame came for `limit`.
 struct Stall {
     limit: Duration,
+    /// A bound on the whole stream, whatever its pace (a route's `timeout`).
+    deadline: Option<Instant>,
     last_frame: Instant,
     /// Created the first time the body has to wait: most bodies never do.
     timer: Option<Pin<Box<Sleep>>>,
@@ -34,6 +37,7 @@ impl Stall {
     fn new(limit: Duration) -> Stall {
         Stall {
             limit,
+            deadline: None,
             last_frame: Instant::now(),
             timer: None,
         }
@@ -43,9 +47,17 @@ impl Stall {
         self.last_frame = Instant::now();
     }
 
-    /// Called when the inner body is pending: `Ready` once the pause is too long.
+    /// Whether the whole stream's deadline has passed.
+    fn past_deadline(&self) -> bool {
+        self.deadline
+            .is_some_and(|deadline| Instant::now() >= deadline)
+    }
+
+    /// Called when the inner body is pending: `Ready` once the pause is too long, or the whole
+    /// stream's deadline has come.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let deadline = self.last_frame + self.limit;
+        let paused = self.last_frame + self.limit;
+        let deadline = self.deadline.map_or(paused, |hard| hard.min(paused));
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
@@ -60,9 +72,19 @@ impl Stall {
 #[error("{0}")]
 struct Stalled(ErrorKind);
 
-pub struct RequestBody {
-    /// `None`: no body (a request sent again after the keep-alive race).
-    inner: Option<Incoming>,
+pub struct RequestBody(Kind);
+
+enum Kind {
+    /// No body (a request sent again after the keep-alive race).
+    Empty,
+    /// The client's body, streamed as it arrives.
+    Stream(Stream),
+    /// One attempt's view of a body kept to be sent again ([`Replayable`]).
+    Replay(Cursor),
+}
+
+struct Stream {
+    inner: Incoming,
     progress: Option<Arc<RequestProgress>>,
     stall: Stall,
 }
@@ -73,47 +95,33 @@ impl RequestBody {
         progress: Option<Arc<RequestProgress>>,
         request_body_timeout: Duration,
     ) -> Self {
-        RequestBody {
-            inner: Some(inner),
+        RequestBody(Kind::Stream(Stream {
+            inner,
             progress,
             stall: Stall::new(request_body_timeout),
-        }
+        }))
     }
 
     pub fn empty() -> Self {
-        RequestBody {
-            inner: None,
-            progress: None,
-            stall: Stall::new(Duration::MAX),
-        }
+        RequestBody(Kind::Empty)
     }
 }
 
-impl Body for RequestBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = &mut *self;
-        let Some(inner) = &mut this.inner else {
-            return Poll::Ready(None);
-        };
-        let frame = match Pin::new(inner).poll_frame(cx) {
+impl Stream {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let frame = match Pin::new(&mut self.inner).poll_frame(cx) {
             Poll::Ready(frame) => frame,
             Poll::Pending => {
-                ready!(this.stall.poll_expired(cx));
-                if let Some(progress) = &this.progress {
+                ready!(self.stall.poll_expired(cx));
+                if let Some(progress) = &self.progress {
                     progress.timed_out.store(true, Ordering::Relaxed);
                     progress.failed.store(true, Ordering::Relaxed);
                 }
                 return Poll::Ready(Some(Err(Box::new(Stalled(ErrorKind::RequestTimeout)))));
             }
         };
-        this.stall.progressed();
-        if let Some(progress) = &this.progress {
+        self.stall.progressed();
+        if let Some(progress) = &self.progress {
             match &frame {
                 Some(Ok(f)) => {
                     if let Some(data) = f.data_ref() {
@@ -125,21 +133,182 @@ impl Body for RequestBody {
                 Some(Err(_)) => progress.failed.store(true, Ordering::Relaxed),
                 None => progress.end(),
             }
-            if this.inner.as_ref().is_some_and(Incoming::is_end_stream) {
+            if self.inner.is_end_stream() {
                 progress.end();
             }
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
     }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match &mut self.0 {
+            Kind::Empty => Poll::Ready(None),
+            Kind::Stream(stream) => stream.poll_frame(cx),
+            Kind::Replay(cursor) => cursor.poll_frame(cx),
+        }
+    }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(Incoming::is_end_stream)
+        match &self.0 {
+            Kind::Empty => true,
+            Kind::Stream(stream) => stream.inner.is_end_stream(),
+            Kind::Replay(cursor) => cursor.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or(SizeHint::with_exact(0), Incoming::size_hint)
+        match &self.0 {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Stream(stream) => stream.inner.size_hint(),
+            Kind::Replay(cursor) => cursor.size_hint(),
+        }
+    }
+}
+
+/// A request body that can be sent again (a route's retries; linkerd2-proxy's `ReplayBody`):
+/// each attempt's body streams what the client sends as it arrives, and a copy of it is kept,
+/// up to `limit` bytes, so that the next attempt replays the copy and then goes on reading
+/// the client. A body longer than `limit` is sent once: [`Replayable::can_replay`] then says no.
+/// Only the newest attempt's body reads: an older one still held by its abandoned request
+/// fails.
+pub struct Replayable(Arc<std::sync::Mutex<Kept>>);
+
+struct Kept {
+    source: RequestBody,
+    frames: Vec<Bytes>,
+    size: usize,
+    limit: usize,
+    trailers: Option<http::HeaderMap>,
+    /// The source has ended: the copy is the whole body.
+    ended: bool,
+    /// More than `limit` was read, or the source failed: no more attempts.
+    spent: bool,
+    /// The attempt whose body may read.
+    generation: u32,
+}
+
+struct Cursor {
+    kept: Arc<std::sync::Mutex<Kept>>,
+    generation: u32,
+    /// The next kept frame to replay.
+    next: usize,
+    trailers_sent: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the request body was handed to a newer attempt")]
+struct Superseded;
+
+fn lock_kept(kept: &std::sync::Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
+    kept.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Replayable {
+    pub fn new(source: RequestBody, limit: usize) -> Replayable {
+        Replayable(Arc::new(std::sync::Mutex::new(Kept {
+            source,
+            frames: Vec::new(),
+            size: 0,
+            limit,
+            trailers: None,
+            ended: false,
+            spent: false,
+            generation: 0,
+        })))
+    }
+
+    /// The body of the next attempt: the kept copy, then the rest of the client's body.
+    pub fn attempt(&self) -> RequestBody {
+        let mut kept = lock_kept(&self.0);
+        kept.generation = kept.generation.wrapping_add(1);
+        RequestBody(Kind::Replay(Cursor {
+            kept: self.0.clone(),
+            generation: kept.generation,
+            next: 0,
+            trailers_sent: false,
+        }))
+    }
+
+    /// Whether another attempt could send the whole body.
+    pub fn can_replay(&self) -> bool {
+        !lock_kept(&self.0).spent
+    }
+}
+
+impl Cursor {
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let mut kept = lock_kept(&self.kept);
+        if kept.generation != self.generation {
+            return Poll::Ready(Some(Err(Box::new(Superseded))));
+        }
+        if let Some(data) = kept.frames.get(self.next) {
+            self.next += 1;
+            return Poll::Ready(Some(Ok(Frame::data(data.clone()))));
+        }
+        if kept.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(trailers) = kept.trailers.clone() {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        let kept = &mut *kept;
+        let frame = ready!(Pin::new(&mut kept.source).poll_frame(cx));
+        match &frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    if !kept.spent && kept.size + data.len() <= kept.limit {
+                        kept.size += data.len();
+                        kept.frames.push(data.clone());
+                    } else {
+                        kept.spent = true;
+                        kept.frames = Vec::new();
+                    }
+                    self.next = kept.frames.len();
+                } else if let Some(trailers) = frame.trailers_ref() {
+                    kept.trailers = Some(trailers.clone());
+                    kept.ended = true;
+                    self.trailers_sent = true;
+                }
+                if kept.source.is_end_stream() {
+                    kept.ended = true;
+                }
+            }
+            Some(Err(_)) => kept.spent = true,
+            None => kept.ended = true,
+        }
+        Poll::Ready(frame)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let kept = lock_kept(&self.kept);
+        kept.generation == self.generation
+            && kept.ended
+            && self.next >= kept.frames.len()
+            && (self.trailers_sent || kept.trailers.is_none())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let kept = lock_kept(&self.kept);
+        if kept.ended {
+            let left: usize = kept.frames.iter().skip(self.next).map(Bytes::len).sum();
+            SizeHint::with_exact(left as u64)
+        } else if kept.frames.is_empty() && self.next == 0 && !kept.spent {
+            kept.source.size_hint()
+        } else {
+            SizeHint::default()
+        }
     }
 }
 
@@ -154,6 +323,8 @@ pub struct ResponseBody {
     exchange: Option<Exchange>,
     /// The request stays counted in flight until its response is done.
     in_flight: Option<InFlight>,
+    /// And holds its route's concurrency slot.
+    permit: Option<ConcurrencyPermit>,
     /// And open on its connection (hyper's), which is idle only once no response is in progress.
     open: Option<RequestMark>,
 }
@@ -169,8 +340,19 @@ impl ResponseBody {
             source: Source::Upstream(inner, Stall::new(response_body_timeout)),
             exchange: Some(exchange),
             in_flight,
+            permit: None,
             open: None,
         }
+    }
+
+    /// Bounds the whole body by `deadline` (a route's timeout; past it the body is cut and the
+    /// exchange logged `route_timeout`) and holds the route's concurrency slot until it ends.
+    pub fn routed(mut self, deadline: Option<Instant>, permit: Option<ConcurrencyPermit>) -> Self {
+        if let Source::Upstream(_, stall) = &mut self.source {
+            stall.deadline = deadline;
+        }
+        self.permit = permit;
+        self
     }
 
     pub fn message(text: &'static str, exchange: Option<Exchange>) -> Self {
@@ -178,6 +360,7 @@ impl ResponseBody {
             source: Source::Message(Some(Bytes::from_static(text.as_bytes()))),
             exchange,
             in_flight: None,
+            permit: None,
             open: None,
         }
     }
@@ -188,6 +371,7 @@ impl ResponseBody {
             source: Source::Message(None),
             exchange: None,
             in_flight: None,
+            permit: None,
             open: None,
         }
     }
@@ -203,6 +387,7 @@ impl ResponseBody {
             exchange.finish(error);
         }
         self.in_flight = None;
+        self.permit = None;
         self.open = None;
     }
 }
@@ -221,16 +406,23 @@ impl Body for ResponseBody {
         }
         let frame = match &mut this.source {
             Source::Upstream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
+                Poll::Ready(_) if stall.past_deadline() => {
+                    this.finish(Some(ErrorKind::RouteTimeout));
+                    return Poll::Ready(Some(Err(Box::new(Stalled(ErrorKind::RouteTimeout)))));
+                }
                 Poll::Ready(frame) => {
                     stall.progressed();
                     frame.map(|f| f.map_err(BoxError::from))
                 }
                 Poll::Pending => {
                     ready!(stall.poll_expired(cx));
-                    this.finish(Some(ErrorKind::ResponseBodyTimeout));
-                    return Poll::Ready(Some(Err(Box::new(Stalled(
-                        ErrorKind::ResponseBodyTimeout,
-                    )))));
+                    let kind = if stall.past_deadline() {
+                        ErrorKind::RouteTimeout
+                    } else {
+                        ErrorKind::ResponseBodyTimeout
+                    };
+                    this.finish(Some(kind));
+                    return Poll::Ready(Some(Err(Box::new(Stalled(kind)))));
                 }
             },
             Source::Message(data) => data.take().map(|d| Ok(Frame::data(d))),

@@ -10,18 +10,32 @@
 //!    `Host`, agreeing with `:authority`), or an HTTP/2 field value with whitespace around it (400);
 //! 3. the inbound path in the form the app resolves ([`super::path`]): ambiguous is 400;
 //! 4. the policy in force now (inbound only), for this peer, port, method and path (403);
-//! 5. capacity: a slot of `--max-in-flight` (503).
+//! 5. the route (`--routes`, [`super::routing`]) the request takes, if any: its rate limit (429),
+//!    then its concurrency limit, which may queue the request (503);
+//! 6. capacity: a slot of `--max-in-flight` (503).
 //!
-//! The retry rule ([`may_retry`]) is the driver's too: one rule from typed facts of the attempt.
+//! The retry rules are the driver's too, from typed facts of the attempt: [`may_retry`] (the
+//! keep-alive race, on every request) and [`Routed::next_attempt`] (a route's `retry`).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::Method;
+use tokio::time::Instant;
 
 use super::exchange::ConnContext;
 use super::limits::InFlight;
 use super::path::Ambiguous;
 use super::phases::Synthetic;
+use super::routing::{RouteState, RoutesInForce};
 use super::shared::Shared;
+use super::traffic::concurrency::ConcurrencyPermit;
+use super::traffic::rate::PeerKey;
+use super::traffic::retry::{RetryBackoff, RetryBudget};
+use super::upstream::balance::{Outcome, Pick};
 use crate::error::ErrorKind;
+use crate::routes::RequestKey;
 use crate::telemetry::metrics::Direction;
 
 /// What an adapter read from a request head, before any decision.
@@ -42,17 +56,44 @@ pub(crate) struct Facts<'a> {
     /// The client's connection may carry another request after a refusal: it asked for
     /// keep-alive and no byte of this request is left unread.
     pub(crate) reusable: bool,
+    /// `Host` or `:authority` as the client wrote it (routes match on it).
+    pub(crate) authority: Option<&'a str>,
+    /// A gRPC request's `grpc-timeout` (honoured on a route, capped by its `timeout`).
+    pub(crate) grpc_timeout: Option<Duration>,
+}
+
+/// A request the driver refuses: the response, and the route it took when a route's phase
+/// refused it (for its record).
+pub(crate) struct Refused {
+    pub(crate) response: Synthetic,
+    pub(crate) route: Option<Arc<str>>,
+}
+
+impl From<Synthetic> for Refused {
+    fn from(response: Synthetic) -> Refused {
+        Refused {
+            response,
+            route: None,
+        }
+    }
+}
+
+/// A request the driver lets through, and what it holds until its response ends.
+pub(crate) struct Admitted {
+    pub(crate) in_flight: InFlight,
+    /// The route it took, when `--routes` has one for it.
+    pub(crate) route: Option<Routed>,
 }
 
 /// Decides whether a request goes to the app. `Ok`: forward it, holding the in-flight slot until
 /// its response ends. `Err`: answer with this response (its close flag says whether the
 /// connection ends with it).
-pub(crate) fn admit(
+pub(crate) async fn admit(
     shared: &Shared,
     conn: &ConnContext,
     facts: &Facts<'_>,
-) -> Result<InFlight, Synthetic> {
-    let refuse = |kind| Synthetic::new(kind, facts.grpc).closing(!facts.reusable);
+) -> Result<Admitted, Refused> {
+    let refuse = |kind| Refused::from(Synthetic::new(kind, facts.grpc).closing(!facts.reusable));
     if facts.looped {
         return Err(refuse(ErrorKind::LoopDetected));
     }
@@ -74,10 +115,232 @@ pub(crate) fn admit(
     {
         return Err(refuse(ErrorKind::PolicyDenied));
     }
-    shared
+    let route = match &shared.routes {
+        Some(routes) => route_phases(routes, conn, facts).await?,
+        None => None,
+    };
+    let in_flight = shared
         .limits
         .start_request()
-        .ok_or_else(|| refuse(ErrorKind::Overloaded))
+        .ok_or_else(|| refuse(ErrorKind::Overloaded))?;
+    Ok(Admitted { in_flight, route })
+}
+
+/// The route's admission phases: which route, its rate limit, its concurrency limit (waiting in
+/// its queue when there is room in it).
+async fn route_phases(
+    routes: &RoutesInForce,
+    conn: &ConnContext,
+    facts: &Facts<'_>,
+) -> Result<Option<Routed>, Refused> {
+    let set = routes.current();
+    let key = RequestKey {
+        port: conn.port,
+        authority: facts.authority,
+        path: facts.path,
+        method: facts.method,
+        grpc: facts.grpc,
+    };
+    let Some(state) = set.find(conn.direction, &key) else {
+        return Ok(None);
+    };
+    let state = state.clone();
+    // The route's deadline counts from here: time in its queue is part of it.
+    let matched_at = Instant::now();
+    state.counters.requests.inc();
+    let refuse = |kind| Refused {
+        response: Synthetic::new(kind, facts.grpc).closing(!facts.reusable),
+        route: Some(state.label.clone()),
+    };
+    if let Some(rate) = &state.rate
+        && let Err(wait) = rate.check(&PeerKey::new(conn.peer_id.as_ref(), conn.client.ip()))
+    {
+        state.counters.rate_limited.inc();
+        tracing::debug!(route = state.name(), "rate limited");
+        let mut refused = refuse(ErrorKind::RateLimited);
+        refused.response = refused.response.retry_after(wait.header_seconds());
+        return Err(refused);
+    }
+    let permit = match &state.concurrency {
+        Some(limiter) => {
+            if state
+                .route
+                .concurrency
+                .as_ref()
+                .is_some_and(|spec| limiter.in_flight() >= spec.max)
+            {
+                state.counters.queued.inc();
+            }
+            match limiter.acquire().await {
+                Ok(permit) => Some(permit),
+                Err(rejected) => {
+                    state.counters.concurrency_rejected.inc();
+                    let wait = rejected.retry_after().header_seconds();
+                    let mut refused = refuse(ErrorKind::ConcurrencyLimited);
+                    refused.response = refused.response.retry_after(wait);
+                    return Err(refused);
+                }
+            }
+        }
+        None => None,
+    };
+    let timeout = match (state.route.timeout, facts.grpc_timeout) {
+        (Some(route), Some(grpc)) => Some(route.min(grpc)),
+        (one, other) => one.or(other),
+    };
+    if state.route.retry.is_some() {
+        set.budget.deposit();
+    }
+    Ok(Some(Routed {
+        state,
+        budget: set.budget.clone(),
+        permit,
+        deadline: timeout.map(|t| matched_at + t),
+        attempts: 0,
+    }))
+}
+
+/// The largest request body kept to send again (a route's retries): a longer one is sent once.
+pub(crate) const REPLAY_BUFFER: usize = 64 * 1024;
+
+/// A request on a route, from admission to the end of its response.
+pub(crate) struct Routed {
+    pub(crate) state: Arc<RouteState>,
+    budget: Arc<RetryBudget>,
+    /// The route's concurrency slot, held until the response ends.
+    pub(crate) permit: Option<ConcurrencyPermit>,
+    /// The whole exchange's end: the route's `timeout`, or the request's `grpc-timeout` if
+    /// sooner.
+    pub(crate) deadline: Option<Instant>,
+    /// Attempts started so far.
+    pub(crate) attempts: u32,
+}
+
+/// Why an attempt did not give the response to forward, as a route's `retry.on` names it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AttemptFailure {
+    /// No connection could be made: the app never saw the request.
+    Connect,
+    /// The connection failed before a response head; how far the request got.
+    Reset(Sent),
+    /// The attempt's own bound (`perTryTimeout`) ran out.
+    PerTryTimeout,
+    /// A response the route retries on (its status, or its head's gRPC status).
+    Response,
+}
+
+impl Routed {
+    pub(crate) fn name(&self) -> &str {
+        self.state.name()
+    }
+
+    /// Whether the route retries at all: its requests' bodies are then kept to be sent again.
+    pub(crate) fn retries(&self) -> bool {
+        self.state.route.retry.is_some()
+    }
+
+    /// Starts an attempt: the endpoint it goes to (`None`: the request's own destination,
+    /// `original`), and its bound (the route's deadline, or sooner the per-try timeout).
+    pub(crate) fn start_attempt(
+        &mut self,
+        original: SocketAddr,
+    ) -> Result<(SocketAddr, Option<Pick>, Option<Instant>), ErrorKind> {
+        self.attempts += 1;
+        let per_try = (self.state.route.retry.as_ref())
+            .and_then(|retry| retry.per_try_timeout)
+            .map(|t| Instant::now() + t);
+        let bound = match (per_try, self.deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        match &self.state.endpoints {
+            None => Ok((original, None, bound)),
+            Some(endpoints) => match endpoints.pick(original) {
+                Some((addr, pick)) => Ok((addr, Some(pick), bound)),
+                None => Err(ErrorKind::NoEndpoints),
+            },
+        }
+    }
+
+    /// Whether this response head is one the route retries on (`retry.on`: its status, or the
+    /// gRPC status of a trailers-only response).
+    pub(crate) fn retries_response(&self, status: u16, grpc_status: Option<u16>) -> bool {
+        self.state.route.retry.as_ref().is_some_and(|retry| {
+            retry.on.on_status(status)
+                || grpc_status.is_some_and(|code| retry.on.on_grpc(u32::from(code)))
+        })
+    }
+
+    /// Ends an attempt at an endpoint: the balancer learns its latency and whether it failed
+    /// (connect failures, resets, 5xx, gRPC UNAVAILABLE count, as for outlier ejection).
+    pub(crate) fn finish_attempt(
+        &self,
+        addr: SocketAddr,
+        pick: Option<Pick>,
+        started: Instant,
+        failed: bool,
+    ) {
+        let Some(pick) = pick else {
+            return;
+        };
+        let latency = started.elapsed();
+        pick.finish(if failed {
+            Outcome::Failure { latency }
+        } else {
+            Outcome::Success { latency }
+        });
+        self.state.count_attempt(addr, failed);
+    }
+
+    /// After an attempt failed: the wait before the next one, or `None` when there is none. A
+    /// request is sent again only when the route's `retry.on` names the failure, the request is
+    /// idempotent or provably never reached the app (RFC 9110 9.2.2: gRPC calls are POSTs, so
+    /// they go again only then), its body is still in hand (`replayable`), attempts remain, the
+    /// retry budget allows it and the backoff ends before the route's deadline.
+    pub(crate) fn next_attempt(
+        &self,
+        method: &Method,
+        replayable: bool,
+        failure: AttemptFailure,
+    ) -> Option<Duration> {
+        let retry = self.state.route.retry.as_ref()?;
+        if self.attempts > retry.attempts {
+            return None;
+        }
+        let named = match failure {
+            AttemptFailure::Connect => retry.on.connect_failure,
+            AttemptFailure::Reset(_) => retry.on.reset,
+            // A per-try timeout is the gateway timeout Envoy's `5xx` and `reset` cover.
+            AttemptFailure::PerTryTimeout => retry.on.reset || retry.on.on_status(504),
+            AttemptFailure::Response => true,
+        };
+        let never_received = matches!(
+            failure,
+            AttemptFailure::Connect | AttemptFailure::Reset(Sent::Nothing)
+        );
+        if !named || !replayable || !(never_received || method.is_idempotent()) {
+            return None;
+        }
+        let backoff = RetryBackoff::delay(retry.backoff, self.attempts.saturating_sub(1));
+        if self
+            .deadline
+            .is_some_and(|deadline| Instant::now() + backoff >= deadline)
+        {
+            return None;
+        }
+        if !self.budget.try_withdraw() {
+            self.state.counters.budget_exhausted.inc();
+            tracing::debug!(route = self.name(), "retry budget spent: no retry");
+            return None;
+        }
+        self.state.counters.retries.inc();
+        Some(backoff)
+    }
+
+    /// Counts a request cut by the route's deadline.
+    pub(crate) fn timed_out(&self) {
+        self.state.counters.timeouts.inc();
+    }
 }
 
 /// How far an attempt got when its connection to the app failed.

@@ -145,6 +145,11 @@ pub struct Exchange {
     pub grpc_status: Option<u16>,
     /// Set when the proxy answered with an error of its own.
     pub error: Option<ErrorKind>,
+    /// The route the request took (`--routes`) and the attempts it made.
+    pub route: Option<(Arc<str>, u32)>,
+    /// The endpoint the last attempt went to, when a route chose it (else the connection's
+    /// upstream).
+    pub endpoint: Option<SocketAddr>,
     /// Set once logged, so that dropping the exchange does not log it again.
     logged: bool,
 }
@@ -181,6 +186,8 @@ impl Exchange {
             response_bytes: 0,
             grpc_status: None,
             error: None,
+            route: None,
+            endpoint: None,
             logged: false,
         }
     }
@@ -281,6 +288,7 @@ impl Exchange {
         }
         let log = &telemetry.access_log;
         if log.enabled() {
+            let endpoint = self.endpoint.map(|addr| addr.to_string());
             log.log(&Record {
                 start: SystemTime::now() - duration,
                 duration,
@@ -289,7 +297,7 @@ impl Exchange {
                 protocol: version_str(self.version),
                 scheme: "http",
                 original_authority: self.conn.original.as_str(),
-                upstream_authority: self.conn.upstream.as_str(),
+                upstream_authority: endpoint.as_deref().unwrap_or(self.conn.upstream.as_str()),
                 path_and_query: self.path.as_str(),
                 client: &self.conn.client_text,
                 request_id: self.request_id.to_str().unwrap_or("-"),
@@ -300,6 +308,7 @@ impl Exchange {
                 error,
                 peer: self.conn.peer.as_deref(),
                 tunnel_traceparent: self.conn.tunnel_traceparent.as_deref(),
+                route: self.route.as_ref().map(|(name, n)| (&**name, *n)),
             });
         }
     }

@@ -19,8 +19,9 @@ use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
+use super::body::Replayable;
 use super::body::{RequestBody, ResponseBody};
-use super::driver::{self, Attempt, Facts, Sent, may_retry};
+use super::driver::{self, Admitted, Attempt, AttemptFailure, Facts, Routed, Sent, may_retry};
 use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
@@ -73,20 +74,13 @@ async fn respond(
         parts
             .headers
             .get(header::CONTENT_TYPE)
-            .map(HeaderValue::as_bytes),
+            .map(|v| v.as_bytes()),
     );
     let ruled = request_rules(&shared, &conn, &mut parts, upgrade);
     let use_http2 = upstream_http2(&shared, &conn, parts.version);
     // RFC 8441 to an HTTP/1.1 app: only WebSocket has an HTTP/1.1 form (a GET with `Upgrade`).
     let websocket_over_http1 = extended_connect && !use_http2;
-    let unsupported = websocket_over_http1
-        && !parts
-            .extensions
-            .get::<hyper::ext::Protocol>()
-            .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
-    if unsupported {
-        tracing::debug!("extended CONNECT refused: no HTTP/1.1 form for its :protocol");
-    }
+    let unsupported = websocket_over_http1 && !is_websocket(&parts.extensions);
     let (path, ambiguous) = judged_path(&conn, &parts.uri);
     let has_body = !body.is_end_stream();
     let progress = has_body.then(Arc::<RequestProgress>::default);
@@ -109,11 +103,19 @@ async fn respond(
         // An HTTP/2 refusal ends its stream only; hyper closes an HTTP/1 connection whose
         // request body was left unread.
         reusable: true,
+        authority: ruled.authority.as_ref().and_then(|a| a.to_str().ok()),
+        grpc_timeout: ruled.grpc_timeout,
     };
-    let in_flight = match driver::admit(&shared, &conn, &facts) {
-        Ok(in_flight) => in_flight,
-        Err(refusal) => return synthetic_response(refusal, exchange),
+    let (in_flight, mut routed) = match driver::admit(&shared, &conn, &facts).await {
+        Ok(Admitted { in_flight, route }) => (in_flight, route),
+        Err(refused) => {
+            exchange.route = refused.route.map(|route| (route, 0));
+            return synthetic_response(refused.response, exchange);
+        }
     };
+    if let Some(routed) = &routed {
+        exchange.route = Some((routed.state.label.clone(), 0));
+    }
     if websocket_over_http1 {
         phases::websocket_handshake_for_http1(&mut parts.method, &mut parts.headers);
         parts.extensions.remove::<hyper::ext::Protocol>();
@@ -128,11 +130,20 @@ async fn respond(
             settings.traffic.timeouts.request_body,
         ),
     );
-    let mut response =
-        match send(&shared, &conn, upstream_req, use_http2, progress.as_deref()).await {
-            Ok(response) => response,
-            Err(kind) => return synthetic_response(Synthetic::new(kind, grpc), exchange),
-        };
+    let sent = forward(
+        &shared,
+        &conn,
+        upstream_req,
+        use_http2,
+        progress.as_deref(),
+        routed.as_mut(),
+        &mut exchange,
+    )
+    .await;
+    let mut response = match sent {
+        Ok(response) => response,
+        Err(kind) => return synthetic_response(Synthetic::new(kind, grpc), exchange),
+    };
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
@@ -147,21 +158,48 @@ async fn respond(
     exchange.status = response.status().as_u16();
     exchange.read_grpc_status(response.headers());
     if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
-        let upstream = hyper::upgrade::on(&mut response);
-        // Counted as an open connection so that the drain waits for it (up to --drain-timeout).
-        let gauge = &shared
-            .telemetry
-            .metrics
-            .direction(conn.direction)
-            .open_connections;
-        let guard = shared.limits.track(gauge);
-        // An HTTP/2 tunnel is a stream on its connection, which stays busy until it closes.
-        tokio::spawn(tunnel(exchange, downstream, upstream, guard, open.take()));
-        return response.map(|_| ResponseBody::empty());
+        return open_tunnel(&shared, &conn, exchange, downstream, response, open.take());
     }
     let response_body_timeout = settings.traffic.timeouts.response_body;
-    response
-        .map(|body| ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout))
+    let (deadline, permit) = routed.map_or((None, None), |r| (r.deadline, r.permit));
+    response.map(|body| {
+        ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout)
+            .routed(deadline, permit)
+    })
+}
+
+/// Whether an extended CONNECT's `:protocol` is WebSocket (the one with an HTTP/1.1 form).
+fn is_websocket(extensions: &http::Extensions) -> bool {
+    let websocket = extensions
+        .get::<hyper::ext::Protocol>()
+        .is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket"));
+    if !websocket {
+        tracing::debug!("extended CONNECT refused: no HTTP/1.1 form for its :protocol");
+    }
+    websocket
+}
+
+/// A response that opened a tunnel (101, or 2xx to an extended CONNECT): bytes flow both ways
+/// from now, on a task of their own; the client gets the head.
+fn open_tunnel(
+    shared: &Shared,
+    conn: &ConnContext,
+    exchange: Exchange,
+    downstream: hyper::upgrade::OnUpgrade,
+    mut response: Response<Incoming>,
+    open: Option<RequestMark>,
+) -> Response<ResponseBody> {
+    let upstream = hyper::upgrade::on(&mut response);
+    // Counted as an open connection so that the drain waits for it (up to --drain-timeout).
+    let gauge = &shared
+        .telemetry
+        .metrics
+        .direction(conn.direction)
+        .open_connections;
+    let guard = shared.limits.track(gauge);
+    // An HTTP/2 tunnel is a stream on its connection, which stays busy until it closes.
+    tokio::spawn(tunnel(exchange, downstream, upstream, guard, open));
+    response.map(|_| ResponseBody::empty())
 }
 
 /// The path a request is judged, logged and forwarded with: inbound, in the form the app resolves
@@ -201,6 +239,10 @@ struct Ruled {
     /// No valid authority ([`phases::request_host`]), or an HTTP/2 field value with whitespace
     /// around it.
     malformed: bool,
+    /// The authority as the client wrote it, read only when routes could match on it.
+    authority: Option<HeaderValue>,
+    /// `grpc-timeout`, read only when routes could honour it.
+    grpc_timeout: Option<std::time::Duration>,
 }
 
 /// The request phase on a `HeaderMap`: loop check and `Via`, Host, hop-by-hop removal,
@@ -213,6 +255,18 @@ fn request_rules(
 ) -> Ruled {
     let settings = &shared.settings;
     let looped = settings.via.stamp(&mut parts.headers).is_err();
+    // What routes match on, as the client wrote it (before Host is rewritten).
+    let (authority, grpc_timeout) = if shared.routes.is_some() {
+        let authority = match parts.uri.authority() {
+            Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
+            None => parts.headers.get(header::HOST).cloned(),
+        };
+        let grpc_timeout = (parts.headers.get(phases::GRPC_TIMEOUT))
+            .and_then(|value| phases::parse_grpc_timeout(value.as_bytes()));
+        (authority, grpc_timeout)
+    } else {
+        (None, None)
+    };
     let tunnel =
         parts.method == Method::CONNECT && parts.extensions.get::<hyper::ext::Protocol>().is_none();
     let host = phases::request_host(
@@ -246,6 +300,8 @@ fn request_rules(
         request_id,
         looped,
         malformed,
+        authority,
+        grpc_timeout,
     }
 }
 
@@ -278,14 +334,165 @@ fn point_at_upstream(
     };
 }
 
-/// Sends the request, and once more on a fresh connection when the retry rule allows it.
-async fn send(
+/// Sends the request: on its route when it took one, else once (and again only for the
+/// keep-alive race).
+async fn forward(
     shared: &Shared,
     conn: &ConnContext,
     request: Request<RequestBody>,
     use_http2: bool,
     progress: Option<&RequestProgress>,
+    routed: Option<&mut Routed>,
+    exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ErrorKind> {
+    let Some(routed) = routed else {
+        return send(shared, request, use_http2, progress)
+            .await
+            .map_err(|(kind, _)| kind);
+    };
+    let sent = send_routed(shared, conn, request, use_http2, progress, routed, exchange).await;
+    exchange.route = Some((routed.state.label.clone(), routed.attempts));
+    sent
+}
+
+/// Sends the request on a route: attempt after attempt as its `retry` allows, each to the
+/// endpoint its balancer picks (else the request's own destination) and within the attempt's
+/// bound; the whole within the route's deadline.
+async fn send_routed(
+    shared: &Shared,
+    conn: &ConnContext,
+    request: Request<RequestBody>,
+    use_http2: bool,
+    progress: Option<&RequestProgress>,
+    routed: &mut Routed,
+    exchange: &mut Exchange,
+) -> Result<Response<Incoming>, ErrorKind> {
+    let deadline = routed.deadline;
+    let attempts = attempts(shared, conn, request, use_http2, progress, routed, exchange);
+    let Some(deadline) = deadline else {
+        return attempts.await;
+    };
+    match tokio::time::timeout_at(deadline, attempts).await {
+        Ok(result) => result,
+        Err(_) => {
+            routed.timed_out();
+            Err(ErrorKind::RouteTimeout)
+        }
+    }
+}
+
+async fn attempts(
+    shared: &Shared,
+    conn: &ConnContext,
+    request: Request<RequestBody>,
+    use_http2: bool,
+    progress: Option<&RequestProgress>,
+    routed: &mut Routed,
+    exchange: &mut Exchange,
+) -> Result<Response<Incoming>, ErrorKind> {
+    let (parts, body) = request.into_parts();
+    // Kept to be sent again only when the route retries; else sent by the first attempt alone.
+    let (replay, mut body_once) = if routed.retries() {
+        (Some(Replayable::new(body, driver::REPLAY_BUFFER)), None)
+    } else {
+        (None, Some(body))
+    };
+    loop {
+        let (addr, pick, bound) = routed.start_attempt(conn.upstream_addr)?;
+        let body = match &replay {
+            Some(replay) => replay.attempt(),
+            None => body_once.take().unwrap_or_else(RequestBody::empty),
+        };
+        let mut request = Request::from_parts(parts.clone(), body);
+        if pick.is_some() {
+            aim_at(request.uri_mut(), addr);
+            exchange.endpoint = Some(addr);
+        }
+        if let Some(deadline) = routed.deadline
+            && request.headers().contains_key(phases::GRPC_TIMEOUT)
+        {
+            // The app sees what is left of the deadline.
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            request
+                .headers_mut()
+                .insert(phases::GRPC_TIMEOUT, phases::grpc_timeout_value(left));
+        }
+        let started = tokio::time::Instant::now();
+        let once = send(shared, request, use_http2, progress);
+        let result = match bound {
+            Some(bound) => match tokio::time::timeout_at(bound, once).await {
+                Ok(result) => result,
+                Err(_) if routed.deadline.is_some_and(|d| d <= bound) => {
+                    routed.finish_attempt(addr, pick, started, true);
+                    routed.timed_out();
+                    return Err(ErrorKind::RouteTimeout);
+                }
+                Err(_) => Err((
+                    ErrorKind::ResponseTimeout,
+                    Some(AttemptFailure::PerTryTimeout),
+                )),
+            },
+            None => once.await,
+        };
+        let replayable = replay.as_ref().is_some_and(Replayable::can_replay);
+        let (failure, kind) = match result {
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let grpc_status = (response.headers().get("grpc-status"))
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.parse::<u16>().ok());
+                let failed = status >= 500 || grpc_status == Some(UNAVAILABLE);
+                if !routed.retries_response(status, grpc_status) {
+                    routed.finish_attempt(addr, pick, started, failed);
+                    return Ok(response);
+                }
+                match routed.next_attempt(&parts.method, replayable, AttemptFailure::Response) {
+                    Some(backoff) => {
+                        routed.finish_attempt(addr, pick, started, failed);
+                        drop(response);
+                        tokio::time::sleep(backoff).await;
+                        continue;
+                    }
+                    None => {
+                        routed.finish_attempt(addr, pick, started, failed);
+                        return Ok(response);
+                    }
+                }
+            }
+            Err((kind, failure)) => (failure, kind),
+        };
+        routed.finish_attempt(addr, pick, started, true);
+        let Some(failure) = failure else {
+            return Err(kind);
+        };
+        match routed.next_attempt(&parts.method, replayable, failure) {
+            Some(backoff) => tokio::time::sleep(backoff).await,
+            None => return Err(kind),
+        }
+    }
+}
+
+/// gRPC's UNAVAILABLE: an attempt that failed, for the balancer.
+const UNAVAILABLE: u16 = 14;
+
+/// Points a request's URI at `addr`, keeping its scheme and path.
+fn aim_at(uri: &mut Uri, addr: std::net::SocketAddr) {
+    let mut parts = std::mem::take(uri).into_parts();
+    parts.authority = http::uri::Authority::try_from(addr.to_string().as_str()).ok();
+    if let Ok(aimed) = Uri::from_parts(parts) {
+        *uri = aimed;
+    }
+}
+
+/// Sends the request, and once more on a fresh connection when the retry rule allows it. On
+/// failure: what went wrong, and the failure as a route's `retry.on` sees it (`None`: none it
+/// could name).
+async fn send(
+    shared: &Shared,
+    request: Request<RequestBody>,
+    use_http2: bool,
+    progress: Option<&RequestProgress>,
+) -> Result<Response<Incoming>, (ErrorKind, Option<AttemptFailure>)> {
     let upstreams = &shared.upstreams;
     let (pooled, fresh) = if use_http2 {
         (&upstreams.http2, &upstreams.http2_fresh)
@@ -304,6 +511,8 @@ async fn send(
         again
     });
     let method = request.method().clone();
+    let request_upstream = request.uri().authority().cloned();
+    let request_upstream = request_upstream.as_ref().map_or("-", |a| a.as_str());
     let failure = match attempt(shared, pooled, request, progress).await {
         Ok(response) => return Ok(response),
         Err(failure) => failure,
@@ -318,7 +527,10 @@ async fn send(
     };
     let failure = match replay {
         Some(again) if may_retry(&method, has_body, retry) => {
-            tracing::debug!(upstream = %conn.upstream, "the app closed a reused connection without answering: sending the request again on a new one");
+            tracing::debug!(
+                upstream = request_upstream,
+                "the app closed a reused connection without answering: sending the request again on a new one"
+            );
             match attempt(shared, fresh, again, None).await {
                 Ok(response) => return Ok(response),
                 Err(failure) => failure,
@@ -326,16 +538,28 @@ async fn send(
         }
         _ => failure,
     };
-    let kind = match (&failure.error, progress) {
-        (None, _) => ErrorKind::ResponseTimeout,
-        (Some(_), Some(p)) if p.timed_out.load(Ordering::Relaxed) => ErrorKind::RequestTimeout,
-        (Some(_), Some(p)) if p.failed.load(Ordering::Relaxed) => ErrorKind::ClientBody,
-        (Some(err), _) => classify_client_error(err),
+    let (kind, named) = match (&failure.error, progress) {
+        (None, _) => (
+            ErrorKind::ResponseTimeout,
+            Some(AttemptFailure::PerTryTimeout),
+        ),
+        (Some(_), Some(p)) if p.timed_out.load(Ordering::Relaxed) => {
+            (ErrorKind::RequestTimeout, None)
+        }
+        (Some(_), Some(p)) if p.failed.load(Ordering::Relaxed) => (ErrorKind::ClientBody, None),
+        (Some(err), _) if err.is_connect() => {
+            (classify_client_error(err), Some(AttemptFailure::Connect))
+        }
+        (Some(err), _) if is_closed_before_answering(err) => (
+            classify_client_error(err),
+            Some(AttemptFailure::Reset(Sent::NoResponse)),
+        ),
+        (Some(err), _) => (classify_client_error(err), None),
     };
     if let Some(err) = &failure.error {
-        tracing::debug!(error = %err, kind = kind.as_str(), upstream = %conn.upstream, "request failed");
+        tracing::debug!(error = %err, kind = kind.as_str(), upstream = %request_upstream, "request failed");
     }
-    Err(kind)
+    Err((kind, named))
 }
 
 /// A failed attempt: the client's error (`None`: the response timeout), and whether the

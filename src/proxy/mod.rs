@@ -31,6 +31,7 @@ pub mod listener;
 pub mod path;
 pub mod phases;
 pub mod rewind;
+pub(crate) mod routing;
 pub mod shared;
 pub mod tcp;
 pub mod traffic;
@@ -73,7 +74,11 @@ impl Shared {
                 &telemetry.metrics.identity_expiry_seconds,
             )
         });
+        let routes = config.routes_path.as_ref().map(|path| {
+            routing::RoutesInForce::new(path.clone(), config.routes.clone(), telemetry.clone())
+        });
         Arc::new(Shared {
+            routes,
             settings: Settings {
                 traffic: config.traffic.clone(),
                 via: Via::random(),

@@ -10,6 +10,7 @@
 //! - the responses the proxy makes itself: [`Synthetic`], gRPC-aware.
 
 use std::net::IpAddr;
+use std::time::Duration;
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{StatusCode, Version};
@@ -281,6 +282,51 @@ pub fn is_grpc(content_type: Option<&[u8]>) -> bool {
         .is_some_and(|ct| ct.len() >= 16 && ct[..16].eq_ignore_ascii_case(b"application/grpc"))
 }
 
+/// The gRPC request field that carries the call's deadline.
+pub const GRPC_TIMEOUT: &str = "grpc-timeout";
+
+/// A `grpc-timeout` value (gRPC over HTTP/2: `TimeoutValue TimeoutUnit`, at most 8 ASCII digits
+/// and one of `H M S m u n`); `None` for anything else, which gRPC says to treat as no deadline.
+pub fn parse_grpc_timeout(value: &[u8]) -> Option<Duration> {
+    let (&unit, digits) = value.split_last()?;
+    if digits.is_empty() || digits.len() > 8 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    let n = digits
+        .iter()
+        .fold(0u64, |n, d| n * 10 + u64::from(d - b'0'));
+    Some(match unit {
+        b'H' => Duration::from_secs(n * 3600),
+        b'M' => Duration::from_secs(n * 60),
+        b'S' => Duration::from_secs(n),
+        b'm' => Duration::from_millis(n),
+        b'u' => Duration::from_micros(n),
+        b'n' => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// `left` as a `grpc-timeout` value: the finest unit whose count fits in 8 digits (rounded
+/// down, so the app never gets more time than is left).
+pub fn grpc_timeout_value(left: Duration) -> HeaderValue {
+    const MAX: u128 = 99_999_999;
+    let units: [(u128, u8); 6] = [
+        (left.as_nanos(), b'n'),
+        (left.as_micros(), b'u'),
+        (left.as_millis(), b'm'),
+        (u128::from(left.as_secs()), b'S'),
+        (u128::from(left.as_secs() / 60), b'M'),
+        (u128::from(left.as_secs() / 3600), b'H'),
+    ];
+    let (count, unit) = units
+        .into_iter()
+        .find(|(count, _)| *count <= MAX)
+        .unwrap_or((MAX, b'H'));
+    let mut text = itoa::Buffer::new().format(count).as_bytes().to_vec();
+    text.push(unit);
+    HeaderValue::from_bytes(&text).unwrap_or_else(|_| HeaderValue::from_static("0n"))
+}
+
 /// This proxy instance's name in `Via` (RFC 9110 7.6.3): a pseudonym random per process, so that a
 /// request that comes back to the same proxy is recognised (a redirect loop) while one that passes
 /// another amazing-proxy (the client pod's sidecar) is not.
@@ -478,6 +524,9 @@ pub struct Synthetic {
     /// The client's connection ends with this response (HTTP/1: `Connection: close`; HTTP/2
     /// has no such field and keeps its connection: the stream alone ends).
     pub close: bool,
+    /// `Retry-After` in seconds, when the refusal knows when to come back (a rate limit); a 503
+    /// without one says 1.
+    pub retry_after: Option<u64>,
 }
 
 impl Synthetic {
@@ -487,7 +536,23 @@ impl Synthetic {
             kind,
             grpc,
             close: false,
+            retry_after: None,
         }
+    }
+
+    /// The same response, telling the client to come back after `seconds` (at least 1).
+    pub fn retry_after(mut self, seconds: u64) -> Synthetic {
+        self.retry_after = Some(seconds.max(1));
+        self
+    }
+
+    /// The `Retry-After` value in seconds: refusals that ask the client to come back (503,
+    /// 429); gRPC has no such field.
+    fn retry_after_seconds(self) -> Option<u64> {
+        let status = self.kind.status();
+        let asks_back =
+            status == StatusCode::SERVICE_UNAVAILABLE || status == StatusCode::TOO_MANY_REQUESTS;
+        (!self.grpc && asks_back).then(|| self.retry_after.unwrap_or(1))
     }
 
     /// The same response, ending the connection when `close`.
@@ -512,8 +577,6 @@ impl Synthetic {
     /// The header fields, in order, with our names in canonical case.
     pub fn fields(self) -> impl Iterator<Item = (&'static str, &'static str)> {
         let kind = self.kind;
-        let retry_after = (!self.grpc && kind.status() == StatusCode::SERVICE_UNAVAILABLE)
-            .then_some(("Retry-After", "1"));
         let grpc = self.grpc.then(|| {
             [
                 ("Content-Type", "application/grpc"),
@@ -525,7 +588,6 @@ impl Synthetic {
         std::iter::once(("Server", "amazing-proxy"))
             .chain(plain)
             .chain(grpc.into_iter().flatten())
-            .chain(retry_after)
     }
 
     /// As HTTP/1.1 bytes, `Content-Length` and (when it closes) `Connection: close` included.
@@ -551,6 +613,12 @@ impl Synthetic {
         for (name, value) in self.fields() {
             field(name, value.as_bytes());
         }
+        if let Some(seconds) = self.retry_after_seconds() {
+            field(
+                "Retry-After",
+                itoa::Buffer::new().format(seconds).as_bytes(),
+            );
+        }
         field(
             "Content-Length",
             itoa::Buffer::new().format(body.len()).as_bytes(),
@@ -572,6 +640,9 @@ impl Synthetic {
             ) {
                 headers.insert(name, value);
             }
+        }
+        if let Some(seconds) = self.retry_after_seconds() {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds));
         }
         if self.close {
             headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -615,6 +686,44 @@ fn grpc_status_text(code: u8) -> &'static str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse_and_render() {
+        let parse = |v: &str| parse_grpc_timeout(v.as_bytes());
+        assert_eq!(parse("1H"), Some(Duration::from_secs(3600)));
+        assert_eq!(parse("2M"), Some(Duration::from_secs(120)));
+        assert_eq!(parse("3S"), Some(Duration::from_secs(3)));
+        assert_eq!(parse("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(parse("99999999u"), Some(Duration::from_micros(99_999_999)));
+        assert_eq!(parse("7n"), Some(Duration::from_nanos(7)));
+        for bad in [
+            "",
+            "m",
+            "100",
+            "123456789m",
+            "1x",
+            "-1S",
+            "1.5S",
+            " 1S",
+            "1 S",
+        ] {
+            assert_eq!(parse(bad), None, "{bad:?}");
+        }
+        let render = |d: Duration| grpc_timeout_value(d).to_str().unwrap_or("?").to_owned();
+        assert_eq!(render(Duration::from_millis(30)), "30000000n");
+        assert_eq!(render(Duration::from_millis(300)), "300000u");
+        assert_eq!(render(Duration::from_secs(2)), "2000000u");
+        assert_eq!(render(Duration::from_secs(1000)), "1000000m");
+        assert_eq!(render(Duration::from_secs(200_000)), "200000S");
+        assert_eq!(render(Duration::ZERO), "0n");
+        for d in [
+            Duration::from_millis(1234),
+            Duration::from_secs(86_400 * 3000),
+        ] {
+            let back = parse(&render(d)).unwrap_or_default();
+            assert!(back <= d, "{d:?} rendered as more: {back:?}");
+        }
+    }
 
     #[test]
     fn hyper_refusals_are_recognised_and_nothing_else() {

@@ -13,6 +13,7 @@ use super::drain::Drain;
 use super::exchange::ConnContext;
 use super::limits::Limits;
 use super::phases::{self, Via};
+use super::routing::RoutesInForce;
 use super::upstream::Upstreams;
 use super::upstream::tunnels::Pool;
 use crate::identity::SpiffeId;
@@ -65,6 +66,8 @@ pub struct Shared {
     pub(crate) policy: Option<tokio::sync::watch::Sender<Arc<Policy>>>,
     /// Where --policy was read from.
     pub(crate) policy_path: Option<std::path::PathBuf>,
+    /// The --routes file's routes in force, replaced when the file changes.
+    pub(crate) routes: Option<RoutesInForce>,
 }
 
 /// Mutual TLS: the identity, the modes and the outbound pool.
@@ -171,6 +174,51 @@ impl Shared {
                 ),
             }
         }
+    }
+}
+
+impl Shared {
+    /// Reloads --routes whenever its file changes (checked as --policy is); a file that no
+    /// longer validates is logged loudly, shown on `/ready` and in `routes_reload_failed`, and
+    /// the routes in force stay.
+    pub async fn watch_routes_forever(self: Arc<Self>) {
+        let Some(routes) = &self.routes else {
+            return;
+        };
+        let path = routes.path.clone();
+        let stamp = || {
+            std::fs::metadata(&path)
+                .ok()
+                .map(|m| (m.modified().ok(), m.len()))
+        };
+        // Nothing seen yet: the first tick reads the file again (a change since the start's read).
+        let mut seen = None;
+        let mut ticker = tokio::time::interval(POLICY_POLL);
+        loop {
+            ticker.tick().await;
+            let now = Some(stamp());
+            if now == seen {
+                continue;
+            }
+            seen = now;
+            match crate::routes::Routes::load(&path) {
+                Ok(loaded) => {
+                    routes.replace(loaded);
+                    tracing::info!(path = %path.display(), "routes reloaded");
+                }
+                Err(e) => {
+                    tracing::error!(
+                        "the routes file changed but cannot be used ({e}); the previous routes stay in force: fix the file"
+                    );
+                    routes.said(Some(e.to_string()));
+                }
+            }
+        }
+    }
+
+    /// Why the routes file on disk is not in force, when it is not (for `/ready`).
+    pub fn routes_problem(&self) -> Option<String> {
+        self.routes.as_ref().and_then(RoutesInForce::problem)
     }
 }
 

@@ -127,6 +127,7 @@ pub(crate) fn finish(
             error,
             peer: route.peer.as_deref(),
             tunnel_traceparent: route.tunnel_traceparent.as_deref(),
+            route: None,
         });
     }
 }
@@ -165,6 +166,7 @@ pub(crate) fn log_refused(
         error: Some(error),
         peer: None,
         tunnel_traceparent: None,
+        route: None,
     });
 }
 

@@ -74,6 +74,12 @@ impl RouteTable {
 
     /// The first route that matches the request.
     pub fn find(&self, key: &RequestKey<'_>) -> Option<&Route> {
+        self.find_index(key).and_then(|i| self.routes.get(i))
+    }
+
+    /// The place of the first route that matches the request (the data plane keeps each route's
+    /// running state by it).
+    pub fn find_index(&self, key: &RequestKey<'_>) -> Option<usize> {
         let candidates = match self
             .by_port
             .binary_search_by_key(&key.port, |(port, _)| *port)
@@ -87,9 +93,13 @@ impl RouteTable {
         let key = Prepared::new(key);
         candidates
             .iter()
-            .filter(|&&i| self.quick.get(i as usize).is_some_and(|q| q.admits(&key)))
-            .filter_map(|&i| self.routes.get(i as usize))
-            .find(|route| route.matcher.matches_prepared(&key))
+            .map(|&i| i as usize)
+            .filter(|&i| self.quick.get(i).is_some_and(|q| q.admits(&key)))
+            .find(|&i| {
+                self.routes
+                    .get(i)
+                    .is_some_and(|route| route.matcher.matches_prepared(&key))
+            })
     }
 }
 

@@ -51,6 +51,8 @@ pub(crate) struct Record<'a> {
     pub(crate) peer: Option<&'a str>,
     /// The HBONE tunnel's W3C `traceparent`, the same in the client's record and the server's.
     pub(crate) tunnel_traceparent: Option<&'a str>,
+    /// The route the request took (`--routes`), and how many attempts it made.
+    pub(crate) route: Option<(&'a str, u32)>,
 }
 
 /// `scheme://authority/path`, written without building a String first.
@@ -148,6 +150,12 @@ impl Record<'_> {
         if let Some(traceparent) = self.tunnel_traceparent {
             out.extend_from_slice(b",\"tunnel_traceparent\":");
             json_str(out, &[traceparent]);
+        }
+        if let Some((route, attempts)) = self.route {
+            out.extend_from_slice(b",\"route\":");
+            json_str(out, &[route]);
+            out.extend_from_slice(b",\"attempts\":");
+            json_int(out, u64::from(attempts));
         }
         if let Some(error) = self.error {
             out.extend_from_slice(b",\"error\":\"");
@@ -411,6 +419,7 @@ mod tests {
             error: None,
             peer: None,
             tunnel_traceparent: None,
+            route: None,
         }
     }
 

@@ -134,6 +134,124 @@ pub(crate) struct HandshakeLabels {
     pub(crate) reason: HandshakeFailure,
 }
 
+/// A route of the routes file: its direction and name (the file's names, a bounded set).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct RouteLabels {
+    pub(crate) direction: Direction,
+    pub(crate) route: String,
+}
+
+/// An endpoint of an outbound route (the addresses its `endpoints` give, at most a few hundred).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct EndpointLabels {
+    pub(crate) route: String,
+    pub(crate) endpoint: String,
+}
+
+/// What the routes file's phases count, per route and per endpoint.
+pub(crate) struct RouteFamilies {
+    pub(crate) requests: Family<RouteLabels, Counter>,
+    pub(crate) retries: Family<RouteLabels, Counter>,
+    pub(crate) budget_exhausted: Family<RouteLabels, Counter>,
+    pub(crate) rate_limited: Family<RouteLabels, Counter>,
+    pub(crate) queued: Family<RouteLabels, Counter>,
+    pub(crate) concurrency_rejected: Family<RouteLabels, Counter>,
+    pub(crate) timeouts: Family<RouteLabels, Counter>,
+    pub(crate) endpoint_requests: Family<EndpointLabels, Counter>,
+    pub(crate) endpoint_failures: Family<EndpointLabels, Counter>,
+    pub(crate) endpoint_ejections: Family<EndpointLabels, Counter>,
+    pub(crate) endpoint_ewma: Family<EndpointLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// 1 while the routes file on disk does not validate and the last good routes stay in force.
+    pub(crate) reload_failed: Gauge,
+}
+
+impl RouteFamilies {
+    fn register(registry: &mut Registry) -> RouteFamilies {
+        fn family<L, M>(registry: &mut Registry, name: &str, help: &str) -> Family<L, M>
+        where
+            L: Clone
+                + std::hash::Hash
+                + Eq
+                + EncodeLabelSet
+                + std::fmt::Debug
+                + Send
+                + Sync
+                + 'static,
+            M: Default
+                + prometheus_client::metrics::TypedMetric
+                + prometheus_client::encoding::EncodeMetric
+                + std::fmt::Debug
+                + Send
+                + Sync
+                + 'static,
+        {
+            let family = Family::<L, M>::default();
+            registry.register(name, help, family.clone());
+            family
+        }
+        let reload_failed = Gauge::default();
+        registry.register(
+            "routes_reload_failed",
+            "1 while the --routes file does not validate and the last good routes stay in force",
+            reload_failed.clone(),
+        );
+        RouteFamilies {
+            requests: family(
+                registry,
+                "route_requests",
+                "Requests that took a route, by route",
+            ),
+            retries: family(registry, "route_retries", "Retries sent, by route"),
+            budget_exhausted: family(
+                registry,
+                "route_retry_budget_exhausted",
+                "Retries the rules allowed but the retry budget refused, by route",
+            ),
+            rate_limited: family(
+                registry,
+                "route_rate_limited",
+                "Requests refused by the route's rateLimit (429)",
+            ),
+            queued: family(
+                registry,
+                "route_queued",
+                "Requests that waited in the route's concurrency queue",
+            ),
+            concurrency_rejected: family(
+                registry,
+                "route_concurrency_rejected",
+                "Requests refused by the route's concurrency limit (503)",
+            ),
+            timeouts: family(
+                registry,
+                "route_timeouts",
+                "Requests cut by the route's timeout or their grpc-timeout (504)",
+            ),
+            endpoint_requests: family(
+                registry,
+                "endpoint_requests",
+                "Attempts sent to each endpoint of an outbound route",
+            ),
+            endpoint_failures: family(
+                registry,
+                "endpoint_failures",
+                "Attempts that failed (connect failure, reset, 5xx, gRPC UNAVAILABLE) per endpoint",
+            ),
+            endpoint_ejections: family(
+                registry,
+                "endpoint_ejections",
+                "Times each endpoint was ejected by the route's outlier detection",
+            ),
+            endpoint_ewma: family(
+                registry,
+                "endpoint_ewma_latency_seconds",
+                "The balancer's EWMA of each endpoint's latency",
+            ),
+            reload_failed,
+        }
+    }
+}
+
 /// Handles resolved once per direction.
 #[derive(Clone)]
 pub(crate) struct DirectionMetrics {
@@ -161,6 +279,7 @@ pub struct Metrics {
     pub(crate) drain_cut_requests: Counter,
     /// Seconds until the workload certificate expires (negative once expired); 0 without one.
     pub identity_expiry_seconds: Gauge,
+    pub(crate) routes: RouteFamilies,
 }
 
 impl Default for Metrics {
@@ -304,8 +423,10 @@ impl Metrics {
             identity_expiry_seconds.clone(),
         );
 
+        let routes = RouteFamilies::register(&mut registry);
         Metrics {
             registry,
+            routes,
             requests,
             errors,
             grpc,

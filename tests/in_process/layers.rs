@@ -116,7 +116,7 @@ const LAYERS: &[Layer] = &[
     // exchange on it for every adapter.
     Layer {
         name: "state and the driver",
-        modules: &["proxy::shared", "proxy::driver"],
+        modules: &["proxy::shared", "proxy::driver", "proxy::routing"],
         uses: Uses::Below,
     },
     // The protocol adapters: read and write bytes.

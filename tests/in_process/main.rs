@@ -33,6 +33,7 @@ mod proxy_failures;
 mod proxy_http;
 mod resilience;
 mod routes_golden;
+mod routes_phases;
 mod seed_httpbin;
 mod vocab_consistency;
 mod webhook_tls;

@@ -57,6 +57,9 @@ pub struct RequestPlan {
     /// One valid Host (RFC 9112 3.2; HTTP/1.0 may omit it): else the driver answers 400, with the
     /// request's method, path and id in its record.
     pub authority_valid: bool,
+    /// Where the authority as the client wrote it lies in the head (the absolute-form target's,
+    /// else the first Host's), for routes to match on: read only when there are routes.
+    pub authority_at: Option<std::ops::Range<usize>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -510,9 +513,11 @@ pub fn plan_request(
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestPlan, RequestVerdict> {
-    let parsed = match parse_request(buf, |req, n| plan_parsed_request(req, n, rw, out)) {
+    // The head's address: where a field lies in it is its value's address less this.
+    let base = buf.as_ptr() as usize;
+    let parsed = match parse_request(buf, |req, n| plan_parsed_request(req, n, base, rw, out)) {
         Err(httparse::Error::Version) if downgrade_minor_version(buf) => {
-            parse_request(buf, |req, n| plan_parsed_request(req, n, rw, out))
+            parse_request(buf, |req, n| plan_parsed_request(req, n, base, rw, out))
         }
         parsed => parsed,
     };
@@ -527,6 +532,7 @@ pub fn plan_request(
 fn plan_parsed_request(
     req: &httparse::Request<'_, '_>,
     head_len: usize,
+    base: usize,
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
 ) -> Result<RequestPlan, RequestVerdict> {
@@ -566,9 +572,16 @@ fn plan_parsed_request(
         Ok(None) => None,
         Err(reason) => Some(reason),
     };
+    let authority =
+        (target.authority.map(|a| (a.as_ptr() as usize, a.len()))).or(fields.first_host);
+    let authority_at = authority.and_then(|(at, len)| {
+        let start = at.checked_sub(base)?;
+        Some(start..start + len)
+    });
     let request_id =
         write_request_head(req.headers, method, &target, &mut fields, framing, rw, out);
     Ok(RequestPlan {
+        authority_at,
         head_len,
         method: method_value,
         path: target.origin.into_owned(),
@@ -590,6 +603,8 @@ struct RequestFields {
     content_length: Option<u64>,
     codings: Codings,
     hosts: usize,
+    /// The first Host's value: its address and length (see [`RequestPlan::authority_at`]).
+    first_host: Option<(usize, usize)>,
     /// A Host field that is not a valid authority.
     bad_host: bool,
     keep_alive: bool,
@@ -634,6 +649,9 @@ fn scan_request_fields(
                 // RFC 9112 3.2: one Host, with a valid value (judged by the driver).
                 f.hosts += 1;
                 f.bad_host |= !phases::valid_host(h.value, false);
+                if f.first_host.is_none() {
+                    f.first_host = Some((h.value.as_ptr() as usize, h.value.len()));
+                }
             }
             Field::Connection => {
                 f.keep_alive &= !says_close(h.value);

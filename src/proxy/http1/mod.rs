@@ -22,6 +22,7 @@
 pub mod chunked;
 pub mod framing;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,13 +33,16 @@ use tokio::net::TcpStream;
 use tokio::time::timeout;
 
 use crate::error::{ErrorKind, classify_io};
-use crate::proxy::driver::{self, Attempt, Facts, Sent, may_retry};
+use crate::proxy::driver::{
+    self, Admitted, Attempt, AttemptFailure, Facts, Routed, Sent, may_retry,
+};
 use crate::proxy::exchange::{ConnContext, Exchange, PathText};
 use crate::proxy::limits::{Activity, Slot};
 use crate::proxy::phases::Synthetic;
 use crate::proxy::rewind::Rewind;
 use crate::proxy::shared::Shared;
 use crate::proxy::upstream::UpstreamConn;
+use crate::proxy::upstream::balance::Pick;
 use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};
 use framing::{
@@ -94,12 +98,55 @@ enum Next {
 }
 
 /// Which side a body copy failed on.
+/// What the attempts need to know of the request.
+struct Request<'a> {
+    method: &'a Method,
+    has_body: bool,
+    shape: Shape,
+    /// The body is in hand (or there is none): it can be sent again.
+    replayable: bool,
+}
+
+/// Why no response came to forward.
+enum Unanswered {
+    /// Answered with this error.
+    Refused(ErrorKind),
+    /// The client went away.
+    ClientGone,
+}
+
+/// Where one attempt goes, and what the route's balancer needs to hear of it.
+struct Target {
+    addr: SocketAddr,
+    pick: Option<Pick>,
+    /// The attempt's bound: the route's deadline, or sooner its per-try timeout.
+    bound: Option<tokio::time::Instant>,
+    started: tokio::time::Instant,
+}
+
+/// How one attempt ended.
+enum Tried {
+    Answered(UpstreamConn, ResponsePlan),
+    Failed {
+        kind: ErrorKind,
+        sent: Sent,
+        /// The connection had carried a request before (the keep-alive race).
+        reused: bool,
+        /// No connection could be made.
+        connect: bool,
+    },
+    /// The attempt's bound ran out.
+    TimedOut,
+}
+
 enum CopyError {
     Read,
     Write,
     Invalid,
     /// The source paused longer than the body timeout.
     Stalled,
+    /// The route's timeout came first.
+    Deadline,
 }
 
 impl From<InvalidChunk> for CopyError {
@@ -128,7 +175,7 @@ pub struct Connection {
     /// The response head for the client.
     out: Vec<u8>,
     /// The app connection the last request used, kept while the client is busy.
-    sticky: Option<UpstreamConn>,
+    sticky: Option<(SocketAddr, UpstreamConn)>,
 }
 
 impl Connection {
@@ -178,11 +225,8 @@ impl Connection {
 
     /// Gives the app connection back to the pool (if it is clean).
     fn release_upstream(&mut self) {
-        if let Some(up) = self.sticky.take() {
-            self.shared
-                .upstreams
-                .pool
-                .checkin(self.ctx.upstream_addr, up);
+        if let Some((addr, up)) = self.sticky.take() {
+            self.shared.upstreams.pool.checkin(addr, up);
         }
     }
 
@@ -285,6 +329,13 @@ impl Connection {
     /// One request and its response.
     async fn exchange(&mut self, plan: RequestPlan, start: Instant) -> Next {
         self.slot.set(Activity::Busy);
+        // What routes match on, as the client wrote it: read only when there are routes.
+        let authority = match (&self.shared.routes, &plan.authority_at) {
+            (Some(_), Some(at)) => (self.buf.get(at.clone()))
+                .and_then(|bytes| std::str::from_utf8(bytes).ok())
+                .map(str::to_owned),
+            _ => None,
+        };
         self.buf.advance(plan.head_len);
         let shape = Shape {
             framing: plan.framing,
@@ -313,10 +364,19 @@ impl Connection {
             malformed: !plan.authority_valid,
             ambiguous: plan.ambiguous,
             reusable: inline_body == Some(0) && plan.keep_alive,
+            authority: authority.as_deref(),
+            // gRPC is HTTP/2: never on this path.
+            grpc_timeout: None,
         };
-        let _in_flight = match driver::admit(&self.shared, &self.ctx, &facts) {
-            Ok(in_flight) => in_flight,
-            Err(refusal) => return self.respond(exchange, refusal).await,
+        let Admitted {
+            in_flight: _in_flight,
+            route: mut routed,
+        } = match driver::admit(&self.shared, &self.ctx, &facts).await {
+            Ok(admitted) => admitted,
+            Err(refused) => {
+                exchange.route = refused.route.map(|route| (route, 0));
+                return self.respond(exchange, refused.response).await;
+            }
         };
         if let Some(n) = inline_body {
             self.head.extend_from_slice(&self.buf[..n]);
@@ -328,45 +388,212 @@ impl Connection {
         let close_after_error = inline_body.is_none() || !plan.keep_alive;
         let refuse = |kind| Synthetic::new(kind, plan.grpc).closing(close_after_error);
 
+        let deadline = routed.as_ref().and_then(|r| r.deadline);
+        if let Some(routed) = &routed {
+            exchange.route = Some((routed.state.label.clone(), 0));
+        }
+        let request = Request {
+            method: &plan.method,
+            has_body,
+            shape,
+            // A body in hand can be sent again.
+            replayable: inline_body.is_some(),
+        };
+        let (addr, up, response) = match self.attempts(&request, &mut routed, &mut exchange).await {
+            Ok(answered) => answered,
+            Err(Unanswered::ClientGone) => {
+                exchange.finish_with_error(ErrorKind::ClientDisconnected);
+                return Next::Close;
+            }
+            Err(Unanswered::Refused(kind)) => return self.respond(exchange, refuse(kind)).await,
+        };
+        self.forward_response(addr, up, response, exchange, deadline)
+            .await
+    }
+
+    /// Sends the request until an attempt gives the response to forward: once (and again on a
+    /// fresh connection for the keep-alive race), or on a route, attempt after attempt as its
+    /// `retry` allows, each to the endpoint its balancer picks, within the attempt's bound.
+    async fn attempts(
+        &mut self,
+        request: &Request<'_>,
+        routed: &mut Option<Routed>,
+        exchange: &mut Exchange,
+    ) -> Result<(SocketAddr, UpstreamConn, ResponsePlan), Unanswered> {
         let mut fresh = false;
-        let (up, response) = loop {
-            let up = match self.upstream(fresh).await {
-                Ok(up) => up,
-                Err(kind) => return self.respond(exchange, refuse(kind)).await,
+        // The route's attempt in progress (a keep-alive race retry stays within it).
+        let mut current: Option<Target> = None;
+        loop {
+            let target = match current.take() {
+                Some(target) => target,
+                None => self.start_attempt(routed.as_mut(), exchange)?,
             };
-            let reused = up.reused;
-            match self
-                .send_and_read_head(up, shape, &mut exchange, inline_body.is_some())
-                .await
-            {
-                Ok(pair) => break pair,
-                Err((kind, sent)) => {
-                    if may_retry(&plan.method, has_body, Attempt { reused, sent }) {
+            let tried = self
+                .try_once(
+                    &target,
+                    std::mem::take(&mut fresh),
+                    request.shape,
+                    exchange,
+                    request.replayable,
+                )
+                .await;
+            let settle = |target: Target, failed: bool| {
+                if let Some(routed) = routed.as_ref() {
+                    routed.finish_attempt(target.addr, target.pick, target.started, failed);
+                }
+            };
+            let (kind, failure, replayable) = match tried {
+                Tried::Answered(up, response) => {
+                    let retry = routed
+                        .as_ref()
+                        .is_some_and(|r| r.retries_response(response.status, response.grpc_status));
+                    let addr = target.addr;
+                    settle(target, response.status >= 500);
+                    let backoff = routed.as_ref().filter(|_| retry).and_then(|r| {
+                        r.next_attempt(request.method, request.replayable, AttemptFailure::Response)
+                    });
+                    let Some(backoff) = backoff else {
+                        return Ok((addr, up, response));
+                    };
+                    // The response goes unread, and its connection with it.
+                    drop(up);
+                    tokio::time::sleep(backoff).await;
+                    continue;
+                }
+                Tried::Failed {
+                    kind,
+                    sent,
+                    reused,
+                    connect,
+                } => {
+                    let attempt = Attempt { reused, sent };
+                    if !connect && may_retry(request.method, request.has_body, attempt) {
                         // The keep-alive race: the app closed the reused connection as the
                         // request left. Again, once, on a freshly dialled connection.
-                        tracing::debug!(upstream = %self.ctx.upstream, "the app closed a reused connection without answering: sending the request again on a new one");
+                        tracing::debug!(upstream = %target.addr, "the app closed a reused connection without answering: sending the request again on a new one");
                         fresh = true;
+                        current = Some(target);
                         continue;
                     }
+                    settle(target, true);
                     if kind == ErrorKind::ClientDisconnected {
-                        exchange.finish_with_error(kind);
-                        return Next::Close;
+                        return Err(Unanswered::ClientGone);
                     }
-                    return self.respond(exchange, refuse(kind)).await;
+                    let failure = if connect {
+                        Some(AttemptFailure::Connect)
+                    } else if kind == ErrorKind::UpstreamReset && sent != Sent::ResponseStarted {
+                        Some(AttemptFailure::Reset(sent))
+                    } else {
+                        None
+                    };
+                    // A connect failure read nothing of a streamed body: it is still whole.
+                    (kind, failure, request.replayable || connect)
                 }
+                Tried::TimedOut => {
+                    settle(target, true);
+                    if let Some(routed) = routed.as_ref()
+                        && routed
+                            .deadline
+                            .is_some_and(|d| tokio::time::Instant::now() >= d)
+                    {
+                        routed.timed_out();
+                        return Err(Unanswered::Refused(ErrorKind::RouteTimeout));
+                    }
+                    let failure = Some(AttemptFailure::PerTryTimeout);
+                    (ErrorKind::ResponseTimeout, failure, request.replayable)
+                }
+            };
+            let backoff = routed
+                .as_ref()
+                .zip(failure)
+                .and_then(|(r, failure)| r.next_attempt(request.method, replayable, failure));
+            match backoff {
+                Some(backoff) => tokio::time::sleep(backoff).await,
+                None => return Err(Unanswered::Refused(kind)),
+            }
+        }
+    }
+
+    /// Where the next attempt goes: the request's own destination, or the endpoint the route
+    /// picks (noted in the record with the attempt's number).
+    fn start_attempt(
+        &self,
+        routed: Option<&mut Routed>,
+        exchange: &mut Exchange,
+    ) -> Result<Target, Unanswered> {
+        let started = tokio::time::Instant::now();
+        let Some(routed) = routed else {
+            return Ok(Target {
+                addr: self.ctx.upstream_addr,
+                pick: None,
+                bound: None,
+                started,
+            });
+        };
+        let attempt = routed.start_attempt(self.ctx.upstream_addr);
+        exchange.route = Some((routed.state.label.clone(), routed.attempts));
+        let (addr, pick, bound) = attempt.map_err(Unanswered::Refused)?;
+        if pick.is_some() {
+            exchange.endpoint = Some(addr);
+        }
+        Ok(Target {
+            addr,
+            pick,
+            bound,
+            started,
+        })
+    }
+
+    /// One attempt: a connection to `target` (a fresh one when `fresh`), the request written
+    /// and the response head read, within the attempt's bound.
+    async fn try_once(
+        &mut self,
+        target: &Target,
+        fresh: bool,
+        shape: Shape,
+        exchange: &mut Exchange,
+        inline: bool,
+    ) -> Tried {
+        let attempt = async {
+            let up = match self.upstream(target.addr, fresh).await {
+                Ok(up) => up,
+                Err(kind) => {
+                    return Tried::Failed {
+                        kind,
+                        sent: Sent::Nothing,
+                        reused: false,
+                        connect: true,
+                    };
+                }
+            };
+            let reused = up.reused;
+            match self.send_and_read_head(up, shape, exchange, inline).await {
+                Ok((up, response)) => Tried::Answered(up, response),
+                Err((kind, sent)) => Tried::Failed {
+                    kind,
+                    sent,
+                    reused,
+                    connect: false,
+                },
             }
         };
-
-        self.forward_response(up, response, exchange).await
+        match target.bound {
+            Some(bound) => tokio::time::timeout_at(bound, attempt)
+                .await
+                .unwrap_or(Tried::TimedOut),
+            None => attempt.await,
+        }
     }
 
     /// The response phase: the head (with `Connection: close` when draining) and the body; the
     /// app connection is kept for the next request only when it carried nothing more.
     async fn forward_response(
         &mut self,
+        addr: SocketAddr,
         mut up: UpstreamConn,
         response: ResponsePlan,
         mut exchange: Exchange,
+        deadline: Option<tokio::time::Instant>,
     ) -> Next {
         let closing = self.slot.close_requested();
         if closing && response.keep_alive {
@@ -382,7 +609,7 @@ impl Connection {
         exchange.status = response.status;
         exchange.grpc_status = response.grpc_status;
         up.buf.advance(response.head_len);
-        let copied = copy_body(
+        let copying = copy_body(
             &mut up.stream,
             &mut up.buf,
             &mut self.client,
@@ -390,8 +617,14 @@ impl Connection {
             &mut self.out,
             &mut exchange.response_bytes,
             self.shared.settings.traffic.timeouts.response_body,
-        )
-        .await;
+        );
+        let copied = match deadline {
+            // A route's timeout covers the body too.
+            Some(deadline) => tokio::time::timeout_at(deadline, copying)
+                .await
+                .unwrap_or(Err(CopyError::Deadline)),
+            None => copying.await,
+        };
         match copied {
             Ok(trailer_status) => {
                 // A gRPC status in the trailers is the call's (as the hyper path reads it).
@@ -402,6 +635,7 @@ impl Connection {
                 exchange.finish(Some(match e {
                     CopyError::Write => ErrorKind::ClientDisconnected,
                     CopyError::Stalled => ErrorKind::ResponseBodyTimeout,
+                    CopyError::Deadline => ErrorKind::RouteTimeout,
                     CopyError::Read | CopyError::Invalid => ErrorKind::UpstreamBody,
                 }));
                 return Next::Close;
@@ -411,7 +645,7 @@ impl Connection {
         // to be trusted with another request.
         if response.upstream_reusable && up.buf.is_empty() {
             up.reused = true;
-            self.sticky = Some(up);
+            self.sticky = Some((addr, up));
         }
         if response.keep_alive && !closing {
             Next::KeepAlive
@@ -420,13 +654,15 @@ impl Connection {
         }
     }
 
-    /// A connection to the app: the one the last request used, else a pooled one, else a new one;
+    /// A connection to `addr`: the one the last request used, else a pooled one, else a new one;
     /// `fresh` always dials.
-    async fn upstream(&mut self, fresh: bool) -> Result<UpstreamConn, ErrorKind> {
-        let addr = self.ctx.upstream_addr;
+    async fn upstream(&mut self, addr: SocketAddr, fresh: bool) -> Result<UpstreamConn, ErrorKind> {
         if !fresh {
-            if let Some(up) = self.sticky.take().filter(UpstreamConn::is_clean) {
-                return Ok(up);
+            match self.sticky.take() {
+                Some((at, up)) if at == addr && up.is_clean() => return Ok(up),
+                // Another endpoint's (a route's balancer picked elsewhere): back to the pool.
+                Some((at, up)) if at != addr => self.shared.upstreams.pool.checkin(at, up),
+                _ => {}
             }
             if let Some(up) = self.shared.upstreams.pool.checkout(addr) {
                 return Ok(up);
@@ -478,6 +714,7 @@ impl Connection {
                     CopyError::Read => ErrorKind::ClientBody,
                     CopyError::Invalid => ErrorKind::BadRequest,
                     CopyError::Stalled => ErrorKind::RequestTimeout,
+                    CopyError::Deadline => ErrorKind::RouteTimeout,
                 };
                 return Err((kind, Sent::ResponseStarted));
             }

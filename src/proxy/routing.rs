@@ -1,0 +1,421 @@
+//! The routes in force (`--routes`, [`crate::routes`]) with each route's running state: its rate
+//! and concurrency limiters, its endpoints and their balancer, its counters; and the retry
+//! budget they share. Built by one constructor ([`RouteSet::build`]), replaced whole when the file
+//! changes: a route whose name and spec are unchanged keeps its state (its buckets, its queue, its
+//! balancer's latencies and ejections), so that a reload resets nothing that did not change.
+//!
+//! The driver asks [`RouteSet::find`] which route a request takes; what a route then does to the
+//! request is the driver's ([`super::driver`]).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use prometheus_client::metrics::counter::Counter;
+
+use super::traffic::concurrency::ConcurrencyLimiter;
+use super::traffic::rate::RateLimiter;
+use super::traffic::retry::RetryBudget;
+use super::upstream::balance::{BalanceKind, Balancer, OutlierConfig, Pick};
+use super::upstream::endpoints::{self, Resolver, Source};
+use crate::routes::{
+    Balance, EndpointsSpec, RequestKey, RetryBudgetSpec, Route, RouteTable, Routes,
+};
+use crate::telemetry::Telemetry;
+use crate::telemetry::metrics::{Direction, EndpointLabels, RouteLabels};
+
+/// How often the endpoints' latency and ejection metrics are brought up to date.
+const ENDPOINT_METRICS_EVERY: Duration = Duration::from_secs(1);
+
+/// The routes file in force, and where it is read from.
+pub(crate) struct RoutesInForce {
+    pub(crate) path: PathBuf,
+    current: tokio::sync::watch::Sender<Arc<RouteSet>>,
+    /// Built once, the first time a route names a DNS name (reading the pod's resolv.conf).
+    resolver: Mutex<Option<Arc<Resolver>>>,
+    /// Why the file on disk is not the routes in force, while it is not.
+    problem: Mutex<Option<String>>,
+    telemetry: Arc<Telemetry>,
+}
+
+impl RoutesInForce {
+    /// The routes of a file validated at start. Must run in the runtime (DNS endpoints are kept
+    /// current by tasks of it).
+    pub(crate) fn new(path: PathBuf, routes: Routes, telemetry: Arc<Telemetry>) -> RoutesInForce {
+        let in_force = RoutesInForce {
+            path,
+            current: tokio::sync::watch::Sender::new(Arc::new(RouteSet::default())),
+            resolver: Mutex::new(None),
+            problem: Mutex::new(None),
+            telemetry,
+        };
+        in_force.replace(routes);
+        in_force
+    }
+
+    /// The routes in force now.
+    pub(crate) fn current(&self) -> Arc<RouteSet> {
+        self.current.borrow().clone()
+    }
+
+    /// Puts `routes` in force, keeping the state of every route that did not change.
+    pub(crate) fn replace(&self, routes: Routes) {
+        let previous = self.current();
+        let next = RouteSet::build(
+            routes,
+            Some(&previous),
+            &|| self.resolver(),
+            &self.telemetry,
+        );
+        self.current.send_replace(Arc::new(next));
+        self.said(None);
+    }
+
+    /// Notes why the file on disk is not in force (`None`: it is).
+    pub(crate) fn said(&self, problem: Option<String>) {
+        let failed = problem.is_some();
+        *lock(&self.problem) = problem;
+        self.telemetry
+            .metrics
+            .routes
+            .reload_failed
+            .set(i64::from(failed));
+    }
+
+    /// Why the file on disk is not the routes in force, if it is not.
+    pub(crate) fn problem(&self) -> Option<String> {
+        lock(&self.problem).clone()
+    }
+
+    fn resolver(&self) -> Option<Arc<Resolver>> {
+        let mut resolver = lock(&self.resolver);
+        if resolver.is_none() {
+            match Resolver::from_system() {
+                Ok(built) => *resolver = Some(Arc::new(built)),
+                Err(e) => tracing::error!("routes: DNS endpoints cannot be resolved: {e}"),
+            }
+        }
+        resolver.clone()
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The routes of a file and their running state, by the same index as the file's tables.
+pub(crate) struct RouteSet {
+    routes: Routes,
+    inbound: Vec<Arc<RouteState>>,
+    outbound: Vec<Arc<RouteState>>,
+    budget_spec: RetryBudgetSpec,
+    pub(crate) budget: Arc<RetryBudget>,
+}
+
+impl Default for RouteSet {
+    fn default() -> Self {
+        let budget_spec = RetryBudgetSpec::default();
+        RouteSet {
+            routes: Routes::default(),
+            inbound: Vec::new(),
+            outbound: Vec::new(),
+            budget: Arc::new(RetryBudget::new(
+                budget_spec.ratio,
+                budget_spec.min_per_second,
+            )),
+            budget_spec,
+        }
+    }
+}
+
+impl RouteSet {
+    /// The running state of `routes`, reusing `previous`'s for every route whose name, direction
+    /// and spec are the same (and its budget when `retryBudget` is).
+    pub(crate) fn build(
+        routes: Routes,
+        previous: Option<&RouteSet>,
+        resolver: &dyn Fn() -> Option<Arc<Resolver>>,
+        telemetry: &Arc<Telemetry>,
+    ) -> RouteSet {
+        let budget_spec = routes.retry_budget.clone().unwrap_or_default();
+        let budget = match previous {
+            Some(previous) if previous.budget_spec == budget_spec => previous.budget.clone(),
+            _ => Arc::new(RetryBudget::new(
+                budget_spec.ratio,
+                budget_spec.min_per_second,
+            )),
+        };
+        let states = |table: &RouteTable, direction: Direction| -> Vec<Arc<RouteState>> {
+            let old = previous.map(|p| match direction {
+                Direction::Inbound => &p.inbound,
+                Direction::Outbound => &p.outbound,
+            });
+            table
+                .iter()
+                .map(|route| {
+                    let kept =
+                        old.and_then(|old| old.iter().find(|state| state.route == *route).cloned());
+                    kept.unwrap_or_else(|| {
+                        Arc::new(RouteState::new(
+                            route.clone(),
+                            direction,
+                            resolver,
+                            telemetry,
+                        ))
+                    })
+                })
+                .collect()
+        };
+        RouteSet {
+            inbound: states(&routes.inbound, Direction::Inbound),
+            outbound: states(&routes.outbound, Direction::Outbound),
+            routes,
+            budget_spec,
+            budget,
+        }
+    }
+
+    /// The route a request takes, if any: the first of its direction whose `match` it satisfies.
+    pub(crate) fn find(
+        &self,
+        direction: Direction,
+        key: &RequestKey<'_>,
+    ) -> Option<&Arc<RouteState>> {
+        let (table, states) = match direction {
+            Direction::Inbound => (&self.routes.inbound, &self.inbound),
+            Direction::Outbound => (&self.routes.outbound, &self.outbound),
+        };
+        table.find_index(key).and_then(|i| states.get(i))
+    }
+}
+
+/// One route and what it keeps between requests.
+pub(crate) struct RouteState {
+    pub(crate) route: Route,
+    /// The route's name, shared with the records of its requests.
+    pub(crate) label: Arc<str>,
+    pub(crate) rate: Option<RateLimiter>,
+    pub(crate) concurrency: Option<ConcurrencyLimiter>,
+    pub(crate) endpoints: Option<RouteEndpoints>,
+    pub(crate) counters: RouteCounters,
+    telemetry: Arc<Telemetry>,
+}
+
+/// The route's counters, resolved once.
+pub(crate) struct RouteCounters {
+    pub(crate) requests: Counter,
+    pub(crate) retries: Counter,
+    pub(crate) budget_exhausted: Counter,
+    pub(crate) rate_limited: Counter,
+    pub(crate) queued: Counter,
+    pub(crate) concurrency_rejected: Counter,
+    pub(crate) timeouts: Counter,
+}
+
+impl RouteState {
+    fn new(
+        route: Route,
+        direction: Direction,
+        resolver: &dyn Fn() -> Option<Arc<Resolver>>,
+        telemetry: &Arc<Telemetry>,
+    ) -> RouteState {
+        let families = &telemetry.metrics.routes;
+        let labels = RouteLabels {
+            direction,
+            route: route.name.clone(),
+        };
+        let counters = RouteCounters {
+            requests: families.requests.get_or_create(&labels).clone(),
+            retries: families.retries.get_or_create(&labels).clone(),
+            budget_exhausted: families.budget_exhausted.get_or_create(&labels).clone(),
+            rate_limited: families.rate_limited.get_or_create(&labels).clone(),
+            queued: families.queued.get_or_create(&labels).clone(),
+            concurrency_rejected: families.concurrency_rejected.get_or_create(&labels).clone(),
+            timeouts: families.timeouts.get_or_create(&labels).clone(),
+        };
+        let rate = route
+            .rate_limit
+            .as_ref()
+            .map(|spec| RateLimiter::new(spec.requests_per_second, spec.burst, spec.per_peer));
+        let concurrency = route
+            .concurrency
+            .as_ref()
+            .map(|spec| ConcurrencyLimiter::new(spec.max, spec.queue, spec.queue_timeout));
+        let endpoints = route
+            .endpoints
+            .as_ref()
+            .map(|spec| RouteEndpoints::start(&route, spec, resolver, telemetry));
+        RouteState {
+            label: Arc::from(route.name.as_str()),
+            route,
+            rate,
+            concurrency,
+            endpoints,
+            counters,
+            telemetry: telemetry.clone(),
+        }
+    }
+
+    pub(crate) fn name(&self) -> &str {
+        &self.route.name
+    }
+
+    /// Counts an attempt sent to `endpoint`, and whether it failed.
+    pub(crate) fn count_attempt(&self, endpoint: SocketAddr, failed: bool) {
+        if self.endpoints.is_none() {
+            return;
+        }
+        let families = &self.telemetry.metrics.routes;
+        let labels = EndpointLabels {
+            route: self.route.name.clone(),
+            endpoint: endpoint.to_string(),
+        };
+        families.endpoint_requests.get_or_create(&labels).inc();
+        if failed {
+            families.endpoint_failures.get_or_create(&labels).inc();
+        }
+    }
+}
+
+/// An outbound route's endpoints: the balancer over them, kept current by a task that ends with
+/// the route.
+pub(crate) struct RouteEndpoints {
+    pub(crate) balancer: Arc<Balancer>,
+    /// A DNS name without a port: its addresses take the port the request was sent to.
+    port_from_request: bool,
+    task: Option<tokio::task::AbortHandle>,
+}
+
+impl Drop for RouteEndpoints {
+    fn drop(&mut self) {
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+    }
+}
+
+impl RouteEndpoints {
+    fn start(
+        route: &Route,
+        spec: &EndpointsSpec,
+        resolver: &dyn Fn() -> Option<Arc<Resolver>>,
+        telemetry: &Arc<Telemetry>,
+    ) -> RouteEndpoints {
+        let kind = match route.balance {
+            Balance::P2cEwma => BalanceKind::P2cEwma,
+            Balance::RoundRobin => BalanceKind::RoundRobin,
+        };
+        let outlier = route.outlier.as_ref().map(|o| OutlierConfig {
+            consecutive_failures: o.consecutive_failures,
+            eject_for: o.eject_for,
+            max_ejected_percent: o.max_ejected_percent,
+        });
+        let balancer = Arc::new(Balancer::new(kind, outlier));
+        let receiver = match spec {
+            EndpointsSpec::Static(addrs) => {
+                balancer.set_endpoints(addrs);
+                None
+            }
+            // Resolved with port 0 when the name has none: the request's port goes in at pick.
+            EndpointsSpec::Dns { name, port } => resolver().map(|resolver| {
+                let source = Source::Dns {
+                    name: name.clone(),
+                    port: port.unwrap_or(0),
+                };
+                endpoints::watch(source, &resolver)
+            }),
+        };
+        let task = tokio::runtime::Handle::try_current().ok().map(|runtime| {
+            runtime
+                .spawn(keep_current(
+                    receiver,
+                    balancer.clone(),
+                    route.name.clone(),
+                    telemetry.clone(),
+                ))
+                .abort_handle()
+        });
+        RouteEndpoints {
+            balancer,
+            port_from_request: matches!(spec, EndpointsSpec::Dns { port: None, .. }),
+            task,
+        }
+    }
+
+    /// An endpoint for one attempt at a request sent to `original`; `None` when there is none
+    /// to pick (no address yet, or every one ejected).
+    pub(crate) fn pick(&self, original: SocketAddr) -> Option<(SocketAddr, Pick)> {
+        let pick = self.balancer.pick()?;
+        let mut addr = pick.addr;
+        if self.port_from_request {
+            addr.set_port(original.port());
+        }
+        Some((addr, pick))
+    }
+}
+
+/// Keeps the balancer's endpoints those `receiver` publishes (DNS), and the endpoints' latency and
+/// ejection metrics current, until the route is dropped (which aborts this task).
+async fn keep_current(
+    mut receiver: Option<tokio::sync::watch::Receiver<Arc<[SocketAddr]>>>,
+    balancer: Arc<Balancer>,
+    route: String,
+    telemetry: Arc<Telemetry>,
+) {
+    let families = &telemetry.metrics.routes;
+    let mut ejections_seen: Vec<(SocketAddr, u64)> = Vec::new();
+    if let Some(receiver) = &mut receiver {
+        let addrs = receiver.borrow_and_update().clone();
+        balancer.set_endpoints(&addrs);
+    }
+    let mut ticker = tokio::time::interval(ENDPOINT_METRICS_EVERY);
+    loop {
+        let changed = async {
+            match &mut receiver {
+                Some(receiver) => receiver.changed().await.is_ok(),
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            alive = changed => {
+                if !alive {
+                    receiver = None;
+                    continue;
+                }
+                if let Some(receiver) = &mut receiver {
+                    let addrs = receiver.borrow_and_update().clone();
+                    balancer.set_endpoints(&addrs);
+                }
+            }
+            _ = ticker.tick() => {
+                for endpoint in balancer.snapshot() {
+                    let labels = EndpointLabels {
+                        route: route.clone(),
+                        endpoint: endpoint.addr.to_string(),
+                    };
+                    families
+                        .endpoint_ewma
+                        .get_or_create(&labels)
+                        .set(endpoint.ewma.as_secs_f64());
+                    let seen = match ejections_seen.iter_mut().find(|(a, _)| *a == endpoint.addr) {
+                        Some((_, seen)) => seen,
+                        None => {
+                            ejections_seen.push((endpoint.addr, 0));
+                            &mut ejections_seen.last_mut().expect("just pushed").1
+                        }
+                    };
+                    if endpoint.ejections > *seen {
+                        families
+                            .endpoint_ejections
+                            .get_or_create(&labels)
+                            .inc_by(endpoint.ejections - *seen);
+                        *seen = endpoint.ejections;
+                    }
+                }
+            }
+        }
+    }
+}
