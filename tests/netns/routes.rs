@@ -757,24 +757,27 @@ fn a_route_timeout_answers_504_and_caps_grpc_deadlines() {
     let calls = lab.grpc_calls(&authority, 1, &["--payload", "sleep:8000"]);
     let seen = lab.seen("gsleepy");
     assert_eq!(seen.len(), 3, "{seen:?}");
+    // grpc-timeout travels in whole units (grpcio rounds up): 50 ms of slack, far from 2 s.
     for (call, max) in seen.iter().zip([2.0, 0.8]) {
         let remaining = call["time_remaining"].as_f64();
         assert!(
-            remaining.is_some_and(|r| r > 0.0 && r <= max),
+            remaining.is_some_and(|r| r > 0.0 && r <= max + 0.05),
             "the app sees a deadline of at most {max} s: {call}"
         );
     }
     let rec = lab.error_records("route_timeout", 2);
     assert_eq!(rec[1]["route"], "grpc-timed", "{}", rec[1]);
     assert_eq!(rec[1]["grpc_status"], 4, "{}", rec[1]);
-    assert_eq!(calls[0]["code"], "DEADLINE_EXCEEDED", "{calls:?}");
     // The app was told the route's deadline too (grpc-timeout added, as capping an absent one).
     let remaining = seen[2]["time_remaining"].as_f64();
     assert!(
-        remaining.is_some_and(|r| r > 0.0 && r <= 2.0),
+        remaining.is_some_and(|r| r > 0.0 && r <= 2.05),
         "a call without grpc-timeout: the app sees the route's 2 s deadline: {}",
         seen[2]
     );
+    // A refusal a grpcio client reads: a Trailers-Only response (one HEADERS frame that ends the
+    // stream), else grpcio reports UNKNOWN "Stream removed".
+    assert_eq!(calls[0]["code"], "DEADLINE_EXCEEDED", "{calls:?}");
 }
 
 // Refusals in gRPC's own words --------------------------------------------------------------
