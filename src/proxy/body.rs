@@ -181,8 +181,11 @@ impl Body for RequestBody {
 /// fails.
 pub struct Replayable(Arc<std::sync::Mutex<Kept>>);
 
+/// Any request body (the client's, in production; a test's own).
+type AnyBody = Pin<Box<dyn Body<Data = Bytes, Error = BoxError> + Send>>;
+
 struct Kept {
-    source: RequestBody,
+    source: AnyBody,
     frames: Vec<Bytes>,
     size: usize,
     limit: usize,
@@ -213,9 +216,12 @@ fn lock_kept(kept: &std::sync::Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
 }
 
 impl Replayable {
-    pub fn new(source: RequestBody, limit: usize) -> Replayable {
+    pub fn new<B>(source: B, limit: usize) -> Replayable
+    where
+        B: Body<Data = Bytes, Error = BoxError> + Send + 'static,
+    {
         Replayable(Arc::new(std::sync::Mutex::new(Kept {
-            source,
+            source: Box::pin(source),
             frames: Vec::new(),
             size: 0,
             limit,
@@ -264,7 +270,7 @@ impl Cursor {
             return Poll::Ready(None);
         }
         let kept = &mut *kept;
-        let frame = ready!(Pin::new(&mut kept.source).poll_frame(cx));
+        let frame = ready!(kept.source.as_mut().poll_frame(cx));
         match &frame {
             Some(Ok(frame)) => {
                 if let Some(data) = frame.data_ref() {
@@ -469,5 +475,78 @@ impl Drop for ResponseBody {
         // 204, content-length reached); otherwise the client went away mid-response.
         let error = (!self.is_end_stream()).then_some(ErrorKind::ClientDisconnected);
         self.finish(error);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    /// A body of these frames (data, then trailers when given), then its end.
+    fn body_of(
+        chunks: &[&'static str],
+        trailers: Option<http::HeaderMap>,
+    ) -> impl Body<Data = Bytes, Error = BoxError> + Send + 'static {
+        let mut frames: Vec<Result<Frame<Bytes>, BoxError>> = chunks
+            .iter()
+            .map(|c| Ok(Frame::data(Bytes::from_static(c.as_bytes()))))
+            .collect();
+        if let Some(trailers) = trailers {
+            frames.push(Ok(Frame::trailers(trailers)));
+        }
+        http_body_util::StreamBody::new(futures_util::stream::iter(frames))
+    }
+
+    async fn read(body: RequestBody) -> (Vec<u8>, Option<http::HeaderMap>) {
+        let collected = body.collect().await.expect("the body");
+        let trailers = collected.trailers().cloned();
+        (collected.to_bytes().to_vec(), trailers)
+    }
+
+    #[tokio::test]
+    async fn every_attempt_sends_the_same_bytes_and_trailers() {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+        let replay = Replayable::new(body_of(&["ab", "cd", "e"], Some(trailers)), 64);
+        for _ in 0..3 {
+            let (bytes, trailers) = read(replay.attempt()).await;
+            assert_eq!(bytes, b"abcde");
+            assert_eq!(
+                trailers.and_then(|t| t.get("grpc-status").cloned()),
+                Some(http::HeaderValue::from_static("0"))
+            );
+            assert!(replay.can_replay());
+        }
+    }
+
+    #[tokio::test]
+    async fn an_attempt_cut_short_is_completed_by_the_next() {
+        let replay = Replayable::new(body_of(&["ab", "cd", "ef"], None), 64);
+        // The first attempt reads one frame and fails: the next replays it, then reads on.
+        let mut first = replay.attempt();
+        let frame = first.frame().await.expect("a frame").expect("data");
+        assert_eq!(frame.into_data().ok(), Some(Bytes::from_static(b"ab")));
+        let second = replay.attempt();
+        // The old attempt's body is superseded: it can no longer take the client's frames.
+        assert!(first.frame().await.is_some_and(|f| f.is_err()));
+        assert_eq!(read(second).await.0, b"abcdef");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_limit_streams_once_and_is_not_replayable() {
+        let replay = Replayable::new(body_of(&["abcd", "efgh", "ij"], None), 6);
+        assert_eq!(read(replay.attempt()).await.0, b"abcdefghij");
+        assert!(!replay.can_replay());
+    }
+
+    #[tokio::test]
+    async fn a_replayed_whole_body_says_its_exact_size() {
+        let replay = Replayable::new(body_of(&["abc", "de"], None), 64);
+        let _ = read(replay.attempt()).await;
+        let again = replay.attempt();
+        assert_eq!(again.size_hint().exact(), Some(5));
+        assert!(!again.is_end_stream());
+        assert_eq!(read(again).await.0, b"abcde");
     }
 }

@@ -383,6 +383,143 @@ pub(crate) fn may_retry(method: &Method, has_body: bool, attempt: Attempt) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routes::Routes;
+    use crate::telemetry::Telemetry;
+    use crate::vocab::AccessLogFormat;
+
+    /// The request on the first outbound route of `yaml`, admitted as the driver admits it.
+    fn routed(yaml: &str) -> Routed {
+        let telemetry = Arc::new(Telemetry::new(
+            AccessLogFormat::Off,
+            Box::new(std::io::sink()),
+        ));
+        let routes = Routes::from_yaml(yaml).expect("a valid routes file");
+        let set = super::super::routing::RouteSet::build(routes, None, &|| None, &telemetry);
+        let key = RequestKey {
+            port: 80,
+            authority: Some("svc"),
+            path: "/",
+            method: &Method::GET,
+            grpc: false,
+        };
+        let state = set
+            .find(Direction::Outbound, &key)
+            .expect("a route")
+            .clone();
+        set.budget.deposit();
+        Routed {
+            state,
+            budget: set.budget.clone(),
+            permit: None,
+            deadline: None,
+            attempts: 1,
+        }
+    }
+
+    #[test]
+    fn a_route_retries_only_what_is_safe_and_named() {
+        let route = routed(
+            "outbound:\n  - retry: {on: [connect-failure, reset, \"503\"], attempts: 2, backoff: 1ms}\n",
+        );
+        let again = |method: &Method, replayable, failure| {
+            route.next_attempt(method, replayable, failure).is_some()
+        };
+        // Named and idempotent.
+        assert!(again(&Method::GET, true, AttemptFailure::Response));
+        assert!(again(
+            &Method::GET,
+            true,
+            AttemptFailure::Reset(Sent::NoResponse)
+        ));
+        // A POST the app may have seen: never; one it provably never got: yes.
+        assert!(!again(&Method::POST, true, AttemptFailure::Response));
+        assert!(!again(
+            &Method::POST,
+            true,
+            AttemptFailure::Reset(Sent::NoResponse)
+        ));
+        assert!(!again(
+            &Method::POST,
+            true,
+            AttemptFailure::Reset(Sent::ResponseStarted)
+        ));
+        assert!(again(&Method::POST, true, AttemptFailure::Connect));
+        assert!(again(
+            &Method::POST,
+            true,
+            AttemptFailure::Reset(Sent::Nothing)
+        ));
+        // A body no longer in hand: never.
+        assert!(!again(&Method::PUT, false, AttemptFailure::Connect));
+        // Not named (`reset` without 504 covers a per-try timeout; this route has reset).
+        assert!(again(&Method::GET, true, AttemptFailure::PerTryTimeout));
+        let unnamed = routed("outbound:\n  - retry: {on: [\"503\"], attempts: 2}\n");
+        assert!(
+            unnamed
+                .next_attempt(&Method::GET, true, AttemptFailure::Connect)
+                .is_none()
+        );
+        assert!(
+            unnamed
+                .next_attempt(&Method::GET, true, AttemptFailure::PerTryTimeout)
+                .is_none()
+        );
+        assert!(unnamed.retries_response(503, None));
+        assert!(!unnamed.retries_response(500, None));
+        // No retry spec: never.
+        let none = routed("outbound:\n  - timeout: 1s\n");
+        assert!(
+            none.next_attempt(&Method::GET, true, AttemptFailure::Connect)
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_route_stops_after_its_attempts_and_when_the_budget_is_spent() {
+        let mut route = routed(
+            "retryBudget: {ratio: 0.0, minPerSecond: 1}\noutbound:\n  - retry: {on: [connect-failure], attempts: 3}\n",
+        );
+        // `attempts: 3` retries; the budget's floor is 10 (1 a second over its 10 s window).
+        for attempt in 1..=3 {
+            route.attempts = attempt;
+            assert!(
+                route
+                    .next_attempt(&Method::GET, true, AttemptFailure::Connect)
+                    .is_some()
+            );
+        }
+        route.attempts = 4;
+        assert!(
+            route
+                .next_attempt(&Method::GET, true, AttemptFailure::Connect)
+                .is_none()
+        );
+        route.attempts = 1;
+        let mut granted = 0;
+        while route
+            .next_attempt(&Method::GET, true, AttemptFailure::Connect)
+            .is_some()
+        {
+            granted += 1;
+            assert!(granted < 100, "the budget never ran out");
+        }
+        assert_eq!(route.state.counters.budget_exhausted.get(), 1);
+        assert_eq!(route.state.counters.retries.get(), 3 + granted);
+    }
+
+    #[test]
+    fn no_retry_outlives_the_deadline() {
+        let mut route =
+            routed("outbound:\n  - retry: {on: [connect-failure], attempts: 2, backoff: 1m}\n");
+        route.deadline = Some(Instant::now() + Duration::from_secs(1));
+        // The backoff is jittered between 0 and 1 minute: mostly past the deadline. Never once
+        // is a wait granted that ends after it.
+        for _ in 0..200 {
+            if let Some(wait) = route.next_attempt(&Method::GET, true, AttemptFailure::Connect) {
+                assert!(wait < Duration::from_secs(1), "{wait:?}");
+            }
+        }
+    }
 
     #[test]
     fn retry_rule() {

@@ -306,10 +306,12 @@ fn request_rules(
 }
 
 /// Whether the request goes to the upstream over HTTP/2.
+/// `--app-protocol` is the app's (inbound); outbound, the request keeps the version the app spoke
+/// (its gRPC calls stay HTTP/2), as Envoy's and Linkerd's outbound do.
 fn upstream_http2(shared: &Shared, conn: &ConnContext, client_version: Version) -> bool {
-    conn.upstream_http2
-        || (shared.settings.traffic.app_protocol == AppProtocol::Auto
-            && client_version == Version::HTTP_2)
+    let follow_client = shared.settings.traffic.app_protocol == AppProtocol::Auto
+        || conn.direction == Direction::Outbound;
+    conn.upstream_http2 || (follow_client && client_version == Version::HTTP_2)
 }
 
 /// Points the request at the upstream, in the HTTP version it goes in.
