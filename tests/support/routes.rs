@@ -355,9 +355,6 @@ impl Lab {
             "0s",
             "--http-ports",
             &ports,
-            // HTTP/2 (h2c, gRPC) to the endpoints when the app spoke it, HTTP/1.1 otherwise.
-            "--app-protocol",
-            "auto",
             "--routes",
             &routes,
         ]);
