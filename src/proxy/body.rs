@@ -194,6 +194,9 @@ struct Kept {
     ended: bool,
     /// More than `limit` was read, or the source failed: no more attempts.
     spent: bool,
+    /// The attempt that was reading when the copy was given up: the only one that may go on
+    /// reading the client's body (any other would send it without its beginning).
+    spent_by: u32,
     /// The attempt whose body may read.
     generation: u32,
 }
@@ -228,6 +231,7 @@ impl Replayable {
             trailers: None,
             ended: false,
             spent: false,
+            spent_by: 0,
             generation: 0,
         })))
     }
@@ -244,6 +248,14 @@ impl Replayable {
         }))
     }
 
+    /// Ends the current attempt's reading: its body, if hyper still polls it, reads no more
+    /// (so that the copy cannot change between this and the next attempt). Call when an attempt
+    /// has failed, before [`Replayable::can_replay`].
+    pub fn seal(&self) {
+        let mut kept = lock_kept(&self.0);
+        kept.generation = kept.generation.wrapping_add(1);
+    }
+
     /// Whether another attempt could send the whole body.
     pub fn can_replay(&self) -> bool {
         !lock_kept(&self.0).spent
@@ -253,7 +265,9 @@ impl Replayable {
 impl Cursor {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let mut kept = lock_kept(&self.kept);
-        if kept.generation != self.generation {
+        // An older attempt's body; or the copy is gone and this attempt would send the body
+        // without its beginning.
+        if kept.generation != self.generation || (kept.spent && kept.spent_by != self.generation) {
             return Poll::Ready(Some(Err(Box::new(Superseded))));
         }
         if let Some(data) = kept.frames.get(self.next) {
@@ -277,8 +291,9 @@ impl Cursor {
                     if !kept.spent && kept.size + data.len() <= kept.limit {
                         kept.size += data.len();
                         kept.frames.push(data.clone());
-                    } else {
+                    } else if !kept.spent {
                         kept.spent = true;
+                        kept.spent_by = self.generation;
                         kept.frames = Vec::new();
                     }
                     self.next = kept.frames.len();
@@ -291,7 +306,12 @@ impl Cursor {
                     kept.ended = true;
                 }
             }
-            Some(Err(_)) => kept.spent = true,
+            Some(Err(_)) => {
+                if !kept.spent {
+                    kept.spent = true;
+                    kept.spent_by = self.generation;
+                }
+            }
             None => kept.ended = true,
         }
         Poll::Ready(frame)
@@ -300,6 +320,7 @@ impl Cursor {
     fn is_end_stream(&self) -> bool {
         let kept = lock_kept(&self.kept);
         kept.generation == self.generation
+            && !(kept.spent && kept.spent_by != self.generation)
             && kept.ended
             && self.next >= kept.frames.len()
             && (self.trailers_sent || kept.trailers.is_none())
@@ -331,6 +352,8 @@ pub struct ResponseBody {
     in_flight: Option<InFlight>,
     /// And holds its route's concurrency slot.
     permit: Option<ConcurrencyPermit>,
+    /// The route's count of requests cut by its timeout.
+    timeouts: Option<prometheus_client::metrics::counter::Counter>,
     /// And open on its connection (hyper's), which is idle only once no response is in progress.
     open: Option<RequestMark>,
 }
@@ -347,26 +370,37 @@ impl ResponseBody {
             exchange: Some(exchange),
             in_flight,
             permit: None,
+            timeouts: None,
             open: None,
         }
     }
 
     /// Bounds the whole body by `deadline` (a route's timeout; past it the body is cut and the
     /// exchange logged `route_timeout`) and holds the route's concurrency slot until it ends.
-    pub fn routed(mut self, deadline: Option<Instant>, permit: Option<ConcurrencyPermit>) -> Self {
+    pub fn routed(
+        mut self,
+        deadline: Option<Instant>,
+        permit: Option<ConcurrencyPermit>,
+        timeouts: prometheus_client::metrics::counter::Counter,
+    ) -> Self {
         if let Source::Upstream(_, stall) = &mut self.source {
             stall.deadline = deadline;
         }
         self.permit = permit;
+        self.timeouts = Some(timeouts);
         self
     }
 
     pub fn message(text: &'static str, exchange: Option<Exchange>) -> Self {
+        // No text (a gRPC refusal: its status is in the head): no body at all, so that HTTP/2
+        // ends the stream with the HEADERS frame (a trailers-only response, as gRPC requires).
+        let text = (!text.is_empty()).then(|| Bytes::from_static(text.as_bytes()));
         ResponseBody {
-            source: Source::Message(Some(Bytes::from_static(text.as_bytes()))),
+            source: Source::Message(text),
             exchange,
             in_flight: None,
             permit: None,
+            timeouts: None,
             open: None,
         }
     }
@@ -378,6 +412,7 @@ impl ResponseBody {
             exchange: None,
             in_flight: None,
             permit: None,
+            timeouts: None,
             open: None,
         }
     }
@@ -412,7 +447,10 @@ impl Body for ResponseBody {
         }
         let frame = match &mut this.source {
             Source::Upstream(inner, stall) => match Pin::new(inner).poll_frame(cx) {
-                Poll::Ready(_) if stall.past_deadline() => {
+                Poll::Ready(Some(Ok(ref frame))) if frame.is_data() && stall.past_deadline() => {
+                    if let Some(timeouts) = &this.timeouts {
+                        timeouts.inc();
+                    }
                     this.finish(Some(ErrorKind::RouteTimeout));
                     return Poll::Ready(Some(Err(Box::new(Stalled(ErrorKind::RouteTimeout)))));
                 }
@@ -423,6 +461,9 @@ impl Body for ResponseBody {
                 Poll::Pending => {
                     ready!(stall.poll_expired(cx));
                     let kind = if stall.past_deadline() {
+                        if let Some(timeouts) = &this.timeouts {
+                            timeouts.inc();
+                        }
                         ErrorKind::RouteTimeout
                     } else {
                         ErrorKind::ResponseBodyTimeout
@@ -538,6 +579,28 @@ mod tests {
         let replay = Replayable::new(body_of(&["abcd", "efgh", "ij"], None), 6);
         assert_eq!(read(replay.attempt()).await.0, b"abcdefghij");
         assert!(!replay.can_replay());
+    }
+
+    #[tokio::test]
+    async fn no_attempt_sends_a_body_without_its_beginning() {
+        let replay = Replayable::new(body_of(&["abcd", "efgh", "ij"], None), 6);
+        let mut first = replay.attempt();
+        let _ = first.frame().await;
+        // The first attempt failed (sealed); hyper still polls its body, which reads no more.
+        replay.seal();
+        assert!(first.frame().await.is_some_and(|f| f.is_err()));
+        assert!(replay.can_replay(), "4 bytes kept of 6");
+        // Another attempt reads past the limit: the copy is given up, and an attempt after it
+        // refuses to send the rest alone.
+        let mut second = replay.attempt();
+        let mut sent = Vec::new();
+        while let Some(Ok(frame)) = second.frame().await {
+            sent.extend_from_slice(&frame.into_data().unwrap_or_default());
+        }
+        assert_eq!(sent, b"abcdefghij");
+        assert!(!replay.can_replay());
+        let mut third = replay.attempt();
+        assert!(third.frame().await.is_some_and(|f| f.is_err()));
     }
 
     #[tokio::test]

@@ -24,6 +24,7 @@ use std::time::Duration;
 use http::Method;
 use tokio::time::Instant;
 
+use super::body::ResponseBody;
 use super::exchange::ConnContext;
 use super::limits::InFlight;
 use super::path::Ambiguous;
@@ -273,23 +274,20 @@ impl Routed {
 
     /// Ends an attempt at an endpoint: the balancer learns its latency and whether it failed
     /// (connect failures, resets, 5xx, gRPC UNAVAILABLE count, as for outlier ejection).
-    pub(crate) fn finish_attempt(
-        &self,
-        addr: SocketAddr,
-        pick: Option<Pick>,
-        started: Instant,
-        failed: bool,
-    ) {
+    pub(crate) fn finish_attempt(&self, pick: Option<Pick>, started: Instant, failed: bool) {
         let Some(pick) = pick else {
             return;
         };
         let latency = started.elapsed();
+        // Counted under the balancer's address (a DNS name without a port: the address alone,
+        // port 0), as its latency and ejections are.
+        let endpoint = pick.addr;
         pick.finish(if failed {
             Outcome::Failure { latency }
         } else {
             Outcome::Success { latency }
         });
-        self.state.count_attempt(addr, failed);
+        self.state.count_attempt(endpoint, failed);
     }
 
     /// After an attempt failed: the wait before the next one, or `None` when there is none. A
@@ -335,6 +333,15 @@ impl Routed {
         }
         self.state.counters.retries.inc();
         Some(backoff)
+    }
+
+    /// The response body, bounded by the route's deadline and holding its concurrency slot
+    /// until it ends.
+    pub(crate) fn hold(routed: Option<Routed>, body: ResponseBody) -> ResponseBody {
+        match routed {
+            Some(r) => body.routed(r.deadline, r.permit, r.state.counters.timeouts.clone()),
+            None => body,
+        }
     }
 
     /// Counts a request cut by the route's deadline.

@@ -160,11 +160,10 @@ async fn respond(
     if let (true, Some(downstream)) = (tunnel_open, downstream_upgrade) {
         return open_tunnel(&shared, &conn, exchange, downstream, response, open.take());
     }
-    let response_body_timeout = settings.traffic.timeouts.response_body;
-    let (deadline, permit) = routed.map_or((None, None), |r| (r.deadline, r.permit));
+    let body_timeout = settings.traffic.timeouts.response_body;
     response.map(|body| {
-        ResponseBody::upstream(body, exchange, Some(in_flight), response_body_timeout)
-            .routed(deadline, permit)
+        let body = ResponseBody::upstream(body, exchange, Some(in_flight), body_timeout);
+        Routed::hold(routed, body)
     })
 }
 
@@ -261,7 +260,14 @@ fn request_rules(
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
+        let grpc = phases::is_grpc(
+            parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .map(|v| v.as_bytes()),
+        );
         let grpc_timeout = (parts.headers.get(phases::GRPC_TIMEOUT))
+            .filter(|_| grpc)
             .and_then(|value| phases::parse_grpc_timeout(value.as_bytes()));
         (authority, grpc_timeout)
     } else {
@@ -330,6 +336,9 @@ fn point_at_upstream(
         parts.uri = uri;
     }
     parts.version = if use_http2 {
+        // `:authority` (the URI's, the upstream's address: hyper's client dials it) and `Host`
+        // must agree in HTTP/2 (RFC 9113 8.3.1): `:authority` alone is sent.
+        parts.headers.remove(header::HOST);
         Version::HTTP_2
     } else {
         Version::HTTP_11
@@ -393,6 +402,12 @@ async fn attempts(
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ErrorKind> {
     let (parts, body) = request.into_parts();
+    let grpc = phases::is_grpc(
+        parts
+            .headers
+            .get(header::CONTENT_TYPE)
+            .map(|v| v.as_bytes()),
+    );
     // Kept to be sent again only when the route retries; else sent by the first attempt alone.
     let (replay, mut body_once) = if routed.retries() {
         (Some(Replayable::new(body, driver::REPLAY_BUFFER)), None)
@@ -407,11 +422,11 @@ async fn attempts(
         };
         let mut request = Request::from_parts(parts.clone(), body);
         if pick.is_some() {
-            aim_at(request.uri_mut(), addr);
+            aim_at(request.uri_mut(), addr)?;
             exchange.endpoint = Some(addr);
         }
         if let Some(deadline) = routed.deadline
-            && request.headers().contains_key(phases::GRPC_TIMEOUT)
+            && grpc
         {
             // The app sees what is left of the deadline.
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
@@ -425,7 +440,7 @@ async fn attempts(
             Some(bound) => match tokio::time::timeout_at(bound, once).await {
                 Ok(result) => result,
                 Err(_) if routed.deadline.is_some_and(|d| d <= bound) => {
-                    routed.finish_attempt(addr, pick, started, true);
+                    routed.finish_attempt(pick, started, true);
                     routed.timed_out();
                     return Err(ErrorKind::RouteTimeout);
                 }
@@ -436,6 +451,10 @@ async fn attempts(
             },
             None => once.await,
         };
+        if let Some(replay) = &replay {
+            // Whatever came of it, this attempt's body reads no more.
+            replay.seal();
+        }
         let replayable = replay.as_ref().is_some_and(Replayable::can_replay);
         let (failure, kind) = match result {
             Ok(response) => {
@@ -445,25 +464,25 @@ async fn attempts(
                     .and_then(|v| v.parse::<u16>().ok());
                 let failed = status >= 500 || grpc_status == Some(UNAVAILABLE);
                 if !routed.retries_response(status, grpc_status) {
-                    routed.finish_attempt(addr, pick, started, failed);
+                    routed.finish_attempt(pick, started, failed);
                     return Ok(response);
                 }
                 match routed.next_attempt(&parts.method, replayable, AttemptFailure::Response) {
                     Some(backoff) => {
-                        routed.finish_attempt(addr, pick, started, failed);
+                        routed.finish_attempt(pick, started, failed);
                         drop(response);
                         tokio::time::sleep(backoff).await;
                         continue;
                     }
                     None => {
-                        routed.finish_attempt(addr, pick, started, failed);
+                        routed.finish_attempt(pick, started, failed);
                         return Ok(response);
                     }
                 }
             }
             Err((kind, failure)) => (failure, kind),
         };
-        routed.finish_attempt(addr, pick, started, true);
+        routed.finish_attempt(pick, started, true);
         let Some(failure) = failure else {
             return Err(kind);
         };
@@ -478,12 +497,12 @@ async fn attempts(
 const UNAVAILABLE: u16 = 14;
 
 /// Points a request's URI at `addr`, keeping its scheme and path.
-fn aim_at(uri: &mut Uri, addr: std::net::SocketAddr) {
+fn aim_at(uri: &mut Uri, addr: std::net::SocketAddr) -> Result<(), ErrorKind> {
     let mut parts = std::mem::take(uri).into_parts();
     parts.authority = http::uri::Authority::try_from(addr.to_string().as_str()).ok();
-    if let Ok(aimed) = Uri::from_parts(parts) {
-        *uri = aimed;
-    }
+    // An IP:PORT is always an authority, and the path was valid: never refused in practice.
+    *uri = Uri::from_parts(parts).map_err(|_| ErrorKind::BadRequest)?;
+    Ok(())
 }
 
 /// Sends the request, and once more on a fresh connection when the retry rule allows it. On

@@ -840,9 +840,11 @@ fn grpc_past_a_concurrency_limit_gets_unavailable() {
 
 // The authority an endpoint sees ------------------------------------------------------------
 
-/// A route's endpoint is a pod of the Service the app named: it gets the authority the app wrote,
-/// over HTTP/1.1 (`Host`) and HTTP/2 (`:authority`, and no `Host` that says otherwise: RFC 9113
-/// 8.3.1 forbids sending both with different values, and strict servers refuse the request).
+/// A route's endpoint is a pod of the Service the app named. Over HTTP/1.1 it gets the authority
+/// the app wrote (`Host`). Over HTTP/2 it gets its own address as `:authority` (the connection
+/// pool dials the request's authority; docs/routes.md says so) and never a `Host` that says
+/// otherwise: RFC 9113 8.3.1 forbids sending both with different values, and strict servers
+/// refuse such a request.
 #[test]
 fn an_endpoint_sees_the_authority_the_app_wrote() {
     const TEST: &str = "routes::an_endpoint_sees_the_authority_the_app_wrote";
@@ -859,8 +861,14 @@ fn an_endpoint_sees_the_authority_the_app_wrote() {
     lab.app("h2_client.py", &[&ip, &port, &authority, "/h2", "1"]);
     let seen = lab.seen("named");
     assert_eq!(seen.len(), 2, "{seen:?}");
+    let endpoint = lab.addr(0, HTTP_PORT).to_string();
     for request in &seen {
-        assert_eq!(request["authority"], authority.as_str(), "{request}");
+        let want = if request["path"] == "/h2" {
+            endpoint.as_str()
+        } else {
+            authority.as_str()
+        };
+        assert_eq!(request["authority"], want, "{request}");
         assert!(
             request["host"].is_null() || request["host"] == request["authority"],
             "a Host beside :authority that differs from it: {request}"

@@ -49,6 +49,7 @@ use framing::{
     Framing, InvalidResponse, RequestPlan, RequestVerdict, ResponsePlan, Rewrite, plan_request,
     plan_response,
 };
+use prometheus_client::metrics::counter::Counter;
 
 /// Read size for bodies.
 const READ_CHUNK: usize = 16 * 1024;
@@ -97,7 +98,6 @@ enum Next {
     Close,
 }
 
-/// Which side a body copy failed on.
 /// What the attempts need to know of the request.
 struct Request<'a> {
     method: &'a Method,
@@ -139,6 +139,7 @@ enum Tried {
     TimedOut,
 }
 
+/// Which side a body copy failed on.
 enum CopyError {
     Read,
     Write,
@@ -407,7 +408,8 @@ impl Connection {
             }
             Err(Unanswered::Refused(kind)) => return self.respond(exchange, refuse(kind)).await,
         };
-        self.forward_response(addr, up, response, exchange, deadline)
+        let timeouts = routed.as_ref().map(|r| &r.state.counters.timeouts);
+        self.forward_response(addr, up, response, exchange, deadline.zip(timeouts))
             .await
     }
 
@@ -439,7 +441,7 @@ impl Connection {
                 .await;
             let settle = |target: Target, failed: bool| {
                 if let Some(routed) = routed.as_ref() {
-                    routed.finish_attempt(target.addr, target.pick, target.started, failed);
+                    routed.finish_attempt(target.pick, target.started, failed);
                 }
             };
             let (kind, failure, replayable) = match tried {
@@ -481,6 +483,9 @@ impl Connection {
                     }
                     let failure = if connect {
                         Some(AttemptFailure::Connect)
+                    } else if kind == ErrorKind::ResponseTimeout {
+                        // --response-timeout: a per-try timeout, as on the hyper path.
+                        Some(AttemptFailure::PerTryTimeout)
                     } else if kind == ErrorKind::UpstreamReset && sent != Sent::ResponseStarted {
                         Some(AttemptFailure::Reset(sent))
                     } else {
@@ -593,7 +598,7 @@ impl Connection {
         mut up: UpstreamConn,
         response: ResponsePlan,
         mut exchange: Exchange,
-        deadline: Option<tokio::time::Instant>,
+        deadline: Option<(tokio::time::Instant, &Counter)>,
     ) -> Next {
         let closing = self.slot.close_requested();
         if closing && response.keep_alive {
@@ -620,9 +625,13 @@ impl Connection {
         );
         let copied = match deadline {
             // A route's timeout covers the body too.
-            Some(deadline) => tokio::time::timeout_at(deadline, copying)
-                .await
-                .unwrap_or(Err(CopyError::Deadline)),
+            Some((deadline, timeouts)) => {
+                let copied = tokio::time::timeout_at(deadline, copying).await;
+                copied.unwrap_or_else(|_| {
+                    timeouts.inc();
+                    Err(CopyError::Deadline)
+                })
+            }
             None => copying.await,
         };
         match copied {
