@@ -1,13 +1,15 @@
 //! The routes of one direction, in the file's order, and the lookup that finds the first one a
-//! request matches. The lookup never scans routes that name another port: the routes are indexed
-//! by port once, at load, so a request's candidates are one binary search away. Each candidate is
-//! then screened by its [`Quick`] check (a few integer operations on data that sits together) and
-//! compared whole only if that admits it; nothing is allocated.
+//! request matches. The lookup never scans routes that cannot match: the routes are indexed once,
+//! at load, by port and then by the first segment of the path they name (`/api/v1` names `api`; a
+//! gRPC service names its own), so a request's candidates are two binary searches away: the
+//! routes of its port and its first segment, and those that name no port or no path, in the
+//! file's order. Each candidate is then screened by its [`Quick`] check (a few integer operations
+//! on data that sits together) and compared whole only if that admits it; nothing is allocated.
 
 use std::ops::Deref;
 use std::time::Duration;
 
-use super::matching::{Prepared, Quick, RequestKey, RouteMatch};
+use super::matching::{PathMatch, Prepared, Quick, RequestKey, RouteMatch};
 use super::spec::{Balance, ConcurrencySpec, EndpointsSpec, OutlierSpec, RateLimitSpec, RetrySpec};
 
 /// One route: which requests, and what applies to them.
@@ -37,38 +39,100 @@ pub struct RouteTable {
     routes: Vec<Route>,
     /// Each route's quick check, by the same index: compared before the route itself.
     quick: Vec<Quick>,
-    /// The ports some route names, sorted, each with the routes a request to it may take, in the
-    /// file's order: the port's own and those that name no port.
-    by_port: Vec<(u16, Box<[u32]>)>,
-    /// The routes that name no port, in order: a request to any other port may take only these.
-    any_port: Box<[u32]>,
+    /// The ports some route names, sorted, each with the routes a request to it may take: the
+    /// port's own and those that name no port.
+    by_port: Vec<(u16, Candidates)>,
+    /// The routes that name no port: a request to any other port may take only these.
+    any_port: Candidates,
+}
+
+/// The routes a request may take, by the first segment of its path, each list in the file's
+/// order.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Candidates {
+    /// The segments some route names, sorted, each with its routes and those that name none.
+    by_segment: Vec<(Box<str>, Box<[u32]>)>,
+    /// The routes that name no segment (no path, `pathPrefix: /`, a gRPC method of any service):
+    /// a request whose first segment no route names may take only these.
+    any_segment: Box<[u32]>,
+}
+
+impl Candidates {
+    /// `routes` (indices in the file's order) indexed by the segment each names.
+    fn new(routes: &[Route], indices: impl Iterator<Item = usize> + Clone) -> Candidates {
+        let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
+        let segment = |i: usize| routes.get(i).and_then(|r| named_segment(&r.matcher));
+        let mut segments: Vec<&str> = indices.clone().filter_map(segment).collect();
+        segments.sort_unstable();
+        segments.dedup();
+        let by_segment = segments
+            .into_iter()
+            .map(|named| {
+                let routes = (indices.clone())
+                    .filter(|&i| segment(i).is_none_or(|s| s == named))
+                    .map(index)
+                    .collect();
+                (Box::from(named), routes)
+            })
+            .collect();
+        let any_segment = indices
+            .filter(|&i| segment(i).is_none())
+            .map(index)
+            .collect();
+        Candidates {
+            by_segment,
+            any_segment,
+        }
+    }
+
+    fn of(&self, path: &str) -> &[u32] {
+        let segment = first_segment(path);
+        match (self.by_segment).binary_search_by(|(named, _)| (**named).cmp(segment)) {
+            Ok(at) => &self.by_segment[at].1,
+            Err(_) => &self.any_segment,
+        }
+    }
+}
+
+/// The first segment of a path (without its query): `/api/v1?x` is `api`, `/` is empty.
+fn first_segment(path: &str) -> &str {
+    let path = path.split_once('?').map_or(path, |(path, _)| path);
+    let rest = path.strip_prefix('/').unwrap_or(path);
+    rest.split_once('/').map_or(rest, |(segment, _)| segment)
+}
+
+/// The first segment every path a match takes has, if it names one: an exact path's, a prefix's
+/// (`/` names none), a gRPC service's.
+fn named_segment(matcher: &RouteMatch) -> Option<&str> {
+    match &matcher.path {
+        Some(PathMatch::Exact(path)) => Some(first_segment(path)),
+        Some(PathMatch::Prefix(prefix)) => {
+            let prefix = prefix.trim_end_matches('/');
+            (!prefix.is_empty()).then(|| first_segment(prefix))
+        }
+        None => matcher.grpc_service.as_deref(),
+    }
 }
 
 impl RouteTable {
     pub(super) fn new(routes: Vec<Route>) -> RouteTable {
-        let index = |i: usize| u32::try_from(i).unwrap_or(u32::MAX);
         let mut ports: Vec<u16> = routes.iter().filter_map(|r| r.matcher.port).collect();
         ports.sort_unstable();
         ports.dedup();
         let by_port = ports
             .into_iter()
             .map(|port| {
-                let candidates = (routes.iter().enumerate())
-                    .filter(|(_, r)| r.matcher.port.is_none_or(|p| p == port))
-                    .map(|(i, _)| index(i))
-                    .collect();
-                (port, candidates)
+                let candidates =
+                    (0..routes.len()).filter(|&i| routes[i].matcher.port.is_none_or(|p| p == port));
+                (port, Candidates::new(&routes, candidates))
             })
             .collect();
-        let any_port = (routes.iter().enumerate())
-            .filter(|(_, r)| r.matcher.port.is_none())
-            .map(|(i, _)| index(i))
-            .collect();
+        let any_port = (0..routes.len()).filter(|&i| routes[i].matcher.port.is_none());
         RouteTable {
             quick: routes.iter().map(|r| Quick::of(&r.matcher)).collect(),
+            any_port: Candidates::new(&routes, any_port),
             routes,
             by_port,
-            any_port,
         }
     }
 
@@ -86,7 +150,8 @@ impl RouteTable {
         {
             Ok(at) => &self.by_port[at].1,
             Err(_) => &self.any_port,
-        };
+        }
+        .of(key.path);
         if candidates.is_empty() {
             return None;
         }
@@ -173,6 +238,90 @@ mod tests {
             table.iter().map(|r| r.name.as_str()).collect::<String>(),
             "abcde"
         );
+    }
+
+    /// The segment index only narrows: every route that could match is a candidate, in order.
+    #[test]
+    fn first_match_wins_across_segments_and_routes_that_name_none() {
+        let exact = |name: &str, path: &str| {
+            let mut r = route(name, None, "/");
+            r.matcher.path = Some(PathMatch::Exact(path.into()));
+            r
+        };
+        let table = RouteTable::new(vec![
+            route("a", None, "/api/v2"),
+            exact("b", "/"),
+            route("c", None, "/"),
+            route("d", None, "/api"),
+            exact("e", "/api"),
+            route("f", None, "/*"),
+        ]);
+        assert_eq!(find(&table, 80, "/api/v2/x?q=1"), Some("a"));
+        assert_eq!(find(&table, 80, "/api/v1"), Some("c"));
+        assert_eq!(find(&table, 80, "/?q"), Some("b"));
+        assert_eq!(find(&table, 80, "/apis"), Some("c"));
+        assert_eq!(find(&table, 80, "*"), Some("c"));
+        let later = RouteTable::new(vec![
+            route("a", None, "/api/v2"),
+            route("d", None, "/api"),
+            exact("e", "/api"),
+            route("f", None, "/*"),
+            route("g", Some(80), "/"),
+        ]);
+        assert_eq!(find(&later, 80, "/api/v1"), Some("d"));
+        assert_eq!(find(&later, 80, "/api"), Some("d"));
+        assert_eq!(find(&later, 80, "/*/x"), Some("f"));
+        assert_eq!(find(&later, 80, "/other"), Some("g"));
+        assert_eq!(find(&later, 81, "/other"), None);
+        assert_eq!(first_segment("/a/b?c"), "a");
+        assert_eq!(first_segment("/?c"), "");
+        assert_eq!(first_segment("/a?c/d"), "a");
+    }
+
+    /// The indexed lookup agrees with a plain scan of every route, over tables and requests made
+    /// of the same few ports, segments and shapes.
+    #[test]
+    fn the_index_agrees_with_a_scan() {
+        let paths = ["/", "/a", "/a/", "/a/b", "/ab", "/b", "/b/a", "/a/b/c"];
+        let ports = [None, Some(80), Some(81)];
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |n: usize| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            (seed % n as u64) as usize
+        };
+        for _ in 0..300 {
+            let routes: Vec<Route> = (0..next(8) + 1)
+                .map(|i| {
+                    let mut r = route(&i.to_string(), ports[next(3)], paths[next(paths.len())]);
+                    r.matcher.path = match next(3) {
+                        0 => None,
+                        1 => Some(PathMatch::Exact(paths[next(paths.len())].into())),
+                        _ => r.matcher.path,
+                    };
+                    r
+                })
+                .collect();
+            let table = RouteTable::new(routes.clone());
+            for port in [80, 81, 82] {
+                for path in paths.iter().chain(&["/a?x", "/b/?y", "*"]) {
+                    let key = RequestKey {
+                        port,
+                        authority: Some("x"),
+                        path,
+                        method: &Method::GET,
+                        grpc: false,
+                    };
+                    let scanned = routes.iter().find(|r| r.matcher.matches(&key));
+                    assert_eq!(
+                        table.find(&key).map(|r| &r.name),
+                        scanned.map(|r| &r.name),
+                        "{port} {path} in {routes:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]

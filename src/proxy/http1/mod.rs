@@ -23,6 +23,7 @@ pub mod chunked;
 pub mod framing;
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -30,7 +31,7 @@ use bytes::{Buf, BytesMut};
 use http::Method;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::time::timeout;
+use tokio::time::{Sleep, timeout};
 
 use crate::error::{ErrorKind, classify_io};
 use crate::proxy::driver::{
@@ -400,7 +401,10 @@ impl Connection {
             // A body in hand can be sent again.
             replayable: inline_body.is_some(),
         };
-        let (addr, up, response) = match self.attempts(&request, &mut routed, &mut exchange).await {
+        // One timer for the route's deadline, shared by the attempts and the response's body.
+        let mut timer = std::pin::pin!(deadline.map(tokio::time::sleep_until));
+        let attempts = self.attempts(&request, &mut routed, &mut exchange, timer.as_mut());
+        let (addr, up, response) = match attempts.await {
             Ok(answered) => answered,
             Err(Unanswered::ClientGone) => {
                 exchange.finish_with_error(ErrorKind::ClientDisconnected);
@@ -409,7 +413,8 @@ impl Connection {
             Err(Unanswered::Refused(kind)) => return self.respond(exchange, refuse(kind)).await,
         };
         let timeouts = routed.as_ref().map(|r| &r.state.counters.timeouts);
-        self.forward_response(addr, up, response, exchange, deadline.zip(timeouts))
+        let deadline = timer.as_mut().as_pin_mut().zip(timeouts);
+        self.forward_response(addr, up, response, exchange, deadline)
             .await
     }
 
@@ -421,6 +426,7 @@ impl Connection {
         request: &Request<'_>,
         routed: &mut Option<Routed>,
         exchange: &mut Exchange,
+        mut timer: Pin<&mut Option<Sleep>>,
     ) -> Result<(SocketAddr, UpstreamConn, ResponsePlan), Unanswered> {
         let mut fresh = false;
         // The route's attempt in progress (a keep-alive race retry stays within it).
@@ -437,6 +443,7 @@ impl Connection {
                     request.shape,
                     exchange,
                     request.replayable,
+                    timer.as_mut().as_pin_mut(),
                 )
                 .await;
             let settle = |target: Target, failed: bool| {
@@ -558,6 +565,7 @@ impl Connection {
         shape: Shape,
         exchange: &mut Exchange,
         inline: bool,
+        route_timer: Option<Pin<&mut Sleep>>,
     ) -> Tried {
         let attempt = async {
             let up = match self.upstream(target.addr, fresh).await {
@@ -582,11 +590,17 @@ impl Connection {
                 },
             }
         };
-        match target.bound {
-            Some(bound) => tokio::time::timeout_at(bound, attempt)
+        match (target.bound, route_timer) {
+            // Bounded by the route's deadline alone: its timer, armed once for the exchange.
+            (Some(bound), Some(timer)) if timer.deadline() == bound => tokio::select! {
+                biased;
+                tried = attempt => tried,
+                () = timer => Tried::TimedOut,
+            },
+            (Some(bound), _) => tokio::time::timeout_at(bound, attempt)
                 .await
                 .unwrap_or(Tried::TimedOut),
-            None => attempt.await,
+            (None, _) => attempt.await,
         }
     }
 
@@ -598,7 +612,7 @@ impl Connection {
         mut up: UpstreamConn,
         response: ResponsePlan,
         mut exchange: Exchange,
-        deadline: Option<(tokio::time::Instant, &Counter)>,
+        deadline: Option<(Pin<&mut Sleep>, &Counter)>,
     ) -> Next {
         let closing = self.slot.close_requested();
         if closing && response.keep_alive {
@@ -625,13 +639,14 @@ impl Connection {
         );
         let copied = match deadline {
             // A route's timeout covers the body too.
-            Some((deadline, timeouts)) => {
-                let copied = tokio::time::timeout_at(deadline, copying).await;
-                copied.unwrap_or_else(|_| {
+            Some((timer, timeouts)) => tokio::select! {
+                biased;
+                copied = copying => copied,
+                () = timer => {
                     timeouts.inc();
                     Err(CopyError::Deadline)
-                })
-            }
+                }
+            },
             None => copying.await,
         };
         match copied {
