@@ -138,6 +138,35 @@ impl RoutesFile {
 
 #[cfg(test)]
 mod tests {
+    /// The lookup's cost for the benchmark's request against bench/peerbench/routes-100.yaml
+    /// (99 routes it does not take, then a catch-all). A measurement, not a test: run it built
+    /// for release, `cargo test --release --lib routes::tests::lookup_cost -- --ignored --nocapture`.
+    #[test]
+    #[ignore = "a microbenchmark: run by hand, built for release"]
+    fn lookup_cost() {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("bench/peerbench/routes-100.yaml");
+        let routes = Routes::load(&path).expect("the benchmark's routes");
+        let key = RequestKey {
+            port: 18080,
+            authority: Some("127.0.0.1:18000"),
+            path: "/get?query=param",
+            method: &http::Method::GET,
+            grpc: false,
+        };
+        const CALLS: u32 = 2_000_000;
+        let start = std::time::Instant::now();
+        for _ in 0..CALLS {
+            std::hint::black_box(routes.inbound_route(std::hint::black_box(&key)));
+        }
+        let each = start.elapsed().as_nanos() as f64 / f64::from(CALLS);
+        eprintln!("100 routes, the benchmark's request: {each:.1} ns a lookup");
+        assert_eq!(
+            routes.inbound_route(&key).map(|r| r.name.as_str()),
+            Some("everything")
+        );
+    }
+
     use std::net::SocketAddr;
     use std::time::Duration;
 
