@@ -72,6 +72,8 @@ context=$(mktemp -d)
 trap 'rm -rf "$context"; docker_down' EXIT
 cp Dockerfile "$context/"
 install -D -m 0755 "$binary" "$context/prebuilt/amazing-proxy"
+# Stripped here: the local build image (Debian's minbase) has no strip.
+strip "$context/prebuilt/amazing-proxy"
 echo "+ docker build --force-rm --network host --build-arg BUILD_IMAGE=$base --build-arg RUNTIME_IMAGE=$base -t $proxy_image $context (the Dockerfile and prebuilt/amazing-proxy)" >&2
 docker build --force-rm --network host --build-arg "BUILD_IMAGE=$base" --build-arg "RUNTIME_IMAGE=$base" \
   -t "$proxy_image" "$context" >"$context/build.log" 2>&1 || {
