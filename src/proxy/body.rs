@@ -20,6 +20,7 @@ use super::exchange::{Exchange, RequestProgress};
 use super::limits::{InFlight, RequestMark};
 use super::traffic::concurrency::ConcurrencyPermit;
 use crate::error::ErrorKind;
+use crate::sync::lock;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -213,11 +214,6 @@ struct Cursor {
 #[error("the request body was handed to a newer attempt")]
 struct Superseded;
 
-fn lock_kept(kept: &std::sync::Mutex<Kept>) -> std::sync::MutexGuard<'_, Kept> {
-    kept.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 impl Replayable {
     pub fn new<B>(source: B, limit: usize) -> Replayable
     where
@@ -238,7 +234,7 @@ impl Replayable {
 
     /// The body of the next attempt: the kept copy, then the rest of the client's body.
     pub fn attempt(&self) -> RequestBody {
-        let mut kept = lock_kept(&self.0);
+        let mut kept = lock(&self.0);
         kept.generation = kept.generation.wrapping_add(1);
         RequestBody(Kind::Replay(Cursor {
             kept: self.0.clone(),
@@ -252,19 +248,19 @@ impl Replayable {
     /// (so that the copy cannot change between this and the next attempt). Call when an attempt
     /// has failed, before [`Replayable::can_replay`].
     pub fn seal(&self) {
-        let mut kept = lock_kept(&self.0);
+        let mut kept = lock(&self.0);
         kept.generation = kept.generation.wrapping_add(1);
     }
 
     /// Whether another attempt could send the whole body.
     pub fn can_replay(&self) -> bool {
-        !lock_kept(&self.0).spent
+        !lock(&self.0).spent
     }
 }
 
 impl Cursor {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let mut kept = lock_kept(&self.kept);
+        let mut kept = lock(&self.kept);
         // An older attempt's body; or the copy is gone and this attempt would send the body
         // without its beginning.
         if kept.generation != self.generation || (kept.spent && kept.spent_by != self.generation) {
@@ -318,7 +314,7 @@ impl Cursor {
     }
 
     fn is_end_stream(&self) -> bool {
-        let kept = lock_kept(&self.kept);
+        let kept = lock(&self.kept);
         kept.generation == self.generation
             && !(kept.spent && kept.spent_by != self.generation)
             && kept.ended
@@ -327,7 +323,7 @@ impl Cursor {
     }
 
     fn size_hint(&self) -> SizeHint {
-        let kept = lock_kept(&self.kept);
+        let kept = lock(&self.kept);
         if kept.ended {
             let left: usize = kept.frames.iter().skip(self.next).map(Bytes::len).sum();
             SizeHint::with_exact(left as u64)

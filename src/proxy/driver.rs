@@ -274,11 +274,11 @@ impl Routed {
 
     /// Ends an attempt at an endpoint: the balancer learns its latency and whether it failed
     /// (connect failures, resets, 5xx, gRPC UNAVAILABLE count, as for outlier ejection).
-    pub(crate) fn finish_attempt(&self, pick: Option<Pick>, started: Instant, failed: bool) {
+    pub(crate) fn finish_attempt(&self, pick: Option<Pick>, failed: bool) {
         let Some(pick) = pick else {
             return;
         };
-        let latency = started.elapsed();
+        let latency = pick.picked_at.elapsed();
         // Counted under the balancer's address (a DNS name without a port: the address alone,
         // port 0), as its latency and ejections are.
         let endpoint = pick.addr;

@@ -368,31 +368,9 @@ async fn forward(
 
 /// Sends the request on a route: attempt after attempt as its `retry` allows, each to the
 /// endpoint its balancer picks (else the request's own destination) and within the attempt's
-/// bound; the whole within the route's deadline.
+/// bound, which is never past the route's deadline (no backoff ends after it either): the
+/// attempts' bounds are the deadline's only timer.
 async fn send_routed(
-    shared: &Shared,
-    conn: &ConnContext,
-    request: Request<RequestBody>,
-    use_http2: bool,
-    progress: Option<&RequestProgress>,
-    routed: &mut Routed,
-    exchange: &mut Exchange,
-) -> Result<Response<Incoming>, ErrorKind> {
-    let deadline = routed.deadline;
-    let attempts = attempts(shared, conn, request, use_http2, progress, routed, exchange);
-    let Some(deadline) = deadline else {
-        return attempts.await;
-    };
-    match tokio::time::timeout_at(deadline, attempts).await {
-        Ok(result) => result,
-        Err(_) => {
-            routed.timed_out();
-            Err(ErrorKind::RouteTimeout)
-        }
-    }
-}
-
-async fn attempts(
     shared: &Shared,
     conn: &ConnContext,
     request: Request<RequestBody>,
@@ -434,13 +412,12 @@ async fn attempts(
                 .headers_mut()
                 .insert(phases::GRPC_TIMEOUT, phases::grpc_timeout_value(left));
         }
-        let started = tokio::time::Instant::now();
         let once = send(shared, request, use_http2, progress);
         let result = match bound {
             Some(bound) => match tokio::time::timeout_at(bound, once).await {
                 Ok(result) => result,
                 Err(_) if routed.deadline.is_some_and(|d| d <= bound) => {
-                    routed.finish_attempt(pick, started, true);
+                    routed.finish_attempt(pick, true);
                     routed.timed_out();
                     return Err(ErrorKind::RouteTimeout);
                 }
@@ -464,25 +441,25 @@ async fn attempts(
                     .and_then(|v| v.parse::<u16>().ok());
                 let failed = status >= 500 || grpc_status == Some(UNAVAILABLE);
                 if !routed.retries_response(status, grpc_status) {
-                    routed.finish_attempt(pick, started, failed);
+                    routed.finish_attempt(pick, failed);
                     return Ok(response);
                 }
                 match routed.next_attempt(&parts.method, replayable, AttemptFailure::Response) {
                     Some(backoff) => {
-                        routed.finish_attempt(pick, started, failed);
+                        routed.finish_attempt(pick, failed);
                         drop(response);
                         tokio::time::sleep(backoff).await;
                         continue;
                     }
                     None => {
-                        routed.finish_attempt(pick, started, failed);
+                        routed.finish_attempt(pick, failed);
                         return Ok(response);
                     }
                 }
             }
             Err((kind, failure)) => (failure, kind),
         };
-        routed.finish_attempt(pick, started, true);
+        routed.finish_attempt(pick, true);
         let Some(failure) = failure else {
             return Err(kind);
         };

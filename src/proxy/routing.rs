@@ -7,6 +7,7 @@
 //! The driver asks [`RouteSet::find`] which route a request takes; what a route then does to the
 //! request is the driver's ([`super::driver`]).
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,7 @@ use super::upstream::endpoints::{self, Resolver, Source};
 use crate::routes::{
     Balance, EndpointsSpec, RequestKey, RetryBudgetSpec, Route, RouteTable, Routes,
 };
+use crate::sync::lock;
 use crate::telemetry::Telemetry;
 use crate::telemetry::metrics::{Direction, EndpointLabels, RouteLabels};
 
@@ -98,12 +100,6 @@ impl RoutesInForce {
         }
         resolver.clone()
     }
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The routes of a file and their running state, by the same index as the file's tables.
@@ -263,19 +259,27 @@ impl RouteState {
         &self.route.name
     }
 
-    /// Counts an attempt sent to `endpoint`, and whether it failed.
+    /// Counts an attempt sent to `endpoint`, and whether it failed. Each endpoint's two counters
+    /// are resolved once (the labels are built then), not per attempt.
     pub(crate) fn count_attempt(&self, endpoint: SocketAddr, failed: bool) {
-        if self.endpoints.is_none() {
+        let Some(endpoints) = &self.endpoints else {
             return;
-        }
-        let families = &self.telemetry.metrics.routes;
-        let labels = EndpointLabels {
-            route: self.route.name.clone(),
-            endpoint: endpoint.to_string(),
         };
-        families.endpoint_requests.get_or_create(&labels).inc();
+        let mut counters = lock(&endpoints.counters);
+        let (requests, failures) = counters.entry(endpoint).or_insert_with(|| {
+            let families = &self.telemetry.metrics.routes;
+            let labels = EndpointLabels {
+                route: self.route.name.clone(),
+                endpoint: endpoint.to_string(),
+            };
+            (
+                families.endpoint_requests.get_or_create(&labels).clone(),
+                families.endpoint_failures.get_or_create(&labels).clone(),
+            )
+        });
+        requests.inc();
         if failed {
-            families.endpoint_failures.get_or_create(&labels).inc();
+            failures.inc();
         }
     }
 }
@@ -286,6 +290,8 @@ pub(crate) struct RouteEndpoints {
     pub(crate) balancer: Arc<Balancer>,
     /// A DNS name without a port: its addresses take the port the request was sent to.
     port_from_request: bool,
+    /// Each endpoint's attempts and failures counters (by the balancer's address).
+    counters: Mutex<HashMap<SocketAddr, (Counter, Counter)>>,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -341,6 +347,7 @@ impl RouteEndpoints {
         RouteEndpoints {
             balancer,
             port_from_request: matches!(spec, EndpointsSpec::Dns { port: None, .. }),
+            counters: Mutex::default(),
             task,
         }
     }

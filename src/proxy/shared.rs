@@ -140,6 +140,27 @@ impl Shared {
 /// identity files: Kubernetes updates a mounted ConfigMap by swapping a symlink).
 const POLICY_POLL: Duration = Duration::from_secs(2);
 
+/// Calls `changed` whenever the file at `path` changes (its modification time and size, checked
+/// every [`POLICY_POLL`]), and once at the first check: a change made between the start's
+/// validation and the watcher's first look is not missed.
+async fn on_change_forever(path: &std::path::Path, mut changed: impl FnMut()) {
+    let stamp = || {
+        std::fs::metadata(path)
+            .ok()
+            .map(|m| (m.modified().ok(), m.len()))
+    };
+    let mut seen = None;
+    let mut ticker = tokio::time::interval(POLICY_POLL);
+    loop {
+        ticker.tick().await;
+        let now = Some(stamp());
+        if now != seen {
+            seen = now;
+            changed();
+        }
+    }
+}
+
 impl Shared {
     /// Reloads --policy whenever its file changes; a file that no longer validates is logged
     /// loudly and the policy in force stays.
@@ -147,22 +168,7 @@ impl Shared {
         let (Some(sender), Some(path)) = (&self.policy, &self.policy_path) else {
             return;
         };
-        let stamp = || {
-            std::fs::metadata(path)
-                .ok()
-                .map(|m| (m.modified().ok(), m.len()))
-        };
-        // Nothing seen yet: the first tick reads the file again, so that a change made between
-        // the start's validation and this watcher is not missed.
-        let mut seen = None;
-        let mut ticker = tokio::time::interval(POLICY_POLL);
-        loop {
-            ticker.tick().await;
-            let now = Some(stamp());
-            if now == seen {
-                continue;
-            }
-            seen = now;
+        on_change_forever(path, || {
             let trust_domain = sender.borrow().trust_domain().to_owned();
             match Policy::load(path) {
                 Ok(policy) => {
@@ -173,11 +179,10 @@ impl Shared {
                     "the policy file changed but cannot be used ({e}); the previous policy stays in force: fix the file"
                 ),
             }
-        }
+        })
+        .await;
     }
-}
 
-impl Shared {
     /// Reloads --routes whenever its file changes (checked as --policy is); a file that no
     /// longer validates is logged loudly, shown on `/ready` and in `routes_reload_failed`, and
     /// the routes in force stay.
@@ -185,35 +190,20 @@ impl Shared {
         let Some(routes) = &self.routes else {
             return;
         };
-        let path = routes.path.clone();
-        let stamp = || {
-            std::fs::metadata(&path)
-                .ok()
-                .map(|m| (m.modified().ok(), m.len()))
-        };
-        // Nothing seen yet: the first tick reads the file again (a change since the start's read).
-        let mut seen = None;
-        let mut ticker = tokio::time::interval(POLICY_POLL);
-        loop {
-            ticker.tick().await;
-            let now = Some(stamp());
-            if now == seen {
-                continue;
+        let path = &routes.path;
+        on_change_forever(path, || match crate::routes::Routes::load(path) {
+            Ok(loaded) => {
+                routes.replace(loaded);
+                tracing::info!(path = %path.display(), "routes reloaded");
             }
-            seen = now;
-            match crate::routes::Routes::load(&path) {
-                Ok(loaded) => {
-                    routes.replace(loaded);
-                    tracing::info!(path = %path.display(), "routes reloaded");
-                }
-                Err(e) => {
-                    tracing::error!(
-                        "the routes file changed but cannot be used ({e}); the previous routes stay in force: fix the file"
-                    );
-                    routes.said(Some(e.to_string()));
-                }
+            Err(e) => {
+                tracing::error!(
+                    "the routes file changed but cannot be used ({e}); the previous routes stay in force: fix the file"
+                );
+                routes.said(Some(e.to_string()));
             }
-        }
+        })
+        .await;
     }
 
     /// Why the routes file on disk is not in force, when it is not (for `/ready`).

@@ -949,7 +949,7 @@ fn inbound_limits_give_each_peer_its_rate_and_time_out_slow_answers() {
         "15",
         &format!("http://{pod}/sleep/5000"),
     ]);
-    let got = crate::support::routes::parse_response(&crate::support::tools::text(&out.stdout))
+    let got = crate::support::netns::Response::parse(&crate::support::tools::text(&out.stdout))
         .expect("a response");
     assert_eq!(got.status, 504, "{got:?}");
     assert_eq!(got.header("server"), Some("amazing-proxy"), "{got:?}");

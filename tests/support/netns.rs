@@ -118,7 +118,8 @@ impl Response {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
-    fn parse(raw: &str) -> Result<Response, String> {
+    /// Parses what `curl -i` printed.
+    pub fn parse(raw: &str) -> Result<Response, String> {
         let (head, body) = raw
             .split_once("\r\n\r\n")
             .ok_or_else(|| format!("no complete response head in {raw:?}"))?;

@@ -402,7 +402,7 @@ impl Lab {
             "curl {args:?} failed: {}{stdout}",
             text(&out.stderr)
         );
-        parse_response(&stdout).unwrap_or_else(|e| panic!("curl {args:?}: {e}"))
+        Response::parse(&stdout).unwrap_or_else(|e| panic!("curl {args:?}: {e}"))
     }
 
     /// curl in the pod (`-sS`, bounded), as it came out.
@@ -556,29 +556,6 @@ impl Lab {
             })
         });
     }
-}
-
-/// Parses what `curl -i` printed (the last response, after any interim ones).
-pub fn parse_response(raw: &str) -> Result<Response, String> {
-    let (head, body) = raw
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("no complete response head in {raw:?}"))?;
-    let mut lines = head.split("\r\n");
-    let status_line = lines.next().unwrap_or_default();
-    let status = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_string(), v.trim().to_string()))
-        .collect();
-    Ok(Response {
-        status,
-        headers,
-        body: body.to_string(),
-    })
 }
 
 /// How many of `names` each name occurs: `names` as counted.

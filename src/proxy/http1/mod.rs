@@ -122,7 +122,6 @@ struct Target {
     pick: Option<Pick>,
     /// The attempt's bound: the route's deadline, or sooner its per-try timeout.
     bound: Option<tokio::time::Instant>,
-    started: tokio::time::Instant,
 }
 
 /// How one attempt ended.
@@ -331,14 +330,6 @@ impl Connection {
     /// One request and its response.
     async fn exchange(&mut self, plan: RequestPlan, start: Instant) -> Next {
         self.slot.set(Activity::Busy);
-        // What routes match on, as the client wrote it: read only when there are routes.
-        let authority = match (&self.shared.routes, &plan.authority_at) {
-            (Some(_), Some(at)) => (self.buf.get(at.clone()))
-                .and_then(|bytes| std::str::from_utf8(bytes).ok())
-                .map(str::to_owned),
-            _ => None,
-        };
-        self.buf.advance(plan.head_len);
         let shape = Shape {
             framing: plan.framing,
             keep_alive: plan.keep_alive,
@@ -352,28 +343,39 @@ impl Connection {
             PathText::Raw(plan.path),
             plan.request_id,
         );
-        // A body already in the buffer travels with the head.
+        // A body already in the buffer (after the head) travels with the head.
+        let buffered = self.buf.len().saturating_sub(plan.head_len);
         let inline_body = match plan.framing {
             Framing::None => Some(0),
-            Framing::Length(n) if n <= self.buf.len() as u64 => usize::try_from(n).ok(),
+            Framing::Length(n) if n <= buffered as u64 => usize::try_from(n).ok(),
             _ => None,
         };
-        let facts = Facts {
-            method: &plan.method,
-            path: exchange.path(),
-            grpc: plan.grpc,
-            looped: plan.looped,
-            malformed: !plan.authority_valid,
-            ambiguous: plan.ambiguous,
-            reusable: inline_body == Some(0) && plan.keep_alive,
-            authority: authority.as_deref(),
-            // gRPC is HTTP/2: never on this path.
-            grpc_timeout: None,
+        let admitted = {
+            // What routes match on, as the client wrote it: read in place from the head, which
+            // stays in the buffer until the driver has decided; only when there are routes.
+            let authority = (plan.authority_at.clone())
+                .filter(|_| self.shared.routes.is_some())
+                .and_then(|at| self.buf.get(at))
+                .and_then(|bytes| std::str::from_utf8(bytes).ok());
+            let facts = Facts {
+                method: &plan.method,
+                path: exchange.path(),
+                grpc: plan.grpc,
+                looped: plan.looped,
+                malformed: !plan.authority_valid,
+                ambiguous: plan.ambiguous,
+                reusable: inline_body == Some(0) && plan.keep_alive,
+                authority,
+                // gRPC is HTTP/2: never on this path.
+                grpc_timeout: None,
+            };
+            driver::admit(&self.shared, &self.ctx, &facts).await
         };
+        self.buf.advance(plan.head_len);
         let Admitted {
             in_flight: _in_flight,
             route: mut routed,
-        } = match driver::admit(&self.shared, &self.ctx, &facts).await {
+        } = match admitted {
             Ok(admitted) => admitted,
             Err(refused) => {
                 exchange.route = refused.route.map(|route| (route, 0));
@@ -448,7 +450,7 @@ impl Connection {
                 .await;
             let settle = |target: Target, failed: bool| {
                 if let Some(routed) = routed.as_ref() {
-                    routed.finish_attempt(target.pick, target.started, failed);
+                    routed.finish_attempt(target.pick, failed);
                 }
             };
             let (kind, failure, replayable) = match tried {
@@ -533,13 +535,11 @@ impl Connection {
         routed: Option<&mut Routed>,
         exchange: &mut Exchange,
     ) -> Result<Target, Unanswered> {
-        let started = tokio::time::Instant::now();
         let Some(routed) = routed else {
             return Ok(Target {
                 addr: self.ctx.upstream_addr,
                 pick: None,
                 bound: None,
-                started,
             });
         };
         let attempt = routed.start_attempt(self.ctx.upstream_addr);
@@ -548,12 +548,7 @@ impl Connection {
         if pick.is_some() {
             exchange.endpoint = Some(addr);
         }
-        Ok(Target {
-            addr,
-            pick,
-            bound,
-            started,
-        })
+        Ok(Target { addr, pick, bound })
     }
 
     /// One attempt: a connection to `target` (a fresh one when `fresh`), the request written

@@ -134,6 +134,8 @@ struct Endpoint {
 #[must_use = "a pick counts as pending until it is finished or dropped"]
 pub struct Pick {
     pub addr: SocketAddr,
+    /// When the endpoint was picked: an attempt's latency counts from here.
+    pub picked_at: Instant,
     id: u64,
     /// Where the endpoint was when picked: checked against `id`, searched for when it moved.
     slot: usize,
@@ -189,6 +191,7 @@ impl Balancer {
         };
         Some(Pick {
             addr,
+            picked_at: now,
             id,
             slot,
             shared: Arc::clone(&self.shared),
