@@ -369,6 +369,22 @@ impl std::fmt::Display for ErrorKind {
 
 impl std::error::Error for ErrorKind {}
 
+/// An I/O failure that already knows what it means (an HBONE tunnel the peer refused, say):
+/// carried inside an `io::Error` through hyper's client, and read back by [`classify_io`] instead
+/// of guessing from the I/O kind.
+#[derive(Debug, thiserror::Error)]
+#[error("{reason}")]
+pub(crate) struct Known {
+    pub(crate) kind: ErrorKind,
+    pub(crate) reason: String,
+}
+
+impl Known {
+    pub(crate) fn io(kind: ErrorKind, reason: String) -> std::io::Error {
+        std::io::Error::other(Known { kind, reason })
+    }
+}
+
 /// Classifies a failure of the pooled client. Connect errors carry the connector's `io::Error`.
 pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> ErrorKind {
     use std::error::Error as _;
@@ -392,6 +408,9 @@ pub(crate) fn classify_client_error(err: &hyper_util::client::legacy::Error) -> 
 /// What an I/O error means; `connecting` when it came from opening the upstream connection.
 pub(crate) fn classify_io(io: &std::io::Error, connecting: bool) -> ErrorKind {
     use std::io::ErrorKind as Io;
+    if let Some(known) = io.get_ref().and_then(|e| e.downcast_ref::<Known>()) {
+        return known.kind;
+    }
     match io.kind() {
         Io::TimedOut if connecting => ErrorKind::ConnectTimeout,
         Io::ConnectionRefused => ErrorKind::ConnectRefused,

@@ -390,6 +390,7 @@ pub(crate) fn may_retry(method: &Method, has_body: bool, attempt: Attempt) -> bo
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proxy::upstream::{ClientFactory, ConnectOptions};
     use crate::routes::Routes;
     use crate::telemetry::Telemetry;
     use crate::vocab::AccessLogFormat;
@@ -401,7 +402,13 @@ mod tests {
             Box::new(std::io::sink()),
         ));
         let routes = Routes::from_yaml(yaml).expect("a valid routes file");
-        let set = super::super::routing::RouteSet::build(routes, None, &|| None, &telemetry);
+        let connect = ConnectOptions {
+            timeout: Duration::from_secs(1),
+            mark: None,
+        };
+        let clients = ClientFactory::new(connect, Duration::from_secs(1), true, None);
+        let set =
+            super::super::routing::RouteSet::build(routes, None, &|| None, &telemetry, &clients);
         let key = RequestKey {
             port: 80,
             authority: Some("svc"),

@@ -150,6 +150,9 @@ pub struct Exchange {
     /// The endpoint the last attempt went to, when a route chose it (else the connection's
     /// upstream).
     pub endpoint: Option<SocketAddr>,
+    /// The SPIFFE ID of the peer proxy the last attempt went to in an HBONE stream (outbound in
+    /// mutual TLS, per request), when the connection itself did not come in a tunnel.
+    pub upstream_peer: Option<Arc<str>>,
     /// Set once logged, so that dropping the exchange does not log it again.
     logged: bool,
 }
@@ -188,6 +191,7 @@ impl Exchange {
             error: None,
             route: None,
             endpoint: None,
+            upstream_peer: None,
             logged: false,
         }
     }
@@ -306,7 +310,7 @@ impl Exchange {
                 response_bytes: self.response_bytes,
                 grpc_status: self.grpc_status,
                 error,
-                peer: self.conn.peer.as_deref(),
+                peer: (self.conn.peer.as_deref()).or(self.upstream_peer.as_deref()),
                 tunnel_traceparent: self.conn.tunnel_traceparent.as_deref(),
                 route: self.route.as_ref().map(|(name, n)| (&**name, *n)),
             });

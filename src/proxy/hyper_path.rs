@@ -29,7 +29,7 @@ use super::path::Ambiguous;
 use super::phases::{self, Synthetic};
 use super::shared::Shared;
 use super::tcp::Counted;
-use super::upstream::{HttpClient, Uses};
+use super::upstream::{Clients, ConnInfo, HttpClient};
 use crate::error::{ErrorKind, classify_client_error};
 use crate::settings::AppProtocol;
 use crate::telemetry::metrics::Direction;
@@ -134,7 +134,7 @@ async fn respond(
         &shared,
         &conn,
         upstream_req,
-        use_http2,
+        (use_http2, ruled.authority.as_ref()),
         progress.as_deref(),
         routed.as_mut(),
         &mut exchange,
@@ -346,21 +346,31 @@ fn point_at_upstream(
 }
 
 /// Sends the request: on its route when it took one, else once (and again only for the
-/// keep-alive race).
+/// keep-alive race). `how`: whether it goes in HTTP/2, and the authority the client wrote.
 async fn forward(
     shared: &Shared,
     conn: &ConnContext,
     request: Request<RequestBody>,
-    use_http2: bool,
+    how: (bool, Option<&HeaderValue>),
     progress: Option<&RequestProgress>,
     routed: Option<&mut Routed>,
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ErrorKind> {
+    let (use_http2, authority) = how;
+    let clients = conn_clients(shared, conn);
     let Some(routed) = routed else {
-        return send(shared, request, use_http2, progress)
-            .await
-            .map_err(|(kind, _)| kind);
+        let (result, peer) = send(clients, shared, request, use_http2, progress).await;
+        exchange.upstream_peer = peer;
+        return result.map_err(|(kind, _)| kind);
     };
+    let mut request = request;
+    if routed.state.endpoints.is_some()
+        && let Some(uri) = authority.and_then(|a| with_authority(request.uri(), a))
+    {
+        // To a route's endpoints, the request names what the app asked for (`:authority` in
+        // HTTP/2; HTTP/1.1 keeps its Host): each endpoint's clients dial it whatever the URI says.
+        *request.uri_mut() = uri;
+    }
     let sent = send_routed(shared, conn, request, use_http2, progress, routed, exchange).await;
     exchange.route = Some((routed.state.label.clone(), routed.attempts));
     sent
@@ -399,10 +409,18 @@ async fn send_routed(
             None => body_once.take().unwrap_or_else(RequestBody::empty),
         };
         let mut request = Request::from_parts(parts.clone(), body);
-        if pick.is_some() {
-            aim_at(request.uri_mut(), addr)?;
-            exchange.endpoint = Some(addr);
-        }
+        // An endpoint has clients of its own (dialling it whatever the URI says): the request
+        // keeps the authority the app wrote.
+        let endpoint_clients = match (&pick, &routed.state.endpoints) {
+            (Some(_), Some(endpoints)) => {
+                exchange.endpoint = Some(addr);
+                Some(endpoints.clients(addr))
+            }
+            _ => None,
+        };
+        let clients = endpoint_clients
+            .as_deref()
+            .unwrap_or_else(|| conn_clients(shared, conn));
         if let Some(deadline) = routed.deadline
             && grpc
         {
@@ -412,22 +430,23 @@ async fn send_routed(
                 .headers_mut()
                 .insert(phases::GRPC_TIMEOUT, phases::grpc_timeout_value(left));
         }
-        let once = send(shared, request, use_http2, progress);
-        let result = match bound {
+        let once = send(clients, shared, request, use_http2, progress);
+        let (result, peer) = match bound {
             Some(bound) => match tokio::time::timeout_at(bound, once).await {
-                Ok(result) => result,
+                Ok(sent) => sent,
                 Err(_) if routed.deadline.is_some_and(|d| d <= bound) => {
                     routed.finish_attempt(pick, true);
                     routed.timed_out();
                     return Err(ErrorKind::RouteTimeout);
                 }
-                Err(_) => Err((
-                    ErrorKind::ResponseTimeout,
-                    Some(AttemptFailure::PerTryTimeout),
-                )),
+                Err(_) => {
+                    let failure = Some(AttemptFailure::PerTryTimeout);
+                    (Err((ErrorKind::ResponseTimeout, failure)), None)
+                }
             },
             None => once.await,
         };
+        exchange.upstream_peer = peer;
         if let Some(replay) = &replay {
             // Whatever came of it, this attempt's body reads no more.
             replay.seal();
@@ -473,30 +492,34 @@ async fn send_routed(
 /// gRPC's UNAVAILABLE: an attempt that failed, for the balancer.
 const UNAVAILABLE: u16 = 14;
 
-/// Points a request's URI at `addr`, keeping its scheme and path.
-fn aim_at(uri: &mut Uri, addr: std::net::SocketAddr) -> Result<(), ErrorKind> {
-    let mut parts = std::mem::take(uri).into_parts();
-    parts.authority = http::uri::Authority::try_from(addr.to_string().as_str()).ok();
-    // An IP:PORT is always an authority, and the path was valid: never refused in practice.
-    *uri = Uri::from_parts(parts).map_err(|_| ErrorKind::BadRequest)?;
-    Ok(())
+/// `uri` with `authority` instead of its own, if that is a valid authority.
+fn with_authority(uri: &Uri, authority: &HeaderValue) -> Option<Uri> {
+    let mut parts = uri.clone().into_parts();
+    parts.authority = Some(http::uri::Authority::try_from(authority.as_bytes()).ok()?);
+    Uri::from_parts(parts).ok()
 }
 
-/// Sends the request, and once more on a fresh connection when the retry rule allows it. On
-/// failure: what went wrong, and the failure as a route's `retry.on` sees it (`None`: none it
-/// could name).
+/// The clients for a connection's requests to its own destination: outbound ones go in HBONE
+/// tunnels when outbound mutual TLS is on (the tunneller sends plaintext where `auto` says so).
+fn conn_clients<'a>(shared: &'a Shared, conn: &ConnContext) -> &'a Clients {
+    (shared.upstreams).clients(conn.direction == Direction::Outbound)
+}
+
+/// Sends the request through `clients`, and once more on a fresh connection when the retry rule
+/// allows it. On failure: what went wrong, and the failure as a route's `retry.on` sees it
+/// (`None`: none it could name). With it, the peer proxy's identity when the connection that
+/// answered (or failed) was an HBONE stream.
 async fn send(
+    clients: &Clients,
     shared: &Shared,
     request: Request<RequestBody>,
     use_http2: bool,
     progress: Option<&RequestProgress>,
-) -> Result<Response<Incoming>, (ErrorKind, Option<AttemptFailure>)> {
-    let upstreams = &shared.upstreams;
-    let (pooled, fresh) = if use_http2 {
-        (&upstreams.http2, &upstreams.http2_fresh)
-    } else {
-        (&upstreams.http1, &upstreams.http1_fresh)
-    };
+) -> (
+    Result<Response<Incoming>, (ErrorKind, Option<AttemptFailure>)>,
+    Option<Arc<str>>,
+) {
+    let (pooled, fresh) = clients.pair(use_http2);
     let has_body = progress.is_some();
     // A request without a body can be sent again: the retry rule decides whether it may be.
     let replay = (!has_body).then(|| {
@@ -512,7 +535,7 @@ async fn send(
     let request_upstream = request.uri().authority().cloned();
     let request_upstream = request_upstream.as_ref().map_or("-", |a| a.as_str());
     let failure = match attempt(shared, pooled, request, progress).await {
-        Ok(response) => return Ok(response),
+        Ok((response, peer)) => return (Ok(response), peer),
         Err(failure) => failure,
     };
     let sent = match &failure.error {
@@ -530,7 +553,7 @@ async fn send(
                 "the app closed a reused connection without answering: sending the request again on a new one"
             );
             match attempt(shared, fresh, again, None).await {
-                Ok(response) => return Ok(response),
+                Ok((response, peer)) => return (Ok(response), peer),
                 Err(failure) => failure,
             }
         }
@@ -557,14 +580,15 @@ async fn send(
     if let Some(err) = &failure.error {
         tracing::debug!(error = %err, kind = kind.as_str(), upstream = %request_upstream, "request failed");
     }
-    Err((kind, named))
+    (Err((kind, named)), failure.peer)
 }
 
-/// A failed attempt: the client's error (`None`: the response timeout), and whether the
-/// connection it used had carried a request before.
+/// A failed attempt: the client's error (`None`: the response timeout), whether the connection
+/// it used had carried a request before, and its peer's identity if it was an HBONE stream.
 struct Failure {
     error: Option<hyper_util::client::legacy::Error>,
     reused: bool,
+    peer: Option<Arc<str>>,
 }
 
 /// One attempt, bounded by --response-timeout counted as on the fast path: from the moment the
@@ -574,7 +598,7 @@ async fn attempt(
     client: &HttpClient,
     mut request: Request<RequestBody>,
     progress: Option<&RequestProgress>,
-) -> Result<Response<Incoming>, Failure> {
+) -> Result<(Response<Incoming>, Option<Arc<str>>), Failure> {
     let captured = capture_connection(&mut request);
     let mut connected = captured.clone();
     let response_timer = async {
@@ -589,8 +613,15 @@ async fn attempt(
         result = client.request(request) => result.map_err(Some),
         () = response_timer => Err(None),
     };
-    let reused = Uses::note(&captured);
-    result.map_err(|error| Failure { error, reused })
+    let noted = ConnInfo::note(&captured);
+    match result {
+        Ok(response) => Ok((response, noted.peer)),
+        Err(error) => Err(Failure {
+            error,
+            reused: noted.reused,
+            peer: noted.peer,
+        }),
+    }
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).

@@ -261,6 +261,7 @@ async fn after_silence<C: FirstBytes>(
 fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
     shared.settings.traffic.http_ports.contains(&port)
         || (direction == Direction::Inbound && shared.judges_http_on(port))
+        || (direction == Direction::Outbound && shared.balances_in_tunnels(port))
 }
 
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
@@ -380,6 +381,8 @@ async fn gate(
             metrics.count_detection(direction, Protocol::Opaque, "plaintext_refused");
             None
         }
+        // Served as HTTP: each request goes in a tunnel to the endpoint its route picks.
+        Direction::Outbound if shared.balances_in_tunnels(upstream.port()) => Some(stream),
         Direction::Outbound if mtls.outbound != OutboundMtls::Off => {
             hbone::outbound::forward(shared, mtls, stream, client, upstream).await
         }
@@ -473,7 +476,10 @@ async fn serve_connection(
         upstream,
         upstream_http2,
     ));
-    let io = if detected == Detected::Http1 && !upstream_http2 {
+    // Outbound in mutual TLS, requests go in tunnels: hyper's clients carry them (the fast path's
+    // connections are plain TCP).
+    let tunnelled = direction == Direction::Outbound && shared.upstreams.tunnelled.is_some();
+    let io = if detected == Detected::Http1 && !upstream_http2 && !tunnelled {
         let connection =
             http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
         match connection.serve().await {

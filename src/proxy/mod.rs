@@ -44,7 +44,7 @@ use hyper_util::rt::{TokioExecutor, TokioTimer};
 use hyper_util::server::conn::auto;
 
 use crate::identity::source::Identity;
-use crate::settings::{MtlsConfig, ProxyConfig};
+use crate::settings::{MtlsConfig, OutboundMtls, ProxyConfig};
 use crate::telemetry::Telemetry;
 use drain::Drain;
 use limits::Limits;
@@ -52,7 +52,7 @@ use phases::Via;
 pub use shared::Shared;
 use shared::{Mtls, Settings};
 use upstream::tunnels::Pool;
-use upstream::{ConnectOptions, Upstreams};
+use upstream::{ClientFactory, ConnectOptions, Upstreams};
 
 /// The constructor is the wiring's: it reads the configuration, sets the descriptor limit and builds
 /// every part; the state it builds sits below the adapters ([`shared`]).
@@ -74,33 +74,52 @@ impl Shared {
                 &telemetry.metrics.identity_expiry_seconds,
             )
         });
-        let routes = config.routes_path.as_ref().map(|path| {
-            routing::RoutesInForce::new(path.clone(), config.routes.clone(), telemetry.clone())
-        });
-        Arc::new(Shared {
-            routes,
-            settings: Settings {
-                traffic: config.traffic.clone(),
-                via: Via::random(),
-                http1_server,
-                http2_server,
-            },
-            limits: Arc::new(Limits::new(
-                descriptor_budget(config.max_connections),
-                config.max_in_flight,
-            )),
-            upstreams: Upstreams::new(connect, config.pool_idle_timeout, !lowercase),
-            telemetry,
-            drain: Drain::default(),
-            mtls,
-            policy: config.policy.as_ref().map(|file| {
-                let policy = file
-                    .policy
-                    .clone()
-                    .with_trust_domain(config.trust_domain.clone());
-                tokio::sync::watch::Sender::new(Arc::new(policy))
-            }),
-            policy_path: config.policy.as_ref().map(|file| file.path.clone()),
+        let outbound_mtls = mtls
+            .as_ref()
+            .is_some_and(|m| m.outbound != OutboundMtls::Off);
+        // Cyclic: hyper's clients reach upstreams in mutual TLS through the HBONE pool, which
+        // is part of the state they are part of.
+        Arc::new_cyclic(|shared| {
+            let tunneller = outbound_mtls.then(|| {
+                let tunneller: Arc<dyn upstream::Tunneller> =
+                    Arc::new(hbone::outbound::Tunneller::new(shared.clone()));
+                tunneller
+            });
+            let factory =
+                ClientFactory::new(connect, config.pool_idle_timeout, !lowercase, tunneller);
+            let routes = config.routes_path.as_ref().map(|path| {
+                routing::RoutesInForce::new(
+                    path.clone(),
+                    config.routes.clone(),
+                    telemetry.clone(),
+                    factory.clone(),
+                )
+            });
+            Shared {
+                routes,
+                settings: Settings {
+                    traffic: config.traffic.clone(),
+                    via: Via::random(),
+                    http1_server,
+                    http2_server,
+                },
+                limits: Arc::new(Limits::new(
+                    descriptor_budget(config.max_connections),
+                    config.max_in_flight,
+                )),
+                upstreams: Upstreams::new(factory),
+                telemetry,
+                drain: Drain::default(),
+                mtls,
+                policy: config.policy.as_ref().map(|file| {
+                    let policy = file
+                        .policy
+                        .clone()
+                        .with_trust_domain(config.trust_domain.clone());
+                    tokio::sync::watch::Sender::new(Arc::new(policy))
+                }),
+                policy_path: config.policy.as_ref().map(|file| file.path.clone()),
+            }
         })
     }
 }

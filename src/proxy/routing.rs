@@ -20,6 +20,7 @@ use super::traffic::rate::RateLimiter;
 use super::traffic::retry::RetryBudget;
 use super::upstream::balance::{BalanceKind, Balancer, OutlierConfig, Pick};
 use super::upstream::endpoints::{self, Resolver, Source};
+use super::upstream::{ClientFactory, Clients};
 use crate::routes::{
     Balance, EndpointsSpec, RequestKey, RetryBudgetSpec, Route, RouteTable, Routes,
 };
@@ -39,18 +40,26 @@ pub(crate) struct RoutesInForce {
     /// Why the file on disk is not the routes in force, while it is not.
     problem: Mutex<Option<String>>,
     telemetry: Arc<Telemetry>,
+    /// Builds each endpoint's clients for the hyper path.
+    clients: ClientFactory,
 }
 
 impl RoutesInForce {
     /// The routes of a file validated at start. Must run in the runtime (DNS endpoints are kept
     /// current by tasks of it).
-    pub(crate) fn new(path: PathBuf, routes: Routes, telemetry: Arc<Telemetry>) -> RoutesInForce {
+    pub(crate) fn new(
+        path: PathBuf,
+        routes: Routes,
+        telemetry: Arc<Telemetry>,
+        clients: ClientFactory,
+    ) -> RoutesInForce {
         let in_force = RoutesInForce {
             path,
             current: tokio::sync::watch::Sender::new(Arc::new(RouteSet::default())),
             resolver: Mutex::new(None),
             problem: Mutex::new(None),
             telemetry,
+            clients,
         };
         in_force.replace(routes);
         in_force
@@ -69,6 +78,7 @@ impl RoutesInForce {
             Some(&previous),
             &|| self.resolver(),
             &self.telemetry,
+            &self.clients,
         );
         self.current.send_replace(Arc::new(next));
         self.said(None);
@@ -109,6 +119,10 @@ pub(crate) struct RouteSet {
     outbound: Vec<Arc<RouteState>>,
     budget_spec: RetryBudgetSpec,
     pub(crate) budget: Arc<RetryBudget>,
+    /// The ports some outbound route with endpoints names, sorted: in mutual TLS, outbound
+    /// connections to them are served as HTTP so that each request can go to its endpoint's
+    /// proxy (others go whole into one tunnel to their destination).
+    balanced_ports: Vec<u16>,
 }
 
 impl Default for RouteSet {
@@ -123,6 +137,7 @@ impl Default for RouteSet {
                 budget_spec.min_per_second,
             )),
             budget_spec,
+            balanced_ports: Vec::new(),
         }
     }
 }
@@ -135,6 +150,7 @@ impl RouteSet {
         previous: Option<&RouteSet>,
         resolver: &dyn Fn() -> Option<Arc<Resolver>>,
         telemetry: &Arc<Telemetry>,
+        clients: &ClientFactory,
     ) -> RouteSet {
         let budget_spec = routes.retry_budget.clone().unwrap_or_default();
         let budget = match previous {
@@ -160,18 +176,31 @@ impl RouteSet {
                             direction,
                             resolver,
                             telemetry,
+                            clients,
                         ))
                     })
                 })
                 .collect()
         };
+        let mut balanced_ports: Vec<u16> = (routes.outbound.iter())
+            .filter(|route| route.endpoints.is_some())
+            .filter_map(|route| route.matcher.port)
+            .collect();
+        balanced_ports.sort_unstable();
+        balanced_ports.dedup();
         RouteSet {
             inbound: states(&routes.inbound, Direction::Inbound),
             outbound: states(&routes.outbound, Direction::Outbound),
             routes,
             budget_spec,
             budget,
+            balanced_ports,
         }
+    }
+
+    /// Whether an outbound route with endpoints names `port`.
+    pub(crate) fn balances_port(&self, port: u16) -> bool {
+        self.balanced_ports.binary_search(&port).is_ok()
     }
 
     /// The route a request takes, if any: the first of its direction whose `match` it satisfies.
@@ -217,6 +246,7 @@ impl RouteState {
         direction: Direction,
         resolver: &dyn Fn() -> Option<Arc<Resolver>>,
         telemetry: &Arc<Telemetry>,
+        clients: &ClientFactory,
     ) -> RouteState {
         let families = &telemetry.metrics.routes;
         let labels = RouteLabels {
@@ -243,7 +273,7 @@ impl RouteState {
         let endpoints = route
             .endpoints
             .as_ref()
-            .map(|spec| RouteEndpoints::start(&route, spec, resolver, telemetry));
+            .map(|spec| RouteEndpoints::start(&route, spec, resolver, telemetry, clients));
         RouteState {
             label: Arc::from(route.name.as_str()),
             route,
@@ -292,6 +322,12 @@ pub(crate) struct RouteEndpoints {
     port_from_request: bool,
     /// Each endpoint's attempts and failures counters (by the balancer's address).
     counters: Mutex<HashMap<SocketAddr, (Counter, Counter)>>,
+    /// Each endpoint's clients for the hyper path, built at its first request: hyper pools per
+    /// client, and the request keeps the authority the app wrote (HTTP/2's `:authority`
+    /// included), so an endpoint's connections are its own client's. Those of endpoints no
+    /// longer resolved are dropped (their idle connections with them).
+    clients: Mutex<HashMap<SocketAddr, Arc<Clients>>>,
+    factory: ClientFactory,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -309,6 +345,7 @@ impl RouteEndpoints {
         spec: &EndpointsSpec,
         resolver: &dyn Fn() -> Option<Arc<Resolver>>,
         telemetry: &Arc<Telemetry>,
+        factory: &ClientFactory,
     ) -> RouteEndpoints {
         let kind = match route.balance {
             Balance::P2cEwma => BalanceKind::P2cEwma,
@@ -348,8 +385,24 @@ impl RouteEndpoints {
             balancer,
             port_from_request: matches!(spec, EndpointsSpec::Dns { port: None, .. }),
             counters: Mutex::default(),
+            clients: Mutex::default(),
+            factory: factory.clone(),
             task,
         }
+    }
+
+    /// The clients that reach `endpoint` (through HBONE when outbound mutual TLS is on).
+    pub(crate) fn clients(&self, endpoint: SocketAddr) -> Arc<Clients> {
+        let mut clients = lock(&self.clients);
+        if let Some(found) = clients.get(&endpoint) {
+            return found.clone();
+        }
+        // A new endpoint: those DNS no longer gives lose their clients (and idle connections).
+        let current = self.balancer.snapshot();
+        clients.retain(|addr, _| current.iter().any(|c| c.addr.ip() == addr.ip()));
+        let built = Arc::new(self.factory.build(Some(endpoint), true));
+        clients.insert(endpoint, built.clone());
+        built
     }
 
     /// An endpoint for one attempt at a request sent to `original`; `None` when there is none

@@ -93,6 +93,15 @@ impl Mtls {
 }
 
 impl Shared {
+    /// Whether outbound connections to `port` are served as HTTP in mutual TLS, each request in a
+    /// tunnel to its own endpoint: an outbound route with endpoints names the port (routes that
+    /// name no port balance only what is served as HTTP anyway). Without outbound mutual TLS,
+    /// never: every outbound connection is detected.
+    pub(crate) fn balances_in_tunnels(&self, port: u16) -> bool {
+        self.upstreams.tunnelled.is_some()
+            && (self.routes.as_ref()).is_some_and(|routes| routes.current().balances_port(port))
+    }
+
     /// Whether --policy lets `peer` (None: plaintext) connect to inbound `port` at all.
     pub(crate) fn admits(&self, port: u16, peer: Option<&SpiffeId>) -> bool {
         self.policy

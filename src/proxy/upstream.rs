@@ -82,9 +82,39 @@ pub(crate) fn mark_if_permitted(mark: u32) -> Option<u32> {
     }
 }
 
-/// hyper-util connector: the URIs are ours, always `http://IP:PORT`.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Connector(pub(crate) ConnectOptions);
+/// Opens an upstream connection in mutual TLS: an HBONE stream to the destination's proxy, or
+/// plaintext where `--outbound-mtls auto` finds no HBONE there. Implemented by the HBONE adapter
+/// and handed down by the wiring, so that hyper's clients (here, below the adapters) can carry
+/// each request to a route's endpoint through a tunnel of its own.
+pub(crate) trait Tunneller: Send + Sync {
+    fn open(
+        &self,
+        target: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = io::Result<Transport>> + Send>>;
+}
+
+/// An upstream connection: a TCP socket, or a stream in an HBONE tunnel.
+pub(crate) enum Transport {
+    Tcp(TcpStream),
+    Tunnel {
+        io: hyper::upgrade::Upgraded,
+        /// The peer proxy's SPIFFE ID, verified by the handshake.
+        peer: Arc<str>,
+        /// The stream's place on its pooled HBONE connection, held as long as the stream.
+        slot: tunnels::StreamSlot,
+    },
+}
+
+/// hyper-util connector. The URIs are ours, always `http://IP:PORT`, unless the connector dials
+/// a `fixed` address (a route's endpoint: the request keeps the authority the app wrote, and
+/// hyper pools per connector, so one client per endpoint); through a [`Tunneller`] when the
+/// upstream is reached in mutual TLS.
+#[derive(Clone)]
+pub(crate) struct Connector {
+    options: ConnectOptions,
+    fixed: Option<SocketAddr>,
+    tunneller: Option<Arc<dyn Tunneller>>,
+}
 
 impl tower_service::Service<Uri> for Connector {
     type Response = PooledIo;
@@ -96,57 +126,106 @@ impl tower_service::Service<Uri> for Connector {
     }
 
     fn call(&mut self, uri: Uri) -> Self::Future {
-        let opts = self.0;
+        let Connector {
+            options,
+            fixed,
+            tunneller,
+        } = self.clone();
         Box::pin(async move {
-            let addr: SocketAddr = uri
-                .authority()
-                .and_then(|a| a.as_str().parse().ok())
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        format!("not an IP:PORT upstream: {uri}"),
-                    )
-                })?;
-            let stream = connect(addr, opts).await?;
-            Ok(PooledIo {
-                io: TokioIo::new(stream),
-                uses: Uses::default(),
-            })
+            let addr = match fixed {
+                Some(addr) => addr,
+                None => uri
+                    .authority()
+                    .and_then(|a| a.as_str().parse().ok())
+                    .ok_or_else(|| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidInput,
+                            format!("not an IP:PORT upstream: {uri}"),
+                        )
+                    })?,
+            };
+            let transport = match tunneller {
+                Some(tunneller) => tunneller.open(addr).await?,
+                None => Transport::Tcp(connect(addr, options).await?),
+            };
+            Ok(PooledIo::new(transport))
         })
     }
 }
 
-/// How many requests a hyper-pooled connection has carried: the retry rule needs to know whether
-/// a failed attempt was on a reused connection (the keep-alive race) or on a fresh one (the
-/// app's answer). Read through [`Uses::note`] after every attempt.
+/// What a hyper-pooled connection tells the request that used it: how many requests it has
+/// carried (the retry rule needs to know whether a failed attempt was on a reused connection, the
+/// keep-alive race, or on a fresh one, the app's answer) and, in a tunnel, the peer's identity.
+/// Read through [`ConnInfo::note`] after every attempt.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct Uses(Arc<AtomicU32>);
+pub(crate) struct ConnInfo {
+    uses: Arc<AtomicU32>,
+    peer: Option<Arc<str>>,
+}
 
-impl Uses {
-    /// Counts the attempt on the connection `captured` saw; returns whether that connection had
-    /// carried a request before it (`false` when no connection was made).
-    pub(crate) fn note(captured: &CaptureConnection) -> bool {
+/// What [`ConnInfo::note`] learnt of an attempt's connection.
+#[derive(Debug, Default)]
+pub(crate) struct Noted {
+    /// The connection had carried a request before this one.
+    pub(crate) reused: bool,
+    /// The peer proxy's SPIFFE ID, when the connection is an HBONE stream.
+    pub(crate) peer: Option<Arc<str>>,
+}
+
+impl ConnInfo {
+    /// Counts the attempt on the connection `captured` saw (nothing when no connection was made).
+    pub(crate) fn note(captured: &CaptureConnection) -> Noted {
         let connected = captured.connection_metadata();
         let Some(connected) = connected.as_ref() else {
-            return false;
+            return Noted::default();
         };
         let mut extras = http::Extensions::new();
         connected.get_extras(&mut extras);
         extras
-            .get::<Uses>()
-            .is_some_and(|uses| uses.0.fetch_add(1, Ordering::Relaxed) > 0)
+            .get::<ConnInfo>()
+            .map_or_else(Noted::default, |info| Noted {
+                reused: info.uses.fetch_add(1, Ordering::Relaxed) > 0,
+                peer: info.peer.clone(),
+            })
     }
 }
 
-/// A connection of hyper's pools: the socket, and its [`Uses`] for the retry rule.
+/// A connection of hyper's pools: the transport, and its [`ConnInfo`].
 pub(crate) struct PooledIo {
-    io: TokioIo<TcpStream>,
-    uses: Uses,
+    io: PooledTransport,
+    info: ConnInfo,
+    /// A tunnel's place on its HBONE connection, held while hyper keeps the connection.
+    _slot: Option<tunnels::StreamSlot>,
+}
+
+enum PooledTransport {
+    Tcp(TokioIo<TcpStream>),
+    Tunnel(hyper::upgrade::Upgraded),
+}
+
+impl PooledIo {
+    fn new(transport: Transport) -> PooledIo {
+        match transport {
+            Transport::Tcp(stream) => PooledIo {
+                io: PooledTransport::Tcp(TokioIo::new(stream)),
+                info: ConnInfo::default(),
+                _slot: None,
+            },
+            Transport::Tunnel { io, peer, slot } => PooledIo {
+                io: PooledTransport::Tunnel(io),
+                info: ConnInfo {
+                    uses: Arc::default(),
+                    peer: Some(peer),
+                },
+                _slot: Some(slot),
+            },
+        }
+    }
 }
 
 impl Connection for PooledIo {
     fn connected(&self) -> Connected {
-        self.io.connected().extra(self.uses.clone())
+        Connected::new().extra(self.info.clone())
     }
 }
 
@@ -156,7 +235,10 @@ impl hyper::rt::Read for PooledIo {
         cx: &mut Context<'_>,
         buf: hyper::rt::ReadBufCursor<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        match &mut self.get_mut().io {
+            PooledTransport::Tcp(io) => Pin::new(io).poll_read(cx, buf),
+            PooledTransport::Tunnel(io) => Pin::new(io).poll_read(cx, buf),
+        }
     }
 }
 
@@ -166,7 +248,10 @@ impl hyper::rt::Write for PooledIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+        match &mut self.get_mut().io {
+            PooledTransport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
+            PooledTransport::Tunnel(io) => Pin::new(io).poll_write(cx, buf),
+        }
     }
 
     fn poll_write_vectored(
@@ -174,36 +259,131 @@ impl hyper::rt::Write for PooledIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+        match &mut self.get_mut().io {
+            PooledTransport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+            PooledTransport::Tunnel(io) => Pin::new(io).poll_write_vectored(cx, bufs),
+        }
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.io.is_write_vectored()
+        match &self.io {
+            PooledTransport::Tcp(io) => io.is_write_vectored(),
+            PooledTransport::Tunnel(io) => io.is_write_vectored(),
+        }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+        match &mut self.get_mut().io {
+            PooledTransport::Tcp(io) => Pin::new(io).poll_flush(cx),
+            PooledTransport::Tunnel(io) => Pin::new(io).poll_flush(cx),
+        }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+        match &mut self.get_mut().io {
+            PooledTransport::Tcp(io) => Pin::new(io).poll_shutdown(cx),
+            PooledTransport::Tunnel(io) => Pin::new(io).poll_shutdown(cx),
+        }
     }
 }
 
 pub(crate) type HttpClient = Client<Connector, RequestBody>;
+
+/// hyper's clients to one kind of upstream, one per HTTP version spoken to it.
+pub(crate) struct Clients {
+    http1: HttpClient,
+    http2: HttpClient,
+    /// Never pool: a retry goes out on a freshly dialled connection, since another pooled one
+    /// may be just as dead (the keep-alive race).
+    http1_fresh: HttpClient,
+    http2_fresh: HttpClient,
+}
+
+impl Clients {
+    /// The pooled client and the fresh one for the HTTP version spoken to the upstream.
+    pub(crate) fn pair(&self, http2: bool) -> (&HttpClient, &HttpClient) {
+        if http2 {
+            (&self.http2, &self.http2_fresh)
+        } else {
+            (&self.http1, &self.http1_fresh)
+        }
+    }
+}
+
+/// Builds [`Clients`], all alike but for where they dial: one place for hyper's client settings.
+#[derive(Clone)]
+pub(crate) struct ClientFactory {
+    connect: ConnectOptions,
+    pool_idle_timeout: Duration,
+    title_case: bool,
+    /// Mutual TLS to upstreams, when outbound HBONE is on.
+    tunneller: Option<Arc<dyn Tunneller>>,
+}
+
+impl ClientFactory {
+    pub(crate) fn new(
+        connect: ConnectOptions,
+        pool_idle_timeout: Duration,
+        title_case: bool,
+        tunneller: Option<Arc<dyn Tunneller>>,
+    ) -> ClientFactory {
+        ClientFactory {
+            connect,
+            pool_idle_timeout,
+            title_case,
+            tunneller,
+        }
+    }
+
+    /// Clients that dial `fixed` (else the URI's address), through the tunneller when
+    /// `tunnelled` and there is one.
+    pub(crate) fn build(&self, fixed: Option<SocketAddr>, tunnelled: bool) -> Clients {
+        let connector = Connector {
+            options: self.connect,
+            fixed,
+            tunneller: self.tunneller.clone().filter(|_| tunnelled),
+        };
+        let build = |http2_only: bool, max_idle: usize| {
+            Client::builder(TokioExecutor::new())
+                .timer(TokioTimer::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(self.pool_idle_timeout)
+                .pool_max_idle_per_host(max_idle)
+                .retry_canceled_requests(true)
+                // The proxy sets Host itself: the client's by default, the app's with --rewrite-host.
+                .set_host(false)
+                // Names keep the case the client wrote; ours are written in canonical case.
+                .http1_preserve_header_case(self.title_case)
+                .http1_title_case_headers(self.title_case)
+                .http2_only(http2_only)
+                .http2_initial_stream_window_size(APP_STREAM_WINDOW)
+                .http2_initial_connection_window_size(APP_CONNECTION_WINDOW)
+                .build(connector.clone())
+        };
+        Clients {
+            http1: build(false, POOL_MAX_IDLE_PER_UPSTREAM),
+            http2: build(true, POOL_MAX_IDLE_PER_UPSTREAM),
+            http1_fresh: build(false, 0),
+            http2_fresh: build(true, 0),
+        }
+    }
+
+    /// Whether upstreams are reached in mutual TLS.
+    pub(crate) fn tunnels(&self) -> bool {
+        self.tunneller.is_some()
+    }
+}
 
 /// Every way to reach upstreams, built once.
 pub(crate) struct Upstreams {
     pub(crate) connect: ConnectOptions,
     /// The fast path's raw HTTP/1.1 connections.
     pub(crate) pool: Arc<Pool>,
-    /// hyper's pooled clients, one per HTTP version spoken to upstreams.
-    pub(crate) http1: HttpClient,
-    pub(crate) http2: HttpClient,
-    /// Never pool: a retry goes out on a freshly dialled connection, since another pooled one
-    /// may be just as dead (the keep-alive race).
-    pub(crate) http1_fresh: HttpClient,
-    pub(crate) http2_fresh: HttpClient,
+    /// hyper's pooled clients to the app and to original destinations in plaintext.
+    pub(crate) plain: Clients,
+    /// The same through HBONE, when outbound mutual TLS is on: outbound connections served as
+    /// HTTP (a port a route balances over endpoints) send each request in a tunnel.
+    pub(crate) tunnelled: Option<Clients>,
 }
 
 /// Streams an HTTP/2 client may have open at once on one connection (hyper's default, made
@@ -221,35 +401,20 @@ const APP_STREAM_WINDOW: u32 = 64 * 1024;
 const APP_CONNECTION_WINDOW: u32 = 2 * CLIENT_STREAMS * APP_STREAM_WINDOW;
 
 impl Upstreams {
-    pub(crate) fn new(
-        connect: ConnectOptions,
-        pool_idle_timeout: Duration,
-        title_case: bool,
-    ) -> Upstreams {
-        let build = |http2_only: bool, max_idle: usize| {
-            Client::builder(TokioExecutor::new())
-                .timer(TokioTimer::new())
-                .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(pool_idle_timeout)
-                .pool_max_idle_per_host(max_idle)
-                .retry_canceled_requests(true)
-                // The proxy sets Host itself: the client's by default, the app's with --rewrite-host.
-                .set_host(false)
-                // Names keep the case the client wrote; ours are written in canonical case.
-                .http1_preserve_header_case(title_case)
-                .http1_title_case_headers(title_case)
-                .http2_only(http2_only)
-                .http2_initial_stream_window_size(APP_STREAM_WINDOW)
-                .http2_initial_connection_window_size(APP_CONNECTION_WINDOW)
-                .build(Connector(connect))
-        };
+    pub(crate) fn new(factory: ClientFactory) -> Upstreams {
         Upstreams {
-            connect,
-            pool: Arc::new(Pool::new(pool_idle_timeout)),
-            http1: build(false, POOL_MAX_IDLE_PER_UPSTREAM),
-            http2: build(true, POOL_MAX_IDLE_PER_UPSTREAM),
-            http1_fresh: build(false, 0),
-            http2_fresh: build(true, 0),
+            connect: factory.connect,
+            pool: Arc::new(Pool::new(factory.pool_idle_timeout)),
+            plain: factory.build(None, false),
+            tunnelled: factory.tunnels().then(|| factory.build(None, true)),
+        }
+    }
+
+    /// The clients for a connection's requests: in tunnels when `tunnelled`.
+    pub(crate) fn clients(&self, tunnelled: bool) -> &Clients {
+        match &self.tunnelled {
+            Some(clients) if tunnelled => clients,
+            _ => &self.plain,
         }
     }
 

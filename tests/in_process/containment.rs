@@ -214,7 +214,7 @@ async fn open(
     bounded(
         "opening a tunnel",
         WAIT,
-        mtls.pool.open(client, mtls, hbone, target, from),
+        mtls.pool.open(client, mtls, hbone, target, Some(from)),
     )
     .await
 }

@@ -58,7 +58,7 @@ async fn open(client: &Shared, hbone: SocketAddr, target: SocketAddr) -> Result<
     bounded(
         "opening a tunnel",
         WAIT,
-        mtls.pool.open(client, mtls, hbone, target, from),
+        mtls.pool.open(client, mtls, hbone, target, Some(from)),
     )
     .await
 }

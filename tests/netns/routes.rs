@@ -13,7 +13,10 @@ use std::collections::BTreeMap;
 
 use serde_json::Value;
 
-use crate::support::routes::{DNS_NAME, GRPC_PORT, HTTP_PORT, LAB_WAIT, Lab, Mode, tally};
+use crate::support::identity::{CLIENT_ID, Ca};
+use crate::support::routes::{
+    DNS_NAME, GRPC_PORT, HTTP_PORT, LAB_WAIT, Lab, Mode, endpoint_id, tally,
+};
 use crate::support::{eventually_blocking, skip};
 
 /// The lab, or `None` after reporting `test` skipped.
@@ -840,11 +843,10 @@ fn grpc_past_a_concurrency_limit_gets_unavailable() {
 
 // The authority an endpoint sees ------------------------------------------------------------
 
-/// A route's endpoint is a pod of the Service the app named. Over HTTP/1.1 it gets the authority
-/// the app wrote (`Host`). Over HTTP/2 it gets its own address as `:authority` (the connection
-/// pool dials the request's authority; docs/routes.md says so) and never a `Host` that says
-/// otherwise: RFC 9113 8.3.1 forbids sending both with different values, and strict servers
-/// refuse such a request.
+/// A route's endpoint is a pod of the Service the app named: it gets the authority the app wrote,
+/// as `Host` over HTTP/1.1 and as `:authority` over HTTP/2, and never a `Host` beside
+/// `:authority` that says otherwise (RFC 9113 8.3.1 forbids it, and strict servers refuse such a
+/// request).
 #[test]
 fn an_endpoint_sees_the_authority_the_app_wrote() {
     const TEST: &str = "routes::an_endpoint_sees_the_authority_the_app_wrote";
@@ -861,18 +863,96 @@ fn an_endpoint_sees_the_authority_the_app_wrote() {
     lab.app("h2_client.py", &[&ip, &port, &authority, "/h2", "1"]);
     let seen = lab.seen("named");
     assert_eq!(seen.len(), 2, "{seen:?}");
-    let endpoint = lab.addr(0, HTTP_PORT).to_string();
     for request in &seen {
-        let want = if request["path"] == "/h2" {
-            endpoint.as_str()
-        } else {
-            authority.as_str()
-        };
-        assert_eq!(request["authority"], want, "{request}");
+        assert_eq!(request["authority"], authority, "{request}");
         assert!(
             request["host"].is_null() || request["host"] == request["authority"],
             "a Host beside :authority that differs from it: {request}"
         );
+    }
+}
+
+/// In mutual TLS (`--outbound-mtls strict`) each endpoint is its own HBONE peer: the requests of
+/// one keep-alive connection and the streams of one HTTP/2 connection go round the three
+/// endpoints, each in a tunnel to that endpoint's own proxy. Each endpoint's proxy names the
+/// pod's identity, the pod's records name each endpoint's (the one the handshake verified), each
+/// app is reached only by its own proxy (never by the pod's address: nothing crossed in clear),
+/// and each request still names the authority the app wrote.
+#[test]
+fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
+    const TEST: &str = "routes::in_mutual_tls_each_endpoint_is_its_own_hbone_peer";
+    let Some(mut lab) = lab(TEST) else { return };
+    for (i, name) in ["ep-1", "ep-2", "ep-3"].into_iter().enumerate() {
+        lab.endpoint(i, name, Mode::Ok);
+    }
+    let ca = Ca::new("routes CA");
+    let identity = lab.mesh_endpoints(&ca, CLIENT_ID);
+    lab.start_proxy_with(
+        &format!(
+            "outbound:\n  - name: web\n    match: {{host: web, port: {HTTP_PORT}}}\n    \
+             endpoints: {{static: {}}}\n    balance: round-robin\n",
+            list(&lab, &[0, 1, 2], HTTP_PORT)
+        ),
+        &["--identity-dir", &identity, "--outbound-mtls", "strict"],
+    );
+    // HTTP/1.1: six requests on one keep-alive connection.
+    let resolve = format!("web:{HTTP_PORT}:{}", lab.vip);
+    let mut args = vec!["--resolve".to_string(), resolve, "-w".into(), "\n".into()];
+    args.extend((0..6).map(|i| format!("http://web:{HTTP_PORT}/h1/{i}")));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = lab.curl_raw(&args);
+    let stdout = crate::support::tools::text(&out.stdout);
+    assert!(out.status.success(), "curl: {stdout}{}", lab.proxy_log());
+    let want: BTreeMap<String, usize> = [("ep-1", 2), ("ep-2", 2), ("ep-3", 2)]
+        .map(|(n, c)| (n.to_string(), c))
+        .into();
+    let h1 = tally(stdout.lines().filter(|l| !l.is_empty()));
+    assert_eq!(h1, want, "{stdout}");
+    // HTTP/2: six streams on one connection.
+    let (ip, port) = (lab.vip.to_string(), HTTP_PORT.to_string());
+    let authority = format!("web:{HTTP_PORT}");
+    let out = lab.app("h2_client.py", &[&ip, &port, &authority, "/h2", "6"]);
+    let lines = crate::support::tools::json_records(&out);
+    let streams: Vec<&Value> = lines.iter().filter(|l| l.get("stream").is_some()).collect();
+    assert_eq!(streams.len(), 6, "{out}");
+    let h2 = tally(streams.iter().map(|s| s["body"].as_str().unwrap_or("")));
+    assert_eq!(h2, want, "{out}");
+
+    for (i, name) in ["ep-1", "ep-2", "ep-3"].into_iter().enumerate() {
+        let seen = lab.seen(name);
+        assert_eq!(seen.len(), 4, "{name}: {seen:?}");
+        for request in &seen {
+            // The endpoints' proxies share the namespace, whose addresses the kernel picks
+            // from: what matters is that the pod's never reaches the app.
+            let client = request["client"].as_str().unwrap_or("");
+            assert!(
+                lab.endpoints.iter().any(|ip| ip.to_string() == client),
+                "{name} is reached by the endpoints' proxies only, never by the pod: {request}"
+            );
+            assert_eq!(request["authority"], authority, "{request}");
+        }
+        let log = format!("ep-proxy-{i}.log");
+        let inbound = eventually_blocking(&format!("4 records in {log}"), LAB_WAIT, || {
+            let found: Vec<Value> = crate::support::tools::json_records(&lab.read(&log))
+                .into_iter()
+                .filter(|r| r["direction"] == "inbound" && r["status"] == 200)
+                .collect();
+            let why = format!("{found:?}");
+            (found.len() == 4).then_some(found).ok_or(why)
+        });
+        for r in &inbound {
+            assert_eq!(r["peer"], CLIENT_ID, "{r}");
+        }
+    }
+    let records = lab.route_records("web", 12);
+    assert_eq!(records.len(), 12, "{records:?}");
+    for r in &records {
+        assert_eq!(r["status"], 200, "{r}");
+        let upstream = r["upstream"].as_str().unwrap_or("");
+        let i = (0..3)
+            .find(|&i| upstream == lab.addr(i, HTTP_PORT))
+            .unwrap_or_else(|| panic!("an endpoint's address: {r}"));
+        assert_eq!(r["peer"], endpoint_id(i), "{r}");
     }
 }
 

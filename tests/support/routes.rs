@@ -25,6 +25,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::eventually_blocking;
+use super::identity::{Ca, write_identity};
 use super::metrics::metric;
 use super::netns::{Netns, Response};
 use super::process::{Workdir, bin, must, run};
@@ -343,6 +344,67 @@ impl Lab {
     /// Starts `amazing-proxy run --routes` with `yaml` (JSON access log on stdout, in
     /// `access.log`), waits for `/ready`, then applies `init`'s rules in the pod.
     pub fn start_proxy(&mut self, yaml: &str) {
+        self.start_proxy_with(yaml, &[]);
+    }
+
+    /// Gives each endpoint its own proxy, as a meshed pod has: `run` with identity
+    /// [`endpoint_id`]`(i)` (issued by `ca`, which it trusts) serving HBONE on the endpoint's
+    /// address, port 15008, in front of its app on [`HTTP_PORT`]; its access log is
+    /// `ep-proxy-<i>.log`. Returns the pod's identity directory (`client_id`, from `ca`), for
+    /// [`Lab::start_proxy_with`]'s `--identity-dir`.
+    pub fn mesh_endpoints(&mut self, ca: &Ca, client_id: &str) -> String {
+        for i in 0..self.endpoints.len() {
+            let dir = self.path(&format!("ep-identity-{i}"));
+            write_identity(&dir, &ca.issue(&endpoint_id(i)), &[ca]);
+            let ip = self.endpoints[i];
+            let at = |port: u16| format!("{ip}:{port}");
+            let (dir, app, hbone) = (dir.display().to_string(), at(HTTP_PORT), at(15008));
+            let (inbound, outbound, admin) = (at(15006), at(15001), at(15000));
+            let mut proxy = self.svc().cmd(&[
+                bin(),
+                "run",
+                "--access-log",
+                "json",
+                "--drain-delay",
+                "0s",
+                "--identity-dir",
+                &dir,
+                "--app",
+                &app,
+                "--hbone",
+                &hbone,
+                "--inbound",
+                &inbound,
+                "--outbound",
+                &outbound,
+                "--admin",
+                &admin,
+            ]);
+            let log = format!("ep-proxy-{i}.log");
+            self.work
+                .spawn_logging(&mut proxy, &log, &format!("ep-proxy-{i}.err"));
+            let ready = format!("http://{admin}/ready");
+            eventually_blocking(
+                &format!("endpoint {i}'s proxy to be ready"),
+                LAB_WAIT,
+                || {
+                    let out =
+                        self.svc()
+                            .exec(&["curl", "-fsS", "-o", "/dev/null", "-m", "1", &ready]);
+                    out.status
+                        .success()
+                        .then_some(())
+                        .ok_or_else(|| self.read(&format!("ep-proxy-{i}.err")))
+                },
+            );
+        }
+        let dir = self.path("pod-identity");
+        write_identity(&dir, &ca.issue(client_id), &[ca]);
+        dir.display().to_string()
+    }
+
+    /// [`Lab::start_proxy`] with more `run` arguments.
+    pub fn start_proxy_with(&mut self, yaml: &str, extra: &[&str]) {
         self.write_routes(yaml);
         let routes = self.path("routes.yaml").display().to_string();
         let ports = format!("{HTTP_PORT},{GRPC_PORT}");
@@ -358,6 +420,7 @@ impl Lab {
             "--routes",
             &routes,
         ]);
+        proxy.args(extra);
         proxy.env("AMAZING_PROXY_LOG", "info");
         self.work
             .spawn_logging(&mut proxy, "access.log", "proxy.log");
@@ -556,6 +619,11 @@ impl Lab {
             })
         });
     }
+}
+
+/// The SPIFFE ID of endpoint `i`'s proxy ([`Lab::mesh_endpoints`]).
+pub fn endpoint_id(i: usize) -> String {
+    format!("spiffe://cluster.local/ns/rt/sa/ep-{i}")
 }
 
 /// How many of `names` each name occurs: `names` as counted.

@@ -12,10 +12,11 @@
 //! back: the app's connection is reset. A refused handshake is the peer's fault, logged and
 //! counted with the check that refused it (`tls_<reason>`, `tls_handshake_failures_total`).
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -29,17 +30,17 @@ use tokio_rustls::TlsConnector;
 
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
 use super::{CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
-use crate::error::{ErrorKind, HandshakeFailure, classify_io};
+use crate::error::{ErrorKind, HandshakeFailure, Known, classify_io};
 use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::shared::{Mtls, Shared};
 use crate::proxy::tcp::{self, Route};
-use crate::proxy::upstream::connect;
 /// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
 pub use crate::proxy::upstream::tunnels::OpenError;
 use crate::proxy::upstream::tunnels::{
     PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage, idle_out,
 };
+use crate::proxy::upstream::{self, Transport, connect};
 use crate::settings::OutboundMtls;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::HBONE_PORT;
@@ -118,19 +119,23 @@ impl Pool {
         mtls: &Mtls,
         peer: SocketAddr,
         target: SocketAddr,
-        client: SocketAddr,
+        client: Option<SocketAddr>,
     ) -> Result<Tunnel, OpenError> {
         let (mut pooled, slot) = self
             .checkout_or_dial(peer, || dial(shared, mtls, peer))
             .await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
         let traceparent = headers::new_traceparent();
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
             .header(TRACEPARENT, &traceparent)
-            .header(BAGGAGE, pooled.baggage.clone())
-            .header(FORWARDED, headers::forwarded(client))
+            .header(BAGGAGE, pooled.baggage.clone());
+        // A tunnel hyper pools for many of the app's connections names none of them.
+        if let Some(client) = client {
+            request = request.header(FORWARDED, headers::forwarded(client));
+        }
+        let request = request
             .body(Empty::new())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
         let response = pooled.sender.send_request(request).await.map_err(|e| {
@@ -315,7 +320,7 @@ pub(crate) async fn forward(
     };
     match mtls
         .pool
-        .open(shared, mtls, peer, target, client_addr)
+        .open(shared, mtls, peer, target, Some(client_addr))
         .await
     {
         Ok(mut tunnel) => {
@@ -347,5 +352,67 @@ pub(crate) async fn forward(
             tcp::finish(shared, &route, start, Err(kind), 0, 0);
             None
         }
+    }
+}
+
+/// HBONE per request, for hyper's clients: each request to a route's endpoint (and each to the
+/// original destination of an outbound connection served as HTTP) goes in a stream to that
+/// address's proxy, with `--outbound-mtls` deciding as for whole connections: `auto` sends
+/// plaintext where nothing listens on the HBONE port (and nothing in `--peer-identities` expects
+/// it to), `strict` never does.
+pub(crate) struct Tunneller {
+    /// Weak: the shared state holds the clients that hold this.
+    shared: Weak<Shared>,
+}
+
+impl Tunneller {
+    pub(crate) fn new(shared: Weak<Shared>) -> Tunneller {
+        Tunneller { shared }
+    }
+}
+
+impl upstream::Tunneller for Tunneller {
+    fn open(
+        &self,
+        target: SocketAddr,
+    ) -> Pin<Box<dyn Future<Output = std::io::Result<Transport>> + Send>> {
+        let shared = self.shared.clone();
+        Box::pin(async move {
+            let shared = shared
+                .upgrade()
+                .ok_or_else(|| std::io::Error::other("the proxy is stopping"))?;
+            let options = shared.upstreams.connect;
+            let Some(mtls) = shared
+                .mtls
+                .as_ref()
+                .filter(|m| m.outbound != OutboundMtls::Off)
+            else {
+                return connect(target, options).await.map(Transport::Tcp);
+            };
+            let auto = mtls.outbound == OutboundMtls::Auto;
+            if auto && mtls.pool.remembers_plaintext(target.ip()) {
+                return connect(target, options).await.map(Transport::Tcp);
+            }
+            let peer = SocketAddr::new(target.ip(), HBONE_PORT);
+            match mtls.pool.open(&shared, mtls, peer, target, None).await {
+                Ok(tunnel) => {
+                    let metrics = &shared.telemetry.metrics;
+                    metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);
+                    Ok(Transport::Tunnel {
+                        io: tunnel.io.into_inner(),
+                        peer: tunnel.peer,
+                        slot: tunnel.slot,
+                    })
+                }
+                Err(e @ OpenError::NoHbone { .. })
+                    if auto && mtls.peers.expected(target.ip()).is_none() =>
+                {
+                    tracing::debug!(%target, "{e}: plaintext for {PLAINTEXT_MEMORY:?}");
+                    mtls.pool.remember_plaintext(target.ip());
+                    connect(target, options).await.map(Transport::Tcp)
+                }
+                Err(e) => Err(Known::io(e.kind(), e.to_string())),
+            }
+        })
     }
 }
