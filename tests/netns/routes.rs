@@ -885,16 +885,28 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
     for (i, name) in ["ep-1", "ep-2", "ep-3"].into_iter().enumerate() {
         lab.endpoint(i, name, Mode::Ok);
     }
+    // An app with no proxy in front (nothing on its HBONE port): strict never sends it plaintext.
+    let bare = lab.dead.to_string();
+    let port = HTTP_PORT.to_string();
+    lab.spawn_app_in_svc("endpoint.py", &["bare", &bare, &port, "ok"], "bare.log");
+    eventually_blocking("the bare app to listen", LAB_WAIT, || {
+        let log = lab.read("bare.log");
+        log.contains("\"listening\"").then_some(()).ok_or(log)
+    });
     let ca = Ca::new("routes CA");
     let identity = lab.mesh_endpoints(&ca, CLIENT_ID);
     lab.start_proxy_with(
         &format!(
             "outbound:\n  - name: web\n    match: {{host: web, port: {HTTP_PORT}}}\n    \
-             endpoints: {{static: {}}}\n    balance: round-robin\n",
+             endpoints: {{static: {}}}\n    balance: round-robin\n  - name: bare\n    \
+             match: {{host: bare, port: {HTTP_PORT}}}\n    \
+             endpoints: {{static: [\"{bare}:{HTTP_PORT}\"]}}\n",
             list(&lab, &[0, 1, 2], HTTP_PORT)
         ),
         &["--identity-dir", &identity, "--outbound-mtls", "strict"],
     );
+    assert_eq!(lab.get("bare", "/clear").status, 502);
+    assert!(lab.seen("bare").is_empty(), "{}", lab.read("bare.log"));
     // HTTP/1.1: six requests on one keep-alive connection.
     let resolve = format!("web:{HTTP_PORT}:{}", lab.vip);
     let mut args = vec!["--resolve".to_string(), resolve, "-w".into(), "\n".into()];
