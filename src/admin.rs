@@ -1,26 +1,29 @@
-//! The admin listener: `/live`, `/ready`, `/metrics` and `POST /shutdown`.
+//! The admin listener: `/live`, `/ready`, `/metrics`, `GET /tap` (the live stream of records,
+//! [`crate::telemetry::tap`]) and `POST /shutdown`.
 //!
 //! It runs on a thread and runtime of its own: a slow or huge metrics scrape, or an app readiness
 //! check waiting on a hung app, never takes CPU time from the data plane's worker.
 //!
 //! Injected pods bind it on all addresses (kubelet probes need it), so what changes state is
 //! refused to everyone but loopback, as Linkerd does: any pod that can reach the pod's IP could
-//! otherwise drain its sidecar.
+//! otherwise drain its sidecar. So is `/tap`, which shows every request's path and peers.
 
 use crate::text_response::text;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::{Method, Request, Response, StatusCode, header};
-use http_body_util::{Empty, Full};
+use http_body::Frame;
+use http_body_util::{Either, Empty, Full, StreamBody};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 
 use crate::proxy::Shared;
 use crate::proxy::drain::Phase;
+use crate::telemetry::tap::{MAX_READERS, TapFilter};
 
 const APP_CHECK_TIMEOUT: Duration = Duration::from_secs(1);
 
@@ -69,11 +72,19 @@ async fn serve(listener: std::net::TcpListener, state: AdminState) {
     }
 }
 
+/// A fixed answer, or the live stream of `/tap`.
+type AdminBody = Either<Full<Bytes>, StreamBody<TapStream>>;
+type TapStream =
+    std::pin::Pin<Box<dyn futures_util::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>;
+
 async fn route(
     state: std::sync::Arc<AdminState>,
     loopback: bool,
     req: Request<Incoming>,
-) -> Result<Response<Full<Bytes>>, Infallible> {
+) -> Result<Response<AdminBody>, Infallible> {
+    if req.uri().path() == "/tap" {
+        return Ok(tap(&state, loopback, &req));
+    }
     let response = match (req.method(), req.uri().path()) {
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(&state).await,
@@ -101,10 +112,55 @@ async fn route(
         ),
         _ => text(
             StatusCode::NOT_FOUND,
-            "not found: try /live, /ready, /metrics or POST /shutdown\n",
+            "not found: try /live, /ready, /metrics, /tap or POST /shutdown\n",
         ),
     };
-    Ok(response)
+    Ok(response.map(Either::Left))
+}
+
+/// `GET /tap?filters`: the records that pass, one JSON line each, as they happen, until the
+/// reader leaves (`amazing-proxy tap` prints them for a person).
+fn tap(state: &AdminState, loopback: bool, req: &Request<Incoming>) -> Response<AdminBody> {
+    let refused = |status, message: String| text(status, message).map(Either::Left);
+    if req.method() != Method::GET {
+        return refused(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed: /tap takes GET\n".into(),
+        );
+    }
+    if !loopback {
+        return refused(
+            StatusCode::FORBIDDEN,
+            "forbidden: /tap is only served to loopback (exec into the pod: amazing-proxy tap)\n"
+                .into(),
+        );
+    }
+    let filter = match TapFilter::from_query(req.uri().query().unwrap_or("")) {
+        Ok(filter) => filter,
+        Err(e) => return refused(StatusCode::BAD_REQUEST, format!("bad request: {e}\n")),
+    };
+    let tap = &state.shared.telemetry.access_log.tap;
+    let Some(subscription) = tap.subscribe(filter) else {
+        return refused(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("unavailable: {MAX_READERS} readers of /tap already; try again later\n"),
+        );
+    };
+    let lines = futures_util::stream::unfold(subscription, |subscription| async move {
+        let lines = subscription.next().await;
+        let mut chunk = BytesMut::with_capacity(lines.iter().map(Bytes::len).sum());
+        for line in lines {
+            chunk.extend_from_slice(&line);
+        }
+        Some((Ok(Frame::data(chunk.freeze())), subscription))
+    });
+    let stream: TapStream = Box::pin(lines);
+    let mut response = Response::new(Either::Right(StreamBody::new(stream)));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        header::HeaderValue::from_static("application/x-ndjson"),
+    );
+    response
 }
 
 async fn ready(state: &AdminState) -> Response<Full<Bytes>> {

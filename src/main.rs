@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use amazing_proxy::{config, identity, inject, install, netfilter, run, webhook};
+use amazing_proxy::{config, identity, inject, install, netfilter, run, tap, webhook};
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// `--version`: the package version, the commit and the build date (stamped by build.rs).
@@ -44,6 +44,8 @@ enum Command {
     /// Make a development CA and workload identities (the --identity-dir layout).
     #[command(subcommand)]
     Identity(identity::issue::IdentityCommand),
+    /// Print a running proxy's exchanges as they happen (from its admin listener, in the pod).
+    Tap(tap::TapArgs),
 }
 
 fn main() -> ExitCode {
@@ -65,6 +67,7 @@ fn main() -> ExitCode {
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
         Command::Install(args) => install::main(args).map_err(Into::into),
         Command::Identity(command) => identity::issue::main(command).map_err(Into::into),
+        Command::Tap(args) => tap::main(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

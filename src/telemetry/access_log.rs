@@ -19,6 +19,7 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
+use super::tap::Tap;
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::AccessLogFormat;
@@ -88,7 +89,7 @@ impl Record<'_> {
 
     /// One JSON object and a newline. Written by hand rather than through serde: it is the
     /// request path's largest cost after the syscalls, and nearly every string needs no escaping.
-    fn write_json(&self, out: &mut Vec<u8>) {
+    pub(crate) fn write_json(&self, out: &mut Vec<u8>) {
         out.extend_from_slice(b"{\"time\":\"");
         write_rfc3339_micros(out, self.start);
         out.extend_from_slice(b"\",\"direction\":\"");
@@ -285,6 +286,8 @@ pub(crate) struct AccessLog {
     stop: AtomicBool,
     dropped: Counter,
     writer: Mutex<Option<JoinHandle<()>>>,
+    /// Readers of the live stream (`GET /tap`), who see the records whatever the format.
+    pub(crate) tap: Arc<Tap>,
 }
 
 #[derive(Default)]
@@ -307,6 +310,7 @@ impl AccessLog {
             stop: AtomicBool::new(false),
             dropped,
             writer: Mutex::new(None),
+            tap: Arc::default(),
         });
         if format != AccessLogFormat::Off {
             let shared = Arc::downgrade(&log);
@@ -323,12 +327,16 @@ impl AccessLog {
         log
     }
 
+    /// Whether records are wanted at all: logged, or read live.
     pub(crate) fn enabled(&self) -> bool {
-        self.format != AccessLogFormat::Off
+        self.format != AccessLogFormat::Off || self.tap.active()
     }
 
     pub(crate) fn log(&self, record: &Record<'_>) {
-        if !self.enabled() {
+        if self.tap.active() {
+            self.tap.publish(record);
+        }
+        if self.format == AccessLogFormat::Off {
             return;
         }
         let full = {

@@ -2,6 +2,7 @@
 
 pub(crate) mod access_log;
 pub mod metrics;
+pub mod tap;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -142,11 +142,11 @@ const LAYERS: &[Layer] = &[
         modules: &["netfilter", "inject", "webhook", "install"],
         uses: Uses::Only(&["shared vocabulary", "identity"]),
     },
-    // The wiring: `Shared`'s constructor (`proxy`), `run`'s flags, `run`, the admin server, the
-    // crate root and the binary.
+    // The wiring: `Shared`'s constructor (`proxy`), `run`'s flags, `run`, the admin server,
+    // `tap` (its client), the crate root and the binary.
     Layer {
         name: "wiring",
-        modules: &["proxy", "config", "run", "admin", "crate", "main"],
+        modules: &["proxy", "config", "run", "admin", "tap", "crate", "main"],
         uses: Uses::Below,
     },
 ];

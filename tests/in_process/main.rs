@@ -35,5 +35,6 @@ mod resilience;
 mod routes_golden;
 mod routes_phases;
 mod seed_httpbin;
+mod tap;
 mod vocab_consistency;
 mod webhook_tls;
