@@ -11,8 +11,8 @@
 //! 4. [`proxy`]: the data plane, in its own layers (exchange and phases, limits and upstreams,
 //!    its state `Shared` and the exchange driver, protocol adapters, listeners), its state built
 //!    by one constructor;
-//! 5. the wiring: [`run`] (`run`, configured by [`config`]), [`admin`], and [`tap`] (`tap`: a
-//!    client of the admin listener's live stream).
+//! 5. the wiring: [`run`] (`run`, configured by [`config`]), [`admin`], and [`view`] (`tap`, `top`:
+//!    clients of the admin listener's live stream).
 //!
 //! Beside the data plane, sharing only [`vocab`], [`error`] and [`identity`]: [`netfilter`]
 //! (`init`: the pod's redirect rules), [`inject`] (`inject`, `uninject`), [`webhook`] (`webhook`)
@@ -35,8 +35,8 @@ pub mod routes;
 pub mod run;
 pub mod settings;
 pub(crate) mod sync;
-pub mod tap;
 pub mod telemetry;
 pub(crate) mod text_response;
+pub mod view;
 pub mod vocab;
 pub mod webhook;

@@ -3,7 +3,7 @@
 
 use std::process::ExitCode;
 
-use amazing_proxy::{config, identity, inject, install, netfilter, run, tap, webhook};
+use amazing_proxy::{config, identity, inject, install, netfilter, run, view, webhook};
 use clap::{CommandFactory, Parser, Subcommand};
 
 /// `--version`: the package version, the commit and the build date (stamped by build.rs).
@@ -45,7 +45,9 @@ enum Command {
     #[command(subcommand)]
     Identity(identity::issue::IdentityCommand),
     /// Print a running proxy's exchanges as they happen (from its admin listener, in the pod).
-    Tap(tap::TapArgs),
+    Tap(view::tap::TapArgs),
+    /// A live view of a running proxy's traffic by route or peer (in the pod's terminal).
+    Top(view::top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,7 +69,8 @@ fn main() -> ExitCode {
         Command::Webhook(args) => webhook::main(args).map_err(Into::into),
         Command::Install(args) => install::main(args).map_err(Into::into),
         Command::Identity(command) => identity::issue::main(command).map_err(Into::into),
-        Command::Tap(args) => tap::main(args).map_err(Into::into),
+        Command::Tap(args) => view::tap::main(args).map_err(Into::into),
+        Command::Top(args) => view::top::main(args).map_err(Into::into),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

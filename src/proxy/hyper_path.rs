@@ -364,11 +364,14 @@ async fn forward(
         return result.map_err(|(kind, _)| kind);
     };
     let mut request = request;
-    if routed.state.endpoints.is_some()
+    if use_http2
+        && routed.state.endpoints.is_some()
         && let Some(uri) = authority.and_then(|a| with_authority(request.uri(), a))
     {
-        // To a route's endpoints, the request names what the app asked for (`:authority` in
-        // HTTP/2; HTTP/1.1 keeps its Host): each endpoint's clients dial it whatever the URI says.
+        // To a route's endpoints, HTTP/2's `:authority` names what the app asked for; HTTP/1.1
+        // keeps its Host, and its URI the connection's destination, which keys hyper's pool (one
+        // pool per endpoint, whatever Host the requests name). Each endpoint's clients dial it
+        // whatever the URI says.
         *request.uri_mut() = uri;
     }
     let sent = send_routed(shared, conn, request, use_http2, progress, routed, exchange).await;
@@ -478,7 +481,8 @@ async fn send_routed(
             }
             Err((kind, failure)) => (failure, kind),
         };
-        routed.finish_attempt(pick, true);
+        // A peer's policy refusal says nothing of the endpoint's health: no ejection.
+        routed.finish_attempt(pick, kind != ErrorKind::PolicyDenied);
         let Some(failure) = failure else {
             return Err(kind);
         };
@@ -568,9 +572,11 @@ async fn send(
             (ErrorKind::RequestTimeout, None)
         }
         (Some(_), Some(p)) if p.failed.load(Ordering::Relaxed) => (ErrorKind::ClientBody, None),
-        (Some(err), _) if err.is_connect() => {
-            (classify_client_error(err), Some(AttemptFailure::Connect))
-        }
+        (Some(err), _) if err.is_connect() => match classify_client_error(err) {
+            // The endpoint's proxy refused our identity: an answer, not a failure to retry.
+            ErrorKind::PolicyDenied => (ErrorKind::PolicyDenied, None),
+            kind => (kind, Some(AttemptFailure::Connect)),
+        },
         (Some(err), _) if is_closed_before_answering(err) => (
             classify_client_error(err),
             Some(AttemptFailure::Reset(Sent::NoResponse)),

@@ -261,7 +261,6 @@ async fn after_silence<C: FirstBytes>(
 fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
     shared.settings.traffic.http_ports.contains(&port)
         || (direction == Direction::Inbound && shared.judges_http_on(port))
-        || (direction == Direction::Outbound && shared.balances_in_tunnels(port))
 }
 
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
@@ -367,6 +366,7 @@ async fn gate(
     direction: Direction,
     client: SocketAddr,
     upstream: SocketAddr,
+    balanced: bool,
 ) -> Option<TcpStream> {
     if direction == Direction::Inbound && !shared.admits(upstream.port(), None) {
         return None;
@@ -382,7 +382,7 @@ async fn gate(
             None
         }
         // Served as HTTP: each request goes in a tunnel to the endpoint its route picks.
-        Direction::Outbound if shared.balances_in_tunnels(upstream.port()) => Some(stream),
+        Direction::Outbound if balanced => Some(stream),
         Direction::Outbound if mtls.outbound != OutboundMtls::Off => {
             hbone::outbound::forward(shared, mtls, stream, client, upstream).await
         }
@@ -419,10 +419,13 @@ async fn serve_connection(
         return;
     };
     let dialled = original.unwrap_or(local);
+    // Decided once for the connection (a reload meanwhile must not split the decision): served
+    // as HTTP, each request in a tunnel to its own endpoint.
+    let balanced = direction == Direction::Outbound && shared.balances_in_tunnels(upstream.port());
     // Boxed, and only with an identity or a policy: the tunnel's state would otherwise grow every
     // connection's task, idle plaintext ones included.
     let stream = if shared.mtls.is_some() || shared.policy.is_some() {
-        let gate = gate(&shared, stream, direction, client, upstream);
+        let gate = gate(&shared, stream, direction, client, upstream, balanced);
         let Some(stream) = Box::pin(gate).await else {
             return;
         };
@@ -433,7 +436,7 @@ async fn serve_connection(
 
     let port = upstream.port();
     let Some((detected, app)) =
-        detect_plaintext(&shared, &stream, direction, upstream, &guard).await
+        detect_plaintext(&shared, &stream, (direction, balanced), upstream, &guard).await
     else {
         return;
     };
@@ -476,10 +479,9 @@ async fn serve_connection(
         upstream,
         upstream_http2,
     ));
-    // Outbound in mutual TLS, requests go in tunnels: hyper's clients carry them (the fast path's
-    // connections are plain TCP).
-    let tunnelled = direction == Direction::Outbound && shared.upstreams.tunnelled.is_some();
-    let io = if detected == Detected::Http1 && !upstream_http2 && !tunnelled {
+    // A balanced connection's requests go in tunnels: hyper's clients carry them (the fast
+    // path's connections are plain TCP).
+    let io = if detected == Detected::Http1 && !upstream_http2 && !balanced {
         let connection =
             http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
         match connection.serve().await {
@@ -560,17 +562,17 @@ fn upstream_of(
 }
 
 /// Detection on a plaintext connection: `None` when it is to close; the app connection when
-/// detection made it (only ever for opaque bytes).
+/// detection made it (only ever for opaque bytes). `balanced`: served as HTTP whatever it sends.
 async fn detect_plaintext(
     shared: &Shared,
     stream: &TcpStream,
-    direction: Direction,
+    (direction, balanced): (Direction, bool),
     upstream: SocketAddr,
     guard: &ConnectionGuard,
 ) -> Option<(Detected, Option<std::io::Result<TcpStream>>)> {
     let settings = &shared.settings;
     let port = upstream.port();
-    let http_only = http_only(shared, direction, port);
+    let http_only = balanced || http_only(shared, direction, port);
     if settings.traffic.opaque_ports.contains(&port) && !http_only {
         return Some((Detected::Opaque("opaque_port"), None));
     }

@@ -82,7 +82,7 @@ impl Shared {
         Arc::new_cyclic(|shared| {
             let tunneller = outbound_mtls.then(|| {
                 let tunneller: Arc<dyn upstream::Tunneller> =
-                    Arc::new(hbone::outbound::Tunneller::new(shared.clone()));
+                    Arc::new(hbone::outbound::HboneTunneller::new(shared.clone()));
                 tunneller
             });
             let factory =

@@ -324,8 +324,9 @@ pub(crate) struct RouteEndpoints {
     counters: Mutex<HashMap<SocketAddr, (Counter, Counter)>>,
     /// Each endpoint's clients for the hyper path, built at its first request: hyper pools per
     /// client, and the request keeps the authority the app wrote (HTTP/2's `:authority`
-    /// included), so an endpoint's connections are its own client's. Those of endpoints no
-    /// longer resolved are dropped (their idle connections with them).
+    /// included), so an endpoint's connections are its own client's. When an endpoint is first
+    /// used, the clients of addresses no longer among the endpoints go, with their idle
+    /// connections.
     clients: Mutex<HashMap<SocketAddr, Arc<Clients>>>,
     factory: ClientFactory,
     task: Option<tokio::task::AbortHandle>,

@@ -143,10 +143,10 @@ const LAYERS: &[Layer] = &[
         uses: Uses::Only(&["shared vocabulary", "identity"]),
     },
     // The wiring: `Shared`'s constructor (`proxy`), `run`'s flags, `run`, the admin server,
-    // `tap` (its client), the crate root and the binary.
+    // the views of it (`view`: `tap`, `top`), the crate root and the binary.
     Layer {
         name: "wiring",
-        modules: &["proxy", "config", "run", "admin", "tap", "crate", "main"],
+        modules: &["proxy", "config", "run", "admin", "view", "crate", "main"],
         uses: Uses::Below,
     },
 ];

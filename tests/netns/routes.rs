@@ -893,20 +893,52 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
         let log = lab.read("bare.log");
         log.contains("\"listening\"").then_some(()).ok_or(log)
     });
+    // The endpoints' proxies admit the pod on the app's port, not on DENIED_PORT.
+    const DENIED_PORT: u16 = 9090;
+    let policy = lab.path("ep-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: cluster-authenticated\nports:\n  - port: {DENIED_PORT}\n    allow:\n      \
+             - identities: [spiffe://cluster.local/ns/rt/sa/nobody]\n"
+        ),
+    )
+    .expect("the endpoints' policy");
+    let policy = policy.display().to_string();
     let ca = Ca::new("routes CA");
-    let identity = lab.mesh_endpoints(&ca, CLIENT_ID);
+    let identity = lab.mesh_endpoints(&ca, CLIENT_ID, &["--policy", &policy]);
+    let denied = lab.addr(0, DENIED_PORT);
     lab.start_proxy_with(
         &format!(
             "outbound:\n  - name: web\n    match: {{host: web, port: {HTTP_PORT}}}\n    \
              endpoints: {{static: {}}}\n    balance: round-robin\n  - name: bare\n    \
              match: {{host: bare, port: {HTTP_PORT}}}\n    \
-             endpoints: {{static: [\"{bare}:{HTTP_PORT}\"]}}\n",
+             endpoints: {{static: [\"{bare}:{HTTP_PORT}\"]}}\n  - name: denied\n    \
+             match: {{host: denied, port: {HTTP_PORT}}}\n    \
+             retry: {{on: [connect-failure, reset], attempts: 2}}\n    \
+             endpoints: {{static: [\"{denied}\"]}}\n    \
+             outlier: {{consecutiveFailures: 1, ejectFor: 30s, maxEjectedPercent: 100}}\n",
             list(&lab, &[0, 1, 2], HTTP_PORT)
         ),
         &["--identity-dir", &identity, "--outbound-mtls", "strict"],
     );
     assert_eq!(lab.get("bare", "/clear").status, 502);
     assert!(lab.seen("bare").is_empty(), "{}", lab.read("bare.log"));
+    // A peer's policy refusal is an answer: 403, not retried, and the endpoint not ejected (a
+    // second request reaches its proxy again).
+    for _ in 0..2 {
+        assert_eq!(lab.get("denied", "/no").status, 403);
+    }
+    let refused = lab.route_records("denied", 2);
+    for r in &refused {
+        assert_eq!(r["attempts"], 1, "{r}");
+        assert_eq!(r["error"], "policy_denied", "{r}");
+    }
+    let label = format!("endpoint=\"{denied}\"");
+    assert_eq!(
+        lab.metric("endpoint_failures_total", &["route=\"denied\"", &label]),
+        0.0
+    );
     // HTTP/1.1: six requests on one keep-alive connection.
     let resolve = format!("web:{HTTP_PORT}:{}", lab.vip);
     let mut args = vec!["--resolve".to_string(), resolve, "-w".into(), "\n".into()];

@@ -350,9 +350,9 @@ impl Lab {
     /// Gives each endpoint its own proxy, as a meshed pod has: `run` with identity
     /// [`endpoint_id`]`(i)` (issued by `ca`, which it trusts) serving HBONE on the endpoint's
     /// address, port 15008, in front of its app on [`HTTP_PORT`]; its access log is
-    /// `ep-proxy-<i>.log`. Returns the pod's identity directory (`client_id`, from `ca`), for
-    /// [`Lab::start_proxy_with`]'s `--identity-dir`.
-    pub fn mesh_endpoints(&mut self, ca: &Ca, client_id: &str) -> String {
+    /// `ep-proxy-<i>.log`; `extra`: more `run` arguments for each. Returns the pod's identity
+    /// directory (`client_id`, from `ca`), for [`Lab::start_proxy_with`]'s `--identity-dir`.
+    pub fn mesh_endpoints(&mut self, ca: &Ca, client_id: &str, extra: &[&str]) -> String {
         for i in 0..self.endpoints.len() {
             let dir = self.path(&format!("ep-identity-{i}"));
             write_identity(&dir, &ca.issue(&endpoint_id(i)), &[ca]);
@@ -380,6 +380,7 @@ impl Lab {
                 "--admin",
                 &admin,
             ]);
+            proxy.args(extra);
             let log = format!("ep-proxy-{i}.log");
             self.work
                 .spawn_logging(&mut proxy, &log, &format!("ep-proxy-{i}.err"));

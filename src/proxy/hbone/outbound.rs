@@ -360,18 +360,18 @@ pub(crate) async fn forward(
 /// address's proxy, with `--outbound-mtls` deciding as for whole connections: `auto` sends
 /// plaintext where nothing listens on the HBONE port (and nothing in `--peer-identities` expects
 /// it to), `strict` never does.
-pub(crate) struct Tunneller {
+pub(crate) struct HboneTunneller {
     /// Weak: the shared state holds the clients that hold this.
     shared: Weak<Shared>,
 }
 
-impl Tunneller {
-    pub(crate) fn new(shared: Weak<Shared>) -> Tunneller {
-        Tunneller { shared }
+impl HboneTunneller {
+    pub(crate) fn new(shared: Weak<Shared>) -> HboneTunneller {
+        HboneTunneller { shared }
     }
 }
 
-impl upstream::Tunneller for Tunneller {
+impl upstream::Tunneller for HboneTunneller {
     fn open(
         &self,
         target: SocketAddr,
@@ -394,7 +394,17 @@ impl upstream::Tunneller for Tunneller {
                 return connect(target, options).await.map(Transport::Tcp);
             }
             let peer = SocketAddr::new(target.ip(), HBONE_PORT);
-            match mtls.pool.open(&shared, mtls, peer, target, None).await {
+            // Connect, handshake and the peer's answer to CONNECT, all within --connect-timeout:
+            // a peer that takes the handshake and never answers holds nothing past it.
+            let opening = mtls.pool.open(&shared, mtls, peer, target, None);
+            let Ok(opened) = tokio::time::timeout(options.timeout, opening).await else {
+                let reason = format!(
+                    "HBONE to {peer}: no tunnel within --connect-timeout ({:?})",
+                    options.timeout
+                );
+                return Err(Known::io(ErrorKind::ConnectTimeout, reason));
+            };
+            match opened {
                 Ok(tunnel) => {
                     let metrics = &shared.telemetry.metrics;
                     metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);

@@ -199,10 +199,14 @@ impl Pool {
                     *last_failure = None;
                     pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
                     let slot = StreamSlot(pooled.usage.clone());
-                    lock(&self.connections)
-                        .entry(peer)
-                        .or_default()
-                        .push(pooled.clone());
+                    let mut connections = lock(&self.connections);
+                    // Each dial also forgets the closed connections of every peer, and the
+                    // peers left with none (pod addresses come and go): the map holds what is open.
+                    connections.retain(|_, list| {
+                        list.retain(|p| !p.sender.is_closed());
+                        !list.is_empty()
+                    });
+                    connections.entry(peer).or_default().push(pooled.clone());
                     Ok((pooled, slot))
                 }
                 Err(error) => {

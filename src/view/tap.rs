@@ -5,14 +5,10 @@
 
 use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
-use std::time::Duration;
 
-use bytes::{Bytes, BytesMut};
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
 use serde_json::Value;
 
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+use super::{Lines, ViewError};
 
 #[derive(clap::Args, Debug)]
 pub struct TapArgs {
@@ -45,26 +41,12 @@ pub struct TapArgs {
     pub count: Option<u64>,
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum TapError {
-    #[error(
-        "cannot reach the admin listener at {admin}: {reason} (is the proxy running? --admin names another address)"
-    )]
-    Connect { admin: SocketAddr, reason: String },
-    #[error("the proxy refused /tap ({status}): {message}")]
-    Refused { status: u16, message: String },
-    #[error("the stream from {admin} broke: {reason}")]
-    Stream { admin: SocketAddr, reason: String },
-    #[error("cannot start: {0}")]
-    Runtime(std::io::Error),
-}
-
-pub fn main(args: TapArgs) -> Result<(), TapError> {
+pub fn main(args: TapArgs) -> Result<(), ViewError> {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(TapError::Runtime)?;
-    runtime.block_on(stream(&args))
+        .map_err(ViewError::Runtime)?;
+    runtime.block_on(print(&args))
 }
 
 /// The query of `/tap` for these filters.
@@ -99,70 +81,24 @@ fn encode(value: &str) -> String {
     out
 }
 
-async fn stream(args: &TapArgs) -> Result<(), TapError> {
-    let admin = args.admin;
-    let connect_failed = |reason: String| TapError::Connect { admin, reason };
-    let tcp = tokio::time::timeout(CONNECT_TIMEOUT, tokio::net::TcpStream::connect(admin))
-        .await
-        .map_err(|_| connect_failed(format!("no answer within {CONNECT_TIMEOUT:?}")))?
-        .map_err(|e| connect_failed(e.to_string()))?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| connect_failed(e.to_string()))?;
-    tokio::spawn(conn);
-    let broke = |reason: String| TapError::Stream { admin, reason };
-    let request = http::Request::get(format!("/tap?{}", query(args)))
-        .header(http::header::HOST, admin.to_string())
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| broke(e.to_string()))?;
-    let response = sender
-        .send_request(request)
-        .await
-        .map_err(|e| broke(e.to_string()))?;
-    let status = response.status();
-    let mut body = response.into_body();
-    if status != http::StatusCode::OK {
-        let message = body
-            .collect()
-            .await
-            .map(|b| String::from_utf8_lossy(&b.to_bytes()).trim().to_owned())
-            .unwrap_or_default();
-        return Err(TapError::Refused {
-            status: status.as_u16(),
-            message,
-        });
-    }
+async fn print(args: &TapArgs) -> Result<(), ViewError> {
+    let mut lines = Lines::open(args.admin, &query(args)).await?;
     let colour = std::io::stdout().is_terminal();
-    let mut pending = BytesMut::new();
     let mut shown = 0u64;
     while args.count.is_none_or(|n| shown < n) {
-        let Some(frame) = body.frame().await else {
-            return Err(broke("the proxy ended the stream (it is stopping?)".into()));
+        let text = lines.next().await?;
+        let is_record = !text.starts_with("{\"dropped\"");
+        let out = if args.json {
+            text
+        } else {
+            human(&text, colour)
         };
-        let frame = frame.map_err(|e| broke(e.to_string()))?;
-        let Ok(data) = frame.into_data() else {
-            continue;
-        };
-        pending.extend_from_slice(&data);
-        while let Some(end) = pending.iter().position(|&b| b == b'\n') {
-            let line = pending.split_to(end + 1);
-            let text = String::from_utf8_lossy(&line[..end]);
-            let is_record = !text.starts_with("{\"dropped\"");
-            let out = if args.json {
-                text.into_owned()
-            } else {
-                human(&text, colour)
-            };
-            // A closed stdout (piped into `head`) ends the tap quietly.
-            if writeln!(std::io::stdout(), "{out}").is_err() {
-                return Ok(());
-            }
-            if is_record {
-                shown += 1;
-                if args.count.is_some_and(|n| shown >= n) {
-                    break;
-                }
-            }
+        // A closed stdout (piped into `head`) ends the tap quietly.
+        if writeln!(std::io::stdout(), "{out}").is_err() {
+            return Ok(());
+        }
+        if is_record {
+            shown += 1;
         }
     }
     Ok(())
