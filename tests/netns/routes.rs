@@ -872,6 +872,45 @@ fn an_endpoint_sees_the_authority_the_app_wrote() {
     }
 }
 
+/// The endpoints' proxies' `--policy`: the pod is admitted on the app's port, not on
+/// [`DENIED_PORT`]. Returns the file's path.
+fn endpoints_policy(lab: &Lab) -> String {
+    let policy = lab.path("ep-policy.yaml");
+    std::fs::write(
+        &policy,
+        format!(
+            "default: cluster-authenticated\nports:\n  - port: {DENIED_PORT}\n    allow:\n      \
+             - identities: [spiffe://cluster.local/ns/rt/sa/nobody]\n"
+        ),
+    )
+    .expect("the endpoints' policy");
+    policy.display().to_string()
+}
+
+/// A port the endpoints' proxies refuse the pod ([`endpoints_policy`]).
+const DENIED_PORT: u16 = 9090;
+
+/// In strict mutual TLS: an endpoint without a proxy never gets plaintext (502), and a peer's
+/// policy refusal is an answer: 403, not retried, and the endpoint `denied` not ejected (a
+/// second request reaches its proxy again).
+fn strict_refusals(lab: &Lab, denied: &str) {
+    assert_eq!(lab.get("bare", "/clear").status, 502);
+    assert!(lab.seen("bare").is_empty(), "{}", lab.read("bare.log"));
+    for _ in 0..2 {
+        assert_eq!(lab.get("denied", "/no").status, 403);
+    }
+    let refused = lab.route_records("denied", 2);
+    for r in &refused {
+        assert_eq!(r["attempts"], 1, "{r}");
+        assert_eq!(r["error"], "policy_denied", "{r}");
+    }
+    let label = format!("endpoint=\"{denied}\"");
+    assert_eq!(
+        lab.metric("endpoint_failures_total", &["route=\"denied\"", &label]),
+        0.0
+    );
+}
+
 /// In mutual TLS (`--outbound-mtls strict`) each endpoint is its own HBONE peer: the requests of
 /// one keep-alive connection and the streams of one HTTP/2 connection go round the three
 /// endpoints, each in a tunnel to that endpoint's own proxy. Each endpoint's proxy names the
@@ -893,18 +932,7 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
         let log = lab.read("bare.log");
         log.contains("\"listening\"").then_some(()).ok_or(log)
     });
-    // The endpoints' proxies admit the pod on the app's port, not on DENIED_PORT.
-    const DENIED_PORT: u16 = 9090;
-    let policy = lab.path("ep-policy.yaml");
-    std::fs::write(
-        &policy,
-        format!(
-            "default: cluster-authenticated\nports:\n  - port: {DENIED_PORT}\n    allow:\n      \
-             - identities: [spiffe://cluster.local/ns/rt/sa/nobody]\n"
-        ),
-    )
-    .expect("the endpoints' policy");
-    let policy = policy.display().to_string();
+    let policy = endpoints_policy(&lab);
     let ca = Ca::new("routes CA");
     let identity = lab.mesh_endpoints(&ca, CLIENT_ID, &["--policy", &policy]);
     let denied = lab.addr(0, DENIED_PORT);
@@ -922,23 +950,7 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
         ),
         &["--identity-dir", &identity, "--outbound-mtls", "strict"],
     );
-    assert_eq!(lab.get("bare", "/clear").status, 502);
-    assert!(lab.seen("bare").is_empty(), "{}", lab.read("bare.log"));
-    // A peer's policy refusal is an answer: 403, not retried, and the endpoint not ejected (a
-    // second request reaches its proxy again).
-    for _ in 0..2 {
-        assert_eq!(lab.get("denied", "/no").status, 403);
-    }
-    let refused = lab.route_records("denied", 2);
-    for r in &refused {
-        assert_eq!(r["attempts"], 1, "{r}");
-        assert_eq!(r["error"], "policy_denied", "{r}");
-    }
-    let label = format!("endpoint=\"{denied}\"");
-    assert_eq!(
-        lab.metric("endpoint_failures_total", &["route=\"denied\"", &label]),
-        0.0
-    );
+    strict_refusals(&lab, &denied);
     // HTTP/1.1: six requests on one keep-alive connection.
     let resolve = format!("web:{HTTP_PORT}:{}", lab.vip);
     let mut args = vec!["--resolve".to_string(), resolve, "-w".into(), "\n".into()];
