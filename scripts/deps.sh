@@ -9,7 +9,8 @@
 #   scripts/deps.sh --tests       everything the tests use: the above, redis-server,
 #                                 mariadb-server, dnsmasq-base (apt; the tests start their
 #                                 own servers; dnsmasq-base is Debian's dnsmasq without the
-#                                 system service), tcpdump (the mTLS test's capture), and
+#                                 system service), tcpdump (the mTLS test's capture), tmux
+#                                 (the terminal `top` is tested in), and
 #                                 kubernetes-validate, grpcio and h2 (the routes tests) in the venv
 # Servers that this script installs are neither started nor left enabled at boot: packages are
 # installed under a policy-rc.d that forbids starting services (unless the machine already has
@@ -29,7 +30,7 @@ done
 
 pkgs=(iptables nftables iproute2 procps curl util-linux python3 python3-venv)
 [ $containers -eq 1 ] && pkgs+=(docker.io debootstrap python3-yaml)
-[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server dnsmasq-base tcpdump)
+[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server dnsmasq-base tcpdump tmux)
 # The services each server package brings (Debian's names), to keep them off.
 services_of() {
   case "$1" in

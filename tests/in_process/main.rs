@@ -36,5 +36,6 @@ mod routes_golden;
 mod routes_phases;
 mod seed_httpbin;
 mod tap;
+mod top;
 mod vocab_consistency;
 mod webhook_tls;
