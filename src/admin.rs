@@ -139,7 +139,7 @@ fn tap(state: &AdminState, loopback: bool, req: &Request<Incoming>) -> Response<
         Ok(filter) => filter,
         Err(e) => return refused(StatusCode::BAD_REQUEST, format!("bad request: {e}\n")),
     };
-    let tap = &state.shared.telemetry.access_log.tap;
+    let tap = &state.shared.telemetry.tap;
     let Some(subscription) = tap.subscribe(filter) else {
         return refused(
             StatusCode::SERVICE_UNAVAILABLE,

@@ -290,10 +290,9 @@ impl Exchange {
         if let Some(grpc_status) = self.grpc_status {
             metrics.count_grpc(direction, grpc_status);
         }
-        let log = &telemetry.access_log;
-        if log.enabled() {
+        if telemetry.wants_records() {
             let endpoint = self.endpoint.map(|addr| addr.to_string());
-            log.log(&Record {
+            telemetry.record(&Record {
                 start: SystemTime::now() - duration,
                 duration,
                 direction,

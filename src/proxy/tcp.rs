@@ -104,11 +104,11 @@ pub(crate) fn finish(
     if let Some(kind) = error {
         telemetry.metrics.count_error(direction, kind);
     }
-    if telemetry.access_log.enabled() {
+    if telemetry.wants_records() {
         let duration = start.elapsed();
         let original = route.dialled.to_string();
         let upstream = route.upstream.to_string();
-        telemetry.access_log.log(&Record {
+        telemetry.record(&Record {
             start: SystemTime::now() - duration,
             duration,
             direction,
@@ -142,12 +142,12 @@ pub(crate) fn log_refused(
     dialled: SocketAddr,
     error: ErrorKind,
 ) {
-    let log = &shared.telemetry.access_log;
-    if !log.enabled() {
+    let telemetry = &shared.telemetry;
+    if !telemetry.wants_records() {
         return;
     }
     let (original, client) = (dialled.to_string(), client.to_string());
-    log.log(&Record {
+    telemetry.record(&Record {
         start: SystemTime::now(),
         duration: std::time::Duration::ZERO,
         direction,

@@ -19,7 +19,6 @@ use std::time::{Duration, SystemTime};
 
 use prometheus_client::metrics::counter::Counter;
 
-use super::tap::Tap;
 use crate::error::ErrorKind;
 use crate::telemetry::metrics::Direction;
 use crate::vocab::AccessLogFormat;
@@ -286,8 +285,6 @@ pub(crate) struct AccessLog {
     stop: AtomicBool,
     dropped: Counter,
     writer: Mutex<Option<JoinHandle<()>>>,
-    /// Readers of the live stream (`GET /tap`), who see the records whatever the format.
-    pub(crate) tap: Arc<Tap>,
 }
 
 #[derive(Default)]
@@ -310,7 +307,6 @@ impl AccessLog {
             stop: AtomicBool::new(false),
             dropped,
             writer: Mutex::new(None),
-            tap: Arc::default(),
         });
         if format != AccessLogFormat::Off {
             let shared = Arc::downgrade(&log);
@@ -327,16 +323,12 @@ impl AccessLog {
         log
     }
 
-    /// Whether records are wanted at all: logged, or read live.
     pub(crate) fn enabled(&self) -> bool {
-        self.format != AccessLogFormat::Off || self.tap.active()
+        self.format != AccessLogFormat::Off
     }
 
     pub(crate) fn log(&self, record: &Record<'_>) {
-        if self.tap.active() {
-            self.tap.publish(record);
-        }
-        if self.format == AccessLogFormat::Off {
+        if !self.enabled() {
             return;
         }
         let full = {

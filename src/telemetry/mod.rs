@@ -7,13 +7,16 @@ pub mod tap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use access_log::AccessLog;
+use access_log::{AccessLog, Record};
 use metrics::Metrics;
+use tap::Tap;
 
 /// The metrics and the access log, shared by every connection.
 pub struct Telemetry {
     pub metrics: Metrics,
     pub(crate) access_log: Arc<AccessLog>,
+    /// Readers of the live stream (`GET /tap`), who see the records whatever the log's format.
+    pub(crate) tap: Arc<Tap>,
     /// Set when --drain-timeout cuts what is still running: the exchanges dropped from then on
     /// are logged as `drain_timeout`, not as clients that went away.
     drain_cut: AtomicBool,
@@ -29,8 +32,22 @@ impl Telemetry {
         Telemetry {
             metrics,
             access_log,
+            tap: Arc::default(),
             drain_cut: AtomicBool::new(false),
         }
+    }
+
+    /// Whether an exchange's record is wanted at all: logged, or read live.
+    pub(crate) fn wants_records(&self) -> bool {
+        self.access_log.enabled() || self.tap.active()
+    }
+
+    /// Logs the record, and offers it to the live stream's readers.
+    pub(crate) fn record(&self, record: &Record<'_>) {
+        if self.tap.active() {
+            self.tap.publish(record);
+        }
+        self.access_log.log(record);
     }
 
     pub(crate) fn start_drain_cut(&self) {

@@ -1012,6 +1012,51 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
     }
 }
 
+/// `--outbound-mtls auto`: one route over an endpoint with a proxy and one without. The first
+/// goes in a tunnel (its record names the endpoint's identity, its proxy the pod's), the second in
+/// plaintext (nothing listens on its HBONE port, and nothing expects it to), reaching its app from
+/// the pod's own address.
+#[test]
+fn in_auto_mutual_tls_an_endpoint_without_a_proxy_gets_plaintext() {
+    const TEST: &str = "routes::in_auto_mutual_tls_an_endpoint_without_a_proxy_gets_plaintext";
+    let Some(mut lab) = lab(TEST) else { return };
+    lab.endpoint(0, "meshed", Mode::Ok);
+    let bare = lab.dead.to_string();
+    let port = HTTP_PORT.to_string();
+    lab.spawn_app_in_svc("endpoint.py", &["bare", &bare, &port, "ok"], "bare.log");
+    eventually_blocking("the bare app to listen", LAB_WAIT, || {
+        let log = lab.read("bare.log");
+        log.contains("\"listening\"").then_some(()).ok_or(log)
+    });
+    let ca = Ca::new("routes CA");
+    let identity = lab.mesh_endpoints(&ca, CLIENT_ID, &[]);
+    lab.start_proxy_with(
+        &format!(
+            "outbound:\n  - name: meshed\n    match: {{host: meshed, port: {HTTP_PORT}}}\n    \
+             endpoints: {{static: [\"{}\"]}}\n  - name: bare\n    \
+             match: {{host: bare, port: {HTTP_PORT}}}\n    \
+             endpoints: {{static: [\"{bare}:{HTTP_PORT}\"]}}\n",
+            lab.addr(0, HTTP_PORT)
+        ),
+        &["--identity-dir", &identity, "--outbound-mtls", "auto"],
+    );
+    assert_eq!(lab.get("meshed", "/in-tunnel").status, 200);
+    assert_eq!(lab.get("bare", "/in-clear").status, 200);
+    let meshed = lab.route_records("meshed", 1);
+    assert_eq!(meshed[0]["peer"], endpoint_id(0), "{}", meshed[0]);
+    let seen = lab.seen("meshed");
+    assert_ne!(seen[0]["client"], lab.pod_ip.to_string(), "{}", seen[0]);
+    let plain = lab.route_records("bare", 1);
+    assert!(
+        plain[0]["peer"].is_null(),
+        "plaintext has no peer: {}",
+        plain[0]
+    );
+    let seen = lab.seen("bare");
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["client"], lab.pod_ip.to_string(), "{}", seen[0]);
+}
+
 // Inbound: the pod's own app protected ----------------------------------------------------------
 
 /// An inbound route in front of the pod's app: two clients (two addresses, so two peers) asking
