@@ -10,7 +10,8 @@
 #                                 mariadb-server, dnsmasq-base (apt; the tests start their
 #                                 own servers; dnsmasq-base is Debian's dnsmasq without the
 #                                 system service), tcpdump (the mTLS test's capture), tmux
-#                                 (the terminal `top` is tested in), and
+#                                 (the terminal `top` is tested in), prometheus (it scrapes
+#                                 --metrics-compat istio), and
 #                                 kubernetes-validate, grpcio and h2 (the routes tests) in the venv
 # Servers that this script installs are neither started nor left enabled at boot: packages are
 # installed under a policy-rc.d that forbids starting services (unless the machine already has
@@ -30,12 +31,13 @@ done
 
 pkgs=(iptables nftables iproute2 procps curl util-linux python3 python3-venv)
 [ $containers -eq 1 ] && pkgs+=(docker.io debootstrap python3-yaml)
-[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server dnsmasq-base tcpdump tmux)
+[ $tests -eq 1 ] && pkgs+=(redis-server mariadb-server dnsmasq-base tcpdump tmux prometheus)
 # The services each server package brings (Debian's names), to keep them off.
 services_of() {
   case "$1" in
     redis-server) echo redis-server ;;
     mariadb-server) echo mariadb ;;
+    prometheus) echo prometheus ;;
     docker.io) echo docker docker.socket containerd ;;
   esac
 }

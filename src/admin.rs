@@ -89,7 +89,7 @@ async fn route(
         (&Method::GET, "/live") => text(StatusCode::OK, "live\n"),
         (&Method::GET, "/ready") => ready(&state).await,
         (&Method::GET, "/metrics") => {
-            let mut r = text(StatusCode::OK, state.shared.telemetry.metrics.encode());
+            let mut r = text(StatusCode::OK, state.shared.telemetry.encode_metrics());
             r.headers_mut().insert(
                 header::CONTENT_TYPE,
                 header::HeaderValue::from_static(

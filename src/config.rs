@@ -11,7 +11,7 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::settings::{
-    AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, ProxyConfig, Timeouts, Traffic,
+    AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, PodNames, ProxyConfig, Timeouts, Traffic,
 };
 use crate::vocab::{self, parse_drain_duration, parse_timeout};
 pub(crate) use crate::vocab::{AccessLogFormat, PortList};
@@ -332,6 +332,21 @@ pub struct RunArgs {
     /// downward API); without it, the identity's namespace.
     #[arg(long, env = vocab::POD_NAMESPACE_ENV)]
     pub(crate) pod_namespace: Option<String>,
+
+    /// Also export Istio's standard metrics (`istio_requests_total`...) on /metrics, for Kiali
+    /// and Istio's Grafana dashboards (docs/observability.md).
+    #[arg(
+        long,
+        env = "AMAZING_PROXY_METRICS_COMPAT",
+        value_enum,
+        default_value = "none"
+    )]
+    pub(crate) metrics_compat: vocab::MetricsCompat,
+
+    /// This pod's workload (its Deployment's name, say), for Istio's metrics and the HBONE
+    /// `baggage`; without it, the pod's name without what its controller added.
+    #[arg(long, env = "AMAZING_PROXY_WORKLOAD_NAME")]
+    pub(crate) workload_name: Option<String>,
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
@@ -446,6 +461,11 @@ impl RunArgs {
                     .unwrap_or_default(),
                 pod_name: self.pod_name.clone(),
                 pod_namespace: self.pod_namespace.clone(),
+            }),
+            istio: (self.metrics_compat == vocab::MetricsCompat::Istio).then(|| PodNames {
+                workload: self.workload_name.clone(),
+                pod: self.pod_name.clone(),
+                namespace: self.pod_namespace.clone(),
             }),
             policy: self.policy.clone(),
             routes_path: self.routes.as_ref().map(|file| file.path.clone()),

@@ -106,6 +106,16 @@ pub struct ProxyConfig {
     pub(crate) routes_path: Option<PathBuf>,
     /// The --routes file as validated at start; no routes without the flag.
     pub(crate) routes: Routes,
+    /// This pod's names, when Istio's metrics are exported too (`--metrics-compat istio`).
+    pub(crate) istio: Option<PodNames>,
+}
+
+/// This pod's names as the flags give them (`--workload-name`, `POD_NAME`, `POD_NAMESPACE`).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct PodNames {
+    pub(crate) workload: Option<String>,
+    pub(crate) pod: Option<String>,
+    pub(crate) namespace: Option<String>,
 }
 
 /// Mutual TLS, when an identity is configured.

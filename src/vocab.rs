@@ -308,6 +308,15 @@ pub(crate) fn path_has_prefix(path: &str, prefix: &str) -> bool {
             .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// Other projects' metrics the proxy exports beside its own (`run --metrics-compat`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum MetricsCompat {
+    /// Ours only.
+    None,
+    /// Also Istio's standard metrics (`istio_requests_total`...), for Kiali and Istio's dashboards.
+    Istio,
+}
+
 /// What the proxy writes to its access log (`run --access-log`, annotation `access-log`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub(crate) enum AccessLogFormat {

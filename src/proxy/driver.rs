@@ -400,6 +400,7 @@ mod tests {
         let telemetry = Arc::new(Telemetry::new(
             AccessLogFormat::Off,
             Box::new(std::io::sink()),
+            None,
         ));
         let routes = Routes::from_yaml(yaml).expect("a valid routes file");
         let connect = ConnectOptions {

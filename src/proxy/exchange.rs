@@ -3,6 +3,7 @@
 //! exactly one access-log record and one set of metrics, whichever adapter carried it and however
 //! it ended: finished, answered by the proxy itself, abandoned by the client or cut by the drain.
 
+use crate::telemetry::istio::{Observed, PeerWorkload};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -44,6 +45,8 @@ pub struct ConnContext {
     pub peer_id: Option<Arc<crate::identity::SpiffeId>>,
     /// That tunnel's `traceparent`, when the peer sent a valid one.
     pub tunnel_traceparent: Option<String>,
+    /// What that tunnel's `baggage` said of the peer's workload (for Istio's metrics).
+    pub peer_workload: Option<Arc<PeerWorkload>>,
 }
 
 impl ConnContext {
@@ -69,6 +72,7 @@ impl ConnContext {
             peer: None,
             peer_id: None,
             tunnel_traceparent: None,
+            peer_workload: None,
         }
     }
 }
@@ -289,6 +293,19 @@ impl Exchange {
         }
         if let Some(grpc_status) = self.grpc_status {
             metrics.count_grpc(direction, grpc_status);
+        }
+        if let Some(istio) = telemetry.istio() {
+            istio.observe_request(&Observed {
+                direction,
+                peer: (self.conn.peer.as_deref()).or(self.upstream_peer.as_deref()),
+                peer_workload: self.conn.peer_workload.as_deref(),
+                authority: self.conn.original.as_str(),
+                status,
+                grpc_status: self.grpc_status,
+                duration_ms: duration.as_secs_f64() * 1000.0,
+                request_bytes,
+                response_bytes: self.response_bytes,
+            });
         }
         if telemetry.wants_records() {
             let endpoint = self.endpoint.map(|addr| addr.to_string());

@@ -346,6 +346,7 @@ async fn serve_tunnelled<I>(
     ctx.peer = route.peer;
     ctx.peer_id = route.peer_id;
     ctx.tunnel_traceparent = route.tunnel_traceparent;
+    ctx.peer_workload = route.peer_workload;
     let http2 = detected == Detected::Http2;
     Box::pin(serve_hyper(
         shared.clone(),
@@ -460,6 +461,7 @@ async fn serve_connection(
             peer: None,
             peer_id: None,
             tunnel_traceparent: None,
+            peer_workload: None,
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
         // state, and the fast path's idle connections should not pay for the others.

@@ -46,6 +46,7 @@ use hyper_util::server::conn::auto;
 use crate::identity::source::Identity;
 use crate::settings::{MtlsConfig, OutboundMtls, ProxyConfig};
 use crate::telemetry::Telemetry;
+use crate::telemetry::istio::OwnWorkload;
 use drain::Drain;
 use limits::Limits;
 use phases::Via;
@@ -65,7 +66,14 @@ impl Shared {
             timeout: config.connect_timeout,
             mark: upstream::mark_if_permitted(config.proxy_mark),
         };
-        let telemetry = Arc::new(Telemetry::new(config.access_log, access_log));
+        let own = config.istio.as_ref().map(|names| {
+            OwnWorkload::new(
+                names.workload.as_deref(),
+                names.pod.as_deref(),
+                names.namespace.as_deref(),
+            )
+        });
+        let telemetry = Arc::new(Telemetry::new(config.access_log, access_log, own));
         let mtls = config.mtls.as_ref().map(|mtls_config| {
             mtls(
                 mtls_config,
@@ -74,6 +82,13 @@ impl Shared {
                 &telemetry.metrics.identity_expiry_seconds,
             )
         });
+        // Istio's metrics name this proxy by its SPIFFE ID, as loaded at start.
+        if let (Some(istio), Some(material)) = (
+            telemetry.istio(),
+            mtls.as_ref().and_then(|m| m.identity.material()),
+        ) {
+            istio.set_own_principal(&material.id.to_string());
+        }
         let outbound_mtls = mtls
             .as_ref()
             .is_some_and(|m| m.outbound != OutboundMtls::Off);

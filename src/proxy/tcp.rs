@@ -20,6 +20,7 @@ use crate::error::{ErrorKind, classify_io};
 use crate::identity::SpiffeId;
 use crate::proxy::shared::Shared;
 use crate::telemetry::access_log::Record;
+use crate::telemetry::istio::{Observed, PeerWorkload};
 use crate::telemetry::metrics::Direction;
 use idle::{IdleClock, until_idle};
 
@@ -35,6 +36,8 @@ pub(crate) struct Route {
     pub(crate) peer_id: Option<Arc<SpiffeId>>,
     /// The tunnel's `traceparent` (sent outbound, received inbound) when it had a valid one.
     pub(crate) tunnel_traceparent: Option<String>,
+    /// What an inbound tunnel's `baggage` said of the peer's workload.
+    pub(crate) peer_workload: Option<Arc<PeerWorkload>>,
 }
 
 /// Relays until both sides are done, or until no byte moved either way for --tcp-idle-timeout.
@@ -103,6 +106,20 @@ pub(crate) fn finish(
     let error = result.err();
     if let Some(kind) = error {
         telemetry.metrics.count_error(direction, kind);
+    }
+    if let Some(istio) = telemetry.istio() {
+        let authority = route.dialled.to_string();
+        istio.observe_tcp(&Observed {
+            direction,
+            peer: route.peer.as_deref(),
+            peer_workload: route.peer_workload.as_deref(),
+            authority: &authority,
+            status: 0,
+            grpc_status: None,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            request_bytes: sent,
+            response_bytes: received,
+        });
     }
     if telemetry.wants_records() {
         let duration = start.elapsed();

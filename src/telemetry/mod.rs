@@ -1,6 +1,7 @@
 //! What the proxy tells operators: diagnostics (stderr), the access log (stdout) and metrics.
 
 pub(crate) mod access_log;
+pub mod istio;
 pub mod metrics;
 pub mod tap;
 
@@ -8,7 +9,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use access_log::{AccessLog, Record};
+use istio::{IstioMetrics, OwnWorkload};
 use metrics::Metrics;
+use prometheus_client::registry::Registry;
 use tap::Tap;
 
 /// The metrics and the access log, shared by every connection.
@@ -17,15 +20,20 @@ pub struct Telemetry {
     pub(crate) access_log: Arc<AccessLog>,
     /// Readers of the live stream (`GET /tap`), who see the records whatever the log's format.
     pub(crate) tap: Arc<Tap>,
+    /// Istio's standard metrics (`--metrics-compat istio`), in a registry of their own (their
+    /// names are Istio's, without our prefix).
+    pub(crate) istio: Option<(IstioMetrics, Registry)>,
     /// Set when --drain-timeout cuts what is still running: the exchanges dropped from then on
     /// are logged as `drain_timeout`, not as clients that went away.
     drain_cut: AtomicBool,
 }
 
 impl Telemetry {
+    /// `istio`: this pod, when Istio's metrics are exported too.
     pub(crate) fn new(
         format: crate::vocab::AccessLogFormat,
         out: Box<dyn std::io::Write + Send>,
+        istio: Option<OwnWorkload>,
     ) -> Self {
         let metrics = Metrics::new();
         let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
@@ -33,6 +41,10 @@ impl Telemetry {
             metrics,
             access_log,
             tap: Arc::default(),
+            istio: istio.map(|own| {
+                let mut registry = Registry::default();
+                (IstioMetrics::new(own, &mut registry), registry)
+            }),
             drain_cut: AtomicBool::new(false),
         }
     }
@@ -40,6 +52,24 @@ impl Telemetry {
     /// Whether an exchange's record is wanted at all: logged, or read live.
     pub(crate) fn wants_records(&self) -> bool {
         self.access_log.enabled() || self.tap.active()
+    }
+
+    /// Prometheus text exposition: ours, then Istio's when exported.
+    pub fn encode_metrics(&self) -> String {
+        use prometheus_client::encoding::text::{encode_eof, encode_registry};
+        let mut out = String::with_capacity(8 * 1024);
+        // Writing into a String cannot fail.
+        let _ = encode_registry(&mut out, &self.metrics.registry);
+        if let Some((_, registry)) = &self.istio {
+            let _ = encode_registry(&mut out, registry);
+        }
+        let _ = encode_eof(&mut out);
+        out
+    }
+
+    /// Istio's metrics, when exported.
+    pub(crate) fn istio(&self) -> Option<&IstioMetrics> {
+        self.istio.as_ref().map(|(metrics, _)| metrics)
     }
 
     /// Logs the record, and offers it to the live stream's readers.

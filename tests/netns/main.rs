@@ -12,6 +12,7 @@ mod support;
 mod containment;
 mod e2e_pod;
 mod init_netns;
+mod istio_metrics;
 mod mtls;
 mod resilience;
 mod routes;

@@ -16,6 +16,7 @@ use http::{HeaderMap, Method, Request, Response};
 use crate::proxy::body::ResponseBody;
 use crate::proxy::hyper_path;
 use crate::proxy::phases::Synthetic;
+use crate::telemetry::istio::PeerWorkload;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -266,6 +267,11 @@ where
         return refuse_connect(ErrorKind::ProxyPort);
     }
     let traceparent = log_tunnel_headers(req.headers(), &peer, target);
+    // Only read when Istio's metrics are exported: it names the peer's workload there.
+    let peer_workload = shared.telemetry.istio().and_then(|_| {
+        let baggage = req.headers().get(BAGGAGE)?.to_str().ok()?;
+        Some(Arc::new(PeerWorkload::from_baggage(baggage)))
+    });
     if !shared.admits(target.port(), Some(&peer_id)) {
         metrics.count_error(Direction::Inbound, ErrorKind::PolicyDenied);
         return refuse_connect(ErrorKind::PolicyDenied);
@@ -304,6 +310,7 @@ where
         peer: Some(peer),
         peer_id: Some(peer_id),
         tunnel_traceparent: traceparent,
+        peer_workload,
     };
     tokio::spawn(async move {
         let _mark = mark;

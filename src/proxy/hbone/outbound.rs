@@ -317,6 +317,7 @@ pub(crate) async fn forward(
         peer: None,
         peer_id: None,
         tunnel_traceparent: None,
+        peer_workload: None,
     };
     match mtls
         .pool
