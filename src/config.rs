@@ -343,8 +343,8 @@ pub struct RunArgs {
     )]
     pub(crate) metrics_compat: vocab::MetricsCompat,
 
-    /// This pod's workload (its Deployment's name, say), for Istio's metrics and the HBONE
-    /// `baggage`; without it, the pod's name without what its controller added.
+    /// This pod's workload (its Deployment's name, say), for Istio's metrics
+    /// (`--metrics-compat istio`); without it, the pod's name without what its controller added.
     #[arg(long, env = "AMAZING_PROXY_WORKLOAD_NAME")]
     pub(crate) workload_name: Option<String>,
 }

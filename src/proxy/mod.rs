@@ -82,12 +82,9 @@ impl Shared {
                 &telemetry.metrics.identity_expiry_seconds,
             )
         });
-        // Istio's metrics name this proxy by its SPIFFE ID, as loaded at start.
-        if let (Some(istio), Some(material)) = (
-            telemetry.istio(),
-            mtls.as_ref().and_then(|m| m.identity.material()),
-        ) {
-            istio.set_own_principal(&material.id.to_string());
+        // Istio's metrics name this proxy by its SPIFFE ID (read as it loads).
+        if let (Some(istio), Some(mtls)) = (telemetry.istio(), &mtls) {
+            istio.set_identity(mtls.identity.clone());
         }
         let outbound_mtls = mtls
             .as_ref()

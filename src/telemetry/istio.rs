@@ -9,8 +9,8 @@
 //! where the destination's principal is the tunnel's verified identity and its workload is not
 //! known (`unknown`, as Istio writes what it does not know).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Mutex, OnceLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -18,13 +18,19 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::identity::source::Identity;
 use crate::sync::lock;
 use crate::telemetry::metrics::Direction;
 
 const UNKNOWN: &str = "unknown";
-/// Distinct peer workloads a proxy labels by name; past it, `unknown`: a peer chooses what its
-/// `baggage` says, and must not grow our metrics without bound.
-const MAX_PEER_WORKLOADS: usize = 1000;
+/// What a label says past its bound.
+const OTHER: &str = "other";
+/// Distinct values a label a peer or a client chooses may take (peer principals, destination
+/// services): past it, `other`, so that no one grows our metrics without bound.
+const MAX_VALUES: usize = 1000;
+/// Distinct workloads one peer principal may name in its `baggage` (a service account may run
+/// several): past it, `other`.
+const MAX_WORKLOADS_PER_PEER: usize = 16;
 
 /// This pod, as its metrics name it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -141,6 +147,16 @@ fn percent_decoded(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `value`, while `set` has it or room for it ([`MAX_VALUES`]); else `other`.
+fn bounded(set: &Mutex<HashSet<String>>, value: &str) -> String {
+    let mut set = lock(set);
+    if set.contains(value) || (set.len() < MAX_VALUES && set.insert(value.to_owned())) {
+        value.to_owned()
+    } else {
+        OTHER.to_owned()
+    }
+}
+
 /// The labels Istio puts on its request metrics.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
@@ -206,9 +222,11 @@ pub struct Observed<'a> {
 
 pub struct IstioMetrics {
     own: OwnWorkload,
-    /// This proxy's SPIFFE ID, once its identity is loaded.
-    own_principal: Mutex<Arc<str>>,
-    peer_workloads: Mutex<HashSet<(String, String)>>,
+    /// Where this proxy's SPIFFE ID comes from (read per exchange: it may load after start).
+    identity: OnceLock<Identity>,
+    principals: Mutex<HashSet<String>>,
+    services: Mutex<HashSet<String>>,
+    peer_workloads: Mutex<HashMap<String, HashSet<String>>>,
     requests: Family<RequestLabels, Counter>,
     duration: Family<RequestLabels, Histogram>,
     request_bytes: Family<RequestLabels, Histogram>,
@@ -237,7 +255,9 @@ impl IstioMetrics {
         let bytes = || Family::new_with_constructor(bytes_histogram as fn() -> Histogram);
         let metrics = IstioMetrics {
             own,
-            own_principal: Mutex::new(Arc::from(UNKNOWN)),
+            identity: OnceLock::new(),
+            principals: Mutex::default(),
+            services: Mutex::default(),
             peer_workloads: Mutex::default(),
             requests: Family::default(),
             duration,
@@ -270,12 +290,12 @@ impl IstioMetrics {
         );
         registry.register(
             "istio_tcp_sent_bytes",
-            "Bytes sent to the client of a TCP connection (Istio's standard metric)",
+            "Bytes a TCP connection's destination sent back (Istio's standard metric)",
             metrics.tcp_sent.clone(),
         );
         registry.register(
             "istio_tcp_received_bytes",
-            "Bytes received from the client of a TCP connection (Istio's standard metric)",
+            "Bytes a TCP connection's client sent (Istio's standard metric)",
             metrics.tcp_received.clone(),
         );
         registry.register(
@@ -291,9 +311,15 @@ impl IstioMetrics {
         metrics
     }
 
-    /// This proxy's SPIFFE ID, once known.
-    pub fn set_own_principal(&self, principal: &str) {
-        *lock(&self.own_principal) = Arc::from(principal);
+    /// Where this proxy's SPIFFE ID comes from.
+    pub fn set_identity(&self, identity: Identity) {
+        let _ = self.identity.set(identity);
+    }
+
+    fn own_principal(&self) -> String {
+        (self.identity.get())
+            .and_then(Identity::material)
+            .map_or_else(|| UNKNOWN.to_owned(), |m| m.id.to_string())
     }
 
     /// Both sides of an exchange: (source, destination).
@@ -301,7 +327,7 @@ impl IstioMetrics {
         let own = Side {
             workload: self.own.workload.clone(),
             namespace: self.own.namespace.clone(),
-            principal: lock(&self.own_principal).to_string(),
+            principal: self.own_principal(),
         };
         let namespace_of = |id: &str| {
             id.split("/ns/")
@@ -310,20 +336,29 @@ impl IstioMetrics {
                 .filter(|ns| is_dns_label(ns))
                 .map(str::to_owned)
         };
-        let peer_namespace = seen.peer.and_then(namespace_of);
-        let peer_workload = seen
-            .peer_workload
-            .and_then(|w| w.workload.clone())
-            .filter(|w| {
-                let ns = peer_namespace.clone().unwrap_or_default();
+        let principal = seen.peer.map(|p| bounded(&self.principals, p));
+        let peer_namespace = (principal.as_deref())
+            .filter(|p| *p != OTHER)
+            .and_then(namespace_of);
+        // Named only for a known peer: its principal keys the workloads it may name.
+        let named = seen.peer_workload.and_then(|w| w.workload.as_deref());
+        let peer_workload = match (&principal, named) {
+            (Some(principal), Some(workload)) if principal != OTHER => {
                 let mut known = lock(&self.peer_workloads);
-                known.contains(&(ns.clone(), w.clone()))
-                    || (known.len() < MAX_PEER_WORKLOADS && known.insert((ns, w.clone())))
-            });
+                let names = known.entry(principal.clone()).or_default();
+                if names.contains(workload) || names.len() < MAX_WORKLOADS_PER_PEER {
+                    names.insert(workload.to_owned());
+                    Some(workload.to_owned())
+                } else {
+                    Some(OTHER.to_owned())
+                }
+            }
+            _ => None,
+        };
         let peer = Side {
             workload: peer_workload.unwrap_or_else(|| UNKNOWN.into()),
             namespace: peer_namespace.unwrap_or_else(|| UNKNOWN.into()),
-            principal: seen.peer.unwrap_or(UNKNOWN).to_owned(),
+            principal: principal.unwrap_or_else(|| UNKNOWN.into()),
         };
         match seen.direction {
             Direction::Inbound => (peer, own),
@@ -334,10 +369,10 @@ impl IstioMetrics {
     pub fn observe_request(&self, seen: &Observed<'_>) {
         let (source, destination) = self.sides(seen);
         let inbound = seen.direction == Direction::Inbound;
-        let service = seen
-            .authority
-            .rsplit_once(':')
-            .map_or(seen.authority, |(h, _)| h);
+        let service_address = bounded(&self.services, seen.authority);
+        let service = (service_address.rsplit_once(':'))
+            .map_or(service_address.as_str(), |(h, _)| h)
+            .to_owned();
         let labels = RequestLabels {
             reporter: if inbound { "destination" } else { "source" },
             source_app: source.workload.clone(),
@@ -352,16 +387,25 @@ impl IstioMetrics {
             destination_workload_namespace: destination.namespace,
             destination_principal: destination.principal,
             destination_version: UNKNOWN,
-            destination_service: seen.authority.to_owned(),
-            destination_service_name: service.to_owned(),
+            destination_service_name: service,
+            destination_service: service_address,
             destination_cluster: UNKNOWN,
             request_protocol: if seen.grpc_status.is_some() {
                 "grpc"
             } else {
                 "http"
             },
-            response_code: seen.status.to_string(),
-            grpc_response_status: seen.grpc_status.map_or_else(String::new, |s| s.to_string()),
+            // What the upstream chooses, bounded: HTTP's codes, gRPC's 17.
+            response_code: if (100..=599).contains(&seen.status) {
+                seen.status.to_string()
+            } else {
+                OTHER.to_owned()
+            },
+            grpc_response_status: match seen.grpc_status {
+                None => String::new(),
+                Some(code @ 0..=16) => code.to_string(),
+                Some(_) => OTHER.to_owned(),
+            },
             response_flags: "-",
             connection_security_policy: if seen.peer.is_some() {
                 "mutual_tls"
@@ -393,20 +437,20 @@ impl IstioMetrics {
             destination_workload: destination.workload,
             destination_workload_namespace: destination.namespace,
             destination_principal: destination.principal,
-            destination_service: seen.authority.to_owned(),
+            destination_service: bounded(&self.services, seen.authority),
             connection_security_policy: if seen.peer.is_some() {
                 "mutual_tls"
             } else {
                 "none"
             },
         };
-        // Istio's sent bytes are those sent to the destination, its received those it answered.
+        // Istio's: sent, the bytes of the response (to the client); received, of the request.
         self.tcp_sent
             .get_or_create(&labels)
-            .inc_by(seen.request_bytes);
+            .inc_by(seen.response_bytes);
         self.tcp_received
             .get_or_create(&labels)
-            .inc_by(seen.response_bytes);
+            .inc_by(seen.request_bytes);
         self.tcp_opened.get_or_create(&labels).inc();
         self.tcp_closed.get_or_create(&labels).inc();
     }
@@ -455,22 +499,32 @@ mod tests {
             OwnWorkload::new(Some("backend"), None, Some("shop")),
             &mut registry,
         );
-        for i in 0..MAX_PEER_WORKLOADS + 50 {
+        let observe = |peer: &str, workload: &str, authority: &str, status: u16| {
             let workload = PeerWorkload {
-                workload: Some(format!("w{i}")),
+                workload: Some(workload.to_owned()),
                 namespace: None,
             };
             istio.observe_request(&Observed {
                 direction: Direction::Inbound,
-                peer: Some("spiffe://cluster.local/ns/shop/sa/frontend"),
+                peer: Some(peer),
                 peer_workload: Some(&workload),
-                authority: "backend:80",
-                status: 200,
-                grpc_status: None,
+                authority,
+                status,
+                grpc_status: Some(99),
                 duration_ms: 1.0,
                 request_bytes: 0,
                 response_bytes: 5,
             });
+        };
+        let frontend = "spiffe://cluster.local/ns/shop/sa/frontend";
+        // One peer naming many workloads, with statuses no HTTP has.
+        for i in 0..MAX_WORKLOADS_PER_PEER + 50 {
+            observe(frontend, &format!("w{i}"), "backend:80", 1000 + i as u16);
+        }
+        // Many peers, many destinations.
+        for i in 0..MAX_VALUES + 50 {
+            let peer = format!("spiffe://cluster.local/ns/shop/sa/p{i}");
+            observe(&peer, "w", &format!("198.18.0.{}:{i}", i % 250), 200);
         }
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
@@ -478,12 +532,21 @@ mod tests {
             .lines()
             .filter(|l| l.starts_with("istio_requests_total{"))
             .count();
-        assert_eq!(
-            series,
-            MAX_PEER_WORKLOADS + 1,
-            "the named ones, then one `unknown`"
+        // The first peer's named workloads and `other`; then the other peers until the bound
+        // (the first took one place), then `other`.
+        assert!(
+            series <= MAX_WORKLOADS_PER_PEER + 1 + MAX_VALUES + 1,
+            "{series} series"
         );
-        assert!(text.contains("source_workload=\"unknown\""));
+        for bounded in [
+            "source_workload=\"other\"",
+            "source_principal=\"other\"",
+            "destination_service=\"other\"",
+            "response_code=\"other\"",
+            "grpc_response_status=\"other\"",
+        ] {
+            assert!(text.contains(bounded), "{bounded}");
+        }
         assert!(text.contains("reporter=\"destination\""));
         assert!(text.contains("source_workload_namespace=\"shop\""));
         assert!(text.contains("destination_workload=\"backend\""));

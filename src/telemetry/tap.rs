@@ -1,10 +1,12 @@
 //! The live stream of what the proxy sees (`GET /tap` on the admin listener): the access log's
 //! records, as JSON lines, to each reader whose filter they pass.
 //!
-//! The data plane never waits for a reader: each has a bounded queue of [`QUEUE_LINES`] lines,
-//! and a record that finds it full is dropped for that reader and counted; the reader is told how
-//! many before its next line. With no reader, a record costs one atomic load. At most
-//! [`MAX_READERS`] read at once.
+//! The data plane never waits for a reader, nor wakes one: each reader has a queue of at most
+//! [`QUEUE_BYTES`], which it empties every [`DRAIN_EVERY`] (as the access log's writer does: a
+//! wake per record would cost the data plane's core a context switch per request); a record that
+//! finds the queue full is dropped for that reader and counted, and the reader is told how many
+//! before its next line. With no reader, a record costs one atomic load. At most [`MAX_READERS`]
+//! read at once.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -16,8 +18,10 @@ use super::access_log::Record;
 use crate::sync::lock;
 use crate::telemetry::metrics::Direction;
 
-/// Lines a reader may be behind before records are dropped for it.
-pub(crate) const QUEUE_LINES: usize = 1024;
+/// Bytes of lines a reader may be behind before records are dropped for it.
+pub(crate) const QUEUE_BYTES: usize = 4 * 1024 * 1024;
+/// How often a reader takes what is queued for it.
+pub(crate) const DRAIN_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 /// Readers at once.
 pub(crate) const MAX_READERS: usize = 8;
 
@@ -138,12 +142,11 @@ fn percent_decode(raw: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// One reader: its filter, its queue and what it missed.
+/// One reader: its filter, its queue (and its size in bytes) and what it missed.
 struct Reader {
     filter: TapFilter,
-    queue: Mutex<VecDeque<Bytes>>,
+    queue: Mutex<(VecDeque<Bytes>, usize)>,
     dropped: AtomicU64,
-    wake: tokio::sync::Notify,
 }
 
 /// The readers of the stream.
@@ -172,10 +175,10 @@ impl Tap {
                 })
                 .clone();
             let mut queue = lock(&reader.queue);
-            if queue.len() < QUEUE_LINES {
-                queue.push_back(line);
-                drop(queue);
-                reader.wake.notify_one();
+            let (lines, bytes) = &mut *queue;
+            if *bytes + line.len() <= QUEUE_BYTES {
+                *bytes += line.len();
+                lines.push_back(line);
             } else {
                 reader.dropped.fetch_add(1, Ordering::Relaxed);
             }
@@ -190,9 +193,8 @@ impl Tap {
         }
         let reader = Arc::new(Reader {
             filter,
-            queue: Mutex::new(VecDeque::new()),
+            queue: Mutex::new((VecDeque::new(), 0)),
             dropped: AtomicU64::new(0),
-            wake: tokio::sync::Notify::new(),
         });
         readers.push(reader.clone());
         self.count.store(readers.len(), Ordering::Relaxed);
@@ -210,21 +212,29 @@ pub(crate) struct Subscription {
 }
 
 impl Subscription {
-    /// The next lines: a `{"dropped":N}` line first when records were dropped since the last
-    /// call, then every queued line (waits while there is none).
+    /// What is queued now: a `{"dropped":N}` line first when records were dropped since the
+    /// last call, then every queued line (empty when there is none).
+    pub(crate) fn take(&self) -> Vec<Bytes> {
+        let mut lines: Vec<Bytes> = Vec::new();
+        let dropped = self.reader.dropped.swap(0, Ordering::Relaxed);
+        if dropped > 0 {
+            lines.push(Bytes::from(format!("{{\"dropped\":{dropped}}}\n")));
+        }
+        let mut queue = lock(&self.reader.queue);
+        let (queued, bytes) = &mut *queue;
+        lines.extend(queued.drain(..));
+        *bytes = 0;
+        lines
+    }
+
+    /// The next lines, every [`DRAIN_EVERY`] until there are some.
     pub(crate) async fn next(&self) -> Vec<Bytes> {
         loop {
-            let notified = self.reader.wake.notified();
-            let mut lines: Vec<Bytes> = Vec::new();
-            let dropped = self.reader.dropped.swap(0, Ordering::Relaxed);
-            if dropped > 0 {
-                lines.push(Bytes::from(format!("{{\"dropped\":{dropped}}}\n")));
-            }
-            lines.extend(lock(&self.reader.queue).drain(..));
+            tokio::time::sleep(DRAIN_EVERY).await;
+            let lines = self.take();
             if !lines.is_empty() {
                 return lines;
             }
-            notified.await;
         }
     }
 }
@@ -333,14 +343,18 @@ mod tests {
             .subscribe(TapFilter::from_query("status=5xx").expect("valid"))
             .expect("room");
         assert!(tap.active());
-        for _ in 0..QUEUE_LINES + 10 {
+        let mut one = Vec::new();
+        record(Direction::Inbound, 200, "/").write_json(&mut one);
+        let fit = QUEUE_BYTES / one.len();
+        for _ in 0..fit + 10 {
             tap.publish(&record(Direction::Inbound, 200, "/"));
         }
         tap.publish(&record(Direction::Inbound, 503, "/"));
         let lines = reader.next().await;
         assert_eq!(lines[0], Bytes::from("{\"dropped\":11}\n"));
-        assert_eq!(lines.len(), QUEUE_LINES + 1);
+        assert_eq!(lines.len(), fit + 1);
         assert!(lines[1].starts_with(b"{\"time\":"));
+        assert!(reader.take().is_empty(), "taken whole");
         let errors = only_5xx.next().await;
         assert_eq!(errors.len(), 1, "the 5xx reader got only the 503");
         drop(reader);

@@ -110,22 +110,30 @@ async fn top_shows_routes_and_peers_live_in_a_terminal() {
         }
         let screen = screen_with(
             &tmux,
-            &[
-                "echo ",
-                "statuses",
-                "100.0%",
-                "0.0%",
-                "/status/503 503",
-                "50 exchanges seen",
-            ],
+            &["echo ", "statuses", "/status/503 503", "50 exchanges seen"],
         )
         .await;
+        let line = |name: &str| {
+            let found = screen.lines().find(|l| l.starts_with(name));
+            found
+                .unwrap_or_else(|| panic!("no {name} row:\n{screen}"))
+                .to_owned()
+        };
+        assert!(line("echo ").contains(" 100.0% "), "{screen}");
+        let statuses = line("statuses");
+        assert!(
+            statuses.contains(" 0.0% ") && !statuses.contains("100.0%"),
+            "{screen}"
+        );
         // The worst success rate on top once sorted by it.
         tmux.keys("s");
         let by_success = screen_with(&tmux, &["sorted by success"]).await;
-        let row = |name: &str, screen: &str| screen.lines().position(|l| l.starts_with(name));
+        let row = |name: &str| {
+            let found = by_success.lines().position(|l| l.starts_with(name));
+            found.unwrap_or_else(|| panic!("no {name} row:\n{by_success}"))
+        };
         assert!(
-            row("statuses", &by_success) < row("echo ", &by_success),
+            row("statuses") < row("echo "),
             "statuses above echo:\n{by_success}"
         );
         // By peer: the one client address.
