@@ -517,3 +517,146 @@ impl Metrics {
         out
     }
 }
+
+#[cfg(test)]
+mod dashboard_tests {
+    //! deploy/grafana/amazing-proxy.json, checked offline: the shape Grafana's dashboard schema
+    //! asks for (as far as it matters to an import), and every metric its queries name is one
+    //! this proxy exports.
+
+    use super::*;
+    use crate::error::{ErrorKind, HandshakeFailure};
+    use serde_json::Value;
+    use std::collections::BTreeSet;
+
+    fn dashboard() -> Value {
+        let path = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/deploy/grafana/amazing-proxy.json"
+        );
+        let text = std::fs::read_to_string(path).expect("the dashboard");
+        serde_json::from_str(&text).expect("the dashboard is JSON")
+    }
+
+    /// The names of the families this proxy exports, each family given a sample first (an
+    /// empty family is not written).
+    fn exported() -> BTreeSet<String> {
+        let metrics = Metrics::new();
+        metrics.count_request(Direction::Inbound, MethodLabel::GET, 200);
+        metrics.count_error(Direction::Inbound, ErrorKind::ConnectRefused);
+        metrics.count_grpc(Direction::Inbound, 0);
+        metrics.count_detection(Direction::Inbound, Protocol::Http, "http1");
+        metrics.count_hbone_stream(Direction::Inbound, "spiffe://cluster.local/ns/a/sa/b");
+        metrics.count_handshake_failure(Direction::Inbound, HandshakeFailure::UnknownCa);
+        let routes = &metrics.routes;
+        let route = RouteLabels {
+            direction: Direction::Outbound,
+            route: "r".into(),
+        };
+        for family in [
+            &routes.requests,
+            &routes.retries,
+            &routes.budget_exhausted,
+            &routes.rate_limited,
+            &routes.queued,
+            &routes.concurrency_rejected,
+            &routes.timeouts,
+        ] {
+            family.get_or_create(&route).inc();
+        }
+        let endpoint = EndpointLabels {
+            route: "r".into(),
+            endpoint: "198.18.0.1:80".into(),
+        };
+        routes.endpoint_requests.get_or_create(&endpoint).inc();
+        routes.endpoint_failures.get_or_create(&endpoint).inc();
+        routes.endpoint_ejections.get_or_create(&endpoint).inc();
+        routes.endpoint_ewma.get_or_create(&endpoint).set(0.001);
+        (metrics.encode().lines())
+            .filter_map(|l| l.strip_prefix("# TYPE "))
+            .filter_map(|l| l.split_whitespace().next())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    #[test]
+    fn the_dashboard_has_grafanas_shape() {
+        let d = dashboard();
+        assert!(d["title"].as_str().is_some_and(|t| !t.is_empty()));
+        let uid = d["uid"].as_str().expect("a uid");
+        assert!(uid.len() <= 40 && uid.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        assert!(d["schemaVersion"].as_u64().is_some_and(|v| v >= 30));
+        let variables = d["templating"]["list"].as_array().expect("variables");
+        assert!(
+            variables
+                .iter()
+                .any(|v| v["name"] == "datasource" && v["type"] == "datasource"),
+            "a data source variable, so that the import asks for one"
+        );
+        let panels = d["panels"].as_array().expect("panels");
+        let mut ids = BTreeSet::new();
+        let mut cells = BTreeSet::new();
+        for panel in panels {
+            let id = panel["id"].as_u64().expect("a panel id");
+            assert!(ids.insert(id), "panel id {id} twice");
+            let kind = panel["type"].as_str().expect("a panel type");
+            assert!(["row", "timeseries", "stat"].contains(&kind), "{kind}");
+            let grid = &panel["gridPos"];
+            let [x, y, w, h] = ["x", "y", "w", "h"].map(|k| grid[k].as_u64().expect("gridPos"));
+            assert!(w > 0 && h > 0 && x + w <= 24, "panel {id}: {grid}");
+            for cx in x..x + w {
+                for cy in y..y + h {
+                    assert!(
+                        cells.insert((cx, cy)),
+                        "panel {id} overlaps another at {cx},{cy}"
+                    );
+                }
+            }
+            if kind == "row" {
+                continue;
+            }
+            assert_eq!(panel["datasource"]["uid"], "${datasource}", "panel {id}");
+            let targets = panel["targets"].as_array().expect("targets");
+            assert!(!targets.is_empty(), "panel {id} has no query");
+            let refs: BTreeSet<&str> = targets.iter().filter_map(|t| t["refId"].as_str()).collect();
+            assert_eq!(refs.len(), targets.len(), "panel {id}: refIds");
+        }
+    }
+
+    #[test]
+    fn every_metric_the_dashboard_queries_is_exported() {
+        let exported = exported();
+        let d = dashboard();
+        let mut exprs: Vec<String> = Vec::new();
+        for panel in d["panels"].as_array().expect("panels") {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                exprs.push(target["expr"].as_str().expect("an expr").to_owned());
+            }
+        }
+        for variable in d["templating"]["list"].as_array().expect("variables") {
+            if let Some(query) = variable["definition"].as_str() {
+                exprs.push(query.to_owned());
+            }
+        }
+        let mut named = 0;
+        for expr in &exprs {
+            let mut rest = expr.as_str();
+            while let Some(at) = rest.find("amazing_proxy_") {
+                let tail = &rest[at..];
+                let end = tail
+                    .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                    .unwrap_or(tail.len());
+                let name = &tail[..end];
+                let family = ["_bucket", "_total", "_sum", "_count"]
+                    .iter()
+                    .find_map(|suffix| name.strip_suffix(suffix))
+                    .filter(|f| exported.contains(*f))
+                    .unwrap_or(name);
+                assert!(exported.contains(family), "{name} in {expr}: not exported");
+                named += 1;
+                rest = &tail[end..];
+            }
+        }
+        assert!(named >= 20, "the queries name {named} metrics");
+    }
+}
