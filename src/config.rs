@@ -343,8 +343,9 @@ pub struct RunArgs {
     )]
     pub(crate) metrics_compat: vocab::MetricsCompat,
 
-    /// This pod's workload (its Deployment's name, say), for Istio's metrics
-    /// (`--metrics-compat istio`); without it, the pod's name without what its controller added.
+    /// This pod's workload (its Deployment's name, say), for Istio's metrics (`--metrics-compat
+    /// istio`) and the HBONE `baggage` (`k8s.deployment.name`), so that peers name it the same;
+    /// without it, the pod's name without what its controller added.
     #[arg(long, env = "AMAZING_PROXY_WORKLOAD_NAME")]
     pub(crate) workload_name: Option<String>,
 }
@@ -461,6 +462,7 @@ impl RunArgs {
                     .unwrap_or_default(),
                 pod_name: self.pod_name.clone(),
                 pod_namespace: self.pod_namespace.clone(),
+                workload_name: self.workload_name.clone(),
             }),
             istio: (self.metrics_compat == vocab::MetricsCompat::Istio).then(|| PodNames {
                 workload: self.workload_name.clone(),

@@ -133,4 +133,6 @@ pub(crate) struct MtlsConfig {
     /// The pod's name and namespace (`POD_NAME`, `POD_NAMESPACE`), for the `baggage` header.
     pub(crate) pod_name: Option<String>,
     pub(crate) pod_namespace: Option<String>,
+    /// `--workload-name`, for the `baggage` header too.
+    pub(crate) workload_name: Option<String>,
 }

@@ -160,6 +160,7 @@ fn mtls(
         idle_timeout,
         pod_name: config.pod_name.clone(),
         pod_namespace: config.pod_namespace.clone(),
+        workload_name: config.workload_name.clone(),
     }
 }
 

@@ -83,6 +83,8 @@ pub struct Mtls {
     /// The pod's name and namespace from the downward API, for the `baggage` header.
     pub(crate) pod_name: Option<String>,
     pub(crate) pod_namespace: Option<String>,
+    /// `--workload-name`, for the `baggage` header.
+    pub(crate) workload_name: Option<String>,
 }
 
 impl Mtls {

@@ -56,6 +56,8 @@ pub(crate) struct Workload {
     pub(crate) namespace: String,
     /// The pod's name (`POD_NAME`), when the downward API gives it.
     pub(crate) pod_name: Option<String>,
+    /// `--workload-name`, when given.
+    pub(crate) workload: Option<String>,
 }
 
 impl Workload {
@@ -69,10 +71,19 @@ impl Workload {
         Workload {
             namespace: present(pod_namespace).unwrap_or_else(|| identity_namespace.to_owned()),
             pod_name: present(pod_name),
+            workload: None,
         }
     }
 
-    /// The `baggage` value, with ztunnel's keys: `k8s.namespace.name=<ns>[,k8s.pod.name=<pod>]`.
+    /// With `--workload-name`: sent as ztunnel sends a Deployment's name, so that a peer's
+    /// Istio metrics name this workload as its own do.
+    pub(crate) fn with_workload(mut self, workload: Option<String>) -> Workload {
+        self.workload = workload.filter(|w| !w.is_empty());
+        self
+    }
+
+    /// The `baggage` value, with ztunnel's keys:
+    /// `k8s.namespace.name=<ns>[,k8s.pod.name=<pod>][,k8s.deployment.name=<workload>]`.
     /// (ztunnel has no key for a service account; the certificate already carries it.)
     pub(crate) fn baggage(&self) -> String {
         let mut out = String::from("k8s.namespace.name=");
@@ -80,6 +91,10 @@ impl Workload {
         if let Some(pod) = &self.pod_name {
             out.push_str(",k8s.pod.name=");
             push_baggage_value(&mut out, pod);
+        }
+        if let Some(workload) = &self.workload {
+            out.push_str(",k8s.deployment.name=");
+            push_baggage_value(&mut out, workload);
         }
         out
     }
@@ -182,6 +197,12 @@ mod tests {
         // Without the downward API: the identity's namespace, no pod name.
         let w = Workload::new("shop", None, Some(String::new()));
         assert_eq!(w.baggage(), "k8s.namespace.name=shop");
+        let w =
+            Workload::new("shop", Some("web-7d4b9".into()), None).with_workload(Some("web".into()));
+        assert_eq!(
+            w.baggage(),
+            "k8s.namespace.name=shop,k8s.pod.name=web-7d4b9,k8s.deployment.name=web"
+        );
     }
 
     #[test]

@@ -200,7 +200,8 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         &material.id.namespace,
         mtls.pod_name.clone(),
         mtls.pod_namespace.clone(),
-    );
+    )
+    .with_workload(mtls.workload_name.clone());
     // Percent-encoded into visible ASCII, so always a valid header value.
     let baggage = HeaderValue::try_from(workload.baggage())
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
