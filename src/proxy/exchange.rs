@@ -294,10 +294,12 @@ impl Exchange {
         if let Some(grpc_status) = self.grpc_status {
             metrics.count_grpc(direction, grpc_status);
         }
+        // The connection's peer (inbound tunnels), else the one the last attempt went to.
+        let peer = (self.conn.peer.as_deref()).or(self.upstream_peer.as_deref());
         if let Some(istio) = telemetry.istio() {
             istio.observe_request(&Observed {
                 direction,
-                peer: (self.conn.peer.as_deref()).or(self.upstream_peer.as_deref()),
+                peer,
                 peer_workload: self.conn.peer_workload.as_deref(),
                 authority: self.conn.original.as_str(),
                 status,
@@ -326,7 +328,7 @@ impl Exchange {
                 response_bytes: self.response_bytes,
                 grpc_status: self.grpc_status,
                 error,
-                peer: (self.conn.peer.as_deref()).or(self.upstream_peer.as_deref()),
+                peer,
                 tunnel_traceparent: self.conn.tunnel_traceparent.as_deref(),
                 route: self.route.as_ref().map(|(name, n)| (&**name, *n)),
             });

@@ -23,6 +23,8 @@
 
 use std::borrow::Cow;
 
+use crate::vocab::{hex_value, percent_decode};
+
 /// Why a path is refused (400, before any policy rule is consulted).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Ambiguous {
@@ -96,15 +98,6 @@ fn dot_name(segment: &str) -> &str {
     &segment[..end]
 }
 
-fn hex_value(b: u8) -> Option<u8> {
-    match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    }
-}
-
 /// Step 1: unreserved characters decoded, other escapes kept in upper case, the ambiguous refused.
 fn decode_unreserved(path: &str) -> Result<String, Ambiguous> {
     const HEX: &[u8; 16] = b"0123456789ABCDEF";
@@ -157,32 +150,6 @@ fn decode_unreserved(path: &str) -> Result<String, Ambiguous> {
     String::from_utf8(out).map_err(|_| Ambiguous::InvalidUtf8)
 }
 
-/// Every `%XX` decoded (the escapes left are well formed: step 1 checked them).
-fn percent_decode(bytes: &[u8]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let escaped = (bytes[i] == b'%')
-            .then(|| {
-                let hi = hex_value(*bytes.get(i + 1)?)?;
-                let lo = hex_value(*bytes.get(i + 2)?)?;
-                Some(hi << 4 | lo)
-            })
-            .flatten();
-        match escaped {
-            Some(v) => {
-                out.push(v);
-                i += 3;
-            }
-            None => {
-                out.push(bytes[i]);
-                i += 1;
-            }
-        }
-    }
-    out
-}
-
 /// Step 2: dot segments removed (RFC 3986 5.2.4), parameters on them and climbing refused.
 fn resolve(path: &str) -> Result<String, Ambiguous> {
     let mut kept: Vec<&str> = Vec::new();
@@ -218,7 +185,7 @@ fn resolve(path: &str) -> Result<String, Ambiguous> {
 /// How servers behind the proxy resolve a path, for the tests and the fuzz target to check that
 /// the form forwarded means to them what the original meant.
 pub mod reference {
-    use super::percent_decode;
+    use crate::vocab::percent_decode;
 
     /// A server that decodes every escape, then removes dot segments (climbing stops at the root).
     pub fn decoding_app(target: &str) -> Vec<u8> {

@@ -107,13 +107,17 @@ pub(crate) fn finish(
     if let Some(kind) = error {
         telemetry.metrics.count_error(direction, kind);
     }
-    if let Some(istio) = telemetry.istio() {
-        let authority = route.dialled.to_string();
+    let istio = telemetry.istio();
+    if istio.is_none() && !telemetry.wants_records() {
+        return;
+    }
+    let original = route.dialled.to_string();
+    if let Some(istio) = istio {
         istio.observe_tcp(&Observed {
             direction,
             peer: route.peer.as_deref(),
             peer_workload: route.peer_workload.as_deref(),
-            authority: &authority,
+            authority: &original,
             status: 0,
             grpc_status: None,
             duration_ms: start.elapsed().as_secs_f64() * 1000.0,
@@ -123,7 +127,6 @@ pub(crate) fn finish(
     }
     if telemetry.wants_records() {
         let duration = start.elapsed();
-        let original = route.dialled.to_string();
         let upstream = route.upstream.to_string();
         telemetry.record(&Record {
             start: SystemTime::now() - duration,

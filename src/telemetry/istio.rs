@@ -21,6 +21,7 @@ use prometheus_client::registry::Registry;
 use crate::identity::source::Identity;
 use crate::sync::lock;
 use crate::telemetry::metrics::Direction;
+use crate::vocab::percent_decode;
 
 const UNKNOWN: &str = "unknown";
 /// What a label says past its bound.
@@ -99,7 +100,8 @@ impl PeerWorkload {
             let Some((key, value)) = member.split_once('=') else {
                 continue;
             };
-            let value = percent_decoded(value.trim());
+            let value =
+                String::from_utf8_lossy(&percent_decode(value.trim().as_bytes())).into_owned();
             if !is_dns_label(&value) {
                 continue;
             }
@@ -123,28 +125,6 @@ fn is_dns_label(s: &str) -> bool {
     (1..=63).contains(&s.len())
         && s.bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-}
-
-fn percent_decoded(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
-        if bytes[i] == b'%'
-            && let (Some(h), Some(l)) = (
-                bytes.get(i + 1).copied().and_then(hex),
-                bytes.get(i + 2).copied().and_then(hex),
-            )
-        {
-            out.push(h * 16 + l);
-            i += 3;
-            continue;
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// `value`, while `set` has it or room for it ([`MAX_VALUES`]); else `other`.

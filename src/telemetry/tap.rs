@@ -118,28 +118,10 @@ impl TapFilter {
     }
 }
 
-/// `%XX` decoded (and `+` as a space, as forms write it); invalid escapes are kept as written.
+/// `%XX` decoded, and `+` as a space (as forms write it); invalid escapes are kept as written.
 fn percent_decode(raw: &str) -> String {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let hex = |b: u8| (b as char).to_digit(16).and_then(|d| u8::try_from(d).ok());
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => match (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                (Some(h), Some(l)) => {
-                    out.push(h * 16 + l);
-                    i += 3;
-                    continue;
-                }
-                _ => out.push(b'%'),
-            },
-            b'+' => out.push(b' '),
-            b => out.push(b),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let spaced = raw.replace('+', " ");
+    String::from_utf8_lossy(&crate::vocab::percent_decode(spaced.as_bytes())).into_owned()
 }
 
 /// One reader: its filter, its queue (and its size in bytes) and what it missed.

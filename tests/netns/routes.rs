@@ -925,13 +925,7 @@ fn in_mutual_tls_each_endpoint_is_its_own_hbone_peer() {
         lab.endpoint(i, name, Mode::Ok);
     }
     // An app with no proxy in front (nothing on its HBONE port): strict never sends it plaintext.
-    let bare = lab.dead.to_string();
-    let port = HTTP_PORT.to_string();
-    lab.spawn_app_in_svc("endpoint.py", &["bare", &bare, &port, "ok"], "bare.log");
-    eventually_blocking("the bare app to listen", LAB_WAIT, || {
-        let log = lab.read("bare.log");
-        log.contains("\"listening\"").then_some(()).ok_or(log)
-    });
+    let bare = lab.bare_endpoint("bare");
     let policy = endpoints_policy(&lab);
     let ca = Ca::new("routes CA");
     let identity = lab.mesh_endpoints(&ca, CLIENT_ID, &["--policy", &policy]);
@@ -1021,13 +1015,7 @@ fn in_auto_mutual_tls_an_endpoint_without_a_proxy_gets_plaintext() {
     const TEST: &str = "routes::in_auto_mutual_tls_an_endpoint_without_a_proxy_gets_plaintext";
     let Some(mut lab) = lab(TEST) else { return };
     lab.endpoint(0, "meshed", Mode::Ok);
-    let bare = lab.dead.to_string();
-    let port = HTTP_PORT.to_string();
-    lab.spawn_app_in_svc("endpoint.py", &["bare", &bare, &port, "ok"], "bare.log");
-    eventually_blocking("the bare app to listen", LAB_WAIT, || {
-        let log = lab.read("bare.log");
-        log.contains("\"listening\"").then_some(()).ok_or(log)
-    });
+    let bare = lab.bare_endpoint("bare");
     let ca = Ca::new("routes CA");
     let identity = lab.mesh_endpoints(&ca, CLIENT_ID, &[]);
     lab.start_proxy_with(

@@ -291,6 +291,14 @@ impl Lab {
         self.start_app(&["endpoint.py", name, &ip, &port, mode.arg()], name);
     }
 
+    /// Starts the HTTP/1.1+h2c server `name` on [`Lab::dead`]'s address (an app with no proxy in
+    /// front of it, in the mutual-TLS tests); returns that address.
+    pub fn bare_endpoint(&mut self, name: &str) -> String {
+        let (ip, port) = (self.dead.to_string(), HTTP_PORT.to_string());
+        self.start_app(&["endpoint.py", name, &ip, &port, "ok"], name);
+        ip
+    }
+
     /// Starts the grpcio server `name` on endpoint `i` (`unavailable`: every call fails).
     pub fn grpc_endpoint(&mut self, i: usize, name: &str, unavailable: bool) {
         let (ip, port) = (self.endpoints[i].to_string(), GRPC_PORT.to_string());
