@@ -11,7 +11,8 @@ use std::time::Duration;
 use clap::Args;
 
 use crate::settings::{
-    AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, PodNames, ProxyConfig, Timeouts, Traffic,
+    AppProtocol, InboundMtls, MtlsConfig, OutboundMtls, PodNames, ProxyConfig, Timeouts,
+    TraceConfig, Traffic,
 };
 use crate::vocab::{self, parse_drain_duration, parse_timeout};
 pub(crate) use crate::vocab::{AccessLogFormat, PortList};
@@ -348,6 +349,50 @@ pub struct RunArgs {
     /// without it, the pod's name without what its controller added.
     #[arg(long, env = "AMAZING_PROXY_WORKLOAD_NAME")]
     pub(crate) workload_name: Option<String>,
+
+    /// Export a span per exchange and per HBONE tunnel to this OpenTelemetry collector
+    /// (`http://host:4317` for gRPC, `http://host:4318` for HTTP/protobuf); no traces without it
+    /// (docs/observability.md).
+    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    pub(crate) otlp_endpoint: Option<String>,
+
+    /// How spans travel to --otlp-endpoint.
+    #[arg(
+        long,
+        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        value_enum,
+        default_value = "grpc"
+    )]
+    pub(crate) otlp_protocol: crate::settings::OtlpProtocol,
+
+    /// The share of traces this proxy starts that are sampled, from 0 to 1 (a caller's decision in
+    /// `traceparent` or B3 is kept).
+    #[arg(long, env = "AMAZING_PROXY_TRACE_SAMPLING", default_value = "0.01", value_parser = parse_ratio)]
+    pub(crate) trace_sampling: f64,
+}
+
+/// An OTLP endpoint: an `http://` URL with a host (TLS to the collector is not built in: send to
+/// a collector on the node or in the pod, which forwards it).
+fn parse_otlp_endpoint(value: &str) -> Result<String, String> {
+    let uri: http::Uri = value.parse().map_err(|e| {
+        format!("`{value}` is not a URL ({e}); give one like http://otel-collector:4317")
+    })?;
+    if uri.scheme_str() != Some("http") || uri.authority().is_none() {
+        return Err(format!(
+            "`{value}`: give an http:// URL with a host, like http://otel-collector:4317 (TLS to the collector is not built in: use a collector on the node or in the pod)"
+        ));
+    }
+    Ok(value.to_owned())
+}
+
+/// A ratio from 0 to 1.
+fn parse_ratio(value: &str) -> Result<f64, String> {
+    match value.parse::<f64>() {
+        Ok(ratio) if (0.0..=1.0).contains(&ratio) => Ok(ratio),
+        _ => Err(format!(
+            "`{value}` is not a ratio from 0 to 1 (0.01 samples one trace in a hundred)"
+        )),
+    }
 }
 
 /// Whether a connection to (or a bind of) `a` would reach `b`: the same port, and the same address
@@ -464,16 +509,28 @@ impl RunArgs {
                 pod_namespace: self.pod_namespace.clone(),
                 workload_name: self.workload_name.clone(),
             }),
-            istio: (self.metrics_compat == vocab::MetricsCompat::Istio).then(|| PodNames {
-                workload: self.workload_name.clone(),
-                pod: self.pod_name.clone(),
-                namespace: self.pod_namespace.clone(),
+            istio: (self.metrics_compat == vocab::MetricsCompat::Istio).then(|| self.pod_names()),
+            traces: self.otlp_endpoint.as_ref().map(|endpoint| {
+                let config = TraceConfig {
+                    endpoint: endpoint.clone(),
+                    protocol: self.otlp_protocol,
+                    sampling: self.trace_sampling,
+                };
+                (config, self.pod_names())
             }),
             policy: self.policy.clone(),
             routes_path: self.routes.as_ref().map(|file| file.path.clone()),
             routes: (self.routes.as_ref())
                 .map(|file| file.routes.clone())
                 .unwrap_or_default(),
+        }
+    }
+
+    fn pod_names(&self) -> PodNames {
+        PodNames {
+            workload: self.workload_name.clone(),
+            pod: self.pod_name.clone(),
+            namespace: self.pod_namespace.clone(),
         }
     }
 

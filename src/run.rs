@@ -37,6 +37,9 @@ pub enum RunError {
     Admin(std::io::Error),
 }
 
+/// How long the spans still queued at exit may take to export.
+const TRACES_CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
+
 pub fn main(args: RunArgs) -> Result<(), RunError> {
     args.validate().map_err(RunError::Config)?;
     let mut runtime = if args.workers == 1 {
@@ -54,6 +57,9 @@ pub fn main(args: RunArgs) -> Result<(), RunError> {
     drop(runtime);
     let cut = shared.telemetry.metrics.drain_cut_requests.get();
     shared.telemetry.access_log.finish();
+    if let Some(traces) = &shared.telemetry.traces {
+        traces.close(TRACES_CLOSE_TIMEOUT);
+    }
     if cut > 0 {
         tracing::warn!(
             cut,

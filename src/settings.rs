@@ -108,6 +108,29 @@ pub struct ProxyConfig {
     pub(crate) routes: Routes,
     /// This pod's names, when Istio's metrics are exported too (`--metrics-compat istio`).
     pub(crate) istio: Option<PodNames>,
+    /// Traces over OTLP (`--otlp-endpoint`), and this pod's names for their resource.
+    pub(crate) traces: Option<(TraceConfig, PodNames)>,
+}
+
+/// Where spans go and which traces this proxy starts are sampled.
+#[derive(Clone, Debug)]
+pub(crate) struct TraceConfig {
+    /// `--otlp-endpoint`: `http://host:port` (gRPC) or an OTLP/HTTP URL.
+    pub(crate) endpoint: String,
+    pub(crate) protocol: OtlpProtocol,
+    /// `--trace-sampling`, in [0, 1].
+    pub(crate) sampling: f64,
+}
+
+/// How spans travel to the collector (`run --otlp-protocol`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OtlpProtocol {
+    /// OTLP/gRPC (a collector's port 4317).
+    Grpc,
+    /// OTLP/HTTP with protobuf bodies (a collector's port 4318; `/v1/traces` is added to an
+    /// endpoint without a path).
+    #[value(name = "http/protobuf")]
+    HttpProtobuf,
 }
 
 /// This pod's names as the flags give them (`--workload-name`, `POD_NAME`, `POD_NAMESPACE`).

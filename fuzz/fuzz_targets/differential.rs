@@ -28,6 +28,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     normalize_path: true,
     trusted_hops: 0,
     client_cert: None,
+    sampler: None,
 };
 const SENTINEL_PATH: &str = "/__sentinel";
 const SENTINEL: &[u8] = b"GET /__sentinel HTTP/1.1\r\nHost: s\r\n\r\n";

@@ -3,6 +3,7 @@
 #![no_main]
 
 use amazing_proxy::proxy::http1::framing::{Rewrite, plan_request};
+use amazing_proxy::telemetry::trace::Sampler;
 use libfuzzer_sys::fuzz_target;
 
 const FIRST: Rewrite<'static> = Rewrite {
@@ -13,6 +14,8 @@ const FIRST: Rewrite<'static> = Rewrite {
     normalize_path: true,
     trusted_hops: 0,
     client_cert: None,
+    // The trace phase reads the caller's context and writes its own traceparent.
+    sampler: Some(&Sampler::ALWAYS),
 };
 /// A second proxy instance: the first one's output must not look like a loop to it.
 const SECOND: Rewrite<'static> = Rewrite {

@@ -401,6 +401,7 @@ mod tests {
             AccessLogFormat::Off,
             Box::new(std::io::sink()),
             None,
+            None,
         ));
         let routes = Routes::from_yaml(yaml).expect("a valid routes file");
         let connect = ConnectOptions {

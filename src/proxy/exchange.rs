@@ -18,6 +18,7 @@ use crate::error::ErrorKind;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{Direction, MethodLabel};
+use crate::telemetry::trace::SpanIds;
 
 /// What every request on one client connection shares.
 pub struct ConnContext {
@@ -157,6 +158,9 @@ pub struct Exchange {
     /// The SPIFFE ID of the peer proxy the last attempt went to in an HBONE stream (outbound in
     /// mutual TLS, per request), when the connection itself did not come in a tunnel.
     pub upstream_peer: Option<Arc<str>>,
+    /// This exchange's span, when tracing is on (the trace phase decides it with the request
+    /// head).
+    pub trace: Option<SpanIds>,
     /// Set once logged, so that dropping the exchange does not log it again.
     logged: bool,
 }
@@ -196,6 +200,7 @@ impl Exchange {
             route: None,
             endpoint: None,
             upstream_peer: None,
+            trace: None,
             logged: false,
         }
     }
@@ -309,9 +314,11 @@ impl Exchange {
                 response_bytes: self.response_bytes,
             });
         }
-        if telemetry.wants_records() {
+        let sampled = self.trace.filter(|ids| ids.sampled);
+        let wants_record = telemetry.wants_records();
+        if wants_record || sampled.is_some() {
             let endpoint = self.endpoint.map(|addr| addr.to_string());
-            telemetry.record(&Record {
+            let record = Record {
                 start: SystemTime::now() - duration,
                 duration,
                 direction,
@@ -331,7 +338,14 @@ impl Exchange {
                 peer,
                 tunnel_traceparent: self.conn.tunnel_traceparent.as_deref(),
                 route: self.route.as_ref().map(|(name, n)| (&**name, *n)),
-            });
+                trace: self.trace.as_ref(),
+            };
+            if wants_record {
+                telemetry.record(&record);
+            }
+            if let (Some(ids), Some(traces)) = (sampled, &telemetry.traces) {
+                traces.export_exchange(&ids, &record);
+            }
         }
     }
 }

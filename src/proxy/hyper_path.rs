@@ -33,6 +33,7 @@ use super::upstream::{Clients, ConnInfo, HttpClient};
 use crate::error::{ErrorKind, classify_client_error};
 use crate::settings::AppProtocol;
 use crate::telemetry::metrics::Direction;
+use crate::telemetry::trace::{self, ParentFields, SpanIds};
 use hyper_util::client::legacy::connect::capture_connection;
 
 /// The service hyper calls for every request on a client connection. `open` keeps the request
@@ -93,6 +94,7 @@ async fn respond(
         ruled.request_id,
     );
     exchange.request = progress.clone();
+    exchange.trace = ruled.trace;
     let facts = Facts {
         method: &parts.method,
         path: path.as_str(),
@@ -233,6 +235,8 @@ fn normal_path(raw: &PathAndQuery) -> Result<Option<PathAndQuery>, Ambiguous> {
 /// What the request rules found.
 struct Ruled {
     request_id: HeaderValue,
+    /// This exchange's span, when tracing is on.
+    trace: Option<SpanIds>,
     /// The request names this proxy in `Via`.
     looped: bool,
     /// No valid authority ([`phases::request_host`]), or an HTTP/2 field value with whitespace
@@ -302,7 +306,16 @@ fn request_rules(
         settings.traffic.trusted_hops,
         shared.client_cert_details(conn),
     );
+    // The trace phase: this exchange's span, a child of the caller's; the app (or the next
+    // hop) sees ours as its parent.
+    let trace = (shared.telemetry).start_span(|| ParentFields::from_headers(&parts.headers));
+    if let Some(ids) = &trace
+        && let Ok(value) = HeaderValue::from_bytes(&ids.traceparent())
+    {
+        parts.headers.insert(trace::TRACEPARENT, value);
+    }
     Ruled {
+        trace,
         request_id,
         looped,
         malformed,

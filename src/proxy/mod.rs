@@ -47,6 +47,7 @@ use crate::identity::source::Identity;
 use crate::settings::{MtlsConfig, OutboundMtls, ProxyConfig};
 use crate::telemetry::Telemetry;
 use crate::telemetry::istio::OwnWorkload;
+use crate::telemetry::otlp::TraceResource;
 use drain::Drain;
 use limits::Limits;
 use phases::Via;
@@ -73,7 +74,9 @@ impl Shared {
                 names.namespace.as_deref(),
             )
         });
-        let telemetry = Arc::new(Telemetry::new(config.access_log, access_log, own));
+        let traces =
+            (config.traces.as_ref()).map(|(trace, names)| (trace, TraceResource::new(names)));
+        let telemetry = Arc::new(Telemetry::new(config.access_log, access_log, own, traces));
         let mtls = config.mtls.as_ref().map(|mtls_config| {
             mtls(
                 mtls_config,
@@ -85,6 +88,10 @@ impl Shared {
         // Istio's metrics name this proxy by its SPIFFE ID (read as it loads).
         if let (Some(istio), Some(mtls)) = (telemetry.istio(), &mtls) {
             istio.set_identity(mtls.identity.clone());
+        }
+        // And so does the spans' resource.
+        if let (Some(traces), Some(mtls)) = (&telemetry.traces, &mtls) {
+            traces.set_identity(mtls.identity.clone());
         }
         let outbound_mtls = mtls
             .as_ref()

@@ -147,6 +147,7 @@ pub(crate) fn finish(
             error,
             peer: route.peer.as_deref(),
             tunnel_traceparent: route.tunnel_traceparent.as_deref(),
+            trace: None,
             route: None,
         });
     }
@@ -186,6 +187,7 @@ pub(crate) fn log_refused(
         error: Some(error),
         peer: None,
         tunnel_traceparent: None,
+        trace: None,
         route: None,
     });
 }

@@ -14,6 +14,7 @@ pub mod endpoints;
 pub mod tunnels;
 
 use crate::sync::lock;
+use crate::telemetry::otlp::TunnelSpan;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io;
@@ -102,6 +103,8 @@ pub(crate) enum Transport {
         peer: Arc<str>,
         /// The stream's place on its pooled HBONE connection, held as long as the stream.
         slot: tunnels::StreamSlot,
+        /// The tunnel's span (sampled, with tracing on), which ends with the stream.
+        span: Option<TunnelSpan>,
     },
 }
 
@@ -196,6 +199,8 @@ pub(crate) struct PooledIo {
     info: ConnInfo,
     /// A tunnel's place on its HBONE connection, held while hyper keeps the connection.
     _slot: Option<tunnels::StreamSlot>,
+    /// And its span, which ends when hyper lets the connection go.
+    _span: Option<TunnelSpan>,
 }
 
 enum PooledTransport {
@@ -210,14 +215,21 @@ impl PooledIo {
                 io: PooledTransport::Tcp(TokioIo::new(stream)),
                 info: ConnInfo::default(),
                 _slot: None,
+                _span: None,
             },
-            Transport::Tunnel { io, peer, slot } => PooledIo {
+            Transport::Tunnel {
+                io,
+                peer,
+                slot,
+                span,
+            } => PooledIo {
                 io: PooledTransport::Tunnel(io),
                 info: ConnInfo {
                     uses: Arc::default(),
                     peer: Some(peer),
                 },
                 _slot: Some(slot),
+                _span: span,
             },
         }
     }

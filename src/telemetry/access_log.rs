@@ -53,6 +53,8 @@ pub(crate) struct Record<'a> {
     pub(crate) tunnel_traceparent: Option<&'a str>,
     /// The route the request took (`--routes`), and how many attempts it made.
     pub(crate) route: Option<(&'a str, u32)>,
+    /// The exchange's span, when tracing is on (`--otlp-endpoint`).
+    pub(crate) trace: Option<&'a crate::telemetry::trace::SpanIds>,
 }
 
 /// `scheme://authority/path`, written without building a String first.
@@ -150,6 +152,15 @@ impl Record<'_> {
         if let Some(traceparent) = self.tunnel_traceparent {
             out.extend_from_slice(b",\"tunnel_traceparent\":");
             json_str(out, &[traceparent]);
+        }
+        if let Some(trace) = self.trace {
+            // The ids as the traceparent writes them: 32 and 16 lower-case hex digits.
+            let traceparent = trace.traceparent();
+            out.extend_from_slice(b",\"trace_id\":\"");
+            out.extend_from_slice(&traceparent[3..35]);
+            out.extend_from_slice(b"\",\"span_id\":\"");
+            out.extend_from_slice(&traceparent[36..52]);
+            out.push(b'"');
         }
         if let Some((route, attempts)) = self.route {
             out.extend_from_slice(b",\"route\":");
@@ -419,6 +430,7 @@ mod tests {
             error: None,
             peer: None,
             tunnel_traceparent: None,
+            trace: None,
             route: None,
         }
     }

@@ -128,6 +128,29 @@ pub(crate) struct PeerLabels {
     pub(crate) peer: String,
 }
 
+/// What became of a sampled span (`amazing_proxy_trace_spans_total`).
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub(crate) enum SpanOutcome {
+    /// Accepted by the collector.
+    exported,
+    /// The export queue was full: never queued.
+    dropped,
+    /// Its batch's export failed or timed out.
+    failed,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct SpanLabels {
+    pub(crate) outcome: SpanOutcome,
+}
+
+impl From<SpanOutcome> for SpanLabels {
+    fn from(outcome: SpanOutcome) -> Self {
+        SpanLabels { outcome }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub(crate) struct HandshakeLabels {
     pub(crate) direction: Direction,
@@ -280,6 +303,8 @@ pub struct Metrics {
     /// Seconds until the workload certificate expires (negative once expired); 0 without one.
     pub identity_expiry_seconds: Gauge,
     pub(crate) routes: RouteFamilies,
+    /// Sampled spans by what became of them (--otlp-endpoint).
+    pub(crate) trace_spans: Family<SpanLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -424,7 +449,14 @@ impl Metrics {
         );
 
         let routes = RouteFamilies::register(&mut registry);
+        let trace_spans = Family::<SpanLabels, Counter>::default();
+        registry.register(
+            "trace_spans",
+            "Sampled spans by outcome: exported, dropped (the export queue was full) or failed (their export failed)",
+            trace_spans.clone(),
+        );
         Metrics {
+            trace_spans,
             registry,
             routes,
             requests,

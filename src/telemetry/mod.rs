@@ -3,7 +3,9 @@
 pub(crate) mod access_log;
 pub mod istio;
 pub mod metrics;
+pub mod otlp;
 pub mod tap;
+pub mod trace;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -11,8 +13,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use access_log::{AccessLog, Record};
 use istio::{IstioMetrics, OwnWorkload};
 use metrics::Metrics;
+use otlp::{TraceResource, Traces};
 use prometheus_client::registry::Registry;
 use tap::Tap;
+use trace::{ParentFields, SpanIds};
 
 /// The metrics and the access log, shared by every connection.
 pub struct Telemetry {
@@ -23,21 +27,33 @@ pub struct Telemetry {
     /// Istio's standard metrics (`--metrics-compat istio`), in a registry of their own (their
     /// names are Istio's, without our prefix).
     pub(crate) istio: Option<(IstioMetrics, Registry)>,
+    /// Spans and their export (`--otlp-endpoint`).
+    pub(crate) traces: Option<Arc<Traces>>,
     /// Set when --drain-timeout cuts what is still running: the exchanges dropped from then on
     /// are logged as `drain_timeout`, not as clients that went away.
     drain_cut: AtomicBool,
 }
 
 impl Telemetry {
-    /// `istio`: this pod, when Istio's metrics are exported too.
+    /// `istio`: this pod, when Istio's metrics are exported too; `traces`: where spans go, and
+    /// this pod as they name it.
     pub(crate) fn new(
         format: crate::vocab::AccessLogFormat,
         out: Box<dyn std::io::Write + Send>,
         istio: Option<OwnWorkload>,
+        traces: Option<(&crate::settings::TraceConfig, TraceResource)>,
     ) -> Self {
         let metrics = Metrics::new();
         let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
+        let traces = traces.and_then(|(config, resource)| {
+            Traces::start(config, resource, &metrics.trace_spans)
+                .inspect_err(|e| {
+                    tracing::error!("cannot start the OTLP export thread ({e}); no traces");
+                })
+                .ok()
+        });
         Telemetry {
+            traces,
             metrics,
             access_log,
             tap: Arc::default(),
@@ -70,6 +86,16 @@ impl Telemetry {
     /// Istio's metrics, when exported.
     pub(crate) fn istio(&self) -> Option<&IstioMetrics> {
         self.istio.as_ref().map(|(metrics, _)| metrics)
+    }
+
+    /// The trace phase: a span for an exchange whose request names `parent` (none when tracing is
+    /// off). `parent` is only read when tracing is on.
+    pub(crate) fn start_span<'a>(
+        &self,
+        parent: impl FnOnce() -> ParentFields<'a>,
+    ) -> Option<SpanIds> {
+        let traces = self.traces.as_ref()?;
+        Some(traces.sampler.start(parent().parent()))
     }
 
     /// Logs the record, and offers it to the live stream's readers.

@@ -254,6 +254,7 @@ mod tests {
             error: None,
             peer: Some("spiffe://cluster.local/ns/a/sa/b"),
             tunnel_traceparent: None,
+            trace: None,
             route: None,
         }
     }

@@ -2,51 +2,21 @@
 //! (W3C Trace Context), `baggage` (W3C Baggage, with ztunnel's keys) and `forwarded`. They are for
 //! correlation only: nothing is decided on them, and a malformed one is ignored, never refused.
 //!
-//! Each tunnelled connection starts a trace of its own (this proxy records no spans, so the
-//! sampled flag stays off); both ends log the same `traceparent`, which is what ties a client's
-//! access-log record to the server's.
+//! Each tunnelled connection starts a trace of its own (sampled at `--trace-sampling` when tracing
+//! is on, else never); both ends log the same `traceparent`, which is what ties a client's
+//! access-log record to the server's, and with tracing on each end exports the tunnel's span.
 
 use std::net::SocketAddr;
+
+use crate::telemetry::trace::parse_traceparent;
 
 pub(crate) const TRACEPARENT: &str = "traceparent";
 pub(crate) const BAGGAGE: &str = "baggage";
 pub(crate) const FORWARDED: &str = "forwarded";
 
-/// A `traceparent` value starting a new trace: random, non-zero trace and span ids.
-pub(crate) fn new_traceparent() -> String {
-    traceparent(fastrand::u128(1..), fastrand::u64(1..))
-}
-
-/// `00-<trace id>-<span id>-00` (version 00, not sampled).
-pub(crate) fn traceparent(trace_id: u128, span_id: u64) -> String {
-    format!("00-{trace_id:032x}-{span_id:016x}-00")
-}
-
-/// `value` when it is a `traceparent` of W3C Trace Context level 1, else `None`. Versions after 00
-/// may carry more fields, which are kept (the spec asks a reader to parse the known prefix only);
-/// version `ff`, upper-case hex and all-zero ids are invalid.
+/// `value` when it is a valid `traceparent` ([`parse_traceparent`]), for the access log.
 pub(crate) fn valid_traceparent(value: &str) -> Option<&str> {
-    let bytes = value.as_bytes();
-    let hex = |range: std::ops::Range<usize>| {
-        bytes
-            .get(range)
-            .is_some_and(|b| b.iter().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f')))
-    };
-    let nonzero = |range: std::ops::Range<usize>| bytes[range].iter().any(|&c| c != b'0');
-    let shape = bytes.len() >= 55
-        && hex(0..2)
-        && &bytes[0..2] != b"ff"
-        && bytes[2] == b'-'
-        && hex(3..35)
-        && bytes[35] == b'-'
-        && hex(36..52)
-        && bytes[52] == b'-'
-        && hex(53..55);
-    let tail_ok = match &bytes[..2.min(bytes.len())] {
-        b"00" => bytes.len() == 55,
-        _ => bytes.len() == 55 || bytes.get(55) == Some(&b'-'),
-    };
-    (shape && tail_ok && nonzero(3..35) && nonzero(36..52)).then_some(value)
+    parse_traceparent(value.as_bytes()).map(|_| value)
 }
 
 /// What this proxy knows of its own workload, for `baggage`.
@@ -123,44 +93,6 @@ pub(crate) fn forwarded(client: SocketAddr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn is_lower_hex(s: &str) -> bool {
-        s.bytes().all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
-    }
-
-    #[test]
-    fn a_new_traceparent_is_w3c_version_00_with_random_nonzero_ids() {
-        let mut seen = std::collections::HashSet::new();
-        for _ in 0..200 {
-            let tp = new_traceparent();
-            let parts: Vec<&str> = tp.split('-').collect();
-            assert_eq!(parts.len(), 4, "{tp}");
-            assert_eq!(parts[0], "00");
-            assert_eq!(parts[1].len(), 32, "{tp}");
-            assert_eq!(parts[2].len(), 16, "{tp}");
-            assert_eq!(parts[3], "00", "not sampled: {tp}");
-            assert!(parts.iter().all(|p| is_lower_hex(p)), "{tp}");
-            assert!(parts[1].bytes().any(|c| c != b'0'), "{tp}");
-            assert!(parts[2].bytes().any(|c| c != b'0'), "{tp}");
-            assert_eq!(valid_traceparent(&tp), Some(tp.as_str()));
-            assert!(
-                seen.insert(parts[1].to_owned()),
-                "a trace id repeated: {tp}"
-            );
-        }
-    }
-
-    #[test]
-    fn small_ids_are_zero_padded() {
-        assert_eq!(
-            traceparent(1, 0xab),
-            "00-00000000000000000000000000000001-00000000000000ab-00"
-        );
-        assert_eq!(
-            traceparent(u128::MAX, u64::MAX),
-            "00-ffffffffffffffffffffffffffffffff-ffffffffffffffff-00"
-        );
-    }
 
     #[test]
     fn traceparents_are_read_leniently_but_only_when_well_formed() {

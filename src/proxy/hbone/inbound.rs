@@ -20,6 +20,7 @@ use crate::telemetry::istio::PeerWorkload;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use std::time::SystemTime;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 
@@ -36,6 +37,8 @@ use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;
+use crate::telemetry::otlp::TunnelFacts;
+use crate::telemetry::trace::parse_traceparent;
 
 /// The longest a TLS handshake may take (or --header-timeout when shorter): a peer that connects
 /// and says nothing holds a descriptor, and is shed meanwhile when room is needed.
@@ -266,6 +269,7 @@ where
         metrics.count_error(Direction::Inbound, ErrorKind::ProxyPort);
         return refuse_connect(ErrorKind::ProxyPort);
     }
+    let start = SystemTime::now();
     let traceparent = log_tunnel_headers(req.headers(), &peer, target);
     // Only read when Istio's metrics are exported: it names the peer's workload there.
     let peer_workload = shared.telemetry.istio().and_then(|_| {
@@ -302,6 +306,19 @@ where
     drop(in_flight);
     let upgrade = hyper::upgrade::on(&mut req);
     metrics.count_hbone_stream(Direction::Inbound, &peer);
+    // The tunnel's span: a child of the peer's, ending with the stream.
+    let span = shared.telemetry.traces.as_ref().and_then(|traces| {
+        let parent = traceparent
+            .as_deref()
+            .and_then(|tp| parse_traceparent(tp.as_bytes()));
+        let facts = TunnelFacts {
+            direction: Direction::Inbound,
+            start,
+            target,
+            peer: Arc::from(peer.as_str()),
+        };
+        traces.tunnel_span(traces.sampler.start(parent), facts)
+    });
     let route = Route {
         client,
         dialled: target,
@@ -314,6 +331,7 @@ where
     };
     tokio::spawn(async move {
         let _mark = mark;
+        let _span = span;
         match upgrade.await {
             Ok(upgraded) => serve(shared, TokioIo::new(upgraded), app, route, guard).await,
             Err(e) => tracing::debug!("HBONE stream ended before it opened: {e}"),

@@ -18,7 +18,7 @@ use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use http::{HeaderValue, Method, Request, StatusCode};
 use http_body_util::Empty;
@@ -43,6 +43,8 @@ use crate::proxy::upstream::tunnels::{
 use crate::proxy::upstream::{self, Transport, connect};
 use crate::settings::OutboundMtls;
 use crate::telemetry::metrics::Direction;
+use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
+use crate::telemetry::trace::Sampler;
 use crate::vocab::HBONE_PORT;
 
 /// The TLS stream of a pooled connection, noting the first TLS failure a read meets: in TLS 1.3 a
@@ -106,6 +108,8 @@ pub struct Tunnel {
     pub peer: Arc<str>,
     pub traceparent: String,
     pub slot: StreamSlot,
+    /// The tunnel's span, when tracing is on and sampled it: it ends when this is dropped.
+    pub span: Option<TunnelSpan>,
 }
 
 /// The pool's state is [`crate::proxy::upstream::tunnels`]'; dialling and opening streams are
@@ -125,7 +129,11 @@ impl Pool {
             .checkout_or_dial(peer, || dial(shared, mtls, peer))
             .await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
-        let traceparent = headers::new_traceparent();
+        let start = SystemTime::now();
+        // Each tunnel starts a trace of its own (it may carry many requests).
+        let traces = shared.telemetry.traces.as_ref();
+        let ids = traces.map_or(Sampler::NEVER, |t| t.sampler).start(None);
+        let traceparent = ids.traceparent_string();
         let mut request = Request::builder()
             .method(Method::CONNECT)
             .uri(target.to_string())
@@ -169,11 +177,21 @@ impl Pool {
         let upgraded = hyper::upgrade::on(response)
             .await
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        let span = traces.and_then(|traces| {
+            let facts = TunnelFacts {
+                direction: Direction::Outbound,
+                start,
+                target,
+                peer: pooled.peer.clone(),
+            };
+            traces.tunnel_span(ids, facts)
+        });
         Ok(Tunnel {
             io: TokioIo::new(upgraded),
             peer: pooled.peer.clone(),
             traceparent,
             slot,
+            span,
         })
     }
 }
@@ -414,6 +432,7 @@ impl upstream::Tunneller for HboneTunneller {
                         io: tunnel.io.into_inner(),
                         peer: tunnel.peer,
                         slot: tunnel.slot,
+                        span: tunnel.span,
                     })
                 }
                 Err(e @ OpenError::NoHbone { .. })

@@ -21,6 +21,7 @@ use http::header::HeaderValue;
 use super::chunked::is_tchar;
 use crate::proxy::path::{self, Ambiguous};
 use crate::proxy::phases::{self, new_request_id, trim_ows};
+use crate::telemetry::trace::{ParentFields, Sampler, SpanIds};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -46,6 +47,8 @@ pub struct RequestPlan {
     pub framing: Framing,
     pub keep_alive: bool,
     pub request_id: HeaderValue,
+    /// This exchange's span, when tracing is on.
+    pub trace: Option<SpanIds>,
     /// `content-type: application/grpc*`: errors are answered the gRPC way.
     pub grpc: bool,
     /// The path is ambiguous (`path::normalize`): the request is answered 400 before any rule is
@@ -89,6 +92,9 @@ pub struct Rewrite<'a> {
     pub trusted_hops: usize,
     /// `x-forwarded-client-cert` for a verified peer (`phases::client_cert_details`).
     pub client_cert: Option<&'a [u8]>,
+    /// Tracing is on: the trace phase reads the caller's context and writes this exchange's
+    /// `traceparent` in place of the caller's.
+    pub sampler: Option<&'a Sampler>,
 }
 
 /// The fields the planners act on; everything else is `Other` and passes through.
@@ -113,13 +119,23 @@ enum Field {
     XForwardedFor,
     XForwardedProto,
     XRequestId,
+    // Trace context: read (and `traceparent` replaced) only when tracing is on.
+    Traceparent,
+    B3,
+    XB3TraceId,
+    XB3SpanId,
+    XB3Sampled,
+    XB3Flags,
     Other,
 }
 
 impl Field {
     fn of(name: &str) -> Field {
         let candidate = match name.len() {
-            2 => Field::Te,
+            2 => match name.as_bytes()[0] | 0x20 {
+                b'b' => Field::B3,
+                _ => Field::Te,
+            },
             3 => Field::Via,
             4 => Field::Host,
             6 => match name.as_bytes()[0] | 0x20 {
@@ -130,11 +146,18 @@ impl Field {
             9 => Field::Forwarded,
             10 => match name.as_bytes()[0] | 0x20 {
                 b'c' => Field::Connection,
+                b'x' => Field::XB3Flags,
                 _ => Field::KeepAlive,
             },
-            11 => Field::GrpcStatus,
-            12 => match name.as_bytes()[0] | 0x20 {
-                b'c' => Field::ContentType,
+            11 => match name.as_bytes()[0] | 0x20 {
+                b't' => Field::Traceparent,
+                b'x' => Field::XB3SpanId,
+                _ => Field::GrpcStatus,
+            },
+            12 => match (name.as_bytes()[0] | 0x20, name.as_bytes()[2] | 0x20) {
+                (b'c', _) => Field::ContentType,
+                (_, b'b') if name.as_bytes()[5] | 0x20 == b't' => Field::XB3TraceId,
+                (_, b'b') => Field::XB3Sampled,
                 _ => Field::XRequestId,
             },
             14 => match name.as_bytes()[0] | 0x20 {
@@ -179,6 +202,12 @@ impl Field {
             Field::XForwardedFor => "X-Forwarded-For",
             Field::XForwardedProto => "X-Forwarded-Proto",
             Field::XRequestId => "X-Request-Id",
+            Field::Traceparent => "traceparent",
+            Field::B3 => "b3",
+            Field::XB3TraceId => "X-B3-TraceId",
+            Field::XB3SpanId => "X-B3-SpanId",
+            Field::XB3Sampled => "X-B3-Sampled",
+            Field::XB3Flags => "X-B3-Flags",
             Field::Other => "",
         }
     }
@@ -578,10 +607,11 @@ fn plan_parsed_request(
         let start = at.checked_sub(base)?;
         Some(start..start + len)
     });
-    let request_id =
+    let (request_id, trace) =
         write_request_head(req.headers, method, &target, &mut fields, framing, rw, out);
     Ok(RequestPlan {
         authority_at,
+        trace,
         head_len,
         method: method_value,
         path: target.origin.into_owned(),
@@ -679,6 +709,8 @@ fn scan_request_fields(
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Forwarded | Field::Http2Settings | Field::XForwardedClientCert => {}
             Field::Server | Field::Other => {}
+            Field::Traceparent | Field::B3 | Field::XB3TraceId | Field::XB3SpanId => {}
+            Field::XB3Sampled | Field::XB3Flags => {}
         }
     }
     Ok(f)
@@ -708,7 +740,7 @@ fn request_framing(f: &RequestFields, http11: bool) -> Result<Framing, RequestVe
 
 /// The request phase on raw fields: the head for the app, hop-by-hop fields and the fields the
 /// client's `Connection` names removed, Host from the target (or --rewrite-host), then the fields
-/// the proxy owns and Via. Returns the request id.
+/// the proxy owns and Via. Returns the request id, and the span when tracing is on.
 fn write_request_head(
     headers: &[httparse::Header<'_>],
     method: &str,
@@ -717,7 +749,7 @@ fn write_request_head(
     framing: Framing,
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
-) -> HeaderValue {
+) -> (HeaderValue, Option<SpanIds>) {
     let options = if f.options {
         connection_options(headers)
     } else {
@@ -731,8 +763,12 @@ fn write_request_head(
     out.extend_from_slice(target.origin.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let trusted = rw.trusted_hops > 0;
+    let mut parent = ParentFields::default();
     for h in headers {
         let field = Field::of(h.name);
+        if rw.sampler.is_some() && trace_field(&mut parent, field, h.value) {
+            continue;
+        }
         // The fields the proxy owns: written below, the client's kept only as `add_forwarding`
         // says (the same rule as the hyper path's).
         let owned = match field {
@@ -786,11 +822,35 @@ fn write_request_head(
         None => new_request_id(),
     };
     push_field(out, Field::XRequestId.name(), request_id.as_bytes(), lower);
+    let trace = rw.sampler.map(|sampler| sampler.start(parent.parent()));
+    if let Some(ids) = &trace {
+        push_field(out, Field::Traceparent.name(), &ids.traceparent(), lower);
+    }
     push_name(out, Field::Via.name(), lower);
     out.extend_from_slice(b": 1.1 ");
     out.extend_from_slice(rw.via.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
-    request_id
+    (request_id, trace)
+}
+
+/// Notes a trace-context field in `parent`; returns whether the field is not to be passed on (the
+/// caller's `traceparent`: ours replaces it). A field sent twice is read as malformed (W3C).
+fn trace_field<'h>(parent: &mut ParentFields<'h>, field: Field, value: &'h [u8]) -> bool {
+    let slot = match field {
+        Field::Traceparent => &mut parent.traceparent,
+        Field::B3 => &mut parent.b3,
+        Field::XB3TraceId => &mut parent.x_b3_trace_id,
+        Field::XB3SpanId => &mut parent.x_b3_span_id,
+        Field::XB3Sampled => &mut parent.x_b3_sampled,
+        Field::XB3Flags => &mut parent.x_b3_flags,
+        _ => return false,
+    };
+    *slot = if slot.is_some() {
+        Some(b"")
+    } else {
+        Some(value)
+    };
+    field == Field::Traceparent
 }
 
 /// The app's response head cannot be parsed or framed: 502.
@@ -1002,6 +1062,7 @@ mod tests {
             normalize_path: true,
             trusted_hops: 0,
             client_cert: None,
+            sampler: None,
         }
     }
 

@@ -259,6 +259,7 @@ impl Connection {
                     normalize_path: self.ctx.direction == Direction::Inbound,
                     trusted_hops: self.shared.settings.traffic.trusted_hops,
                     client_cert: client_cert.as_ref().map(http::HeaderValue::as_bytes),
+                    sampler: (self.shared.telemetry.traces.as_ref()).map(|t| &t.sampler),
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
                     Ok(plan) => return Head::Request(plan, start),
@@ -343,6 +344,7 @@ impl Connection {
             PathText::Raw(plan.path),
             plan.request_id,
         );
+        exchange.trace = plan.trace;
         // A body already in the buffer (after the head) travels with the head.
         let buffered = self.buf.len().saturating_sub(plan.head_len);
         let inline_body = match plan.framing {

@@ -1,0 +1,580 @@
+//! Spans, exported over OTLP (gRPC or HTTP/protobuf) by the OpenTelemetry project's own exporter.
+//!
+//! One span per exchange (server inbound, client outbound) and one per HBONE tunnel. The request
+//! path only builds a sampled span and offers it to a bounded queue ([`QUEUE_SPANS`]); when the
+//! queue is full the span is dropped and counted (`amazing_proxy_trace_spans_total{outcome=
+//! "dropped"}`), never waited for. An export thread of its own (with its own small runtime, as the
+//! admin server has) takes batches of up to [`BATCH_SPANS`] every [`EXPORT_EVERY`] and sends them,
+//! each export bounded by [`EXPORT_TIMEOUT`]; a failed batch is counted and not retried (the
+//! collector's outage must not grow our memory).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use opentelemetry::trace::{
+    Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
+};
+use opentelemetry::{InstrumentationScope, KeyValue, StringValue, Value};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _};
+use opentelemetry_sdk::Resource;
+use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::mpsc;
+
+use super::access_log::Record;
+use super::istio::workload_of_pod;
+use super::metrics::{Direction, SpanOutcome};
+use super::trace::{Sampler, SpanIds, parse_traceparent};
+use crate::identity::source::Identity;
+use crate::settings::{OtlpProtocol, PodNames, TraceConfig};
+use crate::sync::lock;
+
+/// Spans waiting for export at most: about 2 MiB.
+pub const QUEUE_SPANS: usize = 2048;
+/// Spans per export at most (the OpenTelemetry SDK's default).
+pub const BATCH_SPANS: usize = 512;
+/// How long a span waits for its batch to fill at most.
+pub const EXPORT_EVERY: Duration = Duration::from_secs(1);
+/// One export's bound (the OTLP default).
+pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// This pod, as the spans' resource names it.
+#[derive(Clone, Debug, Default)]
+pub struct TraceResource {
+    /// `service.name`: `--workload-name`, else the pod's workload, else `amazing-proxy`.
+    pub service: String,
+    pub pod: Option<String>,
+    pub namespace: Option<String>,
+    pub workload: Option<String>,
+}
+
+impl TraceResource {
+    pub(crate) fn new(names: &PodNames) -> TraceResource {
+        let given = |v: &Option<String>| v.clone().filter(|v| !v.is_empty());
+        let workload = given(&names.workload);
+        let pod = given(&names.pod);
+        TraceResource {
+            service: (workload.clone())
+                .or_else(|| pod.as_deref().map(|pod| workload_of_pod(pod).to_owned()))
+                .unwrap_or_else(|| "amazing-proxy".to_owned()),
+            pod,
+            namespace: given(&names.namespace),
+            workload,
+        }
+    }
+}
+
+/// The tracer: the sampler, the export queue and what it counts.
+pub struct Traces {
+    pub(crate) sampler: Sampler,
+    queue: mpsc::Sender<SpanData>,
+    scope: InstrumentationScope,
+    dropped: Counter,
+    worker: Mutex<Option<Worker>>,
+    /// Our identity, for the resource (read when the first batch goes, as it may load late).
+    identity: Arc<std::sync::OnceLock<Identity>>,
+}
+
+struct Worker {
+    close: Arc<tokio::sync::Notify>,
+    closed: std::sync::mpsc::Receiver<()>,
+}
+
+/// What a tunnel's span says besides its ids.
+#[derive(Debug)]
+pub struct TunnelFacts {
+    pub direction: Direction,
+    pub start: SystemTime,
+    /// The address the tunnel is for (`CONNECT <target>`).
+    pub target: SocketAddr,
+    /// The other end's SPIFFE ID.
+    pub peer: Arc<str>,
+}
+
+/// A tunnel's span: exported when the tunnel ends (the guard is dropped with its stream).
+pub struct TunnelSpan {
+    traces: Arc<Traces>,
+    ids: SpanIds,
+    facts: TunnelFacts,
+}
+
+impl Drop for TunnelSpan {
+    fn drop(&mut self) {
+        let span = tunnel_span(
+            &self.ids,
+            &self.facts,
+            SystemTime::now(),
+            &self.traces.scope,
+        );
+        self.traces.enqueue(span);
+    }
+}
+
+impl Traces {
+    /// Starts the export thread. `spans` is the outcome family the queue and the thread count in.
+    pub(crate) fn start(
+        config: &TraceConfig,
+        resource: TraceResource,
+        spans: &prometheus_client::metrics::family::Family<super::metrics::SpanLabels, Counter>,
+    ) -> std::io::Result<Arc<Traces>> {
+        let (queue, received) = mpsc::channel(QUEUE_SPANS);
+        let close = Arc::new(tokio::sync::Notify::new());
+        let (done, closed) = std::sync::mpsc::channel();
+        let identity = Arc::new(std::sync::OnceLock::new());
+        let export = Export {
+            endpoint: config.endpoint.clone(),
+            protocol: config.protocol,
+            resource,
+            identity: identity.clone(),
+            exported: spans.get_or_create(&SpanOutcome::exported.into()).clone(),
+            failed: spans.get_or_create(&SpanOutcome::failed.into()).clone(),
+        };
+        let signal = close.clone();
+        std::thread::Builder::new()
+            .name("otlp-export".into())
+            .spawn(move || {
+                export.run(received, &signal);
+                let _ = done.send(());
+            })?;
+        Ok(Arc::new(Traces {
+            sampler: Sampler::new(config.sampling),
+            queue,
+            scope: InstrumentationScope::builder("amazing-proxy")
+                .with_version(env!("CARGO_PKG_VERSION"))
+                .build(),
+            dropped: spans.get_or_create(&SpanOutcome::dropped.into()).clone(),
+            worker: Mutex::new(Some(Worker { close, closed })),
+            identity,
+        }))
+    }
+
+    /// Our identity, for the resource's `spiffe.id`.
+    pub(crate) fn set_identity(&self, identity: Identity) {
+        let _ = self.identity.set(identity);
+    }
+
+    /// Offers an exchange's span, when sampled.
+    pub(crate) fn export_exchange(&self, ids: &SpanIds, record: &Record<'_>) {
+        if ids.sampled {
+            self.enqueue(exchange_span(ids, record, &self.scope));
+        }
+    }
+
+    /// A tunnel's span, exported when the returned guard is dropped; none when not sampled.
+    pub(crate) fn tunnel_span(
+        self: &Arc<Self>,
+        ids: SpanIds,
+        facts: TunnelFacts,
+    ) -> Option<TunnelSpan> {
+        ids.sampled.then(|| TunnelSpan {
+            traces: self.clone(),
+            ids,
+            facts,
+        })
+    }
+
+    fn enqueue(&self, span: SpanData) {
+        if self.queue.try_send(span).is_err() {
+            self.dropped.inc();
+        }
+    }
+
+    /// Exports what is queued and stops the thread, waiting `timeout` at most.
+    pub(crate) fn close(&self, timeout: Duration) {
+        let Some(worker) = lock(&self.worker).take() else {
+            return;
+        };
+        worker.close.notify_one();
+        if worker.closed.recv_timeout(timeout).is_err() {
+            tracing::warn!("OTLP: spans still queued after {timeout:?} were not exported");
+        }
+    }
+}
+
+/// The export thread's side.
+struct Export {
+    endpoint: String,
+    protocol: OtlpProtocol,
+    resource: TraceResource,
+    identity: Arc<std::sync::OnceLock<Identity>>,
+    exported: Counter,
+    failed: Counter,
+}
+
+impl Export {
+    fn run(self, mut received: mpsc::Receiver<SpanData>, close: &tokio::sync::Notify) {
+        let runtime = match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                tracing::error!(
+                    "OTLP: cannot start the export thread's runtime ({e}); spans are dropped"
+                );
+                return;
+            }
+        };
+        runtime.block_on(async {
+            let mut exporter = match self.exporter() {
+                Ok(exporter) => exporter,
+                Err(e) => {
+                    tracing::error!(endpoint = %self.endpoint, "OTLP: cannot build the exporter ({e}); spans are dropped");
+                    return;
+                }
+            };
+            let mut resource_set = false;
+            let mut failing = false;
+            let mut batch = Vec::with_capacity(BATCH_SPANS);
+            let mut closing = false;
+            while !closing {
+                tokio::select! {
+                    span = received.recv() => match span {
+                        Some(span) => batch.push(span),
+                        None => closing = true,
+                    },
+                    () = close.notified() => closing = true,
+                }
+                // Fill the batch for EXPORT_EVERY at most (all that is queued when closing).
+                let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
+                while batch.len() < BATCH_SPANS {
+                    let next = if closing {
+                        received.try_recv().ok()
+                    } else {
+                        tokio::time::timeout_at(deadline, received.recv()).await.ok().flatten()
+                    };
+                    match next {
+                        Some(span) => batch.push(span),
+                        None => break,
+                    }
+                }
+                if batch.is_empty() {
+                    continue;
+                }
+                if !resource_set {
+                    // Set once the identity is known, or at the first batch without one.
+                    exporter.set_resource(&self.resource());
+                    resource_set = true;
+                }
+                let count = batch.len() as u64;
+                let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await;
+                match sent {
+                    Ok(Ok(())) => {
+                        self.exported.inc_by(count);
+                        if failing {
+                            tracing::info!(endpoint = %self.endpoint, "OTLP: exporting again");
+                            failing = false;
+                        }
+                    }
+                    outcome => {
+                        self.failed.inc_by(count);
+                        if !failing {
+                            let reason = match outcome {
+                                Ok(Err(e)) => e.to_string(),
+                                _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
+                            };
+                            tracing::warn!(endpoint = %self.endpoint, "OTLP: export failed ({reason}); failed spans are counted in amazing_proxy_trace_spans_total{{outcome=\"failed\"}} until it works again");
+                            failing = true;
+                        }
+                    }
+                }
+                batch.reserve(BATCH_SPANS);
+                // Leftovers when closing go in the next round.
+                closing &= received.is_empty();
+            }
+            let _ = exporter.shutdown();
+        });
+    }
+
+    fn exporter(
+        &self,
+    ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+        let builder = opentelemetry_otlp::SpanExporter::builder();
+        match self.protocol {
+            OtlpProtocol::Grpc => builder
+                .with_tonic()
+                .with_endpoint(&self.endpoint)
+                .with_timeout(EXPORT_TIMEOUT)
+                .build(),
+            OtlpProtocol::HttpProtobuf => builder
+                .with_http()
+                .with_endpoint(http_traces_url(&self.endpoint))
+                .with_timeout(EXPORT_TIMEOUT)
+                .with_headers(std::collections::HashMap::new())
+                .build(),
+        }
+    }
+
+    fn resource(&self) -> Resource {
+        let r = &self.resource;
+        let mut attributes = vec![KeyValue::new("service.namespace", "amazing-proxy")];
+        let mut add = |key: &'static str, value: Option<&String>| {
+            if let Some(value) = value {
+                attributes.push(KeyValue::new(key, value.clone()));
+            }
+        };
+        add("k8s.pod.name", r.pod.as_ref());
+        add("service.instance.id", r.pod.as_ref());
+        add("k8s.namespace.name", r.namespace.as_ref());
+        add("k8s.deployment.name", r.workload.as_ref());
+        if let Some(material) = self.identity.get().and_then(Identity::material) {
+            attributes.push(KeyValue::new("spiffe.id", material.id.to_string()));
+        }
+        Resource::builder_empty()
+            .with_service_name(r.service.clone())
+            .with_attributes(attributes)
+            .build()
+    }
+}
+
+/// OTLP/HTTP's traces path, added when the endpoint names none (as `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// is read).
+fn http_traces_url(endpoint: &str) -> String {
+    let after_scheme = endpoint
+        .split_once("://")
+        .map_or(endpoint, |(_, rest)| rest);
+    if after_scheme.trim_end_matches('/').contains('/') {
+        endpoint.to_owned()
+    } else {
+        format!("{}/v1/traces", endpoint.trim_end_matches('/'))
+    }
+}
+
+fn span_context(ids: &SpanIds) -> SpanContext {
+    SpanContext::new(
+        TraceId::from(ids.trace_id),
+        SpanId::from(ids.span_id),
+        if ids.sampled {
+            TraceFlags::SAMPLED
+        } else {
+            TraceFlags::default()
+        },
+        false,
+        TraceState::NONE,
+    )
+}
+
+/// An exchange's span, from its access-log record: named `<method> <route>` (or `<method>`), with
+/// the stable HTTP semantic conventions' attributes.
+fn exchange_span(ids: &SpanIds, record: &Record<'_>, scope: &InstrumentationScope) -> SpanData {
+    let server = record.direction == Direction::Inbound;
+    let (path, query) = record
+        .path_and_query
+        .split_once('?')
+        .unwrap_or((record.path_and_query, ""));
+    let mut attributes = Vec::with_capacity(16);
+    let mut add = |key: &'static str, value: Value| attributes.push(KeyValue::new(key, value));
+    add("http.request.method", record.method.to_owned().into());
+    add("url.scheme", record.scheme.to_owned().into());
+    add("url.path", path.to_owned().into());
+    if !query.is_empty() {
+        add("url.query", query.to_owned().into());
+    }
+    if !server {
+        add(
+            "url.full",
+            format!(
+                "{}://{}{}",
+                record.scheme, record.original_authority, record.path_and_query
+            )
+            .into(),
+        );
+    }
+    let (host, port) = split_authority(record.original_authority);
+    add("server.address", host.to_owned().into());
+    if let Some(port) = port {
+        add("server.port", Value::I64(i64::from(port)));
+    }
+    if server {
+        let client = record
+            .client
+            .rsplit_once(':')
+            .map_or(record.client, |(ip, _)| ip);
+        add(
+            "client.address",
+            client.trim_matches(['[', ']']).to_owned().into(),
+        );
+    }
+    let (peer_host, peer_port) = split_authority(record.upstream_authority);
+    add("network.peer.address", peer_host.to_owned().into());
+    if let Some(port) = peer_port {
+        add("network.peer.port", Value::I64(i64::from(port)));
+    }
+    add("network.protocol.name", "http".into());
+    add(
+        "network.protocol.version",
+        record
+            .protocol
+            .trim_start_matches("HTTP/")
+            .trim_end_matches(".0")
+            .to_owned()
+            .into(),
+    );
+    if record.status != 0 {
+        add(
+            "http.response.status_code",
+            Value::I64(i64::from(record.status)),
+        );
+    }
+    add(
+        "http.request.body.size",
+        Value::I64(saturating_i64(record.request_bytes)),
+    );
+    add(
+        "http.response.body.size",
+        Value::I64(saturating_i64(record.response_bytes)),
+    );
+    if let Some(grpc) = record.grpc_status {
+        add("rpc.grpc.status_code", Value::I64(i64::from(grpc)));
+    }
+    if let Some((route, _)) = record.route {
+        add("http.route", route.to_owned().into());
+    }
+    if let Some(peer) = record.peer {
+        add("peer.spiffe_id", peer.to_owned().into());
+    }
+    if record.request_id != "-" {
+        add(
+            "http.request.header.x-request-id",
+            Value::Array(vec![StringValue::from(record.request_id.to_owned())].into()),
+        );
+    }
+    if let Some(kind) = record.error {
+        add("error.type", kind.as_str().into());
+    }
+    // The semantic conventions: a server's 5xx, a client's 4xx and 5xx, or no response at all.
+    let failed =
+        record.error.is_some() || record.status >= 500 || (!server && record.status >= 400);
+    let status = if failed {
+        Status::Error {
+            description: record.error.map_or("", |kind| kind.as_str()).into(),
+        }
+    } else {
+        Status::Unset
+    };
+    let name = match record.route {
+        Some((route, _)) => format!("{} {route}", record.method),
+        None => record.method.to_owned(),
+    };
+    // An exchange that came in a tunnel links to the tunnel's span.
+    let links = record
+        .tunnel_traceparent
+        .and_then(|tp| parse_traceparent(tp.as_bytes()))
+        .map(|tunnel| {
+            let context = SpanContext::new(
+                TraceId::from(tunnel.trace_id),
+                SpanId::from(tunnel.span_id),
+                if tunnel.sampled == Some(true) {
+                    TraceFlags::SAMPLED
+                } else {
+                    TraceFlags::default()
+                },
+                true,
+                TraceState::NONE,
+            );
+            Link::with_context(context)
+        });
+    SpanData {
+        span_context: span_context(ids),
+        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: ids.parent_span_id.is_some(),
+        span_kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        name: name.into(),
+        start_time: record.start,
+        end_time: record.start + record.duration,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: {
+            // Non-exhaustive, with public fields.
+            let mut all = SpanLinks::default();
+            all.links.extend(links);
+            all
+        },
+        status,
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// A tunnel's span: `CONNECT`, a client span outbound and a server span inbound.
+fn tunnel_span(
+    ids: &SpanIds,
+    facts: &TunnelFacts,
+    end: SystemTime,
+    scope: &InstrumentationScope,
+) -> SpanData {
+    let server = facts.direction == Direction::Inbound;
+    let attributes = vec![
+        KeyValue::new("http.request.method", "CONNECT"),
+        KeyValue::new("server.address", facts.target.ip().to_string()),
+        KeyValue::new("server.port", i64::from(facts.target.port())),
+        KeyValue::new("network.protocol.name", "hbone"),
+        KeyValue::new("peer.spiffe_id", facts.peer.to_string()),
+    ];
+    SpanData {
+        span_context: span_context(ids),
+        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: ids.parent_span_id.is_some(),
+        span_kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        name: "CONNECT".into(),
+        start_time: facts.start,
+        end_time: end.max(facts.start),
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: SpanLinks::default(),
+        status: Status::Unset,
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// `host` and `port` of an authority (`[v6]:port` too); the whole as host when it has no port.
+fn split_authority(authority: &str) -> (&str, Option<u16>) {
+    match authority.rsplit_once(':') {
+        Some((host, port)) if !host.ends_with(':') || host.starts_with('[') => match port.parse() {
+            Ok(port) => (host.trim_matches(['[', ']']), Some(port)),
+            Err(_) => (authority, None),
+        },
+        _ => (authority, None),
+    }
+}
+
+fn saturating_i64(n: u64) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_http_endpoint_gets_the_traces_path_when_it_names_none() {
+        assert_eq!(http_traces_url("http://c:4318"), "http://c:4318/v1/traces");
+        assert_eq!(http_traces_url("http://c:4318/"), "http://c:4318/v1/traces");
+        assert_eq!(
+            http_traces_url("http://c:4318/custom"),
+            "http://c:4318/custom"
+        );
+    }
+
+    #[test]
+    fn authorities_split_into_host_and_port() {
+        assert_eq!(split_authority("198.18.0.1:80"), ("198.18.0.1", Some(80)));
+        assert_eq!(
+            split_authority("[2001:db8::1]:443"),
+            ("2001:db8::1", Some(443))
+        );
+        assert_eq!(split_authority("svc"), ("svc", None));
+        assert_eq!(split_authority("svc:http"), ("svc:http", None));
+    }
+}
