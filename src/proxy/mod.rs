@@ -74,8 +74,8 @@ impl Shared {
                 names.namespace.as_deref(),
             )
         });
-        let traces =
-            (config.traces.as_ref()).map(|(trace, names)| (trace, TraceResource::new(names)));
+        let traces = (config.traces.as_ref())
+            .map(|(trace, names)| (trace, TraceResource::new(names), connect.mark));
         let telemetry = Arc::new(Telemetry::new(config.access_log, access_log, own, traces));
         let mtls = config.mtls.as_ref().map(|mtls_config| {
             mtls(

@@ -35,18 +35,18 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// `istio`: this pod, when Istio's metrics are exported too; `traces`: where spans go, and
-    /// this pod as they name it.
+    /// `istio`: this pod, when Istio's metrics are exported too; `traces`: where spans go, this
+    /// pod as they name it, and the mark for the collector connection.
     pub(crate) fn new(
         format: crate::vocab::AccessLogFormat,
         out: Box<dyn std::io::Write + Send>,
         istio: Option<OwnWorkload>,
-        traces: Option<(&crate::settings::TraceConfig, TraceResource)>,
+        traces: Option<(&crate::settings::TraceConfig, TraceResource, Option<u32>)>,
     ) -> Self {
         let metrics = Metrics::new();
         let access_log = AccessLog::start(format, out, metrics.access_log_dropped.clone());
-        let traces = traces.and_then(|(config, resource)| {
-            Traces::start(config, resource, &metrics.trace_spans)
+        let traces = traces.and_then(|(config, resource, mark)| {
+            Traces::start(config, resource, mark, &metrics.trace_spans)
                 .inspect_err(|e| {
                     tracing::error!("cannot start the OTLP export thread ({e}); no traces");
                 })

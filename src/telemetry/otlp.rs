@@ -17,7 +17,7 @@ use opentelemetry::trace::{
     Link, SpanContext, SpanId, SpanKind, Status, TraceFlags, TraceId, TraceState,
 };
 use opentelemetry::{InstrumentationScope, KeyValue, StringValue, Value};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig as _, WithTonicConfig as _};
 use opentelemetry_sdk::Resource;
 use opentelemetry_sdk::trace::{SpanData, SpanEvents, SpanExporter as _, SpanLinks};
 use prometheus_client::metrics::counter::Counter;
@@ -117,19 +117,28 @@ impl Traces {
     pub(crate) fn start(
         config: &TraceConfig,
         resource: TraceResource,
+        mark: Option<u32>,
         spans: &prometheus_client::metrics::family::Family<super::metrics::SpanLabels, Counter>,
     ) -> std::io::Result<Arc<Traces>> {
         let (queue, received) = mpsc::channel(QUEUE_SPANS);
         let close = Arc::new(tokio::sync::Notify::new());
         let (done, closed) = std::sync::mpsc::channel();
         let identity = Arc::new(std::sync::OnceLock::new());
+        // One statement each: the family's read guard lives to the end of its statement.
+        let counter = |outcome: SpanOutcome| spans.get_or_create(&outcome.into()).clone();
+        let (exported, failed, dropped) = (
+            counter(SpanOutcome::exported),
+            counter(SpanOutcome::failed),
+            counter(SpanOutcome::dropped),
+        );
         let export = Export {
             endpoint: config.endpoint.clone(),
             protocol: config.protocol,
             resource,
             identity: identity.clone(),
-            exported: spans.get_or_create(&SpanOutcome::exported.into()).clone(),
-            failed: spans.get_or_create(&SpanOutcome::failed.into()).clone(),
+            mark,
+            exported,
+            failed,
         };
         let signal = close.clone();
         std::thread::Builder::new()
@@ -144,7 +153,7 @@ impl Traces {
             scope: InstrumentationScope::builder("amazing-proxy")
                 .with_version(env!("CARGO_PKG_VERSION"))
                 .build(),
-            dropped: spans.get_or_create(&SpanOutcome::dropped.into()).clone(),
+            dropped,
             worker: Mutex::new(Some(Worker { close, closed })),
             identity,
         }))
@@ -199,6 +208,8 @@ struct Export {
     protocol: OtlpProtocol,
     resource: TraceResource,
     identity: Arc<std::sync::OnceLock<Identity>>,
+    /// SO_MARK for the collector connection (`--proxy-mark`, when permitted).
+    mark: Option<u32>,
     exported: Counter,
     failed: Counter,
 }
@@ -269,7 +280,6 @@ impl Export {
                         }
                     }
                     outcome => {
-                        self.failed.inc_by(count);
                         if !failing {
                             let reason = match outcome {
                                 Ok(Err(e)) => e.to_string(),
@@ -278,6 +288,8 @@ impl Export {
                             tracing::warn!(endpoint = %self.endpoint, "OTLP: export failed ({reason}); failed spans are counted in amazing_proxy_trace_spans_total{{outcome=\"failed\"}} until it works again");
                             failing = true;
                         }
+                        // Counted after the warning: whoever sees the count finds the reason.
+                        self.failed.inc_by(count);
                     }
                 }
                 batch.reserve(BATCH_SPANS);
@@ -288,23 +300,33 @@ impl Export {
         });
     }
 
-    fn exporter(
-        &self,
-    ) -> Result<opentelemetry_otlp::SpanExporter, opentelemetry_otlp::ExporterBuildError> {
+    /// The exporter, connecting through [`Connector`] (marked sockets).
+    fn exporter(&self) -> Result<opentelemetry_otlp::SpanExporter, String> {
         let builder = opentelemetry_otlp::SpanExporter::builder();
-        match self.protocol {
-            OtlpProtocol::Grpc => builder
-                .with_tonic()
-                .with_endpoint(&self.endpoint)
-                .with_timeout(EXPORT_TIMEOUT)
-                .build(),
-            OtlpProtocol::HttpProtobuf => builder
-                .with_http()
-                .with_endpoint(http_traces_url(&self.endpoint))
-                .with_timeout(EXPORT_TIMEOUT)
-                .with_headers(std::collections::HashMap::new())
-                .build(),
-        }
+        let connector = Connector { mark: self.mark };
+        let built = match self.protocol {
+            OtlpProtocol::Grpc => {
+                let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
+                    .map_err(|e| e.to_string())?
+                    .timeout(EXPORT_TIMEOUT);
+                builder
+                    .with_tonic()
+                    .with_channel(endpoint.connect_with_connector_lazy(connector))
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()
+            }
+            OtlpProtocol::HttpProtobuf => {
+                let client =
+                    opentelemetry_http::hyper::HyperClient::new(connector, EXPORT_TIMEOUT, None);
+                builder
+                    .with_http()
+                    .with_http_client(client)
+                    .with_endpoint(http_traces_url(&self.endpoint))
+                    .with_timeout(EXPORT_TIMEOUT)
+                    .build()
+            }
+        };
+        built.map_err(|e| e.to_string())
     }
 
     fn resource(&self) -> Resource {
@@ -327,6 +349,86 @@ impl Export {
             .with_attributes(attributes)
             .build()
     }
+}
+
+/// Connects to the collector with the proxy's mark on the socket, as upstream connections have
+/// it, so that `init`'s rules do not send the export back into this proxy where it runs with a uid
+/// they do not exclude.
+#[derive(Clone, Debug)]
+struct Connector {
+    mark: Option<u32>,
+}
+
+/// How long connecting to the collector may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl tower_service::Service<http::Uri> for Connector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<
+        Box<dyn std::future::Future<Output = std::io::Result<Self::Response>> + Send>,
+    >;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let mark = self.mark;
+        Box::pin(async move {
+            let host = uri
+                .host()
+                .unwrap_or_default()
+                .trim_matches(['[', ']'])
+                .to_owned();
+            let port = uri.port_u16().unwrap_or(80);
+            let mut last = std::io::Error::other(format!("{host}:{port} resolves to no address"));
+            let addresses = tokio::time::timeout(
+                CONNECT_TIMEOUT,
+                tokio::net::lookup_host((host.as_str(), port)),
+            )
+            .await
+            .map_err(|_| {
+                std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    format!("resolving {host} took longer than {CONNECT_TIMEOUT:?}"),
+                )
+            })??;
+            for addr in addresses {
+                match connect_marked(addr, mark).await {
+                    Ok(stream) => return Ok(hyper_util::rt::TokioIo::new(stream)),
+                    Err(e) => last = e,
+                }
+            }
+            Err(last)
+        })
+    }
+}
+
+async fn connect_marked(
+    addr: SocketAddr,
+    mark: Option<u32>,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_nodelay(true)?;
+    if let Some(mark) = mark {
+        socket2::SockRef::from(&socket).set_mark(mark)?;
+    }
+    tokio::time::timeout(CONNECT_TIMEOUT, socket.connect(addr))
+        .await
+        .map_err(|_| {
+            std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {addr} took longer than {CONNECT_TIMEOUT:?}"),
+            )
+        })?
 }
 
 /// OTLP/HTTP's traces path, added when the endpoint names none (as `OTEL_EXPORTER_OTLP_ENDPOINT`

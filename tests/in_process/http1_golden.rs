@@ -19,6 +19,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     normalize_path: true,
     trusted_hops: 0,
     client_cert: None,
+    sampler: None,
 };
 
 /// Bytes as readable text: CRLF and LF shown escaped, each followed by a real line break.

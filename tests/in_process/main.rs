@@ -37,5 +37,6 @@ mod routes_phases;
 mod seed_httpbin;
 mod tap;
 mod top;
+mod traces;
 mod vocab_consistency;
 mod webhook_tls;

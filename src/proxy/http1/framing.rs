@@ -1096,6 +1096,103 @@ mod tests {
     }
 
     #[test]
+    fn field_names_are_recognised_whatever_their_case_and_only_whole() {
+        for field in [
+            Field::Connection,
+            Field::ContentLength,
+            Field::ContentType,
+            Field::Expect,
+            Field::Forwarded,
+            Field::GrpcStatus,
+            Field::Http2Settings,
+            Field::Host,
+            Field::KeepAlive,
+            Field::ProxyConnection,
+            Field::Server,
+            Field::Te,
+            Field::TransferEncoding,
+            Field::Upgrade,
+            Field::Via,
+            Field::XForwardedClientCert,
+            Field::XForwardedFor,
+            Field::XForwardedProto,
+            Field::XRequestId,
+            Field::Traceparent,
+            Field::B3,
+            Field::XB3TraceId,
+            Field::XB3SpanId,
+            Field::XB3Sampled,
+            Field::XB3Flags,
+        ] {
+            let name = field.name();
+            assert_eq!(Field::of(name), field, "{name}");
+            assert_eq!(Field::of(&name.to_ascii_uppercase()), field, "{name}");
+            assert_eq!(Field::of(&name.to_ascii_lowercase()), field, "{name}");
+            // Same length, one letter off.
+            let mut other = name.to_ascii_lowercase().into_bytes();
+            let last = other.len() - 1;
+            other[last] = if other[last] == b'q' { b'r' } else { b'q' };
+            let other = String::from_utf8(other).expect("ascii");
+            assert_eq!(Field::of(&other), Field::Other, "{other}");
+        }
+    }
+
+    #[test]
+    fn with_tracing_on_the_callers_traceparent_is_replaced_by_a_child_of_it() {
+        let rw = Rewrite {
+            sampler: Some(&Sampler::NEVER),
+            ..rewrite()
+        };
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let head = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\ntracestate: k=v\r\nX-Request-Id: r\r\n\r\n"
+        );
+        let (p, out) = plan_with(&head, &rw);
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!(ids.trace_id, 0x0af7651916cd43dd8448eb211c80319c);
+        assert_eq!(ids.parent_span_id, Some(0xb7ad6b7169203331));
+        assert!(ids.sampled, "the caller's decision is kept");
+        let ours = ids.traceparent_string();
+        assert_eq!(
+            out,
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\ntracestate: k=v\r\n{}",
+                tail(&String::new(), "r").replace("Via:", &format!("traceparent: {ours}\r\nVia:"))
+            )
+        );
+        // Without a caller's context: a new trace, sampled by the ratio.
+        let (p, out) = plan_with("GET / HTTP/1.1\r\nHost: a\r\n\r\n", &rw);
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!((ids.parent_span_id, ids.sampled), (None, false));
+        assert!(out.contains(&format!("traceparent: {}\r\n", ids.traceparent_string())));
+        // B3 is read, and passed on as it came.
+        let b3 = "GET / HTTP/1.1\r\nHost: a\r\nX-B3-TraceId: 80f198ee56343ba864fe8b2a57d3eff7\r\nX-B3-SpanId: e457b5a2e4d86bd1\r\nX-B3-Sampled: 1\r\n\r\n";
+        let (p, out) = plan_with(b3, &rw);
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!(ids.trace_id, 0x80f198ee56343ba864fe8b2a57d3eff7);
+        assert_eq!(ids.parent_span_id, Some(0xe457b5a2e4d86bd1));
+        assert!(ids.sampled);
+        assert!(out.contains("X-B3-SpanId: e457b5a2e4d86bd1\r\n"), "{out}");
+        // Two traceparents: neither is believed; neither is passed on.
+        let twice = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\ntraceparent: {caller}\r\n\r\n"
+        );
+        let (p, out) = plan_with(&twice, &rw);
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!(ids.parent_span_id, None);
+        assert_eq!(out.matches("traceparent").count(), 1, "{out}");
+    }
+
+    #[test]
+    fn with_tracing_off_trace_context_passes_untouched() {
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+        let head = format!("GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\n\r\n");
+        let (p, out) = plan(&head);
+        assert!(p.trace.is_none());
+        assert!(out.contains(&format!("traceparent: {caller}\r\n")), "{out}");
+    }
+
+    #[test]
     fn request_head_is_rewritten_for_the_app() {
         let head = "GET /get?query=param HTTP/1.1\r\nHost: pod\r\nConnection: keep-alive, X-Secret\r\nX-Secret: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\ntraceparent: 00-1-2-01\r\nX-Request-Id: given\r\n\r\n";
         let (p, out) = plan(&format!("{head}NEXT"));
