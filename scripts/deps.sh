@@ -12,7 +12,8 @@
 #                                 system service), tcpdump (the mTLS test's capture), tmux
 #                                 (the terminal `top` is tested in), prometheus (it scrapes
 #                                 --metrics-compat istio), and
-#                                 kubernetes-validate, grpcio and h2 (the routes tests) in the venv
+#                                 kubernetes-validate, grpcio and h2 (the routes tests) and
+#                                 opentelemetry-proto (the traces test's receiver) in the venv
 # Servers that this script installs are neither started nor left enabled at boot: packages are
 # installed under a policy-rc.d that forbids starting services (unless the machine already has
 # one), and their services are disabled afterwards (systemctl, or update-rc.d without systemd).
@@ -84,9 +85,11 @@ fi
 
 venv="$root/target/venv"
 modules=(httpbin gunicorn); wheels=(httpbin==0.10.4 Flask==3.1.3 Werkzeug==3.1.9 gunicorn==27.0.1)
-# The routes tests' endpoints and apps (tests/fixtures/routes_apps): grpcio for gRPC, h2 for h2c.
+# The routes tests' endpoints and apps (tests/fixtures/routes_apps): grpcio for gRPC, h2 for h2c;
+# opentelemetry-proto for the traces test's OTLP receiver (tests/fixtures/otlp_receiver.py).
 if [ $tests -eq 1 ]; then
-  modules+=(kubernetes_validate grpc h2); wheels+=(kubernetes-validate==1.37.0 grpcio==1.76.0 h2==4.3.0)
+  modules+=(kubernetes_validate grpc h2 opentelemetry.proto)
+  wheels+=(kubernetes-validate==1.37.0 grpcio==1.76.0 h2==4.3.0 opentelemetry-proto==1.45.2 protobuf==7.36.2)
 fi
 if ! "$venv/bin/python" -c "import $(IFS=,; echo "${modules[*]}")" 2>/dev/null; then
   echo "deps: pip install into $venv: ${wheels[*]}" >&2

@@ -18,7 +18,7 @@ use crate::error::ErrorKind;
 use crate::telemetry::Telemetry;
 use crate::telemetry::access_log::Record;
 use crate::telemetry::metrics::{Direction, MethodLabel};
-use crate::telemetry::trace::SpanIds;
+use crate::telemetry::trace::{Parent, SpanIds};
 
 /// What every request on one client connection shares.
 pub struct ConnContext {
@@ -48,6 +48,8 @@ pub struct ConnContext {
     pub tunnel_traceparent: Option<String>,
     /// What that tunnel's `baggage` said of the peer's workload (for Istio's metrics).
     pub peer_workload: Option<Arc<PeerWorkload>>,
+    /// The tunnel's own span (sampled), parent of the requests in it that name none.
+    pub tunnel_parent: Option<Parent>,
 }
 
 impl ConnContext {
@@ -74,6 +76,7 @@ impl ConnContext {
             peer_id: None,
             tunnel_traceparent: None,
             peer_workload: None,
+            tunnel_parent: None,
         }
     }
 }

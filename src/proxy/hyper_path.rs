@@ -308,7 +308,10 @@ fn request_rules(
     );
     // The trace phase: this exchange's span, a child of the caller's; the app (or the next
     // hop) sees ours as its parent.
-    let trace = (shared.telemetry).start_span(|| ParentFields::from_headers(&parts.headers));
+    let trace = (shared.telemetry).start_span(|| ParentFields {
+        tunnel: conn.tunnel_parent,
+        ..ParentFields::from_headers(&parts.headers)
+    });
     if let Some(ids) = &trace
         && let Ok(value) = HeaderValue::from_bytes(&ids.traceparent())
     {

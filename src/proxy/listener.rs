@@ -347,6 +347,7 @@ async fn serve_tunnelled<I>(
     ctx.peer_id = route.peer_id;
     ctx.tunnel_traceparent = route.tunnel_traceparent;
     ctx.peer_workload = route.peer_workload;
+    ctx.tunnel_parent = route.tunnel_parent;
     let http2 = detected == Detected::Http2;
     Box::pin(serve_hyper(
         shared.clone(),
@@ -462,6 +463,7 @@ async fn serve_connection(
             peer_id: None,
             tunnel_traceparent: None,
             peer_workload: None,
+            tunnel_parent: None,
         };
         // Boxed, like the hyper path below: a connection's task is as large as its largest
         // state, and the fast path's idle connections should not pay for the others.

@@ -3,6 +3,7 @@
 //! The bytes move with splice(2) (`splice`, zero-copy); the user-space copy below is the fallback
 //! when no pipes can be had.
 
+use crate::telemetry::trace::Parent;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -38,6 +39,9 @@ pub(crate) struct Route {
     pub(crate) tunnel_traceparent: Option<String>,
     /// What an inbound tunnel's `baggage` said of the peer's workload.
     pub(crate) peer_workload: Option<Arc<PeerWorkload>>,
+    /// An inbound tunnel's own span, when tracing sampled it: the parent of the requests in it
+    /// that name none.
+    pub(crate) tunnel_parent: Option<Parent>,
 }
 
 /// Relays until both sides are done, or until no byte moved either way for --tcp-idle-timeout.

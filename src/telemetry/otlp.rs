@@ -100,6 +100,17 @@ pub struct TunnelSpan {
     facts: TunnelFacts,
 }
 
+impl TunnelSpan {
+    /// This span as the parent of what travels in the tunnel.
+    pub(crate) fn as_parent(&self) -> super::trace::Parent {
+        super::trace::Parent {
+            trace_id: self.ids.trace_id,
+            span_id: self.ids.span_id,
+            sampled: Some(self.ids.sampled),
+        }
+    }
+}
+
 impl Drop for TunnelSpan {
     fn drop(&mut self) {
         let span = tunnel_span(
@@ -331,7 +342,7 @@ impl Export {
 
     fn resource(&self) -> Resource {
         let r = &self.resource;
-        let mut attributes = vec![KeyValue::new("service.namespace", "amazing-proxy")];
+        let mut attributes = Vec::new();
         let mut add = |key: &'static str, value: Option<&String>| {
             if let Some(value) = value {
                 attributes.push(KeyValue::new(key, value.clone()));
@@ -462,6 +473,67 @@ fn span_context(ids: &SpanIds) -> SpanContext {
 /// the stable HTTP semantic conventions' attributes.
 fn exchange_span(ids: &SpanIds, record: &Record<'_>, scope: &InstrumentationScope) -> SpanData {
     let server = record.direction == Direction::Inbound;
+    let attributes = exchange_attributes(record, server);
+    // The semantic conventions: a server's 5xx, a client's 4xx and 5xx, or no response at all.
+    let failed =
+        record.error.is_some() || record.status >= 500 || (!server && record.status >= 400);
+    let status = if failed {
+        Status::Error {
+            description: record.error.map_or("", |kind| kind.as_str()).into(),
+        }
+    } else {
+        Status::Unset
+    };
+    let name = match record.route {
+        Some((route, _)) => format!("{} {route}", record.method),
+        None => record.method.to_owned(),
+    };
+    // An exchange that came in a tunnel links to the tunnel's span.
+    let links = record
+        .tunnel_traceparent
+        .and_then(|tp| parse_traceparent(tp.as_bytes()))
+        .map(|tunnel| {
+            let context = SpanContext::new(
+                TraceId::from(tunnel.trace_id),
+                SpanId::from(tunnel.span_id),
+                if tunnel.sampled == Some(true) {
+                    TraceFlags::SAMPLED
+                } else {
+                    TraceFlags::default()
+                },
+                true,
+                TraceState::NONE,
+            );
+            Link::with_context(context)
+        });
+    SpanData {
+        span_context: span_context(ids),
+        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
+        parent_span_is_remote: ids.parent_span_id.is_some(),
+        span_kind: if server {
+            SpanKind::Server
+        } else {
+            SpanKind::Client
+        },
+        name: name.into(),
+        start_time: record.start,
+        end_time: record.start + record.duration,
+        attributes,
+        dropped_attributes_count: 0,
+        events: SpanEvents::default(),
+        links: {
+            // Non-exhaustive, with public fields.
+            let mut all = SpanLinks::default();
+            all.links.extend(links);
+            all
+        },
+        status,
+        instrumentation_scope: scope.clone(),
+    }
+}
+
+/// The stable HTTP semantic conventions' attributes of an exchange, and ours.
+fn exchange_attributes(record: &Record<'_>, server: bool) -> Vec<KeyValue> {
     let (path, query) = record
         .path_and_query
         .split_once('?')
@@ -546,62 +618,7 @@ fn exchange_span(ids: &SpanIds, record: &Record<'_>, scope: &InstrumentationScop
     if let Some(kind) = record.error {
         add("error.type", kind.as_str().into());
     }
-    // The semantic conventions: a server's 5xx, a client's 4xx and 5xx, or no response at all.
-    let failed =
-        record.error.is_some() || record.status >= 500 || (!server && record.status >= 400);
-    let status = if failed {
-        Status::Error {
-            description: record.error.map_or("", |kind| kind.as_str()).into(),
-        }
-    } else {
-        Status::Unset
-    };
-    let name = match record.route {
-        Some((route, _)) => format!("{} {route}", record.method),
-        None => record.method.to_owned(),
-    };
-    // An exchange that came in a tunnel links to the tunnel's span.
-    let links = record
-        .tunnel_traceparent
-        .and_then(|tp| parse_traceparent(tp.as_bytes()))
-        .map(|tunnel| {
-            let context = SpanContext::new(
-                TraceId::from(tunnel.trace_id),
-                SpanId::from(tunnel.span_id),
-                if tunnel.sampled == Some(true) {
-                    TraceFlags::SAMPLED
-                } else {
-                    TraceFlags::default()
-                },
-                true,
-                TraceState::NONE,
-            );
-            Link::with_context(context)
-        });
-    SpanData {
-        span_context: span_context(ids),
-        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
-        parent_span_is_remote: ids.parent_span_id.is_some(),
-        span_kind: if server {
-            SpanKind::Server
-        } else {
-            SpanKind::Client
-        },
-        name: name.into(),
-        start_time: record.start,
-        end_time: record.start + record.duration,
-        attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: {
-            // Non-exhaustive, with public fields.
-            let mut all = SpanLinks::default();
-            all.links.extend(links);
-            all
-        },
-        status,
-        instrumentation_scope: scope.clone(),
-    }
+    attributes
 }
 
 /// A tunnel's span: `CONNECT`, a client span outbound and a server span inbound.

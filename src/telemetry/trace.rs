@@ -36,6 +36,8 @@ pub struct ParentFields<'a> {
     pub x_b3_span_id: Option<&'a [u8]>,
     pub x_b3_sampled: Option<&'a [u8]>,
     pub x_b3_flags: Option<&'a [u8]>,
+    /// The parent when the fields name none: the span of the tunnel the request came in.
+    pub tunnel: Option<Parent>,
 }
 
 impl ParentFields<'_> {
@@ -49,6 +51,10 @@ impl ParentFields<'_> {
         if let Some(parent) = self.b3.and_then(parse_b3) {
             return Some(parent);
         }
+        self.multi_b3().or(self.tunnel)
+    }
+
+    fn multi_b3(&self) -> Option<Parent> {
         let trace_id = parse_b3_trace_id(self.x_b3_trace_id?)?;
         let span_id = parse_hex_u64(self.x_b3_span_id?)?;
         // `X-B3-Flags: 1` is debug, which implies sampled.
@@ -80,6 +86,7 @@ impl<'a> ParentFields<'a> {
             x_b3_span_id: one(X_B3_SPAN_ID),
             x_b3_sampled: one(X_B3_SAMPLED),
             x_b3_flags: one(X_B3_FLAGS),
+            tunnel: None,
         }
     }
 }

@@ -16,3 +16,4 @@ mod istio_metrics;
 mod mtls;
 mod resilience;
 mod routes;
+mod traces;

@@ -26,8 +26,9 @@ pub struct Mesh {
     pub b_ip: Ipv4Addr,
 }
 
-/// A /30 of 198.18.0.0/15 from the pid (the namespaces are private, so a clash would be harmless).
-fn addresses() -> [Ipv4Addr; 2] {
+/// A /30 of 198.18.0.0/15 from the pid (the namespaces are private, so a clash would be harmless):
+/// pods A and B of every mesh this process starts, known before it starts.
+pub fn addresses() -> [Ipv4Addr; 2] {
     let base = u32::from(Ipv4Addr::new(198, 18, 0, 0)) + (std::process::id() % 32768) * 4;
     [base + 1, base + 2].map(Ipv4Addr::from)
 }

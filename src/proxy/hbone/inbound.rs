@@ -37,7 +37,7 @@ use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
 use crate::telemetry::metrics::Direction;
-use crate::telemetry::otlp::TunnelFacts;
+use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
 use crate::telemetry::trace::parse_traceparent;
 
 /// The longest a TLS handshake may take (or --header-timeout when shorter): a peer that connects
@@ -306,7 +306,8 @@ where
     drop(in_flight);
     let upgrade = hyper::upgrade::on(&mut req);
     metrics.count_hbone_stream(Direction::Inbound, &peer);
-    // The tunnel's span: a child of the peer's, ending with the stream.
+    // The tunnel's span: a child of the peer's, ending with the stream; when sampled, the
+    // parent of the requests in it that name none.
     let span = shared.telemetry.traces.as_ref().and_then(|traces| {
         let parent = traceparent
             .as_deref()
@@ -319,6 +320,7 @@ where
         };
         traces.tunnel_span(traces.sampler.start(parent), facts)
     });
+    let tunnel_parent = span.as_ref().map(TunnelSpan::as_parent);
     let route = Route {
         client,
         dialled: target,
@@ -328,6 +330,7 @@ where
         peer_id: Some(peer_id),
         tunnel_traceparent: traceparent,
         peer_workload,
+        tunnel_parent,
     };
     tokio::spawn(async move {
         let _mark = mark;

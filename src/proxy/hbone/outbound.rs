@@ -337,6 +337,7 @@ pub(crate) async fn forward(
         peer_id: None,
         tunnel_traceparent: None,
         peer_workload: None,
+        tunnel_parent: None,
     };
     match mtls
         .pool

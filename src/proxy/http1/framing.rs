@@ -1157,7 +1157,7 @@ mod tests {
             out,
             format!(
                 "GET / HTTP/1.1\r\nHost: a\r\ntracestate: k=v\r\n{}",
-                tail(&String::new(), "r").replace("Via:", &format!("traceparent: {ours}\r\nVia:"))
+                tail("", "r").replace("Via:", &format!("traceparent: {ours}\r\nVia:"))
             )
         );
         // Without a caller's context: a new trace, sampled by the ratio.
