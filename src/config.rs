@@ -345,8 +345,8 @@ pub struct RunArgs {
     pub(crate) metrics_compat: vocab::MetricsCompat,
 
     /// This pod's workload (its Deployment's name, say), for Istio's metrics (`--metrics-compat
-    /// istio`) and the HBONE `baggage` (`k8s.deployment.name`), so that peers name it the same;
-    /// without it, the pod's name without what its controller added.
+    /// istio`), the spans' `service.name` and the HBONE `baggage` (`k8s.deployment.name`), so that
+    /// peers name it the same; without it, the pod's name without what its controller added.
     #[arg(long, env = "AMAZING_PROXY_WORKLOAD_NAME")]
     pub(crate) workload_name: Option<String>,
 
