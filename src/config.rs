@@ -353,13 +353,13 @@ pub struct RunArgs {
     /// Export a span per exchange and per HBONE tunnel to this OpenTelemetry collector
     /// (`http://host:4317` for gRPC, `http://host:4318` for HTTP/protobuf); no traces without it
     /// (docs/observability.md).
-    #[arg(long, env = "OTEL_EXPORTER_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
+    #[arg(long, env = "AMAZING_PROXY_OTLP_ENDPOINT", value_parser = parse_otlp_endpoint)]
     pub(crate) otlp_endpoint: Option<String>,
 
     /// How spans travel to --otlp-endpoint.
     #[arg(
         long,
-        env = "OTEL_EXPORTER_OTLP_PROTOCOL",
+        env = "AMAZING_PROXY_OTLP_PROTOCOL",
         value_enum,
         default_value = "grpc"
     )]

@@ -312,10 +312,15 @@ fn request_rules(
         tunnel: conn.tunnel_parent,
         ..ParentFields::from_headers(&parts.headers)
     });
-    if let Some(ids) = &trace
-        && let Ok(value) = HeaderValue::from_bytes(&ids.traceparent())
-    {
-        parts.headers.insert(trace::TRACEPARENT, value);
+    if let Some(ids) = &trace {
+        // The caller's tracestate goes on only with the W3C trace it belongs to.
+        let w3c = ParentFields::from_headers(&parts.headers).traceparent;
+        if w3c.and_then(trace::parse_traceparent).is_none() {
+            parts.headers.remove(trace::TRACESTATE);
+        }
+        if let Ok(value) = HeaderValue::from_bytes(&ids.traceparent()) {
+            parts.headers.insert(trace::TRACEPARENT, value);
+        }
     }
     Ruled {
         trace,

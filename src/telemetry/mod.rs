@@ -95,7 +95,7 @@ impl Telemetry {
         parent: impl FnOnce() -> ParentFields<'a>,
     ) -> Option<SpanIds> {
         let traces = self.traces.as_ref()?;
-        Some(traces.sampler.start(parent().parent()))
+        Some(traces.sampler.start_for(&parent()))
     }
 
     /// Logs the record, and offers it to the live stream's readers.

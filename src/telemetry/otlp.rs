@@ -6,7 +6,7 @@
 //! "dropped"}`), never waited for. An export thread of its own (with its own small runtime, as the
 //! admin server has) takes batches of up to [`BATCH_SPANS`] every [`EXPORT_EVERY`] and sends them,
 //! each export bounded by [`EXPORT_TIMEOUT`]; a failed batch is counted and not retried (the
-//! collector's outage must not grow our memory).
+//! exporter's own retries are turned off: a collector's outage must not hold spans).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -31,9 +31,16 @@ use crate::identity::source::Identity;
 use crate::settings::{OtlpProtocol, PodNames, TraceConfig};
 use crate::sync::lock;
 
-/// Spans waiting for export at most: about 2 MiB.
+/// Spans waiting for export at most. A span's values from the request are cut to
+/// [`MAX_VALUE_BYTES`], so a span is a few KiB at most and the queue some MiB (a client that asks
+/// for every request of its own to be sampled fills it with spans of its own, and pushes others'
+/// out: they are counted as dropped).
 pub const QUEUE_SPANS: usize = 2048;
-/// Spans per export at most (the OpenTelemetry SDK's default).
+/// The longest attribute value taken from a request (method, path, query, URL, request id), as
+/// the SDK's attribute length limit would cut it.
+pub const MAX_VALUE_BYTES: usize = 1024;
+/// Spans per export at most (the OpenTelemetry SDK's default; with values cut, well under a
+/// collector's usual 4 MiB message limit).
 pub const BATCH_SPANS: usize = 512;
 /// How long a span waits for its batch to fill at most.
 pub const EXPORT_EVERY: Duration = Duration::from_secs(1);
@@ -226,7 +233,7 @@ struct Export {
 }
 
 impl Export {
-    fn run(self, mut received: mpsc::Receiver<SpanData>, close: &tokio::sync::Notify) {
+    fn run(self, received: mpsc::Receiver<SpanData>, close: &tokio::sync::Notify) {
         let runtime = match tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -240,18 +247,29 @@ impl Export {
             }
         };
         runtime.block_on(async {
-            let mut exporter = match self.exporter() {
-                Ok(exporter) => exporter,
+            match self.exporter() {
+                Ok(exporter) => self.export_loop(exporter, received, close).await,
                 Err(e) => {
                     tracing::error!(endpoint = %self.endpoint, "OTLP: cannot build the exporter ({e}); spans are dropped");
-                    return;
                 }
-            };
-            let mut resource_set = false;
-            let mut failing = false;
-            let mut batch = Vec::with_capacity(BATCH_SPANS);
-            let mut closing = false;
-            while !closing {
+            }
+        });
+    }
+
+    /// Batches until closed: at most BATCH_SPANS, waiting EXPORT_EVERY at most for a batch to
+    /// fill; once closing, what is queued goes out and the loop ends.
+    async fn export_loop(
+        &self,
+        mut exporter: opentelemetry_otlp::SpanExporter,
+        mut received: mpsc::Receiver<SpanData>,
+        close: &tokio::sync::Notify,
+    ) {
+        let mut identity_in_resource = false;
+        let mut failing = false;
+        let mut batch = Vec::with_capacity(BATCH_SPANS);
+        let mut closing = false;
+        loop {
+            if !closing {
                 tokio::select! {
                     span = received.recv() => match span {
                         Some(span) => batch.push(span),
@@ -259,62 +277,82 @@ impl Export {
                     },
                     () = close.notified() => closing = true,
                 }
-                // Fill the batch for EXPORT_EVERY at most (all that is queued when closing).
-                let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
-                while batch.len() < BATCH_SPANS {
-                    let next = if closing {
-                        received.try_recv().ok()
-                    } else {
-                        tokio::time::timeout_at(deadline, received.recv()).await.ok().flatten()
-                    };
-                    match next {
-                        Some(span) => batch.push(span),
-                        None => break,
-                    }
-                }
-                if batch.is_empty() {
-                    continue;
-                }
-                if !resource_set {
-                    // Set once the identity is known, or at the first batch without one.
-                    exporter.set_resource(&self.resource());
-                    resource_set = true;
-                }
-                let count = batch.len() as u64;
-                let sent = tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(std::mem::take(&mut batch))).await;
-                match sent {
-                    Ok(Ok(())) => {
-                        self.exported.inc_by(count);
-                        if failing {
-                            tracing::info!(endpoint = %self.endpoint, "OTLP: exporting again");
-                            failing = false;
-                        }
-                    }
-                    outcome => {
-                        if !failing {
-                            let reason = match outcome {
-                                Ok(Err(e)) => e.to_string(),
-                                _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
-                            };
-                            tracing::warn!(endpoint = %self.endpoint, "OTLP: export failed ({reason}); failed spans are counted in amazing_proxy_trace_spans_total{{outcome=\"failed\"}} until it works again");
-                            failing = true;
-                        }
-                        // Counted after the warning: whoever sees the count finds the reason.
-                        self.failed.inc_by(count);
-                    }
-                }
-                batch.reserve(BATCH_SPANS);
-                // Leftovers when closing go in the next round.
-                closing &= received.is_empty();
             }
-            let _ = exporter.shutdown();
-        });
+            let deadline = tokio::time::Instant::now() + EXPORT_EVERY;
+            while batch.len() < BATCH_SPANS {
+                let next = if closing {
+                    received.try_recv().ok()
+                } else {
+                    (tokio::time::timeout_at(deadline, received.recv()).await)
+                        .ok()
+                        .flatten()
+                };
+                match next {
+                    Some(span) => batch.push(span),
+                    None => break,
+                }
+            }
+            if batch.is_empty() {
+                if closing {
+                    break;
+                }
+                continue;
+            }
+            // Set at the first batch, and again once the identity (which may load late) is known.
+            if !identity_in_resource {
+                let (resource, has_identity) = self.resource();
+                exporter.set_resource(&resource);
+                identity_in_resource = has_identity;
+            }
+            self.send(&exporter, std::mem::take(&mut batch), &mut failing)
+                .await;
+            batch.reserve(BATCH_SPANS);
+        }
+        let _ = exporter.shutdown();
+    }
+
+    /// One export, bounded by EXPORT_TIMEOUT, counted; a failure is logged when it starts.
+    async fn send(
+        &self,
+        exporter: &opentelemetry_otlp::SpanExporter,
+        batch: Vec<SpanData>,
+        failing: &mut bool,
+    ) {
+        let count = batch.len() as u64;
+        match tokio::time::timeout(EXPORT_TIMEOUT, exporter.export(batch)).await {
+            Ok(Ok(())) => {
+                self.exported.inc_by(count);
+                if *failing {
+                    tracing::info!(endpoint = %self.endpoint, "OTLP: exporting again");
+                    *failing = false;
+                }
+            }
+            outcome => {
+                if !*failing {
+                    let reason = match outcome {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {EXPORT_TIMEOUT:?}"),
+                    };
+                    tracing::warn!(endpoint = %self.endpoint, "OTLP: export failed ({reason}); failed spans are counted in amazing_proxy_trace_spans_total{{outcome=\"failed\"}} until it works again");
+                    *failing = true;
+                }
+                // Counted after the warning: whoever sees the count finds the reason.
+                self.failed.inc_by(count);
+            }
+        }
     }
 
     /// The exporter, connecting through [`Connector`] (marked sockets).
     fn exporter(&self) -> Result<opentelemetry_otlp::SpanExporter, String> {
         let builder = opentelemetry_otlp::SpanExporter::builder();
-        let connector = Connector { mark: self.mark };
+        let resolver = (hickory_resolver::Resolver::builder_tokio())
+            .and_then(hickory_resolver::ResolverBuilder::build)
+            .inspect_err(|e| tracing::debug!("OTLP: no DNS resolver ({e}); IP addresses only"))
+            .ok();
+        let connector = Connector {
+            mark: self.mark,
+            resolver,
+        };
         let built = match self.protocol {
             OtlpProtocol::Grpc => {
                 let endpoint = tonic::transport::Endpoint::from_shared(self.endpoint.clone())
@@ -323,6 +361,7 @@ impl Export {
                 builder
                     .with_tonic()
                     .with_channel(endpoint.connect_with_connector_lazy(connector))
+                    .with_retry_policy(no_retries())
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()
             }
@@ -332,6 +371,7 @@ impl Export {
                 builder
                     .with_http()
                     .with_http_client(client)
+                    .with_retry_policy(no_retries())
                     .with_endpoint(http_traces_url(&self.endpoint))
                     .with_timeout(EXPORT_TIMEOUT)
                     .build()
@@ -340,7 +380,8 @@ impl Export {
         built.map_err(|e| e.to_string())
     }
 
-    fn resource(&self) -> Resource {
+    /// The resource, and whether it names our identity yet.
+    fn resource(&self) -> (Resource, bool) {
         let r = &self.resource;
         let mut attributes = Vec::new();
         let mut add = |key: &'static str, value: Option<&String>| {
@@ -352,22 +393,33 @@ impl Export {
         add("service.instance.id", r.pod.as_ref());
         add("k8s.namespace.name", r.namespace.as_ref());
         add("k8s.deployment.name", r.workload.as_ref());
-        if let Some(material) = self.identity.get().and_then(Identity::material) {
+        let material = self.identity.get().and_then(Identity::material);
+        if let Some(material) = &material {
             attributes.push(KeyValue::new("spiffe.id", material.id.to_string()));
         }
-        Resource::builder_empty()
+        let resource = Resource::builder_empty()
             .with_service_name(r.service.clone())
             .with_attributes(attributes)
-            .build()
+            .build();
+        (resource, material.is_some())
     }
 }
 
 /// Connects to the collector with the proxy's mark on the socket, as upstream connections have
 /// it, so that `init`'s rules do not send the export back into this proxy where it runs with a uid
 /// they do not exclude.
-#[derive(Clone, Debug)]
+#[derive(Clone)]
 struct Connector {
     mark: Option<u32>,
+    resolver: Option<hickory_resolver::TokioResolver>,
+}
+
+impl std::fmt::Debug for Connector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connector")
+            .field("mark", &self.mark)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How long connecting to the collector may take.
@@ -388,7 +440,7 @@ impl tower_service::Service<http::Uri> for Connector {
     }
 
     fn call(&mut self, uri: http::Uri) -> Self::Future {
-        let mark = self.mark;
+        let (mark, resolver) = (self.mark, self.resolver.clone());
         Box::pin(async move {
             let host = uri
                 .host()
@@ -396,26 +448,40 @@ impl tower_service::Service<http::Uri> for Connector {
                 .trim_matches(['[', ']'])
                 .to_owned();
             let port = uri.port_u16().unwrap_or(80);
-            let mut last = std::io::Error::other(format!("{host}:{port} resolves to no address"));
-            let addresses = tokio::time::timeout(
-                CONNECT_TIMEOUT,
-                tokio::net::lookup_host((host.as_str(), port)),
-            )
-            .await
-            .map_err(|_| {
-                std::io::Error::new(
-                    std::io::ErrorKind::TimedOut,
-                    format!("resolving {host} took longer than {CONNECT_TIMEOUT:?}"),
-                )
-            })??;
-            for addr in addresses {
-                match connect_marked(addr, mark).await {
+            let ips: Vec<std::net::IpAddr> = match host.parse() {
+                Ok(ip) => vec![ip],
+                Err(_) => resolve(resolver.as_ref(), &host).await?,
+            };
+            let mut last = std::io::Error::other(format!("{host} resolves to no address"));
+            for ip in ips {
+                match connect_marked(SocketAddr::new(ip, port), mark).await {
                     Ok(stream) => return Ok(hyper_util::rt::TokioIo::new(stream)),
                     Err(e) => last = e,
                 }
             }
             Err(last)
         })
+    }
+}
+
+/// The collector's addresses, through the pod's /etc/resolv.conf (hickory: the static binary has
+/// no NSS for getaddrinfo to load).
+async fn resolve(
+    resolver: Option<&hickory_resolver::TokioResolver>,
+    host: &str,
+) -> std::io::Result<Vec<std::net::IpAddr>> {
+    let resolver = resolver.ok_or_else(|| {
+        std::io::Error::other(format!(
+            "cannot resolve {host}: no DNS resolver (/etc/resolv.conf unreadable); give the collector's IP address"
+        ))
+    })?;
+    match tokio::time::timeout(CONNECT_TIMEOUT, resolver.lookup_ip(host)).await {
+        Ok(Ok(found)) => Ok(found.iter().collect()),
+        Ok(Err(e)) => Err(std::io::Error::other(format!("cannot resolve {host}: {e}"))),
+        Err(_) => Err(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!("resolving {host} took longer than {CONNECT_TIMEOUT:?}"),
+        )),
     }
 }
 
@@ -442,8 +508,14 @@ async fn connect_marked(
         })?
 }
 
-/// OTLP/HTTP's traces path, added when the endpoint names none (as `OTEL_EXPORTER_OTLP_ENDPOINT`
-/// is read).
+/// A failed batch is not sent again: the next batch is already waiting, and a collector's
+/// outage must not hold spans (or the export thread) longer than one export's bound.
+fn no_retries() -> opentelemetry_otlp::RetryPolicy {
+    opentelemetry_otlp::RetryPolicy::default().with_max_retries(0)
+}
+
+/// OTLP/HTTP's traces path, added when the endpoint names none (a URL with a path is taken as
+/// the traces URL, as `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is).
 fn http_traces_url(endpoint: &str) -> String {
     let after_scheme = endpoint
         .split_once("://")
@@ -540,19 +612,19 @@ fn exchange_attributes(record: &Record<'_>, server: bool) -> Vec<KeyValue> {
         .unwrap_or((record.path_and_query, ""));
     let mut attributes = Vec::with_capacity(16);
     let mut add = |key: &'static str, value: Value| attributes.push(KeyValue::new(key, value));
-    add("http.request.method", record.method.to_owned().into());
+    add("http.request.method", cut(record.method).into());
     add("url.scheme", record.scheme.to_owned().into());
-    add("url.path", path.to_owned().into());
+    add("url.path", cut(path).into());
     if !query.is_empty() {
-        add("url.query", query.to_owned().into());
+        add("url.query", cut(query).into());
     }
     if !server {
         add(
             "url.full",
-            format!(
+            cut(&format!(
                 "{}://{}{}",
                 record.scheme, record.original_authority, record.path_and_query
-            )
+            ))
             .into(),
         );
     }
@@ -612,7 +684,7 @@ fn exchange_attributes(record: &Record<'_>, server: bool) -> Vec<KeyValue> {
     if record.request_id != "-" {
         add(
             "http.request.header.x-request-id",
-            Value::Array(vec![StringValue::from(record.request_id.to_owned())].into()),
+            Value::Array(vec![StringValue::from(cut(record.request_id))].into()),
         );
     }
     if let Some(kind) = record.error {
@@ -668,6 +740,15 @@ fn split_authority(authority: &str) -> (&str, Option<u16>) {
     }
 }
 
+/// `value`, cut to [`MAX_VALUE_BYTES`] at a character boundary.
+fn cut(value: &str) -> String {
+    let mut end = value.len().min(MAX_VALUE_BYTES);
+    while !value.is_char_boundary(end) {
+        end -= 1;
+    }
+    value[..end].to_owned()
+}
+
 fn saturating_i64(n: u64) -> i64 {
     i64::try_from(n).unwrap_or(i64::MAX)
 }
@@ -684,6 +765,14 @@ mod tests {
             http_traces_url("http://c:4318/custom"),
             "http://c:4318/custom"
         );
+    }
+
+    #[test]
+    fn values_from_the_request_are_cut_at_a_character_boundary() {
+        assert_eq!(cut("short"), "short");
+        assert_eq!(cut(&"a".repeat(5000)).len(), MAX_VALUE_BYTES);
+        let multi = format!("{}é", "a".repeat(MAX_VALUE_BYTES - 1));
+        assert_eq!(cut(&multi), "a".repeat(MAX_VALUE_BYTES - 1));
     }
 
     #[test]

@@ -3,10 +3,11 @@
 //! and exported by [`super::otlp`].
 //!
 //! Sampling is parent-based, as Envoy's, Linkerd's and the OpenTelemetry SDK's default is: a
-//! parent's decision is kept (a hostile client can ask for its requests to be sampled; the export
-//! queue is bounded, so that costs it nothing but its own spans), and a trace this proxy starts is
-//! sampled when its id falls under the ratio (the SDK's `TraceIdRatioBased` rule, so that every hop
-//! that starts from the same id decides the same way).
+//! parent's decision is kept (a hostile client can ask for all its requests to be sampled: the
+//! export queue is bounded, so that costs memory only up to its bound, but the client's spans can
+//! push others' out, which are counted as dropped), and a trace this proxy starts is sampled when
+//! its id falls under the ratio (the SDK's `TraceIdRatioBased` rule, so that every hop that starts
+//! from the same id decides the same way). B3's sampling-only `b3: 0` is honoured: no sampling.
 
 /// A span's place in a trace: its trace, its own id and whether it is sampled.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -56,7 +57,7 @@ impl ParentFields<'_> {
 
     fn multi_b3(&self) -> Option<Parent> {
         let trace_id = parse_b3_trace_id(self.x_b3_trace_id?)?;
-        let span_id = parse_hex_u64(self.x_b3_span_id?)?;
+        let span_id = parse_hex_u64(self.x_b3_span_id?).filter(|&id| id != 0)?;
         // `X-B3-Flags: 1` is debug, which implies sampled.
         let sampled = if self.x_b3_flags == Some(b"1") {
             Some(true)
@@ -93,6 +94,7 @@ impl<'a> ParentFields<'a> {
 
 /// The header names read, lower-case (HTTP/2 and the hyper path's maps keep them so).
 pub const TRACEPARENT: &str = "traceparent";
+pub const TRACESTATE: &str = "tracestate";
 pub const B3: &str = "b3";
 pub const X_B3_TRACE_ID: &str = "x-b3-traceid";
 pub const X_B3_SPAN_ID: &str = "x-b3-spanid";
@@ -215,6 +217,18 @@ impl Sampler {
         #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let threshold = (ratio * 9_223_372_036_854_775_808.0) as u64;
         Sampler { threshold }
+    }
+
+    /// The ids of the span of a request with these trace fields: [`Self::start`] with the parent
+    /// they name, and unsampled when they name none but say `b3: 0` (or `X-B3-Sampled: 0`).
+    pub fn start_for(&self, fields: &ParentFields<'_>) -> SpanIds {
+        let parent = fields.parent();
+        let mut ids = self.start(parent);
+        let denied = fields.b3 == Some(b"0") || fields.x_b3_sampled == Some(b"0");
+        if parent.is_none() && denied {
+            ids.sampled = false;
+        }
+        ids
     }
 
     /// The ids of a new span: a child of `parent` (its decision kept; a deferred one made by the
@@ -396,6 +410,46 @@ mod tests {
             };
             assert_eq!(fields.parent(), None, "{:?}", String::from_utf8_lossy(bad));
         }
+    }
+
+    #[test]
+    fn b3_saying_no_is_heard_when_it_names_no_parent() {
+        let always = Sampler::ALWAYS;
+        let no = ParentFields {
+            b3: Some(b"0"),
+            ..ParentFields::default()
+        };
+        assert!(!always.start_for(&no).sampled);
+        let multi_no = ParentFields {
+            x_b3_sampled: Some(b"0"),
+            ..ParentFields::default()
+        };
+        assert!(!always.start_for(&multi_no).sampled);
+        assert!(always.start_for(&ParentFields::default()).sampled);
+        // A zero span id names no parent in either form.
+        let zero = ParentFields {
+            x_b3_trace_id: Some(b"80f198ee56343ba864fe8b2a57d3eff7"),
+            x_b3_span_id: Some(b"0000000000000000"),
+            ..ParentFields::default()
+        };
+        assert_eq!(zero.parent(), None);
+        // The tunnel's span is the parent only when the fields name none.
+        let tunnel = Parent {
+            trace_id: 7,
+            span_id: 9,
+            sampled: Some(true),
+        };
+        let inside = ParentFields {
+            tunnel: Some(tunnel),
+            ..ParentFields::default()
+        };
+        assert_eq!(inside.parent(), Some(tunnel));
+        let own = ParentFields {
+            traceparent: Some(GOOD),
+            tunnel: Some(tunnel),
+            ..ParentFields::default()
+        };
+        assert_eq!(own.parent().map(|p| p.span_id), Some(0xb7ad6b7169203331));
     }
 
     #[test]

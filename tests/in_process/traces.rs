@@ -73,8 +73,10 @@ async fn an_unreachable_collector_is_counted_as_failed_exports() {
         let app = TestApp::start().await;
         // A port nothing listens on.
         let closed = ReservedPort::new();
-        let endpoint = format!("http://{}", closed.addr);
-        for protocol in ["grpc", "http/protobuf"] {
+        // By address over gRPC, by name (resolved through /etc/hosts) over HTTP.
+        let by_ip = format!("http://{}", closed.addr);
+        let by_name = format!("http://localhost:{}", closed.addr.port());
+        for (protocol, endpoint) in [("grpc", by_ip), ("http/protobuf", by_name)] {
             let proxy = Proxy::start(
                 app.addr,
                 &[

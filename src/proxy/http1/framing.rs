@@ -21,7 +21,7 @@ use http::header::HeaderValue;
 use super::chunked::is_tchar;
 use crate::proxy::path::{self, Ambiguous};
 use crate::proxy::phases::{self, new_request_id, trim_ows};
-use crate::telemetry::trace::{ParentFields, Sampler, SpanIds};
+use crate::telemetry::trace::{ParentFields, Sampler, SpanIds, parse_traceparent};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -121,6 +121,7 @@ enum Field {
     XRequestId,
     // Trace context: read (and `traceparent` replaced) only when tracing is on.
     Traceparent,
+    Tracestate,
     B3,
     XB3TraceId,
     XB3SpanId,
@@ -146,6 +147,7 @@ impl Field {
             9 => Field::Forwarded,
             10 => match name.as_bytes()[0] | 0x20 {
                 b'c' => Field::Connection,
+                b't' => Field::Tracestate,
                 b'x' => Field::XB3Flags,
                 _ => Field::KeepAlive,
             },
@@ -203,6 +205,7 @@ impl Field {
             Field::XForwardedProto => "X-Forwarded-Proto",
             Field::XRequestId => "X-Request-Id",
             Field::Traceparent => "traceparent",
+            Field::Tracestate => "tracestate",
             Field::B3 => "b3",
             Field::XB3TraceId => "X-B3-TraceId",
             Field::XB3SpanId => "X-B3-SpanId",
@@ -709,7 +712,8 @@ fn scan_request_fields(
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Forwarded | Field::Http2Settings | Field::XForwardedClientCert => {}
             Field::Server | Field::Other => {}
-            Field::Traceparent | Field::B3 | Field::XB3TraceId | Field::XB3SpanId => {}
+            Field::Traceparent | Field::Tracestate | Field::B3 => {}
+            Field::XB3TraceId | Field::XB3SpanId => {}
             Field::XB3Sampled | Field::XB3Flags => {}
         }
     }
@@ -764,11 +768,9 @@ fn write_request_head(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let trusted = rw.trusted_hops > 0;
     let mut parent = ParentFields::default();
+    let mut tracestate = Vec::new();
     for h in headers {
         let field = Field::of(h.name);
-        if rw.sampler.is_some() && trace_field(&mut parent, field, h.value) {
-            continue;
-        }
         // The fields the proxy owns: written below, the client's kept only as `add_forwarding`
         // says (the same rule as the hyper path's).
         let owned = match field {
@@ -781,6 +783,16 @@ fn write_request_head(
         }
         if !field.is_protected() && listed(options.as_deref(), h.name) {
             continue;
+        }
+        // With tracing on, `traceparent` is replaced and `tracestate` follows it (below).
+        if rw.sampler.is_some() {
+            if field == Field::Tracestate {
+                tracestate.push(h.value);
+                continue;
+            }
+            if trace_field(&mut parent, field, h.value) {
+                continue;
+            }
         }
         match (field, host) {
             (Field::Host, Some(host)) => push_field(out, "Host", host.as_bytes(), lower),
@@ -822,9 +834,15 @@ fn write_request_head(
         None => new_request_id(),
     };
     push_field(out, Field::XRequestId.name(), request_id.as_bytes(), lower);
-    let trace = rw.sampler.map(|sampler| sampler.start(parent.parent()));
+    let trace = rw.sampler.map(|sampler| sampler.start_for(&parent));
     if let Some(ids) = &trace {
         push_field(out, Field::Traceparent.name(), &ids.traceparent(), lower);
+        // The caller's tracestate goes on only with the W3C trace it belongs to.
+        if parent.traceparent.and_then(parse_traceparent).is_some() {
+            for value in tracestate {
+                push_field(out, Field::Tracestate.name(), value, lower);
+            }
+        }
     }
     push_name(out, Field::Via.name(), lower);
     out.extend_from_slice(b": 1.1 ");
@@ -1118,6 +1136,7 @@ mod tests {
             Field::XForwardedProto,
             Field::XRequestId,
             Field::Traceparent,
+            Field::Tracestate,
             Field::B3,
             Field::XB3TraceId,
             Field::XB3SpanId,
@@ -1156,8 +1175,11 @@ mod tests {
         assert_eq!(
             out,
             format!(
-                "GET / HTTP/1.1\r\nHost: a\r\ntracestate: k=v\r\n{}",
-                tail("", "r").replace("Via:", &format!("traceparent: {ours}\r\nVia:"))
+                "GET / HTTP/1.1\r\nHost: a\r\n{}",
+                tail("", "r").replace(
+                    "Via:",
+                    &format!("traceparent: {ours}\r\ntracestate: k=v\r\nVia:")
+                )
             )
         );
         // Without a caller's context: a new trace, sampled by the ratio.
@@ -1175,12 +1197,21 @@ mod tests {
         assert!(out.contains("X-B3-SpanId: e457b5a2e4d86bd1\r\n"), "{out}");
         // Two traceparents: neither is believed; neither is passed on.
         let twice = format!(
-            "GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\ntraceparent: {caller}\r\n\r\n"
+            "GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\ntracestate: k=v\r\ntraceparent: {caller}\r\n\r\n"
         );
         let (p, out) = plan_with(&twice, &rw);
         let ids = p.expect("plan").trace.expect("a span");
         assert_eq!(ids.parent_span_id, None);
         assert_eq!(out.matches("traceparent").count(), 1, "{out}");
+        // A new trace: the caller's tracestate belongs to another.
+        assert!(!out.contains("tracestate"), "{out}");
+        // A field the client's Connection names is gone before the trace phase reads it, as on
+        // the hyper path.
+        let listed = format!(
+            "GET / HTTP/1.1\r\nHost: a\r\nConnection: traceparent\r\ntraceparent: {caller}\r\n\r\n"
+        );
+        let (p, _) = plan_with(&listed, &rw);
+        assert_eq!(p.expect("plan").trace.and_then(|t| t.parent_span_id), None);
     }
 
     #[test]
