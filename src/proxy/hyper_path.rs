@@ -310,14 +310,17 @@ fn request_rules(
     );
     // The trace phase: this exchange's span, a child of the caller's; the app (or the next
     // hop) sees ours as its parent.
-    let trace = (shared.telemetry).start_span(|| ParentFields {
-        tunnel: conn.tunnel_parent,
-        ..ParentFields::from_headers(&parts.headers)
+    // The fields are read only when tracing is on.
+    let trace = (shared.telemetry.traces.as_ref()).map(|traces| {
+        let fields = ParentFields {
+            tunnel: conn.tunnel_parent,
+            ..ParentFields::from_headers(&parts.headers)
+        };
+        (traces.sampler.start_for(&fields), fields.continues_w3c())
     });
-    if let Some(ids) = &trace {
+    if let Some((ids, continues_w3c)) = &trace {
         // The caller's tracestate goes on only with the W3C trace it belongs to.
-        let w3c = ParentFields::from_headers(&parts.headers).traceparent;
-        if w3c.and_then(trace::parse_traceparent).is_none() {
+        if !continues_w3c {
             parts.headers.remove(trace::TRACESTATE);
         }
         if let Ok(value) = HeaderValue::from_bytes(&ids.traceparent()) {
@@ -325,7 +328,7 @@ fn request_rules(
         }
     }
     Ruled {
-        trace,
+        trace: trace.map(|(ids, _)| ids),
         request_id,
         looped,
         malformed,

@@ -16,7 +16,6 @@ use metrics::Metrics;
 use otlp::{TraceResource, Traces};
 use prometheus_client::registry::Registry;
 use tap::Tap;
-use trace::{ParentFields, SpanIds};
 
 /// The metrics and the access log, shared by every connection.
 pub struct Telemetry {
@@ -86,16 +85,6 @@ impl Telemetry {
     /// Istio's metrics, when exported.
     pub(crate) fn istio(&self) -> Option<&IstioMetrics> {
         self.istio.as_ref().map(|(metrics, _)| metrics)
-    }
-
-    /// The trace phase: a span for an exchange whose request names `parent` (none when tracing is
-    /// off). `parent` is only read when tracing is on.
-    pub(crate) fn start_span<'a>(
-        &self,
-        parent: impl FnOnce() -> ParentFields<'a>,
-    ) -> Option<SpanIds> {
-        let traces = self.traces.as_ref()?;
-        Some(traces.sampler.start_for(&parent()))
     }
 
     /// Logs the record, and offers it to the live stream's readers.

@@ -527,16 +527,17 @@ fn http_traces_url(endpoint: &str) -> String {
     }
 }
 
-fn span_context(ids: &SpanIds) -> SpanContext {
+fn context(trace_id: u128, span_id: u64, sampled: bool, remote: bool) -> SpanContext {
+    let flags = if sampled {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
     SpanContext::new(
-        TraceId::from(ids.trace_id),
-        SpanId::from(ids.span_id),
-        if ids.sampled {
-            TraceFlags::SAMPLED
-        } else {
-            TraceFlags::default()
-        },
-        false,
+        TraceId::from(trace_id),
+        SpanId::from(span_id),
+        flags,
+        remote,
         TraceState::NONE,
     )
 }
@@ -556,52 +557,29 @@ fn exchange_span(ids: &SpanIds, record: &Record<'_>, scope: &InstrumentationScop
     } else {
         Status::Unset
     };
+    let method = cut(record.method);
     let name = match record.route {
-        Some((route, _)) => format!("{} {route}", record.method),
-        None => record.method.to_owned(),
+        Some((route, _)) => format!("{method} {route}"),
+        None => method,
     };
-    // An exchange that came in a tunnel links to the tunnel's span.
-    let links = record
-        .tunnel_traceparent
-        .and_then(|tp| parse_traceparent(tp.as_bytes()))
-        .map(|tunnel| {
-            let context = SpanContext::new(
-                TraceId::from(tunnel.trace_id),
-                SpanId::from(tunnel.span_id),
-                if tunnel.sampled == Some(true) {
-                    TraceFlags::SAMPLED
-                } else {
-                    TraceFlags::default()
-                },
-                true,
-                TraceState::NONE,
-            );
-            Link::with_context(context)
-        });
-    SpanData {
-        span_context: span_context(ids),
-        parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
-        parent_span_is_remote: ids.parent_span_id.is_some(),
-        span_kind: if server {
-            SpanKind::Server
-        } else {
-            SpanKind::Client
-        },
-        name: name.into(),
-        start_time: record.start,
-        end_time: record.start + record.duration,
+    let mut span = span_data(
+        ids,
+        server,
+        name,
+        (record.start, record.start + record.duration),
         attributes,
-        dropped_attributes_count: 0,
-        events: SpanEvents::default(),
-        links: {
-            // Non-exhaustive, with public fields.
-            let mut all = SpanLinks::default();
-            all.links.extend(links);
-            all
-        },
-        status,
-        instrumentation_scope: scope.clone(),
+        scope,
+    );
+    span.status = status;
+    // An exchange that came in a tunnel links to the tunnel's span.
+    if let Some(tunnel) =
+        (record.tunnel_traceparent).and_then(|tp| parse_traceparent(tp.as_bytes()))
+    {
+        let sampled = tunnel.sampled == Some(true);
+        let tunnel = context(tunnel.trace_id, tunnel.span_id, sampled, true);
+        span.links.links.push(Link::with_context(tunnel));
     }
+    span
 }
 
 /// The stable HTTP semantic conventions' attributes of an exchange, and ours.
@@ -708,8 +686,28 @@ fn tunnel_span(
         KeyValue::new("network.protocol.name", "hbone"),
         KeyValue::new("peer.spiffe_id", facts.peer.to_string()),
     ];
+    let end = end.max(facts.start);
+    span_data(
+        ids,
+        server,
+        "CONNECT".into(),
+        (facts.start, end),
+        attributes,
+        scope,
+    )
+}
+
+/// A span of ours: `ids`' context, server or client, no events, links or status yet.
+fn span_data(
+    ids: &SpanIds,
+    server: bool,
+    name: String,
+    (start_time, end_time): (SystemTime, SystemTime),
+    attributes: Vec<KeyValue>,
+    scope: &InstrumentationScope,
+) -> SpanData {
     SpanData {
-        span_context: span_context(ids),
+        span_context: context(ids.trace_id, ids.span_id, ids.sampled, false),
         parent_span_id: ids.parent_span_id.map_or(SpanId::INVALID, SpanId::from),
         parent_span_is_remote: ids.parent_span_id.is_some(),
         span_kind: if server {
@@ -717,9 +715,9 @@ fn tunnel_span(
         } else {
             SpanKind::Client
         },
-        name: "CONNECT".into(),
-        start_time: facts.start,
-        end_time: end.max(facts.start),
+        name: name.into(),
+        start_time,
+        end_time,
         attributes,
         dropped_attributes_count: 0,
         events: SpanEvents::default(),

@@ -55,6 +55,12 @@ impl ParentFields<'_> {
         self.multi_b3().or(self.tunnel)
     }
 
+    /// Whether the span continues the caller's W3C trace (a valid `traceparent`): its
+    /// `tracestate` goes on only then.
+    pub fn continues_w3c(&self) -> bool {
+        self.traceparent.and_then(parse_traceparent).is_some()
+    }
+
     fn multi_b3(&self) -> Option<Parent> {
         let trace_id = parse_b3_trace_id(self.x_b3_trace_id?)?;
         let span_id = parse_hex_u64(self.x_b3_span_id?).filter(|&id| id != 0)?;

@@ -21,7 +21,7 @@ use http::header::HeaderValue;
 use super::chunked::is_tchar;
 use crate::proxy::path::{self, Ambiguous};
 use crate::proxy::phases::{self, new_request_id, trim_ows};
-use crate::telemetry::trace::{ParentFields, Sampler, SpanIds, parse_traceparent};
+use crate::telemetry::trace::{ParentFields, Sampler, SpanIds};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -838,7 +838,7 @@ fn write_request_head(
     if let Some(ids) = &trace {
         push_field(out, Field::Traceparent.name(), &ids.traceparent(), lower);
         // The caller's tracestate goes on only with the W3C trace it belongs to.
-        if parent.traceparent.and_then(parse_traceparent).is_some() {
+        if parent.continues_w3c() {
             for value in tracestate {
                 push_field(out, Field::Tracestate.name(), value, lower);
             }
