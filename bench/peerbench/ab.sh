@@ -7,7 +7,9 @@
 #   ARGS are added to `run --inbound 127.0.0.1:18000 --app 127.0.0.1:18080 --admin 127.0.0.1:18500
 #   --outbound off --workers 1 --access-log json`. ARGS_B may start with `tap:` to attach a reader
 #   of GET /tap (curl, on CPU 0) to B's runs: `ab.sh 7 BIN "" BIN "tap:"`.
-# Needs wrk, nginx and curl (bench/peerbench/setup.sh).
+# AB_LOAD=h2c: HTTP/2 instead (h2c with prior knowledge in, HTTP/1.1 to the app): h2load with 10
+#   connections x 5 streams, 100,000 requests after 20,000 of warm-up, as bench/protocols.sh does.
+# Needs wrk, h2load, nginx and curl (bench/peerbench/setup.sh).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 n=${1:?runs}; bin_a=${2:?binary A}; args_a=${3-}; bin_b=${4:?binary B}; args_b=${5-}
@@ -25,8 +27,13 @@ one() { # bin args -> req/s
     --outbound off --workers 1 --access-log json $args >/tmp/peerbench/ab-access.log 2>/tmp/peerbench/ab-err.log &
   local p=$!; sleep 0.6
   if [ $tap -eq 1 ]; then taskset -c 0 curl -sN http://127.0.0.1:18500/tap >/dev/null & reader=$!; sleep 0.2; fi
-  taskset -c 0 wrk -t1 -c50 -d1s "http://127.0.0.1:18000/get?query=param" >/dev/null 2>&1
-  taskset -c 0 wrk -t1 -c50 -d5s "http://127.0.0.1:18000/get?query=param" | awk '/Requests\/sec/{print $2}'
+  if [ "${AB_LOAD:-}" = h2c ]; then
+    taskset -c 0 h2load -n 20000 -c 10 -m 5 "http://127.0.0.1:18000/get?query=param" >/dev/null 2>&1
+    taskset -c 0 h2load -n 100000 -c 10 -m 5 "http://127.0.0.1:18000/get?query=param" | awk '/^finished in/{print $4}'
+  else
+    taskset -c 0 wrk -t1 -c50 -d1s "http://127.0.0.1:18000/get?query=param" >/dev/null 2>&1
+    taskset -c 0 wrk -t1 -c50 -d5s "http://127.0.0.1:18000/get?query=param" | awk '/Requests\/sec/{print $2}'
+  fi
   [ -n "$reader" ] && kill "$reader" 2>/dev/null
   kill "$p"; wait "$p" 2>/dev/null
 }
