@@ -418,7 +418,8 @@ async fn send_routed(
     routed: &mut Routed,
     exchange: &mut Exchange,
 ) -> Result<Response<Incoming>, ErrorKind> {
-    let (parts, body) = request.into_parts();
+    let (mut parts, body) = request.into_parts();
+    let method = parts.method.clone();
     let grpc = phases::is_grpc(
         parts
             .headers
@@ -437,7 +438,7 @@ async fn send_routed(
             Some(replay) => replay.attempt(),
             None => body_once.take().unwrap_or_else(RequestBody::empty),
         };
-        let mut request = Request::from_parts(parts.clone(), body);
+        let mut request = Request::from_parts(attempt_head(&mut parts, routed.retries()), body);
         // An endpoint has clients of its own (dialling it whatever the URI says): the request
         // keeps the authority the app wrote.
         let endpoint_clients = match (&pick, &routed.state.endpoints) {
@@ -492,7 +493,7 @@ async fn send_routed(
                     routed.finish_attempt(pick, failed);
                     return Ok(response);
                 }
-                match routed.next_attempt(&parts.method, replayable, AttemptFailure::Response) {
+                match routed.next_attempt(&method, replayable, AttemptFailure::Response) {
                     Some(backoff) => {
                         routed.finish_attempt(pick, failed);
                         drop(response);
@@ -512,10 +513,20 @@ async fn send_routed(
         let Some(failure) = failure else {
             return Err(kind);
         };
-        match routed.next_attempt(&parts.method, replayable, failure) {
+        match routed.next_attempt(&method, replayable, failure) {
             Some(backoff) => tokio::time::sleep(backoff).await,
             None => return Err(kind),
         }
+    }
+}
+
+/// The head an attempt sends. Without a retry rule there is one attempt, and it takes the head
+/// (no copy of its fields); with one, each attempt sends a copy.
+fn attempt_head(parts: &mut http::request::Parts, retries: bool) -> http::request::Parts {
+    if retries {
+        parts.clone()
+    } else {
+        std::mem::replace(parts, Request::new(()).into_parts().0)
     }
 }
 

@@ -505,7 +505,12 @@ pub fn new_request_id() -> HeaderValue {
     let uuid = uuid::Builder::from_random_bytes(bytes).into_uuid();
     let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
     let text = uuid.hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"))
+    let mut id =
+        HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
+    // Never indexed by HPACK: a value used once would only churn the HTTP/2 header tables, ours
+    // and the app's (HTTP/1.1 ignores the flag).
+    id.set_sensitive(true);
+    id
 }
 
 /// The response on its way back: hop-by-hop fields removed and our `Server`.
@@ -1015,6 +1020,8 @@ mod tests {
         let b = new_request_id();
         assert_ne!(a, b);
         assert_eq!(a.as_bytes()[14], b'4');
+        // Used once: HTTP/2 must send it as a never-indexed literal, not add it to HPACK's table.
+        assert!(a.is_sensitive());
     }
 
     #[test]
