@@ -10,6 +10,8 @@
 # Needs: h2load (nghttp2-client), nginx, Envoy (bench/peerbench/setup.sh), iperf3 (apt), and a
 # release build (scripts/release.sh).
 # Usage: bench/protocols.sh [REQUESTS] [TCP_SECONDS]
+#   ROUNDS (1): HTTP/2 rounds, each with the proxies in a rotated order; with more than one, the
+#   ratios of each round and their medians (one run's ratio on a shared machine is mostly noise).
 #   AMAZING: the binary (default: scripts/release.sh --print-path); PEERBENCH: the peerbench dir (bench/peerbench);
 #   ONLY: subset of "amazing envoy nginx tcp". IPERF_ARGS: extra iperf3 client flags; `-Z`
 #   (sendfile) takes the client's copy off CPU 0, which iperf3's client and server share and which
@@ -66,26 +68,42 @@ h2bench() { # name port pid
     "$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/100}')"
 }
 
-for t in $only; do
-  case $t in
-    amazing)
-      taskset -c 1 "$AMAZING" run --inbound 127.0.0.1:18020 --app 127.0.0.1:18080 --outbound off \
-        --admin 127.0.0.1:19020 --workers 1 --proxy-mark 0 --app-protocol http1 \
-        >"$out/amazing-access.log" 2>"$out/amazing-err.log" & p=$!; pids+=($p)
-      wait_port 18020 && sleep 0.3 && h2bench amazing 18020 "$p"; kill "$p" 2>/dev/null ;;
-    envoy)
-      taskset -c 1 "$ENVOY" -c "$here/envoy-h2c.yaml" --concurrency 1 -l error >"$out/envoy-err.log" 2>&1 & p=$!; pids+=($p)
-      wait_port 18021 && sleep 0.5 && h2bench envoy 18021 "$p"; kill "$p" 2>/dev/null ;;
-    nginx)
-      taskset -c 1 nginx -c "$here/nginx-h2c.conf" & p=$!; pids+=($p)
-      wait_port 18022 && sleep 0.3
-      w=$(pgrep -P "$p" | head -1); h2bench nginx 18022 "${w:-$p}"; kill "$p" 2>/dev/null ;;
-  esac
+rounds=${ROUNDS:-1}
+targets=(); for t in $only; do case $t in amazing|envoy|nginx) targets+=("$t") ;; esac; done
+ratios=$(mktemp); trap 'cleanup; rm -f "$ratios"' EXIT
+for r in $(seq "$rounds"); do
+  [ "$rounds" -gt 1 ] && echo "round $r"
+  rps=()
+  for i in "${!targets[@]}"; do
+    t=${targets[$(( (i + r - 1) % ${#targets[@]} ))]}
+    case $t in
+      amazing)
+        taskset -c 1 "$AMAZING" run --inbound 127.0.0.1:18020 --app 127.0.0.1:18080 --outbound off \
+          --admin 127.0.0.1:19020 --workers 1 --proxy-mark 0 --app-protocol http1 \
+          >"$out/amazing-access.log" 2>"$out/amazing-err.log" & p=$!; pids+=($p)
+        wait_port 18020 && sleep 0.3 && h2bench amazing 18020 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+      envoy)
+        taskset -c 1 "$ENVOY" -c "$here/envoy-h2c.yaml" --concurrency 1 -l error >"$out/envoy-err.log" 2>&1 & p=$!; pids+=($p)
+        wait_port 18021 && sleep 0.5 && h2bench envoy 18021 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+      nginx)
+        taskset -c 1 nginx -c "$here/nginx-h2c.conf" & p=$!; pids+=($p)
+        wait_port 18022 && sleep 0.3
+        w=$(pgrep -P "$p" | head -1); h2bench nginx 18022 "${w:-$p}"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+    esac
+  done
+  if [ -n "${rps[amazing]:-}" ]; then
+    for peer_name in envoy nginx; do
+      [ -n "${rps[$peer_name]:-}" ] && awk -v a="${rps[amazing]}" -v b="${rps[$peer_name]}" -v p="$peer_name" \
+        'BEGIN{printf "amazing / %-6s = %.2f\n", p, a/b}' | tee -a "$ratios"
+    done
+  fi
 done
-if [ -n "${rps[amazing]:-}" ]; then
+if [ "$rounds" -gt 1 ]; then
   for peer_name in envoy nginx; do
-    [ -n "${rps[$peer_name]:-}" ] && awk -v a="${rps[amazing]}" -v b="${rps[$peer_name]}" -v p="$peer_name" \
-      'BEGIN{printf "amazing / %-6s = %.2f\n", p, a/b}'
+    awk -v p="$peer_name" '$3 == p {v[++n] = $5} END {
+      if (n == 0) exit
+      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
+      printf "median of %d rounds: amazing / %-6s = %.2f\n", n, p, (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }' "$ratios"
   done
 fi
 
