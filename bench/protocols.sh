@@ -36,7 +36,8 @@ done
 [ -f "$peer/upstream-nginx.conf" ] || { echo "no $peer/upstream-nginx.conf (set PEERBENCH)" >&2; exit 1; }
 
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+current=""  # the proxy of the HTTP/2 round running now
+cleanup() { for p in "${pids[@]}" $current; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 cpu_ticks() { awk '{print $14+$15}' /proc/$1/stat 2>/dev/null; }
@@ -80,15 +81,15 @@ for r in $(seq "$rounds"); do
       amazing)
         taskset -c 1 "$AMAZING" run --inbound 127.0.0.1:18020 --app 127.0.0.1:18080 --outbound off \
           --admin 127.0.0.1:19020 --workers 1 --proxy-mark 0 --app-protocol http1 \
-          >"$out/amazing-access.log" 2>"$out/amazing-err.log" & p=$!; pids+=($p)
-        wait_port 18020 && sleep 0.3 && h2bench amazing 18020 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+          >"$out/amazing-access.log" 2>"$out/amazing-err.log" & p=$!; current=$p
+        wait_port 18020 && sleep 0.3 && h2bench amazing 18020 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; current="" ;;
       envoy)
-        taskset -c 1 "$ENVOY" -c "$here/envoy-h2c.yaml" --concurrency 1 -l error >"$out/envoy-err.log" 2>&1 & p=$!; pids+=($p)
-        wait_port 18021 && sleep 0.5 && h2bench envoy 18021 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+        taskset -c 1 "$ENVOY" -c "$here/envoy-h2c.yaml" --concurrency 1 -l error >"$out/envoy-err.log" 2>&1 & p=$!; current=$p
+        wait_port 18021 && sleep 0.5 && h2bench envoy 18021 "$p"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; current="" ;;
       nginx)
-        taskset -c 1 nginx -c "$here/nginx-h2c.conf" & p=$!; pids+=($p)
+        taskset -c 1 nginx -c "$here/nginx-h2c.conf" & p=$!; current=$p
         wait_port 18022 && sleep 0.3
-        w=$(pgrep -P "$p" | head -1); h2bench nginx 18022 "${w:-$p}"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null ;;
+        w=$(pgrep -P "$p" | head -1); h2bench nginx 18022 "${w:-$p}"; kill "$p" 2>/dev/null; wait "$p" 2>/dev/null; current="" ;;
     esac
   done
   if [ -n "${rps[amazing]:-}" ]; then

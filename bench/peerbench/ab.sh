@@ -7,41 +7,74 @@
 #   ARGS are added to `run --inbound 127.0.0.1:18000 --app 127.0.0.1:18080 --admin 127.0.0.1:18500
 #   --outbound off --workers 1 --access-log json`. ARGS_B may start with `tap:` to attach a reader
 #   of GET /tap (curl, on CPU 0) to B's runs: `ab.sh 7 BIN "" BIN "tap:"`.
-# AB_LOAD=h2c: HTTP/2 instead (h2c with prior knowledge in, HTTP/1.1 to the app): h2load with 10
-#   connections x 5 streams, 100,000 requests after 20,000 of warm-up, as bench/protocols.sh does.
+# AB_LOAD: http1 (the default, wrk as above); h2c: HTTP/2 with prior knowledge in, HTTP/1.1 to the
+#   app, h2load with 10 connections x 5 streams (as bench/protocols.sh), 100,000 requests after
+#   20,000 of warm-up; grpc: gRPC unary calls as bench/peerbench/grpc.sh makes them (h2load 10 x 5,
+#   a 5-byte message, the h2c endpoint of upstream-grpc-nginx.conf as the app, `--app-protocol
+#   http2`), 100,000 after 20,000. Besides req/s, each row gives the proxy's CPU microseconds per
+#   request (utime + stime over the measured run).
 # Needs wrk, h2load, nginx and curl (bench/peerbench/setup.sh).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 n=${1:?runs}; bin_a=${2:?binary A}; args_a=${3-}; bin_b=${4:?binary B}; args_b=${5-}
+load=${AB_LOAD:-http1}
+case $load in
+  http1) need=wrk; app=127.0.0.1:18080 ;;
+  h2c) need=h2load; app=127.0.0.1:18080 ;;
+  grpc) need=h2load; app=127.0.0.1:18181 ;;
+  *) echo "ab: AB_LOAD must be http1, h2c or grpc, not '$load'" >&2; exit 2 ;;
+esac
+for tool in $need nginx curl taskset; do
+  command -v "$tool" >/dev/null || { echo "ab: $tool is missing: run bench/peerbench/setup.sh" >&2; exit 1; }
+done
 mkdir -p /tmp/peerbench
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait 2>/dev/null; }
+cleanup() { for p in "${pids[@]}"; do kill "$p" $(pgrep -P "$p") 2>/dev/null; done; wait 2>/dev/null; }
 trap cleanup EXIT
 taskset -c 0 nginx -c "$here/upstream-nginx.conf" & pids+=($!)
+if [ "$load" = grpc ]; then
+  taskset -c 0 nginx -c "$here/upstream-grpc-nginx.conf" & pids+=($!)
+  printf '\0\0\0\0\0' > /tmp/peerbench/grpc-call.bin
+fi
 sleep 0.5
-one() { # bin args -> req/s
-  local bin=$1 args=$2 reader=""
+one() { # bin args -> "req/s cpu-us-per-request"
+  local bin=$1 args=$2 reader="" url=http://127.0.0.1:18000/get?query=param t0 t1 rate
   local tap=0; case $args in tap:*) tap=1; args=${args#tap:} ;; esac
+  local h2=(-c 10 -m 5) requests=100000
+  [ "$load" = grpc ] && { url=http://127.0.0.1:18000/bench.Svc/Call; args="--app-protocol http2 $args"
+    h2+=(-d /tmp/peerbench/grpc-call.bin -H 'content-type: application/grpc' -H 'te: trailers'); }
   # shellcheck disable=SC2086
-  taskset -c 1 "$bin" run --inbound 127.0.0.1:18000 --app 127.0.0.1:18080 --admin 127.0.0.1:18500 \
+  taskset -c 1 "$bin" run --inbound 127.0.0.1:18000 --app "$app" --admin 127.0.0.1:18500 \
     --outbound off --workers 1 --access-log json $args >/tmp/peerbench/ab-access.log 2>/tmp/peerbench/ab-err.log &
   local p=$!; sleep 0.6
   if [ $tap -eq 1 ]; then taskset -c 0 curl -sN http://127.0.0.1:18500/tap >/dev/null & reader=$!; sleep 0.2; fi
-  if [ "${AB_LOAD:-}" = h2c ]; then
-    taskset -c 0 h2load -n 20000 -c 10 -m 5 "http://127.0.0.1:18000/get?query=param" >/dev/null 2>&1
-    taskset -c 0 h2load -n 100000 -c 10 -m 5 "http://127.0.0.1:18000/get?query=param" | awk '/^finished in/{print $4}'
+  if [ "$load" = http1 ]; then
+    taskset -c 0 wrk -t1 -c50 -d1s "$url" >/dev/null 2>&1
+    t0=$(awk '{print $14+$15}' "/proc/$p/stat")
+    rate=$(taskset -c 0 wrk -t1 -c50 -d5s "$url" | awk '/Requests\/sec/{print $2}')
+    t1=$(awk '{print $14+$15}' "/proc/$p/stat")
+    requests=$(awk -v r="${rate:-0}" 'BEGIN{printf "%d", r * 5}')
   else
-    taskset -c 0 wrk -t1 -c50 -d1s "http://127.0.0.1:18000/get?query=param" >/dev/null 2>&1
-    taskset -c 0 wrk -t1 -c50 -d5s "http://127.0.0.1:18000/get?query=param" | awk '/Requests\/sec/{print $2}'
+    taskset -c 0 h2load -n 20000 "${h2[@]}" "$url" >/dev/null 2>&1
+    t0=$(awk '{print $14+$15}' "/proc/$p/stat")
+    rate=$(taskset -c 0 h2load -n "$requests" "${h2[@]}" "$url" | awk '/^finished in/{print $4}')
+    t1=$(awk '{print $14+$15}' "/proc/$p/stat")
   fi
   [ -n "$reader" ] && kill "$reader" 2>/dev/null
   kill "$p"; wait "$p" 2>/dev/null
+  awk -v r="${rate:-0}" -v a="${t0:-0}" -v b="${t1:-0}" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
+    'BEGIN{printf "%s %.2f\n", r, (n > 0 ? (b - a) / hz * 1e6 / n : 0)}'
 }
 rows=$(mktemp); trap 'cleanup; rm -f "$rows"' EXIT
 for _ in $(seq "$n"); do
   a=$(one "$bin_a" "$args_a"); b=$(one "$bin_b" "$args_b")
-  echo "$a $b" | awk '{printf "A %s  B %s  B/A %.3f\n", $1, $2, ($1 > 0 ? $2 / $1 : 0)}' | tee -a "$rows"
+  echo "$a $b" | awk '{printf "A %s req/s %s us  B %s req/s %s us  B/A %.3f  cpu B/A %.3f\n", $1, $2, $3, $4,
+    ($1 > 0 ? $3 / $1 : 0), ($2 > 0 ? $4 / $2 : 0)}' | tee -a "$rows"
 done
-awk '{r[NR] = $6} END {
-  for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
-  printf "%d pairs: median B/A %.3f\n", NR, (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }' "$rows"
+# Medians of the per-pair ratios: requests per second, then CPU per request.
+for f in 12 15; do
+  awk -v f="$f" '{r[NR] = $f} END {
+    for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
+    printf "%d pairs: median %s B/A %.3f\n", NR, (f == 12 ? "req/s" : "CPU per request"),
+      (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }' "$rows"
+done

@@ -508,7 +508,8 @@ pub fn new_request_id() -> HeaderValue {
     let mut id =
         HeaderValue::from_str(text).unwrap_or_else(|_| HeaderValue::from_static("invalid"));
     // Never indexed by HPACK: a value used once would only churn the HTTP/2 header tables, ours
-    // and the app's (HTTP/1.1 ignores the flag).
+    // and the app's (HTTP/1.1 ignores the flag). h2 then sends the name as a literal too, 13
+    // bytes a request, which costs less than the churn (docs/benchmarks.md, 2026-12-06).
     id.set_sensitive(true);
     id
 }
