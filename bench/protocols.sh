@@ -19,6 +19,7 @@
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
+. "$here/median.sh"
 n=${1:-200000}
 tcp_s=${2:-5}
 peer=${PEERBENCH:-$here/peerbench}
@@ -101,10 +102,9 @@ for r in $(seq "$rounds"); do
 done
 if [ "$rounds" -gt 1 ]; then
   for peer_name in envoy nginx; do
-    awk -v p="$peer_name" '$3 == p {v[++n] = $5} END {
-      if (n == 0) exit
-      for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-      printf "median of %d rounds: amazing / %-6s = %.2f\n", n, p, (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2 }' "$ratios"
+    vals=$(awk -v p="$peer_name" '$3 == p {print $5}' "$ratios")
+    [ -n "$vals" ] && printf "median of %d rounds: amazing / %-6s = %.2f\n" \
+      "$(wc -l <<<"$vals")" "$peer_name" "$(median <<<"$vals")"
   done
 fi
 

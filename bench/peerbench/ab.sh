@@ -16,6 +16,7 @@
 # Needs wrk, h2load, nginx and curl (bench/peerbench/setup.sh).
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
+. "$here/../median.sh"
 n=${1:?runs}; bin_a=${2:?binary A}; args_a=${3-}; bin_b=${4:?binary B}; args_b=${5-}
 load=${AB_LOAD:-http1}
 case $load in
@@ -48,18 +49,19 @@ one() { # bin args -> "req/s cpu-us-per-request"
     --outbound off --workers 1 --access-log json $args >/tmp/peerbench/ab-access.log 2>/tmp/peerbench/ab-err.log &
   local p=$!; sleep 0.6
   if [ $tap -eq 1 ]; then taskset -c 0 curl -sN http://127.0.0.1:18500/tap >/dev/null & reader=$!; sleep 0.2; fi
+  # Warm-up, then the measured run, with the proxy's CPU ticks read around it.
   if [ "$load" = http1 ]; then
     taskset -c 0 wrk -t1 -c50 -d1s "$url" >/dev/null 2>&1
-    t0=$(awk '{print $14+$15}' "/proc/$p/stat")
-    rate=$(taskset -c 0 wrk -t1 -c50 -d5s "$url" | awk '/Requests\/sec/{print $2}')
-    t1=$(awk '{print $14+$15}' "/proc/$p/stat")
-    requests=$(awk -v r="${rate:-0}" 'BEGIN{printf "%d", r * 5}')
+    measured() { taskset -c 0 wrk -t1 -c50 -d5s "$url" | awk '/Requests\/sec/{print $2}'; }
   else
     taskset -c 0 h2load -n 20000 "${h2[@]}" "$url" >/dev/null 2>&1
-    t0=$(awk '{print $14+$15}' "/proc/$p/stat")
-    rate=$(taskset -c 0 h2load -n "$requests" "${h2[@]}" "$url" | awk '/^finished in/{print $4}')
-    t1=$(awk '{print $14+$15}' "/proc/$p/stat")
+    measured() { taskset -c 0 h2load -n "$requests" "${h2[@]}" "$url" | awk '/^finished in/{print $4}'; }
   fi
+  t0=$(awk '{print $14+$15}' "/proc/$p/stat")
+  rate=$(measured)
+  t1=$(awk '{print $14+$15}' "/proc/$p/stat")
+  # wrk runs for a time, not a count: its requests are its rate over the 5 s.
+  [ "$load" = http1 ] && requests=$(awk -v r="${rate:-0}" 'BEGIN{printf "%d", r * 5}')
   [ -n "$reader" ] && kill "$reader" 2>/dev/null
   kill "$p"; wait "$p" 2>/dev/null
   awk -v r="${rate:-0}" -v a="${t0:-0}" -v b="${t1:-0}" -v n="$requests" -v hz="$(getconf CLK_TCK)" \
@@ -71,10 +73,6 @@ for _ in $(seq "$n"); do
   echo "$a $b" | awk '{printf "A %s req/s %s us  B %s req/s %s us  B/A %.3f  cpu B/A %.3f\n", $1, $2, $3, $4,
     ($1 > 0 ? $3 / $1 : 0), ($2 > 0 ? $4 / $2 : 0)}' | tee -a "$rows"
 done
-# Medians of the per-pair ratios: requests per second, then CPU per request.
-for f in 12 15; do
-  awk -v f="$f" '{r[NR] = $f} END {
-    for (i = 1; i <= NR; i++) for (j = i + 1; j <= NR; j++) if (r[j] < r[i]) { t = r[i]; r[i] = r[j]; r[j] = t }
-    printf "%d pairs: median %s B/A %.3f\n", NR, (f == 12 ? "req/s" : "CPU per request"),
-      (NR % 2) ? r[(NR + 1) / 2] : (r[NR / 2] + r[NR / 2 + 1]) / 2 }' "$rows"
-done
+# Medians of the per-pair ratios: requests per second (field 12), then CPU per request (15).
+printf '%d pairs: median req/s B/A %.3f\n' "$n" "$(awk '{print $12}' "$rows" | median)"
+printf '%d pairs: median CPU per request B/A %.3f\n' "$n" "$(awk '{print $15}' "$rows" | median)"
