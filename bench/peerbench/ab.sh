@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Interleaved A/B of two amazing-proxy configurations on the benchmark's path (wrk, 50
 # connections, 5 s after a 1 s warm-up; the proxy pinned to CPU 1, wrk and the fixed-answer nginx
-# upstream to CPU 0): N pairs, each run of A followed by one of B, and the median of the per-pair
-# ratios B/A. Interleaving cancels most of a shared machine's drift, which separate runs do not.
+# upstream to CPU 0): N pairs, A and B in turn (the order alternates between pairs), and the
+# median of the per-pair ratios B/A. Interleaving cancels most of a shared machine's drift, which
+# separate runs do not.
 # Usage: ab.sh N BIN_A "ARGS_A" BIN_B "ARGS_B"
 #   ARGS are added to `run --inbound 127.0.0.1:18000 --app 127.0.0.1:18080 --admin 127.0.0.1:18500
 #   --outbound off --workers 1 --access-log json`. ARGS_B may start with `tap:` to attach a reader
@@ -68,8 +69,11 @@ one() { # bin args -> "req/s cpu-us-per-request"
     'BEGIN{printf "%s %.2f\n", r, (n > 0 ? (b - a) / hz * 1e6 / n : 0)}'
 }
 rows=$(mktemp); trap 'cleanup; rm -f "$rows"' EXIT
-for _ in $(seq "$n"); do
-  a=$(one "$bin_a" "$args_a"); b=$(one "$bin_b" "$args_b")
+for i in $(seq "$n"); do
+  # A first in odd pairs, B first in even ones: whichever ran second measured 3-4 % slower on
+  # the two-core machine of 2026-12-06 (the same two binaries gave the second 0.955 and 0.967).
+  if [ $((i % 2)) -eq 1 ]; then a=$(one "$bin_a" "$args_a"); b=$(one "$bin_b" "$args_b")
+  else b=$(one "$bin_b" "$args_b"); a=$(one "$bin_a" "$args_a"); fi
   echo "$a $b" | awk '{printf "A %s req/s %s us  B %s req/s %s us  B/A %.3f  cpu B/A %.3f\n", $1, $2, $3, $4,
     ($1 > 0 ? $3 / $1 : 0), ($2 > 0 ? $4 / $2 : 0)}' | tee -a "$rows"
 done

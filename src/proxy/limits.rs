@@ -10,8 +10,11 @@
 use crate::sync::lock;
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::Notify;
@@ -89,16 +92,43 @@ impl Slot {
     }
 
     /// Runs `work` unless the shedder chooses this connection first (`None`).
-    pub(crate) async fn unless_shed<F: std::future::Future>(&self, work: F) -> Option<F::Output> {
-        tokio::select! {
-            biased;
-            () = self.shed_wait() => None,
-            done = work => Some(done),
+    ///
+    /// A future of its own rather than an `async fn`: an `async fn` keeps its argument and the
+    /// `select!` over it side by side, so `work` would take its room twice in every caller's task.
+    pub(crate) fn unless_shed<F: Future>(
+        &self,
+        work: F,
+    ) -> UnlessShed<impl Future<Output = ()> + '_, F> {
+        UnlessShed {
+            shed: self.shed_wait(),
+            work,
         }
     }
 
     fn activity(&self) -> u8 {
         self.activity.load(Ordering::Relaxed)
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// [`Slot::unless_shed`]'s future: the shed signal first, then the work.
+    pub(crate) struct UnlessShed<S, F> {
+        #[pin]
+        shed: S,
+        #[pin]
+        work: F,
+    }
+}
+
+impl<S: Future<Output = ()>, F: Future> Future for UnlessShed<S, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if this.shed.poll(cx).is_ready() {
+            return Poll::Ready(None);
+        }
+        this.work.poll(cx).map(Some)
     }
 }
 

@@ -70,8 +70,8 @@ const LINGER_BYTES: usize = 1024 * 1024;
 /// How a client connection served by the fast path ended.
 pub enum Outcome {
     Done,
-    /// Hand the connection, with the bytes read so far, to the hyper path.
-    Fallback(Rewind<TcpStream>),
+    /// Hand the connection to the hyper path ([`Connection::into_rewind`]).
+    Fallback,
 }
 
 /// What the next request head turned out to be.
@@ -199,29 +199,48 @@ impl Connection {
     }
 
     /// Serves requests until the client closes, or until one needs the hyper path.
-    pub async fn serve(mut self) -> Outcome {
+    ///
+    /// Borrows the connection (the caller holds it): an `async fn` taking it by value would keep
+    /// it twice in the connection's task, the argument and the moved local side by side.
+    pub async fn serve(&mut self) -> Outcome {
         loop {
-            let next = match self.read_head().await {
-                // Boxed: an exchange's state is kilobytes that an idle connection should not carry.
-                Head::Request(plan, start) => Box::pin(self.exchange(plan, start)).await,
-                Head::Refused(kind, start) => {
-                    let exchange =
-                        Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
-                    let refusal = Synthetic::new(kind, false).closing(true);
-                    self.respond(exchange, refusal).await
-                }
+            let head = self.read_head().await;
+            match head {
+                Head::Closed => break,
                 Head::Fallback => {
                     self.release_upstream();
-                    return Outcome::Fallback(Rewind::new(self.buf.split().freeze(), self.client));
+                    return Outcome::Fallback;
                 }
-                Head::Closed => Next::Close,
-            };
-            if next == Next::Close {
-                break;
+                // Boxed: an exchange's state is kilobytes that an idle connection should not
+                // carry. The head moves in whole (a `match` binding its fields would keep it in
+                // this future's state across the exchange).
+                Head::Request(..) | Head::Refused(..) => {
+                    if Box::pin(self.answer(head)).await == Next::Close {
+                        break;
+                    }
+                }
             }
         }
         self.release_upstream();
         Outcome::Done
+    }
+
+    /// A request's exchange, or the proxy's answer to a head it refused.
+    async fn answer(&mut self, head: Head) -> Next {
+        match head {
+            Head::Request(plan, start) => self.exchange(plan, start).await,
+            Head::Refused(kind, start) => {
+                let exchange = Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
+                let refusal = Synthetic::new(kind, false).closing(true);
+                self.respond(exchange, refusal).await
+            }
+            Head::Fallback | Head::Closed => Next::Close,
+        }
+    }
+
+    /// The connection for the hyper path, with the bytes the fast path read and did not use.
+    pub fn into_rewind(mut self) -> Rewind<TcpStream> {
+        Rewind::new(self.buf.split().freeze(), self.client)
     }
 
     /// Gives the app connection back to the pool (if it is clean).
