@@ -857,6 +857,9 @@ mod tests {
         let serve = super::serve_tunnelled::<crate::proxy::hbone::inbound::Stream>;
         let task = crate::proxy::hbone::inbound::serve_connection(shared, stream, addr, serve);
         let size = size_of_future(&task);
-        assert!(size <= 4096, "an HBONE connection's task takes {size} bytes");
+        assert!(
+            size <= 4096,
+            "an HBONE connection's task takes {size} bytes"
+        );
     }
 }
