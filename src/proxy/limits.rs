@@ -112,6 +112,7 @@ impl Slot {
 
 pin_project_lite::pin_project! {
     /// [`Slot::unless_shed`]'s future: the shed signal first, then the work.
+    #[must_use = "futures do nothing unless polled"]
     pub(crate) struct UnlessShed<S, F> {
         #[pin]
         shed: S,

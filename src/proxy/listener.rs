@@ -830,8 +830,10 @@ mod tests {
 
     /// A connection's task is as large as the largest state of its future, and an idle client
     /// holds it for as long as it is connected: the opening (detection, the gate, the opaque
-    /// relay), the exchange and the refusal live on the heap only while they run. (Idle goal: at
-    /// most 2.6 KB in all; the future was 1,728 bytes before the opening moved to the heap.)
+    /// relay), the exchange and the refusal live on the heap only while they run. Bounds the
+    /// future (tokio's task cell adds its header and rounds up to 128 bytes): 880 bytes in
+    /// release and 904 in debug builds on 2026-12-06, against 1,728 before the opening moved to
+    /// the heap and 976 while the opened connection was still a named local.
     #[tokio::test]
     async fn an_idle_connection_task_stays_small() {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
@@ -850,16 +852,17 @@ mod tests {
         let shared = Shared::new(&args.proxy_config(), Box::new(std::io::sink()));
         let task = super::serve_connection(shared.clone(), stream, addr, Direction::Inbound);
         let size = size_of_future(&task);
-        assert!(size <= 1024, "a connection's task takes {size} bytes");
+        assert!(size <= 960, "a connection's future takes {size} bytes");
         // A peer's HBONE connection: the handshake lives on the heap only while it runs (the
-        // task was 14.5 KB with it inline); the rest is mostly hyper's HTTP/2 connection.
+        // future was 14.5 KB with it inline, 3,376 bytes now); the rest is mostly hyper's
+        // HTTP/2 connection.
         let stream = tokio::net::TcpStream::connect(addr).await.expect("connect");
         let serve = super::serve_tunnelled::<crate::proxy::hbone::inbound::Stream>;
         let task = crate::proxy::hbone::inbound::serve_connection(shared, stream, addr, serve);
         let size = size_of_future(&task);
         assert!(
-            size <= 4096,
-            "an HBONE connection's task takes {size} bytes"
+            size <= 3584,
+            "an HBONE connection's future takes {size} bytes"
         );
     }
 }

@@ -84,6 +84,12 @@ enum Head {
     Closed,
 }
 
+/// A head the fast path answers: forwarded, or refused by the proxy.
+enum Pending {
+    Request(RequestPlan, Instant),
+    Refused(ErrorKind, Instant),
+}
+
 /// What the response depends on from its request.
 #[derive(Clone, Copy)]
 struct Shape {
@@ -204,21 +210,23 @@ impl Connection {
     /// it twice in the connection's task, the argument and the moved local side by side.
     pub async fn serve(&mut self) -> Outcome {
         loop {
-            let head = self.read_head().await;
-            match head {
-                Head::Closed => break,
-                Head::Fallback => {
-                    self.release_upstream();
-                    return Outcome::Fallback;
-                }
-                // Boxed: an exchange's state is kilobytes that an idle connection should not
-                // carry. The head moves in whole (a `match` binding its fields would keep it in
-                // this future's state across the exchange).
-                Head::Request(..) | Head::Refused(..) => {
-                    if Box::pin(self.answer(head)).await == Next::Close {
-                        break;
+            // The head is scoped to this block: held across the exchange's await below, its
+            // 200 bytes would be in this future's state, idle connections included.
+            let pending = {
+                let head = self.read_head().await;
+                match head {
+                    Head::Closed => break,
+                    Head::Fallback => {
+                        self.release_upstream();
+                        return Outcome::Fallback;
                     }
+                    Head::Request(plan, start) => Pending::Request(plan, start),
+                    Head::Refused(kind, start) => Pending::Refused(kind, start),
                 }
+            };
+            // Boxed: an exchange's state is kilobytes that an idle connection should not carry.
+            if Box::pin(self.answer(pending)).await == Next::Close {
+                break;
             }
         }
         self.release_upstream();
@@ -226,15 +234,14 @@ impl Connection {
     }
 
     /// A request's exchange, or the proxy's answer to a head it refused.
-    async fn answer(&mut self, head: Head) -> Next {
-        match head {
-            Head::Request(plan, start) => self.exchange(plan, start).await,
-            Head::Refused(kind, start) => {
+    async fn answer(&mut self, pending: Pending) -> Next {
+        match pending {
+            Pending::Request(plan, start) => self.exchange(plan, start).await,
+            Pending::Refused(kind, start) => {
                 let exchange = Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
                 let refusal = Synthetic::new(kind, false).closing(true);
                 self.respond(exchange, refusal).await
             }
-            Head::Fallback | Head::Closed => Next::Close,
         }
     }
 
