@@ -74,19 +74,17 @@ pub enum Outcome {
     Fallback,
 }
 
-/// What the next request head turned out to be.
-enum Head {
-    Request(RequestPlan, Instant),
+/// Why there is no head to answer: [`Connection::read_head`]'s `Err`.
+enum NoHead {
     Fallback,
-    /// Refused before it could be forwarded: answered by the proxy, then the connection closes.
-    Refused(ErrorKind, Instant),
     /// The client closed, went idle too long, or the connection was shed or drained.
     Closed,
 }
 
-/// A head the fast path answers: forwarded, or refused by the proxy.
+/// A head the fast path answers.
 enum Pending {
     Request(RequestPlan, Instant),
+    /// Refused before it could be forwarded: answered by the proxy, then the connection closes.
     Refused(ErrorKind, Instant),
 }
 
@@ -215,13 +213,12 @@ impl Connection {
             let pending = {
                 let head = self.read_head().await;
                 match head {
-                    Head::Closed => break,
-                    Head::Fallback => {
+                    Err(NoHead::Closed) => break,
+                    Err(NoHead::Fallback) => {
                         self.release_upstream();
                         return Outcome::Fallback;
                     }
-                    Head::Request(plan, start) => Pending::Request(plan, start),
-                    Head::Refused(kind, start) => Pending::Refused(kind, start),
+                    Ok(pending) => pending,
                 }
             };
             // Boxed: an exchange's state is kilobytes that an idle connection should not carry.
@@ -259,9 +256,9 @@ impl Connection {
 
     /// Waits for the next request head: idle first (bounded by --idle-timeout), then the whole
     /// head within --header-timeout of its first byte.
-    async fn read_head(&mut self) -> Head {
+    async fn read_head(&mut self) -> Result<Pending, NoHead> {
         if self.buf.is_empty() && !self.wait_while_idle().await {
-            return Head::Closed;
+            return Err(NoHead::Closed);
         }
         self.slot.set(Activity::Head);
         let start = Instant::now();
@@ -288,24 +285,24 @@ impl Connection {
                     sampler: (self.shared.telemetry.traces.as_ref()).map(|t| &t.sampler),
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
-                    Ok(plan) => return Head::Request(plan, start),
+                    Ok(plan) => return Ok(Pending::Request(plan, start)),
                     Err(RequestVerdict::Partial) if self.buf.len() < max_head => {}
                     Err(RequestVerdict::Partial) => {
-                        return Head::Refused(ErrorKind::HeadersTooLarge, start);
+                        return Ok(Pending::Refused(ErrorKind::HeadersTooLarge, start));
                     }
                     Err(RequestVerdict::Invalid) => {
-                        return Head::Refused(ErrorKind::BadRequest, start);
+                        return Ok(Pending::Refused(ErrorKind::BadRequest, start));
                     }
-                    Err(RequestVerdict::Fallback) => return Head::Fallback,
+                    Err(RequestVerdict::Fallback) => return Err(NoHead::Fallback),
                 }
             }
             self.buf.reserve(HEAD_CHUNK);
             // What is already there needs no timer: most heads arrive whole, in one read.
             match self.client.try_read_buf(&mut self.buf) {
-                Ok(0) => return Head::Closed,
+                Ok(0) => return Err(NoHead::Closed),
                 Ok(_) => continue,
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(_) => return Head::Closed,
+                Err(_) => return Err(NoHead::Closed),
             }
             // A head that has started finishes while draining (it gets its answer), but not
             // when the shedder needs its room: the slowest heads go first.
@@ -313,12 +310,12 @@ impl Connection {
             tokio::select! {
                 biased;
                 read = read => match read {
-                    Ok(Ok(0) | Err(_)) => return Head::Closed,
+                    Ok(Ok(0) | Err(_)) => return Err(NoHead::Closed),
                     Ok(Ok(_)) => {}
                     // Slowloris: the whole head gets --header-timeout, however it trickles in.
-                    Err(_) => return Head::Refused(ErrorKind::RequestTimeout, start),
+                    Err(_) => return Ok(Pending::Refused(ErrorKind::RequestTimeout, start)),
                 },
-                () = self.slot.shed_wait() => return Head::Closed,
+                () = self.slot.shed_wait() => return Err(NoHead::Closed),
             }
         }
     }
