@@ -11,6 +11,7 @@
 
 pub mod balance;
 pub mod endpoints;
+pub mod tunnel_stream;
 pub mod tunnels;
 
 use crate::sync::lock;
@@ -98,7 +99,7 @@ pub(crate) trait Tunneller: Send + Sync {
 pub(crate) enum Transport {
     Tcp(TcpStream),
     Tunnel {
-        io: hyper::upgrade::Upgraded,
+        io: tunnel_stream::TunnelStream,
         /// The peer proxy's SPIFFE ID, verified by the handshake.
         peer: Arc<str>,
         /// The stream's place on its pooled HBONE connection, held as long as the stream.
@@ -205,7 +206,7 @@ pub(crate) struct PooledIo {
 
 enum PooledTransport {
     Tcp(TokioIo<TcpStream>),
-    Tunnel(hyper::upgrade::Upgraded),
+    Tunnel(TokioIo<tunnel_stream::TunnelStream>),
 }
 
 impl PooledIo {
@@ -223,7 +224,7 @@ impl PooledIo {
                 slot,
                 span,
             } => PooledIo {
-                io: PooledTransport::Tunnel(io),
+                io: PooledTransport::Tunnel(TokioIo::new(io)),
                 info: ConnInfo {
                     uses: Arc::default(),
                     peer: Some(peer),

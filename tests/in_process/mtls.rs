@@ -68,9 +68,10 @@ async fn get(
     tunnel: Tunnel,
     path: &str,
 ) -> (u16, hyper::client::conn::http1::SendRequest<Empty<Bytes>>) {
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(tunnel.io.into_inner())
-        .await
-        .expect("HTTP/1.1 in the tunnel");
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tunnel.io))
+            .await
+            .expect("HTTP/1.1 in the tunnel");
     tokio::spawn(async move {
         let _slot = tunnel.slot;
         let _ = conn.await;

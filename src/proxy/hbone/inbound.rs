@@ -6,20 +6,17 @@
 //! at the authority's port before the 200 (503 when it fails); the stream then takes the same
 //! detection and HTTP or TCP path as a plaintext connection, with the peer's identity attached.
 
-use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use bytes::Bytes;
+use h2::RecvStream;
+use h2::server::SendResponse;
 use http::{HeaderMap, Method, Request, Response};
 
-use crate::proxy::body::ResponseBody;
-use crate::proxy::hyper_path;
 use crate::proxy::phases::Synthetic;
 use crate::telemetry::istio::PeerWorkload;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::time::SystemTime;
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
@@ -28,7 +25,7 @@ use tokio_rustls::server::TlsStream;
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT};
 use super::{
     CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME,
-    STREAM_WINDOW,
+    MAX_HEADER_LIST, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUFFER, STREAM_WINDOW,
 };
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::SpiffeId;
@@ -37,6 +34,7 @@ use crate::proxy::limits::{Activity, ConnectionGuard, OpenRequests, RequestMark}
 use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
+use crate::proxy::upstream::tunnel_stream::{TunnelStream, unanswered_ping};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
 use crate::telemetry::trace::parse_traceparent;
@@ -45,8 +43,8 @@ use crate::telemetry::trace::parse_traceparent;
 /// and says nothing holds a descriptor, and is shed meanwhile when room is needed.
 const HANDSHAKE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// The bytes of one tunnelled connection: a CONNECT stream, upgraded.
-pub(crate) type Stream = TokioIo<hyper::upgrade::Upgraded>;
+/// The bytes of one tunnelled connection: a CONNECT stream.
+pub(crate) type Stream = TunnelStream;
 
 /// One TLS connection from a peer: handshake, then its CONNECT streams until it closes. The
 /// connection counts against --max-connections, is shed when it has no open stream and room is
@@ -68,7 +66,7 @@ pub(crate) async fn serve_connection<S, F>(
     // in the connection's task for as long as the peer keeps it (it was 14.5 KB with it, inline).
     // Destructured in the `let` itself: a named `Accepted` would keep its room in the task.
     let Some(Accepted {
-        tls,
+        mut conn,
         guard,
         local,
         client,
@@ -78,50 +76,67 @@ pub(crate) async fn serve_connection<S, F>(
         return;
     };
     let slot = guard.slot().clone();
-
     // The connection is idle (sheddable, and closed after --idle-timeout) while no stream is open.
     let open = OpenRequests::new(slot.clone());
-    let service = {
-        let (shared, open) = (shared.clone(), open.clone());
-        service_fn(move |req| {
-            let shared = shared.clone();
-            let peer = peer.clone();
-            let mark = open.start();
-            async move {
-                let response = open_stream(shared, req, client, local, peer, mark, serve).await;
-                Ok::<_, Infallible>(response)
+    let idle = shared.settings.traffic.timeouts.idle;
+    let ping_pong = conn.ping_pong();
+    let keep_alive = async move {
+        match ping_pong {
+            Some(ping_pong) => {
+                unanswered_ping(ping_pong, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
             }
-        })
-    };
-    let conn = tunnel_server().serve_connection(TokioIo::new(tls), service);
-    let mut conn = std::pin::pin!(conn);
-    let result = tokio::select! {
-        biased;
-        // Chosen by the shedder: no stream was open, so nothing is cut.
-        () = slot.shed_wait() => return,
-        result = conn.as_mut() => result,
-        () = slot.close_requested_wait() => {
-            // GOAWAY: open streams finish, new ones go elsewhere (unless shed meanwhile: a peer
-            // that ignores the GOAWAY must not hold a slot the shedder counted as freed).
-            conn.as_mut().graceful_shutdown();
-            let Some(result) = slot.unless_shed(conn).await else { return };
-            result
-        }
-        () = open.idle_for(shared.settings.traffic.timeouts.idle) => {
-            tracing::debug!(%client, "HBONE connection without a stream for --idle-timeout: closing");
-            conn.as_mut().graceful_shutdown();
-            let Some(result) = slot.unless_shed(conn).await else { return };
-            result
+            None => std::future::pending().await,
         }
     };
-    if let Err(e) = result {
-        tracing::debug!(%client, "HBONE connection ended: {e}");
+    let mut keep_alive = std::pin::pin!(keep_alive);
+    let mut shed = std::pin::pin!(slot.shed_wait());
+    let mut close_requested = std::pin::pin!(slot.close_requested_wait());
+    let mut idle_out = std::pin::pin!(open.idle_for(idle));
+    // Closing is graceful (GOAWAY: open streams finish, new ones go elsewhere) unless the shedder
+    // takes the connection meanwhile: a peer that ignores the GOAWAY must not hold a slot the
+    // shedder counted as freed.
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            biased;
+            // Chosen by the shedder: no stream was open, so nothing is cut.
+            () = &mut shed => return,
+            accepted = conn.accept() => match accepted {
+                Some(Ok((request, respond))) => {
+                    let mark = open.start();
+                    let stream = open_stream(
+                        shared.clone(), request, respond, client, local, peer.clone(), mark, serve,
+                    );
+                    tokio::spawn(stream);
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%client, "HBONE connection ended: {e}");
+                    return;
+                }
+                None => return,
+            },
+            () = &mut close_requested, if !closing => {
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut idle_out, if !closing => {
+                tracing::debug!(%client, "HBONE connection without a stream for --idle-timeout: closing");
+                closing = true;
+                conn.graceful_shutdown();
+            }
+            () = &mut keep_alive => return,
+        }
     }
 }
 
-/// A peer's TLS connection, past the handshake and the identity checks.
+/// A peer's HTTP/2 connection, past the TLS handshake, the identity checks and the HTTP/2
+/// preface. Boxed: the connection's state (TLS included) is kilobytes, and it would otherwise
+/// sit beside the handshake's in every idle connection's task.
+type TunnelConnection = Box<h2::server::Connection<TlsStream<TcpStream>, Bytes>>;
+
+/// A peer's connection, accepted.
 struct Accepted {
-    tls: TlsStream<TcpStream>,
+    conn: TunnelConnection,
     guard: ConnectionGuard,
     /// The address the connection arrived on, and the peer's.
     local: SocketAddr,
@@ -181,9 +196,23 @@ async fn accept(shared: &Shared, stream: TcpStream, client: SocketAddr) -> Optio
     }
     // The verifier accepted the certificate, so it has a workload ID.
     let peer = peer_id(session.peer_certificates())?;
+    // The client's preface and SETTINGS, bounded as a connection without a stream is.
+    let idle = shared.settings.traffic.timeouts.idle;
+    let handshake = tokio::time::timeout(idle, tunnel_server().handshake::<_, Bytes>(tls));
+    let conn = match slot.unless_shed(handshake).await? {
+        Ok(Ok(conn)) => Box::new(conn),
+        Ok(Err(e)) => {
+            tracing::debug!(%client, %peer, "HBONE connection ended before its first frame: {e}");
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(%client, %peer, "HBONE connection sent no HTTP/2 preface within --idle-timeout: closing");
+            return None;
+        }
+    };
     tracing::debug!(%client, %peer, "HBONE connection accepted");
     Some(Accepted {
-        tls,
+        conn,
         guard,
         local,
         client,
@@ -191,17 +220,19 @@ async fn accept(shared: &Shared, stream: TcpStream, client: SocketAddr) -> Optio
     })
 }
 
-/// The HTTP/2 server of HBONE connections: ztunnel's stream and window sizes, pinged when idle.
-fn tunnel_server() -> hyper::server::conn::http2::Builder<TokioExecutor> {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+/// The HTTP/2 server of HBONE connections: ztunnel's stream and window sizes, and hyper's bounds
+/// on what a peer may make it hold (a 16 KiB header list, 400 KiB buffered per stream, 1,024
+/// streams reset for its errors before the connection is closed).
+fn tunnel_server() -> h2::server::Builder {
+    let mut builder = h2::server::Builder::new();
     builder
-        .timer(TokioTimer::new())
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
-        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT);
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS));
     builder
 }
 
@@ -250,42 +281,96 @@ async fn linger(mut stream: TcpStream) {
     let _ = tokio::time::timeout(LINGER_TIME, drain).await;
 }
 
-/// A `CONNECT` refused: the same response, status and body as every refusal of the proxy's.
-fn refuse_connect(kind: ErrorKind) -> Response<ResponseBody> {
-    hyper_path::refusal(Synthetic::new(kind, false))
+/// A `CONNECT` refused: the same status, fields and body as every refusal of the proxy's
+/// ([`Synthetic`] decides them), then the end of the stream.
+fn refuse_connect(respond: &mut SendResponse<Bytes>, kind: ErrorKind) {
+    let synthetic = Synthetic::new(kind, false);
+    let body = synthetic.body();
+    let mut response = Response::new(());
+    *response.status_mut() = synthetic.status();
+    *response.headers_mut() = synthetic.header_map();
+    let sent = respond
+        .send_response(response, body.is_empty())
+        .and_then(|mut send| match body.is_empty() {
+            true => Ok(()),
+            false => send.send_data(Bytes::from_static(body.as_bytes()), true),
+        });
+    if let Err(e) = sent {
+        tracing::debug!("HBONE CONNECT refusal not sent: {e}");
+    }
 }
 
-/// One CONNECT: checks, the app connection, 200, then the stream's own task. The stream keeps
-/// `mark` (its connection busy) for its whole life.
+/// One CONNECT, in a task of its own: the checks and the app connection, then 200 and the
+/// stream's life as a tunnel, or the refusal. The stream keeps `mark` (its connection busy) for
+/// its whole life.
+#[allow(clippy::too_many_arguments)]
 async fn open_stream<S, F>(
     shared: Arc<Shared>,
-    mut req: Request<Incoming>,
+    request: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
     client: SocketAddr,
     local: SocketAddr,
     peer_id: Arc<SpiffeId>,
     mark: RequestMark,
     serve: S,
-) -> Response<ResponseBody>
-where
-    S: Fn(Arc<Shared>, Stream, TcpStream, Route, ConnectionGuard) -> F + Send + 'static,
-    F: Future<Output = ()> + Send + 'static,
+) where
+    S: Fn(Arc<Shared>, Stream, TcpStream, Route, ConnectionGuard) -> F,
+    F: Future<Output = ()>,
 {
+    let (head, recv) = request.into_parts();
+    let opened = match Box::pin(open_app(&shared, &head, client, local, peer_id)).await {
+        Ok(opened) => opened,
+        Err(kind) => return refuse_connect(&mut respond, kind),
+    };
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => return tracing::debug!("HBONE stream ended before it opened: {e}"),
+    };
+    let OpenedApp {
+        app,
+        route,
+        guard,
+        span,
+    } = opened;
+    let _mark = mark;
+    let _span = span;
+    serve(shared, TunnelStream::new(send, recv), app, route, guard).await;
+}
+
+/// What a CONNECT that passed its checks holds: the app connection, the route its records carry,
+/// its place under --max-connections, and the tunnel's span.
+struct OpenedApp {
+    app: TcpStream,
+    route: Route,
+    guard: ConnectionGuard,
+    span: Option<TunnelSpan>,
+}
+
+/// A CONNECT's checks (the authority is this pod's address and not a port of the proxy's, the
+/// policy admits the peer, the limits have room) and its app connection; the refusal otherwise.
+async fn open_app(
+    shared: &Shared,
+    req: &http::request::Parts,
+    client: SocketAddr,
+    local: SocketAddr,
+    peer_id: Arc<SpiffeId>,
+) -> Result<OpenedApp, ErrorKind> {
     let peer = peer_id.to_string();
-    if req.method() != Method::CONNECT {
-        return refuse_connect(ErrorKind::BadRequest);
+    if req.method != Method::CONNECT {
+        return Err(ErrorKind::BadRequest);
     }
     let Some(target) = req
-        .uri()
+        .uri
         .authority()
         .and_then(|a| a.as_str().parse::<SocketAddr>().ok())
     else {
-        tracing::info!(%peer, uri = %req.uri(), "HBONE CONNECT refused: the authority is not ip:port");
-        return refuse_connect(ErrorKind::BadRequest);
+        tracing::info!(%peer, uri = %req.uri, "HBONE CONNECT refused: the authority is not ip:port");
+        return Err(ErrorKind::BadRequest);
     };
     let target = SocketAddr::new(target.ip().to_canonical(), target.port());
     if target.ip() != local.ip() {
         tracing::info!(%peer, %target, pod = %local.ip(), "HBONE CONNECT refused: the authority is not this pod's address");
-        return refuse_connect(ErrorKind::BadRequest);
+        return Err(ErrorKind::BadRequest);
     }
     let metrics = &shared.telemetry.metrics;
     if target.port() == local.port() || shared.settings.traffic.own_ports.contains(&target.port()) {
@@ -293,18 +378,18 @@ where
         // Debug: a peer could fill the log with these; the metric counts them.
         tracing::debug!(%peer, %target, "HBONE CONNECT refused: the port is one of the proxy's own");
         metrics.count_error(Direction::Inbound, ErrorKind::ProxyPort);
-        return refuse_connect(ErrorKind::ProxyPort);
+        return Err(ErrorKind::ProxyPort);
     }
     let start = SystemTime::now();
-    let traceparent = log_tunnel_headers(req.headers(), &peer, target);
+    let traceparent = log_tunnel_headers(&req.headers, &peer, target);
     // Only read when Istio's metrics are exported: it names the peer's workload there.
     let peer_workload = shared.telemetry.istio().and_then(|_| {
-        let baggage = req.headers().get(BAGGAGE)?.to_str().ok()?;
+        let baggage = req.headers.get(BAGGAGE)?.to_str().ok()?;
         Some(Arc::new(PeerWorkload::from_baggage(baggage)))
     });
     if !shared.admits(target.port(), Some(&peer_id)) {
         metrics.count_error(Direction::Inbound, ErrorKind::PolicyDenied);
-        return refuse_connect(ErrorKind::PolicyDenied);
+        return Err(ErrorKind::PolicyDenied);
     }
     // The stream holds an app connection: it counts against --max-connections (and so the
     // descriptor budget) like a plaintext connection, shedding an idle one at the limit.
@@ -312,12 +397,12 @@ where
     let Some(guard) = shared.limits.admit(gauge, &metrics.shed_connections) else {
         metrics.rejected_connections.inc();
         metrics.count_error(Direction::Inbound, ErrorKind::TooManyConnections);
-        return refuse_connect(ErrorKind::TooManyConnections);
+        return Err(ErrorKind::TooManyConnections);
     };
     // Opening it is a request in flight (--max-in-flight bounds concurrent app dials).
     let Some(in_flight) = shared.limits.start_request() else {
         metrics.count_error(Direction::Inbound, ErrorKind::Overloaded);
-        return refuse_connect(ErrorKind::Overloaded);
+        return Err(ErrorKind::Overloaded);
     };
     let upstream = shared.settings.inbound_upstream(target.port(), local);
     let app = match connect(upstream, shared.upstreams.connect).await {
@@ -326,11 +411,10 @@ where
             let kind = classify_io(&e, true);
             metrics.count_error(Direction::Inbound, kind);
             tracing::info!(%peer, %upstream, "HBONE CONNECT refused: the app connection failed: {e}");
-            return refuse_connect(kind);
+            return Err(kind);
         }
     };
     drop(in_flight);
-    let upgrade = hyper::upgrade::on(&mut req);
     metrics.count_hbone_stream(Direction::Inbound, &peer);
     // The tunnel's span: a child of the peer's, ending with the stream; when sampled, the
     // parent of the requests in it that name none.
@@ -358,15 +442,12 @@ where
         peer_workload,
         tunnel_parent,
     };
-    tokio::spawn(async move {
-        let _mark = mark;
-        let _span = span;
-        match upgrade.await {
-            Ok(upgraded) => serve(shared, TokioIo::new(upgraded), app, route, guard).await,
-            Err(e) => tracing::debug!("HBONE stream ended before it opened: {e}"),
-        }
-    });
-    Response::new(ResponseBody::empty())
+    Ok(OpenedApp {
+        app,
+        route,
+        guard,
+        span,
+    })
 }
 
 /// The tracing context and the original client a peer may send (ztunnel does), logged once per

@@ -7,9 +7,11 @@
 //! connections (one per peer, at most 100 streams each; the pool's state is
 //! [`crate::proxy::upstream::tunnels`], held by [`crate::proxy::shared::Mtls`]).
 //!
-//! HTTP/2 is hyper's (the `h2` crate underneath): the rest of the proxy already runs on it, its
-//! server answers PINGs while idle and its client sends keep-alive PINGs, and a `CONNECT` stream
-//! becomes an ordinary byte stream (`hyper::upgrade`) that the existing paths can read.
+//! HTTP/2 is the `h2` crate's, used directly: a `CONNECT` stream is read and written as a byte
+//! stream ([`TunnelStream`](crate::proxy::upstream::tunnel_stream::TunnelStream)) from the task
+//! that relays it, with no task or channel between it and the connection (hyper's upgraded
+//! streams had both). Both sides PING every [`KEEP_ALIVE_INTERVAL`] and drop a connection whose
+//! peer leaves a PING unanswered for [`KEEP_ALIVE_TIMEOUT`].
 
 pub(crate) mod headers;
 pub(crate) mod inbound;
@@ -21,6 +23,12 @@ use std::time::Duration;
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub(crate) const CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
+/// What a peer may make one connection hold (hyper's bounds, kept when HBONE moved to `h2`
+/// directly): its header list, what one stream buffers to send, and the streams reset for the
+/// peer's errors before the connection is closed (HTTP/2 "rapid reset").
+pub(crate) const MAX_HEADER_LIST: u32 = 16 * 1024;
+pub(crate) const MAX_SEND_BUFFER: usize = 400 * 1024;
+pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Streams a server accepts per connection; a client opens at most
 /// [`MAX_STREAMS`](crate::proxy::upstream::tunnels::MAX_STREAMS).
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 200;

@@ -20,25 +20,28 @@ use std::sync::{Arc, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::{HeaderValue, Method, Request, StatusCode};
-use http_body_util::Empty;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
-use super::{CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, STREAM_WINDOW};
+use super::{
+    CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST,
+    MAX_SEND_BUFFER, STREAM_WINDOW,
+};
 use crate::error::{ErrorKind, HandshakeFailure, Known, classify_io};
 use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::shared::{Mtls, Shared};
 use crate::proxy::tcp::{self, Route};
+use crate::proxy::upstream::tunnel_stream::{TunnelStream, unanswered_ping};
 /// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
 pub use crate::proxy::upstream::tunnels::OpenError;
 use crate::proxy::upstream::tunnels::{
-    PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage, idle_out,
+    MAX_STREAMS, PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage, idle_out,
 };
 use crate::proxy::upstream::{self, Transport, connect};
 use crate::settings::OutboundMtls;
@@ -104,7 +107,7 @@ impl AsyncWrite for Watched {
 /// An open tunnel: the byte stream, the server's identity, the `traceparent` sent to it and the
 /// stream's place in the pool.
 pub struct Tunnel {
-    pub io: TokioIo<hyper::upgrade::Upgraded>,
+    pub io: TunnelStream,
     pub peer: Arc<str>,
     pub traceparent: String,
     pub slot: StreamSlot,
@@ -125,7 +128,7 @@ impl Pool {
         target: SocketAddr,
         client: Option<SocketAddr>,
     ) -> Result<Tunnel, OpenError> {
-        let (mut pooled, slot) = self
+        let (pooled, slot) = self
             .checkout_or_dial(peer, || dial(shared, mtls, peer))
             .await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
@@ -144,9 +147,17 @@ impl Pool {
             request = request.header(FORWARDED, headers::forwarded(client));
         }
         let request = request
-            .body(Empty::new())
+            .body(())
             .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-        let response = pooled.sender.send_request(request).await.map_err(|e| {
+        // h2 sends the stream on the connection's task; waiting for room under the peer's
+        // stream limit, then for its answer.
+        let sender = pooled.sender.clone();
+        let answered = async move {
+            let mut sender = sender.ready().await?;
+            let (response, send) = sender.send_request(request, false)?;
+            Ok::<_, h2::Error>((response.await?, send))
+        };
+        let (response, send) = answered.await.map_err(|e| {
             let Some((reason, detail)) = pooled.refusal.seen.get() else {
                 return failed(ErrorKind::ConnectFailed, e.to_string());
             };
@@ -174,9 +185,7 @@ impl Pool {
                 ),
             ));
         }
-        let upgraded = hyper::upgrade::on(response)
-            .await
-            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+        let io = TunnelStream::new(send, response.into_body());
         let span = traces.and_then(|traces| {
             let facts = TunnelFacts {
                 direction: Direction::Outbound,
@@ -187,7 +196,7 @@ impl Pool {
             traces.tunnel_span(ids, facts)
         });
         Ok(Tunnel {
-            io: TokioIo::new(upgraded),
+            io,
             peer: pooled.peer.clone(),
             traceparent,
             slot,
@@ -224,25 +233,36 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     let baggage = HeaderValue::try_from(workload.baggage())
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
     let refusal = Arc::new(Refusal::default());
-    let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .initial_stream_window_size(STREAM_WINDOW)
+    let mut builder = h2::client::Builder::new();
+    builder
+        .initial_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME)
-        .keep_alive_interval(KEEP_ALIVE_INTERVAL)
-        .keep_alive_timeout(KEEP_ALIVE_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .handshake(TokioIo::new(Watched {
-            tls,
-            refusal: refusal.clone(),
-        }))
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .initial_max_send_streams(MAX_STREAMS);
+    let watched = Watched {
+        tls,
+        refusal: refusal.clone(),
+    };
+    let (sender, mut conn) = builder
+        .handshake::<_, Bytes>(watched)
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
     let usage = Arc::new(Usage::new());
     let idle_timeout = mtls.idle_timeout;
+    let ping_pong = conn.ping_pong();
     tokio::spawn({
         let usage = usage.clone();
         async move {
+            let keep_alive = async move {
+                match ping_pong {
+                    Some(ping_pong) => {
+                        unanswered_ping(ping_pong, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 result = conn => if let Err(e) = result {
                     tracing::debug!(%peer, "HBONE connection ended: {e}");
@@ -250,7 +270,11 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
                 () = idle_out(&usage, idle_timeout) => {
                     tracing::debug!(%peer, "HBONE connection idle for {idle_timeout:?}: closing it");
                 }
+                () = keep_alive => {
+                    tracing::debug!(%peer, "HBONE connection's peer stopped answering PINGs: closing it");
+                }
             }
+            usage.close();
         }
     });
     Ok(Pooled {
@@ -430,7 +454,7 @@ impl upstream::Tunneller for HboneTunneller {
                     let metrics = &shared.telemetry.metrics;
                     metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);
                     Ok(Transport::Tunnel {
-                        io: tunnel.io.into_inner(),
+                        io: tunnel.io,
                         peer: tunnel.peer,
                         slot: tunnel.slot,
                         span: tunnel.span,

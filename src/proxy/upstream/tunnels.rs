@@ -11,9 +11,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use h2::client::SendRequest;
 use http::HeaderValue;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
 
 use crate::error::{ErrorKind, HandshakeFailure};
 use crate::sync::lock;
@@ -26,7 +25,7 @@ pub(crate) const PLAINTEXT_MEMORY: Duration = Duration::from_secs(60);
 /// One pooled HBONE connection.
 #[derive(Clone)]
 pub(crate) struct Pooled {
-    pub(crate) sender: SendRequest<Empty<Bytes>>,
+    pub(crate) sender: SendRequest<Bytes>,
     /// The server's SPIFFE ID, verified by the handshake.
     pub(crate) peer: Arc<str>,
     /// Our `baggage`, from the identity this connection presented.
@@ -45,11 +44,13 @@ pub(crate) struct Refusal {
     pub(crate) counted: AtomicBool,
 }
 
-/// Streams open on a connection, and when the last one ended (ms since `epoch`).
+/// Streams open on a connection, when the last one ended (ms since `epoch`), and whether the
+/// connection has ended.
 pub(crate) struct Usage {
     streams: AtomicUsize,
     epoch: Instant,
     idle_since_ms: AtomicU64,
+    closed: AtomicBool,
 }
 
 impl Usage {
@@ -58,7 +59,17 @@ impl Usage {
             streams: AtomicUsize::new(0),
             epoch: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
         }
+    }
+
+    /// The connection's task has ended: the pool forgets it.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
     }
 
     fn now_ms(&self) -> u64 {
@@ -159,7 +170,7 @@ impl Pool {
     fn checkout(&self, peer: SocketAddr) -> Option<(Pooled, StreamSlot)> {
         let mut map = lock(&self.connections);
         let list = map.get_mut(&peer)?;
-        list.retain(|p| !p.sender.is_closed());
+        list.retain(|p| !p.usage.is_closed());
         let found = list
             .iter()
             .find(|p| p.usage.streams.load(Ordering::Acquire) < MAX_STREAMS)?
@@ -203,7 +214,7 @@ impl Pool {
                     // Each dial also forgets the closed connections of every peer, and the
                     // peers left with none (pod addresses come and go): the map holds what is open.
                     connections.retain(|_, list| {
-                        list.retain(|p| !p.sender.is_closed());
+                        list.retain(|p| !p.usage.is_closed());
                         !list.is_empty()
                     });
                     connections.entry(peer).or_default().push(pooled.clone());
