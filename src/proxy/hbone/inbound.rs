@@ -9,10 +9,11 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use bytes::Bytes;
-use h2::RecvStream;
 use h2::server::SendResponse;
+use h2::{Reason, RecvStream};
 use http::{HeaderMap, Method, Request, Response};
 
 use crate::proxy::phases::Synthetic;
@@ -34,7 +35,7 @@ use crate::proxy::limits::{Activity, ConnectionGuard, OpenRequests, RequestMark}
 use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
-use crate::proxy::upstream::tunnel_stream::{TunnelStream, unanswered_ping};
+use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream, unanswered_ping};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
 use crate::telemetry::trace::parse_traceparent;
@@ -67,6 +68,7 @@ pub(crate) async fn serve_connection<S, F>(
     // Destructured in the `let` itself: a named `Accepted` would keep its room in the task.
     let Some(Accepted {
         mut conn,
+        heard,
         guard,
         local,
         client,
@@ -83,7 +85,7 @@ pub(crate) async fn serve_connection<S, F>(
     let keep_alive = async move {
         match ping_pong {
             Some(ping_pong) => {
-                unanswered_ping(ping_pong, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
+                unanswered_ping(ping_pong, heard, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
             }
             None => std::future::pending().await,
         }
@@ -96,18 +98,30 @@ pub(crate) async fn serve_connection<S, F>(
     // takes the connection meanwhile: a peer that ignores the GOAWAY must not hold a slot the
     // shedder counted as freed.
     let mut closing = false;
+    // The streams whose tasks run: at most as many as a peer may have open. h2 forgets a stream
+    // its peer resets at once, so HEADERS then RST_STREAM in a loop would otherwise start tasks
+    // (each an app dial and a --max-connections slot) without bound.
+    let running = Arc::new(tokio::sync::Semaphore::new(MAX_CONCURRENT_STREAMS as usize));
     loop {
         tokio::select! {
             biased;
             // Chosen by the shedder: no stream was open, so nothing is cut.
             () = &mut shed => return,
             accepted = conn.accept() => match accepted {
-                Some(Ok((request, respond))) => {
+                Some(Ok((request, mut respond))) => {
+                    let Ok(permit) = running.clone().try_acquire_owned() else {
+                        tracing::debug!(%client, "HBONE stream refused: {MAX_CONCURRENT_STREAMS} still running");
+                        respond.send_reset(Reason::REFUSED_STREAM);
+                        continue;
+                    };
                     let mark = open.start();
                     let stream = open_stream(
                         shared.clone(), request, respond, client, local, peer.clone(), mark, serve,
                     );
-                    tokio::spawn(stream);
+                    tokio::spawn(async move {
+                        let _permit = permit;
+                        stream.await;
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(%client, "HBONE connection ended: {e}");
@@ -132,11 +146,13 @@ pub(crate) async fn serve_connection<S, F>(
 /// A peer's HTTP/2 connection, past the TLS handshake, the identity checks and the HTTP/2
 /// preface. Boxed: the connection's state (TLS included) is kilobytes, and it would otherwise
 /// sit beside the handshake's in every idle connection's task.
-type TunnelConnection = Box<h2::server::Connection<TlsStream<TcpStream>, Bytes>>;
+type TunnelConnection = Box<h2::server::Connection<Heard<TlsStream<TcpStream>>, Bytes>>;
 
 /// A peer's connection, accepted.
 struct Accepted {
     conn: TunnelConnection,
+    /// Whether the peer was heard from since last looked at (the keep-alive's question).
+    heard: Arc<AtomicBool>,
     guard: ConnectionGuard,
     /// The address the connection arrived on, and the peer's.
     local: SocketAddr,
@@ -198,6 +214,7 @@ async fn accept(shared: &Shared, stream: TcpStream, client: SocketAddr) -> Optio
     let peer = peer_id(session.peer_certificates())?;
     // The client's preface and SETTINGS, bounded as a connection without a stream is.
     let idle = shared.settings.traffic.timeouts.idle;
+    let (tls, heard) = Heard::new(tls);
     let handshake = tokio::time::timeout(idle, tunnel_server().handshake::<_, Bytes>(tls));
     let conn = match slot.unless_shed(handshake).await? {
         Ok(Ok(conn)) => Box::new(conn),
@@ -213,6 +230,7 @@ async fn accept(shared: &Shared, stream: TcpStream, client: SocketAddr) -> Optio
     tracing::debug!(%client, %peer, "HBONE connection accepted");
     Some(Accepted {
         conn,
+        heard,
         guard,
         local,
         client,
@@ -318,7 +336,14 @@ async fn open_stream<S, F>(
     F: Future<Output = ()>,
 {
     let (head, recv) = request.into_parts();
-    let opened = match Box::pin(open_app(&shared, &head, client, local, peer_id)).await {
+    // A peer that resets the stream meanwhile takes its dial back, as hyper dropped the handler.
+    let opening = Box::pin(open_app(&shared, &head, client, local, peer_id));
+    let reset = std::future::poll_fn(|cx| respond.poll_reset(cx));
+    let opened = tokio::select! {
+        opened = opening => opened,
+        _ = reset => return tracing::debug!(%client, "HBONE stream reset by the peer before it opened"),
+    };
+    let opened = match opened {
         Ok(opened) => opened,
         Err(kind) => return refuse_connect(&mut respond, kind),
     };

@@ -21,6 +21,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
+use h2::Reason;
 use http::{HeaderValue, Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -37,7 +38,7 @@ use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::shared::{Mtls, Shared};
 use crate::proxy::tcp::{self, Route};
-use crate::proxy::upstream::tunnel_stream::{TunnelStream, unanswered_ping};
+use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream, unanswered_ping};
 /// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
 pub use crate::proxy::upstream::tunnels::OpenError;
 use crate::proxy::upstream::tunnels::{
@@ -119,7 +120,9 @@ pub struct Tunnel {
 /// HBONE's.
 impl Pool {
     /// Opens a stream to `target` through `peer` (`target`'s HBONE address), on a pooled
-    /// connection or a new one.
+    /// connection or a new one. Every wait is bounded by --connect-timeout: the TCP connection and
+    /// the TLS handshake of a dial, and the peer's answer to CONNECT, so that a peer that takes
+    /// the handshake and never answers (or never lets a stream open) holds nothing past it.
     pub async fn open(
         &self,
         shared: &Shared,
@@ -128,45 +131,71 @@ impl Pool {
         target: SocketAddr,
         client: Option<SocketAddr>,
     ) -> Result<Tunnel, OpenError> {
-        let (pooled, slot) = self
-            .checkout_or_dial(peer, || dial(shared, mtls, peer))
-            .await?;
         let failed = |kind, reason: String| OpenError::Failed { peer, kind, reason };
         let start = SystemTime::now();
         // Each tunnel starts a trace of its own (it may carry many requests).
         let traces = shared.telemetry.traces.as_ref();
         let ids = traces.map_or(Sampler::NEVER, |t| t.sampler).start(None);
         let traceparent = ids.traceparent_string();
-        let mut request = Request::builder()
-            .method(Method::CONNECT)
-            .uri(target.to_string())
-            .header(TRACEPARENT, &traceparent)
-            .header(BAGGAGE, pooled.baggage.clone());
-        // A tunnel hyper pools for many of the app's connections names none of them.
-        if let Some(client) = client {
-            request = request.header(FORWARDED, headers::forwarded(client));
-        }
-        let request = request
-            .body(())
-            .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
-        // h2 sends the stream on the connection's task; waiting for room under the peer's
-        // stream limit, then for its answer.
-        let sender = pooled.sender.clone();
-        let answered = async move {
-            let mut sender = sender.ready().await?;
-            let (response, send) = sender.send_request(request, false)?;
-            Ok::<_, h2::Error>((response.await?, send))
-        };
-        let (response, send) = answered.await.map_err(|e| {
+        // A second try, on a new connection, only for a stream the peer never processed: its
+        // connection was going away (GOAWAY) or it refused the stream.
+        let mut retried = false;
+        let (pooled, slot, response, send) = loop {
+            let (pooled, slot) = self
+                .checkout_or_dial(peer, || dial(shared, mtls, peer))
+                .await?;
+            let mut request = Request::builder()
+                .method(Method::CONNECT)
+                .uri(target.to_string())
+                .header(TRACEPARENT, &traceparent)
+                .header(BAGGAGE, pooled.baggage.clone());
+            // A tunnel hyper pools for many of the app's connections names none of them.
+            if let Some(client) = client {
+                request = request.header(FORWARDED, headers::forwarded(client));
+            }
+            let request = request
+                .body(())
+                .map_err(|e| failed(ErrorKind::ConnectFailed, e.to_string()))?;
+            // h2 opens the stream when the peer's stream limit has room, on the connection's
+            // task; then the peer's answer.
+            let sender = pooled.sender.clone();
+            let answered = async move {
+                let mut sender = sender.ready().await?;
+                let (response, send) = sender.send_request(request, false)?;
+                Ok::<_, h2::Error>((response.await?, send))
+            };
+            let timeout = shared.upstreams.connect.timeout;
+            let e = match tokio::time::timeout(timeout, answered).await {
+                Ok(Ok((response, send))) => break (pooled, slot, response, send),
+                Ok(Err(e)) => e,
+                Err(_) => {
+                    let reason =
+                        format!("no answer to CONNECT within --connect-timeout ({timeout:?})");
+                    return Err(failed(ErrorKind::ConnectTimeout, reason));
+                }
+            };
+            let unprocessed = e.is_go_away() || e.reason() == Some(Reason::REFUSED_STREAM);
+            if unprocessed || e.is_io() {
+                // No new stream goes on it (hyper's pool forgot such a connection too).
+                pooled.usage.close();
+            }
+            if unprocessed && !retried {
+                retried = true;
+                tracing::debug!(%peer, "HBONE stream not taken ({e}): once more, on another connection");
+                continue;
+            }
             let Some((reason, detail)) = pooled.refusal.seen.get() else {
-                return failed(ErrorKind::ConnectFailed, e.to_string());
+                return Err(failed(ErrorKind::ConnectFailed, e.to_string()));
             };
             if !pooled.refusal.counted.swap(true, Ordering::AcqRel) {
                 let metrics = &shared.telemetry.metrics;
                 metrics.count_handshake_failure(Direction::Outbound, *reason);
             }
-            failed(ErrorKind::Handshake(*reason), format!("TLS: {detail}"))
-        })?;
+            return Err(failed(
+                ErrorKind::Handshake(*reason),
+                format!("TLS: {detail}"),
+            ));
+        };
         if response.status() != StatusCode::OK {
             // The peer's refusal, in the statuses of `ErrorKind::status` (as every proxy answer).
             let kind = match response.status() {
@@ -233,19 +262,12 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     let baggage = HeaderValue::try_from(workload.baggage())
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("baggage: {e}")))?;
     let refusal = Arc::new(Refusal::default());
-    let mut builder = h2::client::Builder::new();
-    builder
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW)
-        .max_frame_size(MAX_FRAME)
-        .max_header_list_size(MAX_HEADER_LIST)
-        .max_send_buffer_size(MAX_SEND_BUFFER)
-        .initial_max_send_streams(MAX_STREAMS);
     let watched = Watched {
         tls,
         refusal: refusal.clone(),
     };
-    let (sender, mut conn) = builder
+    let (watched, heard) = Heard::new(watched);
+    let (sender, mut conn) = tunnel_client()
         .handshake::<_, Bytes>(watched)
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
@@ -258,7 +280,8 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
             let keep_alive = async move {
                 match ping_pong {
                     Some(ping_pong) => {
-                        unanswered_ping(ping_pong, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
+                        unanswered_ping(ping_pong, heard, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
+                            .await;
                     }
                     None => std::future::pending().await,
                 }
@@ -284,6 +307,22 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         usage,
         refusal,
     })
+}
+
+/// The HTTP/2 client of HBONE connections: ztunnel's stream and window sizes, the server's bounds
+/// on what the peer may make it hold, and no server push (a peer's pushed streams would hold
+/// memory and connection window that no tunnel reads; hyper's client refused push too).
+fn tunnel_client() -> h2::client::Builder {
+    let mut builder = h2::client::Builder::new();
+    builder
+        .enable_push(false)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME)
+        .max_header_list_size(MAX_HEADER_LIST)
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .initial_max_send_streams(MAX_STREAMS);
+    builder
 }
 
 /// Our side of the TLS handshake with `peer` over `tcp`: the stream and the server's SPIFFE ID. A
@@ -439,17 +478,8 @@ impl upstream::Tunneller for HboneTunneller {
                 return connect(target, options).await.map(Transport::Tcp);
             }
             let peer = SocketAddr::new(target.ip(), HBONE_PORT);
-            // Connect, handshake and the peer's answer to CONNECT, all within --connect-timeout:
-            // a peer that takes the handshake and never answers holds nothing past it.
-            let opening = mtls.pool.open(&shared, mtls, peer, target, None);
-            let Ok(opened) = tokio::time::timeout(options.timeout, opening).await else {
-                let reason = format!(
-                    "HBONE to {peer}: no tunnel within --connect-timeout ({:?})",
-                    options.timeout
-                );
-                return Err(Known::io(ErrorKind::ConnectTimeout, reason));
-            };
-            match opened {
+            // Within --connect-timeout (`open`'s bound).
+            match mtls.pool.open(&shared, mtls, peer, target, None).await {
                 Ok(tunnel) => {
                     let metrics = &shared.telemetry.metrics;
                     metrics.count_hbone_stream(Direction::Outbound, &tunnel.peer);
@@ -470,5 +500,42 @@ impl upstream::Tunneller for HboneTunneller {
                 Err(e) => Err(Known::io(e.kind(), e.to_string())),
             }
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A peer may not push streams into our tunnels' connections: we say so in our SETTINGS,
+    /// and h2 refuses the server's PUSH_PROMISE.
+    #[tokio::test]
+    async fn the_client_refuses_server_push() {
+        let wait = Duration::from_secs(10);
+        let (near, far) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            let mut conn = h2::server::handshake(far).await.expect("server handshake");
+            let (_request, mut respond) =
+                conn.accept().await.expect("a stream").expect("a CONNECT");
+            let promise = Request::get("http://198.18.0.2/pushed")
+                .body(())
+                .expect("request");
+            let pushed = respond.push_request(promise);
+            tokio::spawn(async move { while conn.accept().await.is_some() {} });
+            pushed.is_ok()
+        });
+        let (sender, conn) = tunnel_client()
+            .handshake::<_, Bytes>(near)
+            .await
+            .expect("client handshake");
+        tokio::spawn(conn);
+        let mut sender = sender.ready().await.expect("ready");
+        let request = Request::connect("198.18.0.2:80").body(()).expect("request");
+        let _stream = sender.send_request(request, false).expect("CONNECT");
+        let pushed = tokio::time::timeout(wait, server)
+            .await
+            .expect("the server answers")
+            .expect("the server task");
+        assert!(!pushed, "a push promise is refused");
     }
 }

@@ -10,6 +10,8 @@
 
 use std::io;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -141,23 +143,94 @@ impl AsyncWrite for TunnelStream {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
         if !self.ended {
-            self.ended = true;
             self.send.send_data(Bytes::new(), true).map_err(io_error)?;
+            self.ended = true;
         }
         Poll::Ready(Ok(()))
     }
 }
 
-/// PINGs the peer every `interval` and resolves when one goes unanswered for `timeout` (or the
-/// connection can no longer carry one): the connection's owner then drops it. A peer whose host
-/// vanished without a FIN would otherwise hold the connection, and every stream on it, for good.
+/// A connection's transport that notes when the peer was last heard from (any bytes read), so
+/// that [`unanswered_ping`] PINGs only a connection that has gone quiet, as hyper did: a PONG
+/// queued behind a busy link's data could otherwise take longer than the timeout.
+pub(crate) struct Heard<T> {
+    io: T,
+    heard: Arc<AtomicBool>,
+}
+
+impl<T> Heard<T> {
+    pub(crate) fn new(io: T) -> (Heard<T>, Arc<AtomicBool>) {
+        let heard = Arc::new(AtomicBool::new(false));
+        (
+            Heard {
+                io,
+                heard: heard.clone(),
+            },
+            heard,
+        )
+    }
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Heard<T> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.heard.store(true, Ordering::Relaxed);
+        }
+        polled
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Heard<T> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.io).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// PINGs the peer after each `interval` in which nothing was `heard` from it, and resolves when a
+/// PING goes unanswered for `timeout` (or the connection can no longer carry one): the
+/// connection's owner then drops it. A peer whose host vanished without a FIN would otherwise hold
+/// the connection, and every stream on it, for good.
 pub(crate) async fn unanswered_ping(
     mut ping_pong: PingPong,
+    heard: Arc<AtomicBool>,
     interval: Duration,
     timeout: Duration,
 ) {
     loop {
         tokio::time::sleep(interval).await;
+        if heard.swap(false, Ordering::Relaxed) {
+            continue;
+        }
         match tokio::time::timeout(timeout, ping_pong.ping(Ping::opaque())).await {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
@@ -290,7 +363,13 @@ mod tests {
     async fn first_to_end(io: DuplexStream) -> &'static str {
         let (_sender, mut conn) = h2::client::handshake(io).await.expect("client handshake");
         let ping_pong = conn.ping_pong().expect("the connection's PINGs");
-        let pings = unanswered_ping(ping_pong, Duration::from_secs(10), Duration::from_secs(20));
+        let quiet = Arc::new(AtomicBool::new(false));
+        let pings = unanswered_ping(
+            ping_pong,
+            quiet,
+            Duration::from_secs(10),
+            Duration::from_secs(20),
+        );
         // Biased: at the same virtual instant, the loop's verdict is the one under test.
         tokio::select! {
             biased;
@@ -312,6 +391,42 @@ mod tests {
             "ten minutes",
             "answered PINGs never end the connection"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_peer_heard_from_is_not_pinged() {
+        let (near, mut far_peer) = tokio::io::duplex(64 * 1024);
+        // It never answers a PING, but was heard from within every interval.
+        tokio::spawn(async move {
+            let mut sink = vec![0u8; 16 * 1024];
+            while matches!(far_peer.read(&mut sink).await, Ok(n) if n > 0) {}
+        });
+        let (_sender, mut conn) = h2::client::handshake(near).await.expect("client handshake");
+        let ping_pong = conn.ping_pong().expect("the connection's PINGs");
+        let heard = Arc::new(AtomicBool::new(false));
+        let speaking = {
+            let heard = heard.clone();
+            async move {
+                loop {
+                    heard.store(true, Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            }
+        };
+        let pings = unanswered_ping(
+            ping_pong,
+            heard,
+            Duration::from_secs(10),
+            Duration::from_secs(20),
+        );
+        let ended = tokio::select! {
+            biased;
+            () = pings => "the PING loop",
+            _ = conn => "the connection",
+            () = speaking => "never",
+            () = tokio::time::sleep(Duration::from_secs(600)) => "ten minutes",
+        };
+        assert_eq!(ended, "ten minutes", "no PING while the peer is heard from");
     }
 
     #[tokio::test(start_paused = true)]
