@@ -10,7 +10,7 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use crate::support::http::TestApp;
+use crate::support::http::{BlackHole, TestApp};
 use crate::support::identity::{CLIENT_ID, Ca, Leaf, PARTNER_ID, SERVER_ID, bundle_dir};
 use crate::support::in_process::{Captured, run_args};
 use crate::support::raw::{RecordingApp, answer, ok};
@@ -583,6 +583,147 @@ async fn the_authority_must_be_this_pod_and_the_app_must_answer() {
             .map(|e| e.to_string())
             .unwrap_or_default();
         assert!(message.contains("answered 502"), "{message}");
+    })
+    .await;
+}
+
+/// A port whose dials hang: its accept queue is full and never drained, so the kernel drops their
+/// SYNs. Checked here: were they refused or accepted instead, a dial to it would end at once, and a
+/// test that needs one held open would tell nothing.
+async fn hanging_port() -> BlackHole {
+    let hole = BlackHole::new();
+    let probe = tokio::time::timeout(
+        std::time::Duration::from_millis(500),
+        TcpStream::connect(hole.addr),
+    )
+    .await;
+    assert!(
+        probe.is_err(),
+        "a connect to {} (a full accept queue) must hang with its SYN dropped, but it ended: \
+         {probe:?}. This kernel does not drop SYNs to a full accept queue \
+         (net.ipv4.tcp_abort_on_overflow=1?), so this test cannot hold a dial open",
+        hole.addr
+    );
+    hole
+}
+
+/// A peer of the mesh (`client`'s certificate) speaking raw HTTP/2 to the HBONE listener at
+/// `hbone`: it sends what the test wants, where our own client would not.
+async fn raw_hbone_peer(hbone: SocketAddr, client: &Shared) -> h2::client::SendRequest<Bytes> {
+    let material = client
+        .mtls
+        .as_ref()
+        .and_then(|m| m.identity.material())
+        .expect("material");
+    let config = tls::client_config(material.key.clone(), material.bundles.clone(), None)
+        .expect("client config");
+    let tcp = TcpStream::connect(hbone).await.expect("connect");
+    let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
+    let tls = bounded(
+        "a handshake",
+        WAIT,
+        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
+    )
+    .await
+    .expect("handshake");
+    let (sender, conn) = bounded("the HTTP/2 handshake", WAIT, h2::client::handshake(tls))
+        .await
+        .expect("HTTP/2");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    sender
+}
+
+/// Whether `want` inbound connections are open in `server` (the gauge), and what is otherwise.
+fn open_inbound(server: &Shared, want: usize) -> Result<(), String> {
+    let now = counted(
+        server,
+        "amazing_proxy_open_connections",
+        &["direction=\"inbound\""],
+    );
+    (now == want as f64).then_some(()).ok_or_else(|| {
+        format!(
+            "{now} inbound connections open, expected {want}; --max-connections counts {}",
+            server.limits.open_connections()
+        )
+    })
+}
+
+/// A peer with a valid certificate that opens CONNECT streams and resets them before their answer
+/// (HEADERS then RST_STREAM, the "rapid reset" pattern) holds nothing once it has reset them: each
+/// stream's task gives back its app dial and its --max-connections slot at once, not at
+/// --connect-timeout. h2 forgets a stream its peer resets, so the 200-stream limit never stops
+/// such a peer: more than 200 are sent here, and the last rounds' streams are dialled too.
+#[tokio::test]
+async fn a_peer_resetting_streams_before_their_answer_holds_no_slot() {
+    // Five rounds of 50: 250 streams, more than the server's 200 concurrent streams.
+    const ROUNDS: usize = 5;
+    const STREAMS: usize = 50;
+    bounded("test", TEST_TIMEOUT, async {
+        // The streams' target: their dials hang until the server gives them up.
+        let hole = hanging_port().await;
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = TestApp::start().await;
+        // A --connect-timeout longer than the whole test: without the fix, a reset stream's dial
+        // and slot outlive every wait below.
+        let (server, _) = data_plane(
+            app.addr,
+            &dirs.path().join("server"),
+            &["--connect-timeout", "120s"],
+        );
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+
+        let mut attacker = raw_hbone_peer(hbone, &client).await;
+        // The HBONE connection holds a slot of its own, and nothing else does.
+        eventually("the attacker's connection to be admitted", WAIT, || async {
+            open_inbound(&server, 1)
+        })
+        .await;
+        // The authority: this pod's address (the connection arrived on 127.0.0.1) at the hole.
+        let target = format!("127.0.0.1:{}", hole.addr.port());
+        for round in 1..=ROUNDS {
+            let mut streams = Vec::with_capacity(STREAMS);
+            for _ in 0..STREAMS {
+                attacker = bounded("room for a stream", WAIT, attacker.ready())
+                    .await
+                    .expect("the attacker's connection is open");
+                let request = http::Request::builder()
+                    .method(http::Method::CONNECT)
+                    .uri(target.as_str())
+                    .body(())
+                    .expect("request");
+                let (_response, send) = attacker.send_request(request, false).expect("CONNECT");
+                streams.push(send);
+            }
+            // Every stream's task took its slot and is dialling the hole: the server accepted
+            // them all (h2 would close the connection for resets of streams never accepted), and
+            // in the rounds past 200 streams, the earlier ones' tasks have ended.
+            eventually(
+                &format!("round {round}'s {STREAMS} streams to be dialling"),
+                WAIT,
+                || async { open_inbound(&server, 1 + STREAMS) },
+            )
+            .await;
+            for send in &mut streams {
+                send.send_reset(h2::Reason::CANCEL);
+            }
+            // The point: the reset streams' slots come back while their dials would still hang.
+            eventually(
+                &format!("round {round}'s {STREAMS} reset streams to give back their slots"),
+                WAIT,
+                || async { open_inbound(&server, 1) },
+            )
+            .await;
+        }
+
+        // The server still serves a well-behaved peer (another HBONE connection) meanwhile.
+        let tunnel = open(&client, hbone, app.addr).await.expect("a tunnel");
+        assert_eq!(get(tunnel, "/status/200").await.0, 200);
     })
     .await;
 }
