@@ -10,8 +10,8 @@
 //! HTTP/2 is the `h2` crate's, used directly: a `CONNECT` stream is read and written as a byte
 //! stream ([`TunnelStream`](crate::proxy::upstream::tunnel_stream::TunnelStream)) from the task
 //! that relays it, with no task or channel between it and the connection (hyper's upgraded
-//! streams had both). Both sides PING every [`KEEP_ALIVE_INTERVAL`] and drop a connection whose
-//! peer leaves a PING unanswered for [`KEEP_ALIVE_TIMEOUT`].
+//! streams had both). Both sides PING a peer not heard from for [`KEEP_ALIVE_INTERVAL`] and drop
+//! the connection when the PING goes unanswered for [`KEEP_ALIVE_TIMEOUT`].
 
 pub(crate) mod headers;
 pub(crate) mod inbound;
@@ -32,6 +32,7 @@ pub(crate) const MAX_LOCAL_ERROR_RESETS: usize = 1024;
 /// Streams a server accepts per connection; a client opens at most
 /// [`MAX_STREAMS`](crate::proxy::upstream::tunnels::MAX_STREAMS).
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 200;
-/// PING an HBONE connection this often, and drop it when a PING goes unanswered this long.
+/// PING an HBONE connection whose peer was not heard from for this long, and drop it when a PING
+/// goes unanswered this long.
 pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
