@@ -5,7 +5,8 @@
 #
 # Usage: bench/reliability.sh [SCENARIO...]   scenarios: slowloris idle race recover drain (default: all)
 #   N_SLOW (2000) slowloris sockets, SLOW_AT ("35 65") when to count them (seconds),
-#   N_IDLE (10000) idle clients, IDLE_HOLD (65) seconds they then stay idle, RACE (5000) requests in the race,
+#   N_IDLE (10000) idle clients, IDLE_HOLD (65) seconds they then stay idle, IDLE_H2=1: they speak
+#   HTTP/2 (h2c; ours only: PROXIES=amazing, the peers' configurations here serve HTTP/1.1), RACE (5000) requests in the race,
 #   PROXIES ("amazing nginx envoy") which proxies, AMAZING_BIN (scripts/release.sh --print-path).
 # Needs: nginx, wrk, python3 (bench/peerbench/setup.sh installs them, and Envoy into /tmp/peers).
 # Prints a table at the end; the raw JSON of each measurement is in /tmp/reliability/results.jsonl.
@@ -134,7 +135,8 @@ idle() {
   for p in $PROXIES; do
     start_proxy "$p" $APP || continue
     local admin=(); [ -n "$ADMIN" ] && admin=(--admin "$ADMIN")
-    record idle "$p" "$N_IDLE clients" "$(taskset -c 0 $load idle 127.0.0.1:$PORT --n "$N_IDLE" --pid "$PID" --app-port $APP --hold "${IDLE_HOLD:-65}" "${admin[@]}")"
+    local h2=(); [ -n "${IDLE_H2:-}" ] && h2=(--h2)
+    record idle "$p" "$N_IDLE clients${IDLE_H2:+ (HTTP/2)}" "$(taskset -c 0 $load idle 127.0.0.1:$PORT --n "$N_IDLE" --pid "$PID" --app-port $APP --hold "${IDLE_HOLD:-65}" "${admin[@]}" "${h2[@]}")"
     stop_proxy
   done
   stop_app

@@ -7,7 +7,8 @@
   idle HOST:PORT       N keep-alive clients make one request each and stay open; reports RSS and
                        descriptors of --pid before and after, whether new requests (and --admin
                        /metrics) still answer with them open, and how many are still open after
-                       --hold seconds.
+                       --hold seconds. --h2: each client speaks HTTP/2 (h2c, prior knowledge; the
+                       `h2` package, as in the tests' venv).
   race HOST:PORT       R GETs on C keep-alive connections; counts what is not a 200.
   recover HOST:PORT    kills --app-pid, restarts the app (--restart), and measures from the
                        app's port accepting again to the first 200 through the proxy.
@@ -159,6 +160,37 @@ async def slowloris(args):
 
 
 # ---------------------------------------------------------------------------------------------
+async def h2_get(target, limit=10.0):
+    """An HTTP/2 client (h2c, prior knowledge) that makes one GET and keeps its connection open:
+    (reader, writer, status)."""
+    import h2.config
+    import h2.connection
+    import h2.events
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), limit)
+    conn = h2.connection.H2Connection(config=h2.config.H2Configuration(client_side=True))
+    conn.initiate_connection()
+    conn.send_headers(1, [(":method", "GET"), (":path", "/"), (":scheme", "http"),
+                          (":authority", "bench")], end_stream=True)
+    writer.write(conn.data_to_send())
+    status = None
+
+    async def read():
+        nonlocal status
+        while True:
+            data = await reader.read(65536)
+            if not data:
+                raise ConnectionError("closed before the response ended")
+            for event in conn.receive_data(data):
+                if isinstance(event, h2.events.ResponseReceived):
+                    status = int(dict(event.headers)[b":status"])
+                elif isinstance(event, (h2.events.StreamEnded, h2.events.StreamReset)):
+                    writer.write(conn.data_to_send())
+                    return
+            writer.write(conn.data_to_send())
+    await asyncio.wait_for(read(), limit)
+    return reader, writer, status
+
+
 async def idle(args):
     target = addr(args.target)
     pids = [int(p) for p in args.pid.split(",")]
@@ -170,9 +202,12 @@ async def idle(args):
     async def client():
         async with gate:
             try:
-                reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), 10)
-                writer.write(REQUEST)
-                status, _ = await read_response(reader)
+                if args.h2:
+                    reader, writer, status = await h2_get(target)
+                else:
+                    reader, writer = await asyncio.wait_for(asyncio.open_connection(*target), 10)
+                    writer.write(REQUEST)
+                    status, _ = await read_response(reader)
                 held.append((reader, writer))
                 if status != 200:
                     failed.append(status)
@@ -198,7 +233,7 @@ async def idle(args):
     for _, w in held:
         w.close()
     return {
-        "clients": args.n, "connected": len(held), "first_request_failed": tally(failed),
+        "clients": args.n, "http2": args.h2, "connected": len(held), "first_request_failed": tally(failed),
         "rss_kb_before": rss0, "rss_kb_after": rss1, "fds_before": fds0, "fds_after": fds1,
         "kept_by_proxy": kept, "app_connections": app_conns,
         "bytes_per_idle": round((rss1 - rss0) * 1024 / kept) if kept else None,
@@ -312,6 +347,7 @@ def main():
     s.add_argument("--app-port", type=int, required=True, help="the app's port, to count pooled connections")
     s.add_argument("--concurrency", type=int, default=200, help="clients making their first request at once")
     s.add_argument("--hold", type=float, default=0, help="then stay idle this long and count who is still open")
+    s.add_argument("--h2", action="store_true", help="HTTP/2 clients (h2c, prior knowledge)")
     s = sub.add_parser("race")
     s.add_argument("target")
     s.add_argument("--requests", type=int, default=5000)
