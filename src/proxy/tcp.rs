@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+mod copy;
 mod idle;
 mod splice;
 
@@ -87,7 +88,8 @@ pub(crate) async fn forward_streams<A, B>(
 {
     let start = Instant::now();
     let clock = IdleClock::new();
-    let copy = copy_both_ways(client, server, TUNNEL_COPY_BUFFER, &clock);
+    let buffers = (TUNNEL_COPY_BUFFER, TUNNEL_COPY_BUFFER_MAX);
+    let copy = copy_both_ways(client, server, buffers, &clock);
     let (result, sent, received) =
         until_idle(copy, &clock, shared.settings.traffic.timeouts.tcp_idle).await;
     finish(shared, &route, start, result, sent, received);
@@ -211,7 +213,7 @@ async fn relay(
             LOGGED.call_once(|| {
                 tracing::debug!("no pipes for splice ({e}): copying through user space instead")
             });
-            copy_both_ways(client, server, COPY_BUFFER, clock).await
+            copy_both_ways(client, server, (COPY_BUFFER, COPY_BUFFER), clock).await
         }
     }
 }
@@ -223,19 +225,22 @@ async fn relay(
 /// its whole life (128 KiB here).
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Per-direction copy buffer between an HBONE tunnel's stream and a socket: one TLS record's
-/// worth, since TLS cuts everything into 16 KiB records anyway. Measured (`bench/mtls.sh`, ONLY=bulk
-/// and the wrk pairs): a single stream loses little, while 64 KiB made each tunnelled connection
-/// hold 128 KiB, most of the client side's memory at 50 connections.
+/// Per-direction copy buffer between an HBONE tunnel's stream and a socket, at first: one TLS
+/// record's worth. Fixed at 64 KiB, each tunnelled connection held 128 KiB, most of the client
+/// side's memory at 50 connections (`bench/mtls.sh`); so a direction's buffer grows, up to
+/// [`TUNNEL_COPY_BUFFER_MAX`], only when its reads fill it ([`copy`]).
 const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
+/// A bulk direction's buffer: each write into the tunnel one 64 KiB DATA frame (1.21x one bulk
+/// stream's throughput against 16 KiB, docs/benchmarks.md).
+const TUNNEL_COPY_BUFFER_MAX: usize = 64 * 1024;
 
 /// Returns (bytes client to server, bytes server to client). The counts are kept even when the
 /// copy fails (a reset from either side): what crossed before the error is still logged and
-/// counted.
+/// counted. Each direction's buffer starts at `buffers.0` bytes and may grow to `buffers.1`.
 async fn copy_both_ways<A, B>(
     a: &mut A,
     b: &mut B,
-    buffer: usize,
+    buffers: (usize, usize),
     clock: &IdleClock,
 ) -> (Result<(), ErrorKind>, u64, u64)
 where
@@ -244,7 +249,7 @@ where
 {
     let mut a = Counted::new(a);
     a.clock = Some(clock);
-    let result = tokio::io::copy_bidirectional_with_sizes(&mut a, b, buffer, buffer).await;
+    let result = copy::both_ways(&mut a, b, buffers.0, buffers.1).await;
     let result = result.map(|_| ()).map_err(|e| {
         tracing::debug!("opaque connection ended: {e}");
         a.failure()
