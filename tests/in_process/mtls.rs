@@ -610,22 +610,7 @@ async fn hanging_port() -> BlackHole {
 /// A peer of the mesh (`client`'s certificate) speaking raw HTTP/2 to the HBONE listener at
 /// `hbone`: it sends what the test wants, where our own client would not.
 async fn raw_hbone_peer(hbone: SocketAddr, client: &Shared) -> h2::client::SendRequest<Bytes> {
-    let material = client
-        .mtls
-        .as_ref()
-        .and_then(|m| m.identity.material())
-        .expect("material");
-    let config = tls::client_config(material.key.clone(), material.bundles.clone(), None)
-        .expect("client config");
-    let tcp = TcpStream::connect(hbone).await.expect("connect");
-    let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
-    let tls = bounded(
-        "a handshake",
-        WAIT,
-        tokio_rustls::TlsConnector::from(config).connect(name, tcp),
-    )
-    .await
-    .expect("handshake");
+    let tls = tls_to(hbone, client).await;
     let (sender, conn) = bounded("the HTTP/2 handshake", WAIT, h2::client::handshake(tls))
         .await
         .expect("HTTP/2");
@@ -798,8 +783,8 @@ async fn permissive_accepts_plaintext_and_strict_refuses_it_except_on_plaintext_
     .await;
 }
 
-/// The certificate a fresh TLS connection to `hbone` is shown.
-async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
+/// A fresh TLS connection to `hbone` with `client`'s certificate (ALPN h2, as HBONE's).
+async fn tls_to(hbone: SocketAddr, client: &Shared) -> tokio_rustls::client::TlsStream<TcpStream> {
     let material = client
         .mtls
         .as_ref()
@@ -809,13 +794,18 @@ async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
         .expect("client config");
     let tcp = TcpStream::connect(hbone).await.expect("connect");
     let name = rustls_pki_types::ServerName::IpAddress(hbone.ip().into());
-    let tls = bounded(
+    bounded(
         "a handshake",
         WAIT,
         tokio_rustls::TlsConnector::from(config).connect(name, tcp),
     )
     .await
-    .expect("handshake");
+    .expect("handshake")
+}
+
+/// The certificate a fresh TLS connection to `hbone` is shown.
+async fn served_certificate(hbone: SocketAddr, client: &Shared) -> Vec<u8> {
+    let tls = tls_to(hbone, client).await;
     tls.get_ref().1.peer_certificates().expect("a certificate")[0].to_vec()
 }
 

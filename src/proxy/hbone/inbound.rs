@@ -24,9 +24,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT};
+use super::keep_alive;
 use super::{
-    CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_CONCURRENT_STREAMS, MAX_FRAME,
-    MAX_HEADER_LIST, MAX_LOCAL_ERROR_RESETS, MAX_SEND_BUFFER, STREAM_WINDOW,
+    CONNECTION_WINDOW, MAX_CONCURRENT_STREAMS, MAX_FRAME, MAX_HEADER_LIST, MAX_LOCAL_ERROR_RESETS,
+    MAX_SEND_BUFFER, STREAM_WINDOW,
 };
 use crate::error::{ErrorKind, HandshakeFailure, classify_io};
 use crate::identity::SpiffeId;
@@ -35,7 +36,7 @@ use crate::proxy::limits::{Activity, ConnectionGuard, OpenRequests, RequestMark}
 use crate::proxy::shared::Shared;
 use crate::proxy::tcp::Route;
 use crate::proxy::upstream::connect;
-use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream, unanswered_ping};
+use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream};
 use crate::telemetry::metrics::Direction;
 use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
 use crate::telemetry::trace::parse_traceparent;
@@ -81,16 +82,7 @@ pub(crate) async fn serve_connection<S, F>(
     // The connection is idle (sheddable, and closed after --idle-timeout) while no stream is open.
     let open = OpenRequests::new(slot.clone());
     let idle = shared.settings.traffic.timeouts.idle;
-    let ping_pong = conn.ping_pong();
-    let keep_alive = async move {
-        match ping_pong {
-            Some(ping_pong) => {
-                unanswered_ping(ping_pong, heard, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
-            }
-            None => std::future::pending().await,
-        }
-    };
-    let mut keep_alive = std::pin::pin!(keep_alive);
+    let mut keep_alive = std::pin::pin!(keep_alive(conn.ping_pong(), heard));
     let mut shed = std::pin::pin!(slot.shed_wait());
     let mut close_requested = std::pin::pin!(slot.close_requested_wait());
     let mut idle_out = std::pin::pin!(open.idle_for(idle));

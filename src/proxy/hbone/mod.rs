@@ -17,7 +17,11 @@ pub(crate) mod headers;
 pub(crate) mod inbound;
 pub mod outbound;
 
+use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
+
+use crate::proxy::upstream::tunnel_stream::unanswered_ping;
 
 /// ztunnel's HTTP/2 settings, so that either side can fill the other's windows.
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -36,3 +40,15 @@ pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 200;
 /// goes unanswered this long.
 pub(crate) const KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(10);
 pub(crate) const KEEP_ALIVE_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// An HBONE connection's keep-alive: resolves when its peer, pinged after [`KEEP_ALIVE_INTERVAL`]
+/// unheard, leaves the PING unanswered for [`KEEP_ALIVE_TIMEOUT`]. Never resolves when the
+/// connection's PINGs were already taken (`None`: h2 hands them out once).
+pub(crate) async fn keep_alive(ping_pong: Option<h2::PingPong>, heard: Arc<AtomicBool>) {
+    match ping_pong {
+        Some(ping_pong) => {
+            unanswered_ping(ping_pong, heard, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT).await;
+        }
+        None => std::future::pending().await,
+    }
+}

@@ -29,16 +29,14 @@ use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 
 use super::headers::{self, BAGGAGE, FORWARDED, TRACEPARENT, Workload};
-use super::{
-    CONNECTION_WINDOW, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT, MAX_FRAME, MAX_HEADER_LIST,
-    MAX_SEND_BUFFER, STREAM_WINDOW,
-};
+use super::keep_alive;
+use super::{CONNECTION_WINDOW, MAX_FRAME, MAX_HEADER_LIST, MAX_SEND_BUFFER, STREAM_WINDOW};
 use crate::error::{ErrorKind, HandshakeFailure, Known, classify_io};
 use crate::identity::material::Material;
 use crate::identity::tls::{ALPN_H2, client_config, failure, peer_id};
 use crate::proxy::shared::{Mtls, Shared};
 use crate::proxy::tcp::{self, Route};
-use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream, unanswered_ping};
+use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream};
 /// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
 pub use crate::proxy::upstream::tunnels::OpenError;
 use crate::proxy::upstream::tunnels::{
@@ -277,15 +275,6 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
     tokio::spawn({
         let usage = usage.clone();
         async move {
-            let keep_alive = async move {
-                match ping_pong {
-                    Some(ping_pong) => {
-                        unanswered_ping(ping_pong, heard, KEEP_ALIVE_INTERVAL, KEEP_ALIVE_TIMEOUT)
-                            .await;
-                    }
-                    None => std::future::pending().await,
-                }
-            };
             tokio::select! {
                 result = conn => if let Err(e) = result {
                     tracing::debug!(%peer, "HBONE connection ended: {e}");
@@ -293,7 +282,7 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
                 () = idle_out(&usage, idle_timeout) => {
                     tracing::debug!(%peer, "HBONE connection idle for {idle_timeout:?}: closing it");
                 }
-                () = keep_alive => {
+                () = keep_alive(ping_pong, heard) => {
                     tracing::debug!(%peer, "HBONE connection's peer stopped answering PINGs: closing it");
                 }
             }
