@@ -196,7 +196,8 @@ fn text_of(buf: &Shared) -> String {
     tools::text(&buf.lock().unwrap_or_else(|p| p.into_inner()))
 }
 
-fn capture(mut from: impl Read + Send + 'static, into: Shared) {
+/// Copies `from` into `into` on a thread of its own; the handle is finished at end of file.
+fn capture(mut from: impl Read + Send + 'static, into: Shared) -> std::thread::JoinHandle<()> {
     std::thread::spawn(move || {
         let mut chunk = [0u8; 8192];
         loop {
@@ -208,7 +209,7 @@ fn capture(mut from: impl Read + Send + 'static, into: Shared) {
                     .extend_from_slice(&chunk[..n]),
             }
         }
-    });
+    })
 }
 
 /// `amazing-proxy run` in front of `app`: `--inbound 127.0.0.1:0` (unless [`Self::inbound`]),
@@ -266,8 +267,10 @@ impl ProxyBuilder {
         let mut child = cmd.spawn().expect("spawn amazing-proxy run");
         let stdout = Shared::default();
         let stderr = Shared::default();
-        capture(child.stdout.take().expect("child stdout"), stdout.clone());
-        capture(child.stderr.take().expect("child stderr"), stderr.clone());
+        let readers = [
+            capture(child.stdout.take().expect("child stdout"), stdout.clone()),
+            capture(child.stderr.take().expect("child stderr"), stderr.clone()),
+        ];
         let mut proxy = Proxy {
             pid: child.id(),
             child,
@@ -276,6 +279,7 @@ impl ProxyBuilder {
             app: self.app,
             stdout,
             stderr,
+            readers,
         };
         let (inbound, admin) = eventually("the proxy's `listening` line", WAIT, || {
             let found = proxy.listening_line();
@@ -305,6 +309,8 @@ pub struct Proxy {
     pub app: SocketAddr,
     stdout: Shared,
     stderr: Shared,
+    /// The threads reading stdout and stderr: what the proxy wrote is all captured once they end.
+    readers: [std::thread::JoinHandle<()>; 2],
 }
 
 impl Proxy {
@@ -342,6 +348,17 @@ impl Proxy {
     /// Everything the proxy wrote to stderr (diagnostics) so far.
     pub fn stderr(&self) -> String {
         text_of(&self.stderr)
+    }
+
+    /// Waits until stderr satisfies `pred` (a thread reads it, so a line the proxy wrote before
+    /// an event the test saw may not be captured yet); returns the whole of stderr then.
+    pub async fn wait_for_stderr(&self, pred: impl Fn(&str) -> bool) -> String {
+        eventually("the proxy's stderr to match", WAIT, || {
+            let text = self.stderr();
+            let found = if pred(&text) { Ok(text) } else { Err(text) };
+            async move { found }
+        })
+        .await
     }
 
     /// Waits until the access log satisfies `pred`; returns the whole access log then.
@@ -440,11 +457,12 @@ impl Proxy {
         assert!(status.success(), "kill -{name} {} failed", self.pid);
     }
 
-    /// Waits for the process to exit by itself.
+    /// Waits for the process to exit by itself and for everything it wrote to be captured.
     pub async fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
         eventually("the proxy to exit", timeout, || {
             let exited = match self.child.try_wait().expect("try_wait on the proxy") {
-                Some(status) => Ok(status),
+                Some(status) if self.readers.iter().all(|r| r.is_finished()) => Ok(status),
+                Some(status) => Err(format!("exited with {status}; its output not yet all read")),
                 None => Err(format!("stderr:\n{}", text_of(&self.stderr))),
             };
             async move { exited }
