@@ -18,8 +18,9 @@
 #   AMAZING_BIN: the binary (default: where scripts/release.sh puts it).
 #   ONLY: subset of "plain mtls envoy handshakes" (default), and "bulk": one iperf3 stream per pair. HS_PROCS: handshake client processes (2).
 #   RAW_DIR: keep each wrk output there. MEM_DETAIL=1: print each proxy's anonymous and file RSS.
-# Needs: wrk, nginx, python3, curl, setpriv, iptables, Envoy (bench/peerbench/setup.sh puts it in
-# /tmp/peers). Everything lives in the two namespaces and /tmp/mtlsbench, removed on exit.
+# Needs: wrk, nginx, python3, curl, setpriv, iptables; Envoy for "envoy" and "handshakes"
+# (bench/peerbench/setup.sh puts it in /tmp/peers); iperf3 for "bulk". Everything lives in the two
+# namespaces and /tmp/mtlsbench, removed on exit.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/.." && pwd)
@@ -33,7 +34,10 @@ A=ap-bench-a; B=ap-bench-b; A_IP=198.18.200.1; B_IP=198.18.200.2
 CLIENT_ID=spiffe://cluster.local/ns/default/sa/bench-client
 SERVER_ID=spiffe://cluster.local/ns/default/sa/bench-server
 
-for tool in "$AMAZING_BIN" "$ENVOY" wrk nginx curl setpriv "$PYTHON"; do
+tools=("$AMAZING_BIN" wrk nginx curl setpriv "$PYTHON")
+case " $only " in *" envoy "*|*" handshakes "*) tools+=("$ENVOY") ;; esac
+case " $only " in *" bulk "*) tools+=(iperf3) ;; esac
+for tool in "${tools[@]}"; do
   command -v "$tool" >/dev/null || { echo "missing $tool (scripts/release.sh; bench/peerbench/setup.sh)" >&2; exit 1; }
 done
 [ "$(id -u)" = 0 ] || { echo "run as root: it makes network namespaces" >&2; exit 1; }
@@ -59,7 +63,7 @@ stop() {
   kill "$@" 2>/dev/null
   for p in "$@"; do
     for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.05; done
-    kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null
+    kill -9 "$p" 2>/dev/null; wait "$p" 2>/dev/null || true  # its status is the signal's
   done
 }
 

@@ -22,20 +22,25 @@ binary="$target/$host/release/amazing-proxy"
 if [ "${1:-}" = "--print-path" ]; then echo "$binary"; exit 0; fi
 
 # cargo takes its flags from the first of CARGO_ENCODED_RUSTFLAGS, RUSTFLAGS and the target's
-# rustflags that is set and ignores the rest, so the flag joins whichever one cargo will read (a
-# RUSTFLAGS in the environment would otherwise make the build silently dynamic).
-static="-Ctarget-feature=+crt-static"
-case "$host" in
-  *-linux-gnu)
-    if [ -n "${CARGO_ENCODED_RUSTFLAGS+set}" ]; then
-      export CARGO_ENCODED_RUSTFLAGS="${CARGO_ENCODED_RUSTFLAGS:+$CARGO_ENCODED_RUSTFLAGS$'\x1f'}$static"
-    elif [ -n "${RUSTFLAGS+set}" ]; then
-      export RUSTFLAGS="$RUSTFLAGS $static"
-    else
-      var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
-      export "$var=${!var:-} $static"
-    fi ;;
-esac
+# rustflags that is set and ignores the rest, so our flags join whichever one cargo will read (a
+# RUSTFLAGS in the environment would otherwise make the build silently dynamic). RELEASE_RUSTFLAGS
+# (space-separated) are added the same way: scripts/pgo.sh passes its profile flags through it.
+flags=()
+case "$host" in *-linux-gnu) flags+=(-Ctarget-feature=+crt-static) ;; esac
+read -r -a extra <<< "${RELEASE_RUSTFLAGS:-}"
+flags+=("${extra[@]}")
+if [ ${#flags[@]} -gt 0 ]; then
+  if [ -n "${CARGO_ENCODED_RUSTFLAGS+set}" ]; then
+    sep=$'\x1f'
+    joined=$(IFS=$sep; echo "${flags[*]}")
+    export CARGO_ENCODED_RUSTFLAGS="${CARGO_ENCODED_RUSTFLAGS:+$CARGO_ENCODED_RUSTFLAGS$sep}$joined"
+  elif [ -n "${RUSTFLAGS+set}" ]; then
+    export RUSTFLAGS="$RUSTFLAGS ${flags[*]}"
+  else
+    var="CARGO_TARGET_$(echo "$host" | tr 'a-z-' 'A-Z_')_RUSTFLAGS"
+    export "$var=${!var:-} ${flags[*]}"
+  fi
+fi
 # .cargo/config.toml sets mimalloc's arena and huge-page settings through CFLAGS, which cargo leaves
 # alone when the environment has its own: then they are added to it, read from that file.
 if [ -n "${CFLAGS+set}" ]; then

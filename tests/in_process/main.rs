@@ -31,6 +31,7 @@ mod protocols_websocket;
 mod proxy_admin_drain;
 mod proxy_failures;
 mod proxy_http;
+mod release_script;
 mod resilience;
 mod routes_golden;
 mod routes_phases;
