@@ -225,11 +225,13 @@ async fn relay(
 /// its whole life (128 KiB here).
 const COPY_BUFFER: usize = 64 * 1024;
 
-/// Per-direction copy buffer between an HBONE tunnel's stream and a socket, at first: one TLS
-/// record's worth. Fixed at 64 KiB, each tunnelled connection held 128 KiB, most of the client
-/// side's memory at 50 connections (`bench/mtls.sh`); so a direction's buffer grows, up to
-/// [`TUNNEL_COPY_BUFFER_MAX`], only when its reads fill it ([`copy`]).
-const TUNNEL_COPY_BUFFER: usize = 16 * 1024;
+/// Per-direction copy buffer between an HBONE tunnel's stream and a socket, at first. Fixed at
+/// 64 KiB, each tunnelled connection held 128 KiB, most of the client side's memory at 50
+/// connections (`bench/mtls.sh`); so a direction's buffer grows, up to [`TUNNEL_COPY_BUFFER_MAX`],
+/// only when its reads fill it ([`copy`]). Starting at 4 KiB instead of 16 KiB took 1.3 MB off
+/// the client side at 50 connections of small requests; a bulk stream reaches 64 KiB after four
+/// full reads and ran as fast (docs/benchmarks.md, 2026-12-07).
+const TUNNEL_COPY_BUFFER: usize = 4 * 1024;
 /// A bulk direction's buffer: each write into the tunnel one 64 KiB DATA frame (one bulk stream
 /// 1.14x as fast as with 16 KiB throughout, docs/benchmarks.md).
 const TUNNEL_COPY_BUFFER_MAX: usize = 64 * 1024;
