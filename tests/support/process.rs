@@ -353,22 +353,34 @@ impl Proxy {
     /// Waits until stderr satisfies `pred` (a thread reads it, so a line the proxy wrote before
     /// an event the test saw may not be captured yet); returns the whole of stderr then.
     pub async fn wait_for_stderr(&self, pred: impl Fn(&str) -> bool) -> String {
-        eventually("the proxy's stderr to match", WAIT, || {
-            let text = self.stderr();
-            let found = if pred(&text) { Ok(text) } else { Err(text) };
-            async move { found }
-        })
-        .await
+        self.wait_for_output(&self.stderr, "the proxy's stderr to match", pred, WAIT)
+            .await
     }
 
     /// Waits until the access log satisfies `pred`; returns the whole access log then.
     pub async fn wait_for_log(&self, pred: impl Fn(&str) -> bool, timeout: Duration) -> String {
-        eventually("the access log to match", timeout, || {
-            let text = self.stdout();
+        self.wait_for_output(&self.stdout, "the access log to match", pred, timeout)
+            .await
+    }
+
+    /// Waits until `output` (stdout or stderr) satisfies `pred`; a timeout shows both.
+    async fn wait_for_output(
+        &self,
+        output: &Shared,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> String {
+        eventually(what, timeout, || {
+            let text = text_of(output);
             let found = if pred(&text) {
                 Ok(text)
             } else {
-                Err(format!("stdout:\n{text}\nstderr:\n{}", self.stderr()))
+                Err(format!(
+                    "stdout:\n{}\nstderr:\n{}",
+                    self.stdout(),
+                    self.stderr()
+                ))
             };
             async move { found }
         })
