@@ -29,6 +29,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     trusted_hops: 0,
     client_cert: None,
     sampler: None,
+    tunnel_parent: None,
 };
 const SENTINEL_PATH: &str = "/__sentinel";
 const SENTINEL: &[u8] = b"GET /__sentinel HTTP/1.1\r\nHost: s\r\n\r\n";

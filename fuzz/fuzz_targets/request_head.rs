@@ -16,6 +16,7 @@ const FIRST: Rewrite<'static> = Rewrite {
     client_cert: None,
     // The trace phase reads the caller's context and writes its own traceparent.
     sampler: Some(&Sampler::ALWAYS),
+    tunnel_parent: None,
 };
 /// A second proxy instance: the first one's output must not look like a loop to it.
 const SECOND: Rewrite<'static> = Rewrite {

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
@@ -273,7 +274,7 @@ async fn serve_tunnelled<I>(
     route: tcp::Route,
     guard: ConnectionGuard,
 ) where
-    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    I: http1::ClientIo + 'static,
 {
     let settings = &shared.settings;
     let port = route.upstream.port();
@@ -309,7 +310,6 @@ async fn serve_tunnelled<I>(
         }
     };
     buf.truncate(len);
-    let mut io = Rewind::new(bytes::Bytes::from(buf), io);
     let (protocol, reason) = match detected {
         Detected::Http1 => (Protocol::Http, "http1"),
         Detected::Http2 => (Protocol::Http, "http2"),
@@ -326,10 +326,10 @@ async fn serve_tunnelled<I>(
             return;
         }
         guard.slot().set(Activity::Busy);
+        let mut io = Rewind::new(bytes::Bytes::from(buf), io);
         Box::pin(tcp::forward_streams(&shared, &mut io, &mut app, route)).await;
         return;
     }
-    drop(app);
     let upstream_http2 = settings
         .traffic
         .http2_ports
@@ -348,15 +348,24 @@ async fn serve_tunnelled<I>(
     ctx.tunnel_traceparent = route.tunnel_traceparent;
     ctx.peer_workload = route.peer_workload;
     ctx.tunnel_parent = route.tunnel_parent;
+    let ctx = Arc::new(ctx);
     let http2 = detected == Detected::Http2;
-    Box::pin(serve_hyper(
-        shared.clone(),
-        Arc::new(ctx),
-        io,
-        http2,
-        &guard,
-    ))
-    .await;
+    let io = if http2 || upstream_http2 {
+        drop(app);
+        Rewind::new(bytes::Bytes::from(buf), io)
+    } else {
+        // The fast path, as for a plaintext client, and the app connection the CONNECT dialled
+        // carries its first request: no second dial, no hyper connection on either side.
+        let slot = guard.slot().clone();
+        let read = BytesMut::from(&buf[..]);
+        let mut connection =
+            http1::Connection::new(shared.clone(), ctx.clone(), io, slot, read, Some(app));
+        match Box::pin(connection.serve()).await {
+            http1::Outcome::Done => return connection.close().await,
+            http1::Outcome::Fallback => connection.into_rewind(),
+        }
+    };
+    Box::pin(serve_hyper(shared.clone(), ctx, io, http2, &guard)).await;
 }
 
 /// Mutual TLS and policy before detection: strict inbound refuses plaintext, and so does a policy
@@ -416,8 +425,15 @@ async fn serve_connection(
         return;
     };
     let io = if fast {
-        let mut connection =
-            http1::Connection::new(shared.clone(), ctx.clone(), stream, guard.slot().clone());
+        let slot = guard.slot().clone();
+        let mut connection = http1::Connection::new(
+            shared.clone(),
+            ctx.clone(),
+            stream,
+            slot,
+            BytesMut::new(),
+            None,
+        );
         match connection.serve().await {
             http1::Outcome::Done => return,
             http1::Outcome::Fallback => connection.into_rewind(),

@@ -432,12 +432,7 @@ impl Upstreams {
     }
 
     pub(crate) async fn connect(&self, addr: SocketAddr) -> io::Result<UpstreamConn> {
-        let stream = connect(addr, self.connect).await?;
-        Ok(UpstreamConn {
-            stream,
-            buf: BytesMut::new(),
-            reused: false,
-        })
+        Ok(UpstreamConn::new(connect(addr, self.connect).await?))
     }
 }
 
@@ -450,6 +445,15 @@ pub(crate) struct UpstreamConn {
 }
 
 impl UpstreamConn {
+    /// A connection just dialled (with [`connect`]'s options).
+    pub(crate) fn new(stream: TcpStream) -> UpstreamConn {
+        UpstreamConn {
+            stream,
+            buf: BytesMut::new(),
+            reused: false,
+        }
+    }
+
     /// Whether the connection can carry a request: nothing unread, nothing arrived since the last
     /// response (a closed or misbehaving connection reads something; a healthy idle one would block).
     pub(crate) fn is_clean(&self) -> bool {

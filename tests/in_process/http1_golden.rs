@@ -20,6 +20,7 @@ const REWRITE: Rewrite<'static> = Rewrite {
     trusted_hops: 0,
     client_cert: None,
     sampler: None,
+    tunnel_parent: None,
 };
 
 /// Bytes as readable text: CRLF and LF shown escaped, each followed by a real line break.

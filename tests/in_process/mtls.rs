@@ -214,6 +214,58 @@ async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
     .await;
 }
 
+/// A tunnel's HTTP/1.1 is served like a plaintext client's: its requests go on the app connection
+/// the CONNECT dialled (one connection at the app, not a second dialled for the requests), and a
+/// request the fast path hands to hyper (HTTP/1.0) still gets its answer, nothing of it lost.
+#[tokio::test]
+async fn a_tunnels_requests_go_on_the_app_connection_its_connect_opened() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = RecordingApp::start(|_| answer(ok("ok"))).await;
+        let (server, server_log) = data_plane(app.addr, &dirs.path().join("server"), &[]);
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        let (status, mut sender) = get(tunnel, "/first").await;
+        assert_eq!(status, 200);
+        assert_eq!(send_status(&mut sender, "/second").await, 200);
+        let requests = app.requests();
+        let on: Vec<(usize, String)> = (requests.iter())
+            .map(|r| (r.connection, r.message.target().to_string()))
+            .collect();
+        assert_eq!(on, [(1, "/first".into()), (1, "/second".into())]);
+        assert_eq!(
+            app.connections(),
+            1,
+            "no connection dialled beside the CONNECT's"
+        );
+        let old = http::Request::get("/old")
+            .version(http::Version::HTTP_10)
+            .header("host", "backend")
+            .body(Empty::new())
+            .expect("request");
+        let response = bounded("a response", WAIT, sender.send_request(old))
+            .await
+            .expect("an answer to HTTP/1.0 through the tunnel");
+        assert_eq!(response.status(), 200);
+        let requests = app.requests();
+        assert_eq!(requests.len(), 3, "{requests:?}");
+        assert_eq!(requests[2].message.target(), "/old");
+        let record = server_log
+            .record(|r| {
+                r["original_url"]
+                    .as_str()
+                    .is_some_and(|u| u.ends_with("/old"))
+            })
+            .await;
+        assert_eq!(record["peer"], CLIENT_ID, "{record}");
+    })
+    .await;
+}
+
 /// An HBONE server of the test's own (TLS with SERVER_ID's material, HTTP/2) that answers 200 to
 /// every CONNECT and hands over the request headers of the first.
 async fn recording_hbone_server(

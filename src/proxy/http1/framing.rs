@@ -21,7 +21,7 @@ use http::header::HeaderValue;
 use super::chunked::is_tchar;
 use crate::proxy::path::{self, Ambiguous};
 use crate::proxy::phases::{self, new_request_id, trim_ows};
-use crate::telemetry::trace::{ParentFields, Sampler, SpanIds};
+use crate::telemetry::trace::{Parent, ParentFields, Sampler, SpanIds};
 
 /// Fields parsed into an array on the stack; a head with more is parsed again into one sized
 /// from its line count. The byte limit (--max-header-bytes, 431) is the caller's.
@@ -95,6 +95,8 @@ pub struct Rewrite<'a> {
     /// Tracing is on: the trace phase reads the caller's context and writes this exchange's
     /// `traceparent` in place of the caller's.
     pub sampler: Option<&'a Sampler>,
+    /// The span of the HBONE tunnel the request came in: its parent when it names none.
+    pub tunnel_parent: Option<Parent>,
 }
 
 /// The fields the planners act on; everything else is `Other` and passes through.
@@ -767,7 +769,10 @@ fn write_request_head(
     out.extend_from_slice(target.origin.as_bytes());
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let trusted = rw.trusted_hops > 0;
-    let mut parent = ParentFields::default();
+    let mut parent = ParentFields {
+        tunnel: rw.tunnel_parent,
+        ..ParentFields::default()
+    };
     let mut tracestate = Vec::new();
     for h in headers {
         let field = Field::of(h.name);
@@ -1081,6 +1086,7 @@ mod tests {
             trusted_hops: 0,
             client_cert: None,
             sampler: None,
+            tunnel_parent: None,
         }
     }
 
@@ -1154,6 +1160,35 @@ mod tests {
             let other = String::from_utf8(other).expect("ascii");
             assert_eq!(Field::of(&other), Field::Other, "{other}");
         }
+    }
+
+    /// A request in an HBONE tunnel that names no parent is a child of the tunnel's span (as on
+    /// the hyper path); one that names its own keeps it.
+    #[test]
+    fn a_tunnelled_request_without_a_parent_is_a_child_of_the_tunnels_span() {
+        let tunnel = Parent {
+            trace_id: 0x4bf92f3577b34da6a3ce929d0e0e4736,
+            span_id: 0x00f067aa0ba902b7,
+            sampled: Some(true),
+        };
+        let rw = Rewrite {
+            sampler: Some(&Sampler::NEVER),
+            tunnel_parent: Some(tunnel),
+            ..rewrite()
+        };
+        let (p, _) = plan_with("GET / HTTP/1.1\r\nHost: a\r\n\r\n", &rw);
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!(ids.trace_id, tunnel.trace_id);
+        assert_eq!(ids.parent_span_id, Some(tunnel.span_id));
+        assert!(ids.sampled, "the tunnel's decision is kept");
+        let caller = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00";
+        let (p, _) = plan_with(
+            &format!("GET / HTTP/1.1\r\nHost: a\r\ntraceparent: {caller}\r\n\r\n"),
+            &rw,
+        );
+        let ids = p.expect("plan").trace.expect("a span");
+        assert_eq!(ids.trace_id, 0x0af7651916cd43dd8448eb211c80319c);
+        assert_eq!(ids.parent_span_id, Some(0xb7ad6b7169203331));
     }
 
     #[test]

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BytesMut};
 use http::Method;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{Sleep, timeout};
 
@@ -44,6 +44,7 @@ use crate::proxy::rewind::Rewind;
 use crate::proxy::shared::Shared;
 use crate::proxy::upstream::UpstreamConn;
 use crate::proxy::upstream::balance::Pick;
+use crate::proxy::upstream::tunnel_stream::TunnelStream;
 use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};
 use framing::{
@@ -66,6 +67,36 @@ const IDLE_GRACE: Duration = Duration::from_millis(20);
 /// before closing, so that the close does not reset the response away (nginx's lingering close).
 const LINGER_TIME: Duration = Duration::from_secs(1);
 const LINGER_BYTES: usize = 1024 * 1024;
+
+/// What the fast path serves: a client's socket, or an HBONE stream a peer opened to the app.
+/// Beside reads and writes it waits for input without taking it (an idle connection holds no
+/// buffer meanwhile) and takes what has arrived without waiting.
+pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
+    /// Resolves when a read would not wait (bytes, the end, or an error).
+    fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
+    /// Reads what has arrived; `WouldBlock` when nothing has, `Ok(0)` at the end.
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize>;
+}
+
+impl ClientIo for TcpStream {
+    async fn readable(&mut self) -> std::io::Result<()> {
+        TcpStream::readable(self).await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        TcpStream::try_read_buf(self, buf)
+    }
+}
+
+impl ClientIo for TunnelStream {
+    async fn readable(&mut self) -> std::io::Result<()> {
+        TunnelStream::readable(self).await
+    }
+
+    fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
+        TunnelStream::try_read_buf(self, buf)
+    }
+}
 
 /// How a client connection served by the fast path ended.
 pub enum Outcome {
@@ -168,10 +199,10 @@ enum HeadError {
 }
 
 /// One client connection on the fast path.
-pub struct Connection {
+pub struct Connection<C = TcpStream> {
     shared: Arc<Shared>,
     ctx: Arc<ConnContext>,
-    client: TcpStream,
+    client: C,
     slot: Arc<Slot>,
     /// Bytes read from the client and not yet forwarded.
     buf: BytesMut,
@@ -183,22 +214,27 @@ pub struct Connection {
     sticky: Option<(SocketAddr, UpstreamConn)>,
 }
 
-impl Connection {
+impl<C: ClientIo> Connection<C> {
+    /// `read`: bytes already read from the client (detection's, on a tunnel); `app`: a connection
+    /// to the app already open (the one a tunnel's CONNECT dialled), used first.
     pub fn new(
         shared: Arc<Shared>,
         ctx: Arc<ConnContext>,
-        client: TcpStream,
+        client: C,
         slot: Arc<Slot>,
-    ) -> Connection {
+        read: BytesMut,
+        app: Option<TcpStream>,
+    ) -> Connection<C> {
+        let sticky = app.map(|app| (ctx.upstream_addr, UpstreamConn::new(app)));
         Connection {
             shared,
             ctx,
             client,
             slot,
-            buf: BytesMut::new(),
+            buf: read,
             head: Vec::new(),
             out: Vec::new(),
-            sticky: None,
+            sticky,
         }
     }
 
@@ -243,8 +279,13 @@ impl Connection {
     }
 
     /// The connection for the hyper path, with the bytes the fast path read and did not use.
-    pub fn into_rewind(mut self) -> Rewind<TcpStream> {
+    pub fn into_rewind(mut self) -> Rewind<C> {
         Rewind::new(self.buf.split().freeze(), self.client)
+    }
+
+    /// Ends the client's side (a tunnel's stream ends with `END_STREAM` instead of a reset).
+    pub async fn close(mut self) {
+        let _ = self.client.shutdown().await;
     }
 
     /// Gives the app connection back to the pool (if it is clean).
@@ -283,6 +324,7 @@ impl Connection {
                     trusted_hops: self.shared.settings.traffic.trusted_hops,
                     client_cert: client_cert.as_ref().map(http::HeaderValue::as_bytes),
                     sampler: (self.shared.telemetry.traces.as_ref()).map(|t| &t.sampler),
+                    tunnel_parent: self.ctx.tunnel_parent,
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
                     Ok(plan) => return Ok(Pending::Request(plan, start)),
@@ -872,9 +914,9 @@ impl Connection {
 /// stay in `src_buf` (a pipelined request). `copied` ends as the body's size (without chunk
 /// framing), or what was copied before an error. Each read waits at most `stall`.
 async fn copy_body(
-    src: &mut TcpStream,
+    src: &mut (impl AsyncRead + Unpin),
     src_buf: &mut BytesMut,
-    dst: &mut TcpStream,
+    dst: &mut (impl AsyncWrite + Unpin),
     framing: Framing,
     out: &mut Vec<u8>,
     copied: &mut u64,
@@ -939,7 +981,11 @@ async fn copy_body(
 /// the hyper path's for a response nobody takes: a peer that stops reading cannot hold the
 /// exchange, and the connections behind it, for good). No timer is armed when the write completes
 /// at once, as nearly all do.
-async fn write_taken(dst: &mut TcpStream, bytes: &[u8], stall: Duration) -> Result<(), CopyError> {
+async fn write_taken(
+    dst: &mut (impl AsyncWrite + Unpin),
+    bytes: &[u8],
+    stall: Duration,
+) -> Result<(), CopyError> {
     match timeout(2 * stall, dst.write_all(bytes)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(_)) | Err(_) => Err(CopyError::Write),
@@ -949,7 +995,7 @@ async fn write_taken(dst: &mut TcpStream, bytes: &[u8], stall: Duration) -> Resu
 /// Closing a socket with unread input makes the kernel send a reset, which can destroy the
 /// response before the client reads it. So: send FIN, then read and discard what the client is
 /// still sending, for a bounded time and amount (nginx's lingering close).
-async fn linger_close(client: &mut TcpStream) {
+async fn linger_close(client: &mut impl ClientIo) {
     let _ = client.shutdown().await;
     let drain = async {
         // On the heap: this rare path would otherwise make every connection's task 8 KiB larger.

@@ -62,37 +62,73 @@ fn io_error(e: h2::Error) -> io::Error {
     }
 }
 
+impl TunnelStream {
+    /// Waits until a read would not wait: a DATA frame is in hand (kept for the read), or the
+    /// stream has ended or failed (the read reports which). `Ok(true)`: bytes are in hand.
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<bool>> {
+        while self.unread.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
+                None => return Poll::Ready(Ok(false)),
+                Some(Ok(data)) => self.unread = data,
+                // A peer that cancels or ends its side without error has closed the stream:
+                // end of file, as a TCP FIN would be (hyper's upgraded stream does the same).
+                Some(Err(e)) => {
+                    return Poll::Ready(match e.reason() {
+                        Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(false),
+                        Some(Reason::STREAM_CLOSED) => {
+                            Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
+                        }
+                        _ => Err(io_error(e)),
+                    });
+                }
+            }
+        }
+        Poll::Ready(Ok(true))
+    }
+
+    /// Moves up to `max` bytes in hand to `into`, and gives their room back to the peer's window.
+    fn take_unread(&mut self, max: usize, into: impl FnOnce(&[u8])) -> usize {
+        let taken = self.unread.len().min(max);
+        into(&self.unread[..taken]);
+        self.unread.advance(taken);
+        // Read by the caller: the peer may send that much more.
+        let _ = self.recv.flow_control().release_capacity(taken);
+        taken
+    }
+
+    /// Resolves when a read would not wait (as `TcpStream::readable`): bytes in hand, the end, or
+    /// an error. The bytes stay for the next read.
+    pub async fn readable(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_fill(cx).map_ok(|_| ())).await
+    }
+
+    /// Reads what is in hand without waiting (as `TcpStream::try_read_buf`): `WouldBlock` when
+    /// nothing is, `Ok(0)` at the end of the stream.
+    pub fn try_read_buf(&mut self, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+        let mut cx = Context::from_waker(std::task::Waker::noop());
+        match self.poll_fill(&mut cx) {
+            Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
+            Poll::Ready(Err(e)) => Err(e),
+            Poll::Ready(Ok(false)) => Ok(0),
+            // At least the bytes of one frame: the caller reserved room, and a frame is bounded.
+            Poll::Ready(Ok(true)) => {
+                let room = (buf.capacity() - buf.len()).max(1);
+                Ok(self.take_unread(room, |bytes| buf.extend_from_slice(bytes)))
+            }
+        }
+    }
+}
+
 impl AsyncRead for TunnelStream {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        if self.unread.is_empty() {
-            self.unread = loop {
-                match ready!(self.recv.poll_data(cx)) {
-                    None => return Poll::Ready(Ok(())),
-                    Some(Ok(data)) if data.is_empty() => {}
-                    Some(Ok(data)) => break data,
-                    // A peer that cancels or ends its side without error has closed the stream:
-                    // end of file, as a TCP FIN would be (hyper's upgraded stream does the same).
-                    Some(Err(e)) => {
-                        return Poll::Ready(match e.reason() {
-                            Some(Reason::NO_ERROR | Reason::CANCEL) => Ok(()),
-                            Some(Reason::STREAM_CLOSED) => {
-                                Err(io::Error::new(io::ErrorKind::BrokenPipe, e))
-                            }
-                            _ => Err(io_error(e)),
-                        });
-                    }
-                }
-            };
+        if ready!(self.poll_fill(cx))? {
+            let room = buf.remaining();
+            self.take_unread(room, |bytes| buf.put_slice(bytes));
         }
-        let taken = self.unread.len().min(buf.remaining());
-        buf.put_slice(&self.unread[..taken]);
-        self.unread.advance(taken);
-        // Read by the caller: the peer may send that much more.
-        let _ = self.recv.flow_control().release_capacity(taken);
         Poll::Ready(Ok(()))
     }
 }
