@@ -110,7 +110,8 @@ impl TunnelStream {
             Poll::Pending => Err(io::ErrorKind::WouldBlock.into()),
             Poll::Ready(Err(e)) => Err(e),
             Poll::Ready(Ok(false)) => Ok(0),
-            // At least the bytes of one frame: the caller reserved room, and a frame is bounded.
+            // As much as the room the caller reserved (a DATA frame may be up to 1 MiB); the
+            // rest stays in hand for the next read.
             Poll::Ready(Ok(true)) => {
                 let room = (buf.capacity() - buf.len()).max(1);
                 Ok(self.take_unread(room, |bytes| buf.extend_from_slice(bytes)))
