@@ -265,8 +265,9 @@ fn http_only(shared: &Shared, direction: Direction, port: u16) -> bool {
 }
 
 /// A stream that arrived in an HBONE tunnel, its app connection already made: detection, then the
-/// TCP path (on that app connection) or the HTTP path (hyper's, which has its own pool), as a
-/// plaintext connection to the same port would take, with the peer's identity on every record.
+/// TCP path or the HTTP/1.1 fast path (either on that app connection; hyper's for HTTP/2 and what
+/// the fast path hands over), as a plaintext connection to the same port would take, with the
+/// peer's identity on every record.
 async fn serve_tunnelled<I>(
     shared: Arc<Shared>,
     mut io: I,
@@ -686,7 +687,7 @@ async fn server_first(
 }
 
 /// Serves the rest of a connection with hyper: HTTP/2, the HTTP/1 the fast path hands over, and
-/// whatever arrives in an HBONE tunnel.
+/// HTTP/1 to an app spoken to over HTTP/2; on a socket or in an HBONE tunnel.
 async fn serve_hyper<I>(
     shared: Arc<Shared>,
     ctx: Arc<ConnContext>,

@@ -687,6 +687,64 @@ fn open_inbound(server: &Shared, want: usize) -> Result<(), String> {
     })
 }
 
+/// An attacker peer that opens a CONNECT with a stream window of 0 (legal: `SETTINGS_INITIAL_WINDOW_SIZE`
+/// 0, and never a WINDOW_UPDATE) so that nothing can be written back, then sends requests the
+/// proxy refuses: an ambiguous path (400 from the driver, the slot already busy) and a malformed
+/// head (400 before any exchange). Each refusal's write is bounded (twice
+/// --response-body-timeout), so each stream gives its --max-connections slot back instead of
+/// holding it for good; PINGs keep the HBONE connection itself alive meanwhile.
+#[tokio::test]
+async fn a_peer_that_never_opens_its_window_cannot_hold_a_refused_streams_slot() {
+    bounded("test", TEST_TIMEOUT, async {
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let app = TestApp::start().await;
+        let flags = ["--response-body-timeout", "300ms", "--idle-timeout", "60s"];
+        let (server, _log) = data_plane(app.addr, &dirs.path().join("server"), &flags);
+        let hbone = hbone_listener(&server).await;
+        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let (sender, conn) = h2::client::Builder::new()
+            .initial_window_size(0)
+            .handshake::<_, Bytes>(tls_to(hbone, &client).await)
+            .await
+            .expect("HTTP/2");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let mut streams = Vec::new();
+        for head in [
+            &b"GET /%2e%2e/admin HTTP/1.1\r\nHost: a\r\n\r\n"[..],
+            b"GET / HTTP/1.1\r\nHost: a\r\nno colon here\r\n\r\n",
+        ] {
+            let mut sender = bounded("ready", WAIT, sender.clone().ready())
+                .await
+                .expect("ready");
+            let connect = http::Request::connect(app.addr.to_string())
+                .body(())
+                .expect("request");
+            let (response, mut send) = sender.send_request(connect, false).expect("CONNECT");
+            let response = bounded("the CONNECT's answer", WAIT, response)
+                .await
+                .expect("an answer");
+            assert_eq!(response.status(), 200);
+            send.send_data(Bytes::from_static(head), false)
+                .expect("the request");
+            streams.push((send, response));
+        }
+        // The HBONE connection's own slot stays; the two streams' are given back.
+        eventually(
+            "the refused streams to give their slots back",
+            WAIT,
+            || async { open_inbound(&server, 1) },
+        )
+        .await;
+        drop(streams);
+    })
+    .await;
+}
+
 /// A peer with a valid certificate that opens CONNECT streams and resets them before their answer
 /// (HEADERS then RST_STREAM, the "rapid reset" pattern) holds nothing once it has reset them: each
 /// stream's task gives back its app dial and its --max-connections slot at once, not at

@@ -17,7 +17,8 @@
 //! Every wait is bounded: the request head (`--header-timeout`, from its first byte), an idle
 //! keep-alive connection (`--idle-timeout`), the request body between reads
 //! (`--request-body-timeout`), the response head from the end of the request
-//! (`--response-timeout`) and the response body between reads (`--response-body-timeout`).
+//! (`--response-timeout`), the response body between reads (`--response-body-timeout`), and
+//! every write the client must take, the proxy's own answers included (twice that).
 
 pub mod chunked;
 pub mod framing;
@@ -306,7 +307,7 @@ impl<C: ClientIo> Connection<C> {
         let deadline =
             tokio::time::Instant::from_std(start) + self.shared.settings.traffic.timeouts.header;
         let max_head = self.shared.settings.traffic.max_header_bytes;
-        // `None` without an allocation on plaintext (all of this path's traffic today).
+        // `None` without an allocation on plaintext; a tunnel's peer is named to the app.
         let client_cert = self.shared.client_cert_details(&self.ctx);
         loop {
             if !self.buf.is_empty() {
@@ -898,7 +899,12 @@ impl<C: ClientIo> Connection<C> {
         );
         // Logged before the write: whoever reads the answer finds the record and the metrics.
         exchange.refused(synthetic);
-        let written = self.client.write_all(&self.out).await.is_ok();
+        // Bounded as a response body's writes are: a client (or a tunnel's peer that never opens
+        // its window) that takes nothing cannot keep the exchange's slots.
+        let stall = self.shared.settings.traffic.timeouts.response_body;
+        let written = write_taken(&mut self.client, &self.out, stall)
+            .await
+            .is_ok();
         if written && !synthetic.close {
             return Next::KeepAlive;
         }
