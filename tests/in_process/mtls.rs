@@ -134,6 +134,43 @@ async fn pair(ca: &Ca, client_ca: &Ca, client_id: &str, client_flags: &[&str]) -
     }
 }
 
+/// The access-log record of the request whose original URL ends with `path`.
+async fn record_of(log: &Captured, path: &str) -> serde_json::Value {
+    log.record(|r| {
+        r["original_url"]
+            .as_str()
+            .is_some_and(|u| u.ends_with(path))
+    })
+    .await
+}
+
+/// A server data plane (SERVER_ID, `server_flags`, its HBONE listener) and a client one
+/// (CLIENT_ID) from one CA, both in front of the app at `app`.
+struct Planes {
+    server: Arc<Shared>,
+    server_log: Captured,
+    hbone: SocketAddr,
+    client: Arc<Shared>,
+    _dirs: tempfile::TempDir,
+}
+
+async fn planes(app: SocketAddr, server_flags: &[&str]) -> Planes {
+    let ca = Ca::new("mesh CA");
+    let dirs = tempfile::tempdir().expect("temp dir");
+    ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+    ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+    let (server, server_log) = data_plane(app, &dirs.path().join("server"), server_flags);
+    let hbone = hbone_listener(&server).await;
+    let (client, _) = data_plane(app, &dirs.path().join("client"), &[]);
+    Planes {
+        server,
+        server_log,
+        hbone,
+        client,
+        _dirs: dirs,
+    }
+}
+
 #[tokio::test]
 async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
     bounded("test", TEST_TIMEOUT, async {
@@ -144,14 +181,7 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
         let traceparent = tunnel.traceparent.clone();
         let (status, _sender) = get(tunnel, "/status/201").await;
         assert_eq!(status, 201);
-        let record = p
-            .server_log
-            .record(|r| {
-                r["original_url"]
-                    .as_str()
-                    .is_some_and(|u| u.ends_with("/status/201"))
-            })
-            .await;
+        let record = record_of(&p.server_log, "/status/201").await;
         assert_eq!(record["peer"], CLIENT_ID, "{record}");
         assert_eq!(record["direction"], "inbound");
         assert_eq!(record["status"], 201);
@@ -179,15 +209,9 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
 #[tokio::test]
 async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
     bounded("test", TEST_TIMEOUT, async {
-        let ca = Ca::new("mesh CA");
-        let dirs = tempfile::tempdir().expect("temp dir");
-        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
-        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
         let app = RecordingApp::start(|_| answer(ok("ok"))).await;
-        let (server, _) = data_plane(app.addr, &dirs.path().join("server"), &[]);
-        let hbone = hbone_listener(&server).await;
-        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
-        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        let p = planes(app.addr, &[]).await;
+        let tunnel = open(&p.client, p.hbone, app.addr).await.expect("tunnel");
         let (status, mut sender) = get(tunnel, "/first").await;
         assert_eq!(status, 200);
         let forged = [
@@ -220,15 +244,9 @@ async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
 #[tokio::test]
 async fn a_tunnels_requests_go_on_the_app_connection_its_connect_opened() {
     bounded("test", TEST_TIMEOUT, async {
-        let ca = Ca::new("mesh CA");
-        let dirs = tempfile::tempdir().expect("temp dir");
-        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
-        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
         let app = RecordingApp::start(|_| answer(ok("ok"))).await;
-        let (server, server_log) = data_plane(app.addr, &dirs.path().join("server"), &[]);
-        let hbone = hbone_listener(&server).await;
-        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
-        let tunnel = open(&client, hbone, app.addr).await.expect("tunnel");
+        let p = planes(app.addr, &[]).await;
+        let tunnel = open(&p.client, p.hbone, app.addr).await.expect("tunnel");
         let (status, mut sender) = get(tunnel, "/first").await;
         assert_eq!(status, 200);
         assert_eq!(send_status(&mut sender, "/second").await, 200);
@@ -254,13 +272,7 @@ async fn a_tunnels_requests_go_on_the_app_connection_its_connect_opened() {
         let requests = app.requests();
         assert_eq!(requests.len(), 3, "{requests:?}");
         assert_eq!(requests[2].message.target(), "/old");
-        let record = server_log
-            .record(|r| {
-                r["original_url"]
-                    .as_str()
-                    .is_some_and(|u| u.ends_with("/old"))
-            })
-            .await;
+        let record = record_of(&p.server_log, "/old").await;
         assert_eq!(record["peer"], CLIENT_ID, "{record}");
     })
     .await;
@@ -696,18 +708,12 @@ fn open_inbound(server: &Shared, want: usize) -> Result<(), String> {
 #[tokio::test]
 async fn a_peer_that_never_opens_its_window_cannot_hold_a_refused_streams_slot() {
     bounded("test", TEST_TIMEOUT, async {
-        let ca = Ca::new("mesh CA");
-        let dirs = tempfile::tempdir().expect("temp dir");
-        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
-        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
         let app = TestApp::start().await;
         let flags = ["--response-body-timeout", "300ms", "--idle-timeout", "60s"];
-        let (server, _log) = data_plane(app.addr, &dirs.path().join("server"), &flags);
-        let hbone = hbone_listener(&server).await;
-        let (client, _) = data_plane(app.addr, &dirs.path().join("client"), &[]);
+        let p = planes(app.addr, &flags).await;
         let (sender, conn) = h2::client::Builder::new()
             .initial_window_size(0)
-            .handshake::<_, Bytes>(tls_to(hbone, &client).await)
+            .handshake::<_, Bytes>(tls_to(p.hbone, &p.client).await)
             .await
             .expect("HTTP/2");
         tokio::spawn(async move {
@@ -737,7 +743,7 @@ async fn a_peer_that_never_opens_its_window_cannot_hold_a_refused_streams_slot()
         eventually(
             "the refused streams to give their slots back",
             WAIT,
-            || async { open_inbound(&server, 1) },
+            || async { open_inbound(&p.server, 1) },
         )
         .await;
         drop(streams);
