@@ -8,6 +8,9 @@
 //! copied; a busy client connection keeps its upstream connection between requests (no pool
 //! traffic per request) and gives it back to the pool as soon as it goes idle.
 //!
+//! It serves a client's socket and, the same way, the HTTP/1.1 a mesh peer sends in an HBONE
+//! tunnel ([`ClientIo`]).
+//!
 //! The fast path covers what nearly all traffic is: HTTP/1.1 requests without a body, with a
 //! `Content-Length` or with `Transfer-Encoding: chunked`. Everything else (`Upgrade`, `CONNECT`,
 //! `Expect`, HTTP/1.0, apps spoken to over HTTP/2) is handed, bytes already read included, to the
