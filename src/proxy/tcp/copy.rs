@@ -2,9 +2,9 @@
 //! direction starts with a small buffer and doubles it, up to a bound, whenever its reads fill it
 //! (a bulk transfer, or a writer that keeps it waiting), so that a bulk stream moves in large
 //! writes (one large DATA frame into an HBONE tunnel, fewer TLS flushes and system calls) while
-//! the many connections that carry little keep small buffers. tokio's `copy_bidirectional` has fixed buffers: 64 KiB made
-//! one bulk stream through HBONE 1.21x faster and 50 tunnelled connections 4.7 MB larger
-//! (docs/benchmarks.md). The copy loop is tokio's (read ahead while a write waits, flush when
+//! the many connections that carry little keep small buffers. tokio's `copy_bidirectional` has
+//! fixed buffers: 64 KiB made one bulk stream through HBONE 1.21x faster and 50 tunnelled
+//! connections 4.7 MB larger (docs/benchmarks.md). The copy loop is tokio's (read ahead while a write waits, flush when
 //! the reader has nothing, shut the writer down at the reader's end), with the growth added.
 
 use std::io;
