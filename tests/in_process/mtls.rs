@@ -203,17 +203,28 @@ async fn a_tunnel_carries_http_to_the_app_and_the_log_names_the_client() {
     .await;
 }
 
+/// A recording app answering 200, the two data planes in front of it, and a tunnel through them
+/// that carried `GET /first` (answered 200); the tunnel's HTTP/1.1 sender for more.
+async fn first_request_in_a_tunnel() -> (
+    RecordingApp,
+    Planes,
+    hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+) {
+    let app = RecordingApp::start(|_| answer(ok("ok"))).await;
+    let p = planes(app.addr, &[]).await;
+    let tunnel = open(&p.client, p.hbone, app.addr).await.expect("tunnel");
+    let (status, sender) = get(tunnel, "/first").await;
+    assert_eq!(status, 200);
+    (app, p, sender)
+}
+
 /// x-forwarded-client-cert is the proxy's: the app behind the server learns the verified peer in
 /// Envoy's format, `By=<server>;URI=<client>`, and never what the client wrote there; the other
 /// forwarding fields the client wrote do not pass either.
 #[tokio::test]
 async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(|_| answer(ok("ok"))).await;
-        let p = planes(app.addr, &[]).await;
-        let tunnel = open(&p.client, p.hbone, app.addr).await.expect("tunnel");
-        let (status, mut sender) = get(tunnel, "/first").await;
-        assert_eq!(status, 200);
+        let (app, _planes, mut sender) = first_request_in_a_tunnel().await;
         let forged = [
             (
                 "x-forwarded-client-cert",
@@ -244,11 +255,7 @@ async fn the_app_learns_the_verified_peer_and_never_a_forged_one() {
 #[tokio::test]
 async fn a_tunnels_requests_go_on_the_app_connection_its_connect_opened() {
     bounded("test", TEST_TIMEOUT, async {
-        let app = RecordingApp::start(|_| answer(ok("ok"))).await;
-        let p = planes(app.addr, &[]).await;
-        let tunnel = open(&p.client, p.hbone, app.addr).await.expect("tunnel");
-        let (status, mut sender) = get(tunnel, "/first").await;
-        assert_eq!(status, 200);
+        let (app, p, mut sender) = first_request_in_a_tunnel().await;
         assert_eq!(send_status(&mut sender, "/second").await, 200);
         let requests = app.requests();
         let on: Vec<(usize, String)> = (requests.iter())
