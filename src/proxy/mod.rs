@@ -53,7 +53,6 @@ use limits::Limits;
 use phases::Via;
 pub use shared::Shared;
 use shared::{Mtls, Settings};
-use upstream::tunnels::Pool;
 use upstream::{ClientFactory, ConnectOptions, Upstreams};
 
 /// The constructor is the wiring's: it reads the configuration, sets the descriptor limit and builds
@@ -163,7 +162,7 @@ fn mtls(
         outbound: config.outbound,
         plaintext_ports: config.plaintext_ports.clone(),
         peers: config.peers.clone(),
-        pool: Pool::default(),
+        pool: Arc::default(),
         idle_timeout,
         pod_name: config.pod_name.clone(),
         pod_namespace: config.pod_namespace.clone(),

@@ -77,7 +77,7 @@ pub struct Mtls {
     pub(crate) outbound: OutboundMtls,
     pub(crate) plaintext_ports: PortList,
     pub(crate) peers: PeerIdentities,
-    pub pool: Pool,
+    pub pool: Arc<Pool>,
     /// Pooled HBONE connections without a stream close after this long (--pool-idle-timeout).
     pub(crate) idle_timeout: Duration,
     /// The pod's name and namespace from the downward API, for the `baggage` header.

@@ -384,6 +384,160 @@ async fn every_connect_carries_traceparent_baggage_and_forwarded() {
     .await;
 }
 
+/// What an HBONE peer of the test's own saw its client send on one connection: every plaintext
+/// byte after the TLS handshake, and whether the stream ended with TLS's close_notify (a clean
+/// end of file) rather than a bare TCP close.
+#[derive(Clone, Default)]
+struct Heard {
+    bytes: Arc<std::sync::Mutex<Vec<u8>>>,
+    close_notify: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Heard {
+    /// The HTTP/2 frames heard, as (type, stream, payload), after the client's preface.
+    fn frames(&self) -> Vec<(u8, u32, Vec<u8>)> {
+        let bytes = self.bytes.lock().expect("lock").clone();
+        let mut rest = bytes
+            .strip_prefix(amazing_proxy::proxy::detect::H2_PREFACE)
+            .unwrap_or_else(|| panic!("no HTTP/2 preface in {} bytes", bytes.len()));
+        let mut frames = Vec::new();
+        while rest.len() >= 9 {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            let stream = u32::from_be_bytes([rest[5], rest[6], rest[7], rest[8]]) & 0x7fff_ffff;
+            let end = (9 + len).min(rest.len());
+            frames.push((rest[3], stream, rest[9..end].to_vec()));
+            rest = &rest[end..];
+        }
+        frames
+    }
+}
+
+/// The TLS stream an HBONE peer of the test's own reads its client through, noting what it heard.
+struct Listening<T> {
+    io: T,
+    heard: Heard,
+}
+
+impl<T: tokio::io::AsyncRead + Unpin> tokio::io::AsyncRead for Listening<T> {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = std::pin::Pin::new(&mut self.io).poll_read(cx, buf);
+        if let std::task::Poll::Ready(Ok(())) = &polled {
+            let new = &buf.filled()[before..];
+            if new.is_empty() {
+                // tokio-rustls ends a stream cleanly only on close_notify; a bare TCP close is an
+                // error (UnexpectedEof).
+                (self.heard.close_notify).store(true, std::sync::atomic::Ordering::SeqCst);
+            }
+            self.heard
+                .bytes
+                .lock()
+                .expect("lock")
+                .extend_from_slice(new);
+        }
+        polled
+    }
+}
+
+impl<T: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for Listening<T> {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
+
+/// An HBONE peer of the test's own (TLS with `server`'s material, HTTP/2 by the `h2` crate) that
+/// answers 200 to every CONNECT on its first connection and ends the tunnels at once. Resolves,
+/// once that connection has ended, to what it heard on it.
+async fn listening_hbone_server(server: &Path) -> (SocketAddr, tokio::task::JoinHandle<Heard>) {
+    let material = load(
+        &Files::Dir(server.to_owned()),
+        "cluster.local",
+        None,
+        SystemTime::now(),
+    )
+    .expect("server material");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let addr = listener.local_addr().expect("address");
+    let ended = tokio::spawn(async move {
+        let (tcp, _) = listener.accept().await.expect("accept");
+        let tls = tokio_rustls::TlsAcceptor::from(material.server.clone())
+            .accept(tcp)
+            .await
+            .expect("TLS");
+        let heard = Heard::default();
+        let io = Listening {
+            io: tls,
+            heard: heard.clone(),
+        };
+        let mut conn = h2::server::handshake(io).await.expect("HTTP/2");
+        while let Some(Ok((_, mut respond))) = conn.accept().await {
+            let _ = respond.send_response(http::Response::new(()), true);
+        }
+        heard
+    });
+    (addr, ended)
+}
+
+#[tokio::test]
+async fn an_idle_pooled_connection_ends_with_goaway_and_close_notify() {
+    bounded("test", TEST_TIMEOUT, async {
+        const GOAWAY: u8 = 0x7;
+        let ca = Ca::new("mesh CA");
+        let dirs = tempfile::tempdir().expect("temp dir");
+        ca.write_dir(&dirs.path().join("server"), &ca.issue(SERVER_ID));
+        ca.write_dir(&dirs.path().join("client"), &ca.issue(CLIENT_ID));
+        let (hbone, ended) = listening_hbone_server(&dirs.path().join("server")).await;
+        let target: SocketAddr = "127.0.0.1:8080".parse().expect("address");
+        let flags = ["--pool-idle-timeout", "200ms"];
+        let (client, _) = data_plane(target, &dirs.path().join("client"), &flags);
+        drop(open(&client, hbone, target).await.expect("tunnel"));
+
+        // The pool closes the connection once it has been idle: politely, so that the peer
+        // knows no stream was cut (RFC 9113 6.8) and TLS was not truncated (RFC 8446 6.1).
+        let heard = bounded("the idle connection's end", WAIT, ended)
+            .await
+            .expect("the peer's task");
+        let goaways: Vec<_> = heard
+            .frames()
+            .into_iter()
+            .filter(|(kind, _, _)| *kind == GOAWAY)
+            .map(|(_, stream, payload)| (stream, payload.get(4..8).map(<[u8]>::to_vec)))
+            .collect();
+        assert_eq!(
+            goaways,
+            [(0, Some(vec![0, 0, 0, 0]))],
+            "one GOAWAY (NO_ERROR) on stream 0"
+        );
+        assert!(
+            heard.close_notify.load(std::sync::atomic::Ordering::SeqCst),
+            "TLS ended with close_notify"
+        );
+    })
+    .await;
+}
+
 /// Accepts TCP connections on loopback and counts them; with `to`, relays each to it.
 async fn counting_relay(
     to: Option<SocketAddr>,

@@ -2,7 +2,7 @@
 //! stream to `<destination ip>:15008`, over connections pooled per peer (at most
 //! [`MAX_STREAMS`](crate::proxy::upstream::tunnels::MAX_STREAMS)
 //! streams each), kept alive with PINGs every 10 s while idle and closed after
-//! `--pool-idle-timeout` without a stream.
+//! `--pool-idle-timeout` without a stream, with GOAWAY (NO_ERROR) and TLS's close_notify.
 //!
 //! `--outbound-mtls auto` falls back to plaintext when the TCP connection to the peer's 15008
 //! fails (refused: nothing listens; or timed out, unreachable: a host outside the mesh), and
@@ -40,7 +40,7 @@ use crate::proxy::upstream::tunnel_stream::{Heard, TunnelStream};
 /// Why [`Pool::open`] failed: the pool's error, which waiting callers share.
 pub use crate::proxy::upstream::tunnels::OpenError;
 use crate::proxy::upstream::tunnels::{
-    MAX_STREAMS, PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage, idle_out,
+    MAX_STREAMS, PLAINTEXT_MEMORY, Pool, Pooled, Refusal, StreamSlot, Usage,
 };
 use crate::proxy::upstream::{self, Transport, connect};
 use crate::settings::OutboundMtls;
@@ -48,6 +48,9 @@ use crate::telemetry::metrics::Direction;
 use crate::telemetry::otlp::{TunnelFacts, TunnelSpan};
 use crate::telemetry::trace::Sampler;
 use crate::vocab::HBONE_PORT;
+
+/// How long an idle connection's GOAWAY and close_notify may take to leave before it is dropped.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// The TLS stream of a pooled connection, noting the first TLS failure a read meets: in TLS 1.3 a
 /// server refuses our certificate after our handshake ended, on the first read, and HTTP/2 keeps
@@ -269,18 +272,25 @@ async fn dial(shared: &Shared, mtls: &Mtls, peer: SocketAddr) -> Result<Pooled, 
         .handshake::<_, Bytes>(watched)
         .await
         .map_err(|e| failed(ErrorKind::ConnectFailed, format!("HTTP/2: {e}")))?;
-    let usage = Arc::new(Usage::new());
+    let usage = Arc::new(Usage::with_first_stream());
     let idle_timeout = mtls.idle_timeout;
     let ping_pong = conn.ping_pong();
     tokio::spawn({
         let usage = usage.clone();
+        let pool = mtls.pool.clone();
         async move {
             tokio::select! {
-                result = conn => if let Err(e) = result {
+                result = &mut conn => if let Err(e) = result {
                     tracing::debug!(%peer, "HBONE connection ended: {e}");
                 },
-                () = idle_out(&usage, idle_timeout) => {
+                () = pool.idle_out(peer, &usage, idle_timeout) => {
                     tracing::debug!(%peer, "HBONE connection idle for {idle_timeout:?}: closing it");
+                    // Out of the pool, with no stream and no handle left: `h2` sends GOAWAY
+                    // (NO_ERROR) and TLS its close_notify, so the peer knows nothing was cut.
+                    // Bounded: a peer that reads nothing more holds it no longer.
+                    if tokio::time::timeout(CLOSE_GRACE, conn).await.is_err() {
+                        tracing::debug!(%peer, "HBONE connection's peer took no GOAWAY within {CLOSE_GRACE:?}");
+                    }
                 }
                 () = keep_alive(ping_pong, heard) => {
                     tracing::debug!(%peer, "HBONE connection's peer stopped answering PINGs: closing it");

@@ -54,9 +54,11 @@ pub(crate) struct Usage {
 }
 
 impl Usage {
-    pub(crate) fn new() -> Usage {
+    /// A new connection's usage, its dialler's stream counted from the start: a connection is
+    /// never idle before its first stream has had its place.
+    pub(crate) fn with_first_stream() -> Usage {
         Usage {
-            streams: AtomicUsize::new(0),
+            streams: AtomicUsize::new(1),
             epoch: Instant::now(),
             idle_since_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
@@ -208,7 +210,6 @@ impl Pool {
             (None, _) => match dial().await {
                 Ok(pooled) => {
                     *last_failure = None;
-                    pooled.usage.streams.fetch_add(1, Ordering::AcqRel);
                     let slot = StreamSlot(pooled.usage.clone());
                     let mut connections = lock(&self.connections);
                     // Each dial also forgets the closed connections of every peer, and the
@@ -230,19 +231,35 @@ impl Pool {
             },
         }
     }
-}
-
-/// Resolves once the connection has had no stream for `idle_timeout`.
-pub(crate) async fn idle_out(usage: &Usage, idle_timeout: Duration) {
-    let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
-    loop {
-        tokio::time::sleep(idle_timeout).await;
-        let since = usage.idle_since_ms.load(Ordering::Acquire);
-        if usage.streams.load(Ordering::Acquire) == 0
-            && usage.now_ms().saturating_sub(since) >= idle_ms
-        {
-            return;
+    /// Resolves once `peer`'s connection (`usage`) has had no stream for `idle_timeout`, taken
+    /// out of the pool: no stream can start on it from then on, and the pool holds no handle to
+    /// it, so that `h2` ends it with GOAWAY once the caller's last handle is gone.
+    pub(crate) async fn idle_out(&self, peer: SocketAddr, usage: &Usage, idle_timeout: Duration) {
+        let idle_ms = u64::try_from(idle_timeout.as_millis()).unwrap_or(u64::MAX);
+        loop {
+            tokio::time::sleep(idle_timeout).await;
+            let since = usage.idle_since_ms.load(Ordering::Acquire);
+            if usage.now_ms().saturating_sub(since) >= idle_ms && self.retire_if_idle(peer, usage) {
+                return;
+            }
         }
+    }
+
+    /// Takes `peer`'s connection out of the pool if it has no stream. Under the pool's lock, as
+    /// `checkout` takes a place, so that no stream starts on a connection being closed.
+    fn retire_if_idle(&self, peer: SocketAddr, usage: &Usage) -> bool {
+        let mut map = lock(&self.connections);
+        if usage.streams.load(Ordering::Acquire) != 0 {
+            return false;
+        }
+        usage.close();
+        if let Some(list) = map.get_mut(&peer) {
+            list.retain(|p| !std::ptr::eq(Arc::as_ptr(&p.usage), usage));
+            if list.is_empty() {
+                map.remove(&peer);
+            }
+        }
+        true
     }
 }
 
