@@ -184,7 +184,7 @@ fn each_module_uses_only_its_layer_and_those_below() {
     for module in graph.edges.keys() {
         if layer_of(module).is_none() {
             wrong.push(format!(
-                "{module}: in no layer; add it to LAYERS in tests/layers.rs"
+                "{module}: in no layer; add it to LAYERS in tests/in_process/layers.rs"
             ));
         }
     }
