@@ -9,8 +9,11 @@
 # script started is stopped on exit, whatever happens. Before measuring, one call through each
 # proxy (curl) must come back with grpc-status 0.
 # It prints, per target, calls/s (h2load's req/s: every answered call), 2xx/s and the 2xx count,
-# h2load's failed calls (non-2xx and errors) and its mean and max time per call, then amazing/envoy
-# and amazing/nginx in 2xx/s: a call that failed does not count. With REPEAT > 1 the three targets
+# h2load's failed calls (non-2xx and errors), its mean and max time per call, the proxy's CPU seconds
+# over the measured window (every thread and child process; the warm-up second excluded) and 2xx per
+# CPU-second, then amazing/envoy and amazing/nginx in 2xx/s and in 2xx per CPU-second: a call that
+# failed does not count. A proxy that saturates its core scores alike in both; one that does not
+# (its load generator's core is the limit) is compared fairly only by the second. With REPEAT > 1 the three targets
 # run interleaved REPEAT times (the order rotating each round) and the median of each ratio follows.
 # nginx's grpc_pass answers a few calls 502 ("upstream sent frame for unknown stream" in
 # /tmp/peerbench/proxy-nginx-grpc-error.log): the fixed-answer endpoint ends every call with an
@@ -49,6 +52,14 @@ stop() {
 cleanup() { [ -n "$proxy" ] && stop "$proxy"; [ -n "$upstream" ] && stop "$upstream"; rm -f "$rows"; }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
+# CPU ticks (1/100 s) of a process, its threads and its children (nginx's workers).
+cpu_ticks() {
+  local p t=0
+  for p in "$1" $(pgrep -P "$1" 2>/dev/null); do
+    t=$((t + $(awk '{print $14+$15}' "/proc/$p/stat" 2>/dev/null || echo 0)))
+  done
+  echo "$t"
+}
 wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/null && return 0; sleep 0.1; done; echo "port $1 never opened" >&2; return 1; }
 ms() { awk -v v="$1" 'BEGIN{ if (v ~ /us$/) {sub(/us/,"",v); printf "%.3f", v/1000} else if (v ~ /ms$/) {sub(/ms/,"",v); printf "%.3f", v} else if (v ~ /s$/) {sub(/s/,"",v); printf "%.3f", v*1000} else print "?" }'; }
 
@@ -76,7 +87,7 @@ start() { # name: starts that proxy on CPU 1; sets proxy (its pid) and port
 }
 
 bench() { # round name
-  local round=$1 name=$2 port status out rps ok okps failed mean max
+  local round=$1 name=$2 port status out rps ok okps failed mean max t0 t1 cpu percpu
   start "$name"
   if ! wait_port "$port"; then stop "$proxy"; proxy=""; return 1; fi
   sleep 0.3
@@ -84,48 +95,68 @@ bench() { # round name
   status=$(curl -s -m 5 --http2-prior-knowledge -D - -o /dev/null --data-binary @/tmp/peerbench/grpc-call.bin \
     -H 'content-type: application/grpc' -H 'te: trailers' "$(url "$port")" |
     awk -F': *' 'tolower($1)=="grpc-status"{sub(/\r$/, "", $2); print $2}')
-  out=$(taskset -c 0 h2load -c 10 -m 5 --warm-up-time=1 -D "$dur" -d /tmp/peerbench/grpc-call.bin \
-    -H 'content-type: application/grpc' -H 'te: trailers' "$(url "$port")" 2>&1)
+  out=$(mktemp)
+  taskset -c 0 h2load -c 10 -m 5 --warm-up-time=1 -D "$dur" -d /tmp/peerbench/grpc-call.bin \
+    -H 'content-type: application/grpc' -H 'te: trailers' "$(url "$port")" >"$out" 2>&1 &
+  local load=$!
+  # The proxy's CPU over the measured window only: h2load counts no call of its warm-up second.
+  sleep 1; t0=$(cpu_ticks "$proxy")
+  wait "$load"; t1=$(cpu_ticks "$proxy")
+  out=$(cat "$out"; rm -f "$out")
   stop "$proxy"; proxy=""
   rps=$(awk '/^finished in/{gsub(",","",$4); print $4}' <<<"$out")
   ok=$(awk '/^status codes:/{print $3}' <<<"$out")
   failed=$(awk '/^requests:/{gsub(",",""); print $10}' <<<"$out")
   okps=$(awk -v n="$ok" -v d="$dur" 'BEGIN{ if (n != "") printf "%.1f", n / d }')
+  cpu=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/100}')
+  percpu=$(awk -v n="$ok" -v c="$cpu" 'BEGIN{ if (n != "" && c > 0) printf "%.0f", n / c; else print "?" }')
   mean=$(awk '/^time for request:/{print $6}' <<<"$out"); max=$(awk '/^time for request:/{print $5}' <<<"$out")
-  printf "%-8s %10s %10s %10s %8s %10s %10s %12s\n" "$name" "${rps:-?}" "${okps:-?}" "${ok:-?}" "${failed:-?}" \
-    "$(ms "$mean")" "$(ms "$max")" "${status:-none}"
+  printf "%-8s %10s %10s %10s %8s %10s %10s %8s %10s %12s\n" "$name" "${rps:-?}" "${okps:-?}" "${ok:-?}" \
+    "${failed:-?}" "$(ms "$mean")" "$(ms "$max")" "$cpu" "$percpu" "${status:-none}"
   [ -n "$okps" ] || { printf '%s\n' "$out" | tail -5 >&2; return 1; }
-  echo "$round $name $okps" >> "$rows"
+  echo "$round $name $okps $percpu" >> "$rows"
 }
 
 echo "gRPC unary, 10 connections x 5 streams (50 calls in flight), ${dur}s per target, $repeat round(s)"
-printf "%-8s %10s %10s %10s %8s %10s %10s %12s\n" target calls/s 2xx/s 2xx failed mean_ms max_ms grpc-status
+printf "%-8s %10s %10s %10s %8s %10s %10s %8s %10s %12s\n" target calls/s 2xx/s 2xx failed mean_ms max_ms cpu_s 2xx/CPU-s \
+  grpc-status
 targets=(amazing envoy nginx)
 for r in $(seq "$repeat"); do
   [ "$repeat" -gt 1 ] && echo "round $r"
   for i in 0 1 2; do bench "$r" "${targets[$(( (i + r - 1) % 3 ))]}"; done
 done
 
-# Per round: amazing / envoy and amazing / nginx in 2xx/s; then the median of each ratio.
+# Per round: amazing / envoy and amazing / nginx in 2xx/s and in 2xx per CPU-second; then the
+# median of each ratio.
 awk -v rounds="$repeat" '
-  { rps[$1, $2] = $3; seen[$1] = 1 }
+  { rps[$1, $2] = $3; cpu[$1, $2] = $4 }
+  function ratio(r, peer, v,   k) {
+    k = (r SUBSEP "amazing"); if (!(k in v) || !((r, peer) in v) || v[r, peer] + 0 <= 0 || v[k] + 0 <= 0) return ""
+    return v[k] / v[r, peer]
+  }
   END {
-    ne = nn = 0
+    n = 0
     for (r = 1; r <= rounds; r++) {
       line = ""
-      if ((r, "amazing") in rps && (r, "envoy") in rps && rps[r, "envoy"] > 0) {
-        e[++ne] = rps[r, "amazing"] / rps[r, "envoy"]; line = line sprintf("  amazing/envoy %.2fx", e[ne]) }
-      if ((r, "amazing") in rps && (r, "nginx") in rps && rps[r, "nginx"] > 0) {
-        g[++nn] = rps[r, "amazing"] / rps[r, "nginx"]; line = line sprintf("  amazing/nginx %.2fx", g[nn]) }
-      if (line != "") printf "round %d 2xx/s:%s\n", r, line
+      for (p = 1; p <= 2; p++) {
+        peer = p == 1 ? "envoy" : "nginx"
+        x = ratio(r, peer, rps); y = ratio(r, peer, cpu)
+        if (x != "") { c[peer, ++cn[peer]] = x; line = line sprintf("  amazing/%s %.2fx", peer, x) }
+        if (y != "") { d[peer, ++dn[peer]] = y; line = line sprintf(" (per CPU-s %.2fx)", y) }
+      }
+      if (line != "") { n++; printf "round %d 2xx/s:%s\n", r, line }
     }
-    if (ne + nn == 0) { print "no round measured amazing-proxy and a peer" > "/dev/stderr"; exit 1 }
-    if (rounds > 1) {
-      if (ne) printf "median of %d rounds: amazing/envoy %.2fx\n", ne, median(e, ne)
-      if (nn) printf "median of %d rounds: amazing/nginx %.2fx\n", nn, median(g, nn)
-    }
+    if (n == 0) { print "no round measured amazing-proxy and a peer" > "/dev/stderr"; exit 1 }
+    if (rounds > 1)
+      for (p = 1; p <= 2; p++) {
+        peer = p == 1 ? "envoy" : "nginx"
+        if (cn[peer]) printf "median of %d rounds: amazing/%s %.2fx in 2xx/s", cn[peer], peer, median(c, peer, cn[peer])
+        if (dn[peer]) printf ", %.2fx in 2xx per CPU-second", median(d, peer, dn[peer])
+        if (cn[peer]) printf "\n"
+      }
   }
-  function median(v, n,   i, j, t) {
-    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (v[j] < v[i]) { t = v[i]; v[i] = v[j]; v[j] = t }
-    return (n % 2) ? v[(n + 1) / 2] : (v[n / 2] + v[n / 2 + 1]) / 2
+  function median(v, peer, n,   i, j, t, a) {
+    for (i = 1; i <= n; i++) a[i] = v[peer, i]
+    for (i = 1; i <= n; i++) for (j = i + 1; j <= n; j++) if (a[j] < a[i]) { t = a[i]; a[i] = a[j]; a[j] = t }
+    return (n % 2) ? a[(n + 1) / 2] : (a[n / 2] + a[n / 2 + 1]) / 2
   }' "$rows"
