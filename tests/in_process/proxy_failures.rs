@@ -143,6 +143,69 @@ async fn slow_app_gives_504_after_the_response_timeout() {
     .await;
 }
 
+/// An app that accepts connections and never reads them, with a small receive buffer: what is
+/// written to it stops being taken after a few KiB. Accepted connections stay open with it.
+fn deaf_app() -> (std::net::SocketAddr, std::thread::JoinHandle<()>) {
+    let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .expect("create a socket");
+    // Inherited by the connections it accepts.
+    listener.set_recv_buffer_size(4096).expect("SO_RCVBUF");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().expect("address");
+    listener.bind(&any.into()).expect("bind");
+    listener.listen(8).expect("listen");
+    let addr = (listener.local_addr().expect("address").as_socket()).expect("an IP address");
+    let listener: std::net::TcpListener = listener.into();
+    // Ends when the test process does; holds one connection at a time, unread.
+    let holder = std::thread::spawn(move || {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = listener.accept() {
+            held.push(conn);
+            if held.len() > 8 {
+                held.remove(0);
+            }
+        }
+    });
+    (addr, holder)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_never_reads_the_request_gives_504_after_the_response_timeout() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, _holder) = deaf_app();
+        let flags = [
+            "--response-timeout",
+            "300ms",
+            "--max-header-bytes",
+            "16777216",
+        ];
+        let proxy = Proxy::start(app, &flags).await;
+        // A head far larger than both sockets' buffers (8 MiB, under a raised
+        // --max-header-bytes): the proxy's write of it has to wait on the app, which never
+        // takes it.
+        let mut request = tagged(&proxy, "/deaf", "deaf-1");
+        let big = "a".repeat(8 * 1024 * 1024);
+        request
+            .headers_mut()
+            .insert("x-big", big.parse().expect("header value"));
+        let reply = send(proxy.inbound, request).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{}",
+            reply.text()
+        );
+        assert!(
+            reply.text().contains("--response-timeout"),
+            "{}",
+            reply.text()
+        );
+        let record = proxy.json_record("deaf-1").await;
+        assert_eq!(record["error"], "response_timeout");
+        assert_eq!(record["fault"], "app");
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_app_gives_504_after_the_connect_timeout() {
     bounded("test", TEST_TIMEOUT, async {

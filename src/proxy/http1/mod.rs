@@ -776,13 +776,22 @@ impl<C: ClientIo> Connection<C> {
     ) -> Result<(UpstreamConn, ResponsePlan), (ErrorKind, Sent)> {
         let timeouts = self.shared.settings.traffic.timeouts;
         if inline {
-            // A first write that fails wrote nothing (the app reset the idle connection): the
-            // request provably never left, whatever its method.
-            let Ok(first) = up.stream.write(&self.head).await else {
-                return Err((ErrorKind::UpstreamReset, Sent::Nothing));
+            let write = async {
+                // A first write that fails wrote nothing (the app reset the idle connection):
+                // the request provably never left, whatever its method.
+                let Ok(first) = up.stream.write(&self.head).await else {
+                    return Err(Sent::Nothing);
+                };
+                (up.stream.write_all(&self.head[first..]).await).map_err(|_| Sent::NoResponse)
             };
-            if up.stream.write_all(&self.head[first..]).await.is_err() {
-                return Err((ErrorKind::UpstreamReset, Sent::NoResponse));
+            // An app that does not take the request within --response-timeout is too slow, as
+            // one that does not answer it (a head of megabytes, under a raised
+            // --max-header-bytes, can outgrow the sockets' buffers). No timer is armed when the
+            // kernel takes it at once, as nearly always.
+            match timeout(timeouts.response, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(sent)) => return Err((ErrorKind::UpstreamReset, sent)),
+                Err(_) => return Err((ErrorKind::ResponseTimeout, Sent::ResponseStarted)),
             }
         } else {
             let mut head = std::mem::take(&mut self.head);
