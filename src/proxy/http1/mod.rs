@@ -776,22 +776,31 @@ impl<C: ClientIo> Connection<C> {
     ) -> Result<(UpstreamConn, ResponsePlan), (ErrorKind, Sent)> {
         let timeouts = self.shared.settings.traffic.timeouts;
         if inline {
-            let write = async {
-                // A first write that fails wrote nothing (the app reset the idle connection):
-                // the request provably never left, whatever its method.
-                let Ok(first) = up.stream.write(&self.head).await else {
-                    return Err(Sent::Nothing);
-                };
-                (up.stream.write_all(&self.head[first..]).await).map_err(|_| Sent::NoResponse)
+            // Nearly always the kernel takes the request whole at once, with no timer or clock
+            // read. A first write that fails wrote nothing (the app reset the idle connection):
+            // the request provably never left, whatever its method.
+            let first = match up.stream.try_write(&self.head) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => 0,
+                Err(_) => return Err((ErrorKind::UpstreamReset, Sent::Nothing)),
             };
-            // An app that does not take the request within --response-timeout is too slow, as
-            // one that does not answer it (a head of megabytes, under a raised
-            // --max-header-bytes, can outgrow the sockets' buffers). No timer is armed when the
-            // kernel takes it at once, as nearly always.
-            match timeout(timeouts.response, write).await {
-                Ok(Ok(())) => {}
-                Ok(Err(sent)) => return Err((ErrorKind::UpstreamReset, sent)),
-                Err(_) => return Err((ErrorKind::ResponseTimeout, Sent::ResponseStarted)),
+            if first < self.head.len() {
+                // An app that does not take the request within --response-timeout is too slow,
+                // as one that does not answer it (a head of megabytes, under a raised
+                // --max-header-bytes, outgrows the sockets' buffers).
+                let (head, stream) = (&self.head, &mut up.stream);
+                let rest = async move {
+                    let mut at = first;
+                    if at == 0 {
+                        at = stream.write(head).await.map_err(|_| Sent::Nothing)?;
+                    }
+                    (stream.write_all(&head[at..]).await).map_err(|_| Sent::NoResponse)
+                };
+                match timeout(timeouts.response, rest).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(sent)) => return Err((ErrorKind::UpstreamReset, sent)),
+                    Err(_) => return Err((ErrorKind::ResponseTimeout, Sent::ResponseStarted)),
+                }
             }
         } else {
             let mut head = std::mem::take(&mut self.head);
