@@ -8,7 +8,9 @@
 //! bytes. On `--http-ports` nothing is ever opaque, whatever the timing.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -721,6 +723,10 @@ async fn serve_hyper<I>(
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), service);
     let mut conn = std::pin::pin!(conn);
     let slot: &Slot = guard.slot();
+    let timeouts = shared.settings.traffic.timeouts;
+    // A client that stops taking a response (twice --response-body-timeout, so that an app that
+    // stalls ends its own stream first): nginx's send_timeout, for the connection.
+    let stall = 2 * timeouts.response_body;
     // Closing for the drain or the idle timeout is graceful. HTTP/1.1: finish the request in
     // progress, answer it with `Connection: close`, and close an idle connection at once; HTTP/2:
     // GOAWAY, then finish open streams.
@@ -730,7 +736,7 @@ async fn serve_hyper<I>(
         result = conn.as_mut() => Some(result),
         () = slot.close_requested_wait() => {
             conn.as_mut().graceful_shutdown();
-            slot.unless_shed(conn).await
+            slot.unless_shed(closed(conn, &open, stall, timeouts.header)).await.flatten()
         }
         since = open.head_overdue(shared.settings.traffic.timeouts.header), if !http2 => {
             // Closed without an answer, as nginx does at client_header_timeout; logged as 408.
@@ -740,30 +746,54 @@ async fn serve_hyper<I>(
                 .finish_with_error(ErrorKind::RequestTimeout);
             return;
         }
-        // A client that stops taking a response (twice --response-body-timeout, so that an app
-        // that stalls ends its own stream first): nginx's send_timeout, for the connection.
-        () = open.stalled_for(2 * shared.settings.traffic.timeouts.response_body) => {
+        () = open.stalled_for(stall) => {
             tracing::debug!(client = %ctx.client, "a response not taken for twice --response-body-timeout: closing");
             return;
         }
         // Idle HTTP/1 keep-alive, and an HTTP/2 client that only answers PINGs, which would
         // otherwise hold its connection for good.
-        () = open.idle_for(shared.settings.traffic.timeouts.idle) => {
+        () = open.idle_for(timeouts.idle) => {
             tracing::debug!(client = %ctx.client, "no request for --idle-timeout: closing");
             conn.as_mut().graceful_shutdown();
-            slot.unless_shed(conn).await
+            slot.unless_shed(closed(conn, &open, stall, timeouts.header)).await.flatten()
         }
     };
     let Some(result) = result else {
         // The shedder chose this connection to make room: it had no request open (or was still
         // sending its first head), so it closes now, as the fast path's do. A graceful HTTP/2
         // close waits for a PING answer that a hostile client never sends, and the slot it was
-        // to free is already given to the connection that asked for room.
-        tracing::debug!(client = %ctx.client, "shed at --max-connections: closing");
+        // to free is already given to the connection that asked for room. Or a graceful close
+        // was cut short (`closed`).
+        tracing::debug!(client = %ctx.client, "closing without waiting for hyper's close");
         return;
     };
     if let Err(e) = result {
         log_rejected_by_hyper(&ctx, &*e, started, http2);
+    }
+}
+
+/// A graceful close, as bounded as the connection was before it: hyper's HTTP/2 close sends
+/// its last GOAWAY only once its PING is answered, and accepts new streams until then, so a
+/// client that never answers (or never reads, and so never takes the GOAWAY) would keep the
+/// connection for good. So: a response the client stops taking still ends the connection after
+/// `stall`, and once no request has been open for `grace` (the time a client has to answer a
+/// keep-alive PING, --header-timeout) the connection is dropped. `None` when cut short.
+async fn closed<C: Future>(
+    conn: Pin<&mut C>,
+    open: &OpenRequests,
+    stall: Duration,
+    grace: Duration,
+) -> Option<C::Output> {
+    tokio::select! {
+        result = conn => Some(result),
+        () = open.stalled_for(stall) => {
+            tracing::debug!("a response not taken for twice --response-body-timeout while closing");
+            None
+        }
+        () = open.idle_for(grace) => {
+            tracing::debug!("no request for --header-timeout after the GOAWAY: dropping the connection");
+            None
+        }
     }
 }
 

@@ -88,8 +88,13 @@ pub(crate) async fn serve_connection<S, F>(
     let mut idle_out = std::pin::pin!(open.idle_for(idle));
     // Closing is graceful (GOAWAY: open streams finish, new ones go elsewhere) unless the shedder
     // takes the connection meanwhile: a peer that ignores the GOAWAY must not hold a slot the
-    // shedder counted as freed.
+    // shedder counted as freed. h2 sends its last GOAWAY only once its PING is answered, so a
+    // closing connection with no stream open for --header-timeout (the time a peer has to
+    // answer a keep-alive PING on the plaintext side) is dropped: a peer that never answers,
+    // and keeps the keep-alive quiet with frames of its own, holds it no longer.
     let mut closing = false;
+    let grace = shared.settings.traffic.timeouts.header;
+    let mut closed_out = std::pin::pin!(open.idle_for(grace));
     // The streams whose tasks run: at most as many as a peer may have open. h2 forgets a stream
     // its peer resets at once, so HEADERS then RST_STREAM in a loop would otherwise start tasks
     // (each an app dial and a --max-connections slot) without bound.
@@ -131,6 +136,10 @@ pub(crate) async fn serve_connection<S, F>(
                 conn.graceful_shutdown();
             }
             () = &mut keep_alive => return,
+            () = &mut closed_out, if closing => {
+                tracing::debug!(%client, "HBONE connection without a stream for --header-timeout after its GOAWAY: dropping it");
+                return;
+            }
         }
     }
 }
