@@ -323,7 +323,9 @@ fn request_rules(
         if !continues_w3c {
             parts.headers.remove(trace::TRACESTATE);
         }
-        if let Ok(value) = HeaderValue::from_bytes(&ids.traceparent()) {
+        if let Ok(mut value) = HeaderValue::from_bytes(&ids.traceparent()) {
+            // A new span id each request: never indexed by HPACK, as `phases::new_request_id`.
+            value.set_sensitive(true);
             parts.headers.insert(trace::TRACEPARENT, value);
         }
     }
