@@ -11,7 +11,8 @@
 //! 3. the inbound path in the form the app resolves ([`super::path`]): ambiguous is 400;
 //! 4. the policy in force now (inbound only), for this peer, port, method and path (403);
 //! 5. the route (`--routes`, [`super::routing`]) the request takes, if any: its rate limit (429),
-//!    then its concurrency limit, which may queue the request (503);
+//!    then its concurrency limit, which may queue the request (503; 504 when the route's deadline
+//!    passes first, in the queue or before);
 //! 6. capacity: a slot of `--max-in-flight` (503).
 //!
 //! The retry rules are the driver's too, from typed facts of the attempt: [`may_retry`] (the
@@ -162,6 +163,15 @@ async fn route_phases(
         refused.response = refused.response.retry_after(wait.header_seconds());
         return Err(refused);
     }
+    let timeout = match (state.route.timeout, facts.grpc_timeout) {
+        (Some(route), Some(grpc)) => Some(route.min(grpc)),
+        (one, other) => one.or(other),
+    };
+    let deadline = timeout.map(|t| matched_at + t);
+    let timed_out = || {
+        state.counters.timeouts.inc();
+        refuse(ErrorKind::RouteTimeout)
+    };
     let permit = match &state.concurrency {
         Some(limiter) => {
             if state
@@ -172,23 +182,32 @@ async fn route_phases(
             {
                 state.counters.queued.inc();
             }
-            match limiter.acquire().await {
-                Ok(permit) => Some(permit),
-                Err(rejected) => {
+            // The deadline bounds the wait in the queue too (the timeout bounds the whole
+            // exchange, queueing included): waited out to `queueTimeout` alone, a request was
+            // sent to the app past its deadline, to be cut at once.
+            let acquired = match deadline {
+                Some(deadline) => tokio::time::timeout_at(deadline, limiter.acquire()).await,
+                None => Ok(limiter.acquire().await),
+            };
+            match acquired {
+                Ok(Ok(permit)) => Some(permit),
+                Ok(Err(rejected)) => {
                     state.counters.concurrency_rejected.inc();
                     let wait = rejected.retry_after().header_seconds();
                     let mut refused = refuse(ErrorKind::ConcurrencyLimited);
                     refused.response = refused.response.retry_after(wait);
                     return Err(refused);
                 }
+                Err(_) => return Err(timed_out()),
             }
         }
         None => None,
     };
-    let timeout = match (state.route.timeout, facts.grpc_timeout) {
-        (Some(route), Some(grpc)) => Some(route.min(grpc)),
-        (one, other) => one.or(other),
-    };
+    // Already past its deadline (a `grpc-timeout` of 0, a slot given at the last moment): the
+    // app is not sent a request that is cut before it can answer.
+    if deadline.is_some_and(|deadline| Instant::now() >= deadline) {
+        return Err(timed_out());
+    }
     if state.route.retry.is_some() {
         set.budget.deposit();
     }
@@ -196,7 +215,7 @@ async fn route_phases(
         state,
         budget: set.budget.clone(),
         permit,
-        deadline: timeout.map(|t| matched_at + t),
+        deadline,
         attempts: 0,
     }))
 }
@@ -319,7 +338,9 @@ impl Routed {
         if !named || !replayable || !(never_received || method.is_idempotent()) {
             return None;
         }
-        let backoff = RetryBackoff::delay(retry.backoff, self.attempts.saturating_sub(1));
+        // The retry about to be made is number `attempts` (one attempt done: the first retry);
+        // `attempts - 1` made the ceiling double one retry late (docs/routes.md).
+        let backoff = RetryBackoff::delay(retry.backoff, self.attempts);
         if self
             .deadline
             .is_some_and(|deadline| Instant::now() + backoff >= deadline)
@@ -535,6 +556,287 @@ mod tests {
                 assert!(wait < Duration::from_secs(1), "{wait:?}");
             }
         }
+    }
+
+    #[test]
+    fn the_backoff_ceiling_doubles_from_the_second_retry() {
+        let mut route = routed(
+            "retryBudget: {ratio: 0.0, minPerSecond: 1000000}\noutbound:\n  - retry: {on: [connect-failure], attempts: 10, backoff: 100ms}\n",
+        );
+        let waits = |route: &Routed| -> Vec<Duration> {
+            fastrand::seed(19);
+            (0..200)
+                .map(|_| {
+                    route
+                        .next_attempt(&Method::GET, true, AttemptFailure::Connect)
+                        .expect("a retry")
+                })
+                .collect()
+        };
+        let base = Duration::from_millis(100);
+        // One attempt done: the first retry waits up to `backoff`.
+        route.attempts = 1;
+        assert!(waits(&route).iter().all(|w| *w <= base));
+        // Two done: the second retry up to twice that (docs/routes.md: `backoff * 2^(n - 1)`
+        // before retry n), uniformly: of 200 draws, some are past `backoff`.
+        route.attempts = 2;
+        let second = waits(&route);
+        assert!(second.iter().all(|w| *w <= 2 * base));
+        assert!(
+            second.iter().any(|w| *w > base),
+            "the second retry's ceiling is still `backoff`: {:?}",
+            second.iter().max()
+        );
+    }
+
+    /// The hyper path with the outbound routes of `yaml` (and `run`'s flags `extra`), serving
+    /// HTTP/2 on loopback as the listener would for connections redirected to `app` (outbound
+    /// connections cannot be redirected in a unit test); returns the address to connect to.
+    async fn outbound_hyper_path(
+        app: SocketAddr,
+        yaml: &str,
+        extra: &[&str],
+    ) -> (SocketAddr, Arc<Shared>) {
+        use clap::{Args, FromArgMatches};
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let routes = dir.path().join("routes.yaml");
+        std::fs::write(&routes, yaml).expect("the routes file");
+        let mut flags = vec![
+            "run",
+            "--proxy-mark",
+            "0",
+            "--access-log",
+            "off",
+            "--routes",
+        ];
+        flags.push(routes.to_str().expect("a UTF-8 path"));
+        flags.extend_from_slice(extra);
+        let matches =
+            crate::config::RunArgs::augment_args(clap::Command::new("run")).get_matches_from(flags);
+        let args = crate::config::RunArgs::from_arg_matches(&matches).expect("flags");
+        let shared = Shared::new(&args.proxy_config(), Box::new(std::io::sink()));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let served = shared.clone();
+        tokio::spawn(async move {
+            let shared = served;
+            while let Ok((stream, client)) = listener.accept().await {
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    let ctx = Arc::new(ConnContext::new(
+                        shared.telemetry.clone(),
+                        Direction::Outbound,
+                        client,
+                        app,
+                        app,
+                        false,
+                    ));
+                    let metrics = shared.telemetry.metrics.direction(Direction::Outbound);
+                    let guard = shared.limits.track(&metrics.open_connections);
+                    let open = crate::proxy::limits::OpenRequests::new(guard.slot().clone());
+                    let service = hyper::service::service_fn(move |req| {
+                        let (shared, ctx) = (shared.clone(), ctx.clone());
+                        crate::proxy::hyper_path::handle(shared, ctx, req, open.start())
+                    });
+                    let builder = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let served = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                    drop((served, guard));
+                });
+            }
+        });
+        (addr, shared)
+    }
+
+    /// An HTTP/2 app that answers at once with the request's own body, streamed back.
+    async fn echo_app() -> SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
+                        },
+                    );
+                    let builder = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// A route that retries keeps a copy of the request's body; once an attempt's response is
+    /// the one forwarded, that body must go on streaming to the app (a bidi or client-streaming
+    /// gRPC call: the app answers before the client has sent everything). Sealing the copy on
+    /// every response cut the stream, request and response both.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_retrying_route_lets_the_request_body_stream_past_the_response_head() {
+        use http_body_util::BodyExt;
+        const WAIT: Duration = Duration::from_secs(10);
+        let routes =
+            "outbound:\n  - name: streamed\n    retry: {on: [\"503\", reset], attempts: 2}\n";
+        let app = echo_app().await;
+        let (proxy, _shared) = outbound_hyper_path(app, routes, &[]).await;
+
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)),
+                rx,
+            ))
+        });
+        let request = http::Request::put("http://svc.test/stream")
+            .body(http_body_util::StreamBody::new(Box::pin(chunks)))
+            .expect("a request");
+        tx.send(bytes::Bytes::from_static(b"hello"))
+            .await
+            .expect("the first chunk");
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("bounded: the response head")
+            .expect("a response");
+        assert_eq!(response.status(), 200);
+        // The app has answered; the rest of the body follows.
+        tx.send(bytes::Bytes::from_static(b" world"))
+            .await
+            .expect("the second chunk");
+        drop(tx);
+        let body = tokio::time::timeout(WAIT, response.into_body().collect())
+            .await
+            .expect("bounded: the response body")
+            .map(|collected| collected.to_bytes());
+        assert_eq!(
+            body.as_deref().ok(),
+            Some(&b"hello world"[..]),
+            "the echo of the whole body: {body:?}"
+        );
+    }
+
+    /// An HTTP/2 app that reads each request's body whole, then answers.
+    async fn reading_app() -> SocketAddr {
+        use http_body_util::BodyExt;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(
+                        |req: http::Request<hyper::body::Incoming>| async move {
+                            let read = req.into_body().collect().await.is_ok();
+                            let answer = if read { "read" } else { "broken" };
+                            Ok::<_, std::convert::Infallible>(http::Response::new(
+                                http_body_util::Full::new(bytes::Bytes::from_static(
+                                    answer.as_bytes(),
+                                )),
+                            ))
+                        },
+                    );
+                    let builder = hyper::server::conn::http2::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    );
+                    let _ = builder
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        addr
+    }
+
+    /// docs/routes.md: an endpoint's failures are connect failures, resets, 5xx and gRPC
+    /// UNAVAILABLE, "a request the client cancelled counts as neither". A client whose own body
+    /// stalls (408) is no mark against the endpoint: counted as a failure, a client that starts
+    /// uploads and stops could eject healthy endpoints for every other caller in the pod.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_whose_body_stalls_is_no_failure_of_the_endpoint() {
+        use crate::telemetry::metrics::EndpointLabels;
+        const WAIT: Duration = Duration::from_secs(10);
+        let endpoints = [reading_app().await, reading_app().await];
+        let routes = format!(
+            "outbound:\n  - name: balanced\n    endpoints: {{static: [\"{}\", \"{}\"]}}\n    balance: round-robin\n    outlier: {{consecutiveFailures: 1, ejectFor: 1h, maxEjectedPercent: 50}}\n",
+            endpoints[0], endpoints[1]
+        );
+        let timeout = ["--request-body-timeout", "200ms"];
+        let (proxy, shared) = outbound_hyper_path(endpoints[0], &routes, &timeout).await;
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        // A body that begins and then stops: the sender is kept, never used again.
+        let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
+        tx.send(bytes::Bytes::from_static(b"hel"))
+            .await
+            .expect("the first chunk");
+        let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
+            let chunk = rx.recv().await?;
+            Some((
+                Ok::<_, std::convert::Infallible>(http_body::Frame::data(chunk)),
+                rx,
+            ))
+        });
+        let request = http::Request::put("http://svc.test/upload")
+            .body(http_body_util::StreamBody::new(Box::pin(chunks)))
+            .expect("a request");
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("bounded: the response head")
+            .expect("a response");
+        assert_eq!(response.status(), 408, "the client's body stalled");
+        drop(tx);
+        let families = &shared.telemetry.metrics.routes;
+        let count = |family: &prometheus_client::metrics::family::Family<
+            EndpointLabels,
+            prometheus_client::metrics::counter::Counter,
+        >| {
+            endpoints
+                .iter()
+                .map(|endpoint| {
+                    let labels = EndpointLabels {
+                        route: "balanced".into(),
+                        endpoint: endpoint.to_string(),
+                    };
+                    family.get_or_create(&labels).get()
+                })
+                .sum::<u64>()
+        };
+        assert_eq!(
+            count(&families.endpoint_failures),
+            0,
+            "the client's stalled body was counted against the endpoint"
+        );
     }
 
     #[test]

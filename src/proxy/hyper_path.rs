@@ -479,11 +479,6 @@ async fn send_routed(
             None => once.await,
         };
         exchange.upstream_peer = peer;
-        if let Some(replay) = &replay {
-            // Whatever came of it, this attempt's body reads no more.
-            replay.seal();
-        }
-        let replayable = replay.as_ref().is_some_and(Replayable::can_replay);
         let (failure, kind) = match result {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -493,9 +488,18 @@ async fn send_routed(
                 let failed = status >= 500 || grpc_status == Some(UNAVAILABLE);
                 if !routed.retries_response(status, grpc_status) {
                     routed.finish_attempt(pick, failed);
+                    // Not sealed: the request's body may still be streaming to the app (a
+                    // client-streaming or bidi gRPC call, an upload answered early); sealing it
+                    // here reset the stream under both the request and this response.
                     return Ok(response);
                 }
-                match routed.next_attempt(&method, replayable, AttemptFailure::Response) {
+                // Asked before sealing: a response that is not retried after all is forwarded
+                // with its request's body still flowing.
+                let replayable = replay.as_ref().is_some_and(Replayable::can_replay);
+                let again = routed.next_attempt(&method, replayable, AttemptFailure::Response);
+                // Sealed only to go again, and then the copy must still be whole (in the rare
+                // case it outgrew the buffer meanwhile, this response is forwarded after all).
+                match again.filter(|_| seal(replay.as_ref())) {
                     Some(backoff) => {
                         routed.finish_attempt(pick, failed);
                         drop(response);
@@ -510,8 +514,16 @@ async fn send_routed(
             }
             Err((kind, failure)) => (failure, kind),
         };
-        // A peer's policy refusal says nothing of the endpoint's health: no ejection.
-        routed.finish_attempt(pick, kind != ErrorKind::PolicyDenied);
+        // The attempt failed: its body, if hyper still polls it, reads no more.
+        let replayable = seal(replay.as_ref());
+        match kind {
+            // The client's own body broke off or stalled: no mark against the endpoint either
+            // way, as when the client cancels (docs/routes.md); counted as a failure, a client
+            // could eject healthy endpoints for every other caller.
+            ErrorKind::ClientBody | ErrorKind::RequestTimeout => drop(pick),
+            // A peer's policy refusal says nothing of the endpoint's health: no ejection.
+            _ => routed.finish_attempt(pick, kind != ErrorKind::PolicyDenied),
+        }
         let Some(failure) = failure else {
             return Err(kind);
         };
@@ -520,6 +532,16 @@ async fn send_routed(
             None => return Err(kind),
         }
     }
+}
+
+/// Ends the reading of a given-up attempt's body ([`Replayable::seal`], so that the copy cannot
+/// change before the next attempt): whether another attempt could send the body whole. Never for
+/// an attempt whose response is forwarded: its request's body goes on streaming.
+fn seal(replay: Option<&Replayable>) -> bool {
+    replay.is_some_and(|replay| {
+        replay.seal();
+        replay.can_replay()
+    })
 }
 
 /// The head an attempt sends. Without a retry rule there is one attempt, and it takes the head

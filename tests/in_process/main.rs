@@ -34,6 +34,7 @@ mod proxy_failures;
 mod proxy_http;
 mod release_script;
 mod resilience;
+mod retry_attacks;
 mod routes_golden;
 mod routes_phases;
 mod seed_httpbin;
