@@ -61,6 +61,39 @@ pub fn connection_may_remove(name: &[u8]) -> bool {
     !PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
 }
 
+/// Whether a field may not come in a request's trailer section: those that frame, route or
+/// authorize a message (RFC 9110 6.5.1; hyper's HTTP/1 encoder drops the same), the hop-by-hop
+/// ones, and those the proxy owns, which would reach the app past the rules that replace them in
+/// the header section. `name` is lower-case.
+pub fn forbidden_in_request_trailers(name: &[u8]) -> bool {
+    const FORBIDDEN: [&[u8]; 23] = [
+        b"authorization",
+        b"cache-control",
+        b"connection",
+        b"content-encoding",
+        b"content-length",
+        b"content-range",
+        b"content-type",
+        b"forwarded",
+        b"host",
+        b"http2-settings",
+        b"keep-alive",
+        b"max-forwards",
+        b"proxy-connection",
+        b"set-cookie",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"via",
+        b"x-forwarded-client-cert",
+        b"x-forwarded-for",
+        b"x-forwarded-proto",
+        b"x-request-id",
+    ];
+    FORBIDDEN.contains(&name)
+}
+
 /// Whether a `Via` field value names `pseudonym` as a recipient (RFC 9110 7.6.3:
 /// `received-protocol RWS received-by [ RWS comment ]`, comma-separated).
 pub fn via_names(value: &[u8], pseudonym: &str) -> bool {

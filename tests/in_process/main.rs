@@ -15,6 +15,7 @@ mod cli;
 mod containment;
 mod docs;
 mod endpoints_dns;
+mod h1_attacks;
 mod h2_attacks;
 mod http1_golden;
 mod http_conformance;

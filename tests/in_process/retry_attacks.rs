@@ -6,9 +6,9 @@
 //! route keeps a request's body streaming once its response is forwarded; a client's stalled body
 //! is no mark against an endpoint; the backoff's ceiling) and the netns suite's `routes`.
 //!
-//! Two tests here are `#[ignore]`d: they show defects of the HTTP/1.1 fast path
-//! (`src/proxy/http1`), which this file's author may not change; each says what it shows. Run
-//! them with `cargo test --test in_process retry_attacks:: -- --ignored`.
+//! One test here is `#[ignore]`d: it shows an open defect of the HTTP/1.1 fast path (gRPC-Web's
+//! `grpc-timeout` is neither honoured nor rewritten there). Run it with
+//! `cargo test --test in_process retry_attacks:: -- --ignored`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -330,7 +330,6 @@ async fn a_queued_request_waits_no_longer_than_its_deadline() {
 /// does the work of a client that left, a POST included. HTTP/2 holds (the stream's reset takes
 /// it out of the queue).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect in src/proxy/http1 (not this reviewer's to change): a queued HTTP/1.1 request whose client left is still forwarded"]
 async fn a_queued_http1_request_whose_client_left_never_reaches_the_app() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;
@@ -376,7 +375,7 @@ async fn a_queued_http1_request_whose_client_left_never_reaches_the_app() {
 /// goes to the app as written (an hour where the route allows 5 s), and is not the deadline.
 /// HTTP/2 holds.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "defect in src/proxy/http1 (not this reviewer's to change): grpc-timeout is neither honoured nor rewritten on the fast path"]
+#[ignore = "open defect: on the HTTP/1.1 fast path (gRPC-Web) grpc-timeout is neither honoured nor rewritten"]
 async fn grpc_web_over_http1_is_told_the_routes_deadline() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;

@@ -18,6 +18,8 @@ const MAX_EXTENSION_BYTES: u32 = 4 * 1024;
 /// The trailer section's size and field count (hyper: 16 KiB and 100).
 const MAX_TRAILER_BYTES: u32 = 8 * 1024;
 const MAX_TRAILER_FIELDS: u16 = 64;
+/// The longest trailer field name a request may not send (`x-forwarded-client-cert`).
+const FORBIDDEN_NAME_MAX: usize = 23;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum State {
@@ -79,6 +81,13 @@ pub struct ChunkedTracker {
     grpc_name: u8,
     grpc_value: Option<u16>,
     grpc_status: Option<u16>,
+    /// A request's body: its trailer section may not name a forbidden field
+    /// (`phases::forbidden_in_request_trailers`).
+    request: bool,
+    /// The trailer field name being read, lower-cased, while it is short enough to be forbidden.
+    name: [u8; FORBIDDEN_NAME_MAX],
+    /// Its length; above `FORBIDDEN_NAME_MAX`: longer than any forbidden name.
+    name_len: u8,
 }
 
 const GRPC_STATUS: &[u8] = b"grpc-status";
@@ -97,6 +106,9 @@ impl Default for ChunkedTracker {
             grpc_name: 0,
             grpc_value: None,
             grpc_status: None,
+            request: false,
+            name: [0; FORBIDDEN_NAME_MAX],
+            name_len: 0,
         }
     }
 }
@@ -119,6 +131,15 @@ fn is_field_value_byte(b: u8) -> bool {
 }
 
 impl ChunkedTracker {
+    /// The tracker of a request's body, whose trailer section is also checked for the fields it
+    /// may not carry.
+    pub fn request() -> ChunkedTracker {
+        ChunkedTracker {
+            request: true,
+            ..ChunkedTracker::default()
+        }
+    }
+
     /// The body's size without the chunk framing, so far.
     pub fn payload(&self) -> u64 {
         self.payload
@@ -164,6 +185,29 @@ impl ChunkedTracker {
             },
             _ => {}
         }
+    }
+
+    /// Follows a request's trailer field name; a forbidden one is invalid: the request is refused
+    /// before its end reaches the app (a field the proxy owns would get there past its rules).
+    fn note_trailer_name(&mut self, b: u8) -> Result<(), InvalidChunk> {
+        match (self.state, b) {
+            (State::TrailerLineStart, _) => self.name_len = 0,
+            (State::TrailerName, b':') => {
+                let name = self.name.get(..usize::from(self.name_len));
+                if name.is_some_and(crate::proxy::phases::forbidden_in_request_trailers) {
+                    return Err(InvalidChunk);
+                }
+                return Ok(());
+            }
+            _ => {}
+        }
+        if matches!(self.state, State::TrailerLineStart | State::TrailerName) {
+            if let Some(slot) = self.name.get_mut(usize::from(self.name_len)) {
+                *slot = b.to_ascii_lowercase();
+            }
+            self.name_len = self.name_len.saturating_add(1);
+        }
+        Ok(())
     }
 
     /// Consumes `data`; returns `Some(n)` when the body ends after the first `n` bytes. Once done,
@@ -224,6 +268,9 @@ impl ChunkedTracker {
                 return Err(InvalidChunk);
             }
             self.note_trailer_byte(self.state, b);
+            if self.request {
+                self.note_trailer_name(b)?;
+            }
         }
         let next = match (self.state, b) {
             // chunk-size = 1*HEXDIG (7.1)

@@ -80,6 +80,14 @@ pub trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send {
     fn readable(&mut self) -> impl Future<Output = std::io::Result<()>> + Send;
     /// Reads what has arrived; `WouldBlock` when nothing has, `Ok(0)` at the end.
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize>;
+    /// Makes the end of the connection abortive (a TCP reset when it is dropped); a tunnel's
+    /// stream is reset when dropped without [`Connection::close`].
+    fn abort(&mut self) {}
+    /// Resolves when the client has closed or reset the connection, as far as can be told
+    /// without taking its bytes (never, by default).
+    fn left(&mut self) -> impl Future<Output = ()> + Send {
+        std::future::pending()
+    }
 }
 
 impl ClientIo for TcpStream {
@@ -89,6 +97,20 @@ impl ClientIo for TcpStream {
 
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
         TcpStream::try_read_buf(self, buf)
+    }
+
+    fn abort(&mut self) {
+        // SO_LINGER 0: the close sends RST, not FIN.
+        let _ = socket2::SockRef::from(&*self).set_linger(Some(Duration::ZERO));
+    }
+
+    async fn left(&mut self) {
+        match self.peek(&mut [0u8; 1]).await {
+            Ok(0) | Err(_) => {}
+            // Bytes not yet read (a body, a pipelined request): nothing more can be told of the
+            // client until they are.
+            Ok(_) => std::future::pending().await,
+        }
     }
 }
 
@@ -216,6 +238,8 @@ pub struct Connection<C = TcpStream> {
     out: Vec<u8>,
     /// The app connection the last request used, kept while the client is busy.
     sticky: Option<(SocketAddr, UpstreamConn)>,
+    /// A response was cut after its head: the connection ends abortively ([`ClientIo::abort`]).
+    aborted: bool,
 }
 
 impl<C: ClientIo> Connection<C> {
@@ -239,6 +263,7 @@ impl<C: ClientIo> Connection<C> {
             head: Vec::new(),
             out: Vec::new(),
             sticky,
+            aborted: false,
         }
     }
 
@@ -277,7 +302,7 @@ impl<C: ClientIo> Connection<C> {
             Pending::Refused(kind, start) => {
                 let exchange = Exchange::unparsed(self.ctx.clone(), start, http::Version::HTTP_11);
                 let refusal = Synthetic::new(kind, false).closing(true);
-                self.respond(exchange, refusal).await
+                self.respond(exchange, refusal, false).await
             }
         }
     }
@@ -287,9 +312,12 @@ impl<C: ClientIo> Connection<C> {
         Rewind::new(self.buf.split().freeze(), self.client)
     }
 
-    /// Ends the client's side (a tunnel's stream ends with `END_STREAM` instead of a reset).
+    /// Ends the client's side (a tunnel's stream ends with `END_STREAM` instead of a reset,
+    /// unless a response was cut: then the reset says so).
     pub async fn close(mut self) {
-        let _ = self.client.shutdown().await;
+        if !self.aborted {
+            let _ = self.client.shutdown().await;
+        }
     }
 
     /// Gives the app connection back to the pool (if it is clean).
@@ -312,8 +340,33 @@ impl<C: ClientIo> Connection<C> {
         let max_head = self.shared.settings.traffic.max_header_bytes;
         // `None` without an allocation on plaintext; a tunnel's peer is named to the app.
         let client_cert = self.shared.client_cert_details(&self.ctx);
+        // A head is parsed whole each time (httparse is not incremental), so a head trickled a
+        // byte at a time would be parsed once per byte: quadratic work, gigabytes scanned for
+        // one 64 KiB head. It is parsed again only when its verdict may have changed: an empty
+        // line (its end) has arrived, it has doubled since, or it reached --max-header-bytes.
+        // `parsed`: the bytes the last parse found partial; `scanned`: the bytes looked at for
+        // an empty line; `skipped`: the empty lines before the request line, dropped here (as
+        // httparse skips them) and counted against the limit.
+        let (mut parsed, mut scanned, mut skipped) = (0usize, 0usize, 0usize);
         loop {
-            if !self.buf.is_empty() {
+            let empty = leading_empty_lines(&self.buf);
+            if empty > 0 {
+                self.buf.advance(empty);
+                skipped += empty;
+                (parsed, scanned) = (0, 0);
+            }
+            let size = skipped + self.buf.len();
+            if self.buf.is_empty() && size >= max_head {
+                return Ok(Pending::Refused(ErrorKind::HeadersTooLarge, start));
+            }
+            // Only the new bytes are looked at (and the two before them: an empty line may have
+            // begun there); a parse has looked at all the others.
+            let due = parsed == 0
+                || self.buf.len() >= 2 * parsed
+                || size >= max_head
+                || has_empty_line(&self.buf[scanned.saturating_sub(2)..]);
+            scanned = self.buf.len();
+            if !self.buf.is_empty() && due {
                 let rewrite = Rewrite {
                     lowercase_names: self.shared.settings.traffic.lowercase_header_names,
                     host: self
@@ -331,8 +384,13 @@ impl<C: ClientIo> Connection<C> {
                     tunnel_parent: self.ctx.tunnel_parent,
                 };
                 match plan_request(&mut self.buf, &rewrite, &mut self.head) {
+                    // The buffer grows by doubling, so one read can bring in a whole head
+                    // larger than the limit: it is still over it.
+                    Ok(plan) if skipped + plan.head_len > max_head => {
+                        return Ok(Pending::Refused(ErrorKind::HeadersTooLarge, start));
+                    }
                     Ok(plan) => return Ok(Pending::Request(plan, start)),
-                    Err(RequestVerdict::Partial) if self.buf.len() < max_head => {}
+                    Err(RequestVerdict::Partial) if size < max_head => parsed = self.buf.len(),
                     Err(RequestVerdict::Partial) => {
                         return Ok(Pending::Refused(ErrorKind::HeadersTooLarge, start));
                     }
@@ -437,10 +495,21 @@ impl<C: ClientIo> Connection<C> {
                 ambiguous: plan.ambiguous,
                 reusable: inline_body == Some(0) && plan.keep_alive,
                 authority,
-                // gRPC is HTTP/2: never on this path.
+                // Not read here: gRPC-Web over HTTP/1.1 is not bounded by its `grpc-timeout`
+                // (an open defect, `retry_attacks::grpc_web_over_http1_is_told_the_routes_deadline`).
                 grpc_timeout: None,
             };
-            driver::admit(&self.shared, &self.ctx, &facts).await
+            // A request waiting for its turn (in a route's queue) is given up when its client
+            // leaves: the app is not to do the work of a client that has gone.
+            tokio::select! {
+                biased;
+                admitted = driver::admit(&self.shared, &self.ctx, &facts) => Some(admitted),
+                () = self.client.left() => None,
+            }
+        };
+        let Some(admitted) = admitted else {
+            exchange.finish_with_error(ErrorKind::ClientDisconnected);
+            return Next::Close;
         };
         self.buf.advance(plan.head_len);
         let Admitted {
@@ -450,7 +519,9 @@ impl<C: ClientIo> Connection<C> {
             Ok(admitted) => admitted,
             Err(refused) => {
                 exchange.route = refused.route.map(|route| (route, 0));
-                return self.respond(exchange, refused.response).await;
+                return self
+                    .respond(exchange, refused.response, shape.head_request)
+                    .await;
             }
         };
         if let Some(n) = inline_body {
@@ -483,7 +554,11 @@ impl<C: ClientIo> Connection<C> {
                 exchange.finish_with_error(ErrorKind::ClientDisconnected);
                 return Next::Close;
             }
-            Err(Unanswered::Refused(kind)) => return self.respond(exchange, refuse(kind)).await,
+            Err(Unanswered::Refused(kind)) => {
+                return self
+                    .respond(exchange, refuse(kind), shape.head_request)
+                    .await;
+            }
         };
         let timeouts = routed.as_ref().map(|r| &r.state.counters.timeouts);
         let deadline = timer.as_mut().as_pin_mut().zip(timeouts);
@@ -694,7 +769,7 @@ impl<C: ClientIo> Connection<C> {
         exchange.status = response.status;
         exchange.grpc_status = response.grpc_status;
         up.buf.advance(response.head_len);
-        let copying = copy_body(
+        let copying = copy_body::<false>(
             &mut up.stream,
             &mut up.buf,
             &mut self.client,
@@ -722,6 +797,11 @@ impl<C: ClientIo> Connection<C> {
                 exchange.finish(None);
             }
             Err(e) => {
+                // The client has the head and part of the body: a clean end of the connection
+                // would make a response delimited by the close look complete (and any other
+                // look merely short). A reset says it was cut.
+                self.client.abort();
+                self.aborted = true;
                 exchange.finish(Some(match e {
                     CopyError::Write => ErrorKind::ClientDisconnected,
                     CopyError::Stalled => ErrorKind::ResponseBodyTimeout,
@@ -804,7 +884,7 @@ impl<C: ClientIo> Connection<C> {
             }
         } else {
             let mut head = std::mem::take(&mut self.head);
-            let sent = copy_body(
+            let sent = copy_body::<true>(
                 &mut self.client,
                 &mut self.buf,
                 &mut up.stream,
@@ -912,12 +992,25 @@ impl<C: ClientIo> Connection<C> {
     }
 
     /// Answers with a response the proxy makes itself and ends the exchange. The connection
-    /// closes afterwards when the response says so or the write failed.
-    async fn respond(&mut self, exchange: Exchange, synthetic: Synthetic) -> Next {
+    /// closes afterwards when the response says so or the write failed. `head_request`: the
+    /// answer to HEAD has no body (RFC 9112 6.3), only the `Content-Length` a GET would get.
+    async fn respond(
+        &mut self,
+        exchange: Exchange,
+        synthetic: Synthetic,
+        head_request: bool,
+    ) -> Next {
+        // Draining: this answer is the connection's last and says so, as a forwarded one does.
+        let synthetic = synthetic.closing(synthetic.close || self.slot.close_requested());
         synthetic.render_h1(
             self.shared.settings.traffic.lowercase_header_names,
             &mut self.out,
         );
+        if head_request {
+            // A client reads no body after HEAD: on a connection kept open these bytes would
+            // begin its next response.
+            self.out.truncate(self.out.len() - synthetic.body().len());
+        }
         // Logged before the write: whoever reads the answer finds the record and the metrics.
         exchange.refused(synthetic);
         // Bounded as a response body's writes are: a client (or a tunnel's peer that never opens
@@ -936,11 +1029,32 @@ impl<C: ClientIo> Connection<C> {
     }
 }
 
+/// How many bytes of empty lines (CRLF or a bare LF, which httparse skips too) begin `buf`.
+fn leading_empty_lines(buf: &[u8]) -> usize {
+    let mut at = 0;
+    loop {
+        match &buf[at..] {
+            [b'\n', ..] => at += 1,
+            [b'\r', b'\n', ..] => at += 2,
+            _ => return at,
+        }
+    }
+}
+
+/// Whether `bytes` may hold the empty line that ends a head (`LF CR` or `LF LF`; a head always
+/// ends in `LF CRLF` or `LF LF`).
+fn has_empty_line(bytes: &[u8]) -> bool {
+    bytes
+        .windows(2)
+        .any(|w| w[0] == b'\n' && (w[1] == b'\n' || w[1] == b'\r'))
+}
+
 /// Copies one body from `src` to `dst`. `out` holds a head not yet written: the body's first bytes
 /// already in `src_buf` join it so that a small message leaves in one write. Bytes after the body
 /// stay in `src_buf` (a pipelined request). `copied` ends as the body's size (without chunk
-/// framing), or what was copied before an error. Each read waits at most `stall`.
-async fn copy_body(
+/// framing), or what was copied before an error. Each read waits at most `stall`. `REQUEST`: the
+/// body is a request's (a chunked one's trailer section is checked for forbidden fields).
+async fn copy_body<const REQUEST: bool>(
     src: &mut (impl AsyncRead + Unpin),
     src_buf: &mut BytesMut,
     dst: &mut (impl AsyncWrite + Unpin),
@@ -950,7 +1064,12 @@ async fn copy_body(
     stall: Duration,
 ) -> Result<Option<u16>, CopyError> {
     *copied = 0;
-    let mut tracker = ChunkedTracker::default();
+    // A request's trailer section is checked for the fields it may not carry.
+    let mut tracker = if REQUEST {
+        ChunkedTracker::request()
+    } else {
+        ChunkedTracker::default()
+    };
     let mut remaining = match framing {
         Framing::Length(n) => n,
         _ => u64::MAX,

@@ -1,0 +1,415 @@
+//! The HTTP/1.1 fast path against a hostile client and a hostile or broken app: raw bytes in, what
+//! the app and the client received out (as in http_conformance.rs, whose cases are not repeated
+//! here). Each test asserts what crossed the proxy, never how long anything took.
+
+use std::time::Duration;
+
+use crate::support::http::ReservedPort;
+use crate::support::process::Proxy;
+use crate::support::raw::{
+    RawApp, RawClient, Received, RecordingApp, Step, answer, find, ok, read_head,
+};
+use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// An app answering with `script`, and the proxy in front of it (JSON access log, plus `args`).
+async fn start(
+    script: impl Fn(&Received) -> Vec<Step> + Send + Sync + 'static,
+    args: &[&str],
+) -> (RecordingApp, Proxy) {
+    let app = RecordingApp::start(script).await;
+    let proxy = Proxy::builder(app.addr)
+        .args(["--access-log", "json"])
+        .args(args.iter().copied())
+        .start()
+        .await;
+    (app, proxy)
+}
+
+/// The app's usual answer: 200 with the request's target as the body.
+fn echo_target(r: &Received) -> Vec<Step> {
+    answer(ok(r.message.target()))
+}
+
+fn app_saw(app: &RecordingApp, target: &str) -> bool {
+    app.requests().iter().any(|r| r.message.target() == target)
+}
+
+fn lossy(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Writes `bytes` one per write (Nagle off, a pause between), as a slow client trickles them.
+async fn trickle(stream: &mut TcpStream, bytes: &[u8]) {
+    stream.set_nodelay(true).expect("nodelay");
+    for b in bytes {
+        if stream.write_all(&[*b]).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
+/// How a connection ended for the reader.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// A clean close (FIN): whatever came looks whole.
+    Clean,
+    /// A reset: the reader knows something was cut.
+    Reset,
+}
+
+/// Everything that arrives on `stream` until it ends, and how it ended.
+async fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, Ending) {
+    let mut out = Vec::new();
+    let ending = bounded("the connection to end", WAIT, async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match stream.read(&mut chunk).await {
+                Ok(0) => return Ending::Clean,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+                Err(_) => return Ending::Reset,
+            }
+        }
+    })
+    .await;
+    (out, ending)
+}
+
+// ---------------------------------------------------------------------------------------------
+// --max-header-bytes is the limit, however the head arrives
+
+/// The head buffer grows by doubling: a head over --max-header-bytes that one read brought in
+/// whole was forwarded (here 9000 is the limit: the reads end at 4096, then 8192, still partial
+/// and under it, then the buffer has room for 16 KiB and takes the 12 KB head at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_over_the_limit_gets_431_even_when_one_read_brings_it_whole() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &["--max-header-bytes", "9000"]).await;
+        let head = |path: &str, n: usize| {
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: t\r\nX-Big: {}\r\n\r\n",
+                "b".repeat(n)
+            )
+        };
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let under = client.exchange(head("/under", 8000).as_bytes()).await;
+        assert_eq!(under.status(), 200, "{}", under.head);
+
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let over = client.exchange(head("/over", 12_000).as_bytes()).await;
+        app.settled().await;
+        assert_eq!(
+            over.status(),
+            431,
+            "a 12 KB head under a 9000-byte limit: {}",
+            over.head
+        );
+        assert!(!app_saw(&app, "/over"), "the app got the oversized head");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A head is parsed as it would be whole, however it trickles in (each one is no longer parsed
+// again at every byte: guards for that change)
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trickled_heads_get_the_answers_whole_ones_get() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &["--max-header-bytes", "8192"]).await;
+        let cases: [(&[u8], u16); 4] = [
+            (b"GET /trickled HTTP/1.1\r\nHost: t\r\nX-A: 1\r\n\r\n", 200),
+            (b"\r\n\r\n\nGET /after-empty HTTP/1.1\nHost: t\n\n", 200),
+            (
+                b"GET /bad HTTP/1.1\r\nHost: t\r\nBad Field: x\r\nX-A: 1\r\n\r\n",
+                400,
+            ),
+            (b"GET /bad-end HTTP/1.1\r\nHost: t\r\n\rX\r\n\r\n", 400),
+        ];
+        for (request, status) in cases {
+            let mut stream = TcpStream::connect(proxy.inbound).await.expect("connect");
+            trickle(&mut stream, request).await;
+            let got = response_head(&mut stream).await;
+            let expected = format!("HTTP/1.1 {status} ");
+            assert!(
+                got.starts_with(expected.as_bytes()),
+                "{:?} trickled got {:?}",
+                lossy(request),
+                lossy(&got)
+            );
+        }
+        assert!(app_saw(&app, "/trickled") && app_saw(&app, "/after-empty"));
+        assert!(!app_saw(&app, "/bad") && !app_saw(&app, "/bad-end"));
+
+        // Empty lines before a request are skipped, and count against the limit. (After a first
+        // request: on a new connection, a KiB of them is not HTTP to detection.)
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let first = client
+            .exchange(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        assert_eq!(first.status(), 200, "{}", first.head);
+        let mut many = "\r\n".repeat(2000).into_bytes();
+        many.extend_from_slice(b"GET /after-many HTTP/1.1\r\nHost: t\r\n\r\n");
+        let served = client.exchange(&many).await;
+        assert_eq!(served.status(), 200, "{}", served.head);
+        let flood = client.exchange("\r\n".repeat(10_000).as_bytes()).await;
+        assert_eq!(flood.status(), 431, "{}", flood.head);
+    })
+    .await;
+}
+
+/// Reads a response head from a raw stream (up to its blank line), or what came before the end.
+async fn response_head(stream: &mut TcpStream) -> Vec<u8> {
+    let mut out = Vec::new();
+    bounded("a response head", WAIT, async {
+        let mut chunk = [0u8; 4096];
+        while find(&out, b"\r\n\r\n").is_none() {
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&chunk[..n]),
+            }
+        }
+    })
+    .await;
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// A request's trailer section cannot carry what its header section may not
+
+/// The fields the proxy owns (`X-Forwarded-Client-Cert`, `X-Forwarded-For`...) are replaced in
+/// the header section, and the framing fields decided there; the trailer section of a chunked
+/// request was forwarded byte for byte, so a client could hand the app a forged client
+/// certificate or a second `Content-Length` there (hyper's path drops such trailers). Other
+/// trailers still pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_fields_in_a_requests_trailers_are_refused() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        let chunked = |path: &str, trailer: &str| {
+            format!(
+                "POST {path} HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n{trailer}\r\n\r\n"
+            )
+        };
+        let forbidden = [
+            "X-Forwarded-Client-Cert: By=spiffe://x;URI=spiffe://cluster.local/ns/prod/sa/admin",
+            "x-forwarded-for: 10.0.0.1",
+            "Content-Length: 5",
+            "Transfer-Encoding: chunked",
+            "Host: elsewhere",
+        ];
+        for (n, trailer) in forbidden.iter().enumerate() {
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let path = format!("/forbidden/{n}");
+            let response = client.exchange(chunked(&path, trailer).as_bytes()).await;
+            app.settled().await;
+            assert_eq!(response.status(), 400, "{trailer:?}: {}", response.head);
+            assert!(!app_saw(&app, &path), "{trailer:?} reached the app");
+        }
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let response = client
+            .exchange(chunked("/allowed", "X-Checksum: abc").as_bytes())
+            .await;
+        assert_eq!(response.status(), 200, "{}", response.head);
+        let requests = app.requests();
+        let allowed = requests.iter().find(|r| r.message.target() == "/allowed");
+        let allowed = allowed.unwrap_or_else(|| panic!("no /allowed at the app: {requests:?}"));
+        assert!(
+            find(&allowed.message.raw, b"\r\nX-Checksum: abc\r\n").is_some(),
+            "{}",
+            lossy(&allowed.message.raw)
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The proxy's own answers keep the client's connection in step
+
+/// The proxy's refusal of a HEAD request (here 502: the app is down) kept the client's
+/// connection open and carried its one-line body: the client, which reads no body after HEAD
+/// (RFC 9112 6.3), took those bytes for the start of its next response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_answer_to_head_has_no_body() {
+    bounded("test", TEST_TIMEOUT, async {
+        let down = ReservedPort::new();
+        let proxy = Proxy::start(down.addr, &[]).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        client.send(b"HEAD /a HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        let head = client.head_response().await.expect("an answer to HEAD");
+        assert_eq!(head.status(), 502, "{}", head.head);
+        let next = client.exchange(b"GET /b HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert!(
+            next.start.starts_with("HTTP/1.1 502 "),
+            "the next response began with {:?}",
+            lossy(&next.raw)
+        );
+    })
+    .await;
+}
+
+/// Draining, a response in progress says `Connection: close` (docs/http.md): a forwarded one
+/// did, the proxy's own (here a 504: the app never answers) did not, so the client could send
+/// its next request on a connection about to close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_proxys_answer_while_draining_says_close() {
+    bounded("test", TEST_TIMEOUT, async {
+        let flags = [
+            "--response-timeout",
+            "2s",
+            "--drain-delay",
+            "0s",
+            "--drain-timeout",
+            "20s",
+        ];
+        let (app, proxy) = start(|_| vec![Step::Hang], &flags).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        client.send(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        eventually("the app to get the request", WAIT, || async {
+            (!app.requests().is_empty()).then_some(())
+        })
+        .await;
+        let shutdown = proxy.admin_post("/shutdown").await;
+        assert!(shutdown.status.is_success(), "{}", shutdown.text());
+        let response = client.response().await.expect("the 504");
+        assert_eq!(response.status(), 504, "{}", response.head);
+        assert_eq!(
+            response.header("connection"),
+            Some("close"),
+            "{}",
+            response.head
+        );
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// A response the app cuts never looks complete to the client
+
+/// The app answers `/close` (no framing: the body runs to the close), `/length` and `/chunked`
+/// with a head and part of a body, then resets its connection. The client must be able to tell:
+/// a clean close after a close-delimited body is how a complete response ends, so the proxy
+/// must end that connection with a reset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_response_the_app_cuts_ends_in_a_reset() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            let head = lossy(&head);
+            let response: &[u8] = if head.starts_with("GET /close ") {
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial"
+            } else if head.starts_with("GET /length ") {
+                b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\npartial"
+            } else {
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n7\r\npartial\r\n"
+            };
+            let _ = stream.write_all(response).await;
+            // Long enough for the proxy to have forwarded the head (not a bound on anything).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let _ = socket2::SockRef::from(&stream).set_linger(Some(Duration::ZERO));
+            drop(stream);
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--access-log", "json"]).await;
+        let mut failures = Vec::new();
+        for path in ["/close", "/length", "/chunked"] {
+            let mut stream = TcpStream::connect(proxy.inbound).await.expect("connect");
+            let request = format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n");
+            stream.write_all(request.as_bytes()).await.expect("write");
+            let (got, ending) = read_until_end(&mut stream).await;
+            let text = lossy(&got);
+            if !text.starts_with("HTTP/1.1 200 ") || !text.contains("partial") {
+                failures.push(format!("{path}: not the head and the part sent: {text:?}"));
+            }
+            if ending != Ending::Reset {
+                failures.push(format!(
+                    "{path}: the cut response ended {ending:?}, as a complete one would: {text:?}"
+                ));
+            }
+        }
+        proxy
+            .wait_record(|r| {
+                r["error"] == "upstream_body"
+                    && r["original_url"]
+                        .as_str()
+                        .is_some_and(|u| u.ends_with("/close"))
+            })
+            .await;
+        assert!(failures.is_empty(), "{failures:#?}");
+    })
+    .await;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The app's interim and slow answers (held: guards)
+
+/// Interim responses (100, 103) before the final one leave the app connection in step: the
+/// client gets the final response, and the next request its own answer on the same connection.
+/// A 101 nobody asked for is the app breaking HTTP: 502.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn interim_responses_keep_the_app_connection_in_step() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(
+            |r| match r.message.target() {
+                "/interim" => {
+                    let mut bytes = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </s.css>; rel=preload\r\n\r\n".to_vec();
+                    bytes.extend_from_slice(&ok("/interim"));
+                    answer(bytes)
+                }
+                "/switch" => answer(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\n"),
+                _ => echo_target(r),
+            },
+            &[],
+        )
+        .await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let first = client
+            .exchange(b"GET /interim HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        assert_eq!(first.status(), 200, "{}", lossy(&first.raw));
+        assert_eq!(first.body_text(), "/interim");
+        let second = client.exchange(b"GET /next HTTP/1.1\r\nHost: t\r\n\r\n").await;
+        assert_eq!(second.status(), 200, "{}", lossy(&second.raw));
+        assert_eq!(second.body_text(), "/next");
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let switched = client
+            .exchange(b"GET /switch HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        assert_eq!(switched.status(), 502, "{}", lossy(&switched.raw));
+        let requests = app.requests();
+        assert_eq!(requests.len(), 3, "{requests:?}");
+    })
+    .await;
+}
+
+/// An app that answers a byte at a time gets --response-timeout for its whole head, not per byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_trickling_its_head_gets_504() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            // 60 bytes, one every 200 ms: 12 s of head if nobody stops it.
+            let head = format!("HTTP/1.1 200 OK\r\nX-Slow: {}", "s".repeat(35));
+            for b in head.bytes() {
+                if stream.write_all(&[b]).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--response-timeout", "1s"]).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let response = client
+            .exchange(b"GET /slow HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await;
+        assert_eq!(response.status(), 504, "{}", lossy(&response.raw));
+    })
+    .await;
+}
