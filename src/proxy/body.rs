@@ -18,6 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use super::exchange::{Exchange, RequestProgress};
 use super::limits::{InFlight, RequestMark};
+use super::phases;
 use super::traffic::concurrency::ConcurrencyPermit;
 use crate::error::ErrorKind;
 use crate::sync::lock;
@@ -122,6 +123,10 @@ impl Stream {
             }
         };
         self.stall.progressed();
+        let mut frame = frame;
+        if let Some(trailers) = frame.as_mut().and_then(|f| f.as_mut().ok()?.trailers_mut()) {
+            drop_forbidden_trailers(trailers);
+        }
         if let Some(progress) = &self.progress {
             match &frame {
                 Some(Ok(f)) => {
@@ -139,6 +144,21 @@ impl Stream {
             }
         }
         Poll::Ready(frame.map(|f| f.map_err(Into::into)))
+    }
+}
+
+/// Removes from a request's trailers the fields that may not come there
+/// ([`phases::forbidden_in_request_trailers`]: framing, routing, the fields the proxy owns). The
+/// head has gone to the app by the time trailers arrive: here they are dropped, where the HTTP/1.1
+/// fast path, which passes trailers on byte for byte, refuses the request (400).
+fn drop_forbidden_trailers(trailers: &mut http::HeaderMap) {
+    let forbidden: Vec<http::HeaderName> = trailers
+        .keys()
+        .filter(|name| phases::forbidden_in_request_trailers(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in forbidden {
+        trailers.remove(name);
     }
 }
 

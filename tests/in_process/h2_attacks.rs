@@ -584,3 +584,100 @@ async fn an_hbone_peer_ignoring_the_graceful_close_is_closed_all_the_same() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// Request trailers
+
+/// An HTTP/2 app (h2c) that reads each request's body to its end and answers with the names of
+/// the trailer fields it received, comma-separated, in `x-trailers`.
+async fn trailer_echo_app() -> (SocketAddr, AbortOnDrop) {
+    use http_body_util::BodyExt;
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind the app");
+    let app = listener.local_addr().expect("app address");
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    |req: http::Request<hyper::body::Incoming>| async move {
+                        let collected = req.into_body().collect().await;
+                        let names = collected
+                            .ok()
+                            .and_then(|body| body.trailers().cloned())
+                            .map(|trailers| {
+                                trailers
+                                    .keys()
+                                    .map(|name| name.as_str().to_owned())
+                                    .collect::<Vec<_>>()
+                                    .join(",")
+                            })
+                            .unwrap_or_default();
+                        let response = http::Response::builder()
+                            .header("x-trailers", names)
+                            .body(http_body_util::Empty::<bytes::Bytes>::new())
+                            .expect("a response");
+                        Ok::<_, std::convert::Infallible>(response)
+                    },
+                );
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                        .await;
+            });
+        }
+    });
+    (app, AbortOnDrop(task))
+}
+
+/// A client's HTTP/2 request trailers cannot carry the fields the proxy owns or that frame and
+/// route a message (`phases::forbidden_in_request_trailers`): the head's rules replace them in
+/// the header section, and trailers came after it, past those rules. hyper's path drops them
+/// (the head has gone to the app by then); other trailers pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_fields_in_http2_request_trailers_never_reach_the_app() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, _app_task) = trailer_echo_app().await;
+        let proxy = Proxy::start(app, &["--app-protocol", "http2"]).await;
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let _connection = AbortOnDrop(tokio::spawn(async move {
+            let _ = connection.await;
+        }));
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::post(format!("http://{}/upload", proxy.inbound))
+            .body(())
+            .expect("a request");
+        let (response, mut body) = client.send_request(request, false).expect("send");
+        body.send_data(bytes::Bytes::from_static(b"hello"), false)
+            .expect("data");
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("5d41402a"));
+        trailers.insert(
+            "x-forwarded-client-cert",
+            http::HeaderValue::from_static("By=spiffe://cluster.local/ns/x/sa/forged"),
+        );
+        trailers.insert(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("10.9.9.9"),
+        );
+        trailers.insert("x-request-id", http::HeaderValue::from_static("chosen"));
+        body.send_trailers(trailers).expect("trailers");
+        let response = response.await.expect("a response");
+        assert_eq!(response.status(), StatusCode::OK);
+        let seen = response
+            .headers()
+            .get("x-trailers")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("(none)")
+            .to_owned();
+        assert_eq!(
+            seen, "x-checksum",
+            "the app saw these trailer fields: {seen}"
+        );
+    })
+    .await;
+}
