@@ -309,6 +309,15 @@ impl Routed {
         self.state.count_attempt(endpoint, failed);
     }
 
+    /// Ends an attempt that failed with `kind` (no response head), as [`marks_endpoint`] says:
+    /// the client's own failures leave the balancer unmarked (the pick dropped).
+    pub(crate) fn finish_failed_attempt(&self, pick: Option<Pick>, kind: ErrorKind) {
+        match marks_endpoint(kind) {
+            Some(failed) => self.finish_attempt(pick, failed),
+            None => drop(pick),
+        }
+    }
+
     /// After an attempt failed: the wait before the next one, or `None` when there is none. A
     /// request is sent again only when the route's `retry.on` names the failure, the request is
     /// idempotent or provably never reached the app (RFC 9110 9.2.2: gRPC calls are POSTs, so
@@ -368,6 +377,32 @@ impl Routed {
     /// Counts a request cut by the route's deadline.
     pub(crate) fn timed_out(&self) {
         self.state.counters.timeouts.inc();
+    }
+}
+
+/// gRPC's UNAVAILABLE: an attempt that failed, for the balancer.
+const UNAVAILABLE: u16 = 14;
+
+/// Whether a response head is its endpoint's failure, for the balancer: a 5xx, or gRPC
+/// UNAVAILABLE in the head (a trailers-only response; gRPC-Web's come over HTTP/1.1 too).
+pub(crate) fn response_failed(status: u16, grpc_status: Option<u16>) -> bool {
+    status >= 500 || grpc_status == Some(UNAVAILABLE)
+}
+
+/// What an attempt that failed with `kind` says of its endpoint, on every path: `Some(failed)`,
+/// or `None` for neither. The client's own failures are neither (docs/routes.md: "a request the
+/// client cancelled counts as neither"): its body broke off, stalled or was malformed (hyper's
+/// path calls that `ClientBody` too; the fast path answers it 400), or it left. Counted as
+/// failures, one client could eject healthy endpoints for every other caller in the pod. A peer's
+/// policy refusal says nothing of the endpoint's health: no failure.
+pub(crate) fn marks_endpoint(kind: ErrorKind) -> Option<bool> {
+    match kind {
+        ErrorKind::ClientBody
+        | ErrorKind::RequestTimeout
+        | ErrorKind::BadRequest
+        | ErrorKind::ClientDisconnected => None,
+        ErrorKind::PolicyDenied => Some(false),
+        _ => Some(true),
     }
 }
 
@@ -589,14 +624,8 @@ mod tests {
         );
     }
 
-    /// The hyper path with the outbound routes of `yaml` (and `run`'s flags `extra`), serving
-    /// HTTP/2 on loopback as the listener would for connections redirected to `app` (outbound
-    /// connections cannot be redirected in a unit test); returns the address to connect to.
-    async fn outbound_hyper_path(
-        app: SocketAddr,
-        yaml: &str,
-        extra: &[&str],
-    ) -> (SocketAddr, Arc<Shared>) {
+    /// The proxy's state with the outbound routes of `yaml` (and `run`'s flags `extra`).
+    fn shared_with_routes(yaml: &str, extra: &[&str]) -> Arc<Shared> {
         use clap::{Args, FromArgMatches};
         let dir = tempfile::tempdir().expect("a temporary directory");
         let routes = dir.path().join("routes.yaml");
@@ -614,7 +643,18 @@ mod tests {
         let matches =
             crate::config::RunArgs::augment_args(clap::Command::new("run")).get_matches_from(flags);
         let args = crate::config::RunArgs::from_arg_matches(&matches).expect("flags");
-        let shared = Shared::new(&args.proxy_config(), Box::new(std::io::sink()));
+        Shared::new(&args.proxy_config(), Box::new(std::io::sink()))
+    }
+
+    /// The hyper path with the outbound routes of `yaml` (and `run`'s flags `extra`), serving
+    /// HTTP/2 on loopback as the listener would for connections redirected to `app` (outbound
+    /// connections cannot be redirected in a unit test); returns the address to connect to.
+    async fn outbound_hyper_path(
+        app: SocketAddr,
+        yaml: &str,
+        extra: &[&str],
+    ) -> (SocketAddr, Arc<Shared>) {
+        let shared = shared_with_routes(yaml, extra);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -776,13 +816,9 @@ mod tests {
     /// uploads and stops could eject healthy endpoints for every other caller in the pod.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_client_whose_body_stalls_is_no_failure_of_the_endpoint() {
-        use crate::telemetry::metrics::EndpointLabels;
         const WAIT: Duration = Duration::from_secs(10);
         let endpoints = [reading_app().await, reading_app().await];
-        let routes = format!(
-            "outbound:\n  - name: balanced\n    endpoints: {{static: [\"{}\", \"{}\"]}}\n    balance: round-robin\n    outlier: {{consecutiveFailures: 1, ejectFor: 1h, maxEjectedPercent: 50}}\n",
-            endpoints[0], endpoints[1]
-        );
+        let routes = balanced_route(&endpoints);
         let timeout = ["--request-body-timeout", "200ms"];
         let (proxy, shared) = outbound_hyper_path(endpoints[0], &routes, &timeout).await;
         let tcp = tokio::net::TcpStream::connect(proxy)
@@ -816,27 +852,259 @@ mod tests {
             .expect("a response");
         assert_eq!(response.status(), 408, "the client's body stalled");
         drop(tx);
-        let families = &shared.telemetry.metrics.routes;
-        let count = |family: &prometheus_client::metrics::family::Family<
-            EndpointLabels,
-            prometheus_client::metrics::counter::Counter,
-        >| {
-            endpoints
-                .iter()
-                .map(|endpoint| {
-                    let labels = EndpointLabels {
-                        route: "balanced".into(),
-                        endpoint: endpoint.to_string(),
-                    };
-                    family.get_or_create(&labels).get()
-                })
-                .sum::<u64>()
-        };
         assert_eq!(
-            count(&families.endpoint_failures),
+            endpoint_failures(&shared, &endpoints),
             0,
             "the client's stalled body was counted against the endpoint"
         );
+    }
+
+    /// The failures counted against `endpoints` of the route `balanced`.
+    fn endpoint_failures(shared: &Shared, endpoints: &[SocketAddr]) -> u64 {
+        use crate::telemetry::metrics::EndpointLabels;
+        let family = &shared.telemetry.metrics.routes.endpoint_failures;
+        endpoints
+            .iter()
+            .map(|endpoint| {
+                let labels = EndpointLabels {
+                    route: "balanced".into(),
+                    endpoint: endpoint.to_string(),
+                };
+                family.get_or_create(&labels).get()
+            })
+            .sum()
+    }
+
+    /// A route balancing over `endpoints`, an endpoint ejected at its first failure.
+    fn balanced_route(endpoints: &[SocketAddr]) -> String {
+        format!(
+            "outbound:\n  - name: balanced\n    endpoints: {{static: [\"{}\", \"{}\"]}}\n    balance: round-robin\n    outlier: {{consecutiveFailures: 1, ejectFor: 1h, maxEjectedPercent: 50}}\n",
+            endpoints[0], endpoints[1]
+        )
+    }
+
+    /// The HTTP/1.1 fast path with the outbound routes of `yaml` (and `run`'s flags `extra`),
+    /// serving loopback connections as the listener would those redirected to `app`; returns the
+    /// address to connect to, and a channel told each time a connection's serving ends.
+    async fn outbound_fast_path(
+        app: SocketAddr,
+        yaml: &str,
+        extra: &[&str],
+    ) -> (
+        SocketAddr,
+        Arc<Shared>,
+        tokio::sync::mpsc::UnboundedReceiver<()>,
+    ) {
+        let shared = shared_with_routes(yaml, extra);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (done, ended) = tokio::sync::mpsc::unbounded_channel();
+        let served = shared.clone();
+        tokio::spawn(async move {
+            let shared = served;
+            while let Ok((stream, client)) = listener.accept().await {
+                let (shared, done) = (shared.clone(), done.clone());
+                tokio::spawn(async move {
+                    let ctx = Arc::new(ConnContext::new(
+                        shared.telemetry.clone(),
+                        Direction::Outbound,
+                        client,
+                        app,
+                        app,
+                        false,
+                    ));
+                    let metrics = shared.telemetry.metrics.direction(Direction::Outbound);
+                    let guard = shared.limits.track(&metrics.open_connections);
+                    let slot = guard.slot().clone();
+                    let mut connection = crate::proxy::http1::Connection::new(
+                        shared.clone(),
+                        ctx,
+                        stream,
+                        slot,
+                        bytes::BytesMut::new(),
+                        None,
+                    );
+                    let outcome = connection.serve().await;
+                    assert!(
+                        matches!(outcome, crate::proxy::http1::Outcome::Done),
+                        "served by the fast path"
+                    );
+                    drop((connection, guard));
+                    let _ = done.send(());
+                });
+            }
+        });
+        (addr, shared, ended)
+    }
+
+    /// An HTTP/1.1 app that reads each request's head, tells `heads`, writes `answer` (if any),
+    /// then reads on until the proxy closes the connection.
+    async fn http1_app(
+        answer: &'static [u8],
+    ) -> (SocketAddr, tokio::sync::mpsc::UnboundedReceiver<()>) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let (tell, heads) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let tell = tell.clone();
+                tokio::spawn(async move {
+                    let mut read = Vec::new();
+                    let mut chunk = [0; 1024];
+                    while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => read.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    let _ = tell.send(());
+                    if stream.write_all(answer).await.is_err() {
+                        return;
+                    }
+                    while matches!(stream.read(&mut chunk).await, Ok(n) if n > 0) {}
+                });
+            }
+        });
+        (addr, heads)
+    }
+
+    /// The status of the response head `client` reads.
+    async fn read_status(client: &mut tokio::net::TcpStream) -> u16 {
+        use tokio::io::AsyncReadExt;
+        let mut read = Vec::new();
+        let mut chunk = [0; 1024];
+        while !read.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = client.read(&mut chunk).await.expect("the response");
+            assert!(n > 0, "the proxy closed without a response head: {read:?}");
+            read.extend_from_slice(&chunk[..n]);
+        }
+        let line = String::from_utf8_lossy(&read);
+        line.get(9..12)
+            .and_then(|status| status.parse().ok())
+            .unwrap_or_else(|| panic!("a status line: {line}"))
+    }
+
+    /// As [`a_client_whose_body_stalls_is_no_failure_of_the_endpoint`], on the HTTP/1.1 fast
+    /// path: it counted the client's stalled body (408) against the endpoint.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_the_fast_path_a_client_whose_body_stalls_is_no_failure_of_the_endpoint() {
+        use tokio::io::AsyncWriteExt;
+        const WAIT: Duration = Duration::from_secs(10);
+        let endpoints = [http1_app(b"").await.0, http1_app(b"").await.0];
+        let timeout = ["--request-body-timeout", "200ms"];
+        let (proxy, shared, _ended) =
+            outbound_fast_path(endpoints[0], &balanced_route(&endpoints), &timeout).await;
+        let mut client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        // A body that begins and then stops: 3 bytes of 10.
+        client
+            .write_all(b"PUT /upload HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 10\r\n\r\nhel")
+            .await
+            .expect("the request");
+        let status = tokio::time::timeout(WAIT, read_status(&mut client))
+            .await
+            .expect("bounded: the response head");
+        assert_eq!(status, 408, "the client's body stalled");
+        assert_eq!(
+            endpoint_failures(&shared, &endpoints),
+            0,
+            "the client's stalled body was counted against the endpoint"
+        );
+    }
+
+    /// docs/routes.md: "a request the client cancelled counts as neither". On the fast path a
+    /// client that left while the app was still to answer was counted against the endpoint, so
+    /// clients that hang up could eject healthy endpoints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_the_fast_path_a_client_that_leaves_is_no_failure_of_the_endpoint() {
+        use tokio::io::AsyncWriteExt;
+        const WAIT: Duration = Duration::from_secs(10);
+        // Apps that never answer.
+        let (first, mut heads) = http1_app(b"").await;
+        let (second, mut other_heads) = http1_app(b"").await;
+        let endpoints = [first, second];
+        let (proxy, shared, mut ended) =
+            outbound_fast_path(endpoints[0], &balanced_route(&endpoints), &[]).await;
+        let mut client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        client
+            .write_all(b"GET /slow HTTP/1.1\r\nHost: svc.test\r\n\r\n")
+            .await
+            .expect("the request");
+        // The request reached an endpoint; then its client leaves.
+        tokio::time::timeout(WAIT, async {
+            tokio::select! {
+                _ = heads.recv() => {}
+                _ = other_heads.recv() => {}
+            }
+        })
+        .await
+        .expect("bounded: the request reaches the app");
+        drop(client);
+        tokio::time::timeout(WAIT, ended.recv())
+            .await
+            .expect("bounded: the proxy notices the client gone");
+        assert_eq!(
+            endpoint_failures(&shared, &endpoints),
+            0,
+            "the client's leaving was counted against the endpoint"
+        );
+    }
+
+    /// A gRPC status UNAVAILABLE in a response head (a trailers-only response; gRPC-Web comes
+    /// over HTTP/1.1) is an endpoint's failure on the fast path as on hyper's: it was ignored
+    /// there, so such an endpoint was never ejected.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_the_fast_path_grpc_unavailable_in_the_head_is_a_failure_of_the_endpoint() {
+        use tokio::io::AsyncWriteExt;
+        const WAIT: Duration = Duration::from_secs(10);
+        const UNAVAILABLE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web+proto\r\ngrpc-status: 14\r\ncontent-length: 0\r\n\r\n";
+        let endpoints = [
+            http1_app(UNAVAILABLE).await.0,
+            http1_app(UNAVAILABLE).await.0,
+        ];
+        let (proxy, shared, _ended) =
+            outbound_fast_path(endpoints[0], &balanced_route(&endpoints), &[]).await;
+        let mut client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        client
+            .write_all(b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: svc.test\r\nContent-Type: application/grpc-web+proto\r\nContent-Length: 0\r\n\r\n")
+            .await
+            .expect("the request");
+        let status = tokio::time::timeout(WAIT, read_status(&mut client))
+            .await
+            .expect("bounded: the response head");
+        assert_eq!(status, 200, "a trailers-only response");
+        assert_eq!(
+            endpoint_failures(&shared, &endpoints),
+            1,
+            "gRPC UNAVAILABLE in the head was not counted against the endpoint"
+        );
+    }
+
+    /// The one rule both paths account attempts by.
+    #[test]
+    fn what_marks_an_endpoint() {
+        use ErrorKind::*;
+        for kind in [ClientBody, RequestTimeout, BadRequest, ClientDisconnected] {
+            assert_eq!(marks_endpoint(kind), None, "{kind:?} is the client's");
+        }
+        assert_eq!(marks_endpoint(PolicyDenied), Some(false));
+        for kind in [ConnectRefused, UpstreamReset, ResponseTimeout, RouteTimeout] {
+            assert_eq!(marks_endpoint(kind), Some(true), "{kind:?}");
+        }
+        assert!(response_failed(500, None));
+        assert!(response_failed(200, Some(14)));
+        assert!(!response_failed(200, Some(0)));
+        assert!(!response_failed(404, Some(5)));
     }
 
     #[test]

@@ -485,7 +485,7 @@ async fn send_routed(
                 let grpc_status = (response.headers().get("grpc-status"))
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| v.parse::<u16>().ok());
-                let failed = status >= 500 || grpc_status == Some(UNAVAILABLE);
+                let failed = driver::response_failed(status, grpc_status);
                 if !routed.retries_response(status, grpc_status) {
                     routed.finish_attempt(pick, failed);
                     // Not sealed: the request's body may still be streaming to the app (a
@@ -516,14 +516,7 @@ async fn send_routed(
         };
         // The attempt failed: its body, if hyper still polls it, reads no more.
         let replayable = seal(replay.as_ref());
-        match kind {
-            // The client's own body broke off or stalled: no mark against the endpoint either
-            // way, as when the client cancels (docs/routes.md); counted as a failure, a client
-            // could eject healthy endpoints for every other caller.
-            ErrorKind::ClientBody | ErrorKind::RequestTimeout => drop(pick),
-            // A peer's policy refusal says nothing of the endpoint's health: no ejection.
-            _ => routed.finish_attempt(pick, kind != ErrorKind::PolicyDenied),
-        }
+        routed.finish_failed_attempt(pick, kind);
         let Some(failure) = failure else {
             return Err(kind);
         };
@@ -553,9 +546,6 @@ fn attempt_head(parts: &mut http::request::Parts, retries: bool) -> http::reques
         std::mem::replace(parts, Request::new(()).into_parts().0)
     }
 }
-
-/// gRPC's UNAVAILABLE: an attempt that failed, for the balancer.
-const UNAVAILABLE: u16 = 14;
 
 /// `uri` with `authority` instead of its own, if that is a valid authority.
 fn with_authority(uri: &Uri, authority: &HeaderValue) -> Option<Uri> {

@@ -605,7 +605,11 @@ impl<C: ClientIo> Connection<C> {
                         .as_ref()
                         .is_some_and(|r| r.retries_response(response.status, response.grpc_status));
                     let addr = target.addr;
-                    settle(target, response.status >= 500);
+                    // A 5xx, or gRPC UNAVAILABLE in the head (gRPC-Web), as on hyper's path.
+                    settle(
+                        target,
+                        driver::response_failed(response.status, response.grpc_status),
+                    );
                     let backoff = routed.as_ref().filter(|_| retry).and_then(|r| {
                         r.next_attempt(request.method, request.replayable, AttemptFailure::Response)
                     });
@@ -632,7 +636,11 @@ impl<C: ClientIo> Connection<C> {
                         current = Some(target);
                         continue;
                     }
-                    settle(target, true);
+                    // The client's own failures (its body, its leaving) are no mark against
+                    // the endpoint, as on hyper's path.
+                    if let Some(routed) = routed.as_ref() {
+                        routed.finish_failed_attempt(target.pick, kind);
+                    }
                     if kind == ErrorKind::ClientDisconnected {
                         return Err(Unanswered::ClientGone);
                     }
