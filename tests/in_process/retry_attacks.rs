@@ -5,10 +5,6 @@
 //! redirected connections: the retry rule's attacks are unit tests of `proxy::driver` (a retrying
 //! route keeps a request's body streaming once its response is forwarded; a client's stalled body
 //! is no mark against an endpoint; the backoff's ceiling) and the netns suite's `routes`.
-//!
-//! One test here is `#[ignore]`d: it shows an open defect of the HTTP/1.1 fast path (gRPC-Web's
-//! `grpc-timeout` is neither honoured nor rewritten there). Run it with
-//! `cargo test --test in_process retry_attacks:: -- --ignored`.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -371,11 +367,9 @@ async fn a_queued_http1_request_whose_client_left_never_reaches_the_app() {
 /// docs/routes.md: "A gRPC request's `grpc-timeout` is honoured on a route and capped by the
 /// route's `timeout`, and the app is sent the time left: every gRPC call on a route with a
 /// deadline carries `grpc-timeout`". The proxy takes `application/grpc-web` as gRPC (its refusals
-/// are gRPC's), and gRPC-Web comes over HTTP/1.1: on the fast path the client's `grpc-timeout`
-/// goes to the app as written (an hour where the route allows 5 s), and is not the deadline.
-/// HTTP/2 holds.
+/// are gRPC's), and gRPC-Web comes over HTTP/1.1: on the fast path as on HTTP/2, a client asking
+/// for an hour where the route allows 5 s is told at most 5 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "open defect: on the HTTP/1.1 fast path (gRPC-Web) grpc-timeout is neither honoured nor rewritten"]
 async fn grpc_web_over_http1_is_told_the_routes_deadline() {
     bounded("test", TEST_TIMEOUT, async {
         let app = TestApp::start().await;

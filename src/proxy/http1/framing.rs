@@ -14,6 +14,8 @@
 //! path unless a head has more than `STACK_FIELDS` fields or `Connection` names fields to drop.
 
 use std::cmp::Ordering;
+use std::ops::Range;
+use std::time::Duration;
 
 use http::Method;
 use http::header::HeaderValue;
@@ -63,6 +65,11 @@ pub struct RequestPlan {
     /// Where the authority as the client wrote it lies in the head (the absolute-form target's,
     /// else the first Host's), for routes to match on: read only when there are routes.
     pub authority_at: Option<std::ops::Range<usize>>,
+    /// The client's `grpc-timeout` (the first), on a gRPC request: a route's deadline honours it.
+    pub grpc_timeout: Option<Duration>,
+    /// Where the client's `grpc-timeout` lines lie in `out` (together), or an empty range where
+    /// one goes: what [`set_grpc_timeout`] replaces on a route with a deadline.
+    pub grpc_timeout_at: Range<usize>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -108,6 +115,7 @@ enum Field {
     Expect,
     Forwarded,
     GrpcStatus,
+    GrpcTimeout,
     Http2Settings,
     Host,
     KeepAlive,
@@ -160,6 +168,7 @@ impl Field {
             },
             12 => match (name.as_bytes()[0] | 0x20, name.as_bytes()[2] | 0x20) {
                 (b'c', _) => Field::ContentType,
+                (b'g', _) => Field::GrpcTimeout,
                 (_, b'b') if name.as_bytes()[5] | 0x20 == b't' => Field::XB3TraceId,
                 (_, b'b') => Field::XB3Sampled,
                 _ => Field::XRequestId,
@@ -193,6 +202,7 @@ impl Field {
             Field::Expect => "Expect",
             Field::Forwarded => "Forwarded",
             Field::GrpcStatus => "grpc-status",
+            Field::GrpcTimeout => phases::GRPC_TIMEOUT,
             Field::Http2Settings => "HTTP2-Settings",
             Field::Host => "Host",
             Field::KeepAlive => "Keep-Alive",
@@ -612,7 +622,7 @@ fn plan_parsed_request(
         let start = at.checked_sub(base)?;
         Some(start..start + len)
     });
-    let (request_id, trace) =
+    let (request_id, trace, grpc_timeout_at) =
         write_request_head(req.headers, method, &target, &mut fields, framing, rw, out);
     Ok(RequestPlan {
         authority_at,
@@ -629,6 +639,8 @@ fn plan_parsed_request(
         looped: fields.looped && !rw.via.is_empty(),
         // RFC 9112 3.2: exactly one valid Host in an HTTP/1.1 request.
         authority_valid: !fields.bad_host && (fields.hosts == 1 || !http11),
+        grpc_timeout: fields.grpc_timeout.filter(|_| fields.grpc),
+        grpc_timeout_at,
     })
 }
 
@@ -652,6 +664,9 @@ struct RequestFields {
     forwarded_proto: bool,
     te_trailers: bool,
     grpc: bool,
+    /// The client's `grpc-timeout` fields: how many, and the first's value.
+    grpc_timeouts: usize,
+    grpc_timeout: Option<Duration>,
     /// Upgrade or Expect: the hyper path's.
     hyper: bool,
     looped: bool,
@@ -710,6 +725,12 @@ fn scan_request_fields(
                 }
             }
             Field::ContentType => f.grpc = phases::is_grpc(Some(h.value)),
+            Field::GrpcTimeout => {
+                f.grpc_timeouts += 1;
+                if f.grpc_timeouts == 1 {
+                    f.grpc_timeout = phases::parse_grpc_timeout(h.value);
+                }
+            }
             Field::Via => f.looped |= phases::via_names(h.value, via),
             Field::GrpcStatus | Field::KeepAlive | Field::ProxyConnection => {}
             Field::Forwarded | Field::Http2Settings | Field::XForwardedClientCert => {}
@@ -746,7 +767,8 @@ fn request_framing(f: &RequestFields, http11: bool) -> Result<Framing, RequestVe
 
 /// The request phase on raw fields: the head for the app, hop-by-hop fields and the fields the
 /// client's `Connection` names removed, Host from the target (or --rewrite-host), then the fields
-/// the proxy owns and Via. Returns the request id, and the span when tracing is on.
+/// the proxy owns and Via. Returns the request id, the span when tracing is on, and where the
+/// client's `grpc-timeout` lines lie in `out` (see [`RequestPlan::grpc_timeout_at`]).
 fn write_request_head(
     headers: &[httparse::Header<'_>],
     method: &str,
@@ -755,7 +777,7 @@ fn write_request_head(
     framing: Framing,
     rw: &Rewrite<'_>,
     out: &mut Vec<u8>,
-) -> (HeaderValue, Option<SpanIds>) {
+) -> (HeaderValue, Option<SpanIds>, Range<usize>) {
     let options = if f.options {
         connection_options(headers)
     } else {
@@ -774,6 +796,7 @@ fn write_request_head(
         ..ParentFields::default()
     };
     let mut tracestate = Vec::new();
+    let mut grpc_timeout_at = None;
     for h in headers {
         let field = Field::of(h.name);
         // The fields the proxy owns: written below, the client's kept only as `add_forwarding`
@@ -801,6 +824,12 @@ fn write_request_head(
         }
         match (field, host) {
             (Field::Host, Some(host)) => push_field(out, "Host", host.as_bytes(), lower),
+            // All of them where the first was: one range for a route's deadline to replace (one
+            // left behind could tell the app more time than is left).
+            (Field::GrpcTimeout, _) if grpc_timeout_at.is_none() => {
+                grpc_timeout_at = Some(push_grpc_timeouts(out, headers, f.grpc_timeouts, lower));
+            }
+            (Field::GrpcTimeout, _) => {}
             _ => push_field(out, h.name, h.value, lower),
         }
     }
@@ -853,7 +882,38 @@ fn write_request_head(
     out.extend_from_slice(b": 1.1 ");
     out.extend_from_slice(rw.via.as_bytes());
     out.extend_from_slice(b"\r\n\r\n");
-    (request_id, trace)
+    // None came: one goes before the head's empty line.
+    let end = out.len() - 2;
+    (request_id, trace, grpc_timeout_at.unwrap_or(end..end))
+}
+
+/// Writes the client's `n` `grpc-timeout` fields, in their order; returns where they lie in `out`.
+fn push_grpc_timeouts(
+    out: &mut Vec<u8>,
+    headers: &[httparse::Header<'_>],
+    n: usize,
+    lower: bool,
+) -> Range<usize> {
+    let start = out.len();
+    let fields = headers
+        .iter()
+        .filter(|h| Field::of(h.name) == Field::GrpcTimeout);
+    for h in fields.take(n) {
+        push_field(out, h.name, h.value, lower);
+    }
+    start..out.len()
+}
+
+/// Replaces the `grpc-timeout` lines at `at` in a request head written by [`plan_request`] (the
+/// client's, or none: `at` is then empty) with one telling the app `value`, and moves `at` onto it.
+/// Only for a gRPC request on a route with a deadline: each attempt is told the time left.
+pub fn set_grpc_timeout(head: &mut Vec<u8>, at: &mut Range<usize>, value: &[u8]) {
+    let name = phases::GRPC_TIMEOUT.as_bytes();
+    let len = name.len() + 2 + value.len() + 2;
+    // Of exact size, so that the splice moves the rest of the head once.
+    let line = name.iter().chain(b": ").chain(value).chain(b"\r\n");
+    head.splice(at.clone(), line.copied());
+    *at = at.start..at.start + len;
 }
 
 /// Notes a trace-context field in `parent`; returns whether the field is not to be passed on (the
@@ -1128,6 +1188,7 @@ mod tests {
             Field::Expect,
             Field::Forwarded,
             Field::GrpcStatus,
+            Field::GrpcTimeout,
             Field::Http2Settings,
             Field::Host,
             Field::KeepAlive,
@@ -1713,6 +1774,56 @@ mod tests {
         assert!(p.grpc);
         let (p, _) = plan("POST / HTTP/1.1\r\nHost: a\r\nContent-Type: application/json\r\n\r\n");
         assert!(!p.grpc);
+    }
+
+    /// A gRPC call's `grpc-timeout` (the first) is read; its lines stay where the first was, and
+    /// on a route with a deadline they are replaced in place (or one is added) on each attempt,
+    /// a body sent with the head staying after it.
+    #[test]
+    fn grpc_timeout_is_read_and_replaced_in_place() {
+        let grpc = "POST /s/M HTTP/1.1\r\nHost: a\r\nContent-Type: application/grpc-web+proto\r\n";
+        let (p, out) = plan(&format!(
+            "{grpc}Grpc-Timeout: 1H\r\nX-A: 1\r\ngrpc-timeout: 1S\r\nX-Request-Id: r\r\n\r\n"
+        ));
+        assert_eq!(p.grpc_timeout, Some(Duration::from_secs(3600)));
+        let lines = "Grpc-Timeout: 1H\r\ngrpc-timeout: 1S\r\n";
+        assert_eq!(out, format!("{grpc}{lines}X-A: 1\r\n{}", tail("", "r")));
+        assert_eq!(&out[p.grpc_timeout_at.clone()], lines);
+        let mut head = out.into_bytes();
+        let mut at = p.grpc_timeout_at;
+        for value in ["4999m", "4S"] {
+            set_grpc_timeout(&mut head, &mut at, value.as_bytes());
+            let want = format!("{grpc}grpc-timeout: {value}\r\nX-A: 1\r\n{}", tail("", "r"));
+            assert_eq!(String::from_utf8_lossy(&head), want);
+        }
+
+        // None came: one goes before the empty line, ahead of a body sent with the head.
+        let (p, out) = plan(&format!("{grpc}X-Request-Id: r\r\n\r\n"));
+        assert_eq!(p.grpc_timeout, None);
+        let mut head = out.into_bytes();
+        head.extend_from_slice(b"body");
+        let mut at = p.grpc_timeout_at;
+        let fields = tail("", "r");
+        let fields = fields.strip_suffix("\r\n").expect("the empty line");
+        for value in ["5S", "4999m"] {
+            set_grpc_timeout(&mut head, &mut at, value.as_bytes());
+            let want = format!("{grpc}{fields}grpc-timeout: {value}\r\n\r\nbody");
+            assert_eq!(String::from_utf8_lossy(&head), want);
+        }
+
+        // Garbage is no deadline; not gRPC, the field is not read, and passes as it came.
+        let (p, _) = plan(&format!("{grpc}grpc-timeout: 1h\r\n\r\n"));
+        assert_eq!(p.grpc_timeout, None);
+        let (p, out) =
+            plan("GET / HTTP/1.1\r\nHost: a\r\ngrpc-timeout: 1S\r\nX-Request-Id: r\r\n\r\n");
+        assert_eq!(p.grpc_timeout, None);
+        assert_eq!(
+            out,
+            format!(
+                "GET / HTTP/1.1\r\nHost: a\r\ngrpc-timeout: 1S\r\n{}",
+                tail("", "r")
+            )
+        );
     }
 
     /// RFC 9110 7.6.3: our own pseudonym in Via is a loop (508); other proxies' entries are kept.

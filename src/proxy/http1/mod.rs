@@ -27,6 +27,7 @@ pub mod chunked;
 pub mod framing;
 
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -43,7 +44,7 @@ use crate::proxy::driver::{
 };
 use crate::proxy::exchange::{ConnContext, Exchange, PathText};
 use crate::proxy::limits::{Activity, Slot};
-use crate::proxy::phases::Synthetic;
+use crate::proxy::phases::{self, Synthetic};
 use crate::proxy::rewind::Rewind;
 use crate::proxy::shared::Shared;
 use crate::proxy::upstream::UpstreamConn;
@@ -139,6 +140,9 @@ enum NoHead {
 }
 
 /// A head the fast path answers.
+// The large variant is the common one, moved straight into its exchange: boxing it would cost an
+// allocation per request. An idle connection's task holds neither (listener's tests bound it).
+#[allow(clippy::large_enum_variant)]
 enum Pending {
     Request(RequestPlan, Instant),
     /// Refused before it could be forwarded: answered by the proxy, then the connection closes.
@@ -167,6 +171,9 @@ struct Request<'a> {
     shape: Shape,
     /// The body is in hand (or there is none): it can be sent again.
     replayable: bool,
+    /// A gRPC call on a route with a deadline: where its `grpc-timeout` lies in the head, and the
+    /// deadline, what is left of which each attempt tells the app.
+    grpc_timeout: Option<(Range<usize>, tokio::time::Instant)>,
 }
 
 /// Why no response came to forward.
@@ -495,9 +502,7 @@ impl<C: ClientIo> Connection<C> {
                 ambiguous: plan.ambiguous,
                 reusable: inline_body == Some(0) && plan.keep_alive,
                 authority,
-                // Not read here: gRPC-Web over HTTP/1.1 is not bounded by its `grpc-timeout`
-                // (an open defect, `retry_attacks::grpc_web_over_http1_is_told_the_routes_deadline`).
-                grpc_timeout: None,
+                grpc_timeout: plan.grpc_timeout,
             };
             // A request waiting for its turn (in a route's queue) is given up when its client
             // leaves: the app is not to do the work of a client that has gone.
@@ -544,6 +549,7 @@ impl<C: ClientIo> Connection<C> {
             shape,
             // A body in hand can be sent again.
             replayable: inline_body.is_some(),
+            grpc_timeout: plan.grpc.then_some(plan.grpc_timeout_at).zip(deadline),
         };
         // One timer for the route's deadline, shared by the attempts and the response's body.
         let mut timer = std::pin::pin!(deadline.map(tokio::time::sleep_until));
@@ -579,11 +585,13 @@ impl<C: ClientIo> Connection<C> {
         let mut fresh = false;
         // The route's attempt in progress (a keep-alive race retry stays within it).
         let mut current: Option<Target> = None;
+        let mut grpc_timeout = request.grpc_timeout.clone();
         loop {
             let target = match current.take() {
                 Some(target) => target,
                 None => self.start_attempt(routed.as_mut(), exchange)?,
             };
+            self.tell_time_left(grpc_timeout.as_mut());
             let tried = self
                 .try_once(
                     &target,
@@ -679,6 +687,16 @@ impl<C: ClientIo> Connection<C> {
                 Some(backoff) => tokio::time::sleep(backoff).await,
                 None => return Err(Unanswered::Refused(kind)),
             }
+        }
+    }
+
+    /// A gRPC call on a route with a deadline: the head tells the app what is left of it, as on
+    /// hyper's path (`grpc_timeout`: where the field lies in the head, and the deadline).
+    fn tell_time_left(&mut self, grpc_timeout: Option<&mut (Range<usize>, tokio::time::Instant)>) {
+        if let Some((at, deadline)) = grpc_timeout {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            let value = phases::grpc_timeout_value(left);
+            framing::set_grpc_timeout(&mut self.head, at, value.as_bytes());
         }
     }
 
