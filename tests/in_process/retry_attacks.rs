@@ -14,100 +14,23 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::io::AsyncWriteExt;
 
+use crate::routes_phases::{self, Answer, proxy_with_routes};
 use crate::support::http::{TestApp, echoed_header};
 use crate::support::process::Proxy;
 use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 
-/// A proxy in front of `app` with this routes file (kept in `dir`), speaking HTTP/1.1 to the app
-/// whatever the client speaks.
-async fn proxy_with_routes(app: &TestApp, dir: &tempfile::TempDir, routes: &str) -> Proxy {
-    let path = dir.path().join("routes.yaml");
-    std::fs::write(&path, routes).expect("write the routes file");
-    Proxy::builder(app.addr)
-        .args(["--app-protocol", "http1"])
-        .args(["--routes", path.to_str().expect("a UTF-8 path")])
-        .start()
-        .await
+/// The body of a gRPC call's answer: the app's echo of the request.
+fn echo(answer: &Answer) -> serde_json::Value {
+    serde_json::from_slice(&answer.body)
+        .unwrap_or_else(|e| panic!("the echo ({e}): {:?}", answer.body))
 }
 
-/// What a response said.
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Bytes,
-}
-
-impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers.get(name).and_then(|v| v.to_str().ok())
-    }
-
-    fn echo(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("the echo ({e}): {:?}", self.body))
-    }
-}
-
-/// One request over a new connection: HTTP/1.1 (the fast path) or HTTP/2 prior knowledge; a
-/// POST with a small body when `fields` name a content type, else a GET.
+/// One request over a new connection ([`routes_phases::ask_with_body`]): a POST with a small body
+/// when `fields` name a content type, else a GET.
 async fn ask(proxy: &Proxy, http2: bool, target: &str, fields: &[(&str, &str)]) -> Answer {
-    let tcp = tokio::net::TcpStream::connect(proxy.inbound)
-        .await
-        .expect("connect to the proxy");
-    let uri = if http2 {
-        format!("http://app.test{target}")
-    } else {
-        target.to_owned()
-    };
-    let post = fields.iter().any(|(name, _)| *name == "content-type");
-    let (method, body) = if post {
-        (http::Method::POST, Bytes::from_static(b"\0\0\0\0\0"))
-    } else {
-        (http::Method::GET, Bytes::new())
-    };
-    let mut request = http::Request::builder()
-        .method(method)
-        .uri(uri)
-        .header("host", "app.test")
-        .body(Full::new(body))
-        .unwrap_or_else(|e| panic!("a request for {target:?}: {e}"));
-    if http2 {
-        request.headers_mut().remove("host");
-    }
-    for (name, value) in fields {
-        request.headers_mut().append(
-            http::HeaderName::from_bytes(name.as_bytes()).expect("a name"),
-            http::HeaderValue::from_str(value).expect("a value"),
-        );
-    }
-    let response = if http2 {
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tcp))
-                .await
-                .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
-        bounded("an HTTP/2 response", WAIT, sender.send_request(request)).await
-    } else {
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .expect("an HTTP/1.1 connection");
-        tokio::spawn(conn);
-        bounded("an HTTP/1.1 response", WAIT, sender.send_request(request)).await
-    }
-    .expect("a response");
-    let (parts, body) = response.into_parts();
-    let collected = bounded("the body", WAIT, body.collect())
-        .await
-        .expect("the body");
-    let mut headers = parts.headers;
-    if let Some(trailers) = collected.trailers() {
-        headers.extend(trailers.clone());
-    }
-    Answer {
-        status: parts.status.as_u16(),
-        headers,
-        body: collected.to_bytes(),
-    }
+    let grpc_call = fields.iter().any(|(name, _)| *name == "content-type");
+    let body = grpc_call.then(|| Bytes::from_static(b"\0\0\0\0\0"));
+    routes_phases::ask_with_body(proxy, http2, target, fields, body).await
 }
 
 /// `grpc-timeout` as gRPC writes it.
@@ -127,7 +50,7 @@ fn parse_grpc_timeout(value: &str) -> Duration {
 
 /// The one `grpc-timeout` the app was told.
 fn told(answer: &Answer) -> Duration {
-    let echo = answer.echo();
+    let echo = echo(answer);
     let told = echoed_header(&echo, "grpc-timeout");
     assert_eq!(told.len(), 1, "one grpc-timeout at the app: {echo}");
     parse_grpc_timeout(&told[0])

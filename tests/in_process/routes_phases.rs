@@ -20,8 +20,12 @@ use crate::support::{WAIT, bounded, eventually};
 const TEST_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A proxy in front of `app` with this routes file (kept in `dir`), speaking HTTP/1.1 to the app
-/// whatever the client speaks.
-async fn proxy_with_routes(app: &TestApp, dir: &tempfile::TempDir, routes: &str) -> Proxy {
+/// whatever the client speaks (retry_attacks.rs uses it too).
+pub(crate) async fn proxy_with_routes(
+    app: &TestApp,
+    dir: &tempfile::TempDir,
+    routes: &str,
+) -> Proxy {
     let path = dir.path().join("routes.yaml");
     std::fs::write(&path, routes).expect("write the routes file");
     Proxy::builder(app.addr)
@@ -32,20 +36,31 @@ async fn proxy_with_routes(app: &TestApp, dir: &tempfile::TempDir, routes: &str)
 }
 
 /// What a response said.
-struct Answer {
-    status: u16,
-    headers: http::HeaderMap,
-    body: Bytes,
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: http::HeaderMap,
+    pub(crate) body: Bytes,
 }
 
 impl Answer {
-    fn header(&self, name: &str) -> Option<&str> {
+    pub(crate) fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|v| v.to_str().ok())
     }
 }
 
-/// One request over a new connection: HTTP/1.1 (the fast path) or HTTP/2 prior knowledge.
+/// One GET over a new connection: HTTP/1.1 (the fast path) or HTTP/2 prior knowledge.
 async fn ask(proxy: &Proxy, http2: bool, target: &str, fields: &[(&str, &str)]) -> Answer {
+    ask_with_body(proxy, http2, target, fields, None).await
+}
+
+/// One request over a new connection, as [`ask`]: a POST of `body` when there is one, else a GET.
+pub(crate) async fn ask_with_body(
+    proxy: &Proxy,
+    http2: bool,
+    target: &str,
+    fields: &[(&str, &str)],
+    body: Option<Bytes>,
+) -> Answer {
     let tcp = tokio::net::TcpStream::connect(proxy.inbound)
         .await
         .expect("connect to the proxy");
@@ -55,9 +70,16 @@ async fn ask(proxy: &Proxy, http2: bool, target: &str, fields: &[(&str, &str)]) 
     } else {
         target.to_owned()
     };
-    let mut request = http::Request::get(uri)
+    let method = if body.is_some() {
+        http::Method::POST
+    } else {
+        http::Method::GET
+    };
+    let mut request = http::Request::builder()
+        .method(method)
+        .uri(uri)
         .header("host", "app.test")
-        .body(Full::new(Bytes::new()))
+        .body(Full::new(body.unwrap_or_default()))
         .unwrap_or_else(|e| panic!("a request for {target:?}: {e}"));
     if http2 {
         request.headers_mut().remove("host");
