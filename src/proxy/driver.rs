@@ -693,8 +693,14 @@ mod tests {
         (addr, shared)
     }
 
-    /// An HTTP/2 app that answers at once with the request's own body, streamed back.
-    async fn echo_app() -> SocketAddr {
+    /// An HTTP/2 app on loopback whose every request is answered by `answer`.
+    async fn h2_app<F, Fut, B>(answer: F) -> SocketAddr
+    where
+        F: Fn(http::Request<hyper::body::Incoming>) -> Fut + Copy + Send + Sync + 'static,
+        Fut: std::future::Future<Output = http::Response<B>> + Send + 'static,
+        B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -702,11 +708,9 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: http::Request<hyper::body::Incoming>| async move {
-                            Ok::<_, std::convert::Infallible>(http::Response::new(req.into_body()))
-                        },
-                    );
+                    let service = hyper::service::service_fn(move |req| async move {
+                        Ok::<_, std::convert::Infallible>(answer(req).await)
+                    });
                     let builder = hyper::server::conn::http2::Builder::new(
                         hyper_util::rt::TokioExecutor::new(),
                     );
@@ -717,6 +721,11 @@ mod tests {
             }
         });
         addr
+    }
+
+    /// An HTTP/2 app that answers at once with the request's own body, streamed back.
+    async fn echo_app() -> SocketAddr {
+        h2_app(|req| async move { http::Response::new(req.into_body()) }).await
     }
 
     /// A route that retries keeps a copy of the request's body; once an attempt's response is
@@ -780,34 +789,12 @@ mod tests {
     /// An HTTP/2 app that reads each request's body whole, then answers.
     async fn reading_app() -> SocketAddr {
         use http_body_util::BodyExt;
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let addr = listener.local_addr().expect("address");
-        tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                tokio::spawn(async move {
-                    let service = hyper::service::service_fn(
-                        |req: http::Request<hyper::body::Incoming>| async move {
-                            let read = req.into_body().collect().await.is_ok();
-                            let answer = if read { "read" } else { "broken" };
-                            Ok::<_, std::convert::Infallible>(http::Response::new(
-                                http_body_util::Full::new(bytes::Bytes::from_static(
-                                    answer.as_bytes(),
-                                )),
-                            ))
-                        },
-                    );
-                    let builder = hyper::server::conn::http2::Builder::new(
-                        hyper_util::rt::TokioExecutor::new(),
-                    );
-                    let _ = builder
-                        .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
-                        .await;
-                });
-            }
-        });
-        addr
+        h2_app(|req| async move {
+            let read = req.into_body().collect().await.is_ok();
+            let answer: &'static [u8] = if read { b"read" } else { b"broken" };
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from_static(answer)))
+        })
+        .await
     }
 
     /// docs/routes.md: an endpoint's failures are connect failures, resets, 5xx and gRPC
