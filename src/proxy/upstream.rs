@@ -202,6 +202,12 @@ pub(crate) struct PooledIo {
     _slot: Option<tunnels::StreamSlot>,
     /// And its span, which ends when hyper lets the connection go.
     _span: Option<TunnelSpan>,
+    /// The app reset the connection (or closed it) while a request was being written: later
+    /// writes are taken and dropped, so that hyper goes on to read what the app answered first.
+    /// An app that answers an upload it refuses (413) and closes without reading the body resets
+    /// the connection, its answer still waiting to be read: hyper, failing on the write, would
+    /// turn it into a 502. Reads then end the connection, with or without an answer.
+    writes_dropped: bool,
 }
 
 enum PooledTransport {
@@ -217,6 +223,7 @@ impl PooledIo {
                 info: ConnInfo::default(),
                 _slot: None,
                 _span: None,
+                writes_dropped: false,
             },
             Transport::Tunnel {
                 io,
@@ -231,7 +238,27 @@ impl PooledIo {
                 },
                 _slot: Some(slot),
                 _span: span,
+                writes_dropped: false,
             },
+        }
+    }
+}
+
+impl PooledIo {
+    /// A write's result, with the app's reset or close taken as the end of writing (see
+    /// `writes_dropped`); `len`: what the write was given.
+    fn written(&mut self, result: Poll<io::Result<usize>>, len: usize) -> Poll<io::Result<usize>> {
+        match result {
+            Poll::Ready(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+                ) =>
+            {
+                self.writes_dropped = true;
+                Poll::Ready(Ok(len))
+            }
+            other => other,
         }
     }
 }
@@ -261,10 +288,15 @@ impl hyper::rt::Write for PooledIo {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        if this.writes_dropped {
+            return Poll::Ready(Ok(buf.len()));
+        }
+        let result = match &mut this.io {
             PooledTransport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_write(cx, buf),
-        }
+        };
+        this.written(result, buf.len())
     }
 
     fn poll_write_vectored(
@@ -272,10 +304,16 @@ impl hyper::rt::Write for PooledIo {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().io {
+        let this = self.get_mut();
+        let len = bufs.iter().map(|b| b.len()).sum();
+        if this.writes_dropped {
+            return Poll::Ready(Ok(len));
+        }
+        let result = match &mut this.io {
             PooledTransport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-        }
+        };
+        this.written(result, len)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -286,6 +324,9 @@ impl hyper::rt::Write for PooledIo {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.writes_dropped {
+            return Poll::Ready(Ok(()));
+        }
         match &mut self.get_mut().io {
             PooledTransport::Tcp(io) => Pin::new(io).poll_flush(cx),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_flush(cx),
@@ -293,6 +334,9 @@ impl hyper::rt::Write for PooledIo {
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.writes_dropped {
+            return Poll::Ready(Ok(()));
+        }
         match &mut self.get_mut().io {
             PooledTransport::Tcp(io) => Pin::new(io).poll_shutdown(cx),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_shutdown(cx),

@@ -413,3 +413,203 @@ async fn an_app_trickling_its_head_gets_504() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// The app's early answer
+
+/// The app answers before it has read the request's body (413 to an upload too large, say), then
+/// either closes (`/close`: its kernel resets the connection, the body unread) or waits without
+/// reading (`/wait`). Either way the client gets that answer, not a 502 or a timeout: the proxy
+/// stops sending the body, forwards the answer, and ends the client's connection after it (the
+/// rest of the body was never read, so nothing after it could be told apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_app_gives_before_reading_the_body_reaches_the_client() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            let Some(head) = read_head(&mut stream).await else {
+                return;
+            };
+            let refusal = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n";
+            if stream.write_all(refusal).await.is_err() {
+                return;
+            }
+            if lossy(&head).starts_with("POST /wait ") {
+                // Holds the connection without reading, longer than the test waits.
+                tokio::time::sleep(Duration::from_secs(120)).await;
+            }
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--access-log", "json"]).await;
+        // More than loopback's socket buffers take in, so the body cannot all be sent.
+        const BODY: usize = 64 << 20;
+        for path in ["/close", "/wait"] {
+            let stream = TcpStream::connect(proxy.inbound).await.expect("connect");
+            let (mut reader, mut writer) = stream.into_split();
+            let head = format!("POST {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY}\r\n\r\n");
+            let sending = tokio::spawn(async move {
+                let chunk = vec![b'x'; 1 << 20];
+                if writer.write_all(head.as_bytes()).await.is_err() {
+                    return;
+                }
+                for _ in 0..BODY / chunk.len() {
+                    if writer.write_all(&chunk).await.is_err() {
+                        return;
+                    }
+                }
+            });
+            let mut got = Vec::new();
+            let ending = bounded("the answer", WAIT, async {
+                let mut chunk = [0u8; 16 * 1024];
+                loop {
+                    match reader.read(&mut chunk).await {
+                        Ok(0) => return Ending::Clean,
+                        Ok(n) => got.extend_from_slice(&chunk[..n]),
+                        Err(_) => return Ending::Reset,
+                    }
+                }
+            })
+            .await;
+            sending.abort();
+            let text = lossy(&got);
+            assert!(
+                text.starts_with("HTTP/1.1 413 ") && text.ends_with("too big\n"),
+                "{path}: {text:?} ({ending:?})"
+            );
+            assert!(
+                text.to_ascii_lowercase().contains("connection: close\r\n"),
+                "{path}: {text:?}"
+            );
+            proxy
+                .wait_record(|r| {
+                    r["status"] == 413
+                        && r["original_url"]
+                            .as_str()
+                            .is_some_and(|u| u.ends_with(path))
+                })
+                .await;
+        }
+    })
+    .await;
+}
+
+/// The same early answer to a client on HTTP/2 (hyper's path, HTTP/1.1 to the app): the client
+/// gets the 413, and the stream ends with it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_the_app_gives_before_reading_the_body_reaches_an_http2_client() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            let refusal = b"HTTP/1.1 413 Content Too Large\r\nContent-Length: 8\r\nConnection: close\r\n\r\ntoo big\n";
+            let _ = stream.write_all(refusal).await;
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--access-log", "json"]).await;
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let _connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.expect("ready");
+        const BODY: usize = 64 << 20;
+        let request = http::Request::post(format!("http://{}/upload", proxy.inbound))
+            .header("content-length", BODY)
+            .body(())
+            .expect("a request");
+        let (response, mut body) = client.send_request(request, false).expect("send");
+        let sending = tokio::spawn(async move {
+            let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+            for _ in 0..BODY / chunk.len() {
+                body.reserve_capacity(chunk.len());
+                if std::future::poll_fn(|cx| body.poll_capacity(cx)).await.is_none() {
+                    return;
+                }
+                if body.send_data(chunk.clone(), false).is_err() {
+                    return;
+                }
+            }
+        });
+        let response = bounded("the answer", WAIT, response).await.expect("a response");
+        assert_eq!(response.status(), 413);
+        let mut got = Vec::new();
+        let mut recv = response.into_body();
+        while let Some(chunk) = bounded("the body", WAIT, recv.data()).await {
+            got.extend_from_slice(&chunk.expect("the body"));
+        }
+        assert_eq!(lossy(&got), "too big\n");
+        sending.abort();
+        proxy
+            .wait_record(|r| r["status"] == 413 && r["original_url"].as_str().is_some_and(|u| u.ends_with("/upload")))
+            .await;
+    })
+    .await;
+}
+
+/// An app that answers at once but keeps its connection (full duplex: a `200` head, then it reads
+/// the body) gets the whole body: only an answer that says close ends the sending.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_early_answer_that_keeps_the_connection_still_gets_the_whole_body() {
+    const BODY: usize = 16 << 20;
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            let mut buf = Vec::new();
+            let mut chunk = vec![0u8; 64 * 1024];
+            let head_end = loop {
+                if let Some(i) = find(&buf, b"\r\n\r\n") {
+                    break i + 4;
+                }
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            };
+            if stream
+                .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 20\r\n\r\n")
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let mut body = buf.len() - head_end;
+            while body < BODY {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => body += n,
+                }
+            }
+            let _ = stream.write_all(format!("{body:>20}").as_bytes()).await;
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &[]).await;
+        let stream = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        let head = format!("POST /duplex HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY}\r\n\r\n");
+        let sending = tokio::spawn(async move {
+            writer.write_all(head.as_bytes()).await.expect("head");
+            let chunk = vec![b'x'; 1 << 20];
+            for _ in 0..BODY / chunk.len() {
+                writer.write_all(&chunk).await.expect("body");
+            }
+            writer
+        });
+        let mut got = Vec::new();
+        bounded("the answer", WAIT, async {
+            let mut chunk = [0u8; 16 * 1024];
+            while !got.ends_with(format!("{BODY:>20}").as_bytes()) {
+                match reader.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        let text = lossy(&got);
+        assert!(
+            text.starts_with("HTTP/1.1 200 ") && text.ends_with(&format!("{BODY:>20}")),
+            "{text:?}"
+        );
+        let _writer = sending.await.expect("the whole body was sent");
+    })
+    .await;
+}

@@ -977,6 +977,34 @@ pub fn plan_response(
     }
 }
 
+/// Whether the app, answering before it has the whole request body, has said it will read no more
+/// of it (RFC 9112 9.5: the sender then ceases to send the body): `Some(true)` once its final
+/// response head (after any interim ones) is in `buf` and ends the connection (`Connection:
+/// close`, or HTTP/1.0) or is no valid head at all; `Some(false)` for a final head that keeps the
+/// connection (the app may read on: full duplex); `None` while no final head is complete. Pure.
+pub fn early_answer_ends_request(mut buf: &[u8]) -> Option<bool> {
+    loop {
+        let parsed = parse_response(buf, |res, n| {
+            let status = res.code.unwrap_or(0);
+            let closes = res.version != Some(1)
+                || (res.headers.iter())
+                    .any(|h| Field::of(h.name) == Field::Connection && says_close(h.value));
+            (status, closes, n)
+        });
+        match parsed {
+            Err(_) => return Some(true),
+            Ok(httparse::Status::Partial) => return None,
+            // An interim answer (100 Continue): the final one follows.
+            Ok(httparse::Status::Complete((status, _, n)))
+                if (100..200).contains(&status) && status != 101 =>
+            {
+                buf = &buf[n..];
+            }
+            Ok(httparse::Status::Complete((_, closes, _))) => return Some(closes),
+        }
+    }
+}
+
 fn plan_parsed_response(
     res: &httparse::Response<'_, '_>,
     head_len: usize,
@@ -1177,6 +1205,33 @@ mod tests {
         format!(
             "{extra}X-Forwarded-For: 198.18.0.1\r\nX-Forwarded-Proto: http\r\nX-Request-Id: {request_id}\r\nVia: 1.1 {VIA}\r\n\r\n"
         )
+    }
+
+    #[test]
+    fn an_early_answer_ends_the_request_only_when_it_says_close() {
+        let close =
+            b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+        assert_eq!(early_answer_ends_request(close), Some(true));
+        let keep = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+        assert_eq!(early_answer_ends_request(keep), Some(false));
+        assert_eq!(
+            early_answer_ends_request(b"HTTP/1.0 403 Forbidden\r\n\r\n"),
+            Some(true)
+        );
+        assert_eq!(early_answer_ends_request(b"HTTP/1.1 413 Too"), None);
+        assert_eq!(early_answer_ends_request(b""), None);
+        assert_eq!(
+            early_answer_ends_request(b"\x00garbage\r\n\r\n"),
+            Some(true)
+        );
+        // Past interim answers to the final one.
+        let mut interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        assert_eq!(early_answer_ends_request(&interim), None);
+        interim.extend_from_slice(close);
+        assert_eq!(early_answer_ends_request(&interim), Some(true));
+        let mut interim = b"HTTP/1.1 100 Continue\r\n\r\n".to_vec();
+        interim.extend_from_slice(keep);
+        assert_eq!(early_answer_ends_request(&interim), Some(false));
     }
 
     #[test]

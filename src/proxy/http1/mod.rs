@@ -53,8 +53,8 @@ use crate::proxy::upstream::tunnel_stream::TunnelStream;
 use crate::telemetry::metrics::Direction;
 use chunked::{ChunkedTracker, InvalidChunk};
 use framing::{
-    Framing, InvalidResponse, RequestPlan, RequestVerdict, ResponsePlan, Rewrite, plan_request,
-    plan_response,
+    Framing, InvalidResponse, RequestPlan, RequestVerdict, ResponsePlan, Rewrite,
+    early_answer_ends_request, plan_request, plan_response,
 };
 use prometheus_client::metrics::counter::Counter;
 
@@ -247,6 +247,9 @@ pub struct Connection<C = TcpStream> {
     sticky: Option<(SocketAddr, UpstreamConn)>,
     /// A response was cut after its head: the connection ends abortively ([`ClientIo::abort`]).
     aborted: bool,
+    /// The app answered before it had the whole request body and read no more of it: the rest of
+    /// the body is left unread, and the connection ends after the answer (a lingering close).
+    body_left_unread: bool,
 }
 
 impl<C: ClientIo> Connection<C> {
@@ -271,6 +274,7 @@ impl<C: ClientIo> Connection<C> {
             out: Vec::new(),
             sticky,
             aborted: false,
+            body_left_unread: false,
         }
     }
 
@@ -846,6 +850,11 @@ impl<C: ClientIo> Connection<C> {
         if response.keep_alive && !closing {
             Next::KeepAlive
         } else {
+            if std::mem::take(&mut self.body_left_unread) {
+                // The client may still be sending the body: a close with its bytes unread
+                // would reset the answer away.
+                linger_close(&mut self.client).await;
+            }
             Next::Close
         }
     }
@@ -910,10 +919,10 @@ impl<C: ClientIo> Connection<C> {
             }
         } else {
             let mut head = std::mem::take(&mut self.head);
-            let sent = copy_body::<true>(
+            let sent = send_body_watching_app(
                 &mut self.client,
                 &mut self.buf,
-                &mut up.stream,
+                &mut up,
                 plan.framing,
                 &mut head,
                 &mut exchange.request_bytes,
@@ -921,16 +930,46 @@ impl<C: ClientIo> Connection<C> {
             )
             .await;
             self.head = head;
-            if let Err(e) = sent {
-                // The app connection is dropped with the request half sent: never reused.
-                let kind = match e {
-                    CopyError::Write => ErrorKind::UpstreamReset,
-                    CopyError::Read => ErrorKind::ClientBody,
-                    CopyError::Invalid => ErrorKind::BadRequest,
-                    CopyError::Stalled => ErrorKind::RequestTimeout,
-                    CopyError::Deadline => ErrorKind::RouteTimeout,
+            let refused = match sent {
+                Ok(BodySent::Whole) => false,
+                Ok(BodySent::Refused) => true,
+                // The app stopped taking the body: an answer it gave first is still to be read.
+                Err(CopyError::Write) if drain_ready(&mut up) => true,
+                Err(e) => {
+                    // The app connection is dropped with the request half sent: never reused.
+                    let kind = match e {
+                        CopyError::Write => ErrorKind::UpstreamReset,
+                        CopyError::Read => ErrorKind::ClientBody,
+                        CopyError::Invalid => ErrorKind::BadRequest,
+                        CopyError::Stalled => ErrorKind::RequestTimeout,
+                        CopyError::Deadline => ErrorKind::RouteTimeout,
+                    };
+                    return Err((kind, Sent::ResponseStarted));
+                }
+            };
+            if refused {
+                // The app answered and reads no more of the body (RFC 9112 9.5): its answer
+                // goes to the client, and both connections end after it.
+                let shape = Shape {
+                    keep_alive: false,
+                    ..plan
                 };
-                return Err((kind, Sent::ResponseStarted));
+                let deadline = tokio::time::Instant::now() + timeouts.response;
+                return match self.read_response_head(&mut up, shape, deadline).await {
+                    Ok(mut response) => {
+                        response.upstream_reusable = false;
+                        self.body_left_unread = true;
+                        Ok((up, response))
+                    }
+                    Err(e) => Err((
+                        match e {
+                            HeadError::Timeout => ErrorKind::ResponseTimeout,
+                            HeadError::ClientGone => ErrorKind::ClientDisconnected,
+                            HeadError::Upstream(kind, _) => kind,
+                        },
+                        Sent::ResponseStarted,
+                    )),
+                };
             }
         }
         // The response timeout counts from the end of the request.
@@ -1073,6 +1112,78 @@ fn has_empty_line(bytes: &[u8]) -> bool {
     bytes
         .windows(2)
         .any(|w| w[0] == b'\n' && (w[1] == b'\n' || w[1] == b'\r'))
+}
+
+/// How sending a streamed request body ended, the app watched meanwhile.
+enum BodySent {
+    /// All of it went.
+    Whole,
+    /// The app answered first, saying it reads no more of it: the rest was not sent.
+    Refused,
+}
+
+/// Streams the request's body to the app as [`copy_body`] does, reading what the app sends
+/// meanwhile into `up.buf`: an answer that says the app reads no more of the body (a 413 to an
+/// upload too large, with `Connection: close`) ends the sending, where waiting for the app to take
+/// a body it will never read would end in a timeout. An answer that keeps the connection (an app
+/// reading on: full duplex) changes nothing: the whole body goes first, then the answer.
+async fn send_body_watching_app(
+    client: &mut impl ClientIo,
+    client_buf: &mut BytesMut,
+    up: &mut UpstreamConn,
+    framing: Framing,
+    head: &mut Vec<u8>,
+    copied: &mut u64,
+    stall: Duration,
+) -> Result<BodySent, CopyError> {
+    let (mut from_app, mut to_app) = up.stream.split();
+    let sending = copy_body::<true>(
+        client,
+        client_buf,
+        &mut to_app,
+        framing,
+        head,
+        copied,
+        stall,
+    );
+    let mut sending = std::pin::pin!(sending);
+    let mut watching = true;
+    loop {
+        if watching {
+            up.buf.reserve(HEAD_CHUNK);
+        }
+        tokio::select! {
+            biased;
+            sent = &mut sending => return sent.map(|_| BodySent::Whole),
+            read = from_app.read_buf(&mut up.buf), if watching => match read {
+                Ok(n) if n > 0 => match early_answer_ends_request(&up.buf) {
+                    Some(true) => return Ok(BodySent::Refused),
+                    Some(false) => watching = false,
+                    // A head past the limit is the app's error, found when it is read as one.
+                    None => watching = up.buf.len() <= UPSTREAM_MAX_HEAD,
+                },
+                // The app closed or reset: the next write of the body says so.
+                _ => watching = false,
+            },
+        }
+    }
+}
+
+/// Reads what the app has sent and not been read, without waiting (after a failed write: an app
+/// that answers and closes with the body unread resets the connection, and the answer arrived
+/// before the reset). Straight from the socket: tokio may not have heard yet that it is readable.
+/// Whether there is anything of an answer.
+fn drain_ready(up: &mut UpstreamConn) -> bool {
+    use std::io::Read;
+    let socket = socket2::SockRef::from(&up.stream);
+    let mut chunk = [0u8; HEAD_CHUNK];
+    while up.buf.len() <= UPSTREAM_MAX_HEAD {
+        match (&*socket).read(&mut chunk) {
+            Ok(n) if n > 0 => up.buf.extend_from_slice(&chunk[..n]),
+            _ => break,
+        }
+    }
+    !up.buf.is_empty()
 }
 
 /// Copies one body from `src` to `dst`. `out` holds a head not yet written: the body's first bytes
