@@ -406,6 +406,18 @@ pub(crate) fn marks_endpoint(kind: ErrorKind) -> Option<bool> {
     }
 }
 
+/// What an attempt that ran out of time says of its endpoint: nothing while the client was still
+/// sending the request's body (its own slowness: counted as a stalled body is, see
+/// [`marks_endpoint`]), else what `kind` says. A client trickling its body past a route's
+/// deadline could otherwise eject healthy endpoints.
+pub(crate) fn timed_out_blame(kind: ErrorKind, body_whole: bool) -> ErrorKind {
+    if body_whole {
+        kind
+    } else {
+        ErrorKind::RequestTimeout
+    }
+}
+
 /// How far an attempt got when its connection to the app failed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Sent {
@@ -846,6 +858,91 @@ mod tests {
         );
     }
 
+    /// A client still sending its body when the route's deadline comes is slow itself, not the
+    /// endpoint: it keeps every read within --request-body-timeout and trickles past the
+    /// deadline. Counted as a failure, such clients could eject healthy endpoints.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_client_trickling_its_body_past_the_deadline_is_no_failure_of_the_endpoint() {
+        const WAIT: Duration = Duration::from_secs(10);
+        let endpoints = [reading_app().await, reading_app().await];
+        let routes =
+            balanced_route(&endpoints).replace("    balance:", "    timeout: 300ms\n    balance:");
+        let (proxy, shared) = outbound_hyper_path(endpoints[0], &routes, &[]).await;
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        // A byte every 50 ms, for as long as the proxy reads them (bounded by the test's WAIT).
+        let chunks = futures_util::stream::unfold(0u32, |n| async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            (n < 200).then(|| {
+                (
+                    Ok::<_, std::convert::Infallible>(http_body::Frame::data(
+                        bytes::Bytes::from_static(b"x"),
+                    )),
+                    n + 1,
+                )
+            })
+        });
+        let request = http::Request::put("http://svc.test/upload")
+            .body(http_body_util::StreamBody::new(Box::pin(chunks)))
+            .expect("a request");
+        let response = tokio::time::timeout(WAIT, sender.send_request(request))
+            .await
+            .expect("bounded: the response head")
+            .expect("a response");
+        assert_eq!(response.status(), 504, "the route's deadline came");
+        assert_eq!(
+            endpoint_failures(&shared, &endpoints),
+            0,
+            "the client's trickled body was counted against the endpoint"
+        );
+    }
+
+    /// The same on the fast path.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn on_the_fast_path_a_client_trickling_its_body_past_the_deadline_is_no_failure_of_the_endpoint()
+     {
+        use tokio::io::AsyncWriteExt;
+        const WAIT: Duration = Duration::from_secs(10);
+        let endpoints = [http1_app(b"").await.0, http1_app(b"").await.0];
+        let routes =
+            balanced_route(&endpoints).replace("    balance:", "    timeout: 300ms\n    balance:");
+        let (proxy, shared, _ended) = outbound_fast_path(endpoints[0], &routes, &[]).await;
+        let client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        let (mut reader, mut writer) = client.into_split();
+        let trickling = tokio::spawn(async move {
+            let head = b"PUT /upload HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 200\r\n\r\n";
+            if writer.write_all(head).await.is_err() {
+                return;
+            }
+            for _ in 0..200 {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if writer.write_all(b"x").await.is_err() {
+                    return;
+                }
+            }
+        });
+        let status = tokio::time::timeout(WAIT, read_status(&mut reader))
+            .await
+            .expect("bounded: the response head");
+        trickling.abort();
+        assert_eq!(status, 504, "the route's deadline came");
+        assert_eq!(
+            endpoint_failures(&shared, &endpoints),
+            0,
+            "the client's trickled body was counted against the endpoint"
+        );
+    }
+
     /// The failures counted against `endpoints` of the route `balanced`.
     fn endpoint_failures(shared: &Shared, endpoints: &[SocketAddr]) -> u64 {
         use crate::telemetry::metrics::EndpointLabels;
@@ -961,7 +1058,7 @@ mod tests {
     }
 
     /// The status of the response head `client` reads.
-    async fn read_status(client: &mut tokio::net::TcpStream) -> u16 {
+    async fn read_status(client: &mut (impl tokio::io::AsyncRead + Unpin)) -> u16 {
         use tokio::io::AsyncReadExt;
         let mut read = Vec::new();
         let mut chunk = [0; 1024];

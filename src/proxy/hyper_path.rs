@@ -467,7 +467,8 @@ async fn send_routed(
             Some(bound) => match tokio::time::timeout_at(bound, once).await {
                 Ok(sent) => sent,
                 Err(_) if routed.deadline.is_some_and(|d| d <= bound) => {
-                    routed.finish_attempt(pick, true);
+                    let timed_out = ErrorKind::RouteTimeout;
+                    routed.finish_failed_attempt(pick, blame(timed_out, true, progress));
                     routed.timed_out();
                     return Err(ErrorKind::RouteTimeout);
                 }
@@ -516,7 +517,8 @@ async fn send_routed(
         };
         // The attempt failed: its body, if hyper still polls it, reads no more.
         let replayable = seal(replay.as_ref());
-        routed.finish_failed_attempt(pick, kind);
+        let timed_out = failure == Some(AttemptFailure::PerTryTimeout);
+        routed.finish_failed_attempt(pick, blame(kind, timed_out, progress));
         let Some(failure) = failure else {
             return Err(kind);
         };
@@ -524,6 +526,17 @@ async fn send_routed(
             Some(backoff) => tokio::time::sleep(backoff).await,
             None => return Err(kind),
         }
+    }
+}
+
+/// What an attempt that failed with `kind` says of its endpoint: for one that `timed_out`,
+/// [`driver::timed_out_blame`], the client's body whole when it has ended (or there is none).
+fn blame(kind: ErrorKind, timed_out: bool, progress: Option<&RequestProgress>) -> ErrorKind {
+    let body_whole = progress.is_none_or(|p| p.ended_flag.load(Ordering::Acquire));
+    if timed_out {
+        driver::timed_out_blame(kind, body_whole)
+    } else {
+        kind
     }
 }
 

@@ -250,6 +250,9 @@ pub struct Connection<C = TcpStream> {
     /// The app answered before it had the whole request body and read no more of it: the rest of
     /// the body is left unread, and the connection ends after the answer (a lingering close).
     body_left_unread: bool,
+    /// The attempt is still taking the request's body from the client: a bound that runs out
+    /// meanwhile is the client's slowness, not the endpoint's ([`driver::timed_out_blame`]).
+    reading_body: bool,
 }
 
 impl<C: ClientIo> Connection<C> {
@@ -275,6 +278,7 @@ impl<C: ClientIo> Connection<C> {
             sticky,
             aborted: false,
             body_left_unread: false,
+            reading_body: false,
         }
     }
 
@@ -670,7 +674,7 @@ impl<C: ClientIo> Connection<C> {
                     (kind, failure, request.replayable || connect)
                 }
                 Tried::TimedOut => {
-                    settle(target, true);
+                    self.settle_timed_out(routed.as_ref(), target.pick);
                     if let Some(routed) = routed.as_ref()
                         && routed
                             .deadline
@@ -691,6 +695,16 @@ impl<C: ClientIo> Connection<C> {
                 Some(backoff) => tokio::time::sleep(backoff).await,
                 None => return Err(Unanswered::Refused(kind)),
             }
+        }
+    }
+
+    /// Ends an attempt whose bound ran out, as [`driver::timed_out_blame`] says: no mark against
+    /// the endpoint while the client was still sending the body.
+    fn settle_timed_out(&mut self, routed: Option<&Routed>, pick: Option<Pick>) {
+        let body_whole = !std::mem::take(&mut self.reading_body);
+        if let Some(routed) = routed {
+            let blame = driver::timed_out_blame(ErrorKind::ResponseTimeout, body_whole);
+            routed.finish_failed_attempt(pick, blame);
         }
     }
 
@@ -919,6 +933,7 @@ impl<C: ClientIo> Connection<C> {
             }
         } else {
             let mut head = std::mem::take(&mut self.head);
+            self.reading_body = true;
             let sent = send_body_watching_app(
                 &mut self.client,
                 &mut self.buf,
@@ -930,6 +945,7 @@ impl<C: ClientIo> Connection<C> {
             )
             .await;
             self.head = head;
+            self.reading_body = false;
             let refused = match sent {
                 Ok(BodySent::Whole) => false,
                 Ok(BodySent::Refused) => true,
