@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::exchange::{Exchange, RequestProgress};
+use super::exchange::{Exchange, GiveUp, RequestProgress};
 use super::limits::{InFlight, RequestMark};
 use super::phases;
 use super::traffic::concurrency::ConcurrencyPermit;
@@ -372,6 +372,9 @@ pub struct ResponseBody {
     timeouts: Option<prometheus_client::metrics::counter::Counter>,
     /// And open on its connection (hyper's), which is idle only once no response is in progress.
     open: Option<RequestMark>,
+    /// The request's hold on its HTTP/1.1 connection to the app, given up if its body is still
+    /// coming when this response is done ([`GiveUp`]).
+    give_up: Option<(Arc<GiveUp>, Arc<RequestProgress>)>,
 }
 
 impl ResponseBody {
@@ -388,7 +391,15 @@ impl ResponseBody {
             permit: None,
             timeouts: None,
             open: None,
+            give_up: None,
         }
+    }
+
+    /// Gives up the request's connection to the app when this response is done before the
+    /// request's body ([`GiveUp`]).
+    pub fn giving_up(mut self, give_up: Option<(Arc<GiveUp>, Arc<RequestProgress>)>) -> Self {
+        self.give_up = give_up;
+        self
     }
 
     /// Bounds the whole body by `deadline` (a route's timeout; past it the body is cut and the
@@ -418,6 +429,7 @@ impl ResponseBody {
             permit: None,
             timeouts: None,
             open: None,
+            give_up: None,
         }
     }
 
@@ -430,6 +442,7 @@ impl ResponseBody {
             permit: None,
             timeouts: None,
             open: None,
+            give_up: None,
         }
     }
 
@@ -532,6 +545,11 @@ impl Drop for ResponseBody {
         // 204, content-length reached); otherwise the client went away mid-response.
         let error = (!self.is_end_stream()).then_some(ErrorKind::ClientDisconnected);
         self.finish(error);
+        if let Some((give_up, progress)) = self.give_up.take()
+            && !progress.ended_flag.load(Ordering::Acquire)
+        {
+            give_up.give_up();
+        }
     }
 }
 

@@ -87,6 +87,33 @@ fn authority(addr: SocketAddr) -> Authority {
         .unwrap_or_else(|_| Authority::from_static("unknown"))
 }
 
+/// How a request gives up the HTTP/1.1 connection to the app that carries it: once its response
+/// is done, a body the client is still sending has nowhere to go (an app that answered early, a
+/// 413, and reads no more), and hyper's connection would wait on its write for good, holding the
+/// client's body and connection. Set, the connection's next write fails (`upstream::PooledIo`),
+/// which ends it and lets the body go. One per connection.
+#[derive(Default, Debug)]
+pub struct GiveUp {
+    given_up: AtomicBool,
+    waker: futures_util::task::AtomicWaker,
+}
+
+impl GiveUp {
+    pub fn give_up(&self) {
+        self.given_up.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    pub fn given_up(&self) -> bool {
+        self.given_up.load(Ordering::Acquire)
+    }
+
+    /// Wakes `waker` when [`Self::give_up`] is called (a write waiting on the app).
+    pub fn wake_on_give_up(&self, waker: &std::task::Waker) {
+        self.waker.register(waker);
+    }
+}
+
 /// Request body progress when the body is copied by another task (hyper's): shared between the
 /// body wrapper and the exchange. Only allocated for requests that have a body.
 #[derive(Default, Debug)]

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::body::Replayable;
 use super::body::{RequestBody, ResponseBody};
 use super::driver::{self, Admitted, Attempt, AttemptFailure, Facts, Routed, Sent, may_retry};
-use super::exchange::{ConnContext, Exchange, PathText, RequestProgress};
+use super::exchange::{ConnContext, Exchange, GiveUp, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
 use super::path::Ambiguous;
@@ -73,12 +73,7 @@ async fn respond(
         req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
     let downstream_upgrade = (upgrade || extended_connect).then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
-    let grpc = phases::is_grpc(
-        parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.as_bytes()),
-    );
+    let grpc = is_grpc(&parts.headers);
     let ruled = request_rules(&shared, &conn, &mut parts, upgrade);
     let use_http2 = upstream_http2(&shared, &conn, parts.version);
     // RFC 8441 to an HTTP/1.1 app: only WebSocket has an HTTP/1.1 form (a GET with `Upgrade`).
@@ -165,10 +160,31 @@ async fn respond(
         return open_tunnel(&shared, &conn, exchange, downstream, response, open.take());
     }
     let body_timeout = settings.traffic.timeouts.response_body;
+    let give_up = give_up_hold(&mut response, use_http2, progress);
     response.map(|body| {
-        let body = ResponseBody::upstream(body, exchange, Some(in_flight), body_timeout);
+        let body = ResponseBody::upstream(body, exchange, Some(in_flight), body_timeout)
+            .giving_up(give_up);
         Routed::hold(routed, body)
     })
+}
+
+/// The request's hold on its connection to the app, if `attempt` found its body still coming
+/// when the response came ([`GiveUp`]). An HTTP/1.1 connection carries one request: given up
+/// with it. Never an HTTP/2 one, which carries others (the app resets a stream whose body it does
+/// not want).
+fn give_up_hold(
+    response: &mut Response<Incoming>,
+    use_http2: bool,
+    progress: Option<Arc<RequestProgress>>,
+) -> Option<(Arc<GiveUp>, Arc<RequestProgress>)> {
+    (response.extensions_mut().remove::<Arc<GiveUp>>())
+        .filter(|_| !use_http2)
+        .zip(progress)
+}
+
+/// Whether a request is a gRPC call (by its `content-type`).
+fn is_grpc(headers: &http::HeaderMap) -> bool {
+    phases::is_grpc(headers.get(header::CONTENT_TYPE).map(HeaderValue::as_bytes))
 }
 
 /// Whether an extended CONNECT's `:protocol` is WebSocket (the one with an HTTP/1.1 form).
@@ -266,12 +282,7 @@ fn request_rules(
             Some(authority) => HeaderValue::from_str(authority.as_str()).ok(),
             None => parts.headers.get(header::HOST).cloned(),
         };
-        let grpc = phases::is_grpc(
-            parts
-                .headers
-                .get(header::CONTENT_TYPE)
-                .map(|v| v.as_bytes()),
-        );
+        let grpc = is_grpc(&parts.headers);
         let grpc_timeout = (parts.headers.get(phases::GRPC_TIMEOUT))
             .filter(|_| grpc)
             .and_then(|value| phases::parse_grpc_timeout(value.as_bytes()));
@@ -422,12 +433,7 @@ async fn send_routed(
 ) -> Result<Response<Incoming>, ErrorKind> {
     let (mut parts, body) = request.into_parts();
     let method = parts.method.clone();
-    let grpc = phases::is_grpc(
-        parts
-            .headers
-            .get(header::CONTENT_TYPE)
-            .map(|v| v.as_bytes()),
-    );
+    let grpc = is_grpc(&parts.headers);
     // Kept to be sent again only when the route retries; else sent by the first attempt alone.
     let (replay, mut body_once) = if routed.retries() {
         (Some(Replayable::new(body, driver::REPLAY_BUFFER)), None)
@@ -685,7 +691,15 @@ async fn attempt(
     };
     let noted = ConnInfo::note(&captured);
     match result {
-        Ok(response) => Ok((response, noted.peer)),
+        Ok(mut response) => {
+            // Answered while the client's body is still coming: the response's end decides.
+            if let Some(give_up) = noted.give_up
+                && progress.is_some_and(|p| !p.ended_flag.load(Ordering::Acquire))
+            {
+                response.extensions_mut().insert(give_up);
+            }
+            Ok((response, noted.peer))
+        }
         Err(error) => Err(Failure {
             error,
             reused: noted.reused,

@@ -35,6 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::body::RequestBody;
+use super::exchange::GiveUp;
 
 /// Idle connections kept per upstream address, in each pool.
 const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -165,6 +166,7 @@ impl tower_service::Service<Uri> for Connector {
 pub(crate) struct ConnInfo {
     uses: Arc<AtomicU32>,
     peer: Option<Arc<str>>,
+    give_up: Arc<GiveUp>,
 }
 
 /// What [`ConnInfo::note`] learnt of an attempt's connection.
@@ -174,6 +176,8 @@ pub(crate) struct Noted {
     pub(crate) reused: bool,
     /// The peer proxy's SPIFFE ID, when the connection is an HBONE stream.
     pub(crate) peer: Option<Arc<str>>,
+    /// How the request gives the connection up ([`GiveUp`]).
+    pub(crate) give_up: Option<Arc<GiveUp>>,
 }
 
 impl ConnInfo {
@@ -190,6 +194,7 @@ impl ConnInfo {
             .map_or_else(Noted::default, |info| Noted {
                 reused: info.uses.fetch_add(1, Ordering::Relaxed) > 0,
                 peer: info.peer.clone(),
+                give_up: Some(info.give_up.clone()),
             })
     }
 }
@@ -233,8 +238,8 @@ impl PooledIo {
             } => PooledIo {
                 io: PooledTransport::Tunnel(TokioIo::new(io)),
                 info: ConnInfo {
-                    uses: Arc::default(),
                     peer: Some(peer),
+                    ..ConnInfo::default()
                 },
                 _slot: Some(slot),
                 _span: span,
@@ -245,10 +250,33 @@ impl PooledIo {
 }
 
 impl PooledIo {
+    /// Whether the request on this connection gave it up ([`GiveUp`]): then every write fails.
+    fn given_up(&self) -> Option<io::Error> {
+        self.info.give_up.given_up().then(|| {
+            io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "the response is done and the app takes no more of the request's body",
+            )
+        })
+    }
+
     /// A write's result, with the app's reset or close taken as the end of writing (see
-    /// `writes_dropped`); `len`: what the write was given.
-    fn written(&mut self, result: Poll<io::Result<usize>>, len: usize) -> Poll<io::Result<usize>> {
+    /// `writes_dropped`); `len`: what the write was given. A write that waits on the app also
+    /// waits for its request to give the connection up.
+    fn written(
+        &mut self,
+        cx: &Context<'_>,
+        result: Poll<io::Result<usize>>,
+        len: usize,
+    ) -> Poll<io::Result<usize>> {
         match result {
+            Poll::Pending => {
+                self.info.give_up.wake_on_give_up(cx.waker());
+                match self.given_up() {
+                    Some(e) => Poll::Ready(Err(e)),
+                    None => Poll::Pending,
+                }
+            }
             Poll::Ready(Err(e))
                 if matches!(
                     e.kind(),
@@ -289,6 +317,9 @@ impl hyper::rt::Write for PooledIo {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.given_up() {
+            return Poll::Ready(Err(e));
+        }
         if this.writes_dropped {
             return Poll::Ready(Ok(buf.len()));
         }
@@ -296,7 +327,7 @@ impl hyper::rt::Write for PooledIo {
             PooledTransport::Tcp(io) => Pin::new(io).poll_write(cx, buf),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_write(cx, buf),
         };
-        this.written(result, buf.len())
+        this.written(cx, result, buf.len())
     }
 
     fn poll_write_vectored(
@@ -305,6 +336,9 @@ impl hyper::rt::Write for PooledIo {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
+        if let Some(e) = this.given_up() {
+            return Poll::Ready(Err(e));
+        }
         let len = bufs.iter().map(|b| b.len()).sum();
         if this.writes_dropped {
             return Poll::Ready(Ok(len));
@@ -313,7 +347,7 @@ impl hyper::rt::Write for PooledIo {
             PooledTransport::Tcp(io) => Pin::new(io).poll_write_vectored(cx, bufs),
             PooledTransport::Tunnel(io) => Pin::new(io).poll_write_vectored(cx, bufs),
         };
-        this.written(result, len)
+        this.written(cx, result, len)
     }
 
     fn is_write_vectored(&self) -> bool {

@@ -14,6 +14,7 @@ mod support;
 mod cli;
 mod containment;
 mod docs;
+mod early_answers;
 mod endpoints_dns;
 mod h1_attacks;
 mod h2_attacks;

@@ -978,10 +978,12 @@ pub fn plan_response(
 }
 
 /// Whether the app, answering before it has the whole request body, has said it will read no more
-/// of it (RFC 9112 9.5: the sender then ceases to send the body): `Some(true)` once its final
-/// response head (after any interim ones) is in `buf` and ends the connection (`Connection:
-/// close`, or HTTP/1.0) or is no valid head at all; `Some(false)` for a final head that keeps the
-/// connection (the app may read on: full duplex); `None` while no final head is complete. Pure.
+/// of it (RFC 9112 9.5: a response that shows the server does not wish to receive the body and is
+/// closing the connection; the sender then ceases to send it): `Some(true)` once its final
+/// response head (after any interim ones) is in `buf` and is an error (4xx, 5xx) that ends the
+/// connection (`Connection: close`, or HTTP/1.0), or is no valid head at all; `Some(false)` for any
+/// other final head (a success, or an error that keeps the connection: the app may read on);
+/// `None` while no final head is complete. Pure.
 pub fn early_answer_ends_request(mut buf: &[u8]) -> Option<bool> {
     loop {
         let parsed = parse_response(buf, |res, n| {
@@ -1000,7 +1002,9 @@ pub fn early_answer_ends_request(mut buf: &[u8]) -> Option<bool> {
             {
                 buf = &buf[n..];
             }
-            Ok(httparse::Status::Complete((_, closes, _))) => return Some(closes),
+            Ok(httparse::Status::Complete((status, closes, _))) => {
+                return Some(closes && status >= 400);
+            }
         }
     }
 }
@@ -1208,7 +1212,7 @@ mod tests {
     }
 
     #[test]
-    fn an_early_answer_ends_the_request_only_when_it_says_close() {
+    fn an_early_answer_ends_the_request_only_when_it_is_an_error_that_says_close() {
         let close =
             b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
         assert_eq!(early_answer_ends_request(close), Some(true));
@@ -1217,6 +1221,13 @@ mod tests {
         assert_eq!(
             early_answer_ends_request(b"HTTP/1.0 403 Forbidden\r\n\r\n"),
             Some(true)
+        );
+        // A success that says close: the app may still read the body before it closes.
+        let success = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nstarted ";
+        assert_eq!(early_answer_ends_request(success), Some(false));
+        assert_eq!(
+            early_answer_ends_request(b"HTTP/1.0 200 OK\r\n\r\n"),
+            Some(false)
         );
         assert_eq!(early_answer_ends_request(b"HTTP/1.1 413 Too"), None);
         assert_eq!(early_answer_ends_request(b""), None);
