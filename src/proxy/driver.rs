@@ -475,6 +475,7 @@ mod tests {
         let connect = ConnectOptions {
             timeout: Duration::from_secs(1),
             mark: None,
+            write_stall: Duration::from_secs(1),
         };
         let clients = ClientFactory::new(connect, Duration::from_secs(1), true, None);
         let set =

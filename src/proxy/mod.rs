@@ -65,6 +65,7 @@ impl Shared {
         let connect = ConnectOptions {
             timeout: config.connect_timeout,
             mark: upstream::mark_if_permitted(config.proxy_mark),
+            write_stall: 2 * config.traffic.timeouts.request_body,
         };
         let own = config.istio.as_ref().map(|names| {
             OwnWorkload::new(

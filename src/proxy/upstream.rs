@@ -45,6 +45,10 @@ pub(crate) struct ConnectOptions {
     pub(crate) timeout: Duration,
     /// SO_MARK for upstream sockets; `None` when disabled or not permitted.
     pub(crate) mark: Option<u32>,
+    /// How long a write to the app on hyper's path may wait for it to take anything: twice
+    /// --request-body-timeout, the fast path's bound on its writes. An app that stops reading a
+    /// request's body and never answers would otherwise hold the request, and its client, for good.
+    pub(crate) write_stall: Duration,
 }
 
 /// Opens a TCP connection with Nagle off and the proxy's mark, bounded by the connect timeout.
@@ -153,7 +157,7 @@ impl tower_service::Service<Uri> for Connector {
                 Some(tunneller) => tunneller.open(addr).await?,
                 None => Transport::Tcp(connect(addr, options).await?),
             };
-            Ok(PooledIo::new(transport))
+            Ok(PooledIo::new(transport, options.write_stall))
         })
     }
 }
@@ -213,6 +217,11 @@ pub(crate) struct PooledIo {
     /// the connection, its answer still waiting to be read: hyper, failing on the write, would
     /// turn it into a 502. Reads then end the connection, with or without an answer.
     writes_dropped: bool,
+    /// The bound on a write the app takes nothing of ([`ConnectOptions::write_stall`]), and its
+    /// timer, armed while a write waits (allocated the first time one does).
+    write_stall: Duration,
+    stall_timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    stall_armed: bool,
 }
 
 enum PooledTransport {
@@ -221,35 +230,54 @@ enum PooledTransport {
 }
 
 impl PooledIo {
-    fn new(transport: Transport) -> PooledIo {
-        match transport {
-            Transport::Tcp(stream) => PooledIo {
-                io: PooledTransport::Tcp(TokioIo::new(stream)),
-                info: ConnInfo::default(),
-                _slot: None,
-                _span: None,
-                writes_dropped: false,
-            },
+    fn new(transport: Transport, write_stall: Duration) -> PooledIo {
+        let (io, info, slot, span) = match transport {
+            Transport::Tcp(stream) => (
+                PooledTransport::Tcp(TokioIo::new(stream)),
+                ConnInfo::default(),
+                None,
+                None,
+            ),
             Transport::Tunnel {
                 io,
                 peer,
                 slot,
                 span,
-            } => PooledIo {
-                io: PooledTransport::Tunnel(TokioIo::new(io)),
-                info: ConnInfo {
+            } => (
+                PooledTransport::Tunnel(TokioIo::new(io)),
+                ConnInfo {
                     peer: Some(peer),
                     ..ConnInfo::default()
                 },
-                _slot: Some(slot),
-                _span: span,
-                writes_dropped: false,
-            },
+                Some(slot),
+                span,
+            ),
+        };
+        PooledIo {
+            io,
+            info,
+            _slot: slot,
+            _span: span,
+            writes_dropped: false,
+            write_stall,
+            stall_timer: None,
+            stall_armed: false,
         }
     }
 }
 
 impl PooledIo {
+    /// Whether a waiting write has waited its bound out (the timer armed at the first wait).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        let bound = self.write_stall;
+        let timer = (self.stall_timer).get_or_insert_with(|| Box::pin(tokio::time::sleep(bound)));
+        if !self.stall_armed {
+            timer.as_mut().reset(tokio::time::Instant::now() + bound);
+            self.stall_armed = true;
+        }
+        timer.as_mut().poll(cx).is_ready()
+    }
+
     /// Whether the request on this connection gave it up ([`GiveUp`]): then every write fails.
     fn given_up(&self) -> Option<io::Error> {
         self.info.give_up.given_up().then(|| {
@@ -265,17 +293,27 @@ impl PooledIo {
     /// waits for its request to give the connection up.
     fn written(
         &mut self,
-        cx: &Context<'_>,
+        cx: &mut Context<'_>,
         result: Poll<io::Result<usize>>,
         len: usize,
     ) -> Poll<io::Result<usize>> {
         match result {
             Poll::Pending => {
                 self.info.give_up.wake_on_give_up(cx.waker());
-                match self.given_up() {
-                    Some(e) => Poll::Ready(Err(e)),
-                    None => Poll::Pending,
+                if let Some(e) = self.given_up() {
+                    return Poll::Ready(Err(e));
                 }
+                if self.stalled(cx) {
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("the app took nothing for {:?}", self.write_stall),
+                    )));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(n)) => {
+                self.stall_armed = false;
+                Poll::Ready(Ok(n))
             }
             Poll::Ready(Err(e))
                 if matches!(

@@ -400,3 +400,81 @@ async fn an_early_answer_that_keeps_the_connection_still_gets_the_whole_body() {
     })
     .await;
 }
+
+/// An app that stops reading a request's body and never answers: on both paths the proxy's
+/// writes to it are bounded (twice `--request-body-timeout`, as for a client that takes no
+/// response), and the client gets a 502, where hyper's path waited for good before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_that_stops_reading_the_body_and_never_answers_gets_a_bounded_wait() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            if read_head(&mut stream).await.is_none() {
+                return;
+            }
+            // Holds the connection without reading or answering, longer than the test waits.
+            tokio::time::sleep(Duration::from_secs(120)).await;
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--request-body-timeout", "1s"]).await;
+        // HTTP/1.1 (the fast path).
+        let stream = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (mut reader, mut writer) = stream.into_split();
+        let head = format!("POST /fast HTTP/1.1\r\nHost: t\r\nContent-Length: {BODY}\r\n\r\n");
+        let sending = tokio::spawn(async move {
+            let chunk = vec![b'x'; 1 << 20];
+            writer.write_all(head.as_bytes()).await.ok()?;
+            for _ in 0..BODY / chunk.len() {
+                writer.write_all(&chunk).await.ok()?;
+            }
+            Some(writer)
+        });
+        let mut got = Vec::new();
+        bounded("the answer on the fast path", WAIT, async {
+            let mut chunk = [0u8; 16 * 1024];
+            while find(&got, b"\r\n\r\n").is_none() {
+                match reader.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => got.extend_from_slice(&chunk[..n]),
+                }
+            }
+        })
+        .await;
+        sending.abort();
+        assert!(
+            lossy(&got).starts_with("HTTP/1.1 502 "),
+            "{:?}",
+            lossy(&got)
+        );
+        // HTTP/2 (hyper's path).
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+        let _connection = tokio::spawn(async move {
+            let _ = connection.await;
+        });
+        let mut client = client.ready().await.expect("ready");
+        let request = http::Request::post(format!("http://{}/hyper", proxy.inbound))
+            .header("content-length", BODY)
+            .body(())
+            .expect("a request");
+        let (response, mut body) = client.send_request(request, false).expect("send");
+        let sending = tokio::spawn(async move {
+            let chunk = bytes::Bytes::from(vec![b'x'; 1 << 20]);
+            for _ in 0..BODY / chunk.len() {
+                body.reserve_capacity(chunk.len());
+                match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+                    Some(Ok(_)) => {}
+                    _ => return,
+                }
+                if body.send_data(chunk.clone(), false).is_err() {
+                    return;
+                }
+            }
+        });
+        let response = bounded("the answer on hyper's path", WAIT, response)
+            .await
+            .expect("a response");
+        sending.abort();
+        assert_eq!(response.status(), 502);
+    })
+    .await;
+}
