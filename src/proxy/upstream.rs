@@ -264,9 +264,7 @@ impl PooledIo {
             stall_armed: false,
         }
     }
-}
 
-impl PooledIo {
     /// Whether a waiting write has waited its bound out (the timer armed at the first wait).
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
         let bound = self.write_stall;
