@@ -1139,10 +1139,10 @@ enum BodySent {
 }
 
 /// Streams the request's body to the app as [`copy_body`] does, reading what the app sends
-/// meanwhile into `up.buf`: an answer that says the app reads no more of the body (a 413 to an
-/// upload too large, with `Connection: close`) ends the sending, where waiting for the app to take
-/// a body it will never read would end in a timeout. An answer that keeps the connection (an app
-/// reading on: full duplex) changes nothing: the whole body goes first, then the answer.
+/// meanwhile into `up.buf`: an answer that says the app reads no more of the body (an error that
+/// says close, as a 413 to an upload too large: [`early_answer_ends_request`]) ends the sending,
+/// where waiting for the app to take a body it will never read would end in a timeout. Any other
+/// answer (an app that may be reading on) changes nothing: the whole body goes first.
 async fn send_body_watching_app(
     client: &mut impl ClientIo,
     client_buf: &mut BytesMut,
