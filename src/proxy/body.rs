@@ -16,7 +16,7 @@ use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
-use super::exchange::{Exchange, GiveUp, RequestProgress};
+use super::exchange::{ConnControl, Exchange, RequestProgress};
 use super::limits::{InFlight, RequestMark};
 use super::phases;
 use super::traffic::concurrency::ConcurrencyPermit;
@@ -139,7 +139,9 @@ impl Stream {
                 Some(Err(_)) => progress.failed.store(true, Ordering::Relaxed),
                 None => progress.end(),
             }
-            if self.inner.is_end_stream() {
+            // hyper's client takes no more of a body once its length is sent, and never polls
+            // for the end of a stream that the client ends in a later frame.
+            if self.inner.is_end_stream() || self.inner.size_hint().exact() == Some(0) {
                 progress.end();
             }
         }
@@ -373,8 +375,8 @@ pub struct ResponseBody {
     /// And open on its connection (hyper's), which is idle only once no response is in progress.
     open: Option<RequestMark>,
     /// The request's hold on its HTTP/1.1 connection to the app, given up if its body is still
-    /// coming when this response is done ([`GiveUp`]).
-    give_up: Option<(Arc<GiveUp>, Arc<RequestProgress>)>,
+    /// coming when this response is done ([`ConnControl`]).
+    give_up: Option<(Arc<ConnControl>, Arc<RequestProgress>)>,
 }
 
 impl ResponseBody {
@@ -396,8 +398,8 @@ impl ResponseBody {
     }
 
     /// Gives up the request's connection to the app when this response is done before the
-    /// request's body ([`GiveUp`]).
-    pub fn giving_up(mut self, give_up: Option<(Arc<GiveUp>, Arc<RequestProgress>)>) -> Self {
+    /// request's body ([`ConnControl`]).
+    pub fn giving_up(mut self, give_up: Option<(Arc<ConnControl>, Arc<RequestProgress>)>) -> Self {
         self.give_up = give_up;
         self
     }

@@ -87,18 +87,30 @@ fn authority(addr: SocketAddr) -> Authority {
         .unwrap_or_else(|_| Authority::from_static("unknown"))
 }
 
-/// How a request gives up the HTTP/1.1 connection to the app that carries it: once its response
-/// is done, a body the client is still sending has nowhere to go (an app that answered early, a
-/// 413, and reads no more), and hyper's connection would wait on its write for good, holding the
-/// client's body and connection. Set, the connection's next write fails (`upstream::PooledIo`),
-/// which ends it and lets the body go. One per connection.
+/// What a request tells the HTTP/1.1 connection to the app that carries it (one per connection,
+/// read by `upstream::PooledIo`):
+/// - that it gives the connection up: an app that answered early that it takes no more of the
+///   body (a 413 that says close) and then waits without reading would keep hyper's connection
+///   waiting on its write, holding the client's body and connection. Given up, the connection's
+///   next write fails, which ends it and lets the body go;
+/// - that the connection was upgraded (101): a tunnel's writes may wait on the app as long as it
+///   likes (an idle WebSocket is a healthy one), out of the bound on a request's writes.
 #[derive(Default, Debug)]
-pub struct GiveUp {
+pub struct ConnControl {
     given_up: AtomicBool,
+    upgraded: AtomicBool,
     waker: futures_util::task::AtomicWaker,
 }
 
-impl GiveUp {
+impl ConnControl {
+    pub fn upgrade(&self) {
+        self.upgraded.store(true, Ordering::Release);
+    }
+
+    pub fn upgraded(&self) -> bool {
+        self.upgraded.load(Ordering::Acquire)
+    }
+
     pub fn give_up(&self) {
         self.given_up.store(true, Ordering::Release);
         self.waker.wake();

@@ -22,7 +22,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::body::Replayable;
 use super::body::{RequestBody, ResponseBody};
 use super::driver::{self, Admitted, Attempt, AttemptFailure, Facts, Routed, Sent, may_retry};
-use super::exchange::{ConnContext, Exchange, GiveUp, PathText, RequestProgress};
+use super::exchange::{ConnContext, ConnControl, Exchange, PathText, RequestProgress};
 use super::limits::{ConnectionGuard, RequestMark};
 use super::path;
 use super::path::Ambiguous;
@@ -169,15 +169,15 @@ async fn respond(
 }
 
 /// The request's hold on its connection to the app, if `attempt` found its body still coming
-/// when the response came ([`GiveUp`]). An HTTP/1.1 connection carries one request: given up
+/// when the response came ([`ConnControl`]). An HTTP/1.1 connection carries one request: given up
 /// with it. Never an HTTP/2 one, which carries others (the app resets a stream whose body it does
 /// not want).
 fn give_up_hold(
     response: &mut Response<Incoming>,
     use_http2: bool,
     progress: Option<Arc<RequestProgress>>,
-) -> Option<(Arc<GiveUp>, Arc<RequestProgress>)> {
-    (response.extensions_mut().remove::<Arc<GiveUp>>())
+) -> Option<(Arc<ConnControl>, Arc<RequestProgress>)> {
+    (response.extensions_mut().remove::<Arc<ConnControl>>())
         .filter(|_| !use_http2)
         .zip(progress)
 }
@@ -693,10 +693,16 @@ async fn attempt(
     match result {
         Ok(mut response) => {
             // Answered while the client's body is still coming: the response's end decides.
-            if let Some(give_up) = noted.give_up
-                && progress.is_some_and(|p| !p.ended_flag.load(Ordering::Acquire))
-            {
-                response.extensions_mut().insert(give_up);
+            if let Some(control) = noted.control {
+                if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    control.upgrade();
+                } else if ends_request(&response)
+                    && progress.is_some_and(|p| !p.ended_flag.load(Ordering::Acquire))
+                {
+                    // Answered, while the client's body is still coming, that the app takes
+                    // no more of it: the response's end decides.
+                    response.extensions_mut().insert(control);
+                }
             }
             Ok((response, noted.peer))
         }
@@ -706,6 +712,16 @@ async fn attempt(
             peer: noted.peer,
         }),
     }
+}
+
+/// Whether an answer says the app takes no more of the request's body (RFC 9112 9.5): an error
+/// that says close, as on the fast path (`framing::early_answer_ends_request`). Any other answer
+/// may come from an app still reading: the body goes on.
+fn ends_request(response: &Response<Incoming>) -> bool {
+    let closes = response.version() == Version::HTTP_10
+        || (response.headers().get_all(header::CONNECTION).iter())
+            .any(|v| phases::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")));
+    response.status().as_u16() >= 400 && closes
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).

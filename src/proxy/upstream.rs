@@ -35,7 +35,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpSocket, TcpStream};
 
 use super::body::RequestBody;
-use super::exchange::GiveUp;
+use super::exchange::ConnControl;
 
 /// Idle connections kept per upstream address, in each pool.
 const POOL_MAX_IDLE_PER_UPSTREAM: usize = 256;
@@ -170,7 +170,7 @@ impl tower_service::Service<Uri> for Connector {
 pub(crate) struct ConnInfo {
     uses: Arc<AtomicU32>,
     peer: Option<Arc<str>>,
-    give_up: Arc<GiveUp>,
+    control: Arc<ConnControl>,
 }
 
 /// What [`ConnInfo::note`] learnt of an attempt's connection.
@@ -180,8 +180,8 @@ pub(crate) struct Noted {
     pub(crate) reused: bool,
     /// The peer proxy's SPIFFE ID, when the connection is an HBONE stream.
     pub(crate) peer: Option<Arc<str>>,
-    /// How the request gives the connection up ([`GiveUp`]).
-    pub(crate) give_up: Option<Arc<GiveUp>>,
+    /// What the request tells the connection ([`ConnControl`]).
+    pub(crate) control: Option<Arc<ConnControl>>,
 }
 
 impl ConnInfo {
@@ -198,7 +198,7 @@ impl ConnInfo {
             .map_or_else(Noted::default, |info| Noted {
                 reused: info.uses.fetch_add(1, Ordering::Relaxed) > 0,
                 peer: info.peer.clone(),
-                give_up: Some(info.give_up.clone()),
+                control: Some(info.control.clone()),
             })
     }
 }
@@ -267,6 +267,9 @@ impl PooledIo {
 
     /// Whether a waiting write has waited its bound out (the timer armed at the first wait).
     fn stalled(&mut self, cx: &mut Context<'_>) -> bool {
+        if self.info.control.upgraded() {
+            return false;
+        }
         let bound = self.write_stall;
         let timer = (self.stall_timer).get_or_insert_with(|| Box::pin(tokio::time::sleep(bound)));
         if !self.stall_armed {
@@ -276,9 +279,9 @@ impl PooledIo {
         timer.as_mut().poll(cx).is_ready()
     }
 
-    /// Whether the request on this connection gave it up ([`GiveUp`]): then every write fails.
+    /// Whether the request on this connection gave it up ([`ConnControl`]): then every write fails.
     fn given_up(&self) -> Option<io::Error> {
-        self.info.give_up.given_up().then(|| {
+        self.info.control.given_up().then(|| {
             io::Error::new(
                 io::ErrorKind::ConnectionAborted,
                 "the response is done and the app takes no more of the request's body",
@@ -297,7 +300,7 @@ impl PooledIo {
     ) -> Poll<io::Result<usize>> {
         match result {
             Poll::Pending => {
-                self.info.give_up.wake_on_give_up(cx.waker());
+                self.info.control.wake_on_give_up(cx.waker());
                 if let Some(e) = self.given_up() {
                     return Poll::Ready(Err(e));
                 }

@@ -20,6 +20,7 @@ mod h1_attacks;
 mod h2_attacks;
 mod http1_golden;
 mod http_conformance;
+mod hyper_request_bodies;
 mod identity_cli;
 mod identity_spire;
 mod in_process;
