@@ -141,8 +141,10 @@ pub struct RequestProgress {
 
 impl RequestProgress {
     pub fn end(&self) {
-        self.ended_flag.store(true, Ordering::Release);
-        self.ended.notify_waiters();
+        // Once: the end may be seen twice (the length sent, then the stream's end).
+        if !self.ended_flag.swap(true, Ordering::AcqRel) {
+            self.ended.notify_waiters();
+        }
     }
 
     /// Resolves once the request body has been sent whole.
