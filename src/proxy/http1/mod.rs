@@ -97,7 +97,16 @@ impl ClientIo for TcpStream {
     }
 
     fn try_read_buf(&mut self, buf: &mut BytesMut) -> std::io::Result<usize> {
-        TcpStream::try_read_buf(self, buf)
+        let space = buf.capacity() - buf.len();
+        let n = TcpStream::try_read_buf(self, buf)?;
+        if 0 < n && n < space {
+            // A short read emptied the socket (epoll): tokio is told, as its own reads tell it,
+            // or the next wait for input would first make a read that finds nothing (one
+            // system call more per request).
+            let drained = || Err::<(), _>(std::io::ErrorKind::WouldBlock.into());
+            let _ = self.try_io(tokio::io::Interest::READABLE, drained);
+        }
+        Ok(n)
     }
 
     fn abort(&mut self) {
@@ -1308,4 +1317,39 @@ async fn linger_close(client: &mut impl ClientIo) {
         }
     };
     let _ = timeout(LINGER_TIME, drain).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::FutureExt;
+
+    /// A read that empties the socket tells tokio so: the next wait for input waits, where it
+    /// would otherwise resolve at once and cost a read that finds nothing (one system call more
+    /// per request on the fast path: 3 reads per request instead of 2 under wrk).
+    #[tokio::test]
+    async fn a_short_read_leaves_the_socket_waiting_for_input() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("address");
+        let mut peer = TcpStream::connect(addr).await.expect("connect");
+        let (mut ours, _) = listener.accept().await.expect("accept");
+        peer.write_all(b"GET / HTTP/1.1\r\n\r\n")
+            .await
+            .expect("write");
+        ClientIo::readable(&mut ours).await.expect("readable");
+        let mut buf = BytesMut::with_capacity(4096);
+        let n = ClientIo::try_read_buf(&mut ours, &mut buf).expect("a read");
+        assert_eq!(n, 18);
+        assert!(
+            ClientIo::readable(&mut ours).now_or_never().is_none(),
+            "readable at once after a read that emptied the socket"
+        );
+        peer.write_all(b"more").await.expect("write");
+        let more = tokio::time::timeout(Duration::from_secs(10), ClientIo::readable(&mut ours));
+        more.await
+            .expect("bounded")
+            .expect("readable again when more comes");
+    }
 }
