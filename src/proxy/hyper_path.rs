@@ -692,7 +692,6 @@ async fn attempt(
     let noted = ConnInfo::note(&captured);
     match result {
         Ok(mut response) => {
-            // Answered while the client's body is still coming: the response's end decides.
             if let Some(control) = noted.control {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     control.upgrade();
