@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::support::http::ReservedPort;
 use crate::support::process::Proxy;
 use crate::support::raw::{
-    RawApp, RawClient, Received, RecordingApp, Step, answer, find, ok, read_head,
+    self, Ending, RawApp, RawClient, Received, RecordingApp, Step, answer, find, ok, read_head,
 };
 use crate::support::{TEST_TIMEOUT, WAIT, bounded, eventually};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -51,30 +51,12 @@ async fn trickle(stream: &mut TcpStream, bytes: &[u8]) {
     }
 }
 
-/// How a connection ended for the reader.
-#[derive(Debug, PartialEq, Eq)]
-enum Ending {
-    /// A clean close (FIN): whatever came looks whole.
-    Clean,
-    /// A reset: the reader knows something was cut.
-    Reset,
-}
-
 /// Everything that arrives on `stream` until it ends, and how it ended.
 async fn read_until_end(stream: &mut TcpStream) -> (Vec<u8>, Ending) {
-    let mut out = Vec::new();
-    let ending = bounded("the connection to end", WAIT, async {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match stream.read(&mut chunk).await {
-                Ok(0) => return Ending::Clean,
-                Ok(n) => out.extend_from_slice(&chunk[..n]),
-                Err(_) => return Ending::Reset,
-            }
-        }
-    })
-    .await;
-    (out, ending)
+    let (got, ending) = raw::read_until_end(stream, WAIT).await;
+    let ending =
+        ending.unwrap_or_else(|| panic!("timed out after {WAIT:?}: the connection to end"));
+    (got, ending)
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -6,8 +6,9 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::http::{h2_client, h2_post, h2_response, h2_upload};
 use crate::support::process::Proxy;
-use crate::support::raw::{RawApp, find};
+use crate::support::raw::{RawApp, find, read_count, read_head_and_more, upload};
 use crate::support::{TEST_TIMEOUT, WAIT, bounded};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -61,31 +62,6 @@ async fn keep_alive_app(early: bool, seen: Arc<Mutex<Vec<(usize, usize)>>>) -> R
     .await
 }
 
-async fn h2_client(proxy: &Proxy) -> h2::client::SendRequest<bytes::Bytes> {
-    let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
-    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    client.ready().await.expect("ready")
-}
-
-async fn read_all(response: h2::client::ResponseFuture) -> (u16, Vec<u8>) {
-    let response = bounded("the answer", WAIT, response)
-        .await
-        .expect("a response");
-    let status = response.status().as_u16();
-    let mut recv = response.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = bounded("the body", WAIT, recv.data()).await {
-        match chunk {
-            Ok(c) => got.extend_from_slice(&c),
-            Err(_) => break,
-        }
-    }
-    (status, got)
-}
-
 /// An HTTP/2 client sends a Content-Length body whole, its END_STREAM in a later (empty) frame,
 /// as many clients do. hyper writes the body whole to the app (Content-Length reached) and stops
 /// polling it: the request's body counts as ended then (`body::Stream`), so the connection goes
@@ -97,29 +73,23 @@ async fn a_body_whole_but_end_stream_late_does_not_poison_the_pooled_connection(
         let seen = Arc::new(Mutex::new(Vec::new()));
         let app = keep_alive_app(false, seen.clone()).await;
         let proxy = Proxy::start(app.addr, &["--access-log", "json"]).await;
-        let mut client = h2_client(&proxy).await;
-        let request = http::Request::post(format!("http://{}/first", proxy.inbound))
-            .header("content-length", 5)
-            .body(())
-            .expect("a request");
-        let (response, mut body) = client.send_request(request, false).expect("send");
+        let mut client = h2_client(proxy.inbound).await;
+        let url = format!("http://{}/first", proxy.inbound);
+        let (response, mut body) = h2_post(&mut client, &url, 5);
         body.send_data(bytes::Bytes::from_static(b"hello"), false)
             .expect("data");
-        let (status, got) = read_all(response).await;
+        let (status, got) = h2_response(response).await;
         assert_eq!((status, got.as_slice()), (200, &b"ok"[..]));
         // The END_STREAM, late.
         let _ = body.send_data(bytes::Bytes::new(), true);
         tokio::time::sleep(Duration::from_millis(300)).await;
         for i in 0..3 {
             let mut client = client.clone().ready().await.expect("ready");
-            let request = http::Request::post(format!("http://{}/next{i}", proxy.inbound))
-                .header("content-length", 5)
-                .body(())
-                .expect("a request");
-            let (response, mut body) = client.send_request(request, false).expect("send");
+            let url = format!("http://{}/next{i}", proxy.inbound);
+            let (response, mut body) = h2_post(&mut client, &url, 5);
             body.send_data(bytes::Bytes::from_static(b"world"), true)
                 .expect("data");
-            let (status, got) = read_all(response).await;
+            let (status, got) = h2_response(response).await;
             assert_eq!(
                 (status, String::from_utf8_lossy(&got).into_owned()),
                 (200, "ok".to_owned()),
@@ -142,30 +112,12 @@ async fn on_hypers_path_an_early_success_that_keeps_the_connection_still_gets_th
         let seen = Arc::new(Mutex::new(Vec::new()));
         let app = keep_alive_app(true, seen.clone()).await;
         let proxy = Proxy::start(app.addr, &[]).await;
-        let mut client = h2_client(&proxy).await;
-        let request = http::Request::post(format!("http://{}/duplex", proxy.inbound))
-            .header("content-length", BODY)
-            .body(())
-            .expect("a request");
-        let (response, mut body) = client.send_request(request, false).expect("send");
-        let (status, got) = read_all(response).await;
+        let mut client = h2_client(proxy.inbound).await;
+        let url = format!("http://{}/duplex", proxy.inbound);
+        let (response, body) = h2_post(&mut client, &url, BODY);
+        let (status, got) = h2_response(response).await;
         assert_eq!((status, got.as_slice()), (200, &b"ok"[..]));
-        let sent = bounded("sending", WAIT, async move {
-            let chunk = bytes::Bytes::from(vec![b'x'; 256 * 1024]);
-            let n = BODY / chunk.len();
-            for i in 0..n {
-                body.reserve_capacity(chunk.len());
-                match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
-                    Some(Ok(_)) => {}
-                    _ => return i * chunk.len(),
-                }
-                if body.send_data(chunk.clone(), i + 1 == n).is_err() {
-                    return i * chunk.len();
-                }
-            }
-            BODY
-        })
-        .await;
+        let sent = bounded("sending", WAIT, h2_upload(body, BODY, 256 * 1024)).await;
         let app_got = bounded("the app's read", WAIT, async {
             loop {
                 if let Some(&(_, n)) = seen.lock().expect("the record").first() {
@@ -193,16 +145,8 @@ async fn a_websocket_whose_app_pauses_reading_is_not_cut() {
         let app = RawApp::start(move |mut stream, _| {
             let record = record.clone();
             async move {
-                let mut buf = Vec::new();
-                let mut chunk = vec![0u8; 64 * 1024];
-                let head_end = loop {
-                    if let Some(i) = find(&buf, b"\r\n\r\n") {
-                        break i + 4;
-                    }
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                    }
+                let Some((_, more)) = read_head_and_more(&mut stream).await else {
+                    return;
                 };
                 let accept = b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: s3pPLMBiTxaQ9kYGzzhZRbK+xOo=\r\n\r\n";
                 if stream.write_all(accept).await.is_err() {
@@ -210,13 +154,7 @@ async fn a_websocket_whose_app_pauses_reading_is_not_cut() {
                 }
                 // Busy: reads nothing for a while (four times the bound under test).
                 tokio::time::sleep(Duration::from_secs(4)).await;
-                let mut n = buf.len() - head_end;
-                while n < SENT {
-                    match stream.read(&mut chunk).await {
-                        Ok(0) | Err(_) => break,
-                        Ok(k) => n += k,
-                    }
-                }
+                let n = read_count(&mut stream, more, SENT).await;
                 *record.lock().expect("the record") = Some(n);
             }
         })
@@ -239,16 +177,8 @@ async fn a_websocket_whose_app_pauses_reading_is_not_cut() {
         })
         .await;
         assert!(String::from_utf8_lossy(&head).starts_with("HTTP/1.1 101 "), "{:?}", String::from_utf8_lossy(&head));
-        let (mut reader, mut writer) = stream.into_split();
-        let sending = tokio::spawn(async move {
-            let chunk = vec![b'x'; 1 << 20];
-            for _ in 0..SENT / chunk.len() {
-                if writer.write_all(&chunk).await.is_err() {
-                    return None;
-                }
-            }
-            Some(writer)
-        });
+        let (mut reader, writer) = stream.into_split();
+        let sending = upload(writer, String::new(), SENT);
         let app_got = bounded("the app's reads", Duration::from_secs(30), async {
             loop {
                 if let Some(n) = *got.lock().expect("the record") {
@@ -288,12 +218,9 @@ async fn a_body_whole_but_end_stream_late_still_starts_the_response_timeout() {
         })
         .await;
         let proxy = Proxy::start(app.addr, &["--response-timeout", "1s"]).await;
-        let mut client = h2_client(&proxy).await;
-        let request = http::Request::post(format!("http://{}/silent", proxy.inbound))
-            .header("content-length", 5)
-            .body(())
-            .expect("a request");
-        let (response, mut body) = client.send_request(request, false).expect("send");
+        let mut client = h2_client(proxy.inbound).await;
+        let url = format!("http://{}/silent", proxy.inbound);
+        let (response, mut body) = h2_post(&mut client, &url, 5);
         body.send_data(bytes::Bytes::from_static(b"hello"), false)
             .expect("data");
         tokio::time::sleep(Duration::from_millis(100)).await;

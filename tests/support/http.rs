@@ -527,3 +527,61 @@ pub async fn wait_listening(addr: SocketAddr, limit: Duration) {
 pub fn payload(len: usize) -> Vec<u8> {
     (0..len).map(|i| (i * 31 % 251) as u8).collect()
 }
+
+/// An HTTP/2 client (prior knowledge) of `addr`, its connection driven on a task of its own.
+pub async fn h2_client(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
+    let tcp = TcpStream::connect(addr).await.expect("connect");
+    let (client, connection) = h2::client::handshake(tcp).await.expect("h2 handshake");
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    client.ready().await.expect("ready")
+}
+
+/// Sends `total` bytes of `x` on `body` in chunks of `chunk` as flow control lets them go, the
+/// last ending the stream: how many went before the peer ended the stream (`total` if none).
+pub async fn h2_upload(mut body: h2::SendStream<Bytes>, total: usize, chunk: usize) -> usize {
+    let data = Bytes::from(vec![b'x'; chunk]);
+    let mut sent = 0;
+    while sent < total {
+        let n = chunk.min(total - sent);
+        body.reserve_capacity(n);
+        match std::future::poll_fn(|cx| body.poll_capacity(cx)).await {
+            Some(Ok(_)) => {}
+            _ => return sent,
+        }
+        if body.send_data(data.slice(..n), sent + n == total).is_err() {
+            return sent;
+        }
+        sent += n;
+    }
+    sent
+}
+
+/// An HTTP/2 response within `WAIT`: its status and its body (up to an error, if one cuts it).
+pub async fn h2_response(response: h2::client::ResponseFuture) -> (u16, Vec<u8>) {
+    let response = bounded("the answer", WAIT, response)
+        .await
+        .expect("a response");
+    let status = response.status().as_u16();
+    let mut recv = response.into_body();
+    let mut got = Vec::new();
+    while let Some(Ok(chunk)) = bounded("the body", WAIT, recv.data()).await {
+        got.extend_from_slice(&chunk);
+    }
+    (status, got)
+}
+
+/// Starts a POST of `length` bytes (its `content-length`) to `url` on `client`: the response to
+/// come, and the stream to send the body on.
+pub fn h2_post(
+    client: &mut h2::client::SendRequest<Bytes>,
+    url: &str,
+    length: usize,
+) -> (h2::client::ResponseFuture, h2::SendStream<Bytes>) {
+    let request = Request::post(url)
+        .header("content-length", length)
+        .body(())
+        .expect("a request");
+    client.send_request(request, false).expect("send")
+}

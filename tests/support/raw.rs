@@ -72,6 +72,87 @@ pub async fn read_head(stream: &mut TcpStream) -> Option<Vec<u8>> {
     }
 }
 
+/// Reads a request head like [`read_head`], keeping count of the body bytes that came with it:
+/// the head and that count; `None` at EOF.
+pub async fn read_head_and_more(stream: &mut TcpStream) -> Option<(Vec<u8>, usize)> {
+    let mut buf = Vec::new();
+    let mut chunk = vec![0u8; 64 * 1024];
+    loop {
+        if let Some(i) = find(&buf, b"\r\n\r\n") {
+            let more = buf.len() - (i + 4);
+            buf.truncate(i + 4);
+            return Some((buf, more));
+        }
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => return None,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Reads and discards until `have` bytes reach `want` or the connection ends: how many came.
+pub async fn read_count(stream: &mut TcpStream, mut have: usize, want: usize) -> usize {
+    let mut chunk = vec![0u8; 64 * 1024];
+    while have < want {
+        match stream.read(&mut chunk).await {
+            Ok(0) | Err(_) => break,
+            Ok(n) => have += n,
+        }
+    }
+    have
+}
+
+/// Writes `head`, then `body` bytes of `x` in 1 MiB writes, on a task of its own: the writer back
+/// once all went, `None` when a write failed (the proxy closed or reset).
+pub fn upload(
+    mut writer: tokio::net::tcp::OwnedWriteHalf,
+    head: String,
+    body: usize,
+) -> tokio::task::JoinHandle<Option<tokio::net::tcp::OwnedWriteHalf>> {
+    tokio::spawn(async move {
+        writer.write_all(head.as_bytes()).await.ok()?;
+        let chunk = vec![b'x'; 1 << 20];
+        let mut left = body;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            writer.write_all(&chunk[..n]).await.ok()?;
+            left -= n;
+        }
+        Some(writer)
+    })
+}
+
+/// How a connection ended for the reader.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ending {
+    /// A clean close (FIN): whatever came looks whole.
+    Clean,
+    /// A reset: the reader knows something was cut.
+    Reset,
+}
+
+/// Everything that arrives on `reader` until the connection ends or `limit` passes, and how it
+/// ended (`None`: still open at the limit).
+pub async fn read_until_end(
+    reader: &mut (impl tokio::io::AsyncRead + Unpin),
+    limit: Duration,
+) -> (Vec<u8>, Option<Ending>) {
+    let mut got = Vec::new();
+    let ending = tokio::time::timeout(limit, async {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            match reader.read(&mut chunk).await {
+                Ok(0) => return Ending::Clean,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(_) => return Ending::Reset,
+            }
+        }
+    })
+    .await
+    .ok();
+    (got, ending)
+}
+
 // ---------------------------------------------------------------------------------------------
 // Parsing (lenient: bare LF ends a line)
 
