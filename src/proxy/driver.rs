@@ -754,16 +754,7 @@ mod tests {
         let app = echo_app().await;
         let (proxy, _shared) = outbound_hyper_path(app, routes, &[]).await;
 
-        let tcp = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect to the proxy");
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
+        let mut sender = h2_sender(proxy).await;
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         let chunks = futures_util::stream::unfold(rx, |mut rx| async move {
             let chunk = rx.recv().await?;
@@ -821,16 +812,7 @@ mod tests {
         let routes = balanced_route(&endpoints);
         let timeout = ["--request-body-timeout", "200ms"];
         let (proxy, shared) = outbound_hyper_path(endpoints[0], &routes, &timeout).await;
-        let tcp = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect to the proxy");
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
+        let mut sender = h2_sender(proxy).await;
         // A body that begins and then stops: the sender is kept, never used again.
         let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(4);
         tx.send(bytes::Bytes::from_static(b"hel"))
@@ -869,16 +851,7 @@ mod tests {
         let routes =
             balanced_route(&endpoints).replace("    balance:", "    timeout: 300ms\n    balance:");
         let (proxy, shared) = outbound_hyper_path(endpoints[0], &routes, &[]).await;
-        let tcp = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect to the proxy");
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
+        let mut sender = h2_sender(proxy).await;
         // A byte every 50 ms, for as long as the proxy reads them (bounded by the test's WAIT).
         let chunks = futures_util::stream::unfold(0u32, |n| async move {
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -942,6 +915,38 @@ mod tests {
             0,
             "the client's trickled body was counted against the endpoint"
         );
+    }
+
+    /// An HTTP/2 connection to `proxy`, driven on a task of its own.
+    async fn h2_sender<B>(proxy: SocketAddr) -> hyper::client::conn::http2::SendRequest<B>
+    where
+        B: http_body::Body + Send + Unpin + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let tcp = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        sender
+    }
+
+    /// Sends `request` to `proxy` on a connection of its own: the response's status, within 10 s.
+    async fn status_of(proxy: SocketAddr, request: &[u8]) -> u16 {
+        use tokio::io::AsyncWriteExt;
+        let mut client = tokio::net::TcpStream::connect(proxy)
+            .await
+            .expect("connect to the proxy");
+        client.write_all(request).await.expect("the request");
+        tokio::time::timeout(Duration::from_secs(10), read_status(&mut client))
+            .await
+            .expect("bounded: the response head")
     }
 
     /// The failures counted against `endpoints` of the route `balanced`.
@@ -1078,23 +1083,16 @@ mod tests {
     /// path: it counted the client's stalled body (408) against the endpoint.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_the_fast_path_a_client_whose_body_stalls_is_no_failure_of_the_endpoint() {
-        use tokio::io::AsyncWriteExt;
-        const WAIT: Duration = Duration::from_secs(10);
         let endpoints = [http1_app(b"").await.0, http1_app(b"").await.0];
         let timeout = ["--request-body-timeout", "200ms"];
         let (proxy, shared, _ended) =
             outbound_fast_path(endpoints[0], &balanced_route(&endpoints), &timeout).await;
-        let mut client = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect to the proxy");
         // A body that begins and then stops: 3 bytes of 10.
-        client
-            .write_all(b"PUT /upload HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 10\r\n\r\nhel")
-            .await
-            .expect("the request");
-        let status = tokio::time::timeout(WAIT, read_status(&mut client))
-            .await
-            .expect("bounded: the response head");
+        let status = status_of(
+            proxy,
+            b"PUT /upload HTTP/1.1\r\nHost: svc.test\r\nContent-Length: 10\r\n\r\nhel",
+        )
+        .await;
         assert_eq!(status, 408, "the client's body stalled");
         assert_eq!(
             endpoint_failures(&shared, &endpoints),
@@ -1148,8 +1146,6 @@ mod tests {
     /// there, so such an endpoint was never ejected.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn on_the_fast_path_grpc_unavailable_in_the_head_is_a_failure_of_the_endpoint() {
-        use tokio::io::AsyncWriteExt;
-        const WAIT: Duration = Duration::from_secs(10);
         const UNAVAILABLE: &[u8] = b"HTTP/1.1 200 OK\r\ncontent-type: application/grpc-web+proto\r\ngrpc-status: 14\r\ncontent-length: 0\r\n\r\n";
         let endpoints = [
             http1_app(UNAVAILABLE).await.0,
@@ -1157,16 +1153,7 @@ mod tests {
         ];
         let (proxy, shared, _ended) =
             outbound_fast_path(endpoints[0], &balanced_route(&endpoints), &[]).await;
-        let mut client = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect to the proxy");
-        client
-            .write_all(b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: svc.test\r\nContent-Type: application/grpc-web+proto\r\nContent-Length: 0\r\n\r\n")
-            .await
-            .expect("the request");
-        let status = tokio::time::timeout(WAIT, read_status(&mut client))
-            .await
-            .expect("bounded: the response head");
+        let status = status_of(proxy, b"POST /pkg.Svc/Call HTTP/1.1\r\nHost: svc.test\r\nContent-Type: application/grpc-web+proto\r\nContent-Length: 0\r\n\r\n").await;
         assert_eq!(status, 200, "a trailers-only response");
         assert_eq!(
             endpoint_failures(&shared, &endpoints),

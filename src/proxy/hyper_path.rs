@@ -695,8 +695,8 @@ async fn attempt(
             if let Some(control) = noted.control {
                 if response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     control.upgrade();
-                } else if ends_request(&response)
-                    && progress.is_some_and(|p| !p.ended_flag.load(Ordering::Acquire))
+                } else if progress.is_some_and(|p| !p.ended_flag.load(Ordering::Acquire))
+                    && ends_request(&response)
                 {
                     // Answered, while the client's body is still coming, that the app takes
                     // no more of it: the response's end decides.
@@ -717,10 +717,11 @@ async fn attempt(
 /// that says close, as on the fast path (`framing::early_answer_ends_request`). Any other answer
 /// may come from an app still reading: the body goes on.
 fn ends_request(response: &Response<Incoming>) -> bool {
-    let closes = response.version() == Version::HTTP_10
-        || (response.headers().get_all(header::CONNECTION).iter())
-            .any(|v| phases::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close")));
-    response.status().as_u16() >= 400 && closes
+    // The status first: a success, the common case, never needs its fields read.
+    response.status().as_u16() >= 400
+        && (response.version() == Version::HTTP_10
+            || (response.headers().get_all(header::CONNECTION).iter())
+                .any(|v| phases::tokens(v.as_bytes()).any(|t| t.eq_ignore_ascii_case(b"close"))))
 }
 
 /// Whether the app closed or reset the connection before any response (not a connect failure).
