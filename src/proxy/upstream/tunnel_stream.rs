@@ -52,11 +52,15 @@ impl std::fmt::Debug for TunnelStream {
 }
 
 /// An HTTP/2 error as the I/O error a byte stream reports: the transport's own error when there
-/// is one, else the stream's reset or the connection's error as text.
+/// is one; a stream reset or a GOAWAY as a TCP peer's reset (so that a writer takes an app's
+/// reset after its answer as the end of writing, `upstream::PooledIo`, as on a socket); anything
+/// else as text.
 fn io_error(e: h2::Error) -> io::Error {
     if e.is_io() {
         e.into_io()
             .unwrap_or_else(|| io::Error::other("HTTP/2 I/O error"))
+    } else if e.is_reset() || e.is_go_away() {
+        io::Error::new(io::ErrorKind::ConnectionReset, e)
     } else {
         io::Error::other(e)
     }
@@ -390,9 +394,17 @@ mod tests {
             "a cancelled stream reads as its end: {read:?}"
         );
         let write = tokio::time::timeout(WAIT, client.write_all(b"more")).await;
+        let err = write
+            .expect("the write fails rather than waits")
+            .expect_err("nothing is written to a stream the peer reset");
+        // As a TCP peer's reset: the writer (`upstream::PooledIo`) takes it as the end of writing.
         assert!(
-            write.expect("the write fails rather than waits").is_err(),
-            "nothing is written to a stream the peer reset"
+            matches!(
+                err.kind(),
+                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+            ),
+            "a reset stream's write error reads as a reset: {err:?} ({:?})",
+            err.kind()
         );
     }
 
