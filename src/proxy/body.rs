@@ -25,12 +25,16 @@ use crate::sync::lock;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
-/// Bounds the pauses of a stream of frames: fires when no frame came for `limit`.
+/// Bounds the pauses of a stream of frames: fires when the stream has had nothing to give for
+/// `limit`. A pause counts from the first poll that found nothing after a frame (the proxy waits
+/// from then on; a reader that does not ask meanwhile is not the stream's pause), so the clock is
+/// read only when the stream makes the proxy wait, never per frame.
 struct Stall {
     limit: Duration,
     /// A bound on the whole stream, whatever its pace (a route's `timeout`).
     deadline: Option<Instant>,
-    last_frame: Instant,
+    /// When the current pause began; a frame ends it.
+    paused_since: Option<Instant>,
     /// Created the first time the body has to wait: most bodies never do.
     timer: Option<Pin<Box<Sleep>>>,
 }
@@ -40,13 +44,13 @@ impl Stall {
         Stall {
             limit,
             deadline: None,
-            last_frame: Instant::now(),
+            paused_since: None,
             timer: None,
         }
     }
 
     fn progressed(&mut self) {
-        self.last_frame = Instant::now();
+        self.paused_since = None;
     }
 
     /// Whether the whole stream's deadline has passed.
@@ -58,7 +62,7 @@ impl Stall {
     /// Called when the inner body is pending: `Ready` once the pause is too long, or the whole
     /// stream's deadline has come.
     fn poll_expired(&mut self, cx: &mut Context<'_>) -> Poll<()> {
-        let paused = self.last_frame + self.limit;
+        let paused = *self.paused_since.get_or_insert_with(Instant::now) + self.limit;
         let deadline = self.deadline.map_or(paused, |hard| hard.min(paused));
         let timer = self
             .timer
