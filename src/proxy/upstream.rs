@@ -187,19 +187,36 @@ pub(crate) struct Noted {
 impl ConnInfo {
     /// Counts the attempt on the connection `captured` saw (nothing when no connection was made).
     pub(crate) fn note(captured: &CaptureConnection) -> Noted {
-        let connected = captured.connection_metadata();
-        let Some(connected) = connected.as_ref() else {
-            return Noted::default();
-        };
+        match captured.connection_metadata().as_ref() {
+            Some(connected) => ConnInfo::note_connected(connected),
+            None => Noted::default(),
+        }
+    }
+
+    /// Counts the attempt on the connection `connected` describes (a failed attempt's, from
+    /// hyper's error).
+    pub(crate) fn note_connected(connected: &Connected) -> Noted {
         let mut extras = http::Extensions::new();
         connected.get_extras(&mut extras);
         extras
             .get::<ConnInfo>()
-            .map_or_else(Noted::default, |info| Noted {
-                reused: info.uses.fetch_add(1, Ordering::Relaxed) > 0,
-                peer: info.peer.clone(),
-                control: Some(info.control.clone()),
-            })
+            .map_or_else(Noted::default, ConnInfo::count)
+    }
+
+    /// Counts the attempt on the connection that answered: hyper's client puts the connection's
+    /// record in the response's extensions.
+    pub(crate) fn note_response(extensions: &http::Extensions) -> Noted {
+        extensions
+            .get::<ConnInfo>()
+            .map_or_else(Noted::default, ConnInfo::count)
+    }
+
+    fn count(&self) -> Noted {
+        Noted {
+            reused: self.uses.fetch_add(1, Ordering::Relaxed) > 0,
+            peer: self.peer.clone(),
+            control: Some(self.control.clone()),
+        }
     }
 }
 
