@@ -80,8 +80,7 @@ async fn respond(
     let websocket_over_http1 = extended_connect && !use_http2;
     let unsupported = websocket_over_http1 && !is_websocket(&parts.extensions);
     let (path, ambiguous) = judged_path(&conn, &parts.uri);
-    let has_body = !body.is_end_stream();
-    let progress = has_body.then(Arc::<RequestProgress>::default);
+    let progress = body_progress(&body);
     let mut exchange = Exchange::new(
         conn.clone(),
         start,
@@ -172,6 +171,21 @@ async fn respond(
 /// when the response came ([`ConnControl`]). An HTTP/1.1 connection carries one request: given up
 /// with it. Never an HTTP/2 one, which carries others (the app resets a stream whose body it does
 /// not want).
+/// The progress of a request's body, when it has one still to come.
+fn body_progress(body: &Incoming) -> Option<Arc<RequestProgress>> {
+    if body.is_end_stream() {
+        return None;
+    }
+    let progress = Arc::<RequestProgress>::default();
+    if body.size_hint().exact() == Some(0) {
+        // Announced empty (`content-length: 0`), its END_STREAM still to come: an HTTP/1.1 app
+        // is sent `Content-Length: 0` and the body is never read, so it is whole now, and the
+        // response timer must not wait for a frame nobody polls.
+        progress.end();
+    }
+    Some(progress)
+}
+
 fn give_up_hold(
     response: &mut Response<Incoming>,
     use_http2: bool,

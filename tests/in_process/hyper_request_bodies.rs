@@ -232,3 +232,35 @@ async fn a_body_whole_but_end_stream_late_still_starts_the_response_timeout() {
     })
     .await;
 }
+
+/// An HTTP/2 client sends `content-length: 0` without END_STREAM on its HEADERS (the END_STREAM
+/// comes in a later, empty DATA frame). hyper's HTTP/1.1 client sees a body with an exact size of
+/// 0 that has not ended: it writes `Content-Length: 0` and never polls the body, so
+/// `RequestProgress::end` was never called and the response timer (which waits for the body's
+/// end) never started: an app that never answered held the request past `--response-timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_body_whose_end_stream_comes_late_still_starts_the_response_timeout() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RawApp::start(|mut stream, _| async move {
+            let mut chunk = [0u8; 4096];
+            loop {
+                match stream.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        })
+        .await;
+        let proxy = Proxy::start(app.addr, &["--response-timeout", "1s"]).await;
+        let mut client = h2_client(proxy.inbound).await;
+        let url = format!("http://{}/silent", proxy.inbound);
+        let (response, mut body) = h2_post(&mut client, &url, 0);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let _ = body.send_data(bytes::Bytes::new(), true);
+        let response = bounded("the 504", WAIT, response)
+            .await
+            .expect("a response");
+        assert_eq!(response.status(), 504);
+    })
+    .await;
+}
