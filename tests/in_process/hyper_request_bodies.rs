@@ -205,32 +205,7 @@ async fn a_websocket_whose_app_pauses_reading_is_not_cut() {
 /// an app that reads the body and never answers gets 504. Before, nothing bounded that wait.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_body_whole_but_end_stream_late_still_starts_the_response_timeout() {
-    bounded("test", TEST_TIMEOUT, async {
-        let app = RawApp::start(|mut stream, _| async move {
-            let mut buf = Vec::new();
-            let mut chunk = [0u8; 4096];
-            loop {
-                match stream.read(&mut chunk).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
-                }
-            }
-        })
-        .await;
-        let proxy = Proxy::start(app.addr, &["--response-timeout", "1s"]).await;
-        let mut client = h2_client(proxy.inbound).await;
-        let url = format!("http://{}/silent", proxy.inbound);
-        let (response, mut body) = h2_post(&mut client, &url, 5);
-        body.send_data(bytes::Bytes::from_static(b"hello"), false)
-            .expect("data");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = body.send_data(bytes::Bytes::new(), true);
-        let response = bounded("the 504", WAIT, response)
-            .await
-            .expect("a response");
-        assert_eq!(response.status(), 504);
-    })
-    .await;
+    end_stream_late_to_a_silent_app(b"hello").await;
 }
 
 /// An HTTP/2 client sends `content-length: 0` without END_STREAM on its HEADERS (the END_STREAM
@@ -240,6 +215,13 @@ async fn a_body_whole_but_end_stream_late_still_starts_the_response_timeout() {
 /// end) never started: an app that never answered held the request past `--response-timeout`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_body_whose_end_stream_comes_late_still_starts_the_response_timeout() {
+    end_stream_late_to_a_silent_app(b"").await;
+}
+
+/// An HTTP/2 POST of `body` (its length announced) whose END_STREAM comes 100 ms later in an
+/// empty DATA frame, to an app that reads everything and never answers, behind
+/// `--response-timeout 1s`: the client must get 504.
+async fn end_stream_late_to_a_silent_app(body: &'static [u8]) {
     bounded("test", TEST_TIMEOUT, async {
         let app = RawApp::start(|mut stream, _| async move {
             let mut chunk = [0u8; 4096];
@@ -254,9 +236,14 @@ async fn an_empty_body_whose_end_stream_comes_late_still_starts_the_response_tim
         let proxy = Proxy::start(app.addr, &["--response-timeout", "1s"]).await;
         let mut client = h2_client(proxy.inbound).await;
         let url = format!("http://{}/silent", proxy.inbound);
-        let (response, mut body) = h2_post(&mut client, &url, 0);
+        let (response, mut sending) = h2_post(&mut client, &url, body.len());
+        if !body.is_empty() {
+            sending
+                .send_data(bytes::Bytes::from_static(body), false)
+                .expect("data");
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let _ = body.send_data(bytes::Bytes::new(), true);
+        let _ = sending.send_data(bytes::Bytes::new(), true);
         let response = bounded("the 504", WAIT, response)
             .await
             .expect("a response");
