@@ -16,7 +16,7 @@
 #
 # Usage (root): bench/mtls.sh [DURATION_S] [CONNECTIONS]   (default 8 s, 50 connections)
 #   AMAZING_BIN: the binary (default: where scripts/release.sh puts it).
-#   ONLY: subset of "plain mtls envoy handshakes" (default), and "bulk": one iperf3 stream per pair. HS_PROCS: handshake client processes (2).
+#   ONLY: subset of "plain mtls envoy handshakes" (default), and "bulk": one iperf3 stream per pair, each core's busy share, and the ceiling any software TLS has here (bench/aead-rate). HS_PROCS: handshake client processes (2).
 #   RAW_DIR: keep each wrk output there. MEM_DETAIL=1: print each proxy's anonymous and file RSS.
 # Needs: wrk, nginx, python3, curl, setpriv, iptables; Envoy for "envoy" and "handshakes"
 # (bench/peerbench/setup.sh puts it in /tmp/peers); iperf3 for "bulk". Everything lives in the two
@@ -185,25 +185,45 @@ esac
 # --- one bulk stream: iperf3 (client in A as the app, server in B on the app's port) -----------------
 # Last, as iperf3 takes nginx's place on the app port. Throughput of one opaque stream through the
 # plaintext pair (spliced) and the HBONE pair (copied through TLS and HTTP/2), each proxy's peak RSS.
+# CPU 0 (the sender and A's proxy) and CPU 1 (B's proxy and the receiver), busy % over the stream:
+# the core at 100 % bounds it. Over veth the receiving side's TCP runs on the sender's core.
+cores_ticks() { awk '/^cpu[01] /{printf "%s %s ", $5 + $6, $2 + $3 + $4 + $5 + $6 + $7 + $8 + $9}' /proc/stat; }
+cores_busy() { awk -v a="$1" -v b="$2" 'BEGIN{split(a, x, " "); split(b, y, " ")
+  for (c = 0; c < 2; c++) { t = y[2 * c + 2] - x[2 * c + 2]; printf "%9.1f ", (t > 0) ? 100 * (1 - (y[2 * c + 1] - x[2 * c + 1]) / t) : 0 } }'; }
 bulk() { # NAME A_FLAGS B_FLAGS
   local name=$1 a_flags=$2 b_flags=$3 common="run --workers 1 --access-log off --drain-delay 0s --app 127.0.0.1:18080"
   ip netns exec "$B" taskset -c 1 iperf3 -s -p 18080 >/dev/null 2>&1 & local ps=$!; pids+=($ps)
   ip netns exec "$A" taskset -c 0 "$AMAZING_BIN" $common $a_flags >"$work/bulk-$name-a.log" 2>&1 & local pa=$!; pids+=($pa)
   ip netns exec "$B" taskset -c 1 "$AMAZING_BIN" $common $b_flags >"$work/bulk-$name-b.log" 2>&1 & local pb=$!; pids+=($pb)
   if wait_http "$A" http://127.0.0.1:15000/ready && wait_http "$B" http://127.0.0.1:15000/ready && sleep 0.3; then
-    local out gbit
+    local out gbit before
+    before=$(cores_ticks)
     out=$(in_a taskset -c 0 setpriv --reuid 1000 --regid 1000 --clear-groups timeout $((dur + 10)) iperf3 -c "$B_IP" -p 18080 -t "$dur" -f g 2>&1)
     gbit=$(awk '/receiver/{print $(NF-2)}' <<<"$out")
-    printf "%-6s %10s %10s %10s\n" "$name" "${gbit:-?}" "$(hwm_mb "$pa")" "$(hwm_mb "$pb")"
+    local row; row=$(printf "%-6s %10s %10s %10s %s" "$name" "${gbit:-?}" "$(hwm_mb "$pa")" "$(hwm_mb "$pb")" "$(cores_busy "$before" "$(cores_ticks)")")
+    echo "$row"; echo "$row" >>"$work/bulk.rows"
     [ -n "$gbit" ] || echo "$out" | tail -3 >&2
   else tail -3 "$work/bulk-$name-a.log" "$work/bulk-$name-b.log" >&2; fi
   stop "$pa" "$pb" "$ps"
 }
+# The most any software TLS (rustls or the kernel's, without a NIC to offload to) can give the HBONE
+# stream against the plaintext one here. Each side seals or opens every byte on top of the work the
+# plaintext pair does per byte, so on the busier core c: ratio <= 1 / (busy_c + plain_rate / seal_rate),
+# seal_rate being one core's AES-256-GCM (the suite our client offers first), from bench/aead-rate.
+bulk_ceiling() {
+  local seal
+  seal=$(cd "$here/aead-rate" && cargo build --release --locked -q 2>/dev/null && ip netns exec "$A" taskset -c 0 target/release/aead-rate | awk '$1 == "AES_256_GCM" {print $2}')
+  [ -n "$seal" ] || { echo "bench/aead-rate did not build or run: no ceiling" >&2; return; }
+  awk -v seal="$seal" '$1 == "plain" { gbit = $2; busy = ($5 > $6 ? $5 : $6) / 100 } $1 == "mtls" { got = $2 }
+    END { if (gbit > 0 && got > 0) { c = 1 / (busy + gbit / 8 / seal)
+      printf "AES-256-GCM seals %.2f GB/s per core; mtls/plain %.2f; ceiling of any software TLS here %.2f\n", seal, got / gbit, c } }' "$work/bulk.rows"
+}
 case " $only " in *" bulk "*)
   stop "$nginx"   # iperf3's server takes the app's port
-  printf "\n%-6s %10s %10s %10s\n" bulk Gbit/s cliPeak_MB srvPeak_MB
+  printf "\n%-6s %10s %10s %10s %9s %9s\n" bulk Gbit/s cliPeak_MB srvPeak_MB cpu0% cpu1%
   bulk plain "" ""
   bulk mtls "--identity-dir $work/a --outbound-mtls strict --inbound-mtls off --peer-identities $work/peers" \
-            "--identity-dir $work/b --inbound-mtls permissive" ;;
+            "--identity-dir $work/b --inbound-mtls permissive"
+  bulk_ceiling ;;
 esac
 

@@ -8,6 +8,8 @@
 #   ONLY: space-separated subset of "direct amazing envoy nginx haproxy".
 #   UPSTREAM_CMD: another app on 127.0.0.1:18080 instead of the fixed-answer nginx (e.g. gunicorn httpbin:app).
 #   PATHQ: request path (default /get?query=param). RAW_DIR: keep each wrk output there.
+# gen_core%: how busy CPU 0 (wrk and the upstream) was during the run. At 100 % the load, not the
+# proxy, bounds req/s, and cpu_s (the proxy's CPU seconds) is what tells the proxies apart.
 set -u
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -24,21 +26,24 @@ wait_port() { for _ in $(seq 100); do (exec 3<>/dev/tcp/127.0.0.1/$1) 2>/dev/nul
 rss_kb() { awk '/^VmRSS/{print $2}' /proc/$1/status 2>/dev/null; }
 hwm_kb() { awk '/^VmHWM/{print $2}' /proc/$1/status 2>/dev/null; }
 cpu_ticks() { awk '{print $14+$15}' /proc/$1/stat 2>/dev/null; }
+core0_ticks() { awk '/^cpu0 /{print $5+$6, $2+$3+$4+$5+$6+$7+$8+$9}' /proc/stat; } # idle, total
 
 if [ -n "${UPSTREAM_CMD:-}" ]; then taskset -c 0 $UPSTREAM_CMD >/tmp/peerbench/upstream-app.log 2>&1 & pids+=($!)
 else taskset -c 0 nginx -c "$here/upstream-nginx.conf" & pids+=($!); fi
 wait_port 18080 || exit 1
 
-printf "%-9s %10s %9s %9s %9s %9s %9s %8s  %s\n" target req/s p50_ms p90_ms p99_ms idleRSS_MB peakRSS_MB cpu_s errors
+printf "%-9s %10s %9s %9s %9s %9s %9s %8s %9s  %s\n" target req/s p50_ms p90_ms p99_ms idleRSS_MB peakRSS_MB cpu_s gen_core% errors
 bench() { # name port pid
   local name=$1 port=$2 pid=${3:-}
   local idle="" t0="" t1="" hwm=""
   [ -n "$pid" ] && idle=$(rss_kb "$pid")   # idle: before any request
   taskset -c 0 wrk -t1 -c"$conns" -d1s "http://127.0.0.1:$port${PATHQ:-/get?query=param}" >/dev/null 2>&1 # warm-up
   [ -n "$pid" ] && t0=$(cpu_ticks "$pid")
+  local g0; g0=$(core0_ticks)
   local out; out=$(taskset -c 0 wrk -t1 -c"$conns" -d"${dur}s" --latency "http://127.0.0.1:$port${PATHQ:-/get?query=param}" 2>&1)
   [ -n "${RAW_DIR:-}" ] && printf '%s\n' "$out" > "$RAW_DIR/wrk-$name.txt"
   [ -n "$pid" ] && hwm=$(hwm_kb "$pid") && t1=$(cpu_ticks "$pid")
+  local gen; gen=$(awk -v a="$g0" -v b="$(core0_ticks)" 'BEGIN{split(a, x, " "); split(b, y, " "); t = y[2] - x[2]; printf "%.1f", (t > 0) ? 100 * (1 - (y[1] - x[1]) / t) : 0}')
   local rps p50 p90 p99
   rps=$(awk '/Requests\/sec/{print $2}' <<<"$out")
   p50=$(awk '$1=="50%"{print $2}' <<<"$out"); p90=$(awk '$1=="90%"{print $2}' <<<"$out"); p99=$(awk '$1=="99%"{print $2}' <<<"$out")
@@ -46,7 +51,7 @@ bench() { # name port pid
   local cpu="-"; [ -n "$t0" ] && cpu=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/100}')
   local i="-" h="-"; [ -n "$idle" ] && i=$(awk -v k="$idle" 'BEGIN{printf "%.1f", k/1024}'); [ -n "$hwm" ] && h=$(awk -v k="$hwm" 'BEGIN{printf "%.1f", k/1024}')
   local errs; errs=$(awk '/Non-2xx/{n=$NF} /Socket errors/{s=$0} END{printf "non2xx=%s %s", (n==""?0:n), s}' <<<"$out")
-  printf "%-9s %10s %9s %9s %9s %9s %9s %8s  %s\n" "$name" "$rps" "$(ms "$p50")" "$(ms "$p90")" "$(ms "$p99")" "$i" "$h" "$cpu" "$errs"
+  printf "%-9s %10s %9s %9s %9s %9s %9s %8s %9s  %s\n" "$name" "$rps" "$(ms "$p50")" "$(ms "$p90")" "$(ms "$p99")" "$i" "$h" "$cpu" "$gen" "$errs"
 }
 for t in $only; do
   case $t in
