@@ -25,14 +25,21 @@ pub const MAX_PEEK: usize = 1024;
 /// Classifies a connection's first bytes; `None` while more bytes are needed to decide (never when
 /// `first` holds `MAX_PEEK` bytes or more).
 ///
-/// HTTP/1 when, after any empty lines (RFC 9112 2.2 says to ignore them):
-/// - a token (any case, any length: RFC 9110 9.1), a space and a target that starts like one
+/// Lenient towards HTTP, because whatever an app could read as a request must take the HTTP path
+/// (where the strict parser answers `400` to anything malformed): an opaque connection skips the
+/// routes, the owned fields and the log for every request it carries. RFC 9112 3 lets a server
+/// split the request line on any whitespace and ignore whitespace before it, and real servers also
+/// split on other bytes (Python's `str.split` on NBSP, NEL and 0x1C-0x1F), so every one of those
+/// separates words here. HTTP/1 when, after any empty lines and whitespace:
+/// - a token (any case, any length: RFC 9110 9.1), separators and a target that starts like one
 ///   (`/`, `*`, `http://`, `https://`, or anything after `CONNECT`); or
-/// - the first line has the shape `method SP target SP HTTP/d.d`, whatever the bytes of the
-///   method and the target (`G<T /a HTTP/1.1` is a malformed request, not another protocol).
+/// - the first line has two words or more and its last starts with `HTTP/` (any case), whatever
+///   the others (`G<T /a HTTP/1.1` is a malformed request, not another protocol); or
+/// - `MAX_PEEK` bytes hold no line end and are only whitespace, or a token and separators and
+///   more: a request line padded past the peek.
 ///
-/// Text protocols whose commands are also a word and a space (Redis' inline `SET key value`,
-/// `GET key`) are neither and stay opaque.
+/// Text protocols whose commands are also words on a line (Redis' inline `SET key value`, `GET
+/// key`) are neither and stay opaque.
 pub fn classify(first: &[u8]) -> Option<Detected> {
     // Only the first MAX_PEEK bytes count, so that the answer never changes with more bytes.
     let first = &first[..first.len().min(MAX_PEEK)];
@@ -45,24 +52,65 @@ pub fn classify(first: &[u8]) -> Option<Detected> {
     }
     let decided = classify_request_line(first);
     if decided.is_none() && first.len() >= MAX_PEEK {
-        return Some(Detected::Opaque("not_http"));
+        return Some(padded_request_line(first));
     }
     decided
 }
 
+/// Separates the words of a request line for some server: RFC 9112 3's whitespace (SP, HTAB, VT,
+/// FF, a CR not ending the line) and what Python's `str.split` also splits a Latin-1 line on.
+fn is_separator(b: u8) -> bool {
+    matches!(
+        b,
+        b' ' | b'\t' | 0x0b | 0x0c | b'\r' | 0x1c..=0x1f | 0x85 | 0xa0
+    )
+}
+
+/// Where the request line starts: after empty lines (RFC 9112 2.2) and whitespace.
+fn line_start(first: &[u8]) -> Option<&[u8]> {
+    let start = first.iter().position(|&b| b != b'\n' && !is_separator(b))?;
+    Some(&first[start..])
+}
+
 fn classify_request_line(first: &[u8]) -> Option<Detected> {
-    let line = match first.iter().position(|&b| b != b'\r' && b != b'\n') {
-        Some(start) => &first[start..],
-        None => return None,
-    };
-    if let Some(sp) = line.iter().position(|&b| b == b' ')
-        && sp > 0
-        && line[..sp].iter().all(|&b| is_tchar(b))
-        && let Some(found) = classify_target(&line[..sp], &line[sp + 1..])
-    {
-        return Some(found);
+    const OPAQUE: Option<Detected> = Some(Detected::Opaque("not_http"));
+    let line = line_start(first)?;
+    // Binary protocols (TLS, most databases) start with what no request line starts with.
+    if !line[0].is_ascii_graphic() {
+        return OPAQUE;
     }
-    request_line_shape(line)
+    let method_end = line.iter().position(|&b| b == b'\n' || is_separator(b));
+    if let Some(end) = method_end
+        && line[..end].iter().all(|&b| is_tchar(b))
+        && line[end] != b'\n'
+    {
+        let target = &line[end..];
+        let target = &target[target
+            .iter()
+            .position(|&b| !is_separator(b))
+            .unwrap_or(target.len())..];
+        if let Some(found) = classify_target(&line[..end], target) {
+            return Some(found);
+        }
+    }
+    // Anything else is HTTP when a word after the first, whole, starts with a version.
+    let line_end = line.iter().position(|&b| b == b'\n');
+    let whole_words = match line_end {
+        Some(end) => &line[..end],
+        // Without a line end the last word may go on.
+        None => &line[..line.iter().rposition(|&b| is_separator(b)).unwrap_or(0)],
+    };
+    let mut words = whole_words
+        .split(|&b| is_separator(b))
+        .filter(|w| !w.is_empty());
+    if words.nth(1).is_some_and(is_version) || words.any(is_version) {
+        return Some(Detected::Http1);
+    }
+    line_end.map(|_| Detected::Opaque("not_http"))
+}
+
+fn is_version(word: &[u8]) -> bool {
+    word.len() >= 5 && word[..5].eq_ignore_ascii_case(b"HTTP/")
 }
 
 /// After a token method: `Some(Http1)` when the target starts like one, `None` when it may still.
@@ -80,35 +128,28 @@ fn classify_target(method: &[u8], target: &[u8]) -> Option<Detected> {
     None
 }
 
-/// Whether the line is, or can still become, `method SP target SP HTTP/d.d` then CRLF or LF.
-fn request_line_shape(line: &[u8]) -> Option<Detected> {
-    const OPAQUE: Option<Detected> = Some(Detected::Opaque("not_http"));
-    let visible = |b: u8| b > b' ' && b != 0x7f;
-    let method_end = line.iter().position(|&b| !visible(b))?;
-    if method_end == 0 || line[method_end] != b' ' {
-        return OPAQUE;
-    }
-    let rest = &line[method_end + 1..];
-    let target_end = rest.iter().position(|&b| !visible(b))?;
-    if target_end == 0 || rest[target_end] != b' ' {
-        return OPAQUE;
-    }
-    let version = &rest[target_end + 1..];
-    const SHAPE: &[u8] = b"HTTP/d.d";
-    for (i, &b) in version.iter().enumerate() {
-        let fits = match SHAPE.get(i) {
-            Some(b'd') => b.is_ascii_digit(),
-            Some(&s) => b == s,
-            None => b == b'\r' || b == b'\n',
+/// `MAX_PEEK` bytes and no line end: HTTP/1 when they are only whitespace, a token and a separator
+/// (a method, then a target or padding no shorter peek can see past), or whitespace and a token up
+/// to the end (padding before a method).
+fn padded_request_line(first: &[u8]) -> Detected {
+    let Some(line) = line_start(first) else {
+        return Detected::Http1;
+    };
+    let padded = line.len() < first.len();
+    let token_end = line
+        .iter()
+        .position(|&b| !is_tchar(b))
+        .unwrap_or(line.len());
+    let method = token_end > 0
+        && match line.get(token_end) {
+            Some(&b) => is_separator(b),
+            None => padded,
         };
-        if !fits {
-            return OPAQUE;
-        }
-        if i == SHAPE.len() {
-            return Some(Detected::Http1);
-        }
+    if method {
+        Detected::Http1
+    } else {
+        Detected::Opaque("not_http")
     }
-    None
 }
 
 #[cfg(test)]
@@ -126,7 +167,8 @@ mod tests {
         assert_eq!(classify(&H2_PREFACE[..10]), None);
         assert_eq!(classify(b"*3\r\n$3\r\nSET"), OPAQUE);
         assert_eq!(classify(b"\x16\x03\x01"), OPAQUE);
-        assert_eq!(classify(b" GET"), OPAQUE);
+        assert_eq!(classify(b" GET"), None);
+        assert_eq!(classify(b"\x00GET / HTTP/1.1\r\n"), OPAQUE);
         // Redis inline commands look like a method and a space.
         assert_eq!(classify(b"SET key value\r\n"), OPAQUE);
         assert_eq!(classify(b"GET key\r\n"), OPAQUE);
@@ -168,9 +210,40 @@ mod tests {
         }
         assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"\r\nG<T /a HTT"), None);
-        assert_eq!(classify(b"G<T /a HTTP/x"), OPAQUE);
-        assert_eq!(classify(b"G<T /a HTTP/1.1x"), OPAQUE);
-        assert_eq!(classify(b"G<T  /a HTTP/1.1\r\n"), OPAQUE);
+        assert_eq!(classify(b"G<T /a HTTP/x"), None);
+        assert_eq!(classify(b"G<T /a HTTP/x\r\n"), Some(Detected::Http1));
+        assert_eq!(classify(b"G<T /a HTTX/1.1\r\n"), OPAQUE);
+        assert_eq!(classify(b"HTTP/1.1\r\n"), OPAQUE);
+        assert_eq!(classify(b"HTTP/1.1 200 OK\r\n"), OPAQUE);
+    }
+
+    /// What a lenient server (Python's http.server and wsgiref, Tomcat) reads as a request line,
+    /// each of which an opaque tunnel would have carried past the routes and the owned fields,
+    /// with every request after it on the connection.
+    #[test]
+    fn request_lines_split_on_any_whitespace_are_http() {
+        for input in [
+            &b"GET\t/admin HTTP/1.1\r\n"[..],
+            b"GET\t/admin\tHTTP/1.1\r\n",
+            b" GET /admin HTTP/1.1\r\n",
+            b"\t\r\n GET /admin HTTP/1.1\r\n",
+            b"GET  /admin HTTP/1.1\r\n",
+            b"GET\x0b/admin\x0cHTTP/1.1\r\n",
+            b"GET\r/admin HTTP/1.1\r\n",
+            b"GET\xa0/admin\xa0HTTP/1.1\r\n",
+            b"GET\x85/admin\x1cHTTP/1.1\r\n",
+            b"GET\t/admin\r\n",
+            b"G<T\t/a\tHTTP/1.1\r\n",
+            b"GET\tadmin\thttp/1.1\n",
+            b"get\thttp://a/admin",
+        ] {
+            assert_eq!(
+                classify(input),
+                Some(Detected::Http1),
+                "{}",
+                input.escape_ascii()
+            );
+        }
     }
 
     #[test]
@@ -178,7 +251,20 @@ mod tests {
         let mut long = b"GET ".to_vec();
         long.resize(MAX_PEEK, b'k');
         assert_eq!(classify(&long[..MAX_PEEK - 1]), None);
-        assert_eq!(classify(&long), OPAQUE);
-        assert_eq!(classify(&[b'\r'; MAX_PEEK]), OPAQUE);
+        // A method and a target longer than the peek: a request line (RFC 9112 3 sets no limit).
+        assert_eq!(classify(&long), Some(Detected::Http1));
+        // Whitespace before a request line, as much as the peek holds.
+        assert_eq!(classify(&[b'\r'; MAX_PEEK]), Some(Detected::Http1));
+        let mut padded = vec![b' '; MAX_PEEK - 3];
+        padded.extend_from_slice(b"GET");
+        assert_eq!(classify(&padded), Some(Detected::Http1));
+        let mut padded = b"GET".to_vec();
+        padded.resize(MAX_PEEK, b'\t');
+        assert_eq!(classify(&padded), Some(Detected::Http1));
+        // No separator, or no token before it: not a request line.
+        assert_eq!(classify(&[b'k'; MAX_PEEK]), OPAQUE);
+        let mut binary = b"G<T ".to_vec();
+        binary.resize(MAX_PEEK, b'k');
+        assert_eq!(classify(&binary), OPAQUE);
     }
 }

@@ -123,6 +123,9 @@ pub(crate) struct RouteSet {
     /// connections to them are served as HTTP so that each request can go to its endpoint's
     /// proxy (others go whole into one tunnel to their destination).
     balanced_ports: Vec<u16>,
+    /// The ports some inbound route names, sorted: connections to them are HTTP only, as a port
+    /// the policy judges by method or path is, so that no undetected bytes skip those routes.
+    routed_inbound_ports: Vec<u16>,
 }
 
 impl Default for RouteSet {
@@ -138,6 +141,7 @@ impl Default for RouteSet {
             )),
             budget_spec,
             balanced_ports: Vec::new(),
+            routed_inbound_ports: Vec::new(),
         }
     }
 }
@@ -188,6 +192,11 @@ impl RouteSet {
             .collect();
         balanced_ports.sort_unstable();
         balanced_ports.dedup();
+        let mut routed_inbound_ports: Vec<u16> = (routes.inbound.iter())
+            .filter_map(|route| route.matcher.port)
+            .collect();
+        routed_inbound_ports.sort_unstable();
+        routed_inbound_ports.dedup();
         RouteSet {
             inbound: states(&routes.inbound, Direction::Inbound),
             outbound: states(&routes.outbound, Direction::Outbound),
@@ -195,7 +204,13 @@ impl RouteSet {
             budget_spec,
             budget,
             balanced_ports,
+            routed_inbound_ports,
         }
+    }
+
+    /// Whether an inbound route names `port`.
+    pub(crate) fn routes_inbound_port(&self, port: u16) -> bool {
+        self.routed_inbound_ports.binary_search(&port).is_ok()
     }
 
     /// Whether an outbound route with endpoints names `port`.

@@ -138,12 +138,14 @@ impl Shared {
         phases::client_cert_details(&ours, peer)
     }
 
-    /// Whether the policy in force names methods or paths for inbound `port`: its traffic must
-    /// then be HTTP, never undetected bytes.
+    /// Whether the policy in force names methods or paths for inbound `port`, or an inbound route
+    /// names the port: its traffic must then be HTTP, never undetected bytes.
     pub(crate) fn judges_http_on(&self, port: u16) -> bool {
         self.policy
             .as_ref()
             .is_some_and(|policy| policy.borrow().limits_http_on(port))
+            || (self.routes.as_ref())
+                .is_some_and(|routes| routes.current().routes_inbound_port(port))
     }
 }
 

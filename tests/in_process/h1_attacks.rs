@@ -395,3 +395,43 @@ async fn an_app_trickling_its_head_gets_504() {
     })
     .await;
 }
+
+// ---------------------------------------------------------------------------------------------
+// What a lenient app reads as a request is HTTP here, never an opaque tunnel
+
+/// A request line split on tabs, other whitespace or Python's extra separators, or padded before
+/// its method, is what lenient servers (Python's http.server and wsgiref, Tomcat) read as a
+/// request. Detected as opaque, the whole connection went to the app raw: past the routes, with
+/// the client's own `X-Forwarded-Client-Cert`, and every request after it too. Each is now HTTP
+/// and gets 400 from the strict parser, on a port no --http-ports or policy makes HTTP-only; and
+/// the app receives not a byte.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_lines_a_lenient_app_would_read_are_http_never_a_tunnel() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        let mut padded = vec![b' '; 2000];
+        padded.extend_from_slice(b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n");
+        for line in [
+            &b"GET\t/admin HTTP/1.1\r\n"[..],
+            b"GET\t/admin\tHTTP/1.1\r\n",
+            b" GET /admin HTTP/1.1\r\n",
+            b"GET  /admin HTTP/1.1\r\n",
+            b"GET\xa0/admin\xa0HTTP/1.1\r\n",
+            b"GET\x1c/admin\r\n",
+            &padded,
+        ] {
+            let mut request = line.to_vec();
+            if !line.ends_with(b"\r\n\r\n") {
+                request.extend_from_slice(b"Host: a\r\nX-Forwarded-Client-Cert: By=forged\r\n\r\n");
+            }
+            request.extend_from_slice(b"GET /admin HTTP/1.1\r\nHost: a\r\n\r\n");
+            let mut client = RawClient::connect(proxy.inbound).await;
+            client.send(&request).await;
+            let response = client.response().await.expect("an answer");
+            assert_eq!(response.status(), 400, "{}", line.escape_ascii());
+        }
+        app.settled().await;
+        assert_eq!(app.connections(), 0, "{}", lossy(&app.all_bytes()));
+    })
+    .await;
+}

@@ -370,3 +370,24 @@ async fn the_routes_file_is_reloaded_and_a_broken_one_keeps_the_last_good() {
     })
     .await;
 }
+
+/// A port an inbound route names is HTTP only, as one the policy judges by path is: bytes that
+/// are no request line get 400 instead of a tunnel past the route to the app (ports no route
+/// names keep detection: Redis through it, protocols_tcp.rs).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_port_an_inbound_route_names_carries_only_http() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let port = app.addr.port();
+        let routes = format!(
+            "inbound:\n  - name: limited\n    match: {{port: {port}, pathPrefix: /admin}}\n    rateLimit: {{requestsPerSecond: 0.001, burst: 1}}\n"
+        );
+        let proxy = proxy_with_routes(&app, &dir, &routes).await;
+        let mut client = crate::support::raw::RawClient::connect(proxy.inbound).await;
+        client.send(b"SET key value\r\n").await;
+        let response = client.response().await.expect("an answer, not a tunnel");
+        assert_eq!(response.status(), 400);
+    })
+    .await;
+}
