@@ -47,18 +47,51 @@ pub fn is_hop_by_hop(name: &[u8]) -> bool {
 /// `Connection` option cannot decide what becomes of them (with --trusted-hops, of the chain the
 /// proxy keeps), whatever the order in which the rules run.
 pub fn connection_may_remove(name: &[u8]) -> bool {
-    const PROTECTED: [&[u8]; 9] = [
-        b"content-length",
-        b"transfer-encoding",
-        b"host",
-        b"via",
-        b"forwarded",
-        b"x-forwarded-client-cert",
-        b"x-forwarded-for",
-        b"x-forwarded-proto",
-        b"x-request-id",
-    ];
     !PROTECTED.iter().any(|p| name.eq_ignore_ascii_case(p))
+}
+
+/// The framing, the Host, and the fields the proxy owns.
+const PROTECTED: [&[u8]; 9] = [
+    b"content-length",
+    b"transfer-encoding",
+    b"host",
+    b"via",
+    b"forwarded",
+    b"x-forwarded-client-cert",
+    b"x-forwarded-for",
+    b"x-forwarded-proto",
+    b"x-request-id",
+];
+
+/// Whether `name` spells a protected field (framing or one the proxy owns) with `_` for `-`
+/// (`X_Forwarded_Client_Cert`). CGI, WSGI and Rack turn both spellings into one variable
+/// (`HTTP_X_FORWARDED_CLIENT_CERT`), so such a field would reach the app as the one the proxy
+/// owns, past the rules that replace it. Every path drops it, as nginx drops any name with `_`
+/// by default and Envoy can (`headers_with_underscores_action`); other names with `_` pass.
+pub fn aliases_protected_field(name: &[u8]) -> bool {
+    name.contains(&b'_')
+        && PROTECTED.iter().any(|p| {
+            p.len() == name.len()
+                && (p.iter().zip(name))
+                    .all(|(&p, &n)| p == n.to_ascii_lowercase() || (p == b'-' && n == b'_'))
+        })
+}
+
+/// Removes every field [`aliases_protected_field`] names (rare: looked for before anything moves).
+pub fn remove_protected_aliases(headers: &mut HeaderMap) {
+    if !headers
+        .keys()
+        .any(|name| aliases_protected_field(name.as_str().as_bytes()))
+    {
+        return;
+    }
+    let aliases: Vec<HeaderName> = (headers.keys())
+        .filter(|name| aliases_protected_field(name.as_str().as_bytes()))
+        .cloned()
+        .collect();
+    for name in aliases {
+        headers.remove(name);
+    }
 }
 
 /// Whether a field may not come in a request's trailer section: those that frame, route or
@@ -502,7 +535,8 @@ pub fn client_cert_details(ours: &str, peer: &str) -> Option<HeaderValue> {
 ///   `trusted_hops` (it knows the scheme of the hop before it);
 /// - `Forwarded`: removed, or kept as it came with `trusted_hops`;
 /// - `x-forwarded-client-cert`: the client's removed; `client_cert` (a verified peer) set;
-/// - `X-Request-Id`: the client's when [`valid_request_id`], else a new one.
+/// - `X-Request-Id`: the client's when [`valid_request_id`], else a new one;
+/// - any of those spelled with `_` for `-` ([`aliases_protected_field`]): removed.
 ///
 /// Returns the request id.
 pub fn add_forwarding(
@@ -533,6 +567,7 @@ pub fn add_forwarding(
         headers.remove(header::FORWARDED);
     }
     headers.remove(&X_FORWARDED_CLIENT_CERT);
+    remove_protected_aliases(headers);
     if let Some(details) = client_cert {
         headers.insert(X_FORWARDED_CLIENT_CERT.clone(), details);
     }
@@ -852,6 +887,35 @@ mod tests {
 
     /// Each hop-by-hop field alone still goes (the pass that skips clean messages misses none);
     /// a single `te: trailers` stays as it is, two become one, and any other `TE` goes.
+    #[test]
+    fn underscore_spellings_of_protected_fields_are_aliases() {
+        for alias in [
+            &b"X_Forwarded_Client_Cert"[..],
+            b"x_forwarded_for",
+            b"X-Forwarded_Proto",
+            b"X_REQUEST_ID",
+            b"content_length",
+            b"Transfer_Encoding",
+        ] {
+            assert!(aliases_protected_field(alias), "{}", alias.escape_ascii());
+        }
+        for other in [
+            &b"x-forwarded-for"[..],
+            b"x_custom",
+            b"x_forwarded_fo",
+            b"x_forwarded_forx",
+        ] {
+            assert!(!aliases_protected_field(other), "{}", other.escape_ascii());
+        }
+        let mut headers = HeaderMap::new();
+        headers.insert("x_forwarded_for", HeaderValue::from_static("6.6.6.6"));
+        headers.append("x_forwarded_for", HeaderValue::from_static("7.7.7.7"));
+        headers.insert("x_custom", HeaderValue::from_static("kept"));
+        remove_protected_aliases(&mut headers);
+        assert_eq!(headers.len(), 1);
+        assert!(headers.contains_key("x_custom"));
+    }
+
     #[test]
     fn every_hop_by_hop_field_alone_goes() {
         for name in [

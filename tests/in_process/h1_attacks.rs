@@ -435,3 +435,34 @@ async fn request_lines_a_lenient_app_would_read_are_http_never_a_tunnel() {
     })
     .await;
 }
+
+/// CGI, WSGI and Rack read `X_Forwarded_Client_Cert` as `X-Forwarded-Client-Cert`: a client's
+/// field spelled with `_` reached the app as the one the proxy owns, past the rule that replaces
+/// it. Such spellings of the proxy's fields and the framing are dropped, on the fast path
+/// (HTTP/1.1) and hyper's (HTTP/1.0); other names with `_` pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn underscore_spellings_of_the_proxys_fields_never_reach_the_app() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        for version in ["HTTP/1.1", "HTTP/1.0"] {
+            let path = format!("/underscores/{version}");
+            let request = format!(
+                "GET {path} {version}\r\nHost: a\r\nX_Forwarded_Client_Cert: By=spiffe://x;URI=spiffe://cluster.local/ns/prod/sa/admin\r\n\
+                 x_forwarded_for: 6.6.6.6\r\nX-Forwarded_Proto: https\r\nX_REQUEST_ID: chosen\r\nContent_Length: 7\r\nX_Custom: kept\r\n\r\n"
+            );
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let response = client.exchange(request.as_bytes()).await;
+            assert_eq!(response.status(), 200, "{version}: {}", response.head);
+            app.settled().await;
+            let requests = app.requests();
+            let seen = requests.iter().find(|r| r.message.target() == path);
+            let seen = seen.unwrap_or_else(|| panic!("{version}: not at the app: {requests:?}"));
+            let raw = lossy(&seen.message.raw).to_ascii_lowercase();
+            for alias in ["x_forwarded", "x_request_id", "content_length", "6.6.6.6", "chosen"] {
+                assert!(!raw.contains(alias), "{version}: {alias} reached the app: {raw}");
+            }
+            assert!(raw.contains("\r\nx_custom: kept\r\n"), "{version}: {raw}");
+        }
+    })
+    .await;
+}

@@ -800,10 +800,11 @@ fn write_request_head(
     for h in headers {
         let field = Field::of(h.name);
         // The fields the proxy owns: written below, the client's kept only as `add_forwarding`
-        // says (the same rule as the hyper path's).
+        // says (the same rule as the hyper path's), and never under another spelling.
         let owned = match field {
             Field::XForwardedFor | Field::XForwardedClientCert | Field::XRequestId => true,
             Field::XForwardedProto | Field::Forwarded => !trusted,
+            Field::Other => phases::aliases_protected_field(h.name.as_bytes()),
             _ => false,
         };
         if owned || field.is_hop_by_hop() {
