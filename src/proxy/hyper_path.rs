@@ -313,7 +313,8 @@ fn request_rules(
         tunnel,
     );
     let malformed = host.is_err()
-        || (parts.version == Version::HTTP_2 && phases::has_padded_value(&parts.headers));
+        || (parts.version == Version::HTTP_2 && phases::has_padded_value(&parts.headers))
+        || phases::is_ambiguous_request(&parts.method, &parts.uri, &parts.headers);
     let host = if settings.traffic.rewrite_host {
         HeaderValue::from_str(conn.upstream.as_str()).ok()
     } else {
@@ -394,6 +395,13 @@ fn point_at_upstream(
         parts.headers.remove(header::HOST);
         Version::HTTP_2
     } else {
+        // RFC 9112 3.2: an HTTP/1.1 request has a Host, empty when the request named no
+        // authority (an HTTP/1.0 request and an HTTP/2 one may name none).
+        if !parts.headers.contains_key(header::HOST) {
+            parts
+                .headers
+                .insert(header::HOST, HeaderValue::from_static(""));
+        }
         Version::HTTP_11
     };
 }

@@ -308,6 +308,16 @@ pub fn request_host(
         .map_err(|_| ErrorKind::BadRequest)
 }
 
+/// Whether a request read by hyper is ambiguous where the fast path's parser refuses it (400):
+/// more than one `Content-Length` field, even with equal values (HTTP/2's `h2` crate takes `5` and
+/// `05`, and hyper's HTTP/1.1 client would write both: RFC 9112 6.3), or the asterisk-form target
+/// with another method than OPTIONS (RFC 9112 3.2.4, RFC 9113 8.3.1).
+pub fn is_ambiguous_request(method: &http::Method, uri: &http::Uri, headers: &HeaderMap) -> bool {
+    let mut lengths = headers.get_all(header::CONTENT_LENGTH).iter();
+    let repeated_length = lengths.next().is_some() && lengths.next().is_some();
+    repeated_length || (uri.path() == "*" && method != http::Method::OPTIONS)
+}
+
 /// Whether a field value starts or ends with whitespace: malformed in HTTP/2 (RFC 9113 8.2.1),
 /// where no parser trims it as HTTP/1's does (RFC 9112 5), so an app would see another value than
 /// the proxy judged.

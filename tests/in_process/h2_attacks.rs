@@ -39,6 +39,7 @@ use tokio::sync::mpsc;
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
+const RST_STREAM: u8 = 0x3;
 const SETTINGS: u8 = 0x4;
 const PING: u8 = 0x6;
 const GOAWAY: u8 = 0x7;
@@ -109,6 +110,11 @@ struct Seen {
     data: usize,
     /// The connection ended (end of stream or error reading).
     ended: bool,
+    /// Response HEADERS frames: the stream, and the block's first byte (`:status` from HPACK's
+    /// static table: 0x88 is 200, 0x8c 400).
+    heads: Vec<(u32, u8)>,
+    /// Streams the proxy reset.
+    resets: Vec<u32>,
 }
 
 impl Seen {
@@ -158,6 +164,7 @@ impl RawPeer {
                         break;
                     }
                     let (kind, flags, payload) = (buf[3], buf[4], buf[9..9 + len].to_vec());
+                    let stream = u32::from_be_bytes([buf[5], buf[6], buf[7], buf[8]]) & GRACEFUL;
                     buf.drain(..9 + len);
                     let mut seen = state.lock().expect("the peer's state");
                     match kind {
@@ -180,6 +187,8 @@ impl RawPeer {
                             seen.goaways.push((word(0) & GRACEFUL, word(4)));
                         }
                         DATA => seen.data += payload.len(),
+                        HEADERS if !payload.is_empty() => seen.heads.push((stream, payload[0])),
+                        RST_STREAM => seen.resets.push(stream),
                         _ => {}
                     }
                 }
@@ -678,6 +687,70 @@ async fn forbidden_fields_in_http2_request_trailers_never_reach_the_app() {
             seen, "x-checksum",
             "the app saw these trailer fields: {seen}"
         );
+    })
+    .await;
+}
+
+/// Requests hyper's path forwarded though the fast path refuses them as ambiguous: two
+/// `Content-Length` fields (`5` and `05`, which reached an HTTP/1.1 app as two lines: RFC 9112
+/// 6.3), and `GET *` (the asterisk form is OPTIONS' only: RFC 9113 8.3.1). Both are 400 and reach
+/// no app. And a request naming no authority (no `:authority`, no `host`) reached the HTTP/1.1
+/// app with no `Host`, which HTTP/1.1 requires: it gets an empty one (RFC 9112 3.2).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ambiguous_http2_requests_are_refused_and_one_naming_no_authority_gets_an_empty_host() {
+    use crate::support::raw::{RecordingApp, answer, ok};
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(|r| answer(ok(r.message.target()))).await;
+        let proxy = Proxy::start(app.addr, &["--app-protocol", "http1"]).await;
+        let tcp = TcpStream::connect(proxy.inbound).await.expect("connect");
+        let mut hello = H2_PREFACE.to_vec();
+        hello.extend(settings(&[]));
+        let peer = RawPeer::start(tcp, hello);
+        let literal = |name: &str, value: &str| {
+            let mut field = vec![0x00, u8::try_from(name.len()).expect("a short name")];
+            field.extend_from_slice(name.as_bytes());
+            field.push(u8::try_from(value.len()).expect("a short value"));
+            field.extend_from_slice(value.as_bytes());
+            field
+        };
+        let mut two_lengths = request_block("POST", "/two-lengths");
+        two_lengths.extend(literal("content-length", "5"));
+        two_lengths.extend(literal("content-length", "05"));
+        peer.send(frame(HEADERS, END_HEADERS, 1, &two_lengths));
+        peer.send(frame(DATA, END_STREAM, 1, b"hello"));
+        peer.send(request(3, "GET", "*"));
+        // :method GET, :scheme http, :path; no :authority.
+        let mut no_authority = vec![0x82, 0x86, 0x04, 13];
+        no_authority.extend_from_slice(b"/no-authority");
+        peer.send(frame(HEADERS, END_STREAM | END_HEADERS, 5, &no_authority));
+        eventually("an answer on each stream", WAIT, || async {
+            peer.seen(|s| {
+                (s.heads.len() + s.resets.len() >= 3)
+                    .then_some(())
+                    .ok_or_else(|| format!("{s:?}"))
+            })
+        })
+        .await;
+        let heads = peer.seen(|s| s.heads.clone());
+        assert_eq!(
+            heads,
+            [(1, 0x8c), (3, 0x8c), (5, 0x88)],
+            "200 is 0x88, 400 0x8c"
+        );
+        app.settled().await;
+        let requests = app.requests();
+        assert!(
+            requests
+                .iter()
+                .all(|r| r.message.target() != "/two-lengths" && r.message.target() != "*"),
+            "{requests:?}"
+        );
+        let seen = requests
+            .iter()
+            .find(|r| r.message.target() == "/no-authority");
+        let seen = seen.unwrap_or_else(|| panic!("no /no-authority at the app: {requests:?}"));
+        let raw = String::from_utf8_lossy(&seen.message.raw).to_ascii_lowercase();
+        assert!(raw.contains("\r\nhost: \r\n"), "{raw}");
     })
     .await;
 }
