@@ -118,7 +118,8 @@ async fn respond(
         phases::websocket_handshake_for_http1(&mut parts.method, &mut parts.headers);
         parts.extensions.remove::<hyper::ext::Protocol>();
     }
-    point_at_upstream(&conn, &mut parts, path, use_http2);
+    let content = body.size_hint().exact() != Some(0) && downstream_upgrade.is_none();
+    point_at_upstream(&conn, &mut parts, path, (use_http2, content));
     let settings = &shared.settings;
     let upstream_req = Request::from_parts(
         parts,
@@ -375,12 +376,14 @@ fn upstream_http2(shared: &Shared, conn: &ConnContext, client_version: Version) 
 }
 
 /// Points the request at the upstream, in the HTTP version it goes in.
+/// `how`: whether the request goes in HTTP/2, and whether it may carry content (not an upgrade's).
 fn point_at_upstream(
     conn: &ConnContext,
     parts: &mut http::request::Parts,
     path: PathAndQuery,
-    use_http2: bool,
+    how: (bool, bool),
 ) {
+    let (use_http2, content) = how;
     let mut uri = http::uri::Parts::default();
     uri.scheme = Some(Scheme::HTTP);
     uri.authority = Some(conn.upstream.clone());
@@ -401,6 +404,9 @@ fn point_at_upstream(
             parts
                 .headers
                 .insert(header::HOST, HeaderValue::from_static(""));
+        }
+        if content && phases::content_means_nothing(parts.method.as_str()) {
+            (parts.headers).insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
         Version::HTTP_11
     };

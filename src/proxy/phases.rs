@@ -308,6 +308,18 @@ pub fn request_host(
         .map_err(|_| ErrorKind::BadRequest)
 }
 
+/// Whether content on a request with `method` has no meaning (RFC 9110 9.3.1, 9.3.2, 9.3.5: GET,
+/// HEAD, DELETE; any case, as apps that upper-case methods read them). Many apps ignore it, and one
+/// that ignores its `Content-Length` reads the content as the next request on the connection:
+/// request smuggling past every phase ("CL.0"), answered to whichever client sends next. So such a
+/// request goes to the app with `Connection: close` (hyper's path; the fast path hands it there),
+/// and its app connection carries nothing after it.
+pub fn content_means_nothing(method: &str) -> bool {
+    ["GET", "HEAD", "DELETE"]
+        .iter()
+        .any(|m| method.eq_ignore_ascii_case(m))
+}
+
 /// Whether a request read by hyper is ambiguous where the fast path's parser refuses it (400):
 /// more than one `Content-Length` field, even with equal values (HTTP/2's `h2` crate takes `5` and
 /// `05`, and hyper's HTTP/1.1 client would write both: RFC 9112 6.3), or the asterisk-form target

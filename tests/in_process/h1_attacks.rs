@@ -466,3 +466,40 @@ async fn underscore_spellings_of_the_proxys_fields_never_reach_the_app() {
     })
     .await;
 }
+
+/// Content on GET, HEAD or DELETE means nothing (RFC 9110 9.3.1), so many apps never read it, and
+/// one that also ignores `Content-Length` reads the content as its next request: smuggled past
+/// every phase, and answered to whichever client's request the pooled app connection carries
+/// next ("CL.0"). Such a request goes to the app with `Connection: close`, and its app connection
+/// carries nothing after it; a GET without content keeps the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn content_on_a_get_closes_the_app_connection_after_it() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        let hidden = "GET /admin HTTP/1.1\r\nHost: a\r\nX: ";
+        let requests = [
+            "GET /plain HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
+            format!("GET /with-content HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{hidden}", hidden.len()),
+            "delete /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_owned(),
+            "GET /after HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
+        ];
+        for request in &requests {
+            let mut client = RawClient::connect(proxy.inbound).await;
+            let response = client.exchange(request.as_bytes()).await;
+            assert!(response.status() < 500, "{request:?}: {}", response.head);
+            app.settled().await;
+        }
+        let seen = app.requests();
+        let closes = |target: &str| {
+            let r = seen.iter().find(|r| r.message.target() == target);
+            let r = r.unwrap_or_else(|| panic!("no {target} at the app: {seen:?}"));
+            r.message.header("connection") == Some("close")
+        };
+        assert!(!closes("/plain") && !closes("/after"));
+        assert!(closes("/with-content") && closes("/chunked"));
+        assert!(seen.iter().all(|r| r.message.target() != "/admin"), "{seen:?}");
+        // /plain's connection carried /with-content (then closed), /chunked its own, /after a new one.
+        assert_eq!(app.connections(), 3);
+    })
+    .await;
+}

@@ -595,7 +595,10 @@ fn plan_parsed_request(
     let mut fields = scan_request_fields(req.headers, rw.via, http11)?;
     fields.hyper |= connect || !http11;
     let framing = request_framing(&fields, http11)?;
-    // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade (other than h2c) and Expect: the hyper path's.
+    let content = matches!(framing, Framing::Chunked | Framing::Length(1..));
+    fields.hyper |= content && phases::content_means_nothing(method);
+    // HTTP/1.0 (keep-alive rules), CONNECT, Upgrade (other than h2c), Expect, and content where
+    // it means nothing (`phases::content_means_nothing`): the hyper path's.
     let Some(mut target) = target.filter(|_| !fields.hyper) else {
         return Err(Fallback);
     };
