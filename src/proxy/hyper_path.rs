@@ -67,7 +67,7 @@ async fn respond(
     let start = Instant::now();
     // Never an HTTP/2 connection to the app behind the per-request rules: plain HTTP/1.1 instead.
     phases::remove_h2c_upgrade(req.headers_mut());
-    let upgrade = phases::is_upgrade(req.headers());
+    let upgrade = phases::is_upgrade(req.version(), req.headers());
     // HTTP/2 extended CONNECT (`:protocol`, RFC 8441): a 2xx turns the stream into a tunnel.
     let extended_connect =
         req.method() == Method::CONNECT && req.extensions().get::<hyper::ext::Protocol>().is_some();
@@ -146,6 +146,10 @@ async fn respond(
 
     // Response phase.
     let switching = response.status() == StatusCode::SWITCHING_PROTOCOLS;
+    if websocket_over_http1 && !switching && response.status().is_success() {
+        // A 2xx opens the client's tunnel (RFC 8441), but only a 101 opened the app's.
+        return synthetic_response(Synthetic::new(ErrorKind::UpstreamProtocol, grpc), exchange);
+    }
     let tunnel_open =
         switching || (extended_connect && !websocket_over_http1 && response.status().is_success());
     phases::prepare_response(response.headers_mut(), switching && !websocket_over_http1);

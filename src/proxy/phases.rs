@@ -380,9 +380,11 @@ pub fn websocket_accepted_for_http2(status: &mut StatusCode, headers: &mut Heade
 }
 
 /// Whether the request asks to switch protocols (WebSocket and others): `Connection: upgrade`
-/// together with an `Upgrade` field.
-pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE)
+/// together with an `Upgrade` field, in HTTP/1.1 (RFC 9110 7.8: an HTTP/1.0 request's `Upgrade` is
+/// ignored, and its client may not be sent a 1xx, 101 included).
+pub fn is_upgrade(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
         && headers
             .get_all(header::CONNECTION)
             .iter()
@@ -1002,7 +1004,8 @@ mod tests {
     #[test]
     fn upgrade_is_kept_when_switching_protocols() {
         let mut h = map(&[("connection", "Upgrade"), ("upgrade", "websocket")]);
-        assert!(is_upgrade(&h));
+        assert!(is_upgrade(Version::HTTP_11, &h));
+        assert!(!is_upgrade(Version::HTTP_10, &h));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(
             h.get("upgrade").map(|v| v.as_bytes()),
@@ -1119,7 +1122,7 @@ mod tests {
             ("http2-settings", "AAMAAABkAAQAAP__"),
         ]);
         remove_h2c_upgrade(&mut h);
-        assert!(!is_upgrade(&h));
+        assert!(!is_upgrade(Version::HTTP_11, &h));
         remove_hop_by_hop(&mut h, false);
         assert!(h.is_empty(), "{h:?}");
 
@@ -1130,7 +1133,7 @@ mod tests {
             ("http2-settings", "AAMAAABkAAQAAP__"),
         ]);
         remove_h2c_upgrade(&mut h);
-        assert!(is_upgrade(&h));
+        assert!(is_upgrade(Version::HTTP_11, &h));
         remove_hop_by_hop(&mut h, true);
         assert_eq!(h["upgrade"], "websocket");
         assert!(!h.contains_key("http2-settings"));

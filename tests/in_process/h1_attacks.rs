@@ -503,3 +503,24 @@ async fn content_on_a_get_closes_the_app_connection_after_it() {
     })
     .await;
 }
+
+/// An HTTP/1.0 request's `Upgrade` is ignored (RFC 9110 7.8): it went to the app as an HTTP/1.1
+/// upgrade, and the HTTP/1.0 client was sent a 101, which no 1.0 client may be sent (15.2). The
+/// app now gets a plain request, without `Upgrade`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http10_requests_upgrade_is_ignored() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let response = client
+            .exchange(b"GET /ws HTTP/1.0\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n")
+            .await;
+        assert_eq!(response.status(), 200, "{}", response.head);
+        app.settled().await;
+        let seen = app.requests();
+        let ws = seen.iter().find(|r| r.message.target() == "/ws");
+        let ws = ws.unwrap_or_else(|| panic!("no /ws at the app: {seen:?}"));
+        assert_eq!(ws.message.header("upgrade"), None, "{}", lossy(&ws.message.raw));
+    })
+    .await;
+}

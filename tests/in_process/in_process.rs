@@ -959,6 +959,42 @@ fn accepts_websockets(r: &Received) -> Vec<Step> {
     }
 }
 
+/// An HTTP/1.1 app that answers a WebSocket handshake 200 has not switched protocols: the
+/// client's extended CONNECT gets 502, the app's fault in the record (its stream was reset and the
+/// client blamed, as if it had gone away).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extended_connect_to_an_http1_app_that_does_not_switch_is_502() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = RecordingApp::start(app_answer).await;
+        let proxy =
+            crate::support::process::Proxy::start(app.addr, &["--access-log", "json"]).await;
+        let tcp = tokio::net::TcpStream::connect(proxy.inbound)
+            .await
+            .expect("connect");
+        let (mut sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .expect("an HTTP/2 connection");
+        tokio::spawn(conn);
+        let mut request = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("http://app.test/public/ws")
+            .header("sec-websocket-version", "13")
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .expect("a request");
+        (request.extensions_mut()).insert(hyper::ext::Protocol::from_static("websocket"));
+        let response = bounded("an answer", WAIT, sender.send_request(request))
+            .await
+            .expect("a response, not a reset");
+        assert_eq!(response.status(), 502);
+        let record = proxy.wait_record(|r| r["method"] == "CONNECT").await;
+        assert_eq!(record["fault"], "app", "{record}");
+    })
+    .await;
+}
+
 /// A WebSocket opened over HTTP/2 reaches an HTTP/1.1 app as RFC 6455's handshake (a GET with
 /// `Upgrade: websocket` and a key of the proxy's), the app's 101 reaches the client as the 200
 /// RFC 8441 asks for, and bytes flow; a `:protocol` with no HTTP/1.1 form is refused (400) and
