@@ -1,11 +1,12 @@
-//! Which requests a route covers (`match`), decided on a [`RequestKey`] with no allocation: string
-//! comparisons on slices of the request's own fields, after a [`Quick`] check that rejects most
-//! requests with a few integer operations.
+//! Which requests a route covers (`match`), decided on a [`RequestKey`]: string comparisons on
+//! slices of the request's own fields (no allocation but for a path written with `;` or `//`),
+//! after a [`Quick`] check that rejects most requests with a few integer operations.
 //!
 //! Choices (docs/routes.md, "Matching"):
 //! - `pathPrefix` matches whole segments, as Gateway API's PathPrefix (`/api` matches `/api` and
 //!   `/api/v1`, not `/apis`); Envoy's plain string prefix would let `/api` take `/apis`. `path` is
-//!   the whole path. Both compare the path without its query.
+//!   the whole path. Both compare the path without its query, as lenient apps resolve it
+//!   ([`resolved_path`]).
 //! - `host` is compared case-insensitively with the authority's host, without its port and a
 //!   trailing dot. As Istio's short names do, a name of one label (`reviews`) also matches the
 //!   longer spellings of a Kubernetes Service's DNS name, in any namespace: `reviews.<ns>`,
@@ -14,6 +15,8 @@
 //!   Any other name matches only itself.
 //! - `grpcService` and `grpcMethod` match gRPC requests only, on their path
 //!   (`/<service>/<method>`); a request that is not gRPC never matches a route that names them.
+
+use std::borrow::Cow;
 
 use crate::vocab::path_has_prefix;
 
@@ -60,8 +63,8 @@ pub(super) struct Prepared<'a> {
     port: u16,
     /// The authority's host: no port, no brackets, no trailing dot.
     host: Option<&'a str>,
-    /// The path without its query.
-    path: &'a str,
+    /// The path without its query, resolved ([`resolved_path`]).
+    path: Cow<'a, str>,
     method: &'a http::Method,
     grpc: bool,
     /// The method's bit and the heads of the host and path, for [`Quick::admits`].
@@ -71,9 +74,10 @@ pub(super) struct Prepared<'a> {
 }
 
 impl<'a> Prepared<'a> {
-    pub(super) fn new(key: &RequestKey<'a>) -> Prepared<'a> {
+    /// `key`, its path resolved as [`request_path`] gives it.
+    pub(super) fn new(key: &RequestKey<'a>, path: Cow<'a, str>) -> Prepared<'a> {
         let host = key.authority.map(host_of);
-        let path = key.path.split_once('?').map_or(key.path, |(path, _)| path);
+        let path_head = head(path.as_bytes(), false).0;
         Prepared {
             port: key.port,
             host,
@@ -82,9 +86,37 @@ impl<'a> Prepared<'a> {
             grpc: key.grpc,
             method_bit: method_bit(key.method),
             host_head: host.map_or(0, |h| head(h.as_bytes(), true).0),
-            path_head: head(path.as_bytes(), false).0,
+            path_head,
         }
     }
+}
+
+/// What a key's path is matched as: without its query, and [`resolved_path`].
+pub(super) fn request_path<'a>(key: &RequestKey<'a>) -> Cow<'a, str> {
+    resolved_path(key.path.split_once('?').map_or(key.path, |(path, _)| path))
+}
+
+/// The path as lenient apps resolve it, for matching only (the request goes on as it came): each
+/// segment's `;parameters` dropped (Tomcat, Spring, Jetty) and empty segments merged (`//admin` is
+/// `/admin` to Python's http.server, Tomcat and Spring). Otherwise a route for `/admin` (its rate
+/// limit, its deadline) is walked around by writing `/admin;x` or `//admin`, which such an app
+/// serves as `/admin`.
+pub(crate) fn resolved_path(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') && !path.contains("//") {
+        return Cow::Borrowed(path);
+    }
+    let mut resolved = String::with_capacity(path.len());
+    for segment in path.split('/') {
+        let segment = segment.split_once(';').map_or(segment, |(name, _)| name);
+        if !segment.is_empty() {
+            resolved.push('/');
+            resolved.push_str(segment);
+        }
+    }
+    if resolved.is_empty() || path.ends_with('/') {
+        resolved.push('/');
+    }
+    Cow::Owned(resolved)
 }
 
 /// A route's match reduced to what rejects most requests with a few integer operations, on data
@@ -189,7 +221,7 @@ impl RouteMatch {
     /// Whether the request `key` is one of this match's: for a single check (lookups go through
     /// [`super::RouteTable`], which prepares the key and the quick checks once).
     pub fn matches(&self, key: &RequestKey<'_>) -> bool {
-        let key = Prepared::new(key);
+        let key = Prepared::new(key, request_path(key));
         Quick::of(self).admits(&key) && self.matches_prepared(&key)
     }
 
@@ -208,8 +240,8 @@ impl RouteMatch {
         }
         let path_matches = match &self.path {
             None => true,
-            Some(PathMatch::Exact(want)) => key.path == want,
-            Some(PathMatch::Prefix(prefix)) => path_has_prefix(key.path, prefix),
+            Some(PathMatch::Exact(want)) => *key.path == **want,
+            Some(PathMatch::Prefix(prefix)) => path_has_prefix(&key.path, prefix),
         };
         path_matches && self.grpc_matches(key)
     }
@@ -218,7 +250,7 @@ impl RouteMatch {
         if self.grpc_service.is_none() && self.grpc_method.is_none() {
             return true;
         }
-        let Some((service, method)) = key.grpc.then(|| grpc_parts(key.path)).flatten() else {
+        let Some((service, method)) = key.grpc.then(|| grpc_parts(&key.path)).flatten() else {
             return false;
         };
         self.grpc_service.as_deref().is_none_or(|s| s == service)
@@ -422,6 +454,14 @@ mod tests {
             (&long_exact, "/api/v1/catalogue/items/7", get, 1, true),
             (&long_exact, "/api/v1/catalogue/items/7/", get, 1, false),
             (&long_exact, "/api/v2/catalogue/items/7", get, 1, false),
+            // As lenient apps resolve the path: `;parameters` dropped, empty segments merged.
+            (&prefix, "//api", get, 80, true),
+            (&prefix, "/api;jsessionid=1/v1", get, 80, true),
+            (&prefix, "/;/api", get, 80, true),
+            (&exact, "/version;x", get, 1, true),
+            (&exact, "///version", get, 1, true),
+            (&exact, "/version;x/", get, 1, false),
+            (&long_exact, "/api//v1/catalogue;a/items/7;b", get, 1, true),
             (
                 &purge,
                 "/",
@@ -446,6 +486,22 @@ mod tests {
             assert_eq!(m.matches(&key), matches, "{m:?} ~ {port} {method} {path}");
         }
         assert!(RouteMatch::default().matches(&key(None, "*", &Method::OPTIONS)));
+    }
+
+    #[test]
+    fn paths_resolved_as_lenient_apps_resolve_them() {
+        for (path, resolved) in [
+            ("/admin", "/admin"),
+            ("//admin", "/admin"),
+            ("/admin;jsessionid=1", "/admin"),
+            ("/;/admin;", "/admin"),
+            ("/a;x/b//c/", "/a/b/c/"),
+            ("//", "/"),
+            (";", "/"),
+        ] {
+            assert_eq!(resolved_path(path), resolved, "{path}");
+        }
+        assert!(matches!(resolved_path("/plain/path"), Cow::Borrowed(_)));
     }
 
     #[test]

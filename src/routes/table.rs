@@ -9,7 +9,7 @@
 use std::ops::Deref;
 use std::time::Duration;
 
-use super::matching::{PathMatch, Prepared, Quick, RequestKey, RouteMatch};
+use super::matching::{PathMatch, Prepared, Quick, RequestKey, RouteMatch, request_path};
 use super::spec::{Balance, ConcurrencySpec, EndpointsSpec, OutlierSpec, RateLimitSpec, RetrySpec};
 
 /// One route: which requests, and what applies to them.
@@ -144,6 +144,7 @@ impl RouteTable {
     /// The place of the first route that matches the request (the data plane keeps each route's
     /// running state by it).
     pub fn find_index(&self, key: &RequestKey<'_>) -> Option<usize> {
+        let path = request_path(key);
         let candidates = match self
             .by_port
             .binary_search_by_key(&key.port, |(port, _)| *port)
@@ -151,11 +152,11 @@ impl RouteTable {
             Ok(at) => &self.by_port[at].1,
             Err(_) => &self.any_port,
         }
-        .of(key.path);
+        .of(&path);
         if candidates.is_empty() {
             return None;
         }
-        let key = Prepared::new(key);
+        let key = Prepared::new(key, path);
         candidates
             .iter()
             .map(|&i| i as usize)

@@ -391,3 +391,25 @@ async fn a_port_an_inbound_route_names_carries_only_http() {
     })
     .await;
 }
+
+/// A route's path is matched as lenient apps resolve it: `//admin` and `/admin;jsessionid=1` are
+/// `/admin` to Python's http.server, Tomcat and Spring, and took the catch-all route past a
+/// stricter one for `/admin` (found by an adversarial review). Now each meets `/admin`'s limit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_routes_path_cannot_be_walked_around_by_another_spelling() {
+    bounded("test", TEST_TIMEOUT, async {
+        let app = TestApp::start().await;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let routes = "inbound:\n  - name: admin\n    match: {pathPrefix: /admin}\n    rateLimit: {requestsPerSecond: 0.001, burst: 1}\n  - name: rest\n    timeout: 5s\n";
+        let proxy = proxy_with_routes(&app, &dir, routes).await;
+        assert_eq!(ask(&proxy, false, "/admin", &[]).await.status, 200);
+        for http2 in [false, true] {
+            for spelling in ["/admin", "//admin", "/admin;jsessionid=1", "/;/admin/x"] {
+                let answer = ask(&proxy, http2, spelling, &[]).await;
+                assert_eq!(answer.status, 429, "{spelling} (http2: {http2})");
+            }
+        }
+        assert_eq!(ask(&proxy, false, "/administrator", &[]).await.status, 200);
+    })
+    .await;
+}
