@@ -411,6 +411,13 @@ fn point_at_upstream(
         }
         if content && phases::content_means_nothing(parts.method.as_str()) {
             (parts.headers).insert(header::CONNECTION, HeaderValue::from_static("close"));
+            // hyper's client sends a GET's content of unknown length only when told how.
+            if !parts.headers.contains_key(header::CONTENT_LENGTH) {
+                (parts.headers).insert(
+                    header::TRANSFER_ENCODING,
+                    HeaderValue::from_static("chunked"),
+                );
+            }
         }
         Version::HTTP_11
     };

@@ -481,6 +481,7 @@ async fn content_on_a_get_closes_the_app_connection_after_it() {
             "GET /plain HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
             format!("GET /with-content HTTP/1.1\r\nHost: a\r\nContent-Length: {}\r\n\r\n{hidden}", hidden.len()),
             "delete /chunked HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n".to_owned(),
+            "GET /chunked-get HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nxyz\r\n0\r\n\r\n".to_owned(),
             "GET /after HTTP/1.1\r\nHost: a\r\n\r\n".to_owned(),
         ];
         for request in &requests {
@@ -496,10 +497,19 @@ async fn content_on_a_get_closes_the_app_connection_after_it() {
             r.message.header("connection") == Some("close")
         };
         assert!(!closes("/plain") && !closes("/after"));
-        assert!(closes("/with-content") && closes("/chunked"));
+        assert!(closes("/with-content") && closes("/chunked") && closes("/chunked-get"));
         assert!(seen.iter().all(|r| r.message.target() != "/admin"), "{seen:?}");
-        // /plain's connection carried /with-content (then closed), /chunked its own, /after a new one.
-        assert_eq!(app.connections(), 3);
+        // Nothing of the content is lost on the way.
+        let body = |target: &str| {
+            let r = seen.iter().find(|r| r.message.target() == target);
+            r.map(|r| r.message.body_text()).unwrap_or_default()
+        };
+        assert_eq!(body("/with-content"), hidden);
+        assert_eq!(body("/chunked"), "abc");
+        assert_eq!(body("/chunked-get"), "xyz");
+        // /plain's connection carried /with-content (then closed); /chunked, /chunked-get and
+        // /after each had a new one.
+        assert_eq!(app.connections(), 4);
     })
     .await;
 }
