@@ -55,6 +55,9 @@ pub enum ErrorKind {
     ClientDisconnected,
     /// The request cannot be forwarded as written (malformed, ambiguous framing, invalid target).
     BadRequest,
+    /// A plain HTTP/1.1 `CONNECT` (not an HTTP/2 extended one): no tunnel is opened to the target
+    /// it names (501).
+    ConnectUnsupported,
     /// An inbound request path that the app could resolve to another path than the one judged
     /// (`proxy::path`: encoded `/` or `.`, `..;`, double encoding, ...).
     AmbiguousPath,
@@ -190,8 +193,8 @@ impl ErrorKind {
             | ResponseTimeout | UpstreamBody | ResponseBodyTimeout | TcpIo | RouteTimeout
             | NoEndpoints => Fault::App,
             ClientBody | RequestTimeout | ClientDisconnected | BadRequest | AmbiguousPath
-            | HeadersTooLarge | TcpClientReset | PolicyDenied | TcpIdleTimeout | ProxyPort
-            | RateLimited => Fault::Client,
+            | ConnectUnsupported | HeadersTooLarge | TcpClientReset | PolicyDenied
+            | TcpIdleTimeout | ProxyPort | RateLimited => Fault::Client,
             Handshake(_) => Fault::Peer,
             LoopDetected | Overloaded | TooManyConnections | DrainTimeout | ConcurrencyLimited => {
                 Fault::Proxy
@@ -215,6 +218,7 @@ impl ErrorKind {
             // Never sent (nobody is listening); 499 is what nginx logs for it.
             ClientDisconnected | TcpClientReset => S::from_u16(499).unwrap_or(S::BAD_REQUEST),
             PolicyDenied => S::FORBIDDEN,
+            ConnectUnsupported => S::NOT_IMPLEMENTED,
             // Never sent: the connection is closed.
             TcpIdleTimeout => S::REQUEST_TIMEOUT,
             // As ztunnel answers a CONNECT to one of its own ports.
@@ -241,6 +245,7 @@ impl ErrorKind {
             ClientDisconnected => "client_disconnected",
             BadRequest => "bad_request",
             AmbiguousPath => "ambiguous_path",
+            ConnectUnsupported => "connect_unsupported",
             HeadersTooLarge => "headers_too_large",
             LoopDetected => "loop_detected",
             Overloaded => "overloaded",
@@ -285,6 +290,9 @@ impl ErrorKind {
             }
             ClientDisconnected => "amazing-proxy: the client went away\n",
             BadRequest => "amazing-proxy: malformed request (request line, headers or framing)\n",
+            ConnectUnsupported => {
+                "amazing-proxy: CONNECT opens no tunnel here; to reach a forward proxy through the sidecar, list its port in --opaque-ports so its tunnels pass as TCP\n"
+            }
             AmbiguousPath => {
                 "amazing-proxy: ambiguous request path (encoded `/`, `.`, `%` or `\\`, `..;`, control characters, invalid UTF-8 or `..` above the root): send it in plain form\n"
             }
@@ -330,6 +338,7 @@ impl ErrorKind {
         const INTERNAL: u8 = 13;
         const INVALID_ARGUMENT: u8 = 3;
         const PERMISSION_DENIED: u8 = 7;
+        const UNIMPLEMENTED: u8 = 12;
         use ErrorKind::*;
         match self {
             ConnectTimeout | ResponseTimeout | ResponseBodyTimeout | RequestTimeout
@@ -338,6 +347,7 @@ impl ErrorKind {
             BadRequest | AmbiguousPath | ClientBody => INVALID_ARGUMENT,
             UpstreamProtocol | LoopDetected => INTERNAL,
             PolicyDenied => PERMISSION_DENIED,
+            ConnectUnsupported => UNIMPLEMENTED,
             _ => UNAVAILABLE,
         }
     }

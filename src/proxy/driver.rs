@@ -55,6 +55,8 @@ pub(crate) struct Facts<'a> {
     pub(crate) malformed: bool,
     /// Why the inbound path is ambiguous, when it is.
     pub(crate) ambiguous: Option<Ambiguous>,
+    /// A plain `CONNECT` (HTTP/1.1's, not HTTP/2's extended one): refused, 501.
+    pub(crate) plain_connect: bool,
     /// The client's connection may carry another request after a refusal: it asked for
     /// keep-alive and no byte of this request is left unread.
     pub(crate) reusable: bool,
@@ -105,6 +107,11 @@ pub(crate) async fn admit(
     if let Some(reason) = facts.ambiguous {
         tracing::debug!(path = facts.path, "ambiguous path refused: {reason}");
         return Err(refuse(ErrorKind::AmbiguousPath));
+    }
+    // Forwarded, its target became the app's own address and the 2xx opened nothing: the
+    // client saw a 200, then the end. A forward proxy behind the sidecar is reached on an opaque port.
+    if facts.plain_connect {
+        return Err(refuse(ErrorKind::ConnectUnsupported));
     }
     // Every inbound request is judged by the policy in force now (one reloaded since the
     // connection opened included), on every path.

@@ -98,6 +98,7 @@ async fn respond(
         looped: ruled.looped,
         malformed: ruled.malformed || unsupported,
         ambiguous,
+        plain_connect: parts.method == Method::CONNECT && !extended_connect,
         // An HTTP/2 refusal ends its stream only; hyper closes an HTTP/1 connection whose
         // request body was left unread.
         reusable: true,
@@ -121,13 +122,10 @@ async fn respond(
     let content = body.size_hint().exact() != Some(0) && downstream_upgrade.is_none();
     point_at_upstream(&conn, &mut parts, path, (use_http2, content));
     let settings = &shared.settings;
+    let body_timeout = settings.traffic.timeouts.request_body;
     let upstream_req = Request::from_parts(
         parts,
-        RequestBody::new(
-            body,
-            progress.clone(),
-            settings.traffic.timeouts.request_body,
-        ),
+        RequestBody::new(body, progress.clone(), body_timeout),
     );
     let sent = forward(
         &shared,

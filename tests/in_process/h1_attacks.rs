@@ -534,3 +534,23 @@ async fn an_http10_requests_upgrade_is_ignored() {
     })
     .await;
 }
+
+/// A plain CONNECT was forwarded with its target turned into the app's own address, and the app's
+/// 2xx opened no tunnel: the client saw a 200, then the end of the connection. It is refused, 501,
+/// and reaches no app (a forward proxy behind the sidecar is reached on an opaque port).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_connect_is_refused_501() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &[]).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        let response = client
+            .exchange(b"CONNECT example.com:443 HTTP/1.1\r\nHost: example.com:443\r\n\r\n")
+            .await;
+        assert_eq!(response.status(), 501, "{}", response.head);
+        app.settled().await;
+        assert_eq!(app.connections(), 0, "{}", lossy(&app.all_bytes()));
+        let record = proxy.wait_record(|r| r["method"] == "CONNECT").await;
+        assert_eq!(record["error"], "connect_unsupported", "{record}");
+    })
+    .await;
+}

@@ -517,6 +517,8 @@ impl<C: ClientIo> Connection<C> {
                 looped: plan.looped,
                 malformed: !plan.authority_valid,
                 ambiguous: plan.ambiguous,
+                // CONNECT takes hyper's path.
+                plain_connect: false,
                 reusable: inline_body == Some(0) && plan.keep_alive,
                 authority,
                 grpc_timeout: plan.grpc_timeout,
