@@ -7,8 +7,8 @@
 //!   `/api/v1`, not `/apis`); Envoy's plain string prefix would let `/api` take `/apis`. `path` is
 //!   the whole path. Both compare the path without its query, as lenient apps resolve it
 //!   ([`resolved_path`]).
-//! - `host` is compared case-insensitively with the authority's host, without its port and a
-//!   trailing dot. As Istio's short names do, a name of one label (`reviews`) also matches the
+//! - `host` is compared case-insensitively with the authority's host, without its port and
+//!   trailing dots. As Istio's short names do, a name of one label (`reviews`) also matches the
 //!   longer spellings of a Kubernetes Service's DNS name, in any namespace: `reviews.<ns>`,
 //!   `reviews.<ns>.svc` and `reviews.<ns>.svc.<cluster domain>`; a name of two labels
 //!   (`reviews.shop`) also matches `reviews.shop.svc` and `reviews.shop.svc.<cluster domain>`.
@@ -61,7 +61,7 @@ pub enum PathMatch {
 /// The parts of a key the routes compare, worked out once per lookup.
 pub(super) struct Prepared<'a> {
     port: u16,
-    /// The authority's host: no port, no brackets, no trailing dot.
+    /// The authority's host: no port, no brackets, no trailing dots.
     host: Option<&'a str>,
     /// The path without its query, resolved ([`resolved_path`]).
     path: Cow<'a, str>,
@@ -213,7 +213,7 @@ fn method_bit(method: &http::Method) -> u32 {
     let name = method.as_str();
     STANDARD
         .iter()
-        .position(|m| *m == name)
+        .position(|m| m.eq_ignore_ascii_case(name))
         .map_or(1 << 31, |i| 1 << i)
 }
 
@@ -230,7 +230,9 @@ impl RouteMatch {
         if self.port.is_some_and(|port| port != key.port) {
             return false;
         }
-        if !self.methods.is_empty() && !self.methods.contains(key.method) {
+        // Any case: apps that upper-case methods (Symfony, Laravel) serve `post` as POST.
+        let named = |m: &http::Method| m.as_str().eq_ignore_ascii_case(key.method.as_str());
+        if !self.methods.is_empty() && !self.methods.iter().any(named) {
             return false;
         }
         if let Some(want) = &self.host
@@ -275,7 +277,7 @@ fn host_of(authority: &str) -> &str {
             _ => authority,
         },
     };
-    host.strip_suffix('.').unwrap_or(host)
+    host.trim_end_matches('.')
 }
 
 /// Whether the request's `host` is `want` (lower case), or one of the longer spellings of the
@@ -345,6 +347,7 @@ mod tests {
             ("reviews", "reviews", true),
             ("reviews", "REVIEWS:9080", true),
             ("reviews", "reviews.", true),
+            ("reviews", "reviews..:80", true),
             ("reviews", "reviews.shop", true),
             ("reviews", "reviews.shop.svc", true),
             ("reviews", "reviews.shop.svc.cluster.local", true),
@@ -460,6 +463,20 @@ mod tests {
             (&prefix, "/;/api", get, 80, true),
             (&exact, "/version;x", get, 1, true),
             (&exact, "///version", get, 1, true),
+            (
+                &prefix,
+                "/api",
+                &Method::from_bytes(b"post").expect("method"),
+                80,
+                true,
+            ),
+            (
+                &prefix,
+                "/api",
+                &Method::from_bytes(b"put").expect("method"),
+                80,
+                false,
+            ),
             (&exact, "/version;x/", get, 1, false),
             (&long_exact, "/api//v1/catalogue;a/items/7;b", get, 1, true),
             (
