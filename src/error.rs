@@ -55,8 +55,8 @@ pub enum ErrorKind {
     ClientDisconnected,
     /// The request cannot be forwarded as written (malformed, ambiguous framing, invalid target).
     BadRequest,
-    /// A plain HTTP/1.1 `CONNECT` (not an HTTP/2 extended one): no tunnel is opened to the target
-    /// it names (501).
+    /// A plain `CONNECT` (HTTP/1.1's, or HTTP/2's without `:protocol`; not an extended one): no
+    /// tunnel is opened to the target it names (501).
     ConnectUnsupported,
     /// An inbound request path that the app could resolve to another path than the one judged
     /// (`proxy::path`: encoded `/` or `.`, `..;`, double encoding, ...).

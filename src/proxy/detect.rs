@@ -33,13 +33,14 @@ pub const MAX_PEEK: usize = 1024;
 /// separates words here. HTTP/1 when, after any empty lines and whitespace:
 /// - a token (any case, any length: RFC 9110 9.1), separators and a target that starts like one
 ///   (`/`, `*`, `http://`, `https://`, or anything after `CONNECT`); or
-/// - the first line has two words or more and its last starts with `HTTP/` (any case), whatever
+/// - a whole word after the first starts with `HTTP/` (any case) before any control byte, whatever
 ///   the others (`G<T /a HTTP/1.1` is a malformed request, not another protocol); or
 /// - `MAX_PEEK` bytes hold no line end and are only whitespace, or a token and separators and
 ///   more: a request line padded past the peek.
 ///
 /// Text protocols whose commands are also words on a line (Redis' inline `SET key value`, `GET
-/// key`) are neither and stay opaque.
+/// key`) are neither and stay opaque, and so, at once, is a first line with a control byte before
+/// any version (TLS, AMQP, LDAP, MongoDB, MySQL).
 pub fn classify(first: &[u8]) -> Option<Detected> {
     // Only the first MAX_PEEK bytes count, so that the answer never changes with more bytes.
     let first = &first[..first.len().min(MAX_PEEK)];
@@ -75,38 +76,49 @@ fn line_start(first: &[u8]) -> Option<&[u8]> {
 fn classify_request_line(first: &[u8]) -> Option<Detected> {
     const OPAQUE: Option<Detected> = Some(Detected::Opaque("not_http"));
     let line = line_start(first)?;
-    // Binary protocols (TLS, most databases) start with what no request line starts with.
-    if !line[0].is_ascii_graphic() {
-        return OPAQUE;
-    }
     let method_end = line.iter().position(|&b| b == b'\n' || is_separator(b));
     if let Some(end) = method_end
         && line[..end].iter().all(|&b| is_tchar(b))
-        && line[end] != b'\n'
     {
         let target = &line[end..];
         let target = &target[target
             .iter()
             .position(|&b| !is_separator(b))
             .unwrap_or(target.len())..];
-        if let Some(found) = classify_target(&line[..end], target) {
+        // A target starts with a visible byte: not the line's end, not a control.
+        if target.first().is_none_or(|&b| !is_control(b))
+            && let Some(found) = classify_target(&line[..end], target)
+        {
             return Some(found);
         }
     }
-    // Anything else is HTTP when a word after the first, whole, starts with a version.
-    let line_end = line.iter().position(|&b| b == b'\n');
-    let whole_words = match line_end {
-        Some(end) => &line[..end],
-        // Without a line end the last word may go on.
-        None => &line[..line.iter().rposition(|&b| is_separator(b)).unwrap_or(0)],
-    };
-    let mut words = whole_words
-        .split(|&b| is_separator(b))
-        .filter(|w| !w.is_empty());
-    if words.nth(1).is_some_and(is_version) || words.any(is_version) {
-        return Some(Detected::Http1);
+    // Then word by word, whichever comes first decides: a whole word after the first that starts
+    // with a version (HTTP), or a control byte (binary protocols such as TLS, AMQP, LDAP, MongoDB
+    // and MySQL put one where a request line has none: opaque at once, not at the timeout).
+    let mut word_start = 0;
+    let mut words = 0;
+    for (i, &b) in line.iter().enumerate() {
+        if b == b'\n' || is_separator(b) {
+            if i > word_start {
+                if words > 0 && is_version(&line[word_start..i]) {
+                    return Some(Detected::Http1);
+                }
+                words += 1;
+            }
+            if b == b'\n' {
+                return OPAQUE;
+            }
+            word_start = i + 1;
+        } else if is_control(b) {
+            return OPAQUE;
+        }
     }
-    line_end.map(|_| Detected::Opaque("not_http"))
+    None
+}
+
+/// A byte no request line holds before its end: a C0 control that separates no words, or DEL.
+fn is_control(b: u8) -> bool {
+    (b < 0x20 && !is_separator(b)) || b == 0x7f
 }
 
 fn is_version(word: &[u8]) -> bool {
@@ -215,6 +227,31 @@ mod tests {
         assert_eq!(classify(b"G<T /a HTTX/1.1\r\n"), OPAQUE);
         assert_eq!(classify(b"HTTP/1.1\r\n"), OPAQUE);
         assert_eq!(classify(b"HTTP/1.1 200 OK\r\n"), OPAQUE);
+    }
+
+    /// Client-first binary and text protocols are decided opaque at once (their first line holds
+    /// a control byte, or ends with no version): waiting for the detection timeout turned them
+    /// into a 400.
+    #[test]
+    fn client_first_protocols_stay_opaque_at_once() {
+        for input in [
+            &b"AMQP\x00\x00\x09\x01"[..],
+            b"AMQP\x00\x01\x00\x00",
+            b"\x30\x0c\x02\x01\x01\x60\x07\x02\x01\x03\x04\x00\x80\x00",
+            b"\x41\x00\x00\x00\x01\x00\x00\x00",
+            b"Z\x00\x00\x01\x85\xa6",
+            b"CONNECT\r\naccept-version:1.2\r\n\r\n\x00",
+            b"connect\x0c\x00\x01",
+            b"CONNECT\t\x16\x03\x01",
+            b"\x16\x03\x01\x02\x00",
+        ] {
+            assert_eq!(classify(input), OPAQUE, "{}", input.escape_ascii());
+        }
+        // A byte order mark before a request line is no control: HTTP (and a 400).
+        assert_eq!(
+            classify(b"\xef\xbb\xbfGET /x HTTP/1.1\r\n"),
+            Some(Detected::Http1)
+        );
     }
 
     /// What a lenient server (Python's http.server and wsgiref, Tomcat) reads as a request line,

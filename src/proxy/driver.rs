@@ -55,7 +55,7 @@ pub(crate) struct Facts<'a> {
     pub(crate) malformed: bool,
     /// Why the inbound path is ambiguous, when it is.
     pub(crate) ambiguous: Option<Ambiguous>,
-    /// A plain `CONNECT` (HTTP/1.1's, not HTTP/2's extended one): refused, 501.
+    /// A plain `CONNECT` (HTTP/1.1's, or HTTP/2's without `:protocol`): refused, 501.
     pub(crate) plain_connect: bool,
     /// The client's connection may carry another request after a refusal: it asked for
     /// keep-alive and no byte of this request is left unread.

@@ -113,7 +113,9 @@ pub(crate) fn resolved_path(path: &str) -> Cow<'_, str> {
             resolved.push_str(segment);
         }
     }
-    if resolved.is_empty() || path.ends_with('/') {
+    // A last segment that is empty, or only parameters (`/admin/;x`), leaves a trailing `/`.
+    let last = path.rsplit('/').next().unwrap_or_default();
+    if resolved.is_empty() || last.split(';').next().is_none_or(str::is_empty) {
         resolved.push('/');
     }
     Cow::Owned(resolved)
@@ -478,6 +480,7 @@ mod tests {
                 false,
             ),
             (&exact, "/version;x/", get, 1, false),
+            (&exact, "/version/;x", get, 1, false),
             (&long_exact, "/api//v1/catalogue;a/items/7;b", get, 1, true),
             (
                 &purge,
@@ -513,6 +516,9 @@ mod tests {
             ("/admin;jsessionid=1", "/admin"),
             ("/;/admin;", "/admin"),
             ("/a;x/b//c/", "/a/b/c/"),
+            ("/admin/;x", "/admin/"),
+            ("/admin/;", "/admin/"),
+            ("/admin;x", "/admin"),
             ("//", "/"),
             (";", "/"),
         ] {

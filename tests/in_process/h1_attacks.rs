@@ -554,3 +554,21 @@ async fn a_plain_connect_is_refused_501() {
     })
     .await;
 }
+
+/// Client-first binary protocols (AMQP's header here) are opaque at once: with detection made
+/// lenient towards HTTP they waited for the detection timeout and got a 400 (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_first_binary_protocol_is_carried_opaque() {
+    bounded("test", TEST_TIMEOUT, async {
+        let (app, proxy) = start(echo_target, &["--detect-timeout", "1h"]).await;
+        let mut client = RawClient::connect(proxy.inbound).await;
+        client.send(b"AMQP\x00\x00\x09\x01").await;
+        eventually("the bytes at the app", WAIT, || async {
+            (app.all_bytes() == b"AMQP\x00\x00\x09\x01")
+                .then_some(())
+                .ok_or_else(|| lossy(&app.all_bytes()))
+        })
+        .await;
+    })
+    .await;
+}
