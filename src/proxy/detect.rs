@@ -170,6 +170,12 @@ mod tests {
 
     const OPAQUE: Option<Detected> = Some(Detected::Opaque("not_http"));
 
+    fn each_is(inputs: &[&[u8]], want: Option<Detected>) {
+        for input in inputs {
+            assert_eq!(classify(input), want, "{}", input.escape_ascii());
+        }
+    }
+
     #[test]
     fn detection() {
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Http1));
@@ -201,25 +207,21 @@ mod tests {
     /// Issue 9, defect 3: each of these went to an opaque tunnel.
     #[test]
     fn what_begins_like_a_request_line_is_http() {
-        for input in [
-            &b"\r\nGET / HTTP/1.1\r\n"[..],
-            b"\r\n\r\nGET /",
-            b"\nGET / HTTP/1.1\r\n",
-            b"get /a HTTP/1.1\r\n",
-            b"ABCDEFGHIJKLMNOPQ /a HTTP/1.1\r\n",
-            b"G<T /a HTTP/1.1\r\n",
-            b"G<T /a HTTP/1.1\n",
-            b"GET example.com HTTP/1.1\r\n",
-            b"GET a HTTP/9.9\r",
-            b"connect db:5432 HTTP/1.1",
-        ] {
-            assert_eq!(
-                classify(input),
-                Some(Detected::Http1),
-                "{}",
-                String::from_utf8_lossy(input)
-            );
-        }
+        each_is(
+            &[
+                &b"\r\nGET / HTTP/1.1\r\n"[..],
+                b"\r\n\r\nGET /",
+                b"\nGET / HTTP/1.1\r\n",
+                b"get /a HTTP/1.1\r\n",
+                b"ABCDEFGHIJKLMNOPQ /a HTTP/1.1\r\n",
+                b"G<T /a HTTP/1.1\r\n",
+                b"G<T /a HTTP/1.1\n",
+                b"GET example.com HTTP/1.1\r\n",
+                b"GET a HTTP/9.9\r",
+                b"connect db:5432 HTTP/1.1",
+            ],
+            Some(Detected::Http1),
+        );
         assert_eq!(classify(b"\r\n"), None);
         assert_eq!(classify(b"\r\nG<T /a HTT"), None);
         assert_eq!(classify(b"G<T /a HTTP/x"), None);
@@ -234,19 +236,20 @@ mod tests {
     /// into a 400.
     #[test]
     fn client_first_protocols_stay_opaque_at_once() {
-        for input in [
-            &b"AMQP\x00\x00\x09\x01"[..],
-            b"AMQP\x00\x01\x00\x00",
-            b"\x30\x0c\x02\x01\x01\x60\x07\x02\x01\x03\x04\x00\x80\x00",
-            b"\x41\x00\x00\x00\x01\x00\x00\x00",
-            b"Z\x00\x00\x01\x85\xa6",
-            b"CONNECT\r\naccept-version:1.2\r\n\r\n\x00",
-            b"connect\x0c\x00\x01",
-            b"CONNECT\t\x16\x03\x01",
-            b"\x16\x03\x01\x02\x00",
-        ] {
-            assert_eq!(classify(input), OPAQUE, "{}", input.escape_ascii());
-        }
+        each_is(
+            &[
+                &b"AMQP\x00\x00\x09\x01"[..],
+                b"AMQP\x00\x01\x00\x00",
+                b"\x30\x0c\x02\x01\x01\x60\x07\x02\x01\x03\x04\x00\x80\x00",
+                b"\x41\x00\x00\x00\x01\x00\x00\x00",
+                b"Z\x00\x00\x01\x85\xa6",
+                b"CONNECT\r\naccept-version:1.2\r\n\r\n\x00",
+                b"connect\x0c\x00\x01",
+                b"CONNECT\t\x16\x03\x01",
+                b"\x16\x03\x01\x02\x00",
+            ],
+            OPAQUE,
+        );
         // A byte order mark before a request line is no control: HTTP (and a 400).
         assert_eq!(
             classify(b"\xef\xbb\xbfGET /x HTTP/1.1\r\n"),
@@ -259,28 +262,24 @@ mod tests {
     /// with every request after it on the connection.
     #[test]
     fn request_lines_split_on_any_whitespace_are_http() {
-        for input in [
-            &b"GET\t/admin HTTP/1.1\r\n"[..],
-            b"GET\t/admin\tHTTP/1.1\r\n",
-            b" GET /admin HTTP/1.1\r\n",
-            b"\t\r\n GET /admin HTTP/1.1\r\n",
-            b"GET  /admin HTTP/1.1\r\n",
-            b"GET\x0b/admin\x0cHTTP/1.1\r\n",
-            b"GET\r/admin HTTP/1.1\r\n",
-            b"GET\xa0/admin\xa0HTTP/1.1\r\n",
-            b"GET\x85/admin\x1cHTTP/1.1\r\n",
-            b"GET\t/admin\r\n",
-            b"G<T\t/a\tHTTP/1.1\r\n",
-            b"GET\tadmin\thttp/1.1\n",
-            b"get\thttp://a/admin",
-        ] {
-            assert_eq!(
-                classify(input),
-                Some(Detected::Http1),
-                "{}",
-                input.escape_ascii()
-            );
-        }
+        each_is(
+            &[
+                &b"GET\t/admin HTTP/1.1\r\n"[..],
+                b"GET\t/admin\tHTTP/1.1\r\n",
+                b" GET /admin HTTP/1.1\r\n",
+                b"\t\r\n GET /admin HTTP/1.1\r\n",
+                b"GET  /admin HTTP/1.1\r\n",
+                b"GET\x0b/admin\x0cHTTP/1.1\r\n",
+                b"GET\r/admin HTTP/1.1\r\n",
+                b"GET\xa0/admin\xa0HTTP/1.1\r\n",
+                b"GET\x85/admin\x1cHTTP/1.1\r\n",
+                b"GET\t/admin\r\n",
+                b"G<T\t/a\tHTTP/1.1\r\n",
+                b"GET\tadmin\thttp/1.1\n",
+                b"get\thttp://a/admin",
+            ],
+            Some(Detected::Http1),
+        );
     }
 
     #[test]

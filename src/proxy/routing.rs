@@ -186,17 +186,9 @@ impl RouteSet {
                 })
                 .collect()
         };
-        let mut balanced_ports: Vec<u16> = (routes.outbound.iter())
-            .filter(|route| route.endpoints.is_some())
-            .filter_map(|route| route.matcher.port)
-            .collect();
-        balanced_ports.sort_unstable();
-        balanced_ports.dedup();
-        let mut routed_inbound_ports: Vec<u16> = (routes.inbound.iter())
-            .filter_map(|route| route.matcher.port)
-            .collect();
-        routed_inbound_ports.sort_unstable();
-        routed_inbound_ports.dedup();
+        let balanced_ports =
+            sorted_ports((routes.outbound.iter()).filter(|route| route.endpoints.is_some()));
+        let routed_inbound_ports = sorted_ports(routes.inbound.iter());
         RouteSet {
             inbound: states(&routes.inbound, Direction::Inbound),
             outbound: states(&routes.outbound, Direction::Outbound),
@@ -494,4 +486,12 @@ async fn keep_current(
             }
         }
     }
+}
+
+/// The ports `routes` name in their `match`, sorted and each once (for a binary search).
+fn sorted_ports<'a>(routes: impl Iterator<Item = &'a crate::routes::Route>) -> Vec<u16> {
+    let mut ports: Vec<u16> = routes.filter_map(|route| route.matcher.port).collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
 }

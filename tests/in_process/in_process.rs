@@ -959,6 +959,33 @@ fn accepts_websockets(r: &Received) -> Vec<Step> {
     }
 }
 
+/// An HTTP/2 client connection to `addr` (prior knowledge), driven by a task of its own.
+async fn h2_client(
+    addr: std::net::SocketAddr,
+) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    let (sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .expect("an HTTP/2 connection");
+    tokio::spawn(conn);
+    sender
+}
+
+/// An extended CONNECT (RFC 8441) for `/public/ws` with this `:protocol`.
+fn websocket_connect(protocol: &'static str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut request = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://app.test/public/ws")
+        .header("sec-websocket-version", "13")
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .expect("a request");
+    (request.extensions_mut()).insert(hyper::ext::Protocol::from_static(protocol));
+    request
+}
+
 /// An HTTP/1.1 app that answers a WebSocket handshake 200 has not switched protocols: the
 /// client's extended CONNECT gets 502, the app's fault in the record (its stream was reset and the
 /// client blamed, as if it had gone away).
@@ -968,26 +995,14 @@ async fn extended_connect_to_an_http1_app_that_does_not_switch_is_502() {
         let app = RecordingApp::start(app_answer).await;
         let proxy =
             crate::support::process::Proxy::start(app.addr, &["--access-log", "json"]).await;
-        let tcp = tokio::net::TcpStream::connect(proxy.inbound)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
+        let mut sender = h2_client(proxy.inbound).await;
+        let response = bounded(
+            "an answer",
+            WAIT,
+            sender.send_request(websocket_connect("websocket")),
         )
         .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
-        let mut request = http::Request::builder()
-            .method(http::Method::CONNECT)
-            .uri("http://app.test/public/ws")
-            .header("sec-websocket-version", "13")
-            .body(http_body_util::Empty::<bytes::Bytes>::new())
-            .expect("a request");
-        (request.extensions_mut()).insert(hyper::ext::Protocol::from_static("websocket"));
-        let response = bounded("an answer", WAIT, sender.send_request(request))
-            .await
-            .expect("a response, not a reset");
+        .expect("a response, not a reset");
         assert_eq!(response.status(), 502);
         let record = proxy.wait_record(|r| r["method"] == "CONNECT").await;
         assert_eq!(record["fault"], "app", "{record}");
@@ -1005,28 +1020,8 @@ async fn extended_connect_reaches_an_http1_app_as_a_websocket_handshake() {
     bounded("test", TEST_TIMEOUT, async {
         let app = RecordingApp::start(accepts_websockets).await;
         let (proxy, _shared) = data_plane(app.addr).await;
-        let tcp = tokio::net::TcpStream::connect(proxy)
-            .await
-            .expect("connect");
-        let (mut sender, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .expect("an HTTP/2 connection");
-        tokio::spawn(conn);
-        let connect = |protocol: &'static str| {
-            let mut request = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("http://app.test/public/ws")
-                .header("sec-websocket-version", "13")
-                .body(http_body_util::Empty::<bytes::Bytes>::new())
-                .expect("a request");
-            request
-                .extensions_mut()
-                .insert(hyper::ext::Protocol::from_static(protocol));
-            request
-        };
+        let mut sender = h2_client(proxy).await;
+        let connect = websocket_connect;
 
         let refused = bounded(
             "a refusal",
